@@ -1,1 +1,3 @@
-pub fn x(){}
+pub mod plan;
+pub mod topology;
+pub mod value;

@@ -1,0 +1,178 @@
+//! Logical plans: what a table's query computes, as a tree of operators.
+//!
+//! ```text
+//!   Source(users) ──► Filter ──► Join ◄── Source(departments)
+//!                                 │
+//!                                 ▼
+//!                               Reduce (GROUP BY) ──► Filter (HAVING) ──► Map (SELECT list)
+//! ```
+//!
+//! Every plan node knows its output schema and its primary key (column positions). The key is
+//! what makes a table an upsert target: each key has at most one row at any time. It comes from
+//! the source key, the GROUP BY columns, or the keys of a join's inputs, and must survive the
+//! SELECT list. The planner ([`sql`]) builds plans from SQL; the dataflow
+//! ([`crate::dataflow`]) and the reference evaluator ([`crate::reference`]) both run them.
+
+pub mod expr;
+pub mod sql;
+
+use std::fmt::Write as _;
+
+use serde::{Deserialize, Serialize};
+
+use crate::value::Column;
+pub use expr::{BinaryOp, Expr, Func};
+
+/// Aggregate functions of a `GROUP BY`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum AggFunc {
+    /// `count(*)`: rows in the group.
+    CountStar,
+    /// `count(e)`: rows where `e` is not NULL.
+    Count,
+    /// `sum(e)` over non-NULL values; NULL when there are none.
+    Sum,
+    /// `min(e)`
+    Min,
+    /// `max(e)`
+    Max,
+    /// `avg(e)` as a double.
+    Avg,
+}
+
+/// One aggregate: a function over an expression of the reduce's input row.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Aggregate {
+    /// The function.
+    pub func: AggFunc,
+    /// Its argument (ignored for `count(*)`).
+    pub arg: Expr,
+}
+
+/// Join flavours.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum JoinKind {
+    /// Only matching pairs.
+    Inner,
+    /// Matching pairs, plus unmatched left rows padded with NULLs.
+    Left,
+}
+
+/// A logical operator tree.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum Plan {
+    /// The current rows of a source (upserted by key).
+    Source {
+        /// Index of the source in the topology.
+        source: usize,
+        /// Source name, for display.
+        name: String,
+    },
+    /// Rows of `input` for which `predicate` is true.
+    Filter {
+        /// Input plan.
+        input: Box<Plan>,
+        /// The predicate.
+        predicate: Expr,
+    },
+    /// One output row per input row, computed by `exprs`.
+    Map {
+        /// Input plan.
+        input: Box<Plan>,
+        /// One expression per output column.
+        exprs: Vec<Expr>,
+    },
+    /// Equi-join of two inputs; output rows are left columns then right columns.
+    Join {
+        /// Left input.
+        left: Box<Plan>,
+        /// Right input.
+        right: Box<Plan>,
+        /// Join key expressions over left rows.
+        left_keys: Vec<Expr>,
+        /// Join key expressions over right rows (same length as `left_keys`).
+        right_keys: Vec<Expr>,
+        /// Inner or left.
+        kind: JoinKind,
+        /// Number of right columns (for NULL padding).
+        right_arity: usize,
+    },
+    /// `GROUP BY`: output rows are the group values then the aggregates.
+    Reduce {
+        /// Input plan.
+        input: Box<Plan>,
+        /// Group expressions over input rows.
+        group: Vec<Expr>,
+        /// Aggregates over input rows.
+        aggregates: Vec<Aggregate>,
+    },
+}
+
+impl Plan {
+    /// Indices of the sources this plan reads.
+    pub fn sources(&self, out: &mut Vec<usize>) {
+        match self {
+            Plan::Source { source, .. } => out.push(*source),
+            Plan::Filter { input, .. } | Plan::Map { input, .. } | Plan::Reduce { input, .. } => {
+                input.sources(out)
+            }
+            Plan::Join { left, right, .. } => {
+                left.sources(out);
+                right.sources(out);
+            }
+        }
+    }
+
+    /// Writes the operator graph, one operator per line, inputs indented below.
+    pub fn explain(&self, out: &mut String, depth: usize) {
+        let pad = "  ".repeat(depth);
+        let _ = match self {
+            Plan::Source { name, .. } => writeln!(out, "{pad}Source {name} (upsert by key)"),
+            Plan::Filter { predicate, .. } => writeln!(out, "{pad}Filter {predicate:?}"),
+            Plan::Map { exprs, .. } => writeln!(out, "{pad}Map {} columns", exprs.len()),
+            Plan::Join { kind, left_keys, right_keys, .. } => writeln!(
+                out,
+                "{pad}Join {kind:?} on {left_keys:?} = {right_keys:?} (exchange by join key)"
+            ),
+            Plan::Reduce { group, aggregates, .. } => writeln!(
+                out,
+                "{pad}Reduce group by {group:?} aggregates {:?} (exchange by group key)",
+                aggregates.iter().map(|a| a.func).collect::<Vec<_>>()
+            ),
+        };
+        match self {
+            Plan::Source { .. } => {}
+            Plan::Filter { input, .. } | Plan::Map { input, .. } | Plan::Reduce { input, .. } => {
+                input.explain(out, depth + 1)
+            }
+            Plan::Join { left, right, .. } => {
+                left.explain(out, depth + 1);
+                right.explain(out, depth + 1);
+            }
+        }
+    }
+}
+
+/// Where a table's rows go.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Store {
+    /// Partition-local RocksDB state, served over HTTP.
+    Internal,
+}
+
+/// A planned table: its query plan, schema and key.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TablePlan {
+    /// Table name.
+    pub name: String,
+    /// The SQL it was planned from.
+    pub sql: String,
+    /// The operator tree.
+    pub plan: Plan,
+    /// Output columns.
+    pub columns: Vec<Column>,
+    /// Positions of the primary-key columns in `columns`.
+    pub key: Vec<usize>,
+    /// Where its rows are kept.
+    pub store: Store,
+}

@@ -1,0 +1,234 @@
+//! Typed values and rows.
+//!
+//! A [`Row`] is a vector of [`Value`]s decoded once from an entity event against the columns its
+//! source declares. Values are totally ordered (so rows can live in differential arrangements):
+//! `Null` sorts first, then values of the same type by their natural order; floats use IEEE
+//! total order, so `NaN` is a value like any other and never breaks sorting.
+
+use std::cmp::Ordering;
+use std::fmt;
+use std::hash::{Hash, Hasher};
+
+use serde::{Deserialize, Serialize};
+
+/// The SQL types a column may declare.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum ColumnType {
+    /// UTF-8 text (`text`, `varchar`).
+    Text,
+    /// 64-bit signed integer (`bigint`, `int`, `integer`).
+    Bigint,
+    /// 64-bit float (`double`, `float8`, `real`).
+    Double,
+    /// `boolean`.
+    Boolean,
+    /// Instant with microsecond precision (`timestamptz`, `timestamp`), stored as UTC micros.
+    Timestamptz,
+}
+
+impl ColumnType {
+    /// Parses a declared type name (case-insensitive, with the usual PostgreSQL aliases).
+    pub fn parse(name: &str) -> Option<ColumnType> {
+        match name.trim().to_ascii_lowercase().as_str() {
+            "text" | "varchar" | "string" | "character varying" => Some(ColumnType::Text),
+            "bigint" | "int" | "integer" | "int8" | "int4" | "smallint" => Some(ColumnType::Bigint),
+            "double" | "double precision" | "float8" | "float" | "real" | "numeric" => {
+                Some(ColumnType::Double)
+            }
+            "boolean" | "bool" => Some(ColumnType::Boolean),
+            "timestamptz" | "timestamp" | "timestamp with time zone" => Some(ColumnType::Timestamptz),
+            _ => None,
+        }
+    }
+
+    /// The type's canonical SQL name.
+    pub fn name(self) -> &'static str {
+        match self {
+            ColumnType::Text => "text",
+            ColumnType::Bigint => "bigint",
+            ColumnType::Double => "double precision",
+            ColumnType::Boolean => "boolean",
+            ColumnType::Timestamptz => "timestamptz",
+        }
+    }
+}
+
+impl fmt::Display for ColumnType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// A 64-bit float with a total order (IEEE `totalOrder`), so it can be a key.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize)]
+pub struct F64(pub f64);
+
+impl PartialEq for F64 {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.total_cmp(&other.0) == Ordering::Equal
+    }
+}
+impl Eq for F64 {}
+impl PartialOrd for F64 {
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
+}
+impl Ord for F64 {
+    fn cmp(&self, other: &Self) -> Ordering {
+        self.0.total_cmp(&other.0)
+    }
+}
+impl Hash for F64 {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        self.0.to_bits().hash(state)
+    }
+}
+
+/// One typed value. `Null` is a value of every type.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum Value {
+    /// SQL NULL.
+    Null,
+    /// A boolean.
+    Bool(bool),
+    /// A 64-bit integer.
+    Int(i64),
+    /// A 64-bit float.
+    Float(F64),
+    /// Text.
+    Text(String),
+    /// An instant, in microseconds since the Unix epoch (UTC).
+    Timestamp(i64),
+}
+
+impl Value {
+    /// Whether this is SQL NULL.
+    pub fn is_null(&self) -> bool {
+        matches!(self, Value::Null)
+    }
+
+    /// Renders the value as JSON (timestamps as RFC 3339 strings).
+    pub fn to_json(&self) -> serde_json::Value {
+        match self {
+            Value::Null => serde_json::Value::Null,
+            Value::Bool(b) => serde_json::Value::Bool(*b),
+            Value::Int(i) => serde_json::Value::from(*i),
+            Value::Float(f) => serde_json::Number::from_f64(f.0)
+                .map(serde_json::Value::Number)
+                .unwrap_or(serde_json::Value::Null),
+            Value::Text(s) => serde_json::Value::String(s.clone()),
+            Value::Timestamp(t) => serde_json::Value::String(format_timestamp(*t)),
+        }
+    }
+
+    /// Renders the value as key text: how keys appear in URLs and in the key of the store.
+    pub fn to_key_text(&self) -> String {
+        match self {
+            Value::Null => String::new(),
+            Value::Bool(b) => b.to_string(),
+            Value::Int(i) => i.to_string(),
+            Value::Float(f) => f.0.to_string(),
+            Value::Text(s) => s.clone(),
+            Value::Timestamp(t) => format_timestamp(*t),
+        }
+    }
+
+    /// Decodes a JSON value as `ty`. Integers are accepted for doubles, and RFC 3339 strings or
+    /// integer epoch milliseconds for timestamps. Returns `None` on a type mismatch.
+    pub fn from_json(json: &serde_json::Value, ty: ColumnType) -> Option<Value> {
+        use serde_json::Value as J;
+        Some(match (json, ty) {
+            (J::Null, _) => Value::Null,
+            (J::String(s), ColumnType::Text) => Value::Text(s.clone()),
+            (J::Number(n), ColumnType::Bigint) => Value::Int(n.as_i64()?),
+            (J::Number(n), ColumnType::Double) => Value::Float(F64(n.as_f64()?)),
+            (J::Bool(b), ColumnType::Boolean) => Value::Bool(*b),
+            (J::String(s), ColumnType::Timestamptz) => Value::Timestamp(parse_timestamp(s)?),
+            (J::Number(n), ColumnType::Timestamptz) => Value::Timestamp(n.as_i64()?.checked_mul(1000)?),
+            _ => return None,
+        })
+    }
+}
+
+impl fmt::Display for Value {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Value::Null => f.write_str("NULL"),
+            Value::Text(s) => write!(f, "'{s}'"),
+            other => f.write_str(&other.to_key_text()),
+        }
+    }
+}
+
+/// Parses an RFC 3339 timestamp into UTC microseconds.
+pub fn parse_timestamp(s: &str) -> Option<i64> {
+    chrono::DateTime::parse_from_rfc3339(s).ok().map(|d| d.timestamp_micros())
+}
+
+/// Formats UTC microseconds as RFC 3339 with microseconds.
+pub fn format_timestamp(micros: i64) -> String {
+    match chrono::DateTime::from_timestamp_micros(micros) {
+        Some(d) => d.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true),
+        None => micros.to_string(),
+    }
+}
+
+/// A row: values in the column order of its schema.
+pub type Row = Vec<Value>;
+
+/// A named, typed column of a schema.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Column {
+    /// Column name (lower case, as written in the topology).
+    pub name: String,
+    /// Declared or inferred type.
+    pub ty: ColumnType,
+}
+
+/// Renders the primary key of `row` (columns `key`) as key text. Composite keys join their parts
+/// with `|`, so `GET /rows/a|b` finds the row whose key is `('a', 'b')`.
+pub fn key_text(row: &[Value], key: &[usize]) -> String {
+    match key {
+        [single] => row[*single].to_key_text(),
+        many => many.iter().map(|i| row[*i].to_key_text()).collect::<Vec<_>>().join("|"),
+    }
+}
+
+/// Renders a row as a JSON object using the schema's column names.
+pub fn row_to_json(columns: &[Column], row: &[Value]) -> serde_json::Value {
+    let mut map = serde_json::Map::with_capacity(columns.len());
+    for (c, v) in columns.iter().zip(row) {
+        map.insert(c.name.clone(), v.to_json());
+    }
+    serde_json::Value::Object(map)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decodes_declared_types_and_rejects_mismatches() {
+        let j = serde_json::json!(42);
+        assert_eq!(Value::from_json(&j, ColumnType::Bigint), Some(Value::Int(42)));
+        assert_eq!(Value::from_json(&j, ColumnType::Double), Some(Value::Float(F64(42.0))));
+        assert_eq!(Value::from_json(&j, ColumnType::Text), None);
+        let s = serde_json::json!("2024-01-02T03:04:05Z");
+        let Some(Value::Timestamp(t)) = Value::from_json(&s, ColumnType::Timestamptz) else {
+            panic!("timestamp not decoded")
+        };
+        assert_eq!(format_timestamp(t), "2024-01-02T03:04:05Z");
+        assert_eq!(Value::from_json(&serde_json::json!("nope"), ColumnType::Timestamptz), None);
+        assert_eq!(Value::from_json(&serde_json::Value::Null, ColumnType::Bigint), Some(Value::Null));
+    }
+
+    #[test]
+    fn floats_are_totally_ordered() {
+        let nan = Value::Float(F64(f64::NAN));
+        let one = Value::Float(F64(1.0));
+        assert_eq!(nan.cmp(&nan), Ordering::Equal);
+        assert_ne!(nan.cmp(&one), Ordering::Equal);
+        assert!(Value::Null < one);
+    }
+}
