@@ -160,6 +160,31 @@ pub enum Store {
     Internal,
 }
 
+impl TablePlan {
+    /// The source whose partitioning the table's rows follow: when its key is the key of a
+    /// single source, passed through filters and projections, a row lives in the partition of
+    /// its key in that source's topic.
+    pub fn partitioned_by(&self, sources_key: impl Fn(usize) -> usize) -> Option<usize> {
+        let [key] = self.key.as_slice() else { return None };
+        let mut column = *key;
+        let mut plan = &self.plan;
+        loop {
+            match plan {
+                Plan::Map { input, exprs } => match exprs.get(column) {
+                    Some(Expr::Column(c)) => {
+                        column = *c;
+                        plan = input;
+                    }
+                    _ => return None,
+                },
+                Plan::Filter { input, .. } => plan = input,
+                Plan::Source { source, .. } => return (sources_key(*source) == column).then_some(*source),
+                _ => return None,
+            }
+        }
+    }
+}
+
 /// A planned table: its query plan, schema and key.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct TablePlan {

@@ -1,0 +1,246 @@
+//! The Kafka source: one consumer-group member per instance, feeding the engine's runtime.
+//!
+//! The consumer subscribes to every source topic of the topology with the topology's name as
+//! group id. On assignment, each partition is positioned right after the offset committed in
+//! RocksDB with the partition's state (Kafka's own committed offsets are not used, so offsets
+//! and state can never disagree), and becomes a task. On revocation, the runtime commits and
+//! drops the tasks before the consumer lets the partitions go.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use miroir_engine::metrics::Metrics;
+use miroir_engine::runtime::{Message, Record, Runtime};
+use miroir_engine::store::Store;
+use miroir_engine::topology::Topology;
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance};
+use rdkafka::error::KafkaResult;
+use rdkafka::message::Message as _;
+use rdkafka::topic_partition_list::TopicPartitionList;
+use rdkafka::{ClientContext, Offset};
+use tracing::{error, info, warn};
+
+use super::{KafkaConfig, KafkaError};
+
+/// How many records are handed to a worker at once.
+const BATCH: usize = 512;
+
+struct SourceContext {
+    runtime: Arc<Runtime>,
+    store: Store,
+    topics: HashMap<String, usize>,
+}
+
+impl ClientContext for SourceContext {}
+
+impl SourceContext {
+    fn by_source(&self, tpl: &TopicPartitionList) -> HashMap<usize, Vec<u32>> {
+        let mut out: HashMap<usize, Vec<u32>> = HashMap::new();
+        for e in tpl.elements() {
+            if let Some(s) = self.topics.get(e.topic()) {
+                out.entry(*s).or_default().push(e.partition() as u32);
+            }
+        }
+        out
+    }
+}
+
+impl ConsumerContext for SourceContext {
+    fn pre_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Revoke(tpl) = rebalance {
+            let (tx, rx) = crossbeam_channel::unbounded();
+            let mut expected = 0;
+            for (source, partitions) in self.by_source(tpl) {
+                info!(topic = ?tpl.elements().first().map(|e| e.topic().to_string()), ?partitions, "partitions revoked");
+                self.runtime.broadcast(|| Message::Revoke { source, partitions: partitions.clone(), done: tx.clone() });
+                expected += self.runtime.workers();
+            }
+            for _ in 0..expected {
+                if rx.recv_timeout(Duration::from_secs(30)).is_err() {
+                    warn!("workers did not confirm revocation within 30 s");
+                    break;
+                }
+            }
+        }
+    }
+
+    fn rebalance(&self, consumer: &BaseConsumer<Self>, err: rdkafka::types::RDKafkaRespErr, tpl: &mut TopicPartitionList) {
+        use rdkafka::types::RDKafkaRespErr::*;
+        match err {
+            RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
+                // Resume each partition right after the offset committed with its state.
+                let elements: Vec<(String, i32)> =
+                    tpl.elements().iter().map(|e| (e.topic().to_string(), e.partition())).collect();
+                for (topic, partition) in &elements {
+                    let offset = match self.store.offset(topic, *partition as u32) {
+                        Ok(Some(o)) => Offset::Offset(o + 1),
+                        Ok(None) => Offset::Beginning,
+                        Err(e) => {
+                            error!(topic, partition, error = %e, "cannot read committed offset; starting from the beginning");
+                            Offset::Beginning
+                        }
+                    };
+                    let _ = tpl.set_partition_offset(topic, *partition, offset);
+                }
+                for (source, partitions) in self.by_source(tpl) {
+                    info!(source, ?partitions, "partitions assigned");
+                    self.runtime.broadcast(|| Message::Assign { source, partitions: partitions.clone() });
+                }
+                if let Err(e) = consumer.assign(tpl) {
+                    error!(error = %e, "cannot assign partitions");
+                }
+            }
+            RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
+                self.pre_rebalance(consumer, &Rebalance::Revoke(tpl));
+                if let Err(e) = consumer.unassign() {
+                    error!(error = %e, "cannot unassign partitions");
+                }
+            }
+            other => {
+                error!(error = ?other, "rebalance error");
+                let _ = consumer.unassign();
+            }
+        }
+    }
+
+    fn commit_callback(&self, _result: KafkaResult<()>, _offsets: &TopicPartitionList) {}
+}
+
+/// A running Kafka source. Dropping it without [`KafkaSource::stop`] stops it too.
+pub struct KafkaSource {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl KafkaSource {
+    /// Subscribes to the topology's topics and starts feeding `runtime`.
+    pub fn start(
+        config: &KafkaConfig,
+        topology: &Topology,
+        runtime: Arc<Runtime>,
+        store: Store,
+        metrics: Arc<Metrics>,
+    ) -> Result<KafkaSource, KafkaError> {
+        let topics: HashMap<String, usize> =
+            topology.sources.iter().enumerate().map(|(i, s)| (s.topic.clone(), i)).collect();
+        let mut client = config.client();
+        client
+            .set("group.id", &topology.name)
+            .set("enable.auto.commit", "false")
+            .set("auto.offset.reset", "earliest")
+            .set("enable.partition.eof", "false")
+            .set("partition.assignment.strategy", "range");
+        let consumer: BaseConsumer<SourceContext> =
+            client.create_with_context(SourceContext { runtime: runtime.clone(), store, topics: topics.clone() })?;
+        let names: Vec<&str> = topics.keys().map(String::as_str).collect();
+        consumer.subscribe(&names)?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread = std::thread::Builder::new()
+            .name("miroir-kafka-source".into())
+            .spawn({
+                let stop = stop.clone();
+                move || poll_loop(consumer, runtime, topics, metrics, stop)
+            })
+            .map_err(|e| KafkaError::Definite(format!("cannot start the consumer thread: {e}")))?;
+        Ok(KafkaSource { stop, thread: Some(thread) })
+    }
+
+    /// Leaves the consumer group (the runtime commits revoked partitions) and stops polling.
+    pub fn stop(mut self) {
+        self.halt();
+    }
+
+    fn halt(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for KafkaSource {
+    fn drop(&mut self) {
+        self.halt();
+    }
+}
+
+fn poll_loop(
+    consumer: BaseConsumer<SourceContext>,
+    runtime: Arc<Runtime>,
+    topics: HashMap<String, usize>,
+    metrics: Arc<Metrics>,
+    stop: Arc<AtomicBool>,
+) {
+    let mut batches: HashMap<(usize, u32), Vec<Record>> = HashMap::new();
+    let mut pending = 0usize;
+    let mut last_lag = Instant::now();
+    let flush = |batches: &mut HashMap<(usize, u32), Vec<Record>>| {
+        for ((source, partition), records) in batches.drain() {
+            runtime.send(partition, Message::Records { source, partition, records });
+        }
+    };
+    while !stop.load(Ordering::SeqCst) && !runtime.stopped() {
+        match consumer.poll(Duration::from_millis(50)) {
+            Some(Ok(m)) => {
+                let Some(source) = topics.get(m.topic()) else { continue };
+                batches.entry((*source, m.partition() as u32)).or_default().push(Record {
+                    offset: m.offset(),
+                    key: m.key().map(<[u8]>::to_vec),
+                    payload: m.payload().map(<[u8]>::to_vec),
+                });
+                pending += 1;
+                if pending >= BATCH {
+                    flush(&mut batches);
+                    pending = 0;
+                }
+            }
+            Some(Err(e)) => warn!(error = %e, "kafka consumer error"),
+            None => {
+                flush(&mut batches);
+                pending = 0;
+            }
+        }
+        if last_lag.elapsed() >= Duration::from_secs(1) {
+            last_lag = Instant::now();
+            update_lag(&consumer, &runtime, &metrics);
+        }
+    }
+    flush(&mut batches);
+    // Leaving the group revokes every partition: the runtime commits them first. Unsubscribe
+    // before dropping, or librdkafka's close can hang (see DESIGN, known traps).
+    consumer.unsubscribe();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline && consumer.assignment().map(|a| a.count() > 0).unwrap_or(false) {
+        let _ = consumer.poll(Duration::from_millis(50));
+    }
+    info!("kafka source stopped");
+}
+
+/// Refreshes the high watermarks of the assigned partitions, the lag gauge and the topics'
+/// partition counts (used to say which partition a key lives in).
+fn update_lag(consumer: &BaseConsumer<SourceContext>, runtime: &Runtime, metrics: &Metrics) {
+    let Ok(assignment) = consumer.assignment() else { return };
+    let committed = runtime.status.committed.lock().map(|c| c.clone()).unwrap_or_default();
+    let mut watermarks = HashMap::new();
+    for e in assignment.elements() {
+        let (topic, partition) = (e.topic(), e.partition());
+        if let Ok((_, high)) = consumer.fetch_watermarks(topic, partition, Duration::from_millis(500)) {
+            let tp = (topic.to_string(), partition as u32);
+            let next = committed.get(&tp).map(|o| o + 1).unwrap_or(0);
+            metrics.consumer_lag.with_label_values(&[topic, &partition.to_string()]).set((high - next).max(0));
+            watermarks.insert(tp, high);
+        }
+    }
+    *runtime.status.watermarks.lock().unwrap_or_else(|e| e.into_inner()) = watermarks;
+    if let Ok(metadata) = consumer.fetch_metadata(None, Duration::from_millis(500)) {
+        let mut partitions = runtime.status.partitions.lock().unwrap_or_else(|e| e.into_inner());
+        for t in metadata.topics() {
+            if consumer.context().topics.contains_key(t.name()) && !t.partitions().is_empty() {
+                partitions.insert(t.name().to_string(), t.partitions().len() as u32);
+            }
+        }
+    }
+}

@@ -1,0 +1,42 @@
+//! Kafka connectors (rdkafka).
+
+pub mod input;
+pub mod output;
+
+use rdkafka::ClientConfig;
+
+/// Errors of the Kafka connectors, grouped by what to do next.
+#[derive(Debug, thiserror::Error)]
+pub enum KafkaError {
+    /// Kafka refused or failed an operation; retrying later may work.
+    #[error("kafka: {0}")]
+    Transient(#[from] rdkafka::error::KafkaError),
+    /// The configuration or the request is wrong; retrying will not help.
+    #[error("kafka: {0}")]
+    Definite(String),
+}
+
+/// Connection settings shared by consumers and producers.
+#[derive(Clone, Debug)]
+pub struct KafkaConfig {
+    /// `host:port` list of bootstrap brokers.
+    pub brokers: String,
+    /// Extra librdkafka properties (`key=value`), applied last.
+    pub extra: Vec<(String, String)>,
+}
+
+impl KafkaConfig {
+    /// A config for `brokers`.
+    pub fn new(brokers: impl Into<String>) -> Self {
+        KafkaConfig { brokers: brokers.into(), extra: Vec::new() }
+    }
+
+    pub(crate) fn client(&self) -> ClientConfig {
+        let mut c = ClientConfig::new();
+        c.set("bootstrap.servers", &self.brokers);
+        for (k, v) in &self.extra {
+            c.set(k, v);
+        }
+        c
+    }
+}

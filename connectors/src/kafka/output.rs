@@ -1,0 +1,125 @@
+//! Producing to Kafka: the malformed-record topic and a plain publisher.
+
+use std::time::Duration;
+
+use miroir_engine::runtime::{ErrorSink, Record};
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
+use rdkafka::types::RDKafkaErrorCode;
+use tracing::warn;
+
+use super::{KafkaConfig, KafkaError};
+
+/// Suffix of the topic that receives a source's malformed records.
+pub const ERRORS_SUFFIX: &str = ".miroir-errors";
+
+fn producer(config: &KafkaConfig) -> Result<ThreadedProducer<DefaultProducerContext>, KafkaError> {
+    let mut c = config.client();
+    // Kafka's Java client partitions keys with murmur2; so must we, for keys to meet their
+    // partition (and for query routing to agree with the producer).
+    c.set("partitioner", "murmur2_random").set("linger.ms", "5").set("enable.idempotence", "true");
+    Ok(c.create()?)
+}
+
+/// Copies malformed records to `<topic>.miroir-errors`, with the error and origin in headers.
+pub struct KafkaErrorSink {
+    producer: ThreadedProducer<DefaultProducerContext>,
+}
+
+impl KafkaErrorSink {
+    /// Connects a producer.
+    pub fn new(config: &KafkaConfig) -> Result<Self, KafkaError> {
+        Ok(KafkaErrorSink { producer: producer(config)? })
+    }
+}
+
+impl ErrorSink for KafkaErrorSink {
+    fn malformed(&self, topic: &str, partition: u32, record: &Record, error: &str) {
+        let target = format!("{topic}{ERRORS_SUFFIX}");
+        let partition_text = partition.to_string();
+        let offset_text = record.offset.to_string();
+        let headers = OwnedHeaders::new()
+            .insert(Header { key: "miroir.error", value: Some(error) })
+            .insert(Header { key: "miroir.source.topic", value: Some(topic) })
+            .insert(Header { key: "miroir.source.partition", value: Some(&partition_text) })
+            .insert(Header { key: "miroir.source.offset", value: Some(&offset_text) });
+        let mut r: BaseRecord<'_, [u8], [u8]> = BaseRecord::to(&target).headers(headers);
+        if let Some(k) = &record.key {
+            r = r.key(k.as_slice());
+        }
+        if let Some(p) = &record.payload {
+            r = r.payload(p.as_slice());
+        }
+        if let Err((e, _)) = self.producer.send(r) {
+            warn!(topic, partition, offset = record.offset, error = %e, "cannot copy malformed record to {target}");
+        }
+    }
+}
+
+impl Drop for KafkaErrorSink {
+    fn drop(&mut self) {
+        let _ = self.producer.flush(Duration::from_secs(5));
+    }
+}
+
+/// Publishes keyed messages (entity events, or tombstones when the payload is `None`).
+pub struct Publisher {
+    producer: ThreadedProducer<DefaultProducerContext>,
+}
+
+impl Publisher {
+    /// Connects a producer.
+    pub fn new(config: &KafkaConfig) -> Result<Self, KafkaError> {
+        Ok(Publisher { producer: producer(config)? })
+    }
+
+    /// Queues one message; blocks while the producer's queue is full.
+    pub fn send(&self, topic: &str, key: &[u8], payload: Option<&[u8]>) -> Result<(), KafkaError> {
+        let mut record: BaseRecord<'_, [u8], [u8]> = BaseRecord::to(topic).key(key);
+        if let Some(p) = payload {
+            record = record.payload(p);
+        }
+        loop {
+            match self.producer.send(record) {
+                Ok(()) => return Ok(()),
+                Err((rdkafka::error::KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
+                    record = r;
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                Err((e, _)) => return Err(e.into()),
+            }
+        }
+    }
+
+    /// Waits until every queued message is acknowledged.
+    pub fn flush(&self) -> Result<(), KafkaError> {
+        Ok(self.producer.flush(Duration::from_secs(60))?)
+    }
+}
+
+/// Creates `topic` with `partitions` partitions if it does not exist (replication factor 1).
+pub fn create_topic(config: &KafkaConfig, topic: &str, partitions: i32) -> Result<(), KafkaError> {
+    let admin: AdminClient<_> = config.client().create()?;
+    let rt = std::thread::spawn({
+        let topic = topic.to_string();
+        move || {
+            futures_block_on(admin.create_topics(
+                &[NewTopic::new(&topic, partitions, TopicReplication::Fixed(1))],
+                &AdminOptions::new().operation_timeout(Some(Duration::from_secs(30))),
+            ))
+        }
+    });
+    let results = rt.join().map_err(|_| KafkaError::Definite("admin thread panicked".into()))??;
+    for r in results {
+        match r {
+            Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Err((t, code)) => return Err(KafkaError::Definite(format!("cannot create topic {t}: {code}"))),
+        }
+    }
+    Ok(())
+}
+
+fn futures_block_on<F: std::future::Future>(f: F) -> F::Output {
+    tokio::runtime::Builder::new_current_thread().enable_all().build().expect("tokio runtime").block_on(f)
+}

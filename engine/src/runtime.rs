@@ -1,0 +1,580 @@
+//! The runtime: timely workers running the topology's dataflow, fed by per-partition tasks.
+//!
+//! ```text
+//!  connector thread ──Message──► worker (partition % W) ──► task (source, partition)
+//!                                                           │ decode, late policy, upsert
+//!                                                           ▼
+//!                                     InputSession ──► dataflow ──► captured table deltas
+//!                                                                          │
+//!  every worker, at the end of each epoch:  deltas + upsert entries + offsets
+//!        ──► one shared RocksDB WriteBatch ──► written once (sync) by the last worker
+//! ```
+//!
+//! A *task* is one partition of one source, pinned to worker `partition % W`, so records of a
+//! key are always applied in offset order by one thread. Epochs are global: every worker feeds
+//! its tasks for a while (bounded by count and time), advances all of its inputs, steps the
+//! dataflow until the probe passes the epoch, adds its writes to the shared commit, and waits on
+//! a barrier; one worker writes the commit. A crash loses at most the epoch in progress, and the
+//! replay that follows has no second effect (see [`crate::upsert`]).
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
+use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Barrier, Mutex};
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
+use differential_dataflow::input::{Input, InputSession};
+use timely::dataflow::operators::{Exchange, Inspect, Probe};
+use timely::dataflow::ProbeHandle;
+use tracing::{debug, error, info, warn};
+
+use crate::dataflow::{render, Epoch};
+use crate::decode::decode;
+use crate::metrics::Metrics;
+use crate::partition::worker_for_partition;
+use crate::store::{Commit, Store, StoreError};
+use crate::topology::{Source, Topology};
+use crate::upsert::{Outcome, UpsertState};
+use crate::value::{key_text, row_to_json, ColumnType, Row, Value};
+
+/// Batches a worker's inbox holds before the connector blocks: consumption pauses when workers
+/// fall behind, instead of buffering without bound.
+const CHANNEL_BATCHES: usize = 64;
+
+/// One record read from a source partition.
+#[derive(Clone, Debug)]
+pub struct Record {
+    /// Offset in its partition.
+    pub offset: i64,
+    /// Message key bytes.
+    pub key: Option<Vec<u8>>,
+    /// Payload bytes; `None` is a tombstone (delete).
+    pub payload: Option<Vec<u8>>,
+}
+
+/// What a connector tells the runtime.
+#[derive(Debug)]
+pub enum Message {
+    /// Records of one source partition, in offset order.
+    Records {
+        /// Source index.
+        source: usize,
+        /// Partition.
+        partition: u32,
+        /// The records.
+        records: Vec<Record>,
+    },
+    /// Partitions now owned by this instance: create their tasks.
+    Assign {
+        /// Source index.
+        source: usize,
+        /// Partitions.
+        partitions: Vec<u32>,
+    },
+    /// Partitions taken away: retract their rows and drop their tasks. Every worker answers
+    /// on `done` once the epoch that dropped them is committed.
+    Revoke {
+        /// Source index.
+        source: usize,
+        /// Partitions.
+        partitions: Vec<u32>,
+        /// Acknowledgements, one per worker.
+        done: Sender<()>,
+    },
+}
+
+/// Where malformed records are reported (a dead-letter topic, in production).
+pub trait ErrorSink: Send + Sync {
+    /// Reports a record that could not be decoded.
+    fn malformed(&self, topic: &str, partition: u32, record: &Record, error: &str);
+}
+
+/// Runtime settings.
+#[derive(Clone, Debug)]
+pub struct RuntimeConfig {
+    /// Worker threads.
+    pub workers: usize,
+    /// Longest time an epoch feeds records before committing.
+    pub epoch_interval: Duration,
+    /// Most records a worker applies in one epoch.
+    pub max_records_per_epoch: usize,
+}
+
+impl Default for RuntimeConfig {
+    fn default() -> Self {
+        // 100 ms bounds the staleness a committed epoch adds; 50k records bounds the memory of
+        // an epoch's captured deltas while keeping commits (one fsync each) well amortized.
+        RuntimeConfig { workers: 2, epoch_interval: Duration::from_millis(100), max_records_per_epoch: 50_000 }
+    }
+}
+
+/// Errors that stop the runtime.
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    /// The state store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// Timely could not start its workers.
+    #[error("cannot start workers: {0}")]
+    Start(String),
+}
+
+/// Progress the outside world can observe.
+#[derive(Default)]
+pub struct Status {
+    /// Last committed epoch.
+    pub epoch: AtomicU64,
+    /// Unix milliseconds of the last commit.
+    pub last_commit_ms: AtomicU64,
+    /// Last committed offset per (topic, partition).
+    pub committed: Mutex<HashMap<(String, u32), i64>>,
+    /// Set when the runtime stopped on an error.
+    pub failed: Mutex<Option<String>>,
+    /// High watermark of each assigned (topic, partition), refreshed by the connector.
+    pub watermarks: Mutex<HashMap<(String, u32), i64>>,
+    /// Partition count of each source topic, filled by the connector.
+    pub partitions: Mutex<HashMap<String, u32>>,
+}
+
+impl Status {
+    /// Records not yet applied across the assigned partitions; `None` before any assignment.
+    pub fn lag(&self) -> Option<i64> {
+        let watermarks = self.watermarks.lock().unwrap_or_else(|e| e.into_inner());
+        if watermarks.is_empty() {
+            return None;
+        }
+        let committed = self.committed.lock().unwrap_or_else(|e| e.into_inner());
+        Some(
+            watermarks
+                .iter()
+                .map(|(tp, high)| (high - committed.get(tp).map(|o| o + 1).unwrap_or(0)).max(0))
+                .sum(),
+        )
+    }
+
+    /// The failure that stopped the runtime, if any.
+    pub fn failure(&self) -> Option<String> {
+        self.failed.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+}
+
+/// A running instance of a topology's dataflow.
+pub struct Runtime {
+    senders: Vec<Sender<Message>>,
+    shutdown: Arc<AtomicBool>,
+    guards: Mutex<Option<timely::communication::initialize::WorkerGuards<()>>>,
+    /// Observable progress.
+    pub status: Arc<Status>,
+}
+
+impl Runtime {
+    /// Starts `config.workers` workers running `topology` over `store`.
+    pub fn start(
+        topology: Arc<Topology>,
+        store: Store,
+        metrics: Arc<Metrics>,
+        errors: Arc<dyn ErrorSink>,
+        config: RuntimeConfig,
+    ) -> Result<Runtime, RuntimeError> {
+        let workers = config.workers.max(1);
+        let (senders, receivers): (Vec<_>, Vec<_>) = (0..workers).map(|_| crossbeam_channel::bounded(CHANNEL_BATCHES)).unzip();
+        let receivers: Arc<Vec<Receiver<Message>>> = Arc::new(receivers);
+        let shutdown = Arc::new(AtomicBool::new(false));
+        let status = Arc::new(Status::default());
+        let shared = Arc::new(Shared {
+            topology,
+            store: store.clone(),
+            metrics,
+            errors,
+            config,
+            commit: Mutex::new(None),
+            barrier: Barrier::new(workers),
+            shutdown: shutdown.clone(),
+            status: status.clone(),
+        });
+        let guards = timely::execute(timely::Config::process(workers), move |worker| {
+            let index = worker.index();
+            run_worker(worker, &shared, receivers[index].clone());
+        })
+        .map_err(RuntimeError::Start)?;
+        Ok(Runtime { senders, shutdown, guards: Mutex::new(Some(guards)), status })
+    }
+
+    /// Sends `message` to the worker that owns `partition`.
+    pub fn send(&self, partition: u32, message: Message) {
+        let w = worker_for_partition(partition, self.senders.len());
+        self.deliver(w, message);
+    }
+
+    /// Blocks while the worker's inbox is full (backpressure), unless the runtime stops.
+    fn deliver(&self, worker: usize, mut message: Message) {
+        loop {
+            match self.senders[worker].send_timeout(message, Duration::from_millis(100)) {
+                Ok(()) => return,
+                Err(crossbeam_channel::SendTimeoutError::Timeout(m)) if !self.stopped() => message = m,
+                // Stopped or disconnected: the failure, if any, is in `status`.
+                Err(_) => return,
+            }
+        }
+    }
+
+    /// Sends a copy of an assignment change to every worker (each keeps its own partitions).
+    pub fn broadcast(&self, make: impl Fn() -> Message) {
+        for w in 0..self.senders.len() {
+            self.deliver(w, make());
+        }
+    }
+
+    /// Number of workers.
+    pub fn workers(&self) -> usize {
+        self.senders.len()
+    }
+
+    /// Whether the workers stopped (shut down or failed).
+    pub fn stopped(&self) -> bool {
+        self.shutdown.load(Ordering::SeqCst)
+    }
+
+    /// Commits the epoch in progress and stops the workers (waits for them).
+    pub fn shutdown(&self) {
+        self.shutdown.store(true, Ordering::SeqCst);
+        let guards = self.guards.lock().unwrap_or_else(|e| e.into_inner()).take();
+        drop(guards); // joins the worker threads
+    }
+}
+
+impl Drop for Runtime {
+    fn drop(&mut self) {
+        self.shutdown.store(true, Ordering::SeqCst);
+    }
+}
+
+struct Shared {
+    topology: Arc<Topology>,
+    store: Store,
+    metrics: Arc<Metrics>,
+    errors: Arc<dyn ErrorSink>,
+    config: RuntimeConfig,
+    commit: Mutex<Option<Commit>>,
+    barrier: Barrier,
+    shutdown: Arc<AtomicBool>,
+    status: Arc<Status>,
+}
+
+/// One partition of one source, owned by a worker.
+struct Task {
+    state: UpsertState,
+    /// Last applied offset, to commit.
+    offset: Option<i64>,
+    offset_dirty: bool,
+}
+
+type Capture = Rc<RefCell<Vec<(Row, isize)>>>;
+
+fn stable_hash(s: &str) -> u64 {
+    let mut h = std::hash::DefaultHasher::new();
+    s.hash(&mut h);
+    h.finish()
+}
+
+fn run_worker(worker: &mut timely::worker::Worker, shared: &Shared, inbox: Receiver<Message>) {
+    let topology = shared.topology.clone();
+    let index = worker.index();
+    let (mut inputs, probe, captures) = worker.dataflow::<Epoch, _, _>(|scope| {
+        let mut sessions: Vec<InputSession<Epoch, Row, isize>> = Vec::new();
+        let mut collections = Vec::new();
+        for _ in &topology.sources {
+            let (session, collection) = scope.new_collection::<Row, isize>();
+            sessions.push(session);
+            collections.push(collection);
+        }
+        let probe = ProbeHandle::new();
+        let mut captures: Vec<Capture> = Vec::new();
+        for table in &topology.tables {
+            let key = table.key.clone();
+            let capture: Capture = Rc::new(RefCell::new(Vec::new()));
+            let sink = capture.clone();
+            render(&table.plan, &collections, &table.name)
+                .inner
+                .exchange(move |(row, _, _): &(Row, Epoch, isize)| stable_hash(&key_text(row, &key)))
+                .probe_with(&probe)
+                .inspect_core(move |event| {
+                    if let Ok((_, data)) = event {
+                        sink.borrow_mut().extend(data.iter().map(|(r, _, d)| (r.clone(), *d)));
+                    }
+                });
+            captures.push(capture);
+        }
+        (sessions, probe, captures)
+    });
+
+    let mut tasks: HashMap<(usize, u32), Task> = HashMap::new();
+    let mut epoch: Epoch = 0;
+    let mut acks: Vec<Sender<()>> = Vec::new();
+    loop {
+        let started = Instant::now();
+        let mut applied = 0usize;
+        while applied < shared.config.max_records_per_epoch && !shared.shutdown.load(Ordering::SeqCst) {
+            let left = shared.config.epoch_interval.saturating_sub(started.elapsed());
+            if left.is_zero() {
+                break;
+            }
+            match inbox.recv_timeout(left) {
+                Ok(message) => {
+                    applied += handle(shared, index, message, &mut tasks, &mut inputs, &mut acks);
+                }
+                Err(RecvTimeoutError::Timeout) => break,
+                Err(RecvTimeoutError::Disconnected) => {
+                    std::thread::sleep(left);
+                    break;
+                }
+            }
+        }
+        epoch += 1;
+        for input in inputs.iter_mut() {
+            input.advance_to(epoch);
+            input.flush();
+        }
+        worker.step_while(|| probe.less_than(&epoch));
+
+        // Contribute this worker's writes to the epoch's shared commit.
+        {
+            let mut pending = shared.commit.lock().unwrap_or_else(|e| e.into_inner());
+            let commit = pending.get_or_insert_with(|| shared.store.commit());
+            for (table, capture) in topology.tables.iter().zip(&captures) {
+                let mut deltas = std::mem::take(&mut *capture.borrow_mut());
+                write_deltas(table, &mut deltas, commit);
+            }
+            for ((source, partition), task) in tasks.iter_mut() {
+                for (key, entry) in task.state.take_dirty() {
+                    commit.put_entry(*source, *partition, &key, &entry);
+                }
+                if task.offset_dirty {
+                    if let Some(offset) = task.offset {
+                        commit.put_offset(&topology.sources[*source].topic, *partition, offset);
+                    }
+                    task.offset_dirty = false;
+                }
+            }
+        }
+        let stopping = shared.shutdown.load(Ordering::SeqCst);
+        if shared.barrier.wait().is_leader() {
+            let commit = shared.commit.lock().unwrap_or_else(|e| e.into_inner()).take();
+            if let Some(commit) = commit.filter(|c| !c.is_empty()) {
+                let timer = shared.metrics.epoch_commit_seconds.start_timer();
+                let writes = commit.len();
+                match shared.store.write(commit) {
+                    Ok(()) => debug!(epoch, writes, "epoch committed"),
+                    Err(e) => {
+                        error!(error = %e, "epoch commit failed; stopping");
+                        *shared.status.failed.lock().unwrap_or_else(|e| e.into_inner()) = Some(e.to_string());
+                        shared.shutdown.store(true, Ordering::SeqCst);
+                    }
+                }
+                timer.observe_duration();
+            }
+            shared.status.epoch.store(epoch, Ordering::SeqCst);
+            let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+            shared.status.last_commit_ms.store(now.as_millis() as u64, Ordering::SeqCst);
+        }
+        shared.barrier.wait();
+        {
+            let mut committed = shared.status.committed.lock().unwrap_or_else(|e| e.into_inner());
+            for ((source, partition), task) in &tasks {
+                if let Some(o) = task.offset {
+                    committed.insert((topology.sources[*source].topic.clone(), *partition), o);
+                }
+            }
+        }
+        for ack in acks.drain(..) {
+            let _ = ack.send(());
+        }
+        // Every worker read the same flag before the barrier, so all leave in the same epoch.
+        if stopping {
+            info!(worker = index, epoch, "worker stopped after its last commit");
+            break;
+        }
+    }
+}
+
+fn write_deltas(table: &crate::plan::TablePlan, deltas: &mut Vec<(Row, isize)>, commit: &mut Commit) {
+    deltas.sort();
+    let mut consolidated: Vec<(Row, isize)> = Vec::with_capacity(deltas.len());
+    for (row, diff) in deltas.drain(..) {
+        match consolidated.last_mut() {
+            Some((last, d)) if *last == row => *d += diff,
+            _ => consolidated.push((row, diff)),
+        }
+    }
+    // Deletes first: a key whose row changed has a retraction and an insertion in one epoch.
+    for (row, _) in consolidated.iter().filter(|(_, d)| *d < 0) {
+        commit.delete_row(&table.name, &key_text(row, &table.key));
+    }
+    for (row, diff) in consolidated.iter().filter(|(_, d)| *d > 0) {
+        if *diff > 1 {
+            warn!(table = %table.name, key = %key_text(row, &table.key), diff, "row present more than once");
+        }
+        let json = serde_json::to_vec(&row_to_json(&table.columns, row)).expect("rows serialize");
+        commit.put_row(&table.name, &key_text(row, &table.key), &json);
+    }
+}
+
+/// Applies one message; returns the number of records applied.
+fn handle(
+    shared: &Shared,
+    index: usize,
+    message: Message,
+    tasks: &mut HashMap<(usize, u32), Task>,
+    inputs: &mut [InputSession<Epoch, Row, isize>],
+    acks: &mut Vec<Sender<()>>,
+) -> usize {
+    let workers = shared.config.workers.max(1);
+    match message {
+        Message::Assign { source, partitions } => {
+            for p in partitions.into_iter().filter(|p| worker_for_partition(*p, workers) == index) {
+                if let Err(e) = open_task(shared, source, p, tasks, inputs) {
+                    error!(source = %shared.topology.sources[source].name, partition = p, error = %e, "cannot restore task");
+                }
+            }
+            0
+        }
+        Message::Revoke { source, partitions, done } => {
+            for p in partitions {
+                if let Some(mut task) = tasks.remove(&(source, p)) {
+                    for row in task.state.rows() {
+                        inputs[source].update(row.clone(), -1);
+                    }
+                    // The partition's upsert state stays committed for a later re-assignment.
+                    let dirty = task.state.take_dirty();
+                    if !dirty.is_empty() || task.offset_dirty {
+                        let mut pending = shared.commit.lock().unwrap_or_else(|e| e.into_inner());
+                        let commit = pending.get_or_insert_with(|| shared.store.commit());
+                        for (key, entry) in dirty {
+                            commit.put_entry(source, p, &key, &entry);
+                        }
+                        if let Some(o) = task.offset {
+                            commit.put_offset(&shared.topology.sources[source].topic, p, o);
+                        }
+                    }
+                    info!(source = %shared.topology.sources[source].name, partition = p, "task dropped");
+                }
+            }
+            acks.push(done);
+            0
+        }
+        Message::Records { source, partition, records } => {
+            if !tasks.contains_key(&(source, partition)) {
+                if let Err(e) = open_task(shared, source, partition, tasks, inputs) {
+                    error!(source = %shared.topology.sources[source].name, partition, error = %e, "cannot restore task");
+                    return 0;
+                }
+            }
+            let task = tasks.get_mut(&(source, partition)).expect("task opened above");
+            let src = &shared.topology.sources[source];
+            let n = records.len();
+            shared.metrics.records_in.with_label_values(&[&src.name]).inc_by(n as u64);
+            for record in records {
+                apply_record(shared, src, source, partition, &record, task, &mut inputs[source]);
+                task.offset = Some(record.offset);
+                task.offset_dirty = true;
+            }
+            n
+        }
+    }
+}
+
+fn open_task(
+    shared: &Shared,
+    source: usize,
+    partition: u32,
+    tasks: &mut HashMap<(usize, u32), Task>,
+    inputs: &mut [InputSession<Epoch, Row, isize>],
+) -> Result<(), StoreError> {
+    if tasks.contains_key(&(source, partition)) {
+        return Ok(());
+    }
+    let src = &shared.topology.sources[source];
+    let entries = shared.store.upsert_entries(source, partition)?;
+    let offset = shared.store.offset(&src.topic, partition)?;
+    let state = UpsertState::restore(entries);
+    for row in state.rows() {
+        inputs[source].update(row.clone(), 1);
+    }
+    info!(source = %src.name, topic = %src.topic, partition, rows = state.len(), ?offset, "task created");
+    tasks.insert((source, partition), Task { state, offset, offset_dirty: false });
+    Ok(())
+}
+
+fn apply_record(
+    shared: &Shared,
+    src: &Source,
+    source: usize,
+    partition: u32,
+    record: &Record,
+    task: &mut Task,
+    input: &mut InputSession<Epoch, Row, isize>,
+) {
+    let key_str = record.key.as_deref().map(String::from_utf8_lossy).unwrap_or_default();
+    let malformed = |error: String| {
+        shared.metrics.malformed_records.with_label_values(&[&src.name]).inc();
+        warn!(topic = %src.topic, partition, offset = record.offset, key = %key_str, %error, "malformed record skipped");
+        shared.errors.malformed(&src.topic, partition, record, &error);
+    };
+    let (key, row) = match &record.payload {
+        None => match parse_key(src, record.key.as_deref()) {
+            Some(key) => (key, None),
+            None => return malformed("tombstone without a valid key".into()),
+        },
+        Some(payload) => match decode(src, payload) {
+            Ok(row) => {
+                let key = row[src.key].clone();
+                if record.key.is_some() && key_str != key.to_key_text() {
+                    return malformed(format!(
+                        "message key `{key_str}` differs from key column `{}` = `{}`",
+                        src.key_name(),
+                        key.to_key_text()
+                    ));
+                }
+                (key, Some(row))
+            }
+            Err(e) => return malformed(e.to_string()),
+        },
+    };
+    match task.state.apply(src.late.as_ref(), key, row, record.offset) {
+        Outcome::Changed { old, new, late } => {
+            if let Some(old) = old {
+                input.update(old, -1);
+            }
+            if let Some(new) = new {
+                input.update(new, 1);
+            }
+            if late {
+                shared.metrics.late_events.with_label_values(&[&src.name, "kept"]).inc();
+                info!(topic = %src.topic, partition, offset = record.offset, key = %key_str, "late event kept");
+            }
+        }
+        Outcome::Duplicate => {
+            shared.metrics.duplicate_events.with_label_values(&[&src.name]).inc();
+            debug!(topic = %src.topic, partition, offset = record.offset, key = %key_str, "duplicate event skipped");
+        }
+        Outcome::Late => {
+            shared.metrics.late_events.with_label_values(&[&src.name, "dropped"]).inc();
+            info!(topic = %src.topic, partition, offset = record.offset, key = %key_str, "late event dropped");
+        }
+    }
+    let _ = source;
+}
+
+fn parse_key(src: &Source, key: Option<&[u8]>) -> Option<Value> {
+    let text = std::str::from_utf8(key?).ok()?;
+    match src.columns[src.key].ty {
+        ColumnType::Text => Some(Value::Text(text.to_string())),
+        ColumnType::Bigint => text.parse().ok().map(Value::Int),
+        _ => serde_json::from_str::<serde_json::Value>(text)
+            .ok()
+            .and_then(|j| Value::from_json(&j, src.columns[src.key].ty)),
+    }
+}

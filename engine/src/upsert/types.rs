@@ -1,0 +1,53 @@
+//! Value types of the upsert state.
+
+use serde::{Deserialize, Serialize};
+
+use crate::value::{Row, Value};
+
+/// What the state keeps per key.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Entry {
+    /// The last applied row; `None` after a delete.
+    pub row: Option<Row>,
+    /// Per business operation, the order value of the last applied event.
+    pub versions: Vec<(Value, Value)>,
+    /// Offset of the last applied event.
+    pub offset: i64,
+}
+
+impl Entry {
+    /// The order value last applied for `operation`.
+    pub fn version_of(&self, operation: &Value) -> Option<&Value> {
+        self.versions.iter().find(|(op, _)| op == operation).map(|(_, v)| v)
+    }
+
+    /// Records `order` as the newest applied for `operation` (kept as the maximum).
+    pub fn record_version(&mut self, operation: Value, order: Value) {
+        match self.versions.iter_mut().find(|(op, _)| *op == operation) {
+            Some((_, v)) => {
+                if order > *v {
+                    *v = order;
+                }
+            }
+            None => self.versions.push((operation, order)),
+        }
+    }
+}
+
+/// The effect of applying one event.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// The row of the key changed from `old` to `new`; `late` when a late event was kept.
+    Changed {
+        /// Previous row, to retract.
+        old: Option<Row>,
+        /// New row, to insert (`None` for a delete).
+        new: Option<Row>,
+        /// Whether this was a late event applied by `action = "keep"`.
+        late: bool,
+    },
+    /// Already applied (same version, a replay or a re-delivery): no effect.
+    Duplicate,
+    /// Older than the applied version and dropped.
+    Late,
+}

@@ -1,0 +1,358 @@
+//! # miroir
+//!
+//! Materialized tables from Kafka entity streams. A *topology* file declares entity sources
+//! (Kafka topics of full snapshots keyed by id) and tables computed from them in SQL; miroir
+//! keeps the tables up to date, drops late events, and serves the rows by key.
+//!
+//! miroir runs three ways:
+//! - the CLI (`miroir run topology.toml`), see `src/main.rs`;
+//! - embedded in an application instance, with [`Engine`];
+//! - as an HTTP query endpoint ([`http`]), started by both.
+//!
+//! ```text
+//!  Kafka topics ─► connectors (consumer group) ─► engine runtime (timely workers)
+//!                                                   │ tasks: decode, late policy, upsert
+//!                                                   ▼
+//!                                      differential dataflow ─► RocksDB tables
+//!                                                                  ▲
+//!                         Engine::get / Engine::scan / HTTP ───────┘
+//! ```
+//!
+//! ```no_run
+//! let engine = miroir::Engine::builder()
+//!     .topology_file("topologies/user-directory.toml")
+//!     .brokers("127.0.0.1:19092")
+//!     .state_dir("/tmp/miroir-state")
+//!     .start()?;
+//! if let Some(row) = engine.get("user_contacts", "u-1")? {
+//!     println!("{}", row.row);
+//! }
+//! engine.shutdown();
+//! # Ok::<(), miroir::EngineError>(())
+//! ```
+
+pub mod http;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use miroir_connectors::kafka::input::KafkaSource;
+use miroir_connectors::kafka::output::KafkaErrorSink;
+use miroir_connectors::kafka::{KafkaConfig, KafkaError};
+use miroir_engine::metrics::Metrics;
+use miroir_engine::partition::partition_for_key;
+use miroir_engine::runtime::{Runtime, RuntimeConfig, RuntimeError};
+use miroir_engine::store::{Store, StoreError};
+use miroir_engine::topology::{Topology, TopologyError};
+use miroir_engine::value::format_timestamp;
+use serde::Serialize;
+
+pub use miroir_engine;
+
+/// Errors starting or querying an [`Engine`].
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    /// The topology is invalid (every problem, with file positions).
+    #[error("invalid topology:\n{0}")]
+    Topology(#[from] TopologyError),
+    /// A required setting is missing.
+    #[error("missing setting: {0}")]
+    Config(&'static str),
+    /// The state store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The runtime could not start.
+    #[error(transparent)]
+    Runtime(#[from] RuntimeError),
+    /// Kafka failed.
+    #[error(transparent)]
+    Kafka(#[from] KafkaError),
+    /// The HTTP listener could not start.
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
+/// Errors of a query.
+#[derive(Debug, thiserror::Error)]
+pub enum QueryError {
+    /// No table of that name in the topology.
+    #[error("unknown table `{0}`")]
+    UnknownTable(String),
+    /// The state store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+enum TopologySource {
+    File(PathBuf),
+    Text(String),
+}
+
+/// Builds an [`Engine`]. Required: a topology, brokers and a state directory.
+#[derive(Default)]
+pub struct EngineBuilder {
+    topology: Option<TopologySource>,
+    brokers: Option<String>,
+    state_dir: Option<PathBuf>,
+    listen: Option<SocketAddr>,
+    workers: Option<usize>,
+    epoch_interval: Option<Duration>,
+    kafka_extra: Vec<(String, String)>,
+}
+
+impl EngineBuilder {
+    /// Reads the topology from a file.
+    pub fn topology_file(mut self, path: impl Into<PathBuf>) -> Self {
+        self.topology = Some(TopologySource::File(path.into()));
+        self
+    }
+
+    /// Takes the topology from a string.
+    pub fn topology_str(mut self, text: impl Into<String>) -> Self {
+        self.topology = Some(TopologySource::Text(text.into()));
+        self
+    }
+
+    /// Kafka bootstrap servers (`host:port,...`).
+    pub fn brokers(mut self, brokers: impl Into<String>) -> Self {
+        self.brokers = Some(brokers.into());
+        self
+    }
+
+    /// Directory of the RocksDB state (created if missing).
+    pub fn state_dir(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.state_dir = Some(dir.into());
+        self
+    }
+
+    /// Also serve the HTTP API on `addr` (port 0 picks a free port; see [`Engine::http_addr`]).
+    pub fn listen(mut self, addr: SocketAddr) -> Self {
+        self.listen = Some(addr);
+        self
+    }
+
+    /// Worker threads (default 2).
+    pub fn workers(mut self, workers: usize) -> Self {
+        self.workers = Some(workers);
+        self
+    }
+
+    /// Longest epoch (default 100 ms): how long applied events may wait before they are
+    /// committed and visible.
+    pub fn epoch_interval(mut self, interval: Duration) -> Self {
+        self.epoch_interval = Some(interval);
+        self
+    }
+
+    /// An extra librdkafka property for the consumer and producers.
+    pub fn kafka_property(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.kafka_extra.push((key.into(), value.into()));
+        self
+    }
+
+    /// Validates the topology, opens the state, joins the consumer group and starts serving.
+    pub fn start(self) -> Result<Engine, EngineError> {
+        let topology = match self.topology.ok_or(EngineError::Config("topology"))? {
+            TopologySource::File(path) => Topology::load(&path)?,
+            TopologySource::Text(text) => Topology::parse("<string>", &text)?,
+        };
+        let topology = Arc::new(topology);
+        let state_dir = self.state_dir.ok_or(EngineError::Config("state_dir"))?;
+        let mut kafka = KafkaConfig::new(self.brokers.ok_or(EngineError::Config("brokers"))?);
+        kafka.extra = self.kafka_extra;
+        let tables: Vec<String> = topology.tables.iter().map(|t| t.name.clone()).collect();
+        let store = Store::open(&state_dir, &tables)?;
+        let metrics = Arc::new(Metrics::new());
+        let errors = Arc::new(KafkaErrorSink::new(&kafka)?);
+        let mut config = RuntimeConfig::default();
+        if let Some(w) = self.workers {
+            config.workers = w.max(1);
+        }
+        if let Some(e) = self.epoch_interval {
+            config.epoch_interval = e;
+        }
+        let runtime = Arc::new(Runtime::start(topology.clone(), store.clone(), metrics.clone(), errors, config)?);
+        let source = KafkaSource::start(&kafka, &topology, runtime.clone(), store.clone(), metrics.clone())?;
+        let inner = Arc::new(Inner { topology, store, runtime, metrics, state_dir });
+        let server = match self.listen {
+            Some(addr) => Some(http::Server::start(inner.clone(), addr)?),
+            None => None,
+        };
+        Ok(Engine { inner, source: Some(source), server })
+    }
+}
+
+pub(crate) struct Inner {
+    topology: Arc<Topology>,
+    store: Store,
+    runtime: Arc<Runtime>,
+    metrics: Arc<Metrics>,
+    state_dir: PathBuf,
+}
+
+/// A row as served: the row and where and how fresh it is.
+#[derive(Clone, Debug, Serialize)]
+pub struct RowAnswer {
+    /// The table.
+    pub table: String,
+    /// The row's key text.
+    pub key: String,
+    /// The row, as a JSON object.
+    pub row: serde_json::Value,
+    /// The source partition the key belongs to, when the table is keyed by a source key.
+    pub partition: Option<u32>,
+    /// How fresh the answer is.
+    pub freshness: Freshness,
+}
+
+/// How fresh the state behind an answer is.
+#[derive(Clone, Debug, Serialize)]
+pub struct Freshness {
+    /// Last committed epoch.
+    pub epoch: u64,
+    /// When it was committed (RFC 3339), if any epoch was.
+    pub committed_at: Option<String>,
+    /// Records not yet applied on this instance's partitions (`None` before assignment).
+    pub lag: Option<i64>,
+    /// Whether the instance is still catching up (the answer may be behind the topic).
+    pub stale: bool,
+}
+
+impl Inner {
+    fn freshness(&self) -> Freshness {
+        let status = &self.runtime.status;
+        let ms = status.last_commit_ms.load(std::sync::atomic::Ordering::SeqCst);
+        let lag = status.lag();
+        Freshness {
+            epoch: status.epoch.load(std::sync::atomic::Ordering::SeqCst),
+            committed_at: (ms > 0).then(|| format_timestamp(ms as i64 * 1000)),
+            lag,
+            stale: lag != Some(0),
+        }
+    }
+
+    fn get(&self, table: &str, key: &str) -> Result<Option<RowAnswer>, QueryError> {
+        let plan = self.topology.table(table).ok_or_else(|| QueryError::UnknownTable(table.to_string()))?;
+        let Some(bytes) = self.store.get(table, key)? else { return Ok(None) };
+        let row = serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null);
+        let partition = plan.partitioned_by(|s| self.topology.sources[s].key).and_then(|s| {
+            let topic = &self.topology.sources[s].topic;
+            let counts = self.runtime.status.partitions.lock().unwrap_or_else(|e| e.into_inner());
+            counts.get(topic).map(|n| partition_for_key(key.as_bytes(), *n))
+        });
+        Ok(Some(RowAnswer { table: table.to_string(), key: key.to_string(), row, partition, freshness: self.freshness() }))
+    }
+
+    fn scan(&self, table: &str, prefix: &str, limit: usize) -> Result<Vec<serde_json::Value>, QueryError> {
+        self.topology.table(table).ok_or_else(|| QueryError::UnknownTable(table.to_string()))?;
+        Ok(self
+            .store
+            .scan(table, prefix, limit)?
+            .into_iter()
+            .map(|(_, v)| serde_json::from_slice(&v).unwrap_or(serde_json::Value::Null))
+            .collect())
+    }
+
+    fn ready(&self) -> bool {
+        self.runtime.status.failure().is_none() && self.runtime.status.lag() == Some(0)
+    }
+}
+
+/// A running miroir instance embedded in the current process.
+pub struct Engine {
+    inner: Arc<Inner>,
+    source: Option<KafkaSource>,
+    server: Option<http::Server>,
+}
+
+impl Engine {
+    /// Starts building an engine.
+    pub fn builder() -> EngineBuilder {
+        EngineBuilder::default()
+    }
+
+    /// The row of `table` with key `key` (composite keys join their parts with `|`).
+    pub fn get(&self, table: &str, key: &str) -> Result<Option<RowAnswer>, QueryError> {
+        self.inner.get(table, key)
+    }
+
+    /// Up to `limit` rows of `table` whose key starts with `prefix`, in key order.
+    pub fn scan(&self, table: &str, prefix: &str, limit: usize) -> Result<Vec<serde_json::Value>, QueryError> {
+        self.inner.scan(table, prefix, limit)
+    }
+
+    /// Whether every assigned partition is applied up to its high watermark.
+    pub fn ready(&self) -> bool {
+        self.inner.ready()
+    }
+
+    /// Waits until [`Engine::ready`], up to `timeout`; returns whether it became ready.
+    pub fn wait_ready(&self, timeout: Duration) -> bool {
+        let deadline = std::time::Instant::now() + timeout;
+        while std::time::Instant::now() < deadline {
+            if self.ready() {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        false
+    }
+
+    /// Prometheus metrics text.
+    pub fn metrics(&self) -> String {
+        self.inner.metrics.render()
+    }
+
+    /// The engine's metrics.
+    pub fn metrics_registry(&self) -> &Metrics {
+        &self.inner.metrics
+    }
+
+    /// The validated topology.
+    pub fn topology(&self) -> &Topology {
+        &self.inner.topology
+    }
+
+    /// The state directory.
+    pub fn state_dir(&self) -> &Path {
+        &self.inner.state_dir
+    }
+
+    /// The address the HTTP API listens on, when started with [`EngineBuilder::listen`].
+    pub fn http_addr(&self) -> Option<SocketAddr> {
+        self.server.as_ref().map(|s| s.addr)
+    }
+
+    /// The failure that stopped the engine, if any.
+    pub fn failure(&self) -> Option<String> {
+        self.inner.runtime.status.failure()
+    }
+
+    /// Commits, leaves the consumer group and stops (the HTTP server too).
+    pub fn shutdown(mut self) {
+        self.stop();
+    }
+
+    fn stop(&mut self) {
+        if let Some(source) = self.source.take() {
+            source.stop(); // revokes partitions: the workers commit them
+        }
+        self.inner.runtime.shutdown();
+        if let Some(server) = self.server.take() {
+            server.stop();
+        }
+    }
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}

@@ -1,0 +1,288 @@
+//! Shared helpers of the integration tests: a generator of entity events with the unhappy
+//! paths (late, duplicated, deleted, malformed), an independent simulation of the upsert and
+//! late-event semantics, and the comparison of the engine's tables with the reference
+//! evaluator over the simulated source contents.
+#![allow(dead_code)] // each test file uses a different part
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::{Duration, Instant};
+
+use miroir::miroir_engine::decode::decode;
+use miroir::miroir_engine::reference::evaluate_table;
+use miroir::miroir_engine::topology::Topology;
+use miroir::miroir_engine::value::{row_to_json, Value};
+use miroir_connectors::kafka::output::{create_topic, Publisher};
+use miroir_connectors::kafka::KafkaConfig;
+
+/// The broker started by `scripts/services up`.
+pub fn brokers() -> String {
+    std::env::var("MIROIR_BROKERS").expect(
+        "MIROIR_BROKERS is not set: run the tests with scripts/test, which starts Kafka, \
+         or `eval \"$(scripts/services up)\"` first",
+    )
+}
+
+/// A name unique to this test run, for topics and consumer groups.
+pub fn unique(prefix: &str) -> String {
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
+    format!("{prefix}-{}-{}", std::process::id(), nanos % 1_000_000_000)
+}
+
+/// The user-directory topology with its topics and group renamed for this run.
+pub struct TestTopology {
+    pub text: String,
+    pub topology: Topology,
+    pub user_topic: String,
+    pub department_topic: String,
+}
+
+pub fn user_directory(run: &str) -> TestTopology {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/topologies/user-directory.toml");
+    let text = std::fs::read_to_string(path).unwrap();
+    let user_topic = format!("user-{run}");
+    let department_topic = format!("department-{run}");
+    let text = text
+        .replace("name = \"user-directory\"", &format!("name = \"it-{run}\""))
+        .replace("topic = \"user\"", &format!("topic = \"{user_topic}\""))
+        .replace("topic = \"department\"", &format!("topic = \"{department_topic}\""));
+    let topology = Topology::parse("user-directory.toml", &text).unwrap();
+    TestTopology { text, topology, user_topic, department_topic }
+}
+
+/// One message to publish: topic index (0 users, 1 departments), key, payload (None: tombstone).
+#[derive(Clone, Debug)]
+pub struct Event {
+    pub source: usize,
+    pub key: String,
+    pub payload: Option<String>,
+}
+
+/// What the generator produced, by kind.
+#[derive(Default, Debug)]
+pub struct Counts {
+    pub late: usize,
+    pub duplicates: usize,
+    pub tombstones: usize,
+    pub malformed: usize,
+}
+
+/// A small deterministic PRNG (xorshift64*), so failures reproduce.
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Rng {
+        Rng(seed.max(1))
+    }
+    pub fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+    pub fn chance(&mut self, percent: u64) -> bool {
+        self.below(100) < percent
+    }
+}
+
+const OPS: [&str; 3] = ["created", "email-changed", "renamed"];
+
+/// Generates `n` user events over `users` keys and some department events, with late,
+/// duplicated, deleted and malformed ones mixed in.
+pub fn generate(seed: u64, users: u64, n: usize) -> (Vec<Event>, Counts) {
+    let mut rng = Rng::new(seed);
+    let mut counts = Counts::default();
+    let mut events = Vec::with_capacity(n + 64);
+    let mut versions: HashMap<u64, i64> = HashMap::new();
+    let mut sent: HashMap<u64, String> = HashMap::new();
+    for d in 0..6 {
+        events.push(department(d, 1, &format!("Department {d}")));
+    }
+    for i in 0..n {
+        if i % 50 == 25 {
+            // Departments change too: a rename, sometimes a late one.
+            let d = rng.below(6);
+            let v = if rng.chance(20) { 1 } else { 2 + i as i64 };
+            events.push(department(d, v, &format!("Dept {d} v{v}")));
+            continue;
+        }
+        let u = rng.below(users);
+        let key = format!("u-{u}");
+        let roll = rng.below(100);
+        if roll < 6 && sent.contains_key(&u) {
+            counts.duplicates += 1;
+            events.push(Event { source: 0, key, payload: sent.get(&u).cloned() });
+            continue;
+        }
+        if roll < 10 {
+            counts.tombstones += 1;
+            events.push(Event { source: 0, key, payload: None });
+            continue;
+        }
+        if roll < 14 {
+            counts.malformed += 1;
+            let payload = match rng.below(4) {
+                0 => format!("{{\"id\": \"{key}\", \"email\": "),
+                1 => format!("{{\"id\": \"{key}\", \"version\": \"seven\", \"event_type\": \"created\"}}"),
+                2 => "{\"email\": \"nobody@example.com\", \"version\": 3}".to_string(),
+                _ => format!("{{\"id\": \"u-{}\", \"version\": 3, \"event_type\": \"created\"}}", users + 7),
+            };
+            events.push(Event { source: 0, key, payload: Some(payload) });
+            continue;
+        }
+        let current = versions.entry(u).or_insert(0);
+        let version = if roll < 24 && *current > 2 {
+            counts.late += 1;
+            *current - 1 - rng.below(2) as i64
+        } else {
+            *current += 1;
+            *current
+        };
+        let op = OPS[rng.below(3) as usize];
+        let email = match rng.below(10) {
+            0 => "null".to_string(),
+            1 => format!("\"  User{u}.V{version}@Example.COM \""),
+            _ => format!("\"user{u}.v{version}@example.com\""),
+        };
+        let dept = match rng.below(10) {
+            0 => "null".to_string(),
+            1 => "\"d-99\"".to_string(),
+            d => format!("\"d-{}\"", d % 6),
+        };
+        let payload = format!(
+            "{{\"id\":\"{key}\",\"email\":{email},\"name\":\"User {u} v{version}\",\"department_id\":{dept},\"active\":{},\"version\":{version},\"event_type\":\"{op}\",\"updated_at\":\"2026-01-01T00:00:{:02}Z\"}}",
+            rng.chance(80),
+            version % 60
+        );
+        sent.insert(u, payload.clone());
+        events.push(Event { source: 0, key, payload: Some(payload) });
+    }
+    (events, counts)
+}
+
+fn department(d: u64, version: i64, name: &str) -> Event {
+    Event {
+        source: 1,
+        key: format!("d-{d}"),
+        payload: Some(format!("{{\"id\":\"d-{d}\",\"name\":\"{name}\",\"version\":{version}}}")),
+    }
+}
+
+/// Creates the topics (4 partitions) and publishes `events` in order.
+pub fn publish(t: &TestTopology, events: &[Event]) {
+    let config = KafkaConfig::new(brokers());
+    create_topic(&config, &t.user_topic, 4).unwrap();
+    create_topic(&config, &t.department_topic, 4).unwrap();
+    let publisher = Publisher::new(&config).unwrap();
+    for e in events {
+        let topic = if e.source == 0 { &t.user_topic } else { &t.department_topic };
+        publisher.send(topic, e.key.as_bytes(), e.payload.as_deref().map(str::as_bytes)).unwrap();
+    }
+    publisher.flush().unwrap();
+}
+
+/// The simulated state of one source key: its row and, per operation, the last applied order.
+#[derive(Default)]
+struct SimEntry {
+    row: Option<Vec<Value>>,
+    versions: HashMap<Value, Value>,
+}
+
+/// Replays `events` with the documented semantics, written independently of the engine's
+/// upsert code: per key in order, a malformed event is skipped, a tombstone deletes, an event
+/// not newer than the last applied one of its operation is dropped.
+pub fn simulate(t: &Topology, events: &[Event]) -> Vec<Vec<Vec<Value>>> {
+    let mut state: Vec<BTreeMap<String, SimEntry>> = t.sources.iter().map(|_| BTreeMap::new()).collect();
+    for e in events {
+        let source = &t.sources[e.source];
+        let entry = state[e.source].entry(e.key.clone()).or_default();
+        let Some(payload) = &e.payload else {
+            entry.row = None;
+            continue;
+        };
+        let Ok(row) = decode(source, payload.as_bytes()) else { continue };
+        if row[source.key].to_key_text() != e.key {
+            continue; // message key and key column disagree: malformed
+        }
+        let late = source.late.as_ref().expect("test sources declare a late policy");
+        let op = late.per.map(|p| row[p].clone()).unwrap_or(Value::Null);
+        let order = row[late.order_by].clone();
+        if entry.versions.get(&op).is_some_and(|applied| order <= *applied) {
+            continue;
+        }
+        entry.versions.insert(op, order);
+        entry.row = Some(row);
+    }
+    state.into_iter().map(|s| s.into_values().filter_map(|e| e.row).collect()).collect()
+}
+
+/// The expected contents of every table, as key -> JSON row.
+pub fn expected_tables(t: &Topology, events: &[Event]) -> BTreeMap<String, BTreeMap<String, serde_json::Value>> {
+    let sources = simulate(t, events);
+    t.tables
+        .iter()
+        .map(|table| {
+            let rows = evaluate_table(table, &sources)
+                .into_iter()
+                .map(|(k, row)| (k, row_to_json(&table.columns, &row)))
+                .collect();
+            (table.name.clone(), rows)
+        })
+        .collect()
+}
+
+/// Describes the first differences between two tables.
+pub fn diff(expected: &BTreeMap<String, serde_json::Value>, actual: &BTreeMap<String, serde_json::Value>) -> String {
+    let mut out = Vec::new();
+    for (k, v) in expected {
+        match actual.get(k) {
+            None => out.push(format!("missing {k}: {v}")),
+            Some(a) if a != v => out.push(format!("differs {k}: expected {v}, got {a}")),
+            _ => {}
+        }
+    }
+    for (k, v) in actual {
+        if !expected.contains_key(k) {
+            out.push(format!("unexpected {k}: {v}"));
+        }
+    }
+    let total = out.len();
+    out.truncate(8);
+    format!("{total} differences, first: {out:#?}")
+}
+
+/// Polls `actual` until it equals `expected` for every table, or fails after `timeout`.
+pub fn wait_for_tables(
+    expected: &BTreeMap<String, BTreeMap<String, serde_json::Value>>,
+    timeout: Duration,
+    mut actual: impl FnMut(&str) -> BTreeMap<String, serde_json::Value>,
+) {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let mismatches: Vec<String> = expected
+            .iter()
+            .filter_map(|(name, rows)| {
+                let got = actual(name);
+                (got != *rows).then(|| format!("table {name}: {}", diff(rows, &got)))
+            })
+            .collect();
+        if mismatches.is_empty() {
+            return;
+        }
+        if Instant::now() > deadline {
+            panic!("tables differ from the reference evaluator after {timeout:?}:\n{}", mismatches.join("\n"));
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Reads one counter of Prometheus text (sum over label sets matching `labels`).
+pub fn counter(metrics: &str, name: &str, labels: &str) -> u64 {
+    metrics
+        .lines()
+        .filter(|l| l.starts_with(name) && l.contains(labels))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum::<f64>() as u64
+}
