@@ -40,7 +40,7 @@ fn validate_reports_every_error_with_position_and_hint() {
     std::fs::write(&bad, only_sql).unwrap();
     let (ok, _, stderr) = miroir(&["validate", bad.to_str().unwrap()]);
     assert!(!ok);
-    assert!(stderr.contains(&format!("{file}:22:")), "{stderr}");
+    assert!(stderr.contains(&format!("{file}:23:32:")), "{stderr}");
     assert!(stderr.contains("unknown column `emial`"), "{stderr}");
 }
 
