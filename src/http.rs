@@ -35,9 +35,14 @@ pub(crate) struct Server {
 
 impl Server {
     pub(crate) fn start(inner: Arc<Inner>, addr: SocketAddr) -> Result<Server, EngineError> {
-        let listener = std::net::TcpListener::bind(addr).map_err(|source| EngineError::Listen { addr, source })?;
-        listener.set_nonblocking(true).map_err(|source| EngineError::Listen { addr, source })?;
-        let bound = listener.local_addr().map_err(|source| EngineError::Listen { addr, source })?;
+        let listener = std::net::TcpListener::bind(addr)
+            .map_err(|source| EngineError::Listen { addr, source })?;
+        listener
+            .set_nonblocking(true)
+            .map_err(|source| EngineError::Listen { addr, source })?;
+        let bound = listener
+            .local_addr()
+            .map_err(|source| EngineError::Listen { addr, source })?;
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let thread = std::thread::Builder::new()
             .name("miroir-http".into())
@@ -64,7 +69,11 @@ impl Server {
                 });
             })
             .map_err(|source| EngineError::Listen { addr, source })?;
-        Ok(Server { addr: bound, stop: Some(stop_tx), thread: Some(thread) })
+        Ok(Server {
+            addr: bound,
+            stop: Some(stop_tx),
+            thread: Some(thread),
+        })
     }
 
     pub(crate) fn stop(mut self) {
@@ -105,18 +114,28 @@ fn query_error(e: QueryError) -> Response {
 async fn ready(State(inner): State<Arc<Inner>>) -> Response {
     let status = &inner.runtime.status;
     let body = json!({ "ready": inner.ready(), "lag": status.lag(), "failure": status.failure() });
-    let code = if inner.ready() { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    let code = if inner.ready() {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
     (code, Json(body)).into_response()
 }
 
 async fn metrics(State(inner): State<Arc<Inner>>) -> Response {
-    ([("content-type", "text/plain; version=0.0.4")], inner.metrics.render()).into_response()
+    (
+        [("content-type", "text/plain; version=0.0.4")],
+        inner.metrics.render(),
+    )
+        .into_response()
 }
 
 async fn topology(State(inner): State<Arc<Inner>>) -> Response {
     let t = &inner.topology;
     let columns = |cols: &[miroir_engine::value::Column]| {
-        cols.iter().map(|c| json!({ "name": c.name, "type": c.ty.name() })).collect::<Vec<_>>()
+        cols.iter()
+            .map(|c| json!({ "name": c.name, "type": c.ty.name() }))
+            .collect::<Vec<_>>()
     };
     Json(json!({
         "name": t.name,
@@ -134,10 +153,16 @@ async fn topology(State(inner): State<Arc<Inner>>) -> Response {
     .into_response()
 }
 
-async fn row(State(inner): State<Arc<Inner>>, Path((table, key)): Path<(String, String)>) -> Response {
+async fn row(
+    State(inner): State<Arc<Inner>>,
+    Path((table, key)): Path<(String, String)>,
+) -> Response {
     match inner.get(&table, &key) {
         Ok(Some(answer)) => Json(answer).into_response(),
-        Ok(None) => error(StatusCode::NOT_FOUND, format!("no row with key `{key}` in `{table}`")),
+        Ok(None) => error(
+            StatusCode::NOT_FOUND,
+            format!("no row with key `{key}` in `{table}`"),
+        ),
         Err(e) => query_error(e),
     }
 }
@@ -149,14 +174,24 @@ struct ScanParams {
     limit: Option<String>,
 }
 
-async fn scan(State(inner): State<Arc<Inner>>, Path(table): Path<String>, Query(p): Query<ScanParams>) -> Response {
+async fn scan(
+    State(inner): State<Arc<Inner>>,
+    Path(table): Path<String>,
+    Query(p): Query<ScanParams>,
+) -> Response {
     let limit = match p.limit.as_deref().map(str::parse::<usize>) {
         None => 100,
         Some(Ok(n)) if (1..=MAX_SCAN).contains(&n) => n,
-        Some(_) => return error(StatusCode::BAD_REQUEST, format!("limit must be a number from 1 to {MAX_SCAN}")),
+        Some(_) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                format!("limit must be a number from 1 to {MAX_SCAN}"),
+            )
+        }
     };
     match inner.scan(&table, &p.prefix, limit) {
-        Ok(rows) => Json(json!({ "table": table, "rows": rows, "freshness": inner.freshness() })).into_response(),
+        Ok(rows) => Json(json!({ "table": table, "rows": rows, "freshness": inner.freshness() }))
+            .into_response(),
         Err(e) => query_error(e),
     }
 }

@@ -178,14 +178,36 @@ impl EngineBuilder {
         if let Some(e) = self.epoch_interval {
             config.epoch_interval = e;
         }
-        let runtime = Arc::new(Runtime::start(topology.clone(), store.clone(), metrics.clone(), errors, config)?);
-        let source = KafkaSource::start(&kafka, &topology, runtime.clone(), store.clone(), metrics.clone())?;
-        let inner = Arc::new(Inner { topology, store, runtime, metrics, state_dir });
+        let runtime = Arc::new(Runtime::start(
+            topology.clone(),
+            store.clone(),
+            metrics.clone(),
+            errors,
+            config,
+        )?);
+        let source = KafkaSource::start(
+            &kafka,
+            &topology,
+            runtime.clone(),
+            store.clone(),
+            metrics.clone(),
+        )?;
+        let inner = Arc::new(Inner {
+            topology,
+            store,
+            runtime,
+            metrics,
+            state_dir,
+        });
         let server = match self.listen {
             Some(addr) => Some(http::Server::start(inner.clone(), addr)?),
             None => None,
         };
-        Ok(Engine { inner, source: Some(source), server })
+        Ok(Engine {
+            inner,
+            source: Some(source),
+            server,
+        })
     }
 }
 
@@ -228,7 +250,9 @@ pub struct Freshness {
 impl Inner {
     fn freshness(&self) -> Freshness {
         let status = &self.runtime.status;
-        let ms = status.last_commit_ms.load(std::sync::atomic::Ordering::SeqCst);
+        let ms = status
+            .last_commit_ms
+            .load(std::sync::atomic::Ordering::SeqCst);
         let lag = status.lag();
         Freshness {
             epoch: status.epoch.load(std::sync::atomic::Ordering::SeqCst),
@@ -239,19 +263,46 @@ impl Inner {
     }
 
     fn get(&self, table: &str, key: &str) -> Result<Option<RowAnswer>, QueryError> {
-        let plan = self.topology.table(table).ok_or_else(|| QueryError::UnknownTable(table.to_string()))?;
-        let Some(bytes) = self.store.get(table, key)? else { return Ok(None) };
+        let plan = self
+            .topology
+            .table(table)
+            .ok_or_else(|| QueryError::UnknownTable(table.to_string()))?;
+        let Some(bytes) = self.store.get(table, key)? else {
+            return Ok(None);
+        };
         let row = serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null);
-        let partition = plan.partitioned_by(|s| self.topology.sources[s].key).and_then(|s| {
-            let topic = &self.topology.sources[s].topic;
-            let counts = self.runtime.status.partitions.lock().unwrap_or_else(|e| e.into_inner());
-            counts.get(topic).map(|n| partition_for_key(key.as_bytes(), *n))
-        });
-        Ok(Some(RowAnswer { table: table.to_string(), key: key.to_string(), row, partition, freshness: self.freshness() }))
+        let partition = plan
+            .partitioned_by(|s| self.topology.sources[s].key)
+            .and_then(|s| {
+                let topic = &self.topology.sources[s].topic;
+                let counts = self
+                    .runtime
+                    .status
+                    .partitions
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner());
+                counts
+                    .get(topic)
+                    .map(|n| partition_for_key(key.as_bytes(), *n))
+            });
+        Ok(Some(RowAnswer {
+            table: table.to_string(),
+            key: key.to_string(),
+            row,
+            partition,
+            freshness: self.freshness(),
+        }))
     }
 
-    fn scan(&self, table: &str, prefix: &str, limit: usize) -> Result<Vec<serde_json::Value>, QueryError> {
-        self.topology.table(table).ok_or_else(|| QueryError::UnknownTable(table.to_string()))?;
+    fn scan(
+        &self,
+        table: &str,
+        prefix: &str,
+        limit: usize,
+    ) -> Result<Vec<serde_json::Value>, QueryError> {
+        self.topology
+            .table(table)
+            .ok_or_else(|| QueryError::UnknownTable(table.to_string()))?;
         Ok(self
             .store
             .scan(table, prefix, limit)?
@@ -284,7 +335,12 @@ impl Engine {
     }
 
     /// Up to `limit` rows of `table` whose key starts with `prefix`, in key order.
-    pub fn scan(&self, table: &str, prefix: &str, limit: usize) -> Result<Vec<serde_json::Value>, QueryError> {
+    pub fn scan(
+        &self,
+        table: &str,
+        prefix: &str,
+        limit: usize,
+    ) -> Result<Vec<serde_json::Value>, QueryError> {
         self.inner.scan(table, prefix, limit)
     }
 
@@ -328,6 +384,11 @@ impl Engine {
     /// The address the HTTP API listens on, when started with [`EngineBuilder::listen`].
     pub fn http_addr(&self) -> Option<SocketAddr> {
         self.server.as_ref().map(|s| s.addr)
+    }
+
+    /// The runtime's progress: committed epoch and offsets, watermarks, failure.
+    pub fn status(&self) -> &miroir_engine::runtime::Status {
+        &self.inner.runtime.status
     }
 
     /// The failure that stopped the engine, if any.

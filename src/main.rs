@@ -91,6 +91,7 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,librdkafka=warn")),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let cli = Cli::parse();
     match run(cli.command) {
@@ -106,7 +107,12 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
     match command {
         Command::Validate { file } => match Topology::load(&file) {
             Ok(t) => {
-                println!("{}: ok ({} sources, {} tables)", file.display(), t.sources.len(), t.tables.len());
+                println!(
+                    "{}: ok ({} sources, {} tables)",
+                    file.display(),
+                    t.sources.len(),
+                    t.tables.len()
+                );
                 Ok(ExitCode::SUCCESS)
             }
             Err(e) => {
@@ -125,7 +131,14 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
                 Ok(ExitCode::from(1))
             }
         },
-        Command::Run { file, brokers, state_dir, listen, workers, epoch_ms } => {
+        Command::Run {
+            file,
+            brokers,
+            state_dir,
+            listen,
+            workers,
+            epoch_ms,
+        } => {
             let engine = miroir::Engine::builder()
                 .topology_file(&file)
                 .brokers(brokers)
@@ -144,7 +157,12 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
                 None => Ok(ExitCode::SUCCESS),
             }
         }
-        Command::Publish { file, topic, partitions, brokers } => {
+        Command::Publish {
+            file,
+            topic,
+            partitions,
+            brokers,
+        } => {
             let config = KafkaConfig::new(brokers);
             create_topic(&config, &topic, partitions).context("creating the topic")?;
             let publisher = Publisher::new(&config)?;
@@ -152,7 +170,8 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
                 Box::new(std::io::stdin().lock())
             } else {
                 Box::new(std::io::BufReader::new(
-                    std::fs::File::open(&file).with_context(|| format!("opening {}", file.display()))?,
+                    std::fs::File::open(&file)
+                        .with_context(|| format!("opening {}", file.display()))?,
                 ))
             };
             let mut count = 0u64;
@@ -177,7 +196,9 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
 
 /// Blocks until SIGINT or SIGTERM.
 fn wait_for_signal() -> anyhow::Result<()> {
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
     rt.block_on(async {
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         tokio::select! {

@@ -3,11 +3,21 @@
 use std::process::Command;
 
 fn miroir(args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_miroir")).args(args).output().unwrap();
-    (out.status.success(), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
+    let out = Command::new(env!("CARGO_BIN_EXE_miroir"))
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into(),
+        String::from_utf8_lossy(&out.stderr).into(),
+    )
 }
 
-const TOPOLOGY: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/topologies/user-directory.toml");
+const TOPOLOGY: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/topologies/user-directory.toml"
+);
 
 #[test]
 fn validate_accepts_every_shipped_topology() {
@@ -26,17 +36,29 @@ fn validate_reports_every_error_with_position_and_hint() {
     let text = std::fs::read_to_string(TOPOLOGY)
         .unwrap()
         .replace("lower(trim(email))", "lower(trim(emial))")
-        .replace("late = { order_by = \"version\" }", "late = { order_by = \"version\", action = \"ignore\" }");
+        .replace(
+            "late = { order_by = \"version\" }",
+            "late = { order_by = \"version\", action = \"ignore\" }",
+        );
     std::fs::write(&bad, text).unwrap();
     let (ok, _, stderr) = miroir(&["validate", bad.to_str().unwrap()]);
     assert!(!ok);
     let file = bad.to_str().unwrap();
     let lines: Vec<&str> = stderr.lines().filter(|l| l.starts_with(file)).collect();
-    assert_eq!(lines.len(), 1, "the broken source stops table planning: {stderr}");
-    assert!(lines[0].contains("unknown late.action `ignore`"), "{stderr}");
+    assert_eq!(
+        lines.len(),
+        1,
+        "the broken source stops table planning: {stderr}"
+    );
+    assert!(
+        lines[0].contains("unknown late.action `ignore`"),
+        "{stderr}"
+    );
     assert!(stderr.contains("hint: drop (default) or keep"), "{stderr}");
 
-    let only_sql = std::fs::read_to_string(TOPOLOGY).unwrap().replace("lower(trim(email))", "lower(trim(emial))");
+    let only_sql = std::fs::read_to_string(TOPOLOGY)
+        .unwrap()
+        .replace("lower(trim(email))", "lower(trim(emial))");
     std::fs::write(&bad, only_sql).unwrap();
     let (ok, _, stderr) = miroir(&["validate", bad.to_str().unwrap()]);
     assert!(!ok);
@@ -48,7 +70,16 @@ fn validate_reports_every_error_with_position_and_hint() {
 fn explain_prints_the_operator_graph() {
     let (ok, stdout, _) = miroir(&["explain", TOPOLOGY]);
     assert!(ok);
-    for op in ["Source users", "Filter", "Map", "Join Left", "Join Inner", "Reduce", "exchange", "sink internal"] {
+    for op in [
+        "Source users",
+        "Filter",
+        "Map",
+        "Join Left",
+        "Join Inner",
+        "Reduce",
+        "exchange",
+        "sink internal",
+    ] {
         assert!(stdout.contains(op), "missing {op} in:\n{stdout}");
     }
 }

@@ -11,14 +11,32 @@ use std::time::Duration;
 use support::*;
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 fn spawn(topology: &std::path::Path, state: &std::path::Path, port: u16) -> Child {
     Command::new(env!("CARGO_BIN_EXE_miroir"))
-        .args(["run", topology.to_str().unwrap(), "--brokers", &brokers(), "--workers", "2", "--epoch-ms", "50"])
-        .args(["--state-dir", state.to_str().unwrap(), "--listen", &format!("127.0.0.1:{port}")])
-        .env("RUST_LOG", "warn")
+        .args([
+            "run",
+            topology.to_str().unwrap(),
+            "--brokers",
+            &brokers(),
+            "--workers",
+            "2",
+            "--epoch-ms",
+            "50",
+        ])
+        .args([
+            "--state-dir",
+            state.to_str().unwrap(),
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+        ])
+        .env("RUST_LOG", "error")
         .stdout(Stdio::null())
         .spawn()
         .unwrap()
@@ -28,13 +46,25 @@ fn http_table(port: u16, t: &TestTopology, table: &str) -> BTreeMap<String, serd
     let plan = t.topology.table(table).unwrap();
     let key = plan.columns[plan.key[0]].name.clone();
     let url = format!("http://127.0.0.1:{port}/v1/tables/{table}/rows?limit=10000");
-    let Ok(resp) = reqwest::blocking::get(url) else { return BTreeMap::new() };
-    let Ok(body) = resp.json::<serde_json::Value>() else { return BTreeMap::new() };
+    let Ok(resp) = reqwest::blocking::get(url) else {
+        return BTreeMap::new();
+    };
+    let Ok(body) = resp.json::<serde_json::Value>() else {
+        return BTreeMap::new();
+    };
     body["rows"]
         .as_array()
         .map(|rows| {
             rows.iter()
-                .map(|r| (r[&key].as_str().map(String::from).unwrap_or_else(|| r[&key].to_string()), r.clone()))
+                .map(|r| {
+                    (
+                        r[&key]
+                            .as_str()
+                            .map(String::from)
+                            .unwrap_or_else(|| r[&key].to_string()),
+                        r.clone(),
+                    )
+                })
                 .collect()
         })
         .unwrap_or_default()
@@ -55,21 +85,41 @@ fn kill_9_mid_stream_then_restart_has_no_double_effect() {
     let port = free_port();
     let mut child = spawn(&file, &state, port);
     // Publish the second third while it runs, and kill it in the middle of that stream.
-    for chunk in events[third..2 * third].chunks(300) {
+    let chunks: Vec<_> = events[third..2 * third].chunks(300).collect();
+    for (i, chunk) in chunks.iter().enumerate() {
         publish(&t, chunk);
         std::thread::sleep(Duration::from_millis(60));
+        if i == chunks.len() / 2 {
+            // Make sure the kill lands while it is applying: rows are served already.
+            let deadline = std::time::Instant::now() + Duration::from_secs(60);
+            while http_table(port, &t, "user_contacts").is_empty() {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "miroir never served a row"
+                );
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
     }
-    child.kill().unwrap(); // SIGKILL
+    child.kill().unwrap(); // SIGKILL, mid-stream
     child.wait().unwrap();
 
     publish(&t, &events[2 * third..]);
     let port = free_port();
     let mut child = spawn(&file, &state, port);
     let expected = expected_tables(&t.topology, &events);
-    wait_for_tables(&expected, Duration::from_secs(120), |name| http_table(port, &t, name));
+    wait_for_tables(&expected, Duration::from_secs(120), |name| {
+        http_table(port, &t, name)
+    });
 
-    let status = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
     assert!(status.success());
     let exit = child.wait().unwrap();
-    assert!(exit.success(), "SIGTERM must commit and exit cleanly, got {exit:?}");
+    assert!(
+        exit.success(),
+        "SIGTERM must commit and exit cleanly, got {exit:?}"
+    );
 }

@@ -16,7 +16,11 @@ use support::*;
 
 fn table_contents(engine: &Engine, table: &str) -> BTreeMap<String, serde_json::Value> {
     let plan = engine.topology().table(table).unwrap();
-    let key_columns: Vec<String> = plan.key.iter().map(|k| plan.columns[*k].name.clone()).collect();
+    let key_columns: Vec<String> = plan
+        .key
+        .iter()
+        .map(|k| plan.columns[*k].name.clone())
+        .collect();
     engine
         .scan(table, "", 10_000)
         .unwrap()
@@ -64,14 +68,32 @@ fn tables_match_the_reference_and_survive_a_graceful_restart() {
 
     let engine = start(&t, state.path(), true);
     let expected = expected_tables(&t.topology, first);
-    assert!(expected["user_contacts"].len() > 100, "the generator should produce a sizeable table");
-    wait_for_tables(&expected, Duration::from_secs(90), |name| table_contents(&engine, name));
+    assert!(
+        expected["user_contacts"].len() > 100,
+        "the generator should produce a sizeable table"
+    );
+    wait_for_tables(&expected, Duration::from_secs(90), |name| {
+        table_contents(&engine, name)
+    });
 
     let metrics = engine.metrics();
-    assert!(counter(&metrics, "miroir_late_events_total", "action=\"dropped\"") > 0, "{metrics}");
-    assert!(counter(&metrics, "miroir_duplicate_events_total", "") > 0, "{metrics}");
-    assert_eq!(counter(&metrics, "miroir_malformed_records_total", ""), first_counts as u64, "{metrics}");
-    assert_eq!(counter(&metrics, "miroir_records_in_total", ""), first.len() as u64);
+    assert!(
+        counter(&metrics, "miroir_late_events_total", "action=\"dropped\"") > 0,
+        "{metrics}"
+    );
+    assert!(
+        counter(&metrics, "miroir_duplicate_events_total", "") > 0,
+        "{metrics}"
+    );
+    assert_eq!(
+        counter(&metrics, "miroir_malformed_records_total", ""),
+        first_counts as u64,
+        "{metrics}"
+    );
+    assert_eq!(
+        counter(&metrics, "miroir_records_in_total", ""),
+        first.len() as u64
+    );
     check_http(&engine, &expected);
     check_error_topic(&t, first_counts);
     engine.shutdown();
@@ -80,7 +102,9 @@ fn tables_match_the_reference_and_survive_a_graceful_restart() {
     publish(&t, second);
     let engine = start(&t, state.path(), false);
     let expected = expected_tables(&t.topology, &events);
-    wait_for_tables(&expected, Duration::from_secs(90), |name| table_contents(&engine, name));
+    wait_for_tables(&expected, Duration::from_secs(90), |name| {
+        table_contents(&engine, name)
+    });
     let metrics = engine.metrics();
     assert_eq!(
         counter(&metrics, "miroir_records_in_total", ""),
@@ -93,10 +117,13 @@ fn tables_match_the_reference_and_survive_a_graceful_restart() {
 fn is_malformed(t: &TestTopology, e: &Event) -> bool {
     match &e.payload {
         None => false,
-        Some(p) => match miroir::miroir_engine::decode::decode(&t.topology.sources[e.source], p.as_bytes()) {
-            Err(_) => true,
-            Ok(row) => row[t.topology.sources[e.source].key].to_key_text() != e.key,
-        },
+        Some(p) => {
+            match miroir::miroir_engine::decode::decode(&t.topology.sources[e.source], p.as_bytes())
+            {
+                Err(_) => true,
+                Ok(row) => row[t.topology.sources[e.source].key].to_key_text() != e.key,
+            }
+        }
     }
 }
 
@@ -109,13 +136,21 @@ fn check_http(engine: &Engine, expected: &BTreeMap<String, BTreeMap<String, serd
     // Readiness follows the watermarks, refreshed every second.
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     while get("/ready").status() != 200 {
-        assert!(std::time::Instant::now() < deadline, "never ready: {}", get("/ready").text().unwrap());
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never ready: {}",
+            get("/ready").text().unwrap()
+        );
         std::thread::sleep(Duration::from_millis(200));
     }
     let (key, row) = expected["user_contacts"].iter().next().unwrap();
-    let answer: serde_json::Value = get(&format!("/v1/tables/user_contacts/rows/{key}")).json().unwrap();
+    let answer: serde_json::Value = get(&format!("/v1/tables/user_contacts/rows/{key}"))
+        .json()
+        .unwrap();
     assert_eq!(&answer["row"], row);
-    let partition = answer["partition"].as_u64().expect("a source-keyed table reports its partition");
+    let partition = answer["partition"]
+        .as_u64()
+        .expect("a source-keyed table reports its partition");
     assert_eq!(
         partition as u32,
         miroir::miroir_engine::partition::partition_for_key(key.as_bytes(), 4),
@@ -123,15 +158,28 @@ fn check_http(engine: &Engine, expected: &BTreeMap<String, BTreeMap<String, serd
     );
     assert_eq!(answer["freshness"]["stale"], false);
 
-    assert_eq!(get("/v1/tables/user_contacts/rows/no-such-user").status(), 404);
+    assert_eq!(
+        get("/v1/tables/user_contacts/rows/no-such-user").status(),
+        404
+    );
     assert_eq!(get("/v1/tables/no_such_table/rows/x").status(), 404);
-    assert_eq!(get("/v1/tables/user_contacts/rows?limit=zero").status(), 400);
-    let scan: serde_json::Value = get("/v1/tables/user_directory/rows?prefix=u-1&limit=5").json().unwrap();
+    assert_eq!(
+        get("/v1/tables/user_contacts/rows?limit=zero").status(),
+        400
+    );
+    let scan: serde_json::Value = get("/v1/tables/user_directory/rows?prefix=u-1&limit=5")
+        .json()
+        .unwrap();
     let rows = scan["rows"].as_array().unwrap();
     assert!(!rows.is_empty() && rows.len() <= 5);
-    assert!(rows.iter().all(|r| r["id"].as_str().unwrap().starts_with("u-1")));
+    assert!(rows
+        .iter()
+        .all(|r| r["id"].as_str().unwrap().starts_with("u-1")));
     let metrics = get("/metrics").text().unwrap();
-    assert!(metrics.contains("miroir_late_events_total") && metrics.contains("miroir_epoch_commit_seconds"));
+    assert!(
+        metrics.contains("miroir_late_events_total")
+            && metrics.contains("miroir_epoch_commit_seconds")
+    );
     let topology: serde_json::Value = get("/v1/topology").json().unwrap();
     assert_eq!(topology["tables"].as_array().unwrap().len(), 3);
 }
@@ -143,17 +191,25 @@ fn check_error_topic(t: &TestTopology, expected: usize) {
         .set("auto.offset.reset", "earliest")
         .create()
         .unwrap();
-    consumer.subscribe(&[&format!("{}.miroir-errors", t.user_topic)]).unwrap();
+    consumer
+        .subscribe(&[&format!("{}.miroir-errors", t.user_topic)])
+        .unwrap();
     let mut seen = 0;
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     while seen < expected && std::time::Instant::now() < deadline {
         if let Some(Ok(m)) = consumer.poll(Duration::from_millis(200)) {
             let headers = m.headers().expect("malformed copies carry headers");
             let names: Vec<&str> = headers.iter().map(|h| h.key).collect();
-            assert!(names.contains(&"miroir.error") && names.contains(&"miroir.source.offset"), "{names:?}");
+            assert!(
+                names.contains(&"miroir.error") && names.contains(&"miroir.source.offset"),
+                "{names:?}"
+            );
             seen += 1;
         }
     }
     consumer.unsubscribe();
-    assert_eq!(seen, expected, "every malformed record is copied to the error topic");
+    assert_eq!(
+        seen, expected,
+        "every malformed record is copied to the error topic"
+    );
 }

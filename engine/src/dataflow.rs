@@ -38,19 +38,27 @@ pub fn render<'scope>(plan: &Plan, sources: &[Rows<'scope>], name: &str) -> Rows
             let exprs = exprs.clone();
             render(input, sources, name).map(move |r| exprs.iter().map(|e| e.eval(&r)).collect())
         }
-        Plan::Join { left, right, left_keys, right_keys, kind, right_arity } => {
+        Plan::Join {
+            left,
+            right,
+            left_keys,
+            right_keys,
+            kind,
+            right_arity,
+        } => {
             let left = keyed(render(left, sources, name), left_keys.clone());
             let right = keyed(render(right, sources, name), right_keys.clone());
             // SQL equality never matches NULL: rows with a NULL join key only appear unmatched.
             let left_matchable = left.clone().filter(|(k, _)| k.iter().all(|v| !v.is_null()));
             let right_matchable = right.filter(|(k, _)| k.iter().all(|v| !v.is_null()));
-            let joined = left_matchable
-                .clone()
-                .join(right_matchable.clone())
-                .map(|(_, (mut l, r))| {
-                    l.extend(r);
-                    l
-                });
+            let joined =
+                left_matchable
+                    .clone()
+                    .join(right_matchable.clone())
+                    .map(|(_, (mut l, r))| {
+                        l.extend(r);
+                        l
+                    });
             match kind {
                 JoinKind::Inner => joined,
                 JoinKind::Left => {
@@ -64,7 +72,11 @@ pub fn render<'scope>(plan: &Plan, sources: &[Rows<'scope>], name: &str) -> Rows
                 }
             }
         }
-        Plan::Reduce { input, group, aggregates } => {
+        Plan::Reduce {
+            input,
+            group,
+            aggregates,
+        } => {
             let group = group.clone();
             let aggregates = aggregates.clone();
             render(input, sources, name)
@@ -80,7 +92,10 @@ pub fn render<'scope>(plan: &Plan, sources: &[Rows<'scope>], name: &str) -> Rows
     }
 }
 
-fn keyed<'scope>(rows: Rows<'scope>, keys: Vec<Expr>) -> VecCollection<'scope, Epoch, (Row, Row), isize> {
+fn keyed<'scope>(
+    rows: Rows<'scope>,
+    keys: Vec<Expr>,
+) -> VecCollection<'scope, Epoch, (Row, Row), isize> {
     rows.map(move |r| (keys.iter().map(|e| e.eval(&r)).collect::<Row>(), r))
 }
 
@@ -108,7 +123,8 @@ pub fn aggregate(aggregates: &[Aggregate], rows: &[(&Row, isize)]) -> Row {
                 count += m;
                 match &v {
                     Value::Int(i) => {
-                        int_sum = int_sum.and_then(|s| i.checked_mul(m).and_then(|x| s.checked_add(x)));
+                        int_sum =
+                            int_sum.and_then(|s| i.checked_mul(m).and_then(|x| s.checked_add(x)));
                         float_sum += *i as f64 * m as f64;
                     }
                     Value::Float(f) => {

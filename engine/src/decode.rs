@@ -82,11 +82,23 @@ mod tests {
     #[test]
     fn decodes_and_rejects() {
         let s = users();
-        assert_eq!(decode(&s, br#"{"id":"a","age":3,"extra":1}"#), Ok(vec![Value::Text("a".into()), Value::Int(3)]));
-        assert_eq!(decode(&s, br#"{"id":"a"}"#), Ok(vec![Value::Text("a".into()), Value::Null]));
+        assert_eq!(
+            decode(&s, br#"{"id":"a","age":3,"extra":1}"#),
+            Ok(vec![Value::Text("a".into()), Value::Int(3)])
+        );
+        assert_eq!(
+            decode(&s, br#"{"id":"a"}"#),
+            Ok(vec![Value::Text("a".into()), Value::Null])
+        );
         assert!(matches!(decode(&s, b"{nope"), Err(DecodeError::NotJson(_))));
         assert!(matches!(decode(&s, b"[1]"), Err(DecodeError::NotJson(_))));
-        assert_eq!(decode(&s, br#"{"age":3}"#), Err(DecodeError::MissingKey("id".into())));
-        assert!(matches!(decode(&s, br#"{"id":"a","age":"old"}"#), Err(DecodeError::WrongType { .. })));
+        assert_eq!(
+            decode(&s, br#"{"age":3}"#),
+            Err(DecodeError::MissingKey("id".into()))
+        );
+        assert!(matches!(
+            decode(&s, br#"{"id":"a","age":"old"}"#),
+            Err(DecodeError::WrongType { .. })
+        ));
     }
 }

@@ -87,8 +87,14 @@ mod tests {
     #[test]
     fn verdicts() {
         assert_eq!(verdict(None, &Value::Int(1)), Verdict::Apply);
-        assert_eq!(verdict(Some(&Value::Int(1)), &Value::Int(2)), Verdict::Apply);
-        assert_eq!(verdict(Some(&Value::Int(2)), &Value::Int(2)), Verdict::Duplicate);
+        assert_eq!(
+            verdict(Some(&Value::Int(1)), &Value::Int(2)),
+            Verdict::Apply
+        );
+        assert_eq!(
+            verdict(Some(&Value::Int(2)), &Value::Int(2)),
+            Verdict::Duplicate
+        );
         assert_eq!(verdict(Some(&Value::Int(3)), &Value::Int(2)), Verdict::Late);
         assert_eq!(verdict(Some(&Value::Int(3)), &Value::Null), Verdict::Late);
     }

@@ -16,7 +16,10 @@ pub fn evaluate_table(table: &TablePlan, sources: &[Vec<Row>]) -> BTreeMap<Strin
     for row in evaluate(&table.plan, sources) {
         let key = key_text(&row, &table.key);
         if let Some(previous) = out.insert(key.clone(), row.clone()) {
-            panic!("table {}: key {key} is not unique: {previous:?} and {row:?}", table.name);
+            panic!(
+                "table {}: key {key} is not unique: {previous:?} and {row:?}",
+                table.name
+            );
         }
     }
     out
@@ -26,14 +29,22 @@ pub fn evaluate_table(table: &TablePlan, sources: &[Vec<Row>]) -> BTreeMap<Strin
 pub fn evaluate(plan: &Plan, sources: &[Vec<Row>]) -> Vec<Row> {
     match plan {
         Plan::Source { source, .. } => sources[*source].clone(),
-        Plan::Filter { input, predicate } => {
-            evaluate(input, sources).into_iter().filter(|r| predicate.holds(r)).collect()
-        }
+        Plan::Filter { input, predicate } => evaluate(input, sources)
+            .into_iter()
+            .filter(|r| predicate.holds(r))
+            .collect(),
         Plan::Map { input, exprs } => evaluate(input, sources)
             .into_iter()
             .map(|r| exprs.iter().map(|e| e.eval(&r)).collect())
             .collect(),
-        Plan::Join { left, right, left_keys, right_keys, kind, right_arity } => {
+        Plan::Join {
+            left,
+            right,
+            left_keys,
+            right_keys,
+            kind,
+            right_arity,
+        } => {
             let rights = evaluate(right, sources);
             let mut out = Vec::new();
             for l in evaluate(left, sources) {
@@ -54,17 +65,27 @@ pub fn evaluate(plan: &Plan, sources: &[Vec<Row>]) -> Vec<Row> {
             }
             out
         }
-        Plan::Reduce { input, group, aggregates } => {
+        Plan::Reduce {
+            input,
+            group,
+            aggregates,
+        } => {
             let mut groups: BTreeMap<Vec<Value>, Vec<Row>> = BTreeMap::new();
             for r in evaluate(input, sources) {
-                groups.entry(group.iter().map(|e| e.eval(&r)).collect()).or_default().push(r);
+                groups
+                    .entry(group.iter().map(|e| e.eval(&r)).collect())
+                    .or_default()
+                    .push(r);
             }
             groups
                 .into_iter()
                 .map(|(mut key, rows)| {
                     for a in aggregates {
-                        let values: Vec<Value> =
-                            rows.iter().map(|r| a.arg.eval(r)).filter(|v| !v.is_null()).collect();
+                        let values: Vec<Value> = rows
+                            .iter()
+                            .map(|r| a.arg.eval(r))
+                            .filter(|v| !v.is_null())
+                            .collect();
                         key.push(match a.func {
                             AggFunc::CountStar => Value::Int(rows.len() as i64),
                             AggFunc::Count => Value::Int(values.len() as i64),
@@ -81,7 +102,9 @@ pub fn evaluate(plan: &Plan, sources: &[Vec<Row>]) -> Vec<Row> {
                             AggFunc::Sum => Value::Float(F64(values.iter().map(as_f64).sum())),
                             AggFunc::Avg if values.is_empty() => Value::Null,
                             AggFunc::Avg => {
-                                Value::Float(F64(values.iter().map(as_f64).sum::<f64>() / values.len() as f64))
+                                Value::Float(F64(
+                                    values.iter().map(as_f64).sum::<f64>() / values.len() as f64
+                                ))
                             }
                         });
                     }

@@ -107,7 +107,11 @@ impl Default for RuntimeConfig {
     fn default() -> Self {
         // 100 ms bounds the staleness a committed epoch adds; 50k records bounds the memory of
         // an epoch's captured deltas while keeping commits (one fsync each) well amortized.
-        RuntimeConfig { workers: 2, epoch_interval: Duration::from_millis(100), max_records_per_epoch: 50_000 }
+        RuntimeConfig {
+            workers: 2,
+            epoch_interval: Duration::from_millis(100),
+            max_records_per_epoch: 50_000,
+        }
     }
 }
 
@@ -157,7 +161,10 @@ impl Status {
 
     /// The failure that stopped the runtime, if any.
     pub fn failure(&self) -> Option<String> {
-        self.failed.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        self.failed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 }
 
@@ -180,7 +187,9 @@ impl Runtime {
         config: RuntimeConfig,
     ) -> Result<Runtime, RuntimeError> {
         let workers = config.workers.max(1);
-        let (senders, receivers): (Vec<_>, Vec<_>) = (0..workers).map(|_| crossbeam_channel::bounded(CHANNEL_BATCHES)).unzip();
+        let (senders, receivers): (Vec<_>, Vec<_>) = (0..workers)
+            .map(|_| crossbeam_channel::bounded(CHANNEL_BATCHES))
+            .unzip();
         let receivers: Arc<Vec<Receiver<Message>>> = Arc::new(receivers);
         let shutdown = Arc::new(AtomicBool::new(false));
         let status = Arc::new(Status::default());
@@ -200,7 +209,12 @@ impl Runtime {
             run_worker(worker, &shared, receivers[index].clone());
         })
         .map_err(RuntimeError::Start)?;
-        Ok(Runtime { senders, shutdown, guards: Mutex::new(Some(guards)), status })
+        Ok(Runtime {
+            senders,
+            shutdown,
+            guards: Mutex::new(Some(guards)),
+            status,
+        })
     }
 
     /// Sends `message` to the worker that owns `partition`.
@@ -214,7 +228,9 @@ impl Runtime {
         loop {
             match self.senders[worker].send_timeout(message, Duration::from_millis(100)) {
                 Ok(()) => return,
-                Err(crossbeam_channel::SendTimeoutError::Timeout(m)) if !self.stopped() => message = m,
+                Err(crossbeam_channel::SendTimeoutError::Timeout(m)) if !self.stopped() => {
+                    message = m
+                }
                 // Stopped or disconnected: the failure, if any, is in `status`.
                 Err(_) => return,
             }
@@ -299,11 +315,14 @@ fn run_worker(worker: &mut timely::worker::Worker, shared: &Shared, inbox: Recei
             let sink = capture.clone();
             render(&table.plan, &collections, &table.name)
                 .inner
-                .exchange(move |(row, _, _): &(Row, Epoch, isize)| stable_hash(&key_text(row, &key)))
+                .exchange(move |(row, _, _): &(Row, Epoch, isize)| {
+                    stable_hash(&key_text(row, &key))
+                })
                 .probe_with(&probe)
                 .inspect_core(move |event| {
                     if let Ok((_, data)) = event {
-                        sink.borrow_mut().extend(data.iter().map(|(r, _, d)| (r.clone(), *d)));
+                        sink.borrow_mut()
+                            .extend(data.iter().map(|(r, _, d)| (r.clone(), *d)));
                     }
                 });
             captures.push(capture);
@@ -317,8 +336,13 @@ fn run_worker(worker: &mut timely::worker::Worker, shared: &Shared, inbox: Recei
     loop {
         let started = Instant::now();
         let mut applied = 0usize;
-        while applied < shared.config.max_records_per_epoch && !shared.shutdown.load(Ordering::SeqCst) {
-            let left = shared.config.epoch_interval.saturating_sub(started.elapsed());
+        while applied < shared.config.max_records_per_epoch
+            && !shared.shutdown.load(Ordering::SeqCst)
+        {
+            let left = shared
+                .config
+                .epoch_interval
+                .saturating_sub(started.elapsed());
             if left.is_zero() {
                 break;
             }
@@ -362,7 +386,11 @@ fn run_worker(worker: &mut timely::worker::Worker, shared: &Shared, inbox: Recei
         }
         let stopping = shared.shutdown.load(Ordering::SeqCst);
         if shared.barrier.wait().is_leader() {
-            let commit = shared.commit.lock().unwrap_or_else(|e| e.into_inner()).take();
+            let commit = shared
+                .commit
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .take();
             if let Some(commit) = commit.filter(|c| !c.is_empty()) {
                 let timer = shared.metrics.epoch_commit_seconds.start_timer();
                 let writes = commit.len();
@@ -370,19 +398,32 @@ fn run_worker(worker: &mut timely::worker::Worker, shared: &Shared, inbox: Recei
                     Ok(()) => debug!(epoch, writes, "epoch committed"),
                     Err(e) => {
                         error!(error = %e, "epoch commit failed; stopping");
-                        *shared.status.failed.lock().unwrap_or_else(|e| e.into_inner()) = Some(e.to_string());
+                        *shared
+                            .status
+                            .failed
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner()) = Some(e.to_string());
                         shared.shutdown.store(true, Ordering::SeqCst);
                     }
                 }
                 timer.observe_duration();
             }
             shared.status.epoch.store(epoch, Ordering::SeqCst);
-            let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
-            shared.status.last_commit_ms.store(now.as_millis() as u64, Ordering::SeqCst);
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap_or_default();
+            shared
+                .status
+                .last_commit_ms
+                .store(now.as_millis() as u64, Ordering::SeqCst);
         }
         shared.barrier.wait();
         {
-            let mut committed = shared.status.committed.lock().unwrap_or_else(|e| e.into_inner());
+            let mut committed = shared
+                .status
+                .committed
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
             for ((source, partition), task) in &tasks {
                 if let Some(o) = task.offset {
                     committed.insert((topology.sources[*source].topic.clone(), *partition), o);
@@ -394,13 +435,20 @@ fn run_worker(worker: &mut timely::worker::Worker, shared: &Shared, inbox: Recei
         }
         // Every worker read the same flag before the barrier, so all leave in the same epoch.
         if stopping {
-            info!(worker = index, epoch, "worker stopped after its last commit");
+            info!(
+                worker = index,
+                epoch, "worker stopped after its last commit"
+            );
             break;
         }
     }
 }
 
-fn write_deltas(table: &crate::plan::TablePlan, deltas: &mut Vec<(Row, isize)>, commit: &mut Commit) {
+fn write_deltas(
+    table: &crate::plan::TablePlan,
+    deltas: &mut Vec<(Row, isize)>,
+    commit: &mut Commit,
+) {
     deltas.sort();
     let mut consolidated: Vec<(Row, isize)> = Vec::with_capacity(deltas.len());
     for (row, diff) in deltas.drain(..) {
@@ -434,14 +482,21 @@ fn handle(
     let workers = shared.config.workers.max(1);
     match message {
         Message::Assign { source, partitions } => {
-            for p in partitions.into_iter().filter(|p| worker_for_partition(*p, workers) == index) {
+            for p in partitions
+                .into_iter()
+                .filter(|p| worker_for_partition(*p, workers) == index)
+            {
                 if let Err(e) = open_task(shared, source, p, tasks, inputs) {
                     error!(source = %shared.topology.sources[source].name, partition = p, error = %e, "cannot restore task");
                 }
             }
             0
         }
-        Message::Revoke { source, partitions, done } => {
+        Message::Revoke {
+            source,
+            partitions,
+            done,
+        } => {
             for p in partitions {
                 if let Some(mut task) = tasks.remove(&(source, p)) {
                     for row in task.state.rows() {
@@ -465,19 +520,37 @@ fn handle(
             acks.push(done);
             0
         }
-        Message::Records { source, partition, records } => {
+        Message::Records {
+            source,
+            partition,
+            records,
+        } => {
             if !tasks.contains_key(&(source, partition)) {
                 if let Err(e) = open_task(shared, source, partition, tasks, inputs) {
                     error!(source = %shared.topology.sources[source].name, partition, error = %e, "cannot restore task");
                     return 0;
                 }
             }
-            let task = tasks.get_mut(&(source, partition)).expect("task opened above");
+            let task = tasks
+                .get_mut(&(source, partition))
+                .expect("task opened above");
             let src = &shared.topology.sources[source];
             let n = records.len();
-            shared.metrics.records_in.with_label_values(&[&src.name]).inc_by(n as u64);
+            shared
+                .metrics
+                .records_in
+                .with_label_values(&[&src.name])
+                .inc_by(n as u64);
             for record in records {
-                apply_record(shared, src, source, partition, &record, task, &mut inputs[source]);
+                apply_record(
+                    shared,
+                    src,
+                    source,
+                    partition,
+                    &record,
+                    task,
+                    &mut inputs[source],
+                );
                 task.offset = Some(record.offset);
                 task.offset_dirty = true;
             }
@@ -504,7 +577,14 @@ fn open_task(
         inputs[source].update(row.clone(), 1);
     }
     info!(source = %src.name, topic = %src.topic, partition, rows = state.len(), ?offset, "task created");
-    tasks.insert((source, partition), Task { state, offset, offset_dirty: false });
+    tasks.insert(
+        (source, partition),
+        Task {
+            state,
+            offset,
+            offset_dirty: false,
+        },
+    );
     Ok(())
 }
 
@@ -517,11 +597,21 @@ fn apply_record(
     task: &mut Task,
     input: &mut InputSession<Epoch, Row, isize>,
 ) {
-    let key_str = record.key.as_deref().map(String::from_utf8_lossy).unwrap_or_default();
+    let key_str = record
+        .key
+        .as_deref()
+        .map(String::from_utf8_lossy)
+        .unwrap_or_default();
     let malformed = |error: String| {
-        shared.metrics.malformed_records.with_label_values(&[&src.name]).inc();
+        shared
+            .metrics
+            .malformed_records
+            .with_label_values(&[&src.name])
+            .inc();
         warn!(topic = %src.topic, partition, offset = record.offset, key = %key_str, %error, "malformed record skipped");
-        shared.errors.malformed(&src.topic, partition, record, &error);
+        shared
+            .errors
+            .malformed(&src.topic, partition, record, &error);
     };
     let (key, row) = match &record.payload {
         None => match parse_key(src, record.key.as_deref()) {
@@ -552,16 +642,28 @@ fn apply_record(
                 input.update(new, 1);
             }
             if late {
-                shared.metrics.late_events.with_label_values(&[&src.name, "kept"]).inc();
+                shared
+                    .metrics
+                    .late_events
+                    .with_label_values(&[&src.name, "kept"])
+                    .inc();
                 info!(topic = %src.topic, partition, offset = record.offset, key = %key_str, "late event kept");
             }
         }
         Outcome::Duplicate => {
-            shared.metrics.duplicate_events.with_label_values(&[&src.name]).inc();
+            shared
+                .metrics
+                .duplicate_events
+                .with_label_values(&[&src.name])
+                .inc();
             debug!(topic = %src.topic, partition, offset = record.offset, key = %key_str, "duplicate event skipped");
         }
         Outcome::Late => {
-            shared.metrics.late_events.with_label_values(&[&src.name, "dropped"]).inc();
+            shared
+                .metrics
+                .late_events
+                .with_label_values(&[&src.name, "dropped"])
+                .inc();
             info!(topic = %src.topic, partition, offset = record.offset, key = %key_str, "late event dropped");
         }
     }

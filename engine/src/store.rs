@@ -74,8 +74,14 @@ fn offset_key(topic: &str, partition: u32) -> Vec<u8> {
 impl Store {
     /// Opens (or creates) the store in `dir` for the tables `tables`, clearing their rows.
     pub fn open(dir: &Path, tables: &[String]) -> Result<Store, StoreError> {
-        let rocks = |source| StoreError::Rocks { path: dir.to_path_buf(), source };
-        std::fs::create_dir_all(dir).map_err(|source| StoreError::Io { path: dir.to_path_buf(), source })?;
+        let rocks = |source| StoreError::Rocks {
+            path: dir.to_path_buf(),
+            source,
+        };
+        std::fs::create_dir_all(dir).map_err(|source| StoreError::Io {
+            path: dir.to_path_buf(),
+            source,
+        })?;
         let mut opts = Options::default();
         opts.create_if_missing(true);
         opts.create_missing_column_families(true);
@@ -86,41 +92,64 @@ impl Store {
                 cfs.push(c.clone());
             }
         }
-        let descriptors = cfs.iter().map(|c| ColumnFamilyDescriptor::new(c, Options::default()));
+        let descriptors = cfs
+            .iter()
+            .map(|c| ColumnFamilyDescriptor::new(c, Options::default()));
         let mut db = DB::open_cf_descriptors(&opts, dir, descriptors).map_err(rocks)?;
         for cf in existing.iter().filter(|c| c.starts_with("table.")) {
             db.drop_cf(cf).map_err(rocks)?;
         }
         for t in tables {
-            db.create_cf(table_cf(t), &Options::default()).map_err(rocks)?;
+            db.create_cf(table_cf(t), &Options::default())
+                .map_err(rocks)?;
         }
-        Ok(Store { db: Arc::new(db), path: dir.to_path_buf() })
+        Ok(Store {
+            db: Arc::new(db),
+            path: dir.to_path_buf(),
+        })
     }
 
     fn rocks(&self, source: rocksdb::Error) -> StoreError {
-        StoreError::Rocks { path: self.path.clone(), source }
+        StoreError::Rocks {
+            path: self.path.clone(),
+            source,
+        }
     }
 
     /// The last committed offset of `topic`/`partition`.
     pub fn offset(&self, topic: &str, partition: u32) -> Result<Option<i64>, StoreError> {
-        let cf = self.db.cf_handle(STATE_CF).expect("state column family exists");
+        let cf = self
+            .db
+            .cf_handle(STATE_CF)
+            .expect("state column family exists");
         let key = offset_key(topic, partition);
         match self.db.get_cf(&cf, &key).map_err(|e| self.rocks(e))? {
             None => Ok(None),
             Some(bytes) => {
-                let arr: [u8; 8] = bytes.as_slice().try_into().map_err(|_| StoreError::Corrupt {
-                    path: self.path.clone(),
-                    key: String::from_utf8_lossy(&key).into_owned(),
-                    message: "offset is not 8 bytes".into(),
-                })?;
+                let arr: [u8; 8] =
+                    bytes
+                        .as_slice()
+                        .try_into()
+                        .map_err(|_| StoreError::Corrupt {
+                            path: self.path.clone(),
+                            key: String::from_utf8_lossy(&key).into_owned(),
+                            message: "offset is not 8 bytes".into(),
+                        })?;
                 Ok(Some(i64::from_be_bytes(arr)))
             }
         }
     }
 
     /// The persisted upsert entries of `source`/`partition`.
-    pub fn upsert_entries(&self, source: usize, partition: u32) -> Result<Vec<(Value, Entry)>, StoreError> {
-        let cf = self.db.cf_handle(STATE_CF).expect("state column family exists");
+    pub fn upsert_entries(
+        &self,
+        source: usize,
+        partition: u32,
+    ) -> Result<Vec<(Value, Entry)>, StoreError> {
+        let cf = self
+            .db
+            .cf_handle(STATE_CF)
+            .expect("state column family exists");
         let prefix = upsert_prefix(source, partition);
         let mut out = Vec::new();
         for item in self.db.prefix_iterator_cf(&cf, &prefix) {
@@ -133,7 +162,8 @@ impl Store {
                 key: String::from_utf8_lossy(&k).into_owned(),
                 message,
             };
-            let key: Value = serde_json::from_slice(&k[prefix.len()..]).map_err(|e| corrupt(e.to_string()))?;
+            let key: Value =
+                serde_json::from_slice(&k[prefix.len()..]).map_err(|e| corrupt(e.to_string()))?;
             let entry: Entry = serde_json::from_slice(&v).map_err(|e| corrupt(e.to_string()))?;
             out.push((key, entry));
         }
@@ -142,13 +172,24 @@ impl Store {
 
     /// The stored row of `table` for `key`, as JSON.
     pub fn get(&self, table: &str, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
-        let Some(cf) = self.db.cf_handle(&table_cf(table)) else { return Ok(None) };
-        self.db.get_cf(&cf, key.as_bytes()).map_err(|e| self.rocks(e))
+        let Some(cf) = self.db.cf_handle(&table_cf(table)) else {
+            return Ok(None);
+        };
+        self.db
+            .get_cf(&cf, key.as_bytes())
+            .map_err(|e| self.rocks(e))
     }
 
     /// Up to `limit` rows of `table` whose key starts with `prefix`, in key order.
-    pub fn scan(&self, table: &str, prefix: &str, limit: usize) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
-        let Some(cf) = self.db.cf_handle(&table_cf(table)) else { return Ok(Vec::new()) };
+    pub fn scan(
+        &self,
+        table: &str,
+        prefix: &str,
+        limit: usize,
+    ) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        let Some(cf) = self.db.cf_handle(&table_cf(table)) else {
+            return Ok(Vec::new());
+        };
         let mode = IteratorMode::From(prefix.as_bytes(), rocksdb::Direction::Forward);
         let mut out = Vec::new();
         for item in self.db.iterator_cf(&cf, mode) {
@@ -165,12 +206,17 @@ impl Store {
     pub fn write(&self, commit: Commit) -> Result<(), StoreError> {
         let mut opts = WriteOptions::default();
         opts.set_sync(true);
-        self.db.write_opt(commit.batch, &opts).map_err(|e| self.rocks(e))
+        self.db
+            .write_opt(commit.batch, &opts)
+            .map_err(|e| self.rocks(e))
     }
 
     /// Starts an empty commit.
     pub fn commit(&self) -> Commit {
-        Commit { batch: WriteBatch::default(), db: self.db.clone() }
+        Commit {
+            batch: WriteBatch::default(),
+            db: self.db.clone(),
+        }
     }
 }
 
@@ -183,28 +229,45 @@ pub struct Commit {
 impl Commit {
     /// Puts a table row.
     pub fn put_row(&mut self, table: &str, key: &str, json: &[u8]) {
-        let cf = self.db.cf_handle(&table_cf(table)).expect("table column family created at open");
+        let cf = self
+            .db
+            .cf_handle(&table_cf(table))
+            .expect("table column family created at open");
         self.batch.put_cf(&cf, key.as_bytes(), json);
     }
 
     /// Deletes a table row.
     pub fn delete_row(&mut self, table: &str, key: &str) {
-        let cf = self.db.cf_handle(&table_cf(table)).expect("table column family created at open");
+        let cf = self
+            .db
+            .cf_handle(&table_cf(table))
+            .expect("table column family created at open");
         self.batch.delete_cf(&cf, key.as_bytes());
     }
 
     /// Persists an upsert entry.
     pub fn put_entry(&mut self, source: usize, partition: u32, key: &Value, entry: &Entry) {
-        let cf = self.db.cf_handle(STATE_CF).expect("state column family exists");
+        let cf = self
+            .db
+            .cf_handle(STATE_CF)
+            .expect("state column family exists");
         let mut k = upsert_prefix(source, partition);
         k.extend(serde_json::to_vec(key).expect("values serialize"));
-        self.batch.put_cf(&cf, k, serde_json::to_vec(entry).expect("entries serialize"));
+        self.batch.put_cf(
+            &cf,
+            k,
+            serde_json::to_vec(entry).expect("entries serialize"),
+        );
     }
 
     /// Records the last applied offset of a partition.
     pub fn put_offset(&mut self, topic: &str, partition: u32, offset: i64) {
-        let cf = self.db.cf_handle(STATE_CF).expect("state column family exists");
-        self.batch.put_cf(&cf, offset_key(topic, partition), offset.to_be_bytes());
+        let cf = self
+            .db
+            .cf_handle(STATE_CF)
+            .expect("state column family exists");
+        self.batch
+            .put_cf(&cf, offset_key(topic, partition), offset.to_be_bytes());
     }
 
     /// Number of writes in the commit.

@@ -36,7 +36,9 @@ impl ColumnType {
                 Some(ColumnType::Double)
             }
             "boolean" | "bool" => Some(ColumnType::Boolean),
-            "timestamptz" | "timestamp" | "timestamp with time zone" => Some(ColumnType::Timestamptz),
+            "timestamptz" | "timestamp" | "timestamp with time zone" => {
+                Some(ColumnType::Timestamptz)
+            }
             _ => None,
         }
     }
@@ -145,7 +147,9 @@ impl Value {
             (J::Number(n), ColumnType::Double) => Value::Float(F64(n.as_f64()?)),
             (J::Bool(b), ColumnType::Boolean) => Value::Bool(*b),
             (J::String(s), ColumnType::Timestamptz) => Value::Timestamp(parse_timestamp(s)?),
-            (J::Number(n), ColumnType::Timestamptz) => Value::Timestamp(n.as_i64()?.checked_mul(1000)?),
+            (J::Number(n), ColumnType::Timestamptz) => {
+                Value::Timestamp(n.as_i64()?.checked_mul(1000)?)
+            }
             _ => return None,
         })
     }
@@ -163,7 +167,9 @@ impl fmt::Display for Value {
 
 /// Parses an RFC 3339 timestamp into UTC microseconds.
 pub fn parse_timestamp(s: &str) -> Option<i64> {
-    chrono::DateTime::parse_from_rfc3339(s).ok().map(|d| d.timestamp_micros())
+    chrono::DateTime::parse_from_rfc3339(s)
+        .ok()
+        .map(|d| d.timestamp_micros())
 }
 
 /// Formats UTC microseconds as RFC 3339 with microseconds.
@@ -191,7 +197,11 @@ pub struct Column {
 pub fn key_text(row: &[Value], key: &[usize]) -> String {
     match key {
         [single] => row[*single].to_key_text(),
-        many => many.iter().map(|i| row[*i].to_key_text()).collect::<Vec<_>>().join("|"),
+        many => many
+            .iter()
+            .map(|i| row[*i].to_key_text())
+            .collect::<Vec<_>>()
+            .join("|"),
     }
 }
 
@@ -211,16 +221,28 @@ mod tests {
     #[test]
     fn decodes_declared_types_and_rejects_mismatches() {
         let j = serde_json::json!(42);
-        assert_eq!(Value::from_json(&j, ColumnType::Bigint), Some(Value::Int(42)));
-        assert_eq!(Value::from_json(&j, ColumnType::Double), Some(Value::Float(F64(42.0))));
+        assert_eq!(
+            Value::from_json(&j, ColumnType::Bigint),
+            Some(Value::Int(42))
+        );
+        assert_eq!(
+            Value::from_json(&j, ColumnType::Double),
+            Some(Value::Float(F64(42.0)))
+        );
         assert_eq!(Value::from_json(&j, ColumnType::Text), None);
         let s = serde_json::json!("2024-01-02T03:04:05Z");
         let Some(Value::Timestamp(t)) = Value::from_json(&s, ColumnType::Timestamptz) else {
             panic!("timestamp not decoded")
         };
         assert_eq!(format_timestamp(t), "2024-01-02T03:04:05Z");
-        assert_eq!(Value::from_json(&serde_json::json!("nope"), ColumnType::Timestamptz), None);
-        assert_eq!(Value::from_json(&serde_json::Value::Null, ColumnType::Bigint), Some(Value::Null));
+        assert_eq!(
+            Value::from_json(&serde_json::json!("nope"), ColumnType::Timestamptz),
+            None
+        );
+        assert_eq!(
+            Value::from_json(&serde_json::Value::Null, ColumnType::Bigint),
+            Some(Value::Null)
+        );
     }
 
     #[test]

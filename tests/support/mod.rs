@@ -24,7 +24,10 @@ pub fn brokers() -> String {
 
 /// A name unique to this test run, for topics and consumer groups.
 pub fn unique(prefix: &str) -> String {
-    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
     format!("{prefix}-{}-{}", std::process::id(), nanos % 1_000_000_000)
 }
 
@@ -37,16 +40,27 @@ pub struct TestTopology {
 }
 
 pub fn user_directory(run: &str) -> TestTopology {
-    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/topologies/user-directory.toml");
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/topologies/user-directory.toml"
+    );
     let text = std::fs::read_to_string(path).unwrap();
     let user_topic = format!("user-{run}");
     let department_topic = format!("department-{run}");
     let text = text
         .replace("name = \"user-directory\"", &format!("name = \"it-{run}\""))
         .replace("topic = \"user\"", &format!("topic = \"{user_topic}\""))
-        .replace("topic = \"department\"", &format!("topic = \"{department_topic}\""));
+        .replace(
+            "topic = \"department\"",
+            &format!("topic = \"{department_topic}\""),
+        );
     let topology = Topology::parse("user-directory.toml", &text).unwrap();
-    TestTopology { text, topology, user_topic, department_topic }
+    TestTopology {
+        text,
+        topology,
+        user_topic,
+        department_topic,
+    }
 }
 
 /// One message to publish: topic index (0 users, 1 departments), key, payload (None: tombstone).
@@ -113,23 +127,40 @@ pub fn generate(seed: u64, users: u64, n: usize) -> (Vec<Event>, Counts) {
         let roll = rng.below(100);
         if roll < 6 && sent.contains_key(&u) {
             counts.duplicates += 1;
-            events.push(Event { source: 0, key, payload: sent.get(&u).cloned() });
+            events.push(Event {
+                source: 0,
+                key,
+                payload: sent.get(&u).cloned(),
+            });
             continue;
         }
         if roll < 10 {
             counts.tombstones += 1;
-            events.push(Event { source: 0, key, payload: None });
+            events.push(Event {
+                source: 0,
+                key,
+                payload: None,
+            });
             continue;
         }
         if roll < 14 {
             counts.malformed += 1;
             let payload = match rng.below(4) {
                 0 => format!("{{\"id\": \"{key}\", \"email\": "),
-                1 => format!("{{\"id\": \"{key}\", \"version\": \"seven\", \"event_type\": \"created\"}}"),
+                1 => format!(
+                    "{{\"id\": \"{key}\", \"version\": \"seven\", \"event_type\": \"created\"}}"
+                ),
                 2 => "{\"email\": \"nobody@example.com\", \"version\": 3}".to_string(),
-                _ => format!("{{\"id\": \"u-{}\", \"version\": 3, \"event_type\": \"created\"}}", users + 7),
+                _ => format!(
+                    "{{\"id\": \"u-{}\", \"version\": 3, \"event_type\": \"created\"}}",
+                    users + 7
+                ),
             };
-            events.push(Event { source: 0, key, payload: Some(payload) });
+            events.push(Event {
+                source: 0,
+                key,
+                payload: Some(payload),
+            });
             continue;
         }
         let current = versions.entry(u).or_insert(0);
@@ -157,7 +188,11 @@ pub fn generate(seed: u64, users: u64, n: usize) -> (Vec<Event>, Counts) {
             version % 60
         );
         sent.insert(u, payload.clone());
-        events.push(Event { source: 0, key, payload: Some(payload) });
+        events.push(Event {
+            source: 0,
+            key,
+            payload: Some(payload),
+        });
     }
     (events, counts)
 }
@@ -166,7 +201,9 @@ fn department(d: u64, version: i64, name: &str) -> Event {
     Event {
         source: 1,
         key: format!("d-{d}"),
-        payload: Some(format!("{{\"id\":\"d-{d}\",\"name\":\"{name}\",\"version\":{version}}}")),
+        payload: Some(format!(
+            "{{\"id\":\"d-{d}\",\"name\":\"{name}\",\"version\":{version}}}"
+        )),
     }
 }
 
@@ -177,8 +214,18 @@ pub fn publish(t: &TestTopology, events: &[Event]) {
     create_topic(&config, &t.department_topic, 4).unwrap();
     let publisher = Publisher::new(&config).unwrap();
     for e in events {
-        let topic = if e.source == 0 { &t.user_topic } else { &t.department_topic };
-        publisher.send(topic, e.key.as_bytes(), e.payload.as_deref().map(str::as_bytes)).unwrap();
+        let topic = if e.source == 0 {
+            &t.user_topic
+        } else {
+            &t.department_topic
+        };
+        publisher
+            .send(
+                topic,
+                e.key.as_bytes(),
+                e.payload.as_deref().map(str::as_bytes),
+            )
+            .unwrap();
     }
     publisher.flush().unwrap();
 }
@@ -194,7 +241,8 @@ struct SimEntry {
 /// upsert code: per key in order, a malformed event is skipped, a tombstone deletes, an event
 /// not newer than the last applied one of its operation is dropped.
 pub fn simulate(t: &Topology, events: &[Event]) -> Vec<Vec<Vec<Value>>> {
-    let mut state: Vec<BTreeMap<String, SimEntry>> = t.sources.iter().map(|_| BTreeMap::new()).collect();
+    let mut state: Vec<BTreeMap<String, SimEntry>> =
+        t.sources.iter().map(|_| BTreeMap::new()).collect();
     for e in events {
         let source = &t.sources[e.source];
         let entry = state[e.source].entry(e.key.clone()).or_default();
@@ -202,24 +250,39 @@ pub fn simulate(t: &Topology, events: &[Event]) -> Vec<Vec<Vec<Value>>> {
             entry.row = None;
             continue;
         };
-        let Ok(row) = decode(source, payload.as_bytes()) else { continue };
+        let Ok(row) = decode(source, payload.as_bytes()) else {
+            continue;
+        };
         if row[source.key].to_key_text() != e.key {
             continue; // message key and key column disagree: malformed
         }
-        let late = source.late.as_ref().expect("test sources declare a late policy");
+        let late = source
+            .late
+            .as_ref()
+            .expect("test sources declare a late policy");
         let op = late.per.map(|p| row[p].clone()).unwrap_or(Value::Null);
         let order = row[late.order_by].clone();
-        if entry.versions.get(&op).is_some_and(|applied| order <= *applied) {
+        if entry
+            .versions
+            .get(&op)
+            .is_some_and(|applied| order <= *applied)
+        {
             continue;
         }
         entry.versions.insert(op, order);
         entry.row = Some(row);
     }
-    state.into_iter().map(|s| s.into_values().filter_map(|e| e.row).collect()).collect()
+    state
+        .into_iter()
+        .map(|s| s.into_values().filter_map(|e| e.row).collect())
+        .collect()
 }
 
 /// The expected contents of every table, as key -> JSON row.
-pub fn expected_tables(t: &Topology, events: &[Event]) -> BTreeMap<String, BTreeMap<String, serde_json::Value>> {
+pub fn expected_tables(
+    t: &Topology,
+    events: &[Event],
+) -> BTreeMap<String, BTreeMap<String, serde_json::Value>> {
     let sources = simulate(t, events);
     t.tables
         .iter()
@@ -234,7 +297,10 @@ pub fn expected_tables(t: &Topology, events: &[Event]) -> BTreeMap<String, BTree
 }
 
 /// Describes the first differences between two tables.
-pub fn diff(expected: &BTreeMap<String, serde_json::Value>, actual: &BTreeMap<String, serde_json::Value>) -> String {
+pub fn diff(
+    expected: &BTreeMap<String, serde_json::Value>,
+    actual: &BTreeMap<String, serde_json::Value>,
+) -> String {
     let mut out = Vec::new();
     for (k, v) in expected {
         match actual.get(k) {
@@ -272,7 +338,10 @@ pub fn wait_for_tables(
             return;
         }
         if Instant::now() > deadline {
-            panic!("tables differ from the reference evaluator after {timeout:?}:\n{}", mismatches.join("\n"));
+            panic!(
+                "tables differ from the reference evaluator after {timeout:?}:\n{}",
+                mismatches.join("\n")
+            );
         }
         std::thread::sleep(Duration::from_millis(200));
     }

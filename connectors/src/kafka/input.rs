@@ -55,7 +55,11 @@ impl ConsumerContext for SourceContext {
             let mut expected = 0;
             for (source, partitions) in self.by_source(tpl) {
                 info!(topic = ?tpl.elements().first().map(|e| e.topic().to_string()), ?partitions, "partitions revoked");
-                self.runtime.broadcast(|| Message::Revoke { source, partitions: partitions.clone(), done: tx.clone() });
+                self.runtime.broadcast(|| Message::Revoke {
+                    source,
+                    partitions: partitions.clone(),
+                    done: tx.clone(),
+                });
                 expected += self.runtime.workers();
             }
             for _ in 0..expected {
@@ -67,13 +71,21 @@ impl ConsumerContext for SourceContext {
         }
     }
 
-    fn rebalance(&self, consumer: &BaseConsumer<Self>, err: rdkafka::types::RDKafkaRespErr, tpl: &mut TopicPartitionList) {
+    fn rebalance(
+        &self,
+        consumer: &BaseConsumer<Self>,
+        err: rdkafka::types::RDKafkaRespErr,
+        tpl: &mut TopicPartitionList,
+    ) {
         use rdkafka::types::RDKafkaRespErr::*;
         match err {
             RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
                 // Resume each partition right after the offset committed with its state.
-                let elements: Vec<(String, i32)> =
-                    tpl.elements().iter().map(|e| (e.topic().to_string(), e.partition())).collect();
+                let elements: Vec<(String, i32)> = tpl
+                    .elements()
+                    .iter()
+                    .map(|e| (e.topic().to_string(), e.partition()))
+                    .collect();
                 for (topic, partition) in &elements {
                     let offset = match self.store.offset(topic, *partition as u32) {
                         Ok(Some(o)) => Offset::Offset(o + 1),
@@ -87,7 +99,10 @@ impl ConsumerContext for SourceContext {
                 }
                 for (source, partitions) in self.by_source(tpl) {
                     info!(source, ?partitions, "partitions assigned");
-                    self.runtime.broadcast(|| Message::Assign { source, partitions: partitions.clone() });
+                    self.runtime.broadcast(|| Message::Assign {
+                        source,
+                        partitions: partitions.clone(),
+                    });
                 }
                 if let Err(e) = consumer.assign(tpl) {
                     error!(error = %e, "cannot assign partitions");
@@ -124,8 +139,12 @@ impl KafkaSource {
         store: Store,
         metrics: Arc<Metrics>,
     ) -> Result<KafkaSource, KafkaError> {
-        let topics: HashMap<String, usize> =
-            topology.sources.iter().enumerate().map(|(i, s)| (s.topic.clone(), i)).collect();
+        let topics: HashMap<String, usize> = topology
+            .sources
+            .iter()
+            .enumerate()
+            .map(|(i, s)| (s.topic.clone(), i))
+            .collect();
         let mut client = config.client();
         client
             .set("group.id", &topology.name)
@@ -133,8 +152,11 @@ impl KafkaSource {
             .set("auto.offset.reset", "earliest")
             .set("enable.partition.eof", "false")
             .set("partition.assignment.strategy", "range");
-        let consumer: BaseConsumer<SourceContext> =
-            client.create_with_context(SourceContext { runtime: runtime.clone(), store, topics: topics.clone() })?;
+        let consumer: BaseConsumer<SourceContext> = client.create_with_context(SourceContext {
+            runtime: runtime.clone(),
+            store,
+            topics: topics.clone(),
+        })?;
         let names: Vec<&str> = topics.keys().map(String::as_str).collect();
         consumer.subscribe(&names)?;
         let stop = Arc::new(AtomicBool::new(false));
@@ -145,7 +167,10 @@ impl KafkaSource {
                 move || poll_loop(consumer, runtime, topics, metrics, stop)
             })
             .map_err(|e| KafkaError::Definite(format!("cannot start the consumer thread: {e}")))?;
-        Ok(KafkaSource { stop, thread: Some(thread) })
+        Ok(KafkaSource {
+            stop,
+            thread: Some(thread),
+        })
     }
 
     /// Leaves the consumer group (the runtime commits revoked partitions) and stops polling.
@@ -179,18 +204,30 @@ fn poll_loop(
     let mut last_lag = Instant::now();
     let flush = |batches: &mut HashMap<(usize, u32), Vec<Record>>| {
         for ((source, partition), records) in batches.drain() {
-            runtime.send(partition, Message::Records { source, partition, records });
+            runtime.send(
+                partition,
+                Message::Records {
+                    source,
+                    partition,
+                    records,
+                },
+            );
         }
     };
     while !stop.load(Ordering::SeqCst) && !runtime.stopped() {
         match consumer.poll(Duration::from_millis(50)) {
             Some(Ok(m)) => {
-                let Some(source) = topics.get(m.topic()) else { continue };
-                batches.entry((*source, m.partition() as u32)).or_default().push(Record {
-                    offset: m.offset(),
-                    key: m.key().map(<[u8]>::to_vec),
-                    payload: m.payload().map(<[u8]>::to_vec),
-                });
+                let Some(source) = topics.get(m.topic()) else {
+                    continue;
+                };
+                batches
+                    .entry((*source, m.partition() as u32))
+                    .or_default()
+                    .push(Record {
+                        offset: m.offset(),
+                        key: m.key().map(<[u8]>::to_vec),
+                        payload: m.payload().map(<[u8]>::to_vec),
+                    });
                 pending += 1;
                 if pending >= BATCH {
                     flush(&mut batches);
@@ -213,7 +250,12 @@ fn poll_loop(
     // before dropping, or librdkafka's close can hang (see DESIGN, known traps).
     consumer.unsubscribe();
     let deadline = Instant::now() + Duration::from_secs(10);
-    while Instant::now() < deadline && consumer.assignment().map(|a| a.count() > 0).unwrap_or(false) {
+    while Instant::now() < deadline
+        && consumer
+            .assignment()
+            .map(|a| a.count() > 0)
+            .unwrap_or(false)
+    {
         let _ = consumer.poll(Duration::from_millis(50));
     }
     info!("kafka source stopped");
@@ -222,21 +264,41 @@ fn poll_loop(
 /// Refreshes the high watermarks of the assigned partitions, the lag gauge and the topics'
 /// partition counts (used to say which partition a key lives in).
 fn update_lag(consumer: &BaseConsumer<SourceContext>, runtime: &Runtime, metrics: &Metrics) {
-    let Ok(assignment) = consumer.assignment() else { return };
-    let committed = runtime.status.committed.lock().map(|c| c.clone()).unwrap_or_default();
+    let Ok(assignment) = consumer.assignment() else {
+        return;
+    };
+    let committed = runtime
+        .status
+        .committed
+        .lock()
+        .map(|c| c.clone())
+        .unwrap_or_default();
     let mut watermarks = HashMap::new();
     for e in assignment.elements() {
         let (topic, partition) = (e.topic(), e.partition());
-        if let Ok((_, high)) = consumer.fetch_watermarks(topic, partition, Duration::from_millis(500)) {
+        if let Ok((_, high)) =
+            consumer.fetch_watermarks(topic, partition, Duration::from_millis(500))
+        {
             let tp = (topic.to_string(), partition as u32);
             let next = committed.get(&tp).map(|o| o + 1).unwrap_or(0);
-            metrics.consumer_lag.with_label_values(&[topic, &partition.to_string()]).set((high - next).max(0));
+            metrics
+                .consumer_lag
+                .with_label_values(&[topic, &partition.to_string()])
+                .set((high - next).max(0));
             watermarks.insert(tp, high);
         }
     }
-    *runtime.status.watermarks.lock().unwrap_or_else(|e| e.into_inner()) = watermarks;
+    *runtime
+        .status
+        .watermarks
+        .lock()
+        .unwrap_or_else(|e| e.into_inner()) = watermarks;
     if let Ok(metadata) = consumer.fetch_metadata(None, Duration::from_millis(500)) {
-        let mut partitions = runtime.status.partitions.lock().unwrap_or_else(|e| e.into_inner());
+        let mut partitions = runtime
+            .status
+            .partitions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
         for t in metadata.topics() {
             if consumer.context().topics.contains_key(t.name()) && !t.partitions().is_empty() {
                 partitions.insert(t.name().to_string(), t.partitions().len() as u32);

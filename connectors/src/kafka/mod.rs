@@ -28,7 +28,10 @@ pub struct KafkaConfig {
 impl KafkaConfig {
     /// A config for `brokers`.
     pub fn new(brokers: impl Into<String>) -> Self {
-        KafkaConfig { brokers: brokers.into(), extra: Vec::new() }
+        KafkaConfig {
+            brokers: brokers.into(),
+            extra: Vec::new(),
+        }
     }
 
     pub(crate) fn client(&self) -> ClientConfig {

@@ -18,7 +18,9 @@ fn producer(config: &KafkaConfig) -> Result<ThreadedProducer<DefaultProducerCont
     let mut c = config.client();
     // Kafka's Java client partitions keys with murmur2; so must we, for keys to meet their
     // partition (and for query routing to agree with the producer).
-    c.set("partitioner", "murmur2_random").set("linger.ms", "5").set("enable.idempotence", "true");
+    c.set("partitioner", "murmur2_random")
+        .set("linger.ms", "5")
+        .set("enable.idempotence", "true");
     Ok(c.create()?)
 }
 
@@ -30,7 +32,9 @@ pub struct KafkaErrorSink {
 impl KafkaErrorSink {
     /// Connects a producer.
     pub fn new(config: &KafkaConfig) -> Result<Self, KafkaError> {
-        Ok(KafkaErrorSink { producer: producer(config)? })
+        Ok(KafkaErrorSink {
+            producer: producer(config)?,
+        })
     }
 }
 
@@ -40,10 +44,22 @@ impl ErrorSink for KafkaErrorSink {
         let partition_text = partition.to_string();
         let offset_text = record.offset.to_string();
         let headers = OwnedHeaders::new()
-            .insert(Header { key: "miroir.error", value: Some(error) })
-            .insert(Header { key: "miroir.source.topic", value: Some(topic) })
-            .insert(Header { key: "miroir.source.partition", value: Some(&partition_text) })
-            .insert(Header { key: "miroir.source.offset", value: Some(&offset_text) });
+            .insert(Header {
+                key: "miroir.error",
+                value: Some(error),
+            })
+            .insert(Header {
+                key: "miroir.source.topic",
+                value: Some(topic),
+            })
+            .insert(Header {
+                key: "miroir.source.partition",
+                value: Some(&partition_text),
+            })
+            .insert(Header {
+                key: "miroir.source.offset",
+                value: Some(&offset_text),
+            });
         let mut r: BaseRecord<'_, [u8], [u8]> = BaseRecord::to(&target).headers(headers);
         if let Some(k) = &record.key {
             r = r.key(k.as_slice());
@@ -71,7 +87,9 @@ pub struct Publisher {
 impl Publisher {
     /// Connects a producer.
     pub fn new(config: &KafkaConfig) -> Result<Self, KafkaError> {
-        Ok(Publisher { producer: producer(config)? })
+        Ok(Publisher {
+            producer: producer(config)?,
+        })
     }
 
     /// Queues one message; blocks while the producer's queue is full.
@@ -83,7 +101,10 @@ impl Publisher {
         loop {
             match self.producer.send(record) {
                 Ok(()) => return Ok(()),
-                Err((rdkafka::error::KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
+                Err((
+                    rdkafka::error::KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull),
+                    r,
+                )) => {
                     record = r;
                     std::thread::sleep(Duration::from_millis(5));
                 }
@@ -105,21 +126,35 @@ pub fn create_topic(config: &KafkaConfig, topic: &str, partitions: i32) -> Resul
         let topic = topic.to_string();
         move || {
             futures_block_on(admin.create_topics(
-                &[NewTopic::new(&topic, partitions, TopicReplication::Fixed(1))],
+                &[NewTopic::new(
+                    &topic,
+                    partitions,
+                    TopicReplication::Fixed(1),
+                )],
                 &AdminOptions::new().operation_timeout(Some(Duration::from_secs(30))),
             ))
         }
     });
-    let results = rt.join().map_err(|_| KafkaError::Definite("admin thread panicked".into()))??;
+    let results = rt
+        .join()
+        .map_err(|_| KafkaError::Definite("admin thread panicked".into()))??;
     for r in results {
         match r {
             Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
-            Err((t, code)) => return Err(KafkaError::Definite(format!("cannot create topic {t}: {code}"))),
+            Err((t, code)) => {
+                return Err(KafkaError::Definite(format!(
+                    "cannot create topic {t}: {code}"
+                )))
+            }
         }
     }
     Ok(())
 }
 
 fn futures_block_on<F: std::future::Future>(f: F) -> F::Output {
-    tokio::runtime::Builder::new_current_thread().enable_all().build().expect("tokio runtime").block_on(f)
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime")
+        .block_on(f)
 }

@@ -119,7 +119,10 @@ impl Expr {
                         return value.eval(row);
                     }
                 }
-                otherwise.as_ref().map(|e| e.eval(row)).unwrap_or(Value::Null)
+                otherwise
+                    .as_ref()
+                    .map(|e| e.eval(row))
+                    .unwrap_or(Value::Null)
             }
         }
     }
@@ -193,7 +196,11 @@ fn as_f64(v: &Value) -> Option<f64> {
 
 fn call(func: Func, args: &[Expr], row: &[Value]) -> Value {
     match func {
-        Func::Coalesce => args.iter().map(|a| a.eval(row)).find(|v| !v.is_null()).unwrap_or(Value::Null),
+        Func::Coalesce => args
+            .iter()
+            .map(|a| a.eval(row))
+            .find(|v| !v.is_null())
+            .unwrap_or(Value::Null),
         Func::Concat => {
             let mut out = String::new();
             for a in args {
@@ -239,7 +246,9 @@ pub fn cast(v: Value, ty: ColumnType) -> Value {
             "false" | "f" | "no" | "0" => Some(Value::Bool(false)),
             _ => None,
         },
-        (Value::Text(s), ColumnType::Timestamptz) => parse_timestamp(s.trim()).map(Value::Timestamp),
+        (Value::Text(s), ColumnType::Timestamptz) => {
+            parse_timestamp(s.trim()).map(Value::Timestamp)
+        }
         _ => None,
     };
     converted.unwrap_or(Value::Null)
@@ -270,23 +279,42 @@ mod tests {
         assert_eq!(overflow.eval(&[]), Value::Null);
         let div0 = Expr::Binary(BinaryOp::Div, lit(Value::Int(1)), lit(Value::Int(0)));
         assert_eq!(div0.eval(&[]), Value::Null);
-        let mixed = Expr::Binary(BinaryOp::Mul, lit(Value::Int(2)), lit(Value::Float(F64(1.5))));
+        let mixed = Expr::Binary(
+            BinaryOp::Mul,
+            lit(Value::Int(2)),
+            lit(Value::Float(F64(1.5))),
+        );
         assert_eq!(mixed.eval(&[]), Value::Float(F64(3.0)));
     }
 
     #[test]
     fn functions_case_and_cast() {
         let row = vec![Value::Text("  Ada@Example.COM ".into()), Value::Null];
-        let e = Expr::Call(Func::Lower, vec![Expr::Call(Func::Trim, vec![Expr::Column(0)])]);
+        let e = Expr::Call(
+            Func::Lower,
+            vec![Expr::Call(Func::Trim, vec![Expr::Column(0)])],
+        );
         assert_eq!(e.eval(&row), Value::Text("ada@example.com".into()));
-        let c = Expr::Call(Func::Coalesce, vec![Expr::Column(1), Expr::Literal(Value::Int(7))]);
+        let c = Expr::Call(
+            Func::Coalesce,
+            vec![Expr::Column(1), Expr::Literal(Value::Int(7))],
+        );
         assert_eq!(c.eval(&row), Value::Int(7));
         let case = Expr::Case(
-            vec![(Expr::IsNull(Box::new(Expr::Column(1)), false), Expr::Literal(Value::Text("none".into())))],
+            vec![(
+                Expr::IsNull(Box::new(Expr::Column(1)), false),
+                Expr::Literal(Value::Text("none".into())),
+            )],
             None,
         );
         assert_eq!(case.eval(&row), Value::Text("none".into()));
-        assert_eq!(cast(Value::Text("12".into()), ColumnType::Bigint), Value::Int(12));
-        assert_eq!(cast(Value::Text("x".into()), ColumnType::Bigint), Value::Null);
+        assert_eq!(
+            cast(Value::Text("12".into()), ColumnType::Bigint),
+            Value::Int(12)
+        );
+        assert_eq!(
+            cast(Value::Text("x".into()), ColumnType::Bigint),
+            Value::Null
+        );
     }
 }

@@ -130,11 +130,18 @@ impl Plan {
             Plan::Source { name, .. } => writeln!(out, "{pad}Source {name} (upsert by key)"),
             Plan::Filter { predicate, .. } => writeln!(out, "{pad}Filter {predicate:?}"),
             Plan::Map { exprs, .. } => writeln!(out, "{pad}Map {} columns", exprs.len()),
-            Plan::Join { kind, left_keys, right_keys, .. } => writeln!(
+            Plan::Join {
+                kind,
+                left_keys,
+                right_keys,
+                ..
+            } => writeln!(
                 out,
                 "{pad}Join {kind:?} on {left_keys:?} = {right_keys:?} (exchange by join key)"
             ),
-            Plan::Reduce { group, aggregates, .. } => writeln!(
+            Plan::Reduce {
+                group, aggregates, ..
+            } => writeln!(
                 out,
                 "{pad}Reduce group by {group:?} aggregates {:?} (exchange by group key)",
                 aggregates.iter().map(|a| a.func).collect::<Vec<_>>()
@@ -165,7 +172,9 @@ impl TablePlan {
     /// single source, passed through filters and projections, a row lives in the partition of
     /// its key in that source's topic.
     pub fn partitioned_by(&self, sources_key: impl Fn(usize) -> usize) -> Option<usize> {
-        let [key] = self.key.as_slice() else { return None };
+        let [key] = self.key.as_slice() else {
+            return None;
+        };
         let mut column = *key;
         let mut plan = &self.plan;
         loop {
@@ -178,7 +187,9 @@ impl TablePlan {
                     _ => return None,
                 },
                 Plan::Filter { input, .. } => plan = input,
-                Plan::Source { source, .. } => return (sources_key(*source) == column).then_some(*source),
+                Plan::Source { source, .. } => {
+                    return (sources_key(*source) == column).then_some(*source)
+                }
                 _ => return None,
             }
         }

@@ -53,19 +53,33 @@ pub struct Planned {
 pub fn plan_query(sql: &str, sources: &[SourceSchema<'_>]) -> Result<Planned, PlanError> {
     let statements = Parser::parse_sql(&PostgreSqlDialect {}, sql).map_err(parse_error)?;
     let [ast::Statement::Query(query)] = statements.as_slice() else {
-        return Err(err_at(1, 1, "a table's query must be exactly one SELECT statement", None));
+        return Err(err_at(
+            1,
+            1,
+            "a table's query must be exactly one SELECT statement",
+            None,
+        ));
     };
     if query.with.is_some() {
-        return Err(unsupported(query.as_ref(), "WITH (common table expressions)"));
+        return Err(unsupported(
+            query.as_ref(),
+            "WITH (common table expressions)",
+        ));
     }
     if query.order_by.is_some() {
-        return Err(unsupported(query.as_ref(), "ORDER BY (a table has no order; sort when you read it)"));
+        return Err(unsupported(
+            query.as_ref(),
+            "ORDER BY (a table has no order; sort when you read it)",
+        ));
     }
     if query.limit_clause.is_some() || query.fetch.is_some() {
         return Err(unsupported(query.as_ref(), "LIMIT/OFFSET/FETCH"));
     }
     let ast::SetExpr::Select(select) = query.body.as_ref() else {
-        return Err(unsupported(query.body.as_ref(), "set operations (UNION, INTERSECT, EXCEPT, VALUES)"));
+        return Err(unsupported(
+            query.body.as_ref(),
+            "set operations (UNION, INTERSECT, EXCEPT, VALUES)",
+        ));
     };
     plan_select(select, sources)
 }
@@ -85,7 +99,10 @@ struct Rel {
 
 fn plan_select(select: &ast::Select, sources: &[SourceSchema<'_>]) -> Result<Planned, PlanError> {
     if let Some(d) = &select.distinct {
-        return Err(unsupported(select, &format!("{d} (the key already makes rows unique)")));
+        return Err(unsupported(
+            select,
+            &format!("{d} (the key already makes rows unique)"),
+        ));
     }
     if select.top.is_some() || select.into.is_some() || !select.lateral_views.is_empty() {
         return Err(unsupported(select, "TOP, INTO or LATERAL VIEW"));
@@ -108,7 +125,10 @@ fn plan_select(select: &ast::Select, sources: &[SourceSchema<'_>]) -> Result<Pla
     if let Some(selection) = &select.selection {
         let (predicate, ty) = ExprPlanner::row(&rel.scope).plan(selection)?;
         expect_bool(ty, selection, "WHERE")?;
-        rel.plan = Plan::Filter { input: Box::new(rel.plan), predicate };
+        rel.plan = Plan::Filter {
+            input: Box::new(rel.plan),
+            predicate,
+        };
     }
 
     let group_exprs = match &select.group_by {
@@ -136,7 +156,13 @@ fn plan_select(select: &ast::Select, sources: &[SourceSchema<'_>]) -> Result<Pla
     if group_exprs.is_empty() {
         let planner = ExprPlanner::row(&rel.scope);
         for item in &select.projection {
-            select_item(item, &rel.scope, &mut |e| planner.plan(e), &mut select_exprs, &mut names)?;
+            select_item(
+                item,
+                &rel.scope,
+                &mut |e| planner.plan(e),
+                &mut select_exprs,
+                &mut names,
+            )?;
         }
         key = rel.key.clone();
     } else {
@@ -150,13 +176,29 @@ fn plan_select(select: &ast::Select, sources: &[SourceSchema<'_>]) -> Result<Pla
         let group_text: Vec<String> = group_exprs.iter().map(|g| g.to_string()).collect();
         let mut grouped = ExprPlanner {
             scope: &rel.scope,
-            grouped: Some(Grouped { group_text, group_types: group_types.clone(), aggregates: Vec::new() }),
+            grouped: Some(Grouped {
+                group_text,
+                group_types: group_types.clone(),
+                aggregates: Vec::new(),
+            }),
         };
         for item in &select.projection {
-            if matches!(item, ast::SelectItem::Wildcard(_) | ast::SelectItem::QualifiedWildcard(..)) {
-                return Err(unsupported(item, "* with GROUP BY (name the group columns and aggregates)"));
+            if matches!(
+                item,
+                ast::SelectItem::Wildcard(_) | ast::SelectItem::QualifiedWildcard(..)
+            ) {
+                return Err(unsupported(
+                    item,
+                    "* with GROUP BY (name the group columns and aggregates)",
+                ));
             }
-            select_item(item, &rel.scope, &mut |e| grouped.plan_mut(e), &mut select_exprs, &mut names)?;
+            select_item(
+                item,
+                &rel.scope,
+                &mut |e| grouped.plan_mut(e),
+                &mut select_exprs,
+                &mut names,
+            )?;
         }
         let having = match &select.having {
             Some(h) => {
@@ -173,16 +215,27 @@ fn plan_select(select: &ast::Select, sources: &[SourceSchema<'_>]) -> Result<Pla
             aggregates: aggregates.iter().map(|(a, _, _)| a.clone()).collect(),
         };
         if let Some(predicate) = having {
-            rel.plan = Plan::Filter { input: Box::new(rel.plan), predicate };
+            rel.plan = Plan::Filter {
+                input: Box::new(rel.plan),
+                predicate,
+            };
         }
         key = (0..group_exprs.len()).collect();
     }
-    output_scope = select_exprs.iter().map(|(_, ty)| *ty).zip(names.iter()).map(|(t, n)| (n.clone(), t)).collect();
+    output_scope = select_exprs
+        .iter()
+        .map(|(_, ty)| *ty)
+        .zip(names.iter())
+        .map(|(t, n)| (n.clone(), t))
+        .collect();
 
     // The key must survive the SELECT list: find each key column among the plain column outputs.
     let mut out_key = Vec::with_capacity(key.len());
     for k in &key {
-        match select_exprs.iter().position(|(e, _)| *e == Expr::Column(*k)) {
+        match select_exprs
+            .iter()
+            .position(|(e, _)| *e == Expr::Column(*k))
+        {
             Some(pos) => out_key.push(pos),
             None => {
                 let wanted = if group_exprs.is_empty() {
@@ -200,9 +253,19 @@ fn plan_select(select: &ast::Select, sources: &[SourceSchema<'_>]) -> Result<Pla
             }
         }
     }
-    let columns = output_scope.into_iter().map(|(name, ty)| Column { name, ty }).collect();
-    let plan = Plan::Map { input: Box::new(rel.plan), exprs: select_exprs.into_iter().map(|(e, _)| e).collect() };
-    Ok(Planned { plan, columns, key: out_key })
+    let columns = output_scope
+        .into_iter()
+        .map(|(name, ty)| Column { name, ty })
+        .collect();
+    let plan = Plan::Map {
+        input: Box::new(rel.plan),
+        exprs: select_exprs.into_iter().map(|(e, _)| e).collect(),
+    };
+    Ok(Planned {
+        plan,
+        columns,
+        key: out_key,
+    })
 }
 
 type Typed = (Expr, Option<ColumnType>);
@@ -216,7 +279,11 @@ fn select_item(
 ) -> Result<(), PlanError> {
     let mut push = |name: String, e: Expr, ty: Option<ColumnType>, at: &dyn ast::Spanned| {
         if names.contains(&name) {
-            return Err(err_span(at, &format!("duplicate output column `{name}`"), Some("rename one with AS".into())));
+            return Err(err_span(
+                at,
+                &format!("duplicate output column `{name}`"),
+                Some("rename one with AS".into()),
+            ));
         }
         names.push(name);
         exprs.push((e, ty.unwrap_or(ColumnType::Text)));
@@ -226,10 +293,16 @@ fn select_item(
         ast::SelectItem::UnnamedExpr(e) => {
             let name = match e {
                 ast::Expr::Identifier(i) => ident(i),
-                ast::Expr::CompoundIdentifier(parts) => ident(parts.last().expect("compound identifier has parts")),
+                ast::Expr::CompoundIdentifier(parts) => {
+                    ident(parts.last().expect("compound identifier has parts"))
+                }
                 ast::Expr::Function(f) => f.name.to_string().to_lowercase(),
                 _ => {
-                    return Err(err_span(e, "this expression needs a column name", Some(format!("write `{e} AS name`"))));
+                    return Err(err_span(
+                        e,
+                        "this expression needs a column name",
+                        Some(format!("write `{e} AS name`")),
+                    ));
                 }
             };
             let (planned, ty) = plan(e)?;
@@ -239,7 +312,9 @@ fn select_item(
             let (planned, ty) = plan(expr)?;
             push(ident(alias), planned, ty, expr)
         }
-        ast::SelectItem::ExprWithAliases { .. } => Err(unsupported(item, "several aliases for one expression")),
+        ast::SelectItem::ExprWithAliases { .. } => {
+            Err(unsupported(item, "several aliases for one expression"))
+        }
         ast::SelectItem::Wildcard(_) => {
             for (i, c) in scope.iter().enumerate() {
                 push(c.name.clone(), Expr::Column(i), Some(c.ty), item)?;
@@ -254,7 +329,11 @@ fn select_item(
                 push(c.name.clone(), Expr::Column(i), Some(c.ty), item)?;
             }
             if !any {
-                return Err(err_span(item, &format!("no relation named `{q}` in FROM"), None));
+                return Err(err_span(
+                    item,
+                    &format!("no relation named `{q}` in FROM"),
+                    None,
+                ));
             }
             Ok(())
         }
@@ -262,8 +341,17 @@ fn select_item(
 }
 
 fn table_factor(factor: &ast::TableFactor, sources: &[SourceSchema<'_>]) -> Result<Rel, PlanError> {
-    let ast::TableFactor::Table { name, alias, args: None, .. } = factor else {
-        return Err(unsupported(factor, "subqueries and table functions in FROM"));
+    let ast::TableFactor::Table {
+        name,
+        alias,
+        args: None,
+        ..
+    } = factor
+    else {
+        return Err(unsupported(
+            factor,
+            "subqueries and table functions in FROM",
+        ));
     };
     let wanted = name.to_string().to_lowercase();
     let Some((index, source)) = sources.iter().enumerate().find(|(_, s)| s.name == wanted) else {
@@ -274,13 +362,23 @@ fn table_factor(factor: &ast::TableFactor, sources: &[SourceSchema<'_>]) -> Resu
             Some(format!("declared sources: {}", known.join(", "))),
         ));
     };
-    let qualifier = alias.as_ref().map(|a| ident(&a.name)).unwrap_or_else(|| wanted.clone());
+    let qualifier = alias
+        .as_ref()
+        .map(|a| ident(&a.name))
+        .unwrap_or_else(|| wanted.clone());
     Ok(Rel {
-        plan: Plan::Source { source: index, name: wanted },
+        plan: Plan::Source {
+            source: index,
+            name: wanted,
+        },
         scope: source
             .columns
             .iter()
-            .map(|c| ScopeColumn { qualifier: qualifier.clone(), name: c.name.clone(), ty: c.ty })
+            .map(|c| ScopeColumn {
+                qualifier: qualifier.clone(),
+                name: c.name.clone(),
+                ty: c.ty,
+            })
             .collect(),
         key: vec![source.key],
     })
@@ -293,18 +391,29 @@ fn plan_join(left: Rel, join: &ast::Join, sources: &[SourceSchema<'_>]) -> Resul
         other => {
             let name = format!("{other:?}");
             let name = name.split('(').next().unwrap_or("this join");
-            return Err(unsupported(&join.relation, &format!("{name} joins (use JOIN or LEFT JOIN)")));
+            return Err(unsupported(
+                &join.relation,
+                &format!("{name} joins (use JOIN or LEFT JOIN)"),
+            ));
         }
     };
     let ast::JoinConstraint::On(on) = constraint else {
-        return Err(unsupported(&join.relation, "joins without ON (USING, NATURAL, CROSS)"));
+        return Err(unsupported(
+            &join.relation,
+            "joins without ON (USING, NATURAL, CROSS)",
+        ));
     };
     let right = table_factor(&join.relation, sources)?;
     let left_arity = left.scope.len();
     let mut left_keys = Vec::new();
     let mut right_keys = Vec::new();
     for eq in conjuncts(on) {
-        let ast::Expr::BinaryOp { left: a, op: ast::BinaryOperator::Eq, right: b } = eq else {
+        let ast::Expr::BinaryOp {
+            left: a,
+            op: ast::BinaryOperator::Eq,
+            right: b,
+        } = eq
+        else {
             return Err(err_span(
                 eq,
                 "only equalities joined by AND are supported in a join's ON",
@@ -324,7 +433,10 @@ fn plan_join(left: Rel, join: &ast::Join, sources: &[SourceSchema<'_>]) -> Resul
             _ => {
                 return Err(err_span(
                     eq,
-                    &format!("`{eq}` must compare a column of the left side with one of `{}`", join.relation),
+                    &format!(
+                        "`{eq}` must compare a column of the left side with one of `{}`",
+                        join.relation
+                    ),
                     None,
                 ))
             }
@@ -343,7 +455,11 @@ fn plan_join(left: Rel, join: &ast::Join, sources: &[SourceSchema<'_>]) -> Resul
     } else if kind == JoinKind::Inner && bound(&left_keys, &left.key) {
         right.key.iter().map(|k| k + left_arity).collect()
     } else {
-        left.key.iter().copied().chain(right.key.iter().map(|k| k + left_arity)).collect()
+        left.key
+            .iter()
+            .copied()
+            .chain(right.key.iter().map(|k| k + left_arity))
+            .collect()
     };
     let right_arity = right.scope.len();
     let mut scope = left.scope;
@@ -364,7 +480,11 @@ fn plan_join(left: Rel, join: &ast::Join, sources: &[SourceSchema<'_>]) -> Resul
 
 fn conjuncts(e: &ast::Expr) -> Vec<&ast::Expr> {
     match e {
-        ast::Expr::BinaryOp { left, op: ast::BinaryOperator::And, right } => {
+        ast::Expr::BinaryOp {
+            left,
+            op: ast::BinaryOperator::And,
+            right,
+        } => {
             let mut out = conjuncts(left);
             out.extend(conjuncts(right));
             out
@@ -396,10 +516,17 @@ fn contains_aggregate(e: &ast::Expr) -> bool {
         | E::IsNotNull(expr)
         | E::Cast { expr, .. }
         | E::Trim { expr, .. } => contains_aggregate(expr),
-        E::Case { operand, conditions, else_result, .. } => {
+        E::Case {
+            operand,
+            conditions,
+            else_result,
+            ..
+        } => {
             operand.as_deref().is_some_and(contains_aggregate)
                 || else_result.as_deref().is_some_and(contains_aggregate)
-                || conditions.iter().any(|w| contains_aggregate(&w.condition) || contains_aggregate(&w.result))
+                || conditions
+                    .iter()
+                    .any(|w| contains_aggregate(&w.condition) || contains_aggregate(&w.result))
         }
         _ => false,
     }
@@ -421,11 +548,17 @@ struct ExprPlanner<'s> {
 
 impl<'s> ExprPlanner<'s> {
     fn row(scope: &'s [ScopeColumn]) -> Self {
-        ExprPlanner { scope, grouped: None }
+        ExprPlanner {
+            scope,
+            grouped: None,
+        }
     }
 
     fn plan(&self, e: &ast::Expr) -> Result<Typed, PlanError> {
-        let mut row = ExprPlanner { scope: self.scope, grouped: None };
+        let mut row = ExprPlanner {
+            scope: self.scope,
+            grouped: None,
+        };
         row.plan_mut(e)
     }
 
@@ -450,8 +583,14 @@ impl<'s> ExprPlanner<'s> {
             }
             ast::Expr::Value(v) => literal(&v.value, e),
             ast::Expr::Nested(inner) => self.plan_mut(inner),
-            ast::Expr::IsNull(inner) => Ok((Expr::IsNull(Box::new(self.plan_mut(inner)?.0), false), Some(ColumnType::Boolean))),
-            ast::Expr::IsNotNull(inner) => Ok((Expr::IsNull(Box::new(self.plan_mut(inner)?.0), true), Some(ColumnType::Boolean))),
+            ast::Expr::IsNull(inner) => Ok((
+                Expr::IsNull(Box::new(self.plan_mut(inner)?.0), false),
+                Some(ColumnType::Boolean),
+            )),
+            ast::Expr::IsNotNull(inner) => Ok((
+                Expr::IsNull(Box::new(self.plan_mut(inner)?.0), true),
+                Some(ColumnType::Boolean),
+            )),
             ast::Expr::UnaryOp { op, expr } => {
                 let (inner, ty) = self.plan_mut(expr)?;
                 match op {
@@ -459,25 +598,50 @@ impl<'s> ExprPlanner<'s> {
                         expect_bool(ty, expr.as_ref(), "NOT")?;
                         Ok((Expr::Not(Box::new(inner)), Some(ColumnType::Boolean)))
                     }
-                    ast::UnaryOperator::Minus if numeric(ty) => Ok((Expr::Neg(Box::new(inner)), ty)),
+                    ast::UnaryOperator::Minus if numeric(ty) => {
+                        Ok((Expr::Neg(Box::new(inner)), ty))
+                    }
                     ast::UnaryOperator::Plus if numeric(ty) => Ok((inner, ty)),
-                    other => Err(unsupported(e, &format!("unary operator `{other}` on {}", type_name(ty)))),
+                    other => Err(unsupported(
+                        e,
+                        &format!("unary operator `{other}` on {}", type_name(ty)),
+                    )),
                 }
             }
             ast::Expr::BinaryOp { left, op, right } => self.binary(e, left, op, right),
-            ast::Expr::Cast { kind: ast::CastKind::Cast | ast::CastKind::DoubleColon, expr, data_type, format: None, .. } => {
+            ast::Expr::Cast {
+                kind: ast::CastKind::Cast | ast::CastKind::DoubleColon,
+                expr,
+                data_type,
+                format: None,
+                ..
+            } => {
                 let target = parse_type(data_type).ok_or_else(|| {
-                    err_span(e, &format!("unsupported type `{data_type}` in CAST"), Some(TYPES_HINT.into()))
+                    err_span(
+                        e,
+                        &format!("unsupported type `{data_type}` in CAST"),
+                        Some(TYPES_HINT.into()),
+                    )
                 })?;
                 let (inner, _) = self.plan_mut(expr)?;
                 Ok((Expr::Cast(Box::new(inner), target), Some(target)))
             }
-            ast::Expr::Trim { expr, trim_where: None, trim_what: None, trim_characters: None } => {
+            ast::Expr::Trim {
+                expr,
+                trim_where: None,
+                trim_what: None,
+                trim_characters: None,
+            } => {
                 let (inner, ty) = self.plan_mut(expr)?;
                 expect_type(ty, ColumnType::Text, expr.as_ref(), "trim")?;
                 Ok((Expr::Call(Func::Trim, vec![inner]), Some(ColumnType::Text)))
             }
-            ast::Expr::Case { operand, conditions, else_result, .. } => {
+            ast::Expr::Case {
+                operand,
+                conditions,
+                else_result,
+                ..
+            } => {
                 let mut branches = Vec::new();
                 let mut result_ty: Option<ColumnType> = None;
                 let operand = operand.as_ref().map(|o| self.plan_mut(o)).transpose()?;
@@ -496,13 +660,15 @@ impl<'s> ExprPlanner<'s> {
                         }
                     };
                     let (value, vty) = self.plan_mut(&when.result)?;
-                    result_ty = unify(result_ty, vty).ok_or_else(|| type_error(&when.result, result_ty, vty))?;
+                    result_ty = unify(result_ty, vty)
+                        .ok_or_else(|| type_error(&when.result, result_ty, vty))?;
                     branches.push((cond, value));
                 }
                 let otherwise = match else_result {
                     Some(el) => {
                         let (value, vty) = self.plan_mut(el)?;
-                        result_ty = unify(result_ty, vty).ok_or_else(|| type_error(el.as_ref(), result_ty, vty))?;
+                        result_ty = unify(result_ty, vty)
+                            .ok_or_else(|| type_error(el.as_ref(), result_ty, vty))?;
                         Some(Box::new(value))
                     }
                     None => None,
@@ -517,7 +683,9 @@ impl<'s> ExprPlanner<'s> {
     fn resolve(&self, e: &ast::Expr) -> Result<(usize, ColumnType), PlanError> {
         let (qualifier, name) = match e {
             ast::Expr::Identifier(i) => (None, ident(i)),
-            ast::Expr::CompoundIdentifier(parts) if parts.len() == 2 => (Some(ident(&parts[0])), ident(&parts[1])),
+            ast::Expr::CompoundIdentifier(parts) if parts.len() == 2 => {
+                (Some(ident(&parts[0])), ident(&parts[1]))
+            }
             _ => return Err(unsupported(e, "identifiers with more than two parts")),
         };
         let matches: Vec<usize> = self
@@ -530,14 +698,32 @@ impl<'s> ExprPlanner<'s> {
         match matches.as_slice() {
             [i] => Ok((*i, self.scope[*i].ty)),
             [] => {
-                let known: Vec<String> = self.scope.iter().map(|c| format!("{}.{}", c.qualifier, c.name)).collect();
-                Err(err_span(e, &format!("unknown column `{e}`"), Some(format!("columns in scope: {}", known.join(", ")))))
+                let known: Vec<String> = self
+                    .scope
+                    .iter()
+                    .map(|c| format!("{}.{}", c.qualifier, c.name))
+                    .collect();
+                Err(err_span(
+                    e,
+                    &format!("unknown column `{e}`"),
+                    Some(format!("columns in scope: {}", known.join(", "))),
+                ))
             }
-            _ => Err(err_span(e, &format!("column `{e}` is ambiguous"), Some("qualify it with its source or alias".into()))),
+            _ => Err(err_span(
+                e,
+                &format!("column `{e}` is ambiguous"),
+                Some("qualify it with its source or alias".into()),
+            )),
         }
     }
 
-    fn binary(&mut self, e: &ast::Expr, l: &ast::Expr, op: &ast::BinaryOperator, r: &ast::Expr) -> Result<Typed, PlanError> {
+    fn binary(
+        &mut self,
+        e: &ast::Expr,
+        l: &ast::Expr,
+        op: &ast::BinaryOperator,
+        r: &ast::Expr,
+    ) -> Result<Typed, PlanError> {
         use ast::BinaryOperator as B;
         let (le, lt) = self.plan_mut(l)?;
         let (re, rt) = self.plan_mut(r)?;
@@ -546,7 +732,14 @@ impl<'s> ExprPlanner<'s> {
             B::And | B::Or => {
                 expect_bool(lt, l, &op.to_string())?;
                 expect_bool(rt, r, &op.to_string())?;
-                Ok((bin(if *op == B::And { BinaryOp::And } else { BinaryOp::Or }), Some(ColumnType::Boolean)))
+                Ok((
+                    bin(if *op == B::And {
+                        BinaryOp::And
+                    } else {
+                        BinaryOp::Or
+                    }),
+                    Some(ColumnType::Boolean),
+                ))
             }
             B::Eq | B::NotEq | B::Lt | B::LtEq | B::Gt | B::GtEq => {
                 if !comparable(lt, rt) {
@@ -566,7 +759,11 @@ impl<'s> ExprPlanner<'s> {
                 if !(numeric(lt) && numeric(rt)) {
                     return Err(err_span(
                         e,
-                        &format!("`{op}` needs numbers, found {} and {}", type_name(lt), type_name(rt)),
+                        &format!(
+                            "`{op}` needs numbers, found {} and {}",
+                            type_name(lt),
+                            type_name(rt)
+                        ),
                         Some("use || or concat() for text".into()),
                     ));
                 }
@@ -595,10 +792,16 @@ impl<'s> ExprPlanner<'s> {
             return Err(unsupported(e, "window functions, FILTER and WITHIN GROUP"));
         }
         let ast::FunctionArguments::List(list) = &f.args else {
-            return Err(unsupported(e, &format!("`{name}` without an argument list")));
+            return Err(unsupported(
+                e,
+                &format!("`{name}` without an argument list"),
+            ));
         };
         if list.duplicate_treatment.is_some() || !list.clauses.is_empty() {
-            return Err(unsupported(e, "DISTINCT, ORDER BY or other clauses inside a function call"));
+            return Err(unsupported(
+                e,
+                "DISTINCT, ORDER BY or other clauses inside a function call",
+            ));
         }
         let mut star = false;
         let mut args = Vec::new();
@@ -606,7 +809,12 @@ impl<'s> ExprPlanner<'s> {
             match a {
                 ast::FunctionArg::Unnamed(ast::FunctionArgExpr::Expr(x)) => args.push(x),
                 ast::FunctionArg::Unnamed(ast::FunctionArgExpr::Wildcard) => star = true,
-                _ => return Err(unsupported(e, "named or qualified-wildcard function arguments")),
+                _ => {
+                    return Err(unsupported(
+                        e,
+                        "named or qualified-wildcard function arguments",
+                    ))
+                }
             }
         }
         if let Some(func) = aggregate_func(f) {
@@ -620,7 +828,8 @@ impl<'s> ExprPlanner<'s> {
             planned.push(self.plan_mut(a)?);
         }
         let one_text = |func: Func, out: ColumnType, planned: Vec<Typed>| {
-            let [(arg, ty)] = <[Typed; 1]>::try_from(planned).map_err(|_| err_span(e, &format!("`{name}` takes one argument"), None))?;
+            let [(arg, ty)] = <[Typed; 1]>::try_from(planned)
+                .map_err(|_| err_span(e, &format!("`{name}` takes one argument"), None))?;
             expect_type(ty, ColumnType::Text, e, &name)?;
             Ok((Expr::Call(func, vec![arg]), Some(out)))
         };
@@ -648,25 +857,47 @@ impl<'s> ExprPlanner<'s> {
         }
     }
 
-    fn aggregate(&mut self, e: &ast::Expr, func: AggFunc, star: bool, args: &[&ast::Expr]) -> Result<Typed, PlanError> {
+    fn aggregate(
+        &mut self,
+        e: &ast::Expr,
+        func: AggFunc,
+        star: bool,
+        args: &[&ast::Expr],
+    ) -> Result<Typed, PlanError> {
         if self.grouped.is_none() {
-            return Err(err_span(e, "aggregates are not allowed here", Some("aggregates go in the SELECT list or HAVING of a GROUP BY query".into())));
+            return Err(err_span(
+                e,
+                "aggregates are not allowed here",
+                Some("aggregates go in the SELECT list or HAVING of a GROUP BY query".into()),
+            ));
         }
         let (func, arg, ty) = match (func, star, args) {
-            (AggFunc::Count, true, []) => (AggFunc::CountStar, Expr::Literal(Value::Null), ColumnType::Bigint),
+            (AggFunc::Count, true, []) => (
+                AggFunc::CountStar,
+                Expr::Literal(Value::Null),
+                ColumnType::Bigint,
+            ),
             (_, false, [a]) => {
                 let (arg, ty) = ExprPlanner::row(self.scope).plan(a)?;
                 let out = match func {
                     AggFunc::Count => ColumnType::Bigint,
                     AggFunc::Avg => {
                         if !numeric(ty) {
-                            return Err(err_span(e, &format!("avg needs numbers, found {}", type_name(ty)), None));
+                            return Err(err_span(
+                                e,
+                                &format!("avg needs numbers, found {}", type_name(ty)),
+                                None,
+                            ));
                         }
                         ColumnType::Double
                     }
                     AggFunc::Sum => {
                         if !numeric(ty) {
-                            return Err(err_span(e, &format!("sum needs numbers, found {}", type_name(ty)), None));
+                            return Err(err_span(
+                                e,
+                                &format!("sum needs numbers, found {}", type_name(ty)),
+                                None,
+                            ));
                         }
                         ty.unwrap_or(ColumnType::Bigint)
                     }
@@ -674,7 +905,13 @@ impl<'s> ExprPlanner<'s> {
                 };
                 (func, arg, out)
             }
-            _ => return Err(err_span(e, "aggregates take exactly one argument (or * for count)", None)),
+            _ => {
+                return Err(err_span(
+                    e,
+                    "aggregates take exactly one argument (or * for count)",
+                    None,
+                ))
+            }
         };
         let grouped = self.grouped.as_mut().expect("checked above");
         let text = e.to_string();
@@ -701,11 +938,17 @@ fn literal(v: &ast::Value, at: &ast::Expr) -> Result<Typed, PlanError> {
         ast::Value::Number(n, _) => match n.parse::<i64>() {
             Ok(i) => (Expr::Literal(Value::Int(i)), Some(ColumnType::Bigint)),
             Err(_) => match n.parse::<f64>() {
-                Ok(f) => (Expr::Literal(Value::Float(F64(f))), Some(ColumnType::Double)),
+                Ok(f) => (
+                    Expr::Literal(Value::Float(F64(f))),
+                    Some(ColumnType::Double),
+                ),
                 Err(_) => return Err(err_span(at, &format!("bad number `{n}`"), None)),
             },
         },
-        ast::Value::SingleQuotedString(s) => (Expr::Literal(Value::Text(s.clone())), Some(ColumnType::Text)),
+        ast::Value::SingleQuotedString(s) => (
+            Expr::Literal(Value::Text(s.clone())),
+            Some(ColumnType::Text),
+        ),
         ast::Value::Boolean(b) => (Expr::Literal(Value::Bool(*b)), Some(ColumnType::Boolean)),
         ast::Value::Null => (Expr::Literal(Value::Null), None),
         other => return Err(unsupported(at, &format!("literal `{other}`"))),
@@ -721,7 +964,10 @@ fn ident(i: &ast::Ident) -> String {
 }
 
 fn numeric(t: Option<ColumnType>) -> bool {
-    matches!(t, None | Some(ColumnType::Bigint) | Some(ColumnType::Double))
+    matches!(
+        t,
+        None | Some(ColumnType::Bigint) | Some(ColumnType::Double)
+    )
 }
 
 fn comparable(a: Option<ColumnType>, b: Option<ColumnType>) -> bool {
@@ -736,7 +982,9 @@ fn unify(a: Option<ColumnType>, b: Option<ColumnType>) -> Option<Option<ColumnTy
     match (a, b) {
         (None, t) | (t, None) => Some(t),
         (Some(x), Some(y)) if x == y => Some(Some(x)),
-        (Some(x), Some(y)) if numeric(Some(x)) && numeric(Some(y)) => Some(Some(ColumnType::Double)),
+        (Some(x), Some(y)) if numeric(Some(x)) && numeric(Some(y)) => {
+            Some(Some(ColumnType::Double))
+        }
         _ => None,
     }
 }
@@ -749,11 +997,20 @@ fn expect_bool(ty: Option<ColumnType>, at: &dyn ast::Spanned, what: &str) -> Res
     expect_type(ty, ColumnType::Boolean, at, what)
 }
 
-fn expect_type(ty: Option<ColumnType>, want: ColumnType, at: &dyn ast::Spanned, what: &str) -> Result<(), PlanError> {
+fn expect_type(
+    ty: Option<ColumnType>,
+    want: ColumnType,
+    at: &dyn ast::Spanned,
+    what: &str,
+) -> Result<(), PlanError> {
     match ty {
         None => Ok(()),
         Some(t) if t == want => Ok(()),
-        Some(t) => Err(err_span(at, &format!("{what} needs {want}, found {t}"), None)),
+        Some(t) => Err(err_span(
+            at,
+            &format!("{what} needs {want}, found {t}"),
+            None,
+        )),
     }
 }
 
@@ -787,7 +1044,12 @@ fn err_span(at: &dyn ast::Spanned, message: &str, hint: Option<String>) -> PlanE
 }
 
 fn err_at(line: usize, col: usize, message: &str, hint: Option<String>) -> PlanError {
-    PlanError { line, col, message: message.to_string(), hint }
+    PlanError {
+        line,
+        col,
+        message: message.to_string(),
+        hint,
+    }
 }
 
 fn parse_error(e: sqlparser::parser::ParserError) -> PlanError {
@@ -796,11 +1058,25 @@ fn parse_error(e: sqlparser::parser::ParserError) -> PlanError {
     let (message, line, col) = match text.rsplit_once(" at Line: ") {
         Some((msg, pos)) => {
             let mut parts = pos.split(", Column: ");
-            let line = parts.next().and_then(|l| l.trim().parse().ok()).unwrap_or(0);
-            let col = parts.next().and_then(|c| c.trim().parse().ok()).unwrap_or(0);
+            let line = parts
+                .next()
+                .and_then(|l| l.trim().parse().ok())
+                .unwrap_or(0);
+            let col = parts
+                .next()
+                .and_then(|c| c.trim().parse().ok())
+                .unwrap_or(0);
             (msg.to_string(), line, col)
         }
         None => (text, 0, 0),
     };
-    PlanError { line, col, message: format!("SQL syntax error: {}", message.trim_start_matches("sql parser error: ")), hint: None }
+    PlanError {
+        line,
+        col,
+        message: format!(
+            "SQL syntax error: {}",
+            message.trim_start_matches("sql parser error: ")
+        ),
+        hint: None,
+    }
 }

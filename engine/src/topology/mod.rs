@@ -119,7 +119,12 @@ impl Reporter<'_> {
     }
 
     fn push(&mut self, at: Position, message: impl Into<String>, hint: Option<String>) {
-        self.diagnostics.push(Diagnostic { file: self.file.to_string(), at, message: message.into(), hint });
+        self.diagnostics.push(Diagnostic {
+            file: self.file.to_string(),
+            at,
+            message: message.into(),
+            hint,
+        });
     }
 }
 
@@ -140,18 +145,36 @@ impl Topology {
 
     /// Parses and validates a topology; `file` names it in diagnostics.
     pub fn parse(file: &str, text: &str) -> Result<Topology, TopologyError> {
-        let mut r = Reporter { file, text, diagnostics: Vec::new() };
+        let mut r = Reporter {
+            file,
+            text,
+            diagnostics: Vec::new(),
+        };
         let raw: RawTopology = match toml::from_str(text) {
             Ok(raw) => raw,
             Err(e) => {
                 let offset = e.span().map(|s| s.start).unwrap_or(0);
-                r.at(offset, e.message().to_string(), Some("see docs/topology.md for the file format".into()));
-                return Err(TopologyError { diagnostics: r.diagnostics });
+                r.at(
+                    offset,
+                    e.message().to_string(),
+                    Some("see docs/topology.md for the file format".into()),
+                );
+                return Err(TopologyError {
+                    diagnostics: r.diagnostics,
+                });
             }
         };
         let name = raw.name.get_ref().trim().to_string();
-        if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) {
-            r.at(raw.name.span().start, format!("bad topology name `{name}`"), Some("use letters, digits, '-', '_' or '.'".into()));
+        if name.is_empty()
+            || !name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        {
+            r.at(
+                raw.name.span().start,
+                format!("bad topology name `{name}`"),
+                Some("use letters, digits, '-', '_' or '.'".into()),
+            );
         }
         let mut sources = Vec::new();
         for (source_name, raw_source) in &raw.sources {
@@ -163,19 +186,41 @@ impl Topology {
         // otherwise show up again as an unknown source in every query.
         let sources_ok = sources.len() == raw.sources.len();
         if raw.sources.is_empty() {
-            r.at(0, "the topology declares no source", Some("add a [sources.NAME] section".into()));
+            r.at(
+                0,
+                "the topology declares no source",
+                Some("add a [sources.NAME] section".into()),
+            );
         }
-        let schemas: Vec<SourceSchema<'_>> =
-            sources.iter().map(|s| SourceSchema { name: &s.name, columns: &s.columns, key: s.key }).collect();
+        let schemas: Vec<SourceSchema<'_>> = sources
+            .iter()
+            .map(|s| SourceSchema {
+                name: &s.name,
+                columns: &s.columns,
+                key: s.key,
+            })
+            .collect();
         let mut tables = Vec::new();
         let mut table_names = BTreeMap::new();
         for (table_name, raw_table) in &raw.tables {
             check_name(&mut r, table_name, raw_table.span().start, "table");
             table_names.insert(table_name.clone(), ());
-            let store = match raw_table.get_ref().store.as_ref().map(|s| (s.get_ref().as_str(), s.span().start)) {
+            let store = match raw_table
+                .get_ref()
+                .store
+                .as_ref()
+                .map(|s| (s.get_ref().as_str(), s.span().start))
+            {
                 None | Some(("internal", _)) => Store::Internal,
                 Some((other, at)) => {
-                    r.at(at, format!("unknown store `{other}`"), Some("store = \"internal\" keeps the table in RocksDB, queryable over HTTP".into()));
+                    r.at(
+                        at,
+                        format!("unknown store `{other}`"),
+                        Some(
+                            "store = \"internal\" keeps the table in RocksDB, queryable over HTTP"
+                                .into(),
+                        ),
+                    );
                     continue;
                 }
             };
@@ -199,13 +244,23 @@ impl Topology {
             }
         }
         if raw.tables.is_empty() {
-            r.at(0, "the topology declares no table", Some("add a [tables.NAME] section with a query".into()));
+            r.at(
+                0,
+                "the topology declares no table",
+                Some("add a [tables.NAME] section with a query".into()),
+            );
         }
         if r.diagnostics.is_empty() {
-            Ok(Topology { name, sources, tables })
+            Ok(Topology {
+                name,
+                sources,
+                tables,
+            })
         } else {
             r.diagnostics.sort_by_key(|d| (d.at.line, d.at.col));
-            Err(TopologyError { diagnostics: r.diagnostics })
+            Err(TopologyError {
+                diagnostics: r.diagnostics,
+            })
         }
     }
 
@@ -233,7 +288,11 @@ impl Topology {
         }
         for t in &self.tables {
             let key: Vec<&str> = t.key.iter().map(|k| t.columns[*k].name.as_str()).collect();
-            out.push_str(&format!("table {} (key {}) -> sink internal RocksDB\n", t.name, key.join(", ")));
+            out.push_str(&format!(
+                "table {} (key {}) -> sink internal RocksDB\n",
+                t.name,
+                key.join(", ")
+            ));
             out.push_str("  exchange by table key\n");
             t.plan.explain(&mut out, 1);
         }
@@ -243,10 +302,16 @@ impl Topology {
 
 fn check_name(r: &mut Reporter<'_>, name: &str, at: usize, what: &str) -> bool {
     let ok = !name.is_empty()
-        && name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
         && !name.starts_with(|c: char| c.is_ascii_digit());
     if !ok {
-        r.at(at, format!("bad {what} name `{name}`"), Some("use lower-case letters, digits and '_' (it is used in SQL)".into()));
+        r.at(
+            at,
+            format!("bad {what} name `{name}`"),
+            Some("use lower-case letters, digits and '_' (it is used in SQL)".into()),
+        );
     }
     ok
 }
@@ -257,7 +322,11 @@ fn validate_source(r: &mut Reporter<'_>, name: &str, raw: &Spanned<RawSource>) -
     let s = raw.get_ref();
     if let Some(format) = &s.format {
         if format.get_ref() != "json" {
-            r.at(format.span().start, format!("unknown format `{}`", format.get_ref()), Some("format = \"json\" (the default)".into()));
+            r.at(
+                format.span().start,
+                format!("unknown format `{}`", format.get_ref()),
+                Some("format = \"json\" (the default)".into()),
+            );
         }
     }
     if s.topic.get_ref().trim().is_empty() {
@@ -266,7 +335,10 @@ fn validate_source(r: &mut Reporter<'_>, name: &str, raw: &Spanned<RawSource>) -
     let mut columns = Vec::new();
     for (col, ty) in s.columns.get_ref() {
         match ColumnType::parse(ty.get_ref()) {
-            Some(t) => columns.push(Column { name: col.to_lowercase(), ty: t }),
+            Some(t) => columns.push(Column {
+                name: col.to_lowercase(),
+                ty: t,
+            }),
             None => r.at(
                 ty.span().start,
                 format!("column `{col}`: unknown type `{}`", ty.get_ref()),
@@ -275,23 +347,41 @@ fn validate_source(r: &mut Reporter<'_>, name: &str, raw: &Spanned<RawSource>) -
         }
     }
     if columns.is_empty() && s.columns.get_ref().is_empty() {
-        r.at(s.columns.span().start, format!("source `{name}` declares no column"), None);
+        r.at(
+            s.columns.span().start,
+            format!("source `{name}` declares no column"),
+            None,
+        );
     }
     let find = |c: &str| columns.iter().position(|x| x.name == c.to_lowercase());
     let key = find(s.key.get_ref());
     if key.is_none() {
-        r.at(s.key.span().start, format!("key `{}` is not a declared column", s.key.get_ref()), Some("declare it in `columns`".into()));
+        r.at(
+            s.key.span().start,
+            format!("key `{}` is not a declared column", s.key.get_ref()),
+            Some("declare it in `columns`".into()),
+        );
     }
     let columns_ok = r.diagnostics.len() == before;
     let late = s.late.as_ref().filter(|_| columns_ok).and_then(|late| {
         let l = late.get_ref();
         let order_by = find(l.order_by.get_ref());
         match order_by.map(|i| columns[i].ty) {
-            None => r.at(l.order_by.span().start, format!("late.order_by `{}` is not a declared column", l.order_by.get_ref()), None),
+            None => r.at(
+                l.order_by.span().start,
+                format!(
+                    "late.order_by `{}` is not a declared column",
+                    l.order_by.get_ref()
+                ),
+                None,
+            ),
             Some(ColumnType::Bigint | ColumnType::Timestamptz | ColumnType::Double) => {}
             Some(other) => r.at(
                 l.order_by.span().start,
-                format!("late.order_by must be a bigint, double or timestamptz column, `{}` is {other}", l.order_by.get_ref()),
+                format!(
+                    "late.order_by must be a bigint, double or timestamptz column, `{}` is {other}",
+                    l.order_by.get_ref()
+                ),
                 None,
             ),
         }
@@ -301,25 +391,47 @@ fn validate_source(r: &mut Reporter<'_>, name: &str, raw: &Spanned<RawSource>) -
             Some(p) => {
                 let i = find(p.get_ref());
                 if i.is_none() {
-                    r.at(p.span().start, format!("late.per `{}` is not a declared column", p.get_ref()), Some("per = \"key\" or the column naming the business operation".into()));
+                    r.at(
+                        p.span().start,
+                        format!("late.per `{}` is not a declared column", p.get_ref()),
+                        Some("per = \"key\" or the column naming the business operation".into()),
+                    );
                 }
                 i
             }
         };
-        let action = match l.action.as_ref().map(|a| (a.get_ref().as_str(), a.span().start)) {
+        let action = match l
+            .action
+            .as_ref()
+            .map(|a| (a.get_ref().as_str(), a.span().start))
+        {
             None | Some(("drop", _)) => LateAction::Drop,
             Some(("keep", _)) => LateAction::Keep,
             Some((other, at)) => {
-                r.at(at, format!("unknown late.action `{other}`"), Some("drop (default) or keep".into()));
+                r.at(
+                    at,
+                    format!("unknown late.action `{other}`"),
+                    Some("drop (default) or keep".into()),
+                );
                 LateAction::Drop
             }
         };
-        Some(LatePolicy { order_by: order_by?, per, action })
+        Some(LatePolicy {
+            order_by: order_by?,
+            per,
+            action,
+        })
     });
     if r.diagnostics.len() > before {
         return None;
     }
-    Some(Source { name: name.to_string(), topic: s.topic.get_ref().clone(), columns, key: key?, late })
+    Some(Source {
+        name: name.to_string(),
+        topic: s.topic.get_ref().clone(),
+        columns,
+        key: key?,
+        late,
+    })
 }
 
 /// Maps a (line, col) inside a TOML string value that starts at byte `start` to a file position.
@@ -339,8 +451,14 @@ fn position_in_string(text: &str, start: usize, line: usize, col: usize) -> Posi
     let base = Position::of_offset(text, content);
     match (line, col) {
         (0, _) => base,
-        (1, c) => Position { line: base.line, col: base.col + c.saturating_sub(1) },
-        (l, c) => Position { line: base.line + l - 1, col: c.max(1) },
+        (1, c) => Position {
+            line: base.line,
+            col: base.col + c.saturating_sub(1),
+        },
+        (l, c) => Position {
+            line: base.line + l - 1,
+            col: c.max(1),
+        },
     }
 }
 
@@ -378,14 +496,25 @@ GROUP BY d.name"""
         let contacts = t.table("contacts").unwrap();
         assert_eq!(contacts.key, vec![0]);
         let per = t.table("per_dept").unwrap();
-        assert_eq!(per.columns.iter().map(|c| c.name.as_str()).collect::<Vec<_>>(), ["department", "users"]);
+        assert_eq!(
+            per.columns
+                .iter()
+                .map(|c| c.name.as_str())
+                .collect::<Vec<_>>(),
+            ["department", "users"]
+        );
         assert_eq!(per.columns[1].ty, ColumnType::Bigint);
         assert_eq!(per.key, vec![0]);
         assert!(t.explain().contains("Join Inner"));
     }
 
     fn errors(text: &str) -> Vec<String> {
-        Topology::parse("bad.toml", text).expect_err("invalid").diagnostics.iter().map(|d| d.to_string()).collect()
+        Topology::parse("bad.toml", text)
+            .expect_err("invalid")
+            .diagnostics
+            .iter()
+            .map(|d| d.to_string())
+            .collect()
     }
 
     #[test]
@@ -394,7 +523,10 @@ GROUP BY d.name"""
         let e = errors(&bad);
         assert_eq!(e.len(), 1, "{e:?}");
         // Line 15 of GOOD holds the query; `emial` starts at column 27 of the file.
-        assert!(e[0].starts_with("bad.toml:15:27: table `contacts`: unknown column `emial`"), "{e:?}");
+        assert!(
+            e[0].starts_with("bad.toml:15:27: table `contacts`: unknown column `emial`"),
+            "{e:?}"
+        );
         assert!(e[0].contains("hint: columns in scope"), "{e:?}");
     }
 
@@ -409,11 +541,17 @@ GROUP BY d.name"""
     fn reports_every_structural_error() {
         let bad = GOOD
             .replace("version = \"bigint\"", "version = \"bignum\"")
-            .replace("key = \"id\"\ncolumns = { id = \"text\", name", "key = \"ident\"\ncolumns = { id = \"text\", name");
+            .replace(
+                "key = \"id\"\ncolumns = { id = \"text\", name",
+                "key = \"ident\"\ncolumns = { id = \"text\", name",
+            );
         let e = errors(&bad);
         assert_eq!(e.len(), 2, "{e:?}");
         assert!(e[0].contains("unknown type `bignum`"), "{e:?}");
-        assert!(e[1].contains("key `ident` is not a declared column"), "{e:?}");
+        assert!(
+            e[1].contains("key `ident` is not a declared column"),
+            "{e:?}"
+        );
     }
 
     #[test]
@@ -424,10 +562,16 @@ GROUP BY d.name"""
             ("SELECT DISTINCT id FROM users", "DISTINCT"),
             ("SELECT email FROM users", "key column `id`"),
             ("SELECT id, count(*) AS n FROM users", "GROUP BY"),
-            ("SELECT u.id FROM users u RIGHT JOIN departments d ON u.dept = d.id", "Right"),
+            (
+                "SELECT u.id FROM users u RIGHT JOIN departments d ON u.dept = d.id",
+                "Right",
+            ),
             ("SELECT id, email + 1 AS x FROM users", "needs numbers"),
         ] {
-            let bad = GOOD.replace("SELECT id, lower(email) AS email FROM users WHERE email IS NOT NULL", query);
+            let bad = GOOD.replace(
+                "SELECT id, lower(email) AS email FROM users WHERE email IS NOT NULL",
+                query,
+            );
             let e = errors(&bad);
             assert!(e.iter().any(|d| d.contains(what)), "{query}: {e:?}");
         }

@@ -28,11 +28,20 @@ pub struct UpsertState {
 impl UpsertState {
     /// A state restored from persisted entries.
     pub fn restore(entries: impl IntoIterator<Item = (Value, Entry)>) -> Self {
-        UpsertState { entries: entries.into_iter().collect(), dirty: Vec::new() }
+        UpsertState {
+            entries: entries.into_iter().collect(),
+            dirty: Vec::new(),
+        }
     }
 
     /// Applies an event (`Some(row)`) or a tombstone (`None`) for `key` at source `offset`.
-    pub fn apply(&mut self, policy: Option<&LatePolicy>, key: Value, row: Option<Row>, offset: i64) -> Outcome {
+    pub fn apply(
+        &mut self,
+        policy: Option<&LatePolicy>,
+        key: Value,
+        row: Option<Row>,
+        offset: i64,
+    ) -> Outcome {
         let entry = self.entries.get(&key);
         let (operation, order) = match (policy, &row) {
             (Some(p), Some(r)) => (p.operation(r), p.order(r)),
@@ -49,7 +58,9 @@ impl UpsertState {
             match verdict(entry.and_then(|e| e.version_of(&operation)), &order) {
                 Verdict::Apply => {}
                 Verdict::Duplicate => return Outcome::Duplicate,
-                Verdict::Late if policy.is_some_and(|p| p.action == LateAction::Keep) => late = true,
+                Verdict::Late if policy.is_some_and(|p| p.action == LateAction::Keep) => {
+                    late = true
+                }
                 Verdict::Late => return Outcome::Late,
             }
         } else if row.is_none() {
@@ -67,7 +78,11 @@ impl UpsertState {
             entry.record_version(operation, order);
         }
         self.dirty.push(key);
-        Outcome::Changed { old, new: row, late }
+        Outcome::Changed {
+            old,
+            new: row,
+            late,
+        }
     }
 
     /// Keys changed since the last call, with their entries, for persisting.
@@ -75,7 +90,9 @@ impl UpsertState {
         let mut keys = std::mem::take(&mut self.dirty);
         keys.sort();
         keys.dedup();
-        keys.into_iter().filter_map(|k| self.entries.get(&k).map(|e| (k, e.clone()))).collect()
+        keys.into_iter()
+            .filter_map(|k| self.entries.get(&k).map(|e| (k, e.clone())))
+            .collect()
     }
 
     /// The current rows (for restoring the dataflow, or retracting on revocation).
@@ -99,7 +116,11 @@ mod tests {
     use super::*;
 
     fn policy(per: bool) -> LatePolicy {
-        LatePolicy { order_by: 1, per: per.then_some(2), action: LateAction::Drop }
+        LatePolicy {
+            order_by: 1,
+            per: per.then_some(2),
+            action: LateAction::Drop,
+        }
     }
 
     fn row(k: &str, v: i64, op: &str) -> Row {
@@ -114,13 +135,27 @@ mod tests {
     fn late_and_duplicate_events_change_nothing() {
         let p = policy(false);
         let mut s = UpsertState::default();
-        assert!(matches!(s.apply(Some(&p), key("a"), Some(row("a", 2, "x")), 0), Outcome::Changed { old: None, .. }));
-        assert_eq!(s.apply(Some(&p), key("a"), Some(row("a", 1, "x")), 1), Outcome::Late);
-        assert_eq!(s.apply(Some(&p), key("a"), Some(row("a", 2, "x")), 2), Outcome::Duplicate);
-        let Outcome::Changed { old, new, late } = s.apply(Some(&p), key("a"), Some(row("a", 3, "x")), 3) else {
+        assert!(matches!(
+            s.apply(Some(&p), key("a"), Some(row("a", 2, "x")), 0),
+            Outcome::Changed { old: None, .. }
+        ));
+        assert_eq!(
+            s.apply(Some(&p), key("a"), Some(row("a", 1, "x")), 1),
+            Outcome::Late
+        );
+        assert_eq!(
+            s.apply(Some(&p), key("a"), Some(row("a", 2, "x")), 2),
+            Outcome::Duplicate
+        );
+        let Outcome::Changed { old, new, late } =
+            s.apply(Some(&p), key("a"), Some(row("a", 3, "x")), 3)
+        else {
             panic!("newer event not applied")
         };
-        assert_eq!((old, new, late), (Some(row("a", 2, "x")), Some(row("a", 3, "x")), false));
+        assert_eq!(
+            (old, new, late),
+            (Some(row("a", 2, "x")), Some(row("a", 3, "x")), false)
+        );
     }
 
     #[test]
@@ -129,8 +164,14 @@ mod tests {
         let mut s = UpsertState::default();
         s.apply(Some(&p), key("a"), Some(row("a", 5, "email")), 0);
         // An older version of another operation is not late.
-        assert!(matches!(s.apply(Some(&p), key("a"), Some(row("a", 3, "name")), 1), Outcome::Changed { .. }));
-        assert_eq!(s.apply(Some(&p), key("a"), Some(row("a", 4, "email")), 2), Outcome::Late);
+        assert!(matches!(
+            s.apply(Some(&p), key("a"), Some(row("a", 3, "name")), 1),
+            Outcome::Changed { .. }
+        ));
+        assert_eq!(
+            s.apply(Some(&p), key("a"), Some(row("a", 4, "email")), 2),
+            Outcome::Late
+        );
     }
 
     #[test]
@@ -138,26 +179,44 @@ mod tests {
         let p = policy(false);
         let mut s = UpsertState::default();
         s.apply(Some(&p), key("a"), Some(row("a", 2, "x")), 0);
-        assert!(matches!(s.apply(Some(&p), key("a"), None, 1), Outcome::Changed { new: None, .. }));
+        assert!(matches!(
+            s.apply(Some(&p), key("a"), None, 1),
+            Outcome::Changed { new: None, .. }
+        ));
         assert_eq!(s.apply(Some(&p), key("a"), None, 1), Outcome::Duplicate);
-        assert_eq!(s.apply(Some(&p), key("a"), Some(row("a", 1, "x")), 2), Outcome::Late);
+        assert_eq!(
+            s.apply(Some(&p), key("a"), Some(row("a", 1, "x")), 2),
+            Outcome::Late
+        );
         assert!(s.is_empty());
     }
 
     #[test]
     fn keep_applies_late_events_and_flags_them() {
-        let p = LatePolicy { action: LateAction::Keep, ..policy(false) };
+        let p = LatePolicy {
+            action: LateAction::Keep,
+            ..policy(false)
+        };
         let mut s = UpsertState::default();
         s.apply(Some(&p), key("a"), Some(row("a", 2, "x")), 0);
-        assert!(matches!(s.apply(Some(&p), key("a"), Some(row("a", 1, "x")), 1), Outcome::Changed { late: true, .. }));
+        assert!(matches!(
+            s.apply(Some(&p), key("a"), Some(row("a", 1, "x")), 1),
+            Outcome::Changed { late: true, .. }
+        ));
     }
 
     #[test]
     fn without_policy_offsets_order_and_replays_are_duplicates() {
         let mut s = UpsertState::default();
         s.apply(None, key("a"), Some(row("a", 9, "x")), 5);
-        assert_eq!(s.apply(None, key("a"), Some(row("a", 1, "x")), 5), Outcome::Duplicate);
-        assert!(matches!(s.apply(None, key("a"), Some(row("a", 1, "x")), 6), Outcome::Changed { .. }));
+        assert_eq!(
+            s.apply(None, key("a"), Some(row("a", 1, "x")), 5),
+            Outcome::Duplicate
+        );
+        assert!(matches!(
+            s.apply(None, key("a"), Some(row("a", 1, "x")), 6),
+            Outcome::Changed { .. }
+        ));
         assert_eq!(s.take_dirty().len(), 1);
         assert!(s.take_dirty().is_empty());
     }

@@ -18,7 +18,10 @@ pub struct Entry {
 impl Entry {
     /// The order value last applied for `operation`.
     pub fn version_of(&self, operation: &Value) -> Option<&Value> {
-        self.versions.iter().find(|(op, _)| op == operation).map(|(_, v)| v)
+        self.versions
+            .iter()
+            .find(|(op, _)| op == operation)
+            .map(|(_, v)| v)
     }
 
     /// Records `order` as the newest applied for `operation` (kept as the maximum).
