@@ -27,11 +27,15 @@ use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 const PARTITIONS: i32 = 4;
 
 fn env_or(name: &str, default: u64) -> u64 {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
 }
 
 fn brokers() -> String {
-    std::env::var("MIROIR_BROKERS").expect("MIROIR_BROKERS: run `eval \"$(scripts/services up)\"` first")
+    std::env::var("MIROIR_BROKERS")
+        .expect("MIROIR_BROKERS: run `eval \"$(scripts/services up)\"` first")
 }
 
 fn peak_rss_mib() -> f64 {
@@ -54,17 +58,32 @@ fn main() {
 }
 
 fn topology_text(run: &str) -> String {
-    std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/topologies/user-directory.toml"))
-        .unwrap()
-        .replace("name = \"user-directory\"", &format!("name = \"bench-{run}\""))
-        .replace("topic = \"user\"", &format!("topic = \"user-{run}\""))
-        .replace("topic = \"department\"", &format!("topic = \"department-{run}\""))
+    std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/topologies/user-directory.toml"
+    ))
+    .unwrap()
+    .replace(
+        "name = \"user-directory\"",
+        &format!("name = \"bench-{run}\""),
+    )
+    .replace("topic = \"user\"", &format!("topic = \"user-{run}\""))
+    .replace(
+        "topic = \"department\"",
+        &format!("topic = \"department-{run}\""),
+    )
 }
 
 fn orchestrate() {
     let events = env_or("MIROIR_BENCH_EVENTS", 1_000_000);
     let keys = env_or("MIROIR_BENCH_KEYS", 100_000);
-    let run = format!("{}", std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs());
+    let run = format!(
+        "{}",
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs()
+    );
     let config = KafkaConfig::new(brokers());
     let topic = format!("user-{run}");
     create_topic(&config, &topic, PARTITIONS).unwrap();
@@ -93,11 +112,20 @@ fn orchestrate() {
             k % 10 != 0
         );
         bytes += payload.len();
-        publisher.send(&topic, format!("u-{k}").as_bytes(), Some(payload.as_bytes())).unwrap();
+        publisher
+            .send(
+                &topic,
+                format!("u-{k}").as_bytes(),
+                Some(payload.as_bytes()),
+            )
+            .unwrap();
     }
     publisher.flush().unwrap();
     let publish_secs = started.elapsed().as_secs_f64();
-    eprintln!("bench: published in {publish_secs:.1} s ({:.0} events/s)", events as f64 / publish_secs);
+    eprintln!(
+        "bench: published in {publish_secs:.1} s ({:.0} events/s)",
+        events as f64 / publish_secs
+    );
 
     let child = |phase: &str| -> Vec<f64> {
         let out = Command::new(std::env::current_exe().unwrap())
@@ -107,10 +135,19 @@ fn orchestrate() {
             .output()
             .unwrap();
         let stdout = String::from_utf8_lossy(&out.stdout);
-        let line = stdout.lines().find(|l| l.starts_with("RESULT")).unwrap_or_else(|| {
-            panic!("phase {phase} failed: {}", String::from_utf8_lossy(&out.stderr))
-        });
-        line.split_whitespace().skip(1).map(|x| x.parse().unwrap()).collect()
+        let line = stdout
+            .lines()
+            .find(|l| l.starts_with("RESULT"))
+            .unwrap_or_else(|| {
+                panic!(
+                    "phase {phase} failed: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                )
+            });
+        line.split_whitespace()
+            .skip(1)
+            .map(|x| x.parse().unwrap())
+            .collect()
     };
     let raw = child("consume");
     let engine = child("engine");
@@ -143,8 +180,16 @@ fn orchestrate() {
     println!("{report}");
     let path = concat!(env!("CARGO_MANIFEST_DIR"), "/docs/benchmarks.md");
     let current = std::fs::read_to_string(path).unwrap_or_else(|_| "# Benchmarks\n\n".into());
-    let updated = match (current.find("<!-- ingest:begin -->"), current.find("<!-- ingest:end -->")) {
-        (Some(b), Some(e)) => format!("{}{}{}", &current[..b], report, &current[e + "<!-- ingest:end -->\n".len()..]),
+    let updated = match (
+        current.find("<!-- ingest:begin -->"),
+        current.find("<!-- ingest:end -->"),
+    ) {
+        (Some(b), Some(e)) => format!(
+            "{}{}{}",
+            &current[..b],
+            report,
+            &current[e + "<!-- ingest:end -->\n".len()..]
+        ),
         _ => format!("{current}{report}"),
     };
     std::fs::write(path, updated).unwrap();
@@ -162,7 +207,8 @@ fn consume_phase() {
         .unwrap();
     let mut tpl = TopicPartitionList::new();
     for p in 0..PARTITIONS {
-        tpl.add_partition_offset(&format!("user-{run}"), p, Offset::Beginning).unwrap();
+        tpl.add_partition_offset(&format!("user-{run}"), p, Offset::Beginning)
+            .unwrap();
     }
     consumer.assign(&tpl).unwrap();
     let started = Instant::now();
@@ -174,7 +220,10 @@ fn consume_phase() {
             bytes += rdkafka::Message::payload(&m).map(|p| p.len()).unwrap_or(0);
             seen += 1;
         }
-        assert!(started.elapsed() < Duration::from_secs(600), "raw consumer stalled at {seen}");
+        assert!(
+            started.elapsed() < Duration::from_secs(600),
+            "raw consumer stalled at {seen}"
+        );
     }
     let secs = started.elapsed().as_secs_f64();
     eprintln!("raw: {seen} messages, {bytes} bytes");
@@ -207,8 +256,15 @@ fn engine_phase() {
         if applied >= events {
             break;
         }
-        assert!(engine.failure().is_none(), "engine failed: {:?}", engine.failure());
-        assert!(started.elapsed() < Duration::from_secs(1800), "engine stalled at {applied}");
+        assert!(
+            engine.failure().is_none(),
+            "engine failed: {:?}",
+            engine.failure()
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(1800),
+            "engine stalled at {applied}"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
     let secs = started.elapsed().as_secs_f64();

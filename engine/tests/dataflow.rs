@@ -1,0 +1,163 @@
+//! Property: for any sequence of upserts and deletes, the incremental dataflow of every table
+//! equals the reference evaluator over the current source contents, after every epoch.
+
+use std::cell::RefCell;
+use std::collections::{BTreeMap, HashMap};
+use std::rc::Rc;
+
+use differential_dataflow::input::Input;
+use miroir_engine::dataflow::render;
+use miroir_engine::reference::evaluate;
+use miroir_engine::topology::Topology;
+use miroir_engine::value::{Row, Value};
+use proptest::prelude::*;
+use timely::dataflow::operators::{Inspect, Probe};
+use timely::dataflow::ProbeHandle;
+
+const TOPOLOGY: &str = r#"
+name = "prop"
+[sources.a]
+topic = "a"
+key = "id"
+columns = { id = "text", g = "text", n = "bigint" }
+[sources.b]
+topic = "b"
+key = "id"
+columns = { id = "text", name = "text" }
+
+[tables.mapped]
+query = "SELECT id, upper(coalesce(g, 'none')) AS g, n * 2 AS n2, CASE WHEN n > 2 THEN 'big' ELSE 'small' END AS size FROM a WHERE n IS NULL OR n >= 0"
+[tables.left_joined]
+query = "SELECT a.id, a.n, b.name FROM a LEFT JOIN b ON a.g = b.id"
+[tables.grouped]
+query = """SELECT b.name, count(*) AS c, count(a.n) AS cn, sum(a.n) AS s, min(a.n) AS mn, max(a.id) AS mx, avg(a.n) AS av
+FROM a JOIN b ON a.g = b.id GROUP BY b.name HAVING count(*) > 1"""
+[tables.by_group]
+query = "SELECT g, count(*) AS c FROM a GROUP BY g"
+"#;
+
+/// One change: upsert (Some) or delete (None) of a key of source 0 (`a`) or 1 (`b`).
+#[derive(Clone, Debug)]
+struct Change {
+    source: usize,
+    key: u8,
+    row: Option<(Option<u8>, Option<i8>)>,
+}
+
+fn change() -> impl Strategy<Value = Change> {
+    (
+        0..2usize,
+        0..6u8,
+        proptest::option::weighted(
+            0.8,
+            (proptest::option::of(0..4u8), proptest::option::of(-2..6i8)),
+        ),
+    )
+        .prop_map(|(source, key, row)| Change { source, key, row })
+}
+
+fn row_of(c: &Change) -> Option<Row> {
+    let (g, n) = c.row?;
+    Some(match c.source {
+        0 => vec![
+            Value::Text(format!("a{}", c.key)),
+            g.map(|g| Value::Text(format!("b{g}")))
+                .unwrap_or(Value::Null),
+            n.map(|n| Value::Int(n as i64)).unwrap_or(Value::Null),
+        ],
+        // Department names collide on purpose, so groups merge and split.
+        _ => vec![
+            Value::Text(format!("b{}", c.key)),
+            Value::Text(format!("name{}", g.unwrap_or(0) % 2)),
+        ],
+    })
+}
+
+fn multiset(rows: Vec<Row>) -> BTreeMap<Row, isize> {
+    let mut m = BTreeMap::new();
+    for r in rows {
+        *m.entry(r).or_insert(0) += 1;
+    }
+    m
+}
+
+fn check(epochs: Vec<Vec<Change>>) -> Result<(), TestCaseError> {
+    let topology = Topology::parse("prop.toml", TOPOLOGY).expect("valid topology");
+    let failure = timely::execute_directly(move |worker| -> Option<String> {
+        let tables = topology.tables.clone();
+        let captured: Vec<Rc<RefCell<Vec<(Row, isize)>>>> =
+            tables.iter().map(|_| Rc::default()).collect();
+        let probe = ProbeHandle::new();
+        let mut inputs = worker.dataflow::<u64, _, _>(|scope| {
+            let (sa, ca) = scope.new_collection::<Row, isize>();
+            let (sb, cb) = scope.new_collection::<Row, isize>();
+            let collections = vec![ca, cb];
+            for (t, sink) in tables.iter().zip(&captured) {
+                let sink = sink.clone();
+                render(&t.plan, &collections, &t.name)
+                    .inner
+                    .probe_with(&probe)
+                    .inspect_core(move |e| {
+                        if let Ok((_, data)) = e {
+                            sink.borrow_mut()
+                                .extend(data.iter().map(|(r, _, d)| (r.clone(), *d)));
+                        }
+                    });
+            }
+            vec![sa, sb]
+        });
+        let mut contents: Vec<HashMap<u8, Row>> = vec![HashMap::new(), HashMap::new()];
+        let mut outputs: Vec<BTreeMap<Row, isize>> =
+            tables.iter().map(|_| BTreeMap::new()).collect();
+        for (epoch, changes) in epochs.iter().enumerate() {
+            for c in changes {
+                if let Some(old) = contents[c.source].remove(&c.key) {
+                    inputs[c.source].update(old, -1);
+                }
+                if let Some(new) = row_of(c) {
+                    contents[c.source].insert(c.key, new.clone());
+                    inputs[c.source].update(new, 1);
+                }
+            }
+            let next = epoch as u64 + 1;
+            for i in inputs.iter_mut() {
+                i.advance_to(next);
+                i.flush();
+            }
+            worker.step_while(|| probe.less_than(&next));
+            let sources: Vec<Vec<Row>> = contents
+                .iter()
+                .map(|m| m.values().cloned().collect())
+                .collect();
+            for ((t, cap), out) in tables.iter().zip(&captured).zip(outputs.iter_mut()) {
+                for (row, d) in cap.borrow_mut().drain(..) {
+                    *out.entry(row).or_insert(0) += d;
+                }
+                out.retain(|_, d| *d != 0);
+                let expected = multiset(evaluate(&t.plan, &sources));
+                if *out != expected {
+                    return Some(format!(
+                        "table {} after epoch {epoch}:\n dataflow  {out:?}\n reference {expected:?}",
+                        t.name
+                    ));
+                }
+            }
+        }
+        None
+    });
+    match failure {
+        Some(m) => Err(TestCaseError::fail(m)),
+        None => Ok(()),
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+
+    #[test]
+    fn dataflow_equals_reference_after_every_epoch(
+        epochs in proptest::collection::vec(proptest::collection::vec(change(), 0..12), 1..8)
+    ) {
+        check(epochs)?;
+    }
+}
