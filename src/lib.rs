@@ -28,7 +28,7 @@
 //!     println!("{}", row.row);
 //! }
 //! engine.shutdown();
-//! # Ok::<(), miroir::EngineError>(())
+//! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
 pub mod http;

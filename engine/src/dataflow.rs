@@ -30,11 +30,13 @@ pub type Rows<'scope> = VecCollection<'scope, Epoch, Row, isize>;
 pub fn render<'scope>(plan: &Plan, sources: &[Rows<'scope>], name: &str) -> Rows<'scope> {
     match plan {
         Plan::Source { source, .. } => sources[*source].clone(),
-        Plan::Filter { input, predicate } => {
+        Plan::Filter {
+            input, predicate, ..
+        } => {
             let predicate = predicate.clone();
             render(input, sources, name).filter(move |r| predicate.holds(r))
         }
-        Plan::Map { input, exprs } => {
+        Plan::Map { input, exprs, .. } => {
             let exprs = exprs.clone();
             render(input, sources, name).map(move |r| exprs.iter().map(|e| e.eval(&r)).collect())
         }
@@ -45,6 +47,7 @@ pub fn render<'scope>(plan: &Plan, sources: &[Rows<'scope>], name: &str) -> Rows
             right_keys,
             kind,
             right_arity,
+            ..
         } => {
             let left = keyed(render(left, sources, name), left_keys.clone());
             let right = keyed(render(right, sources, name), right_keys.clone());
@@ -76,6 +79,7 @@ pub fn render<'scope>(plan: &Plan, sources: &[Rows<'scope>], name: &str) -> Rows
             input,
             group,
             aggregates,
+            ..
         } => {
             let group = group.clone();
             let aggregates = aggregates.clone();

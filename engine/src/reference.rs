@@ -29,11 +29,13 @@ pub fn evaluate_table(table: &TablePlan, sources: &[Vec<Row>]) -> BTreeMap<Strin
 pub fn evaluate(plan: &Plan, sources: &[Vec<Row>]) -> Vec<Row> {
     match plan {
         Plan::Source { source, .. } => sources[*source].clone(),
-        Plan::Filter { input, predicate } => evaluate(input, sources)
+        Plan::Filter {
+            input, predicate, ..
+        } => evaluate(input, sources)
             .into_iter()
             .filter(|r| predicate.holds(r))
             .collect(),
-        Plan::Map { input, exprs } => evaluate(input, sources)
+        Plan::Map { input, exprs, .. } => evaluate(input, sources)
             .into_iter()
             .map(|r| exprs.iter().map(|e| e.eval(&r)).collect())
             .collect(),
@@ -44,6 +46,7 @@ pub fn evaluate(plan: &Plan, sources: &[Vec<Row>]) -> Vec<Row> {
             right_keys,
             kind,
             right_arity,
+            ..
         } => {
             let rights = evaluate(right, sources);
             let mut out = Vec::new();
@@ -69,6 +72,7 @@ pub fn evaluate(plan: &Plan, sources: &[Vec<Row>]) -> Vec<Row> {
             input,
             group,
             aggregates,
+            ..
         } => {
             let mut groups: BTreeMap<Vec<Value>, Vec<Row>> = BTreeMap::new();
             for r in evaluate(input, sources) {

@@ -158,6 +158,7 @@ impl KafkaSource {
             topics: topics.clone(),
         })?;
         let names: Vec<&str> = topics.keys().map(String::as_str).collect();
+        record_partition_counts(&consumer, &runtime, Duration::from_secs(10));
         consumer.subscribe(&names)?;
         let stop = Arc::new(AtomicBool::new(false));
         let thread = std::thread::Builder::new()
@@ -293,16 +294,34 @@ fn update_lag(consumer: &BaseConsumer<SourceContext>, runtime: &Runtime, metrics
         .watermarks
         .lock()
         .unwrap_or_else(|e| e.into_inner()) = watermarks;
-    if let Ok(metadata) = consumer.fetch_metadata(None, Duration::from_millis(500)) {
-        let mut partitions = runtime
-            .status
-            .partitions
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
-        for t in metadata.topics() {
-            if consumer.context().topics.contains_key(t.name()) && !t.partitions().is_empty() {
-                partitions.insert(t.name().to_string(), t.partitions().len() as u32);
+    record_partition_counts(consumer, runtime, Duration::from_millis(500));
+}
+
+/// Records each source topic's partition count (to tell which partition a key lives in), and
+/// warns about source topics that do not exist (yet).
+fn record_partition_counts(
+    consumer: &BaseConsumer<SourceContext>,
+    runtime: &Runtime,
+    timeout: Duration,
+) {
+    let Ok(metadata) = consumer.fetch_metadata(None, timeout) else {
+        return;
+    };
+    let mut partitions = runtime
+        .status
+        .partitions
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    for topic in consumer.context().topics.keys() {
+        match metadata.topics().iter().find(|t| t.name() == topic) {
+            Some(t) if !t.partitions().is_empty() => {
+                partitions.insert(topic.clone(), t.partitions().len() as u32);
             }
+            _ if !partitions.contains_key(topic) => warn!(
+                topic = %topic,
+                "source topic does not exist yet; its partitions are assigned once it does"
+            ),
+            _ => {}
         }
     }
 }

@@ -74,6 +74,8 @@ pub enum Plan {
         input: Box<Plan>,
         /// The predicate.
         predicate: Expr,
+        /// The predicate as written, for `explain`.
+        sql: String,
     },
     /// One output row per input row, computed by `exprs`.
     Map {
@@ -81,6 +83,8 @@ pub enum Plan {
         input: Box<Plan>,
         /// One expression per output column.
         exprs: Vec<Expr>,
+        /// The SELECT list as written, for `explain`.
+        sql: String,
     },
     /// Equi-join of two inputs; output rows are left columns then right columns.
     Join {
@@ -96,6 +100,8 @@ pub enum Plan {
         kind: JoinKind,
         /// Number of right columns (for NULL padding).
         right_arity: usize,
+        /// The joined relation and ON condition as written, for `explain`.
+        sql: String,
     },
     /// `GROUP BY`: output rows are the group values then the aggregates.
     Reduce {
@@ -105,6 +111,8 @@ pub enum Plan {
         group: Vec<Expr>,
         /// Aggregates over input rows.
         aggregates: Vec<Aggregate>,
+        /// The GROUP BY and aggregates as written, for `explain`.
+        sql: String,
     },
 }
 
@@ -128,24 +136,12 @@ impl Plan {
         let pad = "  ".repeat(depth);
         let _ = match self {
             Plan::Source { name, .. } => writeln!(out, "{pad}Source {name} (upsert by key)"),
-            Plan::Filter { predicate, .. } => writeln!(out, "{pad}Filter {predicate:?}"),
-            Plan::Map { exprs, .. } => writeln!(out, "{pad}Map {} columns", exprs.len()),
-            Plan::Join {
-                kind,
-                left_keys,
-                right_keys,
-                ..
-            } => writeln!(
-                out,
-                "{pad}Join {kind:?} on {left_keys:?} = {right_keys:?} (exchange by join key)"
-            ),
-            Plan::Reduce {
-                group, aggregates, ..
-            } => writeln!(
-                out,
-                "{pad}Reduce group by {group:?} aggregates {:?} (exchange by group key)",
-                aggregates.iter().map(|a| a.func).collect::<Vec<_>>()
-            ),
+            Plan::Filter { sql, .. } => writeln!(out, "{pad}Filter {sql}"),
+            Plan::Map { sql, .. } => writeln!(out, "{pad}Map {sql}"),
+            Plan::Join { kind, sql, .. } => {
+                writeln!(out, "{pad}Join {kind:?} {sql} (exchange by join key)")
+            }
+            Plan::Reduce { sql, .. } => writeln!(out, "{pad}Reduce {sql} (exchange by group key)"),
         };
         match self {
             Plan::Source { .. } => {}
@@ -179,7 +175,7 @@ impl TablePlan {
         let mut plan = &self.plan;
         loop {
             match plan {
-                Plan::Map { input, exprs } => match exprs.get(column) {
+                Plan::Map { input, exprs, .. } => match exprs.get(column) {
                     Some(Expr::Column(c)) => {
                         column = *c;
                         plan = input;

@@ -128,6 +128,7 @@ fn plan_select(select: &ast::Select, sources: &[SourceSchema<'_>]) -> Result<Pla
         rel.plan = Plan::Filter {
             input: Box::new(rel.plan),
             predicate,
+            sql: selection.to_string(),
         };
     }
 
@@ -204,20 +205,31 @@ fn plan_select(select: &ast::Select, sources: &[SourceSchema<'_>]) -> Result<Pla
             Some(h) => {
                 let (e, ty) = grouped.plan_mut(h)?;
                 expect_bool(ty, h, "HAVING")?;
-                Some(e)
+                Some((e, h.to_string()))
             }
             None => None,
         };
         let aggregates = grouped.grouped.map(|g| g.aggregates).unwrap_or_default();
+        let sql = format!(
+            "GROUP BY {} computing {}",
+            join_text(&group_exprs),
+            aggregates
+                .iter()
+                .map(|(_, _, t)| t.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
         rel.plan = Plan::Reduce {
             input: Box::new(rel.plan),
             group: groups,
             aggregates: aggregates.iter().map(|(a, _, _)| a.clone()).collect(),
+            sql,
         };
-        if let Some(predicate) = having {
+        if let Some((predicate, sql)) = having {
             rel.plan = Plan::Filter {
                 input: Box::new(rel.plan),
                 predicate,
+                sql,
             };
         }
         key = (0..group_exprs.len()).collect();
@@ -260,6 +272,7 @@ fn plan_select(select: &ast::Select, sources: &[SourceSchema<'_>]) -> Result<Pla
     let plan = Plan::Map {
         input: Box::new(rel.plan),
         exprs: select_exprs.into_iter().map(|(e, _)| e).collect(),
+        sql: join_text(&select.projection),
     };
     Ok(Planned {
         plan,
@@ -472,6 +485,7 @@ fn plan_join(left: Rel, join: &ast::Join, sources: &[SourceSchema<'_>]) -> Resul
             right_keys,
             kind,
             right_arity,
+            sql: format!("{} ON {on}", join.relation),
         },
         scope,
         key,
@@ -924,6 +938,14 @@ impl<'s> ExprPlanner<'s> {
         };
         Ok((Expr::Column(grouped.group_text.len() + index), Some(ty)))
     }
+}
+
+fn join_text<T: std::fmt::Display>(items: &[T]) -> String {
+    items
+        .iter()
+        .map(|i| i.to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 const TYPES_HINT: &str = "types: text, bigint, double precision, boolean, timestamptz";
