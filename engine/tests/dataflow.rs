@@ -73,6 +73,9 @@ fn row_of(c: &Change) -> Option<Row> {
     })
 }
 
+/// Updates captured from one table's output during an epoch.
+type Capture = Rc<RefCell<Vec<(Row, isize)>>>;
+
 fn multiset(rows: Vec<Row>) -> BTreeMap<Row, isize> {
     let mut m = BTreeMap::new();
     for r in rows {
@@ -85,8 +88,7 @@ fn check(epochs: Vec<Vec<Change>>) -> Result<(), TestCaseError> {
     let topology = Topology::parse("prop.toml", TOPOLOGY).expect("valid topology");
     let failure = timely::execute_directly(move |worker| -> Option<String> {
         let tables = topology.tables.clone();
-        let captured: Vec<Rc<RefCell<Vec<(Row, isize)>>>> =
-            tables.iter().map(|_| Rc::default()).collect();
+        let captured: Vec<Capture> = tables.iter().map(|_| Rc::default()).collect();
         let probe = ProbeHandle::new();
         let mut inputs = worker.dataflow::<u64, _, _>(|scope| {
             let (sa, ca) = scope.new_collection::<Row, isize>();
