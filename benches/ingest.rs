@@ -109,7 +109,7 @@ fn orchestrate() {
         let payload = format!(
             "{{\"id\":\"u-{k}\",\"email\":\"User{k}.V{v}@Example.com\",\"name\":\"User {k}\",\"department_id\":\"d-{}\",\"active\":{},\"version\":{v},\"event_type\":\"{op}\",\"updated_at\":\"2026-11-25T10:00:00Z\"}}",
             k % 20,
-            k % 10 != 0
+            !k.is_multiple_of(10)
         );
         bytes += payload.len();
         publisher
