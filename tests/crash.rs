@@ -18,7 +18,14 @@ fn free_port() -> u16 {
         .port()
 }
 
-fn spawn(topology: &std::path::Path, state: &std::path::Path, port: u16) -> Child {
+/// Starts `miroir run`; its log (level `MIROIR_TEST_LOG`, default `info`) goes to `log`.
+fn spawn(
+    topology: &std::path::Path,
+    state: &std::path::Path,
+    port: u16,
+    log: &std::path::Path,
+) -> Child {
+    let level = std::env::var("MIROIR_TEST_LOG").unwrap_or_else(|_| "info,librdkafka=warn".into());
     Command::new(env!("CARGO_BIN_EXE_miroir"))
         .args([
             "run",
@@ -36,8 +43,9 @@ fn spawn(topology: &std::path::Path, state: &std::path::Path, port: u16) -> Chil
             "--listen",
             &format!("127.0.0.1:{port}"),
         ])
-        .env("RUST_LOG", "error")
+        .env("RUST_LOG", level)
         .stdout(Stdio::null())
+        .stderr(std::fs::File::create(log).unwrap())
         .spawn()
         .unwrap()
 }
@@ -83,7 +91,8 @@ fn kill_9_mid_stream_then_restart_has_no_double_effect() {
     publish(&t, &events[..third]);
 
     let port = free_port();
-    let mut child = spawn(&file, &state, port);
+    let first_log = dir.path().join("first.log");
+    let mut child = spawn(&file, &state, port, &first_log);
     // Publish the second third while it runs, and kill it in the middle of that stream.
     let chunks: Vec<_> = events[third..2 * third].chunks(300).collect();
     for (i, chunk) in chunks.iter().enumerate() {
@@ -106,11 +115,25 @@ fn kill_9_mid_stream_then_restart_has_no_double_effect() {
 
     publish(&t, &events[2 * third..]);
     let port = free_port();
-    let mut child = spawn(&file, &state, port);
+    let second_log = dir.path().join("second.log");
+    let mut child = spawn(&file, &state, port, &second_log);
     let expected = expected_tables(&t.topology, &events);
-    wait_for_tables(&expected, Duration::from_secs(120), |name| {
+    let caught_up = try_wait_for_tables(&expected, Duration::from_secs(180), |name| {
         http_table(port, &t, name)
     });
+    if let Err(e) = caught_up {
+        let _ = child.kill();
+        let tail = |p: &std::path::Path| {
+            let text = std::fs::read_to_string(p).unwrap_or_default();
+            let lines: Vec<&str> = text.lines().collect();
+            lines[lines.len().saturating_sub(40)..].join("\n")
+        };
+        panic!(
+            "{e}\n--- killed instance log (tail):\n{}\n--- restarted instance log (tail):\n{}",
+            tail(&first_log),
+            tail(&second_log)
+        );
+    }
 
     let status = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])

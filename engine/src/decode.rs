@@ -5,7 +5,7 @@
 //! makes the whole event malformed: it is never half-applied.
 
 use crate::topology::Source;
-use crate::value::{Row, Value};
+use crate::value::{ColumnType, Row, Value};
 
 /// Why an event could not be decoded.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -29,28 +29,109 @@ pub enum DecodeError {
 }
 
 /// Decodes one event payload against `source`'s columns.
+///
+/// The JSON is read straight into the row (no intermediate document): each field is matched
+/// to its column and decoded as the column's type; unknown fields are skipped.
 pub fn decode(source: &Source, payload: &[u8]) -> Result<Row, DecodeError> {
-    let json: serde_json::Value =
-        serde_json::from_slice(payload).map_err(|e| DecodeError::NotJson(e.to_string()))?;
-    let serde_json::Value::Object(map) = json else {
-        return Err(DecodeError::NotJson("the payload is not an object".into()));
+    let mismatch = std::cell::RefCell::new(None);
+    let seed = RowSeed {
+        source,
+        mismatch: &mismatch,
     };
-    let mut row = Vec::with_capacity(source.columns.len());
-    for column in &source.columns {
-        let value = match map.get(&column.name) {
-            None => Value::Null,
-            Some(j) => Value::from_json(j, column.ty).ok_or_else(|| DecodeError::WrongType {
-                column: column.name.clone(),
-                expected: column.ty.to_string(),
-                found: truncate(&j.to_string()),
-            })?,
-        };
-        row.push(value);
-    }
+    let mut de = serde_json::Deserializer::from_slice(payload);
+    let row = serde::de::DeserializeSeed::deserialize(seed, &mut de)
+        .and_then(|row| de.end().map(|()| row))
+        .map_err(|e| {
+            mismatch
+                .borrow_mut()
+                .take()
+                .unwrap_or_else(|| DecodeError::NotJson(e.to_string()))
+        })?;
     if row[source.key].is_null() {
         return Err(DecodeError::MissingKey(source.key_name().to_string()));
     }
     Ok(row)
+}
+
+/// Reads a JSON object into a row of `source`'s columns. A value of the wrong type is recorded
+/// in `mismatch` (so the caller reports which column) and aborts decoding.
+struct RowSeed<'a> {
+    source: &'a Source,
+    mismatch: &'a std::cell::RefCell<Option<DecodeError>>,
+}
+
+impl<'de> serde::de::DeserializeSeed<'de> for RowSeed<'_> {
+    type Value = Row;
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Row, D::Error> {
+        d.deserialize_map(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for RowSeed<'_> {
+    type Value = Row;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a JSON object")
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Row, A::Error> {
+        let columns = &self.source.columns;
+        let mut row = vec![Value::Null; columns.len()];
+        while let Some(index) = map.next_key_seed(ColumnSeed {
+            source: self.source,
+        })? {
+            match index {
+                Some(i) => {
+                    let json: serde_json::Value = map.next_value()?;
+                    let decoded = match (json, columns[i].ty) {
+                        (serde_json::Value::String(s), ColumnType::Text) => Ok(Value::Text(s)),
+                        (json, ty) => Value::from_json(&json, ty).ok_or(json),
+                    };
+                    row[i] = match decoded {
+                        Ok(v) => v,
+                        Err(json) => {
+                            *self.mismatch.borrow_mut() = Some(DecodeError::WrongType {
+                                column: columns[i].name.clone(),
+                                expected: columns[i].ty.to_string(),
+                                found: truncate(&json.to_string()),
+                            });
+                            return Err(serde::de::Error::custom("wrong type"));
+                        }
+                    }
+                }
+                None => {
+                    map.next_value::<serde::de::IgnoredAny>()?;
+                }
+            }
+        }
+        Ok(row)
+    }
+}
+
+/// Reads an object key and maps it to a column position (`None` for fields not declared).
+struct ColumnSeed<'a> {
+    source: &'a Source,
+}
+
+impl<'de> serde::de::DeserializeSeed<'de> for ColumnSeed<'_> {
+    type Value = Option<usize>;
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Option<usize>, D::Error> {
+        d.deserialize_str(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for ColumnSeed<'_> {
+    type Value = Option<usize>;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a field name")
+    }
+
+    fn visit_str<E: serde::de::Error>(self, name: &str) -> Result<Option<usize>, E> {
+        Ok(self.source.columns.iter().position(|c| c.name == name))
+    }
 }
 
 fn truncate(s: &str) -> String {

@@ -2,7 +2,8 @@
 //!
 //! Column families:
 //! - `state`: per source partition, the upsert [`Entry`] of each key
-//!   (`u/{source}/{partition}/{key json}`) and the last applied offset (`o/{topic}/{partition}`);
+//!   (`u/{source}/{partition}/{key}`, key and entry in bincode) and the last applied offset
+//!   (`o/{topic}/{partition}`);
 //! - `table.{name}`: the rows of internal table `name`, keyed by key text, as JSON objects
 //!   ready to serve.
 //!
@@ -163,8 +164,8 @@ impl Store {
                 message,
             };
             let key: Value =
-                serde_json::from_slice(&k[prefix.len()..]).map_err(|e| corrupt(e.to_string()))?;
-            let entry: Entry = serde_json::from_slice(&v).map_err(|e| corrupt(e.to_string()))?;
+                bincode::deserialize(&k[prefix.len()..]).map_err(|e| corrupt(e.to_string()))?;
+            let entry: Entry = bincode::deserialize(&v).map_err(|e| corrupt(e.to_string()))?;
             out.push((key, entry));
         }
         Ok(out)
@@ -252,11 +253,11 @@ impl Commit {
             .cf_handle(STATE_CF)
             .expect("state column family exists");
         let mut k = upsert_prefix(source, partition);
-        k.extend(serde_json::to_vec(key).expect("values serialize"));
+        k.extend(bincode::serialize(key).expect("values serialize"));
         self.batch.put_cf(
             &cf,
             k,
-            serde_json::to_vec(entry).expect("entries serialize"),
+            bincode::serialize(entry).expect("entries serialize"),
         );
     }
 

@@ -323,8 +323,19 @@ pub fn diff(
 pub fn wait_for_tables(
     expected: &BTreeMap<String, BTreeMap<String, serde_json::Value>>,
     timeout: Duration,
-    mut actual: impl FnMut(&str) -> BTreeMap<String, serde_json::Value>,
+    actual: impl FnMut(&str) -> BTreeMap<String, serde_json::Value>,
 ) {
+    if let Err(e) = try_wait_for_tables(expected, timeout, actual) {
+        panic!("{e}");
+    }
+}
+
+/// As [`wait_for_tables`], returning the differences instead of panicking.
+pub fn try_wait_for_tables(
+    expected: &BTreeMap<String, BTreeMap<String, serde_json::Value>>,
+    timeout: Duration,
+    mut actual: impl FnMut(&str) -> BTreeMap<String, serde_json::Value>,
+) -> Result<(), String> {
     let deadline = Instant::now() + timeout;
     loop {
         let mismatches: Vec<String> = expected
@@ -335,13 +346,13 @@ pub fn wait_for_tables(
             })
             .collect();
         if mismatches.is_empty() {
-            return;
+            return Ok(());
         }
         if Instant::now() > deadline {
-            panic!(
+            return Err(format!(
                 "tables differ from the reference evaluator after {timeout:?}:\n{}",
                 mismatches.join("\n")
-            );
+            ));
         }
         std::thread::sleep(Duration::from_millis(200));
     }

@@ -63,8 +63,8 @@ impl ConsumerContext for SourceContext {
                 expected += self.runtime.workers();
             }
             for _ in 0..expected {
-                if rx.recv_timeout(Duration::from_secs(30)).is_err() {
-                    warn!("workers did not confirm revocation within 30 s");
+                if rx.recv_timeout(Duration::from_secs(20)).is_err() {
+                    warn!("workers did not confirm revocation within 20 s");
                     break;
                 }
             }
@@ -151,7 +151,14 @@ impl KafkaSource {
             .set("enable.auto.commit", "false")
             .set("auto.offset.reset", "earliest")
             .set("enable.partition.eof", "false")
-            .set("partition.assignment.strategy", "range");
+            .set("partition.assignment.strategy", "range")
+            // A member that dies without leaving keeps its partitions until the coordinator
+            // expires it: 10 s (librdkafka's default is 45 s) bounds that outage. The poll
+            // loop never stalls for long (bounded channels, revocations wait at most 20 s), so
+            // 60 s between polls is ample.
+            .set("session.timeout.ms", "10000")
+            .set("heartbeat.interval.ms", "3000")
+            .set("max.poll.interval.ms", "60000");
         let consumer: BaseConsumer<SourceContext> = client.create_with_context(SourceContext {
             runtime: runtime.clone(),
             store,
