@@ -38,7 +38,7 @@ use crate::partition::worker_for_partition;
 use crate::store::{Commit, Store, StoreError};
 use crate::topology::{Source, Topology};
 use crate::upsert::{Outcome, UpsertState};
-use crate::value::{key_text, row_to_json, ColumnType, Row, Value};
+use crate::value::{key_text, row_to_json_bytes, ColumnType, Row, Value};
 
 /// Batches a worker's inbox holds before the connector blocks: consumption pauses when workers
 /// fall behind, instead of buffering without bound.
@@ -465,7 +465,7 @@ fn write_deltas(
         if *diff > 1 {
             warn!(table = %table.name, key = %key_text(row, &table.key), diff, "row present more than once");
         }
-        let json = serde_json::to_vec(&row_to_json(&table.columns, row)).expect("rows serialize");
+        let json = row_to_json_bytes(&table.columns, row);
         commit.put_row(&table.name, &key_text(row, &table.key), &json);
     }
 }
