@@ -137,17 +137,19 @@ pub struct Status {
     pub committed: Mutex<HashMap<(String, u32), i64>>,
     /// Set when the runtime stopped on an error.
     pub failed: Mutex<Option<String>>,
-    /// High watermark of each assigned (topic, partition), refreshed by the connector.
+    /// High watermark of each assigned (topic, partition), refreshed by the connector
+    /// (negative while unknown).
     pub watermarks: Mutex<HashMap<(String, u32), i64>>,
     /// Partition count of each source topic, filled by the connector.
     pub partitions: Mutex<HashMap<String, u32>>,
 }
 
 impl Status {
-    /// Records not yet applied across the assigned partitions; `None` before any assignment.
+    /// Records not yet applied across the assigned partitions; `None` before any assignment
+    /// or while a partition's high watermark is not known yet (negative).
     pub fn lag(&self) -> Option<i64> {
         let watermarks = self.watermarks.lock().unwrap_or_else(|e| e.into_inner());
-        if watermarks.is_empty() {
+        if watermarks.is_empty() || watermarks.values().any(|high| *high < 0) {
             return None;
         }
         let committed = self.committed.lock().unwrap_or_else(|e| e.into_inner());

@@ -19,6 +19,7 @@ use miroir_engine::topology::Topology;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance};
 use rdkafka::error::KafkaResult;
 use rdkafka::message::Message as _;
+use rdkafka::statistics::Statistics;
 use rdkafka::topic_partition_list::TopicPartitionList;
 use rdkafka::{ClientContext, Offset};
 use tracing::{error, info, warn};
@@ -32,9 +33,64 @@ struct SourceContext {
     runtime: Arc<Runtime>,
     store: Store,
     topics: HashMap<String, usize>,
+    metrics: Arc<Metrics>,
 }
 
-impl ClientContext for SourceContext {}
+impl ClientContext for SourceContext {
+    /// librdkafka's statistics (every second, delivered by `poll`) carry each assigned
+    /// partition's high watermark as of its last fetch: lag and readiness come from them, with
+    /// no request to the broker.
+    fn stats(&self, statistics: Statistics) {
+        let committed = self
+            .runtime
+            .status
+            .committed
+            .lock()
+            .map(|c| c.clone())
+            .unwrap_or_default();
+        let mut watermarks = HashMap::new();
+        let mut counts = HashMap::new();
+        for (name, topic) in statistics
+            .topics
+            .iter()
+            .filter(|(n, _)| self.topics.contains_key(*n))
+        {
+            let known = topic.partitions.keys().filter(|p| **p >= 0).count();
+            if known > 0 {
+                counts.insert(name.clone(), known as u32);
+            }
+            for (p, partition) in topic
+                .partitions
+                .iter()
+                .filter(|(p, part)| **p >= 0 && part.desired)
+            {
+                let tp = (name.clone(), *p as u32);
+                let high = partition.hi_offset;
+                if high >= 0 {
+                    let next = committed.get(&tp).map(|o| o + 1).unwrap_or(0);
+                    self.metrics
+                        .consumer_lag
+                        .with_label_values(&[name.as_str(), &p.to_string()])
+                        .set((high - next).max(0));
+                }
+                // A negative watermark (not fetched yet) keeps the instance not ready.
+                watermarks.insert(tp, high);
+            }
+        }
+        *self
+            .runtime
+            .status
+            .watermarks
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = watermarks;
+        self.runtime
+            .status
+            .partitions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .extend(counts);
+    }
+}
 
 impl SourceContext {
     fn by_source(&self, tpl: &TopicPartitionList) -> HashMap<usize, Vec<u32>> {
@@ -158,11 +214,13 @@ impl KafkaSource {
             // 60 s between polls is ample.
             .set("session.timeout.ms", "10000")
             .set("heartbeat.interval.ms", "3000")
-            .set("max.poll.interval.ms", "60000");
+            .set("max.poll.interval.ms", "60000")
+            .set("statistics.interval.ms", "1000");
         let consumer: BaseConsumer<SourceContext> = client.create_with_context(SourceContext {
             runtime: runtime.clone(),
             store,
             topics: topics.clone(),
+            metrics,
         })?;
         let names: Vec<&str> = topics.keys().map(String::as_str).collect();
         record_partition_counts(&consumer, &runtime, Duration::from_secs(10));
@@ -172,7 +230,7 @@ impl KafkaSource {
             .name("miroir-kafka-source".into())
             .spawn({
                 let stop = stop.clone();
-                move || poll_loop(consumer, runtime, topics, metrics, stop)
+                move || poll_loop(consumer, runtime, topics, stop)
             })
             .map_err(|e| KafkaError::Definite(format!("cannot start the consumer thread: {e}")))?;
         Ok(KafkaSource {
@@ -204,12 +262,10 @@ fn poll_loop(
     consumer: BaseConsumer<SourceContext>,
     runtime: Arc<Runtime>,
     topics: HashMap<String, usize>,
-    metrics: Arc<Metrics>,
     stop: Arc<AtomicBool>,
 ) {
     let mut batches: HashMap<(usize, u32), Vec<Record>> = HashMap::new();
     let mut pending = 0usize;
-    let mut last_lag = Instant::now();
     let flush = |batches: &mut HashMap<(usize, u32), Vec<Record>>| {
         for ((source, partition), records) in batches.drain() {
             runtime.send(
@@ -248,10 +304,6 @@ fn poll_loop(
                 pending = 0;
             }
         }
-        if last_lag.elapsed() >= Duration::from_secs(1) {
-            last_lag = Instant::now();
-            update_lag(&consumer, &runtime, &metrics);
-        }
     }
     flush(&mut batches);
     // Leaving the group revokes every partition: the runtime commits them first. Unsubscribe
@@ -267,41 +319,6 @@ fn poll_loop(
         let _ = consumer.poll(Duration::from_millis(50));
     }
     info!("kafka source stopped");
-}
-
-/// Refreshes the high watermarks of the assigned partitions, the lag gauge and the topics'
-/// partition counts (used to say which partition a key lives in).
-fn update_lag(consumer: &BaseConsumer<SourceContext>, runtime: &Runtime, metrics: &Metrics) {
-    let Ok(assignment) = consumer.assignment() else {
-        return;
-    };
-    let committed = runtime
-        .status
-        .committed
-        .lock()
-        .map(|c| c.clone())
-        .unwrap_or_default();
-    let mut watermarks = HashMap::new();
-    for e in assignment.elements() {
-        let (topic, partition) = (e.topic(), e.partition());
-        if let Ok((_, high)) =
-            consumer.fetch_watermarks(topic, partition, Duration::from_millis(500))
-        {
-            let tp = (topic.to_string(), partition as u32);
-            let next = committed.get(&tp).map(|o| o + 1).unwrap_or(0);
-            metrics
-                .consumer_lag
-                .with_label_values(&[topic, &partition.to_string()])
-                .set((high - next).max(0));
-            watermarks.insert(tp, high);
-        }
-    }
-    *runtime
-        .status
-        .watermarks
-        .lock()
-        .unwrap_or_else(|e| e.into_inner()) = watermarks;
-    record_partition_counts(consumer, runtime, Duration::from_millis(500));
 }
 
 /// Records each source topic's partition count (to tell which partition a key lives in), and
