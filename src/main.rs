@@ -13,6 +13,12 @@ use miroir_connectors::kafka::output::{create_topic, Publisher};
 use miroir_connectors::kafka::KafkaConfig;
 use tracing::info;
 
+/// mimalloc instead of the system allocator: the dataflow allocates and frees many small rows,
+/// and glibc's malloc spent about 40% of the CPU time of the ingest benchmark
+/// (docs/benchmarks.md).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Materialized tables from Kafka entity streams.
 #[derive(Parser)]
 #[command(name = "miroir", version, about)]

@@ -13,7 +13,12 @@
 //!
 //! The final exchange by table key makes every key of a table land on one worker, so one
 //! worker owns each stored row and the deltas of an epoch never race between workers.
+//! [`Renderer`] shares rendered subtrees and arrangements between the tables of a topology.
 
+use std::collections::HashMap;
+
+use differential_dataflow::operators::arrange::{Arranged, TraceAgent};
+use differential_dataflow::trace::implementations::ValSpine;
 use differential_dataflow::VecCollection;
 
 use crate::plan::{AggFunc, Aggregate, Expr, JoinKind, Plan};
@@ -25,82 +30,138 @@ pub type Epoch = u64;
 /// A collection of rows at epoch timestamps.
 pub type Rows<'scope> = VecCollection<'scope, Epoch, Row, isize>;
 
-/// Renders `plan` over the source collections `sources` (by source index); `name` names the
-/// operators (`Reduce: user_count`).
-pub fn render<'scope>(plan: &Plan, sources: &[Rows<'scope>], name: &str) -> Rows<'scope> {
-    match plan {
-        Plan::Source { source, .. } => sources[*source].clone(),
-        Plan::Filter {
-            input, predicate, ..
-        } => {
-            let predicate = predicate.clone();
-            render(input, sources, name).filter(move |r| predicate.holds(r))
-        }
-        Plan::Map { input, exprs, .. } => {
-            let exprs = exprs.clone();
-            render(input, sources, name).map(move |r| exprs.iter().map(|e| e.eval(&r)).collect())
-        }
-        Plan::Join {
-            left,
-            right,
-            left_keys,
-            right_keys,
-            kind,
-            right_arity,
-            ..
-        } => {
-            let left = keyed(render(left, sources, name), left_keys.clone());
-            let right = keyed(render(right, sources, name), right_keys.clone());
-            // SQL equality never matches NULL: rows with a NULL join key only appear unmatched.
-            let left_matchable = left.clone().filter(|(k, _)| k.iter().all(|v| !v.is_null()));
-            let right_matchable = right.filter(|(k, _)| k.iter().all(|v| !v.is_null()));
-            let joined =
-                left_matchable
-                    .clone()
-                    .join(right_matchable.clone())
-                    .map(|(_, (mut l, r))| {
-                        l.extend(r);
-                        l
-                    });
-            match kind {
-                JoinKind::Inner => joined,
-                JoinKind::Left => {
-                    let arity = *right_arity;
-                    let right_keys = right_matchable.map(|(k, _)| k).distinct();
-                    let unmatched = left.antijoin(right_keys).map(move |(_, mut l)| {
-                        l.extend(std::iter::repeat_n(Value::Null, arity));
-                        l
-                    });
-                    joined.concat(unmatched)
-                }
-            }
-        }
-        Plan::Reduce {
-            input,
-            group,
-            aggregates,
-            ..
-        } => {
-            let group = group.clone();
-            let aggregates = aggregates.clone();
-            render(input, sources, name)
-                .map(move |r| (group.iter().map(|e| e.eval(&r)).collect::<Row>(), r))
-                .reduce_named(&format!("Reduce: {name}"), move |_key, rows, out| {
-                    out.push((aggregate(&aggregates, rows), 1isize));
-                })
-                .map(|(mut key, aggs)| {
-                    key.extend(aggs);
-                    key
-                })
-        }
-    }
+/// Rows arranged by join key (rows whose key has a NULL are left out: they never match).
+pub type RowArrangement<'scope> = Arranged<'scope, TraceAgent<ValSpine<Row, Row, Epoch, isize>>>;
+
+/// Renders plans into one dataflow, sharing work between tables: each plan subtree is rendered
+/// once, and each arrangement (a subtree arranged by some join key) is built once, however
+/// many joins use it. Arrangements hold every row of their input, so sharing them saves both
+/// memory and the work of maintaining them.
+pub struct Renderer<'scope> {
+    sources: Vec<Rows<'scope>>,
+    rendered: HashMap<String, Rows<'scope>>,
+    arranged: HashMap<String, RowArrangement<'scope>>,
 }
 
-fn keyed<'scope>(
-    rows: Rows<'scope>,
-    keys: Vec<Expr>,
-) -> VecCollection<'scope, Epoch, (Row, Row), isize> {
-    rows.map(move |r| (keys.iter().map(|e| e.eval(&r)).collect::<Row>(), r))
+impl<'scope> Renderer<'scope> {
+    /// A renderer over the source collections (by source index).
+    pub fn new(sources: Vec<Rows<'scope>>) -> Self {
+        Renderer {
+            sources,
+            rendered: HashMap::new(),
+            arranged: HashMap::new(),
+        }
+    }
+
+    /// Renders `plan`; `name` names its operators (`Reduce: user_count`).
+    pub fn render(&mut self, plan: &Plan, name: &str) -> Rows<'scope> {
+        let id = format!("{plan:?}");
+        if let Some(rows) = self.rendered.get(&id) {
+            return rows.clone();
+        }
+        let rows = self.render_new(plan, name);
+        self.rendered.insert(id, rows.clone());
+        rows
+    }
+
+    fn render_new(&mut self, plan: &Plan, name: &str) -> Rows<'scope> {
+        match plan {
+            Plan::Source { source, .. } => self.sources[*source].clone(),
+            Plan::Filter {
+                input, predicate, ..
+            } => {
+                let predicate = predicate.clone();
+                self.render(input, name).filter(move |r| predicate.holds(r))
+            }
+            Plan::Map { input, exprs, .. } => {
+                let exprs = exprs.clone();
+                self.render(input, name)
+                    .map(move |r| exprs.iter().map(|e| e.eval(&r)).collect())
+            }
+            Plan::Join {
+                left,
+                right,
+                left_keys,
+                right_keys,
+                kind,
+                right_arity,
+                ..
+            } => {
+                let left_arranged = self.arrange(left, left_keys, name);
+                let right_arranged = self.arrange(right, right_keys, name);
+                let joined =
+                    left_arranged
+                        .clone()
+                        .join_core(right_arranged.clone(), |_key, l, r| {
+                            let mut row = Vec::with_capacity(l.len() + r.len());
+                            row.extend(l.iter().cloned());
+                            row.extend(r.iter().cloned());
+                            Some(row)
+                        });
+                match kind {
+                    JoinKind::Inner => joined,
+                    JoinKind::Left => {
+                        // Unmatched left rows = left rows minus those whose key has a match
+                        // (each once: the right keys are made distinct). Rows with a NULL key
+                        // are not in the arrangement, so they stay unmatched.
+                        let right_keys = right_arranged
+                            .as_collection(|k, _| k.clone())
+                            .distinct()
+                            .map(|k| (k, ()))
+                            .arrange_by_key_named(&format!("Arrange: {name} join keys"));
+                        let matched =
+                            left_arranged.join_core(right_keys, |_key, l, _| Some(l.clone()));
+                        let arity = *right_arity;
+                        let unmatched =
+                            self.render(left, name)
+                                .concat(matched.negate())
+                                .map(move |mut l| {
+                                    l.extend(std::iter::repeat_n(Value::Null, arity));
+                                    l
+                                });
+                        joined.concat(unmatched)
+                    }
+                }
+            }
+            Plan::Reduce {
+                input,
+                group,
+                aggregates,
+                ..
+            } => {
+                let group = group.clone();
+                let aggregates = aggregates.clone();
+                self.render(input, name)
+                    .map(move |r| (group.iter().map(|e| e.eval(&r)).collect::<Row>(), r))
+                    .reduce_named(&format!("Reduce: {name}"), move |_key, rows, out| {
+                        out.push((aggregate(&aggregates, rows), 1isize));
+                    })
+                    .map(|(mut key, aggs)| {
+                        key.extend(aggs);
+                        key
+                    })
+            }
+        }
+    }
+
+    /// `plan` arranged by `keys`, built once per (plan, keys).
+    fn arrange(&mut self, plan: &Plan, keys: &[Expr], name: &str) -> RowArrangement<'scope> {
+        let id = format!("{plan:?} BY {keys:?}");
+        if let Some(arranged) = self.arranged.get(&id) {
+            return arranged.clone();
+        }
+        let keys = keys.to_vec();
+        let arranged = self
+            .render(plan, name)
+            .flat_map(move |r| {
+                let key: Row = keys.iter().map(|e| e.eval(&r)).collect();
+                // SQL equality never matches NULL.
+                (!key.iter().any(Value::is_null)).then_some((key, r))
+            })
+            .arrange_by_key_named(&format!("Arrange: {name}"));
+        self.arranged.insert(id, arranged.clone());
+        arranged
+    }
 }
 
 /// Computes the aggregates of one group from its rows with their multiplicities.

@@ -31,7 +31,7 @@ use timely::dataflow::operators::{Exchange, Inspect, Probe};
 use timely::dataflow::ProbeHandle;
 use tracing::{debug, error, info, warn};
 
-use crate::dataflow::{render, Epoch};
+use crate::dataflow::{Epoch, Renderer};
 use crate::decode::decode;
 use crate::metrics::Metrics;
 use crate::partition::worker_for_partition;
@@ -292,9 +292,13 @@ struct Task {
 
 type Capture = Rc<RefCell<Vec<(Row, isize)>>>;
 
-fn stable_hash(s: &str) -> u64 {
+/// Hash of a row's key columns, to route rows by table key. `DefaultHasher::new()` has fixed
+/// keys, so every worker of the process computes the same route.
+fn key_hash(row: &[Value], key: &[usize]) -> u64 {
     let mut h = std::hash::DefaultHasher::new();
-    s.hash(&mut h);
+    for i in key {
+        row[*i].hash(&mut h);
+    }
     h.finish()
 }
 
@@ -311,15 +315,15 @@ fn run_worker(worker: &mut timely::worker::Worker, shared: &Shared, inbox: Recei
         }
         let probe = ProbeHandle::new();
         let mut captures: Vec<Capture> = Vec::new();
+        let mut renderer = Renderer::new(collections);
         for table in &topology.tables {
             let key = table.key.clone();
             let capture: Capture = Rc::new(RefCell::new(Vec::new()));
             let sink = capture.clone();
-            render(&table.plan, &collections, &table.name)
+            renderer
+                .render(&table.plan, &table.name)
                 .inner
-                .exchange(move |(row, _, _): &(Row, Epoch, isize)| {
-                    stable_hash(&key_text(row, &key))
-                })
+                .exchange(move |(row, _, _): &(Row, Epoch, isize)| key_hash(row, &key))
                 .probe_with(&probe)
                 .inspect_core(move |event| {
                     if let Ok((_, data)) = event {

@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::rc::Rc;
 
 use differential_dataflow::input::Input;
-use miroir_engine::dataflow::render;
+use miroir_engine::dataflow::Renderer;
 use miroir_engine::reference::evaluate;
 use miroir_engine::topology::Topology;
 use miroir_engine::value::{Row, Value};
@@ -93,10 +93,11 @@ fn check(epochs: Vec<Vec<Change>>) -> Result<(), TestCaseError> {
         let mut inputs = worker.dataflow::<u64, _, _>(|scope| {
             let (sa, ca) = scope.new_collection::<Row, isize>();
             let (sb, cb) = scope.new_collection::<Row, isize>();
-            let collections = vec![ca, cb];
+            let mut renderer = Renderer::new(vec![ca, cb]);
             for (t, sink) in tables.iter().zip(&captured) {
                 let sink = sink.clone();
-                render(&t.plan, &collections, &t.name)
+                renderer
+                    .render(&t.plan, &t.name)
                     .inner
                     .probe_with(&probe)
                     .inspect_core(move |e| {
