@@ -379,9 +379,8 @@ fn run_worker(worker: &mut timely::worker::Worker, shared: &Shared, inbox: Recei
                 write_deltas(table, &mut deltas, commit);
             }
             for ((source, partition), task) in tasks.iter_mut() {
-                for (key, entry) in task.state.take_dirty() {
-                    commit.put_entry(*source, *partition, &key, &entry);
-                }
+                task.state
+                    .drain_dirty(|key, entry| commit.put_entry(*source, *partition, key, entry));
                 if task.offset_dirty {
                     if let Some(offset) = task.offset {
                         commit.put_offset(&topology.sources[*source].topic, *partition, offset);
@@ -463,16 +462,22 @@ fn write_deltas(
             _ => consolidated.push((row, diff)),
         }
     }
-    // Deletes first: a key whose row changed has a retraction and an insertion in one epoch.
-    for (row, _) in consolidated.iter().filter(|(_, d)| *d < 0) {
-        commit.delete_row(&table.name, &key_text(row, &table.key));
-    }
+    // A key whose row changed has a retraction and an insertion in one epoch: the put alone
+    // replaces the row, so only keys with no insertion are deleted.
+    let mut put = std::collections::HashSet::new();
     for (row, diff) in consolidated.iter().filter(|(_, d)| *d > 0) {
+        let key = key_text(row, &table.key);
         if *diff > 1 {
-            warn!(table = %table.name, key = %key_text(row, &table.key), diff, "row present more than once");
+            warn!(table = %table.name, key = %key, diff, "row present more than once");
         }
-        let json = row_to_json_bytes(&table.columns, row);
-        commit.put_row(&table.name, &key_text(row, &table.key), &json);
+        commit.put_row(&table.name, &key, &row_to_json_bytes(&table.columns, row));
+        put.insert(key);
+    }
+    for (row, _) in consolidated.iter().filter(|(_, d)| *d < 0) {
+        let key = key_text(row, &table.key);
+        if !put.contains(&key) {
+            commit.delete_row(&table.name, &key);
+        }
     }
 }
 
@@ -509,13 +514,11 @@ fn handle(
                         inputs[source].update(row.clone(), -1);
                     }
                     // The partition's upsert state stays committed for a later re-assignment.
-                    let dirty = task.state.take_dirty();
-                    if !dirty.is_empty() || task.offset_dirty {
+                    if task.state.has_dirty() || task.offset_dirty {
                         let mut pending = shared.commit.lock().unwrap_or_else(|e| e.into_inner());
                         let commit = pending.get_or_insert_with(|| shared.store.commit());
-                        for (key, entry) in dirty {
-                            commit.put_entry(source, p, &key, &entry);
-                        }
+                        task.state
+                            .drain_dirty(|key, entry| commit.put_entry(source, p, key, entry));
                         if let Some(o) = task.offset {
                             commit.put_offset(&shared.topology.sources[source].topic, p, o);
                         }

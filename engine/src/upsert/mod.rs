@@ -21,7 +21,7 @@ pub use types::{Entry, Outcome};
 #[derive(Debug, Default)]
 pub struct UpsertState {
     entries: HashMap<Value, Entry>,
-    /// Keys changed since the last [`UpsertState::take_dirty`], to persist at commit.
+    /// Keys changed since the last [`UpsertState::drain_dirty`], to persist at commit.
     dirty: Vec<Value>,
 }
 
@@ -85,14 +85,22 @@ impl UpsertState {
         }
     }
 
-    /// Keys changed since the last call, with their entries, for persisting.
-    pub fn take_dirty(&mut self) -> Vec<(Value, Entry)> {
+    /// Hands every key changed since the last call, with its entry, to `persist` (once per
+    /// key, in key order).
+    pub fn drain_dirty(&mut self, mut persist: impl FnMut(&Value, &Entry)) {
         let mut keys = std::mem::take(&mut self.dirty);
         keys.sort();
         keys.dedup();
-        keys.into_iter()
-            .filter_map(|k| self.entries.get(&k).map(|e| (k, e.clone())))
-            .collect()
+        for k in &keys {
+            if let Some(e) = self.entries.get(k) {
+                persist(k, e);
+            }
+        }
+    }
+
+    /// Whether some key changed since the last [`UpsertState::drain_dirty`].
+    pub fn has_dirty(&self) -> bool {
+        !self.dirty.is_empty()
     }
 
     /// The current rows (for restoring the dataflow, or retracting on revocation).
@@ -217,7 +225,9 @@ mod tests {
             s.apply(None, key("a"), Some(row("a", 1, "x")), 6),
             Outcome::Changed { .. }
         ));
-        assert_eq!(s.take_dirty().len(), 1);
-        assert!(s.take_dirty().is_empty());
+        let mut persisted = 0;
+        s.drain_dirty(|_, _| persisted += 1);
+        assert_eq!(persisted, 1, "two changes of one key persist once");
+        assert!(!s.has_dirty());
     }
 }
