@@ -204,6 +204,7 @@ impl Runtime {
             commit: Mutex::new(None),
             barrier: Barrier::new(workers),
             shutdown: shutdown.clone(),
+            stop_after_epoch: AtomicBool::new(false),
             status: status.clone(),
         });
         let guards = timely::execute(timely::Config::process(workers), move |worker| {
@@ -279,6 +280,8 @@ struct Shared {
     commit: Mutex<Option<Commit>>,
     barrier: Barrier,
     shutdown: Arc<AtomicBool>,
+    /// Whether the workers stop after the epoch just committed, decided by the leader.
+    stop_after_epoch: AtomicBool,
     status: Arc<Status>,
 }
 
@@ -389,7 +392,6 @@ fn run_worker(worker: &mut timely::worker::Worker, shared: &Shared, inbox: Recei
                 }
             }
         }
-        let stopping = shared.shutdown.load(Ordering::SeqCst);
         if shared.barrier.wait().is_leader() {
             let commit = shared
                 .commit
@@ -421,8 +423,13 @@ fn run_worker(worker: &mut timely::worker::Worker, shared: &Shared, inbox: Recei
                 .status
                 .last_commit_ms
                 .store(now.as_millis() as u64, Ordering::SeqCst);
+            // One decision for every worker: each reads it after the next barrier, before any
+            // worker can start another epoch (and overwrite it).
+            let stop = shared.shutdown.load(Ordering::SeqCst);
+            shared.stop_after_epoch.store(stop, Ordering::SeqCst);
         }
         shared.barrier.wait();
+        let stopping = shared.stop_after_epoch.load(Ordering::SeqCst);
         {
             let mut committed = shared
                 .status
@@ -438,7 +445,7 @@ fn run_worker(worker: &mut timely::worker::Worker, shared: &Shared, inbox: Recei
         for ack in acks.drain(..) {
             let _ = ack.send(());
         }
-        // Every worker read the same flag before the barrier, so all leave in the same epoch.
+        // Every worker read the leader's decision, so all leave after the same epoch.
         if stopping {
             info!(
                 worker = index,
