@@ -558,15 +558,7 @@ fn handle(
                 .with_label_values(&[&src.name])
                 .inc_by(n as u64);
             for record in records {
-                apply_record(
-                    shared,
-                    src,
-                    source,
-                    partition,
-                    &record,
-                    task,
-                    &mut inputs[source],
-                );
+                apply_record(shared, src, partition, &record, task, &mut inputs[source]);
                 task.offset = Some(record.offset);
                 task.offset_dirty = true;
             }
@@ -607,7 +599,6 @@ fn open_task(
 fn apply_record(
     shared: &Shared,
     src: &Source,
-    source: usize,
     partition: u32,
     record: &Record,
     task: &mut Task,
@@ -683,7 +674,6 @@ fn apply_record(
             info!(topic = %src.topic, partition, offset = record.offset, key = %key_str, "late event dropped");
         }
     }
-    let _ = source;
 }
 
 fn parse_key(src: &Source, key: Option<&[u8]>) -> Option<Value> {
