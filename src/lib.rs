@@ -366,11 +366,6 @@ impl Engine {
         self.inner.metrics.render()
     }
 
-    /// The engine's metrics.
-    pub fn metrics_registry(&self) -> &Metrics {
-        &self.inner.metrics
-    }
-
     /// The validated topology.
     pub fn topology(&self) -> &Topology {
         &self.inner.topology

@@ -293,6 +293,20 @@ struct Task {
     offset_dirty: bool,
 }
 
+impl Task {
+    /// Adds the task's changes since its last persist (upsert entries, offset) to `commit`.
+    fn persist(&mut self, source: usize, partition: u32, topic: &str, commit: &mut Commit) {
+        self.state
+            .drain_dirty(|key, entry| commit.put_entry(source, partition, key, entry));
+        if self.offset_dirty {
+            if let Some(offset) = self.offset {
+                commit.put_offset(topic, partition, offset);
+            }
+            self.offset_dirty = false;
+        }
+    }
+}
+
 type Capture = Rc<RefCell<Vec<(Row, isize)>>>;
 
 /// Hash of a row's key columns, to route rows by table key. `DefaultHasher::new()` has fixed
@@ -382,14 +396,12 @@ fn run_worker(worker: &mut timely::worker::Worker, shared: &Shared, inbox: Recei
                 write_deltas(table, &mut deltas, commit);
             }
             for ((source, partition), task) in tasks.iter_mut() {
-                task.state
-                    .drain_dirty(|key, entry| commit.put_entry(*source, *partition, key, entry));
-                if task.offset_dirty {
-                    if let Some(offset) = task.offset {
-                        commit.put_offset(&topology.sources[*source].topic, *partition, offset);
-                    }
-                    task.offset_dirty = false;
-                }
+                task.persist(
+                    *source,
+                    *partition,
+                    &topology.sources[*source].topic,
+                    commit,
+                );
             }
         }
         if shared.barrier.wait().is_leader() {
@@ -524,11 +536,7 @@ fn handle(
                     if task.state.has_dirty() || task.offset_dirty {
                         let mut pending = shared.commit.lock().unwrap_or_else(|e| e.into_inner());
                         let commit = pending.get_or_insert_with(|| shared.store.commit());
-                        task.state
-                            .drain_dirty(|key, entry| commit.put_entry(source, p, key, entry));
-                        if let Some(o) = task.offset {
-                            commit.put_offset(&shared.topology.sources[source].topic, p, o);
-                        }
+                        task.persist(source, p, &shared.topology.sources[source].topic, commit);
                     }
                     info!(source = %shared.topology.sources[source].name, partition = p, "task dropped");
                 }
