@@ -1,8 +1,9 @@
 //! Embeds miroir in an application instance: start an engine on the user-directory topology,
-//! wait until it has caught up, read a few rows by key, and shut down.
+//! wait until it has caught up, read a few rows by key, and shut down. The topology's external
+//! tables go to the PostgreSQL database in `DATABASE_URL`.
 //!
 //! ```sh
-//! eval "$(scripts/services up)"
+//! eval "$(scripts/services up)"     # exports MIROIR_BROKERS and DATABASE_URL
 //! cargo run --example embedded -- u-1 u-2
 //! ```
 
@@ -26,7 +27,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             None => println!("{key}: no such user"),
         }
     }
-    println!("first rows: {:?}", engine.scan("user_directory", "", 3)?);
+    println!("first rows: {:?}", engine.scan("user_contacts", "", 3)?);
     engine.shutdown();
     Ok(())
 }

@@ -3,7 +3,7 @@
 //! | route | answer |
 //! |---|---|
 //! | `GET /health` | 200 while the process runs |
-//! | `GET /ready` | 200 once every assigned partition is applied, 503 before (JSON body says why) |
+//! | `GET /ready` | 200 once every assigned partition is applied and the external database (if any) accepts writes, 503 otherwise (JSON body says why) |
 //! | `GET /metrics` | Prometheus text |
 //! | `GET /v1/topology` | sources, tables, their columns and keys, and the operator graph |
 //! | `GET /v1/tables/{table}/rows/{key}` | the row with its partition and freshness; 404 when absent |
@@ -103,7 +103,9 @@ fn error(status: StatusCode, message: impl Into<String>) -> Response {
 
 fn query_error(e: QueryError) -> Response {
     match e {
-        QueryError::UnknownTable(_) => error(StatusCode::NOT_FOUND, e.to_string()),
+        QueryError::UnknownTable(_) | QueryError::External { .. } => {
+            error(StatusCode::NOT_FOUND, e.to_string())
+        }
         QueryError::Store(_) => {
             warn!(error = %e, "query failed");
             error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
@@ -113,7 +115,12 @@ fn query_error(e: QueryError) -> Response {
 
 async fn ready(State(inner): State<Arc<Inner>>) -> Response {
     let status = &inner.runtime.status;
-    let body = json!({ "ready": inner.ready(), "lag": status.lag(), "failure": status.failure() });
+    let body = json!({
+        "ready": inner.ready(),
+        "lag": status.lag(),
+        "failure": status.failure(),
+        "sink_failure": status.sink_failure(),
+    });
     let code = if inner.ready() {
         StatusCode::OK
     } else {

@@ -41,6 +41,8 @@ use std::time::Duration;
 use miroir_connectors::kafka::input::KafkaSource;
 use miroir_connectors::kafka::output::KafkaErrorSink;
 use miroir_connectors::kafka::{KafkaConfig, KafkaError};
+use miroir_connectors::postgres::sink::PostgresSink;
+use miroir_connectors::postgres::{database_url, PostgresError};
 use miroir_engine::metrics::Metrics;
 use miroir_engine::partition::partition_for_key;
 use miroir_engine::runtime::{Runtime, RuntimeConfig, RuntimeError};
@@ -69,6 +71,9 @@ pub enum EngineError {
     /// Kafka failed.
     #[error(transparent)]
     Kafka(#[from] KafkaError),
+    /// The PostgreSQL settings are wrong.
+    #[error(transparent)]
+    Postgres(#[from] PostgresError),
     /// The HTTP listener could not start.
     #[error("cannot listen on {addr}: {source}")]
     Listen {
@@ -85,6 +90,14 @@ pub enum QueryError {
     /// No table of that name in the topology.
     #[error("unknown table `{0}`")]
     UnknownTable(String),
+    /// The table lives in PostgreSQL, not in this instance.
+    #[error("table `{table}` is external: query PostgreSQL table {target}")]
+    External {
+        /// The table.
+        table: String,
+        /// `schema.table` in PostgreSQL.
+        target: String,
+    },
     /// The state store failed.
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -105,6 +118,7 @@ pub struct EngineBuilder {
     workers: Option<usize>,
     epoch_interval: Option<Duration>,
     kafka_extra: Vec<(String, String)>,
+    database_url: Option<String>,
 }
 
 impl EngineBuilder {
@@ -151,6 +165,13 @@ impl EngineBuilder {
         self
     }
 
+    /// The PostgreSQL database of external tables whose sink names no `url` (default: the
+    /// `DATABASE_URL` environment variable).
+    pub fn database_url(mut self, url: impl Into<String>) -> Self {
+        self.database_url = Some(url.into());
+        self
+    }
+
     /// An extra librdkafka property for the consumer and producers.
     pub fn kafka_property(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
         self.kafka_extra.push((key.into(), value.into()));
@@ -167,8 +188,27 @@ impl EngineBuilder {
         let state_dir = self.state_dir.ok_or(EngineError::Config("state_dir"))?;
         let mut kafka = KafkaConfig::new(self.brokers.ok_or(EngineError::Config("brokers"))?);
         kafka.extra = self.kafka_extra;
-        let tables: Vec<String> = topology.tables.iter().map(|t| t.name.clone()).collect();
+        let tables: Vec<String> = topology
+            .tables
+            .iter()
+            .filter(|t| t.postgres().is_none())
+            .map(|t| t.name.clone())
+            .collect();
         let store = Store::open(&state_dir, &tables)?;
+        let sink: Option<Box<dyn miroir_engine::sink::ExternalSink>> =
+            if topology.tables.iter().any(|t| t.postgres().is_some()) {
+                let fallback = self
+                    .database_url
+                    .or_else(|| std::env::var("DATABASE_URL").ok());
+                let url = database_url(&topology, fallback.as_deref())?;
+                Some(Box::new(PostgresSink::new(
+                    &url,
+                    topology.clone(),
+                    &store.instance_id()?,
+                )?))
+            } else {
+                None
+            };
         let metrics = Arc::new(Metrics::new());
         let errors = Arc::new(KafkaErrorSink::new(&kafka)?);
         let mut config = RuntimeConfig::default();
@@ -183,6 +223,7 @@ impl EngineBuilder {
             store.clone(),
             metrics.clone(),
             errors,
+            sink,
             config,
         )?);
         let source = KafkaSource::start(
@@ -262,11 +303,23 @@ impl Inner {
         }
     }
 
-    fn get(&self, table: &str, key: &str) -> Result<Option<RowAnswer>, QueryError> {
+    /// The plan of an internal table.
+    fn internal(&self, table: &str) -> Result<&miroir_engine::plan::TablePlan, QueryError> {
         let plan = self
             .topology
             .table(table)
             .ok_or_else(|| QueryError::UnknownTable(table.to_string()))?;
+        match plan.postgres() {
+            Some(pg) => Err(QueryError::External {
+                table: table.to_string(),
+                target: pg.qualified(),
+            }),
+            None => Ok(plan),
+        }
+    }
+
+    fn get(&self, table: &str, key: &str) -> Result<Option<RowAnswer>, QueryError> {
+        let plan = self.internal(table)?;
         let Some(bytes) = self.store.get(table, key)? else {
             return Ok(None);
         };
@@ -300,9 +353,7 @@ impl Inner {
         prefix: &str,
         limit: usize,
     ) -> Result<Vec<serde_json::Value>, QueryError> {
-        self.topology
-            .table(table)
-            .ok_or_else(|| QueryError::UnknownTable(table.to_string()))?;
+        self.internal(table)?;
         Ok(self
             .store
             .scan(table, prefix, limit)?
@@ -312,7 +363,8 @@ impl Inner {
     }
 
     fn ready(&self) -> bool {
-        self.runtime.status.failure().is_none() && self.runtime.status.lag() == Some(0)
+        let status = &self.runtime.status;
+        status.failure().is_none() && status.sink_failure().is_none() && status.lag() == Some(0)
     }
 }
 
@@ -344,7 +396,8 @@ impl Engine {
         self.inner.scan(table, prefix, limit)
     }
 
-    /// Whether every assigned partition is applied up to its high watermark.
+    /// Whether every assigned partition is applied up to its high watermark (and the
+    /// external database, if any, accepts writes).
     pub fn ready(&self) -> bool {
         self.inner.ready()
     }

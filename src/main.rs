@@ -69,6 +69,27 @@ enum Command {
         /// Longest epoch in milliseconds (how long an applied event may wait to be visible).
         #[arg(long, default_value_t = 100)]
         epoch_ms: u64,
+        /// PostgreSQL database of external tables (unless their sink names a `url`).
+        #[arg(long, env = "DATABASE_URL")]
+        database_url: Option<String>,
+        /// Print what the start would create, rebuild or keep in PostgreSQL, and exit.
+        #[arg(long)]
+        plan: bool,
+    },
+    /// Prints what `miroir run` would do to each external (PostgreSQL) table: create it,
+    /// rebuild it in a shadow table (and why), or keep it. Changes nothing.
+    ///
+    /// EXAMPLES:
+    ///     miroir plan topologies/user-directory.toml --state-dir /var/lib/miroir
+    Plan {
+        /// The topology file.
+        file: PathBuf,
+        /// Directory of the RocksDB state the run would use.
+        #[arg(long, env = "MIROIR_STATE_DIR")]
+        state_dir: PathBuf,
+        /// PostgreSQL database of external tables (unless their sink names a `url`).
+        #[arg(long, env = "DATABASE_URL")]
+        database_url: Option<String>,
     },
     /// Publishes keyed messages to a topic, one per line of FILE (`-` for stdin):
     /// `KEY<TAB>PAYLOAD`, or `KEY<TAB>` alone for a tombstone. Creates the topic if missing.
@@ -88,6 +109,33 @@ enum Command {
         #[arg(long, env = "MIROIR_BROKERS")]
         brokers: String,
     },
+}
+
+/// Prints the start's effect on each external table.
+fn print_plan(
+    file: &std::path::Path,
+    state_dir: &std::path::Path,
+    database_url: Option<&str>,
+) -> anyhow::Result<ExitCode> {
+    let topology = match Topology::load(file) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("{e}");
+            return Ok(ExitCode::from(1));
+        }
+    };
+    if topology.tables.iter().all(|t| t.postgres().is_none()) {
+        println!("no external tables: nothing to do in PostgreSQL");
+        return Ok(ExitCode::SUCCESS);
+    }
+    let url = miroir_connectors::postgres::database_url(&topology, database_url)?;
+    let instance = miroir::miroir_engine::store::Store::peek_instance_id(state_dir)
+        .context("reading the state directory")?
+        .unwrap_or_default();
+    for decision in miroir_connectors::postgres::schema::plan(&url, &topology, &instance)? {
+        println!("{decision}");
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn main() -> ExitCode {
@@ -137,6 +185,11 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
                 Ok(ExitCode::from(1))
             }
         },
+        Command::Plan {
+            file,
+            state_dir,
+            database_url,
+        } => print_plan(&file, &state_dir, database_url.as_deref()),
         Command::Run {
             file,
             brokers,
@@ -144,8 +197,17 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
             listen,
             workers,
             epoch_ms,
+            database_url,
+            plan,
         } => {
-            let engine = miroir::Engine::builder()
+            if plan {
+                return print_plan(&file, &state_dir, database_url.as_deref());
+            }
+            let mut builder = miroir::Engine::builder();
+            if let Some(url) = database_url {
+                builder = builder.database_url(url);
+            }
+            let engine = builder
                 .topology_file(&file)
                 .brokers(brokers)
                 .state_dir(&state_dir)

@@ -1,6 +1,6 @@
 //! `kill -9` of a running `miroir run` mid-stream: after a restart on the same state, the
-//! tables equal the reference evaluation of every event, with no double effect; then SIGTERM
-//! stops it cleanly.
+//! tables (internal ones over HTTP, external ones in PostgreSQL) equal the reference
+//! evaluation of every event, with no double effect; then SIGTERM stops it cleanly.
 
 mod support;
 
@@ -118,8 +118,13 @@ fn kill_9_mid_stream_then_restart_has_no_double_effect() {
     let second_log = dir.path().join("second.log");
     let mut child = spawn(&file, &state, port, &second_log);
     let expected = expected_tables(&t.topology, &events);
+    let mut db = pg();
     let caught_up = try_wait_for_tables(&expected, Duration::from_secs(180), |name| {
-        http_table(port, &t, name)
+        if t.topology.table(name).unwrap().postgres().is_some() {
+            pg_table(&mut db, &t.topology, name).unwrap_or_default()
+        } else {
+            http_table(port, &t, name)
+        }
     });
     if let Err(e) = caught_up {
         let _ = child.kill();

@@ -14,8 +14,16 @@ use rdkafka::message::{Headers, Message};
 use rdkafka::ClientConfig;
 use support::*;
 
-fn table_contents(engine: &Engine, table: &str) -> BTreeMap<String, serde_json::Value> {
+/// A table's rows: from the engine for internal tables, from PostgreSQL for external ones.
+fn table_contents(
+    engine: &Engine,
+    db: &mut postgres::Client,
+    table: &str,
+) -> BTreeMap<String, serde_json::Value> {
     let plan = engine.topology().table(table).unwrap();
+    if plan.postgres().is_some() {
+        return pg_table(db, engine.topology(), table).unwrap_or_default();
+    }
     let key_columns: Vec<String> = plan
         .key
         .iter()
@@ -67,13 +75,14 @@ fn tables_match_the_reference_and_survive_a_graceful_restart() {
     let state = tempfile::tempdir().unwrap();
 
     let engine = start(&t, state.path(), true);
+    let mut db = pg();
     let expected = expected_tables(&t.topology, first);
     assert!(
         expected["user_contacts"].len() > 100,
         "the generator should produce a sizeable table"
     );
     wait_for_tables(&expected, Duration::from_secs(90), |name| {
-        table_contents(&engine, name)
+        table_contents(&engine, &mut db, name)
     });
 
     let metrics = engine.metrics();
@@ -103,7 +112,7 @@ fn tables_match_the_reference_and_survive_a_graceful_restart() {
     let engine = start(&t, state.path(), false);
     let expected = expected_tables(&t.topology, &events);
     wait_for_tables(&expected, Duration::from_secs(90), |name| {
-        table_contents(&engine, name)
+        table_contents(&engine, &mut db, name)
     });
     let metrics = engine.metrics();
     assert_eq!(
@@ -167,7 +176,13 @@ fn check_http(engine: &Engine, expected: &BTreeMap<String, BTreeMap<String, serd
         get("/v1/tables/user_contacts/rows?limit=zero").status(),
         400
     );
-    let scan: serde_json::Value = get("/v1/tables/user_directory/rows?prefix=u-1&limit=5")
+    let external = get("/v1/tables/user_directory/rows/u-1");
+    assert_eq!(external.status(), 404);
+    assert!(
+        external.text().unwrap().contains("is external"),
+        "a query of an external table says where the table is"
+    );
+    let scan: serde_json::Value = get("/v1/tables/user_contacts/rows?prefix=u-1&limit=5")
         .json()
         .unwrap();
     let rows = scan["rows"].as_array().unwrap();
@@ -179,6 +194,11 @@ fn check_http(engine: &Engine, expected: &BTreeMap<String, BTreeMap<String, serd
     assert!(
         metrics.contains("miroir_late_events_total")
             && metrics.contains("miroir_epoch_commit_seconds")
+    );
+    assert_eq!(counter(&metrics, "miroir_sink_up", ""), 1, "{metrics}");
+    assert!(
+        counter(&metrics, "miroir_sink_batches_total", "") > 0,
+        "{metrics}"
     );
     let topology: serde_json::Value = get("/v1/topology").json().unwrap();
     assert_eq!(topology["tables"].as_array().unwrap().len(), 3);

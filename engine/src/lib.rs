@@ -17,6 +17,7 @@
 //! - [`late`], [`upsert`]: the late-event policy and the per-key upsert state.
 //! - [`dataflow`]: plans rendered as differential dataflows.
 //! - [`runtime`]: workers, tasks, epochs and commits. [`store`]: RocksDB.
+//! - [`sink`]: external tables: per-epoch batches, the outbox and the sink thread.
 //! - [`reference`]: a plain evaluator used as the tests' oracle.
 //!
 //! **Delivery guarantee.** Each epoch commits table rows, upsert state and offsets in one
@@ -32,6 +33,7 @@ pub mod partition;
 pub mod plan;
 pub mod reference;
 pub mod runtime;
+pub mod sink;
 pub mod store;
 pub mod topology;
 pub mod upsert;

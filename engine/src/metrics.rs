@@ -1,6 +1,8 @@
 //! Prometheus metrics of an instance.
 
-use prometheus::{Histogram, HistogramOpts, IntCounterVec, IntGaugeVec, Opts, Registry};
+use prometheus::{
+    Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+};
 
 /// The engine's metrics, registered in their own registry (served at `GET /metrics`).
 pub struct Metrics {
@@ -18,6 +20,18 @@ pub struct Metrics {
     pub epoch_commit_seconds: Histogram,
     /// Consumer lag (high watermark minus next offset to read), by topic and partition.
     pub consumer_lag: IntGaugeVec,
+    /// Rows written to external tables, by table and operation (`upsert` or `delete`).
+    pub sink_rows: IntCounterVec,
+    /// Epoch batches applied to the external database.
+    pub sink_batches: IntCounter,
+    /// Failed attempts to apply a batch (each one is retried).
+    pub sink_retries: IntCounter,
+    /// 1 while the external database accepts writes, 0 while the sink is retrying.
+    pub sink_up: IntGauge,
+    /// Batches committed locally and not yet confirmed by the external database.
+    pub sink_pending: IntGauge,
+    /// Seconds to apply one batch to the external database (one transaction).
+    pub sink_commit_seconds: Histogram,
 }
 
 impl Metrics {
@@ -75,8 +89,62 @@ impl Metrics {
         registry
             .register(Box::new(consumer_lag.clone()))
             .expect("unique metric");
+        let sink_rows = counter(
+            "miroir_sink_rows_total",
+            "Rows written to external tables, by operation",
+            &["table", "op"],
+        );
+        let simple_counter = |name: &str, help: &str| {
+            let c = IntCounter::new(name, help).expect("valid metric");
+            registry
+                .register(Box::new(c.clone()))
+                .expect("unique metric");
+            c
+        };
+        let gauge = |name: &str, help: &str| {
+            let g = IntGauge::new(name, help).expect("valid metric");
+            registry
+                .register(Box::new(g.clone()))
+                .expect("unique metric");
+            g
+        };
+        let sink_batches = simple_counter(
+            "miroir_sink_batches_total",
+            "Epoch batches applied to the external database",
+        );
+        let sink_retries = simple_counter(
+            "miroir_sink_retries_total",
+            "Failed attempts to apply a batch to the external database (retried)",
+        );
+        let sink_up = gauge(
+            "miroir_sink_up",
+            "1 while the external database accepts writes, 0 while retrying",
+        );
+        let sink_pending = gauge(
+            "miroir_sink_pending_batches",
+            "Batches committed locally, not yet confirmed by the external database",
+        );
+        let sink_commit_seconds = Histogram::with_opts(
+            HistogramOpts::new(
+                "miroir_sink_commit_seconds",
+                "Time to apply one batch to the external database",
+            )
+            .buckets(vec![
+                0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0,
+            ]),
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(sink_commit_seconds.clone()))
+            .expect("unique metric");
         Metrics {
             registry,
+            sink_rows,
+            sink_batches,
+            sink_retries,
+            sink_up,
+            sink_pending,
+            sink_commit_seconds,
             records_in,
             late_events,
             duplicate_events,

@@ -35,10 +35,19 @@ use crate::dataflow::{Epoch, Renderer};
 use crate::decode::decode;
 use crate::metrics::Metrics;
 use crate::partition::worker_for_partition;
+use crate::plan::TablePlan;
+use crate::sink::{
+    all_restored, caught_up, ExternalSink, Offset, Sequence, SinkBatch, SinkDriver, SinkSender,
+    TableChanges,
+};
 use crate::store::{Commit, Store, StoreError};
 use crate::topology::{Source, Topology};
 use crate::upsert::{Outcome, UpsertState};
 use crate::value::{key_text, row_to_json_bytes, ColumnType, Row, Value};
+
+/// Longest time after a start that batches of external-table changes are held back waiting
+/// for every partition's task (see [`crate::sink`]).
+const HOLD_LIMIT: Duration = Duration::from_secs(30);
 
 /// Batches a worker's inbox holds before the connector blocks: consumption pauses when workers
 /// fall behind, instead of buffering without bound.
@@ -74,13 +83,17 @@ pub enum Message {
         /// Partitions.
         partitions: Vec<u32>,
     },
-    /// Partitions taken away: retract their rows and drop their tasks. Every worker answers
-    /// on `done` once the epoch that dropped them is committed.
+    /// Partitions taken away: commit and drop their tasks. Every worker answers on `done`
+    /// once the epoch that dropped them is committed.
     Revoke {
         /// Source index.
         source: usize,
         /// Partitions.
         partitions: Vec<u32>,
+        /// Whether to retract their rows from the tables: yes when another instance takes
+        /// them over, no when this instance stops (the rows stay, notably in external tables,
+        /// for the next start).
+        retract: bool,
         /// Acknowledgements, one per worker.
         done: Sender<()>,
     },
@@ -124,6 +137,17 @@ pub enum RuntimeError {
     /// Timely could not start its workers.
     #[error("cannot start workers: {0}")]
     Start(String),
+    /// The topology has external tables and no sink was given.
+    #[error("the topology has external tables but no database connection was configured")]
+    NoSink,
+    /// An outbox entry could not be decoded.
+    #[error("outbox entry {sequence} is corrupt: {message}")]
+    Outbox {
+        /// The entry's sequence.
+        sequence: u64,
+        /// What failed.
+        message: String,
+    },
 }
 
 /// Progress the outside world can observe.
@@ -142,6 +166,12 @@ pub struct Status {
     pub watermarks: Mutex<HashMap<(String, u32), i64>>,
     /// Partition count of each source topic, filled by the connector.
     pub partitions: Mutex<HashMap<String, u32>>,
+    /// The (topic, partition) of every task, restored from the store, on this instance.
+    pub tasks: Mutex<std::collections::HashSet<(String, u32)>>,
+    /// Sequence of the last batch the external database confirmed.
+    pub sink_sequence: AtomicU64,
+    /// Set while the external database refuses batches (the sink retries).
+    pub sink_error: Mutex<Option<String>>,
 }
 
 impl Status {
@@ -161,6 +191,14 @@ impl Status {
         )
     }
 
+    /// Why the external database is not up to date, while it is not.
+    pub fn sink_failure(&self) -> Option<String> {
+        self.sink_error
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
     /// The failure that stopped the runtime, if any.
     pub fn failure(&self) -> Option<String> {
         self.failed
@@ -175,17 +213,20 @@ pub struct Runtime {
     senders: Vec<Sender<Message>>,
     shutdown: Arc<AtomicBool>,
     guards: Mutex<Option<timely::communication::initialize::WorkerGuards<()>>>,
+    sink: Mutex<Option<SinkDriver>>,
     /// Observable progress.
     pub status: Arc<Status>,
 }
 
 impl Runtime {
-    /// Starts `config.workers` workers running `topology` over `store`.
+    /// Starts `config.workers` workers running `topology` over `store`; the changes of
+    /// external tables go to `sink` (required when the topology has any).
     pub fn start(
         topology: Arc<Topology>,
         store: Store,
         metrics: Arc<Metrics>,
         errors: Arc<dyn ErrorSink>,
+        sink: Option<Box<dyn ExternalSink>>,
         config: RuntimeConfig,
     ) -> Result<Runtime, RuntimeError> {
         let workers = config.workers.max(1);
@@ -195,7 +236,40 @@ impl Runtime {
         let receivers: Arc<Vec<Receiver<Message>>> = Arc::new(receivers);
         let shutdown = Arc::new(AtomicBool::new(false));
         let status = Arc::new(Status::default());
+        let has_external = topology.tables.iter().any(|t| t.postgres().is_some());
+        let (sink_sender, sink_driver) = match sink {
+            Some(sink) if has_external => {
+                let recovered = recover_outbox(&store)?;
+                let (sender, driver) = SinkDriver::start(
+                    sink,
+                    recovered,
+                    store.clone(),
+                    metrics.clone(),
+                    status.clone(),
+                    shutdown.clone(),
+                );
+                (Some(sender), Some(driver))
+            }
+            None if has_external => return Err(RuntimeError::NoSink),
+            _ => {
+                for (sequence, _) in store.outbox()? {
+                    warn!(
+                        sequence,
+                        "dropping an outbox entry: the topology has no external table any more"
+                    );
+                    store.remove_outbox(sequence)?;
+                }
+                (None, None)
+            }
+        };
         let shared = Arc::new(Shared {
+            sequence: Sequence::new(store.sequence()?),
+            sink: sink_sender,
+            sink_changes: Mutex::new(Vec::new()),
+            sink_offsets: Mutex::new(Vec::new()),
+            announced_caught_up: AtomicBool::new(false),
+            held: Mutex::new(Vec::new()),
+            started: Instant::now(),
             topology,
             store: store.clone(),
             metrics,
@@ -216,6 +290,7 @@ impl Runtime {
             senders,
             shutdown,
             guards: Mutex::new(Some(guards)),
+            sink: Mutex::new(sink_driver),
             status,
         })
     }
@@ -261,7 +336,10 @@ impl Runtime {
     pub fn shutdown(&self) {
         self.shutdown.store(true, Ordering::SeqCst);
         let guards = self.guards.lock().unwrap_or_else(|e| e.into_inner()).take();
-        drop(guards); // joins the worker threads
+        drop(guards); // joins the worker threads, dropping the sink's sender
+        if let Some(mut sink) = self.sink.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            sink.finish();
+        }
     }
 }
 
@@ -283,6 +361,20 @@ struct Shared {
     /// Whether the workers stop after the epoch just committed, decided by the leader.
     stop_after_epoch: AtomicBool,
     status: Arc<Status>,
+    /// Commit sequence numbers (persisted with each batch of external-table changes).
+    sequence: Sequence,
+    /// Where batches of external-table changes go, when the topology has external tables.
+    sink: Option<SinkSender>,
+    /// The epoch's external-table changes, contributed by every worker.
+    sink_changes: Mutex<Vec<TableChanges>>,
+    /// The epoch's task offsets, contributed by every worker (bookkeeping).
+    sink_offsets: Mutex<Vec<Offset>>,
+    /// Whether a batch said `caught_up` since the start.
+    announced_caught_up: AtomicBool,
+    /// Batches committed (in the outbox) but held back until every task is restored.
+    held: Mutex<Vec<SinkBatch>>,
+    /// When the runtime started (holding batches back has a limit).
+    started: Instant,
 }
 
 /// One partition of one source, owned by a worker.
@@ -393,7 +485,35 @@ fn run_worker(worker: &mut timely::worker::Worker, shared: &Shared, inbox: Recei
             let commit = pending.get_or_insert_with(|| shared.store.commit());
             for (table, capture) in topology.tables.iter().zip(&captures) {
                 let mut deltas = std::mem::take(&mut *capture.borrow_mut());
-                write_deltas(table, &mut deltas, commit);
+                if table.postgres().is_some() {
+                    let changes = table_changes(table, &mut deltas);
+                    if !changes.upserts.is_empty() || !changes.deletes.is_empty() {
+                        add_changes(
+                            &mut shared
+                                .sink_changes
+                                .lock()
+                                .unwrap_or_else(|e| e.into_inner()),
+                            changes,
+                        );
+                    }
+                } else {
+                    write_deltas(table, &mut deltas, commit);
+                }
+            }
+            if shared.sink.is_some() {
+                let mut offsets = shared
+                    .sink_offsets
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner());
+                for ((source, partition), task) in tasks.iter() {
+                    if let (true, Some(offset)) = (task.offset_dirty, task.offset) {
+                        offsets.push(Offset {
+                            topic: topology.sources[*source].topic.clone(),
+                            partition: *partition,
+                            offset,
+                        });
+                    }
+                }
             }
             for ((source, partition), task) in tasks.iter_mut() {
                 task.persist(
@@ -405,17 +525,23 @@ fn run_worker(worker: &mut timely::worker::Worker, shared: &Shared, inbox: Recei
             }
         }
         if shared.barrier.wait().is_leader() {
-            let commit = shared
+            let mut commit = shared
                 .commit
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .take();
+            let batch = shared
+                .sink
+                .as_ref()
+                .and_then(|_| sink_batch(shared, &mut commit));
+            let mut committed = true;
             if let Some(commit) = commit.filter(|c| !c.is_empty()) {
                 let timer = shared.metrics.epoch_commit_seconds.start_timer();
                 let writes = commit.len();
                 match shared.store.write(commit) {
                     Ok(()) => debug!(epoch, writes, "epoch committed"),
                     Err(e) => {
+                        committed = false;
                         error!(error = %e, "epoch commit failed; stopping");
                         *shared
                             .status
@@ -426,6 +552,9 @@ fn run_worker(worker: &mut timely::worker::Worker, shared: &Shared, inbox: Recei
                     }
                 }
                 timer.observe_duration();
+            }
+            if let (Some(sink), Some(batch), true) = (&shared.sink, batch, committed) {
+                hand_over(shared, sink, batch);
             }
             shared.status.epoch.store(epoch, Ordering::SeqCst);
             let now = std::time::SystemTime::now()
@@ -468,11 +597,168 @@ fn run_worker(worker: &mut timely::worker::Worker, shared: &Shared, inbox: Recei
     }
 }
 
-fn write_deltas(
-    table: &crate::plan::TablePlan,
-    deltas: &mut Vec<(Row, isize)>,
-    commit: &mut Commit,
-) {
+/// Makes the epoch's batch of external-table changes, and adds it to `commit`'s outbox;
+/// `None` when there is nothing to tell the database.
+fn sink_batch(shared: &Shared, commit: &mut Option<Commit>) -> Option<SinkBatch> {
+    let tables = std::mem::take(
+        &mut *shared
+            .sink_changes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()),
+    );
+    let offsets = std::mem::take(
+        &mut *shared
+            .sink_offsets
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()),
+    );
+    let topics: Vec<&str> = shared
+        .topology
+        .sources
+        .iter()
+        .map(|s| s.topic.as_str())
+        .collect();
+    let caught_up = caught_up(&shared.status, &topics);
+    let announce = caught_up && !shared.announced_caught_up.load(Ordering::SeqCst);
+    if tables.is_empty() && !announce {
+        // Offsets alone are bookkeeping: they travel with the next batch that has changes.
+        shared
+            .sink_offsets
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .extend(latest_offsets(offsets));
+        return None;
+    }
+    shared
+        .announced_caught_up
+        .fetch_or(caught_up, Ordering::SeqCst);
+    let batch = SinkBatch {
+        sequence: shared.sequence.next(),
+        tables,
+        offsets: latest_offsets(offsets),
+        caught_up,
+    };
+    let encoded = bincode::serialize(&batch).expect("batches serialize");
+    commit
+        .get_or_insert_with(|| shared.store.commit())
+        .put_outbox(batch.sequence, &encoded);
+    Some(batch)
+}
+
+/// Hands `batch` to the sink thread, with the batches held before it, once every task is
+/// restored (or after [`HOLD_LIMIT`]); holds it otherwise. Blocks while the database still
+/// applies the previous group: backpressure.
+fn hand_over(shared: &Shared, sink: &SinkSender, batch: SinkBatch) {
+    let topics: Vec<&str> = shared
+        .topology
+        .sources
+        .iter()
+        .map(|s| s.topic.as_str())
+        .collect();
+    let mut held = shared.held.lock().unwrap_or_else(|e| e.into_inner());
+    let restored = all_restored(&shared.status, &topics);
+    if !restored && shared.started.elapsed() < HOLD_LIMIT {
+        sink.held(1);
+        held.push(batch);
+        return;
+    }
+    if !restored && !held.is_empty() {
+        warn!("not every source partition is assigned to this instance: external tables are written from the assigned ones");
+    }
+    let mut group = std::mem::take(&mut *held);
+    let counted = group.len();
+    group.push(batch);
+    sink.submit(group, counted);
+}
+
+/// The last offset of each partition (offsets held back from epochs without changes come
+/// first).
+fn latest_offsets(offsets: Vec<Offset>) -> Vec<Offset> {
+    let mut last: HashMap<(String, u32), i64> = HashMap::new();
+    for o in offsets {
+        last.insert((o.topic, o.partition), o.offset);
+    }
+    let mut out: Vec<Offset> = last
+        .into_iter()
+        .map(|((topic, partition), offset)| Offset {
+            topic,
+            partition,
+            offset,
+        })
+        .collect();
+    out.sort_by(|a, b| (&a.topic, a.partition).cmp(&(&b.topic, b.partition)));
+    out
+}
+
+/// Merges one worker's changes of a table into the epoch's (a key's changes all come from
+/// the worker its table key routes to, so tables' key sets do not overlap).
+fn add_changes(all: &mut Vec<TableChanges>, changes: TableChanges) {
+    match all.iter_mut().find(|t| t.table == changes.table) {
+        Some(t) => {
+            t.upserts.extend(changes.upserts);
+            t.deletes.extend(changes.deletes);
+        }
+        None => all.push(changes),
+    }
+}
+
+/// Batches left in the outbox by the previous run, in sequence order. Their `caught_up`
+/// is cleared: whether a rebuilt table may replace the old one is this run's decision.
+fn recover_outbox(store: &Store) -> Result<Vec<SinkBatch>, RuntimeError> {
+    store
+        .outbox()?
+        .into_iter()
+        .map(|(sequence, bytes)| {
+            let mut batch: SinkBatch =
+                bincode::deserialize(&bytes).map_err(|e| RuntimeError::Outbox {
+                    sequence,
+                    message: e.to_string(),
+                })?;
+            batch.caught_up = false;
+            Ok(batch)
+        })
+        .collect()
+}
+
+/// Consolidates an epoch's deltas of a table into its upserts and deletes.
+fn table_changes(table: &TablePlan, deltas: &mut Vec<(Row, isize)>) -> TableChanges {
+    let consolidated = consolidate(deltas);
+    let mut changes = TableChanges {
+        table: table.name.clone(),
+        definition: table.definition(),
+        ..TableChanges::default()
+    };
+    let key_of = |row: &Row| -> Vec<Value> { table.key.iter().map(|k| row[*k].clone()).collect() };
+    let mut put: HashMap<Vec<Value>, usize> = HashMap::new();
+    for (row, diff) in consolidated.iter().filter(|(_, d)| *d > 0) {
+        let key = key_of(row);
+        if *diff > 1 {
+            warn!(table = %table.name, key = %key_text(row, &table.key), diff, "row present more than once");
+        }
+        match put.get(&key) {
+            // Two rows for one key cannot both be written: keep the last, say so.
+            Some(&i) => {
+                warn!(table = %table.name, key = %key_text(row, &table.key), "two rows for one key in an epoch");
+                changes.upserts[i] = row.clone();
+            }
+            None => {
+                put.insert(key, changes.upserts.len());
+                changes.upserts.push(row.clone());
+            }
+        }
+    }
+    for (row, _) in consolidated.iter().filter(|(_, d)| *d < 0) {
+        let key = key_of(row);
+        if !put.contains_key(&key) {
+            put.insert(key.clone(), usize::MAX);
+            changes.deletes.push(key);
+        }
+    }
+    changes
+}
+
+/// Sorts `deltas` and sums the differences of equal rows, dropping those that cancel out.
+fn consolidate(deltas: &mut Vec<(Row, isize)>) -> Vec<(Row, isize)> {
     deltas.sort();
     let mut consolidated: Vec<(Row, isize)> = Vec::with_capacity(deltas.len());
     for (row, diff) in deltas.drain(..) {
@@ -481,6 +767,12 @@ fn write_deltas(
             _ => consolidated.push((row, diff)),
         }
     }
+    consolidated.retain(|(_, d)| *d != 0);
+    consolidated
+}
+
+fn write_deltas(table: &TablePlan, deltas: &mut Vec<(Row, isize)>, commit: &mut Commit) {
+    let consolidated = consolidate(deltas);
     // A key whose row changed has a retraction and an insertion in one epoch: the put alone
     // replaces the row, so only keys with no insertion are deleted.
     let mut put = std::collections::HashSet::new();
@@ -525,12 +817,21 @@ fn handle(
         Message::Revoke {
             source,
             partitions,
+            retract,
             done,
         } => {
             for p in partitions {
                 if let Some(mut task) = tasks.remove(&(source, p)) {
-                    for row in task.state.rows() {
-                        inputs[source].update(row.clone(), -1);
+                    shared
+                        .status
+                        .tasks
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .remove(&(shared.topology.sources[source].topic.clone(), p));
+                    if retract {
+                        for row in task.state.rows() {
+                            inputs[source].update(row.clone(), -1);
+                        }
                     }
                     // The partition's upsert state stays committed for a later re-assignment.
                     if task.state.has_dirty() || task.offset_dirty {
@@ -593,6 +894,12 @@ fn open_task(
         inputs[source].update(row.clone(), 1);
     }
     info!(source = %src.name, topic = %src.topic, partition, rows = state.len(), ?offset, "task created");
+    shared
+        .status
+        .tasks
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .insert((src.topic.clone(), partition));
     tasks.insert(
         (source, partition),
         Task {

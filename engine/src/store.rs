@@ -3,7 +3,9 @@
 //! Column families:
 //! - `state`: per source partition, the upsert [`Entry`] of each key
 //!   (`u/{source}/{partition}/{key}`, key and entry in bincode) and the last applied offset
-//!   (`o/{topic}/{partition}`);
+//!   (`o/{topic}/{partition}`); the instance's id (`m/instance`) and last commit sequence
+//!   (`m/sequence`); and the *outbox* of external-table changes not yet confirmed by their
+//!   database (`x/{sequence}`);
 //! - `table.{name}`: the rows of internal table `name`, keyed by key text, as JSON objects
 //!   ready to serve.
 //!
@@ -68,6 +70,16 @@ fn upsert_prefix(source: usize, partition: u32) -> Vec<u8> {
     format!("u/{source}/{partition:08x}/").into_bytes()
 }
 
+const INSTANCE_KEY: &[u8] = b"m/instance";
+const SEQUENCE_KEY: &[u8] = b"m/sequence";
+const OUTBOX_PREFIX: &[u8] = b"x/";
+
+fn outbox_key(sequence: u64) -> Vec<u8> {
+    let mut k = OUTBOX_PREFIX.to_vec();
+    k.extend(sequence.to_be_bytes());
+    k
+}
+
 fn offset_key(topic: &str, partition: u32) -> Vec<u8> {
     format!("o/{topic}/{partition:08x}").into_bytes()
 }
@@ -104,10 +116,109 @@ impl Store {
             db.create_cf(table_cf(t), &Options::default())
                 .map_err(rocks)?;
         }
-        Ok(Store {
+        let store = Store {
             db: Arc::new(db),
             path: dir.to_path_buf(),
-        })
+        };
+        if store.get_state(INSTANCE_KEY)?.is_none() {
+            let id = new_instance_id();
+            store
+                .db
+                .put_cf(store.state_cf(), INSTANCE_KEY, id.as_bytes())
+                .map_err(|e| store.rocks(e))?;
+        }
+        Ok(store)
+    }
+
+    /// The id of the store in `dir` without opening it for writing; `None` when there is no
+    /// store there yet.
+    pub fn peek_instance_id(dir: &Path) -> Result<Option<String>, StoreError> {
+        if !dir.join("CURRENT").exists() {
+            return Ok(None);
+        }
+        let opts = Options::default();
+        let db = DB::open_cf_for_read_only(&opts, dir, [STATE_CF], false).map_err(|source| {
+            StoreError::Rocks {
+                path: dir.to_path_buf(),
+                source,
+            }
+        })?;
+        let cf = db
+            .cf_handle(STATE_CF)
+            .expect("opened with the state family");
+        let id = db
+            .get_cf(cf, INSTANCE_KEY)
+            .map_err(|source| StoreError::Rocks {
+                path: dir.to_path_buf(),
+                source,
+            })?;
+        Ok(id.map(|b| String::from_utf8_lossy(&b).into_owned()))
+    }
+
+    fn state_cf(&self) -> &rocksdb::ColumnFamily {
+        self.db
+            .cf_handle(STATE_CF)
+            .expect("state column family exists")
+    }
+
+    fn get_state(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        self.db
+            .get_cf(self.state_cf(), key)
+            .map_err(|e| self.rocks(e))
+    }
+
+    /// This store's id, made when it was created: external tables record which store built
+    /// them, and a new store (a wiped state directory) rebuilds them.
+    pub fn instance_id(&self) -> Result<String, StoreError> {
+        Ok(self
+            .get_state(INSTANCE_KEY)?
+            .map(|b| String::from_utf8_lossy(&b).into_owned())
+            .unwrap_or_default())
+    }
+
+    /// The sequence number of the last commit (0 before the first).
+    pub fn sequence(&self) -> Result<u64, StoreError> {
+        match self.get_state(SEQUENCE_KEY)? {
+            None => Ok(0),
+            Some(bytes) => bytes
+                .as_slice()
+                .try_into()
+                .map(u64::from_be_bytes)
+                .map_err(|_| StoreError::Corrupt {
+                    path: self.path.clone(),
+                    key: "m/sequence".into(),
+                    message: "sequence is not 8 bytes".into(),
+                }),
+        }
+    }
+
+    /// The outbox: encoded external-table changes not yet confirmed, by sequence.
+    pub fn outbox(&self) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
+        let mut out = Vec::new();
+        for item in self.db.prefix_iterator_cf(self.state_cf(), OUTBOX_PREFIX) {
+            let (k, v) = item.map_err(|e| self.rocks(e))?;
+            if !k.starts_with(OUTBOX_PREFIX) {
+                break;
+            }
+            let sequence = k[OUTBOX_PREFIX.len()..]
+                .try_into()
+                .map(u64::from_be_bytes)
+                .map_err(|_| StoreError::Corrupt {
+                    path: self.path.clone(),
+                    key: String::from_utf8_lossy(&k).into_owned(),
+                    message: "outbox key is not a sequence".into(),
+                })?;
+            out.push((sequence, v.to_vec()));
+        }
+        Ok(out)
+    }
+
+    /// Removes an outbox entry once its database confirmed it (not synced: losing the removal
+    /// only makes the next start offer the entry again, and the database skips it).
+    pub fn remove_outbox(&self, sequence: u64) -> Result<(), StoreError> {
+        self.db
+            .delete_cf(self.state_cf(), outbox_key(sequence))
+            .map_err(|e| self.rocks(e))
     }
 
     fn rocks(&self, source: rocksdb::Error) -> StoreError {
@@ -271,6 +382,16 @@ impl Commit {
             .put_cf(&cf, offset_key(topic, partition), offset.to_be_bytes());
     }
 
+    /// Records the commit's sequence number and its outbox entry (external-table changes).
+    pub fn put_outbox(&mut self, sequence: u64, changes: &[u8]) {
+        let cf = self
+            .db
+            .cf_handle(STATE_CF)
+            .expect("state column family exists");
+        self.batch.put_cf(&cf, SEQUENCE_KEY, sequence.to_be_bytes());
+        self.batch.put_cf(&cf, outbox_key(sequence), changes);
+    }
+
     /// Number of writes in the commit.
     pub fn len(&self) -> usize {
         self.batch.len()
@@ -280,4 +401,18 @@ impl Commit {
     pub fn is_empty(&self) -> bool {
         self.batch.is_empty()
     }
+}
+
+/// A fresh id: time and process-local randomness, hex. Unique enough to tell two state
+/// directories apart.
+fn new_instance_id() -> String {
+    use std::hash::{BuildHasher, Hasher};
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or_default();
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(nanos);
+    h.write_u32(std::process::id());
+    format!("{:016x}{:08x}", h.finish(), (nanos & 0xffff_ffff) as u32)
 }

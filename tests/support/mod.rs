@@ -31,12 +31,60 @@ pub fn unique(prefix: &str) -> String {
     format!("{prefix}-{}-{}", std::process::id(), nanos % 1_000_000_000)
 }
 
-/// The user-directory topology with its topics and group renamed for this run.
+/// The database started by `scripts/services up`.
+pub fn database_url() -> String {
+    std::env::var("DATABASE_URL").expect(
+        "DATABASE_URL is not set: run the tests with scripts/test, which starts PostgreSQL, \
+         or `eval \"$(scripts/services up)\"` first",
+    )
+}
+
+/// A connection to the test database.
+pub fn pg() -> postgres::Client {
+    postgres::Client::connect(&database_url(), postgres::NoTls).expect("connect to PostgreSQL")
+}
+
+/// The rows of an external table, as key -> JSON row (the same JSON as the engine serves:
+/// the test topologies' external tables have text and bigint columns only).
+pub fn pg_table(
+    client: &mut postgres::Client,
+    t: &Topology,
+    table: &str,
+) -> Result<BTreeMap<String, serde_json::Value>, postgres::Error> {
+    let plan = t.table(table).expect("table of the topology");
+    let pg = plan.postgres().expect("an external table");
+    let sql = format!(
+        "SELECT row_to_json(t)::text FROM \"{}\".\"{}\" t",
+        pg.schema, pg.table
+    );
+    let mut out = BTreeMap::new();
+    for row in client.query(&sql, &[])? {
+        let json: serde_json::Value = serde_json::from_str(row.get::<_, &str>(0)).unwrap();
+        out.insert(json_key(&json, plan), json);
+    }
+    Ok(out)
+}
+
+/// The key text of a JSON row (key columns joined with `|`, as the engine does).
+pub fn json_key(row: &serde_json::Value, plan: &miroir::miroir_engine::plan::TablePlan) -> String {
+    plan.key
+        .iter()
+        .map(|k| match &row[&plan.columns[*k].name] {
+            serde_json::Value::String(s) => s.clone(),
+            other => other.to_string(),
+        })
+        .collect::<Vec<_>>()
+        .join("|")
+}
+
+/// The user-directory topology with its topics and group renamed for this run, and its
+/// external tables in a schema of their own.
 pub struct TestTopology {
     pub text: String,
     pub topology: Topology,
     pub user_topic: String,
     pub department_topic: String,
+    pub schema: String,
 }
 
 pub fn user_directory(run: &str) -> TestTopology {
@@ -47,8 +95,10 @@ pub fn user_directory(run: &str) -> TestTopology {
     let text = std::fs::read_to_string(path).unwrap();
     let user_topic = format!("user-{run}");
     let department_topic = format!("department-{run}");
+    let schema = format!("it_{}", run.replace('-', "_"));
     let text = text
         .replace("name = \"user-directory\"", &format!("name = \"it-{run}\""))
+        .replace("table = \"app.", &format!("table = \"{schema}."))
         .replace("topic = \"user\"", &format!("topic = \"{user_topic}\""))
         .replace(
             "topic = \"department\"",
@@ -60,6 +110,7 @@ pub fn user_directory(run: &str) -> TestTopology {
         topology,
         user_topic,
         department_topic,
+        schema,
     }
 }
 

@@ -34,6 +34,8 @@ struct SourceContext {
     store: Store,
     topics: HashMap<String, usize>,
     metrics: Arc<Metrics>,
+    /// Set when the instance stops: its revocations then keep the tables' rows.
+    stop: Arc<AtomicBool>,
 }
 
 impl ClientContext for SourceContext {
@@ -111,9 +113,11 @@ impl ConsumerContext for SourceContext {
             let mut expected = 0;
             for (source, partitions) in self.by_source(tpl) {
                 info!(topic = ?tpl.elements().first().map(|e| e.topic().to_string()), ?partitions, "partitions revoked");
+                let leaving = self.stop.load(Ordering::SeqCst) || self.runtime.stopped();
                 self.runtime.broadcast(|| Message::Revoke {
                     source,
                     partitions: partitions.clone(),
+                    retract: !leaving,
                     done: tx.clone(),
                 });
                 expected += self.runtime.workers();
@@ -216,16 +220,17 @@ impl KafkaSource {
             .set("heartbeat.interval.ms", "3000")
             .set("max.poll.interval.ms", "60000")
             .set("statistics.interval.ms", "1000");
+        let stop = Arc::new(AtomicBool::new(false));
         let consumer: BaseConsumer<SourceContext> = client.create_with_context(SourceContext {
             runtime: runtime.clone(),
             store,
             topics: topics.clone(),
             metrics,
+            stop: stop.clone(),
         })?;
         let names: Vec<&str> = topics.keys().map(String::as_str).collect();
         record_partition_counts(&consumer, &runtime, Duration::from_secs(10));
         consumer.subscribe(&names)?;
-        let stop = Arc::new(AtomicBool::new(false));
         let thread = std::thread::Builder::new()
             .name("miroir-kafka-source".into())
             .spawn({

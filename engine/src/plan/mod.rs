@@ -161,6 +161,30 @@ impl Plan {
 pub enum Store {
     /// Partition-local RocksDB state, served over HTTP.
     Internal,
+    /// A table in the app's PostgreSQL database, written once per epoch.
+    Postgres(PostgresTable),
+}
+
+/// An external table's PostgreSQL settings (`sink = { postgres = { ... } }`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PostgresTable {
+    /// Schema of the table (`public` when the name is not qualified).
+    pub schema: String,
+    /// Table name.
+    pub table: String,
+    /// Connection URL; `None` takes `DATABASE_URL` (or the CLI's `--database-url`).
+    pub url: Option<String>,
+    /// Roles granted `SELECT` (and nothing else).
+    pub readers: Vec<String>,
+    /// Declared secondary indexes, each a list of column names.
+    pub indexes: Vec<Vec<String>>,
+}
+
+impl PostgresTable {
+    /// `schema.table`, as written in the topology.
+    pub fn qualified(&self) -> String {
+        format!("{}.{}", self.schema, self.table)
+    }
 }
 
 impl TablePlan {
@@ -189,6 +213,38 @@ impl TablePlan {
                 _ => return None,
             }
         }
+    }
+}
+
+impl TablePlan {
+    /// The table's PostgreSQL settings when it is external.
+    pub fn postgres(&self) -> Option<&PostgresTable> {
+        match &self.store {
+            Store::Postgres(pg) => Some(pg),
+            Store::Internal => None,
+        }
+    }
+
+    /// What the table's rows are, as one text: the query (whitespace collapsed), the columns
+    /// with their types and the key. A stored external table whose definition differs is
+    /// rebuilt.
+    pub fn definition(&self) -> String {
+        let query = self.sql.split_whitespace().collect::<Vec<_>>().join(" ");
+        let columns: Vec<String> = self
+            .columns
+            .iter()
+            .map(|c| format!("{} {}", c.name, c.ty.name()))
+            .collect();
+        let key: Vec<&str> = self
+            .key
+            .iter()
+            .map(|k| self.columns[*k].name.as_str())
+            .collect();
+        format!(
+            "{query}\ncolumns: {}\nkey: {}",
+            columns.join(", "),
+            key.join(", ")
+        )
     }
 }
 

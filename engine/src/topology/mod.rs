@@ -31,7 +31,7 @@ pub use diagnostic::{Diagnostic, Position, TopologyError};
 
 use crate::late::{LateAction, LatePolicy};
 use crate::plan::sql::{plan_query, SourceSchema};
-use crate::plan::{Store, TablePlan};
+use crate::plan::{PostgresTable, Store, TablePlan};
 use crate::value::{Column, ColumnType};
 
 /// A validated topology: its sources and planned tables.
@@ -105,6 +105,26 @@ struct RawTable {
     query: Spanned<String>,
     #[serde(default)]
     store: Option<Spanned<String>>,
+    #[serde(default)]
+    sink: Option<Spanned<RawSink>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSink {
+    postgres: Spanned<RawPostgres>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPostgres {
+    table: Spanned<String>,
+    #[serde(default)]
+    url: Option<Spanned<String>>,
+    #[serde(default)]
+    readers: Vec<Spanned<String>>,
+    #[serde(default)]
+    indexes: Vec<Spanned<Vec<Spanned<String>>>>,
 }
 
 struct Reporter<'a> {
@@ -205,23 +225,34 @@ impl Topology {
         for (table_name, raw_table) in &raw.tables {
             check_name(&mut r, table_name, raw_table.span().start, "table");
             table_names.insert(table_name.clone(), ());
-            let store = match raw_table
-                .get_ref()
-                .store
-                .as_ref()
-                .map(|s| (s.get_ref().as_str(), s.span().start))
-            {
-                None | Some(("internal", _)) => Store::Internal,
-                Some((other, at)) => {
+            let store = match (&raw_table.get_ref().store, &raw_table.get_ref().sink) {
+                (Some(store), Some(_)) => {
                     r.at(
-                        at,
-                        format!("unknown store `{other}`"),
+                        store.span().start,
+                        "a table has either `store` or `sink`, not both",
+                        Some("drop `store` to keep the table in PostgreSQL only".into()),
+                    );
+                    continue;
+                }
+                (None, None) => Store::Internal,
+                (Some(store), None) if store.get_ref() == "internal" => Store::Internal,
+                (Some(store), None) => {
+                    r.at(
+                        store.span().start,
+                        format!("unknown store `{}`", store.get_ref()),
                         Some(
-                            "store = \"internal\" keeps the table in RocksDB, queryable over HTTP"
+                            "store = \"internal\" keeps the table in RocksDB, queryable over HTTP; \
+                             sink = { postgres = { table = \"schema.table\" } } writes it to PostgreSQL"
                                 .into(),
                         ),
                     );
                     continue;
+                }
+                (None, Some(sink)) => {
+                    match validate_postgres(&mut r, sink.get_ref().postgres.get_ref()) {
+                        Some(pg) => Store::Postgres(pg),
+                        None => continue,
+                    }
                 }
             };
             let query = &raw_table.get_ref().query;
@@ -229,6 +260,8 @@ impl Topology {
                 continue;
             }
             match plan_query(query.get_ref(), &schemas) {
+                Ok(planned)
+                    if !indexes_known(&mut r, &store, &planned.columns, sink_at(raw_table)) => {}
                 Ok(planned) => tables.push(TablePlan {
                     name: table_name.clone(),
                     sql: query.get_ref().clone(),
@@ -288,8 +321,12 @@ impl Topology {
         }
         for t in &self.tables {
             let key: Vec<&str> = t.key.iter().map(|k| t.columns[*k].name.as_str()).collect();
+            let sink = match &t.store {
+                Store::Internal => "internal RocksDB".to_string(),
+                Store::Postgres(pg) => format!("PostgreSQL {}", pg.qualified()),
+            };
             out.push_str(&format!(
-                "table {} (key {}) -> sink internal RocksDB\n",
+                "table {} (key {}) -> sink {sink}\n",
                 t.name,
                 key.join(", ")
             ));
@@ -298,6 +335,113 @@ impl Topology {
         }
         out
     }
+}
+
+/// PostgreSQL's limit on identifier length (longer names are truncated silently).
+const PG_MAX_IDENTIFIER: usize = 63;
+
+/// Checks a PostgreSQL sink's settings. Names are quoted in every statement, so this only
+/// rejects what PostgreSQL would truncate or what cannot be a name at all.
+fn validate_postgres(r: &mut Reporter<'_>, raw: &RawPostgres) -> Option<PostgresTable> {
+    let before = r.diagnostics.len();
+    let at = raw.table.span().start;
+    let (schema, table) = match raw.table.get_ref().split_once('.') {
+        Some((schema, table)) => (schema.to_string(), table.to_string()),
+        None => ("public".to_string(), raw.table.get_ref().clone()),
+    };
+    for (what, name) in [("schema", &schema), ("table", &table)] {
+        pg_identifier(r, what, name, at);
+    }
+    if table.contains('.') {
+        r.at(
+            at,
+            format!("bad table `{}`", raw.table.get_ref()),
+            Some("write `schema.table` or `table` (in schema public)".into()),
+        );
+    }
+    let mut readers = Vec::new();
+    for reader in &raw.readers {
+        pg_identifier(r, "reader role", reader.get_ref(), reader.span().start);
+        readers.push(reader.get_ref().clone());
+    }
+    let mut indexes = Vec::new();
+    for index in &raw.indexes {
+        if index.get_ref().is_empty() {
+            r.at(
+                index.span().start,
+                "an index needs at least one column",
+                Some("indexes = [[\"email\"], [\"department\", \"name\"]]".into()),
+            );
+        }
+        indexes.push(
+            index
+                .get_ref()
+                .iter()
+                .map(|c| c.get_ref().clone())
+                .collect(),
+        );
+    }
+    if let Some(url) = &raw.url {
+        if !url.get_ref().starts_with("postgres://") && !url.get_ref().starts_with("postgresql://")
+        {
+            r.at(
+                url.span().start,
+                "the connection url must start with postgres:// or postgresql://",
+                Some("leave `url` out to use DATABASE_URL".into()),
+            );
+        }
+    }
+    (r.diagnostics.len() == before).then(|| PostgresTable {
+        schema,
+        table,
+        url: raw.url.as_ref().map(|u| u.get_ref().clone()),
+        readers,
+        indexes,
+    })
+}
+
+fn pg_identifier(r: &mut Reporter<'_>, what: &str, name: &str, at: usize) {
+    if name.is_empty() || name.len() > PG_MAX_IDENTIFIER - 16 || name.contains('\0') {
+        r.at(
+            at,
+            format!("bad {what} name `{name}`"),
+            Some(format!(
+                "use 1 to {} bytes (miroir adds suffixes of up to 16 to PostgreSQL's limit of {PG_MAX_IDENTIFIER})",
+                PG_MAX_IDENTIFIER - 16
+            )),
+        );
+    }
+}
+
+fn sink_at(raw: &Spanned<RawTable>) -> usize {
+    raw.get_ref()
+        .sink
+        .as_ref()
+        .map(|s| s.span().start)
+        .unwrap_or(raw.span().start)
+}
+
+/// Reports declared index columns the table does not have; true when all are known.
+fn indexes_known(r: &mut Reporter<'_>, store: &Store, columns: &[Column], at: usize) -> bool {
+    let Store::Postgres(pg) = store else {
+        return true;
+    };
+    let mut ok = true;
+    for column in pg.indexes.iter().flatten() {
+        if !columns.iter().any(|c| &c.name == column) {
+            let names: Vec<&str> = columns.iter().map(|c| c.name.as_str()).collect();
+            r.at(
+                at,
+                format!(
+                    "index column `{column}` of {} is not a column of the table",
+                    pg.qualified()
+                ),
+                Some(format!("the table's columns: {}", names.join(", "))),
+            );
+            ok = false;
+        }
+    }
+    ok
 }
 
 fn check_name(r: &mut Reporter<'_>, name: &str, at: usize, what: &str) -> bool {

@@ -1,0 +1,87 @@
+//! PostgreSQL external tables (tokio-postgres).
+//!
+//! - [`schema`]: the objects miroir keeps in the app's database (tables, indexes, grants, the
+//!   `miroir` bookkeeping schema), what a start will create, rebuild or keep, and the
+//!   shadow-table swap.
+//! - [`sink`]: [`sink::PostgresSink`], the engine's [`miroir_engine::sink::ExternalSink`]:
+//!   one transaction per batch (binary `COPY` into staging tables, then one merge per table),
+//!   with the instance's sequence and offsets.
+//! - [`cell`]: engine values in PostgreSQL's binary format.
+
+pub mod cell;
+pub mod schema;
+pub mod sink;
+
+/// Errors of the PostgreSQL connector.
+#[derive(Debug, thiserror::Error)]
+pub enum PostgresError {
+    /// The database failed or refused a statement.
+    #[error("postgres: {0}")]
+    Db(#[from] tokio_postgres::Error),
+    /// The configuration is wrong; retrying will not help.
+    #[error("postgres: {0}")]
+    Config(String),
+}
+
+/// `name` as a quoted SQL identifier: identifiers from topologies never reach SQL unquoted.
+pub fn ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+/// `schema.table`, both quoted.
+pub fn qualified(schema: &str, table: &str) -> String {
+    format!("{}.{}", ident(schema), ident(table))
+}
+
+/// The connection URL of a topology's external tables: the one the tables name (they must
+/// agree), else `fallback` (the CLI's `--database-url`, or `DATABASE_URL`).
+pub fn database_url(
+    topology: &miroir_engine::topology::Topology,
+    fallback: Option<&str>,
+) -> Result<String, PostgresError> {
+    let mut named = topology
+        .tables
+        .iter()
+        .filter_map(|t| t.postgres().and_then(|pg| pg.url.clone()));
+    let first = named.next();
+    if let Some(other) = named.find(|u| Some(u) != first.as_ref()) {
+        return Err(PostgresError::Config(format!(
+            "external tables name different databases ({} and {other}): one topology writes one database",
+            first.unwrap_or_default()
+        )));
+    }
+    first
+        .or_else(|| fallback.map(str::to_string))
+        .ok_or_else(|| {
+            PostgresError::Config(
+                "no database: set DATABASE_URL, pass --database-url, or give `url` in the table's sink"
+                    .into(),
+            )
+        })
+}
+
+/// Connects, running the connection on `rt`.
+pub(crate) async fn connect(url: &str) -> Result<tokio_postgres::Client, PostgresError> {
+    let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls).await?;
+    tokio::spawn(async move {
+        if let Err(e) = connection.await {
+            tracing::debug!(error = %e, "postgres connection closed");
+        }
+    });
+    Ok(client)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn identifiers_are_quoted_and_escaped() {
+        assert_eq!(ident("users"), "\"users\"");
+        assert_eq!(
+            ident("a\"; DROP TABLE x; --"),
+            "\"a\"\"; DROP TABLE x; --\""
+        );
+        assert_eq!(qualified("app", "t"), "\"app\".\"t\"");
+    }
+}

@@ -1,0 +1,436 @@
+//! The objects miroir keeps in the app's database, and how a start changes them.
+//!
+//! For each external table `s.t`:
+//! - the table, with the query's columns (types mapped by [`crate::postgres::cell::pg_type`]),
+//!   a primary key on the table's key (`t_pkey`) and the declared indexes (`t_idx0`, ...);
+//! - `SELECT` for each reader role (created `NOLOGIN` when missing), nothing for `PUBLIC`;
+//! - a row in `miroir.tables`: the definition it was built from and the state directory
+//!   (instance) that built it.
+//!
+//! And per topology: `miroir.progress` (the last batch sequence each instance applied) and
+//! `miroir.offsets` (each task's last applied offset).
+//!
+//! A table is kept when its stored definition and builder match; otherwise it is built anew
+//! in a shadow table `t__miroir_new` while `t` keeps serving, and swapped in, in one
+//! transaction, once the instance has caught up with every partition.
+
+use miroir_engine::plan::{PostgresTable, TablePlan};
+use miroir_engine::topology::Topology;
+use tokio_postgres::{Client, GenericClient};
+
+use super::cell::pg_type;
+use super::{ident, qualified, PostgresError};
+
+/// The bookkeeping schema (idempotent).
+const CATALOG: &str = r#"
+CREATE SCHEMA IF NOT EXISTS miroir;
+CREATE TABLE IF NOT EXISTS miroir.tables (
+    schema_name text NOT NULL,
+    table_name text NOT NULL,
+    topology text NOT NULL,
+    definition text NOT NULL,
+    instance text NOT NULL,
+    indexes text NOT NULL,
+    readers text NOT NULL,
+    built_at timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (schema_name, table_name)
+);
+CREATE TABLE IF NOT EXISTS miroir.progress (
+    topology text NOT NULL,
+    instance text NOT NULL,
+    sequence bigint NOT NULL,
+    updated_at timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (topology, instance)
+);
+CREATE TABLE IF NOT EXISTS miroir.offsets (
+    topology text NOT NULL,
+    topic text NOT NULL,
+    partition integer NOT NULL,
+    "offset" bigint NOT NULL,
+    instance text NOT NULL,
+    sequence bigint NOT NULL,
+    updated_at timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (topology, topic, partition)
+);
+"#;
+
+/// What a start does to one external table.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Action {
+    /// The table does not exist: it is built in a shadow table and appears complete.
+    Create,
+    /// The table exists but is out of date: rebuilt in a shadow table, then swapped.
+    Rebuild {
+        /// Why.
+        reason: String,
+    },
+    /// The table is up to date: written in place (indexes and grants are brought in line).
+    Keep,
+}
+
+/// One external table's fate at the next start.
+#[derive(Clone, Debug)]
+pub struct Decision {
+    /// Table name in the topology.
+    pub table: String,
+    /// `schema.table`.
+    pub target: String,
+    /// What happens.
+    pub action: Action,
+}
+
+impl std::fmt::Display for Decision {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.action {
+            Action::Create => write!(f, "create   {} (table {}): new table, built in a shadow table and shown when complete", self.target, self.table),
+            Action::Rebuild { reason } => write!(f, "rebuild  {} (table {}): {reason}; the current table serves until the rebuilt one replaces it", self.target, self.table),
+            Action::Keep => write!(f, "keep     {} (table {}): up to date", self.target, self.table),
+        }
+    }
+}
+
+/// An external table as the sink writes it.
+#[derive(Clone, Debug)]
+pub(crate) struct Target {
+    pub(crate) plan: TablePlan,
+    pub(crate) pg: PostgresTable,
+    pub(crate) definition: String,
+    /// Where rows go now: the table itself, or its shadow while it is built.
+    pub(crate) building: bool,
+}
+
+impl Target {
+    pub(crate) fn written(&self) -> String {
+        if self.building {
+            qualified(&self.pg.schema, &shadow_name(&self.pg.table))
+        } else {
+            qualified(&self.pg.schema, &self.pg.table)
+        }
+    }
+}
+
+fn shadow_name(table: &str) -> String {
+    format!("{table}__miroir_new")
+}
+
+fn index_name(table: &str, i: usize) -> String {
+    format!("{table}_idx{i}")
+}
+
+fn external(topology: &Topology) -> impl Iterator<Item = (&TablePlan, &PostgresTable)> {
+    topology
+        .tables
+        .iter()
+        .filter_map(|t| t.postgres().map(|pg| (t, pg)))
+}
+
+fn indexes_text(pg: &PostgresTable) -> String {
+    serde_json::to_string(&pg.indexes).unwrap_or_default()
+}
+
+fn readers_text(pg: &PostgresTable) -> String {
+    serde_json::to_string(&pg.readers).unwrap_or_default()
+}
+
+/// Decides, without changing anything, what a start of `topology` by the state directory
+/// `instance` does to each external table.
+pub async fn decide(
+    client: &impl GenericClient,
+    topology: &Topology,
+    instance: &str,
+) -> Result<Vec<Decision>, PostgresError> {
+    let has_catalog: bool = client
+        .query_one("SELECT to_regclass('miroir.tables') IS NOT NULL", &[])
+        .await?
+        .get(0);
+    let mut out = Vec::new();
+    for (plan, pg) in external(topology) {
+        let exists: bool = client
+            .query_one(
+                "SELECT to_regclass($1) IS NOT NULL",
+                &[&qualified(&pg.schema, &pg.table)],
+            )
+            .await?
+            .get(0);
+        let stored = if has_catalog {
+            client
+                .query_opt(
+                    "SELECT definition, instance FROM miroir.tables WHERE schema_name = $1 AND table_name = $2",
+                    &[&pg.schema, &pg.table],
+                )
+                .await?
+                .map(|r| (r.get::<_, String>(0), r.get::<_, String>(1)))
+        } else {
+            None
+        };
+        let action = match (exists, stored) {
+            (false, _) => Action::Create,
+            (true, None) => Action::Rebuild {
+                reason: "the table exists but miroir did not build it".into(),
+            },
+            (true, Some((definition, _))) if definition != plan.definition() => Action::Rebuild {
+                reason: "its definition changed".into(),
+            },
+            (true, Some((_, builder))) if builder != instance => Action::Rebuild {
+                reason: "it was built from another state directory".into(),
+            },
+            (true, Some(_)) => Action::Keep,
+        };
+        out.push(Decision {
+            table: plan.name.clone(),
+            target: pg.qualified(),
+            action,
+        });
+    }
+    Ok(out)
+}
+
+/// Creates the bookkeeping schema, the schemas, roles, shadow tables, indexes and grants a
+/// start of `topology` needs; returns where each external table is written.
+pub(crate) async fn prepare(
+    client: &mut Client,
+    topology: &Topology,
+    instance: &str,
+) -> Result<Vec<Target>, PostgresError> {
+    let tx = client.transaction().await?;
+    // One instance prepares at a time (CREATE ... IF NOT EXISTS races otherwise).
+    tx.execute(
+        "SELECT pg_advisory_xact_lock(hashtext('miroir.prepare'))",
+        &[],
+    )
+    .await?;
+    tx.batch_execute(CATALOG).await?;
+    let decisions = decide(&tx, topology, instance).await?;
+    let mut targets = Vec::new();
+    for ((plan, pg), decision) in external(topology).zip(decisions) {
+        tx.batch_execute(&format!(
+            "CREATE SCHEMA IF NOT EXISTS {}",
+            ident(&pg.schema)
+        ))
+        .await?;
+        for reader in &pg.readers {
+            ensure_role(&tx, reader).await?;
+            tx.batch_execute(&format!(
+                "GRANT USAGE ON SCHEMA {} TO {}",
+                ident(&pg.schema),
+                ident(reader)
+            ))
+            .await?;
+        }
+        let building = decision.action != Action::Keep;
+        if building {
+            let shadow = shadow_name(&pg.table);
+            tx.batch_execute(&format!(
+                "DROP TABLE IF EXISTS {}",
+                qualified(&pg.schema, &shadow)
+            ))
+            .await?;
+            create_table(&tx, plan, pg, &shadow).await?;
+            tracing::info!(table = %pg.qualified(), action = ?decision.action, "building the table in a shadow table");
+        } else {
+            refresh_in_place(&tx, topology, pg).await?;
+        }
+        targets.push(Target {
+            plan: plan.clone(),
+            pg: pg.clone(),
+            definition: plan.definition(),
+            building,
+        });
+    }
+    tx.commit().await?;
+    Ok(targets)
+}
+
+async fn ensure_role(tx: &impl GenericClient, role: &str) -> Result<(), PostgresError> {
+    let exists = tx
+        .query_opt("SELECT 1 FROM pg_roles WHERE rolname = $1", &[&role])
+        .await?
+        .is_some();
+    if !exists {
+        tx.batch_execute(&format!("CREATE ROLE {} NOLOGIN", ident(role)))
+            .await
+            .map_err(|e| {
+                PostgresError::Config(format!(
+                    "reader role `{role}` does not exist and cannot be created ({e}): create it, or give the sink's role CREATEROLE"
+                ))
+            })?;
+        tracing::info!(role, "created reader role (NOLOGIN)");
+    }
+    Ok(())
+}
+
+/// Creates table `name` (the table itself or its shadow) with its key, indexes and grants.
+async fn create_table(
+    tx: &impl GenericClient,
+    plan: &TablePlan,
+    pg: &PostgresTable,
+    name: &str,
+) -> Result<(), PostgresError> {
+    let columns: Vec<String> = plan
+        .columns
+        .iter()
+        .map(|c| format!("{} {}", ident(&c.name), pg_type(c.ty).name()))
+        .collect();
+    let key: Vec<String> = plan
+        .key
+        .iter()
+        .map(|k| ident(&plan.columns[*k].name))
+        .collect();
+    let table = qualified(&pg.schema, name);
+    tx.batch_execute(&format!(
+        "CREATE TABLE {table} ({}, CONSTRAINT {} PRIMARY KEY ({}))",
+        columns.join(", "),
+        ident(&format!("{name}_pkey")),
+        key.join(", ")
+    ))
+    .await?;
+    for (i, index) in pg.indexes.iter().enumerate() {
+        create_index(tx, &table, &index_name(name, i), index).await?;
+    }
+    grant(tx, &table, &pg.readers, &[]).await
+}
+
+async fn create_index(
+    tx: &impl GenericClient,
+    table: &str,
+    name: &str,
+    columns: &[String],
+) -> Result<(), PostgresError> {
+    let cols: Vec<String> = columns.iter().map(|c| ident(c)).collect();
+    tx.batch_execute(&format!(
+        "CREATE INDEX IF NOT EXISTS {} ON {table} ({})",
+        ident(name),
+        cols.join(", ")
+    ))
+    .await?;
+    Ok(())
+}
+
+/// Readers get `SELECT` and nothing else; nobody else gets anything but the owner (the
+/// sink's role).
+async fn grant(
+    tx: &impl GenericClient,
+    table: &str,
+    readers: &[String],
+    former: &[String],
+) -> Result<(), PostgresError> {
+    tx.batch_execute(&format!("REVOKE ALL ON {table} FROM PUBLIC"))
+        .await?;
+    for role in former.iter().filter(|r| !readers.contains(r)) {
+        let exists = tx
+            .query_opt("SELECT 1 FROM pg_roles WHERE rolname = $1", &[role])
+            .await?
+            .is_some();
+        if exists {
+            tx.batch_execute(&format!("REVOKE ALL ON {table} FROM {}", ident(role)))
+                .await?;
+        }
+    }
+    for role in readers {
+        tx.batch_execute(&format!("REVOKE ALL ON {table} FROM {}", ident(role)))
+            .await?;
+        tx.batch_execute(&format!("GRANT SELECT ON {table} TO {}", ident(role)))
+            .await?;
+    }
+    Ok(())
+}
+
+/// Brings a kept table's indexes and grants in line with the topology.
+async fn refresh_in_place(
+    tx: &impl GenericClient,
+    topology: &Topology,
+    pg: &PostgresTable,
+) -> Result<(), PostgresError> {
+    let row = tx
+        .query_one(
+            "SELECT indexes, readers FROM miroir.tables WHERE schema_name = $1 AND table_name = $2",
+            &[&pg.schema, &pg.table],
+        )
+        .await?;
+    let former_indexes: Vec<Vec<String>> =
+        serde_json::from_str(row.get::<_, &str>(0)).unwrap_or_default();
+    let former_readers: Vec<String> =
+        serde_json::from_str(row.get::<_, &str>(1)).unwrap_or_default();
+    let table = qualified(&pg.schema, &pg.table);
+    if former_indexes != pg.indexes {
+        for i in 0..former_indexes.len() {
+            tx.batch_execute(&format!(
+                "DROP INDEX IF EXISTS {}",
+                qualified(&pg.schema, &index_name(&pg.table, i))
+            ))
+            .await?;
+        }
+        for (i, index) in pg.indexes.iter().enumerate() {
+            create_index(tx, &table, &index_name(&pg.table, i), index).await?;
+        }
+    }
+    grant(tx, &table, &pg.readers, &former_readers).await?;
+    tx.execute(
+        "UPDATE miroir.tables SET indexes = $3, readers = $4, topology = $5 WHERE schema_name = $1 AND table_name = $2",
+        &[&pg.schema, &pg.table, &indexes_text(pg), &readers_text(pg), &topology.name],
+    )
+    .await?;
+    Ok(())
+}
+
+/// Replaces the table by its complete shadow, in the caller's transaction: readers block
+/// for the instant of the swap and then see the new table, never an empty or partial one.
+pub(crate) async fn swap(
+    tx: &impl GenericClient,
+    topology: &Topology,
+    target: &Target,
+    instance: &str,
+) -> Result<(), PostgresError> {
+    let pg = &target.pg;
+    let shadow = shadow_name(&pg.table);
+    tx.batch_execute(&format!(
+        "DROP TABLE IF EXISTS {}",
+        qualified(&pg.schema, &pg.table)
+    ))
+    .await?;
+    tx.batch_execute(&format!(
+        "ALTER TABLE {} RENAME TO {}",
+        qualified(&pg.schema, &shadow),
+        ident(&pg.table)
+    ))
+    .await?;
+    let mut renames = vec![(format!("{shadow}_pkey"), format!("{}_pkey", pg.table))];
+    for i in 0..pg.indexes.len() {
+        renames.push((index_name(&shadow, i), index_name(&pg.table, i)));
+    }
+    for (from, to) in renames {
+        tx.batch_execute(&format!(
+            "ALTER INDEX {} RENAME TO {}",
+            qualified(&pg.schema, &from),
+            ident(&to)
+        ))
+        .await?;
+    }
+    tx.execute(
+        "INSERT INTO miroir.tables (schema_name, table_name, topology, definition, instance, indexes, readers, built_at)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, now())
+         ON CONFLICT (schema_name, table_name) DO UPDATE SET topology = EXCLUDED.topology,
+           definition = EXCLUDED.definition, instance = EXCLUDED.instance, indexes = EXCLUDED.indexes,
+           readers = EXCLUDED.readers, built_at = EXCLUDED.built_at",
+        &[&pg.schema, &pg.table, &topology.name, &target.definition, &instance, &indexes_text(pg), &readers_text(pg)],
+    )
+    .await?;
+    Ok(())
+}
+
+/// What a start of `topology` (with the state directory whose id is `instance`) will do to
+/// each external table, without changing anything.
+pub fn plan(
+    url: &str,
+    topology: &Topology,
+    instance: &str,
+) -> Result<Vec<Decision>, PostgresError> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| PostgresError::Config(format!("cannot start a runtime: {e}")))?;
+    rt.block_on(async {
+        let client = super::connect(url).await?;
+        decide(&client, topology, instance).await
+    })
+}

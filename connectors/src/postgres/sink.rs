@@ -1,0 +1,331 @@
+//! [`PostgresSink`]: batches of external-table changes, one transaction each.
+//!
+//! For a group of batches, the last with sequence `n`, from instance `i` of topology `t` (the
+//! net change of each key over the group is written once):
+//!
+//! ```sql
+//! BEGIN;
+//! SELECT sequence FROM miroir.progress WHERE topology = t AND instance = i FOR UPDATE;
+//! -- already >= n: a replay, nothing to do (COMMIT)
+//! COPY pg_temp.miroir_up_k FROM STDIN BINARY;      -- per table: new rows
+//! INSERT INTO s.t SELECT * FROM miroir_up_k ON CONFLICT (key) DO UPDATE ... WHERE changed;
+//! COPY pg_temp.miroir_del_k FROM STDIN BINARY;     -- per table: deleted keys
+//! DELETE FROM s.t USING miroir_del_k WHERE key matches;
+//! upsert miroir.offsets, miroir.progress (sequence = n);
+//! -- caught up: swap complete shadow tables in
+//! COMMIT;
+//! ```
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+
+use miroir_engine::sink::{ExternalSink, SinkBatch, SinkError};
+use miroir_engine::topology::Topology;
+use miroir_engine::value::Value;
+use tokio_postgres::binary_copy::BinaryCopyInWriter;
+use tokio_postgres::types::{ToSql, Type};
+use tokio_postgres::{Client, Transaction};
+use tracing::{info, warn};
+
+use super::cell::{pg_type, Cell};
+use super::schema::{prepare, swap, Target};
+use super::{connect, ident, PostgresError};
+
+/// Writes a topology's external tables to one PostgreSQL database.
+pub struct PostgresSink {
+    url: String,
+    topology: Arc<Topology>,
+    instance: String,
+    rt: Arc<tokio::runtime::Runtime>,
+    client: Option<Client>,
+    /// Staging tables created on the current connection (temporary tables die with it).
+    staged: HashSet<usize>,
+    /// Set once the schema objects are prepared (on the first connection).
+    targets: Option<Vec<Target>>,
+}
+
+impl PostgresSink {
+    /// A sink for `topology`'s external tables in the database at `url`, writing as the state
+    /// directory `instance`. It connects lazily: a database that is down at start is retried
+    /// like one that goes down later.
+    pub fn new(
+        url: &str,
+        topology: Arc<Topology>,
+        instance: &str,
+    ) -> Result<PostgresSink, PostgresError> {
+        url.parse::<tokio_postgres::Config>()?;
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| PostgresError::Config(format!("cannot start a runtime: {e}")))?;
+        Ok(PostgresSink {
+            url: url.to_string(),
+            topology,
+            instance: instance.to_string(),
+            rt: Arc::new(rt),
+            client: None,
+            staged: HashSet::new(),
+            targets: None,
+        })
+    }
+
+    async fn try_apply(&mut self, batches: &[SinkBatch]) -> Result<(), PostgresError> {
+        if self.client.as_ref().is_none_or(|c| c.is_closed()) {
+            self.client = Some(connect(&self.url).await?);
+            self.staged.clear();
+        }
+        let client = self.client.as_mut().expect("connected above");
+        if self.targets.is_none() {
+            self.targets = Some(prepare(client, &self.topology, &self.instance).await?);
+        }
+        let targets = self.targets.as_mut().expect("prepared above");
+        let tx = client.transaction().await?;
+        let applied: Option<i64> = tx
+            .query_opt(
+                "SELECT sequence FROM miroir.progress WHERE topology = $1 AND instance = $2 FOR UPDATE",
+                &[&self.topology.name, &self.instance],
+            )
+            .await?
+            .map(|r| r.get(0));
+        let fresh: Vec<&SinkBatch> = batches
+            .iter()
+            .filter(|b| applied.is_none_or(|a| b.sequence as i64 > a))
+            .collect();
+        let Some(last) = fresh.last() else {
+            info!(sequence = ?batches.last().map(|b| b.sequence), "batches already applied (replay): skipped");
+            tx.commit().await?;
+            return Ok(());
+        };
+        for (k, target) in targets.iter().enumerate() {
+            let (upserts, deletes) = final_changes(target, &fresh);
+            if upserts.is_empty() && deletes.is_empty() {
+                continue;
+            }
+            if !self.staged.contains(&k) {
+                create_staging(&tx, target, k).await?;
+                self.staged.insert(k);
+            }
+            write_changes(&tx, target, k, upserts, deletes).await?;
+        }
+        let mut offsets: HashMap<(&str, u32), i64> = HashMap::new();
+        for o in fresh.iter().flat_map(|b| &b.offsets) {
+            offsets.insert((o.topic.as_str(), o.partition), o.offset);
+        }
+        let topics: Vec<&str> = offsets.keys().map(|(t, _)| *t).collect();
+        let partitions: Vec<i32> = offsets.keys().map(|(_, p)| *p as i32).collect();
+        let offsets: Vec<i64> = offsets.values().copied().collect();
+        let sequence = last.sequence as i64;
+        tx.execute(
+            "INSERT INTO miroir.offsets (topology, topic, partition, \"offset\", instance, sequence, updated_at)
+             SELECT $1, t, p, o, $5, $6, now() FROM unnest($2::text[], $3::int[], $4::bigint[]) AS u(t, p, o)
+             ON CONFLICT (topology, topic, partition) DO UPDATE SET \"offset\" = EXCLUDED.\"offset\",
+               instance = EXCLUDED.instance, sequence = EXCLUDED.sequence, updated_at = EXCLUDED.updated_at",
+            &[&self.topology.name, &topics, &partitions, &offsets, &self.instance, &sequence],
+        )
+        .await?;
+        tx.execute(
+            "INSERT INTO miroir.progress (topology, instance, sequence, updated_at) VALUES ($1, $2, $3, now())
+             ON CONFLICT (topology, instance) DO UPDATE SET sequence = EXCLUDED.sequence, updated_at = EXCLUDED.updated_at",
+            &[&self.topology.name, &self.instance, &sequence],
+        )
+        .await?;
+        let mut swapped = Vec::new();
+        if fresh.iter().any(|b| b.caught_up) {
+            for (k, target) in targets.iter().enumerate().filter(|(_, t)| t.building) {
+                swap(&tx, &self.topology, target, &self.instance).await?;
+                swapped.push(k);
+            }
+        }
+        tx.commit().await?;
+        for k in swapped {
+            targets[k].building = false;
+            info!(table = %targets[k].pg.qualified(), "rebuilt table swapped in");
+        }
+        Ok(())
+    }
+}
+
+/// The net effect of `batches` (in order) on `target`: the last row of each key written, and
+/// the keys whose last change is a delete. Changes made under another definition of the
+/// table (batches recovered from the outbox after a redeploy) are left out: the table is
+/// rebuilt from the current state anyway.
+fn final_changes<'a>(
+    target: &Target,
+    batches: &[&'a SinkBatch],
+) -> (Vec<&'a [Value]>, Vec<&'a [Value]>) {
+    let mut last: HashMap<Vec<&'a Value>, Result<&'a [Value], &'a [Value]>> = HashMap::new();
+    for batch in batches {
+        for changes in batch.tables.iter().filter(|t| t.table == target.plan.name) {
+            if changes.definition != target.definition {
+                warn!(table = %changes.table, sequence = batch.sequence, "changes made under another definition of the table: skipped (it is rebuilt)");
+                continue;
+            }
+            for row in &changes.upserts {
+                let key = target.plan.key.iter().map(|i| &row[*i]).collect();
+                last.insert(key, Ok(row.as_slice()));
+            }
+            for key in &changes.deletes {
+                last.insert(key.iter().collect(), Err(key.as_slice()));
+            }
+        }
+    }
+    let mut upserts = Vec::new();
+    let mut deletes = Vec::new();
+    for change in last.into_values() {
+        match change {
+            Ok(row) => upserts.push(row),
+            Err(key) => deletes.push(key),
+        }
+    }
+    (upserts, deletes)
+}
+
+impl ExternalSink for PostgresSink {
+    fn apply(&mut self, batches: &[SinkBatch]) -> Result<(), SinkError> {
+        let rt = self.rt.clone();
+        rt.block_on(self.try_apply(batches)).map_err(|e| {
+            // A failed transaction may leave the connection unusable: start afresh.
+            self.client = None;
+            SinkError(e.to_string())
+        })
+    }
+}
+
+fn staging(k: usize) -> (String, String) {
+    (format!("miroir_up_{k}"), format!("miroir_del_{k}"))
+}
+
+/// The connection's staging tables of target `k`: one for new rows, one for deleted keys.
+async fn create_staging(
+    tx: &Transaction<'_>,
+    target: &Target,
+    k: usize,
+) -> Result<(), PostgresError> {
+    let (up, del) = staging(k);
+    let columns = |only_key: bool| -> String {
+        target
+            .plan
+            .columns
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| !only_key || target.plan.key.contains(i))
+            .map(|(_, c)| format!("{} {}", ident(&c.name), pg_type(c.ty).name()))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    tx.batch_execute(&format!(
+        "CREATE TEMP TABLE IF NOT EXISTS {} ({}) ON COMMIT DELETE ROWS;
+         CREATE TEMP TABLE IF NOT EXISTS {} ({}) ON COMMIT DELETE ROWS",
+        ident(&up),
+        columns(false),
+        ident(&del),
+        columns(true)
+    ))
+    .await?;
+    Ok(())
+}
+
+async fn copy_rows<'a>(
+    tx: &Transaction<'_>,
+    table: &str,
+    types: &[Type],
+    rows: impl Iterator<Item = &'a [Value]>,
+) -> Result<(), PostgresError> {
+    let sink = tx
+        .copy_in(&format!("COPY {} FROM STDIN BINARY", ident(table)))
+        .await?;
+    let writer = BinaryCopyInWriter::new(sink, types);
+    let mut writer = std::pin::pin!(writer);
+    let mut cells: Vec<Cell<'_>> = Vec::with_capacity(types.len());
+    for row in rows {
+        cells.clear();
+        cells.extend(row.iter().map(Cell));
+        let refs: Vec<&(dyn ToSql + Sync)> =
+            cells.iter().map(|c| c as &(dyn ToSql + Sync)).collect();
+        writer.as_mut().write(&refs).await?;
+    }
+    writer.as_mut().finish().await?;
+    Ok(())
+}
+
+/// Stages a table's changes and merges them into the table it is written to.
+async fn write_changes(
+    tx: &Transaction<'_>,
+    target: &Target,
+    k: usize,
+    upserts: Vec<&[Value]>,
+    deletes: Vec<&[Value]>,
+) -> Result<(), PostgresError> {
+    let plan = &target.plan;
+    let (up, del) = staging(k);
+    let table = target.written();
+    let key_names: Vec<String> = plan
+        .key
+        .iter()
+        .map(|i| ident(&plan.columns[*i].name))
+        .collect();
+    let names: Vec<String> = plan.columns.iter().map(|c| ident(&c.name)).collect();
+    // A primary key cannot hold NULL: such rows are reported and left out.
+    let before = upserts.len() + deletes.len();
+    let upserts: Vec<&[Value]> = upserts
+        .into_iter()
+        .filter(|row| !plan.key.iter().any(|i| row[*i].is_null()))
+        .collect();
+    let deletes: Vec<&[Value]> = deletes
+        .into_iter()
+        .filter(|key| !key.iter().any(Value::is_null))
+        .collect();
+    let skipped = before - upserts.len() - deletes.len();
+    if skipped > 0 {
+        warn!(table = %plan.name, rows = skipped, "rows with a NULL key are not written to PostgreSQL");
+    }
+    if !upserts.is_empty() {
+        let types: Vec<Type> = plan.columns.iter().map(|c| pg_type(c.ty)).collect();
+        copy_rows(tx, &up, &types, upserts.into_iter()).await?;
+        let others: Vec<&String> = names
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| !plan.key.contains(i))
+            .map(|(_, n)| n)
+            .collect();
+        let on_conflict = if others.is_empty() {
+            "DO NOTHING".to_string()
+        } else {
+            let set: Vec<String> = others
+                .iter()
+                .map(|n| format!("{n} = EXCLUDED.{n}"))
+                .collect();
+            let old: Vec<String> = others.iter().map(|n| format!("t.{n}")).collect();
+            let new: Vec<String> = others.iter().map(|n| format!("EXCLUDED.{n}")).collect();
+            format!(
+                "DO UPDATE SET {} WHERE ({}) IS DISTINCT FROM ({})",
+                set.join(", "),
+                old.join(", "),
+                new.join(", ")
+            )
+        };
+        tx.batch_execute(&format!(
+            "INSERT INTO {table} AS t ({cols}) SELECT {cols} FROM {up} ON CONFLICT ({key}) {on_conflict}",
+            cols = names.join(", "),
+            up = ident(&up),
+            key = key_names.join(", "),
+        ))
+        .await?;
+    }
+    if !deletes.is_empty() {
+        let types: Vec<Type> = plan
+            .key
+            .iter()
+            .map(|i| pg_type(plan.columns[*i].ty))
+            .collect();
+        copy_rows(tx, &del, &types, deletes.into_iter()).await?;
+        let matches: Vec<String> = key_names.iter().map(|n| format!("t.{n} = d.{n}")).collect();
+        tx.batch_execute(&format!(
+            "DELETE FROM {table} AS t USING {} AS d WHERE {}",
+            ident(&del),
+            matches.join(" AND ")
+        ))
+        .await?;
+    }
+    Ok(())
+}

@@ -1,0 +1,288 @@
+//! External tables: the changes of each epoch, handed to a database through an outbox.
+//!
+//! ```text
+//!  leader, end of epoch:  RocksDB batch { rows, upsert state, offsets, outbox[seq] = SinkBatch }
+//!                              │ (synced)
+//!                              ▼
+//!  sink thread:  ExternalSink::apply([SinkBatch])   one database transaction, retried
+//!                              │ ok
+//!                              ▼
+//!                      remove outbox[seq]
+//! ```
+//!
+//! After a start, batches are held (still written to the outbox) until every partition of
+//! every source has its task restored: the first epochs re-derive the tables from the restored
+//! state one partition at a time, and their intermediate results (a join whose other side is
+//! not restored yet) must not reach readers. The held batches then go as one transaction.
+//!
+//! The database only ever lags RocksDB, never leads it: a batch is applied after the commit
+//! that produced it, and a batch left in the outbox by a crash is applied again at the next
+//! start. The database records the last sequence it applied (in the same transaction), so a
+//! batch offered twice is applied once. Batches are applied in sequence order, so an older
+//! row never overwrites a newer one.
+//!
+//! Backpressure: the leader hands over a batch through a channel of one slot. While the
+//! database is down, the slot stays full, the leader waits, the workers wait at their barrier
+//! and the connector's bounded inboxes fill: consumption pauses instead of buffering.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use backon::{BackoffBuilder, ExponentialBuilder};
+use crossbeam_channel::{Receiver, Sender};
+use serde::{Deserialize, Serialize};
+use tracing::{debug, error, info, warn};
+
+use crate::metrics::Metrics;
+use crate::runtime::Status;
+use crate::store::Store;
+use crate::value::{Row, Value};
+
+/// How long a stopping instance keeps retrying its last batches before leaving them in the
+/// outbox for the next start.
+const STOP_GRACE: Duration = Duration::from_secs(10);
+
+/// The changes of one external table in one batch.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct TableChanges {
+    /// Table name (as in the topology).
+    pub table: String,
+    /// The table's definition when the batch was made ([`crate::plan::TablePlan::definition`]):
+    /// a batch recovered from the outbox is not applied to a table built from another one.
+    pub definition: String,
+    /// New rows and new versions of rows, at most one per key.
+    pub upserts: Vec<Row>,
+    /// Keys (the key columns' values, in key order) of rows that no longer exist.
+    pub deletes: Vec<Vec<Value>>,
+}
+
+/// The last applied offset of one source partition.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Offset {
+    /// Topic.
+    pub topic: String,
+    /// Partition.
+    pub partition: u32,
+    /// Last applied offset.
+    pub offset: i64,
+}
+
+/// Everything one epoch changed in external tables, applied in one database transaction.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct SinkBatch {
+    /// The commit's sequence number: grows by one per batch, across restarts.
+    pub sequence: u64,
+    /// Changes, per table that changed.
+    pub tables: Vec<TableChanges>,
+    /// Offsets of this instance's tasks as of this batch (bookkeeping).
+    pub offsets: Vec<Offset>,
+    /// Whether every partition of every source was assigned and read up to its high
+    /// watermark: tables being rebuilt are complete and may replace the tables they rebuild.
+    pub caught_up: bool,
+}
+
+impl SinkBatch {
+    /// Number of row changes in the batch.
+    pub fn rows(&self) -> usize {
+        self.tables
+            .iter()
+            .map(|t| t.upserts.len() + t.deletes.len())
+            .sum()
+    }
+}
+
+/// A sink failure (the database is unreachable, or refused the batch).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct SinkError(pub String);
+
+/// A database that keeps external tables.
+pub trait ExternalSink: Send {
+    /// Applies `batches` (in sequence order) in one transaction, recording the last
+    /// sequence; a batch whose sequence was already applied changes nothing.
+    fn apply(&mut self, batches: &[SinkBatch]) -> Result<(), SinkError>;
+}
+
+/// The leader's end of the sink thread's channel.
+pub(crate) struct SinkSender {
+    tx: Sender<Vec<SinkBatch>>,
+    metrics: Arc<Metrics>,
+}
+
+impl SinkSender {
+    /// Hands `batches` over, to be applied together; blocks while the previous group is
+    /// still being applied. The first `counted` were counted as pending when held.
+    pub(crate) fn submit(&self, batches: Vec<SinkBatch>, counted: usize) {
+        self.metrics
+            .sink_pending
+            .add((batches.len() - counted) as i64);
+        // A closed channel means the thread gave up while stopping: the batches are in the
+        // outbox.
+        let _ = self.tx.send(batches);
+    }
+
+    /// Counts batches held back (not yet handed over) as pending.
+    pub(crate) fn held(&self, n: usize) {
+        self.metrics.sink_pending.add(n as i64);
+    }
+}
+
+/// The thread that applies batches in order, retrying each until it is applied. It ends
+/// when every [`SinkSender`] is dropped and it has applied what it holds (for at most
+/// [`STOP_GRACE`] of retries once the instance stops).
+pub(crate) struct SinkDriver {
+    thread: Option<JoinHandle<()>>,
+}
+
+impl SinkDriver {
+    /// Starts the thread; it first applies `recovered` (batches left in the outbox).
+    pub(crate) fn start(
+        mut sink: Box<dyn ExternalSink>,
+        recovered: Vec<SinkBatch>,
+        store: Store,
+        metrics: Arc<Metrics>,
+        status: Arc<Status>,
+        stop: Arc<AtomicBool>,
+    ) -> (SinkSender, SinkDriver) {
+        let (tx, rx): (Sender<Vec<SinkBatch>>, Receiver<Vec<SinkBatch>>) =
+            crossbeam_channel::bounded(1);
+        metrics.sink_up.set(1);
+        metrics.sink_pending.set(recovered.len() as i64);
+        let sender = SinkSender {
+            tx,
+            metrics: metrics.clone(),
+        };
+        let thread = std::thread::Builder::new()
+            .name("miroir-sink".into())
+            .spawn(move || {
+                if !recovered.is_empty() {
+                    info!(batches = recovered.len(), "applying batches left in the outbox");
+                }
+                let first = (!recovered.is_empty()).then_some(recovered);
+                for group in first.into_iter().chain(rx.iter()) {
+                    if !apply_with_retry(sink.as_mut(), &group, &metrics, &status, &stop) {
+                        warn!(
+                            sequence = group.first().map(|b| b.sequence),
+                            "stopping with batches not applied: they stay in the outbox for the next start"
+                        );
+                        return;
+                    }
+                    for batch in &group {
+                        if let Err(e) = store.remove_outbox(batch.sequence) {
+                            warn!(sequence = batch.sequence, error = %e, "cannot remove an applied outbox entry (the next start skips it)");
+                        }
+                    }
+                    metrics.sink_pending.sub(group.len() as i64);
+                }
+            })
+            .expect("spawn the sink thread");
+        (
+            sender,
+            SinkDriver {
+                thread: Some(thread),
+            },
+        )
+    }
+
+    /// Waits for the thread (call once every sender is dropped).
+    pub(crate) fn finish(&mut self) {
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// Applies `group`, retrying with exponential backoff (100 ms to 5 s) until it succeeds;
+/// false when the instance stops before it could.
+fn apply_with_retry(
+    sink: &mut dyn ExternalSink,
+    group: &[SinkBatch],
+    metrics: &Metrics,
+    status: &Status,
+    stop: &AtomicBool,
+) -> bool {
+    let mut delays = ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(100))
+        .with_max_delay(Duration::from_secs(5))
+        .with_jitter()
+        .without_max_times()
+        .build();
+    let mut stop_deadline: Option<Instant> = None;
+    loop {
+        let timer = metrics.sink_commit_seconds.start_timer();
+        let sequence = group.last().map(|b| b.sequence).unwrap_or_default();
+        match sink.apply(group) {
+            Ok(()) => {
+                timer.observe_duration();
+                metrics.sink_batches.inc_by(group.len() as u64);
+                for t in group.iter().flat_map(|b| &b.tables) {
+                    metrics
+                        .sink_rows
+                        .with_label_values(&[&t.table, "upsert"])
+                        .inc_by(t.upserts.len() as u64);
+                    metrics
+                        .sink_rows
+                        .with_label_values(&[&t.table, "delete"])
+                        .inc_by(t.deletes.len() as u64);
+                }
+                if metrics.sink_up.get() == 0 {
+                    info!(sequence, "external database reachable again");
+                }
+                metrics.sink_up.set(1);
+                status.sink_sequence.store(sequence, Ordering::SeqCst);
+                *status.sink_error.lock().unwrap_or_else(|e| e.into_inner()) = None;
+                let rows: usize = group.iter().map(SinkBatch::rows).sum();
+                debug!(sequence, batches = group.len(), rows, "batches applied");
+                return true;
+            }
+            Err(e) => {
+                timer.stop_and_discard();
+                metrics.sink_retries.inc();
+                metrics.sink_up.set(0);
+                *status.sink_error.lock().unwrap_or_else(|e| e.into_inner()) = Some(e.to_string());
+                let delay = delays.next().unwrap_or(Duration::from_secs(5));
+                error!(sequence, error = %e, retry_in_ms = delay.as_millis() as u64, "cannot apply a batch to the external database");
+                if stop.load(Ordering::SeqCst) {
+                    let deadline =
+                        *stop_deadline.get_or_insert_with(|| Instant::now() + STOP_GRACE);
+                    if Instant::now() >= deadline {
+                        return false;
+                    }
+                }
+                std::thread::sleep(delay);
+            }
+        }
+    }
+}
+
+/// Whether every partition of every source topic has its task on this instance.
+pub(crate) fn all_restored(status: &Status, topics: &[&str]) -> bool {
+    let restored = status.tasks.lock().unwrap_or_else(|e| e.into_inner());
+    let partitions = status.partitions.lock().unwrap_or_else(|e| e.into_inner());
+    topics.iter().all(|topic| {
+        partitions
+            .get(*topic)
+            .is_some_and(|n| (0..*n).all(|p| restored.contains(&(topic.to_string(), p))))
+    })
+}
+
+/// Whether every partition of every source topic has its task on this instance and is read
+/// up to its high watermark (as of the last commit).
+pub(crate) fn caught_up(status: &Status, topics: &[&str]) -> bool {
+    status.lag() == Some(0) && all_restored(status, topics)
+}
+
+/// Batches a sequence counter hands out.
+pub(crate) struct Sequence(AtomicU64);
+
+impl Sequence {
+    pub(crate) fn new(last: u64) -> Sequence {
+        Sequence(AtomicU64::new(last))
+    }
+
+    pub(crate) fn next(&self) -> u64 {
+        self.0.fetch_add(1, Ordering::SeqCst) + 1
+    }
+}

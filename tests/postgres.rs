@@ -1,0 +1,288 @@
+//! External tables in a real PostgreSQL: readers may only read; `miroir plan` says what a
+//! start will do; a changed definition is rebuilt in a shadow table and swapped in while a
+//! reader queries throughout (it sees the old table or the new one, complete, nothing else);
+//! a database that cannot be reached makes the instance not ready instead of failing.
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use miroir::Engine;
+use miroir_connectors::postgres::schema::{plan, Action};
+use support::*;
+
+const READER: &str = "miroir_it_reader";
+const OUTSIDER: &str = "miroir_it_outsider";
+
+fn start(text: &str, state: &std::path::Path) -> Engine {
+    Engine::builder()
+        .topology_str(text)
+        .brokers(brokers())
+        .state_dir(state)
+        .workers(2)
+        .epoch_interval(Duration::from_millis(50))
+        .start()
+        .unwrap()
+}
+
+fn external_tables<'a>(
+    db: &'a mut postgres::Client,
+    t: &miroir::miroir_engine::topology::Topology,
+) -> impl FnMut(&str) -> BTreeMap<String, serde_json::Value> + 'a {
+    let t = t.clone();
+    move |name| pg_table(db, &t, name).unwrap_or_default()
+}
+
+fn login_role(db: &mut postgres::Client, role: &str) {
+    db.batch_execute(&format!(
+        "DO $$ BEGIN
+           IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = '{role}') THEN
+             CREATE ROLE {role} LOGIN PASSWORD 'secret';
+           END IF;
+         END $$"
+    ))
+    .unwrap();
+}
+
+fn connect_as(role: &str) -> postgres::Client {
+    let mut config: postgres::Config = database_url().parse().unwrap();
+    config.user(role).password("secret");
+    config.connect(postgres::NoTls).unwrap()
+}
+
+fn only_external(
+    expected: BTreeMap<String, BTreeMap<String, serde_json::Value>>,
+    t: &miroir::miroir_engine::topology::Topology,
+) -> BTreeMap<String, BTreeMap<String, serde_json::Value>> {
+    expected
+        .into_iter()
+        .filter(|(name, _)| t.table(name).unwrap().postgres().is_some())
+        .collect()
+}
+
+#[test]
+fn readers_only_read_and_a_changed_table_is_swapped_in_whole() {
+    let run = unique("pg");
+    let mut t = user_directory(&run);
+    let mut db = pg();
+    login_role(&mut db, READER);
+    login_role(&mut db, OUTSIDER);
+    t.text = t.text.replace(
+        "readers = [\"app_reader\"]",
+        &format!("readers = [\"app_reader\", \"{READER}\"]"),
+    );
+    t.topology = miroir::miroir_engine::topology::Topology::parse("t.toml", &t.text).unwrap();
+    let (events, _) = generate(23, 200, 2500);
+    publish(&t, &events);
+    let state = tempfile::tempdir().unwrap();
+
+    // Nothing exists yet: everything is created.
+    let before = plan(&database_url(), &t.topology, "").unwrap();
+    assert!(
+        before.iter().all(|d| d.action == Action::Create),
+        "{before:?}"
+    );
+
+    let engine = start(&t.text, state.path());
+    let expected_v1 = only_external(expected_tables(&t.topology, &events), &t.topology);
+    wait_for_tables(
+        &expected_v1,
+        Duration::from_secs(90),
+        external_tables(&mut db, &t.topology),
+    );
+
+    // The reader role reads and cannot write; a role that is not a reader cannot even read.
+    let table = format!("\"{}\".\"user_directory\"", t.schema);
+    let mut reader = connect_as(READER);
+    let n: i64 = reader
+        .query_one(&format!("SELECT count(*) FROM {table}"), &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(n as usize, expected_v1["user_directory"].len());
+    for write in [
+        format!("UPDATE {table} SET name = 'x'"),
+        format!("DELETE FROM {table}"),
+        format!("INSERT INTO {table} (id) VALUES ('intruder')"),
+        format!("TRUNCATE {table}"),
+    ] {
+        let err = reader.batch_execute(&write).expect_err(&write);
+        assert_eq!(
+            err.code(),
+            Some(&postgres::error::SqlState::INSUFFICIENT_PRIVILEGE),
+            "{write}: {err}"
+        );
+    }
+    let err = connect_as(OUTSIDER)
+        .query(&format!("SELECT * FROM {table}"), &[])
+        .expect_err("an outsider cannot read");
+    assert_eq!(
+        err.code(),
+        Some(&postgres::error::SqlState::INSUFFICIENT_PRIVILEGE)
+    );
+    let metrics = engine.metrics();
+    assert!(
+        counter(&metrics, "miroir_sink_rows_total", "op=\"upsert\"") > 0,
+        "{metrics}"
+    );
+    engine.shutdown();
+
+    // Same topology, same state: nothing to rebuild.
+    let instance = miroir::miroir_engine::store::Store::peek_instance_id(state.path())
+        .unwrap()
+        .unwrap();
+    let same = plan(&database_url(), &t.topology, &instance).unwrap();
+    assert!(same.iter().all(|d| d.action == Action::Keep), "{same:?}");
+    // Another state directory did not build these tables.
+    let other = plan(&database_url(), &t.topology, "another").unwrap();
+    assert!(
+        other
+            .iter()
+            .all(|d| matches!(d.action, Action::Rebuild { .. })),
+        "{other:?}"
+    );
+
+    // A changed query: only that table is rebuilt, in a shadow table.
+    let text_v2 = t.text.replace(
+        "max(u.version) AS max_version,",
+        "max(u.version) AS max_version, min(u.version) AS min_version,",
+    );
+    let topology_v2 = miroir::miroir_engine::topology::Topology::parse("t.toml", &text_v2).unwrap();
+    let decisions = plan(&database_url(), &topology_v2, &instance).unwrap();
+    let action = |table: &str| {
+        decisions
+            .iter()
+            .find(|d| d.table == table)
+            .unwrap()
+            .action
+            .clone()
+    };
+    assert_eq!(action("user_directory"), Action::Keep);
+    assert!(
+        matches!(action("users_per_department"), Action::Rebuild { ref reason } if reason.contains("definition")),
+        "{decisions:?}"
+    );
+    let expected_v2 = only_external(expected_tables(&topology_v2, &events), &topology_v2);
+
+    // A reader polls the rebuilt table throughout the redeploy.
+    let stop = Arc::new(AtomicBool::new(false));
+    let watcher = {
+        let stop = stop.clone();
+        let t2 = topology_v2.clone();
+        let (v1, v2) = (
+            expected_v1["users_per_department"].clone(),
+            expected_v2["users_per_department"].clone(),
+        );
+        std::thread::spawn(move || {
+            let mut db = pg();
+            let (mut old, mut new) = (0, 0);
+            while !stop.load(Ordering::SeqCst) {
+                // Read with the new definition's key: both definitions share it.
+                // Both definitions have the same key, so either reads both tables.
+                let rows = pg_table(&mut db, &t2, "users_per_department")
+                    .expect("the table is always there");
+                if rows == v1 {
+                    old += 1;
+                } else if rows == v2 {
+                    new += 1;
+                } else {
+                    panic!("a reader saw a table that is neither the old one nor the new one, whole: {}", diff(&v2, &rows));
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            (old, new)
+        })
+    };
+    std::thread::sleep(Duration::from_millis(200));
+    let engine = start(&text_v2, state.path());
+    wait_for_tables(
+        &expected_v2,
+        Duration::from_secs(90),
+        external_tables(&mut db, &topology_v2),
+    );
+    std::thread::sleep(Duration::from_millis(200));
+    stop.store(true, Ordering::SeqCst);
+    let (old, new) = watcher.join().expect("the reader saw only whole tables");
+    assert!(
+        old > 0 && new > 0,
+        "the reader saw the old table {old} times, the new one {new} times"
+    );
+    // The readers keep their rights on the rebuilt table.
+    let n: i64 = connect_as(READER)
+        .query_one(
+            &format!(
+                "SELECT count(*) FROM \"{}\".\"users_per_department\"",
+                t.schema
+            ),
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(n as usize, expected_v2["users_per_department"].len());
+    engine.shutdown();
+    let after = plan(&database_url(), &topology_v2, &instance).unwrap();
+    assert!(after.iter().all(|d| d.action == Action::Keep), "{after:?}");
+}
+
+#[test]
+fn an_unreachable_database_makes_the_instance_not_ready() {
+    let run = unique("pgdown");
+    let t = user_directory(&run);
+    let (events, _) = generate(5, 50, 300);
+    publish(&t, &events);
+    let state = tempfile::tempdir().unwrap();
+    let engine = Engine::builder()
+        .topology_str(t.text.clone())
+        .brokers(brokers())
+        .state_dir(state.path())
+        .database_url("postgres://miroir:miroir@127.0.0.1:1/miroir")
+        .epoch_interval(Duration::from_millis(50))
+        .start()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while engine.status().sink_failure().is_none() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the sink never reported the failure"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(!engine.ready());
+    let metrics = engine.metrics();
+    assert_eq!(counter(&metrics, "miroir_sink_up", ""), 0, "{metrics}");
+    assert!(
+        counter(&metrics, "miroir_sink_retries_total", "") > 0,
+        "{metrics}"
+    );
+    // Internal tables keep being served.
+    let expected = expected_tables(&t.topology, &events);
+    let mut contacts = BTreeMap::new();
+    for (key, row) in &expected["user_contacts"] {
+        if engine.get("user_contacts", key).unwrap().is_some() {
+            contacts.insert(key.clone(), row.clone());
+        }
+    }
+    assert!(
+        !contacts.is_empty(),
+        "internal tables are served while the database is down"
+    );
+    engine.shutdown(); // gives up on the batches after a grace period; they stay in the outbox
+}
+
+#[test]
+fn a_database_url_that_is_not_postgres_is_refused() {
+    let run = unique("pgnone");
+    let t = user_directory(&run);
+    let state = tempfile::tempdir().unwrap();
+    let builder = Engine::builder()
+        .topology_str(t.text.replace(
+            "sink = { postgres = { table = \"",
+            "sink = { postgres = { url = \"mysql://nope\", table = \"",
+        ))
+        .brokers(brokers())
+        .state_dir(state.path());
+    let err = builder.start().err().expect("a bad url is refused");
+    assert!(err.to_string().contains("postgres://"), "{err}");
+}
