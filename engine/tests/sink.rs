@@ -271,24 +271,40 @@ fn a_batch_left_in_the_outbox_is_applied_at_the_next_start() {
         failures: usize::MAX,
         ..Db::default()
     }));
+    // Few events: with the database down, backpressure soon stops the workers, and the
+    // feeding would block.
+    let fed = &all[..30];
     let runtime = start(&t, dir.path(), &down);
     assign(&runtime);
-    feed(&runtime, &all, 0);
+    feed(&runtime, fed, 0);
     std::thread::sleep(Duration::from_millis(500));
     runtime.shutdown();
     assert!(down.lock().unwrap().rows.is_empty());
-    {
+    // What the first run committed (and put in its outbox): the events up to each
+    // partition's committed offset.
+    let applied: Vec<_> = {
         let store = Store::open(dir.path(), &[]).unwrap();
         assert!(
             !store.outbox().unwrap().is_empty(),
             "unapplied batches stay in the outbox"
         );
-    }
+        fed.iter()
+            .enumerate()
+            .filter(|(i, (source, partition, _, _))| {
+                store
+                    .offset(&t.sources[*source].topic, *partition)
+                    .unwrap()
+                    .is_some_and(|o| *i as i64 <= o)
+            })
+            .map(|(_, e)| e.clone())
+            .collect()
+    };
+    assert!(!applied.is_empty());
 
     // The next start applies them before anything else, with no new event at all.
     let up = Arc::new(Mutex::new(Db::default()));
     let runtime = start(&t, dir.path(), &up);
-    wait_for(&up, &expected(&t, &all));
+    wait_for(&up, &expected(&t, &applied));
     runtime.shutdown();
     let sequence = up.lock().unwrap().sequence;
 
@@ -305,5 +321,5 @@ fn a_batch_left_in_the_outbox_is_applied_at_the_next_start() {
         caught_up: false,
     };
     again.apply(&[replay]).unwrap();
-    assert_eq!(up.lock().unwrap().rows, expected(&t, &all));
+    assert_eq!(up.lock().unwrap().rows, expected(&t, &applied));
 }
