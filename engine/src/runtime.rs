@@ -270,6 +270,7 @@ impl Runtime {
             announced_caught_up: AtomicBool::new(false),
             held: Mutex::new(Vec::new()),
             started: Instant::now(),
+            handed_over: AtomicBool::new(false),
             topology,
             store: store.clone(),
             metrics,
@@ -375,6 +376,9 @@ struct Shared {
     held: Mutex<Vec<SinkBatch>>,
     /// When the runtime started (holding batches back has a limit).
     started: Instant,
+    /// Whether a group of batches went to the sink since the start (the first one is the
+    /// snapshot, when every task is restored by then).
+    handed_over: AtomicBool,
 }
 
 /// One partition of one source, owned by a worker.
@@ -646,8 +650,9 @@ fn sink_batch(shared: &Shared, commit: &mut Option<Commit>) -> Option<SinkBatch>
 }
 
 /// Hands `batch` to the sink thread, with the batches held before it, once every task is
-/// restored (or after [`HOLD_LIMIT`]); holds it otherwise. Blocks while the database still
-/// applies the previous group: backpressure.
+/// restored (or after [`HOLD_LIMIT`]); holds it otherwise. The first group of a run, when
+/// every task is restored, is the tables' snapshot (see [`crate::sink`]). Blocks while the
+/// database still applies the previous group: backpressure.
 fn hand_over(shared: &Shared, sink: &SinkSender, batch: SinkBatch) {
     let topics: Vec<&str> = shared
         .topology
@@ -665,10 +670,12 @@ fn hand_over(shared: &Shared, sink: &SinkSender, batch: SinkBatch) {
     if !restored && !held.is_empty() {
         warn!("not every source partition is assigned to this instance: external tables are written from the assigned ones");
     }
+    let first = !shared.handed_over.swap(true, Ordering::SeqCst);
+    let snapshot = restored && first;
     let mut group = std::mem::take(&mut *held);
     let counted = group.len();
     group.push(batch);
-    sink.submit(group, counted);
+    sink.submit(group, counted, snapshot);
 }
 
 /// The last offset of each partition (offsets held back from epochs without changes come

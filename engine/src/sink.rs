@@ -10,10 +10,14 @@
 //!                      remove outbox[seq]
 //! ```
 //!
-//! After a start, batches are held (still written to the outbox) until every partition of
-//! every source has its task restored: the first epochs re-derive the tables from the restored
-//! state one partition at a time, and their intermediate results (a join whose other side is
-//! not restored yet) must not reach readers. The held batches then go as one transaction.
+//! After a start, the dataflow re-derives the tables from the restored state, from empty: its
+//! changes are relative to an empty table, while the database holds the table as of the last
+//! applied batch. So batches are held (still written to the outbox) until every partition of
+//! every source has its task restored, and then go as one *snapshot* group: their net effect
+//! is the whole table, and the database deletes every row it does not name. This also keeps
+//! intermediate results of the first epochs (a join whose other side is not restored yet)
+//! from readers, and removes rows whose insertion and deletion fell in the same epoch (a key
+//! deleted right after the restart: the dataflow never emits it, yet the database has it).
 //!
 //! The database only ever lags RocksDB, never leads it: a batch is applied after the commit
 //! that produced it, and a batch left in the outbox by a crash is applied again at the next
@@ -101,26 +105,34 @@ pub struct SinkError(pub String);
 /// A database that keeps external tables.
 pub trait ExternalSink: Send {
     /// Applies `batches` (in sequence order) in one transaction, recording the last
-    /// sequence; a batch whose sequence was already applied changes nothing.
-    fn apply(&mut self, batches: &[SinkBatch]) -> Result<(), SinkError>;
+    /// sequence; a batch whose sequence was already applied changes nothing. With
+    /// `snapshot`, the batches' net effect is the whole content of every external table: rows
+    /// it does not name are deleted.
+    fn apply(&mut self, batches: &[SinkBatch], snapshot: bool) -> Result<(), SinkError>;
 }
 
 /// The leader's end of the sink thread's channel.
 pub(crate) struct SinkSender {
-    tx: Sender<Vec<SinkBatch>>,
+    tx: Sender<Group>,
     metrics: Arc<Metrics>,
+}
+
+/// Batches applied in one transaction.
+struct Group {
+    batches: Vec<SinkBatch>,
+    snapshot: bool,
 }
 
 impl SinkSender {
     /// Hands `batches` over, to be applied together; blocks while the previous group is
     /// still being applied. The first `counted` were counted as pending when held.
-    pub(crate) fn submit(&self, batches: Vec<SinkBatch>, counted: usize) {
+    pub(crate) fn submit(&self, batches: Vec<SinkBatch>, counted: usize, snapshot: bool) {
         self.metrics
             .sink_pending
             .add((batches.len() - counted) as i64);
         // A closed channel means the thread gave up while stopping: the batches are in the
         // outbox.
-        let _ = self.tx.send(batches);
+        let _ = self.tx.send(Group { batches, snapshot });
     }
 
     /// Counts batches held back (not yet handed over) as pending.
@@ -146,8 +158,7 @@ impl SinkDriver {
         status: Arc<Status>,
         stop: Arc<AtomicBool>,
     ) -> (SinkSender, SinkDriver) {
-        let (tx, rx): (Sender<Vec<SinkBatch>>, Receiver<Vec<SinkBatch>>) =
-            crossbeam_channel::bounded(1);
+        let (tx, rx): (Sender<Group>, Receiver<Group>) = crossbeam_channel::bounded(1);
         metrics.sink_up.set(1);
         metrics.sink_pending.set(recovered.len() as i64);
         let sender = SinkSender {
@@ -160,21 +171,24 @@ impl SinkDriver {
                 if !recovered.is_empty() {
                     info!(batches = recovered.len(), "applying batches left in the outbox");
                 }
-                let first = (!recovered.is_empty()).then_some(recovered);
+                let first = (!recovered.is_empty()).then_some(Group {
+                    batches: recovered,
+                    snapshot: false,
+                });
                 for group in first.into_iter().chain(rx.iter()) {
                     if !apply_with_retry(sink.as_mut(), &group, &metrics, &status, &stop) {
                         warn!(
-                            sequence = group.first().map(|b| b.sequence),
+                            sequence = group.batches.first().map(|b| b.sequence),
                             "stopping with batches not applied: they stay in the outbox for the next start"
                         );
                         return;
                     }
-                    for batch in &group {
+                    for batch in &group.batches {
                         if let Err(e) = store.remove_outbox(batch.sequence) {
                             warn!(sequence = batch.sequence, error = %e, "cannot remove an applied outbox entry (the next start skips it)");
                         }
                     }
-                    metrics.sink_pending.sub(group.len() as i64);
+                    metrics.sink_pending.sub(group.batches.len() as i64);
                 }
             })
             .expect("spawn the sink thread");
@@ -198,7 +212,7 @@ impl SinkDriver {
 /// false when the instance stops before it could.
 fn apply_with_retry(
     sink: &mut dyn ExternalSink,
-    group: &[SinkBatch],
+    group: &Group,
     metrics: &Metrics,
     status: &Status,
     stop: &AtomicBool,
@@ -212,12 +226,13 @@ fn apply_with_retry(
     let mut stop_deadline: Option<Instant> = None;
     loop {
         let timer = metrics.sink_commit_seconds.start_timer();
-        let sequence = group.last().map(|b| b.sequence).unwrap_or_default();
-        match sink.apply(group) {
+        let batches = &group.batches;
+        let sequence = batches.last().map(|b| b.sequence).unwrap_or_default();
+        match sink.apply(batches, group.snapshot) {
             Ok(()) => {
                 timer.observe_duration();
-                metrics.sink_batches.inc_by(group.len() as u64);
-                for t in group.iter().flat_map(|b| &b.tables) {
+                metrics.sink_batches.inc_by(batches.len() as u64);
+                for t in batches.iter().flat_map(|b| &b.tables) {
                     metrics
                         .sink_rows
                         .with_label_values(&[&t.table, "upsert"])
@@ -233,8 +248,14 @@ fn apply_with_retry(
                 metrics.sink_up.set(1);
                 status.sink_sequence.store(sequence, Ordering::SeqCst);
                 *status.sink_error.lock().unwrap_or_else(|e| e.into_inner()) = None;
-                let rows: usize = group.iter().map(SinkBatch::rows).sum();
-                debug!(sequence, batches = group.len(), rows, "batches applied");
+                let rows: usize = batches.iter().map(SinkBatch::rows).sum();
+                debug!(
+                    sequence,
+                    batches = batches.len(),
+                    rows,
+                    snapshot = group.snapshot,
+                    "batches applied"
+                );
                 return true;
             }
             Err(e) => {

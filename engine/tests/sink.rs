@@ -54,11 +54,15 @@ struct FakeSink {
 }
 
 impl ExternalSink for FakeSink {
-    fn apply(&mut self, batches: &[SinkBatch]) -> Result<(), SinkError> {
+    fn apply(&mut self, batches: &[SinkBatch], snapshot: bool) -> Result<(), SinkError> {
         let mut db = self.db.lock().unwrap();
         if db.failures > 0 {
             db.failures -= 1;
             return Err(SinkError("connection refused".into()));
+        }
+        let previous = std::mem::take(&mut db.rows);
+        if !snapshot {
+            db.rows = previous;
         }
         for batch in batches {
             if batch.sequence <= db.sequence {
@@ -220,7 +224,19 @@ fn batches_survive_failures_and_restarts_and_match_the_reference() {
         failures: 3,
         ..Db::default()
     }));
-    let all = events();
+    let mut all = events();
+    // Right after the restart, a department is renamed: its old group must leave the
+    // database although the restarted dataflow, which re-derives the table from empty, never
+    // emits it (restored and renamed in the same epoch).
+    all.insert(
+        120,
+        (
+            1,
+            0,
+            "d0".into(),
+            r#"{"id":"d0","name":"Dept 0 renamed"}"#.into(),
+        ),
+    );
     let (first, second) = all.split_at(120);
 
     let runtime = start(&t, dir.path(), &db);
@@ -249,10 +265,11 @@ fn batches_survive_failures_and_restarts_and_match_the_reference() {
         .iter()
         .position(|s| *s == full)
         .expect("the first half was applied whole");
+    let renamed = expected(&t, &all);
     for s in &db.snapshots[first_full..] {
-        assert_eq!(
-            s.keys().collect::<Vec<_>>(),
-            full.keys().collect::<Vec<_>>(),
+        let keys: Vec<_> = s.keys().collect();
+        assert!(
+            keys == full.keys().collect::<Vec<_>>() || keys == renamed.keys().collect::<Vec<_>>(),
             "a reader saw a partial table: {s:?}"
         );
     }
@@ -320,6 +337,6 @@ fn a_batch_left_in_the_outbox_is_applied_at_the_next_start() {
         offsets: vec![],
         caught_up: false,
     };
-    again.apply(&[replay]).unwrap();
+    again.apply(&[replay], false).unwrap();
     assert_eq!(up.lock().unwrap().rows, expected(&t, &applied));
 }

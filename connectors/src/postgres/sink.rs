@@ -9,6 +9,7 @@
 //! -- already >= n: a replay, nothing to do (COMMIT)
 //! COPY pg_temp.miroir_up_k FROM STDIN BINARY;      -- per table: new rows
 //! INSERT INTO s.t SELECT * FROM miroir_up_k ON CONFLICT (key) DO UPDATE ... WHERE changed;
+//! -- snapshot (the first group of a run): DELETE FROM s.t WHERE key not in miroir_up_k;
 //! COPY pg_temp.miroir_del_k FROM STDIN BINARY;     -- per table: deleted keys
 //! DELETE FROM s.t USING miroir_del_k WHERE key matches;
 //! upsert miroir.offsets, miroir.progress (sequence = n);
@@ -69,7 +70,11 @@ impl PostgresSink {
         })
     }
 
-    async fn try_apply(&mut self, batches: &[SinkBatch]) -> Result<(), PostgresError> {
+    async fn try_apply(
+        &mut self,
+        batches: &[SinkBatch],
+        snapshot: bool,
+    ) -> Result<(), PostgresError> {
         if self.client.as_ref().is_none_or(|c| c.is_closed()) {
             self.client = Some(connect(&self.url).await?);
             self.staged.clear();
@@ -96,16 +101,18 @@ impl PostgresSink {
             tx.commit().await?;
             return Ok(());
         };
+        // A snapshot replaces the tables only if none of its batches was applied before.
+        let replace = snapshot && fresh.len() == batches.len();
         for (k, target) in targets.iter().enumerate() {
             let (upserts, deletes) = final_changes(target, &fresh);
-            if upserts.is_empty() && deletes.is_empty() {
+            if upserts.is_empty() && deletes.is_empty() && !replace {
                 continue;
             }
             if !self.staged.contains(&k) {
                 create_staging(&tx, target, k).await?;
                 self.staged.insert(k);
             }
-            write_changes(&tx, target, k, upserts, deletes).await?;
+            write_changes(&tx, target, k, upserts, deletes, replace).await?;
         }
         let mut offsets: HashMap<(&str, u32), i64> = HashMap::new();
         for o in fresh.iter().flat_map(|b| &b.offsets) {
@@ -181,9 +188,9 @@ fn final_changes<'a>(
 }
 
 impl ExternalSink for PostgresSink {
-    fn apply(&mut self, batches: &[SinkBatch]) -> Result<(), SinkError> {
+    fn apply(&mut self, batches: &[SinkBatch], snapshot: bool) -> Result<(), SinkError> {
         let rt = self.rt.clone();
-        rt.block_on(self.try_apply(batches)).map_err(|e| {
+        rt.block_on(self.try_apply(batches, snapshot)).map_err(|e| {
             // A failed transaction may leave the connection unusable: start afresh.
             self.client = None;
             SinkError(e.to_string())
@@ -255,6 +262,7 @@ async fn write_changes(
     k: usize,
     upserts: Vec<&[Value]>,
     deletes: Vec<&[Value]>,
+    replace: bool,
 ) -> Result<(), PostgresError> {
     let plan = &target.plan;
     let (up, del) = staging(k);
@@ -309,6 +317,16 @@ async fn write_changes(
             cols = names.join(", "),
             up = ident(&up),
             key = key_names.join(", "),
+        ))
+        .await?;
+    }
+    if replace {
+        // The staged rows are the whole table: the others go.
+        let matches: Vec<String> = key_names.iter().map(|n| format!("s.{n} = t.{n}")).collect();
+        tx.batch_execute(&format!(
+            "DELETE FROM {table} AS t WHERE NOT EXISTS (SELECT 1 FROM {} AS s WHERE {})",
+            ident(&up),
+            matches.join(" AND ")
         ))
         .await?;
     }
