@@ -1,4 +1,5 @@
-//! The CLI's offline commands: `validate` and `explain`.
+//! The CLI's commands that do not run a topology: `validate`, `explain`, and `plan` (which reads
+//! PostgreSQL).
 
 use std::process::Command;
 
@@ -89,4 +90,45 @@ fn missing_file_is_a_clear_error() {
     let (ok, _, stderr) = miroir(&["validate", "/nonexistent/topology.toml"]);
     assert!(!ok);
     assert!(stderr.contains("cannot read the topology file"), "{stderr}");
+}
+
+#[test]
+fn plan_says_what_a_start_does_in_postgres() {
+    let Ok(url) = std::env::var("DATABASE_URL") else {
+        panic!("DATABASE_URL is not set: run the tests with scripts/test");
+    };
+    let state = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_miroir"))
+        .args(["plan", TOPOLOGY, "--state-dir"])
+        .arg(state.path().join("none"))
+        .env("DATABASE_URL", url)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for table in ["app.user_directory", "app.users_per_department"] {
+        assert!(
+            stdout.lines().any(|l| l.contains(table)
+                && (l.starts_with("create") || l.starts_with("rebuild"))),
+            "a new state directory creates or rebuilds {table}: {stdout}"
+        );
+    }
+
+    let out = Command::new(env!("CARGO_BIN_EXE_miroir"))
+        .args([
+            "plan",
+            TOPOLOGY,
+            "--state-dir",
+            "/tmp",
+            "--database-url",
+            "postgres://miroir:miroir@127.0.0.1:1/x",
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("error"));
 }

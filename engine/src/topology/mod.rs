@@ -699,6 +699,68 @@ GROUP BY d.name"""
     }
 
     #[test]
+    fn reads_and_checks_postgres_sinks() {
+        let sink = |spec: &str| {
+            GOOD.replace(
+                "GROUP BY d.name\"\"\"",
+                &format!("GROUP BY d.name\"\"\"\nsink = {{ postgres = {{ {spec} }} }}"),
+            )
+        };
+        let t = Topology::parse(
+            "t.toml",
+            &sink(r#"table = "app.per_dept", readers = ["r1", "r2"], indexes = [["users"]]"#),
+        )
+        .expect("valid");
+        let pg = t.table("per_dept").unwrap().postgres().expect("external");
+        assert_eq!((pg.schema.as_str(), pg.table.as_str()), ("app", "per_dept"));
+        assert_eq!(pg.readers, ["r1", "r2"]);
+        assert_eq!(pg.indexes, [["users"]]);
+        assert_eq!(pg.url, None);
+        let public = Topology::parse("t.toml", &sink(r#"table = "per_dept""#)).expect("valid");
+        assert_eq!(
+            public.table("per_dept").unwrap().postgres().unwrap().schema,
+            "public"
+        );
+        assert!(t.explain().contains("sink PostgreSQL app.per_dept"));
+
+        for (spec, what) in [
+            (
+                r#"table = "app.per_dept", indexes = [["nope"]]"#,
+                "index column `nope`",
+            ),
+            (r#"table = "a.b.c""#, "bad table"),
+            (r#"table = "", readers = [""]"#, "bad table name"),
+            (r#"table = "t", url = "mysql://x""#, "postgres://"),
+            (r#"table = "t", colour = "red""#, "unknown field `colour`"),
+        ] {
+            let e = errors(&sink(spec));
+            assert!(e.iter().any(|d| d.contains(what)), "{spec}: {e:?}");
+        }
+        let both = sink(r#"table = "t""#).replace("sink = {", "store = \"internal\"\nsink = {");
+        assert!(errors(&both)
+            .iter()
+            .any(|d| d.contains("either `store` or `sink`")));
+    }
+
+    #[test]
+    fn a_definition_changes_with_the_query_columns_and_key() {
+        let t = Topology::parse("t.toml", GOOD).unwrap();
+        let reformatted = Topology::parse(
+            "t.toml",
+            &GOOD.replace("GROUP BY d.name", "GROUP   BY\n d.name"),
+        )
+        .unwrap();
+        let per = |t: &Topology| t.table("per_dept").unwrap().definition();
+        assert_eq!(per(&t), per(&reformatted), "whitespace does not count");
+        let changed = Topology::parse(
+            "t.toml",
+            &GOOD.replace("count(*) AS users", "count(*) AS members"),
+        )
+        .unwrap();
+        assert_ne!(per(&t), per(&changed));
+    }
+
+    #[test]
     fn rejects_unsupported_sql_by_name() {
         for (query, what) in [
             ("SELECT id FROM users ORDER BY id", "ORDER BY"),
