@@ -154,6 +154,10 @@ async fn topology(State(inner): State<Arc<Inner>>) -> Response {
             "query": tb.sql,
             "key": tb.key.iter().map(|k| tb.columns[*k].name.clone()).collect::<Vec<_>>(),
             "columns": columns(&tb.columns),
+            "store": match tb.postgres() {
+                Some(pg) => json!({ "postgres": pg.qualified() }),
+                None => json!("internal"),
+            },
         })).collect::<Vec<_>>(),
         "explain": t.explain(),
     }))

@@ -202,6 +202,11 @@ fn check_http(engine: &Engine, expected: &BTreeMap<String, BTreeMap<String, serd
     );
     let topology: serde_json::Value = get("/v1/topology").json().unwrap();
     assert_eq!(topology["tables"].as_array().unwrap().len(), 3);
+    assert_eq!(topology["tables"][0]["store"], "internal");
+    assert!(topology["tables"][1]["store"]["postgres"]
+        .as_str()
+        .unwrap()
+        .ends_with(".user_directory"));
 }
 
 fn check_error_topic(t: &TestTopology, expected: usize) {
