@@ -616,12 +616,7 @@ fn sink_batch(shared: &Shared, commit: &mut Option<Commit>) -> Option<SinkBatch>
             .lock()
             .unwrap_or_else(|e| e.into_inner()),
     );
-    let topics: Vec<&str> = shared
-        .topology
-        .sources
-        .iter()
-        .map(|s| s.topic.as_str())
-        .collect();
+    let topics = shared.topology.topics();
     let caught_up = caught_up(&shared.status, &topics);
     let announce = caught_up && !shared.announced_caught_up.load(Ordering::SeqCst);
     if tables.is_empty() && !announce {
@@ -654,12 +649,7 @@ fn sink_batch(shared: &Shared, commit: &mut Option<Commit>) -> Option<SinkBatch>
 /// every task is restored, is the tables' snapshot (see [`crate::sink`]). Blocks while the
 /// database still applies the previous group: backpressure.
 fn hand_over(shared: &Shared, sink: &SinkSender, batch: SinkBatch) {
-    let topics: Vec<&str> = shared
-        .topology
-        .sources
-        .iter()
-        .map(|s| s.topic.as_str())
-        .collect();
+    let topics = shared.topology.topics();
     let mut held = shared.held.lock().unwrap_or_else(|e| e.into_inner());
     let restored = all_restored(&shared.status, &topics);
     if !restored && shared.started.elapsed() < HOLD_LIMIT {

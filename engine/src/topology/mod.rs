@@ -297,6 +297,11 @@ impl Topology {
         }
     }
 
+    /// The topics of the sources, in source order.
+    pub fn topics(&self) -> Vec<&str> {
+        self.sources.iter().map(|s| s.topic.as_str()).collect()
+    }
+
     /// The source named `name`.
     pub fn source(&self, name: &str) -> Option<&Source> {
         self.sources.iter().find(|s| s.name == name)
