@@ -200,7 +200,7 @@ fn orchestrate() {
          started by `scripts/services up`.\n\n\
          | writer | rows | seconds | rows/s |\n|---|---|---|---|\n\
          | plain binary `COPY` of the {} final `user_directory` rows into an equivalent table (baseline) | {} | {:.3} | {:.0} |\n\
-         | miroir's sink: {} batches (one transaction each: binary COPY into staging, merge, delete, offsets) | {} | {:.3} | {:.0} |\n\n\
+         | miroir's sink: {} batches (one transaction per group: per table one INSERT ... SELECT FROM unnest(binary arrays) ON CONFLICT DO UPDATE, one DELETE, offsets) | {} | {:.3} | {:.0} |\n\n\
          The sink's rate counts every row change it wrote (upserts and deletes of both external \
          tables; a key changed in several epochs is written once per epoch) over the time spent \
          inside its transactions. miroir's sink reaches **{:.0}%** of the `COPY` rate (target: at \
