@@ -13,9 +13,11 @@
 //! 3. in another child process, runs `topologies/user-directory.toml` with an embedded engine
 //!    (2 workers; its two external tables in PostgreSQL, schema `bench_<run>`) until every
 //!    offset is committed and every batch applied in PostgreSQL;
-//! 4. in a last child process, the PostgreSQL baseline: a plain binary `COPY` of the final rows
+//! 4. in another child process, miroir's PostgreSQL sink alone on the same events'
+//!    `user_directory` changes, in batches of the engine's epoch size;
+//! 5. in a last child process, the PostgreSQL baseline: a plain binary `COPY` of the final rows
 //!    of `user_directory` into an equivalent table (same columns, primary key and index);
-//! 5. prints both comparisons and rewrites the `ingest` and `postgres` sections of
+//! 6. prints both comparisons and rewrites the `ingest` and `postgres` sections of
 //!    `docs/benchmarks.md`.
 //!
 //! Children keep the peak RSS (`VmHWM`) of each phase separate.
@@ -62,6 +64,7 @@ fn main() {
         Ok("consume") => consume_phase(),
         Ok("engine") => engine_phase(),
         Ok("copy") => copy_phase(),
+        Ok("sink") => sink_phase(),
         _ => orchestrate(),
     }
 }
@@ -101,26 +104,9 @@ fn orchestrate() {
 
     eprintln!("bench: publishing {events} events over {keys} keys to {topic}");
     let publisher = Publisher::new(&config).unwrap();
-    let mut version = vec![0i64; keys as usize];
-    let mut rng = 0x9e37_79b9_7f4a_7c15u64;
     let started = Instant::now();
     let mut bytes = 0usize;
-    for i in 0..events {
-        rng ^= rng << 13;
-        rng ^= rng >> 7;
-        rng ^= rng << 17;
-        let k = (rng % keys) as usize;
-        let late = i % 100 == 50 && version[k] > 1;
-        if !late {
-            version[k] += 1;
-        }
-        let v = if late { version[k] - 1 } else { version[k] };
-        let op = ["created", "email-changed", "renamed"][(rng >> 40) as usize % 3];
-        let payload = format!(
-            "{{\"id\":\"u-{k}\",\"email\":\"User{k}.V{v}@Example.com\",\"name\":\"User {k}\",\"department_id\":\"d-{}\",\"active\":{},\"version\":{v},\"event_type\":\"{op}\",\"updated_at\":\"2026-11-25T10:00:00Z\"}}",
-            k % 20,
-            !k.is_multiple_of(10)
-        );
+    for (k, _, _, payload) in generate(events, keys) {
         bytes += payload.len();
         publisher
             .send(
@@ -137,11 +123,13 @@ fn orchestrate() {
         events as f64 / publish_secs
     );
 
-    let child = |phase: &str| -> Vec<f64> {
+    let child = |phase: &str, batch_events: u64| -> Vec<f64> {
         let out = Command::new(std::env::current_exe().unwrap())
             .env("MIROIR_BENCH_PHASE", phase)
             .env("MIROIR_BENCH_RUN", &run)
             .env("MIROIR_BENCH_EVENTS", events.to_string())
+            .env("MIROIR_BENCH_KEYS", keys.to_string())
+            .env("MIROIR_BENCH_BATCH_EVENTS", batch_events.to_string())
             .output()
             .unwrap();
         let stdout = String::from_utf8_lossy(&out.stdout);
@@ -159,9 +147,11 @@ fn orchestrate() {
             .map(|x| x.parse().unwrap())
             .collect()
     };
-    let raw = child("consume");
-    let engine = child("engine");
-    let copy = child("copy");
+    let raw = child("consume", 0);
+    let engine = child("engine", 0);
+    // The sink alone gets batches of the size the engine's epochs had.
+    let alone = child("sink", (events / (engine[5].max(1.0) as u64)).max(1));
+    let copy = child("copy", 0);
     let raw_rate = events as f64 / raw[0];
     let engine_rate = events as f64 / engine[0];
     let ratio = engine_rate / raw_rate;
@@ -190,8 +180,9 @@ fn orchestrate() {
     );
     println!("{report}");
     // engine: [secs, rss, internal rows, sink rows, sink seconds, sink batches]
-    // copy: [secs, rows]
+    // alone: [secs, rows, batches]; copy: [secs, rows]
     let sink_rate = engine[3] / engine[4];
+    let alone_rate = alone[1] / alone[0];
     let copy_rate = copy[1] / copy[0];
     let postgres = format!(
         "<!-- postgres:begin -->\n\
@@ -200,20 +191,29 @@ fn orchestrate() {
          started by `scripts/services up`.\n\n\
          | writer | rows | seconds | rows/s |\n|---|---|---|---|\n\
          | plain binary `COPY` of the {} final `user_directory` rows into an equivalent table (baseline) | {} | {:.3} | {:.0} |\n\
-         | miroir's sink: {} batches (one transaction per group: per table one INSERT ... SELECT FROM unnest(binary arrays) ON CONFLICT DO UPDATE, one DELETE, offsets) | {} | {:.3} | {:.0} |\n\n\
-         The sink's rate counts every row change it wrote (upserts and deletes of both external \
-         tables; a key changed in several epochs is written once per epoch) over the time spent \
-         inside its transactions. miroir's sink reaches **{:.0}%** of the `COPY` rate (target: at \
-         least 70%). End to end, the 1,000,000 events were applied and written in {:.1} s.\n\
+         | miroir's sink alone: the same events' `user_directory` changes in {} batches, through `PostgresSink`, into a fresh table | {} | {:.3} | {:.0} |\n\
+         | miroir's sink inside the engine run above: {} batches, both external tables, sharing the 2 cores with the engine | {} | {:.3} | {:.0} |\n\n\
+         Each sink transaction writes, per table, one `INSERT ... SELECT FROM unnest(binary arrays) \
+         ON CONFLICT DO UPDATE ... WHERE changed` and one `DELETE`, then the offsets and the \
+         sequence. Its rate counts every row it wrote (a key changed in several epochs is written \
+         once per epoch: most rows are updates, the baseline writes inserts only) over the time \
+         spent inside its transactions. Alone, the sink reaches **{:.0}%** of the `COPY` rate; inside \
+         the engine run, {:.0}% (target: at least 70%). End to end, the events were applied and \
+         written in {:.1} s.\n\
          <!-- postgres:end -->\n",
         copy[1] as u64,
         copy[1] as u64,
         copy[0],
         copy_rate,
+        alone[2] as u64,
+        alone[1] as u64,
+        alone[0],
+        alone_rate,
         engine[5] as u64,
         engine[3] as u64,
         engine[4],
         sink_rate,
+        alone_rate / copy_rate * 100.0,
         sink_rate / copy_rate * 100.0,
         engine[0],
     );
@@ -287,6 +287,97 @@ fn copy_phase() {
     db.batch_execute(&format!("DROP SCHEMA \"{schema}\" CASCADE"))
         .unwrap();
     println!("RESULT {secs} {}", rows.len());
+}
+
+/// The benchmark's events, the same in every phase: (key number, version, late, payload).
+/// One event in a hundred is late (an older version).
+fn generate(events: u64, keys: u64) -> impl Iterator<Item = (usize, i64, bool, String)> {
+    let mut version = vec![0i64; keys as usize];
+    let mut rng = 0x9e37_79b9_7f4a_7c15u64;
+    (0..events).map(move |i| {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        let k = (rng % keys) as usize;
+        let late = i % 100 == 50 && version[k] > 1;
+        if !late {
+            version[k] += 1;
+        }
+        let v = if late { version[k] - 1 } else { version[k] };
+        let op = ["created", "email-changed", "renamed"][(rng >> 40) as usize % 3];
+        let payload = format!(
+            "{{\"id\":\"u-{k}\",\"email\":\"User{k}.V{v}@Example.com\",\"name\":\"User {k}\",\"department_id\":\"d-{}\",\"active\":{},\"version\":{v},\"event_type\":\"{op}\",\"updated_at\":\"2026-11-25T10:00:00Z\"}}",
+            k % 20,
+            !k.is_multiple_of(10)
+        );
+        (k, v, late, payload)
+    })
+}
+
+/// miroir's PostgreSQL sink alone, without the engine competing for the 2 cores: the
+/// `user_directory` changes of the same events, cut into batches of the size the engine's
+/// epochs had in the engine phase (late events left out), applied by `PostgresSink` into a
+/// fresh table (a rebuild's shadow table).
+fn sink_phase() {
+    use miroir::miroir_engine::sink::{ExternalSink, SinkBatch, TableChanges};
+    use miroir::miroir_engine::value::Value;
+
+    let run = std::env::var("MIROIR_BENCH_RUN").unwrap();
+    let events = env_or("MIROIR_BENCH_EVENTS", 0);
+    let keys = env_or("MIROIR_BENCH_KEYS", 100_000);
+    let per_batch = env_or("MIROIR_BENCH_BATCH_EVENTS", 25_000) as usize;
+    let url = std::env::var("DATABASE_URL").expect("DATABASE_URL");
+    let topology = std::sync::Arc::new(
+        miroir::miroir_engine::topology::Topology::parse("bench.toml", &topology_text(&run))
+            .unwrap(),
+    );
+    let plan = topology.table("user_directory").unwrap().clone();
+    let mut sink = miroir_connectors::postgres::sink::PostgresSink::new(
+        &url,
+        topology.clone(),
+        "bench-sink-alone",
+    )
+    .unwrap();
+    let mut batch = std::collections::HashMap::new();
+    let mut sequence = 0;
+    let (mut rows, mut secs) = (0usize, 0.0f64);
+    let mut flush = |batch: &mut std::collections::HashMap<usize, Vec<Value>>| {
+        sequence += 1;
+        let upserts: Vec<Vec<Value>> = batch.drain().map(|(_, row)| row).collect();
+        rows += upserts.len();
+        let b = SinkBatch {
+            sequence,
+            tables: vec![TableChanges {
+                table: plan.name.clone(),
+                definition: plan.definition(),
+                upserts,
+                deletes: vec![],
+            }],
+            offsets: vec![],
+            caught_up: false,
+        };
+        let started = Instant::now();
+        sink.apply(&[b], false).unwrap();
+        secs += started.elapsed().as_secs_f64();
+    };
+    for (i, (k, v, late, _)) in generate(events, keys).enumerate() {
+        if !late {
+            batch.insert(
+                k,
+                vec![
+                    Value::Text(format!("u-{k}")),
+                    Value::Text(format!("User {k}")),
+                    Value::Text(format!("User{k}.V{v}@Example.com")),
+                    Value::Text("unassigned".into()),
+                ],
+            );
+        }
+        if (i + 1) % per_batch == 0 {
+            flush(&mut batch);
+        }
+    }
+    flush(&mut batch);
+    println!("RESULT {secs} {rows} {sequence}");
 }
 
 fn consume_phase() {
