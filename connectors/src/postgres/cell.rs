@@ -4,7 +4,7 @@ use std::error::Error;
 
 use bytes::{BufMut, BytesMut};
 use miroir_engine::value::{ColumnType, Value};
-use tokio_postgres::types::{to_sql_checked, IsNull, Kind, ToSql, Type};
+use tokio_postgres::types::{to_sql_checked, IsNull, ToSql, Type};
 
 /// Microseconds from the Unix epoch to PostgreSQL's (2000-01-01).
 const PG_EPOCH_MICROS: i64 = 946_684_800_000_000;
@@ -57,56 +57,6 @@ impl ToSql for Cell<'_> {
     to_sql_checked!();
 }
 
-/// A column of values as a one-dimensional array parameter (binary array format), for
-/// `unnest($1::text[], ...)`: a whole batch of rows in one statement.
-#[derive(Debug)]
-pub struct Column<'a>(pub Vec<&'a Value>);
-
-impl ToSql for Column<'_> {
-    fn to_sql(
-        &self,
-        ty: &Type,
-        out: &mut BytesMut,
-    ) -> Result<IsNull, Box<dyn Error + Sync + Send>> {
-        let Kind::Array(element) = ty.kind() else {
-            return Err(format!("{ty} is not an array type").into());
-        };
-        let len = i32::try_from(self.0.len()).map_err(|_| "too many rows for one array")?;
-        out.put_i32(1); // dimensions
-        let has_null_at = out.len();
-        out.put_i32(0); // has NULLs (set below)
-        out.put_u32(element.oid());
-        out.put_i32(len);
-        out.put_i32(1); // lower bound
-        let mut has_null = false;
-        for value in &self.0 {
-            let len_at = out.len();
-            out.put_i32(0);
-            match Cell(value).to_sql(element, out)? {
-                IsNull::Yes => {
-                    has_null = true;
-                    out[len_at..len_at + 4].copy_from_slice(&(-1i32).to_be_bytes());
-                }
-                IsNull::No => {
-                    let written =
-                        i32::try_from(out.len() - len_at - 4).map_err(|_| "value too large")?;
-                    out[len_at..len_at + 4].copy_from_slice(&written.to_be_bytes());
-                }
-            }
-        }
-        if has_null {
-            out[has_null_at..has_null_at + 4].copy_from_slice(&1i32.to_be_bytes());
-        }
-        Ok(IsNull::No)
-    }
-
-    fn accepts(ty: &Type) -> bool {
-        matches!(ty.kind(), Kind::Array(element) if <Cell<'_> as ToSql>::accepts(element))
-    }
-
-    to_sql_checked!();
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -145,25 +95,6 @@ mod tests {
             encode(&Value::Timestamp(PG_EPOCH_MICROS), Type::TIMESTAMPTZ),
             Some(vec![0; 8])
         );
-    }
-
-    #[test]
-    fn columns_encode_as_postgres_arrays() {
-        let (a, b) = (Value::Text("a".into()), Value::Null);
-        let mut out = BytesMut::new();
-        let column = Column(vec![&a, &b]);
-        assert!(matches!(
-            column.to_sql(&Type::TEXT_ARRAY, &mut out),
-            Ok(IsNull::No)
-        ));
-        let mut expected = Vec::new();
-        for word in [1i32, 1, 25, 2, 1, 1] {
-            expected.extend(word.to_be_bytes()); // dims, has null, text oid, len, lower bound, len
-        }
-        expected.push(b'a');
-        expected.extend((-1i32).to_be_bytes());
-        assert_eq!(out.to_vec(), expected);
-        assert!(column.to_sql(&Type::TEXT, &mut BytesMut::new()).is_err());
     }
 
     #[test]

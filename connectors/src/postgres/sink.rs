@@ -7,27 +7,28 @@
 //! BEGIN;
 //! SELECT sequence FROM miroir.progress WHERE topology = t AND instance = i FOR UPDATE;
 //! -- already >= n: a replay, nothing to do (COMMIT)
-//! -- per table, each column of the new rows as one binary array parameter:
-//! INSERT INTO s.t SELECT * FROM unnest($1::text[], ...) ON CONFLICT (key) DO UPDATE ... WHERE changed;
-//! -- snapshot (the first group of a run): DELETE FROM s.t WHERE key NOT IN the new rows;
-//! DELETE FROM s.t USING unnest($1::text[], ...) AS s(key) WHERE key matches;   -- deleted keys
+//! COPY pg_temp.miroir_up_k FROM STDIN BINARY;      -- per table: new rows
+//! INSERT INTO s.t SELECT * FROM miroir_up_k ON CONFLICT (key) DO UPDATE ... WHERE changed;
+//! -- snapshot (the first group of a run): DELETE FROM s.t WHERE key not in miroir_up_k;
+//! COPY pg_temp.miroir_del_k FROM STDIN BINARY;     -- per table: deleted keys
+//! DELETE FROM s.t USING miroir_del_k WHERE key matches;
 //! upsert miroir.offsets, miroir.progress (sequence = n);
 //! -- caught up: swap complete shadow tables in
 //! COMMIT;
 //! ```
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
-use miroir_engine::plan::TablePlan;
 use miroir_engine::sink::{ExternalSink, SinkBatch, SinkError};
 use miroir_engine::topology::Topology;
 use miroir_engine::value::Value;
-use tokio_postgres::types::ToSql;
+use tokio_postgres::binary_copy::BinaryCopyInWriter;
+use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::{Client, Transaction};
 use tracing::{info, warn};
 
-use super::cell::{pg_type, Column};
+use super::cell::{pg_type, Cell};
 use super::schema::{prepare, swap, Target};
 use super::{connect, ident, PostgresError};
 
@@ -38,6 +39,8 @@ pub struct PostgresSink {
     instance: String,
     rt: Arc<tokio::runtime::Runtime>,
     client: Option<Client>,
+    /// Staging tables created on the current connection (temporary tables die with it).
+    staged: HashSet<usize>,
     /// Set once the schema objects are prepared (on the first connection).
     targets: Option<Vec<Target>>,
 }
@@ -62,6 +65,7 @@ impl PostgresSink {
             instance: instance.to_string(),
             rt: Arc::new(rt),
             client: None,
+            staged: HashSet::new(),
             targets: None,
         })
     }
@@ -73,6 +77,7 @@ impl PostgresSink {
     ) -> Result<(), PostgresError> {
         if self.client.as_ref().is_none_or(|c| c.is_closed()) {
             self.client = Some(connect(&self.url).await?);
+            self.staged.clear();
         }
         let client = self.client.as_mut().expect("connected above");
         if self.targets.is_none() {
@@ -98,12 +103,16 @@ impl PostgresSink {
         };
         // A snapshot replaces the tables only if none of its batches was applied before.
         let replace = snapshot && fresh.len() == batches.len();
-        for target in targets.iter() {
+        for (k, target) in targets.iter().enumerate() {
             let (upserts, deletes) = final_changes(target, &fresh);
             if upserts.is_empty() && deletes.is_empty() && !replace {
                 continue;
             }
-            write_changes(&tx, target, upserts, deletes, replace).await?;
+            if !self.staged.contains(&k) {
+                create_staging(&tx, target, k).await?;
+                self.staged.insert(k);
+            }
+            write_changes(&tx, target, k, upserts, deletes, replace).await?;
         }
         let mut offsets: HashMap<(&str, u32), i64> = HashMap::new();
         for o in fresh.iter().flat_map(|b| &b.offsets) {
@@ -189,68 +198,74 @@ impl ExternalSink for PostgresSink {
     }
 }
 
-/// The columns of `rows` at `positions`, as array parameters, with their SQL types.
-fn arrays<'a>(
-    plan: &TablePlan,
-    rows: &[&'a [Value]],
-    positions: impl Iterator<Item = (usize, usize)>,
-) -> (Vec<Column<'a>>, Vec<String>) {
-    positions
-        .map(|(column, at)| {
-            let ty = pg_type(plan.columns[column].ty);
-            (
-                Column(rows.iter().map(|r| &r[at]).collect()),
-                format!("$::{}[]", ty.name()),
-            )
-        })
-        .unzip()
+fn staging(k: usize) -> (String, String) {
+    (format!("miroir_up_{k}"), format!("miroir_del_{k}"))
 }
 
-/// The key columns of `rows` as array parameters: `rows` are whole rows (`whole`) or keys.
-fn key_arrays<'a>(
-    plan: &TablePlan,
-    rows: &[&'a [Value]],
-    whole: bool,
-) -> (Vec<Column<'a>>, Vec<String>) {
-    let positions = plan
-        .key
-        .iter()
-        .enumerate()
-        .map(|(k, column)| (*column, if whole { *column } else { k }));
-    arrays(plan, rows, positions)
-}
-
-/// Runs `sql` with `params`, numbering the `$` placeholders in order.
-async fn execute(
+/// The connection's staging tables of target `k`: one for new rows, one for deleted keys.
+async fn create_staging(
     tx: &Transaction<'_>,
-    sql: &str,
-    params: &[Column<'_>],
+    target: &Target,
+    k: usize,
 ) -> Result<(), PostgresError> {
-    let mut numbered = String::with_capacity(sql.len() + 8);
-    let mut n = 0;
-    for c in sql.chars() {
-        numbered.push(c);
-        if c == '$' {
-            n += 1;
-            numbered.push_str(&n.to_string());
-        }
-    }
-    let refs: Vec<&(dyn ToSql + Sync)> = params.iter().map(|c| c as &(dyn ToSql + Sync)).collect();
-    tx.execute(&numbered, &refs).await?;
+    let (up, del) = staging(k);
+    let columns = |only_key: bool| -> String {
+        target
+            .plan
+            .columns
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| !only_key || target.plan.key.contains(i))
+            .map(|(_, c)| format!("{} {}", ident(&c.name), pg_type(c.ty).name()))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    tx.batch_execute(&format!(
+        "CREATE TEMP TABLE IF NOT EXISTS {} ({}) ON COMMIT DELETE ROWS;
+         CREATE TEMP TABLE IF NOT EXISTS {} ({}) ON COMMIT DELETE ROWS",
+        ident(&up),
+        columns(false),
+        ident(&del),
+        columns(true)
+    ))
+    .await?;
     Ok(())
 }
 
-/// Merges a table's net changes into the table it is written to: one `INSERT ... SELECT FROM
-/// unnest(arrays) ... ON CONFLICT` for new and changed rows, one `DELETE ... USING unnest`
-/// for deleted keys, and with `replace`, one `DELETE` of every row not among the new ones.
+async fn copy_rows<'a>(
+    tx: &Transaction<'_>,
+    table: &str,
+    types: &[Type],
+    rows: impl Iterator<Item = &'a [Value]>,
+) -> Result<(), PostgresError> {
+    let sink = tx
+        .copy_in(&format!("COPY {} FROM STDIN BINARY", ident(table)))
+        .await?;
+    let writer = BinaryCopyInWriter::new(sink, types);
+    let mut writer = std::pin::pin!(writer);
+    let mut cells: Vec<Cell<'_>> = Vec::with_capacity(types.len());
+    for row in rows {
+        cells.clear();
+        cells.extend(row.iter().map(Cell));
+        let refs: Vec<&(dyn ToSql + Sync)> =
+            cells.iter().map(|c| c as &(dyn ToSql + Sync)).collect();
+        writer.as_mut().write(&refs).await?;
+    }
+    writer.as_mut().finish().await?;
+    Ok(())
+}
+
+/// Stages a table's changes and merges them into the table it is written to.
 async fn write_changes(
     tx: &Transaction<'_>,
     target: &Target,
+    k: usize,
     upserts: Vec<&[Value]>,
     deletes: Vec<&[Value]>,
     replace: bool,
 ) -> Result<(), PostgresError> {
     let plan = &target.plan;
+    let (up, del) = staging(k);
     let table = target.written();
     let key_names: Vec<String> = plan
         .key
@@ -258,8 +273,8 @@ async fn write_changes(
         .map(|i| ident(&plan.columns[*i].name))
         .collect();
     let names: Vec<String> = plan.columns.iter().map(|c| ident(&c.name)).collect();
-    let before = upserts.len() + deletes.len();
     // A primary key cannot hold NULL: such rows are reported and left out.
+    let before = upserts.len() + deletes.len();
     let upserts: Vec<&[Value]> = upserts
         .into_iter()
         .filter(|row| !plan.key.iter().any(|i| row[*i].is_null()))
@@ -273,7 +288,8 @@ async fn write_changes(
         warn!(table = %plan.name, rows = skipped, "rows with a NULL key are not written to PostgreSQL");
     }
     if !upserts.is_empty() {
-        let (params, casts) = arrays(plan, &upserts, (0..names.len()).map(|i| (i, i)));
+        let types: Vec<Type> = plan.columns.iter().map(|c| pg_type(c.ty)).collect();
+        copy_rows(tx, &up, &types, upserts.into_iter()).await?;
         let others: Vec<&String> = names
             .iter()
             .enumerate()
@@ -296,35 +312,38 @@ async fn write_changes(
                 new.join(", ")
             )
         };
-        let sql = format!(
-            "INSERT INTO {table} AS t ({cols}) SELECT * FROM unnest({casts}) ON CONFLICT ({key}) {on_conflict}",
+        tx.batch_execute(&format!(
+            "INSERT INTO {table} AS t ({cols}) SELECT {cols} FROM {up} ON CONFLICT ({key}) {on_conflict}",
             cols = names.join(", "),
-            casts = casts.join(", "),
+            up = ident(&up),
             key = key_names.join(", "),
-        );
-        execute(tx, &sql, &params).await?;
+        ))
+        .await?;
     }
-    let matches: Vec<String> = key_names.iter().map(|n| format!("t.{n} = s.{n}")).collect();
     if replace {
-        // The new rows are the whole table: the others go.
-        let (params, casts) = key_arrays(plan, &upserts, true);
-        let sql = format!(
-            "DELETE FROM {table} AS t WHERE NOT EXISTS (SELECT 1 FROM unnest({}) AS s({}) WHERE {})",
-            casts.join(", "),
-            key_names.join(", "),
+        // The staged rows are the whole table: the others go.
+        let matches: Vec<String> = key_names.iter().map(|n| format!("s.{n} = t.{n}")).collect();
+        tx.batch_execute(&format!(
+            "DELETE FROM {table} AS t WHERE NOT EXISTS (SELECT 1 FROM {} AS s WHERE {})",
+            ident(&up),
             matches.join(" AND ")
-        );
-        execute(tx, &sql, &params).await?;
+        ))
+        .await?;
     }
     if !deletes.is_empty() {
-        let (params, casts) = key_arrays(plan, &deletes, false);
-        let sql = format!(
-            "DELETE FROM {table} AS t USING unnest({}) AS s({}) WHERE {}",
-            casts.join(", "),
-            key_names.join(", "),
+        let types: Vec<Type> = plan
+            .key
+            .iter()
+            .map(|i| pg_type(plan.columns[*i].ty))
+            .collect();
+        copy_rows(tx, &del, &types, deletes.into_iter()).await?;
+        let matches: Vec<String> = key_names.iter().map(|n| format!("t.{n} = d.{n}")).collect();
+        tx.batch_execute(&format!(
+            "DELETE FROM {table} AS t USING {} AS d WHERE {}",
+            ident(&del),
             matches.join(" AND ")
-        );
-        execute(tx, &sql, &params).await?;
+        ))
+        .await?;
     }
     Ok(())
 }
