@@ -224,6 +224,61 @@ fn readers_only_read_and_a_changed_table_is_swapped_in_whole() {
     engine.shutdown();
     let after = plan(&database_url(), &topology_v2, &instance).unwrap();
     assert!(after.iter().all(|d| d.action == Action::Keep), "{after:?}");
+
+    // New indexes and fewer readers are applied in place: no rebuild.
+    let text_v3 = text_v2
+        .replace(
+            "indexes = [[\"department\"]]",
+            "indexes = [[\"department\"], [\"email\", \"name\"]]",
+        )
+        .replace(
+            &format!("readers = [\"app_reader\", \"{READER}\"]"),
+            "readers = [\"app_reader\"]",
+        );
+    assert_ne!(text_v3, text_v2);
+    let topology_v3 = miroir::miroir_engine::topology::Topology::parse("t.toml", &text_v3).unwrap();
+    let decisions = plan(&database_url(), &topology_v3, &instance).unwrap();
+    assert!(
+        decisions.iter().all(|d| d.action == Action::Keep),
+        "{decisions:?}"
+    );
+    let engine = start(&text_v3, state.path());
+    wait_for_tables(
+        &expected_v2,
+        Duration::from_secs(90),
+        external_tables(&mut db, &topology_v3),
+    );
+    // The start prepares the tables with its first transaction (the snapshot).
+    let wanted = [
+        "user_directory_idx0",
+        "user_directory_idx1",
+        "user_directory_pkey",
+    ];
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let indexes: Vec<String> = db
+            .query(
+                "SELECT indexname FROM pg_indexes WHERE schemaname = $1 AND tablename = 'user_directory' ORDER BY 1",
+                &[&t.schema],
+            )
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        if indexes == wanted {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "indexes: {indexes:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    engine.shutdown();
+    let err = connect_as(READER)
+        .query(&format!("SELECT * FROM {table}"), &[])
+        .expect_err("a reader taken out of the topology cannot read any more");
+    assert_eq!(
+        err.code(),
+        Some(&postgres::error::SqlState::INSUFFICIENT_PRIVILEGE)
+    );
 }
 
 #[test]
