@@ -242,6 +242,15 @@ fn readers_only_read_and_a_changed_table_is_swapped_in_whole() {
         decisions.iter().all(|d| d.action == Action::Keep),
         "{decisions:?}"
     );
+    let said = decisions
+        .iter()
+        .map(|d| d.to_string())
+        .collect::<Vec<_>>()
+        .join("\n");
+    assert!(
+        said.contains("indexes recreated in place") && said.contains("readers changed in place"),
+        "{said}"
+    );
     let engine = start(&text_v3, state.path());
     wait_for_tables(
         &expected_v2,

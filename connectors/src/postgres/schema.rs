@@ -78,6 +78,8 @@ pub struct Decision {
     pub target: String,
     /// What happens.
     pub action: Action,
+    /// What a kept table has changed in place (indexes, readers).
+    pub notes: Vec<String>,
 }
 
 impl std::fmt::Display for Decision {
@@ -85,7 +87,8 @@ impl std::fmt::Display for Decision {
         match &self.action {
             Action::Create => write!(f, "create   {} (table {}): new table, built in a shadow table and shown when complete", self.target, self.table),
             Action::Rebuild { reason } => write!(f, "rebuild  {} (table {}): {reason}; the current table serves until the rebuilt one replaces it", self.target, self.table),
-            Action::Keep => write!(f, "keep     {} (table {}): up to date", self.target, self.table),
+            Action::Keep if self.notes.is_empty() => write!(f, "keep     {} (table {}): up to date", self.target, self.table),
+            Action::Keep => write!(f, "keep     {} (table {}): {}", self.target, self.table, self.notes.join("; ")),
         }
     }
 }
@@ -159,31 +162,54 @@ pub async fn decide(
         let stored = if has_catalog {
             client
                 .query_opt(
-                    "SELECT definition, instance FROM miroir.tables WHERE schema_name = $1 AND table_name = $2",
+                    "SELECT definition, instance, indexes, readers FROM miroir.tables WHERE schema_name = $1 AND table_name = $2",
                     &[&pg.schema, &pg.table],
                 )
                 .await?
-                .map(|r| (r.get::<_, String>(0), r.get::<_, String>(1)))
+                .map(|r| {
+                    (
+                        r.get::<_, String>(0),
+                        r.get::<_, String>(1),
+                        r.get::<_, String>(2),
+                        r.get::<_, String>(3),
+                    )
+                })
         } else {
             None
         };
+        let mut notes = Vec::new();
         let action = match (exists, stored) {
             (false, _) => Action::Create,
             (true, None) => Action::Rebuild {
                 reason: "the table exists but miroir did not build it".into(),
             },
-            (true, Some((definition, _))) if definition != plan.definition() => Action::Rebuild {
+            (true, Some((definition, ..))) if definition != plan.definition() => Action::Rebuild {
                 reason: "its definition changed".into(),
             },
-            (true, Some((_, builder))) if builder != instance => Action::Rebuild {
+            (true, Some((_, builder, ..))) if builder != instance => Action::Rebuild {
                 reason: "it was built from another state directory".into(),
             },
-            (true, Some(_)) => Action::Keep,
+            (true, Some((_, _, indexes, readers))) => {
+                if indexes != indexes_text(pg) {
+                    notes.push(format!(
+                        "indexes recreated in place ({indexes} -> {})",
+                        indexes_text(pg)
+                    ));
+                }
+                if readers != readers_text(pg) {
+                    notes.push(format!(
+                        "readers changed in place ({readers} -> {})",
+                        readers_text(pg)
+                    ));
+                }
+                Action::Keep
+            }
         };
         out.push(Decision {
             table: plan.name.clone(),
             target: pg.qualified(),
             action,
+            notes,
         });
     }
     Ok(out)
