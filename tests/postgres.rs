@@ -135,6 +135,33 @@ fn readers_only_read_and_a_changed_table_is_swapped_in_whole() {
         .unwrap();
     let same = plan(&database_url(), &t.topology, &instance).unwrap();
     assert!(same.iter().all(|d| d.action == Action::Keep), "{same:?}");
+    // Another topology may not take these tables over.
+    let intruder = miroir::miroir_engine::topology::Topology::parse(
+        "t.toml",
+        &t.text
+            .replace(&format!("name = \"it-{run}\""), "name = \"another-app\""),
+    )
+    .unwrap();
+    let refused = plan(&database_url(), &intruder, &instance).unwrap();
+    assert!(
+        refused
+            .iter()
+            .all(|d| matches!(d.action, Action::Refuse { ref reason } if reason.contains(&format!("it-{run}")))),
+        "{refused:?}"
+    );
+    // Nor may a topology take over a table miroir did not build.
+    db.batch_execute(&format!("CREATE TABLE \"{}\".not_ours (id text)", t.schema))
+        .unwrap();
+    let squatter = miroir::miroir_engine::topology::Topology::parse(
+        "t.toml",
+        &t.text.replace(".users_per_department\"", ".not_ours\""),
+    )
+    .unwrap();
+    let refused = plan(&database_url(), &squatter, &instance).unwrap();
+    assert!(
+        refused.iter().any(|d| matches!(d.action, Action::Refuse { ref reason } if reason.contains("did not build"))),
+        "{refused:?}"
+    );
     // Another state directory did not build these tables.
     let other = plan(&database_url(), &t.topology, "another").unwrap();
     assert!(

@@ -67,6 +67,12 @@ pub enum Action {
     },
     /// The table is up to date: written in place (indexes and grants are brought in line).
     Keep,
+    /// The table belongs to someone else (another topology, or not miroir at all): the start
+    /// refuses to touch it.
+    Refuse {
+        /// Why.
+        reason: String,
+    },
 }
 
 /// One external table's fate at the next start.
@@ -87,6 +93,7 @@ impl std::fmt::Display for Decision {
         match &self.action {
             Action::Create => write!(f, "create   {} (table {}): new table, built in a shadow table and shown when complete", self.target, self.table),
             Action::Rebuild { reason } => write!(f, "rebuild  {} (table {}): {reason}; the current table serves until the rebuilt one replaces it", self.target, self.table),
+            Action::Refuse { reason } => write!(f, "refuse   {} (table {}): {reason}", self.target, self.table),
             Action::Keep if self.notes.is_empty() => write!(f, "keep     {} (table {}): up to date", self.target, self.table),
             Action::Keep => write!(f, "keep     {} (table {}): {}", self.target, self.table, self.notes.join("; ")),
         }
@@ -162,7 +169,7 @@ pub async fn decide(
         let stored = if has_catalog {
             client
                 .query_opt(
-                    "SELECT definition, instance, indexes, readers FROM miroir.tables WHERE schema_name = $1 AND table_name = $2",
+                    "SELECT definition, instance, indexes, readers, topology FROM miroir.tables WHERE schema_name = $1 AND table_name = $2",
                     &[&pg.schema, &pg.table],
                 )
                 .await?
@@ -172,6 +179,7 @@ pub async fn decide(
                         r.get::<_, String>(1),
                         r.get::<_, String>(2),
                         r.get::<_, String>(3),
+                        r.get::<_, String>(4),
                     )
                 })
         } else {
@@ -180,8 +188,13 @@ pub async fn decide(
         let mut notes = Vec::new();
         let action = match (exists, stored) {
             (false, _) => Action::Create,
-            (true, None) => Action::Rebuild {
-                reason: "the table exists but miroir did not build it".into(),
+            (true, None) => Action::Refuse {
+                reason: "a table of that name exists and miroir did not build it; give this table another name, or drop that one".into(),
+            },
+            (true, Some((.., owner))) if owner != topology.name => Action::Refuse {
+                reason: format!(
+                    "it is kept by topology `{owner}`; give this table another name, or drop it there first"
+                ),
             },
             (true, Some((definition, ..))) if definition != plan.definition() => Action::Rebuild {
                 reason: "its definition changed".into(),
@@ -189,7 +202,7 @@ pub async fn decide(
             (true, Some((_, builder, ..))) if builder != instance => Action::Rebuild {
                 reason: "it was built from another state directory".into(),
             },
-            (true, Some((_, _, indexes, readers))) => {
+            (true, Some((_, _, indexes, readers, _))) => {
                 if indexes != indexes_text(pg) {
                     notes.push(format!(
                         "indexes recreated in place ({indexes} -> {})",
@@ -231,6 +244,12 @@ pub(crate) async fn prepare(
     .await?;
     tx.batch_execute(CATALOG).await?;
     let decisions = decide(&tx, topology, instance).await?;
+    if let Some(refused) = decisions
+        .iter()
+        .find(|d| matches!(d.action, Action::Refuse { .. }))
+    {
+        return Err(PostgresError::Config(refused.to_string()));
+    }
     let mut targets = Vec::new();
     for ((plan, pg), decision) in external(topology).zip(decisions) {
         tx.batch_execute(&format!(
