@@ -332,14 +332,11 @@ fn an_unreachable_database_makes_the_instance_not_ready() {
         .epoch_interval(Duration::from_millis(50))
         .start()
         .unwrap();
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while engine.status().sink_failure().is_none() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the sink never reported the failure"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_until(
+        "the sink never reported the failure",
+        Duration::from_secs(30),
+        || engine.status().sink_failure().is_some(),
+    );
     assert!(!engine.ready());
     let metrics = engine.metrics();
     assert_eq!(counter(&metrics, "miroir_sink_up", ""), 0, "{metrics}");

@@ -59,14 +59,11 @@ fn postgres_restarted_mid_stream_loses_nothing() {
 
     services(&["down", "postgres"]);
     publish(&t, &events[third..2 * third]);
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while engine.status().sink_failure().is_none() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the sink never noticed the database was down"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_until(
+        "the sink never noticed the database was down",
+        Duration::from_secs(30),
+        || engine.status().sink_failure().is_some(),
+    );
     assert!(!engine.ready(), "not ready while the database is down");
     services(&["up"]);
     publish(&t, &events[2 * third..]);

@@ -417,3 +417,12 @@ pub fn counter(metrics: &str, name: &str, labels: &str) -> u64 {
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum::<f64>() as u64
 }
+
+/// Polls `done` until it holds, or fails with `what` after `timeout`.
+pub fn wait_until(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !done() {
+        assert!(Instant::now() < deadline, "{what} (after {timeout:?})");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
