@@ -25,17 +25,17 @@
 //! batch offered twice is applied once. Batches are applied in sequence order, so an older
 //! row never overwrites a newer one.
 //!
-//! Backpressure: the leader hands over a batch through a channel of one slot. While the
-//! database is down, the slot stays full, the leader waits, the workers wait at their barrier
-//! and the connector's bounded inboxes fill: consumption pauses instead of buffering.
+//! Backpressure: while the sink thread applies a group, the leader adds the next batches to
+//! one waiting group (each key is then written once for all of them), up to 16 batches.
+//! While the database is down, that group fills, the leader waits, the workers wait at their
+//! barrier and the connector's bounded inboxes fill: consumption pauses instead of buffering.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use backon::{BackoffBuilder, ExponentialBuilder};
-use crossbeam_channel::{Receiver, Sender};
 use serde::{Deserialize, Serialize};
 use tracing::{debug, error, info, warn};
 
@@ -111,11 +111,9 @@ pub trait ExternalSink: Send {
     fn apply(&mut self, batches: &[SinkBatch], snapshot: bool) -> Result<(), SinkError>;
 }
 
-/// The leader's end of the sink thread's channel.
-pub(crate) struct SinkSender {
-    tx: Sender<Group>,
-    metrics: Arc<Metrics>,
-}
+/// Most batches the waiting group gathers while the database applies the previous one;
+/// then the leader waits (backpressure).
+const MAX_WAITING: usize = 16;
 
 /// Batches applied in one transaction.
 struct Group {
@@ -123,21 +121,101 @@ struct Group {
     snapshot: bool,
 }
 
+/// The group waiting for the sink thread. While the thread applies a group, the leader adds
+/// the next epochs' batches to the waiting one (each key is then written once for all of
+/// them), up to [`MAX_WAITING`] batches; then it waits.
+#[derive(Default)]
+struct Mailbox {
+    state: Mutex<MailboxState>,
+    changed: Condvar,
+}
+
+#[derive(Default)]
+struct MailboxState {
+    waiting: Option<Group>,
+    /// No more submissions (the runtime stopped).
+    closed: bool,
+    /// The thread ended (it gave up while stopping): submissions stay in the outbox.
+    gone: bool,
+}
+
+impl Mailbox {
+    fn lock(&self) -> std::sync::MutexGuard<'_, MailboxState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The next group to apply; `None` once closed and empty.
+    fn take(&self) -> Option<Group> {
+        let mut state = self.lock();
+        loop {
+            if let Some(group) = state.waiting.take() {
+                self.changed.notify_all();
+                return Some(group);
+            }
+            if state.closed {
+                return None;
+            }
+            state = self.changed.wait(state).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+
+    fn set(&self, f: impl FnOnce(&mut MailboxState)) {
+        f(&mut self.lock());
+        self.changed.notify_all();
+    }
+}
+
+/// The leader's end of the sink thread's mailbox.
+pub(crate) struct SinkSender {
+    mailbox: Arc<Mailbox>,
+    metrics: Arc<Metrics>,
+}
+
 impl SinkSender {
-    /// Hands `batches` over, to be applied together; blocks while the previous group is
-    /// still being applied. The first `counted` were counted as pending when held.
+    /// Hands `batches` over: they join the waiting group, or wait while it is full. The
+    /// first `counted` were counted as pending when held.
     pub(crate) fn submit(&self, batches: Vec<SinkBatch>, counted: usize, snapshot: bool) {
         self.metrics
             .sink_pending
             .add((batches.len() - counted) as i64);
-        // A closed channel means the thread gave up while stopping: the batches are in the
-        // outbox.
-        let _ = self.tx.send(Group { batches, snapshot });
+        let mut state = self.mailbox.lock();
+        loop {
+            if state.gone {
+                return; // the batches are in the outbox, for the next start
+            }
+            match &mut state.waiting {
+                None => {
+                    state.waiting = Some(Group { batches, snapshot });
+                    break;
+                }
+                // A snapshot group stays one: its batches from the start are the whole table,
+                // and so are they with later ones added.
+                Some(waiting) if waiting.batches.len() + batches.len() <= MAX_WAITING => {
+                    waiting.batches.extend(batches);
+                    break;
+                }
+                Some(_) => {
+                    state = self
+                        .mailbox
+                        .changed
+                        .wait(state)
+                        .unwrap_or_else(|e| e.into_inner())
+                }
+            }
+        }
+        drop(state);
+        self.mailbox.changed.notify_all();
     }
 
     /// Counts batches held back (not yet handed over) as pending.
     pub(crate) fn held(&self, n: usize) {
         self.metrics.sink_pending.add(n as i64);
+    }
+}
+
+impl Drop for SinkSender {
+    fn drop(&mut self) {
+        self.mailbox.set(|s| s.closed = true);
     }
 }
 
@@ -158,11 +236,11 @@ impl SinkDriver {
         status: Arc<Status>,
         stop: Arc<AtomicBool>,
     ) -> (SinkSender, SinkDriver) {
-        let (tx, rx): (Sender<Group>, Receiver<Group>) = crossbeam_channel::bounded(1);
+        let mailbox = Arc::new(Mailbox::default());
         metrics.sink_up.set(1);
         metrics.sink_pending.set(recovered.len() as i64);
         let sender = SinkSender {
-            tx,
+            mailbox: mailbox.clone(),
             metrics: metrics.clone(),
         };
         let thread = std::thread::Builder::new()
@@ -175,12 +253,14 @@ impl SinkDriver {
                     batches: recovered,
                     snapshot: false,
                 });
-                for group in first.into_iter().chain(rx.iter()) {
+                let groups = first.into_iter().chain(std::iter::from_fn(|| mailbox.take()));
+                for group in groups {
                     if !apply_with_retry(sink.as_mut(), &group, &metrics, &status, &stop) {
                         warn!(
                             sequence = group.batches.first().map(|b| b.sequence),
                             "stopping with batches not applied: they stay in the outbox for the next start"
                         );
+                        mailbox.set(|s| s.gone = true);
                         return;
                     }
                     for batch in &group.batches {
