@@ -20,7 +20,8 @@ pub struct Metrics {
     pub epoch_commit_seconds: Histogram,
     /// Consumer lag (high watermark minus next offset to read), by topic and partition.
     pub consumer_lag: IntGaugeVec,
-    /// Rows written to external tables, by table and operation (`upsert` or `delete`).
+    /// Row changes in the batches applied to external tables, by table and operation
+    /// (`upsert` or `delete`).
     pub sink_rows: IntCounterVec,
     /// Epoch batches applied to the external database.
     pub sink_batches: IntCounter,
@@ -91,7 +92,7 @@ impl Metrics {
             .expect("unique metric");
         let sink_rows = counter(
             "miroir_sink_rows_total",
-            "Rows written to external tables, by operation",
+            "Row changes in the batches applied to external tables, by operation (a key changed in several batches of one transaction counts once per batch)",
             &["table", "op"],
         );
         let simple_counter = |name: &str, help: &str| {
