@@ -196,7 +196,7 @@ impl EngineBuilder {
             .collect();
         let store = Store::open(&state_dir, &tables)?;
         let sink: Option<Box<dyn miroir_engine::sink::ExternalSink>> =
-            if topology.tables.iter().any(|t| t.postgres().is_some()) {
+            if topology.has_external_tables() {
                 let fallback = self
                     .database_url
                     .or_else(|| std::env::var("DATABASE_URL").ok());

@@ -124,7 +124,7 @@ fn print_plan(
             return Ok(ExitCode::from(1));
         }
     };
-    if topology.tables.iter().all(|t| t.postgres().is_none()) {
+    if !topology.has_external_tables() {
         println!("no external tables: nothing to do in PostgreSQL");
         return Ok(ExitCode::SUCCESS);
     }

@@ -53,6 +53,18 @@ fn connect_as(role: &str) -> postgres::Client {
     config.connect(postgres::NoTls).unwrap()
 }
 
+/// Asserts that `role` gets a permission error reading `table`.
+fn cannot_read(role: &str, table: &str, why: &str) {
+    let err = connect_as(role)
+        .query(&format!("SELECT * FROM {table}"), &[])
+        .expect_err(why);
+    assert_eq!(
+        err.code(),
+        Some(&postgres::error::SqlState::INSUFFICIENT_PRIVILEGE),
+        "{why}: {err}"
+    );
+}
+
 fn only_external(
     expected: BTreeMap<String, BTreeMap<String, serde_json::Value>>,
     t: &miroir::miroir_engine::topology::Topology,
@@ -115,13 +127,7 @@ fn readers_only_read_and_a_changed_table_is_swapped_in_whole() {
             "{write}: {err}"
         );
     }
-    let err = connect_as(OUTSIDER)
-        .query(&format!("SELECT * FROM {table}"), &[])
-        .expect_err("an outsider cannot read");
-    assert_eq!(
-        err.code(),
-        Some(&postgres::error::SqlState::INSUFFICIENT_PRIVILEGE)
-    );
+    cannot_read(OUTSIDER, &table, "an outsider cannot read");
     let metrics = engine.metrics();
     assert!(
         counter(&metrics, "miroir_sink_rows_total", "op=\"upsert\"") > 0,
@@ -308,12 +314,10 @@ fn readers_only_read_and_a_changed_table_is_swapped_in_whole() {
         std::thread::sleep(Duration::from_millis(100));
     }
     engine.shutdown();
-    let err = connect_as(READER)
-        .query(&format!("SELECT * FROM {table}"), &[])
-        .expect_err("a reader taken out of the topology cannot read any more");
-    assert_eq!(
-        err.code(),
-        Some(&postgres::error::SqlState::INSUFFICIENT_PRIVILEGE)
+    cannot_read(
+        READER,
+        &table,
+        "a reader taken out of the topology cannot read any more",
     );
 }
 

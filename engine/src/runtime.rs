@@ -168,8 +168,6 @@ pub struct Status {
     pub partitions: Mutex<HashMap<String, u32>>,
     /// The (topic, partition) of every task, restored from the store, on this instance.
     pub tasks: Mutex<std::collections::HashSet<(String, u32)>>,
-    /// Sequence of the last batch the external database confirmed.
-    pub sink_sequence: AtomicU64,
     /// Set while the external database refuses batches (the sink retries).
     pub sink_error: Mutex<Option<String>>,
 }
@@ -236,9 +234,8 @@ impl Runtime {
         let receivers: Arc<Vec<Receiver<Message>>> = Arc::new(receivers);
         let shutdown = Arc::new(AtomicBool::new(false));
         let status = Arc::new(Status::default());
-        let has_external = topology.tables.iter().any(|t| t.postgres().is_some());
         let (sink_sender, sink_driver) = match sink {
-            Some(sink) if has_external => {
+            Some(sink) if topology.has_external_tables() => {
                 let recovered = recover_outbox(&store)?;
                 let (sender, driver) = SinkDriver::start(
                     sink,
@@ -250,7 +247,7 @@ impl Runtime {
                 );
                 (Some(sender), Some(driver))
             }
-            None if has_external => return Err(RuntimeError::NoSink),
+            None if topology.has_external_tables() => return Err(RuntimeError::NoSink),
             _ => {
                 for (sequence, _) in store.outbox()? {
                     warn!(
@@ -266,7 +263,7 @@ impl Runtime {
             sequence: Sequence::new(store.sequence()?),
             sink: sink_sender,
             sink_changes: Mutex::new(Vec::new()),
-            sink_offsets: Mutex::new(Vec::new()),
+            sink_offsets: Mutex::new(HashMap::new()),
             announced_caught_up: AtomicBool::new(false),
             held: Mutex::new(Vec::new()),
             started: Instant::now(),
@@ -368,8 +365,9 @@ struct Shared {
     sink: Option<SinkSender>,
     /// The epoch's external-table changes, contributed by every worker.
     sink_changes: Mutex<Vec<TableChanges>>,
-    /// The epoch's task offsets, contributed by every worker (bookkeeping).
-    sink_offsets: Mutex<Vec<Offset>>,
+    /// The last applied offset of each task since the last batch, contributed by every
+    /// worker (bookkeeping).
+    sink_offsets: Mutex<HashMap<(String, u32), i64>>,
     /// Whether a batch said `caught_up` since the start.
     announced_caught_up: AtomicBool,
     /// Batches committed (in the outbox) but held back until every task is restored.
@@ -511,11 +509,10 @@ fn run_worker(worker: &mut timely::worker::Worker, shared: &Shared, inbox: Recei
                     .unwrap_or_else(|e| e.into_inner());
                 for ((source, partition), task) in tasks.iter() {
                     if let (true, Some(offset)) = (task.offset_dirty, task.offset) {
-                        offsets.push(Offset {
-                            topic: topology.sources[*source].topic.clone(),
-                            partition: *partition,
+                        offsets.insert(
+                            (topology.sources[*source].topic.clone(), *partition),
                             offset,
-                        });
+                        );
                     }
                 }
             }
@@ -610,31 +607,34 @@ fn sink_batch(shared: &Shared, commit: &mut Option<Commit>) -> Option<SinkBatch>
             .lock()
             .unwrap_or_else(|e| e.into_inner()),
     );
-    let offsets = std::mem::take(
-        &mut *shared
-            .sink_offsets
-            .lock()
-            .unwrap_or_else(|e| e.into_inner()),
-    );
     let topics = shared.topology.topics();
     let caught_up = caught_up(&shared.status, &topics);
     let announce = caught_up && !shared.announced_caught_up.load(Ordering::SeqCst);
     if tables.is_empty() && !announce {
         // Offsets alone are bookkeeping: they travel with the next batch that has changes.
-        shared
-            .sink_offsets
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .extend(latest_offsets(offsets));
         return None;
     }
     shared
         .announced_caught_up
         .fetch_or(caught_up, Ordering::SeqCst);
+    let mut offsets: Vec<Offset> = std::mem::take(
+        &mut *shared
+            .sink_offsets
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()),
+    )
+    .into_iter()
+    .map(|((topic, partition), offset)| Offset {
+        topic,
+        partition,
+        offset,
+    })
+    .collect();
+    offsets.sort_by(|a, b| (&a.topic, a.partition).cmp(&(&b.topic, b.partition)));
     let batch = SinkBatch {
         sequence: shared.sequence.next(),
         tables,
-        offsets: latest_offsets(offsets),
+        offsets,
         caught_up,
     };
     let encoded = bincode::serialize(&batch).expect("batches serialize");
@@ -666,25 +666,6 @@ fn hand_over(shared: &Shared, sink: &SinkSender, batch: SinkBatch) {
     let counted = group.len();
     group.push(batch);
     sink.submit(group, counted, snapshot);
-}
-
-/// The last offset of each partition (offsets held back from epochs without changes come
-/// first).
-fn latest_offsets(offsets: Vec<Offset>) -> Vec<Offset> {
-    let mut last: HashMap<(String, u32), i64> = HashMap::new();
-    for o in offsets {
-        last.insert((o.topic, o.partition), o.offset);
-    }
-    let mut out: Vec<Offset> = last
-        .into_iter()
-        .map(|((topic, partition), offset)| Offset {
-            topic,
-            partition,
-            offset,
-        })
-        .collect();
-    out.sort_by(|a, b| (&a.topic, a.partition).cmp(&(&b.topic, b.partition)));
-    out
 }
 
 /// Merges one worker's changes of a table into the epoch's (a key's changes all come from

@@ -326,7 +326,6 @@ fn apply_with_retry(
                     info!(sequence, "external database reachable again");
                 }
                 metrics.sink_up.set(1);
-                status.sink_sequence.store(sequence, Ordering::SeqCst);
                 *status.sink_error.lock().unwrap_or_else(|e| e.into_inner()) = None;
                 let rows: usize = batches.iter().map(SinkBatch::rows).sum();
                 debug!(

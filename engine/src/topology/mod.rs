@@ -297,6 +297,11 @@ impl Topology {
         }
     }
 
+    /// Whether any table is kept outside the instance (in PostgreSQL).
+    pub fn has_external_tables(&self) -> bool {
+        self.tables.iter().any(|t| t.postgres().is_some())
+    }
+
     /// The topics of the sources, in source order.
     pub fn topics(&self) -> Vec<&str> {
         self.sources.iter().map(|s| s.topic.as_str()).collect()
