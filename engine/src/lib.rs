@@ -18,6 +18,7 @@
 //! - [`dataflow`]: plans rendered as differential dataflows.
 //! - [`runtime`]: workers, tasks, epochs and commits. [`store`]: RocksDB.
 //! - [`sink`]: external tables: per-epoch batches, the outbox and the sink thread.
+//! - [`command`]: what the master side does with one command (rules, assignments, replies).
 //! - [`reference`]: a plain evaluator used as the tests' oracle.
 //!
 //! **Delivery guarantee.** Each epoch commits table rows, upsert state and offsets in one
@@ -25,6 +26,7 @@
 //! under a late policy, its offset otherwise); an event that is not newer than the applied one
 //! changes nothing. So a replay after a crash, or a re-delivery, has no second effect.
 
+pub mod command;
 pub mod dataflow;
 pub mod decode;
 pub mod late;

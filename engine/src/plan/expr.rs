@@ -59,6 +59,9 @@ pub enum Func {
     Concat,
     /// `coalesce(a, b, ...)`: the first non-NULL argument.
     Coalesce,
+    /// `has_role(role)` in command rules: whether the comma-separated role list (the
+    /// principal's roles, first argument) holds the role (second argument).
+    HasRole,
 }
 
 /// A typed scalar expression.
@@ -78,6 +81,18 @@ pub enum Expr {
     IsNull(Box<Expr>, bool),
     /// A function call.
     Call(Func, Vec<Expr>),
+    /// `e [NOT] LIKE pattern` (`ILIKE` when case-insensitive): `%` matches any run of
+    /// characters, `_` any one character, `\\` escapes the next one.
+    Like {
+        /// The text to match.
+        expr: Box<Expr>,
+        /// The pattern.
+        pattern: Box<Expr>,
+        /// `NOT LIKE`.
+        negated: bool,
+        /// `ILIKE`.
+        case_insensitive: bool,
+    },
     /// `CAST(e AS ty)`
     Cast(Box<Expr>, ColumnType),
     /// `CASE WHEN c THEN v ... ELSE e END`
@@ -112,6 +127,22 @@ impl Expr {
             },
             Expr::IsNull(e, negated) => Value::Bool(e.eval(row).is_null() != *negated),
             Expr::Call(func, args) => call(*func, args, row),
+            Expr::Like {
+                expr,
+                pattern,
+                negated,
+                case_insensitive,
+            } => match (expr.eval(row), pattern.eval(row)) {
+                (Value::Text(text), Value::Text(pattern)) => {
+                    let matched = if *case_insensitive {
+                        like(&text.to_lowercase(), &pattern.to_lowercase())
+                    } else {
+                        like(&text, &pattern)
+                    };
+                    Value::Bool(matched != *negated)
+                }
+                _ => Value::Null,
+            },
             Expr::Cast(e, ty) => cast(e.eval(row), *ty),
             Expr::Case(branches, otherwise) => {
                 for (cond, value) in branches {
@@ -194,8 +225,57 @@ fn as_f64(v: &Value) -> Option<f64> {
     }
 }
 
+/// SQL `LIKE` matching of `text` against `pattern`.
+fn like(text: &str, pattern: &str) -> bool {
+    let text: Vec<char> = text.chars().collect();
+    let pattern: Vec<char> = pattern.chars().collect();
+    // Iterative matching with backtracking to the last `%`: linear in practice.
+    let (mut t, mut p) = (0, 0);
+    let mut star: Option<(usize, usize)> = None;
+    while t < text.len() {
+        match pattern.get(p) {
+            Some('%') => {
+                star = Some((p, t));
+                p += 1;
+                continue;
+            }
+            Some('_') => {
+                t += 1;
+                p += 1;
+                continue;
+            }
+            Some('\\') if p + 1 < pattern.len() && pattern[p + 1] == text[t] => {
+                t += 1;
+                p += 2;
+                continue;
+            }
+            Some(c) if *c != '\\' && *c == text[t] => {
+                t += 1;
+                p += 1;
+                continue;
+            }
+            _ => {}
+        }
+        match star {
+            Some((sp, st)) => {
+                p = sp + 1;
+                t = st + 1;
+                star = Some((sp, st + 1));
+            }
+            None => return false,
+        }
+    }
+    pattern[p..].iter().all(|c| *c == '%')
+}
+
 fn call(func: Func, args: &[Expr], row: &[Value]) -> Value {
     match func {
+        Func::HasRole => match (args[0].eval(row), args[1].eval(row)) {
+            (Value::Text(roles), Value::Text(role)) => {
+                Value::Bool(roles.split(',').any(|r| r.trim() == role))
+            }
+            _ => Value::Bool(false),
+        },
         Func::Coalesce => args
             .iter()
             .map(|a| a.eval(row))
@@ -260,6 +340,57 @@ mod tests {
 
     fn lit(v: Value) -> Box<Expr> {
         Box::new(Expr::Literal(v))
+    }
+
+    #[test]
+    fn like_patterns() {
+        for (text, pattern, expected) in [
+            ("ada@example.org", "%_@_%._%", true),
+            ("ada@example", "%_@_%._%", false),
+            ("@example.org", "%_@_%._%", false),
+            ("abc", "a_c", true),
+            ("abc", "a%", true),
+            ("abc", "%c", true),
+            ("abc", "b%", false),
+            ("", "%", true),
+            ("", "_", false),
+            ("50%", "50\\%", true),
+            ("500", "50\\%", false),
+            ("aXbXc", "%X%X%", true),
+        ] {
+            assert_eq!(like(text, pattern), expected, "{text:?} LIKE {pattern:?}");
+        }
+        let ilike = Expr::Like {
+            expr: lit(Value::Text("ADA@Example.org".into())),
+            pattern: lit(Value::Text("%@example.ORG".into())),
+            negated: false,
+            case_insensitive: true,
+        };
+        assert_eq!(ilike.eval(&[]), Value::Bool(true));
+        let not_like_null = Expr::Like {
+            expr: lit(Value::Null),
+            pattern: lit(Value::Text("%".into())),
+            negated: true,
+            case_insensitive: false,
+        };
+        assert_eq!(not_like_null.eval(&[]), Value::Null);
+    }
+
+    #[test]
+    fn has_role_matches_whole_roles() {
+        let roles = |list: &str, role: &str| {
+            Expr::Call(
+                Func::HasRole,
+                vec![
+                    Expr::Literal(Value::Text(list.into())),
+                    Expr::Literal(Value::Text(role.into())),
+                ],
+            )
+            .eval(&[])
+        };
+        assert_eq!(roles("user-admin,support", "support"), Value::Bool(true));
+        assert_eq!(roles("user-admin", "admin"), Value::Bool(false));
+        assert_eq!(roles("", "admin"), Value::Bool(false));
     }
 
     #[test]

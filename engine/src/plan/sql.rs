@@ -49,6 +49,52 @@ pub struct Planned {
     pub key: Vec<usize>,
 }
 
+/// A column an expression may name, as `qualifier.name`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ExprColumn {
+    /// The qualifier (`command`, `entity`, `principal`).
+    pub qualifier: String,
+    /// The column name.
+    pub name: String,
+    /// Its type.
+    pub ty: ColumnType,
+}
+
+/// Plans one scalar expression (a command rule or assignment) over `columns`: the planned
+/// expression reads a row laid out as `columns`, and has the returned type (`None` for a bare
+/// NULL).
+pub fn plan_expression(
+    sql: &str,
+    columns: &[ExprColumn],
+) -> Result<(Expr, Option<ColumnType>), PlanError> {
+    let dialect = PostgreSqlDialect {};
+    let mut parser = Parser::new(&dialect)
+        .try_with_sql(sql)
+        .map_err(parse_error)?;
+    let expr = parser.parse_expr().map_err(parse_error)?;
+    let rest = parser.peek_token();
+    if rest.token != sqlparser::tokenizer::Token::EOF {
+        return Err(err_at(
+            rest.span.start.line as usize,
+            rest.span.start.column as usize,
+            &format!("unexpected `{}` after the expression", rest.token),
+            Some("a rule is one SQL expression".into()),
+        ));
+    }
+    if contains_aggregate(&expr) {
+        return Err(err_span(&expr, "aggregates are not allowed here", None));
+    }
+    let scope: Vec<ScopeColumn> = columns
+        .iter()
+        .map(|c| ScopeColumn {
+            qualifier: c.qualifier.clone(),
+            name: c.name.clone(),
+            ty: c.ty,
+        })
+        .collect();
+    ExprPlanner::row(&scope).plan(&expr)
+}
+
 /// Plans `sql` against `sources`.
 pub fn plan_query(sql: &str, sources: &[SourceSchema<'_>]) -> Result<Planned, PlanError> {
     let statements = Parser::parse_sql(&PostgreSqlDialect {}, sql).map_err(parse_error)?;
@@ -690,6 +736,34 @@ impl<'s> ExprPlanner<'s> {
                 Ok((Expr::Case(branches, otherwise), result_ty))
             }
             ast::Expr::Function(f) => self.function(e, f),
+            ast::Expr::Like {
+                negated,
+                any: false,
+                expr,
+                pattern,
+                escape_char: None,
+            }
+            | ast::Expr::ILike {
+                negated,
+                any: false,
+                expr,
+                pattern,
+                escape_char: None,
+            } => {
+                let (text, ty) = self.plan_mut(expr)?;
+                expect_type(ty, ColumnType::Text, expr.as_ref(), "LIKE")?;
+                let (pat, pty) = self.plan_mut(pattern)?;
+                expect_type(pty, ColumnType::Text, pattern.as_ref(), "LIKE")?;
+                Ok((
+                    Expr::Like {
+                        expr: Box::new(text),
+                        pattern: Box::new(pat),
+                        negated: *negated,
+                        case_insensitive: matches!(e, ast::Expr::ILike { .. }),
+                    },
+                    Some(ColumnType::Boolean),
+                ))
+            }
             other => Err(unsupported(other, &construct_name(other))),
         }
     }
@@ -852,6 +926,22 @@ impl<'s> ExprPlanner<'s> {
             "upper" => one_text(Func::Upper, ColumnType::Text, planned),
             "trim" => one_text(Func::Trim, ColumnType::Text, planned),
             "length" | "char_length" => one_text(Func::Length, ColumnType::Bigint, planned),
+            "has_role" => {
+                let roles = self
+                    .scope
+                    .iter()
+                    .position(|c| c.qualifier == "principal" && c.name == "roles")
+                    .ok_or_else(|| {
+                        err_span(e, "`has_role` is only available in command rules", None)
+                    })?;
+                let [(role, ty)] = <[Typed; 1]>::try_from(planned)
+                    .map_err(|_| err_span(e, "`has_role` takes one argument: the role", None))?;
+                expect_type(ty, ColumnType::Text, e, "has_role")?;
+                Ok((
+                    Expr::Call(Func::HasRole, vec![Expr::Column(roles), role]),
+                    Some(ColumnType::Boolean),
+                ))
+            }
             "concat" => Ok((Expr::Call(Func::Concat, planned.into_iter().map(|(a, _)| a).collect()), Some(ColumnType::Text))),
             "coalesce" => {
                 if planned.is_empty() {
@@ -1049,7 +1139,7 @@ fn construct_name(e: &ast::Expr) -> String {
     let variant = debug.split(['(', ' ', '{']).next().unwrap_or("expression");
     match e {
         ast::Expr::Subquery(_) | ast::Expr::Exists { .. } => "subqueries".into(),
-        ast::Expr::Like { .. } | ast::Expr::ILike { .. } => "LIKE / ILIKE".into(),
+        ast::Expr::Like { .. } | ast::Expr::ILike { .. } => "LIKE ANY or ESCAPE".into(),
         ast::Expr::In { .. } => "IN (use = ... OR = ...)".into(),
         ast::Expr::Between { .. } => "BETWEEN (use >= AND <=)".into(),
         _ => format!("expression `{e}` ({variant})"),

@@ -19,6 +19,7 @@
 //! [`Topology::parse`] checks everything it can before anything runs and reports every problem
 //! as a [`Diagnostic`] with the file, line and column, and a hint.
 
+mod command;
 pub mod diagnostic;
 
 use std::collections::BTreeMap;
@@ -29,6 +30,7 @@ use toml::Spanned;
 
 pub use diagnostic::{Diagnostic, Position, TopologyError};
 
+use crate::command::CommandSpec;
 use crate::late::{LateAction, LatePolicy};
 use crate::plan::sql::{plan_query, SourceSchema};
 use crate::plan::{PostgresTable, Store, TablePlan};
@@ -43,6 +45,8 @@ pub struct Topology {
     pub sources: Vec<Source>,
     /// Tables, in file order.
     pub tables: Vec<TablePlan>,
+    /// Commands this topology processes (the master side), in file order.
+    pub commands: Vec<CommandSpec>,
 }
 
 /// An entity stream: a Kafka topic of full snapshots keyed by id.
@@ -75,6 +79,8 @@ struct RawTopology {
     sources: IndexMap<String, Spanned<RawSource>>,
     #[serde(default)]
     tables: IndexMap<String, Spanned<RawTable>>,
+    #[serde(default)]
+    commands: IndexMap<String, Spanned<command::RawCommand>>,
 }
 
 #[derive(Deserialize)]
@@ -283,11 +289,22 @@ impl Topology {
                 Some("add a [tables.NAME] section with a query".into()),
             );
         }
+        let mut commands = Vec::new();
+        if sources_ok {
+            for (command_name, raw_command) in &raw.commands {
+                if let Some(spec) =
+                    command::validate_command(&mut r, command_name, raw_command, &sources)
+                {
+                    commands.push(spec);
+                }
+            }
+        }
         if r.diagnostics.is_empty() {
             Ok(Topology {
                 name,
                 sources,
                 tables,
+                commands,
             })
         } else {
             r.diagnostics.sort_by_key(|d| (d.at.line, d.at.col));
@@ -343,7 +360,35 @@ impl Topology {
             out.push_str("  exchange by table key\n");
             t.plan.explain(&mut out, 1);
         }
+        for c in &self.commands {
+            let entity = &self.sources[c.entity];
+            out.push_str(&format!(
+                "command {} ({} v{}) <- topic {} (key {}) -> entity {} on topic {}, reply to the sender, dead letters to {}.dlq\n",
+                c.name, c.operation, c.schema_version, c.topic, c.columns[c.key].name, entity.name, entity.topic, c.topic
+            ));
+            if let Some(a) = &c.authorize {
+                out.push_str(&format!("  authorize {}\n", a.sql));
+            }
+            for v in &c.validate {
+                out.push_str(&format!("  validate {} else {}\n", v.sql, v.code));
+            }
+            let set: Vec<&str> = c
+                .set
+                .iter()
+                .map(|a| entity.columns[a.column].name.as_str())
+                .collect();
+            out.push_str(&format!(
+                "  set {} and stamp {}\n",
+                set.join(", "),
+                entity.columns[c.stamp.version].name
+            ));
+        }
         out
+    }
+
+    /// The command section named `name`.
+    pub fn command(&self, name: &str) -> Option<&CommandSpec> {
+        self.commands.iter().find(|c| c.name == name)
     }
 }
 
@@ -771,10 +816,63 @@ GROUP BY d.name"""
     }
 
     #[test]
+    fn reports_command_errors_with_positions() {
+        let command = r#"
+[commands.update_email]
+topic = "user.cmd.update-email"
+entity = "users"
+key = "id"
+columns = { id = "text", email = "text" }
+authorize = { rule = "principal.id" }
+validate = [{ rule = "command.emial LIKE '%@%'" }]
+set = { email = "command.email", nope = "1", version = "2" }
+retry = { attempts = 0, backoff = "soon" }
+"#;
+        let e = errors(&format!("{GOOD}{command}"));
+        for expected in [
+            "`principal.id` is text, a rule must be boolean",
+            "unknown column `command.emial`",
+            "`nope` is not a column of `users`",
+            "`version` cannot be set by a command",
+            "retry.attempts must be at least 1",
+            "bad duration `soon`",
+        ] {
+            assert!(e.iter().any(|d| d.contains(expected)), "{expected}: {e:?}");
+        }
+        let unknown = command.replace("entity = \"users\"", "entity = \"people\"");
+        let e = errors(&format!("{GOOD}{unknown}"));
+        assert!(
+            e.iter()
+                .any(|d| d.contains("unknown entity source `people`")),
+            "{e:?}"
+        );
+        let ok = format!(
+            "{GOOD}{}",
+            command
+                .replace("rule = \"principal.id\"", "rule = \"has_role('admin')\"")
+                .replace("emial", "email")
+                .replace(", nope = \"1\", version = \"2\"", "")
+                .replace(
+                    "attempts = 0, backoff = \"soon\"",
+                    "attempts = 3, backoff = \"50ms\""
+                )
+        );
+        let t = Topology::parse("ok.toml", &ok).unwrap();
+        let c = t.command("update_email").unwrap();
+        assert_eq!(c.operation, "update_email");
+        assert_eq!(c.retry.attempts, 3);
+        assert_eq!(c.retry.backoff, std::time::Duration::from_millis(50));
+        assert!(t.explain().contains("command update_email"));
+    }
+
+    #[test]
     fn rejects_unsupported_sql_by_name() {
         for (query, what) in [
             ("SELECT id FROM users ORDER BY id", "ORDER BY"),
-            ("SELECT id FROM users WHERE email LIKE 'a%'", "LIKE"),
+            (
+                "SELECT id FROM users WHERE email LIKE 'a%' ESCAPE '!'",
+                "ESCAPE",
+            ),
             ("SELECT DISTINCT id FROM users", "DISTINCT"),
             ("SELECT email FROM users", "key column `id`"),
             ("SELECT id, count(*) AS n FROM users", "GROUP BY"),
