@@ -25,7 +25,8 @@
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use miroir_connectors::kafka::output::{create_topic, Publisher};
+use miroir_connectors::kafka::admin::create_topic;
+use miroir_connectors::kafka::output::Publisher;
 use miroir_connectors::kafka::KafkaConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};

@@ -3,7 +3,7 @@
 //! | route | answer |
 //! |---|---|
 //! | `GET /health` | 200 while the process runs |
-//! | `GET /ready` | 200 once every assigned partition is applied and the external database (if any) accepts writes, 503 otherwise (JSON body says why) |
+//! | `GET /ready` | 200 once every assigned partition is applied the external database (if any) accepts writes and the command processors (if any) consume, 503 otherwise (JSON body says why) |
 //! | `GET /metrics` | Prometheus text |
 //! | `GET /v1/topology` | sources, tables, their columns and keys, and the operator graph |
 //! | `GET /v1/tables/{table}/rows/{key}` | the row with its partition and freshness; 404 when absent |
@@ -120,6 +120,11 @@ async fn ready(State(inner): State<Arc<Inner>>) -> Response {
         "lag": status.lag(),
         "failure": status.failure(),
         "sink_failure": status.sink_failure(),
+        "commands": inner.processors.iter().map(|(name, p)| json!({
+            "command": name,
+            "ready": p.ready(),
+            "failure": p.failure(),
+        })).collect::<Vec<_>>(),
     });
     let code = if inner.ready() {
         StatusCode::OK

@@ -31,6 +31,7 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
+pub mod commands;
 pub mod http;
 
 use std::net::SocketAddr;
@@ -38,6 +39,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use miroir_connectors::kafka::command::{CommandProcessor, ProcessorStatus};
 use miroir_connectors::kafka::input::KafkaSource;
 use miroir_connectors::kafka::output::KafkaErrorSink;
 use miroir_connectors::kafka::{KafkaConfig, KafkaError};
@@ -119,6 +121,8 @@ pub struct EngineBuilder {
     epoch_interval: Option<Duration>,
     kafka_extra: Vec<(String, String)>,
     database_url: Option<String>,
+    dependency: Option<Arc<dyn commands::Dependency>>,
+    command_client: bool,
 }
 
 impl EngineBuilder {
@@ -169,6 +173,20 @@ impl EngineBuilder {
     /// `DATABASE_URL` environment variable).
     pub fn database_url(mut self, url: impl Into<String>) -> Self {
         self.database_url = Some(url.into());
+        self
+    }
+
+    /// A service the command processors consult before applying a command; its errors are
+    /// retried with backoff, then the command is parked in the dead-letter topic.
+    pub fn dependency(mut self, dependency: Arc<dyn commands::Dependency>) -> Self {
+        self.dependency = Some(dependency);
+        self
+    }
+
+    /// Also start a command client (see [`Engine::commands`]) with this instance's reply
+    /// topic, named after the topology.
+    pub fn command_client(mut self) -> Self {
+        self.command_client = true;
         self
     }
 
@@ -233,7 +251,32 @@ impl EngineBuilder {
             store.clone(),
             metrics.clone(),
         )?;
+        let mut processors = Vec::new();
+        for command in &topology.commands {
+            processors.push(CommandProcessor::start(
+                &kafka,
+                topology.clone(),
+                &command.name,
+                &store.instance_id()?,
+                metrics.commands.clone(),
+                self.dependency.clone(),
+            )?);
+        }
+        let client = if self.command_client {
+            Some(commands::Client::start(
+                &kafka,
+                &topology.name,
+                metrics.commands.clone(),
+            )?)
+        } else {
+            None
+        };
         let inner = Arc::new(Inner {
+            processors: processors
+                .iter()
+                .zip(&topology.commands)
+                .map(|(p, c)| (c.name.clone(), p.status()))
+                .collect(),
             topology,
             store,
             runtime,
@@ -247,6 +290,8 @@ impl EngineBuilder {
         Ok(Engine {
             inner,
             source: Some(source),
+            processors,
+            client,
             server,
         })
     }
@@ -258,6 +303,8 @@ pub(crate) struct Inner {
     runtime: Arc<Runtime>,
     metrics: Arc<Metrics>,
     state_dir: PathBuf,
+    /// The command processors' status, by command.
+    processors: Vec<(String, Arc<ProcessorStatus>)>,
 }
 
 /// A row as served: the row and where and how fresh it is.
@@ -364,7 +411,13 @@ impl Inner {
 
     fn ready(&self) -> bool {
         let status = &self.runtime.status;
-        status.failure().is_none() && status.sink_failure().is_none() && status.lag() == Some(0)
+        status.failure().is_none()
+            && status.sink_failure().is_none()
+            && status.lag() == Some(0)
+            && self
+                .processors
+                .iter()
+                .all(|(_, p)| p.ready() && p.failure().is_none())
     }
 }
 
@@ -372,6 +425,8 @@ impl Inner {
 pub struct Engine {
     inner: Arc<Inner>,
     source: Option<KafkaSource>,
+    processors: Vec<CommandProcessor>,
+    client: Option<commands::Client>,
     server: Option<http::Server>,
 }
 
@@ -414,6 +469,11 @@ impl Engine {
         false
     }
 
+    /// The command client, when built with [`EngineBuilder::command_client`].
+    pub fn commands(&self) -> Option<&commands::Client> {
+        self.client.as_ref()
+    }
+
     /// Prometheus metrics text.
     pub fn metrics(&self) -> String {
         self.inner.metrics.render()
@@ -450,6 +510,12 @@ impl Engine {
     }
 
     fn stop(&mut self) {
+        if let Some(client) = self.client.take() {
+            client.shutdown();
+        }
+        for p in self.processors.drain(..) {
+            p.stop();
+        }
         if let Some(source) = self.source.take() {
             source.stop(); // revokes partitions: the workers commit them
         }

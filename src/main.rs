@@ -8,8 +8,11 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use miroir::commands::{self, Principal, Reply, Replayed};
+use miroir::miroir_engine::metrics::Metrics;
 use miroir::miroir_engine::topology::Topology;
-use miroir_connectors::kafka::output::{create_topic, Publisher};
+use miroir_connectors::kafka::admin::create_topic;
+use miroir_connectors::kafka::output::Publisher;
 use miroir_connectors::kafka::KafkaConfig;
 use tracing::info;
 
@@ -91,6 +94,12 @@ enum Command {
         #[arg(long, env = "DATABASE_URL")]
         database_url: Option<String>,
     },
+    /// Sends commands to a master and reads its replies.
+    #[command(subcommand)]
+    Command(CommandAction),
+    /// Lists and replays commands parked in a dead-letter topic.
+    #[command(subcommand)]
+    Dlq(DlqAction),
     /// Publishes keyed messages to a topic, one per line of FILE (`-` for stdin):
     /// `KEY<TAB>PAYLOAD`, or `KEY<TAB>` alone for a tombstone. Creates the topic if missing.
     ///
@@ -109,6 +118,235 @@ enum Command {
         #[arg(long, env = "MIROIR_BROKERS")]
         brokers: String,
     },
+}
+
+#[derive(Subcommand)]
+enum CommandAction {
+    /// Sends one command declared in TOPOLOGY (the master's) and prints the reply as JSON.
+    /// Exit status: 0 accepted, 2 answered otherwise (rejected, forbidden, deferred,
+    /// expired), 3 no reply in time (the command may still be applied), 1 error.
+    ///
+    /// EXAMPLES:
+    ///     miroir command send topologies/user-referential.toml update_email \
+    ///         --json '{"id":"u-1","email":"ada@example.org"}' --principal alice --roles user-admin
+    Send {
+        /// The master's topology file.
+        topology: PathBuf,
+        /// The command: its section name or its command type.
+        command: String,
+        /// The payload, a JSON object with the command's columns.
+        #[arg(long)]
+        json: String,
+        /// How long to wait for the reply.
+        #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+        timeout: Duration,
+        /// The user the command acts for.
+        #[arg(long, env = "MIROIR_PRINCIPAL")]
+        principal: String,
+        /// The user's roles, comma-separated.
+        #[arg(long, default_value = "")]
+        roles: String,
+        /// Kafka bootstrap servers.
+        #[arg(long, env = "MIROIR_BROKERS")]
+        brokers: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum DlqAction {
+    /// Lists the commands parked in TOPIC's dead-letter topic (TOPIC is the command topic or
+    /// its `.dlq`), oldest first.
+    ///
+    /// EXAMPLES:
+    ///     miroir dlq list user.cmd.update-email
+    List {
+        /// The command topic (or its dead-letter topic).
+        topic: String,
+        /// One JSON object per line instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// Kafka bootstrap servers.
+        #[arg(long, env = "MIROIR_BROKERS")]
+        brokers: String,
+    },
+    /// Re-submits parked commands in their original order, one at a time; a command whose
+    /// entity changed since it was parked is skipped (and reported).
+    ///
+    /// EXAMPLES:
+    ///     miroir dlq replay user.cmd.update-email --all --dry-run
+    ///     miroir dlq replay user.cmd.update-email --id 5f0c...
+    Replay {
+        /// The command topic (or its dead-letter topic).
+        topic: String,
+        /// Replay only the command with this id.
+        #[arg(long, conflicts_with = "all", required_unless_present = "all")]
+        id: Option<String>,
+        /// Replay every parked command.
+        #[arg(long)]
+        all: bool,
+        /// Print what would be replayed, send nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// How long to wait for each reply.
+        #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+        timeout: Duration,
+        /// Kafka bootstrap servers.
+        #[arg(long, env = "MIROIR_BROKERS")]
+        brokers: String,
+    },
+}
+
+/// Sends one command and prints the reply.
+fn send_command(action: CommandAction) -> anyhow::Result<ExitCode> {
+    let CommandAction::Send {
+        topology,
+        command,
+        json,
+        timeout,
+        principal,
+        roles,
+        brokers,
+    } = action;
+    let topology = match Topology::load(&topology) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("{e}");
+            return Ok(ExitCode::from(1));
+        }
+    };
+    let Some(spec) = topology
+        .commands
+        .iter()
+        .find(|c| c.name == command || c.operation == command)
+    else {
+        let known: Vec<&str> = topology.commands.iter().map(|c| c.name.as_str()).collect();
+        anyhow::bail!("no command `{command}` in {} (commands: {})", topology.name, known.join(", "));
+    };
+    let payload: serde_json::Value =
+        serde_json::from_str(&json).context("--json is not valid JSON")?;
+    let principal = Principal {
+        id: principal,
+        roles: roles.split(',').map(str::trim).filter(|r| !r.is_empty()).map(str::to_string).collect(),
+    };
+    let command = commands::Command::new(spec, &payload, principal)?;
+    let metrics = Metrics::new();
+    let client = commands::Client::start(&KafkaConfig::new(brokers), "cli", metrics.commands.clone())?;
+    let result = client.send(&command, timeout);
+    client.shutdown();
+    match result {
+        Ok(reply) => {
+            println!("{}", serde_json::to_string(&reply)?);
+            Ok(match reply {
+                Reply::Accepted { .. } => ExitCode::SUCCESS,
+                _ => ExitCode::from(2),
+            })
+        }
+        Err(commands::SendError::Timeout(t)) => {
+            eprintln!("no reply within {t:?}: the command may still be applied");
+            Ok(ExitCode::from(3))
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Lists or replays dead letters.
+fn dead_letters(action: DlqAction) -> anyhow::Result<ExitCode> {
+    match action {
+        DlqAction::List { topic, json, brokers } => {
+            let parked = commands::dead_letters(&KafkaConfig::new(brokers), &topic)?;
+            for p in &parked {
+                if json {
+                    println!("{}", serde_json::to_string(p)?);
+                } else {
+                    println!(
+                        "{}/{} id={} key={} type={} by={} attempts={} first={} last={} error={} [{}] origin={} entity_version={}",
+                        p.partition,
+                        p.offset,
+                        p.command_id.as_deref().unwrap_or("-"),
+                        p.key.as_deref().unwrap_or("-"),
+                        p.command_type.as_deref().unwrap_or("-"),
+                        p.principal.as_deref().unwrap_or("-"),
+                        p.attempts.map_or("-".into(), |a| a.to_string()),
+                        p.first_failure.as_deref().unwrap_or("-"),
+                        p.last_failure.as_deref().unwrap_or("-"),
+                        p.error.as_deref().unwrap_or("-"),
+                        p.error_class.as_deref().unwrap_or("-"),
+                        p.origin.as_deref().unwrap_or("-"),
+                        p.entity_version.map_or("-".into(), |v| v.to_string()),
+                    );
+                }
+            }
+            eprintln!("{} parked command(s) in {}", parked.len(), miroir_connectors::kafka::dlq::dlq_topic(&topic));
+            Ok(ExitCode::SUCCESS)
+        }
+        DlqAction::Replay {
+            topic,
+            id,
+            all: _,
+            dry_run,
+            timeout,
+            brokers,
+        } => {
+            let config = KafkaConfig::new(brokers);
+            let mut parked = commands::dead_letters(&config, &topic)?;
+            if let Some(id) = &id {
+                parked.retain(|p| p.command_id.as_deref() == Some(id.as_str()));
+                if parked.is_empty() {
+                    anyhow::bail!("no parked command with id {id}");
+                }
+            }
+            if dry_run {
+                for p in &parked {
+                    println!(
+                        "would replay {}/{} id={} key={} (parked at entity version {})",
+                        p.partition,
+                        p.offset,
+                        p.command_id.as_deref().unwrap_or("-"),
+                        p.key.as_deref().unwrap_or("-"),
+                        p.entity_version.map_or("-".into(), |v| v.to_string())
+                    );
+                }
+                println!("{} command(s) would be replayed; nothing sent", parked.len());
+                return Ok(ExitCode::SUCCESS);
+            }
+            let metrics = Metrics::new();
+            let client = commands::Client::start(&config, "dlq-replay", metrics.commands.clone())?;
+            let mut counts = [0usize; 4];
+            let results = commands::replay(&client, &parked, timeout, |p, r| {
+                let id = p.command_id.as_deref().unwrap_or("-");
+                let key = p.key.as_deref().unwrap_or("-");
+                match r {
+                    Replayed::Applied(reply) => {
+                        counts[0] += 1;
+                        println!("applied {id} key={key}: {}", serde_json::to_string(reply).unwrap_or_default());
+                    }
+                    Replayed::Skipped(why) => {
+                        counts[1] += 1;
+                        println!("skipped {id} key={key}: {why}");
+                    }
+                    Replayed::Answered(reply) => {
+                        counts[2] += 1;
+                        println!("answered {id} key={key}: {}", serde_json::to_string(reply).unwrap_or_default());
+                    }
+                    Replayed::Failed(e) => {
+                        counts[3] += 1;
+                        println!("failed {id} key={key}: {e}; stopping here to keep the order");
+                    }
+                }
+            });
+            client.shutdown();
+            println!(
+                "replayed {} of {}: {} applied, {} skipped, {} answered otherwise, {} failed",
+                results.len(),
+                parked.len(),
+                counts[0],
+                counts[1],
+                counts[2],
+                counts[3]
+            );
+            Ok(if counts[3] > 0 { ExitCode::FAILURE } else { ExitCode::SUCCESS })
+        }
+    }
 }
 
 /// Prints the start's effect on each external table.
@@ -225,6 +463,8 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
                 None => Ok(ExitCode::SUCCESS),
             }
         }
+        Command::Command(action) => send_command(action),
+        Command::Dlq(action) => dead_letters(action),
         Command::Publish {
             file,
             topic,

@@ -1,7 +1,8 @@
 //! Prometheus metrics of an instance.
 
 use prometheus::{
-    Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry,
 };
 
 /// The engine's metrics, registered in their own registry (served at `GET /metrics`).
@@ -33,6 +34,107 @@ pub struct Metrics {
     pub sink_pending: IntGauge,
     /// Seconds to apply one batch to the external database (one transaction).
     pub sink_commit_seconds: Histogram,
+    /// Commands processed and sent.
+    pub commands: CommandMetrics,
+}
+
+/// Metrics of commands: the processor's (master side) and the client's (app side).
+#[derive(Clone)]
+pub struct CommandMetrics {
+    /// Commands processed, by command and outcome (`accepted`, `rejected`, `forbidden`,
+    /// `deferred`, `expired`, `duplicate`).
+    pub processed: IntCounterVec,
+    /// Seconds from receipt to the committed reply, by command.
+    pub processing_seconds: HistogramVec,
+    /// Technical failures retried, by command.
+    pub retries: IntCounterVec,
+    /// Commands parked in the dead-letter topic, by command.
+    pub dead_lettered: IntCounterVec,
+    /// Commands re-submitted from the dead-letter topic, by command.
+    pub replayed: IntCounterVec,
+    /// Replies not sent because the reply topic is gone (its instance stopped), by command.
+    pub replies_dropped: IntCounterVec,
+    /// Client: seconds from send to reply, by command type.
+    pub round_trip_seconds: HistogramVec,
+    /// Client: sends that timed out, by command type.
+    pub timeouts: IntCounterVec,
+    /// Client: replies that arrived after their send timed out (ignored).
+    pub late_replies: IntCounter,
+}
+
+impl CommandMetrics {
+    /// Creates the metrics and registers them in `registry`.
+    pub fn register(registry: &Registry) -> CommandMetrics {
+        let counter = |name: &str, help: &str, labels: &[&str]| {
+            let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
+            registry
+                .register(Box::new(c.clone()))
+                .expect("unique metric");
+            c
+        };
+        let histogram = |name: &str, help: &str| {
+            let h = HistogramVec::new(
+                HistogramOpts::new(name, help).buckets(vec![
+                    0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0,
+                ]),
+                &["command"],
+            )
+            .expect("valid metric");
+            registry
+                .register(Box::new(h.clone()))
+                .expect("unique metric");
+            h
+        };
+        let late_replies = IntCounter::new(
+            "miroir_command_late_replies_total",
+            "Replies received after their send timed out (ignored)",
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(late_replies.clone()))
+            .expect("unique metric");
+        CommandMetrics {
+            processed: counter(
+                "miroir_commands_total",
+                "Commands processed, by outcome",
+                &["command", "outcome"],
+            ),
+            processing_seconds: histogram(
+                "miroir_command_processing_seconds",
+                "Time from receipt of a command to its committed reply",
+            ),
+            retries: counter(
+                "miroir_command_retries_total",
+                "Technical failures of commands, retried",
+                &["command"],
+            ),
+            dead_lettered: counter(
+                "miroir_command_dead_letters_total",
+                "Commands parked in the dead-letter topic",
+                &["command"],
+            ),
+            replayed: counter(
+                "miroir_command_replayed_total",
+                "Commands re-submitted from the dead-letter topic",
+                &["command"],
+            ),
+            replies_dropped: counter(
+                "miroir_command_replies_dropped_total",
+                "Replies not sent because the reply topic no longer exists",
+                &["command"],
+            ),
+            round_trip_seconds: histogram(
+                "miroir_command_round_trip_seconds",
+                "Client: time from sending a command to its reply",
+            ),
+            timeouts: counter(
+                "miroir_command_timeouts_total",
+                "Client: sends that got no reply in time",
+                &["command"],
+            ),
+            late_replies,
+        }
+    }
 }
 
 impl Metrics {
@@ -138,7 +240,9 @@ impl Metrics {
         registry
             .register(Box::new(sink_commit_seconds.clone()))
             .expect("unique metric");
+        let commands = CommandMetrics::register(&registry);
         Metrics {
+            commands,
             registry,
             sink_rows,
             sink_batches,

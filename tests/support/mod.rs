@@ -11,7 +11,8 @@ use miroir::miroir_engine::decode::decode;
 use miroir::miroir_engine::reference::evaluate_table;
 use miroir::miroir_engine::topology::Topology;
 use miroir::miroir_engine::value::{row_to_json, Value};
-use miroir_connectors::kafka::output::{create_topic, Publisher};
+use miroir_connectors::kafka::admin::create_topic;
+use miroir_connectors::kafka::output::Publisher;
 use miroir_connectors::kafka::KafkaConfig;
 
 /// The broker started by `scripts/services up`.

@@ -3,7 +3,6 @@
 use std::time::Duration;
 
 use miroir_engine::runtime::{ErrorSink, Record};
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
 use rdkafka::types::RDKafkaErrorCode;
@@ -117,44 +116,4 @@ impl Publisher {
     pub fn flush(&self) -> Result<(), KafkaError> {
         Ok(self.producer.flush(Duration::from_secs(60))?)
     }
-}
-
-/// Creates `topic` with `partitions` partitions if it does not exist (replication factor 1).
-pub fn create_topic(config: &KafkaConfig, topic: &str, partitions: i32) -> Result<(), KafkaError> {
-    let admin: AdminClient<_> = config.client().create()?;
-    let rt = std::thread::spawn({
-        let topic = topic.to_string();
-        move || {
-            futures_block_on(admin.create_topics(
-                &[NewTopic::new(
-                    &topic,
-                    partitions,
-                    TopicReplication::Fixed(1),
-                )],
-                &AdminOptions::new().operation_timeout(Some(Duration::from_secs(30))),
-            ))
-        }
-    });
-    let results = rt
-        .join()
-        .map_err(|_| KafkaError::Definite("admin thread panicked".into()))??;
-    for r in results {
-        match r {
-            Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
-            Err((t, code)) => {
-                return Err(KafkaError::Definite(format!(
-                    "cannot create topic {t}: {code}"
-                )))
-            }
-        }
-    }
-    Ok(())
-}
-
-fn futures_block_on<F: std::future::Future>(f: F) -> F::Output {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("tokio runtime")
-        .block_on(f)
 }

@@ -1,0 +1,90 @@
+//! Topic administration: create, delete and list topics.
+
+use std::time::Duration;
+
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::types::RDKafkaErrorCode;
+
+use super::{KafkaConfig, KafkaError};
+
+const ADMIN_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Creates `topic` with `partitions` partitions if it does not exist (replication factor 1).
+pub fn create_topic(config: &KafkaConfig, topic: &str, partitions: i32) -> Result<(), KafkaError> {
+    create_topic_with(config, topic, partitions, &[])
+}
+
+/// Creates `topic` with `partitions` partitions and topic-level `settings`
+/// (`cleanup.policy=compact`, ...) if it does not exist.
+pub fn create_topic_with(
+    config: &KafkaConfig,
+    topic: &str,
+    partitions: i32,
+    settings: &[(&str, &str)],
+) -> Result<(), KafkaError> {
+    let admin: AdminClient<DefaultClientContext> = config.client().create()?;
+    let mut new = NewTopic::new(topic, partitions, TopicReplication::Fixed(1));
+    for (k, v) in settings {
+        new = new.set(k, v);
+    }
+    let options = AdminOptions::new().operation_timeout(Some(ADMIN_TIMEOUT));
+    let results = block_on(admin.create_topics(&[new], &options))?;
+    for r in results {
+        match r {
+            Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Err((t, code)) => {
+                return Err(KafkaError::Definite(format!(
+                    "cannot create topic {t}: {code}"
+                )))
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Deletes `topics`; topics already gone are not an error.
+pub fn delete_topics(config: &KafkaConfig, topics: &[&str]) -> Result<(), KafkaError> {
+    if topics.is_empty() {
+        return Ok(());
+    }
+    let admin: AdminClient<DefaultClientContext> = config.client().create()?;
+    let options = AdminOptions::new().operation_timeout(Some(ADMIN_TIMEOUT));
+    for r in block_on(admin.delete_topics(topics, &options))? {
+        match r {
+            Ok(_) | Err((_, RDKafkaErrorCode::UnknownTopicOrPartition)) => {}
+            Err((t, code)) => {
+                return Err(KafkaError::Definite(format!(
+                    "cannot delete topic {t}: {code}"
+                )))
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The topics of the cluster with their partition counts (internal topics excluded).
+pub fn topics(consumer: &BaseConsumer) -> Result<Vec<(String, i32)>, KafkaError> {
+    let metadata = consumer.fetch_metadata(None, ADMIN_TIMEOUT)?;
+    Ok(metadata
+        .topics()
+        .iter()
+        .filter(|t| t.error().is_none() && !t.name().starts_with("__"))
+        .map(|t| (t.name().to_string(), t.partitions().len() as i32))
+        .collect())
+}
+
+/// The partition count of `topic`, or `None` when it does not exist.
+pub fn partition_count(config: &KafkaConfig, topic: &str) -> Result<Option<i32>, KafkaError> {
+    let consumer: BaseConsumer = config.client().create()?;
+    Ok(topics(&consumer)?
+        .into_iter()
+        .find(|(t, _)| t == topic)
+        .map(|(_, n)| n))
+}
+
+/// Runs an admin future to completion on the calling thread.
+pub(crate) fn block_on<F: std::future::Future>(f: F) -> F::Output {
+    futures_executor::block_on(f)
+}

@@ -1,0 +1,111 @@
+//! Reading a whole topic, and keeping up with it: every partition, committed records only.
+//!
+//! The command processor keeps its view of the entities and of the answered commands this
+//! way. "Caught up" means every partition reported its end (librdkafka's partition EOF), which,
+//! under `read_committed`, accounts for transaction markers and aborted records that never
+//! reach the application (so positions alone cannot tell it).
+
+use std::collections::HashSet;
+use std::time::{Duration, Instant};
+
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{BorrowedMessage, Message};
+use rdkafka::{Offset, TopicPartitionList};
+use tracing::warn;
+
+use super::admin::topics;
+use super::{KafkaConfig, KafkaError};
+
+/// A consumer assigned to every partition of one topic, outside any consumer group.
+pub struct Tail {
+    consumer: BaseConsumer,
+    topic: String,
+    partitions: i32,
+}
+
+impl Tail {
+    /// Opens `topic` from its beginning.
+    pub fn open(config: &KafkaConfig, topic: &str) -> Result<Tail, KafkaError> {
+        let consumer: BaseConsumer = config
+            .client()
+            .set("group.id", "miroir-tail") // required by librdkafka; nothing is committed
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false")
+            .set("enable.partition.eof", "true")
+            .set("isolation.level", "read_committed")
+            .create()?;
+        let partitions = topics(&consumer)?
+            .into_iter()
+            .find(|(t, _)| t == topic)
+            .map(|(_, n)| n)
+            .ok_or_else(|| KafkaError::Definite(format!("topic {topic} does not exist")))?;
+        let mut tpl = TopicPartitionList::new();
+        for p in 0..partitions {
+            tpl.add_partition_offset(topic, p, Offset::Beginning)?;
+        }
+        consumer.assign(&tpl)?;
+        Ok(Tail {
+            consumer,
+            topic: topic.to_string(),
+            partitions,
+        })
+    }
+
+    /// The topic's partition count.
+    pub fn partitions(&self) -> i32 {
+        self.partitions
+    }
+
+    /// Hands every record available now to `each`, without waiting.
+    pub fn drain(&mut self, mut each: impl FnMut(&BorrowedMessage<'_>)) {
+        while let Some(result) = self.consumer.poll(Duration::ZERO) {
+            match result {
+                Ok(m) => each(&m),
+                Err(rdkafka::error::KafkaError::PartitionEOF(_)) => {}
+                Err(e) => warn!(topic = %self.topic, error = %e, "reading"),
+            }
+        }
+    }
+
+    /// Reads until every partition reported its end (at most `limit`); false when the limit
+    /// passed first.
+    pub fn catch_up(
+        &mut self,
+        limit: Duration,
+        mut each: impl FnMut(&BorrowedMessage<'_>),
+    ) -> Result<bool, KafkaError> {
+        // Re-assigning at the current positions restarts the end-of-partition reports.
+        let mut tpl = TopicPartitionList::new();
+        let positions = self.consumer.position()?;
+        for p in 0..self.partitions {
+            let offset = positions
+                .find_partition(&self.topic, p)
+                .map(|e| e.offset())
+                .filter(|o| matches!(o, Offset::Offset(_)))
+                .unwrap_or(Offset::Beginning);
+            tpl.add_partition_offset(&self.topic, p, offset)?;
+        }
+        self.consumer.assign(&tpl)?;
+        let mut at_end = HashSet::new();
+        let deadline = Instant::now() + limit;
+        while at_end.len() < self.partitions as usize {
+            if Instant::now() > deadline {
+                warn!(topic = %self.topic, ended = at_end.len(), partitions = self.partitions,
+                      "not every partition reached its end in {limit:?}; going on");
+                return Ok(false);
+            }
+            match self.consumer.poll(Duration::from_millis(100)) {
+                Some(Ok(m)) => {
+                    at_end.remove(&m.partition());
+                    each(&m);
+                }
+                Some(Err(rdkafka::error::KafkaError::PartitionEOF(p))) => {
+                    at_end.insert(p);
+                }
+                Some(Err(e)) => warn!(topic = %self.topic, error = %e, "reading"),
+                None => {}
+            }
+        }
+        Ok(true)
+    }
+}
