@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use miroir::commands::{self, Principal, Reply, Replayed};
+use miroir::commands::{self, Principal, Replayed, Reply};
 use miroir::miroir_engine::metrics::Metrics;
 use miroir::miroir_engine::topology::Topology;
 use miroir_connectors::kafka::admin::create_topic;
@@ -220,17 +220,27 @@ fn send_command(action: CommandAction) -> anyhow::Result<ExitCode> {
         .find(|c| c.name == command || c.operation == command)
     else {
         let known: Vec<&str> = topology.commands.iter().map(|c| c.name.as_str()).collect();
-        anyhow::bail!("no command `{command}` in {} (commands: {})", topology.name, known.join(", "));
+        anyhow::bail!(
+            "no command `{command}` in {} (commands: {})",
+            topology.name,
+            known.join(", ")
+        );
     };
     let payload: serde_json::Value =
         serde_json::from_str(&json).context("--json is not valid JSON")?;
     let principal = Principal {
         id: principal,
-        roles: roles.split(',').map(str::trim).filter(|r| !r.is_empty()).map(str::to_string).collect(),
+        roles: roles
+            .split(',')
+            .map(str::trim)
+            .filter(|r| !r.is_empty())
+            .map(str::to_string)
+            .collect(),
     };
     let command = commands::Command::new(spec, &payload, principal)?;
     let metrics = Metrics::new();
-    let client = commands::Client::start(&KafkaConfig::new(brokers), "cli", metrics.commands.clone())?;
+    let client =
+        commands::Client::start(&KafkaConfig::new(brokers), "cli", metrics.commands.clone())?;
     let result = client.send(&command, timeout);
     client.shutdown();
     match result {
@@ -252,7 +262,11 @@ fn send_command(action: CommandAction) -> anyhow::Result<ExitCode> {
 /// Lists or replays dead letters.
 fn dead_letters(action: DlqAction) -> anyhow::Result<ExitCode> {
     match action {
-        DlqAction::List { topic, json, brokers } => {
+        DlqAction::List {
+            topic,
+            json,
+            brokers,
+        } => {
             let parked = commands::dead_letters(&KafkaConfig::new(brokers), &topic)?;
             for p in &parked {
                 if json {
@@ -276,7 +290,11 @@ fn dead_letters(action: DlqAction) -> anyhow::Result<ExitCode> {
                     );
                 }
             }
-            eprintln!("{} parked command(s) in {}", parked.len(), miroir_connectors::kafka::dlq::dlq_topic(&topic));
+            eprintln!(
+                "{} parked command(s) in {}",
+                parked.len(),
+                miroir_connectors::kafka::dlq::dlq_topic(&topic)
+            );
             Ok(ExitCode::SUCCESS)
         }
         DlqAction::Replay {
@@ -306,7 +324,10 @@ fn dead_letters(action: DlqAction) -> anyhow::Result<ExitCode> {
                         p.entity_version.map_or("-".into(), |v| v.to_string())
                     );
                 }
-                println!("{} command(s) would be replayed; nothing sent", parked.len());
+                println!(
+                    "{} command(s) would be replayed; nothing sent",
+                    parked.len()
+                );
                 return Ok(ExitCode::SUCCESS);
             }
             let metrics = Metrics::new();
@@ -318,7 +339,10 @@ fn dead_letters(action: DlqAction) -> anyhow::Result<ExitCode> {
                 match r {
                     Replayed::Applied(reply) => {
                         counts[0] += 1;
-                        println!("applied {id} key={key}: {}", serde_json::to_string(reply).unwrap_or_default());
+                        println!(
+                            "applied {id} key={key}: {}",
+                            serde_json::to_string(reply).unwrap_or_default()
+                        );
                     }
                     Replayed::Skipped(why) => {
                         counts[1] += 1;
@@ -326,7 +350,10 @@ fn dead_letters(action: DlqAction) -> anyhow::Result<ExitCode> {
                     }
                     Replayed::Answered(reply) => {
                         counts[2] += 1;
-                        println!("answered {id} key={key}: {}", serde_json::to_string(reply).unwrap_or_default());
+                        println!(
+                            "answered {id} key={key}: {}",
+                            serde_json::to_string(reply).unwrap_or_default()
+                        );
                     }
                     Replayed::Failed(e) => {
                         counts[3] += 1;
@@ -344,7 +371,11 @@ fn dead_letters(action: DlqAction) -> anyhow::Result<ExitCode> {
                 counts[2],
                 counts[3]
             );
-            Ok(if counts[3] > 0 { ExitCode::FAILURE } else { ExitCode::SUCCESS })
+            Ok(if counts[3] > 0 {
+                ExitCode::FAILURE
+            } else {
+                ExitCode::SUCCESS
+            })
         }
     }
 }
@@ -400,10 +431,11 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
         Command::Validate { file } => match Topology::load(&file) {
             Ok(t) => {
                 println!(
-                    "{}: ok ({} sources, {} tables)",
+                    "{}: ok ({} sources, {} tables, {} commands)",
                     file.display(),
                     t.sources.len(),
-                    t.tables.len()
+                    t.tables.len(),
+                    t.commands.len()
                 );
                 Ok(ExitCode::SUCCESS)
             }

@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
-use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
 use rdkafka::types::RDKafkaErrorCode;
 
 use super::{KafkaConfig, KafkaError};
@@ -65,7 +65,9 @@ pub fn delete_topics(config: &KafkaConfig, topics: &[&str]) -> Result<(), KafkaE
 }
 
 /// The topics of the cluster with their partition counts (internal topics excluded).
-pub fn topics(consumer: &BaseConsumer) -> Result<Vec<(String, i32)>, KafkaError> {
+pub fn topics<C: ConsumerContext>(
+    consumer: &BaseConsumer<C>,
+) -> Result<Vec<(String, i32)>, KafkaError> {
     let metadata = consumer.fetch_metadata(None, ADMIN_TIMEOUT)?;
     Ok(metadata
         .topics()

@@ -314,7 +314,11 @@ impl Worker {
             let batch = self.poll_batch();
             let now = self.consumer.assignment()?;
             if now.elements().len() != assignment.elements().len()
-                || now.elements().iter().zip(assignment.elements().iter()).any(|(a, b)| a.partition() != b.partition())
+                || now
+                    .elements()
+                    .iter()
+                    .zip(assignment.elements().iter())
+                    .any(|(a, b)| a.partition() != b.partition())
             {
                 // Partitions moved: what their previous owner committed must be in the views
                 // before their next command.
@@ -347,7 +351,9 @@ impl Worker {
                         command_id: text_header(&message, header::COMMAND_ID),
                         correlation_id: text_header(&message, header::CORRELATION_ID),
                         reply_to: text_header(&message, header::REPLY_TO),
-                        key: message.key().map(|k| String::from_utf8_lossy(k).into_owned()),
+                        key: message
+                            .key()
+                            .map(|k| String::from_utf8_lossy(k).into_owned()),
                         received: Instant::now(),
                         message,
                     });
@@ -386,8 +392,10 @@ impl Worker {
                     self.entities.insert(key, row);
                 }
             }
-            Err(e) => debug!(topic = %self.entity.topic, partition = m.partition(), offset = m.offset(), key, error = %e,
-                             "entity event not understood; the view keeps the previous one"),
+            Err(e) => {
+                debug!(topic = %self.entity.topic, partition = m.partition(), offset = m.offset(), key, error = %e,
+                             "entity event not understood; the view keeps the previous one")
+            }
         }
     }
 
@@ -402,7 +410,9 @@ impl Worker {
             None => {
                 self.answered.remove(&id);
             }
-            Some(Err(e)) => warn!(topic = m.topic(), partition = m.partition(), offset = m.offset(), key = id, error = %e, "bad answer record"),
+            Some(Err(e)) => {
+                warn!(topic = m.topic(), partition = m.partition(), offset = m.offset(), key = id, error = %e, "bad answer record")
+            }
         }
     }
 
@@ -442,7 +452,10 @@ impl Worker {
                 Offset::Offset(o) => Offset::Offset(o),
                 _ => Offset::Beginning,
             };
-            if let Err(err) = self.consumer.seek(e.topic(), e.partition(), offset, Duration::from_secs(10)) {
+            if let Err(err) =
+                self.consumer
+                    .seek(e.topic(), e.partition(), offset, Duration::from_secs(10))
+            {
                 warn!(topic = e.topic(), partition = e.partition(), error = %err, "cannot rewind");
             }
         }
@@ -492,11 +505,16 @@ impl Worker {
                         (header::ENTITY_VERSION, version.as_deref()),
                     ] {
                         if let Some(value) = value {
-                            headers = headers.insert(Header { key, value: Some(value) });
+                            headers = headers.insert(Header {
+                                key,
+                                value: Some(value),
+                            });
                         }
                     }
                     let dlq = format!("{}{DLQ_SUFFIX}", self.spec.topic);
-                    let mut record = FutureRecord::to(&dlq).headers(headers).partition(m.partition());
+                    let mut record = FutureRecord::to(&dlq)
+                        .headers(headers)
+                        .partition(m.partition());
                     if let Some(k) = m.key() {
                         record = record.key(k);
                     }
@@ -519,7 +537,14 @@ impl Worker {
             let (partition, offset) = landed.unwrap_or((-1, -1));
             let (reply, remember) = match step {
                 Step::Answer { reply, remember } => (reply, remember),
-                Step::Apply { version, .. } => (Reply::Accepted { version, partition, offset }, true),
+                Step::Apply { version, .. } => (
+                    Reply::Accepted {
+                        version,
+                        partition,
+                        offset,
+                    },
+                    true,
+                ),
                 Step::Park { error, .. } => (
                     Reply::Deferred {
                         topic: format!("{}{DLQ_SUFFIX}", self.spec.topic),
@@ -532,25 +557,41 @@ impl Worker {
             };
             replies.push((incoming, reply, remember));
         }
-        self.refresh_reply_topics();
+        // A reply topic not seen yet is most likely new (its client waited for it to exist).
+        let unseen = replies.iter().any(|(i, _, _)| {
+            i.reply_to
+                .as_ref()
+                .is_some_and(|t| !self.reply_topics.contains(t))
+        });
+        self.refresh_reply_topics(unseen);
         let done_topic = format!("{}{DONE_SUFFIX}", self.spec.topic);
         let mut pending = Vec::new();
         for (incoming, reply, remember) in &replies {
             let body = serde_json::to_vec(reply).expect("replies serialize");
             if let (true, Some(id)) = (*remember, &incoming.command_id) {
-                let record = FutureRecord::to(&done_topic).key(id.as_bytes()).payload(body.as_slice());
+                let record = FutureRecord::to(&done_topic)
+                    .key(id.as_bytes())
+                    .payload(body.as_slice());
                 pending.push(self.send(record)?);
             }
             match &incoming.reply_to {
                 Some(topic) if self.reply_topics.contains(topic) => {
                     let mut headers = OwnedHeaders::new();
                     if let Some(c) = &incoming.correlation_id {
-                        headers = headers.insert(Header { key: header::CORRELATION_ID, value: Some(c.as_str()) });
+                        headers = headers.insert(Header {
+                            key: header::CORRELATION_ID,
+                            value: Some(c.as_str()),
+                        });
                     }
                     if let Some(c) = &incoming.command_id {
-                        headers = headers.insert(Header { key: header::COMMAND_ID, value: Some(c.as_str()) });
+                        headers = headers.insert(Header {
+                            key: header::COMMAND_ID,
+                            value: Some(c.as_str()),
+                        });
                     }
-                    let mut record = FutureRecord::to(topic).payload(body.as_slice()).headers(headers);
+                    let mut record = FutureRecord::to(topic)
+                        .payload(body.as_slice())
+                        .headers(headers);
                     if let Some(k) = &incoming.key {
                         record = record.key(k.as_bytes());
                     }
@@ -559,7 +600,10 @@ impl Worker {
                 Some(topic) => {
                     info!(topic = %self.spec.topic, partition = incoming.message.partition(), offset = incoming.message.offset(),
                           key = ?incoming.key, reply_to = %topic, "the reply topic is gone (its instance stopped): reply not sent");
-                    self.metrics.replies_dropped.with_label_values(&[&self.spec.name]).inc();
+                    self.metrics
+                        .replies_dropped
+                        .with_label_values(&[&self.spec.name])
+                        .inc();
                 }
                 None => {}
             }
@@ -574,14 +618,15 @@ impl Worker {
                 .add_partition_offset(m.topic(), m.partition(), Offset::Offset(m.offset() + 1))
                 .map_err(|e| TxError::Fatal(e.into()))?;
         }
-        let group = self
-            .consumer
-            .group_metadata()
-            .ok_or_else(|| TxError::Fatal(KafkaError::Definite("no consumer group metadata".into())))?;
+        let group = self.consumer.group_metadata().ok_or_else(|| {
+            TxError::Fatal(KafkaError::Definite("no consumer group metadata".into()))
+        })?;
         self.producer
             .send_offsets_to_transaction(&offsets, &group, TX_TIMEOUT)
             .map_err(TxError::from)?;
-        self.producer.commit_transaction(TX_TIMEOUT).map_err(TxError::from)?;
+        self.producer
+            .commit_transaction(TX_TIMEOUT)
+            .map_err(TxError::from)?;
         // Committed: the views take what the transaction wrote.
         self.entities.extend(written);
         for (incoming, reply, remember) in replies {
@@ -592,16 +637,25 @@ impl Worker {
                     self.answered.insert(id.clone(), reply.clone());
                 }
             }
-            self.metrics.processed.with_label_values(&[&self.spec.name, outcome]).inc();
+            self.metrics
+                .processed
+                .with_label_values(&[&self.spec.name, outcome])
+                .inc();
             self.metrics
                 .processing_seconds
                 .with_label_values(&[&self.spec.name])
                 .observe(incoming.received.elapsed().as_secs_f64());
             if matches!(reply, Reply::Deferred { .. }) {
-                self.metrics.dead_lettered.with_label_values(&[&self.spec.name]).inc();
+                self.metrics
+                    .dead_lettered
+                    .with_label_values(&[&self.spec.name])
+                    .inc();
             }
             if text_header(m, header::PARKED_VERSION).is_some() {
-                self.metrics.replayed.with_label_values(&[&self.spec.name]).inc();
+                self.metrics
+                    .replayed
+                    .with_label_values(&[&self.spec.name])
+                    .inc();
             }
             debug!(topic = m.topic(), partition = m.partition(), offset = m.offset(), key = ?incoming.key,
                    command_id = ?incoming.command_id, outcome, "command answered");
@@ -614,17 +668,31 @@ impl Worker {
     fn step(&self, incoming: &Incoming, written: &HashMap<String, Row>, stop: &AtomicBool) -> Step {
         let m = &incoming.message;
         let replay = text_header(m, header::PARKED_VERSION);
-        if let Some(previous) = incoming.command_id.as_ref().and_then(|id| self.answered.get(id)) {
+        if let Some(previous) = incoming
+            .command_id
+            .as_ref()
+            .and_then(|id| self.answered.get(id))
+        {
             // A re-delivery: same answer, no second effect. A replay may take up a parked one.
             if !(replay.is_some() && matches!(previous, Reply::Deferred { .. })) {
                 info!(topic = m.topic(), partition = m.partition(), offset = m.offset(), key = ?incoming.key,
                       command_id = ?incoming.command_id, "command already answered: sending the same answer");
-                self.metrics.processed.with_label_values(&[&self.spec.name, "duplicate"]).inc();
-                return Step::Answer { reply: previous.clone(), remember: false };
+                self.metrics
+                    .processed
+                    .with_label_values(&[&self.spec.name, "duplicate"])
+                    .inc();
+                return Step::Answer {
+                    reply: previous.clone(),
+                    remember: false,
+                };
             }
         }
         let reject = |code: &str, message: String| Step::Answer {
-            reply: Reply::Rejected { code: code.into(), field: None, message },
+            reply: Reply::Rejected {
+                code: code.into(),
+                field: None,
+                message,
+            },
             remember: true,
         };
         let command_type = text_header(m, header::COMMAND_TYPE);
@@ -633,27 +701,43 @@ impl Worker {
                   command_type = ?command_type, "unknown command type");
             return reject(
                 "unknown_command",
-                format!("{} accepts {} commands, not {}", self.spec.topic, self.spec.operation,
-                        command_type.as_deref().unwrap_or("untyped ones")),
+                format!(
+                    "{} accepts {} commands, not {}",
+                    self.spec.topic,
+                    self.spec.operation,
+                    command_type.as_deref().unwrap_or("untyped ones")
+                ),
             );
         }
-        let version = text_header(m, header::SCHEMA_VERSION).and_then(|v| v.parse::<u32>().ok()).unwrap_or(1);
+        let version = text_header(m, header::SCHEMA_VERSION)
+            .and_then(|v| v.parse::<u32>().ok())
+            .unwrap_or(1);
         if version > self.spec.schema_version {
             return reject(
                 "unsupported_schema_version",
-                format!("schema version {version} is newer than the processor's {}", self.spec.schema_version),
+                format!(
+                    "schema version {version} is newer than the processor's {}",
+                    self.spec.schema_version
+                ),
             );
         }
         let Some(principal_id) = text_header(m, header::PRINCIPAL).filter(|p| !p.is_empty()) else {
             return Step::Answer {
-                reply: Reply::Forbidden { message: "the command carries no principal".into() },
+                reply: Reply::Forbidden {
+                    message: "the command carries no principal".into(),
+                },
                 remember: true,
             };
         };
         let principal = Principal {
             id: principal_id,
             roles: text_header(m, header::ROLES)
-                .map(|r| r.split(',').map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect())
+                .map(|r| {
+                    r.split(',')
+                        .map(|s| s.trim().to_string())
+                        .filter(|s| !s.is_empty())
+                        .collect()
+                })
                 .unwrap_or_default(),
         };
         let payload = match m.payload().map(|p| decode(&self.payload, p)) {
@@ -665,7 +749,13 @@ impl Worker {
             None => return reject("malformed", "the command has no payload".into()),
         };
         let Some(key) = self.spec.entity_key(&payload) else {
-            return reject("malformed", format!("the key field `{}` is null", self.spec.columns[self.spec.key].name));
+            return reject(
+                "malformed",
+                format!(
+                    "the key field `{}` is null",
+                    self.spec.columns[self.spec.key].name
+                ),
+            );
         };
         let current = written.get(&key).or_else(|| self.entities.get(&key));
         let request = Request {
@@ -675,12 +765,23 @@ impl Worker {
             parked_at_version: replay.and_then(|v| v.parse().ok()),
         };
         let now = now_micros();
-        let decision = self.spec.decide(&self.entity, &request, current.map(|r| r.as_slice()), now);
+        let decision = self
+            .spec
+            .decide(&self.entity, &request, current.map(|r| r.as_slice()), now);
         let (row, version) = match decision {
             Decision::Answer(reply) => {
-                info!(topic = m.topic(), partition = m.partition(), offset = m.offset(), key,
-                      outcome = reply.outcome(), "command not applied");
-                return Step::Answer { reply, remember: true };
+                info!(
+                    topic = m.topic(),
+                    partition = m.partition(),
+                    offset = m.offset(),
+                    key,
+                    outcome = reply.outcome(),
+                    "command not applied"
+                );
+                return Step::Answer {
+                    reply,
+                    remember: true,
+                };
             }
             Decision::Apply { entity, version } => (entity, version),
         };
@@ -698,33 +799,61 @@ impl Worker {
                     let failed_at = SystemTime::now();
                     let first = *first.get_or_insert(failed_at);
                     if attempts >= self.spec.retry.attempts || stop.load(Ordering::Acquire) {
-                        warn!(topic = m.topic(), partition = m.partition(), offset = m.offset(), key, attempts, error,
-                              "dependency kept failing: the command goes to the dead-letter topic");
+                        warn!(
+                            topic = m.topic(),
+                            partition = m.partition(),
+                            offset = m.offset(),
+                            key,
+                            attempts,
+                            error,
+                            "dependency kept failing: the command goes to the dead-letter topic"
+                        );
                         return Step::Park {
                             error,
                             attempts,
                             first,
                             last: failed_at,
-                            entity_version: current.map(|r| &r[self.spec.stamp.version]).and_then(|v| match v {
-                                Value::Int(v) => Some(*v),
-                                _ => None,
-                            }),
+                            entity_version: current.map(|r| &r[self.spec.stamp.version]).and_then(
+                                |v| match v {
+                                    Value::Int(v) => Some(*v),
+                                    _ => None,
+                                },
+                            ),
                         };
                     }
-                    self.metrics.retries.with_label_values(&[&self.spec.name]).inc();
+                    self.metrics
+                        .retries
+                        .with_label_values(&[&self.spec.name])
+                        .inc();
                     let wait = self.spec.retry.delay(attempts);
-                    info!(topic = m.topic(), partition = m.partition(), offset = m.offset(), key, attempts, error, "dependency failed; retrying in {wait:?}");
+                    info!(
+                        topic = m.topic(),
+                        partition = m.partition(),
+                        offset = m.offset(),
+                        key,
+                        attempts,
+                        error,
+                        "dependency failed; retrying in {wait:?}"
+                    );
                     std::thread::sleep(wait);
                 }
             }
         }
     }
 
-    fn send(&self, mut record: FutureRecord<'_, [u8], [u8]>) -> Result<rdkafka::producer::DeliveryFuture, TxError> {
+    fn send(
+        &self,
+        mut record: FutureRecord<'_, [u8], [u8]>,
+    ) -> Result<rdkafka::producer::DeliveryFuture, TxError> {
         loop {
             match self.producer.send_result(record) {
                 Ok(f) => return Ok(f),
-                Err((rdkafka::error::KafkaError::MessageProduction(rdkafka::types::RDKafkaErrorCode::QueueFull), r)) => {
+                Err((
+                    rdkafka::error::KafkaError::MessageProduction(
+                        rdkafka::types::RDKafkaErrorCode::QueueFull,
+                    ),
+                    r,
+                )) => {
                     record = r;
                     std::thread::sleep(Duration::from_millis(1));
                 }
@@ -733,9 +862,15 @@ impl Worker {
         }
     }
 
-    /// Refreshes the set of existing reply topics (at most every 5 s, or after a failure).
-    fn refresh_reply_topics(&mut self) {
-        if self.reply_topics_at.is_some_and(|t| t.elapsed() < Duration::from_secs(5)) {
+    /// Refreshes the set of existing reply topics: every 5 s (topics of stopped instances
+    /// leave it), and at once when `unseen` names a topic not in it.
+    fn refresh_reply_topics(&mut self, unseen: bool) {
+        let fresh = if unseen {
+            Duration::from_millis(20)
+        } else {
+            Duration::from_secs(5)
+        };
+        if self.reply_topics_at.is_some_and(|t| t.elapsed() < fresh) {
             return;
         }
         match topics(&self.consumer) {
@@ -743,7 +878,9 @@ impl Worker {
                 self.reply_topics = list.into_iter().map(|(t, _)| t).collect();
                 self.reply_topics_at = Some(Instant::now());
             }
-            Err(e) => warn!(error = %e, "cannot list topics; keeping the previous list of reply topics"),
+            Err(e) => {
+                warn!(error = %e, "cannot list topics; keeping the previous list of reply topics")
+            }
         }
     }
 }
@@ -767,17 +904,25 @@ fn wait_delivery(d: rdkafka::producer::DeliveryFuture) -> Result<(i32, i64), TxE
     match futures_executor::block_on(d) {
         Ok(Ok(delivery)) => Ok((delivery.partition, delivery.offset)),
         Ok(Err((e, _))) => Err(TxError::from(e)),
-        Err(_) => Err(TxError::Retry(KafkaError::Definite("the producer dropped a delivery".into()))),
+        Err(_) => Err(TxError::Retry(KafkaError::Definite(
+            "the producer dropped a delivery".into(),
+        ))),
     }
 }
 
 fn command_headers(incoming: &Incoming) -> OwnedHeaders {
     let mut headers = OwnedHeaders::new();
     if let Some(id) = &incoming.command_id {
-        headers = headers.insert(Header { key: header::COMMAND_ID, value: Some(id.as_str()) });
+        headers = headers.insert(Header {
+            key: header::COMMAND_ID,
+            value: Some(id.as_str()),
+        });
     }
     if let Some(p) = text_header(&incoming.message, header::PRINCIPAL) {
-        headers = headers.insert(Header { key: header::PRINCIPAL, value: Some(p.as_str()) });
+        headers = headers.insert(Header {
+            key: header::PRINCIPAL,
+            value: Some(p.as_str()),
+        });
     }
     headers
 }
@@ -801,6 +946,9 @@ fn now_micros() -> i64 {
 }
 
 fn rfc3339(t: SystemTime) -> String {
-    let micros = t.duration_since(UNIX_EPOCH).map(|d| d.as_micros() as i64).unwrap_or(0);
+    let micros = t
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_micros() as i64)
+        .unwrap_or(0);
     miroir_engine::value::format_timestamp(micros)
 }

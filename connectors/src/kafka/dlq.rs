@@ -62,8 +62,14 @@ impl Parked {
 
     fn origin_position(&self) -> (i32, i64) {
         let mut parts = self.origin.as_deref().unwrap_or("").rsplit('/');
-        let offset = parts.next().and_then(|o| o.parse().ok()).unwrap_or(i64::MAX);
-        let partition = parts.next().and_then(|p| p.parse().ok()).unwrap_or(i32::MAX);
+        let offset = parts
+            .next()
+            .and_then(|o| o.parse().ok())
+            .unwrap_or(i64::MAX);
+        let partition = parts
+            .next()
+            .and_then(|p| p.parse().ok())
+            .unwrap_or(i32::MAX);
         (partition, offset)
     }
 }
@@ -90,7 +96,10 @@ pub fn list(config: &KafkaConfig, topic: &str) -> Result<Vec<Parked>, KafkaError
             .map(|hs| {
                 hs.iter()
                     .filter_map(|x| {
-                        Some((x.key.to_string(), std::str::from_utf8(x.value?).ok()?.to_string()))
+                        Some((
+                            x.key.to_string(),
+                            std::str::from_utf8(x.value?).ok()?.to_string(),
+                        ))
                     })
                     .collect()
             })
@@ -115,7 +124,9 @@ pub fn list(config: &KafkaConfig, topic: &str) -> Result<Vec<Parked>, KafkaError
         });
     })?;
     if !complete {
-        return Err(KafkaError::Definite(format!("could not read {dlq} to its end")));
+        return Err(KafkaError::Definite(format!(
+            "could not read {dlq} to its end"
+        )));
     }
     parked.sort_by(|a, b| {
         (&a.first_failure, a.origin_position()).cmp(&(&b.first_failure, b.origin_position()))
@@ -158,7 +169,12 @@ pub fn replay(
             principal: Principal {
                 id: p.principal.clone().unwrap_or_default(),
                 roles: header_value(p, header::ROLES)
-                    .map(|r| r.split(',').filter(|s| !s.is_empty()).map(str::to_string).collect())
+                    .map(|r| {
+                        r.split(',')
+                            .filter(|s| !s.is_empty())
+                            .map(str::to_string)
+                            .collect()
+                    })
                     .unwrap_or_default(),
             },
             command_id: p.command_id.clone(),

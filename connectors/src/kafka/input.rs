@@ -8,7 +8,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -36,6 +36,8 @@ struct SourceContext {
     metrics: Arc<Metrics>,
     /// Set when the instance stops: its revocations then keep the tables' rows.
     stop: Arc<AtomicBool>,
+    /// The last offset handed to the runtime, by topic and partition.
+    delivered: Mutex<HashMap<(String, u32), i64>>,
 }
 
 impl ClientContext for SourceContext {
@@ -50,6 +52,7 @@ impl ClientContext for SourceContext {
             .lock()
             .map(|c| c.clone())
             .unwrap_or_default();
+        let delivered = self.delivered.lock().map(|d| d.clone()).unwrap_or_default();
         let mut watermarks = HashMap::new();
         let mut counts = HashMap::new();
         for (name, topic) in statistics
@@ -67,9 +70,10 @@ impl ClientContext for SourceContext {
                 .filter(|(p, part)| **p >= 0 && part.desired)
             {
                 let tp = (name.clone(), *p as u32);
-                let high = partition.hi_offset;
+                let next = committed.get(&tp).map(|o| o + 1).unwrap_or(0);
+                let delivered = delivered.get(&tp).map(|o| o + 1).unwrap_or(0);
+                let high = end_offset(partition, next.max(delivered));
                 if high >= 0 {
-                    let next = committed.get(&tp).map(|o| o + 1).unwrap_or(0);
                     self.metrics
                         .consumer_lag
                         .with_label_values(&[name.as_str(), &p.to_string()])
@@ -91,6 +95,20 @@ impl ClientContext for SourceContext {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .extend(counts);
+    }
+}
+
+/// The offset the engine must have committed to be caught up with `partition`: the high
+/// watermark, except after transactions (read_committed), whose markers take offsets that are
+/// never delivered. Once the fetcher has passed the watermark with nothing queued, every
+/// record is delivered, and the end is `handed`: the offset after the last record handed to
+/// the runtime (or committed, when it is further).
+fn end_offset(partition: &rdkafka::statistics::Partition, handed: i64) -> i64 {
+    let high = partition.hi_offset;
+    if high >= 0 && partition.next_offset >= high && partition.fetchq_cnt == 0 {
+        handed.min(high)
+    } else {
+        high
     }
 }
 
@@ -227,6 +245,7 @@ impl KafkaSource {
             topics: topics.clone(),
             metrics,
             stop: stop.clone(),
+            delivered: Mutex::default(),
         })?;
         let names: Vec<&str> = topics.keys().map(String::as_str).collect();
         record_partition_counts(&consumer, &runtime, Duration::from_secs(10));
@@ -271,8 +290,15 @@ fn poll_loop(
 ) {
     let mut batches: HashMap<(usize, u32), Vec<Record>> = HashMap::new();
     let mut pending = 0usize;
+    let source_topics: HashMap<usize, String> =
+        topics.iter().map(|(t, s)| (*s, t.clone())).collect();
     let flush = |batches: &mut HashMap<(usize, u32), Vec<Record>>| {
         for ((source, partition), records) in batches.drain() {
+            if let (Some(last), Ok(mut delivered)) =
+                (records.last(), consumer.context().delivered.lock())
+            {
+                delivered.insert((source_topics[&source].clone(), partition), last.offset);
+            }
             runtime.send(
                 partition,
                 Message::Records {

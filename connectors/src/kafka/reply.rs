@@ -121,7 +121,11 @@ impl CommandClient {
         app: &str,
         metrics: CommandMetrics,
     ) -> Result<CommandClient, KafkaError> {
-        if app.is_empty() || !app.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) {
+        if app.is_empty()
+            || !app
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        {
             return Err(KafkaError::Definite(format!(
                 "bad application name `{app}`: use letters, digits, '-', '_' or '.'"
             )));
@@ -197,7 +201,10 @@ impl CommandClient {
     pub fn send(&self, command: &Command, timeout: Duration) -> Result<Reply, SendError> {
         let started = Instant::now();
         let correlation = uuid::Uuid::new_v4().simple().to_string();
-        let command_id = command.command_id.clone().unwrap_or_else(|| correlation.clone());
+        let command_id = command
+            .command_id
+            .clone()
+            .unwrap_or_else(|| correlation.clone());
         let deadline = (now_ms() + timeout.as_millis() as i64).to_string();
         let version = command.schema_version.to_string();
         let roles = command.principal.roles.join(",");
@@ -212,10 +219,16 @@ impl CommandClient {
             (header::COMMAND_TYPE, command.command_type.as_str()),
             (header::SCHEMA_VERSION, version.as_str()),
         ] {
-            headers = headers.insert(Header { key, value: Some(value) });
+            headers = headers.insert(Header {
+                key,
+                value: Some(value),
+            });
         }
         for (key, value) in &command.extra_headers {
-            headers = headers.insert(Header { key: key.as_str(), value: Some(value.as_str()) });
+            headers = headers.insert(Header {
+                key: key.as_str(),
+                value: Some(value.as_str()),
+            });
         }
         let (tx, rx) = bounded(1);
         self.waiting
@@ -230,17 +243,25 @@ impl CommandClient {
             Ok(delivery) => match futures_executor::block_on(delivery) {
                 Ok(Ok(_)) => Ok(()),
                 Ok(Err((e, _))) => Err(SendError::Kafka(e.into())),
-                Err(_) => Err(SendError::Kafka(KafkaError::Definite("the producer dropped the command".into()))),
+                Err(_) => Err(SendError::Kafka(KafkaError::Definite(
+                    "the producer dropped the command".into(),
+                ))),
             },
             Err((e, _)) => Err(SendError::Kafka(e.into())),
         };
         if let Err(e) = sent {
-            self.waiting.lock().expect("waiting lock").remove(&correlation);
+            self.waiting
+                .lock()
+                .expect("waiting lock")
+                .remove(&correlation);
             return Err(e);
         }
         let remaining = timeout.saturating_sub(started.elapsed());
         let reply = rx.recv_timeout(remaining);
-        self.waiting.lock().expect("waiting lock").remove(&correlation);
+        self.waiting
+            .lock()
+            .expect("waiting lock")
+            .remove(&correlation);
         let label = [command.command_type.as_str()];
         match reply {
             Ok(reply) => {
@@ -289,9 +310,7 @@ fn receive(
 ) {
     while !stop.load(Ordering::Acquire) {
         let polled = consumer.poll(Duration::from_millis(50));
-        if !assigned.load(Ordering::Relaxed)
-            && consumer.assignment().is_ok_and(|a| a.count() > 0)
-        {
+        if !assigned.load(Ordering::Relaxed) && consumer.assignment().is_ok_and(|a| a.count() > 0) {
             assigned.store(true, Ordering::Release);
         }
         let m = match polled {
@@ -303,7 +322,12 @@ fn receive(
             None => continue,
         };
         let Some(correlation) = text_header(&m, header::CORRELATION_ID) else {
-            warn!(topic = m.topic(), partition = m.partition(), offset = m.offset(), "reply without a correlation id");
+            warn!(
+                topic = m.topic(),
+                partition = m.partition(),
+                offset = m.offset(),
+                "reply without a correlation id"
+            );
             continue;
         };
         let reply = match m.payload().map(serde_json::from_slice::<Reply>) {
@@ -320,8 +344,13 @@ fn receive(
             }
             None => {
                 metrics.late_replies.inc();
-                debug!(topic = m.topic(), offset = m.offset(), correlation, outcome = reply.outcome(),
-                       "reply to a request that timed out: ignored");
+                debug!(
+                    topic = m.topic(),
+                    offset = m.offset(),
+                    correlation,
+                    outcome = reply.outcome(),
+                    "reply to a request that timed out: ignored"
+                );
             }
         }
     }
@@ -337,7 +366,10 @@ pub fn reap_orphans(config: &KafkaConfig) -> Result<Vec<String>, KafkaError> {
         let Some(rest) = topic.strip_prefix(REPLY_PREFIX) else {
             continue;
         };
-        let created = rest.rsplit('.').nth(1).and_then(|ms| ms.parse::<i64>().ok());
+        let created = rest
+            .rsplit('.')
+            .nth(1)
+            .and_then(|ms| ms.parse::<i64>().ok());
         let old = created.is_some_and(|c| now - c > ORPHAN_AGE.as_millis() as i64);
         if !old {
             continue;

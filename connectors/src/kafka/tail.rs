@@ -8,17 +8,33 @@
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
-use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
 use rdkafka::message::{BorrowedMessage, Message};
+use rdkafka::ClientContext;
 use rdkafka::{Offset, TopicPartitionList};
 use tracing::warn;
 
 use super::admin::topics;
 use super::{KafkaConfig, KafkaError};
 
+/// Logs librdkafka's errors, except the end-of-partition reports the tail asks for.
+struct TailContext;
+
+impl ClientContext for TailContext {
+    fn error(&self, error: rdkafka::error::KafkaError, reason: &str) {
+        let eof = matches!(error, rdkafka::error::KafkaError::PartitionEOF(_))
+            || error.rdkafka_error_code() == Some(rdkafka::types::RDKafkaErrorCode::PartitionEOF);
+        if !eof {
+            warn!(error = %error, reason, "librdkafka");
+        }
+    }
+}
+
+impl ConsumerContext for TailContext {}
+
 /// A consumer assigned to every partition of one topic, outside any consumer group.
 pub struct Tail {
-    consumer: BaseConsumer,
+    consumer: BaseConsumer<TailContext>,
     topic: String,
     partitions: i32,
 }
@@ -26,14 +42,14 @@ pub struct Tail {
 impl Tail {
     /// Opens `topic` from its beginning.
     pub fn open(config: &KafkaConfig, topic: &str) -> Result<Tail, KafkaError> {
-        let consumer: BaseConsumer = config
+        let consumer: BaseConsumer<TailContext> = config
             .client()
             .set("group.id", "miroir-tail") // required by librdkafka; nothing is committed
             .set("enable.auto.commit", "false")
             .set("enable.auto.offset.store", "false")
             .set("enable.partition.eof", "true")
             .set("isolation.level", "read_committed")
-            .create()?;
+            .create_with_context(TailContext)?;
         let partitions = topics(&consumer)?
             .into_iter()
             .find(|(t, _)| t == topic)
