@@ -27,11 +27,11 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 #[command(name = "miroir", version, about)]
 struct Cli {
     #[command(subcommand)]
-    command: Command,
+    command: Action,
 }
 
 #[derive(Subcommand)]
-enum Command {
+enum Action {
     /// Checks a topology file; prints every error as FILE:LINE:COL: message, with a hint.
     ///
     /// EXAMPLES:
@@ -426,9 +426,9 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(command: Command) -> anyhow::Result<ExitCode> {
+fn run(command: Action) -> anyhow::Result<ExitCode> {
     match command {
-        Command::Validate { file } => match Topology::load(&file) {
+        Action::Validate { file } => match Topology::load(&file) {
             Ok(t) => {
                 println!(
                     "{}: ok ({} sources, {} tables, {} commands)",
@@ -445,7 +445,7 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
                 Ok(ExitCode::from(1))
             }
         },
-        Command::Explain { file } => match Topology::load(&file) {
+        Action::Explain { file } => match Topology::load(&file) {
             Ok(t) => {
                 print!("{}", t.explain());
                 Ok(ExitCode::SUCCESS)
@@ -455,12 +455,12 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
                 Ok(ExitCode::from(1))
             }
         },
-        Command::Plan {
+        Action::Plan {
             file,
             state_dir,
             database_url,
         } => print_plan(&file, &state_dir, database_url.as_deref()),
-        Command::Run {
+        Action::Run {
             file,
             brokers,
             state_dir,
@@ -495,9 +495,9 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
                 None => Ok(ExitCode::SUCCESS),
             }
         }
-        Command::Command(action) => send_command(action),
-        Command::Dlq(action) => dead_letters(action),
-        Command::Publish {
+        Action::Command(action) => send_command(action),
+        Action::Dlq(action) => dead_letters(action),
+        Action::Publish {
             file,
             topic,
             partitions,

@@ -5,50 +5,10 @@
 mod support;
 
 use std::collections::BTreeMap;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use support::*;
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// Starts `miroir run`; its log (level `MIROIR_TEST_LOG`, default `info`) goes to `log`.
-fn spawn(
-    topology: &std::path::Path,
-    state: &std::path::Path,
-    port: u16,
-    log: &std::path::Path,
-) -> Child {
-    let level = std::env::var("MIROIR_TEST_LOG").unwrap_or_else(|_| "info,librdkafka=warn".into());
-    Command::new(env!("CARGO_BIN_EXE_miroir"))
-        .args([
-            "run",
-            topology.to_str().unwrap(),
-            "--brokers",
-            &brokers(),
-            "--workers",
-            "2",
-            "--epoch-ms",
-            "50",
-        ])
-        .args([
-            "--state-dir",
-            state.to_str().unwrap(),
-            "--listen",
-            &format!("127.0.0.1:{port}"),
-        ])
-        .env("RUST_LOG", level)
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(log).unwrap())
-        .spawn()
-        .unwrap()
-}
 
 fn http_table(port: u16, t: &TestTopology, table: &str) -> BTreeMap<String, serde_json::Value> {
     let plan = t.topology.table(table).unwrap();

@@ -243,7 +243,8 @@ impl CommandSpec {
     }
 
     /// Decides what to do with `request`, given the current entity row (`None` when the
-    /// entity does not exist) and the time (µs since the epoch).
+    /// entity does not exist) and the time (µs since the epoch). In order: deadline, replay
+    /// staleness, authorization, existence, validation rules.
     pub fn decide(
         &self,
         entity: &Source,
@@ -286,15 +287,6 @@ impl CommandSpec {
                 });
             }
         }
-        for rule in &self.validate {
-            if !rule.expr.holds(&scope) {
-                return Decision::Answer(Reply::Rejected {
-                    code: rule.code.clone(),
-                    field: rule.field.clone(),
-                    message: rule.message.clone(),
-                });
-            }
-        }
         let Some(current) = current else {
             return Decision::Answer(Reply::Rejected {
                 code: "not_found".into(),
@@ -306,6 +298,15 @@ impl CommandSpec {
                 ),
             });
         };
+        for rule in &self.validate {
+            if !rule.expr.holds(&scope) {
+                return Decision::Answer(Reply::Rejected {
+                    code: rule.code.clone(),
+                    field: rule.field.clone(),
+                    message: rule.message.clone(),
+                });
+            }
+        }
         let mut next = current.to_vec();
         for a in &self.set {
             next[a.column] = cast(a.expr.eval(&scope), entity.columns[a.column].ty);

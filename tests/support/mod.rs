@@ -427,3 +427,99 @@ pub fn wait_until(what: &str, timeout: Duration, mut done: impl FnMut() -> bool)
         std::thread::sleep(Duration::from_millis(100));
     }
 }
+
+/// The user-referential (master) topology with its name and topics renamed for this run.
+pub struct MasterTopology {
+    pub text: String,
+    pub topology: Topology,
+    pub user_topic: String,
+    pub command_topic: String,
+}
+
+pub fn user_referential(run: &str) -> MasterTopology {
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/topologies/user-referential.toml"
+    );
+    let text = std::fs::read_to_string(path).unwrap();
+    let user_topic = format!("user-{run}");
+    let command_topic = format!("user-{run}.cmd.update-email");
+    let text = text
+        .replace(
+            "name = \"user-referential\"",
+            &format!("name = \"master-{run}\""),
+        )
+        .replace("topic = \"user\"", &format!("topic = \"{user_topic}\""))
+        .replace(
+            "topic = \"user.cmd.update-email\"",
+            &format!("topic = \"{command_topic}\""),
+        );
+    let topology = Topology::parse("user-referential.toml", &text).unwrap();
+    MasterTopology {
+        text,
+        topology,
+        user_topic,
+        command_topic,
+    }
+}
+
+/// Publishes users `u-0 .. u-{n-1}` at version 1 (every third one inactive) on `topic`.
+pub fn seed_users(topic: &str, n: usize) {
+    let config = KafkaConfig::new(brokers());
+    create_topic(&config, topic, 4).unwrap();
+    let publisher = Publisher::new(&config).unwrap();
+    for i in 0..n {
+        let payload = serde_json::json!({
+            "id": format!("u-{i}"), "email": format!("user{i}@example.org"), "name": format!("User {i}"),
+            "department_id": "d-1", "active": i % 3 != 2, "version": 1, "event_type": "UserCreated",
+        });
+        publisher
+            .send(
+                topic,
+                format!("u-{i}").as_bytes(),
+                Some(payload.to_string().as_bytes()),
+            )
+            .unwrap();
+    }
+    publisher.flush().unwrap();
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Starts `miroir run`; its log (level `MIROIR_TEST_LOG`, default `info`) goes to `log`.
+pub fn spawn(
+    topology: &std::path::Path,
+    state: &std::path::Path,
+    port: u16,
+    log: &std::path::Path,
+) -> std::process::Child {
+    let level = std::env::var("MIROIR_TEST_LOG").unwrap_or_else(|_| "info,librdkafka=warn".into());
+    std::process::Command::new(env!("CARGO_BIN_EXE_miroir"))
+        .args([
+            "run",
+            topology.to_str().unwrap(),
+            "--brokers",
+            &brokers(),
+            "--workers",
+            "2",
+            "--epoch-ms",
+            "50",
+        ])
+        .args([
+            "--state-dir",
+            state.to_str().unwrap(),
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+        ])
+        .env("RUST_LOG", level)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(log).unwrap())
+        .spawn()
+        .unwrap()
+}

@@ -213,7 +213,8 @@ struct Incoming {
 }
 
 enum Step {
-    /// Answer without changing the entity; `remember` records the answer under the id.
+    /// Answer without changing the entity; `remember` records the answer under the id
+    /// (false for a re-delivery, which gets its first answer again).
     Answer { reply: Reply, remember: bool },
     /// Publish the new entity row.
     Apply { key: String, row: Row, version: i64 },
@@ -631,7 +632,12 @@ impl Worker {
         self.entities.extend(written);
         for (incoming, reply, remember) in replies {
             let m = &incoming.message;
-            let outcome = reply.outcome();
+            // Only re-deliveries' answers are not remembered again.
+            let outcome = if remember {
+                reply.outcome()
+            } else {
+                "duplicate"
+            };
             if remember {
                 if let Some(id) = &incoming.command_id {
                     self.answered.insert(id.clone(), reply.clone());
@@ -677,10 +683,6 @@ impl Worker {
             if !(replay.is_some() && matches!(previous, Reply::Deferred { .. })) {
                 info!(topic = m.topic(), partition = m.partition(), offset = m.offset(), key = ?incoming.key,
                       command_id = ?incoming.command_id, "command already answered: sending the same answer");
-                self.metrics
-                    .processed
-                    .with_label_values(&[&self.spec.name, "duplicate"])
-                    .inc();
                 return Step::Answer {
                     reply: previous.clone(),
                     remember: false,

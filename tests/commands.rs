@@ -1,0 +1,633 @@
+//! Commands and replies against the real broker: every outcome, duplicate delivery, a failing
+//! dependency (retries, dead letters, replay in order), concurrent clients, a client timing
+//! out while the processor is stopped, and a processor killed with SIGKILL mid-stream.
+
+mod support;
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use miroir::commands::{self, Client, Command, Dependency, Principal, Replayed, Reply, SendError};
+use miroir::miroir_engine::command::CommandSpec;
+use miroir::miroir_engine::metrics::Metrics;
+use miroir::Engine;
+use miroir_connectors::kafka::admin::create_topic;
+use miroir_connectors::kafka::command::{header, text_header};
+use miroir_connectors::kafka::tail::Tail;
+use miroir_connectors::kafka::KafkaConfig;
+use rdkafka::message::Message;
+use serde_json::json;
+use support::*;
+
+const REPLY_TIMEOUT: Duration = Duration::from_secs(20);
+
+fn admin() -> Principal {
+    Principal {
+        id: "alice".into(),
+        roles: vec!["user-admin".into()],
+    }
+}
+
+fn user(id: &str) -> Principal {
+    Principal {
+        id: id.into(),
+        roles: vec![],
+    }
+}
+
+fn update(spec: &CommandSpec, id: &str, email: &str, who: Principal) -> Command {
+    Command::new(spec, &json!({ "id": id, "email": email }), who).unwrap()
+}
+
+fn start_master(
+    m: &MasterTopology,
+    state: &std::path::Path,
+    dependency: Option<Arc<dyn Dependency>>,
+) -> Engine {
+    let mut builder = Engine::builder()
+        .topology_str(m.text.clone())
+        .brokers(brokers())
+        .state_dir(state)
+        .epoch_interval(Duration::from_millis(50));
+    if let Some(d) = dependency {
+        builder = builder.dependency(d);
+    }
+    let engine = builder.start().unwrap();
+    assert!(
+        engine.wait_ready(Duration::from_secs(60)),
+        "the master never became ready"
+    );
+    engine
+}
+
+fn master_row(master: &Engine, id: &str) -> serde_json::Value {
+    master
+        .get("users_by_id", id)
+        .unwrap()
+        .map(|a| a.row)
+        .unwrap_or(serde_json::Value::Null)
+}
+
+/// The committed entity events written by commands: (partition, offset) -> (key, command id,
+/// payload).
+fn command_events(topic: &str) -> BTreeMap<(i32, i64), (String, String, serde_json::Value)> {
+    let mut tail = Tail::open(&KafkaConfig::new(brokers()), topic).unwrap();
+    let mut out = BTreeMap::new();
+    assert!(tail
+        .catch_up(Duration::from_secs(30), |m| {
+            if let (Some(id), Some(payload)) = (text_header(m, header::COMMAND_ID), m.payload()) {
+                let key = String::from_utf8_lossy(m.key().unwrap_or_default()).into_owned();
+                out.insert(
+                    (m.partition(), m.offset()),
+                    (key, id, serde_json::from_slice(payload).unwrap()),
+                );
+            }
+        })
+        .unwrap());
+    out
+}
+
+#[test]
+fn every_outcome_is_answered_and_the_app_reads_its_write() {
+    let run = unique("cmd-outcomes");
+    let m = user_referential(&run);
+    seed_users(&m.user_topic, 6);
+    let dir = tempfile::tempdir().unwrap();
+    let master = start_master(&m, &dir.path().join("master"), None);
+    // The app side: user-directory on the same entity stream, with a command client.
+    let app_topology = user_directory(&run);
+    create_topic(
+        &KafkaConfig::new(brokers()),
+        &app_topology.department_topic,
+        4,
+    )
+    .unwrap();
+    let app = Engine::builder()
+        .topology_str(app_topology.text.clone())
+        .brokers(brokers())
+        .state_dir(dir.path().join("app"))
+        .command_client()
+        .start()
+        .unwrap();
+    let client = app.commands().expect("a command client");
+    assert!(client
+        .reply_topic()
+        .starts_with(&format!("miroir.reply.it-{run}.")));
+    let spec = m.topology.command("update_email").unwrap();
+
+    let reply = client
+        .send(
+            &update(spec, "u-0", " Ada@Example.ORG ", admin()),
+            REPLY_TIMEOUT,
+        )
+        .unwrap();
+    assert!(
+        matches!(reply, Reply::Accepted { version: 2, .. }),
+        "{reply:?}"
+    );
+    // Read your write: the app's table shows the new email; the master's shows who changed it.
+    wait_until(
+        "the app reads the new email",
+        Duration::from_secs(30),
+        || {
+            app.get("user_contacts", "u-0")
+                .unwrap()
+                .is_some_and(|a| a.row["email"] == "ada@example.org")
+        },
+    );
+    wait_until(
+        "the master's table has the change",
+        Duration::from_secs(30),
+        || master_row(&master, "u-0")["version"] == 2,
+    );
+    let row = master_row(&master, "u-0");
+    assert_eq!(row["changed_by"], "alice");
+    assert_eq!(row["event_type"], "UpdateUserEmail");
+    assert!(row["updated_at"].is_string());
+
+    let cases: Vec<(Command, &str)> = vec![
+        (
+            update(spec, "u-1", "not-an-email", user("u-1")),
+            "rejected:invalid_email",
+        ),
+        (
+            update(spec, "u-1", "x@example.org", user("mallory")),
+            "forbidden",
+        ),
+        (
+            update(spec, "u-2", "x@example.org", admin()),
+            "rejected:inactive_user",
+        ),
+        (
+            update(spec, "u-99", "x@example.org", admin()),
+            "rejected:not_found",
+        ),
+        (
+            Command {
+                command_type: "DeleteUser".into(),
+                ..update(spec, "u-1", "x@example.org", admin())
+            },
+            "rejected:unknown_command",
+        ),
+        (
+            Command {
+                payload: b"{\"id\": \"u-1\", \"email\": 5}".to_vec(),
+                ..update(spec, "u-1", "x@example.org", admin())
+            },
+            "rejected:malformed",
+        ),
+        (update(spec, "u-1", "x@example.org", user("")), "forbidden"),
+    ];
+    for (command, expected) in cases {
+        let reply = client.send(&command, REPLY_TIMEOUT).unwrap();
+        let got = match &reply {
+            Reply::Rejected { code, .. } => format!("rejected:{code}"),
+            other => other.outcome().to_string(),
+        };
+        assert_eq!(got, expected, "{reply:?}");
+    }
+    // The user may change their own email (the rule reads principal.id).
+    let reply = client
+        .send(
+            &update(spec, "u-1", "me@example.org", user("u-1")),
+            REPLY_TIMEOUT,
+        )
+        .unwrap();
+    assert!(
+        matches!(reply, Reply::Accepted { version: 2, .. }),
+        "{reply:?}"
+    );
+
+    // A re-delivered command (same id) gets its first answer and has no second effect.
+    let mut twice = update(spec, "u-3", "dup@example.org", admin());
+    twice.command_id = Some(format!("dup-{run}"));
+    let first = client.send(&twice, REPLY_TIMEOUT).unwrap();
+    let second = client.send(&twice, REPLY_TIMEOUT).unwrap();
+    assert!(
+        matches!(first, Reply::Accepted { version: 2, .. }),
+        "{first:?}"
+    );
+    assert_eq!(first, second);
+    let events = command_events(&m.user_topic);
+    let dup_events = events
+        .values()
+        .filter(|(_, id, _)| *id == format!("dup-{run}"))
+        .count();
+    assert_eq!(dup_events, 1, "a re-delivered command was applied twice");
+    assert_eq!(
+        events.len(),
+        3,
+        "accepted commands: u-0, u-1, u-3: {events:?}"
+    );
+
+    let metrics = master.metrics();
+    assert_eq!(
+        counter(&metrics, "miroir_commands_total", "outcome=\"accepted\""),
+        3
+    );
+    assert_eq!(
+        counter(&metrics, "miroir_commands_total", "outcome=\"duplicate\""),
+        1
+    );
+    assert_eq!(
+        counter(&metrics, "miroir_commands_total", "outcome=\"rejected\""),
+        5
+    );
+    assert_eq!(
+        counter(&metrics, "miroir_commands_total", "outcome=\"forbidden\""),
+        2
+    );
+    assert_eq!(
+        counter(
+            &app.metrics(),
+            "miroir_command_round_trip_seconds_count",
+            ""
+        ),
+        11
+    );
+    let reply_topic = client.reply_topic().to_string();
+    app.shutdown();
+    let consumer: rdkafka::consumer::BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .create()
+        .unwrap();
+    wait_until(
+        "the reply topic is deleted at shutdown",
+        Duration::from_secs(20),
+        || {
+            !miroir_connectors::kafka::admin::topics(&consumer)
+                .unwrap()
+                .iter()
+                .any(|(t, _)| *t == reply_topic)
+        },
+    );
+    master.shutdown();
+}
+
+/// A dependency that fails while `failing` is set.
+#[derive(Default)]
+struct Flaky {
+    failing: AtomicBool,
+    calls: AtomicUsize,
+}
+
+impl Dependency for Flaky {
+    fn check(&self, _: &CommandSpec, key: &str, _: &serde_json::Value) -> Result<(), String> {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        if self.failing.load(Ordering::SeqCst) {
+            Err(format!("directory unavailable for {key}"))
+        } else {
+            Ok(())
+        }
+    }
+}
+
+#[test]
+fn failing_dependency_retries_then_parks_and_replay_keeps_order_skipping_the_stale() {
+    let run = unique("cmd-dlq");
+    let mut m = user_referential(&run);
+    m.text = m.text.replace(
+        "retry = { attempts = 5, backoff = \"100ms\", max_backoff = \"2s\" }",
+        "retry = { attempts = 3, backoff = \"20ms\", max_backoff = \"50ms\" }",
+    );
+    assert!(m.text.contains("attempts = 3"));
+    seed_users(&m.user_topic, 6);
+    let dir = tempfile::tempdir().unwrap();
+    let flaky = Arc::new(Flaky::default());
+    flaky.failing.store(true, Ordering::SeqCst);
+    let master = start_master(&m, &dir.path().join("master"), Some(flaky.clone()));
+    let config = KafkaConfig::new(brokers());
+    let client_metrics = Metrics::new();
+    let client = Client::start(&config, "dlq-test", client_metrics.commands.clone()).unwrap();
+    let spec = m.topology.command("update_email").unwrap();
+
+    let a = client
+        .send(
+            &update(spec, "u-0", "a@example.org", admin()),
+            REPLY_TIMEOUT,
+        )
+        .unwrap();
+    let b = client
+        .send(
+            &update(spec, "u-1", "b@example.org", admin()),
+            REPLY_TIMEOUT,
+        )
+        .unwrap();
+    for reply in [&a, &b] {
+        match reply {
+            Reply::Deferred { topic, message, .. } => {
+                assert_eq!(*topic, format!("{}.dlq", m.command_topic));
+                assert!(message.contains("directory unavailable"), "{message}");
+            }
+            other => panic!("expected Deferred, got {other:?}"),
+        }
+    }
+    assert_eq!(
+        flaky.calls.load(Ordering::SeqCst),
+        6,
+        "3 attempts per command"
+    );
+    let metrics = master.metrics();
+    assert_eq!(counter(&metrics, "miroir_command_retries_total", ""), 4);
+    assert_eq!(
+        counter(&metrics, "miroir_command_dead_letters_total", ""),
+        2
+    );
+
+    let parked = commands::dead_letters(&config, &m.command_topic).unwrap();
+    assert_eq!(parked.len(), 2);
+    assert_eq!(parked[0].key.as_deref(), Some("u-0"));
+    assert_eq!(parked[1].key.as_deref(), Some("u-1"));
+    for p in &parked {
+        assert_eq!(p.attempts, Some(3));
+        assert_eq!(p.error_class.as_deref(), Some("dependency"));
+        assert_eq!(p.entity_version, Some(1));
+        assert_eq!(p.principal.as_deref(), Some("alice"));
+        assert!(p.origin.as_deref().unwrap().starts_with(&m.command_topic));
+        assert!(p.first_failure <= p.last_failure);
+    }
+    // A parked command re-delivered as such (not as a replay) stays parked.
+    let mut again = update(spec, "u-0", "a@example.org", admin());
+    again.command_id = parked[0].command_id.clone();
+    assert!(matches!(
+        client.send(&again, REPLY_TIMEOUT).unwrap(),
+        Reply::Deferred { .. }
+    ));
+
+    // The dependency recovers; u-0 moves on before the replay.
+    flaky.failing.store(false, Ordering::SeqCst);
+    let c = client
+        .send(
+            &update(spec, "u-0", "c@example.org", admin()),
+            REPLY_TIMEOUT,
+        )
+        .unwrap();
+    assert!(matches!(c, Reply::Accepted { version: 2, .. }), "{c:?}");
+
+    let mut seen = Vec::new();
+    let results = commands::replay(&client, &parked, REPLY_TIMEOUT, |p, r| {
+        seen.push((p.key.clone().unwrap(), format!("{r:?}")));
+    });
+    assert_eq!(seen.len(), 2);
+    assert_eq!(seen[0].0, "u-0", "replayed in the original order");
+    assert!(
+        matches!(&results[0], Replayed::Skipped(why) if why.contains("changed")),
+        "{results:?}"
+    );
+    assert!(
+        matches!(
+            &results[1],
+            Replayed::Applied(Reply::Accepted { version: 2, .. })
+        ),
+        "{results:?}"
+    );
+    wait_until(
+        "the replayed change is applied",
+        Duration::from_secs(30),
+        || {
+            master_row(&master, "u-1")["email"] == "b@example.org"
+                && master_row(&master, "u-0")["email"] == "c@example.org"
+        },
+    );
+    assert_eq!(
+        counter(&master.metrics(), "miroir_command_replayed_total", ""),
+        2
+    );
+    client.shutdown();
+    master.shutdown();
+}
+
+#[test]
+fn two_clients_sending_concurrently_get_their_own_replies() {
+    let run = unique("cmd-concurrent");
+    let m = user_referential(&run);
+    seed_users(&m.user_topic, 12);
+    let dir = tempfile::tempdir().unwrap();
+    let master = start_master(&m, &dir.path().join("master"), None);
+    let config = KafkaConfig::new(brokers());
+    let spec = m.topology.command("update_email").unwrap();
+    let active: Vec<String> = (0..12)
+        .filter(|i| i % 3 != 2)
+        .map(|i| format!("u-{i}"))
+        .collect();
+    let sent: Vec<(String, Reply)> = std::thread::scope(|s| {
+        let mut handles = Vec::new();
+        for c in 0..2 {
+            let client = Arc::new(
+                Client::start(&config, &format!("app{c}"), Metrics::new().commands.clone())
+                    .unwrap(),
+            );
+            for t in 0..3 {
+                let client = client.clone();
+                let active = &active;
+                handles.push(s.spawn(move || {
+                    (0..12)
+                        .map(|i| {
+                            let email = format!("c{c}-t{t}-{i}@example.org");
+                            let id = &active[(i + t * 5 + c * 3) % active.len()];
+                            let reply = client
+                                .send(&update(spec, id, &email, admin()), REPLY_TIMEOUT)
+                                .unwrap();
+                            (email, reply)
+                        })
+                        .collect::<Vec<_>>()
+                }));
+            }
+        }
+        handles
+            .into_iter()
+            .flat_map(|h| h.join().unwrap())
+            .collect()
+    });
+    assert_eq!(sent.len(), 72);
+    // Each reply points at the entity event its own command wrote.
+    let events = command_events(&m.user_topic);
+    assert_eq!(events.len(), 72);
+    for (email, reply) in &sent {
+        let Reply::Accepted {
+            partition,
+            offset,
+            version,
+        } = reply
+        else {
+            panic!("{email}: {reply:?}");
+        };
+        let (_, _, event) = &events[&(*partition, *offset)];
+        assert_eq!(event["email"], *email, "a reply crossed to another request");
+        assert_eq!(event["version"], *version);
+    }
+    // Per user, versions are 2, 3, ... without gaps or repeats.
+    let mut versions: HashMap<String, Vec<i64>> = HashMap::new();
+    for (key, _, event) in events.values() {
+        versions
+            .entry(key.clone())
+            .or_default()
+            .push(event["version"].as_i64().unwrap());
+    }
+    for (key, mut v) in versions {
+        v.sort();
+        let expected: Vec<i64> = (2..2 + v.len() as i64).collect();
+        assert_eq!(v, expected, "{key}");
+    }
+    master.shutdown();
+}
+
+#[test]
+fn a_client_times_out_while_the_processor_is_stopped_and_ignores_the_late_reply() {
+    let run = unique("cmd-timeout");
+    let m = user_referential(&run);
+    seed_users(&m.user_topic, 3);
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("master");
+    let master = start_master(&m, &state, None);
+    master.shutdown();
+    let config = KafkaConfig::new(brokers());
+    let metrics = Metrics::new();
+    let client = Client::start(&config, "timeout-test", metrics.commands.clone()).unwrap();
+    let spec = m.topology.command("update_email").unwrap();
+    let started = Instant::now();
+    let result = client.send(
+        &update(spec, "u-0", "late@example.org", admin()),
+        Duration::from_secs(1),
+    );
+    assert!(matches!(result, Err(SendError::Timeout(_))), "{result:?}");
+    assert!(started.elapsed() < Duration::from_secs(5));
+    assert_eq!(
+        counter(&metrics.render(), "miroir_command_timeouts_total", ""),
+        1
+    );
+
+    // Back up, the processor answers Expired (the deadline passed); the client ignores it.
+    let master = start_master(&m, &state, None);
+    wait_until("the late reply arrives", Duration::from_secs(30), || {
+        counter(&metrics.render(), "miroir_command_late_replies_total", "") == 1
+    });
+    assert_eq!(
+        counter(
+            &master.metrics(),
+            "miroir_commands_total",
+            "outcome=\"expired\""
+        ),
+        1
+    );
+    assert_eq!(
+        master_row(&master, "u-0")["version"],
+        1,
+        "an expired command changes nothing"
+    );
+    // The client goes on working.
+    let reply = client
+        .send(
+            &update(spec, "u-0", "now@example.org", admin()),
+            REPLY_TIMEOUT,
+        )
+        .unwrap();
+    assert!(
+        matches!(reply, Reply::Accepted { version: 2, .. }),
+        "{reply:?}"
+    );
+    client.shutdown();
+    master.shutdown();
+}
+
+#[test]
+fn processor_killed_mid_stream_answers_every_command_once() {
+    let run = unique("cmd-kill");
+    let m = user_referential(&run);
+    seed_users(&m.user_topic, 12);
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("master.toml");
+    std::fs::write(&file, &m.text).unwrap();
+    let state = dir.path().join("state");
+    let port = free_port();
+    let first_log = dir.path().join("first.log");
+    let mut child = spawn(&file, &state, port, &first_log);
+    let ready = |port: u16| {
+        reqwest::blocking::get(format!("http://127.0.0.1:{port}/ready"))
+            .is_ok_and(|r| r.status().is_success())
+    };
+    wait_until("the master is ready", Duration::from_secs(60), || {
+        ready(port)
+    });
+    let config = KafkaConfig::new(brokers());
+    let client = Client::start(&config, "kill-test", Metrics::new().commands.clone()).unwrap();
+    let spec = m.topology.command("update_email").unwrap();
+    let answered = AtomicUsize::new(0);
+    let killed_at = std::sync::Mutex::new(None::<Instant>);
+    let sent: Vec<(Instant, Instant, String, Result<Reply, SendError>)> = std::thread::scope(|s| {
+        let mut handles = Vec::new();
+        for t in 0..4 {
+            let (client, answered) = (&client, &answered);
+            handles.push(s.spawn(move || {
+                // Each thread owns users: u-t, u-(t+4), u-(t+8), keeping the active ones.
+                let users: Vec<String> = (0..3)
+                    .map(|k| t + 4 * k)
+                    .filter(|i| i % 3 != 2)
+                    .map(|i| format!("u-{i}"))
+                    .collect();
+                (0..30)
+                    .map(|i| {
+                        let email = format!("t{t}-{i}@example.org");
+                        let start = Instant::now();
+                        let r = client.send(
+                            &update(spec, &users[i % users.len()], &email, admin()),
+                            Duration::from_secs(90),
+                        );
+                        answered.fetch_add(1, Ordering::SeqCst);
+                        (start, Instant::now(), email, r)
+                    })
+                    .collect::<Vec<_>>()
+            }));
+        }
+        // SIGKILL once a fifth is answered, while the others are in flight; then restart.
+        wait_until("commands are answered", Duration::from_secs(60), || {
+            answered.load(Ordering::SeqCst) >= 24
+        });
+        child.kill().unwrap();
+        child.wait().unwrap();
+        *killed_at.lock().unwrap() = Some(Instant::now());
+        let port = free_port();
+        child = spawn(&file, &state, port, &dir.path().join("second.log"));
+        handles
+            .into_iter()
+            .flat_map(|h| h.join().unwrap())
+            .collect()
+    });
+    let killed_at = killed_at.lock().unwrap().unwrap();
+    assert_eq!(sent.len(), 120);
+    let mut across = 0;
+    for (start, end, email, result) in &sent {
+        match result {
+            Ok(Reply::Accepted { .. }) => {}
+            other => panic!("{email}: {other:?}"),
+        }
+        if *start < killed_at && *end > killed_at {
+            across += 1;
+        }
+    }
+    assert!(across >= 1, "no command was in flight across the kill");
+    // Exactly once: one entity event per command, versions contiguous per user.
+    let events = command_events(&m.user_topic);
+    let mut ids: HashMap<&str, usize> = HashMap::new();
+    for (_, id, _) in events.values() {
+        *ids.entry(id.as_str()).or_default() += 1;
+    }
+    assert_eq!(ids.len(), 120, "every command applied");
+    assert!(ids.values().all(|n| *n == 1), "a command was applied twice");
+    let mut versions: HashMap<&str, Vec<i64>> = HashMap::new();
+    for (key, _, event) in events.values() {
+        versions
+            .entry(key.as_str())
+            .or_default()
+            .push(event["version"].as_i64().unwrap());
+    }
+    for (key, mut v) in versions {
+        v.sort();
+        assert_eq!(v, (2..2 + v.len() as i64).collect::<Vec<_>>(), "{key}");
+    }
+    client.shutdown();
+    let _ = child.kill();
+    let _ = child.wait();
+}
