@@ -31,6 +31,10 @@ use miroir_connectors::kafka::KafkaConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 
+mod support;
+
+use support::replace_section;
+
 const PARTITIONS: i32 = 4;
 
 /// As in the `miroir` binary (src/main.rs): an embedding application should do the same.
@@ -225,19 +229,6 @@ fn orchestrate() {
     let updated = replace_section(&updated, "postgres", &postgres);
     std::fs::write(path, updated).unwrap();
     eprintln!("bench: wrote {path}");
-}
-
-/// `text` with its `<!-- name:begin -->` ... `<!-- name:end -->` section replaced by
-/// `section` (appended when missing).
-fn replace_section(text: &str, name: &str, section: &str) -> String {
-    let (begin, end) = (
-        format!("<!-- {name}:begin -->"),
-        format!("<!-- {name}:end -->\n"),
-    );
-    match (text.find(&begin), text.find(&end)) {
-        (Some(b), Some(e)) => format!("{}{}{}", &text[..b], section, &text[e + end.len()..]),
-        _ => format!("{text}\n{section}"),
-    }
 }
 
 /// Reads `value` of a Prometheus sample line `name ... value` (summed over label sets).

@@ -17,6 +17,7 @@ use miroir_connectors::kafka::admin::create_topic;
 use miroir_connectors::kafka::command::{header, text_header};
 use miroir_connectors::kafka::tail::Tail;
 use miroir_connectors::kafka::KafkaConfig;
+use rdkafka::consumer::Consumer;
 use rdkafka::message::Message;
 use serde_json::json;
 use support::*;
@@ -257,7 +258,7 @@ fn every_outcome_is_answered_and_the_app_reads_its_write() {
         "the reply topic is deleted at shutdown",
         Duration::from_secs(20),
         || {
-            !miroir_connectors::kafka::admin::topics(&consumer)
+            !miroir_connectors::kafka::admin::topics(consumer.client())
                 .unwrap()
                 .iter()
                 .any(|(t, _)| *t == reply_topic)

@@ -4,7 +4,8 @@ use std::time::Duration;
 
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
-use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
+use rdkafka::client::{Client, ClientContext};
+use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::types::RDKafkaErrorCode;
 
 use super::{KafkaConfig, KafkaError};
@@ -65,10 +66,8 @@ pub fn delete_topics(config: &KafkaConfig, topics: &[&str]) -> Result<(), KafkaE
 }
 
 /// The topics of the cluster with their partition counts (internal topics excluded).
-pub fn topics<C: ConsumerContext>(
-    consumer: &BaseConsumer<C>,
-) -> Result<Vec<(String, i32)>, KafkaError> {
-    let metadata = consumer.fetch_metadata(None, ADMIN_TIMEOUT)?;
+pub fn topics<C: ClientContext>(client: &Client<C>) -> Result<Vec<(String, i32)>, KafkaError> {
+    let metadata = client.fetch_metadata(None, ADMIN_TIMEOUT)?;
     Ok(metadata
         .topics()
         .iter()
@@ -80,7 +79,7 @@ pub fn topics<C: ConsumerContext>(
 /// The partition count of `topic`, or `None` when it does not exist.
 pub fn partition_count(config: &KafkaConfig, topic: &str) -> Result<Option<i32>, KafkaError> {
     let consumer: BaseConsumer = config.client().create()?;
-    Ok(topics(&consumer)?
+    Ok(topics(consumer.client())?
         .into_iter()
         .find(|(t, _)| t == topic)
         .map(|(_, n)| n))

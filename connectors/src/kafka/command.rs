@@ -265,11 +265,15 @@ impl Worker {
             .client()
             .set("transactional.id", format!("miroir.{group}.{instance}"))
             .set("partitioner", "murmur2_random")
-            .set("linger.ms", "1")
+            .set("linger.ms", "0")
             // A reply topic that disappeared must fail fast, not be re-created by producing.
             .set("allow.auto.create.topics", "false")
             .set("topic.metadata.propagation.max.ms", "2000")
             .set("transaction.timeout.ms", "60000")
+            // The coordinator answers "concurrent transactions" while the previous commit's
+            // markers are written; librdkafka's default 100 ms backoff before retrying would
+            // be most of a command's round trip (measured in docs/benchmarks.md).
+            .set("retry.backoff.ms", "5")
             .create()?;
         let payload = Source {
             name: spec.name.clone(),
@@ -464,6 +468,7 @@ impl Worker {
     }
 
     fn transaction(&mut self, batch: &[Incoming], stop: &AtomicBool) -> Result<(), TxError> {
+        let started = Instant::now();
         self.producer.begin_transaction().map_err(TxError::from)?;
         // Entity rows written in this transaction (commands later in the batch see them).
         let mut written: HashMap<String, Row> = HashMap::new();
@@ -528,6 +533,21 @@ impl Worker {
             }
             steps.push(step);
         }
+        // The consumed offsets join the transaction while the writes are in flight.
+        let mut offsets = TopicPartitionList::new();
+        for incoming in batch {
+            let m = &incoming.message;
+            offsets
+                .add_partition_offset(m.topic(), m.partition(), Offset::Offset(m.offset() + 1))
+                .map_err(|e| TxError::Fatal(e.into()))?;
+        }
+        let group = self.consumer.group_metadata().ok_or_else(|| {
+            TxError::Fatal(KafkaError::Definite("no consumer group metadata".into()))
+        })?;
+        self.producer
+            .send_offsets_to_transaction(&offsets, &group, TX_TIMEOUT)
+            .map_err(TxError::from)?;
+        let offsets_sent = started.elapsed();
         // The replies carry where the entity event or the dead letter landed.
         let mut replies = Vec::with_capacity(batch.len());
         for ((incoming, step), delivery) in batch.iter().zip(steps).zip(deliveries) {
@@ -564,16 +584,18 @@ impl Worker {
                 .as_ref()
                 .is_some_and(|t| !self.reply_topics.contains(t))
         });
+        let written_at = started.elapsed();
         self.refresh_reply_topics(unseen);
+        // Awaited here: a commit left to flush them waits on rust-rdkafka's 100 ms poll.
+        let mut replies_sent = Vec::new();
         let done_topic = format!("{}{DONE_SUFFIX}", self.spec.topic);
-        let mut pending = Vec::new();
         for (incoming, reply, remember) in &replies {
             let body = serde_json::to_vec(reply).expect("replies serialize");
             if let (true, Some(id)) = (*remember, &incoming.command_id) {
                 let record = FutureRecord::to(&done_topic)
                     .key(id.as_bytes())
                     .payload(body.as_slice());
-                pending.push(self.send(record)?);
+                replies_sent.push(self.send(record)?);
             }
             match &incoming.reply_to {
                 Some(topic) if self.reply_topics.contains(topic) => {
@@ -596,7 +618,7 @@ impl Worker {
                     if let Some(k) = &incoming.key {
                         record = record.key(k.as_bytes());
                     }
-                    pending.push(self.send(record)?);
+                    replies_sent.push(self.send(record)?);
                 }
                 Some(topic) => {
                     info!(topic = %self.spec.topic, partition = incoming.message.partition(), offset = incoming.message.offset(),
@@ -609,25 +631,22 @@ impl Worker {
                 None => {}
             }
         }
-        for d in pending {
+        for d in replies_sent {
             wait_delivery(d)?;
         }
-        let mut offsets = TopicPartitionList::new();
-        for incoming in batch {
-            let m = &incoming.message;
-            offsets
-                .add_partition_offset(m.topic(), m.partition(), Offset::Offset(m.offset() + 1))
-                .map_err(|e| TxError::Fatal(e.into()))?;
+        // rust-rdkafka's commit flushes first, and a flush that finds a delivery report not yet
+        // released by the producer's polling thread waits 100 ms for another one: let the
+        // polling thread finish first (microseconds).
+        let settle = Instant::now();
+        while self.producer.in_flight_count() > 0 && settle.elapsed() < Duration::from_millis(20) {
+            std::thread::yield_now();
         }
-        let group = self.consumer.group_metadata().ok_or_else(|| {
-            TxError::Fatal(KafkaError::Definite("no consumer group metadata".into()))
-        })?;
-        self.producer
-            .send_offsets_to_transaction(&offsets, &group, TX_TIMEOUT)
-            .map_err(TxError::from)?;
+        let replied_at = started.elapsed();
         self.producer
             .commit_transaction(TX_TIMEOUT)
             .map_err(TxError::from)?;
+        debug!(command = %self.spec.name, commands = batch.len(), offsets_sent = ?offsets_sent,
+               written = ?written_at, replied = ?replied_at, committed = ?started.elapsed(), "transaction committed");
         // Committed: the views take what the transaction wrote.
         self.entities.extend(written);
         for (incoming, reply, remember) in replies {
@@ -875,7 +894,9 @@ impl Worker {
         if self.reply_topics_at.is_some_and(|t| t.elapsed() < fresh) {
             return;
         }
-        match topics(&self.consumer) {
+        // The producer's connections, not the consumer's: a consumer connection waits out its
+        // long-polling fetch before it answers a metadata request.
+        match topics(self.producer.client()) {
             Ok(list) => {
                 self.reply_topics = list.into_iter().map(|(t, _)| t).collect();
                 self.reply_topics_at = Some(Instant::now());

@@ -362,7 +362,7 @@ pub fn reap_orphans(config: &KafkaConfig) -> Result<Vec<String>, KafkaError> {
     let consumer: BaseConsumer = config.client().create()?;
     let now = now_ms();
     let mut orphans = Vec::new();
-    for (topic, _) in topics(&consumer)? {
+    for (topic, _) in topics(consumer.client())? {
         let Some(rest) = topic.strip_prefix(REPLY_PREFIX) else {
             continue;
         };

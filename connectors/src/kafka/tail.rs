@@ -50,7 +50,7 @@ impl Tail {
             .set("enable.partition.eof", "true")
             .set("isolation.level", "read_committed")
             .create_with_context(TailContext)?;
-        let partitions = topics(&consumer)?
+        let partitions = topics(consumer.client())?
             .into_iter()
             .find(|(t, _)| t == topic)
             .map(|(_, n)| n)

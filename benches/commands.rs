@@ -1,0 +1,360 @@
+//! Command round-trip benchmark: `UpdateUserEmail` through miroir's processor next to an echo
+//! responder (same client, same broker, same run).
+//!
+//! ```sh
+//! eval "$(scripts/services up)"
+//! cargo bench --bench commands                 # 10 s per scenario
+//! MIROIR_BENCH_SECONDS=5 cargo bench --bench commands
+//! ```
+//!
+//! 1. seeds 2,000 active users on a fresh `user` topic (4 partitions) and starts, in this
+//!    process, the master (`topologies/user-referential.toml`) and the app
+//!    (`topologies/user-directory.toml`, its internal table `user_contacts` only) as embedded
+//!    engines, and a command client;
+//! 2. the baseline: an echo responder reading its own command topic and replying at once
+//!    (no transaction, no state): what the client and the broker cost by themselves;
+//! 3. for both, closed loops of 1 and 16 senders, then 16 senders paced to 1,000 commands/s;
+//!    round-trip p50/p99 and commands/s;
+//! 4. the time from send to the new email being readable in the app's `user_contacts`;
+//! 5. rewrites the `commands` section of `docs/benchmarks.md`.
+
+mod support;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use miroir::commands::{Client, Command, Principal, Reply};
+use miroir::miroir_engine::command::CommandSpec;
+use miroir::miroir_engine::topology::Topology;
+use miroir::Engine;
+use miroir_connectors::kafka::admin::create_topic;
+use miroir_connectors::kafka::command::{header, text_header};
+use miroir_connectors::kafka::output::Publisher;
+use miroir_connectors::kafka::KafkaConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
+use rdkafka::ClientConfig;
+use support::replace_section;
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+const USERS: usize = 2000;
+
+fn main() {
+    if std::env::var_os("RUST_LOG").is_some() {
+        tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_writer(std::io::stderr)
+            .init();
+    }
+    let brokers = std::env::var("MIROIR_BROKERS").unwrap_or_else(|_| "127.0.0.1:19092".into());
+    let seconds: u64 = std::env::var("MIROIR_BENCH_SECONDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(10);
+    let run = format!(
+        "{}",
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs()
+    );
+    let config = KafkaConfig::new(brokers.clone());
+    let root = env!("CARGO_MANIFEST_DIR");
+    let user_topic = format!("user-bench-{run}");
+    let command_topic = format!("{user_topic}.cmd.update-email");
+    let master_text = std::fs::read_to_string(format!("{root}/topologies/user-referential.toml"))
+        .unwrap()
+        .replace(
+            "name = \"user-referential\"",
+            &format!("name = \"bench-master-{run}\""),
+        )
+        .replace("topic = \"user\"", &format!("topic = \"{user_topic}\""))
+        .replace(
+            "topic = \"user.cmd.update-email\"",
+            &format!("topic = \"{command_topic}\""),
+        );
+    let app_text =
+        std::fs::read_to_string(format!("{root}/topologies/user-directory.toml")).unwrap();
+    // The app's internal table only: the external ones are measured by the ingest benchmark.
+    let app_text = app_text[..app_text.find("\n# Left join with the departments").unwrap()]
+        .replace(
+            "name = \"user-directory\"",
+            &format!("name = \"bench-app-{run}\""),
+        )
+        .replace("topic = \"user\"", &format!("topic = \"{user_topic}\""))
+        .replace(
+            "topic = \"department\"",
+            &format!("topic = \"department-bench-{run}\""),
+        );
+    create_topic(&config, &user_topic, 4).unwrap();
+    create_topic(&config, &format!("department-bench-{run}"), 4).unwrap();
+    let publisher = Publisher::new(&config).unwrap();
+    for i in 0..USERS {
+        let payload = serde_json::json!({
+            "id": format!("u-{i}"), "email": format!("user{i}@example.org"), "name": format!("User {i}"),
+            "active": true, "version": 1, "event_type": "UserCreated",
+        });
+        publisher
+            .send(
+                &user_topic,
+                format!("u-{i}").as_bytes(),
+                Some(payload.to_string().as_bytes()),
+            )
+            .unwrap();
+    }
+    publisher.flush().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let master = Engine::builder()
+        .topology_str(master_text.clone())
+        .brokers(&brokers)
+        .state_dir(dir.path().join("master"))
+        .start()
+        .unwrap();
+    let app = Engine::builder()
+        .topology_str(app_text)
+        .brokers(&brokers)
+        .state_dir(dir.path().join("app"))
+        .command_client()
+        .start()
+        .unwrap();
+    assert!(
+        master.wait_ready(Duration::from_secs(120)) && app.wait_ready(Duration::from_secs(120))
+    );
+    let topology = Topology::parse("user-referential.toml", &master_text).unwrap();
+    let spec = topology.command("update_email").unwrap().clone();
+    let client = app.commands().unwrap();
+
+    let echo_topic = format!("echo-bench-{run}");
+    create_topic(&config, &echo_topic, 4).unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let echo = std::thread::spawn({
+        let (brokers, topic, stop) = (brokers.clone(), echo_topic.clone(), stop.clone());
+        move || echo_responder(&brokers, &topic, &stop)
+    });
+    let echo_spec = CommandSpec {
+        topic: echo_topic.clone(),
+        ..spec.clone()
+    };
+
+    let mut rows = Vec::new();
+    for (name, s) in [
+        ("echo responder (baseline)", &echo_spec),
+        ("miroir processor", &spec),
+    ] {
+        client
+            .send(&command(s, 0, 0), Duration::from_secs(30))
+            .unwrap(); // warm-up
+        for (senders, rate) in [(1, None), (16, None), (16, Some(1000.0))] {
+            let r = measure(client, s, senders, rate, Duration::from_secs(seconds));
+            eprintln!(
+                "bench: {name}, {senders} sender(s), {}: {r:?}",
+                rate.map_or("closed loop".into(), |r| format!("paced {r}/s"))
+            );
+            rows.push((name, senders, rate, r));
+        }
+    }
+    let visible = visibility(client, &app, &spec, 200);
+    eprintln!("bench: send -> readable in user_contacts: {visible:?}");
+    stop.store(true, Ordering::SeqCst);
+    echo.join().unwrap();
+
+    let mut table = String::from(
+        "| responder | senders | load | commands/s | p50 ms | p99 ms | errors |\n|---|---|---|---|---|---|---|\n",
+    );
+    for (name, senders, rate, r) in &rows {
+        table.push_str(&format!(
+            "| {name} | {senders} | {} | {:.0} | {:.1} | {:.1} | {} |\n",
+            rate.map_or("closed loop".into(), |r| format!("paced {r:.0}/s")),
+            r.rate,
+            r.p50,
+            r.p99,
+            r.errors
+        ));
+    }
+    let section = format!(
+        "<!-- commands:begin -->\n\
+         Run {run}: `cargo bench --bench commands` (MIROIR_BENCH_SECONDS={seconds}), \
+         {USERS} users, 4 partitions, single local broker, 2 cores.\n\n\
+         {table}\n\
+         Send to readable in the app's `user_contacts` (internal table, epoch 100 ms): \
+         p50 {:.1} ms, p99 {:.1} ms over {} commands.\n\
+         <!-- commands:end -->\n",
+        visible.p50, visible.p99, visible.count
+    );
+    let path = format!("{root}/docs/benchmarks.md");
+    let text = std::fs::read_to_string(&path).unwrap_or_default();
+    std::fs::write(&path, replace_section(&text, "commands", &section)).unwrap();
+    eprintln!("bench: wrote {path}");
+    app.shutdown();
+    master.shutdown();
+}
+
+fn command(spec: &CommandSpec, user: usize, n: usize) -> Command {
+    let principal = Principal {
+        id: "bench".into(),
+        roles: vec!["user-admin".into()],
+    };
+    Command::new(
+        spec,
+        &serde_json::json!({ "id": format!("u-{user}"), "email": format!("b{n}-{user}@example.org") }),
+        principal,
+    )
+    .unwrap()
+}
+
+#[derive(Debug, Default)]
+struct Latencies {
+    count: usize,
+    errors: usize,
+    rate: f64,
+    p50: f64,
+    p99: f64,
+}
+
+fn summarize(mut ms: Vec<f64>, errors: usize, elapsed: Duration) -> Latencies {
+    ms.sort_by(|a, b| a.total_cmp(b));
+    let at = |q: f64| {
+        ms.get(((ms.len() as f64 * q) as usize).min(ms.len().saturating_sub(1)))
+            .copied()
+            .unwrap_or(f64::NAN)
+    };
+    Latencies {
+        count: ms.len(),
+        errors,
+        rate: ms.len() as f64 / elapsed.as_secs_f64(),
+        p50: at(0.50),
+        p99: at(0.99),
+    }
+}
+
+/// `senders` threads send for `duration`, each in a closed loop or paced to its share of
+/// `rate` commands/s.
+fn measure(
+    client: &Client,
+    spec: &CommandSpec,
+    senders: usize,
+    rate: Option<f64>,
+    duration: Duration,
+) -> Latencies {
+    let started = Instant::now();
+    let results: Vec<(Vec<f64>, usize)> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..senders)
+            .map(|t| {
+                s.spawn(move || {
+                    let interval = rate.map(|r| Duration::from_secs_f64(senders as f64 / r));
+                    let (mut ms, mut errors, mut n) = (Vec::new(), 0, 0usize);
+                    let mut next = Instant::now();
+                    while started.elapsed() < duration {
+                        if let Some(i) = interval {
+                            let now = Instant::now();
+                            if next > now {
+                                std::thread::sleep(next - now);
+                            }
+                            next += i;
+                        }
+                        let user = (t * 7919 + n * 131) % USERS;
+                        let sent = Instant::now();
+                        match client.send(&command(spec, user, n), Duration::from_secs(10)) {
+                            Ok(Reply::Accepted { .. }) => {
+                                ms.push(sent.elapsed().as_secs_f64() * 1000.0)
+                            }
+                            _ => errors += 1,
+                        }
+                        n += 1;
+                    }
+                    (ms, errors)
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let elapsed = started.elapsed();
+    let errors = results.iter().map(|(_, e)| e).sum();
+    summarize(
+        results.into_iter().flat_map(|(m, _)| m).collect(),
+        errors,
+        elapsed,
+    )
+}
+
+/// Time from send to the new email being served by the app's internal table.
+fn visibility(client: &Client, app: &Engine, spec: &CommandSpec, count: usize) -> Latencies {
+    let started = Instant::now();
+    let mut ms = Vec::new();
+    let mut errors = 0;
+    for n in 0..count {
+        let user = (n * 37) % USERS;
+        let cmd = command(spec, user, 1_000_000 + n);
+        let email = format!("b{}-{user}@example.org", 1_000_000 + n);
+        let sent = Instant::now();
+        if !matches!(
+            client.send(&cmd, Duration::from_secs(10)),
+            Ok(Reply::Accepted { .. })
+        ) {
+            errors += 1;
+            continue;
+        }
+        let key = format!("u-{user}");
+        loop {
+            let row = app.get("user_contacts", &key).unwrap();
+            if row.is_some_and(|r| r.row["email"] == email.as_str()) {
+                ms.push(sent.elapsed().as_secs_f64() * 1000.0);
+                break;
+            }
+            if sent.elapsed() > Duration::from_secs(10) {
+                errors += 1;
+                break;
+            }
+            std::thread::sleep(Duration::from_micros(500));
+        }
+    }
+    summarize(ms, errors, started.elapsed())
+}
+
+/// Answers every command on `topic` with Accepted at once, without a transaction.
+fn echo_responder(brokers: &str, topic: &str, stop: &AtomicBool) {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", format!("{topic}-echo"))
+        .set("auto.offset.reset", "earliest")
+        .set("fetch.wait.max.ms", "10")
+        .create()
+        .unwrap();
+    consumer.subscribe(&[topic]).unwrap();
+    let producer: ThreadedProducer<DefaultProducerContext> = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("linger.ms", "0")
+        .create()
+        .unwrap();
+    let body = serde_json::to_vec(&Reply::Accepted {
+        version: 0,
+        partition: 0,
+        offset: 0,
+    })
+    .unwrap();
+    while !stop.load(Ordering::SeqCst) {
+        let Some(Ok(m)) = consumer.poll(Duration::from_millis(50)) else {
+            continue;
+        };
+        let (Some(reply_to), Some(correlation)) = (
+            text_header(&m, header::REPLY_TO),
+            text_header(&m, header::CORRELATION_ID),
+        ) else {
+            continue;
+        };
+        let headers = OwnedHeaders::new().insert(Header {
+            key: header::CORRELATION_ID,
+            value: Some(correlation.as_str()),
+        });
+        let record: BaseRecord<'_, [u8], [u8]> = BaseRecord::to(&reply_to)
+            .payload(body.as_slice())
+            .headers(headers);
+        let _ = producer.send(record);
+    }
+    consumer.unsubscribe();
+    let _ = producer.flush(Duration::from_secs(5));
+}
