@@ -13,7 +13,8 @@
 //!    engines, and a command client;
 //! 2. the baseline: an echo responder reading its own command topic and replying at once
 //!    (no transaction, no state): what the client and the broker cost by themselves;
-//! 3. for both, closed loops of 1 and 16 senders, then 16 senders paced to 1,000 commands/s;
+//! 3. for both, closed loops of 1 and 16 senders, then 16 senders paced to 500 and 1,000
+//!    commands/s;
 //!    round-trip p50/p99 and commands/s;
 //! 4. the time from send to the new email being readable in the app's `user_contacts`;
 //! 5. rewrites the `commands` section of `docs/benchmarks.md`.
@@ -55,6 +56,10 @@ fn main() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(10);
+    let lanes: usize = std::env::var("MIROIR_BENCH_LANES")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(4);
     let run = format!(
         "{}",
         std::time::SystemTime::now()
@@ -148,8 +153,13 @@ fn main() {
         client
             .send(&command(s, 0, 0), Duration::from_secs(30))
             .unwrap(); // warm-up
-        for (senders, rate) in [(1, None), (16, None), (16, Some(1000.0))] {
-            let r = measure(client, s, senders, rate, Duration::from_secs(seconds));
+        for (senders, rate) in [(1, None), (16, None), (16, Some(500.0)), (16, Some(1000.0))] {
+            let (own, broker) = (cpu_seconds("self"), broker_pid().map(|p| cpu_seconds(&p)));
+            let mut r = measure(client, s, senders, rate, Duration::from_secs(seconds));
+            r.cpu_ms = (cpu_seconds("self") - own) * 1000.0 / r.count.max(1) as f64;
+            r.broker_cpu_ms = broker_pid().zip(broker).map_or(f64::NAN, |(p, b)| {
+                (cpu_seconds(&p) - b) * 1000.0 / r.count.max(1) as f64
+            });
             eprintln!(
                 "bench: {name}, {senders} sender(s), {}: {r:?}",
                 rate.map_or("closed loop".into(), |r| format!("paced {r}/s"))
@@ -163,22 +173,24 @@ fn main() {
     echo.join().unwrap();
 
     let mut table = String::from(
-        "| responder | senders | load | commands/s | p50 ms | p99 ms | errors |\n|---|---|---|---|---|---|---|\n",
+        "| responder | senders | load | commands/s | p50 ms | p99 ms | errors | CPU ms/command (miroir process) | CPU ms/command (broker) |\n|---|---|---|---|---|---|---|---|---|\n",
     );
     for (name, senders, rate, r) in &rows {
         table.push_str(&format!(
-            "| {name} | {senders} | {} | {:.0} | {:.1} | {:.1} | {} |\n",
+            "| {name} | {senders} | {} | {:.0} | {:.1} | {:.1} | {} | {:.2} | {:.2} |\n",
             rate.map_or("closed loop".into(), |r| format!("paced {r:.0}/s")),
             r.rate,
             r.p50,
             r.p99,
-            r.errors
+            r.errors,
+            r.cpu_ms,
+            r.broker_cpu_ms
         ));
     }
     let section = format!(
         "<!-- commands:begin -->\n\
-         Run {run}: `cargo bench --bench commands` (MIROIR_BENCH_SECONDS={seconds}), \
-         {USERS} users, 4 partitions, single local broker, 2 cores.\n\n\
+         Run {run}: `cargo bench --bench commands` (MIROIR_BENCH_SECONDS={seconds}, \
+         MIROIR_BENCH_LANES={lanes}), {USERS} users, 4 partitions, single local broker, 2 cores.\n\n\
          {table}\n\
          Send to readable in the app's `user_contacts` (internal table, epoch 100 ms): \
          p50 {:.1} ms, p99 {:.1} ms over {} commands.\n\
@@ -213,6 +225,41 @@ struct Latencies {
     rate: f64,
     p50: f64,
     p99: f64,
+    /// CPU time of this process (client, processor, both engines) per command.
+    cpu_ms: f64,
+    /// CPU time of the broker per command.
+    broker_cpu_ms: f64,
+}
+
+/// User + system CPU seconds of process `pid` (`self` for this one).
+fn cpu_seconds(pid: &str) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let fields: Vec<&str> = stat
+        .rsplit(')')
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    (ticks(11) + ticks(12)) / 100.0 // utime, stime (fields 14, 15 of stat), at 100 Hz
+}
+
+/// The local broker's process id (started by scripts/services).
+fn broker_pid() -> Option<String> {
+    let out = std::process::Command::new("pgrep")
+        .args(["-f", "kafka.Kafka"])
+        .output()
+        .ok()?;
+    String::from_utf8(out.stdout)
+        .ok()?
+        .split_whitespace()
+        .next()
+        .map(str::to_string)
 }
 
 fn summarize(mut ms: Vec<f64>, errors: usize, elapsed: Duration) -> Latencies {
@@ -228,6 +275,7 @@ fn summarize(mut ms: Vec<f64>, errors: usize, elapsed: Duration) -> Latencies {
         rate: ms.len() as f64 / elapsed.as_secs_f64(),
         p50: at(0.50),
         p99: at(0.99),
+        ..Latencies::default()
     }
 }
 

@@ -48,6 +48,9 @@ pub struct CommandSpec {
     pub stamp: Stamp,
     /// Retries of technical failures before the dead-letter topic.
     pub retry: RetryPolicy,
+    /// Transactions run side by side, each for the partitions `p` with `p % lanes` equal to
+    /// its number (commands of one entity stay in one partition, so in order).
+    pub lanes: usize,
 }
 
 /// A boolean rule and what to answer when it does not hold.

@@ -30,6 +30,8 @@ pub(super) struct RawCommand {
     stamp: Option<Spanned<RawStamp>>,
     #[serde(default)]
     retry: Option<Spanned<RawRetry>>,
+    #[serde(default)]
+    lanes: Option<Spanned<i64>>,
 }
 
 #[derive(Deserialize)]
@@ -67,6 +69,9 @@ struct RawRetry {
     #[serde(default)]
     max_backoff: Option<Spanned<String>>,
 }
+
+/// Transactions side by side when a command section does not say.
+const DEFAULT_LANES: usize = 4;
 
 /// Validates one command section against the (valid) sources.
 pub(super) fn validate_command(
@@ -141,6 +146,14 @@ pub(super) fn validate_command(
         return None;
     }
     let retry = retry(r, c.retry.as_ref());
+    let lanes = match &c.lanes {
+        None => DEFAULT_LANES,
+        Some(n) if (1..=64).contains(n.get_ref()) => *n.get_ref() as usize,
+        Some(n) => {
+            r.at(n.span().start, "lanes must be between 1 and 64", None);
+            DEFAULT_LANES
+        }
+    };
     let scope = CommandSpec::scope(&columns, source);
     let operation = c
         .operation
@@ -202,6 +215,7 @@ pub(super) fn validate_command(
         set,
         stamp: stamp?,
         retry,
+        lanes,
     })
 }
 

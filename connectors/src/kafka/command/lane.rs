@@ -1,0 +1,614 @@
+//! A lane: one transactional producer, for the command partitions mapped to it. Lanes run
+//! their transactions side by side, so one slow transaction does not hold every partition.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use miroir_engine::command::{Decision, Principal, Reply, Request};
+use miroir_engine::decode::decode;
+use miroir_engine::value::{row_to_json, row_to_json_bytes, Row, Value};
+use rdkafka::consumer::ConsumerGroupMetadata;
+use rdkafka::message::{Header, Message, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::{Offset, TopicPartitionList};
+use tracing::{debug, info, warn};
+
+use super::{
+    header, text_header, Incoming, ReplyTopics, Shared, DLQ_SUFFIX, DONE_SUFFIX, TX_TIMEOUT,
+};
+use crate::kafka::admin::topics;
+use crate::kafka::{KafkaConfig, KafkaError};
+
+enum Step {
+    /// Answer without changing the entity; `remember` records the answer under the id
+    /// (false for a re-delivery, which gets its first answer again).
+    Answer { reply: Reply, remember: bool },
+    /// Publish the new entity row.
+    Apply { key: String, row: Row, version: i64 },
+    /// A dependency kept failing: park the command.
+    Park {
+        error: String,
+        attempts: u32,
+        first: SystemTime,
+        last: SystemTime,
+        entity_version: Option<i64>,
+    },
+}
+
+/// One transactional producer and its run of failures.
+pub(super) struct Lane {
+    producer: FutureProducer,
+    /// Consecutive failed transactions (the backoff grows with them).
+    pub(super) failures: u32,
+}
+
+impl Lane {
+    /// A lane for `transactional_id`; fences and aborts what a previous holder of the id left.
+    pub(super) fn new(config: &KafkaConfig, transactional_id: &str) -> Result<Lane, KafkaError> {
+        let producer: FutureProducer = config
+            .client()
+            .set("transactional.id", transactional_id)
+            .set("partitioner", "murmur2_random")
+            .set("linger.ms", "0")
+            // A reply topic that disappeared must fail fast, not be re-created by producing.
+            .set("allow.auto.create.topics", "false")
+            .set("topic.metadata.propagation.max.ms", "2000")
+            .set("transaction.timeout.ms", "60000")
+            // The coordinator answers "concurrent transactions" while the previous commit's
+            // markers are written; librdkafka's default 100 ms backoff before retrying would
+            // be most of a command's round trip (measured in docs/benchmarks.md).
+            .set("retry.backoff.ms", "5")
+            .create()?;
+        producer.init_transactions(TX_TIMEOUT)?;
+        Ok(Lane {
+            producer,
+            failures: 0,
+        })
+    }
+
+    /// Aborts the open transaction (after a failure).
+    pub(super) fn abort(&self) -> Result<(), KafkaError> {
+        match self.producer.abort_transaction(TX_TIMEOUT) {
+            Ok(()) => Ok(()),
+            Err(e) => match TxError::from(e) {
+                TxError::Fatal(e) => Err(e),
+                TxError::Retry(_) => Ok(()),
+            },
+        }
+    }
+
+    /// Processes `batch` (commands of this lane's partitions, in order) in one transaction:
+    /// entity events, dead letters, replies, answered ids and the consumed offsets.
+    pub(super) fn transaction(
+        &mut self,
+        shared: &Shared,
+        batch: &[&Incoming],
+        group: &ConsumerGroupMetadata,
+        stop: &AtomicBool,
+    ) -> Result<(), TxError> {
+        let started = Instant::now();
+        self.producer.begin_transaction().map_err(TxError::from)?;
+        // Entity rows written in this transaction (commands later in the batch see them).
+        let mut written: HashMap<String, Row> = HashMap::new();
+        let mut steps = Vec::with_capacity(batch.len());
+        let mut deliveries = Vec::new();
+        for incoming in batch {
+            let step = shared.step(incoming, &written, stop);
+            match &step {
+                Step::Apply { key, row, .. } => {
+                    let payload = row_to_json_bytes(&shared.entity.columns, row);
+                    let headers = command_headers(incoming);
+                    let record = FutureRecord::to(&shared.entity.topic)
+                        .key(key.as_bytes())
+                        .payload(payload.as_slice())
+                        .headers(headers);
+                    deliveries.push(Some(self.send(record)?));
+                    written.insert(key.clone(), row.clone());
+                }
+                Step::Park {
+                    error,
+                    attempts,
+                    first,
+                    last,
+                    entity_version,
+                } => {
+                    let m = &incoming.message;
+                    let origin = format!("{}/{}/{}", m.topic(), m.partition(), m.offset());
+                    let attempts = attempts.to_string();
+                    let first = rfc3339(*first);
+                    let last = rfc3339(*last);
+                    let version = entity_version.map(|v| v.to_string());
+                    let mut headers = m.headers().cloned().unwrap_or_default();
+                    for (key, value) in [
+                        (header::ERROR_CLASS, Some("dependency")),
+                        (header::ERROR_MESSAGE, Some(error.as_str())),
+                        (header::ATTEMPTS, Some(attempts.as_str())),
+                        (header::FIRST_FAILURE, Some(first.as_str())),
+                        (header::LAST_FAILURE, Some(last.as_str())),
+                        (header::ORIGIN, Some(origin.as_str())),
+                        (header::ENTITY_VERSION, version.as_deref()),
+                    ] {
+                        if let Some(value) = value {
+                            headers = headers.insert(Header {
+                                key,
+                                value: Some(value),
+                            });
+                        }
+                    }
+                    let dlq = format!("{}{DLQ_SUFFIX}", shared.spec.topic);
+                    let mut record = FutureRecord::to(&dlq)
+                        .headers(headers)
+                        .partition(m.partition());
+                    if let Some(k) = m.key() {
+                        record = record.key(k);
+                    }
+                    if let Some(p) = m.payload() {
+                        record = record.payload(p);
+                    }
+                    deliveries.push(Some(self.send(record)?));
+                }
+                Step::Answer { .. } => deliveries.push(None),
+            }
+            steps.push(step);
+        }
+        // The consumed offsets join the transaction while the writes are in flight.
+        let mut offsets = TopicPartitionList::new();
+        for incoming in batch {
+            let m = &incoming.message;
+            offsets
+                .add_partition_offset(m.topic(), m.partition(), Offset::Offset(m.offset() + 1))
+                .map_err(|e| TxError::Fatal(e.into()))?;
+        }
+        self.producer
+            .send_offsets_to_transaction(&offsets, group, TX_TIMEOUT)
+            .map_err(TxError::from)?;
+        let offsets_sent = started.elapsed();
+        // The replies carry where the entity event or the dead letter landed.
+        let mut replies = Vec::with_capacity(batch.len());
+        for ((incoming, step), delivery) in batch.iter().zip(steps).zip(deliveries) {
+            let landed = match delivery {
+                Some(d) => Some(wait_delivery(d)?),
+                None => None,
+            };
+            let (partition, offset) = landed.unwrap_or((-1, -1));
+            let (reply, remember) = match step {
+                Step::Answer { reply, remember } => (reply, remember),
+                Step::Apply { version, .. } => (
+                    Reply::Accepted {
+                        version,
+                        partition,
+                        offset,
+                    },
+                    true,
+                ),
+                Step::Park { error, .. } => (
+                    Reply::Deferred {
+                        topic: format!("{}{DLQ_SUFFIX}", shared.spec.topic),
+                        partition,
+                        offset,
+                        message: error,
+                    },
+                    true,
+                ),
+            };
+            replies.push((incoming, reply, remember));
+        }
+        // A reply topic not seen yet is most likely new (its client waited for it to exist).
+        let reply_topics = {
+            let mut known = shared.reply_topics.lock().expect("reply topics lock");
+            let unseen = replies.iter().any(|(i, _, _)| {
+                i.reply_to
+                    .as_ref()
+                    .is_some_and(|t| !known.names.contains(t))
+            });
+            self.refresh_reply_topics(&mut known, unseen);
+            known.names.clone()
+        };
+        let written_at = started.elapsed();
+        // Awaited here: a commit left to flush them waits on rust-rdkafka's 100 ms poll.
+        let mut replies_sent = Vec::new();
+        let done_topic = format!("{}{DONE_SUFFIX}", shared.spec.topic);
+        for (incoming, reply, remember) in &replies {
+            let body = serde_json::to_vec(reply).expect("replies serialize");
+            if let (true, Some(id)) = (*remember, &incoming.command_id) {
+                // In the command's partition number: a transaction then touches one partition
+                // of the topic, not one per command (each touched partition costs the broker a
+                // marker).
+                let record = FutureRecord::to(&done_topic)
+                    .key(id.as_bytes())
+                    .payload(body.as_slice())
+                    .partition(incoming.message.partition());
+                replies_sent.push(self.send(record)?);
+            }
+            match &incoming.reply_to {
+                Some(topic) if reply_topics.contains(topic) => {
+                    let mut headers = OwnedHeaders::new();
+                    if let Some(c) = &incoming.correlation_id {
+                        headers = headers.insert(Header {
+                            key: header::CORRELATION_ID,
+                            value: Some(c.as_str()),
+                        });
+                    }
+                    if let Some(c) = &incoming.command_id {
+                        headers = headers.insert(Header {
+                            key: header::COMMAND_ID,
+                            value: Some(c.as_str()),
+                        });
+                    }
+                    let mut record = FutureRecord::to(topic)
+                        .payload(body.as_slice())
+                        .headers(headers);
+                    if let Some(k) = &incoming.key {
+                        record = record.key(k.as_bytes());
+                    }
+                    replies_sent.push(self.send(record)?);
+                }
+                Some(topic) => {
+                    info!(topic = %shared.spec.topic, partition = incoming.message.partition(), offset = incoming.message.offset(),
+                          key = ?incoming.key, reply_to = %topic, "the reply topic is gone (its instance stopped): reply not sent");
+                    shared
+                        .metrics
+                        .replies_dropped
+                        .with_label_values(&[&shared.spec.name])
+                        .inc();
+                }
+                None => {}
+            }
+        }
+        for d in replies_sent {
+            wait_delivery(d)?;
+        }
+        // rust-rdkafka's commit flushes first, and a flush that finds a delivery report not yet
+        // released by the producer's polling thread waits 100 ms for another one: let the
+        // polling thread finish first (microseconds).
+        let settle = Instant::now();
+        while self.producer.in_flight_count() > 0 && settle.elapsed() < Duration::from_millis(20) {
+            std::thread::yield_now();
+        }
+        let replied_at = started.elapsed();
+        self.producer
+            .commit_transaction(TX_TIMEOUT)
+            .map_err(TxError::from)?;
+        debug!(command = %shared.spec.name, commands = batch.len(), offsets_sent = ?offsets_sent,
+               written = ?written_at, replied = ?replied_at, committed = ?started.elapsed(), "transaction committed");
+        // Committed: the views take what the transaction wrote.
+        shared
+            .entities
+            .lock()
+            .expect("entities lock")
+            .extend(written);
+        for (incoming, reply, remember) in replies {
+            let m = &incoming.message;
+            // Only re-deliveries' answers are not remembered again.
+            let outcome = if remember {
+                reply.outcome()
+            } else {
+                "duplicate"
+            };
+            if remember {
+                if let Some(id) = &incoming.command_id {
+                    shared
+                        .answered
+                        .lock()
+                        .expect("answered lock")
+                        .insert(id.clone(), reply.clone());
+                }
+            }
+            shared
+                .metrics
+                .processed
+                .with_label_values(&[&shared.spec.name, outcome])
+                .inc();
+            shared
+                .metrics
+                .processing_seconds
+                .with_label_values(&[&shared.spec.name])
+                .observe(incoming.received.elapsed().as_secs_f64());
+            if matches!(reply, Reply::Deferred { .. }) {
+                shared
+                    .metrics
+                    .dead_lettered
+                    .with_label_values(&[&shared.spec.name])
+                    .inc();
+            }
+            if text_header(m, header::PARKED_VERSION).is_some() {
+                shared
+                    .metrics
+                    .replayed
+                    .with_label_values(&[&shared.spec.name])
+                    .inc();
+            }
+            debug!(topic = m.topic(), partition = m.partition(), offset = m.offset(), key = ?incoming.key,
+                   command_id = ?incoming.command_id, outcome, "command answered");
+        }
+        Ok(())
+    }
+
+    fn send(
+        &self,
+        mut record: FutureRecord<'_, [u8], [u8]>,
+    ) -> Result<rdkafka::producer::DeliveryFuture, TxError> {
+        loop {
+            match self.producer.send_result(record) {
+                Ok(f) => return Ok(f),
+                Err((
+                    rdkafka::error::KafkaError::MessageProduction(
+                        rdkafka::types::RDKafkaErrorCode::QueueFull,
+                    ),
+                    r,
+                )) => {
+                    record = r;
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                Err((e, _)) => return Err(TxError::from(e)),
+            }
+        }
+    }
+
+    /// Refreshes the set of existing reply topics: every 5 s (topics of stopped instances
+    /// leave it), and at once when `unseen` names a topic not in it.
+    fn refresh_reply_topics(&self, known: &mut ReplyTopics, unseen: bool) {
+        let fresh = if unseen {
+            Duration::from_millis(20)
+        } else {
+            Duration::from_secs(5)
+        };
+        if known.at.is_some_and(|t| t.elapsed() < fresh) {
+            return;
+        }
+        // The producer's connections, not the consumer's: a consumer connection waits out its
+        // long-polling fetch before it answers a metadata request.
+        match topics(self.producer.client()) {
+            Ok(list) => {
+                known.names = list.into_iter().map(|(t, _)| t).collect();
+                known.at = Some(Instant::now());
+            }
+            Err(e) => {
+                warn!(error = %e, "cannot list topics; keeping the previous list of reply topics")
+            }
+        }
+    }
+}
+
+impl Shared {
+    /// Decides one command: duplicates get their first answer, dependency failures are
+    /// retried here (the batch's transaction stays open) and then parked.
+    fn step(&self, incoming: &Incoming, written: &HashMap<String, Row>, stop: &AtomicBool) -> Step {
+        let m = &incoming.message;
+        let replay = text_header(m, header::PARKED_VERSION);
+        if let Some(previous) = incoming.command_id.as_ref().and_then(|id| {
+            self.answered
+                .lock()
+                .expect("answered lock")
+                .get(id)
+                .cloned()
+        }) {
+            // A re-delivery: same answer, no second effect. A replay may take up a parked one.
+            if !(replay.is_some() && matches!(previous, Reply::Deferred { .. })) {
+                info!(topic = m.topic(), partition = m.partition(), offset = m.offset(), key = ?incoming.key,
+                      command_id = ?incoming.command_id, "command already answered: sending the same answer");
+                return Step::Answer {
+                    reply: previous.clone(),
+                    remember: false,
+                };
+            }
+        }
+        let reject = |code: &str, message: String| Step::Answer {
+            reply: Reply::Rejected {
+                code: code.into(),
+                field: None,
+                message,
+            },
+            remember: true,
+        };
+        let command_type = text_header(m, header::COMMAND_TYPE);
+        if command_type.as_deref() != Some(self.spec.operation.as_str()) {
+            warn!(topic = m.topic(), partition = m.partition(), offset = m.offset(), key = ?incoming.key,
+                  command_type = ?command_type, "unknown command type");
+            return reject(
+                "unknown_command",
+                format!(
+                    "{} accepts {} commands, not {}",
+                    self.spec.topic,
+                    self.spec.operation,
+                    command_type.as_deref().unwrap_or("untyped ones")
+                ),
+            );
+        }
+        let version = text_header(m, header::SCHEMA_VERSION)
+            .and_then(|v| v.parse::<u32>().ok())
+            .unwrap_or(1);
+        if version > self.spec.schema_version {
+            return reject(
+                "unsupported_schema_version",
+                format!(
+                    "schema version {version} is newer than the processor's {}",
+                    self.spec.schema_version
+                ),
+            );
+        }
+        let Some(principal_id) = text_header(m, header::PRINCIPAL).filter(|p| !p.is_empty()) else {
+            return Step::Answer {
+                reply: Reply::Forbidden {
+                    message: "the command carries no principal".into(),
+                },
+                remember: true,
+            };
+        };
+        let principal = Principal {
+            id: principal_id,
+            roles: text_header(m, header::ROLES)
+                .map(|r| {
+                    r.split(',')
+                        .map(|s| s.trim().to_string())
+                        .filter(|s| !s.is_empty())
+                        .collect()
+                })
+                .unwrap_or_default(),
+        };
+        let payload = match m.payload().map(|p| decode(&self.payload, p)) {
+            Some(Ok(row)) => row,
+            Some(Err(e)) => {
+                warn!(topic = m.topic(), partition = m.partition(), offset = m.offset(), key = ?incoming.key, error = %e, "malformed command");
+                return reject("malformed", e.to_string());
+            }
+            None => return reject("malformed", "the command has no payload".into()),
+        };
+        let Some(key) = self.spec.entity_key(&payload) else {
+            return reject(
+                "malformed",
+                format!(
+                    "the key field `{}` is null",
+                    self.spec.columns[self.spec.key].name
+                ),
+            );
+        };
+        let current: Option<Row> = written.get(&key).cloned().or_else(|| {
+            self.entities
+                .lock()
+                .expect("entities lock")
+                .get(&key)
+                .cloned()
+        });
+        let request = Request {
+            payload: &payload,
+            principal: &principal,
+            deadline_ms: text_header(m, header::DEADLINE).and_then(|d| d.parse().ok()),
+            parked_at_version: replay.and_then(|v| v.parse().ok()),
+        };
+        let now = now_micros();
+        let decision = self
+            .spec
+            .decide(&self.entity, &request, current.as_deref(), now);
+        let (row, version) = match decision {
+            Decision::Answer(reply) => {
+                info!(
+                    topic = m.topic(),
+                    partition = m.partition(),
+                    offset = m.offset(),
+                    key,
+                    outcome = reply.outcome(),
+                    "command not applied"
+                );
+                return Step::Answer {
+                    reply,
+                    remember: true,
+                };
+            }
+            Decision::Apply { entity, version } => (entity, version),
+        };
+        let Some(dependency) = self.dependency.clone() else {
+            return Step::Apply { key, row, version };
+        };
+        let json = row_to_json(&self.spec.columns, &payload);
+        let mut first = None;
+        let mut attempts = 0;
+        loop {
+            attempts += 1;
+            match dependency.check(&self.spec, &key, &json) {
+                Ok(()) => return Step::Apply { key, row, version },
+                Err(error) => {
+                    let failed_at = SystemTime::now();
+                    let first = *first.get_or_insert(failed_at);
+                    if attempts >= self.spec.retry.attempts || stop.load(Ordering::Acquire) {
+                        warn!(
+                            topic = m.topic(),
+                            partition = m.partition(),
+                            offset = m.offset(),
+                            key,
+                            attempts,
+                            error,
+                            "dependency kept failing: the command goes to the dead-letter topic"
+                        );
+                        return Step::Park {
+                            error,
+                            attempts,
+                            first,
+                            last: failed_at,
+                            entity_version: current
+                                .as_ref()
+                                .map(|r| &r[self.spec.stamp.version])
+                                .and_then(|v| match v {
+                                    Value::Int(v) => Some(*v),
+                                    _ => None,
+                                }),
+                        };
+                    }
+                    self.metrics
+                        .retries
+                        .with_label_values(&[&self.spec.name])
+                        .inc();
+                    let wait = self.spec.retry.delay(attempts);
+                    info!(
+                        topic = m.topic(),
+                        partition = m.partition(),
+                        offset = m.offset(),
+                        key,
+                        attempts,
+                        error,
+                        "dependency failed; retrying in {wait:?}"
+                    );
+                    std::thread::sleep(wait);
+                }
+            }
+        }
+    }
+}
+
+/// A transaction failure: retry the batch, or stop (the producer was fenced or broke).
+pub(super) enum TxError {
+    Retry(KafkaError),
+    Fatal(KafkaError),
+}
+
+impl From<rdkafka::error::KafkaError> for TxError {
+    fn from(e: rdkafka::error::KafkaError) -> Self {
+        match &e {
+            rdkafka::error::KafkaError::Transaction(t) if t.is_fatal() => TxError::Fatal(e.into()),
+            _ => TxError::Retry(e.into()),
+        }
+    }
+}
+
+fn wait_delivery(d: rdkafka::producer::DeliveryFuture) -> Result<(i32, i64), TxError> {
+    match futures_executor::block_on(d) {
+        Ok(Ok(delivery)) => Ok((delivery.partition, delivery.offset)),
+        Ok(Err((e, _))) => Err(TxError::from(e)),
+        Err(_) => Err(TxError::Retry(KafkaError::Definite(
+            "the producer dropped a delivery".into(),
+        ))),
+    }
+}
+
+fn command_headers(incoming: &Incoming) -> OwnedHeaders {
+    let mut headers = OwnedHeaders::new();
+    if let Some(id) = &incoming.command_id {
+        headers = headers.insert(Header {
+            key: header::COMMAND_ID,
+            value: Some(id.as_str()),
+        });
+    }
+    if let Some(p) = text_header(&incoming.message, header::PRINCIPAL) {
+        headers = headers.insert(Header {
+            key: header::PRINCIPAL,
+            value: Some(p.as_str()),
+        });
+    }
+    headers
+}
+
+fn now_micros() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_micros() as i64)
+        .unwrap_or(0)
+}
+
+fn rfc3339(t: SystemTime) -> String {
+    let micros = t
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_micros() as i64)
+        .unwrap_or(0);
+    miroir_engine::value::format_timestamp(micros)
+}

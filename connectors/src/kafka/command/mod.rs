@@ -1,0 +1,528 @@
+//! The command processor (master side): one thread per `[commands.NAME]` section.
+//!
+//! ```text
+//!  command topic ──► decide (deadline, authorize, validate, apply)        one Kafka transaction
+//!  (consumer group,      │  current entity: a view of the entity topic   ┌──────────────────────┐
+//!   read_committed)      │  answered ids: a view of <topic>.miroir-done  │ new entity event     │
+//!                        ▼                                               │ reply to the sender  │
+//!            dependency failure? retry with backoff, then park ────────► │ dead letter, if any  │
+//!                                                                        │ answered id          │
+//!                                                                        │ consumed offsets     │
+//!                                                                        └──────────────────────┘
+//! ```
+//!
+//! Everything a command causes is committed together with its consumed offset, so a crash
+//! replays the command from scratch; the answered-id view makes a re-delivered command (same
+//! command id) get its first answer again instead of a second effect.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use miroir_engine::command::{CommandSpec, Reply};
+use miroir_engine::decode::decode;
+use miroir_engine::metrics::CommandMetrics;
+use miroir_engine::topology::{Source, Topology};
+use miroir_engine::value::{Row, Value};
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{Headers, Message, OwnedMessage};
+use rdkafka::{Offset, TopicPartitionList};
+use tracing::{debug, error, info, warn};
+
+use super::admin::{create_topic, create_topic_with, partition_count};
+use super::tail::Tail;
+use super::{KafkaConfig, KafkaError};
+
+mod lane;
+
+use lane::{Lane, TxError};
+
+/// Header names of commands, replies and dead letters.
+pub mod header {
+    /// The command's id: a re-delivered command keeps it and is answered, not re-applied.
+    pub const COMMAND_ID: &str = "miroir-command-id";
+    /// Matches a reply to its request.
+    pub const CORRELATION_ID: &str = "miroir-correlation-id";
+    /// The topic to reply to.
+    pub const REPLY_TO: &str = "miroir-reply-to";
+    /// When the caller stops waiting, in ms since the epoch.
+    pub const DEADLINE: &str = "miroir-deadline";
+    /// The authenticated user's id.
+    pub const PRINCIPAL: &str = "miroir-principal";
+    /// The user's roles, comma-separated.
+    pub const ROLES: &str = "miroir-roles";
+    /// The command type (the business operation, `UpdateUserEmail`).
+    pub const COMMAND_TYPE: &str = "miroir-command-type";
+    /// The payload's schema version.
+    pub const SCHEMA_VERSION: &str = "miroir-schema-version";
+    /// On a replayed command: the entity version when it was parked.
+    pub const PARKED_VERSION: &str = "miroir-parked-version";
+    /// Dead letters: `dependency` (a dependency kept failing).
+    pub const ERROR_CLASS: &str = "miroir-error-class";
+    /// Dead letters: the last error.
+    pub const ERROR_MESSAGE: &str = "miroir-error-message";
+    /// Dead letters: attempts made.
+    pub const ATTEMPTS: &str = "miroir-attempts";
+    /// Dead letters: first failure, RFC 3339.
+    pub const FIRST_FAILURE: &str = "miroir-first-failure";
+    /// Dead letters: last failure, RFC 3339.
+    pub const LAST_FAILURE: &str = "miroir-last-failure";
+    /// Dead letters: where the command was read (`topic/partition/offset`).
+    pub const ORIGIN: &str = "miroir-origin";
+    /// Dead letters: the entity version when the command was parked.
+    pub const ENTITY_VERSION: &str = "miroir-entity-version";
+}
+
+/// Suffix of a command topic's dead-letter topic.
+pub const DLQ_SUFFIX: &str = ".dlq";
+/// Suffix of the compacted topic of answered command ids.
+pub const DONE_SUFFIX: &str = ".miroir-done";
+
+/// A service the processor consults before applying a command (a directory, a fraud check).
+/// An error is technical: the command is retried with backoff, then parked in the dead-letter
+/// topic.
+pub trait Dependency: Send + Sync {
+    /// Checks the command for `key`; `Err` carries what failed.
+    fn check(
+        &self,
+        command: &CommandSpec,
+        key: &str,
+        payload: &serde_json::Value,
+    ) -> Result<(), String>;
+}
+
+/// A running command processor.
+pub struct CommandProcessor {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+    status: Arc<ProcessorStatus>,
+}
+
+/// What a processor reports about itself.
+#[derive(Default)]
+pub struct ProcessorStatus {
+    ready: AtomicBool,
+    failure: Mutex<Option<String>>,
+}
+
+impl ProcessorStatus {
+    /// Whether the processor has caught up with its views and consumes commands.
+    pub fn ready(&self) -> bool {
+        self.ready.load(Ordering::Acquire)
+    }
+
+    /// The error that stopped the processor, if any.
+    pub fn failure(&self) -> Option<String> {
+        self.failure.lock().expect("status lock").clone()
+    }
+}
+
+impl CommandProcessor {
+    /// Starts processing the command `name` of `topology`. `instance` (stable across restarts
+    /// of the same state directory) names the transactional producer, so a restarted
+    /// instance fences its predecessor and aborts what it left open.
+    pub fn start(
+        config: &KafkaConfig,
+        topology: Arc<Topology>,
+        name: &str,
+        instance: &str,
+        metrics: CommandMetrics,
+        dependency: Option<Arc<dyn Dependency>>,
+    ) -> Result<CommandProcessor, KafkaError> {
+        let index = topology
+            .commands
+            .iter()
+            .position(|c| c.name == name)
+            .ok_or_else(|| KafkaError::Definite(format!("no command `{name}` in the topology")))?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let status = Arc::new(ProcessorStatus::default());
+        let worker = Worker::new(config, topology, index, instance, metrics, dependency)?;
+        let thread = std::thread::Builder::new()
+            .name(format!("miroir-cmd-{name}"))
+            .spawn({
+                let stop = stop.clone();
+                let status = status.clone();
+                move || worker.run(&stop, &status)
+            })
+            .map_err(|e| KafkaError::Definite(format!("cannot start the processor: {e}")))?;
+        Ok(CommandProcessor {
+            stop,
+            thread: Some(thread),
+            status,
+        })
+    }
+
+    /// The processor's status.
+    pub fn status(&self) -> Arc<ProcessorStatus> {
+        self.status.clone()
+    }
+
+    /// Finishes the batch in hand, leaves the consumer group and stops.
+    pub fn stop(mut self) {
+        self.halt();
+    }
+
+    fn halt(&mut self) {
+        self.stop.store(true, Ordering::Release);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for CommandProcessor {
+    fn drop(&mut self) {
+        self.halt();
+    }
+}
+
+/// Longest wait for the views to catch up after an assignment.
+const CATCH_UP_LIMIT: Duration = Duration::from_secs(30);
+/// Commands handled in one transaction at most.
+const BATCH: usize = 256;
+const TX_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// What the lanes share: the command's declaration and the views.
+struct Shared {
+    spec: CommandSpec,
+    entity: Source,
+    /// The command payload's schema, as a source for the decoder.
+    payload: Source,
+    metrics: CommandMetrics,
+    dependency: Option<Arc<dyn Dependency>>,
+    /// Current entity rows by key, as committed on the entity topic.
+    entities: Mutex<HashMap<String, Row>>,
+    /// Answers of commands already processed, by command id.
+    answered: Mutex<HashMap<String, Reply>>,
+    /// Reply topics known to exist.
+    reply_topics: Mutex<ReplyTopics>,
+}
+
+/// The topics of the cluster as last listed (reply topics are looked up in it).
+#[derive(Default)]
+struct ReplyTopics {
+    names: HashSet<String>,
+    at: Option<Instant>,
+}
+
+/// The processor's thread: polls commands, keeps the views, hands batches to the lanes.
+struct Worker {
+    shared: Shared,
+    config: KafkaConfig,
+    consumer: BaseConsumer,
+    lanes: Vec<Lane>,
+    /// Lane `i`'s producer is `<transactional_id>.<i>`: stable across restarts of the same
+    /// state directory, so a restarted instance fences its predecessor.
+    transactional_id: String,
+}
+
+impl Shared {
+    /// Applies a committed entity event to the view (newest version wins).
+    fn entity_event(&self, m: &rdkafka::message::BorrowedMessage<'_>) {
+        let Some(key) = m.key().map(|k| String::from_utf8_lossy(k).into_owned()) else {
+            return;
+        };
+        let Some(payload) = m.payload() else {
+            self.entities.lock().expect("entities lock").remove(&key);
+            return;
+        };
+        match decode(&self.entity, payload) {
+            Ok(row) => {
+                let version = |r: &Row| match r[self.spec.stamp.version] {
+                    Value::Int(v) => v,
+                    _ => i64::MIN,
+                };
+                let mut entities = self.entities.lock().expect("entities lock");
+                if entities
+                    .get(&key)
+                    .is_none_or(|old| version(&row) > version(old))
+                {
+                    entities.insert(key, row);
+                }
+            }
+            Err(e) => {
+                debug!(topic = %self.entity.topic, partition = m.partition(), offset = m.offset(), key, error = %e,
+                             "entity event not understood; the view keeps the previous one")
+            }
+        }
+    }
+
+    fn answer_record(&self, m: &rdkafka::message::BorrowedMessage<'_>) {
+        let Some(id) = m.key().map(|k| String::from_utf8_lossy(k).into_owned()) else {
+            return;
+        };
+        match m.payload().map(serde_json::from_slice::<Reply>) {
+            Some(Ok(reply)) => {
+                self.answered
+                    .lock()
+                    .expect("answered lock")
+                    .insert(id, reply);
+            }
+            None => {
+                self.answered.lock().expect("answered lock").remove(&id);
+            }
+            Some(Err(e)) => {
+                warn!(topic = m.topic(), partition = m.partition(), offset = m.offset(), key = id, error = %e, "bad answer record")
+            }
+        }
+    }
+}
+
+/// One command in a batch, and what became of it.
+struct Incoming {
+    message: OwnedMessage,
+    received: Instant,
+    command_id: Option<String>,
+    correlation_id: Option<String>,
+    reply_to: Option<String>,
+    key: Option<String>,
+}
+
+impl Worker {
+    fn new(
+        config: &KafkaConfig,
+        topology: Arc<Topology>,
+        index: usize,
+        instance: &str,
+        metrics: CommandMetrics,
+        dependency: Option<Arc<dyn Dependency>>,
+    ) -> Result<Worker, KafkaError> {
+        let spec = topology.commands[index].clone();
+        let entity = topology.sources[spec.entity].clone();
+        let partitions = partition_count(config, &entity.topic)?.unwrap_or(1);
+        // Commands for one entity meet its events' partition: same count, same partitioner.
+        create_topic(config, &spec.topic, partitions)?;
+        create_topic(config, &format!("{}{DLQ_SUFFIX}", spec.topic), partitions)?;
+        create_topic_with(
+            config,
+            &format!("{}{DONE_SUFFIX}", spec.topic),
+            partitions,
+            &[
+                ("cleanup.policy", "compact,delete"),
+                ("retention.ms", "604800000"),
+            ],
+        )?;
+        create_topic(config, &entity.topic, partitions)?;
+        let group = format!("{}.{}", topology.name, spec.name);
+        let consumer: BaseConsumer = config
+            .client()
+            .set("group.id", &group)
+            .set("enable.auto.commit", "false")
+            .set("auto.offset.reset", "earliest")
+            .set("isolation.level", "read_committed")
+            .create()?;
+        let payload = Source {
+            name: spec.name.clone(),
+            topic: spec.topic.clone(),
+            columns: spec.columns.clone(),
+            key: spec.key,
+            late: None,
+        };
+        Ok(Worker {
+            shared: Shared {
+                spec,
+                entity,
+                payload,
+                metrics,
+                dependency,
+                entities: Mutex::default(),
+                answered: Mutex::default(),
+                reply_topics: Mutex::default(),
+            },
+            config: config.clone(),
+            consumer,
+            lanes: Vec::new(),
+            transactional_id: format!("miroir.{group}.{instance}"),
+        })
+    }
+
+    fn run(mut self, stop: &AtomicBool, status: &ProcessorStatus) {
+        if let Err(e) = self.serve(stop, status) {
+            error!(command = %self.shared.spec.name, error = %e, "the command processor stopped");
+            *status.failure.lock().expect("status lock") = Some(e.to_string());
+        }
+        status.ready.store(false, Ordering::Release);
+        self.consumer.unsubscribe();
+    }
+
+    fn serve(&mut self, stop: &AtomicBool, status: &ProcessorStatus) -> Result<(), KafkaError> {
+        let spec = &self.shared.spec;
+        for i in 0..spec.lanes {
+            self.lanes.push(Lane::new(
+                &self.config,
+                &format!("{}.{i}", self.transactional_id),
+            )?);
+        }
+        let mut entities = Tail::open(&self.config, &self.shared.entity.topic)?;
+        let mut answered = Tail::open(&self.config, &format!("{}{DONE_SUFFIX}", spec.topic))?;
+        self.consumer.subscribe(&[&spec.topic])?;
+        let mut assignment = TopicPartitionList::new();
+        info!(command = %spec.name, topic = %spec.topic, lanes = spec.lanes, "command processor started");
+        while !stop.load(Ordering::Acquire) {
+            let batch = self.poll_batch();
+            let now = self.consumer.assignment()?;
+            if now.elements().len() != assignment.elements().len()
+                || now
+                    .elements()
+                    .iter()
+                    .zip(assignment.elements().iter())
+                    .any(|(a, b)| a.partition() != b.partition())
+            {
+                // Partitions moved: what their previous owner committed must be in the views
+                // before their next command.
+                status.ready.store(false, Ordering::Release);
+                entities.catch_up(CATCH_UP_LIMIT, |m| self.shared.entity_event(m))?;
+                answered.catch_up(CATCH_UP_LIMIT, |m| self.shared.answer_record(m))?;
+                info!(command = %self.shared.spec.name, partitions = now.count(), "assignment ready");
+                assignment = now;
+                status.ready.store(true, Ordering::Release);
+            } else {
+                entities.drain(|m| self.shared.entity_event(m));
+                answered.drain(|m| self.shared.answer_record(m));
+            }
+            if batch.is_empty() {
+                continue;
+            }
+            self.process(batch, stop)?;
+        }
+        Ok(())
+    }
+
+    fn poll_batch(&mut self) -> Vec<Incoming> {
+        let mut batch = Vec::new();
+        let mut wait = Duration::from_millis(100);
+        while batch.len() < BATCH {
+            match self.consumer.poll(wait) {
+                Some(Ok(m)) => {
+                    let message = m.detach();
+                    batch.push(Incoming {
+                        command_id: text_header(&message, header::COMMAND_ID),
+                        correlation_id: text_header(&message, header::CORRELATION_ID),
+                        reply_to: text_header(&message, header::REPLY_TO),
+                        key: message
+                            .key()
+                            .map(|k| String::from_utf8_lossy(k).into_owned()),
+                        received: Instant::now(),
+                        message,
+                    });
+                    wait = Duration::ZERO;
+                }
+                Some(Err(e)) => {
+                    warn!(topic = %self.shared.spec.topic, error = %e, "consuming commands");
+                    break;
+                }
+                None => break,
+            }
+        }
+        batch
+    }
+
+    /// Processes a batch: each lane commits its partitions' commands in one transaction,
+    /// side by side. A failed transaction is aborted, the consumer rewound to the committed
+    /// offsets, and the commands read again (by this instance, or by the partition's new
+    /// owner), after a backoff that grows with the lane's consecutive failures.
+    fn process(&mut self, batch: Vec<Incoming>, stop: &AtomicBool) -> Result<(), KafkaError> {
+        let group = self
+            .consumer
+            .group_metadata()
+            .ok_or_else(|| KafkaError::Definite("no consumer group metadata".into()))?;
+        let lanes = self.lanes.len();
+        let mut parts: Vec<Vec<&Incoming>> = vec![Vec::new(); lanes];
+        for incoming in &batch {
+            parts[incoming.message.partition() as usize % lanes].push(incoming);
+        }
+        let shared = &self.shared;
+        let busy: Vec<(usize, &mut Lane)> = self
+            .lanes
+            .iter_mut()
+            .enumerate()
+            .filter(|(i, _)| !parts[*i].is_empty())
+            .collect();
+        let results: Vec<(usize, Result<(), TxError>)> = if busy.len() == 1 {
+            busy.into_iter()
+                .map(|(i, lane)| (i, lane.transaction(shared, &parts[i], &group, stop)))
+                .collect()
+        } else {
+            std::thread::scope(|s| {
+                let running: Vec<_> = busy
+                    .into_iter()
+                    .map(|(i, lane)| {
+                        let (part, group) = (&parts[i], &group);
+                        (
+                            i,
+                            s.spawn(move || lane.transaction(shared, part, group, stop)),
+                        )
+                    })
+                    .collect();
+                running
+                    .into_iter()
+                    .map(|(i, t)| {
+                        let r = t.join().unwrap_or_else(|_| {
+                            Err(TxError::Fatal(KafkaError::Definite(
+                                "a lane panicked".into(),
+                            )))
+                        });
+                        (i, r)
+                    })
+                    .collect()
+            })
+        };
+        let mut wait = None;
+        for (i, result) in results {
+            let lane = &mut self.lanes[i];
+            match result {
+                Ok(()) => lane.failures = 0,
+                Err(TxError::Fatal(e)) => return Err(e),
+                Err(TxError::Retry(e)) => {
+                    lane.failures += 1;
+                    let delay = self.shared.spec.retry.delay(lane.failures);
+                    warn!(command = %self.shared.spec.name, lane = i, error = %e, failures = lane.failures,
+                          "command transaction failed; aborting, reading its commands again in {delay:?}");
+                    lane.abort()?;
+                    wait = wait.max(Some(delay));
+                }
+            }
+        }
+        if let Some(wait) = wait {
+            self.shared
+                .reply_topics
+                .lock()
+                .expect("reply topics lock")
+                .at = None;
+            self.rewind()?;
+            std::thread::sleep(wait);
+        }
+        Ok(())
+    }
+
+    /// Seeks every assigned partition back to its committed offset.
+    fn rewind(&mut self) -> Result<(), KafkaError> {
+        let committed = self.consumer.committed(Duration::from_secs(10))?;
+        for e in committed.elements() {
+            let offset = match e.offset() {
+                Offset::Offset(o) => Offset::Offset(o),
+                _ => Offset::Beginning,
+            };
+            if let Err(err) =
+                self.consumer
+                    .seek(e.topic(), e.partition(), offset, Duration::from_secs(10))
+            {
+                warn!(topic = e.topic(), partition = e.partition(), error = %err, "cannot rewind");
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The text of header `name`, if present and UTF-8.
+pub fn text_header(m: &impl Message, name: &str) -> Option<String> {
+    let headers = m.headers()?;
+    headers
+        .iter()
+        .find(|h| h.key == name)
+        .and_then(|h| h.value)
+        .and_then(|v| std::str::from_utf8(v).ok())
+        .map(str::to_string)
+}
