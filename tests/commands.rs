@@ -632,3 +632,53 @@ fn processor_killed_mid_stream_answers_every_command_once() {
     let _ = child.kill();
     let _ = child.wait();
 }
+
+#[test]
+fn reply_topics_of_dead_instances_are_reaped_and_live_ones_kept() {
+    let config = KafkaConfig::new(brokers());
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    let run = unique("reap").replace('-', "");
+    let ghost = format!("miroir.reply.{run}.{}.ghost", now - 120_000);
+    let alive = format!("miroir.reply.{run}.{}.alive", now - 120_000);
+    let young = format!("miroir.reply.{run}.{now}.young");
+    for t in [&ghost, &alive, &young] {
+        create_topic(&config, t, 1).unwrap();
+    }
+    // An old topic whose instance is alive: its consumer group has a member.
+    let member: rdkafka::consumer::BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .set("group.id", &alive)
+        .create()
+        .unwrap();
+    member.subscribe(&[&alive]).unwrap();
+    wait_until("the member joins", Duration::from_secs(30), || {
+        member.poll(Duration::from_millis(50));
+        member.assignment().is_ok_and(|a| a.count() > 0)
+    });
+    let reaped = miroir_connectors::kafka::reply::reap_orphans(&config).unwrap();
+    // (Another test's client may have reaped the ghost first: it is gone either way.)
+    assert!(
+        !reaped.contains(&alive),
+        "a topic with a live member is kept: {reaped:?}"
+    );
+    assert!(
+        !reaped.contains(&young),
+        "a topic younger than a minute is kept: {reaped:?}"
+    );
+    let names: Vec<String> = miroir_connectors::kafka::admin::topics(member.client())
+        .unwrap()
+        .into_iter()
+        .map(|(t, _)| t)
+        .collect();
+    assert!(
+        !names.contains(&ghost),
+        "the dead instance's topic is reaped"
+    );
+    assert!(names.contains(&alive) && names.contains(&young));
+    member.unsubscribe();
+    drop(member);
+    miroir_connectors::kafka::admin::delete_topics(&config, &[&alive, &young]).unwrap();
+}
