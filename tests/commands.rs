@@ -682,3 +682,87 @@ fn reply_topics_of_dead_instances_are_reaped_and_live_ones_kept() {
     drop(member);
     miroir_connectors::kafka::admin::delete_topics(&config, &[&alive, &young]).unwrap();
 }
+
+#[test]
+fn commands_stay_exactly_once_while_processors_join_and_leave() {
+    let run = unique("cmd-rebalance");
+    let m = user_referential(&run);
+    seed_users(&m.user_topic, 12);
+    let dir = tempfile::tempdir().unwrap();
+    let first = start_master(&m, &dir.path().join("a"), None);
+    let config = KafkaConfig::new(brokers());
+    let client = Client::start(&config, "rebalance-test", Metrics::new().commands.clone()).unwrap();
+    let spec = m.topology.command("update_email").unwrap();
+    let answered = AtomicUsize::new(0);
+    let sent: Vec<(String, Result<Reply, SendError>)> = std::thread::scope(|s| {
+        let mut handles = Vec::new();
+        for t in 0..4 {
+            let (client, answered) = (&client, &answered);
+            handles.push(s.spawn(move || {
+                let users: Vec<String> = (0..3)
+                    .map(|k| t + 4 * k)
+                    .filter(|i| i % 3 != 2)
+                    .map(|i| format!("u-{i}"))
+                    .collect();
+                (0..30)
+                    .map(|i| {
+                        let email = format!("r{t}-{i}@example.org");
+                        let r = client.send(
+                            &update(spec, &users[i % users.len()], &email, admin()),
+                            Duration::from_secs(90),
+                        );
+                        answered.fetch_add(1, Ordering::SeqCst);
+                        (email, r)
+                    })
+                    .collect::<Vec<_>>()
+            }));
+        }
+        // A second processor joins mid-stream (the partitions are split), then the first
+        // leaves (the second takes them all).
+        wait_until("commands are answered", Duration::from_secs(60), || {
+            answered.load(Ordering::SeqCst) >= 20
+        });
+        let second = Engine::builder()
+            .topology_str(m.text.clone())
+            .brokers(brokers())
+            .state_dir(dir.path().join("b"))
+            .start()
+            .unwrap();
+        wait_until(
+            "more commands are answered",
+            Duration::from_secs(60),
+            || answered.load(Ordering::SeqCst) >= 60,
+        );
+        first.shutdown();
+        let sent: Vec<_> = handles
+            .into_iter()
+            .flat_map(|h| h.join().unwrap())
+            .collect();
+        second.shutdown();
+        sent
+    });
+    assert_eq!(sent.len(), 120);
+    for (email, result) in &sent {
+        assert!(
+            matches!(result, Ok(Reply::Accepted { .. })),
+            "{email}: {result:?}"
+        );
+    }
+    let events = command_events(&m.user_topic);
+    let mut ids: HashMap<&str, usize> = HashMap::new();
+    let mut versions: HashMap<&str, Vec<i64>> = HashMap::new();
+    for (key, id, event) in events.values() {
+        *ids.entry(id.as_str()).or_default() += 1;
+        versions
+            .entry(key.as_str())
+            .or_default()
+            .push(event["version"].as_i64().unwrap());
+    }
+    assert_eq!(ids.len(), 120, "every command applied");
+    assert!(ids.values().all(|n| *n == 1), "a command was applied twice");
+    for (key, mut v) in versions {
+        v.sort();
+        assert_eq!(v, (2..2 + v.len() as i64).collect::<Vec<_>>(), "{key}");
+    }
+    client.shutdown();
+}

@@ -16,7 +16,7 @@
 //! command id) get its first answer again instead of a second effect.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -26,9 +26,10 @@ use miroir_engine::decode::decode;
 use miroir_engine::metrics::CommandMetrics;
 use miroir_engine::topology::{Source, Topology};
 use miroir_engine::value::{Row, Value};
-use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance};
 use rdkafka::message::{Headers, Message, OwnedMessage};
-use rdkafka::{Offset, TopicPartitionList};
+use rdkafka::ClientContext;
+use rdkafka::Offset;
 use tracing::{debug, error, info, warn};
 
 use super::admin::{create_topic, create_topic_with, partition_count};
@@ -211,11 +212,25 @@ struct ReplyTopics {
 struct Worker {
     shared: Shared,
     config: KafkaConfig,
-    consumer: BaseConsumer,
+    consumer: BaseConsumer<Rebalances>,
     lanes: Vec<Lane>,
     /// Lane `i`'s producer is `<transactional_id>.<i>`: stable across restarts of the same
     /// state directory, so a restarted instance fences its predecessor.
     transactional_id: String,
+}
+
+/// Counts the consumer's rebalances (each one starts a new group generation).
+#[derive(Default)]
+struct Rebalances {
+    count: AtomicU64,
+}
+
+impl ClientContext for Rebalances {}
+
+impl ConsumerContext for Rebalances {
+    fn post_rebalance(&self, _: &BaseConsumer<Self>, _: &Rebalance<'_>) {
+        self.count.fetch_add(1, Ordering::AcqRel);
+    }
 }
 
 impl Shared {
@@ -306,13 +321,13 @@ impl Worker {
         )?;
         create_topic(config, &entity.topic, partitions)?;
         let group = format!("{}.{}", topology.name, spec.name);
-        let consumer: BaseConsumer = config
+        let consumer: BaseConsumer<Rebalances> = config
             .client()
             .set("group.id", &group)
             .set("enable.auto.commit", "false")
             .set("auto.offset.reset", "earliest")
             .set("isolation.level", "read_committed")
-            .create()?;
+            .create_with_context(Rebalances::default())?;
         let payload = Source {
             name: spec.name.clone(),
             topic: spec.topic.clone(),
@@ -358,25 +373,27 @@ impl Worker {
         let mut entities = Tail::open(&self.config, &self.shared.entity.topic)?;
         let mut answered = Tail::open(&self.config, &format!("{}{DONE_SUFFIX}", spec.topic))?;
         self.consumer.subscribe(&[&spec.topic])?;
-        let mut assignment = TopicPartitionList::new();
+        let mut seen = u64::MAX;
         info!(command = %spec.name, topic = %spec.topic, lanes = spec.lanes, "command processor started");
         while !stop.load(Ordering::Acquire) {
-            let batch = self.poll_batch();
-            let now = self.consumer.assignment()?;
-            if now.elements().len() != assignment.elements().len()
-                || now
-                    .elements()
-                    .iter()
-                    .zip(assignment.elements().iter())
-                    .any(|(a, b)| a.partition() != b.partition())
-            {
+            let mut batch = self.poll_batch();
+            let rebalances = self.consumer.context().count.load(Ordering::Acquire);
+            if rebalances != seen {
+                // A rebalance may have happened in the middle of the batch: its commands are
+                // read again from the committed offsets, where they now belong (here or on the
+                // partition's new owner), never committed under the new generation by mistake.
+                if !batch.is_empty() {
+                    batch.clear();
+                    self.rewind()?;
+                }
                 // Partitions moved: what their previous owner committed must be in the views
                 // before their next command.
                 status.ready.store(false, Ordering::Release);
                 entities.catch_up(CATCH_UP_LIMIT, |m| self.shared.entity_event(m))?;
                 answered.catch_up(CATCH_UP_LIMIT, |m| self.shared.answer_record(m))?;
-                info!(command = %self.shared.spec.name, partitions = now.count(), "assignment ready");
-                assignment = now;
+                let partitions = self.consumer.assignment()?.count();
+                info!(command = %self.shared.spec.name, partitions, "assignment ready");
+                seen = rebalances;
                 status.ready.store(true, Ordering::Release);
             } else {
                 entities.drain(|m| self.shared.entity_event(m));
