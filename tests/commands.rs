@@ -733,12 +733,18 @@ fn commands_stay_exactly_once_while_processors_join_and_leave() {
             Duration::from_secs(60),
             || answered.load(Ordering::SeqCst) >= 60,
         );
+        let by_first = counter(&first.metrics(), "miroir_commands_total", "accepted");
         first.shutdown();
         let sent: Vec<_> = handles
             .into_iter()
             .flat_map(|h| h.join().unwrap())
             .collect();
+        let by_second = counter(&second.metrics(), "miroir_commands_total", "accepted");
         second.shutdown();
+        assert!(
+            by_first > 0 && by_second > 0,
+            "both processors answered: {by_first} and {by_second}"
+        );
         sent
     });
     assert_eq!(sent.len(), 120);
