@@ -704,8 +704,10 @@ fn commands_stay_exactly_once_while_processors_join_and_leave() {
                     .filter(|i| i % 3 != 2)
                     .map(|i| format!("u-{i}"))
                     .collect();
-                (0..30)
+                (0..60)
                     .map(|i| {
+                        // Paced, so that the stream outlasts the second processor's start.
+                        std::thread::sleep(Duration::from_millis(100));
                         let email = format!("r{t}-{i}@example.org");
                         let r = client.send(
                             &update(spec, &users[i % users.len()], &email, admin()),
@@ -728,10 +730,11 @@ fn commands_stay_exactly_once_while_processors_join_and_leave() {
             .state_dir(dir.path().join("b"))
             .start()
             .unwrap();
+        assert!(second.wait_ready(Duration::from_secs(60)));
         wait_until(
             "more commands are answered",
             Duration::from_secs(60),
-            || answered.load(Ordering::SeqCst) >= 60,
+            || answered.load(Ordering::SeqCst) >= 160,
         );
         let by_first = counter(&first.metrics(), "miroir_commands_total", "accepted");
         first.shutdown();
@@ -747,7 +750,7 @@ fn commands_stay_exactly_once_while_processors_join_and_leave() {
         );
         sent
     });
-    assert_eq!(sent.len(), 120);
+    assert_eq!(sent.len(), 240);
     for (email, result) in &sent {
         assert!(
             matches!(result, Ok(Reply::Accepted { .. })),
@@ -764,7 +767,7 @@ fn commands_stay_exactly_once_while_processors_join_and_leave() {
             .or_default()
             .push(event["version"].as_i64().unwrap());
     }
-    assert_eq!(ids.len(), 120, "every command applied");
+    assert_eq!(ids.len(), 240, "every command applied");
     assert!(ids.values().all(|n| *n == 1), "a command was applied twice");
     for (key, mut v) in versions {
         v.sort();
