@@ -189,6 +189,7 @@ fn main() {
     }
     let section = format!(
         "<!-- commands:begin -->\n\
+         ## Commands: `UpdateUserEmail` round trips\n\n\
          Run {run}: `cargo bench --bench commands` (MIROIR_BENCH_SECONDS={seconds}, \
          MIROIR_BENCH_LANES={lanes}), {USERS} users, 4 partitions, single local broker, 2 cores.\n\n\
          {table}\n\
