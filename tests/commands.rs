@@ -90,6 +90,72 @@ fn command_events(topic: &str) -> BTreeMap<(i32, i64), (String, String, serde_js
     out
 }
 
+/// Exactly once: `commands` entity events, one per command id, and per user the versions
+/// 2, 3, ... without gaps or repeats.
+fn assert_applied_once(
+    events: &BTreeMap<(i32, i64), (String, String, serde_json::Value)>,
+    commands: usize,
+) {
+    let mut ids: HashMap<&str, usize> = HashMap::new();
+    let mut versions: HashMap<&str, Vec<i64>> = HashMap::new();
+    for (key, id, event) in events.values() {
+        *ids.entry(id.as_str()).or_default() += 1;
+        versions
+            .entry(key.as_str())
+            .or_default()
+            .push(event["version"].as_i64().unwrap());
+    }
+    assert_eq!(ids.len(), commands, "every command applied");
+    assert!(ids.values().all(|n| *n == 1), "a command was applied twice");
+    for (key, mut v) in versions {
+        v.sort();
+        assert_eq!(v, (2..2 + v.len() as i64).collect::<Vec<_>>(), "{key}");
+    }
+}
+
+/// One command sent by [`send_stream`].
+struct Sent {
+    start: Instant,
+    end: Instant,
+    email: String,
+    result: Result<Reply, SendError>,
+}
+
+/// Sender `t` of four: `count` email changes, round robin over its own active users
+/// (u-t, u-(t+4), u-(t+8)), each after `pace`, counted in `answered` as they return.
+fn send_stream(
+    client: &Client,
+    spec: &CommandSpec,
+    t: usize,
+    count: usize,
+    pace: Duration,
+    answered: &AtomicUsize,
+) -> Vec<Sent> {
+    let users: Vec<String> = (0..3)
+        .map(|k| t + 4 * k)
+        .filter(|i| i % 3 != 2)
+        .map(|i| format!("u-{i}"))
+        .collect();
+    (0..count)
+        .map(|i| {
+            std::thread::sleep(pace);
+            let email = format!("t{t}-{i}@example.org");
+            let start = Instant::now();
+            let result = client.send(
+                &update(spec, &users[i % users.len()], &email, admin()),
+                Duration::from_secs(90),
+            );
+            answered.fetch_add(1, Ordering::SeqCst);
+            Sent {
+                start,
+                end: Instant::now(),
+                email,
+                result,
+            }
+        })
+        .collect()
+}
+
 #[test]
 fn every_outcome_is_answered_and_the_app_reads_its_write() {
     let run = unique("cmd-outcomes");
@@ -459,19 +525,7 @@ fn two_clients_sending_concurrently_get_their_own_replies() {
         assert_eq!(event["email"], *email, "a reply crossed to another request");
         assert_eq!(event["version"], *version);
     }
-    // Per user, versions are 2, 3, ... without gaps or repeats.
-    let mut versions: HashMap<String, Vec<i64>> = HashMap::new();
-    for (key, _, event) in events.values() {
-        versions
-            .entry(key.clone())
-            .or_default()
-            .push(event["version"].as_i64().unwrap());
-    }
-    for (key, mut v) in versions {
-        v.sort();
-        let expected: Vec<i64> = (2..2 + v.len() as i64).collect();
-        assert_eq!(v, expected, "{key}");
-    }
+    assert_applied_once(&events, 72);
     master.shutdown();
 }
 
@@ -557,31 +611,13 @@ fn processor_killed_mid_stream_answers_every_command_once() {
     let spec = m.topology.command("update_email").unwrap();
     let answered = AtomicUsize::new(0);
     let killed_at = std::sync::Mutex::new(None::<Instant>);
-    let sent: Vec<(Instant, Instant, String, Result<Reply, SendError>)> = std::thread::scope(|s| {
-        let mut handles = Vec::new();
-        for t in 0..4 {
-            let (client, answered) = (&client, &answered);
-            handles.push(s.spawn(move || {
-                // Each thread owns users: u-t, u-(t+4), u-(t+8), keeping the active ones.
-                let users: Vec<String> = (0..3)
-                    .map(|k| t + 4 * k)
-                    .filter(|i| i % 3 != 2)
-                    .map(|i| format!("u-{i}"))
-                    .collect();
-                (0..30)
-                    .map(|i| {
-                        let email = format!("t{t}-{i}@example.org");
-                        let start = Instant::now();
-                        let r = client.send(
-                            &update(spec, &users[i % users.len()], &email, admin()),
-                            Duration::from_secs(90),
-                        );
-                        answered.fetch_add(1, Ordering::SeqCst);
-                        (start, Instant::now(), email, r)
-                    })
-                    .collect::<Vec<_>>()
-            }));
-        }
+    let sent: Vec<Sent> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..4)
+            .map(|t| {
+                let (client, answered) = (&client, &answered);
+                s.spawn(move || send_stream(client, spec, t, 30, Duration::ZERO, answered))
+            })
+            .collect();
         // SIGKILL once a fifth is answered, while the others are in flight; then restart.
         wait_until("commands are answered", Duration::from_secs(60), || {
             answered.load(Ordering::SeqCst) >= 24
@@ -599,7 +635,13 @@ fn processor_killed_mid_stream_answers_every_command_once() {
     let killed_at = killed_at.lock().unwrap().unwrap();
     assert_eq!(sent.len(), 120);
     let mut across = 0;
-    for (start, end, email, result) in &sent {
+    for Sent {
+        start,
+        end,
+        email,
+        result,
+    } in &sent
+    {
         match result {
             Ok(Reply::Accepted { .. }) => {}
             other => panic!("{email}: {other:?}"),
@@ -609,25 +651,7 @@ fn processor_killed_mid_stream_answers_every_command_once() {
         }
     }
     assert!(across >= 1, "no command was in flight across the kill");
-    // Exactly once: one entity event per command, versions contiguous per user.
-    let events = command_events(&m.user_topic);
-    let mut ids: HashMap<&str, usize> = HashMap::new();
-    for (_, id, _) in events.values() {
-        *ids.entry(id.as_str()).or_default() += 1;
-    }
-    assert_eq!(ids.len(), 120, "every command applied");
-    assert!(ids.values().all(|n| *n == 1), "a command was applied twice");
-    let mut versions: HashMap<&str, Vec<i64>> = HashMap::new();
-    for (key, _, event) in events.values() {
-        versions
-            .entry(key.as_str())
-            .or_default()
-            .push(event["version"].as_i64().unwrap());
-    }
-    for (key, mut v) in versions {
-        v.sort();
-        assert_eq!(v, (2..2 + v.len() as i64).collect::<Vec<_>>(), "{key}");
-    }
+    assert_applied_once(&command_events(&m.user_topic), 120);
     client.shutdown();
     let _ = child.kill();
     let _ = child.wait();
@@ -694,31 +718,16 @@ fn commands_stay_exactly_once_while_processors_join_and_leave() {
     let client = Client::start(&config, "rebalance-test", Metrics::new().commands.clone()).unwrap();
     let spec = m.topology.command("update_email").unwrap();
     let answered = AtomicUsize::new(0);
-    let sent: Vec<(String, Result<Reply, SendError>)> = std::thread::scope(|s| {
-        let mut handles = Vec::new();
-        for t in 0..4 {
-            let (client, answered) = (&client, &answered);
-            handles.push(s.spawn(move || {
-                let users: Vec<String> = (0..3)
-                    .map(|k| t + 4 * k)
-                    .filter(|i| i % 3 != 2)
-                    .map(|i| format!("u-{i}"))
-                    .collect();
-                (0..60)
-                    .map(|i| {
-                        // Paced, so that the stream outlasts the second processor's start.
-                        std::thread::sleep(Duration::from_millis(100));
-                        let email = format!("r{t}-{i}@example.org");
-                        let r = client.send(
-                            &update(spec, &users[i % users.len()], &email, admin()),
-                            Duration::from_secs(90),
-                        );
-                        answered.fetch_add(1, Ordering::SeqCst);
-                        (email, r)
-                    })
-                    .collect::<Vec<_>>()
-            }));
-        }
+    let sent: Vec<Sent> = std::thread::scope(|s| {
+        // Paced, so that the stream outlasts the second processor's start.
+        let handles: Vec<_> = (0..4)
+            .map(|t| {
+                let (client, answered) = (&client, &answered);
+                s.spawn(move || {
+                    send_stream(client, spec, t, 60, Duration::from_millis(100), answered)
+                })
+            })
+            .collect();
         // A second processor joins mid-stream (the partitions are split), then the first
         // leaves (the second takes them all).
         wait_until("commands are answered", Duration::from_secs(60), || {
@@ -751,27 +760,12 @@ fn commands_stay_exactly_once_while_processors_join_and_leave() {
         sent
     });
     assert_eq!(sent.len(), 240);
-    for (email, result) in &sent {
+    for Sent { email, result, .. } in &sent {
         assert!(
             matches!(result, Ok(Reply::Accepted { .. })),
             "{email}: {result:?}"
         );
     }
-    let events = command_events(&m.user_topic);
-    let mut ids: HashMap<&str, usize> = HashMap::new();
-    let mut versions: HashMap<&str, Vec<i64>> = HashMap::new();
-    for (key, id, event) in events.values() {
-        *ids.entry(id.as_str()).or_default() += 1;
-        versions
-            .entry(key.as_str())
-            .or_default()
-            .push(event["version"].as_i64().unwrap());
-    }
-    assert_eq!(ids.len(), 240, "every command applied");
-    assert!(ids.values().all(|n| *n == 1), "a command was applied twice");
-    for (key, mut v) in versions {
-        v.sort();
-        assert_eq!(v, (2..2 + v.len() as i64).collect::<Vec<_>>(), "{key}");
-    }
+    assert_applied_once(&command_events(&m.user_topic), 240);
     client.shutdown();
 }

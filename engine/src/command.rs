@@ -237,6 +237,14 @@ impl CommandSpec {
         scope
     }
 
+    /// The version of an entity row (`None` when NULL).
+    pub fn version_of(&self, row: &[Value]) -> Option<i64> {
+        match row[self.stamp.version] {
+            Value::Int(v) => Some(v),
+            _ => None,
+        }
+    }
+
     /// The entity key a payload addresses (`None` when the key field is NULL).
     pub fn entity_key(&self, payload: &[Value]) -> Option<String> {
         match &payload[self.key] {
@@ -262,10 +270,7 @@ impl CommandSpec {
                 });
             }
         }
-        let current_version = current.and_then(|row| match row[self.stamp.version] {
-            Value::Int(v) => Some(v),
-            _ => None,
-        });
+        let current_version = current.and_then(|row| self.version_of(row));
         if let Some(parked) = request.parked_at_version {
             if current_version != Some(parked) {
                 return Decision::Answer(Reply::Expired {

@@ -4,11 +4,11 @@ use indexmap::IndexMap;
 use serde::Deserialize;
 use toml::Spanned;
 
-use super::{check_name, position_in_string, Reporter, Source};
+use super::{check_name, parse_columns, position_in_string, Reporter, Source};
 use crate::command::{Assignment, CommandSpec, RetryPolicy, Rule, Stamp};
 use crate::plan::sql::{plan_expression, ExprColumn};
 use crate::plan::Expr;
-use crate::value::{Column, ColumnType};
+use crate::value::ColumnType;
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -96,20 +96,7 @@ pub(super) fn validate_command(
         return None;
     };
     let source = &sources[entity];
-    let mut columns = Vec::new();
-    for (col, ty) in c.columns.get_ref() {
-        match ColumnType::parse(ty.get_ref()) {
-            Some(t) => columns.push(Column {
-                name: col.to_lowercase(),
-                ty: t,
-            }),
-            None => r.at(
-                ty.span().start,
-                format!("command column `{col}`: unknown type `{}`", ty.get_ref()),
-                Some("types: text, bigint, double precision, boolean, timestamptz".into()),
-            ),
-        }
-    }
+    let columns = parse_columns(r, c.columns.get_ref(), "command column");
     let key = columns
         .iter()
         .position(|x| x.name == c.key.get_ref().to_lowercase());

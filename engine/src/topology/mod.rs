@@ -531,20 +531,7 @@ fn validate_source(r: &mut Reporter<'_>, name: &str, raw: &Spanned<RawSource>) -
     if s.topic.get_ref().trim().is_empty() {
         r.at(s.topic.span().start, "empty topic", None);
     }
-    let mut columns = Vec::new();
-    for (col, ty) in s.columns.get_ref() {
-        match ColumnType::parse(ty.get_ref()) {
-            Some(t) => columns.push(Column {
-                name: col.to_lowercase(),
-                ty: t,
-            }),
-            None => r.at(
-                ty.span().start,
-                format!("column `{col}`: unknown type `{}`", ty.get_ref()),
-                Some("types: text, bigint, double precision, boolean, timestamptz".into()),
-            ),
-        }
-    }
+    let columns = parse_columns(r, s.columns.get_ref(), "column");
     if columns.is_empty() && s.columns.get_ref().is_empty() {
         r.at(
             s.columns.span().start,
@@ -631,6 +618,29 @@ fn validate_source(r: &mut Reporter<'_>, name: &str, raw: &Spanned<RawSource>) -
         key: key?,
         late,
     })
+}
+
+/// Declared columns (`name = "type"`); an unknown type is reported as `what` `name`.
+fn parse_columns(
+    r: &mut Reporter<'_>,
+    declared: &IndexMap<String, Spanned<String>>,
+    what: &str,
+) -> Vec<Column> {
+    let mut columns = Vec::new();
+    for (col, ty) in declared {
+        match ColumnType::parse(ty.get_ref()) {
+            Some(t) => columns.push(Column {
+                name: col.to_lowercase(),
+                ty: t,
+            }),
+            None => r.at(
+                ty.span().start,
+                format!("{what} `{col}`: unknown type `{}`", ty.get_ref()),
+                Some("types: text, bigint, double precision, boolean, timestamptz".into()),
+            ),
+        }
+    }
+    columns
 }
 
 /// Maps a (line, col) inside a TOML string value that starts at byte `start` to a file position.

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use miroir_engine::command::{Decision, Principal, Reply, Request};
 use miroir_engine::decode::decode;
-use miroir_engine::value::{row_to_json, row_to_json_bytes, Row, Value};
+use miroir_engine::value::{row_to_json, row_to_json_bytes, Row};
 use rdkafka::consumer::ConsumerGroupMetadata;
 use rdkafka::message::{Header, Message, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
@@ -526,13 +526,7 @@ impl Shared {
                             attempts,
                             first,
                             last: failed_at,
-                            entity_version: current
-                                .as_ref()
-                                .map(|r| &r[self.spec.stamp.version])
-                                .and_then(|v| match v {
-                                    Value::Int(v) => Some(*v),
-                                    _ => None,
-                                }),
+                            entity_version: current.as_ref().and_then(|r| self.spec.version_of(r)),
                         };
                     }
                     self.metrics

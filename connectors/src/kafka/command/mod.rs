@@ -25,7 +25,7 @@ use miroir_engine::command::{CommandSpec, Reply};
 use miroir_engine::decode::decode;
 use miroir_engine::metrics::CommandMetrics;
 use miroir_engine::topology::{Source, Topology};
-use miroir_engine::value::{Row, Value};
+use miroir_engine::value::Row;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance};
 use rdkafka::message::{Headers, Message, OwnedMessage};
 use rdkafka::ClientContext;
@@ -245,14 +245,10 @@ impl Shared {
         };
         match decode(&self.entity, payload) {
             Ok(row) => {
-                let version = |r: &Row| match r[self.spec.stamp.version] {
-                    Value::Int(v) => v,
-                    _ => i64::MIN,
-                };
                 let mut entities = self.entities.lock().expect("entities lock");
                 if entities
                     .get(&key)
-                    .is_none_or(|old| version(&row) > version(old))
+                    .is_none_or(|old| self.spec.version_of(&row) > self.spec.version_of(old))
                 {
                     entities.insert(key, row);
                 }
