@@ -140,9 +140,9 @@ enum CommandAction {
         /// How long to wait for the reply.
         #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
         timeout: Duration,
-        /// The user the command acts for.
+        /// The user the command acts for (default: the login name, `USER`).
         #[arg(long, env = "MIROIR_PRINCIPAL")]
-        principal: String,
+        principal: Option<String>,
         /// The user's roles, comma-separated.
         #[arg(long, default_value = "")]
         roles: String,
@@ -228,6 +228,9 @@ fn send_command(action: CommandAction) -> anyhow::Result<ExitCode> {
     };
     let payload: serde_json::Value =
         serde_json::from_str(&json).context("--json is not valid JSON")?;
+    let Some(principal) = principal.or_else(|| std::env::var("USER").ok()) else {
+        anyhow::bail!("no principal: pass --principal (or set MIROIR_PRINCIPAL)");
+    };
     let principal = Principal {
         id: principal,
         roles: roles

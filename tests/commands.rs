@@ -769,3 +769,73 @@ fn commands_stay_exactly_once_while_processors_join_and_leave() {
     assert_applied_once(&command_events(&m.user_topic), 240);
     client.shutdown();
 }
+
+#[test]
+fn the_cli_sends_commands_and_lists_dead_letters() {
+    let run = unique("cmd-cli");
+    let m = user_referential(&run);
+    seed_users(&m.user_topic, 3);
+    let dir = tempfile::tempdir().unwrap();
+    let master = start_master(&m, &dir.path().join("master"), None);
+    let file = dir.path().join("master.toml");
+    std::fs::write(&file, &m.text).unwrap();
+    let miroir = |args: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_miroir"))
+            .args(args)
+            .env("MIROIR_BROKERS", brokers())
+            .env("RUST_LOG", "warn")
+            .output()
+            .unwrap()
+    };
+    let send = |command: &str, json: &str, extra: &[&str]| {
+        let mut args = vec![
+            "command",
+            "send",
+            file.to_str().unwrap(),
+            command,
+            "--json",
+            json,
+        ];
+        args.extend_from_slice(extra);
+        miroir(&args)
+    };
+    let accepted = send(
+        "update_email",
+        r#"{"id":"u-0","email":"cli@example.org"}"#,
+        &["--principal", "u-0"],
+    );
+    assert_eq!(accepted.status.code(), Some(0), "{accepted:?}");
+    let reply: serde_json::Value = serde_json::from_slice(&accepted.stdout).unwrap();
+    assert_eq!(reply["outcome"], "accepted");
+    assert_eq!(reply["version"], 2);
+    // The command type works as well as the section name; a rejection exits 2.
+    let rejected = send(
+        "UpdateUserEmail",
+        r#"{"id":"u-0","email":"nope"}"#,
+        &["--principal", "u-0"],
+    );
+    assert_eq!(rejected.status.code(), Some(2), "{rejected:?}");
+    assert!(String::from_utf8_lossy(&rejected.stdout).contains("invalid_email"));
+    // Bad input is a clear error, exit 1.
+    let unknown = send("delete_user", "{}", &[]);
+    assert_eq!(unknown.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&unknown.stderr).contains("no command `delete_user`"));
+    let not_json = send("update_email", "{id:", &[]);
+    assert_eq!(not_json.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&not_json.stderr).contains("--json is not valid JSON"));
+    let no_key = send(
+        "update_email",
+        r#"{"email":"x@example.org"}"#,
+        &["--principal", "u-0"],
+    );
+    assert_eq!(no_key.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&no_key.stderr).contains("key field `id`"));
+    // Nothing parked: an empty list; a replay of an unknown id is an error.
+    let list = miroir(&["dlq", "list", &m.command_topic]);
+    assert_eq!(list.status.code(), Some(0), "{list:?}");
+    assert!(String::from_utf8_lossy(&list.stderr).contains("0 parked command(s)"));
+    let replay = miroir(&["dlq", "replay", &m.command_topic, "--id", "nope"]);
+    assert_eq!(replay.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&replay.stderr).contains("no parked command with id nope"));
+    master.shutdown();
+}
