@@ -245,6 +245,14 @@ fn every_outcome_is_answered_and_the_app_reads_its_write() {
             },
             "rejected:malformed",
         ),
+        (
+            // The message key must be the entity key (its partition, its order).
+            Command {
+                key: "u-3".into(),
+                ..update(spec, "u-1", "x@example.org", admin())
+            },
+            "rejected:malformed",
+        ),
         (update(spec, "u-1", "x@example.org", user("")), "forbidden"),
     ];
     for (command, expected) in cases {
@@ -300,7 +308,7 @@ fn every_outcome_is_answered_and_the_app_reads_its_write() {
     );
     assert_eq!(
         counter(&metrics, "miroir_commands_total", "outcome=\"rejected\""),
-        5
+        6
     );
     assert_eq!(
         counter(&metrics, "miroir_commands_total", "outcome=\"forbidden\""),
@@ -312,7 +320,7 @@ fn every_outcome_is_answered_and_the_app_reads_its_write() {
             "miroir_command_round_trip_seconds_count",
             ""
         ),
-        11
+        12
     );
     let reply_topic = client.reply_topic().to_string();
     app.shutdown();

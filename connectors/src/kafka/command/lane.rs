@@ -464,6 +464,17 @@ impl Shared {
                 ),
             );
         };
+        // The message key places the command in its entity's partition, so in one lane and in
+        // order with the entity's other commands: a payload naming another entity would race.
+        if incoming.key.as_deref() != Some(key.as_str()) {
+            return reject(
+                "malformed",
+                format!(
+                    "the message key ({}) must be the entity key ({key})",
+                    incoming.key.as_deref().unwrap_or("none")
+                ),
+            );
+        }
         let current: Option<Row> = written.get(&key).cloned().or_else(|| {
             self.entities
                 .lock()
