@@ -260,6 +260,7 @@ impl EngineBuilder {
                 &store.instance_id()?,
                 metrics.commands.clone(),
                 self.dependency.clone(),
+                Some(store.clone()),
             )?);
         }
         let client = if self.command_client {

@@ -847,3 +847,54 @@ fn the_cli_sends_commands_and_lists_dead_letters() {
     assert!(String::from_utf8_lossy(&replay.stderr).contains("no parked command with id nope"));
     master.shutdown();
 }
+
+#[test]
+fn a_restarted_processor_keeps_its_view_of_the_entities_in_the_state_directory() {
+    let run = unique("cmd-view");
+    let m = user_referential(&run);
+    seed_users(&m.user_topic, 3);
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("master");
+    let master = start_master(&m, &state, None);
+    wait_until(
+        "the master reads the users",
+        Duration::from_secs(30),
+        || master_row(&master, "u-0")["version"] == 1,
+    );
+    master.shutdown();
+    // Delete every record of the entity topic: only the stored view still knows the users.
+    let kafka_admin: rdkafka::admin::AdminClient<rdkafka::client::DefaultClientContext> =
+        rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", brokers())
+            .create()
+            .unwrap();
+    let mut all = rdkafka::TopicPartitionList::new();
+    for p in 0..4 {
+        all.add_partition_offset(&m.user_topic, p, rdkafka::Offset::End)
+            .unwrap();
+    }
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(kafka_admin.delete_records(&all, &rdkafka::admin::AdminOptions::new()))
+        .unwrap();
+    assert!(command_events(&m.user_topic).is_empty());
+
+    let master = start_master(&m, &state, None);
+    let config = KafkaConfig::new(brokers());
+    let client = Client::start(&config, "view-test", Metrics::new().commands.clone()).unwrap();
+    let spec = m.topology.command("update_email").unwrap();
+    let reply = client
+        .send(
+            &update(spec, "u-0", "kept@example.org", admin()),
+            REPLY_TIMEOUT,
+        )
+        .unwrap();
+    assert!(
+        matches!(reply, Reply::Accepted { version: 2, .. }),
+        "the restarted processor lost its view: {reply:?}"
+    );
+    client.shutdown();
+    master.shutdown();
+}

@@ -80,6 +80,12 @@ fn outbox_key(sequence: u64) -> Vec<u8> {
     k
 }
 
+/// Keys of a command processor's view of its entities: `c/<command>/e/<key>` (the row) and
+/// `c/<command>/o/<partition>` (the next offset of the entity topic to read).
+fn command_key(command: &str, kind: char, rest: &str) -> Vec<u8> {
+    format!("c/{command}/{kind}/{rest}").into_bytes()
+}
+
 fn offset_key(topic: &str, partition: u32) -> Vec<u8> {
     format!("o/{topic}/{partition:08x}").into_bytes()
 }
@@ -226,6 +232,58 @@ impl Store {
             path: self.path.clone(),
             source,
         }
+    }
+
+    /// A command processor's persisted view: the entity rows by key, and the next offset of
+    /// the entity topic to read, by partition.
+    #[allow(clippy::type_complexity)]
+    pub fn command_view(
+        &self,
+        command: &str,
+    ) -> Result<(Vec<(String, Vec<Value>)>, Vec<(i32, i64)>), StoreError> {
+        let (mut rows, mut offsets) = (Vec::new(), Vec::new());
+        let prefix = command_key(command, 'e', "");
+        for item in self.db.prefix_iterator_cf(self.state_cf(), &prefix) {
+            let (k, v) = item.map_err(|e| self.rocks(e))?;
+            if !k.starts_with(&prefix) {
+                break;
+            }
+            let key = String::from_utf8_lossy(&k[prefix.len()..]).into_owned();
+            let row = bincode::deserialize(&v).map_err(|e| StoreError::Corrupt {
+                path: self.path.clone(),
+                key: String::from_utf8_lossy(&k).into_owned(),
+                message: e.to_string(),
+            })?;
+            rows.push((key, row));
+        }
+        let prefix = command_key(command, 'o', "");
+        for item in self.db.prefix_iterator_cf(self.state_cf(), &prefix) {
+            let (k, v) = item.map_err(|e| self.rocks(e))?;
+            if !k.starts_with(&prefix) {
+                break;
+            }
+            let partition = std::str::from_utf8(&k[prefix.len()..])
+                .ok()
+                .and_then(|p| p.parse().ok());
+            let next = <[u8; 8]>::try_from(v.as_ref()).ok().map(i64::from_be_bytes);
+            match (partition, next) {
+                (Some(p), Some(n)) => offsets.push((p, n)),
+                _ => {
+                    return Err(StoreError::Corrupt {
+                        path: self.path.clone(),
+                        key: String::from_utf8_lossy(&k).into_owned(),
+                        message: "not a partition offset".into(),
+                    })
+                }
+            }
+        }
+        Ok((rows, offsets))
+    }
+
+    /// Writes `commit` without waiting for the disk (for state that can be read again, such
+    /// as a command processor's view).
+    pub fn write_unsynced(&self, commit: Commit) -> Result<(), StoreError> {
+        self.db.write(commit.batch).map_err(|e| self.rocks(e))
     }
 
     /// The last committed offset of `topic`/`partition`.
@@ -382,6 +440,41 @@ impl Commit {
             .put_cf(&cf, offset_key(topic, partition), offset.to_be_bytes());
     }
 
+    /// Puts an entity row of command `command`'s view.
+    pub fn put_command_row(&mut self, command: &str, key: &str, row: &[Value]) {
+        let cf = self
+            .db
+            .cf_handle(STATE_CF)
+            .expect("state column family exists");
+        self.batch.put_cf(
+            &cf,
+            command_key(command, 'e', key),
+            bincode::serialize(row).expect("rows serialize"),
+        );
+    }
+
+    /// Deletes an entity row of command `command`'s view.
+    pub fn delete_command_row(&mut self, command: &str, key: &str) {
+        let cf = self
+            .db
+            .cf_handle(STATE_CF)
+            .expect("state column family exists");
+        self.batch.delete_cf(&cf, command_key(command, 'e', key));
+    }
+
+    /// Records the next offset of the entity topic's `partition` for command `command`'s view.
+    pub fn put_command_offset(&mut self, command: &str, partition: i32, next: i64) {
+        let cf = self
+            .db
+            .cf_handle(STATE_CF)
+            .expect("state column family exists");
+        self.batch.put_cf(
+            &cf,
+            command_key(command, 'o', &partition.to_string()),
+            next.to_be_bytes(),
+        );
+    }
+
     /// Records the commit's sequence number and its outbox entry (external-table changes).
     pub fn put_outbox(&mut self, sequence: u64, changes: &[u8]) {
         let cf = self
@@ -415,4 +508,33 @@ fn new_instance_id() -> String {
     h.write_u128(nanos);
     h.write_u32(std::process::id());
     format!("{:016x}{:08x}", h.finish(), (nanos & 0xffff_ffff) as u32)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn command_views_round_trip_apart_from_each_other() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), &[]).unwrap();
+        let row = vec![Value::Text("u-1".into()), Value::Int(3)];
+        let mut c = store.commit();
+        c.put_command_row("update_email", "u-1", &row);
+        c.put_command_row("update_email", "u-2", &row);
+        c.put_command_row("update_name", "u-1", &row);
+        c.put_command_offset("update_email", 0, 42);
+        c.put_command_offset("update_email", 11, 7);
+        c.delete_command_row("update_email", "u-2");
+        store.write_unsynced(c).unwrap();
+        let (rows, mut offsets) = store.command_view("update_email").unwrap();
+        offsets.sort();
+        assert_eq!(rows, vec![("u-1".to_string(), row)]);
+        assert_eq!(offsets, vec![(0, 42), (11, 7)]);
+        let (rows, offsets) = store.command_view("update_name").unwrap();
+        assert_eq!((rows.len(), offsets.len()), (1, 0));
+        drop(store);
+        let reopened = Store::open(dir.path(), &[]).unwrap();
+        assert_eq!(reopened.command_view("update_email").unwrap().0.len(), 1);
+    }
 }

@@ -42,6 +42,16 @@ pub struct Tail {
 impl Tail {
     /// Opens `topic` from its beginning.
     pub fn open(config: &KafkaConfig, topic: &str) -> Result<Tail, KafkaError> {
+        Tail::open_at(config, topic, &[])
+    }
+
+    /// Opens `topic` at the given next offsets (`(partition, offset)`), other partitions from
+    /// their beginning.
+    pub fn open_at(
+        config: &KafkaConfig,
+        topic: &str,
+        starts: &[(i32, i64)],
+    ) -> Result<Tail, KafkaError> {
         let consumer: BaseConsumer<TailContext> = config
             .client()
             .set("group.id", "miroir-tail") // required by librdkafka; nothing is committed
@@ -57,7 +67,11 @@ impl Tail {
             .ok_or_else(|| KafkaError::Definite(format!("topic {topic} does not exist")))?;
         let mut tpl = TopicPartitionList::new();
         for p in 0..partitions {
-            tpl.add_partition_offset(topic, p, Offset::Beginning)?;
+            let start = starts
+                .iter()
+                .find(|(q, _)| *q == p)
+                .map_or(Offset::Beginning, |(_, o)| Offset::Offset(*o));
+            tpl.add_partition_offset(topic, p, start)?;
         }
         consumer.assign(&tpl)?;
         Ok(Tail {

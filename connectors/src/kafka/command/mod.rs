@@ -35,6 +35,7 @@ use tracing::{debug, error, info, warn};
 use super::admin::{create_topic, create_topic_with, partition_count};
 use super::tail::Tail;
 use super::{KafkaConfig, KafkaError};
+use miroir_engine::store::Store;
 
 mod lane;
 
@@ -123,7 +124,9 @@ impl ProcessorStatus {
 impl CommandProcessor {
     /// Starts processing the command `name` of `topology`. `instance` (stable across restarts
     /// of the same state directory) names the transactional producer, so a restarted
-    /// instance fences its predecessor and aborts what it left open.
+    /// instance fences its predecessor and aborts what it left open. With a `store`, the view
+    /// of the entities is kept there too, and a restart reads the entity topic from where it
+    /// stopped instead of from its beginning.
     pub fn start(
         config: &KafkaConfig,
         topology: Arc<Topology>,
@@ -131,6 +134,7 @@ impl CommandProcessor {
         instance: &str,
         metrics: CommandMetrics,
         dependency: Option<Arc<dyn Dependency>>,
+        store: Option<Store>,
     ) -> Result<CommandProcessor, KafkaError> {
         let index = topology
             .commands
@@ -139,7 +143,9 @@ impl CommandProcessor {
             .ok_or_else(|| KafkaError::Definite(format!("no command `{name}` in the topology")))?;
         let stop = Arc::new(AtomicBool::new(false));
         let status = Arc::new(ProcessorStatus::default());
-        let worker = Worker::new(config, topology, index, instance, metrics, dependency)?;
+        let worker = Worker::new(
+            config, topology, index, instance, metrics, dependency, store,
+        )?;
         let thread = std::thread::Builder::new()
             .name(format!("miroir-cmd-{name}"))
             .spawn({
@@ -214,6 +220,8 @@ struct Worker {
     config: KafkaConfig,
     consumer: BaseConsumer<Rebalances>,
     lanes: Vec<Lane>,
+    /// Where the view of the entities is kept across restarts, if anywhere.
+    store: Option<Store>,
     /// Lane `i`'s producer is `<transactional_id>.<i>`: stable across restarts of the same
     /// state directory, so a restarted instance fences its predecessor.
     transactional_id: String,
@@ -234,14 +242,16 @@ impl ConsumerContext for Rebalances {
 }
 
 impl Shared {
-    /// Applies a committed entity event to the view (newest version wins).
-    fn entity_event(&self, m: &rdkafka::message::BorrowedMessage<'_>) {
-        let Some(key) = m.key().map(|k| String::from_utf8_lossy(k).into_owned()) else {
-            return;
-        };
+    /// Applies a committed entity event to the view (newest version wins); returns the
+    /// change, if any: the key and its new row (`None`: deleted).
+    fn entity_event(
+        &self,
+        m: &rdkafka::message::BorrowedMessage<'_>,
+    ) -> Option<(String, Option<Row>)> {
+        let key = m.key().map(|k| String::from_utf8_lossy(k).into_owned())?;
         let Some(payload) = m.payload() else {
             self.entities.lock().expect("entities lock").remove(&key);
-            return;
+            return Some((key, None));
         };
         match decode(&self.entity, payload) {
             Ok(row) => {
@@ -250,12 +260,15 @@ impl Shared {
                     .get(&key)
                     .is_none_or(|old| self.spec.version_of(&row) > self.spec.version_of(old))
                 {
-                    entities.insert(key, row);
+                    entities.insert(key.clone(), row.clone());
+                    return Some((key, Some(row)));
                 }
+                None
             }
             Err(e) => {
                 debug!(topic = %self.entity.topic, partition = m.partition(), offset = m.offset(), key, error = %e,
-                             "entity event not understood; the view keeps the previous one")
+                             "entity event not understood; the view keeps the previous one");
+                None
             }
         }
     }
@@ -281,6 +294,27 @@ impl Shared {
     }
 }
 
+/// What one read of the entity topic changed in the view.
+#[derive(Default)]
+struct ViewChanges {
+    rows: HashMap<String, Option<Row>>,
+    /// Next offset to read, by partition.
+    next: HashMap<i32, i64>,
+}
+
+impl ViewChanges {
+    fn note(
+        &mut self,
+        m: &rdkafka::message::BorrowedMessage<'_>,
+        change: Option<(String, Option<Row>)>,
+    ) {
+        if let Some((key, row)) = change {
+            self.rows.insert(key, row);
+        }
+        self.next.insert(m.partition(), m.offset() + 1);
+    }
+}
+
 /// One command in a batch, and what became of it.
 struct Incoming {
     message: OwnedMessage,
@@ -299,6 +333,7 @@ impl Worker {
         instance: &str,
         metrics: CommandMetrics,
         dependency: Option<Arc<dyn Dependency>>,
+        store: Option<Store>,
     ) -> Result<Worker, KafkaError> {
         let spec = topology.commands[index].clone();
         let entity = topology.sources[spec.entity].clone();
@@ -345,6 +380,7 @@ impl Worker {
             config: config.clone(),
             consumer,
             lanes: Vec::new(),
+            store,
             transactional_id: format!("miroir.{group}.{instance}"),
         })
     }
@@ -366,7 +402,8 @@ impl Worker {
                 &format!("{}.{i}", self.transactional_id),
             )?);
         }
-        let mut entities = Tail::open(&self.config, &self.shared.entity.topic)?;
+        let starts = self.load_view()?;
+        let mut entities = Tail::open_at(&self.config, &self.shared.entity.topic, &starts)?;
         let mut answered = Tail::open(&self.config, &format!("{}{DONE_SUFFIX}", spec.topic))?;
         self.consumer.subscribe(&[&spec.topic])?;
         let mut seen = u64::MAX;
@@ -385,14 +422,20 @@ impl Worker {
                 // Partitions moved: what their previous owner committed must be in the views
                 // before their next command.
                 status.ready.store(false, Ordering::Release);
-                entities.catch_up(CATCH_UP_LIMIT, |m| self.shared.entity_event(m))?;
+                let mut view = ViewChanges::default();
+                entities.catch_up(CATCH_UP_LIMIT, |m| {
+                    view.note(m, self.shared.entity_event(m))
+                })?;
+                self.save_view(view)?;
                 answered.catch_up(CATCH_UP_LIMIT, |m| self.shared.answer_record(m))?;
                 let partitions = self.consumer.assignment()?.count();
                 info!(command = %self.shared.spec.name, partitions, "assignment ready");
                 seen = rebalances;
                 status.ready.store(true, Ordering::Release);
             } else {
-                entities.drain(|m| self.shared.entity_event(m));
+                let mut view = ViewChanges::default();
+                entities.drain(|m| view.note(m, self.shared.entity_event(m)));
+                self.save_view(view)?;
                 answered.drain(|m| self.shared.answer_record(m));
             }
             if batch.is_empty() {
@@ -401,6 +444,53 @@ impl Worker {
             self.process(batch, stop)?;
         }
         Ok(())
+    }
+
+    /// The stored view's name: the command and its entity topic (a topology that points the
+    /// command at another topic starts a new view).
+    fn view_name(&self) -> String {
+        format!("{}@{}", self.shared.spec.name, self.shared.entity.topic)
+    }
+
+    /// Loads the stored view of the entities; returns where to go on reading the entity topic.
+    fn load_view(&self) -> Result<Vec<(i32, i64)>, KafkaError> {
+        let Some(store) = &self.store else {
+            return Ok(Vec::new());
+        };
+        let (rows, starts) = store
+            .command_view(&self.view_name())
+            .map_err(|e| KafkaError::Definite(format!("reading the command view: {e}")))?;
+        info!(command = %self.shared.spec.name, entities = rows.len(), "entity view loaded from the state directory");
+        self.shared
+            .entities
+            .lock()
+            .expect("entities lock")
+            .extend(rows);
+        Ok(starts)
+    }
+
+    /// Stores what the entity topic changed in the view, with the offsets read.
+    fn save_view(&self, view: ViewChanges) -> Result<(), KafkaError> {
+        let Some(store) = &self.store else {
+            return Ok(());
+        };
+        if view.next.is_empty() {
+            return Ok(());
+        }
+        let command = &self.view_name();
+        let mut commit = store.commit();
+        for (key, row) in &view.rows {
+            match row {
+                Some(row) => commit.put_command_row(command, key, row),
+                None => commit.delete_command_row(command, key),
+            }
+        }
+        for (partition, next) in &view.next {
+            commit.put_command_offset(command, *partition, *next);
+        }
+        store
+            .write_unsynced(commit)
+            .map_err(|e| KafkaError::Definite(format!("writing the command view: {e}")))
     }
 
     fn poll_batch(&mut self) -> Vec<Incoming> {
