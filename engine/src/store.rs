@@ -397,6 +397,22 @@ pub struct Commit {
 }
 
 impl Commit {
+    fn put_state(&mut self, key: impl AsRef<[u8]>, value: impl AsRef<[u8]>) {
+        let cf = self
+            .db
+            .cf_handle(STATE_CF)
+            .expect("state column family exists");
+        self.batch.put_cf(&cf, key, value);
+    }
+
+    fn delete_state(&mut self, key: impl AsRef<[u8]>) {
+        let cf = self
+            .db
+            .cf_handle(STATE_CF)
+            .expect("state column family exists");
+        self.batch.delete_cf(&cf, key);
+    }
+
     /// Puts a table row.
     pub fn put_row(&mut self, table: &str, key: &str, json: &[u8]) {
         let cf = self
@@ -417,37 +433,19 @@ impl Commit {
 
     /// Persists an upsert entry.
     pub fn put_entry(&mut self, source: usize, partition: u32, key: &Value, entry: &Entry) {
-        let cf = self
-            .db
-            .cf_handle(STATE_CF)
-            .expect("state column family exists");
         let mut k = upsert_prefix(source, partition);
         k.extend(bincode::serialize(key).expect("values serialize"));
-        self.batch.put_cf(
-            &cf,
-            k,
-            bincode::serialize(entry).expect("entries serialize"),
-        );
+        self.put_state(k, bincode::serialize(entry).expect("entries serialize"));
     }
 
     /// Records the last applied offset of a partition.
     pub fn put_offset(&mut self, topic: &str, partition: u32, offset: i64) {
-        let cf = self
-            .db
-            .cf_handle(STATE_CF)
-            .expect("state column family exists");
-        self.batch
-            .put_cf(&cf, offset_key(topic, partition), offset.to_be_bytes());
+        self.put_state(offset_key(topic, partition), offset.to_be_bytes());
     }
 
     /// Puts an entity row of command `command`'s view.
     pub fn put_command_row(&mut self, command: &str, key: &str, row: &[Value]) {
-        let cf = self
-            .db
-            .cf_handle(STATE_CF)
-            .expect("state column family exists");
-        self.batch.put_cf(
-            &cf,
+        self.put_state(
             command_key(command, 'e', key),
             bincode::serialize(row).expect("rows serialize"),
         );
@@ -455,21 +453,12 @@ impl Commit {
 
     /// Deletes an entity row of command `command`'s view.
     pub fn delete_command_row(&mut self, command: &str, key: &str) {
-        let cf = self
-            .db
-            .cf_handle(STATE_CF)
-            .expect("state column family exists");
-        self.batch.delete_cf(&cf, command_key(command, 'e', key));
+        self.delete_state(command_key(command, 'e', key));
     }
 
     /// Records the next offset of the entity topic's `partition` for command `command`'s view.
     pub fn put_command_offset(&mut self, command: &str, partition: i32, next: i64) {
-        let cf = self
-            .db
-            .cf_handle(STATE_CF)
-            .expect("state column family exists");
-        self.batch.put_cf(
-            &cf,
+        self.put_state(
             command_key(command, 'o', &partition.to_string()),
             next.to_be_bytes(),
         );
@@ -477,12 +466,8 @@ impl Commit {
 
     /// Records the commit's sequence number and its outbox entry (external-table changes).
     pub fn put_outbox(&mut self, sequence: u64, changes: &[u8]) {
-        let cf = self
-            .db
-            .cf_handle(STATE_CF)
-            .expect("state column family exists");
-        self.batch.put_cf(&cf, SEQUENCE_KEY, sequence.to_be_bytes());
-        self.batch.put_cf(&cf, outbox_key(sequence), changes);
+        self.put_state(SEQUENCE_KEY, sequence.to_be_bytes());
+        self.put_state(outbox_key(sequence), changes);
     }
 
     /// Number of writes in the commit.
