@@ -231,15 +231,7 @@ fn send_command(action: CommandAction) -> anyhow::Result<ExitCode> {
     let Some(principal) = principal.or_else(|| std::env::var("USER").ok()) else {
         anyhow::bail!("no principal: pass --principal (or set MIROIR_PRINCIPAL)");
     };
-    let principal = Principal {
-        id: principal,
-        roles: roles
-            .split(',')
-            .map(str::trim)
-            .filter(|r| !r.is_empty())
-            .map(str::to_string)
-            .collect(),
-    };
+    let principal = Principal::new(principal, &roles);
     let command = commands::Command::new(spec, &payload, principal)?;
     let metrics = Metrics::new();
     let client =

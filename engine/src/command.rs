@@ -128,6 +128,21 @@ pub struct Principal {
     pub roles: Vec<String>,
 }
 
+impl Principal {
+    /// A principal with the roles of a comma-separated list (as carried in headers).
+    pub fn new(id: impl Into<String>, roles: &str) -> Principal {
+        Principal {
+            id: id.into(),
+            roles: roles
+                .split(',')
+                .map(str::trim)
+                .filter(|r| !r.is_empty())
+                .map(str::to_string)
+                .collect(),
+        }
+    }
+}
+
 /// One command as the processor sees it.
 #[derive(Clone, Debug)]
 pub struct Request<'a> {
@@ -474,6 +489,15 @@ set = { email = "lower(trim(command.email))" }
         r.parked_at_version = Some(4);
         let d = spec.decide(&t.sources[0], &r, Some(&current), 0);
         assert!(matches!(d, Decision::Apply { version: 5, .. }));
+    }
+
+    #[test]
+    fn principals_read_their_roles_from_a_list() {
+        assert_eq!(
+            Principal::new("a", " user-admin, ,support"),
+            user("a", &["user-admin", "support"])
+        );
+        assert_eq!(Principal::new("a", ""), user("a", &[]));
     }
 
     #[test]

@@ -166,17 +166,10 @@ pub fn replay(
                 .unwrap_or(1),
             key: p.key.clone().unwrap_or_default(),
             payload: p.payload.clone().unwrap_or_default().into_bytes(),
-            principal: Principal {
-                id: p.principal.clone().unwrap_or_default(),
-                roles: header_value(p, header::ROLES)
-                    .map(|r| {
-                        r.split(',')
-                            .filter(|s| !s.is_empty())
-                            .map(str::to_string)
-                            .collect()
-                    })
-                    .unwrap_or_default(),
-            },
+            principal: Principal::new(
+                p.principal.clone().unwrap_or_default(),
+                header_value(p, header::ROLES).unwrap_or_default(),
+            ),
             command_id: p.command_id.clone(),
             extra_headers: vec![(
                 header::PARKED_VERSION.to_string(),

@@ -14,10 +14,9 @@ use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::{Offset, TopicPartitionList};
 use tracing::{debug, info, warn};
 
-use super::{
-    header, text_header, Incoming, ReplyTopics, Shared, DLQ_SUFFIX, DONE_SUFFIX, TX_TIMEOUT,
-};
+use super::{header, text_header, Incoming, ReplyTopics, Shared, DONE_SUFFIX, TX_TIMEOUT};
 use crate::kafka::admin::topics;
+use crate::kafka::dlq::dlq_topic;
 use crate::kafka::{KafkaConfig, KafkaError};
 
 enum Step {
@@ -136,7 +135,7 @@ impl Lane {
                             });
                         }
                     }
-                    let dlq = format!("{}{DLQ_SUFFIX}", shared.spec.topic);
+                    let dlq = dlq_topic(&shared.spec.topic);
                     let mut record = FutureRecord::to(&dlq)
                         .headers(headers)
                         .partition(m.partition());
@@ -184,7 +183,7 @@ impl Lane {
                 ),
                 Step::Park { error, .. } => (
                     Reply::Deferred {
-                        topic: format!("{}{DLQ_SUFFIX}", shared.spec.topic),
+                        topic: dlq_topic(&shared.spec.topic),
                         partition,
                         offset,
                         message: error,
@@ -195,7 +194,7 @@ impl Lane {
             replies.push((incoming, reply, remember));
         }
         // A reply topic not seen yet is most likely new (its client waited for it to exist).
-        let reply_topics = {
+        let reply_exists: Vec<bool> = {
             let mut known = shared.reply_topics.lock().expect("reply topics lock");
             let unseen = replies.iter().any(|(i, _, _)| {
                 i.reply_to
@@ -203,13 +202,16 @@ impl Lane {
                     .is_some_and(|t| !known.names.contains(t))
             });
             self.refresh_reply_topics(&mut known, unseen);
-            known.names.clone()
+            replies
+                .iter()
+                .map(|(i, _, _)| i.reply_to.as_ref().is_some_and(|t| known.names.contains(t)))
+                .collect()
         };
         let written_at = started.elapsed();
         // Awaited here: a commit left to flush them waits on rust-rdkafka's 100 ms poll.
         let mut replies_sent = Vec::new();
         let done_topic = format!("{}{DONE_SUFFIX}", shared.spec.topic);
-        for (incoming, reply, remember) in &replies {
+        for ((incoming, reply, remember), exists) in replies.iter().zip(reply_exists) {
             let body = serde_json::to_vec(reply).expect("replies serialize");
             if let (true, Some(id)) = (*remember, &incoming.command_id) {
                 // In the command's partition number: a transaction then touches one partition
@@ -222,7 +224,7 @@ impl Lane {
                 replies_sent.push(self.send(record)?);
             }
             match &incoming.reply_to {
-                Some(topic) if reply_topics.contains(topic) => {
+                Some(topic) if exists => {
                     let mut headers = OwnedHeaders::new();
                     if let Some(c) = &incoming.correlation_id {
                         headers = headers.insert(Header {
@@ -312,7 +314,7 @@ impl Lane {
                     .with_label_values(&[&shared.spec.name])
                     .inc();
             }
-            if text_header(m, header::PARKED_VERSION).is_some() {
+            if incoming.parked_version.is_some() {
                 shared
                     .metrics
                     .replayed
@@ -376,7 +378,6 @@ impl Shared {
     /// retried here (the batch's transaction stays open) and then parked.
     fn step(&self, incoming: &Incoming, written: &HashMap<String, Row>, stop: &AtomicBool) -> Step {
         let m = &incoming.message;
-        let replay = text_header(m, header::PARKED_VERSION);
         if let Some(previous) = incoming.command_id.as_ref().and_then(|id| {
             self.answered
                 .lock()
@@ -385,7 +386,7 @@ impl Shared {
                 .cloned()
         }) {
             // A re-delivery: same answer, no second effect. A replay may take up a parked one.
-            if !(replay.is_some() && matches!(previous, Reply::Deferred { .. })) {
+            if !(incoming.parked_version.is_some() && matches!(previous, Reply::Deferred { .. })) {
                 info!(topic = m.topic(), partition = m.partition(), offset = m.offset(), key = ?incoming.key,
                       command_id = ?incoming.command_id, "command already answered: sending the same answer");
                 return Step::Answer {
@@ -436,17 +437,8 @@ impl Shared {
                 remember: true,
             };
         };
-        let principal = Principal {
-            id: principal_id,
-            roles: text_header(m, header::ROLES)
-                .map(|r| {
-                    r.split(',')
-                        .map(|s| s.trim().to_string())
-                        .filter(|s| !s.is_empty())
-                        .collect()
-                })
-                .unwrap_or_default(),
-        };
+        let roles = text_header(m, header::ROLES).unwrap_or_default();
+        let principal = Principal::new(principal_id, &roles);
         let payload = match m.payload().map(|p| decode(&self.payload, p)) {
             Some(Ok(row)) => row,
             Some(Err(e)) => {
@@ -486,7 +478,7 @@ impl Shared {
             payload: &payload,
             principal: &principal,
             deadline_ms: text_header(m, header::DEADLINE).and_then(|d| d.parse().ok()),
-            parked_at_version: replay.and_then(|v| v.parse().ok()),
+            parked_at_version: incoming.parked_version,
         };
         let now = now_micros();
         let decision = self

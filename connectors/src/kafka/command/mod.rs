@@ -33,6 +33,7 @@ use rdkafka::Offset;
 use tracing::{debug, error, info, warn};
 
 use super::admin::{create_topic, create_topic_with, partition_count};
+use super::dlq::dlq_topic;
 use super::tail::Tail;
 use super::{KafkaConfig, KafkaError};
 use miroir_engine::store::Store;
@@ -323,6 +324,8 @@ struct Incoming {
     correlation_id: Option<String>,
     reply_to: Option<String>,
     key: Option<String>,
+    /// Set on a replay: the entity version the command was parked at.
+    parked_version: Option<i64>,
 }
 
 impl Worker {
@@ -340,7 +343,7 @@ impl Worker {
         let partitions = partition_count(config, &entity.topic)?.unwrap_or(1);
         // Commands for one entity meet its events' partition: same count, same partitioner.
         create_topic(config, &spec.topic, partitions)?;
-        create_topic(config, &format!("{}{DLQ_SUFFIX}", spec.topic), partitions)?;
+        create_topic(config, &dlq_topic(&spec.topic), partitions)?;
         create_topic_with(
             config,
             &format!("{}{DONE_SUFFIX}", spec.topic),
@@ -504,6 +507,8 @@ impl Worker {
                         command_id: text_header(&message, header::COMMAND_ID),
                         correlation_id: text_header(&message, header::CORRELATION_ID),
                         reply_to: text_header(&message, header::REPLY_TO),
+                        parked_version: text_header(&message, header::PARKED_VERSION)
+                            .and_then(|v| v.parse().ok()),
                         key: message
                             .key()
                             .map(|k| String::from_utf8_lossy(k).into_owned()),
