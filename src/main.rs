@@ -327,46 +327,33 @@ fn dead_letters(action: DlqAction) -> anyhow::Result<ExitCode> {
             }
             let metrics = Metrics::new();
             let client = commands::Client::start(&config, "dlq-replay", metrics.commands.clone())?;
-            let mut counts = [0usize; 4];
             let results = commands::replay(&client, &parked, timeout, |p, r| {
                 let id = p.command_id.as_deref().unwrap_or("-");
                 let key = p.key.as_deref().unwrap_or("-");
+                let json = |reply| serde_json::to_string(reply).unwrap_or_default();
                 match r {
-                    Replayed::Applied(reply) => {
-                        counts[0] += 1;
-                        println!(
-                            "applied {id} key={key}: {}",
-                            serde_json::to_string(reply).unwrap_or_default()
-                        );
-                    }
-                    Replayed::Skipped(why) => {
-                        counts[1] += 1;
-                        println!("skipped {id} key={key}: {why}");
-                    }
+                    Replayed::Applied(reply) => println!("applied {id} key={key}: {}", json(reply)),
+                    Replayed::Skipped(why) => println!("skipped {id} key={key}: {why}"),
                     Replayed::Answered(reply) => {
-                        counts[2] += 1;
-                        println!(
-                            "answered {id} key={key}: {}",
-                            serde_json::to_string(reply).unwrap_or_default()
-                        );
+                        println!("answered {id} key={key}: {}", json(reply))
                     }
                     Replayed::Failed(e) => {
-                        counts[3] += 1;
-                        println!("failed {id} key={key}: {e}; stopping here to keep the order");
+                        println!("failed {id} key={key}: {e}; stopping here to keep the order")
                     }
                 }
             });
             client.shutdown();
+            let count = |kind: fn(&Replayed) -> bool| results.iter().filter(|r| kind(r)).count();
+            let failed = count(|r| matches!(r, Replayed::Failed(_)));
             println!(
-                "replayed {} of {}: {} applied, {} skipped, {} answered otherwise, {} failed",
+                "replayed {} of {}: {} applied, {} skipped, {} answered otherwise, {failed} failed",
                 results.len(),
                 parked.len(),
-                counts[0],
-                counts[1],
-                counts[2],
-                counts[3]
+                count(|r| matches!(r, Replayed::Applied(_))),
+                count(|r| matches!(r, Replayed::Skipped(_))),
+                count(|r| matches!(r, Replayed::Answered(_))),
             );
-            Ok(if counts[3] > 0 {
+            Ok(if failed > 0 {
                 ExitCode::FAILURE
             } else {
                 ExitCode::SUCCESS
