@@ -119,6 +119,7 @@ pub struct EngineBuilder {
     listen: Option<SocketAddr>,
     workers: Option<usize>,
     epoch_interval: Option<Duration>,
+    max_epoch_interval: Option<Duration>,
     kafka_extra: Vec<(String, String)>,
     database_url: Option<String>,
     dependency: Option<Arc<dyn commands::Dependency>>,
@@ -162,10 +163,17 @@ impl EngineBuilder {
         self
     }
 
-    /// Longest epoch (default 100 ms): how long applied events may wait before they are
-    /// committed and visible.
+    /// Epoch when the engine keeps up (default 100 ms): how long applied events may wait
+    /// before they are committed and visible.
     pub fn epoch_interval(mut self, interval: Duration) -> Self {
         self.epoch_interval = Some(interval);
+        self
+    }
+
+    /// Longest epoch while records are waiting (default 1 s): catching up, epochs grow so that
+    /// a key changed several times in one epoch is written once, and commits are fewer.
+    pub fn max_epoch_interval(mut self, interval: Duration) -> Self {
+        self.max_epoch_interval = Some(interval);
         self
     }
 
@@ -235,6 +243,9 @@ impl EngineBuilder {
         }
         if let Some(e) = self.epoch_interval {
             config.epoch_interval = e;
+        }
+        if let Some(e) = self.max_epoch_interval {
+            config.max_epoch_interval = e;
         }
         let runtime = Arc::new(Runtime::start(
             topology.clone(),

@@ -69,9 +69,14 @@ enum Action {
         /// Worker threads.
         #[arg(long, env = "MIROIR_WORKERS", default_value_t = 2)]
         workers: usize,
-        /// Longest epoch in milliseconds (how long an applied event may wait to be visible).
+        /// Epoch in milliseconds when keeping up (how long an applied event may wait to be
+        /// visible).
         #[arg(long, default_value_t = 100)]
         epoch_ms: u64,
+        /// Longest epoch in milliseconds while records are waiting (catching up): more changes
+        /// of a key coalesce into one, and commits are fewer.
+        #[arg(long, default_value_t = 1000)]
+        max_epoch_ms: u64,
         /// PostgreSQL database of external tables (unless their sink names a `url`).
         #[arg(long, env = "DATABASE_URL")]
         database_url: Option<String>,
@@ -449,6 +454,7 @@ fn run(command: Action) -> anyhow::Result<ExitCode> {
             listen,
             workers,
             epoch_ms,
+            max_epoch_ms,
             database_url,
             plan,
         } => {
@@ -466,6 +472,7 @@ fn run(command: Action) -> anyhow::Result<ExitCode> {
                 .listen(listen)
                 .workers(workers)
                 .epoch_interval(Duration::from_millis(epoch_ms))
+                .max_epoch_interval(Duration::from_millis(max_epoch_ms))
                 .start()?;
             info!(topology = %engine.topology().name, http = ?engine.http_addr(), "running; Ctrl-C to stop");
             wait_for_signal()?;

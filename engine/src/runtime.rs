@@ -53,6 +53,9 @@ const HOLD_LIMIT: Duration = Duration::from_secs(30);
 /// fall behind, instead of buffering without bound.
 const CHANNEL_BATCHES: usize = 64;
 
+/// Longest a worker parks, waiting for its peers, before it checks its epoch again.
+const PARK: Duration = Duration::from_millis(10);
+
 /// One record read from a source partition.
 #[derive(Clone, Debug)]
 pub struct Record {
@@ -110,20 +113,25 @@ pub trait ErrorSink: Send + Sync {
 pub struct RuntimeConfig {
     /// Worker threads.
     pub workers: usize,
-    /// Longest time an epoch feeds records before committing.
+    /// Time an epoch feeds records before committing, when the workers keep up.
     pub epoch_interval: Duration,
+    /// Longest time an epoch feeds records while more are waiting (catching up).
+    pub max_epoch_interval: Duration,
     /// Most records a worker applies in one epoch.
     pub max_records_per_epoch: usize,
 }
 
 impl Default for RuntimeConfig {
     fn default() -> Self {
-        // 100 ms bounds the staleness a committed epoch adds; 50k records bounds the memory of
-        // an epoch's captured deltas while keeping commits (one fsync each) well amortized.
+        // 100 ms bounds the staleness a committed epoch adds when the workers keep up. Catching
+        // up, epochs grow to 1 s or 200k records per worker: a key changed several times in
+        // one epoch is one change for the dataflow, the tables and PostgreSQL, and commits
+        // (one fsync each) are fewer; 200k records bound the memory of an epoch's changes.
         RuntimeConfig {
             workers: 2,
             epoch_interval: Duration::from_millis(100),
-            max_records_per_epoch: 50_000,
+            max_epoch_interval: Duration::from_secs(1),
+            max_records_per_epoch: 200_000,
         }
     }
 }
@@ -388,10 +396,28 @@ struct Task {
 }
 
 impl Task {
-    /// Adds the task's changes since its last persist (upsert entries, offset) to `commit`.
-    fn persist(&mut self, source: usize, partition: u32, topic: &str, commit: &mut Commit) {
-        self.state
-            .drain_dirty(|key, entry| commit.put_entry(source, partition, key, entry));
+    /// Feeds the dataflow the task's changes since its last flush (one retraction and one
+    /// insertion per changed key, see [`crate::upsert`]) and adds them to `commit` (upsert
+    /// entries, offset): the entries and the tables they produce commit together.
+    fn flush(
+        &mut self,
+        source: usize,
+        partition: u32,
+        topic: &str,
+        input: &mut InputSession<Epoch, Row, isize>,
+        commit: &mut Commit,
+    ) {
+        self.state.drain_changes(|key, entry, before| {
+            if before != entry.row {
+                if let Some(old) = before {
+                    input.update(old, -1);
+                }
+                if let Some(new) = &entry.row {
+                    input.update(new.clone(), 1);
+                }
+            }
+            commit.put_entry(source, partition, key, entry);
+        });
         if self.offset_dirty {
             if let Some(offset) = self.offset {
                 commit.put_offset(topic, partition, offset);
@@ -461,7 +487,21 @@ fn run_worker(worker: &mut timely::worker::Worker, shared: &Shared, inbox: Recei
                 .epoch_interval
                 .saturating_sub(started.elapsed());
             if left.is_zero() {
-                break;
+                // Behind (records are waiting): the epoch grows, up to `max_epoch_interval`,
+                // so more changes of a key coalesce and commits are fewer. Caught up, epochs
+                // keep to `epoch_interval`.
+                if started.elapsed() >= shared.config.max_epoch_interval {
+                    // (`max_epoch_interval` below `epoch_interval` means no growth.)
+                    break;
+                }
+                match inbox.try_recv() {
+                    Ok(message) => {
+                        applied +=
+                            handle(shared, index, message, &mut tasks, &mut inputs, &mut acks);
+                        continue;
+                    }
+                    Err(_) => break,
+                }
             }
             match inbox.recv_timeout(left) {
                 Ok(message) => {
@@ -474,14 +514,45 @@ fn run_worker(worker: &mut timely::worker::Worker, shared: &Shared, inbox: Recei
                 }
             }
         }
+        // Feed the epoch's coalesced changes and add the tasks' writes to the epoch's commit.
+        {
+            if shared.sink.is_some() {
+                let mut offsets = shared
+                    .sink_offsets
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner());
+                for ((source, partition), task) in tasks.iter() {
+                    if let (true, Some(offset)) = (task.offset_dirty, task.offset) {
+                        offsets.insert(
+                            (topology.sources[*source].topic.clone(), *partition),
+                            offset,
+                        );
+                    }
+                }
+            }
+            let mut pending = shared.commit.lock().unwrap_or_else(|e| e.into_inner());
+            let commit = pending.get_or_insert_with(|| shared.store.commit());
+            for ((source, partition), task) in tasks.iter_mut() {
+                task.flush(
+                    *source,
+                    *partition,
+                    &topology.sources[*source].topic,
+                    &mut inputs[*source],
+                    commit,
+                );
+            }
+        }
         epoch += 1;
         for input in inputs.iter_mut() {
             input.advance_to(epoch);
             input.flush();
         }
-        worker.step_while(|| probe.less_than(&epoch));
+        // Parks instead of spinning while other workers finish their epoch: on a machine with
+        // few cores the spin takes CPU from them (and from Kafka and PostgreSQL). Data or
+        // progress from a peer wakes a parked worker.
+        worker.step_or_park_while(Some(PARK), || probe.less_than(&epoch));
 
-        // Contribute this worker's writes to the epoch's shared commit.
+        // Contribute this worker's table changes to the epoch's shared commit.
         {
             let mut pending = shared.commit.lock().unwrap_or_else(|e| e.into_inner());
             let commit = pending.get_or_insert_with(|| shared.store.commit());
@@ -501,28 +572,6 @@ fn run_worker(worker: &mut timely::worker::Worker, shared: &Shared, inbox: Recei
                 } else {
                     write_deltas(table, &mut deltas, commit);
                 }
-            }
-            if shared.sink.is_some() {
-                let mut offsets = shared
-                    .sink_offsets
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner());
-                for ((source, partition), task) in tasks.iter() {
-                    if let (true, Some(offset)) = (task.offset_dirty, task.offset) {
-                        offsets.insert(
-                            (topology.sources[*source].topic.clone(), *partition),
-                            offset,
-                        );
-                    }
-                }
-            }
-            for ((source, partition), task) in tasks.iter_mut() {
-                task.persist(
-                    *source,
-                    *partition,
-                    &topology.sources[*source].topic,
-                    commit,
-                );
             }
         }
         if shared.barrier.wait().is_leader() {
@@ -806,16 +855,18 @@ fn handle(
                         .lock()
                         .unwrap_or_else(|e| e.into_inner())
                         .remove(&(shared.topology.sources[source].topic.clone(), p));
+                    // The partition's upsert state stays committed for a later re-assignment,
+                    // with the table changes of the epoch so far.
+                    if task.state.has_changes() || task.offset_dirty {
+                        let mut pending = shared.commit.lock().unwrap_or_else(|e| e.into_inner());
+                        let commit = pending.get_or_insert_with(|| shared.store.commit());
+                        let topic = &shared.topology.sources[source].topic;
+                        task.flush(source, p, topic, &mut inputs[source], commit);
+                    }
                     if retract {
                         for row in task.state.rows() {
                             inputs[source].update(row.clone(), -1);
                         }
-                    }
-                    // The partition's upsert state stays committed for a later re-assignment.
-                    if task.state.has_dirty() || task.offset_dirty {
-                        let mut pending = shared.commit.lock().unwrap_or_else(|e| e.into_inner());
-                        let commit = pending.get_or_insert_with(|| shared.store.commit());
-                        task.persist(source, p, &shared.topology.sources[source].topic, commit);
                     }
                     info!(source = %shared.topology.sources[source].name, partition = p, "task dropped");
                 }
@@ -845,7 +896,7 @@ fn handle(
                 .with_label_values(&[&src.name])
                 .inc_by(n as u64);
             for record in records {
-                apply_record(shared, src, partition, &record, task, &mut inputs[source]);
+                apply_record(shared, src, partition, &record, task);
                 task.offset = Some(record.offset);
                 task.offset_dirty = true;
             }
@@ -889,14 +940,7 @@ fn open_task(
     Ok(())
 }
 
-fn apply_record(
-    shared: &Shared,
-    src: &Source,
-    partition: u32,
-    record: &Record,
-    task: &mut Task,
-    input: &mut InputSession<Epoch, Row, isize>,
-) {
+fn apply_record(shared: &Shared, src: &Source, partition: u32, record: &Record, task: &mut Task) {
     let key_str = record
         .key
         .as_deref()
@@ -934,13 +978,7 @@ fn apply_record(
         },
     };
     match task.state.apply(src.late.as_ref(), key, row, record.offset) {
-        Outcome::Changed { old, new, late } => {
-            if let Some(old) = old {
-                input.update(old, -1);
-            }
-            if let Some(new) = new {
-                input.update(new, 1);
-            }
+        Outcome::Changed { late } => {
             if late {
                 shared
                     .metrics

@@ -159,6 +159,7 @@ fn start(t: &Arc<Topology>, dir: &std::path::Path, db: &Arc<Mutex<Db>>) -> Runti
         RuntimeConfig {
             workers: 2,
             epoch_interval: Duration::from_millis(20),
+            max_epoch_interval: Duration::from_millis(20),
             max_records_per_epoch: 10,
         },
     )

@@ -1,10 +1,15 @@
 //! Upsert sources: an entity event replaces the previous row of its key.
 //!
 //! For each key the state keeps the last applied row (or none after a delete) and, per business
-//! operation, the order value of the last applied event. Applying an event yields the change to
-//! feed the dataflow: retract the old row, insert the new one. Late and duplicate events change
+//! operation, the order value of the last applied event. Late and duplicate events change
 //! nothing (see [`crate::late`]); deletes (Kafka tombstones) keep the versions, so a late event
 //! cannot resurrect a deleted key.
+//!
+//! The changes of an epoch are coalesced per key: the dataflow gets, once per changed key and
+//! epoch, a retraction of the row the key had before the epoch and an insertion of the row it
+//! has after (see [`UpsertState::drain_changes`]). A key updated ten times in one epoch costs the
+//! dataflow, the stored tables and PostgreSQL one change, not ten: the same result, since an
+//! epoch's changes become visible together anyway.
 //!
 //! The state of a partition is persisted with each epoch commit (see [`crate::store`]) because
 //! both the late policy and the retraction need it after a restart.
@@ -21,8 +26,9 @@ pub use types::{Entry, Outcome};
 #[derive(Debug, Default)]
 pub struct UpsertState {
     entries: HashMap<Value, Entry>,
-    /// Keys changed since the last [`UpsertState::drain_dirty`], to persist at commit.
-    dirty: Vec<Value>,
+    /// Keys changed since the last [`UpsertState::drain_changes`], each with the row it had
+    /// before the first of those changes.
+    changed: HashMap<Value, Option<Row>>,
 }
 
 impl UpsertState {
@@ -30,7 +36,7 @@ impl UpsertState {
     pub fn restore(entries: impl IntoIterator<Item = (Value, Entry)>) -> Self {
         UpsertState {
             entries: entries.into_iter().collect(),
-            dirty: Vec::new(),
+            changed: HashMap::new(),
         }
     }
 
@@ -71,36 +77,30 @@ impl UpsertState {
                 Some(_) => {}
             }
         }
+        let present = row.is_some();
         let entry = self.entries.entry(key.clone()).or_default();
-        let old = std::mem::replace(&mut entry.row, row.clone());
+        let before = std::mem::replace(&mut entry.row, row);
         entry.offset = entry.offset.max(offset);
-        if row.is_some() {
+        if present {
             entry.record_version(operation, order);
         }
-        self.dirty.push(key);
-        Outcome::Changed {
-            old,
-            new: row,
-            late,
-        }
+        self.changed.entry(key).or_insert(before);
+        Outcome::Changed { late }
     }
 
-    /// Hands every key changed since the last call, with its entry, to `persist` (once per
-    /// key, in key order).
-    pub fn drain_dirty(&mut self, mut persist: impl FnMut(&Value, &Entry)) {
-        let mut keys = std::mem::take(&mut self.dirty);
-        keys.sort();
-        keys.dedup();
-        for k in &keys {
-            if let Some(e) = self.entries.get(k) {
-                persist(k, e);
+    /// Hands every key changed since the last call to `change`, once per key, with its entry
+    /// now and the row it had before the first of those changes.
+    pub fn drain_changes(&mut self, mut change: impl FnMut(&Value, &Entry, Option<Row>)) {
+        for (key, before) in self.changed.drain() {
+            if let Some(entry) = self.entries.get(&key) {
+                change(&key, entry, before);
             }
         }
     }
 
-    /// Whether some key changed since the last [`UpsertState::drain_dirty`].
-    pub fn has_dirty(&self) -> bool {
-        !self.dirty.is_empty()
+    /// Whether some key changed since the last [`UpsertState::drain_changes`].
+    pub fn has_changes(&self) -> bool {
+        !self.changed.is_empty()
     }
 
     /// The current rows (for restoring the dataflow, or retracting on revocation).
@@ -139,14 +139,28 @@ mod tests {
         Value::Text(k.into())
     }
 
+    /// The drained changes as (key, row before, row after), in key order.
+    type Change = (Value, Option<Row>, Option<Row>);
+
+    fn drain(s: &mut UpsertState) -> Vec<Change> {
+        let mut changes = Vec::new();
+        s.drain_changes(|k, e, before| changes.push((k.clone(), before, e.row.clone())));
+        changes.sort();
+        changes
+    }
+
     #[test]
     fn late_and_duplicate_events_change_nothing() {
         let p = policy(false);
         let mut s = UpsertState::default();
-        assert!(matches!(
+        assert_eq!(
             s.apply(Some(&p), key("a"), Some(row("a", 2, "x")), 0),
-            Outcome::Changed { old: None, .. }
-        ));
+            Outcome::Changed { late: false }
+        );
+        assert_eq!(
+            drain(&mut s),
+            vec![(key("a"), None, Some(row("a", 2, "x")))]
+        );
         assert_eq!(
             s.apply(Some(&p), key("a"), Some(row("a", 1, "x")), 1),
             Outcome::Late
@@ -155,15 +169,40 @@ mod tests {
             s.apply(Some(&p), key("a"), Some(row("a", 2, "x")), 2),
             Outcome::Duplicate
         );
-        let Outcome::Changed { old, new, late } =
-            s.apply(Some(&p), key("a"), Some(row("a", 3, "x")), 3)
-        else {
-            panic!("newer event not applied")
-        };
-        assert_eq!(
-            (old, new, late),
-            (Some(row("a", 2, "x")), Some(row("a", 3, "x")), false)
+        assert!(
+            !s.has_changes(),
+            "late and duplicate events leave no change"
         );
+        s.apply(Some(&p), key("a"), Some(row("a", 3, "x")), 3);
+        assert_eq!(
+            drain(&mut s),
+            vec![(key("a"), Some(row("a", 2, "x")), Some(row("a", 3, "x")))]
+        );
+    }
+
+    #[test]
+    fn changes_of_a_key_coalesce_until_drained() {
+        let p = policy(false);
+        let mut s = UpsertState::default();
+        s.apply(Some(&p), key("a"), Some(row("a", 1, "x")), 0);
+        s.apply(Some(&p), key("b"), Some(row("b", 1, "x")), 1);
+        drain(&mut s);
+        for (offset, version) in [(2, 2), (3, 3), (4, 4)] {
+            s.apply(Some(&p), key("a"), Some(row("a", version, "x")), offset);
+        }
+        s.apply(Some(&p), key("b"), None, 5);
+        s.apply(Some(&p), key("c"), Some(row("c", 1, "x")), 6);
+        assert_eq!(
+            drain(&mut s),
+            vec![
+                (key("a"), Some(row("a", 1, "x")), Some(row("a", 4, "x"))),
+                (key("b"), Some(row("b", 1, "x")), None),
+                (key("c"), None, Some(row("c", 1, "x"))),
+            ],
+            "one change per key, from its row before the first event to its row after the last"
+        );
+        assert!(!s.has_changes());
+        assert_eq!(drain(&mut s), vec![]);
     }
 
     #[test]
@@ -172,10 +211,10 @@ mod tests {
         let mut s = UpsertState::default();
         s.apply(Some(&p), key("a"), Some(row("a", 5, "email")), 0);
         // An older version of another operation is not late.
-        assert!(matches!(
+        assert_eq!(
             s.apply(Some(&p), key("a"), Some(row("a", 3, "name")), 1),
-            Outcome::Changed { .. }
-        ));
+            Outcome::Changed { late: false }
+        );
         assert_eq!(
             s.apply(Some(&p), key("a"), Some(row("a", 4, "email")), 2),
             Outcome::Late
@@ -187,10 +226,15 @@ mod tests {
         let p = policy(false);
         let mut s = UpsertState::default();
         s.apply(Some(&p), key("a"), Some(row("a", 2, "x")), 0);
-        assert!(matches!(
+        drain(&mut s);
+        assert_eq!(
             s.apply(Some(&p), key("a"), None, 1),
-            Outcome::Changed { new: None, .. }
-        ));
+            Outcome::Changed { late: false }
+        );
+        assert_eq!(
+            drain(&mut s),
+            vec![(key("a"), Some(row("a", 2, "x")), None)]
+        );
         assert_eq!(s.apply(Some(&p), key("a"), None, 1), Outcome::Duplicate);
         assert_eq!(
             s.apply(Some(&p), key("a"), Some(row("a", 1, "x")), 2),
@@ -207,10 +251,15 @@ mod tests {
         };
         let mut s = UpsertState::default();
         s.apply(Some(&p), key("a"), Some(row("a", 2, "x")), 0);
-        assert!(matches!(
+        drain(&mut s);
+        assert_eq!(
             s.apply(Some(&p), key("a"), Some(row("a", 1, "x")), 1),
-            Outcome::Changed { late: true, .. }
-        ));
+            Outcome::Changed { late: true }
+        );
+        assert_eq!(
+            drain(&mut s),
+            vec![(key("a"), Some(row("a", 2, "x")), Some(row("a", 1, "x")))]
+        );
     }
 
     #[test]
@@ -221,13 +270,14 @@ mod tests {
             s.apply(None, key("a"), Some(row("a", 1, "x")), 5),
             Outcome::Duplicate
         );
-        assert!(matches!(
+        assert_eq!(
             s.apply(None, key("a"), Some(row("a", 1, "x")), 6),
-            Outcome::Changed { .. }
-        ));
-        let mut persisted = 0;
-        s.drain_dirty(|_, _| persisted += 1);
-        assert_eq!(persisted, 1, "two changes of one key persist once");
-        assert!(!s.has_dirty());
+            Outcome::Changed { late: false }
+        );
+        assert_eq!(
+            drain(&mut s),
+            vec![(key("a"), None, Some(row("a", 1, "x")))],
+            "two changes of one key drain once"
+        );
     }
 }

@@ -38,14 +38,11 @@ impl Entry {
 }
 
 /// The effect of applying one event.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Outcome {
-    /// The row of the key changed from `old` to `new`; `late` when a late event was kept.
+    /// The key's row changed (see [`crate::upsert::UpsertState::drain_changes`]); `late` when a
+    /// late event was kept.
     Changed {
-        /// Previous row, to retract.
-        old: Option<Row>,
-        /// New row, to insert (`None` for a delete).
-        new: Option<Row>,
         /// Whether this was a late event applied by `action = "keep"`.
         late: bool,
     },
