@@ -18,7 +18,12 @@
 use std::collections::HashMap;
 
 use differential_dataflow::operators::arrange::{Arranged, TraceAgent};
+use differential_dataflow::consolidation::consolidate;
 use differential_dataflow::trace::implementations::ValSpine;
+use differential_dataflow::trace::{Cursor, Navigable};
+use differential_dataflow::AsCollection;
+use timely::dataflow::channels::pact::Pipeline;
+use timely::dataflow::operators::generic::Operator;
 use differential_dataflow::VecCollection;
 
 use crate::plan::{AggFunc, Aggregate, Expr, JoinKind, Plan};
@@ -101,25 +106,36 @@ impl<'scope> Renderer<'scope> {
                 match kind {
                     JoinKind::Inner => joined,
                     JoinKind::Left => {
-                        // Unmatched left rows = left rows minus those whose key has a match
-                        // (each once: the right keys are made distinct). Rows with a NULL key
-                        // are not in the arrangement, so they stay unmatched.
-                        let right_keys = right_arranged
-                            .as_collection(|k, _| k.clone())
+                        // Unmatched left rows: those whose key no right row has, found through
+                        // the (small, rarely changing) set of such keys, so a change of a left
+                        // row whose key matches costs nothing here. Rows with a NULL key are
+                        // not in the arrangement and never match.
+                        let nulls = vec![Value::Null; *right_arity];
+                        let unmatched_keys = key_counts(left_arranged.clone())
                             .distinct()
+                            .concat(key_counts(right_arranged).distinct().negate())
+                            .threshold_named(&format!("Unmatched keys: {name}"), |_, c| {
+                                isize::from(*c > 0)
+                            })
                             .map(|k| (k, ()))
-                            .arrange_by_key_named(&format!("Arrange: {name} join keys"));
-                        let matched =
-                            left_arranged.join_core(right_keys, |_key, l, _| Some(l.clone()));
-                        let arity = *right_arity;
+                            .arrange_by_key_named(&format!("Arrange: {name} unmatched keys"));
+                        let padding = nulls.clone();
                         let unmatched =
-                            self.render(left, name)
-                                .concat(matched.negate())
-                                .map(move |mut l| {
-                                    l.extend(std::iter::repeat_n(Value::Null, arity));
-                                    l
-                                });
-                        joined.concat(unmatched)
+                            left_arranged.join_core(unmatched_keys, move |_key, l, _| {
+                                let mut row = Vec::with_capacity(l.len() + padding.len());
+                                row.extend(l.iter().cloned());
+                                row.extend(padding.iter().cloned());
+                                Some(row)
+                            });
+                        let keys = left_keys.clone();
+                        let null_keyed = self
+                            .render(left, name)
+                            .filter(move |r| keys.iter().any(|e| e.eval(r).is_null()))
+                            .map(move |mut l| {
+                                l.extend(nulls.iter().cloned());
+                                l
+                            });
+                        joined.concat(unmatched).concat(null_keyed)
                     }
                 }
             }
@@ -162,6 +178,38 @@ impl<'scope> Renderer<'scope> {
         self.arranged.insert(id, arranged.clone());
         arranged
     }
+}
+
+/// How many rows each key of `arranged` gained or lost, one update per key and time of each
+/// batch: the updates of the rows of a key cancel out here, before anything is allocated for
+/// them, unless rows of that key appear or disappear overall.
+fn key_counts<'scope>(arranged: RowArrangement<'scope>) -> Rows<'scope> {
+    arranged
+        .stream
+        .unary(Pipeline, "KeyCounts", |_, _| {
+            move |input, output| {
+                let mut sums: Vec<(Epoch, isize)> = Vec::new();
+                input.for_each(|time, spans| {
+                    let mut session = output.session(&time);
+                    for batch in spans.iter().filter_map(|span| span.inner.as_ref()) {
+                        let mut cursor = batch.cursor();
+                        while let Some(key) = cursor.get_key(batch) {
+                            sums.clear();
+                            while cursor.get_val(batch).is_some() {
+                                cursor.map_times(batch, |t, d| sums.push((*t, *d)));
+                                cursor.step_val(batch);
+                            }
+                            consolidate(&mut sums);
+                            for (t, d) in sums.drain(..) {
+                                session.give((key.clone(), t, d));
+                            }
+                            cursor.step_key(batch);
+                        }
+                    }
+                });
+            }
+        })
+        .as_collection()
 }
 
 /// Computes the aggregates of one group from its rows with their multiplicities.
