@@ -49,9 +49,14 @@ use crate::value::{key_text, row_to_json_bytes, ColumnType, Row, Value};
 /// for every partition's task (see [`crate::sink`]).
 const HOLD_LIMIT: Duration = Duration::from_secs(30);
 
-/// Batches a worker's inbox holds before the connector blocks: consumption pauses when workers
-/// fall behind, instead of buffering without bound.
-const CHANNEL_BATCHES: usize = 64;
+/// Batches (of up to 512 records) a worker's inbox holds before the connector blocks:
+/// consumption pauses when workers fall behind, instead of buffering without bound. Enough for
+/// the connector to keep reading while the workers compute and commit an epoch.
+const CHANNEL_BATCHES: usize = 512;
+
+/// A worker whose epoch passed `epoch_interval` goes on while records keep arriving within
+/// this time of each other: the connector is behind, not idle.
+const CATCHING_UP: Duration = Duration::from_millis(5);
 
 /// Longest a worker parks, waiting for its peers, before it checks its epoch again.
 const PARK: Duration = Duration::from_millis(10);
@@ -494,7 +499,7 @@ fn run_worker(worker: &mut timely::worker::Worker, shared: &Shared, inbox: Recei
                     // (`max_epoch_interval` below `epoch_interval` means no growth.)
                     break;
                 }
-                match inbox.try_recv() {
+                match inbox.recv_timeout(CATCHING_UP) {
                     Ok(message) => {
                         applied +=
                             handle(shared, index, message, &mut tasks, &mut inputs, &mut acks);
@@ -514,6 +519,7 @@ fn run_worker(worker: &mut timely::worker::Worker, shared: &Shared, inbox: Recei
                 }
             }
         }
+        let t_apply = started.elapsed();
         // Feed the epoch's coalesced changes and add the tasks' writes to the epoch's commit.
         {
             if shared.sink.is_some() {
@@ -542,6 +548,7 @@ fn run_worker(worker: &mut timely::worker::Worker, shared: &Shared, inbox: Recei
                 );
             }
         }
+        let t_feed = started.elapsed();
         epoch += 1;
         for input in inputs.iter_mut() {
             input.advance_to(epoch);
@@ -551,6 +558,7 @@ fn run_worker(worker: &mut timely::worker::Worker, shared: &Shared, inbox: Recei
         // few cores the spin takes CPU from them (and from Kafka and PostgreSQL). Data or
         // progress from a peer wakes a parked worker.
         worker.step_or_park_while(Some(PARK), || probe.less_than(&epoch));
+        let t_dataflow = started.elapsed();
 
         // Contribute this worker's table changes to the epoch's shared commit.
         {
@@ -574,6 +582,7 @@ fn run_worker(worker: &mut timely::worker::Worker, shared: &Shared, inbox: Recei
                 }
             }
         }
+        let t_tables = started.elapsed();
         if shared.barrier.wait().is_leader() {
             let mut commit = shared
                 .commit
@@ -620,6 +629,18 @@ fn run_worker(worker: &mut timely::worker::Worker, shared: &Shared, inbox: Recei
             shared.stop_after_epoch.store(stop, Ordering::SeqCst);
         }
         shared.barrier.wait();
+        let t_commit = started.elapsed();
+        debug!(
+            worker = index,
+            epoch,
+            records = applied,
+            apply_ms = t_apply.as_millis() as u64,
+            feed_ms = (t_feed - t_apply).as_millis() as u64,
+            dataflow_ms = (t_dataflow - t_feed).as_millis() as u64,
+            tables_ms = (t_tables - t_dataflow).as_millis() as u64,
+            commit_ms = (t_commit - t_tables).as_millis() as u64,
+            "epoch phases"
+        );
         let stopping = shared.stop_after_epoch.load(Ordering::SeqCst);
         {
             let mut committed = shared
