@@ -17,14 +17,14 @@
 
 use std::collections::HashMap;
 
-use differential_dataflow::operators::arrange::{Arranged, TraceAgent};
 use differential_dataflow::consolidation::consolidate;
+use differential_dataflow::operators::arrange::{Arranged, TraceAgent};
 use differential_dataflow::trace::implementations::ValSpine;
 use differential_dataflow::trace::{Cursor, Navigable};
 use differential_dataflow::AsCollection;
+use differential_dataflow::VecCollection;
 use timely::dataflow::channels::pact::Pipeline;
 use timely::dataflow::operators::generic::Operator;
-use differential_dataflow::VecCollection;
 
 use crate::plan::{AggFunc, Aggregate, Expr, JoinKind, Plan};
 use crate::value::{Row, Value, F64};

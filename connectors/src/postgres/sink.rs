@@ -232,6 +232,7 @@ async fn create_staging(
     Ok(())
 }
 
+/// Writes `rows` into `table` (a quoted name) with a binary `COPY`.
 async fn copy_rows<'a>(
     tx: &Transaction<'_>,
     table: &str,
@@ -239,7 +240,7 @@ async fn copy_rows<'a>(
     rows: impl Iterator<Item = &'a [Value]>,
 ) -> Result<(), PostgresError> {
     let sink = tx
-        .copy_in(&format!("COPY {} FROM STDIN BINARY", ident(table)))
+        .copy_in(&format!("COPY {table} FROM STDIN BINARY"))
         .await?;
     let writer = BinaryCopyInWriter::new(sink, types);
     let mut writer = std::pin::pin!(writer);
@@ -255,7 +256,16 @@ async fn copy_rows<'a>(
     Ok(())
 }
 
-/// Stages a table's changes and merges them into the table it is written to.
+/// Whether `table` (a quoted name) has no row.
+async fn is_empty(tx: &Transaction<'_>, table: &str) -> Result<bool, PostgresError> {
+    let row = tx
+        .query_one(&format!("SELECT NOT EXISTS (SELECT 1 FROM {table})"), &[])
+        .await?;
+    Ok(row.get(0))
+}
+
+/// Stages a table's changes and merges them into the table it is written to (or copies them
+/// straight in when it is empty).
 async fn write_changes(
     tx: &Transaction<'_>,
     target: &Target,
@@ -287,9 +297,15 @@ async fn write_changes(
     if skipped > 0 {
         warn!(table = %plan.name, rows = skipped, "rows with a NULL key are not written to PostgreSQL");
     }
+    let types: Vec<Type> = plan.columns.iter().map(|c| pg_type(c.ty)).collect();
+    if !upserts.is_empty() && is_empty(tx, &table).await? {
+        // A first load or a rebuild into a new (shadow) table: the rows (one per key) go
+        // straight in, at the speed of a plain COPY; there is nothing to merge or delete.
+        copy_rows(tx, &table, &types, upserts.into_iter()).await?;
+        return Ok(());
+    }
     if !upserts.is_empty() {
-        let types: Vec<Type> = plan.columns.iter().map(|c| pg_type(c.ty)).collect();
-        copy_rows(tx, &up, &types, upserts.into_iter()).await?;
+        copy_rows(tx, &ident(&up), &types, upserts.into_iter()).await?;
         let others: Vec<&String> = names
             .iter()
             .enumerate()
@@ -336,7 +352,7 @@ async fn write_changes(
             .iter()
             .map(|i| pg_type(plan.columns[*i].ty))
             .collect();
-        copy_rows(tx, &del, &types, deletes.into_iter()).await?;
+        copy_rows(tx, &ident(&del), &types, deletes.into_iter()).await?;
         let matches: Vec<String> = key_names.iter().map(|n| format!("t.{n} = d.{n}")).collect();
         tx.batch_execute(&format!(
             "DELETE FROM {table} AS t USING {} AS d WHERE {}",
