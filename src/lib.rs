@@ -170,7 +170,7 @@ impl EngineBuilder {
         self
     }
 
-    /// Longest epoch while records are waiting (default 1 s): catching up, epochs grow so that
+    /// Longest epoch while records are waiting (default 5 s): catching up, epochs grow so that
     /// a key changed several times in one epoch is written once, and commits are fewer.
     pub fn max_epoch_interval(mut self, interval: Duration) -> Self {
         self.max_epoch_interval = Some(interval);

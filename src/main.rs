@@ -75,7 +75,7 @@ enum Action {
         epoch_ms: u64,
         /// Longest epoch in milliseconds while records are waiting (catching up): more changes
         /// of a key coalesce into one, and commits are fewer.
-        #[arg(long, default_value_t = 1000)]
+        #[arg(long, default_value_t = 5000)]
         max_epoch_ms: u64,
         /// PostgreSQL database of external tables (unless their sink names a `url`).
         #[arg(long, env = "DATABASE_URL")]

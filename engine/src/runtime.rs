@@ -54,10 +54,6 @@ const HOLD_LIMIT: Duration = Duration::from_secs(30);
 /// the connector to keep reading while the workers compute and commit an epoch.
 const CHANNEL_BATCHES: usize = 512;
 
-/// A worker whose epoch passed `epoch_interval` goes on while records keep arriving within
-/// this time of each other: the connector is behind, not idle.
-const CATCHING_UP: Duration = Duration::from_millis(5);
-
 /// Longest a worker parks, waiting for its peers, before it checks its epoch again.
 const PARK: Duration = Duration::from_millis(10);
 
@@ -83,6 +79,10 @@ pub enum Message {
         partition: u32,
         /// The records.
         records: Vec<Record>,
+        /// Whether more records of the partition were waiting at the source when these were
+        /// handed over: the engine is catching up, and epochs may grow (see
+        /// [`RuntimeConfig::max_epoch_interval`]).
+        catching_up: bool,
     },
     /// Partitions now owned by this instance: create their tasks.
     Assign {
@@ -129,14 +129,15 @@ pub struct RuntimeConfig {
 impl Default for RuntimeConfig {
     fn default() -> Self {
         // 100 ms bounds the staleness a committed epoch adds when the workers keep up. Catching
-        // up, epochs grow to 1 s or 200k records per worker: a key changed several times in
-        // one epoch is one change for the dataflow, the tables and PostgreSQL, and commits
-        // (one fsync each) are fewer; 200k records bound the memory of an epoch's changes.
+        // up, epochs grow to 5 s or 1M records per worker: a key changed several times in one
+        // epoch is one change for the dataflow, the tables and PostgreSQL, and commits (one
+        // fsync each) are fewer. An epoch's changes take at most one entry per changed key, and
+        // the inboxes are bounded, so its memory is bounded by the keys, not the records.
         RuntimeConfig {
             workers: 2,
             epoch_interval: Duration::from_millis(100),
-            max_epoch_interval: Duration::from_secs(1),
-            max_records_per_epoch: 200_000,
+            max_epoch_interval: Duration::from_secs(5),
+            max_records_per_epoch: 1_000_000,
         }
     }
 }
@@ -398,6 +399,8 @@ struct Task {
     /// Last applied offset, to commit.
     offset: Option<i64>,
     offset_dirty: bool,
+    /// Whether the source had more records of the partition waiting after its last batch.
+    catching_up: bool,
 }
 
 impl Task {
@@ -486,27 +489,23 @@ fn run_worker(worker: &mut timely::worker::Worker, shared: &Shared, inbox: Recei
         let mut applied = 0usize;
         while applied < shared.config.max_records_per_epoch
             && !shared.shutdown.load(Ordering::SeqCst)
+            // A revocation (sent to every worker) waits for this epoch's commit.
+            && acks.is_empty()
         {
-            let left = shared
-                .config
-                .epoch_interval
-                .saturating_sub(started.elapsed());
+            // Catching up (the source had records of some partition waiting), the epoch grows
+            // up to `max_epoch_interval`, so more changes of a key coalesce and commits are
+            // fewer. Caught up, epochs keep to `epoch_interval`.
+            let length = if tasks.values().any(|t| t.catching_up) {
+                shared
+                    .config
+                    .max_epoch_interval
+                    .max(shared.config.epoch_interval)
+            } else {
+                shared.config.epoch_interval
+            };
+            let left = length.saturating_sub(started.elapsed());
             if left.is_zero() {
-                // Behind (records are waiting): the epoch grows, up to `max_epoch_interval`,
-                // so more changes of a key coalesce and commits are fewer. Caught up, epochs
-                // keep to `epoch_interval`.
-                if started.elapsed() >= shared.config.max_epoch_interval {
-                    // (`max_epoch_interval` below `epoch_interval` means no growth.)
-                    break;
-                }
-                match inbox.recv_timeout(CATCHING_UP) {
-                    Ok(message) => {
-                        applied +=
-                            handle(shared, index, message, &mut tasks, &mut inputs, &mut acks);
-                        continue;
-                    }
-                    Err(_) => break,
-                }
+                break;
             }
             match inbox.recv_timeout(left) {
                 Ok(message) => {
@@ -899,6 +898,7 @@ fn handle(
             source,
             partition,
             records,
+            catching_up,
         } => {
             if !tasks.contains_key(&(source, partition)) {
                 if let Err(e) = open_task(shared, source, partition, tasks, inputs) {
@@ -909,6 +909,7 @@ fn handle(
             let task = tasks
                 .get_mut(&(source, partition))
                 .expect("task opened above");
+            task.catching_up = catching_up;
             let src = &shared.topology.sources[source];
             let n = records.len();
             shared
@@ -956,6 +957,7 @@ fn open_task(
             state,
             offset,
             offset_dirty: false,
+            catching_up: false,
         },
     );
     Ok(())

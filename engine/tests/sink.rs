@@ -187,6 +187,7 @@ fn feed(runtime: &Runtime, events: &[(usize, u32, String, String)], first_offset
                     key: Some(key.clone().into_bytes()),
                     payload: Some(payload.clone().into_bytes()),
                 }],
+                catching_up: false,
             },
         );
     }

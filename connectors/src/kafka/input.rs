@@ -7,6 +7,7 @@
 //! drops the tasks before the consumer lets the partitions go.
 
 use std::collections::HashMap;
+use std::ffi::CString;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -28,6 +29,13 @@ use super::{KafkaConfig, KafkaError};
 
 /// How many records are handed to a worker at once.
 const BATCH: usize = 512;
+
+/// Longest a record waits in a partly filled batch before it is handed over.
+const FLUSH_AFTER: Duration = Duration::from_millis(5);
+
+/// Records of a partition still waiting in Kafka after a batch above which the engine is
+/// catching up (see `RuntimeConfig::max_epoch_interval`).
+const CATCHING_UP: i64 = BATCH as i64;
 
 struct SourceContext {
     runtime: Arc<Runtime>,
@@ -290,27 +298,37 @@ fn poll_loop(
 ) {
     let mut batches: HashMap<(usize, u32), Vec<Record>> = HashMap::new();
     let mut pending = 0usize;
+    // When the oldest record of the pending batches was read.
+    let mut oldest: Option<Instant> = None;
     let source_topics: HashMap<usize, String> =
         topics.iter().map(|(t, s)| (*s, t.clone())).collect();
     let flush = |batches: &mut HashMap<(usize, u32), Vec<Record>>| {
         for ((source, partition), records) in batches.drain() {
-            if let (Some(last), Ok(mut delivered)) =
-                (records.last(), consumer.context().delivered.lock())
-            {
-                delivered.insert((source_topics[&source].clone(), partition), last.offset);
+            let topic = &source_topics[&source];
+            let Some(last) = records.last().map(|r| r.offset) else {
+                continue;
+            };
+            if let Ok(mut delivered) = consumer.context().delivered.lock() {
+                delivered.insert((topic.clone(), partition), last);
             }
+            let catching_up = cached_high_watermark(&consumer, topic, partition)
+                .is_some_and(|high| high - (last + 1) > CATCHING_UP);
             runtime.send(
                 partition,
                 Message::Records {
                     source,
                     partition,
                     records,
+                    catching_up,
                 },
             );
         }
     };
     while !stop.load(Ordering::SeqCst) && !runtime.stopped() {
-        match consumer.poll(Duration::from_millis(50)) {
+        let wait = oldest.map_or(Duration::from_millis(50), |t| {
+            FLUSH_AFTER.saturating_sub(t.elapsed())
+        });
+        match consumer.poll(wait) {
             Some(Ok(m)) => {
                 let Some(source) = topics.get(m.topic()) else {
                     continue;
@@ -324,15 +342,18 @@ fn poll_loop(
                         payload: m.payload().map(<[u8]>::to_vec),
                     });
                 pending += 1;
-                if pending >= BATCH {
+                let first = *oldest.get_or_insert_with(Instant::now);
+                if pending >= BATCH || first.elapsed() >= FLUSH_AFTER {
                     flush(&mut batches);
                     pending = 0;
+                    oldest = None;
                 }
             }
             Some(Err(e)) => warn!(error = %e, "kafka consumer error"),
             None => {
                 flush(&mut batches);
                 pending = 0;
+                oldest = None;
             }
         }
     }
@@ -350,6 +371,30 @@ fn poll_loop(
         let _ = consumer.poll(Duration::from_millis(50));
     }
     info!("kafka source stopped");
+}
+
+/// The high watermark librdkafka last saw for a partition, from its fetch responses (no
+/// request to the broker), if it saw one.
+fn cached_high_watermark(
+    consumer: &BaseConsumer<SourceContext>,
+    topic: &str,
+    partition: u32,
+) -> Option<i64> {
+    let topic = CString::new(topic).ok()?;
+    let (mut low, mut high) = (-1i64, -1i64);
+    // SAFETY: the client handle lives as long as `consumer`; librdkafka reads the topic name
+    // (a valid C string for the call) and writes the two offsets, nothing else.
+    let err = unsafe {
+        rdkafka::bindings::rd_kafka_get_watermark_offsets(
+            consumer.client().native_ptr(),
+            topic.as_ptr(),
+            partition as i32,
+            &mut low,
+            &mut high,
+        )
+    };
+    (err == rdkafka::bindings::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR && high >= 0)
+        .then_some(high)
 }
 
 /// Records each source topic's partition count (to tell which partition a key lives in), and

@@ -1,0 +1,170 @@
+//! Epoch length: epochs keep to `epoch_interval` while the source keeps up, grow up to
+//! `max_epoch_interval` while it reports records waiting (catching up), and end at once when
+//! a revocation waits for their commit.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use miroir_engine::metrics::Metrics;
+use miroir_engine::runtime::{ErrorSink, Message, Record, Runtime, RuntimeConfig};
+use miroir_engine::store::Store;
+use miroir_engine::topology::Topology;
+
+const TOPOLOGY: &str = r#"
+name = "epochs-test"
+[sources.users]
+topic = "users"
+key = "id"
+columns = { id = "text", email = "text", version = "bigint" }
+late = { order_by = "version" }
+
+[tables.emails]
+query = "SELECT id, email FROM users"
+store = "internal"
+"#;
+
+/// Far longer than any test waits: an epoch that ends did not end by reaching it.
+const LONG: Duration = Duration::from_secs(600);
+
+struct NoErrors;
+impl ErrorSink for NoErrors {
+    fn malformed(&self, _: &str, _: u32, _: &Record, error: &str) {
+        panic!("unexpected malformed record: {error}");
+    }
+}
+
+fn start(dir: &std::path::Path) -> (Runtime, Store) {
+    let topology = Arc::new(Topology::parse("t.toml", TOPOLOGY).unwrap());
+    let store = Store::open(dir, &["emails".to_string()]).unwrap();
+    let runtime = Runtime::start(
+        topology,
+        store.clone(),
+        Arc::new(Metrics::new()),
+        Arc::new(NoErrors),
+        None,
+        RuntimeConfig {
+            workers: 2,
+            epoch_interval: Duration::from_millis(10),
+            max_epoch_interval: LONG,
+            max_records_per_epoch: 1_000_000,
+        },
+    )
+    .unwrap();
+    runtime.broadcast(|| Message::Assign {
+        source: 0,
+        partitions: vec![0],
+    });
+    (runtime, store)
+}
+
+/// Sends version `version` of user `u1` at `offset` of partition 0.
+fn send(runtime: &Runtime, offset: i64, version: i64, catching_up: bool) {
+    runtime.send(
+        0,
+        Message::Records {
+            source: 0,
+            partition: 0,
+            records: vec![Record {
+                offset,
+                key: Some(b"u1".to_vec()),
+                payload: Some(
+                    format!(
+                        r#"{{"id":"u1","email":"v{version}@example.org","version":{version}}}"#
+                    )
+                    .into_bytes(),
+                ),
+            }],
+            catching_up,
+        },
+    );
+}
+
+fn committed(runtime: &Runtime) -> Option<i64> {
+    runtime
+        .status
+        .committed
+        .lock()
+        .unwrap()
+        .get(&("users".to_string(), 0))
+        .copied()
+}
+
+fn wait_committed(runtime: &Runtime, offset: i64) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while committed(runtime) != Some(offset) {
+        assert!(
+            Instant::now() < deadline,
+            "offset {offset} not committed: {:?}",
+            committed(runtime)
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+fn email(store: &Store) -> String {
+    let row = store.get("emails", "u1").unwrap().expect("row of u1");
+    serde_json::from_slice::<serde_json::Value>(&row).unwrap()["email"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+#[test]
+fn epochs_keep_to_the_interval_while_the_source_keeps_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let (runtime, store) = start(dir.path());
+    send(&runtime, 0, 1, false);
+    // Not catching up: the epoch ends after 10 ms although the maximum is 10 minutes.
+    wait_committed(&runtime, 0);
+    assert_eq!(email(&store), "v1@example.org");
+    runtime.shutdown();
+}
+
+#[test]
+fn epochs_grow_while_catching_up_and_end_once_caught_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let (runtime, store) = start(dir.path());
+    for offset in 0..20 {
+        send(&runtime, offset, offset + 1, true);
+        std::thread::sleep(Duration::from_millis(15));
+    }
+    // 300 ms of records, each batch saying more are waiting: still one open epoch.
+    assert_eq!(
+        committed(&runtime),
+        None,
+        "an epoch ended while catching up"
+    );
+    send(&runtime, 20, 21, false);
+    wait_committed(&runtime, 20);
+    assert_eq!(email(&store), "v21@example.org");
+    runtime.shutdown();
+}
+
+#[test]
+fn a_revocation_ends_a_growing_epoch() {
+    let dir = tempfile::tempdir().unwrap();
+    let (runtime, store) = start(dir.path());
+    for offset in 0..5 {
+        send(&runtime, offset, offset + 1, true);
+    }
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(
+        committed(&runtime),
+        None,
+        "an epoch ended while catching up"
+    );
+    let (done, acks) = crossbeam_channel::unbounded();
+    runtime.broadcast(|| Message::Revoke {
+        source: 0,
+        partitions: vec![0],
+        retract: true,
+        done: done.clone(),
+    });
+    for _ in 0..runtime.workers() {
+        acks.recv_timeout(Duration::from_secs(30))
+            .expect("the revocation waited for the epoch's maximum length");
+    }
+    // The revoked partition's state and offset were committed before the acknowledgement.
+    assert_eq!(store.offset("users", 0).unwrap(), Some(4));
+    runtime.shutdown();
+}
