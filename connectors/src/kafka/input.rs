@@ -25,7 +25,7 @@ use rdkafka::topic_partition_list::TopicPartitionList;
 use rdkafka::{ClientContext, Offset};
 use tracing::{error, info, warn};
 
-use super::{KafkaConfig, KafkaError};
+use super::{KafkaConfig, KafkaError, FETCH_QUEUE_BACKOFF_MS};
 
 /// How many records are handed to a worker at once.
 const BATCH: usize = 512;
@@ -245,7 +245,8 @@ impl KafkaSource {
             .set("session.timeout.ms", "10000")
             .set("heartbeat.interval.ms", "3000")
             .set("max.poll.interval.ms", "60000")
-            .set("statistics.interval.ms", "1000");
+            .set("statistics.interval.ms", "1000")
+            .set("fetch.queue.backoff.ms", FETCH_QUEUE_BACKOFF_MS);
         let stop = Arc::new(AtomicBool::new(false));
         let consumer: BaseConsumer<SourceContext> = client.create_with_context(SourceContext {
             runtime: runtime.clone(),

@@ -15,7 +15,7 @@ use rdkafka::{Offset, TopicPartitionList};
 use tracing::warn;
 
 use super::admin::topics;
-use super::{KafkaConfig, KafkaError};
+use super::{KafkaConfig, KafkaError, FETCH_QUEUE_BACKOFF_MS};
 
 /// Logs librdkafka's errors, except the end-of-partition reports the tail asks for.
 struct TailContext;
@@ -59,6 +59,7 @@ impl Tail {
             .set("enable.auto.offset.store", "false")
             .set("enable.partition.eof", "true")
             .set("isolation.level", "read_committed")
+            .set("fetch.queue.backoff.ms", FETCH_QUEUE_BACKOFF_MS)
             .create_with_context(TailContext)?;
         let partitions = topics(consumer.client())?
             .into_iter()
