@@ -988,7 +988,7 @@ fn apply_record(shared: &Shared, src: &Source, partition: u32, record: &Record, 
         Some(payload) => match decode(src, payload) {
             Ok(row) => {
                 let key = row[src.key].clone();
-                if record.key.is_some() && key_str != key.to_key_text() {
+                if record.key.is_some() && !key.is_key_text(&key_str) {
                     return malformed(format!(
                         "message key `{key_str}` differs from key column `{}` = `{}`",
                         src.key_name(),

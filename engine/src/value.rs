@@ -124,6 +124,15 @@ impl Value {
         }
     }
 
+    /// Whether `text` is this value's key text (see [`Value::to_key_text`]), without
+    /// allocating for text values.
+    pub fn is_key_text(&self, text: &str) -> bool {
+        match self {
+            Value::Text(s) => s == text,
+            other => other.to_key_text() == text,
+        }
+    }
+
     /// Renders the value as key text: how keys appear in URLs and in the key of the store.
     pub fn to_key_text(&self) -> String {
         match self {

@@ -26,9 +26,9 @@ pub use types::{Entry, Outcome};
 #[derive(Debug, Default)]
 pub struct UpsertState {
     entries: HashMap<Value, Entry>,
-    /// Keys changed since the last [`UpsertState::drain_changes`], each with the row it had
-    /// before the first of those changes.
-    changed: HashMap<Value, Option<Row>>,
+    /// Keys changed since the last [`UpsertState::drain_changes`], once each (their entries
+    /// hold the row they had before the first of those changes).
+    changed: Vec<Value>,
 }
 
 impl UpsertState {
@@ -36,7 +36,7 @@ impl UpsertState {
     pub fn restore(entries: impl IntoIterator<Item = (Value, Entry)>) -> Self {
         UpsertState {
             entries: entries.into_iter().collect(),
-            changed: HashMap::new(),
+            changed: Vec::new(),
         }
     }
 
@@ -48,7 +48,8 @@ impl UpsertState {
         row: Option<Row>,
         offset: i64,
     ) -> Outcome {
-        let entry = self.entries.get(&key);
+        let mut slot = self.entries.get_mut(&key);
+        let entry = slot.as_deref();
         let (operation, order) = match (policy, &row) {
             (Some(p), Some(r)) => (p.operation(r), p.order(r)),
             // Without a policy (and for tombstones, which carry no version) the offset orders.
@@ -78,22 +79,30 @@ impl UpsertState {
             }
         }
         let present = row.is_some();
-        let entry = self.entries.entry(key.clone()).or_default();
+        let entry = match slot.take() {
+            Some(entry) => entry,
+            None => self.entries.entry(key.clone()).or_default(),
+        };
         let before = std::mem::replace(&mut entry.row, row);
         entry.offset = entry.offset.max(offset);
         if present {
             entry.record_version(operation, order);
         }
-        self.changed.entry(key).or_insert(before);
+        if entry.before.is_none() {
+            entry.before = Some(before);
+            self.changed.push(key);
+        }
         Outcome::Changed { late }
     }
 
     /// Hands every key changed since the last call to `change`, once per key, with its entry
     /// now and the row it had before the first of those changes.
     pub fn drain_changes(&mut self, mut change: impl FnMut(&Value, &Entry, Option<Row>)) {
-        for (key, before) in self.changed.drain() {
-            if let Some(entry) = self.entries.get(&key) {
-                change(&key, entry, before);
+        for key in self.changed.drain(..) {
+            if let Some(entry) = self.entries.get_mut(&key) {
+                if let Some(before) = entry.before.take() {
+                    change(&key, entry, before);
+                }
             }
         }
     }

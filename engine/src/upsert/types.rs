@@ -13,6 +13,11 @@ pub struct Entry {
     pub versions: Vec<(Value, Value)>,
     /// Offset of the last applied event.
     pub offset: i64,
+    /// The row before the first change since the last drain (see
+    /// [`crate::upsert::UpsertState::drain_changes`]); `None` when unchanged since. Not
+    /// persisted.
+    #[serde(skip)]
+    pub(crate) before: Option<Option<Row>>,
 }
 
 impl Entry {
