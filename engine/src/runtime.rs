@@ -54,6 +54,9 @@ const HOLD_LIMIT: Duration = Duration::from_secs(30);
 /// the connector to keep reading while the workers compute and commit an epoch.
 const CHANNEL_BATCHES: usize = 512;
 
+/// Longest pause between two batches of a growing (catching-up) epoch before it ends anyway.
+const CATCHING_UP_GAP: Duration = Duration::from_millis(50);
+
 /// Longest a worker parks, waiting for its peers, before it checks its epoch again.
 const PARK: Duration = Duration::from_millis(10);
 
@@ -503,17 +506,28 @@ fn run_worker(worker: &mut timely::worker::Worker, shared: &Shared, inbox: Recei
             } else {
                 shared.config.epoch_interval
             };
-            let left = length.saturating_sub(started.elapsed());
+            let elapsed = started.elapsed();
+            let left = length.saturating_sub(elapsed);
             if left.is_zero() {
                 break;
             }
-            match inbox.recv_timeout(left) {
+            // Past `epoch_interval`, the epoch goes on only while records keep coming: offsets
+            // that are never delivered (aborted transactions) do not hold it open.
+            let until_interval = shared.config.epoch_interval.saturating_sub(elapsed);
+            let wait = if until_interval.is_zero() {
+                left.min(CATCHING_UP_GAP)
+            } else {
+                until_interval
+            };
+            match inbox.recv_timeout(wait) {
                 Ok(message) => {
                     applied += handle(shared, index, message, &mut tasks, &mut inputs, &mut acks);
                 }
+                // The interval is over: the loop decides whether the epoch grows.
+                Err(RecvTimeoutError::Timeout) if !until_interval.is_zero() => {}
                 Err(RecvTimeoutError::Timeout) => break,
                 Err(RecvTimeoutError::Disconnected) => {
-                    std::thread::sleep(left);
+                    std::thread::sleep(wait);
                     break;
                 }
             }
