@@ -109,6 +109,13 @@ pub trait ExternalSink: Send {
     /// `snapshot`, the batches' net effect is the whole content of every external table: rows
     /// it does not name are deleted.
     fn apply(&mut self, batches: &[SinkBatch], snapshot: bool) -> Result<(), SinkError>;
+
+    /// Gets ready to write (connects, checks the tables) before the first batch arrives, so
+    /// the first epoch's changes do not wait for it. A failure is only logged: `apply` tries
+    /// again, with its retries.
+    fn connect(&mut self) -> Result<(), SinkError> {
+        Ok(())
+    }
 }
 
 /// Most batches the waiting group gathers while the database applies the previous one;
@@ -246,6 +253,9 @@ impl SinkDriver {
         let thread = std::thread::Builder::new()
             .name("miroir-sink".into())
             .spawn(move || {
+                if let Err(e) = sink.connect() {
+                    warn!(error = %e, "external database not ready yet; the first batch retries");
+                }
                 if !recovered.is_empty() {
                     info!(batches = recovered.len(), "applying batches left in the outbox");
                 }

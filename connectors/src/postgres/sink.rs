@@ -70,20 +70,27 @@ impl PostgresSink {
         })
     }
 
+    /// Connects (again, after a failure) and checks the tables, once.
+    async fn ready(&mut self) -> Result<(), PostgresError> {
+        if self.client.as_ref().is_none_or(|c| c.is_closed()) {
+            self.client = Some(connect(&self.url).await?);
+            self.staged.clear();
+        }
+        if self.targets.is_none() {
+            let client = self.client.as_mut().expect("connected above");
+            self.targets = Some(prepare(client, &self.topology, &self.instance).await?);
+        }
+        Ok(())
+    }
+
     async fn try_apply(
         &mut self,
         batches: &[SinkBatch],
         snapshot: bool,
     ) -> Result<(), PostgresError> {
-        if self.client.as_ref().is_none_or(|c| c.is_closed()) {
-            self.client = Some(connect(&self.url).await?);
-            self.staged.clear();
-        }
-        let client = self.client.as_mut().expect("connected above");
-        if self.targets.is_none() {
-            self.targets = Some(prepare(client, &self.topology, &self.instance).await?);
-        }
-        let targets = self.targets.as_mut().expect("prepared above");
+        self.ready().await?;
+        let client = self.client.as_mut().expect("connected by ready");
+        let targets = self.targets.as_mut().expect("prepared by ready");
         let tx = client.transaction().await?;
         let applied: Option<i64> = tx
             .query_opt(
@@ -188,6 +195,14 @@ fn final_changes<'a>(
 }
 
 impl ExternalSink for PostgresSink {
+    fn connect(&mut self) -> Result<(), SinkError> {
+        let rt = self.rt.clone();
+        rt.block_on(self.ready()).map_err(|e| {
+            self.client = None;
+            SinkError(e.to_string())
+        })
+    }
+
     fn apply(&mut self, batches: &[SinkBatch], snapshot: bool) -> Result<(), SinkError> {
         let rt = self.rt.clone();
         rt.block_on(self.try_apply(batches, snapshot)).map_err(|e| {
