@@ -37,7 +37,7 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
 use rdkafka::ClientConfig;
-use support::replace_section;
+use support::{env_or, replace_section, run_id};
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -52,21 +52,9 @@ fn main() {
             .init();
     }
     let brokers = std::env::var("MIROIR_BROKERS").unwrap_or_else(|_| "127.0.0.1:19092".into());
-    let seconds: u64 = std::env::var("MIROIR_BENCH_SECONDS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(10);
-    let lanes: usize = std::env::var("MIROIR_BENCH_LANES")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(4);
-    let run = format!(
-        "{}",
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_secs()
-    );
+    let seconds = env_or("MIROIR_BENCH_SECONDS", 10);
+    let lanes = env_or("MIROIR_BENCH_LANES", 4) as usize;
+    let run = run_id();
     let config = KafkaConfig::new(brokers.clone());
     let root = env!("CARGO_MANIFEST_DIR");
     let user_topic = format!("user-bench-{run}");

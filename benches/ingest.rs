@@ -33,7 +33,7 @@ use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 
 mod support;
 
-use support::replace_section;
+use support::{env_or, replace_section, run_id};
 
 const PARTITIONS: i32 = 4;
 
@@ -43,13 +43,6 @@ const ALONE_BATCH_EVENTS: u64 = 25_000;
 /// As in the `miroir` binary (src/main.rs): an embedding application should do the same.
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
-fn env_or(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 fn brokers() -> String {
     std::env::var("MIROIR_BROKERS")
@@ -98,13 +91,7 @@ fn topology_text(run: &str) -> String {
 fn orchestrate() {
     let events = env_or("MIROIR_BENCH_EVENTS", 1_000_000);
     let keys = env_or("MIROIR_BENCH_KEYS", 100_000);
-    let run = format!(
-        "{}",
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_secs()
-    );
+    let run = run_id();
     let config = KafkaConfig::new(brokers());
     let topic = format!("user-{run}");
     create_topic(&config, &topic, PARTITIONS).unwrap();
@@ -131,13 +118,12 @@ fn orchestrate() {
         events as f64 / publish_secs
     );
 
-    let child = |phase: &str, batch_events: u64| -> Vec<f64> {
+    let child = |phase: &str| -> Vec<f64> {
         let out = Command::new(std::env::current_exe().unwrap())
             .env("MIROIR_BENCH_PHASE", phase)
             .env("MIROIR_BENCH_RUN", &run)
             .env("MIROIR_BENCH_EVENTS", events.to_string())
             .env("MIROIR_BENCH_KEYS", keys.to_string())
-            .env("MIROIR_BENCH_BATCH_EVENTS", batch_events.to_string())
             .output()
             .unwrap();
         let stdout = String::from_utf8_lossy(&out.stdout);
@@ -155,12 +141,12 @@ fn orchestrate() {
             .map(|x| x.parse().unwrap())
             .collect()
     };
-    let raw = child("consume", 0);
-    let engine = child("engine", 0);
+    let raw = child("consume");
+    let engine = child("engine");
     // The sink alone gets incremental batches: what an instance that keeps up writes (100 ms
     // epochs at 250k events/s), through the staging table and the merge.
-    let alone = child("sink", ALONE_BATCH_EVENTS);
-    let copy = child("copy", 0);
+    let alone = child("sink");
+    let copy = child("copy");
     let raw_rate = events as f64 / raw[0];
     let engine_rate = events as f64 / engine[0];
     let ratio = engine_rate / raw_rate;
@@ -327,7 +313,7 @@ fn sink_phase() {
     let run = std::env::var("MIROIR_BENCH_RUN").unwrap();
     let events = env_or("MIROIR_BENCH_EVENTS", 0);
     let keys = env_or("MIROIR_BENCH_KEYS", 100_000);
-    let per_batch = env_or("MIROIR_BENCH_BATCH_EVENTS", 25_000) as usize;
+    let per_batch = ALONE_BATCH_EVENTS as usize;
     let url = std::env::var("DATABASE_URL").expect("DATABASE_URL");
     let topology = std::sync::Arc::new(
         miroir::miroir_engine::topology::Topology::parse("bench.toml", &topology_text(&run))

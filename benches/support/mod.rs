@@ -1,5 +1,22 @@
 //! Helpers shared by the benchmark harnesses.
 
+/// The environment variable `name` as a number, or `default`.
+pub fn env_or(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// A name for this run (seconds since the Unix epoch), to keep its topics and tables apart.
+pub fn run_id() -> String {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        .to_string()
+}
+
 /// `text` with its `<!-- name:begin -->` ... `<!-- name:end -->` section replaced by
 /// `section` (appended when missing).
 pub fn replace_section(text: &str, name: &str, section: &str) -> String {

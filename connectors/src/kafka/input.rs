@@ -7,7 +7,7 @@
 //! drops the tasks before the consumer lets the partitions go.
 
 use std::collections::HashMap;
-use std::ffi::CString;
+use std::ffi::{CStr, CString};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -303,6 +303,11 @@ fn poll_loop(
     let mut oldest: Option<Instant> = None;
     let source_topics: HashMap<usize, String> =
         topics.iter().map(|(t, s)| (*s, t.clone())).collect();
+    // The topic names as librdkafka takes them, made once (names with a NUL byte cannot exist).
+    let c_topics: HashMap<usize, CString> = topics
+        .iter()
+        .filter_map(|(t, s)| Some((*s, CString::new(t.as_str()).ok()?)))
+        .collect();
     let flush = |batches: &mut HashMap<(usize, u32), Vec<Record>>| {
         for ((source, partition), records) in batches.drain() {
             let topic = &source_topics[&source];
@@ -312,7 +317,9 @@ fn poll_loop(
             if let Ok(mut delivered) = consumer.context().delivered.lock() {
                 delivered.insert((topic.clone(), partition), last);
             }
-            let catching_up = cached_high_watermark(&consumer, topic, partition)
+            let catching_up = c_topics
+                .get(&source)
+                .and_then(|t| cached_high_watermark(&consumer, t, partition))
                 .is_some_and(|high| high - (last + 1) > CATCHING_UP);
             runtime.send(
                 partition,
@@ -378,10 +385,9 @@ fn poll_loop(
 /// request to the broker), if it saw one.
 fn cached_high_watermark(
     consumer: &BaseConsumer<SourceContext>,
-    topic: &str,
+    topic: &CStr,
     partition: u32,
 ) -> Option<i64> {
-    let topic = CString::new(topic).ok()?;
     let (mut low, mut high) = (-1i64, -1i64);
     // SAFETY: the client handle lives as long as `consumer`; librdkafka reads the topic name
     // (a valid C string for the call) and writes the two offsets, nothing else.
