@@ -18,7 +18,7 @@
 //! replay that follows has no second effect (see [`crate::upsert`]).
 
 use std::cell::RefCell;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::hash::{Hash, Hasher};
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -114,6 +114,30 @@ pub enum Message {
 pub trait ErrorSink: Send + Sync {
     /// Reports a record that could not be decoded.
     fn malformed(&self, topic: &str, partition: u32, record: &Record, error: &str);
+}
+
+/// The partitions whose last applied batch said more records were waiting at the source (as
+/// of applying, not of reading: the inboxes may hold the rest of the backlog). Epochs are
+/// global, so every worker grows its epoch while any partition is behind: a worker whose own
+/// partitions have not delivered yet would otherwise end its epoch early and then wait, unable
+/// to read its inbox, for the others.
+#[derive(Default)]
+struct Backlog {
+    partitions: Mutex<HashSet<(usize, u32)>>,
+    /// Whether `partitions` is not empty (read on every message by the workers).
+    any: AtomicBool,
+}
+
+impl Backlog {
+    fn update(&self, change: impl FnOnce(&mut HashSet<(usize, u32)>)) {
+        let mut partitions = self.partitions.lock().unwrap_or_else(|e| e.into_inner());
+        change(&mut partitions);
+        self.any.store(!partitions.is_empty(), Ordering::Release);
+    }
+
+    fn any(&self) -> bool {
+        self.any.load(Ordering::Acquire)
+    }
 }
 
 /// Runtime settings.
@@ -295,6 +319,7 @@ impl Runtime {
             shutdown: shutdown.clone(),
             stop_after_epoch: AtomicBool::new(false),
             status: status.clone(),
+            backlog: Backlog::default(),
         });
         let guards = timely::execute(timely::Config::process(workers), move |worker| {
             let index = worker.index();
@@ -376,6 +401,8 @@ struct Shared {
     /// Whether the workers stop after the epoch just committed, decided by the leader.
     stop_after_epoch: AtomicBool,
     status: Arc<Status>,
+    /// The partitions that were behind as of the last batch applied from them.
+    backlog: Backlog,
     /// Commit sequence numbers (persisted with each batch of external-table changes).
     sequence: Sequence,
     /// Where batches of external-table changes go, when the topology has external tables.
@@ -402,8 +429,6 @@ struct Task {
     /// Last applied offset, to commit.
     offset: Option<i64>,
     offset_dirty: bool,
-    /// Whether the source had more records of the partition waiting after its last batch.
-    catching_up: bool,
 }
 
 impl Task {
@@ -498,7 +523,7 @@ fn run_worker(worker: &mut timely::worker::Worker, shared: &Shared, inbox: Recei
             // Catching up (the source had records of some partition waiting), the epoch grows
             // up to `max_epoch_interval`, so more changes of a key coalesce and commits are
             // fewer. Caught up, epochs keep to `epoch_interval`.
-            let length = if tasks.values().any(|t| t.catching_up) {
+            let length = if shared.backlog.any() {
                 shared
                     .config
                     .max_epoch_interval
@@ -881,6 +906,11 @@ fn handle(
             retract,
             done,
         } => {
+            shared.backlog.update(|behind| {
+                for p in &partitions {
+                    behind.remove(&(source, *p));
+                }
+            });
             for p in partitions {
                 if let Some(mut task) = tasks.remove(&(source, p)) {
                     shared
@@ -914,6 +944,13 @@ fn handle(
             records,
             catching_up,
         } => {
+            shared.backlog.update(|behind| {
+                if catching_up {
+                    behind.insert((source, partition));
+                } else {
+                    behind.remove(&(source, partition));
+                }
+            });
             if !tasks.contains_key(&(source, partition)) {
                 if let Err(e) = open_task(shared, source, partition, tasks, inputs) {
                     error!(source = %shared.topology.sources[source].name, partition, error = %e, "cannot restore task");
@@ -923,7 +960,6 @@ fn handle(
             let task = tasks
                 .get_mut(&(source, partition))
                 .expect("task opened above");
-            task.catching_up = catching_up;
             let src = &shared.topology.sources[source];
             let n = records.len();
             shared
@@ -971,7 +1007,6 @@ fn open_task(
             state,
             offset,
             offset_dirty: false,
-            catching_up: false,
         },
     );
     Ok(())
