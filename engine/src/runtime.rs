@@ -13,8 +13,8 @@
 //! A *task* is one partition of one source, pinned to worker `partition % W`, so records of a
 //! key are always applied in offset order by one thread. Epochs are global: every worker feeds
 //! its tasks for a while (bounded by count and time), advances all of its inputs, steps the
-//! dataflow until the probe passes the epoch, adds its writes to the shared commit, and waits on
-//! a barrier; one worker writes the commit. A crash loses at most the epoch in progress, and the
+//! dataflow until the probe passes the epoch, encodes its writes (sorted by key) on its own,
+//! adds them to the shared commit, and waits on a barrier; one worker writes the commit. A crash loses at most the epoch in progress, and the
 //! replay that follows has no second effect (see [`crate::upsert`]).
 
 use std::cell::RefCell;
@@ -558,7 +558,9 @@ fn run_worker(worker: &mut timely::worker::Worker, shared: &Shared, inbox: Recei
             }
         }
         let t_apply = started.elapsed();
-        // Feed the epoch's coalesced changes and add the tasks' writes to the epoch's commit.
+        // Feed the epoch's coalesced changes and add the tasks' writes to this worker's part
+        // of the epoch's commit (encoded without holding a lock; see [`Commit`]).
+        let mut commit = shared.store.commit();
         {
             if shared.sink.is_some() {
                 let mut offsets = shared
@@ -574,15 +576,13 @@ fn run_worker(worker: &mut timely::worker::Worker, shared: &Shared, inbox: Recei
                     }
                 }
             }
-            let mut pending = shared.commit.lock().unwrap_or_else(|e| e.into_inner());
-            let commit = pending.get_or_insert_with(|| shared.store.commit());
             for ((source, partition), task) in tasks.iter_mut() {
                 task.flush(
                     *source,
                     *partition,
                     &topology.sources[*source].topic,
                     &mut inputs[*source],
-                    commit,
+                    &mut commit,
                 );
             }
         }
@@ -598,10 +598,8 @@ fn run_worker(worker: &mut timely::worker::Worker, shared: &Shared, inbox: Recei
         worker.step_or_park_while(Some(PARK), || probe.less_than(&epoch));
         let t_dataflow = started.elapsed();
 
-        // Contribute this worker's table changes to the epoch's shared commit.
+        // Add this worker's table changes, then hand its writes to the epoch's shared commit.
         {
-            let mut pending = shared.commit.lock().unwrap_or_else(|e| e.into_inner());
-            let commit = pending.get_or_insert_with(|| shared.store.commit());
             for (table, capture) in topology.tables.iter().zip(&captures) {
                 let mut deltas = std::mem::take(&mut *capture.borrow_mut());
                 if table.postgres().is_some() {
@@ -616,8 +614,14 @@ fn run_worker(worker: &mut timely::worker::Worker, shared: &Shared, inbox: Recei
                         );
                     }
                 } else {
-                    write_deltas(table, &mut deltas, commit);
+                    write_deltas(table, &mut deltas, &mut commit);
                 }
+            }
+            commit.sort();
+            let mut pending = shared.commit.lock().unwrap_or_else(|e| e.into_inner());
+            match pending.as_mut() {
+                Some(shared_commit) => shared_commit.append(commit),
+                None => *pending = Some(commit),
             }
         }
         let t_tables = started.elapsed();
@@ -748,7 +752,7 @@ fn sink_batch(shared: &Shared, commit: &mut Option<Commit>) -> Option<SinkBatch>
     let encoded = bincode::serialize(&batch).expect("batches serialize");
     commit
         .get_or_insert_with(|| shared.store.commit())
-        .put_outbox(batch.sequence, &encoded);
+        .put_outbox(batch.sequence, encoded);
     Some(batch)
 }
 
@@ -861,19 +865,25 @@ fn write_deltas(table: &TablePlan, deltas: &mut Vec<(Row, isize)>, commit: &mut 
     let consolidated = consolidate(deltas);
     // A key whose row changed has a retraction and an insertion in one epoch: the put alone
     // replaces the row, so only keys with no insertion are deleted.
-    let mut put = std::collections::HashSet::new();
+    let removed: Vec<String> = consolidated
+        .iter()
+        .filter(|(_, d)| *d < 0)
+        .map(|(row, _)| key_text(row, &table.key))
+        .collect();
+    let mut put = HashSet::new();
     for (row, diff) in consolidated.iter().filter(|(_, d)| *d > 0) {
         let key = key_text(row, &table.key);
         if *diff > 1 {
             warn!(table = %table.name, key = %key, diff, "row present more than once");
         }
-        commit.put_row(&table.name, &key, &row_to_json_bytes(&table.columns, row));
-        put.insert(key);
+        if !removed.is_empty() {
+            put.insert(key.clone());
+        }
+        commit.put_row(&table.name, key, row_to_json_bytes(&table.columns, row));
     }
-    for (row, _) in consolidated.iter().filter(|(_, d)| *d < 0) {
-        let key = key_text(row, &table.key);
+    for key in removed {
         if !put.contains(&key) {
-            commit.delete_row(&table.name, &key);
+            commit.delete_row(&table.name, key);
         }
     }
 }

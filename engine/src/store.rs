@@ -10,7 +10,7 @@
 //!   ready to serve.
 //!
 //! An epoch commit is one [`rocksdb::WriteBatch`] with the table deltas, upsert entries and
-//! offsets of every task, written with `sync`: after a crash the three agree. Table rows are
+//! offsets of every task (each worker's writes sorted by key), written with `sync`: after a crash the three agree. Table rows are
 //! derived data: [`Store::open`] clears them, and each task re-inserts its partition's rows when
 //! it is assigned, so rows of partitions this instance no longer owns never linger.
 
@@ -60,6 +60,8 @@ pub enum StoreError {
 pub struct Store {
     db: Arc<DB>,
     path: PathBuf,
+    /// The internal tables, each in column family `table.{name}`.
+    tables: Arc<[String]>,
 }
 
 fn table_cf(table: &str) -> String {
@@ -125,6 +127,7 @@ impl Store {
         let store = Store {
             db: Arc::new(db),
             path: dir.to_path_buf(),
+            tables: tables.into(),
         };
         if store.get_state(INSTANCE_KEY)?.is_none() {
             let id = new_instance_id();
@@ -283,7 +286,9 @@ impl Store {
     /// Writes `commit` without waiting for the disk (for state that can be read again, such
     /// as a command processor's view).
     pub fn write_unsynced(&self, commit: Commit) -> Result<(), StoreError> {
-        self.db.write(commit.batch).map_err(|e| self.rocks(e))
+        self.db
+            .write(self.batch(commit))
+            .map_err(|e| self.rocks(e))
     }
 
     /// The last committed offset of `topic`/`partition`.
@@ -377,107 +382,171 @@ impl Store {
         let mut opts = WriteOptions::default();
         opts.set_sync(true);
         self.db
-            .write_opt(commit.batch, &opts)
+            .write_opt(self.batch(commit), &opts)
             .map_err(|e| self.rocks(e))
     }
 
     /// Starts an empty commit.
     pub fn commit(&self) -> Commit {
         Commit {
-            batch: WriteBatch::default(),
-            db: self.db.clone(),
+            tables: self.tables.clone(),
+            writes: Vec::new(),
+            bytes: 0,
         }
+    }
+
+    /// The write batch of `commit`, sized once for all its writes.
+    fn batch(&self, commit: Commit) -> WriteBatch {
+        // RocksDB adds a few bytes per write (type, family, two varint lengths).
+        let mut batch = WriteBatch::with_capacity_bytes(commit.bytes + 16 * commit.writes.len() + 12);
+        let state = self.state_cf();
+        let tables: Vec<&rocksdb::ColumnFamily> = self
+            .tables
+            .iter()
+            .map(|t| {
+                self.db
+                    .cf_handle(&table_cf(t))
+                    .expect("table column family created at open")
+            })
+            .collect();
+        for write in commit.writes {
+            let cf = match write.family {
+                Family::State => state,
+                Family::Table(i) => tables[i],
+            };
+            match write.value {
+                Some(value) => batch.put_cf(cf, write.key, value),
+                None => batch.delete_cf(cf, write.key),
+            }
+        }
+        batch
     }
 }
 
-/// The writes of one epoch, accumulated by every worker and written once.
+/// The column family a write goes to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Family {
+    State,
+    /// An internal table, by its position in the store's tables.
+    Table(usize),
+}
+
+/// One put (`value`) or delete (`None`).
+struct Write {
+    family: Family,
+    key: Vec<u8>,
+    value: Option<Vec<u8>>,
+}
+
+/// The writes of one epoch. Each worker fills its own commit (encoding in parallel, without a
+/// lock), sorts it ([`Commit::sort`]) and [`Commit::append`]s it to the epoch's; the store then
+/// writes them in one [`WriteBatch`].
 pub struct Commit {
-    batch: WriteBatch,
-    db: Arc<DB>,
+    tables: Arc<[String]>,
+    writes: Vec<Write>,
+    /// Bytes of keys and values, to size the batch.
+    bytes: usize,
 }
 
 impl Commit {
-    fn put_state(&mut self, key: impl AsRef<[u8]>, value: impl AsRef<[u8]>) {
-        let cf = self
-            .db
-            .cf_handle(STATE_CF)
-            .expect("state column family exists");
-        self.batch.put_cf(&cf, key, value);
+    fn push(&mut self, family: Family, key: Vec<u8>, value: Option<Vec<u8>>) {
+        self.bytes += key.len() + value.as_ref().map_or(0, Vec::len);
+        self.writes.push(Write { family, key, value });
     }
 
-    fn delete_state(&mut self, key: impl AsRef<[u8]>) {
-        let cf = self
-            .db
-            .cf_handle(STATE_CF)
-            .expect("state column family exists");
-        self.batch.delete_cf(&cf, key);
+    fn table(&self, table: &str) -> Family {
+        Family::Table(
+            self.tables
+                .iter()
+                .position(|t| t == table)
+                .expect("table column family created at open"),
+        )
     }
 
     /// Puts a table row.
-    pub fn put_row(&mut self, table: &str, key: &str, json: &[u8]) {
-        let cf = self
-            .db
-            .cf_handle(&table_cf(table))
-            .expect("table column family created at open");
-        self.batch.put_cf(&cf, key.as_bytes(), json);
+    pub fn put_row(&mut self, table: &str, key: String, json: Vec<u8>) {
+        let family = self.table(table);
+        self.push(family, key.into_bytes(), Some(json));
     }
 
     /// Deletes a table row.
-    pub fn delete_row(&mut self, table: &str, key: &str) {
-        let cf = self
-            .db
-            .cf_handle(&table_cf(table))
-            .expect("table column family created at open");
-        self.batch.delete_cf(&cf, key.as_bytes());
+    pub fn delete_row(&mut self, table: &str, key: String) {
+        let family = self.table(table);
+        self.push(family, key.into_bytes(), None);
     }
 
     /// Persists an upsert entry.
     pub fn put_entry(&mut self, source: usize, partition: u32, key: &Value, entry: &Entry) {
         let mut k = upsert_prefix(source, partition);
-        k.extend(bincode::serialize(key).expect("values serialize"));
-        self.put_state(k, bincode::serialize(entry).expect("entries serialize"));
+        bincode::serialize_into(&mut k, key).expect("values serialize");
+        let value = bincode::serialize(entry).expect("entries serialize");
+        self.push(Family::State, k, Some(value));
     }
 
     /// Records the last applied offset of a partition.
     pub fn put_offset(&mut self, topic: &str, partition: u32, offset: i64) {
-        self.put_state(offset_key(topic, partition), offset.to_be_bytes());
+        self.push(
+            Family::State,
+            offset_key(topic, partition),
+            Some(offset.to_be_bytes().to_vec()),
+        );
     }
 
     /// Puts an entity row of command `command`'s view.
     pub fn put_command_row(&mut self, command: &str, key: &str, row: &[Value]) {
-        self.put_state(
+        self.push(
+            Family::State,
             command_key(command, 'e', key),
-            bincode::serialize(row).expect("rows serialize"),
+            Some(bincode::serialize(row).expect("rows serialize")),
         );
     }
 
     /// Deletes an entity row of command `command`'s view.
     pub fn delete_command_row(&mut self, command: &str, key: &str) {
-        self.delete_state(command_key(command, 'e', key));
+        self.push(Family::State, command_key(command, 'e', key), None);
     }
 
     /// Records the next offset of the entity topic's `partition` for command `command`'s view.
     pub fn put_command_offset(&mut self, command: &str, partition: i32, next: i64) {
-        self.put_state(
+        self.push(
+            Family::State,
             command_key(command, 'o', &partition.to_string()),
-            next.to_be_bytes(),
+            Some(next.to_be_bytes().to_vec()),
         );
     }
 
     /// Records the commit's sequence number and its outbox entry (external-table changes).
-    pub fn put_outbox(&mut self, sequence: u64, changes: &[u8]) {
-        self.put_state(SEQUENCE_KEY, sequence.to_be_bytes());
-        self.put_state(outbox_key(sequence), changes);
+    pub fn put_outbox(&mut self, sequence: u64, changes: Vec<u8>) {
+        self.push(
+            Family::State,
+            SEQUENCE_KEY.to_vec(),
+            Some(sequence.to_be_bytes().to_vec()),
+        );
+        self.push(Family::State, outbox_key(sequence), Some(changes));
+    }
+
+    /// Orders the writes by column family and key, keeping the order of writes to the same
+    /// key. RocksDB inserts a batch's keys into its memtables one by one; in key order each
+    /// insertion starts where the previous one ended instead of searching from the top.
+    pub fn sort(&mut self) {
+        self.writes
+            .sort_by(|a, b| (a.family, &a.key).cmp(&(b.family, &b.key)));
+    }
+
+    /// Adds `other`'s writes after this commit's.
+    pub fn append(&mut self, mut other: Commit) {
+        self.bytes += other.bytes;
+        self.writes.append(&mut other.writes);
     }
 
     /// Number of writes in the commit.
     pub fn len(&self) -> usize {
-        self.batch.len()
+        self.writes.len()
     }
 
     /// Whether the commit writes nothing.
     pub fn is_empty(&self) -> bool {
-        self.batch.is_empty()
+        self.writes.is_empty()
     }
 }
 
