@@ -5,7 +5,7 @@
 //! makes the whole event malformed: it is never half-applied.
 
 use crate::topology::Source;
-use crate::value::{ColumnType, Row, Value};
+use crate::value::{parse_timestamp, ColumnType, Row, Value, F64};
 
 /// Why an event could not be decoded.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -78,23 +78,21 @@ impl<'de> serde::de::Visitor<'de> for RowSeed<'_> {
     fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Row, A::Error> {
         let columns = &self.source.columns;
         let mut row = vec![Value::Null; columns.len()];
+        let mut next = 0;
         while let Some(index) = map.next_key_seed(ColumnSeed {
             source: self.source,
+            guess: next,
         })? {
             match index {
                 Some(i) => {
-                    let json: serde_json::Value = map.next_value()?;
-                    let decoded = match (json, columns[i].ty) {
-                        (serde_json::Value::String(s), ColumnType::Text) => Ok(Value::Text(s)),
-                        (json, ty) => Value::from_json(&json, ty).ok_or(json),
-                    };
-                    row[i] = match decoded {
-                        Ok(v) => v,
-                        Err(json) => {
+                    next = i + 1;
+                    match map.next_value_seed(CellSeed { ty: columns[i].ty })? {
+                        Ok(value) => row[i] = value,
+                        Err(found) => {
                             *self.mismatch.borrow_mut() = Some(DecodeError::WrongType {
                                 column: columns[i].name.clone(),
                                 expected: columns[i].ty.to_string(),
-                                found: truncate(&json.to_string()),
+                                found: truncate(&found),
                             });
                             return Err(serde::de::Error::custom("wrong type"));
                         }
@@ -109,9 +107,104 @@ impl<'de> serde::de::Visitor<'de> for RowSeed<'_> {
     }
 }
 
+/// Reads one JSON value as a column of type `ty`, straight from the input (no intermediate
+/// document): `Ok` with the value, or `Err` with the JSON found when its type does not fit.
+/// The accepted forms: JSON null for any type; a string for text; an integer for bigint; any
+/// number for double; a boolean for boolean; an RFC 3339 string or Unix seconds for
+/// timestamptz.
+struct CellSeed {
+    ty: ColumnType,
+}
+
+impl<'de> serde::de::DeserializeSeed<'de> for CellSeed {
+    type Value = Result<Value, String>;
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for CellSeed {
+    type Value = Result<Value, String>;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "a {} value", self.ty)
+    }
+
+    fn visit_unit<E: serde::de::Error>(self) -> Result<Self::Value, E> {
+        Ok(Ok(Value::Null))
+    }
+
+    fn visit_bool<E: serde::de::Error>(self, b: bool) -> Result<Self::Value, E> {
+        Ok(match self.ty {
+            ColumnType::Boolean => Ok(Value::Bool(b)),
+            _ => Err(b.to_string()),
+        })
+    }
+
+    fn visit_i64<E: serde::de::Error>(self, n: i64) -> Result<Self::Value, E> {
+        Ok(match self.ty {
+            ColumnType::Bigint => Ok(Value::Int(n)),
+            ColumnType::Double => Ok(Value::Float(F64(n as f64))),
+            ColumnType::Timestamptz => n
+                .checked_mul(1000)
+                .map(Value::Timestamp)
+                .ok_or_else(|| n.to_string()),
+            _ => Err(n.to_string()),
+        })
+    }
+
+    fn visit_u64<E: serde::de::Error>(self, n: u64) -> Result<Self::Value, E> {
+        Ok(match (self.ty, i64::try_from(n)) {
+            (ColumnType::Double, _) => Ok(Value::Float(F64(n as f64))),
+            (ColumnType::Bigint | ColumnType::Timestamptz, Ok(i)) => return self.visit_i64(i),
+            _ => Err(n.to_string()),
+        })
+    }
+
+    fn visit_f64<E: serde::de::Error>(self, x: f64) -> Result<Self::Value, E> {
+        Ok(match self.ty {
+            ColumnType::Double => Ok(Value::Float(F64(x))),
+            _ => Err(serde_json::Value::from(x).to_string()),
+        })
+    }
+
+    fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<Self::Value, E> {
+        Ok(match self.ty {
+            ColumnType::Text => Ok(Value::Text(s.to_owned())),
+            ColumnType::Timestamptz => parse_timestamp(s)
+                .map(Value::Timestamp)
+                .ok_or_else(|| serde_json::Value::from(s).to_string()),
+            _ => Err(serde_json::Value::from(s).to_string()),
+        })
+    }
+
+    fn visit_string<E: serde::de::Error>(self, s: String) -> Result<Self::Value, E> {
+        match self.ty {
+            ColumnType::Text => Ok(Ok(Value::Text(s))),
+            _ => self.visit_str(&s),
+        }
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, seq: A) -> Result<Self::Value, A::Error> {
+        let found: serde_json::Value =
+            serde::Deserialize::deserialize(serde::de::value::SeqAccessDeserializer::new(seq))?;
+        Ok(Err(found.to_string()))
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<Self::Value, A::Error> {
+        let found: serde_json::Value =
+            serde::Deserialize::deserialize(serde::de::value::MapAccessDeserializer::new(map))?;
+        Ok(Err(found.to_string()))
+    }
+}
+
 /// Reads an object key and maps it to a column position (`None` for fields not declared).
+/// Events usually list their fields in the same order: the column after the previous field's
+/// (`guess`) is tried first.
 struct ColumnSeed<'a> {
     source: &'a Source,
+    guess: usize,
 }
 
 impl<'de> serde::de::DeserializeSeed<'de> for ColumnSeed<'_> {
@@ -130,7 +223,11 @@ impl<'de> serde::de::Visitor<'de> for ColumnSeed<'_> {
     }
 
     fn visit_str<E: serde::de::Error>(self, name: &str) -> Result<Option<usize>, E> {
-        Ok(self.source.columns.iter().position(|c| c.name == name))
+        let columns = &self.source.columns;
+        if columns.get(self.guess).is_some_and(|c| c.name == name) {
+            return Ok(Some(self.guess));
+        }
+        Ok(columns.iter().position(|c| c.name == name))
     }
 }
 
@@ -181,5 +278,61 @@ mod tests {
             decode(&s, br#"{"id":"a","age":"old"}"#),
             Err(DecodeError::WrongType { .. })
         ));
+    }
+
+    fn wrong(s: &Source, payload: &str) -> (String, String) {
+        match decode(s, payload.as_bytes()) {
+            Err(DecodeError::WrongType { column, found, .. }) => (column, found),
+            other => panic!("{payload}: expected a wrong type, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn reads_every_type_and_names_what_does_not_fit() {
+        let t = Topology::parse(
+            "t.toml",
+            "name = \"t\"\n[sources.s]\ntopic = \"s\"\nkey = \"id\"\ncolumns = { id = \"text\", n = \"bigint\", x = \"double\", b = \"boolean\", at = \"timestamptz\" }\n[tables.x]\nquery = \"SELECT id FROM s\"\n",
+        )
+        .unwrap();
+        let s = &t.sources[0];
+        let col = |name: &str| s.columns.iter().position(|c| c.name == name).unwrap();
+        // Fields in any order, escaped strings, integers as doubles, Unix seconds.
+        let row = decode(
+            s,
+            br#"{"b":true,"at":"2026-11-25T10:00:00Z","x":2,"n":-7,"id":"a\"b"}"#,
+        )
+        .unwrap();
+        assert_eq!(row[col("id")], Value::Text("a\"b".into()));
+        assert_eq!(row[col("n")], Value::Int(-7));
+        assert_eq!(row[col("x")], Value::Float(F64(2.0)));
+        assert_eq!(row[col("b")], Value::Bool(true));
+        assert_eq!(
+            row[col("at")],
+            Value::Timestamp(parse_timestamp("2026-11-25T10:00:00Z").unwrap())
+        );
+        let row = decode(s, br#"{"id":"a","at":1764064800,"x":0.5,"n":null}"#).unwrap();
+        assert_eq!(row[col("at")], Value::Timestamp(1_764_064_800_000));
+        assert_eq!(row[col("x")], Value::Float(F64(0.5)));
+        assert_eq!(row[col("n")], Value::Null);
+
+        assert_eq!(wrong(s, r#"{"id":"a","n":1.5}"#), ("n".into(), "1.5".into()));
+        assert_eq!(
+            wrong(s, r#"{"id":"a","n":18446744073709551615}"#),
+            ("n".into(), "18446744073709551615".into())
+        );
+        assert_eq!(wrong(s, r#"{"id":"a","n":"3"}"#), ("n".into(), "\"3\"".into()));
+        assert_eq!(wrong(s, r#"{"id":"a","b":1}"#), ("b".into(), "1".into()));
+        assert_eq!(wrong(s, r#"{"id":7}"#), ("id".into(), "7".into()));
+        assert_eq!(
+            wrong(s, r#"{"id":"a","x":[1, {"y":2}]}"#),
+            ("x".into(), r#"[1,{"y":2}]"#.into())
+        );
+        assert_eq!(wrong(s, r#"{"id":{"k":1}}"#), ("id".into(), r#"{"k":1}"#.into()));
+        assert_eq!(
+            wrong(s, r#"{"id":"a","at":"yesterday"}"#),
+            ("at".into(), "\"yesterday\"".into())
+        );
+        // A wrong type inside an ignored field is not the event's problem.
+        assert!(decode(s, br#"{"id":"a","other":[true,{"z":null}]}"#).is_ok());
     }
 }

@@ -56,14 +56,15 @@ impl LatePolicy {
         )
     }
 
-    /// The business operation of `row` (empty when ordering per key).
-    pub fn operation(&self, row: &[Value]) -> Value {
-        self.per.map(|p| row[p].clone()).unwrap_or(Value::Null)
+    /// The business operation of `row` (NULL when ordering per key).
+    pub fn operation<'a>(&self, row: &'a [Value]) -> &'a Value {
+        const PER_KEY: &Value = &Value::Null;
+        self.per.map_or(PER_KEY, |p| &row[p])
     }
 
     /// The order value of `row`.
-    pub fn order(&self, row: &[Value]) -> Value {
-        row[self.order_by].clone()
+    pub fn order<'a>(&self, row: &'a [Value]) -> &'a Value {
+        &row[self.order_by]
     }
 }
 

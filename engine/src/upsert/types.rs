@@ -30,14 +30,14 @@ impl Entry {
     }
 
     /// Records `order` as the newest applied for `operation` (kept as the maximum).
-    pub fn record_version(&mut self, operation: Value, order: Value) {
-        match self.versions.iter_mut().find(|(op, _)| *op == operation) {
+    pub fn record_version(&mut self, operation: &Value, order: &Value) {
+        match self.versions.iter_mut().find(|(op, _)| op == operation) {
             Some((_, v)) => {
-                if order > *v {
-                    *v = order;
+                if order > v {
+                    *v = order.clone();
                 }
             }
-            None => self.versions.push((operation, order)),
+            None => self.versions.push((operation.clone(), order.clone())),
         }
     }
 }
