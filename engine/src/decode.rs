@@ -315,19 +315,28 @@ mod tests {
         assert_eq!(row[col("x")], Value::Float(F64(0.5)));
         assert_eq!(row[col("n")], Value::Null);
 
-        assert_eq!(wrong(s, r#"{"id":"a","n":1.5}"#), ("n".into(), "1.5".into()));
+        assert_eq!(
+            wrong(s, r#"{"id":"a","n":1.5}"#),
+            ("n".into(), "1.5".into())
+        );
         assert_eq!(
             wrong(s, r#"{"id":"a","n":18446744073709551615}"#),
             ("n".into(), "18446744073709551615".into())
         );
-        assert_eq!(wrong(s, r#"{"id":"a","n":"3"}"#), ("n".into(), "\"3\"".into()));
+        assert_eq!(
+            wrong(s, r#"{"id":"a","n":"3"}"#),
+            ("n".into(), "\"3\"".into())
+        );
         assert_eq!(wrong(s, r#"{"id":"a","b":1}"#), ("b".into(), "1".into()));
         assert_eq!(wrong(s, r#"{"id":7}"#), ("id".into(), "7".into()));
         assert_eq!(
             wrong(s, r#"{"id":"a","x":[1, {"y":2}]}"#),
             ("x".into(), r#"[1,{"y":2}]"#.into())
         );
-        assert_eq!(wrong(s, r#"{"id":{"k":1}}"#), ("id".into(), r#"{"k":1}"#.into()));
+        assert_eq!(
+            wrong(s, r#"{"id":{"k":1}}"#),
+            ("id".into(), r#"{"k":1}"#.into())
+        );
         assert_eq!(
             wrong(s, r#"{"id":"a","at":"yesterday"}"#),
             ("at".into(), "\"yesterday\"".into())

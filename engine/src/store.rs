@@ -286,9 +286,7 @@ impl Store {
     /// Writes `commit` without waiting for the disk (for state that can be read again, such
     /// as a command processor's view).
     pub fn write_unsynced(&self, commit: Commit) -> Result<(), StoreError> {
-        self.db
-            .write(self.batch(commit))
-            .map_err(|e| self.rocks(e))
+        self.db.write(self.batch(commit)).map_err(|e| self.rocks(e))
     }
 
     /// The last committed offset of `topic`/`partition`.
@@ -398,7 +396,8 @@ impl Store {
     /// The write batch of `commit`, sized once for all its writes.
     fn batch(&self, commit: Commit) -> WriteBatch {
         // RocksDB adds a few bytes per write (type, family, two varint lengths).
-        let mut batch = WriteBatch::with_capacity_bytes(commit.bytes + 16 * commit.writes.len() + 12);
+        let mut batch =
+            WriteBatch::with_capacity_bytes(commit.bytes + 16 * commit.writes.len() + 12);
         let state = self.state_cf();
         let tables: Vec<&rocksdb::ColumnFamily> = self
             .tables

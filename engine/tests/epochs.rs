@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use miroir_engine::metrics::Metrics;
-use miroir_engine::runtime::{ErrorSink, Message, Record, Runtime, RuntimeConfig};
+use miroir_engine::runtime::{ErrorSink, Message, Record, Records, Runtime, RuntimeConfig};
 use miroir_engine::store::Store;
 use miroir_engine::topology::Topology;
 
@@ -57,6 +57,13 @@ fn start(dir: &std::path::Path) -> (Runtime, Store) {
     (runtime, store)
 }
 
+/// A batch of one record.
+fn one(offset: i64, key: &[u8], payload: &[u8]) -> Records {
+    let mut records = Records::default();
+    records.push(offset, Some(key), Some(payload));
+    records
+}
+
 /// Sends version `version` of user `u1` at `offset` of partition 0.
 fn send(runtime: &Runtime, offset: i64, version: i64, catching_up: bool) {
     runtime.send(
@@ -64,16 +71,12 @@ fn send(runtime: &Runtime, offset: i64, version: i64, catching_up: bool) {
         Message::Records {
             source: 0,
             partition: 0,
-            records: vec![Record {
+            records: one(
                 offset,
-                key: Some(b"u1".to_vec()),
-                payload: Some(
-                    format!(
-                        r#"{{"id":"u1","email":"v{version}@example.org","version":{version}}}"#
-                    )
-                    .into_bytes(),
-                ),
-            }],
+                b"u1",
+                format!(r#"{{"id":"u1","email":"v{version}@example.org","version":{version}}}"#)
+                    .as_bytes(),
+            ),
             catching_up,
         },
     );

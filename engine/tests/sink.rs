@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use miroir_engine::metrics::Metrics;
 use miroir_engine::reference::evaluate_table;
-use miroir_engine::runtime::{ErrorSink, Message, Record, Runtime, RuntimeConfig};
+use miroir_engine::runtime::{ErrorSink, Message, Record, Records, Runtime, RuntimeConfig};
 use miroir_engine::sink::{ExternalSink, SinkBatch, SinkError};
 use miroir_engine::store::Store;
 use miroir_engine::topology::Topology;
@@ -182,11 +182,15 @@ fn feed(runtime: &Runtime, events: &[(usize, u32, String, String)], first_offset
             Message::Records {
                 source: *source,
                 partition: *partition,
-                records: vec![Record {
-                    offset: first_offset + i as i64,
-                    key: Some(key.clone().into_bytes()),
-                    payload: Some(payload.clone().into_bytes()),
-                }],
+                records: {
+                    let mut records = Records::default();
+                    records.push(
+                        first_offset + i as i64,
+                        Some(key.as_bytes()),
+                        Some(payload.as_bytes()),
+                    );
+                    records
+                },
                 catching_up: false,
             },
         );

@@ -14,7 +14,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use miroir_engine::metrics::Metrics;
-use miroir_engine::runtime::{Message, Record, Runtime};
+use miroir_engine::runtime::{Message, Records, Runtime};
 use miroir_engine::store::Store;
 use miroir_engine::topology::Topology;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance};
@@ -297,7 +297,7 @@ fn poll_loop(
     topics: HashMap<String, usize>,
     stop: Arc<AtomicBool>,
 ) {
-    let mut batches: HashMap<(usize, u32), Vec<Record>> = HashMap::new();
+    let mut batches: HashMap<(usize, u32), Records> = HashMap::new();
     let mut pending = 0usize;
     // When the oldest record of the pending batches was read.
     let mut oldest: Option<Instant> = None;
@@ -308,10 +308,10 @@ fn poll_loop(
         .iter()
         .filter_map(|(t, s)| Some((*s, CString::new(t.as_str()).ok()?)))
         .collect();
-    let flush = |batches: &mut HashMap<(usize, u32), Vec<Record>>| {
+    let flush = |batches: &mut HashMap<(usize, u32), Records>| {
         for ((source, partition), records) in batches.drain() {
             let topic = &source_topics[&source];
-            let Some(last) = records.last().map(|r| r.offset) else {
+            let Some(last) = records.last_offset() else {
                 continue;
             };
             if let Ok(mut delivered) = consumer.context().delivered.lock() {
@@ -344,11 +344,7 @@ fn poll_loop(
                 batches
                     .entry((*source, m.partition() as u32))
                     .or_default()
-                    .push(Record {
-                        offset: m.offset(),
-                        key: m.key().map(<[u8]>::to_vec),
-                        payload: m.payload().map(<[u8]>::to_vec),
-                    });
+                    .push(m.offset(), m.key(), m.payload());
                 pending += 1;
                 let first = *oldest.get_or_insert_with(Instant::now);
                 if pending >= BATCH || first.elapsed() >= FLUSH_AFTER {

@@ -60,11 +60,11 @@ impl ErrorSink for KafkaErrorSink {
                 value: Some(&offset_text),
             });
         let mut r: BaseRecord<'_, [u8], [u8]> = BaseRecord::to(&target).headers(headers);
-        if let Some(k) = &record.key {
-            r = r.key(k.as_slice());
+        if let Some(k) = record.key {
+            r = r.key(k);
         }
-        if let Some(p) = &record.payload {
-            r = r.payload(p.as_slice());
+        if let Some(p) = record.payload {
+            r = r.payload(p);
         }
         if let Err((e, _)) = self.producer.send(r) {
             warn!(topic, partition, offset = record.offset, error = %e, "cannot copy malformed record to {target}");
