@@ -1084,11 +1084,7 @@ fn open_task(
 }
 
 fn apply_record(shared: &Shared, src: &Source, partition: u32, record: &Record, task: &mut Task) {
-    let key_str = record
-        .key
-        .as_deref()
-        .map(String::from_utf8_lossy)
-        .unwrap_or_default();
+    let key_str = record.key.map(String::from_utf8_lossy).unwrap_or_default();
     let malformed = |error: String| {
         shared
             .metrics
