@@ -37,8 +37,8 @@ use crate::metrics::Metrics;
 use crate::partition::worker_for_partition;
 use crate::plan::TablePlan;
 use crate::sink::{
-    all_restored, caught_up, ExternalSink, Offset, Sequence, SinkBatch, SinkDriver, SinkSender,
-    TableChanges,
+    all_restored, caught_up, Durable, ExternalSink, Offset, Sequence, SinkBatch, SinkDriver,
+    SinkSender, TableChanges,
 };
 use crate::store::{Commit, Store, StoreError};
 use crate::topology::{Source, Topology};
@@ -696,6 +696,12 @@ fn run_worker(worker: &mut timely::worker::Worker, shared: &Shared, inbox: Recei
                 .sink
                 .as_ref()
                 .and_then(|_| sink_batch(shared, &mut commit));
+            // The database writes the batch while RocksDB syncs it, and commits once it is
+            // durable (see [`crate::sink`]).
+            let durable = Durable::pending();
+            if let (Some(sink), Some(batch)) = (&shared.sink, batch) {
+                hand_over(shared, sink, batch, durable.clone());
+            }
             let mut committed = true;
             if let Some(commit) = commit.filter(|c| !c.is_empty()) {
                 let timer = shared.metrics.epoch_commit_seconds.start_timer();
@@ -715,9 +721,7 @@ fn run_worker(worker: &mut timely::worker::Worker, shared: &Shared, inbox: Recei
                 }
                 timer.observe_duration();
             }
-            if let (Some(sink), Some(batch), true) = (&shared.sink, batch, committed) {
-                hand_over(shared, sink, batch);
-            }
+            durable.set(committed);
             shared.status.epoch.store(epoch, Ordering::SeqCst);
             let now = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
@@ -821,7 +825,7 @@ fn sink_batch(shared: &Shared, commit: &mut Option<Commit>) -> Option<SinkBatch>
 /// restored (or after [`HOLD_LIMIT`]); holds it otherwise. The first group of a run, when
 /// every task is restored, is the tables' snapshot (see [`crate::sink`]). Blocks while the
 /// database still applies the previous group: backpressure.
-fn hand_over(shared: &Shared, sink: &SinkSender, batch: SinkBatch) {
+fn hand_over(shared: &Shared, sink: &SinkSender, batch: SinkBatch, durable: Durable) {
     let topics = shared.topology.topics();
     let mut held = shared.held.lock().unwrap_or_else(|e| e.into_inner());
     let restored = all_restored(&shared.status, &topics);
@@ -838,7 +842,7 @@ fn hand_over(shared: &Shared, sink: &SinkSender, batch: SinkBatch) {
     let mut group = std::mem::take(&mut *held);
     let counted = group.len();
     group.push(batch);
-    sink.submit(group, counted, snapshot);
+    sink.submit(group, counted, snapshot, durable);
 }
 
 /// Merges one worker's changes of a table into the epoch's (a key's changes all come from

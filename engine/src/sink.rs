@@ -19,9 +19,11 @@
 //! from readers, and removes rows whose insertion and deletion fell in the same epoch (a key
 //! deleted right after the restart: the dataflow never emits it, yet the database has it).
 //!
-//! The database only ever lags RocksDB, never leads it: a batch is applied after the commit
-//! that produced it, and a batch left in the outbox by a crash is applied again at the next
-//! start. The database records the last sequence it applied (in the same transaction), so a
+//! The database only ever lags RocksDB, never leads it: a batch's transaction commits only
+//! once the RocksDB commit that produced it is durable ([`Durable`]), and a batch left in the
+//! outbox by a crash is applied again at the next start. The leader hands a batch over before
+//! writing its RocksDB commit, so the database writes the rows while RocksDB syncs, and waits
+//! for it only to commit. The database records the last sequence it applied (in the same transaction), so a
 //! batch offered twice is applied once. Batches are applied in sequence order, so an older
 //! row never overwrites a newer one.
 //!
@@ -102,13 +104,64 @@ impl SinkBatch {
 #[error("{0}")]
 pub struct SinkError(pub String);
 
+/// Whether the RocksDB commit holding a group of batches (in its outbox) is durable yet. A
+/// sink writes the batches meanwhile, and waits for it before it commits them: a database
+/// never shows a change that a crash could take back.
+#[derive(Clone, Debug)]
+pub struct Durable(Arc<(Mutex<Option<bool>>, Condvar)>);
+
+impl Durable {
+    /// Batches already durable (read back from the outbox, or made by a test).
+    pub fn done() -> Durable {
+        Durable(Arc::new((Mutex::new(Some(true)), Condvar::new())))
+    }
+
+    /// Batches whose commit is still being written.
+    pub(crate) fn pending() -> Durable {
+        Durable(Arc::new((Mutex::new(None), Condvar::new())))
+    }
+
+    /// Records whether the commit was written.
+    pub(crate) fn set(&self, written: bool) {
+        *self.0 .0.lock().unwrap_or_else(|e| e.into_inner()) = Some(written);
+        self.0 .1.notify_all();
+    }
+
+    /// Waits until the commit is written; an error when writing it failed (the batches are
+    /// not in the outbox and must not be applied).
+    pub fn wait(&self) -> Result<(), SinkError> {
+        let mut state = self.0 .0.lock().unwrap_or_else(|e| e.into_inner());
+        loop {
+            match *state {
+                Some(true) => return Ok(()),
+                Some(false) => {
+                    return Err(SinkError(
+                        "the epoch commit of these changes failed: not applied".into(),
+                    ))
+                }
+                None => state = self.0 .1.wait(state).unwrap_or_else(|e| e.into_inner()),
+            }
+        }
+    }
+
+    fn failed(&self) -> bool {
+        *self.0 .0.lock().unwrap_or_else(|e| e.into_inner()) == Some(false)
+    }
+}
+
 /// A database that keeps external tables.
 pub trait ExternalSink: Send {
     /// Applies `batches` (in sequence order) in one transaction, recording the last
     /// sequence; a batch whose sequence was already applied changes nothing. With
     /// `snapshot`, the batches' net effect is the whole content of every external table: rows
-    /// it does not name are deleted.
-    fn apply(&mut self, batches: &[SinkBatch], snapshot: bool) -> Result<(), SinkError>;
+    /// it does not name are deleted. The transaction commits only after `durable.wait()`
+    /// returned `Ok`; on an error it is rolled back.
+    fn apply(
+        &mut self,
+        batches: &[SinkBatch],
+        snapshot: bool,
+        durable: &Durable,
+    ) -> Result<(), SinkError>;
 
     /// Gets ready to write (connects, checks the tables) before the first batch arrives, so
     /// the first epoch's changes do not wait for it. A failure is only logged: `apply` tries
@@ -126,6 +179,9 @@ const MAX_WAITING: usize = 16;
 struct Group {
     batches: Vec<SinkBatch>,
     snapshot: bool,
+    /// The commit of the last batch (commits are written in order: the earlier ones are
+    /// durable when it is).
+    durable: Durable,
 }
 
 /// The group waiting for the sink thread. While the thread applies a group, the leader adds
@@ -180,8 +236,15 @@ pub(crate) struct SinkSender {
 
 impl SinkSender {
     /// Hands `batches` over: they join the waiting group, or wait while it is full. The
-    /// first `counted` were counted as pending when held.
-    pub(crate) fn submit(&self, batches: Vec<SinkBatch>, counted: usize, snapshot: bool) {
+    /// first `counted` were counted as pending when held; `durable` tells when the last one's
+    /// commit is written.
+    pub(crate) fn submit(
+        &self,
+        batches: Vec<SinkBatch>,
+        counted: usize,
+        snapshot: bool,
+        durable: Durable,
+    ) {
         self.metrics
             .sink_pending
             .add((batches.len() - counted) as i64);
@@ -192,13 +255,18 @@ impl SinkSender {
             }
             match &mut state.waiting {
                 None => {
-                    state.waiting = Some(Group { batches, snapshot });
+                    state.waiting = Some(Group {
+                        batches,
+                        snapshot,
+                        durable,
+                    });
                     break;
                 }
                 // A snapshot group stays one: its batches from the start are the whole table,
                 // and so are they with later ones added.
                 Some(waiting) if waiting.batches.len() + batches.len() <= MAX_WAITING => {
                     waiting.batches.extend(batches);
+                    waiting.durable = durable;
                     break;
                 }
                 Some(_) => {
@@ -262,10 +330,20 @@ impl SinkDriver {
                 let first = (!recovered.is_empty()).then_some(Group {
                     batches: recovered,
                     snapshot: false,
+                    durable: Durable::done(),
                 });
                 let groups = first.into_iter().chain(std::iter::from_fn(|| mailbox.take()));
                 for group in groups {
                     if !apply_with_retry(sink.as_mut(), &group, &metrics, &status, &stop) {
+                        if group.durable.failed() {
+                            // The runtime stops too: what follows is not in the outbox either.
+                            error!(
+                                sequence = group.batches.last().map(|b| b.sequence),
+                                "the epoch commit of these batches failed: not applied"
+                            );
+                            mailbox.set(|s| s.gone = true);
+                            return;
+                        }
                         warn!(
                             sequence = group.batches.first().map(|b| b.sequence),
                             "stopping with batches not applied: they stay in the outbox for the next start"
@@ -299,7 +377,7 @@ impl SinkDriver {
 }
 
 /// Applies `group`, retrying with exponential backoff (100 ms to 5 s) until it succeeds;
-/// false when the instance stops before it could.
+/// false when the instance stops before it could, or when the commit of its batches failed.
 fn apply_with_retry(
     sink: &mut dyn ExternalSink,
     group: &Group,
@@ -318,7 +396,7 @@ fn apply_with_retry(
         let timer = metrics.sink_commit_seconds.start_timer();
         let batches = &group.batches;
         let sequence = batches.last().map(|b| b.sequence).unwrap_or_default();
-        match sink.apply(batches, group.snapshot) {
+        match sink.apply(batches, group.snapshot, &group.durable) {
             Ok(()) => {
                 timer.observe_duration();
                 metrics.sink_batches.inc_by(batches.len() as u64);
@@ -346,6 +424,10 @@ fn apply_with_retry(
                     "batches applied"
                 );
                 return true;
+            }
+            Err(_) if group.durable.failed() => {
+                timer.stop_and_discard();
+                return false;
             }
             Err(e) => {
                 timer.stop_and_discard();
@@ -394,5 +476,85 @@ impl Sequence {
 
     pub(crate) fn next(&self) -> u64 {
         self.0.fetch_add(1, Ordering::SeqCst) + 1
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Records the sequences it commits; waits for durability like a database sink.
+    struct Recording(Arc<Mutex<Vec<u64>>>);
+
+    impl ExternalSink for Recording {
+        fn apply(
+            &mut self,
+            batches: &[SinkBatch],
+            _snapshot: bool,
+            durable: &Durable,
+        ) -> Result<(), SinkError> {
+            durable.wait()?;
+            self.0
+                .lock()
+                .unwrap()
+                .extend(batches.iter().map(|b| b.sequence));
+            Ok(())
+        }
+    }
+
+    fn group(sequence: u64, durable: &Durable) -> Group {
+        Group {
+            batches: vec![SinkBatch {
+                sequence,
+                ..SinkBatch::default()
+            }],
+            snapshot: false,
+            durable: durable.clone(),
+        }
+    }
+
+    #[test]
+    fn a_group_commits_once_its_epoch_is_durable_and_never_if_that_failed() {
+        let metrics = Metrics::new();
+        let status = Status::default();
+        let stop = AtomicBool::new(false);
+        let committed = Arc::new(Mutex::new(Vec::new()));
+        let mut sink = Recording(committed.clone());
+
+        let durable = Durable::pending();
+        let writer = {
+            let (durable, committed) = (durable.clone(), committed.clone());
+            std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_millis(50));
+                let early = committed.lock().unwrap().clone();
+                durable.set(true);
+                early
+            })
+        };
+        assert!(apply_with_retry(
+            &mut sink,
+            &group(1, &durable),
+            &metrics,
+            &status,
+            &stop
+        ));
+        assert_eq!(
+            writer.join().unwrap(),
+            Vec::<u64>::new(),
+            "nothing committed before the epoch was durable"
+        );
+        assert_eq!(*committed.lock().unwrap(), vec![1]);
+
+        let failed = Durable::pending();
+        failed.set(false);
+        assert!(!apply_with_retry(
+            &mut sink,
+            &group(2, &failed),
+            &metrics,
+            &status,
+            &stop
+        ));
+        assert_eq!(*committed.lock().unwrap(), vec![1], "a failed epoch is not applied");
+        assert_eq!(metrics.sink_retries.get(), 0, "and not retried");
     }
 }

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use miroir_engine::metrics::Metrics;
 use miroir_engine::reference::evaluate_table;
 use miroir_engine::runtime::{ErrorSink, Message, Record, Records, Runtime, RuntimeConfig};
-use miroir_engine::sink::{ExternalSink, SinkBatch, SinkError};
+use miroir_engine::sink::{Durable, ExternalSink, SinkBatch, SinkError};
 use miroir_engine::store::Store;
 use miroir_engine::topology::Topology;
 use miroir_engine::value::{key_text, Row};
@@ -54,7 +54,13 @@ struct FakeSink {
 }
 
 impl ExternalSink for FakeSink {
-    fn apply(&mut self, batches: &[SinkBatch], snapshot: bool) -> Result<(), SinkError> {
+    fn apply(
+        &mut self,
+        batches: &[SinkBatch],
+        snapshot: bool,
+        durable: &Durable,
+    ) -> Result<(), SinkError> {
+        durable.wait()?;
         let mut db = self.db.lock().unwrap();
         if db.failures > 0 {
             db.failures -= 1;
@@ -343,6 +349,6 @@ fn a_batch_left_in_the_outbox_is_applied_at_the_next_start() {
         offsets: vec![],
         caught_up: false,
     };
-    again.apply(&[replay], false).unwrap();
+    again.apply(&[replay], false, &Durable::done()).unwrap();
     assert_eq!(up.lock().unwrap().rows, expected(&t, &applied));
 }

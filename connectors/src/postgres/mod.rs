@@ -21,6 +21,9 @@ pub enum PostgresError {
     /// The configuration is wrong; retrying will not help.
     #[error("postgres: {0}")]
     Config(String),
+    /// The engine's commit of the changes failed: they are not applied.
+    #[error("{0}")]
+    NotDurable(#[from] miroir_engine::sink::SinkError),
 }
 
 /// `name` as a quoted SQL identifier: identifiers from topologies never reach SQL unquoted.

@@ -20,7 +20,7 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
-use miroir_engine::sink::{ExternalSink, SinkBatch, SinkError};
+use miroir_engine::sink::{Durable, ExternalSink, SinkBatch, SinkError};
 use miroir_engine::topology::Topology;
 use miroir_engine::value::Value;
 use tokio_postgres::binary_copy::BinaryCopyInWriter;
@@ -87,6 +87,7 @@ impl PostgresSink {
         &mut self,
         batches: &[SinkBatch],
         snapshot: bool,
+        durable: &Durable,
     ) -> Result<(), PostgresError> {
         self.ready().await?;
         let client = self.client.as_mut().expect("connected by ready");
@@ -105,6 +106,7 @@ impl PostgresSink {
             .collect();
         let Some(last) = fresh.last() else {
             info!(sequence = ?batches.last().map(|b| b.sequence), "batches already applied (replay): skipped");
+            durable.wait()?;
             tx.commit().await?;
             return Ok(());
         };
@@ -150,6 +152,8 @@ impl PostgresSink {
                 swapped.push(k);
             }
         }
+        // The database never leads RocksDB: the commit waits for the epoch's to be durable.
+        durable.wait()?;
         tx.commit().await?;
         for k in swapped {
             targets[k].building = false;
@@ -203,13 +207,19 @@ impl ExternalSink for PostgresSink {
         })
     }
 
-    fn apply(&mut self, batches: &[SinkBatch], snapshot: bool) -> Result<(), SinkError> {
+    fn apply(
+        &mut self,
+        batches: &[SinkBatch],
+        snapshot: bool,
+        durable: &Durable,
+    ) -> Result<(), SinkError> {
         let rt = self.rt.clone();
-        rt.block_on(self.try_apply(batches, snapshot)).map_err(|e| {
-            // A failed transaction may leave the connection unusable: start afresh.
-            self.client = None;
-            SinkError(e.to_string())
-        })
+        rt.block_on(self.try_apply(batches, snapshot, durable))
+            .map_err(|e| {
+                // A failed transaction may leave the connection unusable: start afresh.
+                self.client = None;
+                SinkError(e.to_string())
+            })
     }
 }
 
