@@ -307,7 +307,7 @@ fn generate(events: u64, keys: u64) -> impl Iterator<Item = (usize, i64, bool, S
 /// (late events left out), applied by `PostgresSink` into a
 /// fresh table (a rebuild's shadow table).
 fn sink_phase() {
-    use miroir::miroir_engine::sink::{ExternalSink, SinkBatch, TableChanges};
+    use miroir::miroir_engine::sink::{Durable, ExternalSink, SinkBatch, TableChanges};
     use miroir::miroir_engine::value::Value;
 
     let run = std::env::var("MIROIR_BENCH_RUN").unwrap();
@@ -345,7 +345,7 @@ fn sink_phase() {
             caught_up: false,
         };
         let started = Instant::now();
-        sink.apply(&[b], false).unwrap();
+        sink.apply(&[b], false, &Durable::done()).unwrap();
         secs += started.elapsed().as_secs_f64();
     };
     for (i, (k, v, late, _)) in generate(events, keys).enumerate() {
