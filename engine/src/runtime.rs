@@ -42,7 +42,7 @@ use crate::sink::{
 };
 use crate::store::{Commit, Store, StoreError};
 use crate::topology::{Source, Topology};
-use crate::upsert::{Outcome, UpsertState};
+use crate::upsert::{Event, Outcome, UpsertState};
 use crate::value::{key_text, row_to_json_bytes, ColumnType, Row, Value};
 
 /// Longest time after a start that batches of external-table changes are held back waiting
@@ -705,9 +705,9 @@ fn run_worker(worker: &mut timely::worker::Worker, shared: &Shared, inbox: Recei
             let mut committed = true;
             if let Some(commit) = commit.filter(|c| !c.is_empty()) {
                 let timer = shared.metrics.epoch_commit_seconds.start_timer();
-                let writes = commit.len();
+                let (writes, bytes) = (commit.len(), commit.size());
                 match shared.store.write(commit) {
-                    Ok(()) => debug!(epoch, writes, "epoch committed"),
+                    Ok(()) => debug!(epoch, writes, bytes, "epoch committed"),
                     Err(e) => {
                         committed = false;
                         error!(error = %e, "epoch commit failed; stopping");
@@ -1100,14 +1100,14 @@ fn apply_record(shared: &Shared, src: &Source, partition: u32, record: &Record, 
             .errors
             .malformed(&src.topic, partition, record, &error);
     };
-    let (key, row) = match record.payload {
+    let event = match record.payload {
         None => match parse_key(src, record.key) {
-            Some(key) => (key, None),
+            Some(key) => Event::Tombstone(key),
             None => return malformed("tombstone without a valid key".into()),
         },
         Some(payload) => match decode(src, payload) {
             Ok(row) => {
-                let key = row[src.key].clone();
+                let key = &row[src.key];
                 if record.key.is_some() && !key.is_key_text(&key_str) {
                     return malformed(format!(
                         "message key `{key_str}` differs from key column `{}` = `{}`",
@@ -1115,12 +1115,15 @@ fn apply_record(shared: &Shared, src: &Source, partition: u32, record: &Record, 
                         key.to_key_text()
                     ));
                 }
-                (key, Some(row))
+                Event::Row(row)
             }
             Err(e) => return malformed(e.to_string()),
         },
     };
-    match task.state.apply(src.late.as_ref(), key, row, record.offset) {
+    match task
+        .state
+        .apply(src.late.as_ref(), src.key, event, record.offset)
+    {
         Outcome::Changed { late } => {
             if late {
                 shared

@@ -554,7 +554,11 @@ mod tests {
             &status,
             &stop
         ));
-        assert_eq!(*committed.lock().unwrap(), vec![1], "a failed epoch is not applied");
+        assert_eq!(
+            *committed.lock().unwrap(),
+            vec![1],
+            "a failed epoch is not applied"
+        );
         assert_eq!(metrics.sink_retries.get(), 0, "and not retried");
     }
 }

@@ -538,6 +538,11 @@ impl Commit {
         self.writes.append(&mut other.writes);
     }
 
+    /// Bytes of keys and values in the commit.
+    pub fn size(&self) -> usize {
+        self.bytes
+    }
+
     /// Number of writes in the commit.
     pub fn len(&self) -> usize {
         self.writes.len()

@@ -20,7 +20,7 @@ use std::collections::HashMap;
 
 use crate::late::{verdict, LateAction, LatePolicy, Verdict};
 use crate::value::{Row, Value};
-pub use types::{Entry, Outcome};
+pub use types::{Entry, Event, Outcome};
 
 /// The upsert state of one partition of one source.
 ///
@@ -43,19 +43,23 @@ impl UpsertState {
         }
     }
 
-    /// Applies an event (`Some(row)`) or a tombstone (`None`) for `key` at source `offset`.
+    /// Applies `event` at source `offset`; an entity event's key is its column `key_column`.
     pub fn apply(
         &mut self,
         policy: Option<&LatePolicy>,
-        key: Value,
-        row: Option<Row>,
+        key_column: usize,
+        event: Event,
         offset: i64,
     ) -> Outcome {
-        let mut slot = self.entries.get_mut(&key);
+        let (key, row) = match &event {
+            Event::Row(row) => (&row[key_column], Some(row)),
+            Event::Tombstone(key) => (key, None),
+        };
+        let mut slot = self.entries.get_mut(key);
         let entry = slot.as_deref();
         // Without a policy (and for tombstones, which carry no version) the offset orders.
         let by_offset = Value::Int(offset);
-        let (operation, order) = match (policy, &row) {
+        let (operation, order) = match (policy, row) {
             (Some(p), Some(r)) => (p.operation(r), p.order(r)),
             _ => (&Value::Null, &by_offset),
         };
@@ -82,6 +86,7 @@ impl UpsertState {
                 Some(_) => {}
             }
         }
+        // The key is copied only for a new entry, and once per epoch into `changed`.
         let entry = match slot.take() {
             Some(entry) => entry,
             None => self.entries.entry(key.clone()).or_default(),
@@ -89,11 +94,18 @@ impl UpsertState {
         if row.is_some() {
             entry.record_version(operation, order);
         }
+        let first_change = entry.before.is_none();
+        if first_change {
+            self.changed.push(key.clone());
+        }
+        let row = match event {
+            Event::Row(row) => Some(row),
+            Event::Tombstone(_) => None,
+        };
         let before = std::mem::replace(&mut entry.row, row);
         entry.offset = entry.offset.max(offset);
-        if entry.before.is_none() {
+        if first_change {
             entry.before = Some(before);
-            self.changed.push(key);
         }
         Outcome::Changed { late }
     }
@@ -166,7 +178,7 @@ mod tests {
         let p = policy(false);
         let mut s = UpsertState::default();
         assert_eq!(
-            s.apply(Some(&p), key("a"), Some(row("a", 2, "x")), 0),
+            s.apply(Some(&p), 0, Event::Row(row("a", 2, "x")), 0),
             Outcome::Changed { late: false }
         );
         assert_eq!(
@@ -174,18 +186,18 @@ mod tests {
             vec![(key("a"), None, Some(row("a", 2, "x")))]
         );
         assert_eq!(
-            s.apply(Some(&p), key("a"), Some(row("a", 1, "x")), 1),
+            s.apply(Some(&p), 0, Event::Row(row("a", 1, "x")), 1),
             Outcome::Late
         );
         assert_eq!(
-            s.apply(Some(&p), key("a"), Some(row("a", 2, "x")), 2),
+            s.apply(Some(&p), 0, Event::Row(row("a", 2, "x")), 2),
             Outcome::Duplicate
         );
         assert!(
             !s.has_changes(),
             "late and duplicate events leave no change"
         );
-        s.apply(Some(&p), key("a"), Some(row("a", 3, "x")), 3);
+        s.apply(Some(&p), 0, Event::Row(row("a", 3, "x")), 3);
         assert_eq!(
             drain(&mut s),
             vec![(key("a"), Some(row("a", 2, "x")), Some(row("a", 3, "x")))]
@@ -196,14 +208,14 @@ mod tests {
     fn changes_of_a_key_coalesce_until_drained() {
         let p = policy(false);
         let mut s = UpsertState::default();
-        s.apply(Some(&p), key("a"), Some(row("a", 1, "x")), 0);
-        s.apply(Some(&p), key("b"), Some(row("b", 1, "x")), 1);
+        s.apply(Some(&p), 0, Event::Row(row("a", 1, "x")), 0);
+        s.apply(Some(&p), 0, Event::Row(row("b", 1, "x")), 1);
         drain(&mut s);
         for (offset, version) in [(2, 2), (3, 3), (4, 4)] {
-            s.apply(Some(&p), key("a"), Some(row("a", version, "x")), offset);
+            s.apply(Some(&p), 0, Event::Row(row("a", version, "x")), offset);
         }
-        s.apply(Some(&p), key("b"), None, 5);
-        s.apply(Some(&p), key("c"), Some(row("c", 1, "x")), 6);
+        s.apply(Some(&p), 0, Event::Tombstone(key("b")), 5);
+        s.apply(Some(&p), 0, Event::Row(row("c", 1, "x")), 6);
         assert_eq!(
             drain(&mut s),
             vec![
@@ -221,14 +233,14 @@ mod tests {
     fn versions_are_per_business_operation() {
         let p = policy(true);
         let mut s = UpsertState::default();
-        s.apply(Some(&p), key("a"), Some(row("a", 5, "email")), 0);
+        s.apply(Some(&p), 0, Event::Row(row("a", 5, "email")), 0);
         // An older version of another operation is not late.
         assert_eq!(
-            s.apply(Some(&p), key("a"), Some(row("a", 3, "name")), 1),
+            s.apply(Some(&p), 0, Event::Row(row("a", 3, "name")), 1),
             Outcome::Changed { late: false }
         );
         assert_eq!(
-            s.apply(Some(&p), key("a"), Some(row("a", 4, "email")), 2),
+            s.apply(Some(&p), 0, Event::Row(row("a", 4, "email")), 2),
             Outcome::Late
         );
     }
@@ -237,19 +249,22 @@ mod tests {
     fn tombstones_delete_and_keep_versions() {
         let p = policy(false);
         let mut s = UpsertState::default();
-        s.apply(Some(&p), key("a"), Some(row("a", 2, "x")), 0);
+        s.apply(Some(&p), 0, Event::Row(row("a", 2, "x")), 0);
         drain(&mut s);
         assert_eq!(
-            s.apply(Some(&p), key("a"), None, 1),
+            s.apply(Some(&p), 0, Event::Tombstone(key("a")), 1),
             Outcome::Changed { late: false }
         );
         assert_eq!(
             drain(&mut s),
             vec![(key("a"), Some(row("a", 2, "x")), None)]
         );
-        assert_eq!(s.apply(Some(&p), key("a"), None, 1), Outcome::Duplicate);
         assert_eq!(
-            s.apply(Some(&p), key("a"), Some(row("a", 1, "x")), 2),
+            s.apply(Some(&p), 0, Event::Tombstone(key("a")), 1),
+            Outcome::Duplicate
+        );
+        assert_eq!(
+            s.apply(Some(&p), 0, Event::Row(row("a", 1, "x")), 2),
             Outcome::Late
         );
         assert!(s.is_empty());
@@ -262,10 +277,10 @@ mod tests {
             ..policy(false)
         };
         let mut s = UpsertState::default();
-        s.apply(Some(&p), key("a"), Some(row("a", 2, "x")), 0);
+        s.apply(Some(&p), 0, Event::Row(row("a", 2, "x")), 0);
         drain(&mut s);
         assert_eq!(
-            s.apply(Some(&p), key("a"), Some(row("a", 1, "x")), 1),
+            s.apply(Some(&p), 0, Event::Row(row("a", 1, "x")), 1),
             Outcome::Changed { late: true }
         );
         assert_eq!(
@@ -277,13 +292,13 @@ mod tests {
     #[test]
     fn without_policy_offsets_order_and_replays_are_duplicates() {
         let mut s = UpsertState::default();
-        s.apply(None, key("a"), Some(row("a", 9, "x")), 5);
+        s.apply(None, 0, Event::Row(row("a", 9, "x")), 5);
         assert_eq!(
-            s.apply(None, key("a"), Some(row("a", 1, "x")), 5),
+            s.apply(None, 0, Event::Row(row("a", 1, "x")), 5),
             Outcome::Duplicate
         );
         assert_eq!(
-            s.apply(None, key("a"), Some(row("a", 1, "x")), 6),
+            s.apply(None, 0, Event::Row(row("a", 1, "x")), 6),
             Outcome::Changed { late: false }
         );
         assert_eq!(

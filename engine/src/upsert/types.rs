@@ -42,6 +42,15 @@ impl Entry {
     }
 }
 
+/// What one record says about its key.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Event {
+    /// An entity event: the key's new row (the key is one of its columns).
+    Row(Row),
+    /// A tombstone: the key is deleted.
+    Tombstone(Value),
+}
+
 /// The effect of applying one event.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Outcome {
