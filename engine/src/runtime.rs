@@ -57,6 +57,10 @@ const CHANNEL_BATCHES: usize = 512;
 /// Longest pause between two batches of a growing (catching-up) epoch before it ends anyway.
 const CATCHING_UP_GAP: Duration = Duration::from_millis(50);
 
+/// Longest pause between two batches of a grown epoch once caught up, before it ends (the
+/// source hands over a partial batch after 5 ms).
+const TAIL_GAP: Duration = Duration::from_millis(10);
+
 /// Longest a worker parks, waiting for its peers, before it checks its epoch again.
 const PARK: Duration = Duration::from_millis(10);
 
@@ -576,6 +580,9 @@ fn run_worker(worker: &mut timely::worker::Worker, shared: &Shared, inbox: Recei
     loop {
         let started = Instant::now();
         let mut applied = 0usize;
+        // When an epoch that grew (see below) saw every partition caught up.
+        let mut caught_up_at: Option<Duration> = None;
+        let mut grew = false;
         while applied < shared.config.max_records_per_epoch
             && !shared.shutdown.load(Ordering::SeqCst)
             // A revocation (sent to every worker) waits for this epoch's commit.
@@ -583,25 +590,32 @@ fn run_worker(worker: &mut timely::worker::Worker, shared: &Shared, inbox: Recei
         {
             // Catching up (the source had records of some partition waiting), the epoch grows
             // up to `max_epoch_interval`, so more changes of a key coalesce and commits are
-            // fewer. Caught up, epochs keep to `epoch_interval`.
-            let length = if shared.backlog.any() {
-                shared
-                    .config
-                    .max_epoch_interval
-                    .max(shared.config.epoch_interval)
-            } else {
-                shared.config.epoch_interval
-            };
+            // fewer. Caught up, epochs keep to `epoch_interval`. A partition counts as caught
+            // up a few hundred records before its end: a grown epoch then still takes in what
+            // arrives without a pause (for at most another `epoch_interval`), rather than
+            // leaving those last records to an epoch and a commit of their own.
+            let interval = shared.config.epoch_interval;
             let elapsed = started.elapsed();
+            let behind = shared.backlog.any();
+            grew |= behind && elapsed >= interval;
+            let length = if behind {
+                caught_up_at = None;
+                shared.config.max_epoch_interval.max(interval)
+            } else if grew {
+                *caught_up_at.get_or_insert(elapsed) + interval
+            } else {
+                interval
+            };
             let left = length.saturating_sub(elapsed);
             if left.is_zero() {
                 break;
             }
             // Past `epoch_interval`, the epoch goes on only while records keep coming: offsets
             // that are never delivered (aborted transactions) do not hold it open.
-            let until_interval = shared.config.epoch_interval.saturating_sub(elapsed);
+            let until_interval = interval.saturating_sub(elapsed);
+            let gap = if behind { CATCHING_UP_GAP } else { TAIL_GAP };
             let wait = if until_interval.is_zero() {
-                left.min(CATCHING_UP_GAP)
+                left.min(gap)
             } else {
                 until_interval
             };

@@ -144,6 +144,29 @@ fn epochs_grow_while_catching_up_and_end_once_caught_up() {
 }
 
 #[test]
+fn a_grown_epoch_takes_in_the_records_right_after_it_caught_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let (runtime, store) = start(dir.path());
+    for offset in 0..5 {
+        send(&runtime, offset, offset + 1, true);
+        std::thread::sleep(Duration::from_millis(15));
+    }
+    // The source says caught up a little before the partition's end: the last records follow
+    // at once, and belong in the grown epoch rather than in one of their own.
+    send(&runtime, 5, 6, false);
+    send(&runtime, 6, 7, false);
+    let first = loop {
+        if let Some(offset) = committed(&runtime) {
+            break offset;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    };
+    assert_eq!(first, 6, "the grown epoch ended before the last records");
+    assert_eq!(email(&store), "v7@example.org");
+    runtime.shutdown();
+}
+
+#[test]
 fn a_growing_epoch_ends_when_records_stop_coming() {
     let dir = tempfile::tempdir().unwrap();
     let (runtime, store) = start(dir.path());
