@@ -828,7 +828,7 @@ fn sink_batch(shared: &Shared, commit: &mut Option<Commit>) -> Option<SinkBatch>
         offsets,
         caught_up,
     };
-    let encoded = bincode::serialize(&batch).expect("batches serialize");
+    let encoded = crate::store::encode(&batch);
     commit
         .get_or_insert_with(|| shared.store.commit())
         .put_outbox(batch.sequence, encoded);
@@ -879,7 +879,7 @@ fn recover_outbox(store: &Store) -> Result<Vec<SinkBatch>, RuntimeError> {
         .into_iter()
         .map(|(sequence, bytes)| {
             let mut batch: SinkBatch =
-                bincode::deserialize(&bytes).map_err(|e| RuntimeError::Outbox {
+                crate::store::decode(&bytes).map_err(|e| RuntimeError::Outbox {
                     sequence,
                     message: e.to_string(),
                 })?;
