@@ -32,7 +32,8 @@ pub struct Metrics {
     pub sink_up: IntGauge,
     /// Batches committed locally and not yet confirmed by the external database.
     pub sink_pending: IntGauge,
-    /// Seconds to apply one batch to the external database (one transaction).
+    /// Seconds to apply one batch to the external database (one transaction), not counting
+    /// the wait for the RocksDB commit of its epoch.
     pub sink_commit_seconds: Histogram,
     /// Commands processed and sent.
     pub commands: CommandMetrics,
@@ -230,7 +231,7 @@ impl Metrics {
         let sink_commit_seconds = Histogram::with_opts(
             HistogramOpts::new(
                 "miroir_sink_commit_seconds",
-                "Time to apply one batch to the external database",
+                "Time to apply one batch to the external database (without waiting for the epoch's local commit)",
             )
             .buckets(vec![
                 0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0,
