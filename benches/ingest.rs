@@ -13,8 +13,9 @@
 //! 3. in another child process, runs `topologies/user-directory.toml` with an embedded engine
 //!    (2 workers; its two external tables in PostgreSQL, schema `bench_<run>`) until every
 //!    offset is committed and every batch applied in PostgreSQL;
-//! 4. in another child process, miroir's PostgreSQL sink alone on the same events'
-//!    `user_directory` changes, in batches of the engine's epoch size;
+//! 4. in two more child processes, miroir's PostgreSQL sink alone on the same events'
+//!    `user_directory` changes: in incremental batches of 25,000 events, and in one batch of
+//!    every final row into an empty table (the catch-up path);
 //! 5. in a last child process, the PostgreSQL baseline: a plain binary `COPY` of the final rows
 //!    of `user_directory` into an equivalent table (same columns, primary key and index);
 //! 6. prints both comparisons and rewrites the `ingest` and `postgres` sections of
@@ -65,7 +66,8 @@ fn main() {
         Ok("consume") => consume_phase(),
         Ok("engine") => engine_phase(),
         Ok("copy") => copy_phase(),
-        Ok("sink") => sink_phase(),
+        Ok("sink") => sink_phase(false),
+        Ok("sink-load") => sink_phase(true),
         _ => orchestrate(),
     }
 }
@@ -146,6 +148,8 @@ fn orchestrate() {
     // The sink alone gets incremental batches: what an instance that keeps up writes (100 ms
     // epochs at 250k events/s), through the staging table and the merge.
     let alone = child("sink");
+    // The sink alone on the catch-up path: every final row in one batch, into an empty table.
+    let load = child("sink-load");
     let copy = child("copy");
     let raw_rate = events as f64 / raw[0];
     let engine_rate = events as f64 / engine[0];
@@ -178,6 +182,7 @@ fn orchestrate() {
     // alone: [secs, rows, batches]; copy: [secs, rows]
     let sink_rate = engine[3] / engine[4];
     let alone_rate = alone[1] / alone[0];
+    let load_rate = load[1] / load[0];
     let copy_rate = copy[1] / copy[0];
     let postgres = format!(
         "<!-- postgres:begin -->\n\
@@ -186,12 +191,16 @@ fn orchestrate() {
          started by `scripts/services up`.\n\n\
          | writer | rows | seconds | rows/s | of `COPY` |\n|---|---|---|---|---|\n\
          | plain binary `COPY` of the {} final `user_directory` rows into an equivalent table (baseline) | {} | {:.3} | {:.0} | 100% |\n\
-         | miroir's sink inside the engine run above: {} batches, both external tables, sharing the 2 cores with the engine | {} | {:.3} | {:.0} | **{:.0}%** |\n\
+         | miroir's sink alone, first load: the same final rows in one batch, into a fresh table | {} | {:.3} | {:.0} | **{:.0}%** |\n\
+         | miroir's sink inside the engine run above: {} batches, both external tables, sharing the 2 cores with the engine | {} | {:.3} | {:.0} | {:.0}% |\n\
          | miroir's sink alone, incremental: the same events' `user_directory` changes in {} batches of {ALONE_BATCH_EVENTS} events, into a fresh table | {} | {:.3} | {:.0} | {:.0}% |\n\n\
          Rates count the rows written over the time spent inside the sink's transactions (target: \
-         at least 70% of `COPY`). Catching up, the engine coalesces the backlog into few large \
+         at least 70% of `COPY`; the first-load row compares like with like, both alone on the \
+         machine). Catching up, the engine coalesces the backlog into few large \
          epochs (one change per key and epoch), and a batch into a table with no row yet is \
-         copied straight in: that is the engine run. Incremental batches go through a binary \
+         copied straight in: that is the engine run, where the sink shares the 2 cores with the \
+         workers and with the epoch's RocksDB commit, which its `COPY` overlaps (its time leaves \
+         out the wait for that commit). Incremental batches go through a binary \
          `COPY` into a staging table, one `INSERT ... SELECT ... ON CONFLICT DO UPDATE ... WHERE \
          changed` and one `DELETE`, then the offsets and the sequence; most of their rows are \
          updates of existing keys, which cost an index probe and a new row version each. End to \
@@ -201,6 +210,10 @@ fn orchestrate() {
         copy[1] as u64,
         copy[0],
         copy_rate,
+        load[1] as u64,
+        load[0],
+        load_rate,
+        load_rate / copy_rate * 100.0,
         engine[5] as u64,
         engine[3] as u64,
         engine[4],
@@ -304,16 +317,20 @@ fn generate(events: u64, keys: u64) -> impl Iterator<Item = (usize, i64, bool, S
 
 /// miroir's PostgreSQL sink alone, without the engine competing for the 2 cores: the
 /// `user_directory` changes of the same events, cut into batches of `ALONE_BATCH_EVENTS` events
-/// (late events left out), applied by `PostgresSink` into a
-/// fresh table (a rebuild's shadow table).
-fn sink_phase() {
+/// (late events left out), or all in one batch (`first_load`), applied by `PostgresSink` into
+/// a fresh table (a rebuild's shadow table).
+fn sink_phase(first_load: bool) {
     use miroir::miroir_engine::sink::{Durable, ExternalSink, SinkBatch, TableChanges};
     use miroir::miroir_engine::value::Value;
 
     let run = std::env::var("MIROIR_BENCH_RUN").unwrap();
     let events = env_or("MIROIR_BENCH_EVENTS", 0);
     let keys = env_or("MIROIR_BENCH_KEYS", 100_000);
-    let per_batch = ALONE_BATCH_EVENTS as usize;
+    let per_batch = if first_load {
+        events as usize
+    } else {
+        ALONE_BATCH_EVENTS as usize
+    };
     let url = std::env::var("DATABASE_URL").expect("DATABASE_URL");
     let topology = std::sync::Arc::new(
         miroir::miroir_engine::topology::Topology::parse("bench.toml", &topology_text(&run))
@@ -323,9 +340,16 @@ fn sink_phase() {
     let mut sink = miroir_connectors::postgres::sink::PostgresSink::new(
         &url,
         topology.clone(),
-        "bench-sink-alone",
+        if first_load {
+            "bench-sink-load"
+        } else {
+            "bench-sink-alone"
+        },
     )
     .unwrap();
+    // As the engine's sink thread does when it starts: connect and check the tables before
+    // the first batch, outside its timed transaction.
+    sink.connect().unwrap();
     let mut batch = std::collections::HashMap::new();
     let mut sequence = 0;
     let (mut rows, mut secs) = (0usize, 0.0f64);
