@@ -20,11 +20,11 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
-use miroir_engine::sink::{Durable, ExternalSink, SinkBatch, SinkError};
+use miroir_engine::sink::{Durable, ExternalSink, SinkBatch, SinkError, TableChanges};
 use miroir_engine::topology::Topology;
 use miroir_engine::value::Value;
 use tokio_postgres::binary_copy::BinaryCopyInWriter;
-use tokio_postgres::types::{ToSql, Type};
+use tokio_postgres::types::Type;
 use tokio_postgres::{Client, Transaction};
 use tracing::{info, warn};
 
@@ -171,11 +171,31 @@ fn final_changes<'a>(
     target: &Target,
     batches: &[&'a SinkBatch],
 ) -> (Vec<&'a [Value]>, Vec<&'a [Value]>) {
+    let current = |batch: &SinkBatch, changes: &TableChanges| {
+        let current = changes.definition == target.definition;
+        if !current {
+            warn!(table = %changes.table, sequence = batch.sequence, "changes made under another definition of the table: skipped (it is rebuilt)");
+        }
+        current
+    };
+    let mine = |batch: &'a SinkBatch| batch.tables.iter().filter(|t| t.table == target.plan.name);
+    // One batch's changes of a table name each key once already (the engine makes them so):
+    // nothing to keep the last of.
+    if let [batch] = batches {
+        if let [changes] = mine(batch).collect::<Vec<_>>()[..] {
+            if !current(batch, changes) {
+                return (Vec::new(), Vec::new());
+            }
+            return (
+                changes.upserts.iter().map(Vec::as_slice).collect(),
+                changes.deletes.iter().map(Vec::as_slice).collect(),
+            );
+        }
+    }
     let mut last: HashMap<Vec<&'a Value>, Result<&'a [Value], &'a [Value]>> = HashMap::new();
     for batch in batches {
-        for changes in batch.tables.iter().filter(|t| t.table == target.plan.name) {
-            if changes.definition != target.definition {
-                warn!(table = %changes.table, sequence = batch.sequence, "changes made under another definition of the table: skipped (it is rebuilt)");
+        for changes in mine(batch) {
+            if !current(batch, changes) {
                 continue;
             }
             for row in &changes.upserts {
@@ -269,13 +289,8 @@ async fn copy_rows<'a>(
         .await?;
     let writer = BinaryCopyInWriter::new(sink, types);
     let mut writer = std::pin::pin!(writer);
-    let mut cells: Vec<Cell<'_>> = Vec::with_capacity(types.len());
     for row in rows {
-        cells.clear();
-        cells.extend(row.iter().map(Cell));
-        let refs: Vec<&(dyn ToSql + Sync)> =
-            cells.iter().map(|c| c as &(dyn ToSql + Sync)).collect();
-        writer.as_mut().write(&refs).await?;
+        writer.as_mut().write_raw(row.iter().map(Cell)).await?;
     }
     writer.as_mut().finish().await?;
     Ok(())
