@@ -14,8 +14,9 @@
 //! key are always applied in offset order by one thread. Epochs are global: every worker feeds
 //! its tasks for a while (bounded by count and time), advances all of its inputs, steps the
 //! dataflow until the probe passes the epoch, encodes its writes (sorted by key) on its own,
-//! adds them to the shared commit, and waits on a barrier; one worker writes the commit. A crash loses at most the epoch in progress, and the
-//! replay that follows has no second effect (see [`crate::upsert`]).
+//! adds them to the shared commit, and waits on a barrier; one worker writes the commit. A
+//! crash loses at most the epoch in progress, and the replay that follows has no second effect
+//! (see [`crate::upsert`]).
 
 use std::cell::RefCell;
 use std::collections::{HashMap, HashSet};
@@ -636,30 +637,28 @@ fn run_worker(worker: &mut timely::worker::Worker, shared: &Shared, inbox: Recei
         // Feed the epoch's coalesced changes and add the tasks' writes to this worker's part
         // of the epoch's commit (encoded without holding a lock; see [`Commit`]).
         let mut commit = shared.store.commit();
-        {
-            if shared.sink.is_some() {
-                let mut offsets = shared
-                    .sink_offsets
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner());
-                for ((source, partition), task) in tasks.iter() {
-                    if let (true, Some(offset)) = (task.offset_dirty, task.offset) {
-                        offsets.insert(
-                            (topology.sources[*source].topic.clone(), *partition),
-                            offset,
-                        );
-                    }
+        if shared.sink.is_some() {
+            let mut offsets = shared
+                .sink_offsets
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            for ((source, partition), task) in tasks.iter() {
+                if let (true, Some(offset)) = (task.offset_dirty, task.offset) {
+                    offsets.insert(
+                        (topology.sources[*source].topic.clone(), *partition),
+                        offset,
+                    );
                 }
             }
-            for ((source, partition), task) in tasks.iter_mut() {
-                task.flush(
-                    *source,
-                    *partition,
-                    &topology.sources[*source].topic,
-                    &mut inputs[*source],
-                    &mut commit,
-                );
-            }
+        }
+        for ((source, partition), task) in tasks.iter_mut() {
+            task.flush(
+                *source,
+                *partition,
+                &topology.sources[*source].topic,
+                &mut inputs[*source],
+                &mut commit,
+            );
         }
         let t_feed = started.elapsed();
         epoch += 1;

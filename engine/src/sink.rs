@@ -23,9 +23,9 @@
 //! once the RocksDB commit that produced it is durable ([`Durable`]), and a batch left in the
 //! outbox by a crash is applied again at the next start. The leader hands a batch over before
 //! writing its RocksDB commit, so the database writes the rows while RocksDB syncs, and waits
-//! for it only to commit. The database records the last sequence it applied (in the same transaction), so a
-//! batch offered twice is applied once. Batches are applied in sequence order, so an older
-//! row never overwrites a newer one.
+//! for it only to commit. The database records the last sequence it applied (in the same
+//! transaction), so a batch offered twice is applied once. Batches are applied in sequence
+//! order, so an older row never overwrites a newer one.
 //!
 //! Backpressure: while the sink thread applies a group, the leader adds the next batches to
 //! one waiting group (each key is then written once for all of them), up to 16 batches.

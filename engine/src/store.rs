@@ -10,9 +10,10 @@
 //!   ready to serve.
 //!
 //! An epoch commit is one [`rocksdb::WriteBatch`] with the table deltas, upsert entries and
-//! offsets of every task (each worker's writes sorted by key), written with `sync`: after a crash the three agree. Table rows are
-//! derived data: [`Store::open`] clears them, and each task re-inserts its partition's rows when
-//! it is assigned, so rows of partitions this instance no longer owns never linger.
+//! offsets of every task (each worker's writes sorted by key), written with `sync`: after a
+//! crash the three agree. Table rows are derived data: [`Store::open`] clears them, and each
+//! task re-inserts its partition's rows when it is assigned, so rows of partitions this
+//! instance no longer owns never linger.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -79,13 +80,13 @@ fn codec() -> impl bincode::Options {
 }
 
 /// Encodes a value to store (upsert entries, rows, outbox batches).
-pub fn encode<T: serde::Serialize + ?Sized>(value: &T) -> Vec<u8> {
+pub(crate) fn encode<T: serde::Serialize + ?Sized>(value: &T) -> Vec<u8> {
     use bincode::Options;
     codec().serialize(value).expect("stored values serialize")
 }
 
 /// Decodes a stored value.
-pub fn decode<'a, T: serde::Deserialize<'a>>(bytes: &'a [u8]) -> Result<T, bincode::Error> {
+pub(crate) fn decode<'a, T: serde::Deserialize<'a>>(bytes: &'a [u8]) -> Result<T, bincode::Error> {
     use bincode::Options;
     codec().deserialize(bytes)
 }
