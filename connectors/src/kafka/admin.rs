@@ -25,7 +25,7 @@ pub fn create_topic_with(
     partitions: i32,
     settings: &[(&str, &str)],
 ) -> Result<(), KafkaError> {
-    let admin: AdminClient<DefaultClientContext> = config.client().create()?;
+    let admin: AdminClient<DefaultClientContext> = config.client("admin").create()?;
     let mut new = NewTopic::new(topic, partitions, TopicReplication::Fixed(1));
     for (k, v) in settings {
         new = new.set(k, v);
@@ -50,7 +50,7 @@ pub fn delete_topics(config: &KafkaConfig, topics: &[&str]) -> Result<(), KafkaE
     if topics.is_empty() {
         return Ok(());
     }
-    let admin: AdminClient<DefaultClientContext> = config.client().create()?;
+    let admin: AdminClient<DefaultClientContext> = config.client("admin").create()?;
     let options = AdminOptions::new().operation_timeout(Some(ADMIN_TIMEOUT));
     for r in block_on(admin.delete_topics(topics, &options))? {
         match r {
@@ -78,7 +78,7 @@ pub fn topics<C: ClientContext>(client: &Client<C>) -> Result<Vec<(String, i32)>
 
 /// The partition count of `topic`, or `None` when it does not exist.
 pub fn partition_count(config: &KafkaConfig, topic: &str) -> Result<Option<i32>, KafkaError> {
-    let consumer: BaseConsumer = config.client().create()?;
+    let consumer: BaseConsumer = config.client("admin").create()?;
     Ok(topics(consumer.client())?
         .into_iter()
         .find(|(t, _)| t == topic)

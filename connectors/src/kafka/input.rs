@@ -231,7 +231,7 @@ impl KafkaSource {
             .enumerate()
             .map(|(i, s)| (s.topic.clone(), i))
             .collect();
-        let mut client = config.client();
+        let mut client = config.client("source");
         client
             .set("group.id", &topology.name)
             .set("enable.auto.commit", "false")

@@ -47,9 +47,12 @@ impl KafkaConfig {
         }
     }
 
-    pub(crate) fn client(&self) -> ClientConfig {
+    /// A client configuration named `miroir-<role>` (`client.id`: what the broker's request
+    /// logs and quotas see), with the extra properties applied last.
+    pub(crate) fn client(&self, role: &str) -> ClientConfig {
         let mut c = ClientConfig::new();
         c.set("bootstrap.servers", &self.brokers);
+        c.set("client.id", format!("miroir-{role}"));
         for (k, v) in &self.extra {
             c.set(k, v);
         }

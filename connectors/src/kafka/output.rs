@@ -14,7 +14,7 @@ use super::{KafkaConfig, KafkaError};
 pub const ERRORS_SUFFIX: &str = ".miroir-errors";
 
 fn producer(config: &KafkaConfig) -> Result<ThreadedProducer<DefaultProducerContext>, KafkaError> {
-    let mut c = config.client();
+    let mut c = config.client("producer");
     // Kafka's Java client partitions keys with murmur2; so must we, for keys to meet their
     // partition (and for query routing to agree with the producer).
     c.set("partitioner", "murmur2_random")

@@ -140,7 +140,7 @@ impl CommandClient {
         );
         create_topic(config, &reply_topic, 1)?;
         let consumer: BaseConsumer = config
-            .client()
+            .client("reply")
             .set("group.id", &reply_topic)
             .set("enable.auto.commit", "false")
             .set("auto.offset.reset", "earliest")
@@ -148,7 +148,7 @@ impl CommandClient {
             .create()?;
         consumer.subscribe(&[&reply_topic])?;
         let producer: FutureProducer = config
-            .client()
+            .client("command-client")
             .set("partitioner", "murmur2_random")
             .set("linger.ms", "0")
             .set("enable.idempotence", "true")
@@ -359,7 +359,7 @@ fn receive(
 
 /// Deletes reply topics older than a minute whose consumer group has no live member.
 pub fn reap_orphans(config: &KafkaConfig) -> Result<Vec<String>, KafkaError> {
-    let consumer: BaseConsumer = config.client().create()?;
+    let consumer: BaseConsumer = config.client("admin").create()?;
     let now = now_ms();
     let mut orphans = Vec::new();
     for (topic, _) in topics(consumer.client())? {
