@@ -17,6 +17,11 @@ use tracing::warn;
 use super::admin::topics;
 use super::{KafkaConfig, KafkaError, FETCH_QUEUE_BACKOFF_MS};
 
+/// `fetch.min.bytes` of a tail.
+const TAIL_FETCH_MIN_BYTES: &str = "1048576";
+/// `fetch.wait.max.ms` of a tail: how late it may see another writer's records.
+const TAIL_FETCH_WAIT_MS: &str = "100";
+
 /// Logs librdkafka's errors, except the end-of-partition reports the tail asks for.
 struct TailContext;
 
@@ -53,13 +58,18 @@ impl Tail {
         starts: &[(i32, i64)],
     ) -> Result<Tail, KafkaError> {
         let consumer: BaseConsumer<TailContext> = config
-            .client()
+            .client("tail")
             .set("group.id", "miroir-tail") // required by librdkafka; nothing is committed
             .set("enable.auto.commit", "false")
             .set("enable.auto.offset.store", "false")
             .set("enable.partition.eof", "true")
             .set("isolation.level", "read_committed")
             .set("fetch.queue.backoff.ms", FETCH_QUEUE_BACKOFF_MS)
+            // A tail follows a topic in the background: the broker keeps its fetch until a
+            // megabyte or 100 ms has come, rather than answering it for every transaction that
+            // commits on the topic (one request per commit, measured in docs/benchmarks.md).
+            .set("fetch.min.bytes", TAIL_FETCH_MIN_BYTES)
+            .set("fetch.wait.max.ms", TAIL_FETCH_WAIT_MS)
             .create_with_context(TailContext)?;
         let partitions = topics(consumer.client())?
             .into_iter()

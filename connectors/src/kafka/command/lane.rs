@@ -15,7 +15,6 @@ use rdkafka::{Offset, TopicPartitionList};
 use tracing::{debug, info, warn};
 
 use super::{header, text_header, Incoming, ReplyTopics, Shared, DONE_SUFFIX, TX_TIMEOUT};
-use crate::kafka::admin::topics;
 use crate::kafka::dlq::dlq_topic;
 use crate::kafka::{KafkaConfig, KafkaError};
 
@@ -46,7 +45,7 @@ impl Lane {
     /// A lane for `transactional_id`; fences and aborts what a previous holder of the id left.
     pub(super) fn new(config: &KafkaConfig, transactional_id: &str) -> Result<Lane, KafkaError> {
         let producer: FutureProducer = config
-            .client()
+            .client("lane")
             .set("transactional.id", transactional_id)
             .set("partitioner", "murmur2_random")
             .set("linger.ms", "0")
@@ -55,9 +54,11 @@ impl Lane {
             .set("topic.metadata.propagation.max.ms", "2000")
             .set("transaction.timeout.ms", "60000")
             // The coordinator answers "concurrent transactions" while the previous commit's
-            // markers are written; librdkafka's default 100 ms backoff before retrying would
-            // be most of a command's round trip (measured in docs/benchmarks.md).
-            .set("retry.backoff.ms", "5")
+            // markers are written, which a busy lane meets at the start of most transactions;
+            // librdkafka's default 100 ms backoff before retrying would be most of a command's
+            // round trip, and 5 ms still doubled the time to add the offsets at the 90th
+            // percentile (measured in docs/benchmarks.md).
+            .set("retry.backoff.ms", "1")
             .create()?;
         producer.init_transactions(TX_TIMEOUT)?;
         Ok(Lane {
@@ -193,34 +194,39 @@ impl Lane {
             };
             replies.push((incoming, reply, remember));
         }
-        // A reply topic not seen yet is most likely new (its client waited for it to exist).
         let reply_exists: Vec<bool> = {
             let mut known = shared.reply_topics.lock().expect("reply topics lock");
-            let unseen = replies.iter().any(|(i, _, _)| {
-                i.reply_to
-                    .as_ref()
-                    .is_some_and(|t| !known.names.contains(t))
-            });
-            self.refresh_reply_topics(&mut known, unseen);
+            let mut stale: Vec<&str> = replies
+                .iter()
+                .filter_map(|(i, _, _)| i.reply_to.as_deref())
+                .filter(|t| known.stale(t))
+                .collect();
+            stale.sort_unstable();
+            stale.dedup();
+            for topic in stale {
+                self.check_reply_topic(&mut known, topic);
+            }
             replies
                 .iter()
-                .map(|(i, _, _)| i.reply_to.as_ref().is_some_and(|t| known.names.contains(t)))
+                .map(|(i, _, _)| i.reply_to.as_deref().is_some_and(|t| known.exists(t)))
                 .collect()
         };
         let written_at = started.elapsed();
         // Awaited here: a commit left to flush them waits on rust-rdkafka's 100 ms poll.
         let mut replies_sent = Vec::new();
         let done_topic = format!("{}{DONE_SUFFIX}", shared.spec.topic);
+        // Every answered id of the transaction goes to one partition of the topic, the first
+        // command's: each partition a transaction touches costs the broker a produce request,
+        // a check that the partition joined the transaction, and a marker. Where an id lands
+        // does not matter: every processor reads the whole topic.
+        let done_partition = batch.first().map_or(0, |i| i.message.partition());
         for ((incoming, reply, remember), exists) in replies.iter().zip(reply_exists) {
             let body = serde_json::to_vec(reply).expect("replies serialize");
             if let (true, Some(id)) = (*remember, &incoming.command_id) {
-                // In the command's partition number: a transaction then touches one partition
-                // of the topic, not one per command (each touched partition costs the broker a
-                // marker).
                 let record = FutureRecord::to(&done_topic)
                     .key(id.as_bytes())
                     .payload(body.as_slice())
-                    .partition(incoming.message.partition());
+                    .partition(done_partition);
                 replies_sent.push(self.send(record)?);
             }
             match &incoming.reply_to {
@@ -348,26 +354,25 @@ impl Lane {
         }
     }
 
-    /// Refreshes the set of existing reply topics: every 5 s (topics of stopped instances
-    /// leave it), and at once when `unseen` names a topic not in it.
-    fn refresh_reply_topics(&self, known: &mut ReplyTopics, unseen: bool) {
-        let fresh = if unseen {
-            Duration::from_millis(20)
-        } else {
-            Duration::from_secs(5)
-        };
-        if known.at.is_some_and(|t| t.elapsed() < fresh) {
-            return;
-        }
+    /// Asks the broker whether reply topic `topic` exists (only that topic: listing every
+    /// topic of a large cluster for each new reply topic would cost it far more).
+    fn check_reply_topic(&self, known: &mut ReplyTopics, topic: &str) {
         // The producer's connections, not the consumer's: a consumer connection waits out its
         // long-polling fetch before it answers a metadata request.
-        match topics(self.producer.client()) {
-            Ok(list) => {
-                known.names = list.into_iter().map(|(t, _)| t).collect();
-                known.at = Some(Instant::now());
+        match self
+            .producer
+            .client()
+            .fetch_metadata(Some(topic), TX_TIMEOUT)
+        {
+            Ok(metadata) => {
+                let exists = metadata
+                    .topics()
+                    .iter()
+                    .any(|t| t.name() == topic && t.error().is_none());
+                known.note(topic, exists);
             }
             Err(e) => {
-                warn!(error = %e, "cannot list topics; keeping the previous list of reply topics")
+                warn!(reply_to = %topic, error = %e, "cannot look the reply topic up; keeping what was known of it")
             }
         }
     }

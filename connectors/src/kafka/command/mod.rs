@@ -15,7 +15,7 @@
 //! replays the command from scratch; the answered-id view makes a re-delivered command (same
 //! command id) get its first answer again instead of a second effect.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -208,11 +208,47 @@ struct Shared {
     reply_topics: Mutex<ReplyTopics>,
 }
 
-/// The topics of the cluster as last listed (reply topics are looked up in it).
+/// What the lanes last learned of the reply topics: whether each exists, and when.
 #[derive(Default)]
 struct ReplyTopics {
-    names: HashSet<String>,
-    at: Option<Instant>,
+    seen: HashMap<String, (bool, Instant)>,
+}
+
+impl ReplyTopics {
+    /// How long a reply topic found is trusted: a stopped instance's topic is deleted, and
+    /// a transaction producing to a deleted topic fails.
+    const FOUND_FOR: Duration = Duration::from_secs(5);
+    /// How long a reply topic not found is trusted (its client may be creating it: it waits
+    /// for the topic before sending).
+    const MISSING_FOR: Duration = Duration::from_millis(20);
+
+    /// Whether `topic` must be looked up again before a reply is sent to it.
+    fn stale(&self, topic: &str) -> bool {
+        self.seen.get(topic).is_none_or(|(exists, at)| {
+            let trusted = if *exists {
+                Self::FOUND_FOR
+            } else {
+                Self::MISSING_FOR
+            };
+            at.elapsed() >= trusted
+        })
+    }
+
+    /// Whether `topic` existed when last looked up.
+    fn exists(&self, topic: &str) -> bool {
+        self.seen.get(topic).is_some_and(|(exists, _)| *exists)
+    }
+
+    /// Records what a lookup of `topic` found (and forgets what is no longer trusted, once
+    /// many instances have come and gone).
+    fn note(&mut self, topic: &str, exists: bool) {
+        if self.seen.len() >= 1024 {
+            self.seen
+                .retain(|_, (_, at)| at.elapsed() < Self::FOUND_FOR);
+        }
+        self.seen
+            .insert(topic.to_string(), (exists, Instant::now()));
+    }
 }
 
 /// The processor's thread: polls commands, keeps the views, hands batches to the lanes.
@@ -356,7 +392,7 @@ impl Worker {
         create_topic(config, &entity.topic, partitions)?;
         let group = format!("{}.{}", topology.name, spec.name);
         let consumer: BaseConsumer<Rebalances> = config
-            .client()
+            .client("command")
             .set("group.id", &group)
             .set("enable.auto.commit", "false")
             .set("auto.offset.reset", "earliest")
@@ -598,7 +634,8 @@ impl Worker {
                 .reply_topics
                 .lock()
                 .expect("reply topics lock")
-                .at = None;
+                .seen
+                .clear();
             self.rewind()?;
             std::thread::sleep(wait);
         }
@@ -633,4 +670,23 @@ pub fn text_header(m: &impl Message, name: &str) -> Option<String> {
         .and_then(|h| h.value)
         .and_then(|v| std::str::from_utf8(v).ok())
         .map(str::to_string)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reply_topics_are_looked_up_again_once_no_longer_trusted() {
+        let mut known = ReplyTopics::default();
+        assert!(known.stale("r1") && !known.exists("r1"), "never looked up");
+        known.note("r1", true);
+        known.note("r2", false);
+        assert!(!known.stale("r1") && known.exists("r1"));
+        assert!(!known.stale("r2") && !known.exists("r2"));
+        std::thread::sleep(ReplyTopics::MISSING_FOR + Duration::from_millis(5));
+        assert!(known.stale("r2"), "a missing topic is asked about again soon");
+        assert!(!known.stale("r1"), "a found topic is trusted for longer");
+        assert!(known.exists("r1"));
+    }
 }
