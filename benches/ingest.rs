@@ -9,9 +9,12 @@
 //! 1. publishes N `User` entity events (1% late, 1% duplicates) over K keys to a fresh topic
 //!    with 4 partitions;
 //! 2. in a child process, reads the whole topic with a plain rdkafka `BaseConsumer` (the
-//!    baseline: the rate no consumer-based engine can beat on this machine);
+//!    baseline: the rate no consumer-based engine can beat on this machine); again after the
+//!    engine runs, and the faster of the two is the baseline;
 //! 3. in another child process, runs `topologies/user-directory.toml` with an embedded engine
-//!    (2 workers; its two external tables in PostgreSQL, schema `bench_<run>`) until every
+//!    (2 workers) for its internal table alone, until every offset is committed (the measure
+//!    the foundation's target is set on); then, in a fresh process and state directory, for
+//!    all its tables (the two external ones in PostgreSQL, schema `bench_<run>`) until every
 //!    offset is committed and every batch applied in PostgreSQL;
 //! 4. in two more child processes, miroir's PostgreSQL sink alone on the same events'
 //!    `user_directory` changes: in incremental batches of 25,000 events, and in one batch of
@@ -64,7 +67,8 @@ fn peak_rss_mib() -> f64 {
 fn main() {
     match std::env::var("MIROIR_BENCH_PHASE").as_deref() {
         Ok("consume") => consume_phase(),
-        Ok("engine") => engine_phase(),
+        Ok("engine") => engine_phase(Tables::All),
+        Ok("engine-internal") => engine_phase(Tables::Internal),
         Ok("copy") => copy_phase(),
         Ok("sink") => sink_phase(false),
         Ok("sink-load") => sink_phase(true),
@@ -72,13 +76,31 @@ fn main() {
     }
 }
 
-fn topology_text(run: &str) -> String {
-    std::fs::read_to_string(concat!(
+/// Which of the topology's tables an engine phase maintains.
+#[derive(Clone, Copy, PartialEq)]
+enum Tables {
+    /// The internal table alone (`user_contacts`): the foundation's measure.
+    Internal,
+    /// Every table, the two external ones in PostgreSQL included.
+    All,
+}
+
+fn topology_text(run: &str, tables: Tables) -> String {
+    let text = std::fs::read_to_string(concat!(
         env!("CARGO_MANIFEST_DIR"),
         "/topologies/user-directory.toml"
     ))
-    .unwrap()
-    .replace(
+    .unwrap();
+    let text = match tables {
+        Tables::All => text.as_str(),
+        // The external tables follow the internal one in the file.
+        Tables::Internal => {
+            &text[..text
+                .find("\n# Left join with the departments")
+                .expect("the external tables' comment in user-directory.toml")]
+        }
+    };
+    text.replace(
         "name = \"user-directory\"",
         &format!("name = \"bench-{run}\""),
     )
@@ -143,8 +165,17 @@ fn orchestrate() {
             .map(|x| x.parse().unwrap())
             .collect()
     };
-    let raw = child("consume");
+    let raw_first = child("consume");
+    let internal = child("engine-internal");
     let engine = child("engine");
+    // The raw consumer is measured before and after the engine runs, and the faster run is
+    // the baseline: the machine's noise then cannot flatter miroir's share.
+    let raw_last = child("consume");
+    let raw = if raw_last[0] < raw_first[0] {
+        raw_last
+    } else {
+        raw_first
+    };
     // The sink alone gets incremental batches: what an instance that keeps up writes (100 ms
     // epochs at 250k events/s), through the staging table and the merge.
     let alone = child("sink");
@@ -152,29 +183,39 @@ fn orchestrate() {
     let load = child("sink-load");
     let copy = child("copy");
     let raw_rate = events as f64 / raw[0];
+    assert_eq!(
+        internal[2], engine[2],
+        "both engine runs must end with the same internal table"
+    );
+    let internal_rate = events as f64 / internal[0];
     let engine_rate = events as f64 / engine[0];
-    let ratio = engine_rate / raw_rate;
     let report = format!(
         "<!-- ingest:begin -->\n\
          ## Ingest: `topologies/user-directory.toml` into internal tables\n\n\
          Command: `eval \"$(scripts/services up)\" && cargo bench --bench ingest` \
          ({events} events over {keys} keys, {PARTITIONS} partitions, ~{} bytes per event, \
          single local Kafka broker, 2 cores, 24 GiB; release build; miroir with 2 workers).\n\n\
-         | run | time (s) | events/s | peak RSS (MiB) |\n|---|---|---|---|\n\
-         | raw rdkafka `BaseConsumer` (baseline) | {:.2} | {:.0} | {:.0} |\n\
-         | miroir, 3 tables (filter/map internal; left join and join + group by in PostgreSQL) | {:.2} | {:.0} | {:.0} |\n\n\
-         miroir reaches **{:.0}%** of the raw consumer rate (target: at least 50%). The miroir time \
+         | run | time (s) | events/s | of the raw consumer | peak RSS (MiB) |\n|---|---|---|---|---|\n\
+         | raw rdkafka `BaseConsumer` (baseline) | {:.2} | {:.0} | 100% | {:.0} |\n\
+         | miroir, the internal table alone (`user_contacts`: late policy, filter, map) | {:.2} | {:.0} | **{:.0}%** | {:.0} |\n\
+         | miroir, all 3 tables (the internal one; a left join, and a join + group by, in PostgreSQL) | {:.2} | {:.0} | {:.0}% | {:.0} |\n\n\
+         Target: at least 50% of the raw consumer rate for the internal table. A miroir time \
          runs from `Engine::start` (group join included) until every offset is committed with its \
-         state and every batch is applied in PostgreSQL; the internal table then holds {} rows.\n\
+         state (and, for all 3 tables, every batch is applied in PostgreSQL); the internal table \
+         then holds {} rows.\n\
          <!-- ingest:end -->\n",
         bytes / events as usize,
         raw[0],
         raw_rate,
         raw[1],
+        internal[0],
+        internal_rate,
+        internal_rate / raw_rate * 100.0,
+        internal[1],
         engine[0],
         engine_rate,
+        engine_rate / raw_rate * 100.0,
         engine[1],
-        ratio * 100.0,
         engine[2] as u64,
     );
     println!("{report}");
@@ -333,8 +374,11 @@ fn sink_phase(first_load: bool) {
     };
     let url = std::env::var("DATABASE_URL").expect("DATABASE_URL");
     let topology = std::sync::Arc::new(
-        miroir::miroir_engine::topology::Topology::parse("bench.toml", &topology_text(&run))
-            .unwrap(),
+        miroir::miroir_engine::topology::Topology::parse(
+            "bench.toml",
+            &topology_text(&run, Tables::All),
+        )
+        .unwrap(),
     );
     let plan = topology.table("user_directory").unwrap().clone();
     let mut sink = miroir_connectors::postgres::sink::PostgresSink::new(
@@ -399,6 +443,8 @@ fn consume_phase() {
         .set("bootstrap.servers", brokers())
         .set("group.id", format!("bench-raw-{run}"))
         .set("enable.auto.commit", "false")
+        // As miroir's source sets it: the baseline gets the same tuning.
+        .set("fetch.queue.backoff.ms", "10")
         .create()
         .unwrap();
     let mut tpl = TopicPartitionList::new();
@@ -426,13 +472,13 @@ fn consume_phase() {
     println!("RESULT {secs} {}", peak_rss_mib());
 }
 
-fn engine_phase() {
+fn engine_phase(tables: Tables) {
     let run = std::env::var("MIROIR_BENCH_RUN").unwrap();
     let events = env_or("MIROIR_BENCH_EVENTS", 0) as i64;
     let state = tempfile::tempdir().unwrap();
     let started = Instant::now();
     let engine = miroir::Engine::builder()
-        .topology_str(topology_text(&run))
+        .topology_str(topology_text(&run, tables))
         .brokers(brokers())
         .state_dir(state.path())
         .workers(2)
