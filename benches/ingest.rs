@@ -421,9 +421,9 @@ fn sink_phase(first_load: bool) {
             batch.insert(
                 k,
                 vec![
-                    Value::Text(format!("u-{k}")),
-                    Value::Text(format!("User {k}")),
-                    Value::Text(format!("User{k}.V{v}@Example.com")),
+                    Value::Text(format!("u-{k}").into()),
+                    Value::Text(format!("User {k}").into()),
+                    Value::Text(format!("User{k}.V{v}@Example.com").into()),
                     Value::Text("unassigned".into()),
                 ],
             );

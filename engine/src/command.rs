@@ -301,8 +301,8 @@ impl CommandSpec {
             Some(row) => scope.extend_from_slice(row),
             None => scope.extend(std::iter::repeat_n(Value::Null, entity.columns.len())),
         }
-        scope.push(Value::Text(request.principal.id.clone()));
-        scope.push(Value::Text(request.principal.roles.join(",")));
+        scope.push(Value::Text(request.principal.id.as_str().into()));
+        scope.push(Value::Text(request.principal.roles.join(",").into()));
         if let Some(rule) = &self.authorize {
             if !rule.expr.holds(&scope) {
                 return Decision::Answer(Reply::Forbidden {
@@ -337,13 +337,13 @@ impl CommandSpec {
         let version = current_version.unwrap_or(0) + 1;
         next[self.stamp.version] = Value::Int(version);
         if let Some(i) = self.stamp.operation {
-            next[i] = Value::Text(self.operation.clone());
+            next[i] = Value::Text(self.operation.as_str().into());
         }
         if let Some(i) = self.stamp.updated_at {
             next[i] = cast(Value::Timestamp(now_micros), entity.columns[i].ty);
         }
         if let Some(i) = self.stamp.changed_by {
-            next[i] = Value::Text(request.principal.id.clone());
+            next[i] = Value::Text(request.principal.id.as_str().into());
         }
         Decision::Apply {
             entity: next,

@@ -171,7 +171,7 @@ impl<'de> serde::de::Visitor<'de> for CellSeed {
 
     fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<Self::Value, E> {
         Ok(match self.ty {
-            ColumnType::Text => Ok(Value::Text(s.to_owned())),
+            ColumnType::Text => Ok(Value::Text(s.into())),
             ColumnType::Timestamptz => parse_timestamp(s)
                 .map(Value::Timestamp)
                 .ok_or_else(|| serde_json::Value::from(s).to_string()),
@@ -181,7 +181,7 @@ impl<'de> serde::de::Visitor<'de> for CellSeed {
 
     fn visit_string<E: serde::de::Error>(self, s: String) -> Result<Self::Value, E> {
         match self.ty {
-            ColumnType::Text => Ok(Ok(Value::Text(s))),
+            ColumnType::Text => Ok(Ok(Value::Text(s.into()))),
             _ => self.visit_str(&s),
         }
     }

@@ -1169,7 +1169,7 @@ fn apply_record(shared: &Shared, src: &Source, partition: u32, record: &Record, 
 fn parse_key(src: &Source, key: Option<&[u8]>) -> Option<Value> {
     let text = std::str::from_utf8(key?).ok()?;
     match src.columns[src.key].ty {
-        ColumnType::Text => Some(Value::Text(text.to_string())),
+        ColumnType::Text => Some(Value::Text(text.into())),
         ColumnType::Bigint => text.parse().ok().map(Value::Int),
         _ => serde_json::from_str::<serde_json::Value>(text)
             .ok()

@@ -9,6 +9,7 @@ use std::cmp::Ordering;
 use std::fmt;
 use std::hash::{Hash, Hasher};
 
+use compact_str::CompactString;
 use serde::{Deserialize, Serialize};
 
 /// The SQL types a column may declare.
@@ -98,8 +99,9 @@ pub enum Value {
     Int(i64),
     /// A 64-bit float.
     Float(F64),
-    /// Text.
-    Text(String),
+    /// Text; up to 24 bytes are kept inline, without an allocation (entity ids, names, codes,
+    /// most e-mail addresses), which spares the upsert lookups and comparisons a pointer chase.
+    Text(CompactString),
     /// An instant, in microseconds since the Unix epoch (UTC).
     Timestamp(i64),
 }
@@ -119,7 +121,7 @@ impl Value {
             Value::Float(f) => serde_json::Number::from_f64(f.0)
                 .map(serde_json::Value::Number)
                 .unwrap_or(serde_json::Value::Null),
-            Value::Text(s) => serde_json::Value::String(s.clone()),
+            Value::Text(s) => serde_json::Value::String(s.to_string()),
             Value::Timestamp(t) => serde_json::Value::String(format_timestamp(*t)),
         }
     }
@@ -140,7 +142,7 @@ impl Value {
             Value::Bool(b) => b.to_string(),
             Value::Int(i) => i.to_string(),
             Value::Float(f) => f.0.to_string(),
-            Value::Text(s) => s.clone(),
+            Value::Text(s) => s.to_string(),
             Value::Timestamp(t) => format_timestamp(*t),
         }
     }
@@ -151,7 +153,7 @@ impl Value {
         use serde_json::Value as J;
         Some(match (json, ty) {
             (J::Null, _) => Value::Null,
-            (J::String(s), ColumnType::Text) => Value::Text(s.clone()),
+            (J::String(s), ColumnType::Text) => Value::Text(s.as_str().into()),
             (J::Number(n), ColumnType::Bigint) => Value::Int(n.as_i64()?),
             (J::Number(n), ColumnType::Double) => Value::Float(F64(n.as_f64()?)),
             (J::Bool(b), ColumnType::Boolean) => Value::Bool(*b),

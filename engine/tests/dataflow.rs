@@ -60,15 +60,15 @@ fn row_of(c: &Change) -> Option<Row> {
     let (g, n) = c.row?;
     Some(match c.source {
         0 => vec![
-            Value::Text(format!("a{}", c.key)),
-            g.map(|g| Value::Text(format!("b{g}")))
+            Value::Text(format!("a{}", c.key).into()),
+            g.map(|g| Value::Text(format!("b{g}").into()))
                 .unwrap_or(Value::Null),
             n.map(|n| Value::Int(n as i64)).unwrap_or(Value::Null),
         ],
         // Department names collide on purpose, so groups merge and split.
         _ => vec![
-            Value::Text(format!("b{}", c.key)),
-            Value::Text(format!("name{}", g.unwrap_or(0) % 2)),
+            Value::Text(format!("b{}", c.key).into()),
+            Value::Text(format!("name{}", g.unwrap_or(0) % 2).into()),
         ],
     })
 }

@@ -186,7 +186,11 @@ fn binary(op: BinaryOp, l: Value, r: Value) -> Value {
                 _ => ord != Less,
             })
         }
-        Concat => Value::Text(format!("{}{}", l.to_key_text(), r.to_key_text())),
+        Concat => Value::Text(compact_str::format_compact!(
+            "{}{}",
+            l.to_key_text(),
+            r.to_key_text()
+        )),
         Add | Sub | Mul | Div | Mod => match (l, r) {
             (Value::Int(a), Value::Int(b)) => match op {
                 Add => a.checked_add(b),
@@ -289,13 +293,13 @@ fn call(func: Func, args: &[Expr], row: &[Value]) -> Value {
                     out.push_str(&v.to_key_text());
                 }
             }
-            Value::Text(out)
+            Value::Text(out.into())
         }
         Func::Lower | Func::Upper | Func::Trim | Func::Length => match args[0].eval(row) {
             Value::Text(s) => match func {
                 Func::Lower => Value::Text(s.to_lowercase()),
                 Func::Upper => Value::Text(s.to_uppercase()),
-                Func::Trim => Value::Text(s.trim().to_string()),
+                Func::Trim => Value::Text(s.trim().into()),
                 _ => Value::Int(s.chars().count() as i64),
             },
             _ => Value::Null,
@@ -312,7 +316,7 @@ pub fn cast(v: Value, ty: ColumnType) -> Value {
         | (v @ Value::Float(_), ColumnType::Double)
         | (v @ Value::Bool(_), ColumnType::Boolean)
         | (v @ Value::Timestamp(_), ColumnType::Timestamptz) => Some(v),
-        (v, ColumnType::Text) => Some(Value::Text(v.to_key_text())),
+        (v, ColumnType::Text) => Some(Value::Text(v.to_key_text().into())),
         (Value::Float(f), ColumnType::Bigint) => {
             let r = f.0.round();
             (r.is_finite() && r.abs() < 9.2e18).then_some(Value::Int(r as i64))

@@ -1058,7 +1058,7 @@ fn literal(v: &ast::Value, at: &ast::Expr) -> Result<Typed, PlanError> {
             },
         },
         ast::Value::SingleQuotedString(s) => (
-            Expr::Literal(Value::Text(s.clone())),
+            Expr::Literal(Value::Text(s.as_str().into())),
             Some(ColumnType::Text),
         ),
         ast::Value::Boolean(b) => (Expr::Literal(Value::Bool(*b)), Some(ColumnType::Boolean)),

@@ -685,7 +685,10 @@ mod tests {
         assert!(!known.stale("r1") && known.exists("r1"));
         assert!(!known.stale("r2") && !known.exists("r2"));
         std::thread::sleep(ReplyTopics::MISSING_FOR + Duration::from_millis(5));
-        assert!(known.stale("r2"), "a missing topic is asked about again soon");
+        assert!(
+            known.stale("r2"),
+            "a missing topic is asked about again soon"
+        );
         assert!(!known.stale("r1"), "a found topic is trusted for longer");
         assert!(known.exists("r1"));
     }
