@@ -598,7 +598,8 @@ fn a_client_times_out_while_the_processor_is_stopped_and_ignores_the_late_reply(
 #[test]
 fn processor_killed_mid_stream_answers_every_command_once() {
     let run = unique("cmd-kill");
-    let m = user_referential(&run);
+    // Several lanes: their transactions side by side, each fenced and aborted on restart.
+    let m = with_lanes(user_referential(&run), 4);
     seed_users(&m.user_topic, 12);
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("master.toml");
@@ -718,7 +719,8 @@ fn reply_topics_of_dead_instances_are_reaped_and_live_ones_kept() {
 #[test]
 fn commands_stay_exactly_once_while_processors_join_and_leave() {
     let run = unique("cmd-rebalance");
-    let m = user_referential(&run);
+    // Several lanes: partitions moving between instances while transactions run side by side.
+    let m = with_lanes(user_referential(&run), 4);
     seed_users(&m.user_topic, 12);
     let dir = tempfile::tempdir().unwrap();
     let first = start_master(&m, &dir.path().join("a"), None);

@@ -463,6 +463,19 @@ pub fn user_referential(run: &str) -> MasterTopology {
     }
 }
 
+/// `m` with its command processed in `lanes` lanes (transactions side by side).
+pub fn with_lanes(m: MasterTopology, lanes: usize) -> MasterTopology {
+    let line = format!("topic = \"{}\"", m.command_topic);
+    let text = m.text.replace(&line, &format!("{line}\nlanes = {lanes}"));
+    let topology = Topology::parse("user-referential.toml", &text).unwrap();
+    assert_eq!(topology.command("update_email").unwrap().lanes, lanes);
+    MasterTopology {
+        text,
+        topology,
+        ..m
+    }
+}
+
 /// Publishes users `u-0 .. u-{n-1}` at version 1 (every third one inactive) on `topic`.
 pub fn seed_users(topic: &str, n: usize) {
     let config = KafkaConfig::new(brokers());

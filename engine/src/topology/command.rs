@@ -70,8 +70,9 @@ struct RawRetry {
     max_backoff: Option<Spanned<String>>,
 }
 
-/// Transactions side by side when a command section does not say.
-const DEFAULT_LANES: usize = 4;
+/// Transactions side by side when a command section does not say: one, since fewer and
+/// larger transactions cost the broker less per command (docs/commands.md, `lanes`).
+const DEFAULT_LANES: usize = 1;
 
 /// Validates one command section against the (valid) sources.
 pub(super) fn validate_command(
