@@ -37,7 +37,7 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
 use rdkafka::ClientConfig;
-use support::{env_or, replace_section, run_id};
+use support::{env_or, internal_tables_only, replace_section, run_id};
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -73,7 +73,7 @@ fn main() {
     let app_text =
         std::fs::read_to_string(format!("{root}/topologies/user-directory.toml")).unwrap();
     // The app's internal table only: the external ones are measured by the ingest benchmark.
-    let app_text = app_text[..app_text.find("\n# Left join with the departments").unwrap()]
+    let app_text = internal_tables_only(&app_text)
         .replace(
             "name = \"user-directory\"",
             &format!("name = \"bench-app-{run}\""),

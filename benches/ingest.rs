@@ -31,13 +31,13 @@ use std::time::{Duration, Instant};
 
 use miroir_connectors::kafka::admin::{create_topic, delete_topics};
 use miroir_connectors::kafka::output::Publisher;
-use miroir_connectors::kafka::KafkaConfig;
+use miroir_connectors::kafka::{KafkaConfig, FETCH_QUEUE_BACKOFF_MS};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 
 mod support;
 
-use support::{env_or, replace_section, run_id};
+use support::{env_or, internal_tables_only, replace_section, run_id};
 
 const PARTITIONS: i32 = 4;
 
@@ -77,7 +77,7 @@ fn main() {
 }
 
 /// Which of the topology's tables an engine phase maintains.
-#[derive(Clone, Copy, PartialEq)]
+#[derive(Clone, Copy)]
 enum Tables {
     /// The internal table alone (`user_contacts`): the foundation's measure.
     Internal,
@@ -93,12 +93,7 @@ fn topology_text(run: &str, tables: Tables) -> String {
     .unwrap();
     let text = match tables {
         Tables::All => text.as_str(),
-        // The external tables follow the internal one in the file.
-        Tables::Internal => {
-            &text[..text
-                .find("\n# Left join with the departments")
-                .expect("the external tables' comment in user-directory.toml")]
-        }
+        Tables::Internal => internal_tables_only(&text),
     };
     text.replace(
         "name = \"user-directory\"",
@@ -444,7 +439,7 @@ fn consume_phase() {
         .set("group.id", format!("bench-raw-{run}"))
         .set("enable.auto.commit", "false")
         // As miroir's source sets it: the baseline gets the same tuning.
-        .set("fetch.queue.backoff.ms", "10")
+        .set("fetch.queue.backoff.ms", FETCH_QUEUE_BACKOFF_MS)
         .create()
         .unwrap();
     let mut tpl = TopicPartitionList::new();

@@ -17,6 +17,15 @@ pub fn run_id() -> String {
         .to_string()
 }
 
+/// `topologies/user-directory.toml`'s text up to its external tables (which follow the internal
+/// one in the file): the app with its internal table alone.
+pub fn internal_tables_only(text: &str) -> &str {
+    let end = text
+        .find("\n# Left join with the departments")
+        .expect("the external tables' comment in user-directory.toml");
+    &text[..end]
+}
+
 /// `text` with its `<!-- name:begin -->` ... `<!-- name:end -->` section replaced by
 /// `section` (appended when missing).
 pub fn replace_section(text: &str, name: &str, section: &str) -> String {

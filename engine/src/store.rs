@@ -45,7 +45,7 @@ pub enum StoreError {
         source: std::io::Error,
     },
     /// The store was written by a miroir that laid its values out differently.
-    #[error("state store at {path}: written in state format {found}, this miroir reads format 2; remove the directory to rebuild the state from the topics")]
+    #[error("state store at {path}: written in state format {found}, this miroir reads format {FORMAT}; remove the directory to rebuild the state from the topics")]
     Incompatible {
         /// The store's directory.
         path: PathBuf,
@@ -103,7 +103,7 @@ const INSTANCE_KEY: &[u8] = b"m/instance";
 /// The layout of the stored values (`m/format`); stores from before it have none (format 1,
 /// fixed-width bincode).
 const FORMAT_KEY: &[u8] = b"m/format";
-const FORMAT: &[u8] = b"2";
+const FORMAT: &str = "2";
 const SEQUENCE_KEY: &[u8] = b"m/sequence";
 const OUTBOX_PREFIX: &[u8] = b"x/";
 
@@ -164,11 +164,11 @@ impl Store {
             let id = new_instance_id();
             let mut batch = WriteBatch::default();
             batch.put_cf(store.state_cf(), INSTANCE_KEY, id.as_bytes());
-            batch.put_cf(store.state_cf(), FORMAT_KEY, FORMAT);
+            batch.put_cf(store.state_cf(), FORMAT_KEY, FORMAT.as_bytes());
             store.db.write(batch).map_err(|e| store.rocks(e))?;
         }
         let format = store.get_state(FORMAT_KEY)?;
-        if format.as_deref() != Some(FORMAT) {
+        if format.as_deref() != Some(FORMAT.as_bytes()) {
             return Err(StoreError::Incompatible {
                 path: dir.to_path_buf(),
                 found: format.map_or("1".into(), |f| String::from_utf8_lossy(&f).into_owned()),

@@ -27,7 +27,7 @@ pub enum KafkaError {
 /// catching up: the source read 230-350k records/s, mostly waiting in `poll`; with 10 ms the
 /// ingest benchmark went from about 185k to 300k events/s. The queue stays bounded by the
 /// same thresholds.
-pub(crate) const FETCH_QUEUE_BACKOFF_MS: &str = "10";
+pub const FETCH_QUEUE_BACKOFF_MS: &str = "10";
 
 /// Connection settings shared by consumers and producers.
 #[derive(Clone, Debug)]
