@@ -467,10 +467,31 @@ fn consume_phase() {
     println!("RESULT {secs} {}", peak_rss_mib());
 }
 
+/// Whether the run's external tables are in place (not only their shadows).
+fn tables_swapped_in(db: &mut postgres::Client, run: &str) -> bool {
+    let row = db
+        .query_one(
+            "SELECT to_regclass($1) IS NOT NULL AND to_regclass($2) IS NOT NULL",
+            &[
+                &format!("bench_{run}.user_directory"),
+                &format!("bench_{run}.users_per_department"),
+            ],
+        )
+        .unwrap();
+    row.get(0)
+}
+
 fn engine_phase(tables: Tables) {
     let run = std::env::var("MIROIR_BENCH_RUN").unwrap();
     let events = env_or("MIROIR_BENCH_EVENTS", 0) as i64;
     let state = tempfile::tempdir().unwrap();
+    // With the external tables, the run ends once readers see them: the first load is built
+    // in shadow tables, swapped in by the first batch after the engine caught up (its lag,
+    // from librdkafka's statistics, can take a second to say so after the last record).
+    let mut db = matches!(tables, Tables::All).then(|| {
+        let url = std::env::var("DATABASE_URL").expect("DATABASE_URL");
+        postgres::Client::connect(&url, postgres::NoTls).unwrap()
+    });
     let started = Instant::now();
     let engine = miroir::Engine::builder()
         .topology_str(topology_text(&run, tables))
@@ -491,7 +512,10 @@ fn engine_phase(tables: Tables) {
             .map(|(_, o)| o + 1)
             .sum();
         let pending = metric(&engine.metrics(), "miroir_sink_pending_batches");
-        if applied >= events && pending == 0.0 {
+        if applied >= events
+            && pending == 0.0
+            && db.as_mut().is_none_or(|db| tables_swapped_in(db, &run))
+        {
             break;
         }
         assert!(
