@@ -3,6 +3,8 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use miroir_engine::command::{Decision, Principal, Reply, Request};
@@ -34,16 +36,72 @@ enum Step {
     },
 }
 
-/// One transactional producer and its run of failures.
+/// Two transactional producers taking turns, the transaction committing, and the lane's run of
+/// failures.
+///
+/// Transactions overlap by half: once a transaction's records are all sent, its commit
+/// (waiting for the replies to be written, then `EndTxn`) runs on a thread of its own while
+/// the next batch is decided and written by the other producer, on its own connection. The
+/// next transaction builds on the rows the previous one wrote, produces its entity events
+/// after the previous one's are in the log (so each key's events keep their order), and
+/// commits only once the previous one has: if that one fails, both are aborted and their
+/// commands read again.
+///
+/// Taking turns also keeps librdkafka's fixed 20 ms retry out of the way: until the markers of
+/// a producer's last transaction are written, the coordinator answers its next transaction
+/// with "concurrent transactions", and librdkafka retries adding a partition (which the first
+/// record to it does) after 20 ms. Each producer's transactions are one transaction apart,
+/// long enough for the markers (about a millisecond).
 pub(super) struct Lane {
-    producer: FutureProducer,
+    producers: [FutureProducer; 2],
+    /// Which producer runs the next transaction.
+    turn: usize,
+    /// The previous transaction, while it commits.
+    committing: Option<Committing>,
     /// Consecutive failed transactions (the backoff grows with them).
     pub(super) failures: u32,
 }
 
+/// A transaction whose records are all sent, committing on its own thread.
+struct Committing {
+    /// The entity rows it wrote: the next transaction builds on them.
+    written: Arc<HashMap<String, Row>>,
+    thread: JoinHandle<Result<(), TxError>>,
+}
+
+/// What a transaction answered a command, kept for after its commit.
+struct Answered {
+    topic: String,
+    partition: i32,
+    offset: i64,
+    key: Option<String>,
+    command_id: Option<String>,
+    reply: Reply,
+    /// False for a re-delivery, which got its first answer again.
+    remember: bool,
+    received: Instant,
+    replayed: bool,
+}
+
 impl Lane {
-    /// A lane for `transactional_id`; fences and aborts what a previous holder of the id left.
+    /// A lane for `transactional_id` (its producers are `<transactional_id>` and
+    /// `<transactional_id>.b`); fences and aborts what previous holders of the ids left.
     pub(super) fn new(config: &KafkaConfig, transactional_id: &str) -> Result<Lane, KafkaError> {
+        Ok(Lane {
+            producers: [
+                Lane::transactional(config, transactional_id)?,
+                Lane::transactional(config, &format!("{transactional_id}.b"))?,
+            ],
+            turn: 0,
+            committing: None,
+            failures: 0,
+        })
+    }
+
+    fn transactional(
+        config: &KafkaConfig,
+        transactional_id: &str,
+    ) -> Result<FutureProducer, KafkaError> {
         let producer: FutureProducer = config
             .client("lane")
             .set("transactional.id", transactional_id)
@@ -59,17 +117,22 @@ impl Lane {
             // round trip, and 5 ms still doubled the time to add the offsets at the 90th
             // percentile (measured in docs/benchmarks.md).
             .set("retry.backoff.ms", "1")
+            // librdkafka doubles the backoff at each retry (up to 1 s by default): the
+            // markers take milliseconds, so retry at a steady pace instead.
+            .set("retry.backoff.max.ms", "2")
             .create()?;
         producer.init_transactions(TX_TIMEOUT)?;
-        Ok(Lane {
-            producer,
-            failures: 0,
-        })
+        Ok(producer)
+    }
+
+    /// The producer of the current transaction.
+    fn producer(&self) -> &FutureProducer {
+        &self.producers[self.turn]
     }
 
     /// Aborts the open transaction (after a failure).
     pub(super) fn abort(&self) -> Result<(), KafkaError> {
-        match self.producer.abort_transaction(TX_TIMEOUT) {
+        match self.producer().abort_transaction(TX_TIMEOUT) {
             Ok(()) => Ok(()),
             Err(e) => match TxError::from(e) {
                 TxError::Fatal(e) => Err(e),
@@ -79,22 +142,25 @@ impl Lane {
     }
 
     /// Processes `batch` (commands of this lane's partitions, in order) in one transaction:
-    /// entity events, dead letters, replies, answered ids and the consumed offsets.
+    /// entity events, dead letters, replies, answered ids and the consumed offsets. Returns
+    /// once the records are sent and the previous transaction has committed; this one commits
+    /// on its own thread (see [`Lane::settle`]). An error leaves this transaction open, for
+    /// [`Lane::abort`].
     pub(super) fn transaction(
         &mut self,
-        shared: &Shared,
+        shared: &Arc<Shared>,
         batch: &[&Incoming],
         group: &ConsumerGroupMetadata,
         stop: &AtomicBool,
     ) -> Result<(), TxError> {
         let started = Instant::now();
-        self.producer.begin_transaction().map_err(TxError::from)?;
+        self.producer().begin_transaction().map_err(TxError::from)?;
         // Entity rows written in this transaction (commands later in the batch see them).
         let mut written: HashMap<String, Row> = HashMap::new();
         let mut steps = Vec::with_capacity(batch.len());
         let mut deliveries = Vec::new();
         for incoming in batch {
-            let step = shared.step(incoming, &written, stop);
+            let step = shared.step(incoming, &self.unsaved(&written), stop);
             match &step {
                 Step::Apply { key, row, .. } => {
                     let payload = row_to_json_bytes(&shared.entity.columns, row);
@@ -160,7 +226,7 @@ impl Lane {
                 .add_partition_offset(m.topic(), m.partition(), Offset::Offset(m.offset() + 1))
                 .map_err(|e| TxError::Fatal(e.into()))?;
         }
-        self.producer
+        self.producer()
             .send_offsets_to_transaction(&offsets, group, TX_TIMEOUT)
             .map_err(TxError::from)?;
         let offsets_sent = started.elapsed();
@@ -264,73 +330,76 @@ impl Lane {
                 None => {}
             }
         }
-        for d in replies_sent {
-            wait_delivery(d)?;
-        }
-        // rust-rdkafka's commit flushes first, and a flush that finds a delivery report not yet
-        // released by the producer's polling thread waits 100 ms for another one: let the
-        // polling thread finish first (microseconds).
-        let settle = Instant::now();
-        while self.producer.in_flight_count() > 0 && settle.elapsed() < Duration::from_millis(20) {
-            std::thread::yield_now();
-        }
-        let replied_at = started.elapsed();
-        self.producer
-            .commit_transaction(TX_TIMEOUT)
-            .map_err(TxError::from)?;
-        debug!(command = %shared.spec.name, commands = batch.len(), offsets_sent = ?offsets_sent,
-               written = ?written_at, replied = ?replied_at, committed = ?started.elapsed(), "transaction committed");
-        // Committed: the views take what the transaction wrote.
-        shared
-            .entities
-            .lock()
-            .expect("entities lock")
-            .extend(written);
-        for (incoming, reply, remember) in replies {
-            let m = &incoming.message;
-            // Only re-deliveries' answers are not remembered again.
-            let outcome = if remember {
-                reply.outcome()
-            } else {
-                "duplicate"
-            };
-            if remember {
-                if let Some(id) = &incoming.command_id {
-                    shared
-                        .answered
-                        .lock()
-                        .expect("answered lock")
-                        .insert(id.clone(), reply.clone());
+        let answered = replies
+            .into_iter()
+            .map(|(incoming, reply, remember)| Answered {
+                topic: incoming.message.topic().to_string(),
+                partition: incoming.message.partition(),
+                offset: incoming.message.offset(),
+                key: incoming.key.clone(),
+                command_id: incoming.command_id.clone(),
+                reply,
+                remember,
+                received: incoming.received,
+                replayed: incoming.parked_version.is_some(),
+            })
+            .collect();
+        // This transaction built on what the previous one wrote: it commits after it.
+        self.settle(true)?;
+        let written = Arc::new(written);
+        let thread = std::thread::Builder::new()
+            .name("miroir-commit".into())
+            .spawn({
+                let (shared, producer, written) =
+                    (shared.clone(), self.producer().clone(), written.clone());
+                let commands = batch.len();
+                move || {
+                    let timing = Timing {
+                        started,
+                        commands,
+                        offsets_sent,
+                        written: written_at,
+                    };
+                    commit(&shared, &producer, replies_sent, answered, &written, timing)
                 }
-            }
-            shared
-                .metrics
-                .processed
-                .with_label_values(&[&shared.spec.name, outcome])
-                .inc();
-            shared
-                .metrics
-                .processing_seconds
-                .with_label_values(&[&shared.spec.name])
-                .observe(incoming.received.elapsed().as_secs_f64());
-            if matches!(reply, Reply::Deferred { .. }) {
-                shared
-                    .metrics
-                    .dead_lettered
-                    .with_label_values(&[&shared.spec.name])
-                    .inc();
-            }
-            if incoming.parked_version.is_some() {
-                shared
-                    .metrics
-                    .replayed
-                    .with_label_values(&[&shared.spec.name])
-                    .inc();
-            }
-            debug!(topic = m.topic(), partition = m.partition(), offset = m.offset(), key = ?incoming.key,
-                   command_id = ?incoming.command_id, outcome, "command answered");
-        }
+            })
+            .map_err(|e| {
+                TxError::Fatal(KafkaError::Definite(format!(
+                    "cannot start a commit thread: {e}"
+                )))
+            })?;
+        self.committing = Some(Committing { written, thread });
+        self.turn = 1 - self.turn;
         Ok(())
+    }
+
+    /// The rows of an uncommitted transaction, newest first: this one's, then the previous
+    /// one's while it commits.
+    fn unsaved<'a>(&'a self, written: &'a HashMap<String, Row>) -> Unsaved<'a> {
+        Unsaved {
+            this: written,
+            previous: self.committing.as_ref().map(|c| &*c.written),
+        }
+    }
+
+    /// Waits for the transaction committing, if any (`wait`), or takes its result if it is
+    /// done. A failed commit has aborted its transaction.
+    pub(super) fn settle(&mut self, wait: bool) -> Result<(), TxError> {
+        match self.committing.take() {
+            Some(c) if wait || c.thread.is_finished() => {
+                c.thread.join().unwrap_or_else(|_| {
+                    Err(TxError::Fatal(KafkaError::Definite(
+                        "a commit thread panicked".into(),
+                    )))
+                })?;
+                self.failures = 0;
+                Ok(())
+            }
+            other => {
+                self.committing = other;
+                Ok(())
+            }
+        }
     }
 
     fn send(
@@ -338,7 +407,7 @@ impl Lane {
         mut record: FutureRecord<'_, [u8], [u8]>,
     ) -> Result<rdkafka::producer::DeliveryFuture, TxError> {
         loop {
-            match self.producer.send_result(record) {
+            match self.producer().send_result(record) {
                 Ok(f) => return Ok(f),
                 Err((
                     rdkafka::error::KafkaError::MessageProduction(
@@ -360,7 +429,7 @@ impl Lane {
         // The producer's connections, not the consumer's: a consumer connection waits out its
         // long-polling fetch before it answers a metadata request.
         match self
-            .producer
+            .producer()
             .client()
             .fetch_metadata(Some(topic), TX_TIMEOUT)
         {
@@ -381,7 +450,7 @@ impl Lane {
 impl Shared {
     /// Decides one command: duplicates get their first answer, dependency failures are
     /// retried here (the batch's transaction stays open) and then parked.
-    fn step(&self, incoming: &Incoming, written: &HashMap<String, Row>, stop: &AtomicBool) -> Step {
+    fn step(&self, incoming: &Incoming, written: &Unsaved<'_>, stop: &AtomicBool) -> Step {
         let m = &incoming.message;
         if let Some(previous) = incoming.command_id.as_ref().and_then(|id| {
             self.answered
@@ -556,6 +625,108 @@ impl Shared {
             }
         }
     }
+}
+
+/// Rows written by transactions not committed yet.
+struct Unsaved<'a> {
+    this: &'a HashMap<String, Row>,
+    previous: Option<&'a HashMap<String, Row>>,
+}
+
+impl Unsaved<'_> {
+    fn get(&self, key: &str) -> Option<&Row> {
+        self.this
+            .get(key)
+            .or_else(|| self.previous.and_then(|p| p.get(key)))
+    }
+}
+
+/// When a transaction's steps ended, for its debug line.
+struct Timing {
+    started: Instant,
+    commands: usize,
+    offsets_sent: Duration,
+    written: Duration,
+}
+
+/// Commits a transaction once its last records are written (on its own thread), then
+/// updates the views and the metrics; aborts it on failure.
+fn commit(
+    shared: &Shared,
+    producer: &FutureProducer,
+    sent: Vec<rdkafka::producer::DeliveryFuture>,
+    answered: Vec<Answered>,
+    written: &HashMap<String, Row>,
+    timing: Timing,
+) -> Result<(), TxError> {
+    let committed = (|| {
+        for d in sent {
+            wait_delivery(d)?;
+        }
+        // rust-rdkafka's commit flushes first, and a flush that finds a delivery report not
+        // yet released by the producer's polling thread waits 100 ms for another one: let the
+        // polling thread finish first (microseconds).
+        let settle = Instant::now();
+        while producer.in_flight_count() > 0 && settle.elapsed() < Duration::from_millis(20) {
+            std::thread::yield_now();
+        }
+        let replied = timing.started.elapsed();
+        producer
+            .commit_transaction(TX_TIMEOUT)
+            .map_err(TxError::from)?;
+        Ok(replied)
+    })();
+    let replied = match committed {
+        Ok(replied) => replied,
+        Err(e) => {
+            return match producer
+                .abort_transaction(TX_TIMEOUT)
+                .map_err(TxError::from)
+            {
+                Err(TxError::Fatal(fatal)) => Err(TxError::Fatal(fatal)),
+                _ => Err(e),
+            };
+        }
+    };
+    debug!(command = %shared.spec.name, commands = timing.commands, offsets_sent = ?timing.offsets_sent,
+           written = ?timing.written, replied = ?replied, committed = ?timing.started.elapsed(), "transaction committed");
+    // Committed: the views take what the transaction wrote.
+    shared
+        .entities
+        .lock()
+        .expect("entities lock")
+        .extend(written.iter().map(|(k, r)| (k.clone(), r.clone())));
+    for a in answered {
+        // Only re-deliveries' answers are not remembered again.
+        let outcome = if a.remember {
+            a.reply.outcome()
+        } else {
+            "duplicate"
+        };
+        let name = shared.spec.name.as_str();
+        let metrics = &shared.metrics;
+        metrics.processed.with_label_values(&[name, outcome]).inc();
+        metrics
+            .processing_seconds
+            .with_label_values(&[name])
+            .observe(a.received.elapsed().as_secs_f64());
+        if matches!(a.reply, Reply::Deferred { .. }) {
+            metrics.dead_lettered.with_label_values(&[name]).inc();
+        }
+        if a.replayed {
+            metrics.replayed.with_label_values(&[name]).inc();
+        }
+        debug!(topic = a.topic, partition = a.partition, offset = a.offset, key = ?a.key,
+               command_id = ?a.command_id, outcome, "command answered");
+        if let (true, Some(id)) = (a.remember, a.command_id) {
+            shared
+                .answered
+                .lock()
+                .expect("answered lock")
+                .insert(id, a.reply);
+        }
+    }
+    Ok(())
 }
 
 /// A transaction failure: retry the batch, or stop (the producer was fenced or broke).

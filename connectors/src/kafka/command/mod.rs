@@ -253,7 +253,7 @@ impl ReplyTopics {
 
 /// The processor's thread: polls commands, keeps the views, hands batches to the lanes.
 struct Worker {
-    shared: Shared,
+    shared: Arc<Shared>,
     config: KafkaConfig,
     consumer: BaseConsumer<Rebalances>,
     lanes: Vec<Lane>,
@@ -406,7 +406,7 @@ impl Worker {
             late: None,
         };
         Ok(Worker {
-            shared: Shared {
+            shared: Arc::new(Shared {
                 spec,
                 entity,
                 payload,
@@ -415,7 +415,7 @@ impl Worker {
                 entities: Mutex::default(),
                 answered: Mutex::default(),
                 reply_topics: Mutex::default(),
-            },
+            }),
             config: config.clone(),
             consumer,
             lanes: Vec::new(),
@@ -425,7 +425,10 @@ impl Worker {
     }
 
     fn run(mut self, stop: &AtomicBool, status: &ProcessorStatus) {
-        if let Err(e) = self.serve(stop, status) {
+        let served = self.serve(stop, status);
+        // The last transactions finish committing (their commands are read again otherwise).
+        let settled = self.settle(true);
+        if let Err(e) = served.and(settled) {
             error!(command = %self.shared.spec.name, error = %e, "the command processor stopped");
             *status.failure.lock().expect("status lock") = Some(e.to_string());
         }
@@ -450,6 +453,10 @@ impl Worker {
         while !stop.load(Ordering::Acquire) {
             let mut batch = self.poll_batch();
             let rebalances = self.consumer.context().count.load(Ordering::Acquire);
+            // Commits that failed meanwhile rewind the consumer: the batch is read again.
+            if !self.settle(rebalances != seen)? {
+                continue;
+            }
             if rebalances != seen {
                 // A rebalance may have happened in the middle of the batch: its commands are
                 // read again from the committed offsets, where they now belong (here or on the
@@ -613,11 +620,31 @@ impl Worker {
                     .collect()
             })
         };
+        self.conclude(results)?;
+        Ok(())
+    }
+
+    /// Takes the results of the lanes' commits: all of them (`wait`), or those done. Returns
+    /// false when one failed, and the consumer was rewound.
+    fn settle(&mut self, wait: bool) -> Result<bool, KafkaError> {
+        let results = self
+            .lanes
+            .iter_mut()
+            .enumerate()
+            .map(|(i, lane)| (i, lane.settle(wait)))
+            .collect();
+        self.conclude(results)
+    }
+
+    /// Counts the lanes' failures; after one, aborts what the lanes have open, waits for
+    /// their commits, rewinds the consumer to the committed offsets and backs off. Returns
+    /// false when it rewound.
+    fn conclude(&mut self, results: Vec<(usize, Result<(), TxError>)>) -> Result<bool, KafkaError> {
         let mut wait = None;
         for (i, result) in results {
             let lane = &mut self.lanes[i];
             match result {
-                Ok(()) => lane.failures = 0,
+                Ok(()) => {}
                 Err(TxError::Fatal(e)) => return Err(e),
                 Err(TxError::Retry(e)) => {
                     lane.failures += 1;
@@ -629,17 +656,29 @@ impl Worker {
                 }
             }
         }
-        if let Some(wait) = wait {
-            self.shared
-                .reply_topics
-                .lock()
-                .expect("reply topics lock")
-                .seen
-                .clear();
-            self.rewind()?;
-            std::thread::sleep(wait);
+        let Some(wait) = wait else {
+            return Ok(true);
+        };
+        for (i, lane) in self.lanes.iter_mut().enumerate() {
+            // Commits still running land (or fail) before the consumer goes back to the
+            // committed offsets.
+            match lane.settle(true) {
+                Ok(()) => {}
+                Err(TxError::Fatal(e)) => return Err(e),
+                Err(TxError::Retry(e)) => {
+                    warn!(command = %self.shared.spec.name, lane = i, error = %e, "command transaction failed");
+                }
+            }
         }
-        Ok(())
+        self.shared
+            .reply_topics
+            .lock()
+            .expect("reply topics lock")
+            .seen
+            .clear();
+        self.rewind()?;
+        std::thread::sleep(wait);
+        Ok(false)
     }
 
     /// Seeks every assigned partition back to its committed offset.
