@@ -1,6 +1,7 @@
 //! Commands and replies against the real broker: every outcome, duplicate delivery, a failing
 //! dependency (retries, dead letters, replay in order), concurrent clients, a client timing
-//! out while the processor is stopped, and a processor killed with SIGKILL mid-stream.
+//! out while the processor is stopped, a processor killed with SIGKILL mid-stream, and a failed
+//! transaction taking the one prepared after it down with it.
 
 mod support;
 
@@ -664,6 +665,81 @@ fn processor_killed_mid_stream_answers_every_command_once() {
     client.shutdown();
     let _ = child.kill();
     let _ = child.wait();
+}
+
+/// A transaction that fails aborts the one prepared after it too (that one built on its rows
+/// and commits only after it): both batches are read again, and every command is applied once,
+/// each user's versions without a gap. The failure: while two clients write to the same users,
+/// one client's reply topic is deleted under the processor, which still trusts it exists.
+#[test]
+fn a_failed_transaction_aborts_the_one_after_it_and_every_command_is_applied_once() {
+    let run = unique("cmd-abort");
+    let m = user_referential(&run);
+    seed_users(&m.user_topic, 12);
+    let dir = tempfile::tempdir().unwrap();
+    let master = start_master(&m, &dir.path().join("master"), None);
+    let config = KafkaConfig::new(brokers());
+    let spec = m.topology.command("update_email").unwrap();
+    let live = Client::start(&config, "abort-live", Metrics::new().commands.clone()).unwrap();
+    let doomed = Client::start(&config, "abort-doomed", Metrics::new().commands.clone()).unwrap();
+    let doomed_topic = doomed.reply_topic().to_string();
+    let answered = AtomicUsize::new(0);
+    let deleted = AtomicBool::new(false);
+    let (live_sent, doomed_count) = std::thread::scope(|s| {
+        let streams: Vec<_> = (0..4)
+            .map(|t| {
+                let (client, answered) = (&live, &answered);
+                s.spawn(move || {
+                    send_stream(client, spec, t, 40, Duration::from_millis(2), answered)
+                })
+            })
+            .collect();
+        // The doomed client changes the first stream's users (u-0 and u-4) between its
+        // commands, and goes on for three commands once its reply topic is gone.
+        let doomed_stream = s.spawn(|| {
+            let (mut sent, mut after) = (0, 0);
+            while after < 3 {
+                if deleted.load(Ordering::SeqCst) {
+                    after += 1;
+                }
+                let user = ["u-0", "u-4"][sent % 2];
+                let email = format!("doomed-{sent}@example.org");
+                // Answered until the topic goes; then the replies are dropped (a timeout here).
+                let _ = doomed.send(&update(spec, user, &email, admin()), Duration::from_secs(3));
+                sent += 1;
+            }
+            sent
+        });
+        wait_until("commands are answered", Duration::from_secs(60), || {
+            answered.load(Ordering::SeqCst) >= 40
+        });
+        miroir_connectors::kafka::admin::delete_topics(&config, &[&doomed_topic]).unwrap();
+        deleted.store(true, Ordering::SeqCst);
+        let live_sent: Vec<Sent> = streams
+            .into_iter()
+            .flat_map(|h| h.join().unwrap())
+            .collect();
+        (live_sent, doomed_stream.join().unwrap())
+    });
+    assert_eq!(live_sent.len(), 160);
+    for sent in &live_sent {
+        assert!(
+            matches!(sent.result, Ok(Reply::Accepted { .. })),
+            "{}: {:?}",
+            sent.email,
+            sent.result
+        );
+    }
+    assert_applied_once(&command_events(&m.user_topic), 160 + doomed_count);
+    let metrics = master.metrics();
+    assert!(
+        counter(&metrics, "miroir_command_aborted_transactions_total", "") >= 1,
+        "no transaction failed: the test did not test anything"
+    );
+    assert!(counter(&metrics, "miroir_command_replies_dropped_total", "") >= 1);
+    live.shutdown();
+    doomed.shutdown();
+    master.shutdown();
 }
 
 #[test]

@@ -55,6 +55,9 @@ pub struct CommandMetrics {
     pub replayed: IntCounterVec,
     /// Replies not sent because the reply topic is gone (its instance stopped), by command.
     pub replies_dropped: IntCounterVec,
+    /// Transactions aborted after a failure, by command: their commands are read again (with
+    /// those of the transaction prepared after one, which built on it).
+    pub aborted_transactions: IntCounterVec,
     /// Client: seconds from send to reply, by command type.
     pub round_trip_seconds: HistogramVec,
     /// Client: sends that timed out, by command type.
@@ -122,6 +125,11 @@ impl CommandMetrics {
             replies_dropped: counter(
                 "miroir_command_replies_dropped_total",
                 "Replies not sent because the reply topic no longer exists",
+                &["command"],
+            ),
+            aborted_transactions: counter(
+                "miroir_command_aborted_transactions_total",
+                "Command transactions aborted after a failure; their commands are read again",
                 &["command"],
             ),
             round_trip_seconds: histogram(

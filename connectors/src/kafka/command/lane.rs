@@ -36,26 +36,31 @@ enum Step {
     },
 }
 
-/// Two transactional producers taking turns, the transaction committing, and the lane's run of
-/// failures.
+/// Three transactional producers taking turns, the transaction committing, and the lane's run
+/// of failures.
 ///
 /// Transactions overlap by half: once a transaction's records are all sent, its commit
 /// (waiting for the replies to be written, then `EndTxn`) runs on a thread of its own while
-/// the next batch is decided and written by the other producer, on its own connection. The
+/// the next batch is decided and written by the next producer, on its own connections. The
 /// next transaction builds on the rows the previous one wrote, produces its entity events
 /// after the previous one's are in the log (so each key's events keep their order), and
 /// commits only once the previous one has: if that one fails, both are aborted and their
 /// commands read again.
 ///
-/// Taking turns also keeps librdkafka's fixed 20 ms retry out of the way: until the markers of
-/// a producer's last transaction are written, the coordinator answers its next transaction
-/// with "concurrent transactions", and librdkafka retries adding a partition (which the first
-/// record to it does) after 20 ms. Each producer's transactions are one transaction apart,
-/// long enough for the markers (about a millisecond).
+/// Taking turns keeps librdkafka's fixed 20 ms retry out of the way: until the markers of a
+/// producer's last transaction are written, the coordinator answers its next transaction with
+/// "concurrent transactions", and librdkafka retries adding a partition (which the first
+/// record to it does) after 20 ms. With two producers, a producer's next transaction started
+/// as soon as its last one committed (the other one's ran meanwhile) and met the retry in about
+/// 1% of transactions; with three, a whole transaction runs in between. Adding the offsets
+/// first instead would rule the retry out, but costs every transaction the round trips the
+/// offsets now take while the entity events are written (measured in docs/benchmarks.md).
 pub(super) struct Lane {
-    producers: [FutureProducer; 2],
+    producers: [FutureProducer; 3],
     /// Which producer runs the next transaction.
     turn: usize,
+    /// Whether that producer has a transaction open (not yet handed to its commit).
+    open: bool,
     /// The previous transaction, while it commits.
     committing: Option<Committing>,
     /// Consecutive failed transactions (the backoff grows with them).
@@ -84,15 +89,18 @@ struct Answered {
 }
 
 impl Lane {
-    /// A lane for `transactional_id` (its producers are `<transactional_id>` and
-    /// `<transactional_id>.b`); fences and aborts what previous holders of the ids left.
+    /// A lane for `transactional_id` (its producers are `<transactional_id>`,
+    /// `<transactional_id>.b` and `<transactional_id>.c`); fences and aborts what previous
+    /// holders of the ids left.
     pub(super) fn new(config: &KafkaConfig, transactional_id: &str) -> Result<Lane, KafkaError> {
         Ok(Lane {
             producers: [
                 Lane::transactional(config, transactional_id)?,
                 Lane::transactional(config, &format!("{transactional_id}.b"))?,
+                Lane::transactional(config, &format!("{transactional_id}.c"))?,
             ],
             turn: 0,
+            open: false,
             committing: None,
             failures: 0,
         })
@@ -131,12 +139,16 @@ impl Lane {
     }
 
     /// Aborts the open transaction (after a failure).
-    pub(super) fn abort(&self) -> Result<(), KafkaError> {
+    /// Returns whether a transaction was open.
+    pub(super) fn abort(&mut self) -> Result<bool, KafkaError> {
+        if !std::mem::take(&mut self.open) {
+            return Ok(false);
+        }
         match self.producer().abort_transaction(TX_TIMEOUT) {
-            Ok(()) => Ok(()),
+            Ok(()) => Ok(true),
             Err(e) => match TxError::from(e) {
                 TxError::Fatal(e) => Err(e),
-                TxError::Retry(_) => Ok(()),
+                TxError::Retry(_) => Ok(true),
             },
         }
     }
@@ -155,6 +167,7 @@ impl Lane {
     ) -> Result<(), TxError> {
         let started = Instant::now();
         self.producer().begin_transaction().map_err(TxError::from)?;
+        self.open = true;
         // Entity rows written in this transaction (commands later in the batch see them).
         let mut written: HashMap<String, Row> = HashMap::new();
         let mut steps = Vec::with_capacity(batch.len());
@@ -369,7 +382,8 @@ impl Lane {
                 )))
             })?;
         self.committing = Some(Committing { written, thread });
-        self.turn = 1 - self.turn;
+        self.open = false;
+        self.turn = (self.turn + 1) % self.producers.len();
         Ok(())
     }
 
@@ -679,6 +693,11 @@ fn commit(
     let replied = match committed {
         Ok(replied) => replied,
         Err(e) => {
+            shared
+                .metrics
+                .aborted_transactions
+                .with_label_values(&[&shared.spec.name])
+                .inc();
             return match producer
                 .abort_transaction(TX_TIMEOUT)
                 .map_err(TxError::from)

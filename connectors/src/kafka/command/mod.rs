@@ -651,7 +651,13 @@ impl Worker {
                     let delay = self.shared.spec.retry.delay(lane.failures);
                     warn!(command = %self.shared.spec.name, lane = i, error = %e, failures = lane.failures,
                           "command transaction failed; aborting, reading its commands again in {delay:?}");
-                    lane.abort()?;
+                    if lane.abort()? {
+                        self.shared
+                            .metrics
+                            .aborted_transactions
+                            .with_label_values(&[&self.shared.spec.name])
+                            .inc();
+                    }
                     wait = wait.max(Some(delay));
                 }
             }
