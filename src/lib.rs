@@ -511,9 +511,14 @@ impl Engine {
         &self.inner.runtime.status
     }
 
-    /// The failure that stopped the engine, if any.
+    /// The failure that stopped the engine or one of its command processors, if any.
     pub fn failure(&self) -> Option<String> {
-        self.inner.runtime.status.failure()
+        self.inner.runtime.status.failure().or_else(|| {
+            self.inner
+                .processors
+                .iter()
+                .find_map(|(name, p)| Some(format!("command `{name}`: {}", p.failure()?)))
+        })
     }
 
     /// Commits, leaves the consumer group and stops (the HTTP server too).

@@ -119,6 +119,11 @@ impl Lane {
             .set("allow.auto.create.topics", "false")
             .set("topic.metadata.propagation.max.ms", "2000")
             .set("transaction.timeout.ms", "60000")
+            // A record the broker keeps refusing (its reply topic was deleted after it was last
+            // looked up: the broker answers "unknown partition", which librdkafka retries) fails
+            // after 10 s instead of the transaction's 60 s, and with it the transaction, which
+            // is then retried; meanwhile the lane waits.
+            .set("message.timeout.ms", "10000")
             // The coordinator answers "concurrent transactions" while the previous commit's
             // markers are written, which a busy lane meets at the start of most transactions;
             // librdkafka's default 100 ms backoff before retrying would be most of a command's
@@ -243,9 +248,38 @@ impl Lane {
             .send_offsets_to_transaction(&offsets, group, TX_TIMEOUT)
             .map_err(TxError::from)?;
         let offsets_sent = started.elapsed();
-        // The replies carry where the entity event or the dead letter landed.
+        let reply_exists: Vec<bool> = {
+            let mut known = shared.reply_topics.lock().expect("reply topics lock");
+            let mut stale: Vec<&str> = batch
+                .iter()
+                .filter_map(|i| i.reply_to.as_deref())
+                .filter(|t| known.stale(t))
+                .collect();
+            stale.sort_unstable();
+            stale.dedup();
+            for topic in stale {
+                self.check_reply_topic(&mut known, topic);
+            }
+            batch
+                .iter()
+                .map(|i| i.reply_to.as_deref().is_some_and(|t| known.exists(t)))
+                .collect()
+        };
+        // Awaited by the commit: a commit left to flush them waits on rust-rdkafka's 100 ms poll.
+        let mut replies_sent = Vec::new();
+        let done_topic = format!("{}{DONE_SUFFIX}", shared.spec.topic);
+        // Every answered id of the transaction goes to one partition of the topic, the first
+        // command's: each partition a transaction touches costs the broker a produce request,
+        // a check that the partition joined the transaction, and a marker. Where an id lands
+        // does not matter: every processor reads the whole topic.
+        let done_partition = batch.first().map_or(0, |i| i.message.partition());
+        // The replies carry where the entity event or the dead letter landed; each goes out as
+        // soon as its command's record has landed, so the reply topic joins the transaction
+        // while the other partitions' records are still being written.
         let mut replies = Vec::with_capacity(batch.len());
-        for ((incoming, step), delivery) in batch.iter().zip(steps).zip(deliveries) {
+        for (((incoming, step), delivery), exists) in
+            batch.iter().zip(steps).zip(deliveries).zip(reply_exists)
+        {
             let landed = match delivery {
                 Some(d) => Some(wait_delivery(d)?),
                 None => None,
@@ -271,37 +305,8 @@ impl Lane {
                     true,
                 ),
             };
-            replies.push((incoming, reply, remember));
-        }
-        let reply_exists: Vec<bool> = {
-            let mut known = shared.reply_topics.lock().expect("reply topics lock");
-            let mut stale: Vec<&str> = replies
-                .iter()
-                .filter_map(|(i, _, _)| i.reply_to.as_deref())
-                .filter(|t| known.stale(t))
-                .collect();
-            stale.sort_unstable();
-            stale.dedup();
-            for topic in stale {
-                self.check_reply_topic(&mut known, topic);
-            }
-            replies
-                .iter()
-                .map(|(i, _, _)| i.reply_to.as_deref().is_some_and(|t| known.exists(t)))
-                .collect()
-        };
-        let written_at = started.elapsed();
-        // Awaited here: a commit left to flush them waits on rust-rdkafka's 100 ms poll.
-        let mut replies_sent = Vec::new();
-        let done_topic = format!("{}{DONE_SUFFIX}", shared.spec.topic);
-        // Every answered id of the transaction goes to one partition of the topic, the first
-        // command's: each partition a transaction touches costs the broker a produce request,
-        // a check that the partition joined the transaction, and a marker. Where an id lands
-        // does not matter: every processor reads the whole topic.
-        let done_partition = batch.first().map_or(0, |i| i.message.partition());
-        for ((incoming, reply, remember), exists) in replies.iter().zip(reply_exists) {
-            let body = serde_json::to_vec(reply).expect("replies serialize");
-            if let (true, Some(id)) = (*remember, &incoming.command_id) {
+            let body = serde_json::to_vec(&reply).expect("replies serialize");
+            if let (true, Some(id)) = (remember, &incoming.command_id) {
                 let record = FutureRecord::to(&done_topic)
                     .key(id.as_bytes())
                     .payload(body.as_slice())
@@ -342,7 +347,9 @@ impl Lane {
                 }
                 None => {}
             }
+            replies.push((incoming, reply, remember));
         }
+        let written_at = started.elapsed();
         let answered = replies
             .into_iter()
             .map(|(incoming, reply, remember)| Answered {
