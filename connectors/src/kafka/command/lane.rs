@@ -1,5 +1,6 @@
-//! A lane: one transactional producer, for the command partitions mapped to it. Lanes run
-//! their transactions side by side, so one slow transaction does not hold every partition.
+//! A lane: the transactions of the command partitions mapped to it, written by three
+//! producers in turn and committed on their own threads. Lanes run their transactions side by
+//! side, so one slow transaction does not hold every partition.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -76,7 +77,7 @@ struct Committing {
 
 /// What a transaction answered a command, kept for after its commit.
 struct Answered {
-    topic: String,
+    /// Where the command was read in the command topic.
     partition: i32,
     offset: i64,
     key: Option<String>,
@@ -353,7 +354,6 @@ impl Lane {
         let answered = replies
             .into_iter()
             .map(|(incoming, reply, remember)| Answered {
-                topic: incoming.message.topic().to_string(),
                 partition: incoming.message.partition(),
                 offset: incoming.message.offset(),
                 key: incoming.key.clone(),
@@ -742,7 +742,7 @@ fn commit(
         if a.replayed {
             metrics.replayed.with_label_values(&[name]).inc();
         }
-        debug!(topic = a.topic, partition = a.partition, offset = a.offset, key = ?a.key,
+        debug!(topic = %shared.spec.topic, partition = a.partition, offset = a.offset, key = ?a.key,
                command_id = ?a.command_id, outcome, "command answered");
         if let (true, Some(id)) = (a.remember, a.command_id) {
             shared

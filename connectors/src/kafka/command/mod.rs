@@ -259,8 +259,9 @@ struct Worker {
     lanes: Vec<Lane>,
     /// Where the view of the entities is kept across restarts, if anywhere.
     store: Option<Store>,
-    /// Lane `i`'s producer is `<transactional_id>.<i>`: stable across restarts of the same
-    /// state directory, so a restarted instance fences its predecessor.
+    /// Lane `i`'s producers are `<transactional_id>.<i>` (and the same with `.b` and `.c`):
+    /// stable across restarts of the same state directory, so a restarted instance fences its
+    /// predecessor.
     transactional_id: String,
 }
 
