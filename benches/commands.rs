@@ -59,8 +59,6 @@ fn main() {
     let brokers = std::env::var("MIROIR_BROKERS").unwrap_or_else(|_| "127.0.0.1:19092".into());
     let seconds = env_or("MIROIR_BENCH_SECONDS", 10);
     let lanes = env_or("MIROIR_BENCH_LANES", 1) as usize;
-    // The broker compiles its transaction paths as they get busy: after 3 s of warm-up, the
-    // processor's p99 still fell by several milliseconds from one run to the next.
     let warmup = env_or("MIROIR_BENCH_WARMUP", 15);
     let run = run_id();
     let config = KafkaConfig::new(brokers.clone());
@@ -157,7 +155,8 @@ fn main() {
             .send(&command(s, 0, 0), Duration::from_secs(30))
             .unwrap();
         // Warm-up, not measured: the broker compiles its transaction paths on first use (the
-        // first seconds cost it several times the CPU per command of the steady state).
+        // first seconds cost it several times the CPU per command of the steady state, and
+        // after 3 s the processor's p99 still fell by several milliseconds from run to run).
         measure(client, s, 16, None, Duration::from_secs(warmup));
         for (senders, rate) in [
             (1, None),

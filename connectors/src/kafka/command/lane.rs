@@ -281,7 +281,7 @@ impl Lane {
         // The replies carry where the entity event or the dead letter landed; each goes out as
         // soon as its command's record has landed, so the reply topic joins the transaction
         // while the other partitions' records are still being written.
-        let mut replies = Vec::with_capacity(batch.len());
+        let mut answered = Vec::with_capacity(batch.len());
         for (((incoming, step), delivery), exists) in
             batch.iter().zip(steps).zip(deliveries).zip(reply_exists)
         {
@@ -352,12 +352,7 @@ impl Lane {
                 }
                 None => {}
             }
-            replies.push((incoming, reply, remember));
-        }
-        let written_at = started.elapsed();
-        let answered = replies
-            .into_iter()
-            .map(|(incoming, reply, remember)| Answered {
+            answered.push(Answered {
                 partition: incoming.message.partition(),
                 offset: incoming.message.offset(),
                 key: incoming.key.clone(),
@@ -366,8 +361,9 @@ impl Lane {
                 remember,
                 received: incoming.received,
                 replayed: incoming.parked_version.is_some(),
-            })
-            .collect();
+            });
+        }
+        let written_at = started.elapsed();
         // This transaction built on what the previous one wrote: it commits after it.
         self.settle(true)?;
         let written = Arc::new(written);
