@@ -997,8 +997,22 @@ fn a_restarted_processor_keeps_its_view_of_the_entities_in_the_state_directory()
         Duration::from_secs(30),
         || master_row(&master, "u-0")["version"] == 1,
     );
+    // An accepted command: its id is remembered from its entity event's header alone.
+    let config = KafkaConfig::new(brokers());
+    let client = Client::start(&config, "view-test", Metrics::new().commands.clone()).unwrap();
+    let spec = m.topology.command("update_email").unwrap();
+    let mut once = update(spec, "u-1", "once@example.org", admin());
+    once.command_id = Some(format!("once-{run}"));
+    let first = client.send(&once, REPLY_TIMEOUT).unwrap();
+    assert!(
+        matches!(first, Reply::Accepted { version: 2, .. }),
+        "{first:?}"
+    );
+    // Read back by the entity topic's tail (its fetches wait up to 100 ms), so in the store.
+    std::thread::sleep(Duration::from_millis(500));
     master.shutdown();
-    // Delete every record of the entity topic: only the stored view still knows the users.
+    // Delete every record of the entity topic: only the stored view still knows the users
+    // and the accepted command.
     let kafka_admin: rdkafka::admin::AdminClient<rdkafka::client::DefaultClientContext> =
         rdkafka::ClientConfig::new()
             .set("bootstrap.servers", brokers())
@@ -1018,9 +1032,12 @@ fn a_restarted_processor_keeps_its_view_of_the_entities_in_the_state_directory()
     assert!(command_events(&m.user_topic).is_empty());
 
     let master = start_master(&m, &state, None);
-    let config = KafkaConfig::new(brokers());
-    let client = Client::start(&config, "view-test", Metrics::new().commands.clone()).unwrap();
-    let spec = m.topology.command("update_email").unwrap();
+    // Sent again (a re-delivery): the first answer, no second effect.
+    let again = client.send(&once, REPLY_TIMEOUT).unwrap();
+    assert_eq!(
+        again, first,
+        "the restarted processor forgot an accepted command"
+    );
     let reply = client
         .send(
             &update(spec, "u-0", "kept@example.org", admin()),
@@ -1030,6 +1047,13 @@ fn a_restarted_processor_keeps_its_view_of_the_entities_in_the_state_directory()
     assert!(
         matches!(reply, Reply::Accepted { version: 2, .. }),
         "the restarted processor lost its view: {reply:?}"
+    );
+    let events = command_events(&m.user_topic);
+    let keys: Vec<&str> = events.values().map(|(k, _, _)| k.as_str()).collect();
+    assert_eq!(
+        keys,
+        vec!["u-0"],
+        "only the new command wrote an entity event: {events:?}"
     );
     client.shutdown();
     master.shutdown();

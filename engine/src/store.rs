@@ -113,10 +113,33 @@ fn outbox_key(sequence: u64) -> Vec<u8> {
     k
 }
 
-/// Keys of a command processor's view of its entities: `c/<command>/e/<key>` (the row) and
-/// `c/<command>/o/<partition>` (the next offset of the entity topic to read).
+/// Keys of a command processor's view of its entities: `c/<command>/e/<key>` (the row),
+/// `c/<command>/o/<partition>` (the next offset of the entity topic to read) and
+/// `c/<command>/a/<command id>` (the answer of a command read back from its entity event).
 fn command_key(command: &str, kind: char, rest: &str) -> Vec<u8> {
     format!("c/{command}/{kind}/{rest}").into_bytes()
+}
+
+/// A command processor's view as stored (see [`Store::command_view`]).
+#[derive(Debug, Default)]
+pub struct CommandView {
+    /// The entity rows, by key.
+    pub rows: Vec<(String, Vec<Value>)>,
+    /// The next offset of the entity topic to read, by partition.
+    pub offsets: Vec<(i32, i64)>,
+    /// The answers of the commands read back from their entity events.
+    pub answers: Vec<StoredAnswer>,
+}
+
+/// A command's answer kept in a command processor's view.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredAnswer {
+    /// The command id.
+    pub id: String,
+    /// When the answer was written, in ms since the epoch.
+    pub at_ms: i64,
+    /// The answer, as the caller serialized it.
+    pub reply: Vec<u8>,
 }
 
 fn offset_key(topic: &str, partition: u32) -> Vec<u8> {
@@ -275,14 +298,10 @@ impl Store {
         }
     }
 
-    /// A command processor's persisted view: the entity rows by key, and the next offset of
-    /// the entity topic to read, by partition.
-    #[allow(clippy::type_complexity)]
-    pub fn command_view(
-        &self,
-        command: &str,
-    ) -> Result<(Vec<(String, Vec<Value>)>, Vec<(i32, i64)>), StoreError> {
-        let (mut rows, mut offsets) = (Vec::new(), Vec::new());
+    /// A command processor's persisted view: the entity rows by key, the next offset of the
+    /// entity topic to read by partition, and the answers of the commands read back.
+    pub fn command_view(&self, command: &str) -> Result<CommandView, StoreError> {
+        let (mut rows, mut offsets, mut answers) = (Vec::new(), Vec::new(), Vec::new());
         let prefix = command_key(command, 'e', "");
         for item in self.db.prefix_iterator_cf(self.state_cf(), &prefix) {
             let (k, v) = item.map_err(|e| self.rocks(e))?;
@@ -318,7 +337,31 @@ impl Store {
                 }
             }
         }
-        Ok((rows, offsets))
+        let prefix = command_key(command, 'a', "");
+        for item in self.db.prefix_iterator_cf(self.state_cf(), &prefix) {
+            let (k, v) = item.map_err(|e| self.rocks(e))?;
+            if !k.starts_with(&prefix) {
+                break;
+            }
+            let id = String::from_utf8_lossy(&k[prefix.len()..]).into_owned();
+            let Some((at, reply)) = v.split_first_chunk::<8>() else {
+                return Err(StoreError::Corrupt {
+                    path: self.path.clone(),
+                    key: String::from_utf8_lossy(&k).into_owned(),
+                    message: "not a command answer".into(),
+                });
+            };
+            answers.push(StoredAnswer {
+                id,
+                at_ms: i64::from_be_bytes(*at),
+                reply: reply.to_vec(),
+            });
+        }
+        Ok(CommandView {
+            rows,
+            offsets,
+            answers,
+        })
     }
 
     /// Writes `commit` without waiting for the disk (for state that can be read again, such
@@ -542,6 +585,19 @@ impl Commit {
         self.push(Family::State, command_key(command, 'e', key), None);
     }
 
+    /// Records the answer (`reply`, serialized by the caller) of command `id`, read back at
+    /// `at_ms` (ms since the epoch) in command `command`'s view.
+    pub fn put_command_answer(&mut self, command: &str, id: &str, at_ms: i64, reply: &[u8]) {
+        let mut value = at_ms.to_be_bytes().to_vec();
+        value.extend_from_slice(reply);
+        self.push(Family::State, command_key(command, 'a', id), Some(value));
+    }
+
+    /// Forgets the answer of command `id` in command `command`'s view.
+    pub fn delete_command_answer(&mut self, command: &str, id: &str) {
+        self.push(Family::State, command_key(command, 'a', id), None);
+    }
+
     /// Records the next offset of the entity topic's `partition` for command `command`'s view.
     pub fn put_command_offset(&mut self, command: &str, partition: i32, next: i64) {
         self.push(
@@ -639,15 +695,30 @@ mod tests {
         c.put_command_offset("update_email", 0, 42);
         c.put_command_offset("update_email", 11, 7);
         c.delete_command_row("update_email", "u-2");
+        c.put_command_answer("update_email", "cmd-1", 1_700_000_000_000, b"{\"ok\":1}");
+        c.put_command_answer("update_email", "cmd-2", 5, b"");
+        c.delete_command_answer("update_email", "cmd-2");
         store.write_unsynced(c).unwrap();
-        let (rows, mut offsets) = store.command_view("update_email").unwrap();
-        offsets.sort();
-        assert_eq!(rows, vec![("u-1".to_string(), row)]);
-        assert_eq!(offsets, vec![(0, 42), (11, 7)]);
-        let (rows, offsets) = store.command_view("update_name").unwrap();
-        assert_eq!((rows.len(), offsets.len()), (1, 0));
+        let mut view = store.command_view("update_email").unwrap();
+        view.offsets.sort();
+        assert_eq!(view.rows, vec![("u-1".to_string(), row)]);
+        assert_eq!(view.offsets, vec![(0, 42), (11, 7)]);
+        let answer = StoredAnswer {
+            id: "cmd-1".into(),
+            at_ms: 1_700_000_000_000,
+            reply: b"{\"ok\":1}".to_vec(),
+        };
+        assert_eq!(view.answers, vec![answer.clone()]);
+        let other = store.command_view("update_name").unwrap();
+        assert_eq!(
+            (other.rows.len(), other.offsets.len(), other.answers.len()),
+            (1, 0, 0)
+        );
         drop(store);
-        let reopened = Store::open(dir.path(), &[]).unwrap();
-        assert_eq!(reopened.command_view("update_email").unwrap().0.len(), 1);
+        let reopened = Store::open(dir.path(), &[])
+            .unwrap()
+            .command_view("update_email");
+        let reopened = reopened.unwrap();
+        assert_eq!((reopened.rows.len(), reopened.answers), (1, vec![answer]));
     }
 }

@@ -17,7 +17,9 @@ use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::{Offset, TopicPartitionList};
 use tracing::{debug, info, warn};
 
-use super::{header, text_header, Incoming, ReplyTopics, Shared, DONE_SUFFIX, TX_TIMEOUT};
+use super::{
+    header, remember, text_header, Incoming, ReplyTopics, Shared, DONE_SUFFIX, TX_TIMEOUT,
+};
 use crate::kafka::dlq::dlq_topic;
 use crate::kafka::{KafkaConfig, KafkaError};
 
@@ -276,7 +278,8 @@ impl Lane {
         // Every answered id of the transaction goes to one partition of the topic, the first
         // command's: each partition a transaction touches costs the broker a produce request,
         // a check that the partition joined the transaction, and a marker. Where an id lands
-        // does not matter: every processor reads the whole topic.
+        // does not matter: every processor reads the whole topic. (Accepted commands, the
+        // common case, write no record there: see below.)
         let done_partition = batch.first().map_or(0, |i| i.message.partition());
         // The replies carry where the entity event or the dead letter landed; each goes out as
         // soon as its command's record has landed, so the reply topic joins the transaction
@@ -311,7 +314,10 @@ impl Lane {
                 ),
             };
             let body = serde_json::to_vec(&reply).expect("replies serialize");
-            if let (true, Some(id)) = (remember, &incoming.command_id) {
+            // An accepted command's id is in its entity event's headers, where every processor
+            // reads it back: only the other answers need a record of their own.
+            let accepted = matches!(reply, Reply::Accepted { .. });
+            if let (true, false, Some(id)) = (remember, accepted, &incoming.command_id) {
                 let record = FutureRecord::to(&done_topic)
                     .key(id.as_bytes())
                     .payload(body.as_slice())
@@ -745,11 +751,11 @@ fn commit(
         debug!(topic = %shared.spec.topic, partition = a.partition, offset = a.offset, key = ?a.key,
                command_id = ?a.command_id, outcome, "command answered");
         if let (true, Some(id)) = (a.remember, a.command_id) {
-            shared
-                .answered
-                .lock()
-                .expect("answered lock")
-                .insert(id, a.reply);
+            remember(
+                &mut shared.answered.lock().expect("answered lock"),
+                id,
+                a.reply,
+            );
         }
     }
     Ok(())

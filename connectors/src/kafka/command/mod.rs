@@ -3,10 +3,11 @@
 //! ```text
 //!  command topic ──► decide (deadline, authorize, validate, apply)        one Kafka transaction
 //!  (consumer group,      │  current entity: a view of the entity topic   ┌──────────────────────┐
-//!   read_committed)      │  answered ids: a view of <topic>.miroir-done  │ new entity event     │
-//!                        ▼                                               │ reply to the sender  │
-//!            dependency failure? retry with backoff, then park ────────► │ dead letter, if any  │
-//!                                                                        │ answered id          │
+//!   read_committed)      │  answered ids: command ids of entity events,  │ new entity event     │
+//!                        │    <topic>.miroir-done for other answers      │ reply to the sender  │
+//!                        ▼                                               │ dead letter, if any  │
+//!            dependency failure? retry with backoff, then park ────────► │ answered id, unless  │
+//!                                                                        │   accepted           │
 //!                                                                        │ consumed offsets     │
 //!                                                                        └──────────────────────┘
 //! ```
@@ -80,8 +81,12 @@ pub mod header {
 
 /// Suffix of a command topic's dead-letter topic.
 pub const DLQ_SUFFIX: &str = ".dlq";
-/// Suffix of the compacted topic of answered command ids.
+/// Suffix of the compacted topic of answered command ids (accepted commands excepted: their
+/// entity events carry their ids).
 pub const DONE_SUFFIX: &str = ".miroir-done";
+/// How long a command id is remembered: the retention of `<topic>.miroir-done`, and of the
+/// accepted ids kept in the state directory.
+const ANSWER_RETENTION: Duration = Duration::from_secs(7 * 24 * 3600);
 
 /// A service the processor consults before applying a command (a directory, a fraud check).
 /// An error is technical: the command is retried with backoff, then parked in the dead-letter
@@ -280,35 +285,52 @@ impl ConsumerContext for Rebalances {
 }
 
 impl Shared {
-    /// Applies a committed entity event to the view (newest version wins); returns the
-    /// change, if any: the key and its new row (`None`: deleted).
-    fn entity_event(
-        &self,
-        m: &rdkafka::message::BorrowedMessage<'_>,
-    ) -> Option<(String, Option<Row>)> {
-        let key = m.key().map(|k| String::from_utf8_lossy(k).into_owned())?;
+    /// Applies a committed entity event to the view (newest version wins), and remembers the
+    /// command that wrote it (its `miroir-command-id` header) as accepted; returns what changed.
+    fn entity_event(&self, m: &rdkafka::message::BorrowedMessage<'_>) -> EntityChange {
+        let mut change = EntityChange::default();
+        let Some(key) = m.key().map(|k| String::from_utf8_lossy(k).into_owned()) else {
+            return change;
+        };
         let Some(payload) = m.payload() else {
             self.entities.lock().expect("entities lock").remove(&key);
-            return Some((key, None));
+            change.row = Some((key, None));
+            return change;
         };
-        match decode(&self.entity, payload) {
-            Ok(row) => {
-                let mut entities = self.entities.lock().expect("entities lock");
-                if entities
-                    .get(&key)
-                    .is_none_or(|old| self.spec.version_of(&row) > self.spec.version_of(old))
-                {
-                    entities.insert(key.clone(), row.clone());
-                    return Some((key, Some(row)));
-                }
-                None
-            }
+        let row = match decode(&self.entity, payload) {
+            Ok(row) => row,
             Err(e) => {
                 debug!(topic = %self.entity.topic, partition = m.partition(), offset = m.offset(), key, error = %e,
                              "entity event not understood; the view keeps the previous one");
-                None
+                return change;
             }
+        };
+        if let (Some(id), Some(version)) = (
+            text_header(m, header::COMMAND_ID),
+            self.spec.version_of(&row),
+        ) {
+            let reply = Reply::Accepted {
+                version,
+                partition: m.partition(),
+                offset: m.offset(),
+            };
+            let at_ms = m.timestamp().to_millis().unwrap_or_else(now_ms);
+            remember(
+                &mut self.answered.lock().expect("answered lock"),
+                id.clone(),
+                reply.clone(),
+            );
+            change.answer = Some((id, at_ms, reply));
         }
+        let mut entities = self.entities.lock().expect("entities lock");
+        if entities
+            .get(&key)
+            .is_none_or(|old| self.spec.version_of(&row) > self.spec.version_of(old))
+        {
+            entities.insert(key.clone(), row.clone());
+            change.row = Some((key, Some(row)));
+        }
+        change
     }
 
     fn answer_record(&self, m: &rdkafka::message::BorrowedMessage<'_>) {
@@ -317,10 +339,7 @@ impl Shared {
         };
         match m.payload().map(serde_json::from_slice::<Reply>) {
             Some(Ok(reply)) => {
-                self.answered
-                    .lock()
-                    .expect("answered lock")
-                    .insert(id, reply);
+                remember(&mut self.answered.lock().expect("answered lock"), id, reply);
             }
             None => {
                 self.answered.lock().expect("answered lock").remove(&id);
@@ -332,23 +351,43 @@ impl Shared {
     }
 }
 
+/// Records `reply` as command `id`'s answer. A parked command's `Deferred` never replaces
+/// the answer of its replay (the two may be read in either order), which is final.
+fn remember(answered: &mut HashMap<String, Reply>, id: String, reply: Reply) {
+    if matches!(reply, Reply::Deferred { .. })
+        && answered
+            .get(&id)
+            .is_some_and(|r| !matches!(r, Reply::Deferred { .. }))
+    {
+        return;
+    }
+    answered.insert(id, reply);
+}
+
+/// What one entity event changed.
+#[derive(Default)]
+struct EntityChange {
+    /// The key and its new row (`None`: deleted), if the view changed.
+    row: Option<(String, Option<Row>)>,
+    /// The id, time (ms since the epoch) and answer of the command that wrote the event.
+    answer: Option<(String, i64, Reply)>,
+}
+
 /// What one read of the entity topic changed in the view.
 #[derive(Default)]
 struct ViewChanges {
     rows: HashMap<String, Option<Row>>,
+    answers: Vec<(String, i64, Reply)>,
     /// Next offset to read, by partition.
     next: HashMap<i32, i64>,
 }
 
 impl ViewChanges {
-    fn note(
-        &mut self,
-        m: &rdkafka::message::BorrowedMessage<'_>,
-        change: Option<(String, Option<Row>)>,
-    ) {
-        if let Some((key, row)) = change {
+    fn note(&mut self, m: &rdkafka::message::BorrowedMessage<'_>, change: EntityChange) {
+        if let Some((key, row)) = change.row {
             self.rows.insert(key, row);
         }
+        self.answers.extend(change.answer);
         self.next.insert(m.partition(), m.offset() + 1);
     }
 }
@@ -387,7 +426,7 @@ impl Worker {
             partitions,
             &[
                 ("cleanup.policy", "compact,delete"),
-                ("retention.ms", "604800000"),
+                ("retention.ms", &ANSWER_RETENTION.as_millis().to_string()),
             ],
         )?;
         create_topic(config, &entity.topic, partitions)?;
@@ -499,21 +538,47 @@ impl Worker {
         format!("{}@{}", self.shared.spec.name, self.shared.entity.topic)
     }
 
-    /// Loads the stored view of the entities; returns where to go on reading the entity topic.
+    /// Loads the stored view of the entities and of the accepted commands (forgetting those
+    /// older than [`ANSWER_RETENTION`]); returns where to go on reading the entity topic.
     fn load_view(&self) -> Result<Vec<(i32, i64)>, KafkaError> {
         let Some(store) = &self.store else {
             return Ok(Vec::new());
         };
-        let (rows, starts) = store
-            .command_view(&self.view_name())
+        let command = &self.view_name();
+        let view = store
+            .command_view(command)
             .map_err(|e| KafkaError::Definite(format!("reading the command view: {e}")))?;
-        info!(command = %self.shared.spec.name, entities = rows.len(), "entity view loaded from the state directory");
+        let oldest = now_ms() - ANSWER_RETENTION.as_millis() as i64;
+        let mut forget = store.commit();
+        let mut answers = 0;
+        {
+            let mut answered = self.shared.answered.lock().expect("answered lock");
+            for a in view.answers {
+                match serde_json::from_slice::<Reply>(&a.reply) {
+                    Ok(reply) if a.at_ms >= oldest => {
+                        remember(&mut answered, a.id, reply);
+                        answers += 1;
+                    }
+                    Ok(_) => forget.delete_command_answer(command, &a.id),
+                    Err(e) => {
+                        warn!(command = %self.shared.spec.name, command_id = a.id, error = %e, "stored answer not understood; forgotten");
+                        forget.delete_command_answer(command, &a.id);
+                    }
+                }
+            }
+        }
+        let forgotten = forget.len();
+        store
+            .write_unsynced(forget)
+            .map_err(|e| KafkaError::Definite(format!("writing the command view: {e}")))?;
+        info!(command = %self.shared.spec.name, entities = view.rows.len(), answers, forgotten,
+              "entity view loaded from the state directory");
         self.shared
             .entities
             .lock()
             .expect("entities lock")
-            .extend(rows);
-        Ok(starts)
+            .extend(view.rows);
+        Ok(view.offsets)
     }
 
     /// Stores what the entity topic changed in the view, with the offsets read.
@@ -531,6 +596,10 @@ impl Worker {
                 Some(row) => commit.put_command_row(command, key, row),
                 None => commit.delete_command_row(command, key),
             }
+        }
+        for (id, at_ms, reply) in &view.answers {
+            let reply = serde_json::to_vec(reply).expect("replies serialize");
+            commit.put_command_answer(command, id, *at_ms, &reply);
         }
         for (partition, next) in &view.next {
             commit.put_command_offset(command, *partition, *next);
@@ -707,6 +776,14 @@ impl Worker {
     }
 }
 
+/// The time now, in ms since the epoch.
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
 /// The text of header `name`, if present and UTF-8.
 pub fn text_header(m: &impl Message, name: &str) -> Option<String> {
     let headers = m.headers()?;
@@ -737,5 +814,30 @@ mod tests {
         );
         assert!(!known.stale("r1"), "a found topic is trusted for longer");
         assert!(known.exists("r1"));
+    }
+
+    #[test]
+    fn a_replayed_commands_answer_outlives_its_deferral_in_either_order() {
+        let deferred = Reply::Deferred {
+            topic: "t.dlq".into(),
+            partition: 0,
+            offset: 7,
+            message: "down".into(),
+        };
+        let accepted = Reply::Accepted {
+            version: 3,
+            partition: 1,
+            offset: 9,
+        };
+        let mut answered = HashMap::new();
+        remember(&mut answered, "a".into(), deferred.clone());
+        remember(&mut answered, "a".into(), accepted.clone());
+        remember(&mut answered, "b".into(), accepted.clone());
+        remember(&mut answered, "b".into(), deferred.clone());
+        assert_eq!(answered["a"], accepted);
+        assert_eq!(answered["b"], accepted, "read after its replay's answer");
+        remember(&mut answered, "c".into(), deferred.clone());
+        remember(&mut answered, "c".into(), deferred.clone());
+        assert_eq!(answered["c"], deferred, "parked twice");
     }
 }
