@@ -173,7 +173,7 @@ fn send_stream(
 
 #[test]
 fn every_outcome_is_answered_and_the_app_reads_its_write() {
-    let run = unique("cmd-outcomes");
+    let run = Run::new("cmd-outcomes");
     let m = user_referential(&run);
     seed_users(&m.user_topic, 6);
     let dir = tempfile::tempdir().unwrap();
@@ -376,7 +376,7 @@ impl Dependency for Flaky {
 
 #[test]
 fn failing_dependency_retries_then_parks_and_replay_keeps_order_skipping_the_stale() {
-    let run = unique("cmd-dlq");
+    let run = Run::new("cmd-dlq");
     let mut m = user_referential(&run);
     m.text = m.text.replace(
         "retry = { attempts = 5, backoff = \"100ms\", max_backoff = \"2s\" }",
@@ -491,7 +491,7 @@ fn failing_dependency_retries_then_parks_and_replay_keeps_order_skipping_the_sta
 
 #[test]
 fn two_clients_sending_concurrently_get_their_own_replies() {
-    let run = unique("cmd-concurrent");
+    let run = Run::new("cmd-concurrent");
     let m = user_referential(&run);
     seed_users(&m.user_topic, 12);
     let dir = tempfile::tempdir().unwrap();
@@ -554,7 +554,7 @@ fn two_clients_sending_concurrently_get_their_own_replies() {
 
 #[test]
 fn a_client_times_out_while_the_processor_is_stopped_and_ignores_the_late_reply() {
-    let run = unique("cmd-timeout");
+    let run = Run::new("cmd-timeout");
     let m = user_referential(&run);
     seed_users(&m.user_topic, 3);
     let dir = tempfile::tempdir().unwrap();
@@ -612,7 +612,7 @@ fn a_client_times_out_while_the_processor_is_stopped_and_ignores_the_late_reply(
 
 #[test]
 fn processor_killed_mid_stream_answers_every_command_once() {
-    let run = unique("cmd-kill");
+    let run = Run::new("cmd-kill");
     // Several lanes: their transactions side by side, each fenced and aborted on restart.
     let m = with_lanes(user_referential(&run), 4);
     seed_users(&m.user_topic, 12);
@@ -697,7 +697,7 @@ fn processor_killed_mid_stream_answers_every_command_once() {
 /// one client's reply topic is deleted under the processor, which still trusts it exists.
 #[test]
 fn a_failed_transaction_aborts_the_one_after_it_and_every_command_is_applied_once() {
-    let run = unique("cmd-abort");
+    let run = Run::new("cmd-abort");
     let m = user_referential(&run);
     seed_users(&m.user_topic, 12);
     let dir = tempfile::tempdir().unwrap();
@@ -844,7 +844,7 @@ fn reply_topics_of_dead_instances_are_reaped_and_live_ones_kept() {
 
 #[test]
 fn commands_stay_exactly_once_while_processors_join_and_leave() {
-    let run = unique("cmd-rebalance");
+    let run = Run::new("cmd-rebalance");
     // Several lanes: partitions moving between instances while transactions run side by side.
     let m = with_lanes(user_referential(&run), 4);
     seed_users(&m.user_topic, 12);
@@ -916,7 +916,7 @@ fn commands_stay_exactly_once_while_processors_join_and_leave() {
 
 #[test]
 fn the_cli_sends_commands_and_lists_dead_letters() {
-    let run = unique("cmd-cli");
+    let run = Run::new("cmd-cli");
     let m = user_referential(&run);
     seed_users(&m.user_topic, 3);
     let dir = tempfile::tempdir().unwrap();
@@ -986,7 +986,7 @@ fn the_cli_sends_commands_and_lists_dead_letters() {
 
 #[test]
 fn a_restarted_processor_keeps_its_view_of_the_entities_in_the_state_directory() {
-    let run = unique("cmd-view");
+    let run = Run::new("cmd-view");
     let m = user_referential(&run);
     seed_users(&m.user_topic, 3);
     let dir = tempfile::tempdir().unwrap();

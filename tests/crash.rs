@@ -40,7 +40,7 @@ fn http_table(port: u16, t: &TestTopology, table: &str) -> BTreeMap<String, serd
 
 #[test]
 fn kill_9_mid_stream_then_restart_has_no_double_effect() {
-    let run = unique("crash");
+    let run = Run::new("crash");
     let t = user_directory(&run);
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("topology.toml");

@@ -62,7 +62,7 @@ fn start(t: &TestTopology, state: &std::path::Path, listen: bool) -> Engine {
 
 #[test]
 fn tables_match_the_reference_and_survive_a_graceful_restart() {
-    let run = unique("mat");
+    let run = Run::new("mat");
     let t = user_directory(&run);
     let (events, _) = generate(7, 300, 4000);
     let (first, second) = events.split_at(events.len() / 2);

@@ -77,7 +77,7 @@ fn only_external(
 
 #[test]
 fn readers_only_read_and_a_changed_table_is_swapped_in_whole() {
-    let run = unique("pg");
+    let run = Run::new("pg");
     let mut t = user_directory(&run);
     let mut db = pg();
     login_role(&mut db, READER);
@@ -323,7 +323,7 @@ fn readers_only_read_and_a_changed_table_is_swapped_in_whole() {
 
 #[test]
 fn an_unreachable_database_makes_the_instance_not_ready() {
-    let run = unique("pgdown");
+    let run = Run::new("pgdown");
     let t = user_directory(&run);
     let (events, _) = generate(5, 50, 300);
     publish(&t, &events);
@@ -365,7 +365,7 @@ fn an_unreachable_database_makes_the_instance_not_ready() {
 
 #[test]
 fn a_database_url_that_is_not_postgres_is_refused() {
-    let run = unique("pgnone");
+    let run = Run::new("pgnone");
     let t = user_directory(&run);
     let state = tempfile::tempdir().unwrap();
     let builder = Engine::builder()

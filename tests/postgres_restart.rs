@@ -23,7 +23,7 @@ fn services(args: &[&str]) {
 
 #[test]
 fn postgres_restarted_mid_stream_loses_nothing() {
-    let run = unique("pgrestart");
+    let run = Run::new("pgrestart");
     let t = user_directory(&run);
     let (events, _) = generate(31, 300, 4500);
     let third = events.len() / 3;

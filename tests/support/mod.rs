@@ -11,7 +11,7 @@ use miroir::miroir_engine::decode::decode;
 use miroir::miroir_engine::reference::evaluate_table;
 use miroir::miroir_engine::topology::Topology;
 use miroir::miroir_engine::value::{row_to_json, Value};
-use miroir_connectors::kafka::admin::create_topic;
+use miroir_connectors::kafka::admin::{create_topic, delete_topics, topics};
 use miroir_connectors::kafka::output::Publisher;
 use miroir_connectors::kafka::KafkaConfig;
 
@@ -21,6 +21,56 @@ pub fn brokers() -> String {
         "MIROIR_BROKERS is not set: run the tests with scripts/test, which starts Kafka, \
          or `eval \"$(scripts/services up)\"` first",
     )
+}
+
+/// A test's name for its topics (which all contain it) and consumer groups, unique to the
+/// run. Dropping it, whether the test passed or panicked, deletes the topics whose names
+/// contain it: the dev broker otherwise keeps hundreds of partitions after each run of the
+/// suite, which slows what runs next on it (docs/benchmarks.md).
+pub struct Run(String);
+
+impl Run {
+    /// A run name starting with `prefix`.
+    pub fn new(prefix: &str) -> Run {
+        Run(unique(prefix))
+    }
+}
+
+impl std::ops::Deref for Run {
+    type Target = str;
+    fn deref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Display for Run {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl Drop for Run {
+    fn drop(&mut self) {
+        let config = KafkaConfig::new(brokers());
+        let listed = rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", brokers())
+            .create::<rdkafka::consumer::BaseConsumer>()
+            .map_err(|e| e.to_string())
+            .and_then(|c| {
+                topics(rdkafka::consumer::Consumer::client(&c)).map_err(|e| e.to_string())
+            });
+        let deleted = listed.and_then(|all| {
+            let mine: Vec<&str> = all
+                .iter()
+                .map(|(t, _)| t.as_str())
+                .filter(|t| t.contains(self.0.as_str()))
+                .collect();
+            delete_topics(&config, &mine).map_err(|e| e.to_string())
+        });
+        if let Err(e) = deleted {
+            eprintln!("could not delete the topics of {}: {e}", self.0);
+        }
+    }
 }
 
 /// A name unique to this test run, for topics and consumer groups.
