@@ -166,10 +166,10 @@ impl Lane {
     }
 
     /// Processes `batch` (commands of this lane's partitions, in order) in one transaction:
-    /// entity events, dead letters, replies, answered ids and the consumed offsets. Returns
-    /// once the records are sent and the previous transaction has committed; this one commits
-    /// on its own thread (see [`Lane::settle`]). An error leaves this transaction open, for
-    /// [`Lane::abort`].
+    /// entity events, dead letters, replies, the ids of the commands not accepted, and the
+    /// consumed offsets. Returns once the records are sent and the previous transaction has
+    /// committed; this one commits on its own thread (see [`Lane::settle`]). An error leaves
+    /// this transaction open, for [`Lane::abort`].
     pub(super) fn transaction(
         &mut self,
         shared: &Arc<Shared>,
