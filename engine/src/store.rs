@@ -301,67 +301,57 @@ impl Store {
     /// A command processor's persisted view: the entity rows by key, the next offset of the
     /// entity topic to read by partition, and the answers of the commands read back.
     pub fn command_view(&self, command: &str) -> Result<CommandView, StoreError> {
-        let (mut rows, mut offsets, mut answers) = (Vec::new(), Vec::new(), Vec::new());
-        let prefix = command_key(command, 'e', "");
-        for item in self.db.prefix_iterator_cf(self.state_cf(), &prefix) {
-            let (k, v) = item.map_err(|e| self.rocks(e))?;
-            if !k.starts_with(&prefix) {
-                break;
-            }
-            let key = String::from_utf8_lossy(&k[prefix.len()..]).into_owned();
-            let row = decode(&v).map_err(|e| StoreError::Corrupt {
-                path: self.path.clone(),
-                key: String::from_utf8_lossy(&k).into_owned(),
-                message: e.to_string(),
-            })?;
-            rows.push((key, row));
-        }
-        let prefix = command_key(command, 'o', "");
-        for item in self.db.prefix_iterator_cf(self.state_cf(), &prefix) {
-            let (k, v) = item.map_err(|e| self.rocks(e))?;
-            if !k.starts_with(&prefix) {
-                break;
-            }
-            let partition = std::str::from_utf8(&k[prefix.len()..])
-                .ok()
-                .and_then(|p| p.parse().ok());
-            let next = <[u8; 8]>::try_from(v.as_ref()).ok().map(i64::from_be_bytes);
-            match (partition, next) {
-                (Some(p), Some(n)) => offsets.push((p, n)),
-                _ => {
-                    return Err(StoreError::Corrupt {
-                        path: self.path.clone(),
-                        key: String::from_utf8_lossy(&k).into_owned(),
-                        message: "not a partition offset".into(),
-                    })
-                }
-            }
-        }
-        let prefix = command_key(command, 'a', "");
-        for item in self.db.prefix_iterator_cf(self.state_cf(), &prefix) {
-            let (k, v) = item.map_err(|e| self.rocks(e))?;
-            if !k.starts_with(&prefix) {
-                break;
-            }
-            let id = String::from_utf8_lossy(&k[prefix.len()..]).into_owned();
-            let Some((at, reply)) = v.split_first_chunk::<8>() else {
-                return Err(StoreError::Corrupt {
-                    path: self.path.clone(),
-                    key: String::from_utf8_lossy(&k).into_owned(),
-                    message: "not a command answer".into(),
-                });
+        let mut view = CommandView::default();
+        self.each_command_item(command, 'e', |key, v| {
+            let row = decode(v).map_err(|e| e.to_string())?;
+            view.rows.push((key.to_string(), row));
+            Ok(())
+        })?;
+        self.each_command_item(command, 'o', |partition, v| {
+            let partition = partition.parse().ok();
+            let next = <[u8; 8]>::try_from(v).ok().map(i64::from_be_bytes);
+            let (Some(p), Some(n)) = (partition, next) else {
+                return Err("not a partition offset".into());
             };
-            answers.push(StoredAnswer {
-                id,
+            view.offsets.push((p, n));
+            Ok(())
+        })?;
+        self.each_command_item(command, 'a', |id, v| {
+            let Some((at, reply)) = v.split_first_chunk::<8>() else {
+                return Err("not a command answer".into());
+            };
+            view.answers.push(StoredAnswer {
+                id: id.to_string(),
                 at_ms: i64::from_be_bytes(*at),
                 reply: reply.to_vec(),
             });
+            Ok(())
+        })?;
+        Ok(view)
+    }
+
+    /// Hands each item of kind `kind` of command `command`'s view to `each` (the rest of its
+    /// key, its value); what `each` cannot read is reported as corrupt.
+    fn each_command_item(
+        &self,
+        command: &str,
+        kind: char,
+        mut each: impl FnMut(&str, &[u8]) -> Result<(), String>,
+    ) -> Result<(), StoreError> {
+        let prefix = command_key(command, kind, "");
+        for item in self.db.prefix_iterator_cf(self.state_cf(), &prefix) {
+            let (k, v) = item.map_err(|e| self.rocks(e))?;
+            if !k.starts_with(&prefix) {
+                break;
+            }
+            let rest = String::from_utf8_lossy(&k[prefix.len()..]);
+            each(&rest, &v).map_err(|message| StoreError::Corrupt {
+                path: self.path.clone(),
+                key: String::from_utf8_lossy(&k).into_owned(),
+                message,
+            })?;
         }
-        Ok(CommandView {
-            rows,
-            offsets,
-            answers,
-        })
+        Ok(())
     }
 
     /// Writes `commit` without waiting for the disk (for state that can be read again, such
