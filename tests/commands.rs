@@ -801,22 +801,33 @@ fn reply_topics_of_dead_instances_are_reaped_and_live_ones_kept() {
         .as_millis() as i64;
     let run = unique("reap").replace('-', "");
     let ghost = format!("miroir.reply.{run}.{}.ghost", now - 120_000);
-    let alive = format!("miroir.reply.{run}.{}.alive", now - 120_000);
     let young = format!("miroir.reply.{run}.{now}.young");
-    for t in [&ghost, &alive, &young] {
+    for t in [&ghost, &young] {
         create_topic(&config, t, 1).unwrap();
     }
-    // An old topic whose instance is alive: its consumer group has a member.
-    let member: rdkafka::consumer::BaseConsumer = rdkafka::ClientConfig::new()
-        .set("bootstrap.servers", brokers())
-        .set("group.id", &alive)
-        .create()
-        .unwrap();
-    member.subscribe(&[&alive]).unwrap();
-    wait_until("the member joins", Duration::from_secs(30), || {
-        member.poll(Duration::from_millis(50));
-        member.assignment().is_ok_and(|a| a.count() > 0)
-    });
+    // An old topic whose instance is alive: its consumer group has a member. Until the member
+    // has joined, the other tests' clients, which reap orphans as they start, may take the
+    // topic: then another one is made.
+    let (alive, member) = (0..5)
+        .find_map(|attempt| {
+            let alive = format!("miroir.reply.{run}.{}.alive{attempt}", now - 120_000);
+            create_topic(&config, &alive, 1).unwrap();
+            let member: rdkafka::consumer::BaseConsumer = rdkafka::ClientConfig::new()
+                .set("bootstrap.servers", brokers())
+                .set("group.id", &alive)
+                .create()
+                .unwrap();
+            member.subscribe(&[&alive]).unwrap();
+            let joined = Instant::now();
+            while joined.elapsed() < Duration::from_secs(10) {
+                member.poll(Duration::from_millis(50));
+                if member.assignment().is_ok_and(|a| a.count() > 0) {
+                    return Some((alive, member));
+                }
+            }
+            None
+        })
+        .expect("the member joins");
     let reaped = miroir_connectors::kafka::reply::reap_orphans(&config).unwrap();
     // (Another test's client may have reaped the ghost first: it is gone either way.)
     assert!(
