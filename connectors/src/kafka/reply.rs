@@ -388,7 +388,8 @@ pub fn reap_orphans(config: &KafkaConfig) -> Result<Vec<String>, KafkaError> {
     Ok(orphans)
 }
 
-fn now_ms() -> i64 {
+/// The time now, in ms since the epoch (the unit of command deadlines).
+pub(crate) fn now_ms() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as i64)

@@ -278,8 +278,7 @@ impl Lane {
         // Every answered id of the transaction goes to one partition of the topic, the first
         // command's: each partition a transaction touches costs the broker a produce request,
         // a check that the partition joined the transaction, and a marker. Where an id lands
-        // does not matter: every processor reads the whole topic. (Accepted commands, the
-        // common case, write no record there: see below.)
+        // does not matter: every processor reads the whole topic.
         let done_partition = batch.first().map_or(0, |i| i.message.partition());
         // The replies carry where the entity event or the dead letter landed; each goes out as
         // soon as its command's record has landed, so the reply topic joins the transaction

@@ -35,6 +35,7 @@ use tracing::{debug, error, info, warn};
 
 use super::admin::{create_topic, create_topic_with, partition_count};
 use super::dlq::dlq_topic;
+use super::reply::now_ms;
 use super::tail::Tail;
 use super::{KafkaConfig, KafkaError};
 use miroir_engine::store::Store;
@@ -774,14 +775,6 @@ impl Worker {
         }
         Ok(())
     }
-}
-
-/// The time now, in ms since the epoch.
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
 }
 
 /// The text of header `name`, if present and UTF-8.
