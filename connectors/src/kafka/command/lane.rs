@@ -17,10 +17,9 @@ use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::{Offset, TopicPartitionList};
 use tracing::{debug, info, warn};
 
-use super::{
-    header, remember, text_header, Incoming, ReplyTopics, Shared, DONE_SUFFIX, TX_TIMEOUT,
-};
+use super::{header, text_header, Incoming, ReplyTopics, Shared, DONE_SUFFIX, TX_TIMEOUT};
 use crate::kafka::dlq::dlq_topic;
+use crate::kafka::reply::now_ms;
 use crate::kafka::{KafkaConfig, KafkaError};
 
 enum Step {
@@ -750,11 +749,11 @@ fn commit(
         debug!(topic = %shared.spec.topic, partition = a.partition, offset = a.offset, key = ?a.key,
                command_id = ?a.command_id, outcome, "command answered");
         if let (true, Some(id)) = (a.remember, a.command_id) {
-            remember(
-                &mut shared.answered.lock().expect("answered lock"),
-                id,
-                a.reply,
-            );
+            shared
+                .answered
+                .lock()
+                .expect("answered lock")
+                .remember(id, now_ms(), a.reply);
         }
     }
     Ok(())

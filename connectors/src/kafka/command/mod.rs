@@ -89,6 +89,9 @@ pub const DONE_SUFFIX: &str = ".miroir-done";
 /// accepted ids kept in the state directory.
 const ANSWER_RETENTION: Duration = Duration::from_secs(7 * 24 * 3600);
 
+/// How often a running processor forgets the answers older than [`ANSWER_RETENTION`].
+const FORGET_EVERY: Duration = Duration::from_secs(3600);
+
 /// A service the processor consults before applying a command (a directory, a fraud check).
 /// An error is technical: the command is retried with backoff, then parked in the dead-letter
 /// topic.
@@ -209,7 +212,7 @@ struct Shared {
     /// Current entity rows by key, as committed on the entity topic.
     entities: Mutex<HashMap<String, Row>>,
     /// Answers of commands already processed, by command id.
-    answered: Mutex<HashMap<String, Reply>>,
+    answered: Mutex<AnsweredIds>,
     /// Reply topics known to exist.
     reply_topics: Mutex<ReplyTopics>,
 }
@@ -316,11 +319,10 @@ impl Shared {
                 offset: m.offset(),
             };
             let at_ms = m.timestamp().to_millis().unwrap_or_else(now_ms);
-            remember(
-                &mut self.answered.lock().expect("answered lock"),
-                id.clone(),
-                reply.clone(),
-            );
+            self.answered
+                .lock()
+                .expect("answered lock")
+                .remember(id.clone(), at_ms, reply.clone());
             change.answer = Some((id, at_ms, reply));
         }
         let mut entities = self.entities.lock().expect("entities lock");
@@ -340,10 +342,14 @@ impl Shared {
         };
         match m.payload().map(serde_json::from_slice::<Reply>) {
             Some(Ok(reply)) => {
-                remember(&mut self.answered.lock().expect("answered lock"), id, reply);
+                let at_ms = m.timestamp().to_millis().unwrap_or_else(now_ms);
+                self.answered
+                    .lock()
+                    .expect("answered lock")
+                    .remember(id, at_ms, reply);
             }
             None => {
-                self.answered.lock().expect("answered lock").remove(&id);
+                self.answered.lock().expect("answered lock").forget(&id);
             }
             Some(Err(e)) => {
                 warn!(topic = m.topic(), partition = m.partition(), offset = m.offset(), key = id, error = %e, "bad answer record")
@@ -352,17 +358,52 @@ impl Shared {
     }
 }
 
-/// Records `reply` as command `id`'s answer. A parked command's `Deferred` never replaces
-/// the answer of its replay (the two may be read in either order), which is final.
-fn remember(answered: &mut HashMap<String, Reply>, id: String, reply: Reply) {
-    if matches!(reply, Reply::Deferred { .. })
-        && answered
-            .get(&id)
-            .is_some_and(|r| !matches!(r, Reply::Deferred { .. }))
-    {
-        return;
+/// The answers of the commands processed, by command id, each with when it was given (ms
+/// since the epoch): a re-delivered command gets its first answer again. Kept for
+/// [`ANSWER_RETENTION`], as long as `<topic>.miroir-done` keeps its records.
+#[derive(Default)]
+struct AnsweredIds {
+    by_id: HashMap<String, (i64, Reply)>,
+}
+
+impl AnsweredIds {
+    /// Records `reply` as command `id`'s answer. A parked command's `Deferred` never replaces
+    /// the answer of its replay (the two may be read in either order), which is final.
+    fn remember(&mut self, id: String, at_ms: i64, reply: Reply) {
+        if matches!(reply, Reply::Deferred { .. })
+            && self
+                .by_id
+                .get(&id)
+                .is_some_and(|(_, r)| !matches!(r, Reply::Deferred { .. }))
+        {
+            return;
+        }
+        self.by_id.insert(id, (at_ms, reply));
     }
-    answered.insert(id, reply);
+
+    /// Command `id`'s answer, if it was answered.
+    fn get(&self, id: &str) -> Option<&Reply> {
+        self.by_id.get(id).map(|(_, reply)| reply)
+    }
+
+    /// Forgets command `id` (its done record was deleted).
+    fn forget(&mut self, id: &str) {
+        self.by_id.remove(id);
+    }
+
+    /// Forgets the answers given before `oldest_ms`; returns their ids.
+    fn forget_before(&mut self, oldest_ms: i64) -> Vec<String> {
+        let old: Vec<String> = self
+            .by_id
+            .iter()
+            .filter(|(_, (at_ms, _))| *at_ms < oldest_ms)
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in &old {
+            self.by_id.remove(id);
+        }
+        old
+    }
 }
 
 /// What one entity event changed.
@@ -490,8 +531,13 @@ impl Worker {
         let mut answered = Tail::open(&self.config, &format!("{}{DONE_SUFFIX}", spec.topic))?;
         self.consumer.subscribe(&[&spec.topic])?;
         let mut seen = u64::MAX;
+        let mut forgot_at = Instant::now();
         info!(command = %spec.name, topic = %spec.topic, lanes = spec.lanes, "command processor started");
         while !stop.load(Ordering::Acquire) {
+            if forgot_at.elapsed() >= FORGET_EVERY {
+                self.forget_old_answers()?;
+                forgot_at = Instant::now();
+            }
             let mut batch = self.poll_batch();
             let rebalances = self.consumer.context().count.load(Ordering::Acquire);
             // Commits that failed meanwhile rewind the consumer: the batch is read again.
@@ -533,6 +579,31 @@ impl Worker {
         Ok(())
     }
 
+    /// Forgets the answers older than [`ANSWER_RETENTION`], in memory and in the state
+    /// directory, as a restart would: a long-running processor's memory stays bounded by the
+    /// commands of the retention period.
+    fn forget_old_answers(&self) -> Result<(), KafkaError> {
+        let oldest = now_ms() - ANSWER_RETENTION.as_millis() as i64;
+        let old = self
+            .shared
+            .answered
+            .lock()
+            .expect("answered lock")
+            .forget_before(oldest);
+        info!(command = %self.shared.spec.name, forgotten = old.len(), "answers older than the retention forgotten");
+        let Some(store) = &self.store else {
+            return Ok(());
+        };
+        let command = &self.view_name();
+        let mut forget = store.commit();
+        for id in &old {
+            forget.delete_command_answer(command, id);
+        }
+        store
+            .write_unsynced(forget)
+            .map_err(|e| KafkaError::Definite(format!("writing the command view: {e}")))
+    }
+
     /// The stored view's name: the command and its entity topic (a topology that points the
     /// command at another topic starts a new view).
     fn view_name(&self) -> String {
@@ -557,7 +628,7 @@ impl Worker {
             for a in view.answers {
                 match serde_json::from_slice::<Reply>(&a.reply) {
                     Ok(reply) if a.at_ms >= oldest => {
-                        remember(&mut answered, a.id, reply);
+                        answered.remember(a.id, a.at_ms, reply);
                         answers += 1;
                     }
                     Ok(_) => forget.delete_command_answer(command, &a.id),
@@ -822,15 +893,40 @@ mod tests {
             partition: 1,
             offset: 9,
         };
-        let mut answered = HashMap::new();
-        remember(&mut answered, "a".into(), deferred.clone());
-        remember(&mut answered, "a".into(), accepted.clone());
-        remember(&mut answered, "b".into(), accepted.clone());
-        remember(&mut answered, "b".into(), deferred.clone());
-        assert_eq!(answered["a"], accepted);
-        assert_eq!(answered["b"], accepted, "read after its replay's answer");
-        remember(&mut answered, "c".into(), deferred.clone());
-        remember(&mut answered, "c".into(), deferred.clone());
-        assert_eq!(answered["c"], deferred, "parked twice");
+        let mut answered = AnsweredIds::default();
+        answered.remember("a".into(), 1, deferred.clone());
+        answered.remember("a".into(), 2, accepted.clone());
+        answered.remember("b".into(), 1, accepted.clone());
+        answered.remember("b".into(), 2, deferred.clone());
+        assert_eq!(answered.get("a"), Some(&accepted));
+        assert_eq!(
+            answered.get("b"),
+            Some(&accepted),
+            "read after its replay's answer"
+        );
+        answered.remember("c".into(), 1, deferred.clone());
+        answered.remember("c".into(), 2, deferred.clone());
+        assert_eq!(answered.get("c"), Some(&deferred), "parked twice");
+    }
+
+    #[test]
+    fn answers_older_than_the_retention_are_forgotten_and_newer_ones_kept() {
+        let accepted = Reply::Accepted {
+            version: 2,
+            partition: 0,
+            offset: 7,
+        };
+        let mut answered = AnsweredIds::default();
+        answered.remember("old".into(), 100, accepted.clone());
+        answered.remember("edge".into(), 200, accepted.clone());
+        answered.remember("new".into(), 300, accepted.clone());
+        assert_eq!(answered.forget_before(200), vec!["old".to_string()]);
+        assert_eq!(answered.get("old"), None);
+        assert_eq!(answered.get("edge"), Some(&accepted));
+        assert_eq!(answered.get("new"), Some(&accepted));
+        // An answer remembered again counts from its last time.
+        answered.remember("edge".into(), 400, accepted.clone());
+        assert_eq!(answered.forget_before(350), vec!["new".to_string()]);
+        assert_eq!(answered.get("edge"), Some(&accepted));
     }
 }
