@@ -880,6 +880,14 @@ mod tests {
         assert!(known.exists("r1"));
     }
 
+    fn accepted() -> Reply {
+        Reply::Accepted {
+            version: 3,
+            partition: 1,
+            offset: 9,
+        }
+    }
+
     #[test]
     fn a_replayed_commands_answer_outlives_its_deferral_in_either_order() {
         let deferred = Reply::Deferred {
@@ -888,11 +896,7 @@ mod tests {
             offset: 7,
             message: "down".into(),
         };
-        let accepted = Reply::Accepted {
-            version: 3,
-            partition: 1,
-            offset: 9,
-        };
+        let accepted = accepted();
         let mut answered = AnsweredIds::default();
         answered.remember("a".into(), 1, deferred.clone());
         answered.remember("a".into(), 2, accepted.clone());
@@ -911,11 +915,7 @@ mod tests {
 
     #[test]
     fn answers_older_than_the_retention_are_forgotten_and_newer_ones_kept() {
-        let accepted = Reply::Accepted {
-            version: 2,
-            partition: 0,
-            offset: 7,
-        };
+        let accepted = accepted();
         let mut answered = AnsweredIds::default();
         answered.remember("old".into(), 100, accepted.clone());
         answered.remember("edge".into(), 200, accepted.clone());
