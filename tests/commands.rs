@@ -802,14 +802,11 @@ fn reply_topics_of_dead_instances_are_reaped_and_live_ones_kept() {
         .as_millis() as i64;
     let run = unique("reap").replace('-', "");
     let ghost = format!("miroir.reply.{run}.{}.ghost", now - 120_000);
-    let young = format!("miroir.reply.{run}.{now}.young");
-    for t in [&ghost, &young] {
-        create_topic(&config, t, 1).unwrap();
-    }
-    // An old topic whose instance is alive: its consumer group has a member. Until the member
-    // has joined, the other tests' clients, which reap orphans as they start, may take the
-    // topic: then another one is made.
-    let (alive, member) = (0..5)
+    create_topic(&config, &ghost, 1).unwrap();
+    // An old topic whose instance is alive: its consumer group has a member. The other tests'
+    // clients reap orphans as they start; one that looked at the group before the member
+    // joined may delete the topic after: then the check is made again with another one.
+    let (alive, young, member, names) = (0..5)
         .find_map(|attempt| {
             let alive = format!("miroir.reply.{run}.{}.alive{attempt}", now - 120_000);
             create_topic(&config, &alive, 1).unwrap();
@@ -820,35 +817,48 @@ fn reply_topics_of_dead_instances_are_reaped_and_live_ones_kept() {
                 .unwrap();
             member.subscribe(&[&alive]).unwrap();
             let joined = Instant::now();
-            while joined.elapsed() < Duration::from_secs(10) {
-                member.poll(Duration::from_millis(50));
-                if member.assignment().is_ok_and(|a| a.count() > 0) {
-                    return Some((alive, member));
+            while !member.assignment().is_ok_and(|a| a.count() > 0) {
+                if joined.elapsed() > Duration::from_secs(10) {
+                    member.unsubscribe();
+                    return None;
                 }
+                member.poll(Duration::from_millis(50));
             }
-            None
+            // A young topic, made just now (a minute of attempts would age one made before).
+            let made = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_millis();
+            let young = format!("miroir.reply.{run}.{made}.young{attempt}");
+            create_topic(&config, &young, 1).unwrap();
+            let reaped = miroir_connectors::kafka::reply::reap_orphans(&config).unwrap();
+            // (Another test's client may have reaped the ghost first: it is gone either way.)
+            assert!(
+                !reaped.contains(&alive),
+                "a topic with a live member is kept: {reaped:?}"
+            );
+            assert!(
+                !reaped.contains(&young),
+                "a topic younger than a minute is kept: {reaped:?}"
+            );
+            let names: Vec<String> = miroir_connectors::kafka::admin::topics(member.client())
+                .unwrap()
+                .into_iter()
+                .map(|(t, _)| t)
+                .collect();
+            if !names.contains(&alive) {
+                member.unsubscribe();
+                miroir_connectors::kafka::admin::delete_topics(&config, &[&young]).unwrap();
+                return None;
+            }
+            Some((alive, young, member, names))
         })
-        .expect("the member joins");
-    let reaped = miroir_connectors::kafka::reply::reap_orphans(&config).unwrap();
-    // (Another test's client may have reaped the ghost first: it is gone either way.)
-    assert!(
-        !reaped.contains(&alive),
-        "a topic with a live member is kept: {reaped:?}"
-    );
-    assert!(
-        !reaped.contains(&young),
-        "a topic younger than a minute is kept: {reaped:?}"
-    );
-    let names: Vec<String> = miroir_connectors::kafka::admin::topics(member.client())
-        .unwrap()
-        .into_iter()
-        .map(|(t, _)| t)
-        .collect();
+        .expect("the live instance's topic is kept");
     assert!(
         !names.contains(&ghost),
         "the dead instance's topic is reaped"
     );
-    assert!(names.contains(&alive) && names.contains(&young));
+    assert!(names.contains(&young), "the young topic is kept");
     member.unsubscribe();
     drop(member);
     miroir_connectors::kafka::admin::delete_topics(&config, &[&alive, &young]).unwrap();
