@@ -134,9 +134,9 @@ struct Sent {
     result: Result<Reply, SendError>,
 }
 
-/// Sender `t` of four: email changes while `more(i)` holds for the `i`th, round robin over its own active users
-/// (u-t, u-(t+4), u-(t+8)), each after `pace` and given `timeout`, counted in `answered` as
-/// they return.
+/// Sender `t` of four: email changes while `more(i)` holds for the `i`th, round robin over
+/// its own active users (u-t, u-(t+4), u-(t+8)), each after `pace` and given `timeout`,
+/// counted in `answered` as they return.
 fn send_stream(
     client: &Client,
     spec: &CommandSpec,
@@ -796,10 +796,13 @@ fn a_failed_transaction_aborts_the_one_after_it_and_every_command_is_applied_onc
 #[test]
 fn reply_topics_of_dead_instances_are_reaped_and_live_ones_kept() {
     let config = KafkaConfig::new(brokers());
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as i64;
+    let now_ms = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as i64
+    };
+    let now = now_ms();
     let run = unique("reap").replace('-', "");
     let ghost = format!("miroir.reply.{run}.{}.ghost", now - 120_000);
     create_topic(&config, &ghost, 1).unwrap();
@@ -825,11 +828,7 @@ fn reply_topics_of_dead_instances_are_reaped_and_live_ones_kept() {
                 member.poll(Duration::from_millis(50));
             }
             // A young topic, made just now (a minute of attempts would age one made before).
-            let made = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_millis();
-            let young = format!("miroir.reply.{run}.{made}.young{attempt}");
+            let young = format!("miroir.reply.{run}.{}.young{attempt}", now_ms());
             create_topic(&config, &young, 1).unwrap();
             let reaped = miroir_connectors::kafka::reply::reap_orphans(&config).unwrap();
             // (Another test's client may have reaped the ghost first: it is gone either way.)

@@ -38,7 +38,7 @@ use super::dlq::dlq_topic;
 use super::reply::now_ms;
 use super::tail::Tail;
 use super::{KafkaConfig, KafkaError};
-use miroir_engine::store::Store;
+use miroir_engine::store::{Commit, Store};
 
 mod lane;
 
@@ -393,17 +393,28 @@ impl AnsweredIds {
 
     /// Forgets the answers given before `oldest_ms`; returns their ids.
     fn forget_before(&mut self, oldest_ms: i64) -> Vec<String> {
-        let old: Vec<String> = self
-            .by_id
-            .iter()
-            .filter(|(_, (at_ms, _))| *at_ms < oldest_ms)
-            .map(|(id, _)| id.clone())
-            .collect();
-        for id in &old {
-            self.by_id.remove(id);
-        }
+        let mut old = Vec::new();
+        self.by_id.retain(|id, (at_ms, _)| {
+            let keep = *at_ms >= oldest_ms;
+            if !keep {
+                old.push(id.clone());
+            }
+            keep
+        });
         old
     }
+}
+
+/// When the oldest answer still kept was given (ms since the epoch): [`ANSWER_RETENTION`] ago.
+fn oldest_kept_answer_ms() -> i64 {
+    now_ms() - ANSWER_RETENTION.as_millis() as i64
+}
+
+/// Writes a change of the command view to the state directory.
+fn write_view(store: &Store, commit: Commit) -> Result<(), KafkaError> {
+    store
+        .write_unsynced(commit)
+        .map_err(|e| KafkaError::Definite(format!("writing the command view: {e}")))
 }
 
 /// What one entity event changed.
@@ -583,7 +594,7 @@ impl Worker {
     /// directory, as a restart would: a long-running processor's memory stays bounded by the
     /// commands of the retention period.
     fn forget_old_answers(&self) -> Result<(), KafkaError> {
-        let oldest = now_ms() - ANSWER_RETENTION.as_millis() as i64;
+        let oldest = oldest_kept_answer_ms();
         let old = self
             .shared
             .answered
@@ -599,9 +610,7 @@ impl Worker {
         for id in &old {
             forget.delete_command_answer(command, id);
         }
-        store
-            .write_unsynced(forget)
-            .map_err(|e| KafkaError::Definite(format!("writing the command view: {e}")))
+        write_view(store, forget)
     }
 
     /// The stored view's name: the command and its entity topic (a topology that points the
@@ -620,7 +629,7 @@ impl Worker {
         let view = store
             .command_view(command)
             .map_err(|e| KafkaError::Definite(format!("reading the command view: {e}")))?;
-        let oldest = now_ms() - ANSWER_RETENTION.as_millis() as i64;
+        let oldest = oldest_kept_answer_ms();
         let mut forget = store.commit();
         let mut answers = 0;
         {
@@ -640,9 +649,7 @@ impl Worker {
             }
         }
         let forgotten = forget.len();
-        store
-            .write_unsynced(forget)
-            .map_err(|e| KafkaError::Definite(format!("writing the command view: {e}")))?;
+        write_view(store, forget)?;
         info!(command = %self.shared.spec.name, entities = view.rows.len(), answers, forgotten,
               "entity view loaded from the state directory");
         self.shared
@@ -676,9 +683,7 @@ impl Worker {
         for (partition, next) in &view.next {
             commit.put_command_offset(command, *partition, *next);
         }
-        store
-            .write_unsynced(commit)
-            .map_err(|e| KafkaError::Definite(format!("writing the command view: {e}")))
+        write_view(store, commit)
     }
 
     fn poll_batch(&mut self) -> Vec<Incoming> {
