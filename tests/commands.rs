@@ -1084,3 +1084,118 @@ fn a_restarted_processor_keeps_its_view_of_the_entities_in_the_state_directory()
     client.shutdown();
     master.shutdown();
 }
+
+/// The `miroir-answer-until` header (ms since the epoch) of each entity event, by command id.
+fn answer_untils(topic: &str) -> HashMap<String, i64> {
+    let mut tail = Tail::open(&KafkaConfig::new(brokers()), topic).unwrap();
+    let mut out = HashMap::new();
+    assert!(tail
+        .catch_up(Duration::from_secs(30), |m| {
+            if let Some(id) = text_header(m, header::COMMAND_ID) {
+                let until = text_header(m, header::ANSWER_UNTIL).and_then(|u| u.parse().ok());
+                out.insert(
+                    id,
+                    until.expect("an entity event without its answer's time"),
+                );
+            }
+        })
+        .unwrap());
+    out
+}
+
+#[test]
+fn single_use_command_ids_are_remembered_past_their_deadline_chosen_ones_for_a_week() {
+    let run = Run::new("cmd-until");
+    let m = user_referential(&run);
+    seed_users(&m.user_topic, 2);
+    let dir = tempfile::tempdir().unwrap();
+    let master = start_master(&m, &dir.path().join("master"), None);
+    let config = KafkaConfig::new(brokers());
+    let client = Client::start(&config, "until-test", Metrics::new().commands.clone()).unwrap();
+    let spec = m.topology.command("update_email").unwrap();
+    let now_ms = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as i64
+    };
+    let before = now_ms();
+    // No command id: the client uses the correlation id, good for this one send only.
+    let single = client
+        .send(
+            &update(spec, "u-0", "single@example.org", admin()),
+            REPLY_TIMEOUT,
+        )
+        .unwrap();
+    let mut chosen = update(spec, "u-1", "chosen@example.org", admin());
+    chosen.command_id = Some(format!("chosen-{run}"));
+    let chosen_reply = client.send(&chosen, REPLY_TIMEOUT).unwrap();
+    let after = now_ms();
+    assert!(matches!(single, Reply::Accepted { .. }), "{single:?}");
+    assert!(
+        matches!(chosen_reply, Reply::Accepted { .. }),
+        "{chosen_reply:?}"
+    );
+
+    let untils = answer_untils(&m.user_topic);
+    assert_eq!(untils.len(), 2, "{untils:?}");
+    let timeout = REPLY_TIMEOUT.as_millis() as i64;
+    let ten_minutes = 600_000;
+    let week = 7 * 24 * 3_600_000;
+    let single_until = untils
+        .iter()
+        .find(|(id, _)| !id.starts_with("chosen-"))
+        .map(|(_, u)| *u)
+        .unwrap();
+    assert!(
+        (before + timeout + ten_minutes..=after + timeout + ten_minutes).contains(&single_until),
+        "a single-use id is kept until 10 minutes after its deadline: {single_until} not in {before}..{after} + {}",
+        timeout + ten_minutes
+    );
+    let chosen_until = untils[&format!("chosen-{run}")];
+    assert!(
+        (before + week..=after + week).contains(&chosen_until),
+        "an id the caller chose is kept a week: {chosen_until}"
+    );
+
+    // The same command record delivered twice (a producer retry): the id, single-use, is still
+    // remembered, so the copy gets the first answer and has no effect.
+    let mut original = None;
+    let mut commands = Tail::open(&config, &spec.topic).unwrap();
+    assert!(commands
+        .catch_up(Duration::from_secs(30), |m| {
+            if m.key() == Some(b"u-0".as_slice()) {
+                original = Some(m.detach());
+            }
+        })
+        .unwrap());
+    let original = original.expect("the command record");
+    let producer: rdkafka::producer::BaseProducer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .create()
+        .unwrap();
+    let copy = rdkafka::producer::BaseRecord::to(&spec.topic)
+        .key(original.key().unwrap())
+        .payload(original.payload().unwrap())
+        .headers(original.headers().unwrap().clone());
+    producer.send(copy).map_err(|(e, _)| e).unwrap();
+    rdkafka::producer::Producer::flush(&producer, Duration::from_secs(10)).unwrap();
+    wait_until(
+        "the copy is answered as a duplicate",
+        Duration::from_secs(30),
+        || {
+            counter(
+                &master.metrics(),
+                "miroir_commands_total",
+                "outcome=\"duplicate\"",
+            ) == 1
+        },
+    );
+    assert_eq!(
+        command_events(&m.user_topic).len(),
+        2,
+        "the copy was applied again"
+    );
+    client.shutdown();
+    master.shutdown();
+}

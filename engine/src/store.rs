@@ -115,7 +115,8 @@ fn outbox_key(sequence: u64) -> Vec<u8> {
 
 /// Keys of a command processor's view of its entities: `c/<command>/e/<key>` (the row),
 /// `c/<command>/o/<partition>` (the next offset of the entity topic to read) and
-/// `c/<command>/a/<command id>` (the answer of a command read back from its entity event).
+/// `c/<command>/k/<command id>` (the answer of a command read back from its entity event, with
+/// until when it is kept; `c/<command>/a/<command id>` before, with when it was given).
 fn command_key(command: &str, kind: char, rest: &str) -> Vec<u8> {
     format!("c/{command}/{kind}/{rest}").into_bytes()
 }
@@ -136,10 +137,20 @@ pub struct CommandView {
 pub struct StoredAnswer {
     /// The command id.
     pub id: String,
-    /// When the answer was written, in ms since the epoch.
-    pub at_ms: i64,
+    /// How long it is kept.
+    pub kept: AnswerTime,
     /// The answer, as the caller serialized it.
     pub reply: Vec<u8>,
+}
+
+/// What a stored answer says of how long it is kept, in ms since the epoch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AnswerTime {
+    /// When it was given (answers stored before they carried their own time to be
+    /// forgotten): the processor keeps them for its whole retention.
+    AnsweredAt(i64),
+    /// Until when it is kept.
+    KeptUntil(i64),
 }
 
 fn offset_key(topic: &str, partition: u32) -> Vec<u8> {
@@ -316,17 +327,22 @@ impl Store {
             view.offsets.push((p, n));
             Ok(())
         })?;
-        self.each_command_item(command, 'a', |id, v| {
-            let Some((at, reply)) = v.split_first_chunk::<8>() else {
-                return Err("not a command answer".into());
-            };
-            view.answers.push(StoredAnswer {
-                id: id.to_string(),
-                at_ms: i64::from_be_bytes(*at),
-                reply: reply.to_vec(),
-            });
-            Ok(())
-        })?;
+        for (kind, kept) in [
+            ('a', AnswerTime::AnsweredAt as fn(i64) -> AnswerTime),
+            ('k', AnswerTime::KeptUntil),
+        ] {
+            self.each_command_item(command, kind, |id, v| {
+                let Some((ms, reply)) = v.split_first_chunk::<8>() else {
+                    return Err("not a command answer".into());
+                };
+                view.answers.push(StoredAnswer {
+                    id: id.to_string(),
+                    kept: kept(i64::from_be_bytes(*ms)),
+                    reply: reply.to_vec(),
+                });
+                Ok(())
+            })?;
+        }
         Ok(view)
     }
 
@@ -575,16 +591,17 @@ impl Commit {
         self.push(Family::State, command_key(command, 'e', key), None);
     }
 
-    /// Records the answer (`reply`, serialized by the caller) of command `id`, read back at
-    /// `at_ms` (ms since the epoch) in command `command`'s view.
-    pub fn put_command_answer(&mut self, command: &str, id: &str, at_ms: i64, reply: &[u8]) {
-        let mut value = at_ms.to_be_bytes().to_vec();
+    /// Records the answer (`reply`, serialized by the caller) of command `id`, kept until
+    /// `until_ms` (ms since the epoch), in command `command`'s view.
+    pub fn put_command_answer(&mut self, command: &str, id: &str, until_ms: i64, reply: &[u8]) {
+        let mut value = until_ms.to_be_bytes().to_vec();
         value.extend_from_slice(reply);
-        self.push(Family::State, command_key(command, 'a', id), Some(value));
+        self.push(Family::State, command_key(command, 'k', id), Some(value));
     }
 
     /// Forgets the answer of command `id` in command `command`'s view.
     pub fn delete_command_answer(&mut self, command: &str, id: &str) {
+        self.push(Family::State, command_key(command, 'k', id), None);
         self.push(Family::State, command_key(command, 'a', id), None);
     }
 
@@ -695,7 +712,7 @@ mod tests {
         assert_eq!(view.offsets, vec![(0, 42), (11, 7)]);
         let answer = StoredAnswer {
             id: "cmd-1".into(),
-            at_ms: 1_700_000_000_000,
+            kept: AnswerTime::KeptUntil(1_700_000_000_000),
             reply: b"{\"ok\":1}".to_vec(),
         };
         assert_eq!(view.answers, vec![answer.clone()]);
@@ -710,5 +727,39 @@ mod tests {
             .command_view("update_email");
         let reopened = reopened.unwrap();
         assert_eq!((reopened.rows.len(), reopened.answers), (1, vec![answer]));
+    }
+
+    #[test]
+    fn answers_stored_with_their_time_given_are_read_and_forgotten_as_before() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), &[]).unwrap();
+        let mut c = store.commit();
+        let mut value = 1_600_000_000_000i64.to_be_bytes().to_vec();
+        value.extend_from_slice(b"{}");
+        c.push(
+            Family::State,
+            command_key("update_email", 'a', "legacy"),
+            Some(value),
+        );
+        c.put_command_answer("update_email", "new", 1_700_000_000_000, b"{}");
+        store.write_unsynced(c).unwrap();
+        let view = store.command_view("update_email").unwrap();
+        let kept: Vec<_> = view
+            .answers
+            .iter()
+            .map(|a| (a.id.as_str(), a.kept))
+            .collect();
+        assert_eq!(
+            kept,
+            vec![
+                ("legacy", AnswerTime::AnsweredAt(1_600_000_000_000)),
+                ("new", AnswerTime::KeptUntil(1_700_000_000_000)),
+            ]
+        );
+        let mut c = store.commit();
+        c.delete_command_answer("update_email", "legacy");
+        store.write_unsynced(c).unwrap();
+        let view = store.command_view("update_email").unwrap();
+        assert_eq!(view.answers.len(), 1, "the old kind is deleted too");
     }
 }

@@ -19,7 +19,6 @@ use tracing::{debug, info, warn};
 
 use super::{header, text_header, Incoming, ReplyTopics, Shared, DONE_SUFFIX, TX_TIMEOUT};
 use crate::kafka::dlq::dlq_topic;
-use crate::kafka::reply::now_ms;
 use crate::kafka::{KafkaConfig, KafkaError};
 
 enum Step {
@@ -86,6 +85,8 @@ struct Answered {
     reply: Reply,
     /// False for a re-delivery, which got its first answer again.
     remember: bool,
+    /// Until when the answer is remembered (ms since the epoch).
+    until_ms: i64,
     received: Instant,
     replayed: bool,
 }
@@ -183,12 +184,14 @@ impl Lane {
         let mut written: HashMap<String, Row> = HashMap::new();
         let mut steps = Vec::with_capacity(batch.len());
         let mut deliveries = Vec::new();
-        for incoming in batch {
+        let untils: Vec<i64> = batch.iter().map(|i| i.answer_until()).collect();
+        let until_texts: Vec<String> = untils.iter().map(i64::to_string).collect();
+        for (incoming, until) in batch.iter().zip(&until_texts) {
             let step = shared.step(incoming, &self.unsaved(&written), stop);
             match &step {
                 Step::Apply { key, row, .. } => {
                     let payload = row_to_json_bytes(&shared.entity.columns, row);
-                    let headers = command_headers(incoming);
+                    let headers = command_headers(incoming, until);
                     let record = FutureRecord::to(&shared.entity.topic)
                         .key(key.as_bytes())
                         .payload(payload.as_slice())
@@ -283,8 +286,12 @@ impl Lane {
         // soon as its command's record has landed, so the reply topic joins the transaction
         // while the other partitions' records are still being written.
         let mut answered = Vec::with_capacity(batch.len());
-        for (((incoming, step), delivery), exists) in
-            batch.iter().zip(steps).zip(deliveries).zip(reply_exists)
+        for ((((incoming, step), delivery), exists), (until_ms, until)) in batch
+            .iter()
+            .zip(steps)
+            .zip(deliveries)
+            .zip(reply_exists)
+            .zip(untils.into_iter().zip(&until_texts))
         {
             let landed = match delivery {
                 Some(d) => Some(wait_delivery(d)?),
@@ -316,9 +323,14 @@ impl Lane {
             // reads it back: only the other answers need a record of their own.
             let accepted = matches!(reply, Reply::Accepted { .. });
             if let (true, false, Some(id)) = (remember, accepted, &incoming.command_id) {
+                let headers = OwnedHeaders::new().insert(Header {
+                    key: header::ANSWER_UNTIL,
+                    value: Some(until.as_str()),
+                });
                 let record = FutureRecord::to(&done_topic)
                     .key(id.as_bytes())
                     .payload(body.as_slice())
+                    .headers(headers)
                     .partition(done_partition);
                 replies_sent.push(self.send(record)?);
             }
@@ -363,6 +375,7 @@ impl Lane {
                 command_id: incoming.command_id.clone(),
                 reply,
                 remember,
+                until_ms,
                 received: incoming.received,
                 replayed: incoming.parked_version.is_some(),
             });
@@ -753,7 +766,7 @@ fn commit(
                 .answered
                 .lock()
                 .expect("answered lock")
-                .remember(id, now_ms(), a.reply);
+                .remember(id, a.until_ms, a.reply);
         }
     }
     Ok(())
@@ -784,13 +797,20 @@ fn wait_delivery(d: rdkafka::producer::DeliveryFuture) -> Result<(i32, i64), TxE
     }
 }
 
-fn command_headers(incoming: &Incoming) -> OwnedHeaders {
+/// The headers of a command's entity event: its command id, until when processors remember its
+/// answer (`until`, ms since the epoch), and its principal.
+fn command_headers(incoming: &Incoming, until: &str) -> OwnedHeaders {
     let mut headers = OwnedHeaders::new();
     if let Some(id) = &incoming.command_id {
-        headers = headers.insert(Header {
-            key: header::COMMAND_ID,
-            value: Some(id.as_str()),
-        });
+        headers = headers
+            .insert(Header {
+                key: header::COMMAND_ID,
+                value: Some(id.as_str()),
+            })
+            .insert(Header {
+                key: header::ANSWER_UNTIL,
+                value: Some(until),
+            });
     }
     if let Some(p) = text_header(&incoming.message, header::PRINCIPAL) {
         headers = headers.insert(Header {

@@ -38,10 +38,12 @@ use super::dlq::dlq_topic;
 use super::reply::now_ms;
 use super::tail::Tail;
 use super::{KafkaConfig, KafkaError};
-use miroir_engine::store::{Commit, Store};
+use miroir_engine::store::{AnswerTime, Commit, Store};
 
+mod answered;
 mod lane;
 
+use answered::{keep_until, AnsweredIds, ANSWER_RETENTION};
 use lane::{Lane, TxError};
 
 /// Header names of commands, replies and dead letters.
@@ -78,6 +80,9 @@ pub mod header {
     pub const ORIGIN: &str = "miroir-origin";
     /// Dead letters: the entity version when the command was parked.
     pub const ENTITY_VERSION: &str = "miroir-entity-version";
+    /// Entity events and answered-id records: until when (ms since the epoch) processors
+    /// remember the command's answer.
+    pub const ANSWER_UNTIL: &str = "miroir-answer-until";
 }
 
 /// Suffix of a command topic's dead-letter topic.
@@ -85,12 +90,8 @@ pub const DLQ_SUFFIX: &str = ".dlq";
 /// Suffix of the compacted topic of answered command ids (accepted commands excepted: their
 /// entity events carry their ids).
 pub const DONE_SUFFIX: &str = ".miroir-done";
-/// How long a command id is remembered: the retention of `<topic>.miroir-done`, and of the
-/// accepted ids kept in the state directory.
-const ANSWER_RETENTION: Duration = Duration::from_secs(7 * 24 * 3600);
-
-/// How often a running processor forgets the answers older than [`ANSWER_RETENTION`].
-const FORGET_EVERY: Duration = Duration::from_secs(3600);
+/// How often a running processor forgets the answers whose time has passed.
+const FORGET_EVERY: Duration = Duration::from_secs(60);
 
 /// A service the processor consults before applying a command (a directory, a fraud check).
 /// An error is technical: the command is retried with backoff, then parked in the dead-letter
@@ -318,12 +319,15 @@ impl Shared {
                 partition: m.partition(),
                 offset: m.offset(),
             };
-            let at_ms = m.timestamp().to_millis().unwrap_or_else(now_ms);
-            self.answered
-                .lock()
-                .expect("answered lock")
-                .remember(id.clone(), at_ms, reply.clone());
-            change.answer = Some((id, at_ms, reply));
+            let until_ms = answer_until(m);
+            if until_ms >= now_ms() {
+                self.answered.lock().expect("answered lock").remember(
+                    id.clone(),
+                    until_ms,
+                    reply.clone(),
+                );
+                change.answer = Some((id, until_ms, reply));
+            }
         }
         let mut entities = self.entities.lock().expect("entities lock");
         if entities
@@ -342,11 +346,13 @@ impl Shared {
         };
         match m.payload().map(serde_json::from_slice::<Reply>) {
             Some(Ok(reply)) => {
-                let at_ms = m.timestamp().to_millis().unwrap_or_else(now_ms);
-                self.answered
-                    .lock()
-                    .expect("answered lock")
-                    .remember(id, at_ms, reply);
+                let until_ms = answer_until(m);
+                if until_ms >= now_ms() {
+                    self.answered
+                        .lock()
+                        .expect("answered lock")
+                        .remember(id, until_ms, reply);
+                }
             }
             None => {
                 self.answered.lock().expect("answered lock").forget(&id);
@@ -358,56 +364,19 @@ impl Shared {
     }
 }
 
-/// The answers of the commands processed, by command id, each with when it was given (ms
-/// since the epoch): a re-delivered command gets its first answer again. Kept for
-/// [`ANSWER_RETENTION`], as long as `<topic>.miroir-done` keeps its records.
-#[derive(Default)]
-struct AnsweredIds {
-    by_id: HashMap<String, (i64, Reply)>,
-}
-
-impl AnsweredIds {
-    /// Records `reply` as command `id`'s answer. A parked command's `Deferred` never replaces
-    /// the answer of its replay (the two may be read in either order), which is final.
-    fn remember(&mut self, id: String, at_ms: i64, reply: Reply) {
-        if matches!(reply, Reply::Deferred { .. })
-            && self
-                .by_id
-                .get(&id)
-                .is_some_and(|(_, r)| !matches!(r, Reply::Deferred { .. }))
-        {
-            return;
-        }
-        self.by_id.insert(id, (at_ms, reply));
-    }
-
-    /// Command `id`'s answer, if it was answered.
-    fn get(&self, id: &str) -> Option<&Reply> {
-        self.by_id.get(id).map(|(_, reply)| reply)
-    }
-
-    /// Forgets command `id` (its done record was deleted).
-    fn forget(&mut self, id: &str) {
-        self.by_id.remove(id);
-    }
-
-    /// Forgets the answers given before `oldest_ms`; returns their ids.
-    fn forget_before(&mut self, oldest_ms: i64) -> Vec<String> {
-        let mut old = Vec::new();
-        self.by_id.retain(|id, (at_ms, _)| {
-            let keep = *at_ms >= oldest_ms;
-            if !keep {
-                old.push(id.clone());
-            }
-            keep
-        });
-        old
-    }
-}
-
-/// When the oldest answer still kept was given (ms since the epoch): [`ANSWER_RETENTION`] ago.
-fn oldest_kept_answer_ms() -> i64 {
-    now_ms() - ANSWER_RETENTION.as_millis() as i64
+/// Until when (ms since the epoch) the answer written by `m` (an entity event or an
+/// answered-id record) is kept: its `miroir-answer-until` header, or for records written before
+/// it, the retention from the record's time.
+fn answer_until(m: &impl Message) -> i64 {
+    text_header(m, header::ANSWER_UNTIL)
+        .and_then(|t| t.parse().ok())
+        .unwrap_or_else(|| {
+            keep_until(
+                m.timestamp().to_millis().unwrap_or_else(now_ms),
+                None,
+                false,
+            )
+        })
 }
 
 /// Writes a change of the command view to the state directory.
@@ -422,7 +391,8 @@ fn write_view(store: &Store, commit: Commit) -> Result<(), KafkaError> {
 struct EntityChange {
     /// The key and its new row (`None`: deleted), if the view changed.
     row: Option<(String, Option<Row>)>,
-    /// The id, time (ms since the epoch) and answer of the command that wrote the event.
+    /// The id, time to forget (ms since the epoch) and answer of the command that wrote the
+    /// event.
     answer: Option<(String, i64, Reply)>,
 }
 
@@ -455,6 +425,17 @@ struct Incoming {
     key: Option<String>,
     /// Set on a replay: the entity version the command was parked at.
     parked_version: Option<i64>,
+}
+
+impl Incoming {
+    /// Until when (ms since the epoch) the command's answer is kept if it is answered now: a
+    /// command id the client generated for this send (the correlation id) until shortly after
+    /// the deadline, others for the retention (see [`answered`]).
+    fn answer_until(&self) -> i64 {
+        let single_use = self.command_id.is_some() && self.command_id == self.correlation_id;
+        let deadline = text_header(&self.message, header::DEADLINE).and_then(|d| d.parse().ok());
+        keep_until(now_ms(), deadline, single_use)
+    }
 }
 
 impl Worker {
@@ -590,18 +571,15 @@ impl Worker {
         Ok(())
     }
 
-    /// Forgets the answers older than [`ANSWER_RETENTION`], in memory and in the state
-    /// directory, as a restart would: a long-running processor's memory stays bounded by the
-    /// commands of the retention period.
+    /// Forgets the answers whose time has passed, in memory and in the state directory, as a
+    /// restart would: a long-running processor's memory stays bounded by the commands of the
+    /// last few minutes (single-use ids) and of the retention period (the others).
     fn forget_old_answers(&self) -> Result<(), KafkaError> {
-        let oldest = oldest_kept_answer_ms();
-        let old = self
-            .shared
-            .answered
-            .lock()
-            .expect("answered lock")
-            .forget_before(oldest);
-        info!(command = %self.shared.spec.name, forgotten = old.len(), "answers older than the retention forgotten");
+        let (old, kept) = {
+            let mut answered = self.shared.answered.lock().expect("answered lock");
+            (answered.forget_expired(now_ms()), answered.len())
+        };
+        debug!(command = %self.shared.spec.name, forgotten = old.len(), kept, "answers whose time has passed forgotten");
         let Some(store) = &self.store else {
             return Ok(());
         };
@@ -620,7 +598,7 @@ impl Worker {
     }
 
     /// Loads the stored view of the entities and of the accepted commands (forgetting those
-    /// older than [`ANSWER_RETENTION`]); returns where to go on reading the entity topic.
+    /// whose time has passed); returns where to go on reading the entity topic.
     fn load_view(&self) -> Result<Vec<(i32, i64)>, KafkaError> {
         let Some(store) = &self.store else {
             return Ok(Vec::new());
@@ -629,15 +607,19 @@ impl Worker {
         let view = store
             .command_view(command)
             .map_err(|e| KafkaError::Definite(format!("reading the command view: {e}")))?;
-        let oldest = oldest_kept_answer_ms();
+        let now = now_ms();
         let mut forget = store.commit();
         let mut answers = 0;
         {
             let mut answered = self.shared.answered.lock().expect("answered lock");
             for a in view.answers {
+                let until_ms = match a.kept {
+                    AnswerTime::KeptUntil(until) => until,
+                    AnswerTime::AnsweredAt(at) => keep_until(at, None, false),
+                };
                 match serde_json::from_slice::<Reply>(&a.reply) {
-                    Ok(reply) if a.at_ms >= oldest => {
-                        answered.remember(a.id, a.at_ms, reply);
+                    Ok(reply) if until_ms >= now => {
+                        answered.remember(a.id, until_ms, reply);
                         answers += 1;
                     }
                     Ok(_) => forget.delete_command_answer(command, &a.id),
@@ -676,9 +658,9 @@ impl Worker {
                 None => commit.delete_command_row(command, key),
             }
         }
-        for (id, at_ms, reply) in &view.answers {
+        for (id, until_ms, reply) in &view.answers {
             let reply = serde_json::to_vec(reply).expect("replies serialize");
-            commit.put_command_answer(command, id, *at_ms, &reply);
+            commit.put_command_answer(command, id, *until_ms, &reply);
         }
         for (partition, next) in &view.next {
             commit.put_command_offset(command, *partition, *next);
@@ -883,55 +865,5 @@ mod tests {
         );
         assert!(!known.stale("r1"), "a found topic is trusted for longer");
         assert!(known.exists("r1"));
-    }
-
-    fn accepted() -> Reply {
-        Reply::Accepted {
-            version: 3,
-            partition: 1,
-            offset: 9,
-        }
-    }
-
-    #[test]
-    fn a_replayed_commands_answer_outlives_its_deferral_in_either_order() {
-        let deferred = Reply::Deferred {
-            topic: "t.dlq".into(),
-            partition: 0,
-            offset: 7,
-            message: "down".into(),
-        };
-        let accepted = accepted();
-        let mut answered = AnsweredIds::default();
-        answered.remember("a".into(), 1, deferred.clone());
-        answered.remember("a".into(), 2, accepted.clone());
-        answered.remember("b".into(), 1, accepted.clone());
-        answered.remember("b".into(), 2, deferred.clone());
-        assert_eq!(answered.get("a"), Some(&accepted));
-        assert_eq!(
-            answered.get("b"),
-            Some(&accepted),
-            "read after its replay's answer"
-        );
-        answered.remember("c".into(), 1, deferred.clone());
-        answered.remember("c".into(), 2, deferred.clone());
-        assert_eq!(answered.get("c"), Some(&deferred), "parked twice");
-    }
-
-    #[test]
-    fn answers_older_than_the_retention_are_forgotten_and_newer_ones_kept() {
-        let accepted = accepted();
-        let mut answered = AnsweredIds::default();
-        answered.remember("old".into(), 100, accepted.clone());
-        answered.remember("edge".into(), 200, accepted.clone());
-        answered.remember("new".into(), 300, accepted.clone());
-        assert_eq!(answered.forget_before(200), vec!["old".to_string()]);
-        assert_eq!(answered.get("old"), None);
-        assert_eq!(answered.get("edge"), Some(&accepted));
-        assert_eq!(answered.get("new"), Some(&accepted));
-        // An answer remembered again counts from its last time.
-        answered.remember("edge".into(), 400, accepted.clone());
-        assert_eq!(answered.forget_before(350), vec!["new".to_string()]);
-        assert_eq!(answered.get("edge"), Some(&accepted));
     }
 }
