@@ -1196,6 +1196,15 @@ fn single_use_command_ids_are_remembered_past_their_deadline_chosen_ones_for_a_w
         2,
         "the copy was applied again"
     );
+    assert_eq!(
+        counter(
+            &master.metrics(),
+            "miroir_command_answers_kept",
+            "command=\"update_email\""
+        ),
+        2,
+        "the two ids, each once"
+    );
     client.shutdown();
     master.shutdown();
 }

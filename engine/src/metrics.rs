@@ -58,6 +58,9 @@ pub struct CommandMetrics {
     /// Transactions aborted after a failure, by command: their commands are read again (with
     /// those of the transaction prepared after one, which built on it).
     pub aborted_transactions: IntCounterVec,
+    /// Command ids whose answers the processor remembers, by command (a re-delivery gets its
+    /// first answer again); updated as transactions commit and old answers are forgotten.
+    pub answers_kept: IntGaugeVec,
     /// Client: seconds from send to reply, by command type.
     pub round_trip_seconds: HistogramVec,
     /// Client: sends that timed out, by command type.
@@ -132,6 +135,20 @@ impl CommandMetrics {
                 "Command transactions aborted after a failure; their commands are read again",
                 &["command"],
             ),
+            answers_kept: {
+                let g = IntGaugeVec::new(
+                    Opts::new(
+                        "miroir_command_answers_kept",
+                        "Command ids whose answers the processor remembers",
+                    ),
+                    &["command"],
+                )
+                .expect("valid metric");
+                registry
+                    .register(Box::new(g.clone()))
+                    .expect("unique metric");
+                g
+            },
             round_trip_seconds: histogram(
                 "miroir_command_round_trip_seconds",
                 "Client: time from sending a command to its reply",

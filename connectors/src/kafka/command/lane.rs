@@ -769,6 +769,12 @@ fn commit(
                 .remember(id, a.until_ms, a.reply);
         }
     }
+    let kept = shared.answered.lock().expect("answered lock").len();
+    shared
+        .metrics
+        .answers_kept
+        .with_label_values(&[&shared.spec.name])
+        .set(kept as i64);
     Ok(())
 }
 

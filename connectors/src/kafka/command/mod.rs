@@ -580,6 +580,11 @@ impl Worker {
             (answered.forget_expired(now_ms()), answered.len())
         };
         debug!(command = %self.shared.spec.name, forgotten = old.len(), kept, "answers whose time has passed forgotten");
+        self.shared
+            .metrics
+            .answers_kept
+            .with_label_values(&[&self.shared.spec.name])
+            .set(kept as i64);
         let Some(store) = &self.store else {
             return Ok(());
         };
@@ -632,6 +637,11 @@ impl Worker {
         }
         let forgotten = forget.len();
         write_view(store, forget)?;
+        self.shared
+            .metrics
+            .answers_kept
+            .with_label_values(&[&self.shared.spec.name])
+            .set(answers as i64);
         info!(command = %self.shared.spec.name, entities = view.rows.len(), answers, forgotten,
               "entity view loaded from the state directory");
         self.shared
