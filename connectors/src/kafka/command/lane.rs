@@ -184,14 +184,14 @@ impl Lane {
         let mut written: HashMap<String, Row> = HashMap::new();
         let mut steps = Vec::with_capacity(batch.len());
         let mut deliveries = Vec::new();
+        // Computed once: the entity event, the answered-id record and the view carry the same.
         let untils: Vec<i64> = batch.iter().map(|i| i.answer_until()).collect();
-        let until_texts: Vec<String> = untils.iter().map(i64::to_string).collect();
-        for (incoming, until) in batch.iter().zip(&until_texts) {
+        for (incoming, until) in batch.iter().zip(&untils) {
             let step = shared.step(incoming, &self.unsaved(&written), stop);
             match &step {
                 Step::Apply { key, row, .. } => {
                     let payload = row_to_json_bytes(&shared.entity.columns, row);
-                    let headers = command_headers(incoming, until);
+                    let headers = command_headers(incoming, *until);
                     let record = FutureRecord::to(&shared.entity.topic)
                         .key(key.as_bytes())
                         .payload(payload.as_slice())
@@ -286,12 +286,12 @@ impl Lane {
         // soon as its command's record has landed, so the reply topic joins the transaction
         // while the other partitions' records are still being written.
         let mut answered = Vec::with_capacity(batch.len());
-        for ((((incoming, step), delivery), exists), (until_ms, until)) in batch
+        for ((((incoming, step), delivery), exists), until_ms) in batch
             .iter()
             .zip(steps)
             .zip(deliveries)
             .zip(reply_exists)
-            .zip(untils.into_iter().zip(&until_texts))
+            .zip(untils)
         {
             let landed = match delivery {
                 Some(d) => Some(wait_delivery(d)?),
@@ -325,7 +325,7 @@ impl Lane {
             if let (true, false, Some(id)) = (remember, accepted, &incoming.command_id) {
                 let headers = OwnedHeaders::new().insert(Header {
                     key: header::ANSWER_UNTIL,
-                    value: Some(until.as_str()),
+                    value: Some(until_ms.to_string().as_str()),
                 });
                 let record = FutureRecord::to(&done_topic)
                     .key(id.as_bytes())
@@ -769,12 +769,7 @@ fn commit(
                 .remember(id, a.until_ms, a.reply);
         }
     }
-    let kept = shared.answered.lock().expect("answered lock").len();
-    shared
-        .metrics
-        .answers_kept
-        .with_label_values(&[&shared.spec.name])
-        .set(kept as i64);
+    shared.report_answers_kept(shared.answered.lock().expect("answered lock").len());
     Ok(())
 }
 
@@ -805,9 +800,10 @@ fn wait_delivery(d: rdkafka::producer::DeliveryFuture) -> Result<(i32, i64), TxE
 
 /// The headers of a command's entity event: its command id, until when processors remember its
 /// answer (`until`, ms since the epoch), and its principal.
-fn command_headers(incoming: &Incoming, until: &str) -> OwnedHeaders {
+fn command_headers(incoming: &Incoming, until: i64) -> OwnedHeaders {
     let mut headers = OwnedHeaders::new();
     if let Some(id) = &incoming.command_id {
+        let until = until.to_string();
         headers = headers
             .insert(Header {
                 key: header::COMMAND_ID,
@@ -815,7 +811,7 @@ fn command_headers(incoming: &Incoming, until: &str) -> OwnedHeaders {
             })
             .insert(Header {
                 key: header::ANSWER_UNTIL,
-                value: Some(until),
+                value: Some(until.as_str()),
             });
     }
     if let Some(p) = text_header(&incoming.message, header::PRINCIPAL) {

@@ -319,8 +319,7 @@ impl Shared {
                 partition: m.partition(),
                 offset: m.offset(),
             };
-            let until_ms = answer_until(m);
-            if until_ms >= now_ms() {
+            if let Some(until_ms) = answer_until(m) {
                 self.answered.lock().expect("answered lock").remember(
                     id.clone(),
                     until_ms,
@@ -340,14 +339,21 @@ impl Shared {
         change
     }
 
+    /// Sets the gauge of the command ids remembered.
+    fn report_answers_kept(&self, kept: usize) {
+        self.metrics
+            .answers_kept
+            .with_label_values(&[&self.spec.name])
+            .set(kept as i64);
+    }
+
     fn answer_record(&self, m: &rdkafka::message::BorrowedMessage<'_>) {
         let Some(id) = m.key().map(|k| String::from_utf8_lossy(k).into_owned()) else {
             return;
         };
         match m.payload().map(serde_json::from_slice::<Reply>) {
             Some(Ok(reply)) => {
-                let until_ms = answer_until(m);
-                if until_ms >= now_ms() {
+                if let Some(until_ms) = answer_until(m) {
                     self.answered
                         .lock()
                         .expect("answered lock")
@@ -366,9 +372,9 @@ impl Shared {
 
 /// Until when (ms since the epoch) the answer written by `m` (an entity event or an
 /// answered-id record) is kept: its `miroir-answer-until` header, or for records written before
-/// it, the retention from the record's time.
-fn answer_until(m: &impl Message) -> i64 {
-    text_header(m, header::ANSWER_UNTIL)
+/// it, the retention from the record's time; `None` once that time has passed.
+fn answer_until(m: &impl Message) -> Option<i64> {
+    let until = text_header(m, header::ANSWER_UNTIL)
         .and_then(|t| t.parse().ok())
         .unwrap_or_else(|| {
             keep_until(
@@ -376,7 +382,8 @@ fn answer_until(m: &impl Message) -> i64 {
                 None,
                 false,
             )
-        })
+        });
+    (until >= now_ms()).then_some(until)
 }
 
 /// Writes a change of the command view to the state directory.
@@ -580,14 +587,13 @@ impl Worker {
             (answered.forget_expired(now_ms()), answered.len())
         };
         debug!(command = %self.shared.spec.name, forgotten = old.len(), kept, "answers whose time has passed forgotten");
-        self.shared
-            .metrics
-            .answers_kept
-            .with_label_values(&[&self.shared.spec.name])
-            .set(kept as i64);
+        self.shared.report_answers_kept(kept);
         let Some(store) = &self.store else {
             return Ok(());
         };
+        if old.is_empty() {
+            return Ok(());
+        }
         let command = &self.view_name();
         let mut forget = store.commit();
         for id in &old {
@@ -637,11 +643,7 @@ impl Worker {
         }
         let forgotten = forget.len();
         write_view(store, forget)?;
-        self.shared
-            .metrics
-            .answers_kept
-            .with_label_values(&[&self.shared.spec.name])
-            .set(answers as i64);
+        self.shared.report_answers_kept(answers);
         info!(command = %self.shared.spec.name, entities = view.rows.len(), answers, forgotten,
               "entity view loaded from the state directory");
         self.shared
