@@ -168,7 +168,7 @@ fn main() {
             (PACED_SENDERS, Some(500.0)),
             (PACED_SENDERS, Some(1000.0)),
         ] {
-            let r = measure_cpu(client, s, senders, rate, Duration::from_secs(seconds));
+            let r = measure(client, s, senders, rate, Duration::from_secs(seconds));
             eprintln!(
                 "bench: {name}, {senders} sender(s), {}: {r:?}",
                 rate.map_or("closed loop".into(), |r| format!("paced {r}/s"))
@@ -184,7 +184,7 @@ fn main() {
         .collect();
     let repeated: Vec<Latencies> = (0..repeats)
         .map(|i| {
-            let r = measure_cpu(
+            let r = measure(
                 client,
                 &spec,
                 PACED_SENDERS,
@@ -334,7 +334,7 @@ fn spread(runs: &[&Latencies]) -> String {
     }
     let median = |mut v: Vec<f64>| {
         v.sort_by(f64::total_cmp);
-        v[v.len() / 2]
+        (v[(v.len() - 1) / 2] + v[v.len() / 2]) / 2.0
     };
     let p99: Vec<f64> = runs.iter().map(|r| r.p99).collect();
     let list: Vec<String> = p99.iter().map(|v| format!("{v:.1}")).collect();
@@ -349,25 +349,8 @@ fn spread(runs: &[&Latencies]) -> String {
     )
 }
 
-/// [`measure`], with the CPU time this process and the broker spent per command.
-fn measure_cpu(
-    client: &Client,
-    spec: &CommandSpec,
-    senders: usize,
-    rate: Option<f64>,
-    duration: Duration,
-) -> Latencies {
-    let (own, broker) = (cpu_seconds("self"), broker_pid().map(|p| cpu_seconds(&p)));
-    let mut r = measure(client, spec, senders, rate, duration);
-    r.cpu_ms = (cpu_seconds("self") - own) * 1000.0 / r.count.max(1) as f64;
-    r.broker_cpu_ms = broker_pid().zip(broker).map_or(f64::NAN, |(p, b)| {
-        (cpu_seconds(&p) - b) * 1000.0 / r.count.max(1) as f64
-    });
-    r
-}
-
 /// `senders` threads send for `duration`, each in a closed loop or paced to its share of
-/// `rate` commands/s.
+/// `rate` commands/s; with the CPU time this process and the broker spent per command.
 fn measure(
     client: &Client,
     spec: &CommandSpec,
@@ -375,6 +358,7 @@ fn measure(
     rate: Option<f64>,
     duration: Duration,
 ) -> Latencies {
+    let (own, broker) = (cpu_seconds("self"), broker_pid().map(|p| cpu_seconds(&p)));
     let started = Instant::now();
     let results: Vec<(Vec<f64>, usize)> = std::thread::scope(|s| {
         let handles: Vec<_> = (0..senders)
@@ -419,11 +403,16 @@ fn measure(
     });
     let elapsed = started.elapsed();
     let errors = results.iter().map(|(_, e)| e).sum();
-    summarize(
+    let mut r = summarize(
         results.into_iter().flat_map(|(m, _)| m).collect(),
         errors,
         elapsed,
-    )
+    );
+    r.cpu_ms = (cpu_seconds("self") - own) * 1000.0 / r.count.max(1) as f64;
+    r.broker_cpu_ms = broker_pid().zip(broker).map_or(f64::NAN, |(p, b)| {
+        (cpu_seconds(&p) - b) * 1000.0 / r.count.max(1) as f64
+    });
+    r
 }
 
 /// Time from send to the new email being served by the app's internal table.
