@@ -31,11 +31,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use miroir::commands::{Client, Command, Principal, Reply};
-use miroir::miroir_engine::command::CommandSpec;
+use miroir::miroir_engine::topology::command::CommandSpec;
 use miroir::miroir_engine::topology::Topology;
 use miroir::Engine;
+use miroir_connectors::commands::wire::{header, text_header};
 use miroir_connectors::kafka::admin::{create_topic, delete_topics};
-use miroir_connectors::kafka::command::{header, text_header};
 use miroir_connectors::kafka::output::Publisher;
 use miroir_connectors::kafka::KafkaConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};

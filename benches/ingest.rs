@@ -505,8 +505,6 @@ fn engine_phase(tables: Tables) {
         let applied: i64 = engine
             .status()
             .committed
-            .lock()
-            .unwrap()
             .iter()
             .filter(|((t, _), _)| *t == topic)
             .map(|(_, o)| o + 1)

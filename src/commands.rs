@@ -25,7 +25,7 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
-pub use miroir_connectors::kafka::command::Dependency;
-pub use miroir_connectors::kafka::dlq::{list as dead_letters, replay, Parked, Replayed};
-pub use miroir_connectors::kafka::reply::{Command, CommandClient as Client, SendError};
+pub use miroir_connectors::commands::client::{Command, CommandClient as Client, SendError};
+pub use miroir_connectors::commands::dlq::{list as dead_letters, replay, Parked, Replayed};
+pub use miroir_connectors::commands::processor::dependency::Dependency;
 pub use miroir_engine::command::{Principal, Reply};

@@ -6,8 +6,13 @@
 //! | `GET /ready` | 200 once every assigned partition is applied the external database (if any) accepts writes and the command processors (if any) consume, 503 otherwise (JSON body says why) |
 //! | `GET /metrics` | Prometheus text |
 //! | `GET /v1/topology` | sources, tables, their columns and keys, and the operator graph |
-//! | `GET /v1/tables/{table}/rows/{key}` | the row with its partition and freshness; 404 when absent |
+//! | `GET /v1/tables/{table}/rows/{key}` | the row with its partition and freshness; 404 when absent, 400 when `key` is not a key of the table |
 //! | `GET /v1/tables/{table}/rows?prefix=&limit=` | rows whose key starts with `prefix` (limit ≤ 10000, default 100) |
+//!
+//! A key is written in its URL form ([`miroir_engine::value::key_text`]): the parts of a
+//! composite key joined with `|`, with `\` and `|` inside a part escaped by `\`, and NULL
+//! written `\N`. A scan's prefix is that form cut short: whole parts, then the beginning of a
+//! text part.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -106,6 +111,7 @@ fn query_error(e: QueryError) -> Response {
         QueryError::UnknownTable(_) | QueryError::External { .. } => {
             error(StatusCode::NOT_FOUND, e.to_string())
         }
+        QueryError::BadKey { .. } => error(StatusCode::BAD_REQUEST, e.to_string()),
         QueryError::Store(_) => {
             warn!(error = %e, "query failed");
             error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
@@ -114,12 +120,12 @@ fn query_error(e: QueryError) -> Response {
 }
 
 async fn ready(State(inner): State<Arc<Inner>>) -> Response {
-    let status = &inner.runtime.status;
+    let status = inner.runtime.status();
     let body = json!({
         "ready": inner.ready(),
-        "lag": status.lag(),
-        "failure": status.failure(),
-        "sink_failure": status.sink_failure(),
+        "lag": status.lag,
+        "failure": status.failure,
+        "sink_failure": status.sink_failure,
         "commands": inner.processors.iter().map(|(name, p)| json!({
             "command": name,
             "ready": p.ready(),

@@ -39,7 +39,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use miroir_connectors::kafka::command::{CommandProcessor, ProcessorStatus};
+use miroir_connectors::commands::processor::{CommandProcessor, ProcessorStatus};
 use miroir_connectors::kafka::input::KafkaSource;
 use miroir_connectors::kafka::output::KafkaErrorSink;
 use miroir_connectors::kafka::{KafkaConfig, KafkaError};
@@ -47,10 +47,12 @@ use miroir_connectors::postgres::sink::PostgresSink;
 use miroir_connectors::postgres::{database_url, PostgresError};
 use miroir_engine::metrics::Metrics;
 use miroir_engine::partition::partition_for_key;
-use miroir_engine::runtime::{Runtime, RuntimeConfig, RuntimeError};
-use miroir_engine::store::{Store, StoreError};
+use miroir_engine::runtime::{Runtime, RuntimeConfig, RuntimeError, StatusSnapshot};
+use miroir_engine::state::{StateStore, StoreError, TableReader};
 use miroir_engine::topology::{Topology, TopologyError};
-use miroir_engine::value::format_timestamp;
+use miroir_engine::value::{
+    format_timestamp, parse_key_prefix, parse_key_text, ColumnType, KeyTextError,
+};
 use serde::Serialize;
 
 pub use miroir_engine;
@@ -99,6 +101,14 @@ pub enum QueryError {
         table: String,
         /// `schema.table` in PostgreSQL.
         target: String,
+    },
+    /// The key is not a key of the table (wrong number of parts, or a part of the wrong type).
+    #[error("bad key for table `{table}`: {source}")]
+    BadKey {
+        /// The table.
+        table: String,
+        /// What is wrong.
+        source: KeyTextError,
     },
     /// The state store failed.
     #[error(transparent)]
@@ -220,7 +230,7 @@ impl EngineBuilder {
             .filter(|t| t.postgres().is_none())
             .map(|t| t.name.clone())
             .collect();
-        let store = Store::open(&state_dir, &tables)?;
+        let store = StateStore::open(&state_dir, &tables)?;
         let sink: Option<Box<dyn miroir_engine::sink::ExternalSink>> =
             if topology.has_external_tables() {
                 let fallback = self
@@ -255,13 +265,7 @@ impl EngineBuilder {
             sink,
             config,
         )?);
-        let source = KafkaSource::start(
-            &kafka,
-            &topology,
-            runtime.clone(),
-            store.clone(),
-            metrics.clone(),
-        )?;
+        let source = KafkaSource::start(&kafka, &topology, runtime.clone(), metrics.clone())?;
         let mut processors = Vec::new();
         for command in &topology.commands {
             processors.push(CommandProcessor::start(
@@ -290,7 +294,7 @@ impl EngineBuilder {
                 .map(|(p, c)| (c.name.clone(), p.status()))
                 .collect(),
             topology,
-            store,
+            tables: Arc::new(store),
             runtime,
             metrics,
             state_dir,
@@ -311,7 +315,7 @@ impl EngineBuilder {
 
 pub(crate) struct Inner {
     topology: Arc<Topology>,
-    store: Store,
+    tables: Arc<dyn TableReader>,
     runtime: Arc<Runtime>,
     metrics: Arc<Metrics>,
     state_dir: PathBuf,
@@ -349,16 +353,14 @@ pub struct Freshness {
 
 impl Inner {
     fn freshness(&self) -> Freshness {
-        let status = &self.runtime.status;
-        let ms = status
-            .last_commit_ms
-            .load(std::sync::atomic::Ordering::SeqCst);
-        let lag = status.lag();
+        let status = self.runtime.status();
         Freshness {
-            epoch: status.epoch.load(std::sync::atomic::Ordering::SeqCst),
-            committed_at: (ms > 0).then(|| format_timestamp(ms as i64 * 1000)),
-            lag,
-            stale: lag != Some(0),
+            epoch: status.epoch,
+            committed_at: status
+                .last_commit_ms
+                .map(|ms| format_timestamp(ms as i64 * 1000)),
+            lag: status.lag,
+            stale: status.lag != Some(0),
         }
     }
 
@@ -379,7 +381,12 @@ impl Inner {
 
     fn get(&self, table: &str, key: &str) -> Result<Option<RowAnswer>, QueryError> {
         let plan = self.internal(table)?;
-        let Some(bytes) = self.store.get(table, key)? else {
+        let values =
+            parse_key_text(key, &key_types(plan)).map_err(|source| QueryError::BadKey {
+                table: table.to_string(),
+                source,
+            })?;
+        let Some(bytes) = self.tables.row(table, &values)? else {
             return Ok(None);
         };
         let row = serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null);
@@ -387,15 +394,9 @@ impl Inner {
             .partitioned_by(|s| self.topology.sources[s].key)
             .and_then(|s| {
                 let topic = &self.topology.sources[s].topic;
-                let counts = self
-                    .runtime
-                    .status
-                    .partitions
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner());
-                counts
-                    .get(topic)
-                    .map(|n| partition_for_key(key.as_bytes(), *n))
+                self.runtime
+                    .partition_count(topic)
+                    .map(|n| partition_for_key(values[0].to_key_text().as_bytes(), n))
             });
         Ok(Some(RowAnswer {
             table: table.to_string(),
@@ -412,25 +413,35 @@ impl Inner {
         prefix: &str,
         limit: usize,
     ) -> Result<Vec<serde_json::Value>, QueryError> {
-        self.internal(table)?;
+        let plan = self.internal(table)?;
+        let prefix =
+            parse_key_prefix(prefix, &key_types(plan)).map_err(|source| QueryError::BadKey {
+                table: table.to_string(),
+                source,
+            })?;
         Ok(self
-            .store
-            .scan(table, prefix, limit)?
+            .tables
+            .rows(table, &prefix, limit)?
             .into_iter()
-            .map(|(_, v)| serde_json::from_slice(&v).unwrap_or(serde_json::Value::Null))
+            .map(|v| serde_json::from_slice(&v).unwrap_or(serde_json::Value::Null))
             .collect())
     }
 
     fn ready(&self) -> bool {
-        let status = &self.runtime.status;
-        status.failure().is_none()
-            && status.sink_failure().is_none()
-            && status.lag() == Some(0)
+        let status = self.runtime.status();
+        status.failure.is_none()
+            && status.sink_failure.is_none()
+            && status.lag == Some(0)
             && self
                 .processors
                 .iter()
                 .all(|(_, p)| p.ready() && p.failure().is_none())
     }
+}
+
+/// The types of `plan`'s key columns, in key order.
+fn key_types(plan: &miroir_engine::plan::TablePlan) -> Vec<ColumnType> {
+    plan.key.iter().map(|k| plan.columns[*k].ty).collect()
 }
 
 /// A running miroir instance embedded in the current process.
@@ -448,12 +459,16 @@ impl Engine {
         EngineBuilder::default()
     }
 
-    /// The row of `table` with key `key` (composite keys join their parts with `|`).
+    /// The row of `table` with key `key`, in its URL form ([`miroir_engine::value::key_text`]:
+    /// composite keys join their parts with `|`, a `|` or `\\` inside a part is escaped with
+    /// `\\`, and NULL is `\\N`).
     pub fn get(&self, table: &str, key: &str) -> Result<Option<RowAnswer>, QueryError> {
         self.inner.get(table, key)
     }
 
-    /// Up to `limit` rows of `table` whose key starts with `prefix`, in key order.
+    /// Up to `limit` rows of `table` whose key starts with `prefix`, in key order. The prefix is
+    /// a key's URL form cut short: whole parts, then the beginning of a text part (a part of
+    /// another type is whole).
     pub fn scan(
         &self,
         table: &str,
@@ -506,14 +521,14 @@ impl Engine {
         self.server.as_ref().map(|s| s.addr)
     }
 
-    /// The runtime's progress: committed epoch and offsets, watermarks, failure.
-    pub fn status(&self) -> &miroir_engine::runtime::Status {
-        &self.inner.runtime.status
+    /// A copy of the runtime's progress: committed epoch and offsets, lag, failures.
+    pub fn status(&self) -> StatusSnapshot {
+        self.inner.runtime.status()
     }
 
     /// The failure that stopped the engine or one of its command processors, if any.
     pub fn failure(&self) -> Option<String> {
-        self.inner.runtime.status.failure().or_else(|| {
+        self.inner.runtime.failure().or_else(|| {
             self.inner
                 .processors
                 .iter()

@@ -293,7 +293,7 @@ fn dead_letters(action: DlqAction) -> anyhow::Result<ExitCode> {
             eprintln!(
                 "{} parked command(s) in {}",
                 parked.len(),
-                miroir_connectors::kafka::dlq::dlq_topic(&topic)
+                miroir_connectors::commands::wire::dlq_topic(&topic)
             );
             Ok(ExitCode::SUCCESS)
         }
@@ -385,7 +385,7 @@ fn print_plan(
         return Ok(ExitCode::SUCCESS);
     }
     let url = miroir_connectors::postgres::database_url(&topology, database_url)?;
-    let instance = miroir::miroir_engine::store::Store::peek_instance_id(state_dir)
+    let instance = miroir::miroir_engine::state::StateStore::peek_instance_id(state_dir)
         .context("reading the state directory")?
         .unwrap_or_default();
     for decision in miroir_connectors::postgres::schema::plan(&url, &topology, &instance)? {

@@ -11,11 +11,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use miroir::commands::{self, Client, Command, Dependency, Principal, Replayed, Reply, SendError};
-use miroir::miroir_engine::command::CommandSpec;
 use miroir::miroir_engine::metrics::Metrics;
+use miroir::miroir_engine::topology::command::CommandSpec;
 use miroir::Engine;
+use miroir_connectors::commands::wire::{header, text_header};
 use miroir_connectors::kafka::admin::create_topic;
-use miroir_connectors::kafka::command::{header, text_header};
 use miroir_connectors::kafka::tail::Tail;
 use miroir_connectors::kafka::KafkaConfig;
 use rdkafka::consumer::Consumer;
@@ -830,7 +830,7 @@ fn reply_topics_of_dead_instances_are_reaped_and_live_ones_kept() {
             // A young topic, made just now (a minute of attempts would age one made before).
             let young = format!("miroir.reply.{run}.{}.young{attempt}", now_ms());
             create_topic(&config, &young, 1).unwrap();
-            let reaped = miroir_connectors::kafka::reply::reap_orphans(&config).unwrap();
+            let reaped = miroir_connectors::commands::client::reap_orphans(&config).unwrap();
             // (Another test's client may have reaped the ghost first: it is gone either way.)
             assert!(
                 !reaped.contains(&alive),

@@ -24,26 +24,11 @@ fn table_contents(
     if plan.postgres().is_some() {
         return pg_table(db, engine.topology(), table).unwrap_or_default();
     }
-    let key_columns: Vec<String> = plan
-        .key
-        .iter()
-        .map(|k| plan.columns[*k].name.clone())
-        .collect();
     engine
         .scan(table, "", 10_000)
         .unwrap()
         .into_iter()
-        .map(|row| {
-            let key = key_columns
-                .iter()
-                .map(|c| match &row[c] {
-                    serde_json::Value::String(s) => s.clone(),
-                    other => other.to_string(),
-                })
-                .collect::<Vec<_>>()
-                .join("|");
-            (key, row)
-        })
+        .map(|row| (json_key(&row, plan), row))
         .collect()
 }
 
@@ -127,8 +112,10 @@ fn is_malformed(t: &TestTopology, e: &Event) -> bool {
     match &e.payload {
         None => false,
         Some(p) => {
-            match miroir::miroir_engine::decode::decode(&t.topology.sources[e.source], p.as_bytes())
-            {
+            match miroir::miroir_engine::ingest::decode::decode(
+                &t.topology.sources[e.source],
+                p.as_bytes(),
+            ) {
                 Err(_) => true,
                 Ok(row) => row[t.topology.sources[e.source].key].to_key_text() != e.key,
             }

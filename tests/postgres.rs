@@ -136,7 +136,7 @@ fn readers_only_read_and_a_changed_table_is_swapped_in_whole() {
     engine.shutdown();
 
     // Same topology, same state: nothing to rebuild.
-    let instance = miroir::miroir_engine::store::Store::peek_instance_id(state.path())
+    let instance = miroir::miroir_engine::state::StateStore::peek_instance_id(state.path())
         .unwrap()
         .unwrap();
     let same = plan(&database_url(), &t.topology, &instance).unwrap();
@@ -339,7 +339,7 @@ fn an_unreachable_database_makes_the_instance_not_ready() {
     wait_until(
         "the sink never reported the failure",
         Duration::from_secs(30),
-        || engine.status().sink_failure().is_some(),
+        || engine.status().sink_failure.is_some(),
     );
     assert!(!engine.ready());
     let metrics = engine.metrics();

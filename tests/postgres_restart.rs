@@ -62,14 +62,14 @@ fn postgres_restarted_mid_stream_loses_nothing() {
     wait_until(
         "the sink never noticed the database was down",
         Duration::from_secs(30),
-        || engine.status().sink_failure().is_some(),
+        || engine.status().sink_failure.is_some(),
     );
     assert!(!engine.ready(), "not ready while the database is down");
     services(&["up"]);
     publish(&t, &events[2 * third..]);
 
     wait_for_tables(&expected_of(events.len()), Duration::from_secs(120), read);
-    assert!(engine.status().sink_failure().is_none());
+    assert!(engine.status().sink_failure.is_none());
     let metrics = engine.metrics();
     assert!(
         counter(&metrics, "miroir_sink_retries_total", "") > 0,

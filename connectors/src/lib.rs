@@ -3,12 +3,14 @@
 //! The outside world of miroir's engine: Kafka (through rdkafka) and PostgreSQL (through
 //! tokio-postgres).
 //!
-//! - [`kafka::input`]: a consumer-group source feeding the engine's runtime; partitions
-//!   assigned to the instance become tasks, resumed from the offsets committed in RocksDB.
-//! - [`kafka::output`]: the malformed-record topic (`<topic>.miroir-errors`) and a plain
-//!   publisher used by the demo and the tests.
-
+//! - [`kafka`]: the consumer-group source feeding the engine's runtime ([`kafka::input`]:
+//!   assigned partitions become tasks, resumed from the offsets committed in RocksDB), the
+//!   malformed-record topic and a plain publisher ([`kafka::output`]), topic administration
+//!   and reading a topic to its end ([`kafka::tail`]).
+//! - [`commands`]: commands and replies over Kafka: the wire protocol, the client (app side),
+//!   the processor (master side) and the dead letters.
 //! - [`postgres`]: external tables in the app's PostgreSQL database.
 
+pub mod commands;
 pub mod kafka;
 pub mod postgres;

@@ -2,122 +2,32 @@
 //!
 //! A topology's `[commands.NAME]` section declares one business operation (`UpdateUserEmail`):
 //! the command topic, the entity source it updates, the payload's columns, an authorization
-//! rule, validation rules and the assignments it applies. This module holds that declaration
-//! ([`CommandSpec`]) and the pure decision for one command ([`CommandSpec::decide`]); the
-//! Kafka transport (transactions, retries, dead letters, replies) lives in the connectors.
+//! rule, validation rules and the assignments it applies ([`CommandSpec`]). This module holds
+//! the pure handling of one command, and so every answer that does not depend on a service:
+//!
+//! ```text
+//!  Envelope (headers and payload as they arrived)
+//!    ── CommandSpec::read ──► Command     or a Reply: unknown type, newer schema,
+//!                                            no principal, malformed payload, wrong key
+//!    ── CommandSpec::decide(current entity, now) ──► Decision::Apply(new entity, version)
+//!                                            or a Reply: expired, stale replay, forbidden,
+//!                                            not found, a validation rule
+//! ```
+//!
+//! The Kafka transport (headers, transactions, retries, dead letters, replies) lives in the
+//! connectors.
 //!
 //! Rules and assignments are SQL expressions over one row laid out as
 //! `command.*` (the payload), `entity.*` (the current entity, NULLs when there is none),
 //! `principal.id` and `principal.roles` (comma-separated; `has_role('r')` tests one).
 
-use std::time::Duration;
-
 use serde::{Deserialize, Serialize};
 
+use crate::ingest::decode::decode;
 use crate::plan::expr::cast;
-use crate::plan::sql::ExprColumn;
-use crate::plan::Expr;
+use crate::topology::command::CommandSpec;
 use crate::topology::Source;
-use crate::value::{Column, ColumnType, Row, Value};
-
-/// One business operation the master accepts, as declared in the topology.
-#[derive(Clone, Debug)]
-pub struct CommandSpec {
-    /// The section name (`update_email`).
-    pub name: String,
-    /// The command topic (`user.cmd.update-email`), partitioned by entity key.
-    pub topic: String,
-    /// The command type carried in headers and written into the entity event
-    /// (`UpdateUserEmail`).
-    pub operation: String,
-    /// The schema version of the payload this processor accepts.
-    pub schema_version: u32,
-    /// Index of the entity source (in the topology's sources) the command updates.
-    pub entity: usize,
-    /// The payload's columns.
-    pub columns: Vec<Column>,
-    /// The payload column holding the entity key.
-    pub key: usize,
-    /// Who may send the command; `None` lets every authenticated principal.
-    pub authorize: Option<Rule>,
-    /// Validation rules, checked in order; the first that does not hold rejects.
-    pub validate: Vec<Rule>,
-    /// Entity columns the command sets.
-    pub set: Vec<Assignment>,
-    /// Entity columns stamped on every change.
-    pub stamp: Stamp,
-    /// Retries of technical failures before the dead-letter topic.
-    pub retry: RetryPolicy,
-    /// Transactions run side by side, each for the partitions `p` with `p % lanes` equal to
-    /// its number (commands of one entity stay in one partition, so in order).
-    pub lanes: usize,
-}
-
-/// A boolean rule and what to answer when it does not hold.
-#[derive(Clone, Debug)]
-pub struct Rule {
-    /// The rule as written.
-    pub sql: String,
-    /// The planned rule.
-    pub expr: Expr,
-    /// Machine-readable code of the rejection (`invalid_email`).
-    pub code: String,
-    /// The payload field at fault, if one.
-    pub field: Option<String>,
-    /// Human-readable message.
-    pub message: String,
-}
-
-/// `entity.column = expression`.
-#[derive(Clone, Debug)]
-pub struct Assignment {
-    /// Entity column index.
-    pub column: usize,
-    /// The value, cast to the column's type.
-    pub expr: Expr,
-}
-
-/// Entity columns the processor writes on every accepted command.
-#[derive(Clone, Debug, PartialEq)]
-pub struct Stamp {
-    /// The version column (bigint), incremented.
-    pub version: usize,
-    /// The column naming the business operation (set to the command type).
-    pub operation: Option<usize>,
-    /// The change time.
-    pub updated_at: Option<usize>,
-    /// The principal who sent the command.
-    pub changed_by: Option<usize>,
-}
-
-/// Exponential backoff of technical failures.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct RetryPolicy {
-    /// Attempts in all (the first one included) before the dead-letter topic.
-    pub attempts: u32,
-    /// Wait after the first failure.
-    pub backoff: Duration,
-    /// Longest wait.
-    pub max_backoff: Duration,
-}
-
-impl Default for RetryPolicy {
-    fn default() -> Self {
-        RetryPolicy {
-            attempts: 5,
-            backoff: Duration::from_millis(100),
-            max_backoff: Duration::from_secs(2),
-        }
-    }
-}
-
-impl RetryPolicy {
-    /// The wait after failed attempt number `attempt` (1-based), without jitter.
-    pub fn delay(&self, attempt: u32) -> Duration {
-        let factor = 2u32.saturating_pow(attempt.saturating_sub(1));
-        self.backoff.saturating_mul(factor).min(self.max_backoff)
-    }
-}
+use crate::value::{Row, Value};
 
 /// The authenticated user a command acts for.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -143,7 +53,55 @@ impl Principal {
     }
 }
 
-/// One command as the processor sees it.
+/// A command as it arrived: what its headers and payload say, nothing checked yet.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Envelope<'a> {
+    /// The command type header.
+    pub command_type: Option<&'a str>,
+    /// The payload's schema version header (1 when absent).
+    pub schema_version: Option<&'a str>,
+    /// The principal header: the authenticated user's id.
+    pub principal: Option<&'a str>,
+    /// The roles header: comma-separated.
+    pub roles: Option<&'a str>,
+    /// The deadline header: ms since the epoch.
+    pub deadline: Option<&'a str>,
+    /// The message key: the entity key, which places the command in its entity's partition.
+    pub message_key: Option<&'a str>,
+    /// The payload (JSON).
+    pub payload: Option<&'a [u8]>,
+    /// Set by a dead-letter replay: the entity version when the command was parked.
+    pub parked_at_version: Option<i64>,
+}
+
+/// A command whose envelope holds: its entity key, payload and principal, read.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Command {
+    /// The entity key the payload addresses (the message key too).
+    pub key: String,
+    /// The decoded payload (laid out as the spec's payload columns).
+    pub payload: Row,
+    /// Who sent it.
+    pub principal: Principal,
+    /// The caller stops waiting at this instant (ms since the epoch).
+    pub deadline_ms: Option<i64>,
+    /// Set by a dead-letter replay: the entity version when the command was parked.
+    pub parked_at_version: Option<i64>,
+}
+
+impl Command {
+    /// The command as [`CommandSpec::decide`] reads it.
+    pub fn request(&self) -> Request<'_> {
+        Request {
+            payload: &self.payload,
+            principal: &self.principal,
+            deadline_ms: self.deadline_ms,
+            parked_at_version: self.parked_at_version,
+        }
+    }
+}
+
+/// One command as the decision sees it.
 #[derive(Clone, Debug)]
 pub struct Request<'a> {
     /// The decoded payload (laid out as [`CommandSpec::columns`]).
@@ -232,40 +190,84 @@ pub enum Decision {
     Answer(Reply),
 }
 
+/// A rejection with no field at fault.
+fn rejected(code: &str, message: String) -> Reply {
+    Reply::Rejected {
+        code: code.into(),
+        field: None,
+        message,
+    }
+}
+
 impl CommandSpec {
-    /// The columns rules and assignments may name, in the order of the row they read.
-    pub fn scope(columns: &[Column], entity: &Source) -> Vec<ExprColumn> {
-        let column = |qualifier: &str, c: &Column| ExprColumn {
-            qualifier: qualifier.into(),
-            name: c.name.clone(),
-            ty: c.ty,
-        };
-        let mut scope: Vec<ExprColumn> = columns.iter().map(|c| column("command", c)).collect();
-        scope.extend(entity.columns.iter().map(|c| column("entity", c)));
-        for name in ["id", "roles"] {
-            scope.push(ExprColumn {
-                qualifier: "principal".into(),
-                name: name.into(),
-                ty: ColumnType::Text,
+    /// Reads a command's envelope. In order: its type, schema version, principal, payload and
+    /// entity key; the first that does not hold is the answer (and the command changes nothing).
+    pub fn read(&self, envelope: &Envelope<'_>) -> Result<Command, Reply> {
+        if envelope.command_type != Some(self.operation.as_str()) {
+            return Err(rejected(
+                "unknown_command",
+                format!(
+                    "{} accepts {} commands, not {}",
+                    self.topic,
+                    self.operation,
+                    envelope.command_type.unwrap_or("untyped ones")
+                ),
+            ));
+        }
+        let version = envelope
+            .schema_version
+            .and_then(|v| v.parse::<u32>().ok())
+            .unwrap_or(1);
+        if version > self.schema_version {
+            return Err(rejected(
+                "unsupported_schema_version",
+                format!(
+                    "schema version {version} is newer than the processor's {}",
+                    self.schema_version
+                ),
+            ));
+        }
+        let Some(principal) = envelope.principal.filter(|p| !p.is_empty()) else {
+            return Err(Reply::Forbidden {
+                message: "the command carries no principal".into(),
             });
-        }
-        scope
+        };
+        let principal = Principal::new(principal, envelope.roles.unwrap_or_default());
+        let payload = match envelope.payload.map(|p| decode(&self.payload, p)) {
+            Some(Ok(row)) => row,
+            Some(Err(e)) => return Err(rejected("malformed", e.to_string())),
+            None => return Err(rejected("malformed", "the command has no payload".into())),
+        };
+        let key = self.addressed_key(&payload, envelope.message_key)?;
+        Ok(Command {
+            key,
+            payload,
+            principal,
+            deadline_ms: envelope.deadline.and_then(|d| d.parse().ok()),
+            parked_at_version: envelope.parked_at_version,
+        })
     }
 
-    /// The version of an entity row (`None` when NULL).
-    pub fn version_of(&self, row: &[Value]) -> Option<i64> {
-        match row[self.stamp.version] {
-            Value::Int(v) => Some(v),
-            _ => None,
+    /// The entity key of `payload`, which must be the message key: the message key places
+    /// the command in its entity's partition, so in one lane and in order with the entity's
+    /// other commands; a payload naming another entity would race.
+    fn addressed_key(&self, payload: &[Value], message_key: Option<&str>) -> Result<String, Reply> {
+        let Some(key) = self.entity_key(payload) else {
+            return Err(rejected(
+                "malformed",
+                format!("the key field `{}` is null", self.payload.key_name()),
+            ));
+        };
+        if message_key != Some(key.as_str()) {
+            return Err(rejected(
+                "malformed",
+                format!(
+                    "the message key ({}) must be the entity key ({key})",
+                    message_key.unwrap_or("none")
+                ),
+            ));
         }
-    }
-
-    /// The entity key a payload addresses (`None` when the key field is NULL).
-    pub fn entity_key(&self, payload: &[Value]) -> Option<String> {
-        match &payload[self.key] {
-            Value::Null => None,
-            v => Some(v.to_key_text()),
-        }
+        Ok(key)
     }
 
     /// Decides what to do with `request`, given the current entity row (`None` when the
@@ -313,7 +315,7 @@ impl CommandSpec {
         let Some(current) = current else {
             return Decision::Answer(Reply::Rejected {
                 code: "not_found".into(),
-                field: Some(self.columns[self.key].name.clone()),
+                field: Some(self.payload.key_name().to_string()),
                 message: format!(
                     "no {} with key {}",
                     entity.name,
@@ -354,7 +356,10 @@ impl CommandSpec {
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
+    use crate::topology::command::RetryPolicy;
     use crate::topology::Topology;
     use crate::value::parse_timestamp;
 

@@ -2,21 +2,30 @@
 //!
 //! The engine of miroir: it turns entity streams (full snapshots keyed by id) into materialized
 //! tables, incrementally, with timely and differential dataflow. It never talks to Kafka or
-//! PostgreSQL itself: connectors feed it [`runtime::Message`]s and receive malformed records
-//! through [`runtime::ErrorSink`].
+//! PostgreSQL itself: connectors feed it [`ingest::Message`]s, receive malformed records through
+//! [`ingest::ErrorSink`] and write external tables behind [`sink::ExternalSink`].
+//!
+//! The path of one record, each step with its file:
 //!
 //! ```text
-//!  topology file ─► topology (TOML + SQL) ─► plan ─► dataflow (per worker)
-//!                                                        ▲            │
-//!  connector ─► runtime::Message ─► task (decode, late, upsert)      ▼
-//!                                                  store (RocksDB: tables, state, offsets)
+//!  connector ─► Runtime::send (runtime/mod.rs) ─► worker inbox, partition % W
+//!    ─► epoch::gather (runtime/epoch.rs) ─► Tasks::handle (runtime/tasks.rs)
+//!    ─► Task::apply (ingest/task.rs): decode (ingest/decode.rs), late verdict
+//!       (ingest/late.rs), upsert state (ingest/upsert/)
+//!    ─► end of epoch: Task::flush feeds the dataflow (dataflow.rs, runtime/worker.rs)
+//!    ─► table deltas ─► table_changes (runtime/changes.rs)
+//!         internal: rows under their binary key (state/key.rs) in the epoch's commit
+//!         external: a SinkBatch in the outbox (sink.rs)
+//!    ─► commit::finish (runtime/commit.rs): one synced RocksDB batch (state/mod.rs)
+//!    ─► queries read it through state::TableReader (state/reader.rs)
 //! ```
 //!
 //! - [`topology`]: parse and validate topology files, with positioned diagnostics.
 //! - [`plan`]: the logical plan of each table, planned from SQL.
-//! - [`late`], [`upsert`]: the late-event policy and the per-key upsert state.
+//! - [`ingest`]: a source partition's records to row changes: decode, late verdict, upsert.
 //! - [`dataflow`]: plans rendered as differential dataflows.
-//! - [`runtime`]: workers, tasks, epochs and commits. [`store`]: RocksDB.
+//! - [`runtime`]: workers, tasks, epochs and commits; progress ([`runtime::StatusSnapshot`]).
+//! - [`state`]: RocksDB: upsert state, offsets, internal table rows, the outbox.
 //! - [`sink`]: external tables: per-epoch batches, the outbox and the sink thread.
 //! - [`command`]: what the master side does with one command (rules, assignments, replies).
 //! - [`reference`]: a plain evaluator used as the tests' oracle.
@@ -28,15 +37,13 @@
 
 pub mod command;
 pub mod dataflow;
-pub mod decode;
-pub mod late;
+pub mod ingest;
 pub mod metrics;
 pub mod partition;
 pub mod plan;
 pub mod reference;
 pub mod runtime;
 pub mod sink;
-pub mod store;
+pub mod state;
 pub mod topology;
-pub mod upsert;
 pub mod value;

@@ -33,7 +33,9 @@
 //! barrier and the connector's bounded inboxes fill: consumption pauses instead of buffering.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::Arc;
+
+use parking_lot::{Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -42,8 +44,7 @@ use serde::{Deserialize, Serialize};
 use tracing::{debug, error, info, warn};
 
 use crate::metrics::Metrics;
-use crate::runtime::Status;
-use crate::store::Store;
+use crate::state::StateStore;
 use crate::value::{Row, Value};
 
 /// How long a stopping instance keeps retrying its last batches before leaving them in the
@@ -99,6 +100,21 @@ impl SinkBatch {
     }
 }
 
+/// Whether the external database accepts batches: the sink thread sets it, readiness reads it.
+#[derive(Debug, Default)]
+pub struct SinkHealth(Mutex<Option<String>>);
+
+impl SinkHealth {
+    fn set(&self, failure: Option<String>) {
+        *self.0.lock() = failure;
+    }
+
+    /// Why the database refuses batches, while it does.
+    pub fn failure(&self) -> Option<String> {
+        self.0.lock().clone()
+    }
+}
+
 /// A sink failure (the database is unreachable, or refused the batch).
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
@@ -140,7 +156,7 @@ impl Durable {
 
     /// Records whether the commit was written.
     pub(crate) fn set(&self, written: bool) {
-        *self.0.written.lock().unwrap_or_else(|e| e.into_inner()) = Some(written);
+        *self.0.written.lock() = Some(written);
         self.0.over.notify_all();
     }
 
@@ -149,17 +165,17 @@ impl Durable {
     pub fn wait(&self) -> Result<(), SinkError> {
         let started = Instant::now();
         let result = self.wait_over();
-        *self.0.waited.lock().unwrap_or_else(|e| e.into_inner()) += started.elapsed();
+        *self.0.waited.lock() += started.elapsed();
         result
     }
 
     /// Takes the time spent in [`Durable::wait`] so far.
     fn take_waited(&self) -> Duration {
-        std::mem::take(&mut *self.0.waited.lock().unwrap_or_else(|e| e.into_inner()))
+        std::mem::take(&mut *self.0.waited.lock())
     }
 
     fn wait_over(&self) -> Result<(), SinkError> {
-        let mut state = self.0.written.lock().unwrap_or_else(|e| e.into_inner());
+        let mut state = self.0.written.lock();
         loop {
             match *state {
                 Some(true) => return Ok(()),
@@ -168,13 +184,13 @@ impl Durable {
                         "the epoch commit of these changes failed: not applied".into(),
                     ))
                 }
-                None => state = self.0.over.wait(state).unwrap_or_else(|e| e.into_inner()),
+                None => self.0.over.wait(&mut state),
             }
         }
     }
 
     fn failed(&self) -> bool {
-        *self.0.written.lock().unwrap_or_else(|e| e.into_inner()) == Some(false)
+        *self.0.written.lock() == Some(false)
     }
 }
 
@@ -232,8 +248,8 @@ struct MailboxState {
 }
 
 impl Mailbox {
-    fn lock(&self) -> std::sync::MutexGuard<'_, MailboxState> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    fn lock(&self) -> MutexGuard<'_, MailboxState> {
+        self.state.lock()
     }
 
     /// The next group to apply; `None` once closed and empty.
@@ -247,7 +263,7 @@ impl Mailbox {
             if state.closed {
                 return None;
             }
-            state = self.changed.wait(state).unwrap_or_else(|e| e.into_inner());
+            self.changed.wait(&mut state);
         }
     }
 
@@ -298,13 +314,7 @@ impl SinkSender {
                     waiting.durable = durable;
                     break;
                 }
-                Some(_) => {
-                    state = self
-                        .mailbox
-                        .changed
-                        .wait(state)
-                        .unwrap_or_else(|e| e.into_inner())
-                }
+                Some(_) => self.mailbox.changed.wait(&mut state),
             }
         }
         drop(state);
@@ -335,9 +345,9 @@ impl SinkDriver {
     pub(crate) fn start(
         mut sink: Box<dyn ExternalSink>,
         recovered: Vec<SinkBatch>,
-        store: Store,
+        store: StateStore,
         metrics: Arc<Metrics>,
-        status: Arc<Status>,
+        health: Arc<SinkHealth>,
         stop: Arc<AtomicBool>,
     ) -> (SinkSender, SinkDriver) {
         let mailbox = Arc::new(Mailbox::default());
@@ -363,7 +373,7 @@ impl SinkDriver {
                 });
                 let groups = first.into_iter().chain(std::iter::from_fn(|| mailbox.take()));
                 for group in groups {
-                    if !apply_with_retry(sink.as_mut(), &group, &metrics, &status, &stop) {
+                    if !apply_with_retry(sink.as_mut(), &group, &metrics, &health, &stop) {
                         if group.durable.failed() {
                             // The runtime stops too: what follows is not in the outbox either.
                             error!(
@@ -411,7 +421,7 @@ fn apply_with_retry(
     sink: &mut dyn ExternalSink,
     group: &Group,
     metrics: &Metrics,
-    status: &Status,
+    health: &SinkHealth,
     stop: &AtomicBool,
 ) -> bool {
     let mut delays = ExponentialBuilder::default()
@@ -448,7 +458,7 @@ fn apply_with_retry(
                     info!(sequence, "external database reachable again");
                 }
                 metrics.sink_up.set(1);
-                *status.sink_error.lock().unwrap_or_else(|e| e.into_inner()) = None;
+                health.set(None);
                 let rows: usize = batches.iter().map(SinkBatch::rows).sum();
                 debug!(
                     sequence,
@@ -463,7 +473,7 @@ fn apply_with_retry(
             Err(e) => {
                 metrics.sink_retries.inc();
                 metrics.sink_up.set(0);
-                *status.sink_error.lock().unwrap_or_else(|e| e.into_inner()) = Some(e.to_string());
+                health.set(Some(e.to_string()));
                 let delay = delays.next().unwrap_or(Duration::from_secs(5));
                 error!(sequence, error = %e, retry_in_ms = delay.as_millis() as u64, "cannot apply a batch to the external database");
                 if stop.load(Ordering::SeqCst) {
@@ -477,23 +487,6 @@ fn apply_with_retry(
             }
         }
     }
-}
-
-/// Whether every partition of every source topic has its task on this instance.
-pub(crate) fn all_restored(status: &Status, topics: &[&str]) -> bool {
-    let restored = status.tasks.lock().unwrap_or_else(|e| e.into_inner());
-    let partitions = status.partitions.lock().unwrap_or_else(|e| e.into_inner());
-    topics.iter().all(|topic| {
-        partitions
-            .get(*topic)
-            .is_some_and(|n| (0..*n).all(|p| restored.contains(&(topic.to_string(), p))))
-    })
-}
-
-/// Whether every partition of every source topic has its task on this instance and is read
-/// up to its high watermark (as of the last commit).
-pub(crate) fn caught_up(status: &Status, topics: &[&str]) -> bool {
-    status.lag() == Some(0) && all_restored(status, topics)
 }
 
 /// Batches a sequence counter hands out.
@@ -524,10 +517,7 @@ mod tests {
             durable: &Durable,
         ) -> Result<(), SinkError> {
             durable.wait()?;
-            self.0
-                .lock()
-                .unwrap()
-                .extend(batches.iter().map(|b| b.sequence));
+            self.0.lock().extend(batches.iter().map(|b| b.sequence));
             Ok(())
         }
     }
@@ -546,7 +536,7 @@ mod tests {
     #[test]
     fn a_group_commits_once_its_epoch_is_durable_and_never_if_that_failed() {
         let metrics = Metrics::new();
-        let status = Status::default();
+        let health = SinkHealth::default();
         let stop = AtomicBool::new(false);
         let committed = Arc::new(Mutex::new(Vec::new()));
         let mut sink = Recording(committed.clone());
@@ -556,7 +546,7 @@ mod tests {
             let (durable, committed) = (durable.clone(), committed.clone());
             std::thread::spawn(move || {
                 std::thread::sleep(Duration::from_millis(50));
-                let early = committed.lock().unwrap().clone();
+                let early = committed.lock().clone();
                 durable.set(true);
                 early
             })
@@ -565,7 +555,7 @@ mod tests {
             &mut sink,
             &group(1, &durable),
             &metrics,
-            &status,
+            &health,
             &stop
         ));
         assert_eq!(
@@ -573,7 +563,7 @@ mod tests {
             Vec::<u64>::new(),
             "nothing committed before the epoch was durable"
         );
-        assert_eq!(*committed.lock().unwrap(), vec![1]);
+        assert_eq!(*committed.lock(), vec![1]);
 
         let failed = Durable::pending();
         failed.set(false);
@@ -581,14 +571,10 @@ mod tests {
             &mut sink,
             &group(2, &failed),
             &metrics,
-            &status,
+            &health,
             &stop
         ));
-        assert_eq!(
-            *committed.lock().unwrap(),
-            vec![1],
-            "a failed epoch is not applied"
-        );
+        assert_eq!(*committed.lock(), vec![1], "a failed epoch is not applied");
         assert_eq!(metrics.sink_retries.get(), 0, "and not retried");
     }
 }

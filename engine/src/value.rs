@@ -135,7 +135,8 @@ impl Value {
         }
     }
 
-    /// Renders the value as key text: how keys appear in URLs and in the key of the store.
+    /// Renders the value as key text, as a Kafka message key carries it (a text as is). The
+    /// URL form of a whole key is [`key_text`].
     pub fn to_key_text(&self) -> String {
         match self {
             Value::Null => String::new(),
@@ -144,6 +145,23 @@ impl Value {
             Value::Float(f) => f.0.to_string(),
             Value::Text(s) => s.to_string(),
             Value::Timestamp(t) => format_timestamp(*t),
+        }
+    }
+
+    /// Reads `text` as a value of type `ty`, written as [`Value::to_key_text`] writes it (as
+    /// a Kafka message key is): text as is, numbers and booleans as literals, timestamps in
+    /// RFC 3339 or as a JSON value. `None` when it is not one.
+    pub fn parse_key_text(text: &str, ty: ColumnType) -> Option<Value> {
+        match ty {
+            ColumnType::Text => Some(Value::Text(text.into())),
+            ColumnType::Bigint => text.parse().ok().map(Value::Int),
+            ColumnType::Double => text.parse().ok().map(|f| Value::Float(F64(f))),
+            ColumnType::Boolean => text.parse().ok().map(Value::Bool),
+            ColumnType::Timestamptz => parse_timestamp(text).map(Value::Timestamp).or_else(|| {
+                serde_json::from_str::<serde_json::Value>(text)
+                    .ok()
+                    .and_then(|j| Value::from_json(&j, ty))
+            }),
         }
     }
 
@@ -203,17 +221,156 @@ pub struct Column {
     pub ty: ColumnType,
 }
 
-/// Renders the primary key of `row` (columns `key`) as key text. Composite keys join their parts
-/// with `|`, so `GET /rows/a|b` finds the row whose key is `('a', 'b')`.
+/// The URL form of a NULL key part.
+const NULL_PART: &str = "\\N";
+
+/// Renders the primary key of `row` (columns `key`) in its URL form: how keys appear in URLs,
+/// answers and logs. Composite keys join their parts with `|`; in a part, `\` is written
+/// `\\`, `|` is written `\|` (composite keys only) and NULL is `\N`, so every key has one
+/// form and [`parse_key_text`] reads it back. Rows are stored under [`crate::state::key`]'s
+/// binary encoding, not under this form.
 pub fn key_text(row: &[Value], key: &[usize]) -> String {
-    match key {
-        [single] => row[*single].to_key_text(),
-        many => many
-            .iter()
-            .map(|i| row[*i].to_key_text())
-            .collect::<Vec<_>>()
-            .join("|"),
+    let mut out = String::new();
+    for (n, i) in key.iter().enumerate() {
+        if n > 0 {
+            out.push('|');
+        }
+        match &row[*i] {
+            Value::Null => out.push_str(NULL_PART),
+            value => {
+                for c in value.to_key_text().chars() {
+                    if c == '\\' || (c == '|' && key.len() > 1) {
+                        out.push('\\');
+                    }
+                    out.push(c);
+                }
+            }
+        }
     }
+    out
+}
+
+/// Why a key's URL form does not name a key of a table.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum KeyTextError {
+    /// The number of `|`-separated parts is not the number of key columns.
+    #[error("the key has {expected} part(s) separated by `|`, found {found}")]
+    Parts {
+        /// Key columns.
+        expected: usize,
+        /// Parts given.
+        found: usize,
+    },
+    /// A part is not a value of its column's type.
+    #[error("key part {part} `{text}` is not a {ty}")]
+    Type {
+        /// Position of the part (from 1).
+        part: usize,
+        /// The part as given.
+        text: String,
+        /// The column's type.
+        ty: ColumnType,
+    },
+}
+
+/// Reads a key's URL form (see [`key_text`]) against the types of the key columns.
+pub fn parse_key_text(text: &str, types: &[ColumnType]) -> Result<Vec<Value>, KeyTextError> {
+    let parts = split_key_text(text, types.len());
+    if parts.len() != types.len() {
+        return Err(KeyTextError::Parts {
+            expected: types.len(),
+            found: parts.len(),
+        });
+    }
+    parts
+        .iter()
+        .zip(types)
+        .enumerate()
+        .map(|(n, (part, ty))| parse_part(n, part, *ty))
+        .collect()
+}
+
+/// The start of a key in URL form, for a scan: the whole parts before the last `|`, and the
+/// last part, which is the beginning of a text when its column is text (and a whole value
+/// otherwise). An empty text is the start of every key.
+pub fn parse_key_prefix(text: &str, types: &[ColumnType]) -> Result<KeyPrefix, KeyTextError> {
+    if text.is_empty() {
+        return Ok(KeyPrefix::default());
+    }
+    let mut parts = split_key_text(text, types.len());
+    if parts.len() > types.len() {
+        return Err(KeyTextError::Parts {
+            expected: types.len(),
+            found: parts.len(),
+        });
+    }
+    let last = parts.pop().unwrap_or_default();
+    let mut values = parts
+        .iter()
+        .zip(types)
+        .enumerate()
+        .map(|(n, (part, ty))| parse_part(n, part, *ty))
+        .collect::<Result<Vec<_>, _>>()?;
+    let n = values.len();
+    let text = match types[n] {
+        ColumnType::Text if last.text != NULL_PART => Some(last.unescaped),
+        ty => {
+            values.push(parse_part(n, &last, ty)?);
+            None
+        }
+    };
+    Ok(KeyPrefix { values, text })
+}
+
+/// The start of a table's keys, for a scan: whole key parts, then the beginning of a text
+/// part.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct KeyPrefix {
+    /// Leading key parts, whole.
+    pub values: Vec<Value>,
+    /// The beginning of the next part, a text.
+    pub text: Option<String>,
+}
+
+/// One part of a key's URL form: as written, and with its escapes resolved.
+#[derive(Default)]
+struct KeyPart {
+    text: String,
+    unescaped: String,
+}
+
+/// Splits a key's URL form into its parts (on `|` not escaped, when the key has several
+/// columns). An unknown escape keeps its backslash.
+fn split_key_text(text: &str, columns: usize) -> Vec<KeyPart> {
+    let mut parts = vec![KeyPart::default()];
+    let mut chars = text.chars().peekable();
+    while let Some(c) = chars.next() {
+        let part = parts.last_mut().expect("one part at least");
+        match (c, chars.peek()) {
+            ('\\', Some(&next)) if next == '\\' || next == '|' => {
+                chars.next();
+                part.text.extend([c, next]);
+                part.unescaped.push(next);
+            }
+            ('|', _) if columns > 1 => parts.push(KeyPart::default()),
+            _ => {
+                part.text.push(c);
+                part.unescaped.push(c);
+            }
+        }
+    }
+    parts
+}
+
+fn parse_part(n: usize, part: &KeyPart, ty: ColumnType) -> Result<Value, KeyTextError> {
+    if part.text == NULL_PART {
+        return Ok(Value::Null);
+    }
+    Value::parse_key_text(&part.unescaped, ty).ok_or_else(|| KeyTextError::Type {
+        part: n + 1,
+        text: part.text.clone(),
+        ty,
+    })
 }
 
 /// Renders a row as a JSON object using the schema's column names.
@@ -332,5 +489,53 @@ mod tests {
         assert_eq!(nan.cmp(&nan), Ordering::Equal);
         assert_ne!(nan.cmp(&one), Ordering::Equal);
         assert!(Value::Null < one);
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn the_url_form_of_a_key_reads_back_as_the_key(
+            parts in proptest::collection::vec(proptest::option::of("[a|\\\\N]{0,4}"), 1..4),
+            n in proptest::prelude::any::<i64>(),
+        ) {
+            let mut row: Row = parts
+                .iter()
+                .map(|p| p.as_deref().map_or(Value::Null, |t| Value::Text(t.into())))
+                .collect();
+            row.push(Value::Int(n));
+            let key: Vec<usize> = (0..row.len()).collect();
+            let mut types = vec![ColumnType::Text; parts.len()];
+            types.push(ColumnType::Bigint);
+            let text = key_text(&row, &key);
+            proptest::prop_assert_eq!(parse_key_text(&text, &types), Ok(row));
+        }
+    }
+
+    #[test]
+    fn a_single_column_key_keeps_its_separators_and_reads_escapes_leniently() {
+        let types = [ColumnType::Text];
+        let row = vec![Value::Text("a|b".into())];
+        assert_eq!(key_text(&row, &[0]), "a|b");
+        assert_eq!(parse_key_text("a|b", &types), Ok(row.clone()));
+        assert_eq!(parse_key_text("a\\|b", &types), Ok(row));
+        assert_eq!(
+            parse_key_text("a\\xb", &types),
+            Ok(vec![Value::Text("a\\xb".into())])
+        );
+        assert_eq!(parse_key_text("\\N", &types), Ok(vec![Value::Null]));
+        assert_eq!(
+            parse_key_text("1|2", &[ColumnType::Bigint]),
+            Err(KeyTextError::Type {
+                part: 1,
+                text: "1|2".into(),
+                ty: ColumnType::Bigint
+            })
+        );
+        assert_eq!(
+            parse_key_text("1", &[ColumnType::Bigint, ColumnType::Text]),
+            Err(KeyTextError::Parts {
+                expected: 2,
+                found: 1
+            })
+        );
     }
 }

@@ -5,10 +5,12 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use miroir_engine::ingest::{ErrorSink, Message, Record, Records};
 use miroir_engine::metrics::Metrics;
-use miroir_engine::runtime::{ErrorSink, Message, Record, Records, Runtime, RuntimeConfig};
-use miroir_engine::store::Store;
+use miroir_engine::runtime::{Runtime, RuntimeConfig};
+use miroir_engine::state::{StateStore, TableReader};
 use miroir_engine::topology::Topology;
+use miroir_engine::value::Value;
 
 const TOPOLOGY: &str = r#"
 name = "epochs-test"
@@ -33,9 +35,9 @@ impl ErrorSink for NoErrors {
     }
 }
 
-fn start(dir: &std::path::Path) -> (Runtime, Store) {
+fn start(dir: &std::path::Path) -> (Runtime, StateStore) {
     let topology = Arc::new(Topology::parse("t.toml", TOPOLOGY).unwrap());
-    let store = Store::open(dir, &["emails".to_string()]).unwrap();
+    let store = StateStore::open(dir, &["emails".to_string()]).unwrap();
     let runtime = Runtime::start(
         topology,
         store.clone(),
@@ -84,10 +86,7 @@ fn send(runtime: &Runtime, offset: i64, version: i64, catching_up: bool) {
 
 fn committed(runtime: &Runtime) -> Option<i64> {
     runtime
-        .status
-        .committed
-        .lock()
-        .unwrap()
+        .committed_offsets()
         .get(&("users".to_string(), 0))
         .copied()
 }
@@ -104,8 +103,11 @@ fn wait_committed(runtime: &Runtime, offset: i64) {
     }
 }
 
-fn email(store: &Store) -> String {
-    let row = store.get("emails", "u1").unwrap().expect("row of u1");
+fn email(store: &StateStore) -> String {
+    let row = store
+        .row("emails", &[Value::Text("u1".into())])
+        .unwrap()
+        .expect("row of u1");
     serde_json::from_slice::<serde_json::Value>(&row).unwrap()["email"]
         .as_str()
         .unwrap()

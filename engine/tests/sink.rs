@@ -6,11 +6,12 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use miroir_engine::ingest::{ErrorSink, Message, Record, Records};
 use miroir_engine::metrics::Metrics;
 use miroir_engine::reference::evaluate_table;
-use miroir_engine::runtime::{ErrorSink, Message, Record, Records, Runtime, RuntimeConfig};
+use miroir_engine::runtime::{Runtime, RuntimeConfig};
 use miroir_engine::sink::{Durable, ExternalSink, SinkBatch, SinkError};
-use miroir_engine::store::Store;
+use miroir_engine::state::StateStore;
 use miroir_engine::topology::Topology;
 use miroir_engine::value::{key_text, Row};
 
@@ -140,7 +141,8 @@ fn events() -> Vec<(usize, u32, String, String)> {
 fn expected(t: &Topology, events: &[(usize, u32, String, String)]) -> BTreeMap<String, Row> {
     let mut sources: Vec<BTreeMap<String, Row>> = vec![BTreeMap::new(), BTreeMap::new()];
     for (source, _, key, payload) in events {
-        let row = miroir_engine::decode::decode(&t.sources[*source], payload.as_bytes()).unwrap();
+        let row =
+            miroir_engine::ingest::decode::decode(&t.sources[*source], payload.as_bytes()).unwrap();
         sources[*source].insert(key.clone(), row);
     }
     let sources: Vec<Vec<Row>> = sources
@@ -151,7 +153,7 @@ fn expected(t: &Topology, events: &[(usize, u32, String, String)]) -> BTreeMap<S
 }
 
 fn start(t: &Arc<Topology>, dir: &std::path::Path, db: &Arc<Mutex<Db>>) -> Runtime {
-    let store = Store::open(dir, &["directory".to_string()]).unwrap();
+    let store = StateStore::open(dir, &["directory".to_string()]).unwrap();
     let sink = FakeSink {
         db: db.clone(),
         key: t.table("per_dept").unwrap().key.clone(),
@@ -170,14 +172,7 @@ fn start(t: &Arc<Topology>, dir: &std::path::Path, db: &Arc<Mutex<Db>>) -> Runti
         },
     )
     .unwrap();
-    for s in &t.sources {
-        runtime
-            .status
-            .partitions
-            .lock()
-            .unwrap()
-            .insert(s.topic.clone(), PARTITIONS);
-    }
+    runtime.report_partition_counts(t.sources.iter().map(|s| (s.topic.clone(), PARTITIONS)));
     runtime
 }
 
@@ -286,7 +281,7 @@ fn batches_survive_failures_and_restarts_and_match_the_reference() {
         );
     }
     // Nothing is left in the outbox.
-    let store = Store::open(dir.path(), &[]).unwrap();
+    let store = StateStore::open(dir.path(), &[]).unwrap();
     assert!(store.outbox().unwrap().is_empty());
 }
 
@@ -312,7 +307,7 @@ fn a_batch_left_in_the_outbox_is_applied_at_the_next_start() {
     // What the first run committed (and put in its outbox): the events up to each
     // partition's committed offset.
     let applied: Vec<_> = {
-        let store = Store::open(dir.path(), &[]).unwrap();
+        let store = StateStore::open(dir.path(), &[]).unwrap();
         assert!(
             !store.outbox().unwrap().is_empty(),
             "unapplied batches stay in the outbox"

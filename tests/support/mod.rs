@@ -7,10 +7,10 @@
 use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
 
-use miroir::miroir_engine::decode::decode;
+use miroir::miroir_engine::ingest::decode::decode;
 use miroir::miroir_engine::reference::evaluate_table;
 use miroir::miroir_engine::topology::Topology;
-use miroir::miroir_engine::value::{row_to_json, Value};
+use miroir::miroir_engine::value::{key_text, row_to_json, Value};
 use miroir_connectors::kafka::admin::{create_topic, delete_topics, topics};
 use miroir_connectors::kafka::output::Publisher;
 use miroir_connectors::kafka::KafkaConfig;
@@ -116,16 +116,14 @@ pub fn pg_table(
     Ok(out)
 }
 
-/// The key text of a JSON row (key columns joined with `|`, as the engine does).
+/// The key of a JSON row in its URL form, as the reference evaluator names rows.
 pub fn json_key(row: &serde_json::Value, plan: &miroir::miroir_engine::plan::TablePlan) -> String {
-    plan.key
+    let values: Vec<Value> = plan
+        .columns
         .iter()
-        .map(|k| match &row[&plan.columns[*k].name] {
-            serde_json::Value::String(s) => s.clone(),
-            other => other.to_string(),
-        })
-        .collect::<Vec<_>>()
-        .join("|")
+        .map(|c| Value::from_json(&row[&c.name], c.ty).expect("a value of the column's type"))
+        .collect();
+    key_text(&values, &plan.key)
 }
 
 /// The user-directory topology with its topics and group renamed for this run, and its

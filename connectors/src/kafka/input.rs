@@ -9,13 +9,15 @@
 use std::collections::HashMap;
 use std::ffi::{CStr, CString};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use miroir_engine::ingest::{Message, Records};
 use miroir_engine::metrics::Metrics;
-use miroir_engine::runtime::{Message, Records, Runtime};
-use miroir_engine::store::Store;
+use miroir_engine::runtime::Runtime;
 use miroir_engine::topology::Topology;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance};
 use rdkafka::error::KafkaResult;
@@ -39,7 +41,6 @@ const CATCHING_UP: i64 = BATCH as i64;
 
 struct SourceContext {
     runtime: Arc<Runtime>,
-    store: Store,
     topics: HashMap<String, usize>,
     metrics: Arc<Metrics>,
     /// Set when the instance stops: its revocations then keep the tables' rows.
@@ -53,14 +54,8 @@ impl ClientContext for SourceContext {
     /// partition's high watermark as of its last fetch: lag and readiness come from them, with
     /// no request to the broker.
     fn stats(&self, statistics: Statistics) {
-        let committed = self
-            .runtime
-            .status
-            .committed
-            .lock()
-            .map(|c| c.clone())
-            .unwrap_or_default();
-        let delivered = self.delivered.lock().map(|d| d.clone()).unwrap_or_default();
+        let committed = self.runtime.committed_offsets();
+        let delivered = self.delivered.lock().clone();
         let mut watermarks = HashMap::new();
         let mut counts = HashMap::new();
         for (name, topic) in statistics
@@ -91,18 +86,8 @@ impl ClientContext for SourceContext {
                 watermarks.insert(tp, high);
             }
         }
-        *self
-            .runtime
-            .status
-            .watermarks
-            .lock()
-            .unwrap_or_else(|e| e.into_inner()) = watermarks;
-        self.runtime
-            .status
-            .partitions
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .extend(counts);
+        self.runtime.report_watermarks(watermarks);
+        self.runtime.report_partition_counts(counts);
     }
 }
 
@@ -173,7 +158,7 @@ impl ConsumerContext for SourceContext {
                     .map(|e| (e.topic().to_string(), e.partition()))
                     .collect();
                 for (topic, partition) in &elements {
-                    let offset = match self.store.offset(topic, *partition as u32) {
+                    let offset = match self.runtime.stored_offset(topic, *partition as u32) {
                         Ok(Some(o)) => Offset::Offset(o + 1),
                         Ok(None) => Offset::Beginning,
                         Err(e) => {
@@ -222,7 +207,6 @@ impl KafkaSource {
         config: &KafkaConfig,
         topology: &Topology,
         runtime: Arc<Runtime>,
-        store: Store,
         metrics: Arc<Metrics>,
     ) -> Result<KafkaSource, KafkaError> {
         let topics: HashMap<String, usize> = topology
@@ -250,7 +234,6 @@ impl KafkaSource {
         let stop = Arc::new(AtomicBool::new(false));
         let consumer: BaseConsumer<SourceContext> = client.create_with_context(SourceContext {
             runtime: runtime.clone(),
-            store,
             topics: topics.clone(),
             metrics,
             stop: stop.clone(),
@@ -314,9 +297,11 @@ fn poll_loop(
             let Some(last) = records.last_offset() else {
                 continue;
             };
-            if let Ok(mut delivered) = consumer.context().delivered.lock() {
-                delivered.insert((topic.clone(), partition), last);
-            }
+            consumer
+                .context()
+                .delivered
+                .lock()
+                .insert((topic.clone(), partition), last);
             let catching_up = c_topics
                 .get(&source)
                 .and_then(|t| cached_high_watermark(&consumer, t, partition))
@@ -414,17 +399,12 @@ fn record_partition_counts(
     let Ok(metadata) = consumer.fetch_metadata(None, timeout) else {
         return;
     };
-    let mut partitions = runtime
-        .status
-        .partitions
-        .lock()
-        .unwrap_or_else(|e| e.into_inner());
     for topic in consumer.context().topics.keys() {
         match metadata.topics().iter().find(|t| t.name() == topic) {
             Some(t) if !t.partitions().is_empty() => {
-                partitions.insert(topic.clone(), t.partitions().len() as u32);
+                runtime.report_partition_counts([(topic.clone(), t.partitions().len() as u32)]);
             }
-            _ if !partitions.contains_key(topic) => warn!(
+            _ if runtime.partition_count(topic).is_none() => warn!(
                 topic = %topic,
                 "source topic does not exist yet; its partitions are assigned once it does"
             ),

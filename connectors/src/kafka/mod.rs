@@ -1,11 +1,8 @@
 //! Kafka connectors (rdkafka).
 
 pub mod admin;
-pub mod command;
-pub mod dlq;
 pub mod input;
 pub mod output;
-pub mod reply;
 pub mod tail;
 
 use rdkafka::ClientConfig;

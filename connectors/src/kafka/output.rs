@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use miroir_engine::runtime::{ErrorSink, Record};
+use miroir_engine::ingest::{ErrorSink, Record};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
 use rdkafka::types::RDKafkaErrorCode;

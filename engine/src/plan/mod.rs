@@ -158,7 +158,7 @@ impl Plan {
 
 /// Where a table's rows go.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub enum Store {
+pub enum TableStore {
     /// Partition-local RocksDB state, served over HTTP.
     Internal,
     /// A table in the app's PostgreSQL database, written once per epoch.
@@ -220,8 +220,8 @@ impl TablePlan {
     /// The table's PostgreSQL settings when it is external.
     pub fn postgres(&self) -> Option<&PostgresTable> {
         match &self.store {
-            Store::Postgres(pg) => Some(pg),
-            Store::Internal => None,
+            TableStore::Postgres(pg) => Some(pg),
+            TableStore::Internal => None,
         }
     }
 
@@ -262,5 +262,5 @@ pub struct TablePlan {
     /// Positions of the primary-key columns in `columns`.
     pub key: Vec<usize>,
     /// Where its rows are kept.
-    pub store: Store,
+    pub store: TableStore,
 }

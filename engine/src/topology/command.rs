@@ -1,14 +1,177 @@
-//! `[commands.NAME]` sections: parsing and validation into [`CommandSpec`]s.
+//! `[commands.NAME]` sections: the declaration of one business operation the master accepts
+//! ([`CommandSpec`]), and its parsing and validation. What the master does with one command is
+//! [`crate::command`]'s.
 
+use std::time::Duration;
+
+use backon::{BackoffBuilder, ExponentialBuilder};
 use indexmap::IndexMap;
 use serde::Deserialize;
 use toml::Spanned;
 
 use super::{check_name, parse_columns, position_in_string, Reporter, Source};
-use crate::command::{Assignment, CommandSpec, RetryPolicy, Rule, Stamp};
 use crate::plan::sql::{plan_expression, ExprColumn};
 use crate::plan::Expr;
-use crate::value::ColumnType;
+use crate::value::{Column, ColumnType, Value};
+
+/// One business operation the master accepts, as declared in the topology.
+#[derive(Clone, Debug)]
+pub struct CommandSpec {
+    /// The section name (`update_email`).
+    pub name: String,
+    /// The command topic (`user.cmd.update-email`), partitioned by entity key.
+    pub topic: String,
+    /// The command type carried in headers and written into the entity event
+    /// (`UpdateUserEmail`).
+    pub operation: String,
+    /// The schema version of the payload this processor accepts.
+    pub schema_version: u32,
+    /// Index of the entity source (in the topology's sources) the command updates.
+    pub entity: usize,
+    /// The payload's schema, as a source for the decoder: its columns and the one holding
+    /// the entity key (named after the section, on the command topic).
+    pub payload: Source,
+    /// Who may send the command; `None` lets every authenticated principal.
+    pub authorize: Option<Rule>,
+    /// Validation rules, checked in order; the first that does not hold rejects.
+    pub validate: Vec<Rule>,
+    /// Entity columns the command sets.
+    pub set: Vec<Assignment>,
+    /// Entity columns stamped on every change.
+    pub stamp: Stamp,
+    /// Retries of technical failures before the dead-letter topic.
+    pub retry: RetryPolicy,
+    /// Transactions run side by side, each for the partitions `p` with `p % lanes` equal to
+    /// its number (commands of one entity stay in one partition, so in order).
+    pub lanes: usize,
+}
+
+/// Suffix of a command topic's dead-letter topic.
+pub const DLQ_SUFFIX: &str = ".dlq";
+
+/// The dead-letter topic of a command topic (either name is accepted).
+pub fn dlq_topic(topic: &str) -> String {
+    if topic.ends_with(DLQ_SUFFIX) {
+        topic.to_string()
+    } else {
+        format!("{topic}{DLQ_SUFFIX}")
+    }
+}
+
+/// A boolean rule and what to answer when it does not hold.
+#[derive(Clone, Debug)]
+pub struct Rule {
+    /// The rule as written.
+    pub sql: String,
+    /// The planned rule.
+    pub expr: Expr,
+    /// Machine-readable code of the rejection (`invalid_email`).
+    pub code: String,
+    /// The payload field at fault, if one.
+    pub field: Option<String>,
+    /// Human-readable message.
+    pub message: String,
+}
+
+/// `entity.column = expression`.
+#[derive(Clone, Debug)]
+pub struct Assignment {
+    /// Entity column index.
+    pub column: usize,
+    /// The value, cast to the column's type.
+    pub expr: Expr,
+}
+
+/// Entity columns the processor writes on every accepted command.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Stamp {
+    /// The version column (bigint), incremented.
+    pub version: usize,
+    /// The column naming the business operation (set to the command type).
+    pub operation: Option<usize>,
+    /// The change time.
+    pub updated_at: Option<usize>,
+    /// The principal who sent the command.
+    pub changed_by: Option<usize>,
+}
+
+/// Exponential backoff of technical failures.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct RetryPolicy {
+    /// Attempts in all (the first one included) before the dead-letter topic.
+    pub attempts: u32,
+    /// Wait after the first failure.
+    pub backoff: Duration,
+    /// Longest wait.
+    pub max_backoff: Duration,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        RetryPolicy {
+            attempts: 5,
+            backoff: Duration::from_millis(100),
+            max_backoff: Duration::from_secs(2),
+        }
+    }
+}
+
+impl RetryPolicy {
+    /// The waits between attempts (backon's exponential backoff, without jitter): `backoff`,
+    /// doubling up to `max_backoff`, to the millisecond (backon multiplies in floating point).
+    pub fn delays(&self) -> impl Iterator<Item = Duration> {
+        ExponentialBuilder::default()
+            .with_min_delay(self.backoff)
+            .with_max_delay(self.max_backoff)
+            .with_factor(2.0)
+            .without_max_times()
+            .build()
+            .map(|d| Duration::from_millis((d.as_secs_f64() * 1000.0).round() as u64))
+    }
+
+    /// The wait after failed attempt number `attempt` (1-based).
+    pub fn delay(&self, attempt: u32) -> Duration {
+        let n = attempt.saturating_sub(1) as usize;
+        self.delays().nth(n).unwrap_or(self.max_backoff)
+    }
+}
+
+impl CommandSpec {
+    /// The columns rules and assignments may name, in the order of the row they read.
+    pub fn scope(columns: &[Column], entity: &Source) -> Vec<ExprColumn> {
+        let column = |qualifier: &str, c: &Column| ExprColumn {
+            qualifier: qualifier.into(),
+            name: c.name.clone(),
+            ty: c.ty,
+        };
+        let mut scope: Vec<ExprColumn> = columns.iter().map(|c| column("command", c)).collect();
+        scope.extend(entity.columns.iter().map(|c| column("entity", c)));
+        for name in ["id", "roles"] {
+            scope.push(ExprColumn {
+                qualifier: "principal".into(),
+                name: name.into(),
+                ty: ColumnType::Text,
+            });
+        }
+        scope
+    }
+
+    /// The version of an entity row (`None` when NULL).
+    pub fn version_of(&self, row: &[Value]) -> Option<i64> {
+        match row[self.stamp.version] {
+            Value::Int(v) => Some(v),
+            _ => None,
+        }
+    }
+
+    /// The entity key a payload addresses (`None` when the key field is NULL).
+    pub fn entity_key(&self, payload: &[Value]) -> Option<String> {
+        match &payload[self.payload.key] {
+            Value::Null => None,
+            v => Some(v.to_key_text()),
+        }
+    }
+}
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -196,8 +359,13 @@ pub(super) fn validate_command(
         operation,
         schema_version,
         entity,
-        columns,
-        key: key?,
+        payload: Source {
+            name: name.to_string(),
+            topic: c.topic.get_ref().clone(),
+            columns,
+            key: key?,
+            late: None,
+        },
         authorize,
         validate,
         set,

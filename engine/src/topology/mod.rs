@@ -19,8 +19,9 @@
 //! [`Topology::parse`] checks everything it can before anything runs and reports every problem
 //! as a [`Diagnostic`] with the file, line and column, and a hint.
 
-mod command;
+pub mod command;
 pub mod diagnostic;
+pub mod late;
 
 use std::collections::BTreeMap;
 
@@ -30,11 +31,11 @@ use toml::Spanned;
 
 pub use diagnostic::{Diagnostic, Position, TopologyError};
 
-use crate::command::CommandSpec;
-use crate::late::{LateAction, LatePolicy};
 use crate::plan::sql::{plan_query, SourceSchema};
-use crate::plan::{PostgresTable, Store, TablePlan};
+use crate::plan::{PostgresTable, TablePlan, TableStore};
 use crate::value::{Column, ColumnType};
+use command::CommandSpec;
+use late::{LateAction, LatePolicy};
 
 /// A validated topology: its sources and planned tables.
 #[derive(Clone, Debug)]
@@ -240,8 +241,8 @@ impl Topology {
                     );
                     continue;
                 }
-                (None, None) => Store::Internal,
-                (Some(store), None) if store.get_ref() == "internal" => Store::Internal,
+                (None, None) => TableStore::Internal,
+                (Some(store), None) if store.get_ref() == "internal" => TableStore::Internal,
                 (Some(store), None) => {
                     r.at(
                         store.span().start,
@@ -256,7 +257,7 @@ impl Topology {
                 }
                 (None, Some(sink)) => {
                     match validate_postgres(&mut r, sink.get_ref().postgres.get_ref()) {
-                        Some(pg) => Store::Postgres(pg),
+                        Some(pg) => TableStore::Postgres(pg),
                         None => continue,
                     }
                 }
@@ -349,8 +350,8 @@ impl Topology {
         for t in &self.tables {
             let key: Vec<&str> = t.key.iter().map(|k| t.columns[*k].name.as_str()).collect();
             let sink = match &t.store {
-                Store::Internal => "internal RocksDB".to_string(),
-                Store::Postgres(pg) => format!("PostgreSQL {}", pg.qualified()),
+                TableStore::Internal => "internal RocksDB".to_string(),
+                TableStore::Postgres(pg) => format!("PostgreSQL {}", pg.qualified()),
             };
             out.push_str(&format!(
                 "table {} (key {}) -> sink {sink}\n",
@@ -363,8 +364,8 @@ impl Topology {
         for c in &self.commands {
             let entity = &self.sources[c.entity];
             out.push_str(&format!(
-                "command {} ({} v{}) <- topic {} (key {}) -> entity {} on topic {}, reply to the sender, dead letters to {}.dlq\n",
-                c.name, c.operation, c.schema_version, c.topic, c.columns[c.key].name, entity.name, entity.topic, c.topic
+                "command {} ({} v{}) <- topic {} (key {}) -> entity {} on topic {}, reply to the sender, dead letters to {}\n",
+                c.name, c.operation, c.schema_version, c.topic, c.payload.key_name(), entity.name, entity.topic, command::dlq_topic(&c.topic)
             ));
             if let Some(a) = &c.authorize {
                 out.push_str(&format!("  authorize {}\n", a.sql));
@@ -477,8 +478,8 @@ fn sink_at(raw: &Spanned<RawTable>) -> usize {
 }
 
 /// Reports declared index columns the table does not have; true when all are known.
-fn indexes_known(r: &mut Reporter<'_>, store: &Store, columns: &[Column], at: usize) -> bool {
-    let Store::Postgres(pg) = store else {
+fn indexes_known(r: &mut Reporter<'_>, store: &TableStore, columns: &[Column], at: usize) -> bool {
+    let TableStore::Postgres(pg) = store else {
         return true;
     };
     let mut ok = true;

@@ -5,31 +5,10 @@
 //! the same key. A late event is dropped (logged and counted), or applied anyway with
 //! `action = "keep"`. An event whose order value *equals* the applied one is a *duplicate*: a
 //! re-delivery or a replay after a crash, which must have no second effect, so it is always
-//! skipped. Without a policy, events are ordered by their source offset.
+//! skipped. Without a policy, events are ordered by their source offset. The policy itself is
+//! [`crate::topology::late::LatePolicy`].
 
-use serde::{Deserialize, Serialize};
-
-use crate::value::{Column, Value};
-
-/// What to do with a late event.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub enum LateAction {
-    /// Drop it (logged and counted): the default.
-    Drop,
-    /// Apply it anyway (logged and counted).
-    Keep,
-}
-
-/// A source's late-event policy.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct LatePolicy {
-    /// Column whose value orders events (a version or a timestamp).
-    pub order_by: usize,
-    /// Column naming the business operation; `None` orders all events of a key together.
-    pub per: Option<usize>,
-    /// What to do with late events.
-    pub action: LateAction,
-}
+use crate::value::Value;
 
 /// The verdict on one event.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -40,32 +19,6 @@ pub enum Verdict {
     Duplicate,
     /// Older than the applied one: late.
     Late,
-}
-
-impl LatePolicy {
-    /// Describes the policy with column names, for `explain`.
-    pub fn describe(&self, columns: &[Column]) -> String {
-        format!(
-            "order by {} per {}, {}",
-            columns[self.order_by].name,
-            self.per.map(|p| columns[p].name.as_str()).unwrap_or("key"),
-            match self.action {
-                LateAction::Drop => "drop late events",
-                LateAction::Keep => "keep late events",
-            }
-        )
-    }
-
-    /// The business operation of `row` (NULL when ordering per key).
-    pub fn operation<'a>(&self, row: &'a [Value]) -> &'a Value {
-        const PER_KEY: &Value = &Value::Null;
-        self.per.map_or(PER_KEY, |p| &row[p])
-    }
-
-    /// The order value of `row`.
-    pub fn order<'a>(&self, row: &'a [Value]) -> &'a Value {
-        &row[self.order_by]
-    }
 }
 
 /// Compares an event's order value with the last applied one for its key and operation.

@@ -2,7 +2,7 @@
 //!
 //! For each key the state keeps the last applied row (or none after a delete) and, per business
 //! operation, the order value of the last applied event. Late and duplicate events change
-//! nothing (see [`crate::late`]); deletes (Kafka tombstones) keep the versions, so a late event
+//! nothing (see [`crate::ingest::late`]); deletes (Kafka tombstones) keep the versions, so a late event
 //! cannot resurrect a deleted key.
 //!
 //! The changes of an epoch are coalesced per key: the dataflow gets, once per changed key and
@@ -11,14 +11,15 @@
 //! dataflow, the stored tables and PostgreSQL one change, not ten: the same result, since an
 //! epoch's changes become visible together anyway.
 //!
-//! The state of a partition is persisted with each epoch commit (see [`crate::store`]) because
+//! The state of a partition is persisted with each epoch commit (see [`crate::state`]) because
 //! both the late policy and the retraction need it after a restart.
 
 pub mod types;
 
 use std::collections::HashMap;
 
-use crate::late::{verdict, LateAction, LatePolicy, Verdict};
+use super::late::{verdict, Verdict};
+use crate::topology::late::{LateAction, LatePolicy};
 use crate::value::{Row, Value};
 pub use types::{Entry, Event, Outcome};
 

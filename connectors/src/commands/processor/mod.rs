@@ -16,95 +16,41 @@
 //! replays the command from scratch; the answered-id view makes a re-delivered command (same
 //! command id) get its first answer again instead of a second effect.
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use miroir_engine::command::{CommandSpec, Reply};
-use miroir_engine::decode::decode;
+use miroir_engine::command::Reply;
 use miroir_engine::metrics::CommandMetrics;
-use miroir_engine::topology::{Source, Topology};
-use miroir_engine::value::Row;
+use miroir_engine::state::{AnswerTime, StateStore};
+use miroir_engine::topology::Topology;
+use parking_lot::Mutex;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance};
-use rdkafka::message::{Headers, Message, OwnedMessage};
+use rdkafka::message::Message;
 use rdkafka::ClientContext;
 use rdkafka::Offset;
 use tracing::{debug, error, info, warn};
 
-use super::admin::{create_topic, create_topic_with, partition_count};
-use super::dlq::dlq_topic;
-use super::reply::now_ms;
-use super::tail::Tail;
-use super::{KafkaConfig, KafkaError};
-use miroir_engine::store::{AnswerTime, Commit, Store};
+use super::wire::{dlq_topic, done_topic, now_ms};
+use crate::kafka::admin::{create_topic, create_topic_with, partition_count};
+use crate::kafka::tail::Tail;
+use crate::kafka::{KafkaConfig, KafkaError};
 
 mod answered;
+pub mod dependency;
+mod incoming;
 mod lane;
+mod view;
 
-use answered::{keep_until, AnsweredIds, ANSWER_RETENTION};
+use answered::{keep_until, ANSWER_RETENTION};
+use dependency::Dependency;
+use incoming::Incoming;
 use lane::{Lane, TxError};
+use view::{write_view, Shared, ViewChanges};
 
-/// Header names of commands, replies and dead letters.
-pub mod header {
-    /// The command's id: a re-delivered command keeps it and is answered, not re-applied.
-    pub const COMMAND_ID: &str = "miroir-command-id";
-    /// Matches a reply to its request.
-    pub const CORRELATION_ID: &str = "miroir-correlation-id";
-    /// The topic to reply to.
-    pub const REPLY_TO: &str = "miroir-reply-to";
-    /// When the caller stops waiting, in ms since the epoch.
-    pub const DEADLINE: &str = "miroir-deadline";
-    /// The authenticated user's id.
-    pub const PRINCIPAL: &str = "miroir-principal";
-    /// The user's roles, comma-separated.
-    pub const ROLES: &str = "miroir-roles";
-    /// The command type (the business operation, `UpdateUserEmail`).
-    pub const COMMAND_TYPE: &str = "miroir-command-type";
-    /// The payload's schema version.
-    pub const SCHEMA_VERSION: &str = "miroir-schema-version";
-    /// On a replayed command: the entity version when it was parked.
-    pub const PARKED_VERSION: &str = "miroir-parked-version";
-    /// Dead letters: `dependency` (a dependency kept failing).
-    pub const ERROR_CLASS: &str = "miroir-error-class";
-    /// Dead letters: the last error.
-    pub const ERROR_MESSAGE: &str = "miroir-error-message";
-    /// Dead letters: attempts made.
-    pub const ATTEMPTS: &str = "miroir-attempts";
-    /// Dead letters: first failure, RFC 3339.
-    pub const FIRST_FAILURE: &str = "miroir-first-failure";
-    /// Dead letters: last failure, RFC 3339.
-    pub const LAST_FAILURE: &str = "miroir-last-failure";
-    /// Dead letters: where the command was read (`topic/partition/offset`).
-    pub const ORIGIN: &str = "miroir-origin";
-    /// Dead letters: the entity version when the command was parked.
-    pub const ENTITY_VERSION: &str = "miroir-entity-version";
-    /// Entity events and answered-id records: until when (ms since the epoch) processors
-    /// remember the command's answer.
-    pub const ANSWER_UNTIL: &str = "miroir-answer-until";
-}
-
-/// Suffix of a command topic's dead-letter topic.
-pub const DLQ_SUFFIX: &str = ".dlq";
-/// Suffix of the compacted topic of answered command ids (accepted commands excepted: their
-/// entity events carry their ids).
-pub const DONE_SUFFIX: &str = ".miroir-done";
 /// How often a running processor forgets the answers whose time has passed.
 const FORGET_EVERY: Duration = Duration::from_secs(60);
-
-/// A service the processor consults before applying a command (a directory, a fraud check).
-/// An error is technical: the command is retried with backoff, then parked in the dead-letter
-/// topic.
-pub trait Dependency: Send + Sync {
-    /// Checks the command for `key`; `Err` carries what failed.
-    fn check(
-        &self,
-        command: &CommandSpec,
-        key: &str,
-        payload: &serde_json::Value,
-    ) -> Result<(), String>;
-}
 
 /// A running command processor.
 pub struct CommandProcessor {
@@ -128,7 +74,7 @@ impl ProcessorStatus {
 
     /// The error that stopped the processor, if any.
     pub fn failure(&self) -> Option<String> {
-        self.failure.lock().expect("status lock").clone()
+        self.failure.lock().clone()
     }
 }
 
@@ -145,7 +91,7 @@ impl CommandProcessor {
         instance: &str,
         metrics: CommandMetrics,
         dependency: Option<Arc<dyn Dependency>>,
-        store: Option<Store>,
+        store: Option<StateStore>,
     ) -> Result<CommandProcessor, KafkaError> {
         let index = topology
             .commands
@@ -200,66 +146,6 @@ impl Drop for CommandProcessor {
 const CATCH_UP_LIMIT: Duration = Duration::from_secs(30);
 /// Commands handled in one transaction at most.
 const BATCH: usize = 256;
-const TX_TIMEOUT: Duration = Duration::from_secs(30);
-
-/// What the lanes share: the command's declaration and the views.
-struct Shared {
-    spec: CommandSpec,
-    entity: Source,
-    /// The command payload's schema, as a source for the decoder.
-    payload: Source,
-    metrics: CommandMetrics,
-    dependency: Option<Arc<dyn Dependency>>,
-    /// Current entity rows by key, as committed on the entity topic.
-    entities: Mutex<HashMap<String, Row>>,
-    /// Answers of commands already processed, by command id.
-    answered: Mutex<AnsweredIds>,
-    /// Reply topics known to exist.
-    reply_topics: Mutex<ReplyTopics>,
-}
-
-/// What the lanes last learned of the reply topics: whether each exists, and when.
-#[derive(Default)]
-struct ReplyTopics {
-    seen: HashMap<String, (bool, Instant)>,
-}
-
-impl ReplyTopics {
-    /// How long a reply topic found is trusted: a stopped instance's topic is deleted, and
-    /// a transaction producing to a deleted topic fails.
-    const FOUND_FOR: Duration = Duration::from_secs(5);
-    /// How long a reply topic not found is trusted (its client may be creating it: it waits
-    /// for the topic before sending).
-    const MISSING_FOR: Duration = Duration::from_millis(20);
-
-    /// Whether `topic` must be looked up again before a reply is sent to it.
-    fn stale(&self, topic: &str) -> bool {
-        self.seen.get(topic).is_none_or(|(exists, at)| {
-            let trusted = if *exists {
-                Self::FOUND_FOR
-            } else {
-                Self::MISSING_FOR
-            };
-            at.elapsed() >= trusted
-        })
-    }
-
-    /// Whether `topic` existed when last looked up.
-    fn exists(&self, topic: &str) -> bool {
-        self.seen.get(topic).is_some_and(|(exists, _)| *exists)
-    }
-
-    /// Records what a lookup of `topic` found (and forgets what is no longer trusted, once
-    /// many instances have come and gone).
-    fn note(&mut self, topic: &str, exists: bool) {
-        if self.seen.len() >= 1024 {
-            self.seen
-                .retain(|_, (_, at)| at.elapsed() < Self::FOUND_FOR);
-        }
-        self.seen
-            .insert(topic.to_string(), (exists, Instant::now()));
-    }
-}
 
 /// The processor's thread: polls commands, keeps the views, hands batches to the lanes.
 struct Worker {
@@ -268,7 +154,7 @@ struct Worker {
     consumer: BaseConsumer<Rebalances>,
     lanes: Vec<Lane>,
     /// Where the view of the entities is kept across restarts, if anywhere.
-    store: Option<Store>,
+    store: Option<StateStore>,
     /// Lane `i`'s producers are `<transactional_id>.<i>` (and the same with `.b` and `.c`):
     /// stable across restarts of the same state directory, so a restarted instance fences its
     /// predecessor.
@@ -289,162 +175,6 @@ impl ConsumerContext for Rebalances {
     }
 }
 
-impl Shared {
-    /// Applies a committed entity event to the view (newest version wins), and remembers the
-    /// command that wrote it (its `miroir-command-id` header) as accepted; returns what changed.
-    fn entity_event(&self, m: &rdkafka::message::BorrowedMessage<'_>) -> EntityChange {
-        let mut change = EntityChange::default();
-        let Some(key) = m.key().map(|k| String::from_utf8_lossy(k).into_owned()) else {
-            return change;
-        };
-        let Some(payload) = m.payload() else {
-            self.entities.lock().expect("entities lock").remove(&key);
-            change.row = Some((key, None));
-            return change;
-        };
-        let row = match decode(&self.entity, payload) {
-            Ok(row) => row,
-            Err(e) => {
-                debug!(topic = %self.entity.topic, partition = m.partition(), offset = m.offset(), key, error = %e,
-                             "entity event not understood; the view keeps the previous one");
-                return change;
-            }
-        };
-        if let (Some(id), Some(version)) = (
-            text_header(m, header::COMMAND_ID),
-            self.spec.version_of(&row),
-        ) {
-            let reply = Reply::Accepted {
-                version,
-                partition: m.partition(),
-                offset: m.offset(),
-            };
-            if let Some(until_ms) = answer_until(m) {
-                self.answered.lock().expect("answered lock").remember(
-                    id.clone(),
-                    until_ms,
-                    reply.clone(),
-                );
-                change.answer = Some((id, until_ms, reply));
-            }
-        }
-        let mut entities = self.entities.lock().expect("entities lock");
-        if entities
-            .get(&key)
-            .is_none_or(|old| self.spec.version_of(&row) > self.spec.version_of(old))
-        {
-            entities.insert(key.clone(), row.clone());
-            change.row = Some((key, Some(row)));
-        }
-        change
-    }
-
-    /// Sets the gauge of the command ids remembered.
-    fn report_answers_kept(&self, kept: usize) {
-        self.metrics
-            .answers_kept
-            .with_label_values(&[&self.spec.name])
-            .set(kept as i64);
-    }
-
-    fn answer_record(&self, m: &rdkafka::message::BorrowedMessage<'_>) {
-        let Some(id) = m.key().map(|k| String::from_utf8_lossy(k).into_owned()) else {
-            return;
-        };
-        match m.payload().map(serde_json::from_slice::<Reply>) {
-            Some(Ok(reply)) => {
-                if let Some(until_ms) = answer_until(m) {
-                    self.answered
-                        .lock()
-                        .expect("answered lock")
-                        .remember(id, until_ms, reply);
-                }
-            }
-            None => {
-                self.answered.lock().expect("answered lock").forget(&id);
-            }
-            Some(Err(e)) => {
-                warn!(topic = m.topic(), partition = m.partition(), offset = m.offset(), key = id, error = %e, "bad answer record")
-            }
-        }
-    }
-}
-
-/// Until when (ms since the epoch) the answer written by `m` (an entity event or an
-/// answered-id record) is kept: its `miroir-answer-until` header, or for records written before
-/// it, the retention from the record's time; `None` once that time has passed.
-fn answer_until(m: &impl Message) -> Option<i64> {
-    let until = text_header(m, header::ANSWER_UNTIL)
-        .and_then(|t| t.parse().ok())
-        .unwrap_or_else(|| {
-            keep_until(
-                m.timestamp().to_millis().unwrap_or_else(now_ms),
-                None,
-                false,
-            )
-        });
-    (until >= now_ms()).then_some(until)
-}
-
-/// Writes a change of the command view to the state directory.
-fn write_view(store: &Store, commit: Commit) -> Result<(), KafkaError> {
-    store
-        .write_unsynced(commit)
-        .map_err(|e| KafkaError::Definite(format!("writing the command view: {e}")))
-}
-
-/// What one entity event changed.
-#[derive(Default)]
-struct EntityChange {
-    /// The key and its new row (`None`: deleted), if the view changed.
-    row: Option<(String, Option<Row>)>,
-    /// The id, time to forget (ms since the epoch) and answer of the command that wrote the
-    /// event.
-    answer: Option<(String, i64, Reply)>,
-}
-
-/// What one read of the entity topic changed in the view.
-#[derive(Default)]
-struct ViewChanges {
-    rows: HashMap<String, Option<Row>>,
-    answers: Vec<(String, i64, Reply)>,
-    /// Next offset to read, by partition.
-    next: HashMap<i32, i64>,
-}
-
-impl ViewChanges {
-    fn note(&mut self, m: &rdkafka::message::BorrowedMessage<'_>, change: EntityChange) {
-        if let Some((key, row)) = change.row {
-            self.rows.insert(key, row);
-        }
-        self.answers.extend(change.answer);
-        self.next.insert(m.partition(), m.offset() + 1);
-    }
-}
-
-/// One command in a batch, and what became of it.
-struct Incoming {
-    message: OwnedMessage,
-    received: Instant,
-    command_id: Option<String>,
-    correlation_id: Option<String>,
-    reply_to: Option<String>,
-    key: Option<String>,
-    /// Set on a replay: the entity version the command was parked at.
-    parked_version: Option<i64>,
-}
-
-impl Incoming {
-    /// Until when (ms since the epoch) the command's answer is kept if it is answered now: a
-    /// command id the client generated for this send (the correlation id) until shortly after
-    /// the deadline, others for the retention (see [`answered`]).
-    fn answer_until(&self) -> i64 {
-        let single_use = self.command_id.is_some() && self.command_id == self.correlation_id;
-        let deadline = text_header(&self.message, header::DEADLINE).and_then(|d| d.parse().ok());
-        keep_until(now_ms(), deadline, single_use)
-    }
-}
-
 impl Worker {
     fn new(
         config: &KafkaConfig,
@@ -453,7 +183,7 @@ impl Worker {
         instance: &str,
         metrics: CommandMetrics,
         dependency: Option<Arc<dyn Dependency>>,
-        store: Option<Store>,
+        store: Option<StateStore>,
     ) -> Result<Worker, KafkaError> {
         let spec = topology.commands[index].clone();
         let entity = topology.sources[spec.entity].clone();
@@ -463,7 +193,7 @@ impl Worker {
         create_topic(config, &dlq_topic(&spec.topic), partitions)?;
         create_topic_with(
             config,
-            &format!("{}{DONE_SUFFIX}", spec.topic),
+            &done_topic(&spec.topic),
             partitions,
             &[
                 ("cleanup.policy", "compact,delete"),
@@ -479,18 +209,10 @@ impl Worker {
             .set("auto.offset.reset", "earliest")
             .set("isolation.level", "read_committed")
             .create_with_context(Rebalances::default())?;
-        let payload = Source {
-            name: spec.name.clone(),
-            topic: spec.topic.clone(),
-            columns: spec.columns.clone(),
-            key: spec.key,
-            late: None,
-        };
         Ok(Worker {
             shared: Arc::new(Shared {
                 spec,
                 entity,
-                payload,
                 metrics,
                 dependency,
                 entities: Mutex::default(),
@@ -511,7 +233,7 @@ impl Worker {
         let settled = self.settle(true);
         if let Err(e) = served.and(settled) {
             error!(command = %self.shared.spec.name, error = %e, "the command processor stopped");
-            *status.failure.lock().expect("status lock") = Some(e.to_string());
+            *status.failure.lock() = Some(e.to_string());
         }
         status.ready.store(false, Ordering::Release);
         self.consumer.unsubscribe();
@@ -527,7 +249,7 @@ impl Worker {
         }
         let starts = self.load_view()?;
         let mut entities = Tail::open_at(&self.config, &self.shared.entity.topic, &starts)?;
-        let mut answered = Tail::open(&self.config, &format!("{}{DONE_SUFFIX}", spec.topic))?;
+        let mut answered = Tail::open(&self.config, &done_topic(&spec.topic))?;
         self.consumer.subscribe(&[&spec.topic])?;
         let mut seen = u64::MAX;
         let mut forgot_at = Instant::now();
@@ -583,7 +305,7 @@ impl Worker {
     /// last few minutes (single-use ids) and of the retention period (the others).
     fn forget_old_answers(&self) -> Result<(), KafkaError> {
         let (old, kept) = {
-            let mut answered = self.shared.answered.lock().expect("answered lock");
+            let mut answered = self.shared.answered.lock();
             (answered.forget_expired(now_ms()), answered.len())
         };
         debug!(command = %self.shared.spec.name, forgotten = old.len(), kept, "answers whose time has passed forgotten");
@@ -622,7 +344,7 @@ impl Worker {
         let mut forget = store.commit();
         let mut answers = 0;
         {
-            let mut answered = self.shared.answered.lock().expect("answered lock");
+            let mut answered = self.shared.answered.lock();
             for a in view.answers {
                 let until_ms = match a.kept {
                     AnswerTime::KeptUntil(until) => until,
@@ -646,11 +368,7 @@ impl Worker {
         self.shared.report_answers_kept(answers);
         info!(command = %self.shared.spec.name, entities = view.rows.len(), answers, forgotten,
               "entity view loaded from the state directory");
-        self.shared
-            .entities
-            .lock()
-            .expect("entities lock")
-            .extend(view.rows);
+        self.shared.entities.lock().extend(view.rows);
         Ok(view.offsets)
     }
 
@@ -687,18 +405,7 @@ impl Worker {
             match self.consumer.poll(wait) {
                 Some(Ok(m)) => {
                     let message = m.detach();
-                    batch.push(Incoming {
-                        command_id: text_header(&message, header::COMMAND_ID),
-                        correlation_id: text_header(&message, header::CORRELATION_ID),
-                        reply_to: text_header(&message, header::REPLY_TO),
-                        parked_version: text_header(&message, header::PARKED_VERSION)
-                            .and_then(|v| v.parse().ok()),
-                        key: message
-                            .key()
-                            .map(|k| String::from_utf8_lossy(k).into_owned()),
-                        received: Instant::now(),
-                        message,
-                    });
+                    batch.push(Incoming::new(message));
                     wait = Duration::ZERO;
                 }
                 Some(Err(e)) => {
@@ -817,12 +524,7 @@ impl Worker {
                 }
             }
         }
-        self.shared
-            .reply_topics
-            .lock()
-            .expect("reply topics lock")
-            .seen
-            .clear();
+        self.shared.reply_topics.lock().seen.clear();
         self.rewind()?;
         std::thread::sleep(wait);
         Ok(false)
@@ -844,38 +546,5 @@ impl Worker {
             }
         }
         Ok(())
-    }
-}
-
-/// The text of header `name`, if present and UTF-8.
-pub fn text_header(m: &impl Message, name: &str) -> Option<String> {
-    let headers = m.headers()?;
-    headers
-        .iter()
-        .find(|h| h.key == name)
-        .and_then(|h| h.value)
-        .and_then(|v| std::str::from_utf8(v).ok())
-        .map(str::to_string)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn reply_topics_are_looked_up_again_once_no_longer_trusted() {
-        let mut known = ReplyTopics::default();
-        assert!(known.stale("r1") && !known.exists("r1"), "never looked up");
-        known.note("r1", true);
-        known.note("r2", false);
-        assert!(!known.stale("r1") && known.exists("r1"));
-        assert!(!known.stale("r2") && !known.exists("r2"));
-        std::thread::sleep(ReplyTopics::MISSING_FOR + Duration::from_millis(5));
-        assert!(
-            known.stale("r2"),
-            "a missing topic is asked about again soon"
-        );
-        assert!(!known.stale("r1"), "a found topic is trusted for longer");
-        assert!(known.exists("r1"));
     }
 }

@@ -12,10 +12,10 @@ use miroir_engine::command::{Principal, Reply};
 use rdkafka::message::{Headers, Message};
 use serde::Serialize;
 
-use super::command::{header, text_header, DLQ_SUFFIX};
-use super::reply::{Command, CommandClient, SendError};
-use super::tail::Tail;
-use super::{KafkaConfig, KafkaError};
+use super::client::{Command, CommandClient, SendError};
+use super::wire::{dlq_topic, header, text_header, DLQ_SUFFIX};
+use crate::kafka::tail::Tail;
+use crate::kafka::{KafkaConfig, KafkaError};
 
 /// One parked command.
 #[derive(Clone, Debug, Serialize)]
@@ -71,15 +71,6 @@ impl Parked {
             .and_then(|p| p.parse().ok())
             .unwrap_or(i32::MAX);
         (partition, offset)
-    }
-}
-
-/// The dead-letter topic of a command topic (either name is accepted).
-pub fn dlq_topic(topic: &str) -> String {
-    if topic.ends_with(DLQ_SUFFIX) {
-        topic.to_string()
-    } else {
-        format!("{topic}{DLQ_SUFFIX}")
     }
 }
 
@@ -171,10 +162,7 @@ pub fn replay(
                 header_value(p, header::ROLES).unwrap_or_default(),
             ),
             command_id: p.command_id.clone(),
-            extra_headers: vec![(
-                header::PARKED_VERSION.to_string(),
-                p.entity_version.map_or("-1".into(), |v| v.to_string()),
-            )],
+            parked_version: Some(p.entity_version.unwrap_or(-1)),
         };
         let result = match client.send(&command, timeout) {
             Ok(reply @ Reply::Accepted { .. }) => Replayed::Applied(reply),

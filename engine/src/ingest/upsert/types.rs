@@ -14,7 +14,7 @@ pub struct Entry {
     /// Offset of the last applied event.
     pub offset: i64,
     /// The row before the first change since the last drain (see
-    /// [`crate::upsert::UpsertState::drain_changes`]); `None` when unchanged since. Not
+    /// [`crate::ingest::upsert::UpsertState::drain_changes`]); `None` when unchanged since. Not
     /// persisted.
     #[serde(skip)]
     pub(crate) before: Option<Option<Row>>,
@@ -54,7 +54,7 @@ pub enum Event {
 /// The effect of applying one event.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Outcome {
-    /// The key's row changed (see [`crate::upsert::UpsertState::drain_changes`]); `late` when a
+    /// The key's row changed (see [`crate::ingest::upsert::UpsertState::drain_changes`]); `late` when a
     /// late event was kept.
     Changed {
         /// Whether this was a late event applied by `action = "keep"`.

@@ -13,24 +13,25 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use crossbeam_channel::{bounded, Sender};
-use miroir_engine::command::{CommandSpec, Principal, Reply};
+use miroir_engine::command::{Principal, Reply};
 use miroir_engine::metrics::CommandMetrics;
+use miroir_engine::topology::command::CommandSpec;
+use parking_lot::Mutex;
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::message::{Header, Message, OwnedHeaders};
+use rdkafka::message::Message;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use tracing::{debug, info, warn};
 
-use super::admin::{create_topic, delete_topics, topics};
-use super::command::{header, text_header};
-use super::{KafkaConfig, KafkaError};
+use super::wire::{header, now_ms, text_header, CommandHeaders, REPLY_PREFIX};
+use crate::kafka::admin::{create_topic, delete_topics, topics};
+use crate::kafka::{KafkaConfig, KafkaError};
 
 /// Prefix of every reply topic.
-pub const REPLY_PREFIX: &str = "miroir.reply.";
 /// A reply topic with no live consumer is removed once it is this old.
 const ORPHAN_AGE: Duration = Duration::from_secs(60);
 const ASSIGNMENT_LIMIT: Duration = Duration::from_secs(30);
@@ -66,8 +67,8 @@ pub struct Command {
     pub principal: Principal,
     /// The command's id; a new one is drawn when `None`.
     pub command_id: Option<String>,
-    /// More headers (a replay adds the parked entity version).
-    pub extra_headers: Vec<(String, String)>,
+    /// Set by a replay: the entity version when the command was parked (-1 when unknown).
+    pub parked_version: Option<i64>,
 }
 
 impl Command {
@@ -77,7 +78,7 @@ impl Command {
         payload: &serde_json::Value,
         principal: Principal,
     ) -> Result<Command, SendError> {
-        let key_name = &spec.columns[spec.key].name;
+        let key_name = spec.payload.key_name();
         let key = match payload.get(key_name) {
             Some(serde_json::Value::String(s)) => s.clone(),
             Some(v @ serde_json::Value::Number(_)) => v.to_string(),
@@ -95,7 +96,7 @@ impl Command {
             payload: serde_json::to_vec(payload).expect("JSON serializes"),
             principal,
             command_id: None,
-            extra_headers: Vec::new(),
+            parked_version: None,
         })
     }
 }
@@ -205,36 +206,20 @@ impl CommandClient {
             .command_id
             .clone()
             .unwrap_or_else(|| correlation.clone());
-        let deadline = (now_ms() + timeout.as_millis() as i64).to_string();
-        let version = command.schema_version.to_string();
-        let roles = command.principal.roles.join(",");
-        let mut headers = OwnedHeaders::new();
-        for (key, value) in [
-            (header::COMMAND_ID, command_id.as_str()),
-            (header::CORRELATION_ID, correlation.as_str()),
-            (header::REPLY_TO, self.reply_topic.as_str()),
-            (header::DEADLINE, deadline.as_str()),
-            (header::PRINCIPAL, command.principal.id.as_str()),
-            (header::ROLES, roles.as_str()),
-            (header::COMMAND_TYPE, command.command_type.as_str()),
-            (header::SCHEMA_VERSION, version.as_str()),
-        ] {
-            headers = headers.insert(Header {
-                key,
-                value: Some(value),
-            });
+        let headers = CommandHeaders {
+            command_id: Some(command_id.clone()),
+            correlation_id: Some(correlation.clone()),
+            reply_to: Some(self.reply_topic.clone()),
+            command_type: Some(command.command_type.clone()),
+            schema_version: Some(command.schema_version.to_string()),
+            principal: Some(command.principal.id.clone()),
+            roles: Some(command.principal.roles.join(",")),
+            deadline: Some((now_ms() + timeout.as_millis() as i64).to_string()),
+            parked_version: command.parked_version,
         }
-        for (key, value) in &command.extra_headers {
-            headers = headers.insert(Header {
-                key: key.as_str(),
-                value: Some(value.as_str()),
-            });
-        }
+        .to_owned_headers();
         let (tx, rx) = bounded(1);
-        self.waiting
-            .lock()
-            .expect("waiting lock")
-            .insert(correlation.clone(), tx);
+        self.waiting.lock().insert(correlation.clone(), tx);
         let record = FutureRecord::to(&command.topic)
             .key(command.key.as_bytes())
             .payload(command.payload.as_slice())
@@ -250,18 +235,12 @@ impl CommandClient {
             Err((e, _)) => Err(SendError::Kafka(e.into())),
         };
         if let Err(e) = sent {
-            self.waiting
-                .lock()
-                .expect("waiting lock")
-                .remove(&correlation);
+            self.waiting.lock().remove(&correlation);
             return Err(e);
         }
         let remaining = timeout.saturating_sub(started.elapsed());
         let reply = rx.recv_timeout(remaining);
-        self.waiting
-            .lock()
-            .expect("waiting lock")
-            .remove(&correlation);
+        self.waiting.lock().remove(&correlation);
         let label = [command.command_type.as_str()];
         match reply {
             Ok(reply) => {
@@ -338,7 +317,7 @@ fn receive(
                 continue;
             }
         };
-        match waiting.lock().expect("waiting lock").remove(&correlation) {
+        match waiting.lock().remove(&correlation) {
             Some(tx) => {
                 let _ = tx.send(reply);
             }
@@ -386,12 +365,4 @@ pub fn reap_orphans(config: &KafkaConfig) -> Result<Vec<String>, KafkaError> {
         info!(topics = ?orphans, "reaped reply topics of stopped instances");
     }
     Ok(orphans)
-}
-
-/// The time now, in ms since the epoch (the unit of command deadlines).
-pub(crate) fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
 }

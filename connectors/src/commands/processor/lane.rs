@@ -6,20 +6,26 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime};
 
-use miroir_engine::command::{Decision, Principal, Reply, Request};
-use miroir_engine::decode::decode;
+use miroir_engine::command::{Command, Decision, Reply};
 use miroir_engine::value::{row_to_json, row_to_json_bytes, Row};
 use rdkafka::consumer::ConsumerGroupMetadata;
-use rdkafka::message::{Header, Message, OwnedHeaders};
+use rdkafka::message::{Message, OwnedMessage};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::{Offset, TopicPartitionList};
 use tracing::{debug, info, warn};
 
-use super::{header, text_header, Incoming, ReplyTopics, Shared, DONE_SUFFIX, TX_TIMEOUT};
-use crate::kafka::dlq::dlq_topic;
+use super::incoming::Incoming;
+use super::view::{ReplyTopics, Shared};
+use crate::commands::wire::{
+    answer_headers, dead_letter_headers, dlq_topic, done_topic, now_micros, Parking,
+};
 use crate::kafka::{KafkaConfig, KafkaError};
+
+/// Longest wait for the transaction coordinator (init, offsets, commit, abort) and for a reply
+/// topic's metadata.
+const TX_TIMEOUT: Duration = Duration::from_secs(30);
 
 enum Step {
     /// Answer without changing the entity; `remember` records the answer under the id
@@ -28,13 +34,7 @@ enum Step {
     /// Publish the new entity row.
     Apply { key: String, row: Row, version: i64 },
     /// A dependency kept failing: park the command.
-    Park {
-        error: String,
-        attempts: u32,
-        first: SystemTime,
-        last: SystemTime,
-        entity_version: Option<i64>,
-    },
+    Park(Parking),
 }
 
 /// Three transactional producers taking turns, the transaction committing, and the lane's run
@@ -191,7 +191,7 @@ impl Lane {
             match &step {
                 Step::Apply { key, row, .. } => {
                     let payload = row_to_json_bytes(&shared.entity.columns, row);
-                    let headers = command_headers(incoming, *until);
+                    let headers = incoming.headers.entity_event(*until);
                     let record = FutureRecord::to(&shared.entity.topic)
                         .key(key.as_bytes())
                         .payload(payload.as_slice())
@@ -199,36 +199,9 @@ impl Lane {
                     deliveries.push(Some(self.send(record)?));
                     written.insert(key.clone(), row.clone());
                 }
-                Step::Park {
-                    error,
-                    attempts,
-                    first,
-                    last,
-                    entity_version,
-                } => {
+                Step::Park(parking) => {
                     let m = &incoming.message;
-                    let origin = format!("{}/{}/{}", m.topic(), m.partition(), m.offset());
-                    let attempts = attempts.to_string();
-                    let first = rfc3339(*first);
-                    let last = rfc3339(*last);
-                    let version = entity_version.map(|v| v.to_string());
-                    let mut headers = m.headers().cloned().unwrap_or_default();
-                    for (key, value) in [
-                        (header::ERROR_CLASS, Some("dependency")),
-                        (header::ERROR_MESSAGE, Some(error.as_str())),
-                        (header::ATTEMPTS, Some(attempts.as_str())),
-                        (header::FIRST_FAILURE, Some(first.as_str())),
-                        (header::LAST_FAILURE, Some(last.as_str())),
-                        (header::ORIGIN, Some(origin.as_str())),
-                        (header::ENTITY_VERSION, version.as_deref()),
-                    ] {
-                        if let Some(value) = value {
-                            headers = headers.insert(Header {
-                                key,
-                                value: Some(value),
-                            });
-                        }
-                    }
+                    let headers = dead_letter_headers(m, parking);
                     let dlq = dlq_topic(&shared.spec.topic);
                     let mut record = FutureRecord::to(&dlq)
                         .headers(headers)
@@ -258,10 +231,10 @@ impl Lane {
             .map_err(TxError::from)?;
         let offsets_sent = started.elapsed();
         let reply_exists: Vec<bool> = {
-            let mut known = shared.reply_topics.lock().expect("reply topics lock");
+            let mut known = shared.reply_topics.lock();
             let mut stale: Vec<&str> = batch
                 .iter()
-                .filter_map(|i| i.reply_to.as_deref())
+                .filter_map(|i| i.headers.reply_to.as_deref())
                 .filter(|t| known.stale(t))
                 .collect();
             stale.sort_unstable();
@@ -271,12 +244,17 @@ impl Lane {
             }
             batch
                 .iter()
-                .map(|i| i.reply_to.as_deref().is_some_and(|t| known.exists(t)))
+                .map(|i| {
+                    i.headers
+                        .reply_to
+                        .as_deref()
+                        .is_some_and(|t| known.exists(t))
+                })
                 .collect()
         };
         // Awaited by the commit: a commit left to flush them waits on rust-rdkafka's 100 ms poll.
         let mut replies_sent = Vec::new();
-        let done_topic = format!("{}{DONE_SUFFIX}", shared.spec.topic);
+        let done_topic = done_topic(&shared.spec.topic);
         // Every answered id of the transaction goes to one partition of the topic, the first
         // command's: each partition a transaction touches costs the broker a produce request,
         // a check that the partition joined the transaction, and a marker. Where an id lands
@@ -308,12 +286,12 @@ impl Lane {
                     },
                     true,
                 ),
-                Step::Park { error, .. } => (
+                Step::Park(parking) => (
                     Reply::Deferred {
                         topic: dlq_topic(&shared.spec.topic),
                         partition,
                         offset,
-                        message: error,
+                        message: parking.error,
                     },
                     true,
                 ),
@@ -322,11 +300,8 @@ impl Lane {
             // An accepted command's id is in its entity event's headers, where every processor
             // reads it back: only the other answers need a record of their own.
             let accepted = matches!(reply, Reply::Accepted { .. });
-            if let (true, false, Some(id)) = (remember, accepted, &incoming.command_id) {
-                let headers = OwnedHeaders::new().insert(Header {
-                    key: header::ANSWER_UNTIL,
-                    value: Some(until_ms.to_string().as_str()),
-                });
+            if let (true, false, Some(id)) = (remember, accepted, &incoming.headers.command_id) {
+                let headers = answer_headers(until_ms);
                 let record = FutureRecord::to(&done_topic)
                     .key(id.as_bytes())
                     .payload(body.as_slice())
@@ -334,24 +309,11 @@ impl Lane {
                     .partition(done_partition);
                 replies_sent.push(self.send(record)?);
             }
-            match &incoming.reply_to {
+            match &incoming.headers.reply_to {
                 Some(topic) if exists => {
-                    let mut headers = OwnedHeaders::new();
-                    if let Some(c) = &incoming.correlation_id {
-                        headers = headers.insert(Header {
-                            key: header::CORRELATION_ID,
-                            value: Some(c.as_str()),
-                        });
-                    }
-                    if let Some(c) = &incoming.command_id {
-                        headers = headers.insert(Header {
-                            key: header::COMMAND_ID,
-                            value: Some(c.as_str()),
-                        });
-                    }
                     let mut record = FutureRecord::to(topic)
                         .payload(body.as_slice())
-                        .headers(headers);
+                        .headers(incoming.headers.reply());
                     if let Some(k) = &incoming.key {
                         record = record.key(k.as_bytes());
                     }
@@ -372,12 +334,12 @@ impl Lane {
                 partition: incoming.message.partition(),
                 offset: incoming.message.offset(),
                 key: incoming.key.clone(),
-                command_id: incoming.command_id.clone(),
+                command_id: incoming.headers.command_id.clone(),
                 reply,
                 remember,
                 until_ms,
                 received: incoming.received,
-                replayed: incoming.parked_version.is_some(),
+                replayed: incoming.replayed(),
             });
         }
         let written_at = started.elapsed();
@@ -490,177 +452,133 @@ impl Shared {
     /// retried here (the batch's transaction stays open) and then parked.
     fn step(&self, incoming: &Incoming, written: &Unsaved<'_>, stop: &AtomicBool) -> Step {
         let m = &incoming.message;
-        if let Some(previous) = incoming.command_id.as_ref().and_then(|id| {
-            self.answered
-                .lock()
-                .expect("answered lock")
-                .get(id)
-                .cloned()
-        }) {
-            // A re-delivery: same answer, no second effect. A replay may take up a parked one.
-            if !(incoming.parked_version.is_some() && matches!(previous, Reply::Deferred { .. })) {
-                info!(topic = m.topic(), partition = m.partition(), offset = m.offset(), key = ?incoming.key,
-                      command_id = ?incoming.command_id, "command already answered: sending the same answer");
-                return Step::Answer {
-                    reply: previous.clone(),
-                    remember: false,
-                };
-            }
-        }
-        let reject = |code: &str, message: String| Step::Answer {
-            reply: Reply::Rejected {
-                code: code.into(),
-                field: None,
-                message,
-            },
-            remember: true,
-        };
-        let command_type = text_header(m, header::COMMAND_TYPE);
-        if command_type.as_deref() != Some(self.spec.operation.as_str()) {
-            warn!(topic = m.topic(), partition = m.partition(), offset = m.offset(), key = ?incoming.key,
-                  command_type = ?command_type, "unknown command type");
-            return reject(
-                "unknown_command",
-                format!(
-                    "{} accepts {} commands, not {}",
-                    self.spec.topic,
-                    self.spec.operation,
-                    command_type.as_deref().unwrap_or("untyped ones")
-                ),
-            );
-        }
-        let version = text_header(m, header::SCHEMA_VERSION)
-            .and_then(|v| v.parse::<u32>().ok())
-            .unwrap_or(1);
-        if version > self.spec.schema_version {
-            return reject(
-                "unsupported_schema_version",
-                format!(
-                    "schema version {version} is newer than the processor's {}",
-                    self.spec.schema_version
-                ),
-            );
-        }
-        let Some(principal_id) = text_header(m, header::PRINCIPAL).filter(|p| !p.is_empty()) else {
+        if let Some(previous) = self.previous_answer(incoming) {
+            info!(topic = m.topic(), partition = m.partition(), offset = m.offset(), key = ?incoming.key,
+                  command_id = ?incoming.headers.command_id, "command already answered: sending the same answer");
             return Step::Answer {
-                reply: Reply::Forbidden {
-                    message: "the command carries no principal".into(),
-                },
-                remember: true,
+                reply: previous,
+                remember: false,
             };
-        };
-        let roles = text_header(m, header::ROLES).unwrap_or_default();
-        let principal = Principal::new(principal_id, &roles);
-        let payload = match m.payload().map(|p| decode(&self.payload, p)) {
-            Some(Ok(row)) => row,
-            Some(Err(e)) => {
-                warn!(topic = m.topic(), partition = m.partition(), offset = m.offset(), key = ?incoming.key, error = %e, "malformed command");
-                return reject("malformed", e.to_string());
-            }
-            None => return reject("malformed", "the command has no payload".into()),
-        };
-        let Some(key) = self.spec.entity_key(&payload) else {
-            return reject(
-                "malformed",
-                format!(
-                    "the key field `{}` is null",
-                    self.spec.columns[self.spec.key].name
-                ),
-            );
-        };
-        // The message key places the command in its entity's partition, so in one lane and in
-        // order with the entity's other commands: a payload naming another entity would race.
-        if incoming.key.as_deref() != Some(key.as_str()) {
-            return reject(
-                "malformed",
-                format!(
-                    "the message key ({}) must be the entity key ({key})",
-                    incoming.key.as_deref().unwrap_or("none")
-                ),
-            );
         }
-        let current: Option<Row> = written.get(&key).cloned().or_else(|| {
-            self.entities
-                .lock()
-                .expect("entities lock")
-                .get(&key)
-                .cloned()
-        });
-        let request = Request {
-            payload: &payload,
-            principal: &principal,
-            deadline_ms: text_header(m, header::DEADLINE).and_then(|d| d.parse().ok()),
-            parked_at_version: incoming.parked_version,
-        };
-        let now = now_micros();
-        let decision = self
-            .spec
-            .decide(&self.entity, &request, current.as_deref(), now);
-        let (row, version) = match decision {
-            Decision::Answer(reply) => {
-                info!(
-                    topic = m.topic(),
-                    partition = m.partition(),
-                    offset = m.offset(),
-                    key,
-                    outcome = reply.outcome(),
-                    "command not applied"
-                );
+        let envelope = incoming
+            .headers
+            .envelope(incoming.key.as_deref(), m.payload());
+        let command = match self.spec.read(&envelope) {
+            Ok(command) => command,
+            Err(reply) => {
+                warn!(topic = m.topic(), partition = m.partition(), offset = m.offset(), key = ?incoming.key,
+                      outcome = reply.outcome(), ?reply, "command not read");
                 return Step::Answer {
                     reply,
                     remember: true,
                 };
             }
-            Decision::Apply { entity, version } => (entity, version),
         };
-        let Some(dependency) = self.dependency.clone() else {
-            return Step::Apply { key, row, version };
+        let current: Option<Row> = written
+            .get(&command.key)
+            .cloned()
+            .or_else(|| self.entities.lock().get(&command.key).cloned());
+        let decision = self.spec.decide(
+            &self.entity,
+            &command.request(),
+            current.as_deref(),
+            now_micros(),
+        );
+        match decision {
+            Decision::Answer(reply) => {
+                info!(
+                    topic = m.topic(),
+                    partition = m.partition(),
+                    offset = m.offset(),
+                    key = command.key,
+                    outcome = reply.outcome(),
+                    "command not applied"
+                );
+                Step::Answer {
+                    reply,
+                    remember: true,
+                }
+            }
+            Decision::Apply { entity, version } => {
+                let parked_at = current.as_ref().and_then(|r| self.spec.version_of(r));
+                match self.check_dependency(m, &command, parked_at, stop) {
+                    Ok(()) => Step::Apply {
+                        key: command.key,
+                        row: entity,
+                        version,
+                    },
+                    Err(parking) => Step::Park(parking),
+                }
+            }
+        }
+    }
+
+    /// The answer already given to the command's id, unless it is a replay taking up a
+    /// parked command: a re-delivery gets it again and has no second effect.
+    fn previous_answer(&self, incoming: &Incoming) -> Option<Reply> {
+        let id = incoming.headers.command_id.as_ref()?;
+        let previous = self.answered.lock().get(id).cloned()?;
+        let taken_up = incoming.replayed() && matches!(previous, Reply::Deferred { .. });
+        (!taken_up).then_some(previous)
+    }
+
+    /// Asks the dependency, if any, about `command`, retrying with the command's backoff;
+    /// why to park it when it kept failing (or the processor stops meanwhile).
+    fn check_dependency(
+        &self,
+        m: &OwnedMessage,
+        command: &Command,
+        entity_version: Option<i64>,
+        stop: &AtomicBool,
+    ) -> Result<(), Parking> {
+        let Some(dependency) = self.dependency.as_ref() else {
+            return Ok(());
         };
-        let json = row_to_json(&self.spec.columns, &payload);
+        let json = row_to_json(&self.spec.payload.columns, &command.payload);
+        let key = &command.key;
+        let mut delays = self.spec.retry.delays();
         let mut first = None;
         let mut attempts = 0;
         loop {
             attempts += 1;
-            match dependency.check(&self.spec, &key, &json) {
-                Ok(()) => return Step::Apply { key, row, version },
-                Err(error) => {
-                    let failed_at = SystemTime::now();
-                    let first = *first.get_or_insert(failed_at);
-                    if attempts >= self.spec.retry.attempts || stop.load(Ordering::Acquire) {
-                        warn!(
-                            topic = m.topic(),
-                            partition = m.partition(),
-                            offset = m.offset(),
-                            key,
-                            attempts,
-                            error,
-                            "dependency kept failing: the command goes to the dead-letter topic"
-                        );
-                        return Step::Park {
-                            error,
-                            attempts,
-                            first,
-                            last: failed_at,
-                            entity_version: current.as_ref().and_then(|r| self.spec.version_of(r)),
-                        };
-                    }
-                    self.metrics
-                        .retries
-                        .with_label_values(&[&self.spec.name])
-                        .inc();
-                    let wait = self.spec.retry.delay(attempts);
-                    info!(
-                        topic = m.topic(),
-                        partition = m.partition(),
-                        offset = m.offset(),
-                        key,
-                        attempts,
-                        error,
-                        "dependency failed; retrying in {wait:?}"
-                    );
-                    std::thread::sleep(wait);
-                }
+            let Err(error) = dependency.check(&self.spec, key, &json) else {
+                return Ok(());
+            };
+            let failed_at = SystemTime::now();
+            let first = *first.get_or_insert(failed_at);
+            if attempts >= self.spec.retry.attempts || stop.load(Ordering::Acquire) {
+                warn!(
+                    topic = m.topic(),
+                    partition = m.partition(),
+                    offset = m.offset(),
+                    key,
+                    attempts,
+                    error,
+                    "dependency kept failing: the command goes to the dead-letter topic"
+                );
+                return Err(Parking {
+                    error,
+                    attempts,
+                    first,
+                    last: failed_at,
+                    entity_version,
+                });
             }
+            self.metrics
+                .retries
+                .with_label_values(&[&self.spec.name])
+                .inc();
+            let wait = delays.next().unwrap_or(self.spec.retry.max_backoff);
+            info!(
+                topic = m.topic(),
+                partition = m.partition(),
+                offset = m.offset(),
+                key,
+                attempts,
+                error,
+                "dependency failed; retrying in {wait:?}"
+            );
+            std::thread::sleep(wait);
         }
     }
 }
@@ -737,7 +655,6 @@ fn commit(
     shared
         .entities
         .lock()
-        .expect("entities lock")
         .extend(written.iter().map(|(k, r)| (k.clone(), r.clone())));
     for a in answered {
         // Only re-deliveries' answers are not remembered again.
@@ -762,14 +679,10 @@ fn commit(
         debug!(topic = %shared.spec.topic, partition = a.partition, offset = a.offset, key = ?a.key,
                command_id = ?a.command_id, outcome, "command answered");
         if let (true, Some(id)) = (a.remember, a.command_id) {
-            shared
-                .answered
-                .lock()
-                .expect("answered lock")
-                .remember(id, a.until_ms, a.reply);
+            shared.answered.lock().remember(id, a.until_ms, a.reply);
         }
     }
-    shared.report_answers_kept(shared.answered.lock().expect("answered lock").len());
+    shared.report_answers_kept(shared.answered.lock().len());
     Ok(())
 }
 
@@ -796,44 +709,4 @@ fn wait_delivery(d: rdkafka::producer::DeliveryFuture) -> Result<(i32, i64), TxE
             "the producer dropped a delivery".into(),
         ))),
     }
-}
-
-/// The headers of a command's entity event: its command id, until when processors remember its
-/// answer (`until`, ms since the epoch), and its principal.
-fn command_headers(incoming: &Incoming, until: i64) -> OwnedHeaders {
-    let mut headers = OwnedHeaders::new();
-    if let Some(id) = &incoming.command_id {
-        let until = until.to_string();
-        headers = headers
-            .insert(Header {
-                key: header::COMMAND_ID,
-                value: Some(id.as_str()),
-            })
-            .insert(Header {
-                key: header::ANSWER_UNTIL,
-                value: Some(until.as_str()),
-            });
-    }
-    if let Some(p) = text_header(&incoming.message, header::PRINCIPAL) {
-        headers = headers.insert(Header {
-            key: header::PRINCIPAL,
-            value: Some(p.as_str()),
-        });
-    }
-    headers
-}
-
-fn now_micros() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_micros() as i64)
-        .unwrap_or(0)
-}
-
-fn rfc3339(t: SystemTime) -> String {
-    let micros = t
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_micros() as i64)
-        .unwrap_or(0);
-    miroir_engine::value::format_timestamp(micros)
 }

@@ -6,22 +6,29 @@
 //!   (`o/{topic}/{partition}`); the instance's id (`m/instance`) and last commit sequence
 //!   (`m/sequence`); and the *outbox* of external-table changes not yet confirmed by their
 //!   database (`x/{sequence}`);
-//! - `table.{name}`: the rows of internal table `name`, keyed by key text, as JSON objects
-//!   ready to serve.
+//! - `table.{name}`: the rows of internal table `name`, keyed by the binary encoding of their
+//!   primary key ([`key`]), as JSON objects ready to serve.
 //!
 //! An epoch commit is one [`rocksdb::WriteBatch`] with the table deltas, upsert entries and
 //! offsets of every task (each worker's writes sorted by key), written with `sync`: after a
-//! crash the three agree. Table rows are derived data: [`Store::open`] clears them, and each
+//! crash the three agree. Table rows are derived data: [`StateStore::open`] clears them, and each
 //! task re-inserts its partition's rows when it is assigned, so rows of partitions this
-//! instance no longer owns never linger.
+//! instance no longer owns never linger. Rows written under an earlier key encoding (the
+//! URL form of the key) are gone after an open for the same reason: nothing to migrate.
+//!
+//! Queries read rows through [`TableReader`], the read-only view of the tables.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use rocksdb::{ColumnFamilyDescriptor, IteratorMode, Options, WriteBatch, WriteOptions, DB};
+use rocksdb::{ColumnFamilyDescriptor, Options, WriteBatch, WriteOptions, DB};
 
-use crate::upsert::Entry;
 use crate::value::Value;
+
+pub mod key;
+mod reader;
+
+pub use reader::TableReader;
 
 const STATE_CF: &str = "state";
 
@@ -66,7 +73,7 @@ pub enum StoreError {
 
 /// The instance's state store. Cheap to clone; safe to share between threads.
 #[derive(Clone)]
-pub struct Store {
+pub struct StateStore {
     db: Arc<DB>,
     path: PathBuf,
     /// The internal tables, each in column family `table.{name}`.
@@ -121,7 +128,7 @@ fn command_key(command: &str, kind: char, rest: &str) -> Vec<u8> {
     format!("c/{command}/{kind}/{rest}").into_bytes()
 }
 
-/// A command processor's view as stored (see [`Store::command_view`]).
+/// A command processor's view as stored (see [`StateStore::command_view`]).
 #[derive(Debug, Default)]
 pub struct CommandView {
     /// The entity rows, by key.
@@ -157,9 +164,9 @@ fn offset_key(topic: &str, partition: u32) -> Vec<u8> {
     format!("o/{topic}/{partition:08x}").into_bytes()
 }
 
-impl Store {
+impl StateStore {
     /// Opens (or creates) the store in `dir` for the tables `tables`, clearing their rows.
-    pub fn open(dir: &Path, tables: &[String]) -> Result<Store, StoreError> {
+    pub fn open(dir: &Path, tables: &[String]) -> Result<StateStore, StoreError> {
         let rocks = |source| StoreError::Rocks {
             path: dir.to_path_buf(),
             source,
@@ -189,7 +196,7 @@ impl Store {
             db.create_cf(table_cf(t), &Options::default())
                 .map_err(rocks)?;
         }
-        let store = Store {
+        let store = StateStore {
             db: Arc::new(db),
             path: dir.to_path_buf(),
             tables: tables.into(),
@@ -400,12 +407,13 @@ impl Store {
         }
     }
 
-    /// The persisted upsert entries of `source`/`partition`.
-    pub fn upsert_entries(
+    /// The persisted upsert entries of `source`/`partition` (see
+    /// [`crate::ingest::upsert::Entry`]).
+    pub fn upsert_entries<E: serde::de::DeserializeOwned>(
         &self,
         source: usize,
         partition: u32,
-    ) -> Result<Vec<(Value, Entry)>, StoreError> {
+    ) -> Result<Vec<(Value, E)>, StoreError> {
         let cf = self
             .db
             .cf_handle(STATE_CF)
@@ -423,40 +431,8 @@ impl Store {
                 message,
             };
             let key: Value = decode(&k[prefix.len()..]).map_err(|e| corrupt(e.to_string()))?;
-            let entry: Entry = decode(&v).map_err(|e| corrupt(e.to_string()))?;
+            let entry: E = decode(&v).map_err(|e| corrupt(e.to_string()))?;
             out.push((key, entry));
-        }
-        Ok(out)
-    }
-
-    /// The stored row of `table` for `key`, as JSON.
-    pub fn get(&self, table: &str, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
-        let Some(cf) = self.db.cf_handle(&table_cf(table)) else {
-            return Ok(None);
-        };
-        self.db
-            .get_cf(&cf, key.as_bytes())
-            .map_err(|e| self.rocks(e))
-    }
-
-    /// Up to `limit` rows of `table` whose key starts with `prefix`, in key order.
-    pub fn scan(
-        &self,
-        table: &str,
-        prefix: &str,
-        limit: usize,
-    ) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
-        let Some(cf) = self.db.cf_handle(&table_cf(table)) else {
-            return Ok(Vec::new());
-        };
-        let mode = IteratorMode::From(prefix.as_bytes(), rocksdb::Direction::Forward);
-        let mut out = Vec::new();
-        for item in self.db.iterator_cf(&cf, mode) {
-            let (k, v) = item.map_err(|e| self.rocks(e))?;
-            if !k.starts_with(prefix.as_bytes()) || out.len() >= limit {
-                break;
-            }
-            out.push((String::from_utf8_lossy(&k).into_owned(), v.to_vec()));
         }
         Ok(out)
     }
@@ -548,20 +524,26 @@ impl Commit {
         )
     }
 
-    /// Puts a table row.
-    pub fn put_row(&mut self, table: &str, key: String, json: Vec<u8>) {
+    /// Puts a table row under its encoded key ([`key::encode_row_key`]).
+    pub fn put_row(&mut self, table: &str, key: Vec<u8>, json: Vec<u8>) {
         let family = self.table(table);
-        self.push(family, key.into_bytes(), Some(json));
+        self.push(family, key, Some(json));
     }
 
-    /// Deletes a table row.
-    pub fn delete_row(&mut self, table: &str, key: String) {
+    /// Deletes a table row by its encoded key.
+    pub fn delete_row(&mut self, table: &str, key: Vec<u8>) {
         let family = self.table(table);
-        self.push(family, key.into_bytes(), None);
+        self.push(family, key, None);
     }
 
-    /// Persists an upsert entry.
-    pub fn put_entry(&mut self, source: usize, partition: u32, key: &Value, entry: &Entry) {
+    /// Persists the upsert entry of `key` (see [`crate::ingest::upsert::Entry`]).
+    pub fn put_entry<E: serde::Serialize>(
+        &mut self,
+        source: usize,
+        partition: u32,
+        key: &Value,
+        entry: &E,
+    ) {
         let mut k = upsert_prefix(source, partition);
         bincode::Options::serialize_into(codec(), &mut k, key).expect("values serialize");
         let value = encode(entry);
@@ -675,14 +657,14 @@ mod tests {
     #[test]
     fn a_store_in_another_format_is_refused_with_a_clear_error() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path(), &[]).unwrap();
+        let store = StateStore::open(dir.path(), &[]).unwrap();
         drop(store);
         // Reopening a store of this format works.
-        let store = Store::open(dir.path(), &[]).unwrap();
+        let store = StateStore::open(dir.path(), &[]).unwrap();
         // A store from before the format key (format 1).
         store.db.delete_cf(store.state_cf(), FORMAT_KEY).unwrap();
         drop(store);
-        let err = Store::open(dir.path(), &[]).err().expect("refused");
+        let err = StateStore::open(dir.path(), &[]).err().expect("refused");
         assert!(
             matches!(&err, StoreError::Incompatible { found, .. } if found == "1"),
             "{err}"
@@ -693,7 +675,7 @@ mod tests {
     #[test]
     fn command_views_round_trip_apart_from_each_other() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path(), &[]).unwrap();
+        let store = StateStore::open(dir.path(), &[]).unwrap();
         let row = vec![Value::Text("u-1".into()), Value::Int(3)];
         let mut c = store.commit();
         c.put_command_row("update_email", "u-1", &row);
@@ -722,7 +704,7 @@ mod tests {
             (1, 0, 0)
         );
         drop(store);
-        let reopened = Store::open(dir.path(), &[])
+        let reopened = StateStore::open(dir.path(), &[])
             .unwrap()
             .command_view("update_email");
         let reopened = reopened.unwrap();
@@ -732,7 +714,7 @@ mod tests {
     #[test]
     fn answers_stored_with_their_time_given_are_read_and_forgotten_as_before() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path(), &[]).unwrap();
+        let store = StateStore::open(dir.path(), &[]).unwrap();
         let mut c = store.commit();
         let mut value = 1_600_000_000_000i64.to_be_bytes().to_vec();
         value.extend_from_slice(b"{}");

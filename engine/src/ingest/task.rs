@@ -1,0 +1,196 @@
+//! A task: one partition of one source, owned by one worker, so the records of a key are
+//! always applied in offset order by one thread.
+//!
+//! A task decodes each record, puts it through the late policy and its upsert state, and at
+//! the end of each epoch hands the dataflow one retraction and one insertion per changed key
+//! and the epoch's commit its upsert entries and last offset.
+
+use differential_dataflow::input::InputSession;
+use tracing::{debug, info, warn};
+
+use super::decode::decode;
+use super::protocol::{ErrorSink, Record, Records};
+use super::upsert::{Entry, Event, Outcome, UpsertState};
+use crate::dataflow::Epoch;
+use crate::metrics::Metrics;
+use crate::state::Commit;
+use crate::topology::Source;
+use crate::value::{Row, Value};
+
+/// One partition of one source.
+pub(crate) struct Task {
+    state: UpsertState,
+    /// Last applied offset.
+    offset: Option<i64>,
+    /// Whether `offset` moved since the last flush.
+    offset_dirty: bool,
+}
+
+/// Where a task's records come from and where what goes wrong with them is told.
+pub(crate) struct Origin<'a> {
+    /// The source.
+    pub source: &'a Source,
+    /// The partition.
+    pub partition: u32,
+    /// Counters of records, late, duplicate and malformed events.
+    pub metrics: &'a Metrics,
+    /// Where malformed records are copied.
+    pub errors: &'a dyn ErrorSink,
+}
+
+impl Task {
+    /// A task restored from its persisted upsert `entries` and last applied `offset`; its
+    /// rows are inserted into `input`.
+    pub(crate) fn restore(
+        entries: Vec<(Value, Entry)>,
+        offset: Option<i64>,
+        input: &mut InputSession<Epoch, Row, isize>,
+    ) -> Task {
+        let state = UpsertState::restore(entries);
+        for row in state.rows() {
+            input.update(row.clone(), 1);
+        }
+        Task {
+            state,
+            offset,
+            offset_dirty: false,
+        }
+    }
+
+    /// Rows of the task's keys.
+    pub(crate) fn len(&self) -> usize {
+        self.state.len()
+    }
+
+    /// Last applied offset.
+    pub(crate) fn offset(&self) -> Option<i64> {
+        self.offset
+    }
+
+    /// Last applied offset, when it moved since the last flush.
+    pub(crate) fn unflushed_offset(&self) -> Option<i64> {
+        self.offset.filter(|_| self.offset_dirty)
+    }
+
+    /// Whether anything changed since the last flush.
+    pub(crate) fn has_changes(&self) -> bool {
+        self.state.has_changes() || self.offset_dirty
+    }
+
+    /// Applies `records` in order.
+    pub(crate) fn apply(&mut self, origin: &Origin<'_>, records: &Records) {
+        origin
+            .metrics
+            .records_in
+            .with_label_values(&[&origin.source.name])
+            .inc_by(records.len() as u64);
+        for record in records.iter() {
+            self.apply_record(origin, &record);
+            self.offset = Some(record.offset);
+            self.offset_dirty = true;
+        }
+    }
+
+    fn apply_record(&mut self, origin: &Origin<'_>, record: &Record) {
+        let src = origin.source;
+        let key_text = record.key.map(String::from_utf8_lossy).unwrap_or_default();
+        let event = match event(src, record, &key_text) {
+            Ok(event) => event,
+            Err(error) => return malformed(origin, record, &key_text, &error),
+        };
+        let outcome = self
+            .state
+            .apply(src.late.as_ref(), src.key, event, record.offset);
+        let (topic, partition, offset) = (&src.topic, origin.partition, record.offset);
+        let count = |metric: &prometheus::IntCounterVec, labels: &[&str]| {
+            metric.with_label_values(labels).inc();
+        };
+        match outcome {
+            Outcome::Changed { late: false } => {}
+            Outcome::Changed { late: true } => {
+                count(&origin.metrics.late_events, &[&src.name, "kept"]);
+                info!(%topic, partition, offset, key = %key_text, "late event kept");
+            }
+            Outcome::Duplicate => {
+                count(&origin.metrics.duplicate_events, &[&src.name]);
+                debug!(%topic, partition, offset, key = %key_text, "duplicate event skipped");
+            }
+            Outcome::Late => {
+                count(&origin.metrics.late_events, &[&src.name, "dropped"]);
+                info!(%topic, partition, offset, key = %key_text, "late event dropped");
+            }
+        }
+    }
+
+    /// Feeds `input` the task's changes since its last flush (one retraction and one
+    /// insertion per changed key, see [`crate::ingest::upsert`]) and adds them to `commit`
+    /// (upsert entries, offset): the entries and the tables they produce commit together.
+    pub(crate) fn flush(
+        &mut self,
+        source: usize,
+        partition: u32,
+        topic: &str,
+        input: &mut InputSession<Epoch, Row, isize>,
+        commit: &mut Commit,
+    ) {
+        self.state.drain_changes(|key, entry, before| {
+            if before != entry.row {
+                if let Some(old) = before {
+                    input.update(old, -1);
+                }
+                if let Some(new) = &entry.row {
+                    input.update(new.clone(), 1);
+                }
+            }
+            commit.put_entry(source, partition, key, entry);
+        });
+        if let Some(offset) = self.unflushed_offset() {
+            commit.put_offset(topic, partition, offset);
+            self.offset_dirty = false;
+        }
+    }
+
+    /// Retracts the task's rows from `input` (its partition moves to another instance).
+    pub(crate) fn retract(&self, input: &mut InputSession<Epoch, Row, isize>) {
+        for row in self.state.rows() {
+            input.update(row.clone(), -1);
+        }
+    }
+}
+
+/// The entity event a record carries, or why it is malformed.
+fn event(src: &Source, record: &Record, key_text: &str) -> Result<Event, String> {
+    let Some(payload) = record.payload else {
+        let key = record
+            .key
+            .and_then(|k| std::str::from_utf8(k).ok())
+            .and_then(|text| Value::parse_key_text(text, src.columns[src.key].ty));
+        return key
+            .map(Event::Tombstone)
+            .ok_or_else(|| "tombstone without a valid key".to_string());
+    };
+    let row = decode(src, payload).map_err(|e| e.to_string())?;
+    let key = &row[src.key];
+    if record.key.is_some() && !key.is_key_text(key_text) {
+        return Err(format!(
+            "message key `{key_text}` differs from key column `{}` = `{}`",
+            src.key_name(),
+            key.to_key_text()
+        ));
+    }
+    Ok(Event::Row(row))
+}
+
+/// Counts, logs and reports a record that cannot be applied.
+fn malformed(origin: &Origin<'_>, record: &Record, key_text: &str, error: &str) {
+    let src = origin.source;
+    origin
+        .metrics
+        .malformed_records
+        .with_label_values(&[&src.name])
+        .inc();
+    warn!(topic = %src.topic, partition = origin.partition, offset = record.offset, key = %key_text, %error, "malformed record skipped");
+    origin
+        .errors
+        .malformed(&src.topic, origin.partition, record, error);
+}

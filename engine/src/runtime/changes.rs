@@ -1,0 +1,63 @@
+//! An epoch's deltas of a table as row changes: the upserts and deletes that both writers
+//! take, RocksDB for internal tables ([`write_rows`]) and the outbox for external ones.
+
+use std::collections::HashMap;
+
+use differential_dataflow::consolidation::consolidate;
+use tracing::warn;
+
+use crate::plan::TablePlan;
+use crate::sink::TableChanges;
+use crate::state::key::{encode_key, encode_row_key};
+use crate::state::Commit;
+use crate::value::{key_text, row_to_json_bytes, Row, Value};
+
+/// Consolidates an epoch's `deltas` of `table` into its changes: at most one new row per key,
+/// and the keys whose row went without a new one. A key whose row changed has a retraction
+/// and an insertion: the upsert alone replaces the row.
+pub(crate) fn table_changes(table: &TablePlan, mut deltas: Vec<(Row, isize)>) -> TableChanges {
+    consolidate(&mut deltas);
+    let mut changes = TableChanges {
+        table: table.name.clone(),
+        definition: table.definition(),
+        ..TableChanges::default()
+    };
+    let key_of = |row: &Row| -> Vec<Value> { table.key.iter().map(|k| row[*k].clone()).collect() };
+    // Where each key's row is in `changes.upserts`.
+    let mut put: HashMap<Vec<Value>, usize> = HashMap::new();
+    for (row, diff) in deltas.iter().filter(|(_, d)| *d > 0) {
+        if *diff > 1 {
+            warn!(table = %table.name, key = %key_text(row, &table.key), diff, "row present more than once");
+        }
+        match put.get(&key_of(row)) {
+            // Two rows for one key cannot both be written: keep the last, say so.
+            Some(&i) => {
+                warn!(table = %table.name, key = %key_text(row, &table.key), "two rows for one key in an epoch");
+                changes.upserts[i] = row.clone();
+            }
+            None => {
+                put.insert(key_of(row), changes.upserts.len());
+                changes.upserts.push(row.clone());
+            }
+        }
+    }
+    for (row, _) in deltas.iter().filter(|(_, d)| *d < 0) {
+        let key = key_of(row);
+        if !put.contains_key(&key) {
+            put.insert(key.clone(), usize::MAX);
+            changes.deletes.push(key);
+        }
+    }
+    changes
+}
+
+/// Adds an internal table's changes to `commit`, each row under its encoded key.
+pub(crate) fn write_rows(table: &TablePlan, changes: &TableChanges, commit: &mut Commit) {
+    for row in &changes.upserts {
+        let json = row_to_json_bytes(&table.columns, row);
+        commit.put_row(&table.name, encode_row_key(row, &table.key), json);
+    }
+    for key in &changes.deletes {
+        commit.delete_row(&table.name, encode_key(key));
+    }
+}

@@ -1,0 +1,174 @@
+//! The end of an epoch: each worker adds its writes to the epoch's commit; at a barrier the
+//! leader hands the external tables' changes to the sink thread and writes the commit (rows,
+//! upsert state, offsets and outbox in one synced RocksDB batch); at a second barrier every
+//! worker learns whether to stop. See [`crate::sink`] for the outbox and its hand-over.
+
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use tracing::{debug, error, warn};
+
+use super::error::RuntimeError;
+use super::shared::Shared;
+use crate::dataflow::Epoch;
+use crate::sink::{Durable, Offset, SinkBatch, SinkSender, TableChanges};
+use crate::state::{decode, encode, Commit, StateStore};
+
+/// Longest time after a start that batches of external-table changes are held back waiting
+/// for every partition's task (see [`crate::sink`]).
+const HOLD_LIMIT: Duration = Duration::from_secs(30);
+
+/// Adds a worker's writes (encoded without holding a lock, then sorted) to the epoch's
+/// shared commit.
+pub(super) fn contribute(shared: &Shared, mut commit: Commit) {
+    commit.sort();
+    let mut pending = shared.commit.lock();
+    match pending.as_mut() {
+        Some(shared_commit) => shared_commit.append(commit),
+        None => *pending = Some(commit),
+    }
+}
+
+/// Merges one worker's changes of an external table into the epoch's (a key's changes all
+/// come from the worker its table key routes to, so tables' key sets do not overlap).
+pub(super) fn add_sink_changes(shared: &Shared, changes: TableChanges) {
+    let mut all = shared.sink_changes.lock();
+    match all.iter_mut().find(|t| t.table == changes.table) {
+        Some(t) => {
+            t.upserts.extend(changes.upserts);
+            t.deletes.extend(changes.deletes);
+        }
+        None => all.push(changes),
+    }
+}
+
+/// Waits for every worker's writes, lets the leader commit them, and returns whether the
+/// workers stop after this epoch (one decision, read by every worker before any can start
+/// another epoch).
+pub(super) fn finish(shared: &Shared, epoch: Epoch) -> bool {
+    if shared.barrier.wait().is_leader() {
+        write_epoch(shared, epoch);
+        let stop = shared.shutdown.load(Ordering::SeqCst);
+        shared.stop_after_epoch.store(stop, Ordering::SeqCst);
+    }
+    shared.barrier.wait();
+    shared.stop_after_epoch.load(Ordering::SeqCst)
+}
+
+/// The leader's part: hands the epoch's external-table changes over and writes the commit.
+fn write_epoch(shared: &Shared, epoch: Epoch) {
+    let mut commit = shared.commit.lock().take();
+    let batch = shared
+        .sink
+        .as_ref()
+        .and_then(|_| sink_batch(shared, &mut commit));
+    // The database writes the batch while RocksDB syncs it, and commits once it is durable
+    // (see [`crate::sink`]).
+    let durable = Durable::pending();
+    if let (Some(sink), Some(batch)) = (&shared.sink, batch) {
+        hand_over(shared, sink, batch, durable.clone());
+    }
+    let committed = match commit.filter(|c| !c.is_empty()) {
+        Some(commit) => write_commit(shared, epoch, commit),
+        None => true,
+    };
+    durable.set(committed);
+    shared.status.epoch_committed(epoch);
+}
+
+/// Writes the epoch's commit; on a failure the runtime stops (returns false).
+fn write_commit(shared: &Shared, epoch: Epoch, commit: Commit) -> bool {
+    let timer = shared.metrics.epoch_commit_seconds.start_timer();
+    let (writes, bytes) = (commit.len(), commit.size());
+    let written = match shared.store.write(commit) {
+        Ok(()) => {
+            debug!(epoch, writes, bytes, "epoch committed");
+            true
+        }
+        Err(e) => {
+            error!(error = %e, "epoch commit failed; stopping");
+            shared.status.set_failed(e.to_string());
+            shared.shutdown.store(true, Ordering::SeqCst);
+            false
+        }
+    };
+    timer.observe_duration();
+    written
+}
+
+/// Makes the epoch's batch of external-table changes, and adds it to `commit`'s outbox;
+/// `None` when there is nothing to tell the database.
+fn sink_batch(shared: &Shared, commit: &mut Option<Commit>) -> Option<SinkBatch> {
+    let tables = std::mem::take(&mut *shared.sink_changes.lock());
+    let topics = shared.topology.topics();
+    let caught_up = shared.status.caught_up(&topics);
+    let announce = caught_up && !shared.announced_caught_up.load(Ordering::SeqCst);
+    if tables.is_empty() && !announce {
+        // Offsets alone are bookkeeping: they travel with the next batch that has changes.
+        return None;
+    }
+    shared
+        .announced_caught_up
+        .fetch_or(caught_up, Ordering::SeqCst);
+    let mut offsets: Vec<Offset> = std::mem::take(&mut *shared.sink_offsets.lock())
+        .into_iter()
+        .map(|((topic, partition), offset)| Offset {
+            topic,
+            partition,
+            offset,
+        })
+        .collect();
+    offsets.sort_by(|a, b| (&a.topic, a.partition).cmp(&(&b.topic, b.partition)));
+    let batch = SinkBatch {
+        sequence: shared.sequence.next(),
+        tables,
+        offsets,
+        caught_up,
+    };
+    let encoded = encode(&batch);
+    commit
+        .get_or_insert_with(|| shared.store.commit())
+        .put_outbox(batch.sequence, encoded);
+    Some(batch)
+}
+
+/// Hands `batch` to the sink thread, with the batches held before it, once every task is
+/// restored (or after [`HOLD_LIMIT`]); holds it otherwise. The first group of a run, when
+/// every task is restored, is the tables' snapshot (see [`crate::sink`]). Blocks while the
+/// database still applies the previous group: backpressure.
+fn hand_over(shared: &Shared, sink: &SinkSender, batch: SinkBatch, durable: Durable) {
+    let topics = shared.topology.topics();
+    let mut held = shared.held.lock();
+    let restored = shared.status.all_restored(&topics);
+    if !restored && shared.started.elapsed() < HOLD_LIMIT {
+        sink.held(1);
+        held.push(batch);
+        return;
+    }
+    if !restored && !held.is_empty() {
+        warn!("not every source partition is assigned to this instance: external tables are written from the assigned ones");
+    }
+    let first = !shared.handed_over.swap(true, Ordering::SeqCst);
+    let snapshot = restored && first;
+    let mut group = std::mem::take(&mut *held);
+    let counted = group.len();
+    group.push(batch);
+    sink.submit(group, counted, snapshot, durable);
+}
+
+/// Batches left in the outbox by the previous run, in sequence order. Their `caught_up`
+/// is cleared: whether a rebuilt table may replace the old one is this run's decision.
+pub(super) fn recover_outbox(store: &StateStore) -> Result<Vec<SinkBatch>, RuntimeError> {
+    store
+        .outbox()?
+        .into_iter()
+        .map(|(sequence, bytes)| {
+            let mut batch: SinkBatch = decode(&bytes).map_err(|e| RuntimeError::Outbox {
+                sequence,
+                message: e.to_string(),
+            })?;
+            batch.caught_up = false;
+            Ok(batch)
+        })
+        .collect()
+}

@@ -1,0 +1,262 @@
+//! The runtime: timely workers running the topology's dataflow, fed by per-partition tasks.
+//!
+//! ```text
+//!  connector thread ──Message──► worker (partition % W) ──► task (source, partition)
+//!                                  tasks.rs                  ingest/: decode, late, upsert
+//!                                                           ▼
+//!                                     InputSession ──► dataflow ──► captured table deltas
+//!                                     worker.rs                            │ changes.rs
+//!  every worker, at the end of each epoch (epoch.rs):  rows + upsert entries + offsets
+//!        ──► one shared RocksDB WriteBatch ──► written once (sync) by the leader (commit.rs)
+//! ```
+//!
+//! A *task* is one partition of one source, pinned to worker `partition % W`, so records of a
+//! key are always applied in offset order by one thread. Epochs are global: every worker feeds
+//! its tasks for a while (bounded by count and time), advances all of its inputs, steps the
+//! dataflow until the probe passes the epoch, encodes its writes (sorted by key) on its own,
+//! adds them to the shared commit, and waits on a barrier; one worker writes the commit. A
+//! crash loses at most the epoch in progress, and the replay that follows has no second effect
+//! (see [`crate::ingest::upsert`]).
+//!
+//! Progress (committed epoch and offsets, watermarks, failure) is kept in `status.rs`: the
+//! connector reports to it and embedders read it through [`Runtime`]'s methods.
+
+mod backlog;
+mod changes;
+mod commit;
+mod config;
+mod epoch;
+mod error;
+mod shared;
+mod status;
+mod tasks;
+mod worker;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Barrier};
+
+use parking_lot::Mutex;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, Sender};
+use tracing::warn;
+
+use crate::ingest::{ErrorSink, Message};
+use crate::metrics::Metrics;
+use crate::partition::worker_for_partition;
+use crate::sink::{ExternalSink, Sequence, SinkDriver};
+use crate::state::{StateStore, StoreError};
+use crate::topology::Topology;
+use backlog::Backlog;
+pub use config::RuntimeConfig;
+pub use error::RuntimeError;
+use shared::Shared;
+use status::Status;
+pub use status::{StatusSnapshot, TopicPartition};
+
+/// Batches (of up to 512 records) a worker's inbox holds before the connector blocks:
+/// consumption pauses when workers fall behind, instead of buffering without bound. Enough for
+/// the connector to keep reading while the workers compute and commit an epoch.
+const CHANNEL_BATCHES: usize = 512;
+
+/// A running instance of a topology's dataflow.
+pub struct Runtime {
+    senders: Vec<Sender<Message>>,
+    shutdown: Arc<AtomicBool>,
+    guards: Mutex<Option<timely::communication::initialize::WorkerGuards<()>>>,
+    sink: Mutex<Option<SinkDriver>>,
+    /// The state store, until shutdown (which closes it once the workers are done).
+    store: Mutex<Option<StateStore>>,
+    status: Arc<Status>,
+}
+
+impl Runtime {
+    /// Starts `config.workers` workers running `topology` over `store`; the changes of
+    /// external tables go to `sink` (required when the topology has any).
+    pub fn start(
+        topology: Arc<Topology>,
+        store: StateStore,
+        metrics: Arc<Metrics>,
+        errors: Arc<dyn ErrorSink>,
+        sink: Option<Box<dyn ExternalSink>>,
+        config: RuntimeConfig,
+    ) -> Result<Runtime, RuntimeError> {
+        let workers = config.workers.max(1);
+        let (senders, receivers): (Vec<_>, Vec<_>) = (0..workers)
+            .map(|_| crossbeam_channel::bounded(CHANNEL_BATCHES))
+            .unzip();
+        let receivers: Arc<Vec<Receiver<Message>>> = Arc::new(receivers);
+        let shutdown = Arc::new(AtomicBool::new(false));
+        let status = Arc::new(Status::default());
+        let (sink_sender, sink_driver) = match sink {
+            Some(sink) if topology.has_external_tables() => {
+                let recovered = commit::recover_outbox(&store)?;
+                let (sender, driver) = SinkDriver::start(
+                    sink,
+                    recovered,
+                    store.clone(),
+                    metrics.clone(),
+                    status.sink.clone(),
+                    shutdown.clone(),
+                );
+                (Some(sender), Some(driver))
+            }
+            None if topology.has_external_tables() => return Err(RuntimeError::NoSink),
+            _ => {
+                drop_outbox(&store)?;
+                (None, None)
+            }
+        };
+        let shared = Arc::new(Shared {
+            sequence: Sequence::new(store.sequence()?),
+            sink: sink_sender,
+            sink_changes: Mutex::new(Vec::new()),
+            sink_offsets: Mutex::new(HashMap::new()),
+            announced_caught_up: AtomicBool::new(false),
+            held: Mutex::new(Vec::new()),
+            started: Instant::now(),
+            handed_over: AtomicBool::new(false),
+            topology,
+            store: store.clone(),
+            metrics,
+            errors,
+            config,
+            commit: Mutex::new(None),
+            barrier: Barrier::new(workers),
+            shutdown: shutdown.clone(),
+            stop_after_epoch: AtomicBool::new(false),
+            status: status.clone(),
+            backlog: Backlog::default(),
+        });
+        let guards = timely::execute(timely::Config::process(workers), move |worker| {
+            let index = worker.index();
+            worker::run(worker, &shared, receivers[index].clone());
+        })
+        .map_err(RuntimeError::Start)?;
+        Ok(Runtime {
+            senders,
+            shutdown,
+            guards: Mutex::new(Some(guards)),
+            sink: Mutex::new(sink_driver),
+            store: Mutex::new(Some(store)),
+            status,
+        })
+    }
+
+    /// Sends `message` to the worker that owns `partition`.
+    pub fn send(&self, partition: u32, message: Message) {
+        let w = worker_for_partition(partition, self.senders.len());
+        self.deliver(w, message);
+    }
+
+    /// Blocks while the worker's inbox is full (backpressure), unless the runtime stops.
+    fn deliver(&self, worker: usize, mut message: Message) {
+        loop {
+            match self.senders[worker].send_timeout(message, Duration::from_millis(100)) {
+                Ok(()) => return,
+                Err(crossbeam_channel::SendTimeoutError::Timeout(m)) if !self.stopped() => {
+                    message = m
+                }
+                // Stopped or disconnected: the failure, if any, is in `status`.
+                Err(_) => return,
+            }
+        }
+    }
+
+    /// Sends a copy of an assignment change to every worker (each keeps its own partitions).
+    pub fn broadcast(&self, make: impl Fn() -> Message) {
+        for w in 0..self.senders.len() {
+            self.deliver(w, make());
+        }
+    }
+
+    /// Number of workers.
+    pub fn workers(&self) -> usize {
+        self.senders.len()
+    }
+
+    /// Whether the workers stopped (shut down or failed).
+    pub fn stopped(&self) -> bool {
+        self.shutdown.load(Ordering::SeqCst)
+    }
+
+    /// A copy of the runtime's progress now.
+    pub fn status(&self) -> StatusSnapshot {
+        self.status.snapshot()
+    }
+
+    /// Records not yet applied across the assigned partitions (see [`StatusSnapshot::lag`]).
+    pub fn lag(&self) -> Option<i64> {
+        self.status.lag()
+    }
+
+    /// The failure that stopped the runtime, if any.
+    pub fn failure(&self) -> Option<String> {
+        self.status.failure()
+    }
+
+    /// Why the external database is not up to date, while it is not.
+    pub fn sink_failure(&self) -> Option<String> {
+        self.status.sink.failure()
+    }
+
+    /// The last committed offset of every partition committed since the start.
+    pub fn committed_offsets(&self) -> HashMap<TopicPartition, i64> {
+        self.status.committed()
+    }
+
+    /// The offset committed with `topic`/`partition`'s state in the state directory, where a
+    /// new assignment of it resumes (after it); `None` after a shutdown too.
+    pub fn stored_offset(&self, topic: &str, partition: u32) -> Result<Option<i64>, StoreError> {
+        match self.store.lock().as_ref() {
+            Some(store) => store.offset(topic, partition),
+            None => Ok(None),
+        }
+    }
+
+    /// The partition count of a source topic, once the connector has seen it.
+    pub fn partition_count(&self, topic: &str) -> Option<u32> {
+        self.status.partition_count(topic)
+    }
+
+    /// Reports the high watermark of each assigned partition (negative while unknown): the
+    /// lag, and so readiness, follow from them.
+    pub fn report_watermarks(&self, watermarks: HashMap<TopicPartition, i64>) {
+        self.status.set_watermarks(watermarks);
+    }
+
+    /// Reports the partition counts of source topics.
+    pub fn report_partition_counts(&self, counts: impl IntoIterator<Item = (String, u32)>) {
+        self.status.add_partition_counts(counts);
+    }
+
+    /// Commits the epoch in progress and stops the workers (waits for them).
+    pub fn shutdown(&self) {
+        self.shutdown.store(true, Ordering::SeqCst);
+        let guards = self.guards.lock().take();
+        drop(guards); // joins the worker threads, dropping the sink's sender
+        if let Some(mut sink) = self.sink.lock().take() {
+            sink.finish();
+        }
+        self.store.lock().take();
+    }
+}
+
+impl Drop for Runtime {
+    fn drop(&mut self) {
+        self.shutdown.store(true, Ordering::SeqCst);
+    }
+}
+
+/// Drops the outbox left by a run whose topology had external tables: this one has none.
+fn drop_outbox(store: &StateStore) -> Result<(), StoreError> {
+    for (sequence, _) in store.outbox()? {
+        warn!(
+            sequence,
+            "dropping an outbox entry: the topology has no external table any more"
+        );
+        store.remove_outbox(sequence)?;
+    }
+    Ok(())
+}

@@ -1,0 +1,54 @@
+//! What the workers of a runtime share: the topology, the store, the epoch's commit in the
+//! making, the barrier, and the external tables' batches on their way.
+
+use std::collections::HashMap;
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Barrier};
+use std::time::Instant;
+
+use parking_lot::Mutex;
+
+use super::backlog::Backlog;
+use super::config::RuntimeConfig;
+use super::status::{Status, TopicPartition};
+use crate::ingest::ErrorSink;
+use crate::metrics::Metrics;
+use crate::sink::{Sequence, SinkBatch, SinkSender, TableChanges};
+use crate::state::{Commit, StateStore};
+use crate::topology::Topology;
+
+/// What the workers share.
+pub(super) struct Shared {
+    pub(super) topology: Arc<Topology>,
+    pub(super) store: StateStore,
+    pub(super) metrics: Arc<Metrics>,
+    pub(super) errors: Arc<dyn ErrorSink>,
+    pub(super) config: RuntimeConfig,
+    /// The epoch's writes, contributed by every worker.
+    pub(super) commit: Mutex<Option<Commit>>,
+    pub(super) barrier: Barrier,
+    pub(super) shutdown: Arc<AtomicBool>,
+    /// Whether the workers stop after the epoch just committed, decided by the leader.
+    pub(super) stop_after_epoch: AtomicBool,
+    pub(super) status: Arc<Status>,
+    /// The partitions that were behind as of the last batch applied from them.
+    pub(super) backlog: Backlog,
+    /// Commit sequence numbers (persisted with each batch of external-table changes).
+    pub(super) sequence: Sequence,
+    /// Where batches of external-table changes go, when the topology has external tables.
+    pub(super) sink: Option<SinkSender>,
+    /// The epoch's external-table changes, contributed by every worker.
+    pub(super) sink_changes: Mutex<Vec<TableChanges>>,
+    /// The last applied offset of each task since the last batch, contributed by every
+    /// worker (bookkeeping).
+    pub(super) sink_offsets: Mutex<HashMap<TopicPartition, i64>>,
+    /// Whether a batch said `caught_up` since the start.
+    pub(super) announced_caught_up: AtomicBool,
+    /// Batches committed (in the outbox) but held back until every task is restored.
+    pub(super) held: Mutex<Vec<SinkBatch>>,
+    /// When the runtime started (holding batches back has a limit).
+    pub(super) started: Instant,
+    /// Whether a group of batches went to the sink since the start (the first one is the
+    /// snapshot, when every task is restored by then).
+    pub(super) handed_over: AtomicBool,
+}

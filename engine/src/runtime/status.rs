@@ -1,0 +1,155 @@
+//! What an instance's runtime has done so far: the last committed epoch and offsets, the
+//! source partitions' high watermarks and counts as the connector last saw them, the tasks
+//! on this instance, and the failure that stopped it. The runtime and the connector write it
+//! through [`crate::runtime::Runtime`]'s methods; embedders read a [`StatusSnapshot`].
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
+
+use crate::sink::SinkHealth;
+
+/// A (topic, partition).
+pub type TopicPartition = (String, u32);
+
+/// Progress shared by the workers, the connector and the readers.
+#[derive(Default)]
+pub(crate) struct Status {
+    /// Last committed epoch.
+    epoch: AtomicU64,
+    /// Unix milliseconds of the last commit (0 before the first).
+    last_commit_ms: AtomicU64,
+    /// Last committed offset per (topic, partition).
+    committed: Mutex<HashMap<TopicPartition, i64>>,
+    /// Set when the runtime stopped on an error.
+    failed: Mutex<Option<String>>,
+    /// High watermark of each assigned (topic, partition), as the connector last saw it
+    /// (negative while unknown).
+    watermarks: Mutex<HashMap<TopicPartition, i64>>,
+    /// Partition count of each source topic, as the connector last saw it.
+    partitions: Mutex<HashMap<String, u32>>,
+    /// The (topic, partition) of every task on this instance.
+    tasks: Mutex<HashSet<TopicPartition>>,
+    /// Whether the external database accepts batches.
+    pub(crate) sink: Arc<SinkHealth>,
+}
+
+/// A copy of an instance's progress at one moment.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct StatusSnapshot {
+    /// Last committed epoch.
+    pub epoch: u64,
+    /// Unix milliseconds of the last commit, if any epoch was committed.
+    pub last_commit_ms: Option<u64>,
+    /// Last committed offset per (topic, partition).
+    pub committed: HashMap<TopicPartition, i64>,
+    /// Records not yet applied across the assigned partitions; `None` before any assignment
+    /// or while a partition's high watermark is not known yet.
+    pub lag: Option<i64>,
+    /// The failure that stopped the runtime, if any.
+    pub failure: Option<String>,
+    /// Why the external database is not up to date, while it is not.
+    pub sink_failure: Option<String>,
+}
+
+impl Status {
+    /// A copy of the progress now. Takes one lock at a time (the lag reads the committed
+    /// offsets too).
+    pub(crate) fn snapshot(&self) -> StatusSnapshot {
+        let ms = self.last_commit_ms.load(Ordering::SeqCst);
+        let committed = self.committed();
+        let failure = self.failure();
+        StatusSnapshot {
+            epoch: self.epoch.load(Ordering::SeqCst),
+            last_commit_ms: (ms > 0).then_some(ms),
+            committed,
+            lag: self.lag(),
+            failure,
+            sink_failure: self.sink.failure(),
+        }
+    }
+
+    /// Records not yet applied across the assigned partitions (see [`StatusSnapshot::lag`]).
+    pub(crate) fn lag(&self) -> Option<i64> {
+        let watermarks = self.watermarks.lock();
+        if watermarks.is_empty() || watermarks.values().any(|high| *high < 0) {
+            return None;
+        }
+        let committed = self.committed.lock();
+        Some(
+            watermarks
+                .iter()
+                .map(|(tp, high)| (high - committed.get(tp).map(|o| o + 1).unwrap_or(0)).max(0))
+                .sum(),
+        )
+    }
+
+    pub(crate) fn committed(&self) -> HashMap<TopicPartition, i64> {
+        self.committed.lock().clone()
+    }
+
+    pub(crate) fn failure(&self) -> Option<String> {
+        self.failed.lock().clone()
+    }
+
+    pub(crate) fn partition_count(&self, topic: &str) -> Option<u32> {
+        self.partitions.lock().get(topic).copied()
+    }
+
+    /// Records an epoch's commit.
+    pub(crate) fn epoch_committed(&self, epoch: u64) {
+        self.epoch.store(epoch, Ordering::SeqCst);
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        self.last_commit_ms
+            .store(now.as_millis() as u64, Ordering::SeqCst);
+    }
+
+    /// Records the committed offsets of some partitions.
+    pub(crate) fn offsets_committed(
+        &self,
+        offsets: impl IntoIterator<Item = (TopicPartition, i64)>,
+    ) {
+        self.committed.lock().extend(offsets);
+    }
+
+    pub(crate) fn set_failed(&self, failure: String) {
+        *self.failed.lock() = Some(failure);
+    }
+
+    pub(crate) fn set_watermarks(&self, watermarks: HashMap<TopicPartition, i64>) {
+        *self.watermarks.lock() = watermarks;
+    }
+
+    pub(crate) fn add_partition_counts(&self, counts: impl IntoIterator<Item = (String, u32)>) {
+        self.partitions.lock().extend(counts);
+    }
+
+    pub(crate) fn task_opened(&self, topic: &str, partition: u32) {
+        self.tasks.lock().insert((topic.to_string(), partition));
+    }
+
+    pub(crate) fn task_dropped(&self, topic: &str, partition: u32) {
+        self.tasks.lock().remove(&(topic.to_string(), partition));
+    }
+
+    /// Whether every partition of every topic in `topics` has its task on this instance.
+    pub(crate) fn all_restored(&self, topics: &[&str]) -> bool {
+        let restored = self.tasks.lock();
+        let partitions = self.partitions.lock();
+        topics.iter().all(|topic| {
+            partitions
+                .get(*topic)
+                .is_some_and(|n| (0..*n).all(|p| restored.contains(&(topic.to_string(), p))))
+        })
+    }
+
+    /// Whether every partition of every topic in `topics` has its task on this instance and
+    /// is read up to its high watermark (as of the last commit).
+    pub(crate) fn caught_up(&self, topics: &[&str]) -> bool {
+        self.lag() == Some(0) && self.all_restored(topics)
+    }
+}

@@ -1,0 +1,223 @@
+//! A worker's tasks: opened when their partition is assigned (restored from the state store),
+//! fed the partition's records, flushed into each epoch's commit, and dropped when the
+//! partition is revoked.
+
+use std::collections::hash_map::Entry;
+use std::collections::HashMap;
+
+use crossbeam_channel::Sender;
+use differential_dataflow::input::InputSession;
+use tracing::{error, info};
+
+use super::shared::Shared;
+use super::status::TopicPartition;
+use crate::dataflow::Epoch;
+use crate::ingest::task::{Origin, Task};
+use crate::ingest::{Message, Records};
+use crate::partition::worker_for_partition;
+use crate::state::{Commit, StoreError};
+use crate::value::Row;
+
+/// The tasks of one worker, by (source, partition).
+pub(super) struct Tasks {
+    /// The worker's index.
+    worker: usize,
+    tasks: HashMap<(usize, u32), Task>,
+    /// Revocations waiting for the epoch's commit, to acknowledge after it.
+    acks: Vec<Sender<()>>,
+}
+
+impl Tasks {
+    pub(super) fn new(worker: usize) -> Tasks {
+        Tasks {
+            worker,
+            tasks: HashMap::new(),
+            acks: Vec::new(),
+        }
+    }
+
+    /// Whether a revocation waits for the epoch's commit (the epoch ends at once).
+    pub(super) fn revocations_waiting(&self) -> bool {
+        !self.acks.is_empty()
+    }
+
+    /// Applies one message; returns the number of records applied.
+    pub(super) fn handle(
+        &mut self,
+        shared: &Shared,
+        message: Message,
+        inputs: &mut [InputSession<Epoch, Row, isize>],
+    ) -> usize {
+        match message {
+            Message::Assign { source, partitions } => {
+                let (workers, worker) = (shared.config.workers.max(1), self.worker);
+                for p in partitions
+                    .into_iter()
+                    .filter(|p| worker_for_partition(*p, workers) == worker)
+                {
+                    self.open(shared, source, p, inputs);
+                }
+                0
+            }
+            Message::Revoke {
+                source,
+                partitions,
+                retract,
+                done,
+            } => {
+                self.revoke(shared, source, &partitions, retract, inputs);
+                self.acks.push(done);
+                0
+            }
+            Message::Records {
+                source,
+                partition,
+                records,
+                catching_up,
+            } => {
+                shared.backlog.update(|behind| {
+                    if catching_up {
+                        behind.insert((source, partition));
+                    } else {
+                        behind.remove(&(source, partition));
+                    }
+                });
+                self.apply(shared, source, partition, &records, inputs)
+            }
+        }
+    }
+
+    fn apply(
+        &mut self,
+        shared: &Shared,
+        source: usize,
+        partition: u32,
+        records: &Records,
+        inputs: &mut [InputSession<Epoch, Row, isize>],
+    ) -> usize {
+        let Some(task) = self.open(shared, source, partition, inputs) else {
+            return 0;
+        };
+        let origin = Origin {
+            source: &shared.topology.sources[source],
+            partition,
+            metrics: &shared.metrics,
+            errors: shared.errors.as_ref(),
+        };
+        task.apply(&origin, records);
+        records.len()
+    }
+
+    /// The task of `source`/`partition`, restored from the state store if it is not open
+    /// yet; `None` (logged) when the store cannot restore it.
+    fn open(
+        &mut self,
+        shared: &Shared,
+        source: usize,
+        partition: u32,
+        inputs: &mut [InputSession<Epoch, Row, isize>],
+    ) -> Option<&mut Task> {
+        let src = &shared.topology.sources[source];
+        match self.tasks.entry((source, partition)) {
+            Entry::Occupied(task) => Some(task.into_mut()),
+            Entry::Vacant(slot) => match restore(shared, source, partition, &mut inputs[source]) {
+                Ok(task) => {
+                    info!(source = %src.name, topic = %src.topic, partition, rows = task.len(), offset = ?task.offset(), "task created");
+                    shared.status.task_opened(&src.topic, partition);
+                    Some(slot.insert(task))
+                }
+                Err(e) => {
+                    error!(source = %src.name, topic = %src.topic, partition, error = %e, "cannot restore task");
+                    None
+                }
+            },
+        }
+    }
+
+    /// Drops the tasks of `partitions`: what they changed in the epoch so far joins its
+    /// commit (their upsert state stays committed for a later re-assignment), and with
+    /// `retract` their rows leave the tables.
+    fn revoke(
+        &mut self,
+        shared: &Shared,
+        source: usize,
+        partitions: &[u32],
+        retract: bool,
+        inputs: &mut [InputSession<Epoch, Row, isize>],
+    ) {
+        shared.backlog.update(|behind| {
+            for p in partitions {
+                behind.remove(&(source, *p));
+            }
+        });
+        let src = &shared.topology.sources[source];
+        for p in partitions {
+            let Some(mut task) = self.tasks.remove(&(source, *p)) else {
+                continue;
+            };
+            shared.status.task_dropped(&src.topic, *p);
+            if task.has_changes() {
+                let mut pending = shared.commit.lock();
+                let commit = pending.get_or_insert_with(|| shared.store.commit());
+                task.flush(source, *p, &src.topic, &mut inputs[source], commit);
+            }
+            if retract {
+                task.retract(&mut inputs[source]);
+            }
+            info!(source = %src.name, topic = %src.topic, partition = p, "task dropped");
+        }
+    }
+
+    /// Feeds the epoch's coalesced changes of every task to the dataflow and adds their
+    /// writes to `commit`; notes their offsets for the external tables' bookkeeping.
+    pub(super) fn flush(
+        &mut self,
+        shared: &Shared,
+        inputs: &mut [InputSession<Epoch, Row, isize>],
+        commit: &mut Commit,
+    ) {
+        let topology = &shared.topology;
+        if shared.sink.is_some() {
+            let mut offsets = shared.sink_offsets.lock();
+            for ((source, partition), task) in &self.tasks {
+                if let Some(offset) = task.unflushed_offset() {
+                    offsets.insert(
+                        (topology.sources[*source].topic.clone(), *partition),
+                        offset,
+                    );
+                }
+            }
+        }
+        for ((source, partition), task) in self.tasks.iter_mut() {
+            let topic = &topology.sources[*source].topic;
+            task.flush(*source, *partition, topic, &mut inputs[*source], commit);
+        }
+    }
+
+    /// After the epoch's commit: records the tasks' offsets as committed and acknowledges
+    /// the revocations that waited for it.
+    pub(super) fn committed(&mut self, shared: &Shared) {
+        let offsets = self.tasks.iter().filter_map(|((source, partition), task)| {
+            let tp: TopicPartition = (shared.topology.sources[*source].topic.clone(), *partition);
+            task.offset().map(|o| (tp, o))
+        });
+        shared.status.offsets_committed(offsets);
+        for ack in self.acks.drain(..) {
+            let _ = ack.send(());
+        }
+    }
+}
+
+/// Restores the task of `source`/`partition` from its committed upsert entries and offset.
+fn restore(
+    shared: &Shared,
+    source: usize,
+    partition: u32,
+    input: &mut InputSession<Epoch, Row, isize>,
+) -> Result<Task, StoreError> {
+    let entries = shared.store.upsert_entries(source, partition)?;
+    let offset = shared
+        .store
+        .offset(&shared.topology.sources[source].topic, partition)?;
+    Ok(Task::restore(entries, offset, input))
+}

@@ -1,0 +1,153 @@
+//! One timely worker: its copy of the dataflow, its tasks, and its part of every epoch.
+
+use std::cell::RefCell;
+use std::hash::{Hash, Hasher};
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::Receiver;
+use differential_dataflow::input::{Input, InputSession};
+use timely::dataflow::operators::{Exchange, Inspect, Probe};
+use timely::dataflow::ProbeHandle;
+use tracing::{debug, info};
+
+use super::changes::{table_changes, write_rows};
+use super::shared::Shared;
+use super::tasks::Tasks;
+use super::{commit, epoch};
+use crate::dataflow::{Epoch, Renderer};
+use crate::ingest::Message;
+use crate::state::Commit;
+use crate::topology::Topology;
+use crate::value::{Row, Value};
+
+/// Longest a worker parks, waiting for its peers, before it checks its epoch again.
+const PARK: Duration = Duration::from_millis(10);
+
+/// The deltas of one table that reached this worker in the epoch.
+type Capture = Rc<RefCell<Vec<(Row, isize)>>>;
+
+/// The worker's dataflow: one input per source, the probe of every table, and what each
+/// table's deltas are captured into.
+struct Dataflow {
+    inputs: Vec<InputSession<Epoch, Row, isize>>,
+    probe: ProbeHandle<Epoch>,
+    captures: Vec<Capture>,
+}
+
+/// Runs the worker until the runtime stops.
+pub(super) fn run(worker: &mut timely::worker::Worker, shared: &Shared, inbox: Receiver<Message>) {
+    let index = worker.index();
+    let mut dataflow = build(worker, &shared.topology);
+    let mut tasks = Tasks::new(index);
+    let mut epoch: Epoch = 0;
+    loop {
+        let started = Instant::now();
+        let applied = epoch::gather(shared, &inbox, &mut tasks, &mut dataflow.inputs);
+        let t_apply = started.elapsed();
+        let mut commit = shared.store.commit();
+        tasks.flush(shared, &mut dataflow.inputs, &mut commit);
+        let t_feed = started.elapsed();
+        epoch += 1;
+        for input in dataflow.inputs.iter_mut() {
+            input.advance_to(epoch);
+            input.flush();
+        }
+        // Parks instead of spinning while other workers finish their epoch: on a machine with
+        // few cores the spin takes CPU from them (and from Kafka and PostgreSQL). Data or
+        // progress from a peer wakes a parked worker.
+        let probe = &dataflow.probe;
+        worker.step_or_park_while(Some(PARK), || probe.less_than(&epoch));
+        let t_dataflow = started.elapsed();
+        write_tables(shared, &dataflow.captures, &mut commit);
+        commit::contribute(shared, commit);
+        let t_tables = started.elapsed();
+        let stopping = commit::finish(shared, epoch);
+        tasks.committed(shared);
+        debug!(
+            worker = index,
+            epoch,
+            records = applied,
+            apply_ms = t_apply.as_millis() as u64,
+            feed_ms = (t_feed - t_apply).as_millis() as u64,
+            dataflow_ms = (t_dataflow - t_feed).as_millis() as u64,
+            tables_ms = (t_tables - t_dataflow).as_millis() as u64,
+            commit_ms = (started.elapsed() - t_tables).as_millis() as u64,
+            "epoch phases"
+        );
+        // Every worker read the leader's decision, so all leave after the same epoch.
+        if stopping {
+            info!(
+                worker = index,
+                epoch, "worker stopped after its last commit"
+            );
+            return;
+        }
+    }
+}
+
+/// Builds the topology's dataflow on this worker. Each table's deltas are routed to the
+/// worker its key hashes to, so a key's changes all reach one worker.
+fn build(worker: &mut timely::worker::Worker, topology: &Topology) -> Dataflow {
+    worker.dataflow::<Epoch, _, _>(|scope| {
+        let mut inputs = Vec::new();
+        let mut collections = Vec::new();
+        for _ in &topology.sources {
+            let (input, collection) = scope.new_collection::<Row, isize>();
+            inputs.push(input);
+            collections.push(collection);
+        }
+        let probe = ProbeHandle::new();
+        let mut captures: Vec<Capture> = Vec::new();
+        let mut renderer = Renderer::new(collections);
+        for table in &topology.tables {
+            let key = table.key.clone();
+            let capture: Capture = Rc::new(RefCell::new(Vec::new()));
+            let sink = capture.clone();
+            renderer
+                .render(&table.plan, &table.name)
+                .inner
+                .exchange(move |(row, _, _): &(Row, Epoch, isize)| key_hash(row, &key))
+                .probe_with(&probe)
+                .inspect_core(move |event| {
+                    if let Ok((_, data)) = event {
+                        sink.borrow_mut()
+                            .extend(data.iter().map(|(r, _, d)| (r.clone(), *d)));
+                    }
+                });
+            captures.push(capture);
+        }
+        Dataflow {
+            inputs,
+            probe,
+            captures,
+        }
+    })
+}
+
+/// Hash of a row's key columns, to route rows by table key. `DefaultHasher::new()` has fixed
+/// keys, so every worker of the process computes the same route.
+fn key_hash(row: &[Value], key: &[usize]) -> u64 {
+    let mut h = std::hash::DefaultHasher::new();
+    for i in key {
+        row[*i].hash(&mut h);
+    }
+    h.finish()
+}
+
+/// Turns the epoch's captured deltas into table changes: internal tables' rows go into
+/// `commit`, external tables' changes into the epoch's batch for the database.
+fn write_tables(shared: &Shared, captures: &[Capture], commit: &mut Commit) {
+    for (table, capture) in shared.topology.tables.iter().zip(captures) {
+        let deltas = std::mem::take(&mut *capture.borrow_mut());
+        if deltas.is_empty() {
+            continue;
+        }
+        let changes = table_changes(table, deltas);
+        if table.postgres().is_none() {
+            write_rows(table, &changes, commit);
+        } else if !changes.upserts.is_empty() || !changes.deletes.is_empty() {
+            commit::add_sink_changes(shared, changes);
+        }
+    }
+}
