@@ -27,5 +27,5 @@
 
 pub use miroir_connectors::commands::client::{Command, CommandClient as Client, SendError};
 pub use miroir_connectors::commands::dlq::{list as dead_letters, replay, Parked, Replayed};
-pub use miroir_connectors::commands::processor::dependency::Dependency;
+pub use miroir_connectors::commands::processor::dependency::{Dependency, DependencyError};
 pub use miroir_engine::command::{Principal, Reply};

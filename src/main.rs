@@ -10,6 +10,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use miroir::commands::{self, Principal, Replayed, Reply};
 use miroir::miroir_engine::metrics::Metrics;
+use miroir::miroir_engine::runtime::RuntimeConfig;
 use miroir::miroir_engine::topology::Topology;
 use miroir_connectors::kafka::admin::create_topic;
 use miroir_connectors::kafka::output::Publisher;
@@ -67,15 +68,15 @@ enum Action {
         #[arg(long, env = "MIROIR_LISTEN", default_value = "127.0.0.1:8080")]
         listen: SocketAddr,
         /// Worker threads.
-        #[arg(long, env = "MIROIR_WORKERS", default_value_t = 2)]
+        #[arg(long, env = "MIROIR_WORKERS", default_value_t = RuntimeConfig::DEFAULT_WORKERS)]
         workers: usize,
         /// Epoch in milliseconds when keeping up (how long an applied event may wait to be
         /// visible).
-        #[arg(long, default_value_t = 100)]
+        #[arg(long, default_value_t = RuntimeConfig::DEFAULT_EPOCH_INTERVAL.as_millis() as u64)]
         epoch_ms: u64,
         /// Longest epoch in milliseconds while records are waiting (catching up): more changes
         /// of a key coalesce into one, and commits are fewer.
-        #[arg(long, default_value_t = 5000)]
+        #[arg(long, default_value_t = RuntimeConfig::DEFAULT_MAX_EPOCH_INTERVAL.as_millis() as u64)]
         max_epoch_ms: u64,
         /// PostgreSQL database of external tables (unless their sink names a `url`).
         #[arg(long, env = "DATABASE_URL")]

@@ -10,7 +10,9 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use miroir::commands::{self, Client, Command, Dependency, Principal, Replayed, Reply, SendError};
+use miroir::commands::{
+    self, Client, Command, Dependency, DependencyError, Principal, Replayed, Reply, SendError,
+};
 use miroir::miroir_engine::metrics::Metrics;
 use miroir::miroir_engine::topology::command::CommandSpec;
 use miroir::Engine;
@@ -365,10 +367,17 @@ struct Flaky {
 }
 
 impl Dependency for Flaky {
-    fn check(&self, _: &CommandSpec, key: &str, _: &serde_json::Value) -> Result<(), String> {
+    fn check(
+        &self,
+        _: &CommandSpec,
+        key: &str,
+        _: &serde_json::Value,
+    ) -> Result<(), DependencyError> {
         self.calls.fetch_add(1, Ordering::SeqCst);
         if self.failing.load(Ordering::SeqCst) {
-            Err(format!("directory unavailable for {key}"))
+            Err(DependencyError::new(format!(
+                "directory unavailable for {key}"
+            )))
         } else {
             Ok(())
         }

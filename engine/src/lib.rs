@@ -28,6 +28,7 @@
 //! - [`state`]: RocksDB: upsert state, offsets, internal table rows, the outbox.
 //! - [`sink`]: external tables: per-epoch batches, the outbox and the sink thread.
 //! - [`command`]: what the master side does with one command (rules, assignments, replies).
+//! - [`error`]: the error classes (transient: retry; definite: set the input aside; fatal: stop).
 //! - [`reference`]: a plain evaluator used as the tests' oracle.
 //!
 //! **Delivery guarantee.** Each epoch commits table rows, upsert state and offsets in one
@@ -37,6 +38,7 @@
 
 pub mod command;
 pub mod dataflow;
+pub mod error;
 pub mod ingest;
 pub mod metrics;
 pub mod partition;

@@ -43,6 +43,7 @@ use backon::{BackoffBuilder, ExponentialBuilder};
 use serde::{Deserialize, Serialize};
 use tracing::{debug, error, info, warn};
 
+use crate::error::ErrorClass;
 use crate::metrics::Metrics;
 use crate::state::StateStore;
 use crate::value::{Row, Value};
@@ -115,10 +116,33 @@ impl SinkHealth {
     }
 }
 
-/// A sink failure (the database is unreachable, or refused the batch).
+/// A sink failure.
 #[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct SinkError(pub String);
+pub enum SinkError {
+    /// The database is unreachable or refused the batch; `class` says whether retrying may
+    /// help.
+    #[error("{source}")]
+    Database {
+        /// What to do next.
+        class: ErrorClass,
+        /// The database's error.
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// The epoch commit of these changes failed: they are not in the outbox and must not be
+    /// applied (the instance stops).
+    #[error("the epoch commit of these changes failed: not applied")]
+    NotDurable,
+}
+
+impl SinkError {
+    /// What to do next.
+    pub fn class(&self) -> ErrorClass {
+        match self {
+            SinkError::Database { class, .. } => *class,
+            SinkError::NotDurable => ErrorClass::Fatal,
+        }
+    }
+}
 
 /// Whether the RocksDB commit holding a group of batches (in its outbox) is durable yet. A
 /// sink writes the batches meanwhile, and waits for it before it commits them: a database
@@ -179,11 +203,7 @@ impl Durable {
         loop {
             match *state {
                 Some(true) => return Ok(()),
-                Some(false) => {
-                    return Err(SinkError(
-                        "the epoch commit of these changes failed: not applied".into(),
-                    ))
-                }
+                Some(false) => return Err(SinkError::NotDurable),
                 None => self.0.over.wait(&mut state),
             }
         }
@@ -475,7 +495,7 @@ fn apply_with_retry(
                 metrics.sink_up.set(0);
                 health.set(Some(e.to_string()));
                 let delay = delays.next().unwrap_or(Duration::from_secs(5));
-                error!(sequence, error = %e, retry_in_ms = delay.as_millis() as u64, "cannot apply a batch to the external database");
+                error!(sequence, error = %e, class = %e.class(), retry_in_ms = delay.as_millis() as u64, "cannot apply a batch to the external database");
                 if stop.load(Ordering::SeqCst) {
                     let deadline =
                         *stop_deadline.get_or_insert_with(|| Instant::now() + STOP_GRACE);

@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use miroir_engine::error::ErrorClass;
 use miroir_engine::ingest::{ErrorSink, Message, Record, Records};
 use miroir_engine::metrics::Metrics;
 use miroir_engine::reference::evaluate_table;
@@ -65,7 +66,10 @@ impl ExternalSink for FakeSink {
         let mut db = self.db.lock().unwrap();
         if db.failures > 0 {
             db.failures -= 1;
-            return Err(SinkError("connection refused".into()));
+            return Err(SinkError::Database {
+                class: ErrorClass::Transient,
+                source: "connection refused".into(),
+            });
         }
         let previous = std::mem::take(&mut db.rows);
         if !snapshot {

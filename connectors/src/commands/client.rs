@@ -127,7 +127,7 @@ impl CommandClient {
                 .chars()
                 .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
         {
-            return Err(KafkaError::Definite(format!(
+            return Err(KafkaError::Config(format!(
                 "bad application name `{app}`: use letters, digits, '-', '_' or '.'"
             )));
         }
@@ -168,7 +168,10 @@ impl CommandClient {
                 let metrics = metrics.clone();
                 move || receive(consumer, &waiting, &stop, &assigned, &metrics)
             })
-            .map_err(|e| KafkaError::Definite(format!("cannot start the reply thread: {e}")))?;
+            .map_err(|source| KafkaError::Thread {
+                name: "reply",
+                source,
+            })?;
         let mut client = CommandClient {
             config: config.clone(),
             producer,
@@ -182,7 +185,7 @@ impl CommandClient {
         while !assigned.load(Ordering::Acquire) {
             if started.elapsed() > ASSIGNMENT_LIMIT {
                 client.close();
-                return Err(KafkaError::Definite(format!(
+                return Err(KafkaError::Unavailable(format!(
                     "the reply partition was not assigned within {ASSIGNMENT_LIMIT:?}"
                 )));
             }
@@ -228,7 +231,7 @@ impl CommandClient {
             Ok(delivery) => match futures_executor::block_on(delivery) {
                 Ok(Ok(_)) => Ok(()),
                 Ok(Err((e, _))) => Err(SendError::Kafka(e.into())),
-                Err(_) => Err(SendError::Kafka(KafkaError::Definite(
+                Err(_) => Err(SendError::Kafka(KafkaError::Unavailable(
                     "the producer dropped the command".into(),
                 ))),
             },

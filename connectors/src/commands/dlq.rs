@@ -115,7 +115,7 @@ pub fn list(config: &KafkaConfig, topic: &str) -> Result<Vec<Parked>, KafkaError
         });
     })?;
     if !complete {
-        return Err(KafkaError::Definite(format!(
+        return Err(KafkaError::Unavailable(format!(
             "could not read {dlq} to its end"
         )));
     }

@@ -35,10 +35,12 @@ pub fn create_topic_with(
     for r in results {
         match r {
             Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
-            Err((t, code)) => {
-                return Err(KafkaError::Definite(format!(
-                    "cannot create topic {t}: {code}"
-                )))
+            Err((topic, code)) => {
+                return Err(KafkaError::Topic {
+                    action: "create",
+                    topic,
+                    code,
+                })
             }
         }
     }
@@ -55,10 +57,12 @@ pub fn delete_topics(config: &KafkaConfig, topics: &[&str]) -> Result<(), KafkaE
     for r in block_on(admin.delete_topics(topics, &options))? {
         match r {
             Ok(_) | Err((_, RDKafkaErrorCode::UnknownTopicOrPartition)) => {}
-            Err((t, code)) => {
-                return Err(KafkaError::Definite(format!(
-                    "cannot delete topic {t}: {code}"
-                )))
+            Err((topic, code)) => {
+                return Err(KafkaError::Topic {
+                    action: "delete",
+                    topic,
+                    code,
+                })
             }
         }
     }

@@ -248,7 +248,10 @@ impl KafkaSource {
                 let stop = stop.clone();
                 move || poll_loop(consumer, runtime, topics, stop)
             })
-            .map_err(|e| KafkaError::Definite(format!("cannot start the consumer thread: {e}")))?;
+            .map_err(|source| KafkaError::Thread {
+                name: "consumer",
+                source,
+            })?;
         Ok(KafkaSource {
             stop,
             thread: Some(thread),

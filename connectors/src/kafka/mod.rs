@@ -5,17 +5,124 @@ pub mod input;
 pub mod output;
 pub mod tail;
 
+use miroir_engine::error::ErrorClass;
+use miroir_engine::state::StoreError;
 use rdkafka::ClientConfig;
 
-/// Errors of the Kafka connectors, grouped by what to do next.
+/// Errors of the Kafka connectors and the command subsystem; [`KafkaError::class`] says what
+/// to do next.
 #[derive(Debug, thiserror::Error)]
 pub enum KafkaError {
-    /// Kafka refused or failed an operation; retrying later may work.
+    /// The broker or the client failed an operation.
+    #[error("kafka: {source}")]
+    Client {
+        /// What to do next: from the error's code unless the caller knows better.
+        class: ErrorClass,
+        /// rdkafka's error.
+        source: rdkafka::error::KafkaError,
+    },
+    /// The configuration or the request is wrong (a missing topic, a bad partition count, an
+    /// unknown command): fatal.
     #[error("kafka: {0}")]
-    Transient(#[from] rdkafka::error::KafkaError),
-    /// The configuration or the request is wrong; retrying will not help.
+    Config(String),
+    /// Kafka did not answer in time, or a delivery was lost on the way: transient.
     #[error("kafka: {0}")]
-    Definite(String),
+    Unavailable(String),
+    /// Creating or deleting a topic failed.
+    #[error("kafka: cannot {action} topic {topic}: {code}")]
+    Topic {
+        /// `create` or `delete`.
+        action: &'static str,
+        /// The topic.
+        topic: String,
+        /// The broker's answer.
+        code: rdkafka::types::RDKafkaErrorCode,
+    },
+    /// The state directory failed: fatal.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// A thread could not start: fatal.
+    #[error("cannot start the {name} thread: {source}")]
+    Thread {
+        /// The thread's role.
+        name: &'static str,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// A thread panicked: fatal.
+    #[error("the {0} thread panicked")]
+    Panicked(&'static str),
+}
+
+impl KafkaError {
+    /// What to do next.
+    pub fn class(&self) -> ErrorClass {
+        match self {
+            KafkaError::Client { class, .. } => *class,
+            KafkaError::Unavailable(_) => ErrorClass::Transient,
+            KafkaError::Topic { code, .. } => code_class(*code),
+            KafkaError::Config(_)
+            | KafkaError::Store(_)
+            | KafkaError::Thread { .. }
+            | KafkaError::Panicked(_) => ErrorClass::Fatal,
+        }
+    }
+
+    /// `source`, fatal whatever its code says (the caller cannot go on after it).
+    pub fn fatal(source: rdkafka::error::KafkaError) -> KafkaError {
+        KafkaError::Client {
+            class: ErrorClass::Fatal,
+            source,
+        }
+    }
+}
+
+impl From<rdkafka::error::KafkaError> for KafkaError {
+    fn from(source: rdkafka::error::KafkaError) -> Self {
+        KafkaError::Client {
+            class: client_class(&source),
+            source,
+        }
+    }
+}
+
+/// The class of an rdkafka error: a fatal transaction error (a fenced producer), a failed
+/// authorization or an invalid configuration is fatal; a message the broker refuses for what it
+/// is (too large, invalid) is definite; anything else (timeouts, a broker down, a coordinator
+/// moving) is transient.
+pub fn client_class(e: &rdkafka::error::KafkaError) -> ErrorClass {
+    if let rdkafka::error::KafkaError::Transaction(t) = e {
+        if t.is_fatal() {
+            return ErrorClass::Fatal;
+        }
+    }
+    if matches!(e, rdkafka::error::KafkaError::ClientConfig(..)) {
+        return ErrorClass::Fatal;
+    }
+    e.rdkafka_error_code()
+        .map_or(ErrorClass::Transient, code_class)
+}
+
+/// The class of an error code (see [`client_class`]).
+fn code_class(code: rdkafka::error::RDKafkaErrorCode) -> ErrorClass {
+    use rdkafka::error::RDKafkaErrorCode as Code;
+    match code {
+        Code::ProducerFenced
+        | Code::InvalidProducerEpoch
+        | Code::Fenced
+        | Code::TopicAuthorizationFailed
+        | Code::GroupAuthorizationFailed
+        | Code::ClusterAuthorizationFailed
+        | Code::TransactionalIdAuthorizationFailed
+        | Code::SaslAuthenticationFailed
+        | Code::Authentication => ErrorClass::Fatal,
+        Code::MessageSizeTooLarge
+        | Code::InvalidMessage
+        | Code::InvalidMessageSize
+        | Code::InvalidRecord
+        | Code::BadMessage => ErrorClass::Definite,
+        _ => ErrorClass::Transient,
+    }
 }
 
 /// `fetch.queue.backoff.ms` of the consumers that read a backlog (sources, tails). Once 100k

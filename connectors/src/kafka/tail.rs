@@ -75,7 +75,7 @@ impl Tail {
             .into_iter()
             .find(|(t, _)| t == topic)
             .map(|(_, n)| n)
-            .ok_or_else(|| KafkaError::Definite(format!("topic {topic} does not exist")))?;
+            .ok_or_else(|| KafkaError::Config(format!("topic {topic} does not exist")))?;
         let mut tpl = TopicPartitionList::new();
         for p in 0..partitions {
             let start = starts

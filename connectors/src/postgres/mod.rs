@@ -12,6 +12,8 @@ pub mod cell;
 pub mod schema;
 pub mod sink;
 
+use miroir_engine::error::ErrorClass;
+
 /// Errors of the PostgreSQL connector.
 #[derive(Debug, thiserror::Error)]
 pub enum PostgresError {
@@ -24,6 +26,35 @@ pub enum PostgresError {
     /// The engine's commit of the changes failed: they are not applied.
     #[error("{0}")]
     NotDurable(#[from] miroir_engine::sink::SinkError),
+}
+
+impl PostgresError {
+    /// What to do next, from the SQLSTATE of the database's error (see [`sqlstate_class`]);
+    /// an error without one (the connection broke) is transient, a configuration error fatal.
+    pub fn class(&self) -> ErrorClass {
+        match self {
+            PostgresError::Db(e) => e
+                .code()
+                .map_or(ErrorClass::Transient, |s| sqlstate_class(s.code())),
+            PostgresError::Config(_) => ErrorClass::Fatal,
+            PostgresError::NotDurable(e) => e.class(),
+        }
+    }
+}
+
+/// The class of a SQLSTATE, by its first two characters: connection failures (08), rolled-back
+/// transactions (40: serialization failures, deadlocks), insufficient resources (53), locks
+/// not available (55), operator intervention (57) and system errors (58) are transient; data
+/// exceptions (22: a NUL in a text, a timestamp out of range) and integrity violations (23)
+/// are definite, the row is at fault; authorization (28), unknown catalog or schema (3D, 3F),
+/// syntax or access rules (42: a missing privilege, an unknown table) and unsupported features
+/// (0A) are fatal. Other classes are taken as transient, which is retried.
+pub fn sqlstate_class(code: &str) -> ErrorClass {
+    match code.get(..2).unwrap_or_default() {
+        "22" | "23" => ErrorClass::Definite,
+        "28" | "3D" | "3F" | "42" | "0A" => ErrorClass::Fatal,
+        _ => ErrorClass::Transient,
+    }
 }
 
 /// `name` as a quoted SQL identifier: identifiers from topologies never reach SQL unquoted.
@@ -86,5 +117,23 @@ mod tests {
             "\"a\"\"; DROP TABLE x; --\""
         );
         assert_eq!(qualified("app", "t"), "\"app\".\"t\"");
+    }
+
+    #[test]
+    fn sqlstates_are_classed_by_what_to_do_next() {
+        for (code, class) in [
+            ("08006", ErrorClass::Transient), // connection failure
+            ("40001", ErrorClass::Transient), // serialization failure
+            ("40P01", ErrorClass::Transient), // deadlock
+            ("57P01", ErrorClass::Transient), // admin shutdown
+            ("22021", ErrorClass::Definite),  // a NUL byte in a text
+            ("22008", ErrorClass::Definite),  // datetime out of range
+            ("23505", ErrorClass::Definite),  // unique violation
+            ("42501", ErrorClass::Fatal),     // insufficient privilege
+            ("42P01", ErrorClass::Fatal),     // undefined table
+            ("28P01", ErrorClass::Fatal),     // bad password
+        ] {
+            assert_eq!(sqlstate_class(code), class, "{code}");
+        }
     }
 }

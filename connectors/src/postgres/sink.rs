@@ -223,7 +223,7 @@ impl ExternalSink for PostgresSink {
         let rt = self.rt.clone();
         rt.block_on(self.ready()).map_err(|e| {
             self.client = None;
-            SinkError(e.to_string())
+            database_error(e)
         })
     }
 
@@ -238,8 +238,19 @@ impl ExternalSink for PostgresSink {
             .map_err(|e| {
                 // A failed transaction may leave the connection unusable: start afresh.
                 self.client = None;
-                SinkError(e.to_string())
+                database_error(e)
             })
+    }
+}
+
+/// The engine's view of a PostgreSQL error: its class, and the error itself.
+fn database_error(e: PostgresError) -> SinkError {
+    match e {
+        PostgresError::NotDurable(e) => e,
+        e => SinkError::Database {
+            class: e.class(),
+            source: Box::new(e),
+        },
     }
 }
 

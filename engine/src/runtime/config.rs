@@ -15,18 +15,28 @@ pub struct RuntimeConfig {
     pub max_records_per_epoch: usize,
 }
 
+impl RuntimeConfig {
+    /// Worker threads by default: the cores of a small machine.
+    pub const DEFAULT_WORKERS: usize = 2;
+    /// 100 ms bounds the staleness a committed epoch adds when the workers keep up.
+    pub const DEFAULT_EPOCH_INTERVAL: Duration = Duration::from_millis(100);
+    /// Catching up, epochs grow to 5 s (or [`Self::DEFAULT_MAX_RECORDS_PER_EPOCH`] records per
+    /// worker): a key changed several times in one epoch is one change for the dataflow, the
+    /// tables and PostgreSQL, and commits (one fsync each) are fewer. An epoch's changes take
+    /// at most one entry per changed key, and the inboxes are bounded, so its memory is bounded
+    /// by the keys, not the records.
+    pub const DEFAULT_MAX_EPOCH_INTERVAL: Duration = Duration::from_secs(5);
+    /// Most records a worker applies in one epoch by default.
+    pub const DEFAULT_MAX_RECORDS_PER_EPOCH: usize = 1_000_000;
+}
+
 impl Default for RuntimeConfig {
     fn default() -> Self {
-        // 100 ms bounds the staleness a committed epoch adds when the workers keep up. Catching
-        // up, epochs grow to 5 s or 1M records per worker: a key changed several times in one
-        // epoch is one change for the dataflow, the tables and PostgreSQL, and commits (one
-        // fsync each) are fewer. An epoch's changes take at most one entry per changed key, and
-        // the inboxes are bounded, so its memory is bounded by the keys, not the records.
         RuntimeConfig {
-            workers: 2,
-            epoch_interval: Duration::from_millis(100),
-            max_epoch_interval: Duration::from_secs(5),
-            max_records_per_epoch: 1_000_000,
+            workers: Self::DEFAULT_WORKERS,
+            epoch_interval: Self::DEFAULT_EPOCH_INTERVAL,
+            max_epoch_interval: Self::DEFAULT_MAX_EPOCH_INTERVAL,
+            max_records_per_epoch: Self::DEFAULT_MAX_RECORDS_PER_EPOCH,
         }
     }
 }

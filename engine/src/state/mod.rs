@@ -71,6 +71,14 @@ pub enum StoreError {
     },
 }
 
+impl StoreError {
+    /// What to do next: stop. The state directory is unreadable, full, corrupt or of another
+    /// format, and the instance cannot commit without it.
+    pub fn class(&self) -> crate::error::ErrorClass {
+        crate::error::ErrorClass::Fatal
+    }
+}
+
 /// The instance's state store. Cheap to clone; safe to share between threads.
 #[derive(Clone)]
 pub struct StateStore {

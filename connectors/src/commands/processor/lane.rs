@@ -9,6 +9,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime};
 
 use miroir_engine::command::{Command, Decision, Reply};
+use miroir_engine::error::ErrorClass;
 use miroir_engine::value::{row_to_json, row_to_json_bytes, Row};
 use rdkafka::consumer::ConsumerGroupMetadata;
 use rdkafka::message::{Message, OwnedMessage};
@@ -72,7 +73,7 @@ pub(super) struct Lane {
 struct Committing {
     /// The entity rows it wrote: the next transaction builds on them.
     written: Arc<HashMap<String, Row>>,
-    thread: JoinHandle<Result<(), TxError>>,
+    thread: JoinHandle<Result<(), KafkaError>>,
 }
 
 /// What a transaction answered a command, kept for after its commit.
@@ -158,9 +159,9 @@ impl Lane {
         }
         match self.producer().abort_transaction(TX_TIMEOUT) {
             Ok(()) => Ok(true),
-            Err(e) => match TxError::from(e) {
-                TxError::Fatal(e) => Err(e),
-                TxError::Retry(_) => Ok(true),
+            Err(e) => match KafkaError::from(e) {
+                e if e.class() == ErrorClass::Fatal => Err(e),
+                _ => Ok(true),
             },
         }
     }
@@ -176,9 +177,11 @@ impl Lane {
         batch: &[&Incoming],
         group: &ConsumerGroupMetadata,
         stop: &AtomicBool,
-    ) -> Result<(), TxError> {
+    ) -> Result<(), KafkaError> {
         let started = Instant::now();
-        self.producer().begin_transaction().map_err(TxError::from)?;
+        self.producer()
+            .begin_transaction()
+            .map_err(KafkaError::from)?;
         self.open = true;
         // Entity rows written in this transaction (commands later in the batch see them).
         let mut written: HashMap<String, Row> = HashMap::new();
@@ -224,11 +227,11 @@ impl Lane {
             let m = &incoming.message;
             offsets
                 .add_partition_offset(m.topic(), m.partition(), Offset::Offset(m.offset() + 1))
-                .map_err(|e| TxError::Fatal(e.into()))?;
+                .map_err(KafkaError::fatal)?;
         }
         self.producer()
             .send_offsets_to_transaction(&offsets, group, TX_TIMEOUT)
-            .map_err(TxError::from)?;
+            .map_err(KafkaError::from)?;
         let offsets_sent = started.elapsed();
         let reply_exists: Vec<bool> = {
             let mut known = shared.reply_topics.lock();
@@ -362,10 +365,9 @@ impl Lane {
                     commit(&shared, &producer, replies_sent, answered, &written, timing)
                 }
             })
-            .map_err(|e| {
-                TxError::Fatal(KafkaError::Definite(format!(
-                    "cannot start a commit thread: {e}"
-                )))
+            .map_err(|source| KafkaError::Thread {
+                name: "commit",
+                source,
             })?;
         self.committing = Some(Committing { written, thread });
         self.open = false;
@@ -384,14 +386,12 @@ impl Lane {
 
     /// Waits for the transaction committing, if any (`wait`), or takes its result if it is
     /// done. A failed commit has aborted its transaction.
-    pub(super) fn settle(&mut self, wait: bool) -> Result<(), TxError> {
+    pub(super) fn settle(&mut self, wait: bool) -> Result<(), KafkaError> {
         match self.committing.take() {
             Some(c) if wait || c.thread.is_finished() => {
-                c.thread.join().unwrap_or_else(|_| {
-                    Err(TxError::Fatal(KafkaError::Definite(
-                        "a commit thread panicked".into(),
-                    )))
-                })?;
+                c.thread
+                    .join()
+                    .unwrap_or(Err(KafkaError::Panicked("commit")))?;
                 self.failures = 0;
                 Ok(())
             }
@@ -405,7 +405,7 @@ impl Lane {
     fn send(
         &self,
         mut record: FutureRecord<'_, [u8], [u8]>,
-    ) -> Result<rdkafka::producer::DeliveryFuture, TxError> {
+    ) -> Result<rdkafka::producer::DeliveryFuture, KafkaError> {
         loop {
             match self.producer().send_result(record) {
                 Ok(f) => return Ok(f),
@@ -418,7 +418,7 @@ impl Lane {
                     record = r;
                     std::thread::sleep(Duration::from_millis(1));
                 }
-                Err((e, _)) => return Err(TxError::from(e)),
+                Err((e, _)) => return Err(KafkaError::from(e)),
             }
         }
     }
@@ -544,6 +544,7 @@ impl Shared {
             let Err(error) = dependency.check(&self.spec, key, &json) else {
                 return Ok(());
             };
+            let error = error.to_string();
             let failed_at = SystemTime::now();
             let first = *first.get_or_insert(failed_at);
             if attempts >= self.spec.retry.attempts || stop.load(Ordering::Acquire) {
@@ -614,7 +615,7 @@ fn commit(
     answered: Vec<Answered>,
     written: &HashMap<String, Row>,
     timing: Timing,
-) -> Result<(), TxError> {
+) -> Result<(), KafkaError> {
     let committed = (|| {
         for d in sent {
             wait_delivery(d)?;
@@ -629,7 +630,7 @@ fn commit(
         let replied = timing.started.elapsed();
         producer
             .commit_transaction(TX_TIMEOUT)
-            .map_err(TxError::from)?;
+            .map_err(KafkaError::from)?;
         Ok(replied)
     })();
     let replied = match committed {
@@ -642,9 +643,9 @@ fn commit(
                 .inc();
             return match producer
                 .abort_transaction(TX_TIMEOUT)
-                .map_err(TxError::from)
+                .map_err(KafkaError::from)
             {
-                Err(TxError::Fatal(fatal)) => Err(TxError::Fatal(fatal)),
+                Err(fatal) if fatal.class() == ErrorClass::Fatal => Err(fatal),
                 _ => Err(e),
             };
         }
@@ -686,27 +687,12 @@ fn commit(
     Ok(())
 }
 
-/// A transaction failure: retry the batch, or stop (the producer was fenced or broke).
-pub(super) enum TxError {
-    Retry(KafkaError),
-    Fatal(KafkaError),
-}
-
-impl From<rdkafka::error::KafkaError> for TxError {
-    fn from(e: rdkafka::error::KafkaError) -> Self {
-        match &e {
-            rdkafka::error::KafkaError::Transaction(t) if t.is_fatal() => TxError::Fatal(e.into()),
-            _ => TxError::Retry(e.into()),
-        }
-    }
-}
-
-fn wait_delivery(d: rdkafka::producer::DeliveryFuture) -> Result<(i32, i64), TxError> {
+fn wait_delivery(d: rdkafka::producer::DeliveryFuture) -> Result<(i32, i64), KafkaError> {
     match futures_executor::block_on(d) {
         Ok(Ok(delivery)) => Ok((delivery.partition, delivery.offset)),
-        Ok(Err((e, _))) => Err(TxError::from(e)),
-        Err(_) => Err(TxError::Retry(KafkaError::Definite(
+        Ok(Err((e, _))) => Err(KafkaError::from(e)),
+        Err(_) => Err(KafkaError::Unavailable(
             "the producer dropped a delivery".into(),
-        ))),
+        )),
     }
 }

@@ -22,6 +22,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use miroir_engine::command::Reply;
+use miroir_engine::error::ErrorClass;
 use miroir_engine::metrics::CommandMetrics;
 use miroir_engine::state::{AnswerTime, StateStore};
 use miroir_engine::topology::Topology;
@@ -46,7 +47,7 @@ mod view;
 use answered::{keep_until, ANSWER_RETENTION};
 use dependency::Dependency;
 use incoming::Incoming;
-use lane::{Lane, TxError};
+use lane::Lane;
 use view::{write_view, Shared, ViewChanges};
 
 /// How often a running processor forgets the answers whose time has passed.
@@ -97,7 +98,7 @@ impl CommandProcessor {
             .commands
             .iter()
             .position(|c| c.name == name)
-            .ok_or_else(|| KafkaError::Definite(format!("no command `{name}` in the topology")))?;
+            .ok_or_else(|| KafkaError::Config(format!("no command `{name}` in the topology")))?;
         let stop = Arc::new(AtomicBool::new(false));
         let status = Arc::new(ProcessorStatus::default());
         let worker = Worker::new(
@@ -110,7 +111,10 @@ impl CommandProcessor {
                 let status = status.clone();
                 move || worker.run(&stop, &status)
             })
-            .map_err(|e| KafkaError::Definite(format!("cannot start the processor: {e}")))?;
+            .map_err(|source| KafkaError::Thread {
+                name: "command processor",
+                source,
+            })?;
         Ok(CommandProcessor {
             stop,
             thread: Some(thread),
@@ -337,9 +341,7 @@ impl Worker {
             return Ok(Vec::new());
         };
         let command = &self.view_name();
-        let view = store
-            .command_view(command)
-            .map_err(|e| KafkaError::Definite(format!("reading the command view: {e}")))?;
+        let view = store.command_view(command)?;
         let now = now_ms();
         let mut forget = store.commit();
         let mut answers = 0;
@@ -426,7 +428,7 @@ impl Worker {
         let group = self
             .consumer
             .group_metadata()
-            .ok_or_else(|| KafkaError::Definite("no consumer group metadata".into()))?;
+            .ok_or_else(|| KafkaError::Unavailable("no consumer group metadata".into()))?;
         let lanes = self.lanes.len();
         let mut parts: Vec<Vec<&Incoming>> = vec![Vec::new(); lanes];
         for incoming in &batch {
@@ -439,7 +441,7 @@ impl Worker {
             .enumerate()
             .filter(|(i, _)| !parts[*i].is_empty())
             .collect();
-        let results: Vec<(usize, Result<(), TxError>)> = if busy.len() == 1 {
+        let results: Vec<(usize, Result<(), KafkaError>)> = if busy.len() == 1 {
             busy.into_iter()
                 .map(|(i, lane)| (i, lane.transaction(shared, &parts[i], &group, stop)))
                 .collect()
@@ -458,11 +460,9 @@ impl Worker {
                 running
                     .into_iter()
                     .map(|(i, t)| {
-                        let r = t.join().unwrap_or_else(|_| {
-                            Err(TxError::Fatal(KafkaError::Definite(
-                                "a lane panicked".into(),
-                            )))
-                        });
+                        let r = t
+                            .join()
+                            .unwrap_or_else(|_| Err(KafkaError::Panicked("lane")));
                         (i, r)
                     })
                     .collect()
@@ -487,14 +487,17 @@ impl Worker {
     /// Counts the lanes' failures; after one, aborts what the lanes have open, waits for
     /// their commits, rewinds the consumer to the committed offsets and backs off. Returns
     /// false when it rewound.
-    fn conclude(&mut self, results: Vec<(usize, Result<(), TxError>)>) -> Result<bool, KafkaError> {
+    fn conclude(
+        &mut self,
+        results: Vec<(usize, Result<(), KafkaError>)>,
+    ) -> Result<bool, KafkaError> {
         let mut wait = None;
         for (i, result) in results {
             let lane = &mut self.lanes[i];
             match result {
                 Ok(()) => {}
-                Err(TxError::Fatal(e)) => return Err(e),
-                Err(TxError::Retry(e)) => {
+                Err(e) if e.class() == ErrorClass::Fatal => return Err(e),
+                Err(e) => {
                     lane.failures += 1;
                     let delay = self.shared.spec.retry.delay(lane.failures);
                     warn!(command = %self.shared.spec.name, lane = i, error = %e, failures = lane.failures,
@@ -518,8 +521,8 @@ impl Worker {
             // committed offsets.
             match lane.settle(true) {
                 Ok(()) => {}
-                Err(TxError::Fatal(e)) => return Err(e),
-                Err(TxError::Retry(e)) => {
+                Err(e) if e.class() == ErrorClass::Fatal => return Err(e),
+                Err(e) => {
                     warn!(command = %self.shared.spec.name, lane = i, error = %e, "command transaction failed");
                 }
             }

@@ -171,9 +171,7 @@ fn answer_until(m: &impl Message) -> Option<i64> {
 
 /// Writes a change of the command view to the state directory.
 pub(super) fn write_view(store: &StateStore, commit: Commit) -> Result<(), KafkaError> {
-    store
-        .write_unsynced(commit)
-        .map_err(|e| KafkaError::Definite(format!("writing the command view: {e}")))
+    store.write_unsynced(commit).map_err(KafkaError::Store)
 }
 
 /// What one entity event changed.
