@@ -2,7 +2,8 @@
 //!
 //! For each external table `s.t`:
 //! - the table, with the query's columns (types mapped by [`crate::postgres::cell::pg_type`]),
-//!   a primary key on the table's key (`t_pkey`) and the declared indexes (`t_idx0`, ...),
+//!   a primary key on the table's key (`t_pkey`; a unique constraint with NULLS NOT DISTINCT,
+//!   `t_key`, when a key column may hold NULL) and the declared indexes (`t_idx0`, ...),
 //!   with `fillfactor = 80` (room for updates in place);
 //! - `SELECT` for each reader role (created `NOLOGIN` when missing), nothing for `PUBLIC`;
 //! - a row in `miroir.tables`: the definition it was built from and the state directory
@@ -106,8 +107,43 @@ pub(crate) struct Target {
     pub(crate) plan: TablePlan,
     pub(crate) pg: PostgresTable,
     pub(crate) definition: String,
+    /// Whether a key column may hold NULL (see [`key_may_be_null`]).
+    pub(crate) nullable_key: bool,
     /// Where rows go now: the table itself, or its shadow while it is built.
     pub(crate) building: bool,
+}
+
+/// Whether a key column of `plan` may hold NULL: unless each is a source's own key carried
+/// through (see [`TablePlan::key_never_null`]); a GROUP BY groups NULLs together, a LEFT JOIN
+/// pads with them. Such a table's key is a unique constraint with NULLS NOT DISTINCT
+/// (PostgreSQL 15 or later) instead of a primary key, so a NULL group is a row of its own,
+/// apart from the empty-text group.
+pub(crate) fn key_may_be_null(topology: &Topology, plan: &TablePlan) -> bool {
+    let sources = |s: usize| {
+        let source = &topology.sources[s];
+        (source.key, source.columns.len())
+    };
+    !plan.key_never_null(&sources)
+}
+
+/// The definition the catalog (`miroir.tables`) records for a table: the plan's, and the kind
+/// of key constraint, so a table built with another kind is rebuilt.
+fn catalog_definition(plan: &TablePlan, nullable_key: bool) -> String {
+    let definition = plan.definition();
+    if nullable_key {
+        format!("{definition}\nkey: unique, nulls not distinct")
+    } else {
+        definition
+    }
+}
+
+/// The name of a table's key constraint (and of its index).
+fn key_name(table: &str, nullable_key: bool) -> String {
+    if nullable_key {
+        format!("{table}_key")
+    } else {
+        format!("{table}_pkey")
+    }
 }
 
 impl Target {
@@ -196,9 +232,13 @@ pub async fn decide(
                     "it is kept by topology `{owner}`; give this table another name, or drop it there first"
                 ),
             },
-            (true, Some((definition, ..))) if definition != plan.definition() => Action::Rebuild {
-                reason: "its definition changed".into(),
-            },
+            (true, Some((definition, ..)))
+                if definition != catalog_definition(plan, key_may_be_null(topology, plan)) =>
+            {
+                Action::Rebuild {
+                    reason: "its definition changed".into(),
+                }
+            }
             (true, Some((_, builder, ..))) if builder != instance => Action::Rebuild {
                 reason: "it was built from another state directory".into(),
             },
@@ -274,7 +314,7 @@ pub(crate) async fn prepare(
                 qualified(&pg.schema, &shadow)
             ))
             .await?;
-            create_table(&tx, plan, pg, &shadow).await?;
+            create_table(&tx, plan, pg, &shadow, key_may_be_null(topology, plan)).await?;
             tracing::info!(table = %pg.qualified(), action = ?decision.action, "building the table in a shadow table");
         } else {
             refresh_in_place(&tx, topology, pg).await?;
@@ -283,6 +323,7 @@ pub(crate) async fn prepare(
             plan: plan.clone(),
             pg: pg.clone(),
             definition: plan.definition(),
+            nullable_key: key_may_be_null(topology, plan),
             building,
         });
     }
@@ -314,6 +355,7 @@ async fn create_table(
     plan: &TablePlan,
     pg: &PostgresTable,
     name: &str,
+    nullable_key: bool,
 ) -> Result<(), PostgresError> {
     let columns: Vec<String> = plan
         .columns
@@ -329,10 +371,15 @@ async fn create_table(
     // Every write is an update of a row by key: leaving a fifth of each page free lets most
     // updates stay on their page without touching the indexes (HOT), which halved the
     // merge's time in a measurement on this machine (docs/benchmarks.md).
+    let kind = if nullable_key {
+        "UNIQUE NULLS NOT DISTINCT"
+    } else {
+        "PRIMARY KEY"
+    };
     tx.batch_execute(&format!(
-        "CREATE TABLE {table} ({}, CONSTRAINT {} PRIMARY KEY ({})) WITH (fillfactor = {FILLFACTOR})",
+        "CREATE TABLE {table} ({}, CONSTRAINT {} {kind} ({})) WITH (fillfactor = {FILLFACTOR})",
         columns.join(", "),
-        ident(&format!("{name}_pkey")),
+        ident(&key_name(name, nullable_key)),
         key.join(", ")
     ))
     .await?;
@@ -446,7 +493,8 @@ pub(crate) async fn swap(
         ident(&pg.table)
     ))
     .await?;
-    let mut renames = vec![(format!("{shadow}_pkey"), format!("{}_pkey", pg.table))];
+    let nullable = target.nullable_key;
+    let mut renames = vec![(key_name(&shadow, nullable), key_name(&pg.table, nullable))];
     for i in 0..pg.indexes.len() {
         renames.push((index_name(&shadow, i), index_name(&pg.table, i)));
     }
@@ -464,7 +512,7 @@ pub(crate) async fn swap(
          ON CONFLICT (schema_name, table_name) DO UPDATE SET topology = EXCLUDED.topology,
            definition = EXCLUDED.definition, instance = EXCLUDED.instance, indexes = EXCLUDED.indexes,
            readers = EXCLUDED.readers, built_at = EXCLUDED.built_at",
-        &[&pg.schema, &pg.table, &topology.name, &target.definition, &instance, &indexes_text(pg), &readers_text(pg)],
+        &[&pg.schema, &pg.table, &topology.name, &catalog_definition(&target.plan, nullable), &instance, &indexes_text(pg), &readers_text(pg)],
     )
     .await?;
     Ok(())

@@ -315,6 +315,24 @@ async fn is_empty(tx: &Transaction<'_>, table: &str) -> Result<bool, PostgresErr
     Ok(row.get(0))
 }
 
+/// The condition that rows `a` and `b` have the same key (columns `key_names`). With `nulls`,
+/// NULL matches NULL (a key that may hold NULL is unique with NULLS NOT DISTINCT); the
+/// condition is then written so that each column's index serves both of its cases.
+fn same_key(key_names: &[String], a: &str, b: &str, nulls: bool) -> String {
+    let column = |n: &String| {
+        if nulls {
+            format!("({a}.{n} = {b}.{n} OR ({a}.{n} IS NULL AND {b}.{n} IS NULL))")
+        } else {
+            format!("{a}.{n} = {b}.{n}")
+        }
+    };
+    key_names
+        .iter()
+        .map(column)
+        .collect::<Vec<_>>()
+        .join(" AND ")
+}
+
 /// Stages a table's changes and merges them into the table it is written to (or copies them
 /// straight in when it is empty).
 async fn write_changes(
@@ -334,20 +352,6 @@ async fn write_changes(
         .map(|i| ident(&plan.columns[*i].name))
         .collect();
     let names: Vec<String> = plan.columns.iter().map(|c| ident(&c.name)).collect();
-    // A primary key cannot hold NULL: such rows are reported and left out.
-    let before = upserts.len() + deletes.len();
-    let upserts: Vec<&[Value]> = upserts
-        .into_iter()
-        .filter(|row| !plan.key.iter().any(|i| row[*i].is_null()))
-        .collect();
-    let deletes: Vec<&[Value]> = deletes
-        .into_iter()
-        .filter(|key| !key.iter().any(Value::is_null))
-        .collect();
-    let skipped = before - upserts.len() - deletes.len();
-    if skipped > 0 {
-        warn!(table = %plan.name, rows = skipped, "rows with a NULL key are not written to PostgreSQL");
-    }
     let types: Vec<Type> = plan.columns.iter().map(|c| pg_type(c.ty)).collect();
     if !upserts.is_empty() && is_empty(tx, &table).await? {
         // A first load or a rebuild into a new (shadow) table: the rows (one per key) go
@@ -389,11 +393,10 @@ async fn write_changes(
     }
     if replace {
         // The staged rows are the whole table: the others go.
-        let matches: Vec<String> = key_names.iter().map(|n| format!("s.{n} = t.{n}")).collect();
         tx.batch_execute(&format!(
             "DELETE FROM {table} AS t WHERE NOT EXISTS (SELECT 1 FROM {} AS s WHERE {})",
             ident(&up),
-            matches.join(" AND ")
+            same_key(&key_names, "s", "t", target.nullable_key)
         ))
         .await?;
     }
@@ -403,12 +406,12 @@ async fn write_changes(
             .iter()
             .map(|i| pg_type(plan.columns[*i].ty))
             .collect();
+        let nulls = target.nullable_key && deletes.iter().any(|k| k.iter().any(Value::is_null));
         copy_rows(tx, &ident(&del), &types, deletes.into_iter()).await?;
-        let matches: Vec<String> = key_names.iter().map(|n| format!("t.{n} = d.{n}")).collect();
         tx.batch_execute(&format!(
             "DELETE FROM {table} AS t USING {} AS d WHERE {}",
             ident(&del),
-            matches.join(" AND ")
+            same_key(&key_names, "t", "d", nulls)
         ))
         .await?;
     }

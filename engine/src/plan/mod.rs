@@ -217,6 +217,54 @@ impl TablePlan {
 }
 
 impl TablePlan {
+    /// Whether every key column is a source's key column, carried through filters,
+    /// projections, the left side of joins, the right side of inner joins and groupings: such
+    /// a key never holds NULL. `sources` gives a source's key column and its number of columns.
+    pub fn key_never_null(&self, sources: &impl Fn(usize) -> (usize, usize)) -> bool {
+        self.key.iter().all(|k| self.plan.never_null(*k, sources))
+    }
+}
+
+impl Plan {
+    /// The number of columns of the plan's rows; `sources` as in [`TablePlan::key_never_null`].
+    fn arity(&self, sources: &impl Fn(usize) -> (usize, usize)) -> usize {
+        match self {
+            Plan::Source { source, .. } => sources(*source).1,
+            Plan::Filter { input, .. } => input.arity(sources),
+            Plan::Map { exprs, .. } => exprs.len(),
+            Plan::Join {
+                left, right_arity, ..
+            } => left.arity(sources) + right_arity,
+            Plan::Reduce {
+                group, aggregates, ..
+            } => group.len() + aggregates.len(),
+        }
+    }
+
+    /// Whether `column` of the plan's rows is a source's key column (see
+    /// [`TablePlan::key_never_null`]).
+    fn never_null(&self, column: usize, sources: &impl Fn(usize) -> (usize, usize)) -> bool {
+        let passed = |input: &Plan, expr: Option<&Expr>| matches!(expr, Some(Expr::Column(c)) if input.never_null(*c, sources));
+        match self {
+            Plan::Source { source, .. } => sources(*source).0 == column,
+            Plan::Filter { input, .. } => input.never_null(column, sources),
+            Plan::Map { input, exprs, .. } => passed(input, exprs.get(column)),
+            Plan::Reduce { input, group, .. } => passed(input, group.get(column)),
+            Plan::Join {
+                left, right, kind, ..
+            } => {
+                let left_arity = left.arity(sources);
+                if column < left_arity {
+                    left.never_null(column, sources)
+                } else {
+                    *kind == JoinKind::Inner && right.never_null(column - left_arity, sources)
+                }
+            }
+        }
+    }
+}
+
+impl TablePlan {
     /// The table's PostgreSQL settings when it is external.
     pub fn postgres(&self) -> Option<&PostgresTable> {
         match &self.store {

@@ -718,6 +718,22 @@ GROUP BY d.name"""
         assert!(t.explain().contains("Join Inner"));
     }
 
+    #[test]
+    fn only_keys_carried_from_a_source_key_never_hold_null() {
+        let text = include_str!("../../../topologies/user-directory.toml");
+        let t = Topology::parse("user-directory.toml", text).expect("valid");
+        let sources = |s: usize| (t.sources[s].key, t.sources[s].columns.len());
+        let never_null = |name: &str| t.table(name).unwrap().key_never_null(&sources);
+        // The left side of a LEFT JOIN, keyed by the users' key.
+        assert!(never_null("user_directory"));
+        // A GROUP BY of a joined column groups NULLs together.
+        assert!(!never_null("users_per_department"));
+        let good = Topology::parse("good.toml", GOOD).expect("valid");
+        let sources = |s: usize| (good.sources[s].key, good.sources[s].columns.len());
+        assert!(good.table("contacts").unwrap().key_never_null(&sources));
+        assert!(!good.table("per_dept").unwrap().key_never_null(&sources));
+    }
+
     fn errors(text: &str) -> Vec<String> {
         Topology::parse("bad.toml", text)
             .expect_err("invalid")
