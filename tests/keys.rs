@@ -52,17 +52,6 @@ fn publish(topic: &str, events: &[Event]) {
     publisher.flush().unwrap();
 }
 
-fn start(text: &str, state: &std::path::Path) -> Engine {
-    Engine::builder()
-        .topology_str(text)
-        .brokers(brokers())
-        .state_dir(state)
-        .workers(2)
-        .epoch_interval(Duration::from_millis(50))
-        .start()
-        .unwrap()
-}
-
 /// Waits until both tables equal the reference over `events`.
 fn wait_for_reference(engine: &Engine, db: &mut postgres::Client, events: &[Event]) {
     let t = engine.topology();
@@ -98,7 +87,7 @@ fn keys_that_read_alike_are_distinct_rows_internal_and_external() {
         user("u5", Some(""), "x"),
     ];
     publish(&topic, &events);
-    let engine = start(&text, state.path());
+    let engine = start_engine(&text, state.path());
     wait_for_reference(&engine, &mut db, &events);
     let groups = expected_tables(engine.topology(), &events)["pairs"].len();
     assert_eq!(groups, 4, "four groups, none merged");
@@ -128,7 +117,7 @@ fn keys_that_read_alike_are_distinct_rows_internal_and_external() {
     let later = vec![user("u7", None, "y")];
     publish(&topic, &later);
     events.extend(later);
-    let engine = start(&text, state.path());
+    let engine = start_engine(&text, state.path());
     wait_for_reference(&engine, &mut db, &events);
     engine.shutdown();
     db.batch_execute(&format!("DROP SCHEMA {schema} CASCADE"))

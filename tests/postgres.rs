@@ -17,17 +17,6 @@ use support::*;
 const READER: &str = "miroir_it_reader";
 const OUTSIDER: &str = "miroir_it_outsider";
 
-fn start(text: &str, state: &std::path::Path) -> Engine {
-    Engine::builder()
-        .topology_str(text)
-        .brokers(brokers())
-        .state_dir(state)
-        .workers(2)
-        .epoch_interval(Duration::from_millis(50))
-        .start()
-        .unwrap()
-}
-
 fn external_tables<'a>(
     db: &'a mut postgres::Client,
     t: &miroir::miroir_engine::topology::Topology,
@@ -98,7 +87,7 @@ fn readers_only_read_and_a_changed_table_is_swapped_in_whole() {
         "{before:?}"
     );
 
-    let engine = start(&t.text, state.path());
+    let engine = start_engine(&t.text, state.path());
     let expected_v1 = only_external(expected_tables(&t.topology, &events), &t.topology);
     wait_for_tables(
         &expected_v1,
@@ -229,7 +218,7 @@ fn readers_only_read_and_a_changed_table_is_swapped_in_whole() {
         })
     };
     std::thread::sleep(Duration::from_millis(200));
-    let engine = start(&text_v2, state.path());
+    let engine = start_engine(&text_v2, state.path());
     wait_for_tables(
         &expected_v2,
         Duration::from_secs(90),
@@ -284,7 +273,7 @@ fn readers_only_read_and_a_changed_table_is_swapped_in_whole() {
         said.contains("indexes recreated in place") && said.contains("readers changed in place"),
         "{said}"
     );
-    let engine = start(&text_v3, state.path());
+    let engine = start_engine(&text_v3, state.path());
     wait_for_tables(
         &expected_v2,
         Duration::from_secs(90),

@@ -82,6 +82,18 @@ pub fn unique(prefix: &str) -> String {
     format!("{prefix}-{}-{}", std::process::id(), nanos % 1_000_000_000)
 }
 
+/// An engine running topology `text` on the local broker, with 2 workers and 50 ms epochs.
+pub fn start_engine(text: &str, state: &std::path::Path) -> miroir::Engine {
+    miroir::Engine::builder()
+        .topology_str(text)
+        .brokers(brokers())
+        .state_dir(state)
+        .workers(2)
+        .epoch_interval(Duration::from_millis(50))
+        .start()
+        .unwrap()
+}
+
 /// The database started by `scripts/services up`.
 pub fn database_url() -> String {
     std::env::var("DATABASE_URL").expect(
