@@ -13,6 +13,19 @@ use super::{KafkaConfig, KafkaError};
 /// Suffix of the topic that receives a source's malformed records.
 pub const ERRORS_SUFFIX: &str = ".miroir-errors";
 
+/// Header names of a malformed record's copy. Dotted, unlike the commands' headers
+/// ([`crate::commands::wire::header`]): consumers of the errors topic read these names.
+pub mod header {
+    /// Why the record could not be applied.
+    pub const ERROR: &str = "miroir.error";
+    /// The source topic it was read from.
+    pub const SOURCE_TOPIC: &str = "miroir.source.topic";
+    /// Its partition there.
+    pub const SOURCE_PARTITION: &str = "miroir.source.partition";
+    /// Its offset there.
+    pub const SOURCE_OFFSET: &str = "miroir.source.offset";
+}
+
 fn producer(config: &KafkaConfig) -> Result<ThreadedProducer<DefaultProducerContext>, KafkaError> {
     let mut c = config.client("producer");
     // Kafka's Java client partitions keys with murmur2; so must we, for keys to meet their
@@ -42,23 +55,18 @@ impl ErrorSink for KafkaErrorSink {
         let target = format!("{topic}{ERRORS_SUFFIX}");
         let partition_text = partition.to_string();
         let offset_text = record.offset.to_string();
-        let headers = OwnedHeaders::new()
-            .insert(Header {
-                key: "miroir.error",
-                value: Some(error),
-            })
-            .insert(Header {
-                key: "miroir.source.topic",
-                value: Some(topic),
-            })
-            .insert(Header {
-                key: "miroir.source.partition",
-                value: Some(&partition_text),
-            })
-            .insert(Header {
-                key: "miroir.source.offset",
-                value: Some(&offset_text),
+        let mut headers = OwnedHeaders::new();
+        for (key, value) in [
+            (header::ERROR, error),
+            (header::SOURCE_TOPIC, topic),
+            (header::SOURCE_PARTITION, &partition_text),
+            (header::SOURCE_OFFSET, &offset_text),
+        ] {
+            headers = headers.insert(Header {
+                key,
+                value: Some(value),
             });
+        }
         let mut r: BaseRecord<'_, [u8], [u8]> = BaseRecord::to(&target).headers(headers);
         if let Some(k) = record.key {
             r = r.key(k);
