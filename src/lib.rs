@@ -460,8 +460,8 @@ impl Engine {
     }
 
     /// The row of `table` with key `key`, in its URL form ([`miroir_engine::value::key_text`]:
-    /// composite keys join their parts with `|`, a `|` or `\\` inside a part is escaped with
-    /// `\\`, and NULL is `\\N`).
+    /// composite keys join their parts with `|`, a `|` or `\` inside a part is escaped with a
+    /// `\`, and NULL is `\N`).
     pub fn get(&self, table: &str, key: &str) -> Result<Option<RowAnswer>, QueryError> {
         self.inner.get(table, key)
     }
