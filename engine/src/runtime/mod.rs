@@ -186,19 +186,9 @@ impl Runtime {
         self.status.snapshot()
     }
 
-    /// Records not yet applied across the assigned partitions (see [`StatusSnapshot::lag`]).
-    pub fn lag(&self) -> Option<i64> {
-        self.status.lag()
-    }
-
     /// The failure that stopped the runtime, if any.
     pub fn failure(&self) -> Option<String> {
         self.status.failure()
-    }
-
-    /// Why the external database is not up to date, while it is not.
-    pub fn sink_failure(&self) -> Option<String> {
-        self.status.sink.failure()
     }
 
     /// The last committed offset of every partition committed since the start.
