@@ -1,6 +1,7 @@
 //! An epoch's deltas of a table as row changes: the upserts and deletes that both writers
 //! take, RocksDB for internal tables ([`write_rows`]) and the outbox for external ones.
 
+use std::collections::hash_map::Entry;
 use std::collections::HashMap;
 
 use differential_dataflow::consolidation::consolidate;
@@ -23,29 +24,29 @@ pub(crate) fn table_changes(table: &TablePlan, mut deltas: Vec<(Row, isize)>) ->
         ..TableChanges::default()
     };
     let key_of = |row: &Row| -> Vec<Value> { table.key.iter().map(|k| row[*k].clone()).collect() };
-    // Where each key's row is in `changes.upserts`.
-    let mut put: HashMap<Vec<Value>, usize> = HashMap::new();
-    for (row, diff) in deltas.iter().filter(|(_, d)| *d > 0) {
-        if *diff > 1 {
-            warn!(table = %table.name, key = %key_text(row, &table.key), diff, "row present more than once");
+    let (inserted, retracted): (Vec<_>, Vec<_>) = deltas.into_iter().partition(|(_, d)| *d > 0);
+    // Where each key's row is in `changes.upserts` (rows are moved, not copied).
+    let mut put: HashMap<Vec<Value>, usize> = HashMap::with_capacity(inserted.len());
+    for (row, diff) in inserted {
+        if diff > 1 {
+            warn!(table = %table.name, key = %key_text(&row, &table.key), diff, "row present more than once");
         }
-        match put.get(&key_of(row)) {
+        match put.entry(key_of(&row)) {
             // Two rows for one key cannot both be written: keep the last, say so.
-            Some(&i) => {
-                warn!(table = %table.name, key = %key_text(row, &table.key), "two rows for one key in an epoch");
-                changes.upserts[i] = row.clone();
+            Entry::Occupied(at) => {
+                warn!(table = %table.name, key = %key_text(&row, &table.key), "two rows for one key in an epoch");
+                changes.upserts[*at.get()] = row;
             }
-            None => {
-                put.insert(key_of(row), changes.upserts.len());
-                changes.upserts.push(row.clone());
+            Entry::Vacant(slot) => {
+                slot.insert(changes.upserts.len());
+                changes.upserts.push(row);
             }
         }
     }
-    for (row, _) in deltas.iter().filter(|(_, d)| *d < 0) {
-        let key = key_of(row);
-        if !put.contains_key(&key) {
-            put.insert(key.clone(), usize::MAX);
-            changes.deletes.push(key);
+    for (row, _) in retracted {
+        if let Entry::Vacant(slot) = put.entry(key_of(&row)) {
+            changes.deletes.push(slot.key().clone());
+            slot.insert(usize::MAX);
         }
     }
     changes
