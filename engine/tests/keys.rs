@@ -70,6 +70,21 @@ fn start(topology: &Arc<Topology>, store: &StateStore) -> Runtime {
     runtime
 }
 
+/// Sends `records` of partition 0 and waits until the last one is committed.
+fn send(runtime: &Runtime, records: Records) {
+    let last = records.last_offset().expect("records to send");
+    runtime.send(
+        0,
+        Message::Records {
+            source: 0,
+            partition: 0,
+            records,
+            catching_up: false,
+        },
+    );
+    wait_committed(runtime, last);
+}
+
 fn wait_committed(runtime: &Runtime, offset: i64) {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
@@ -117,16 +132,7 @@ fn keys_that_read_alike_are_distinct_rows_found_by_their_url_form() {
         rows.push(decode(&topology.sources[0], json.as_bytes()).unwrap());
         records.push(offset as i64, Some(id.as_bytes()), Some(json.as_bytes()));
     }
-    runtime.send(
-        0,
-        Message::Records {
-            source: 0,
-            partition: 0,
-            records,
-            catching_up: false,
-        },
-    );
-    wait_committed(&runtime, USERS.len() as i64 - 1);
+    send(&runtime, records);
     runtime.shutdown();
 
     let expected = evaluate_table(plan, &[rows]);
@@ -161,16 +167,7 @@ fn rows_stored_under_the_url_form_of_their_key_are_gone_after_a_start() {
     let mut records = Records::default();
     let json = payload("u1", Some("a"), "b");
     records.push(0, Some(b"u1"), Some(json.as_bytes()));
-    runtime.send(
-        0,
-        Message::Records {
-            source: 0,
-            partition: 0,
-            records,
-            catching_up: false,
-        },
-    );
-    wait_committed(&runtime, 0);
+    send(&runtime, records);
     runtime.shutdown();
     drop((runtime, store));
     // What an earlier miroir wrote: the row under the text `a|b`.
