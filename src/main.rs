@@ -476,7 +476,7 @@ fn run(command: Action) -> anyhow::Result<ExitCode> {
                 .max_epoch_interval(Duration::from_millis(max_epoch_ms))
                 .start()?;
             info!(topology = %engine.topology().name, http = ?engine.http_addr(), "running; Ctrl-C to stop");
-            wait_for_signal()?;
+            wait_for_signal_or_failure(&engine)?;
             info!("stopping: committing and leaving the consumer group");
             let failure = engine.failure();
             engine.shutdown();
@@ -525,15 +525,23 @@ fn run(command: Action) -> anyhow::Result<ExitCode> {
 }
 
 /// Blocks until SIGINT or SIGTERM.
-fn wait_for_signal() -> anyhow::Result<()> {
+/// Waits for Ctrl-C or SIGTERM, or for a component of `engine` to fail for good (then the
+/// process exits with an error, for its supervisor to see).
+fn wait_for_signal_or_failure(engine: &miroir::Engine) -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
     rt.block_on(async {
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        let failed = async {
+            while engine.failure().is_none() {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        };
         tokio::select! {
             r = tokio::signal::ctrl_c() => r,
             _ = term.recv() => Ok(()),
+            _ = failed => Ok(()),
         }
     })?;
     Ok(())

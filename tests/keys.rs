@@ -5,12 +5,10 @@
 
 mod support;
 
-use std::collections::BTreeMap;
 use std::time::Duration;
 
 use miroir::Engine;
 use miroir_connectors::kafka::admin::create_topic;
-use miroir_connectors::kafka::output::Publisher;
 use miroir_connectors::kafka::KafkaConfig;
 use support::*;
 
@@ -43,15 +41,6 @@ fn user(id: &str, a: Option<&str>, b: &str) -> Event {
     }
 }
 
-fn publish(topic: &str, events: &[Event]) {
-    let publisher = Publisher::new(&KafkaConfig::new(brokers())).unwrap();
-    for e in events {
-        let payload = e.payload.as_deref().map(str::as_bytes);
-        publisher.send(topic, e.key.as_bytes(), payload).unwrap();
-    }
-    publisher.flush().unwrap();
-}
-
 /// Waits until both tables equal the reference over `events`.
 fn wait_for_reference(engine: &Engine, db: &mut postgres::Client, events: &[Event]) {
     let t = engine.topology();
@@ -59,14 +48,7 @@ fn wait_for_reference(engine: &Engine, db: &mut postgres::Client, events: &[Even
     let groups = &expected["pairs"];
     assert_eq!(expected["pairs_pg"], *groups, "one query, one reference");
     wait_for_tables(&expected, Duration::from_secs(60), |name| {
-        let plan = t.table(name).unwrap();
-        if plan.postgres().is_some() {
-            return pg_table(db, t, name).unwrap_or_default();
-        }
-        let rows = engine.scan(name, "", 10_000).unwrap();
-        rows.into_iter()
-            .map(|row| (json_key(&row, plan), row))
-            .collect::<BTreeMap<_, _>>()
+        table_rows(engine, db, name)
     });
 }
 
@@ -86,7 +68,7 @@ fn keys_that_read_alike_are_distinct_rows_internal_and_external() {
         user("u4", Some(""), "x"),
         user("u5", Some(""), "x"),
     ];
-    publish(&topic, &events);
+    publish_to(&topic, &events);
     let engine = start_engine(&text, state.path());
     wait_for_reference(&engine, &mut db, &events);
     let groups = expected_tables(engine.topology(), &events)["pairs"].len();
@@ -108,14 +90,14 @@ fn keys_that_read_alike_are_distinct_rows_internal_and_external() {
         },
         user("u6", None, "y"),
     ];
-    publish(&topic, &more);
+    publish_to(&topic, &more);
     events.extend(more);
     wait_for_reference(&engine, &mut db, &events);
     engine.shutdown();
 
     // A start replaces the external table by the restored state: the NULL group stays.
     let later = vec![user("u7", None, "y")];
-    publish(&topic, &later);
+    publish_to(&topic, &later);
     events.extend(later);
     let engine = start_engine(&text, state.path());
     wait_for_reference(&engine, &mut db, &events);

@@ -220,7 +220,7 @@ impl Metrics {
             .expect("unique metric");
         let sink_rows = counter(
             "miroir_sink_rows_total",
-            "Row changes in the batches applied to external tables, by operation (a key changed in several batches of one transaction counts once per batch)",
+            "Row changes in the batches applied to external tables, by operation: upsert, delete, rejected (a row the database cannot hold, set aside; a key changed in several batches of one transaction counts once per batch)",
             &["table", "op"],
         );
         let simple_counter = |name: &str, help: &str| {

@@ -116,6 +116,14 @@ impl SinkHealth {
     }
 }
 
+/// What applying a group of batches did besides writing their rows.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Applied {
+    /// Rows the database refused (a value it cannot hold), per table: set aside where the
+    /// sink keeps them, not written; the key's earlier row, if any, is gone.
+    pub rejected: Vec<(String, u64)>,
+}
+
 /// A sink failure.
 #[derive(Debug, thiserror::Error)]
 pub enum SinkError {
@@ -219,14 +227,16 @@ pub trait ExternalSink: Send {
     /// Applies `batches` (in sequence order) in one transaction, recording the last
     /// sequence; a batch whose sequence was already applied changes nothing. With
     /// `snapshot`, the batches' net effect is the whole content of every external table: rows
-    /// it does not name are deleted. The transaction commits only after `durable.wait()`
-    /// returned `Ok`; on an error it is rolled back.
+    /// it does not name are deleted. A row the database cannot hold is set aside (reported in
+    /// [`Applied`]), not an error. The transaction commits only after `durable.wait()`
+    /// returned `Ok`; on an error it is rolled back: a transient error is retried, another
+    /// stops the instance.
     fn apply(
         &mut self,
         batches: &[SinkBatch],
         snapshot: bool,
         durable: &Durable,
-    ) -> Result<(), SinkError>;
+    ) -> Result<Applied, SinkError>;
 
     /// Gets ready to write (connects, checks the tables) before the first batch arrives, so
     /// the first epoch's changes do not wait for it. A failure is only logged: `apply` tries
@@ -355,7 +365,8 @@ impl Drop for SinkSender {
 
 /// The thread that applies batches in order, retrying each until it is applied. It ends
 /// when every [`SinkSender`] is dropped and it has applied what it holds (for at most
-/// [`STOP_GRACE`] of retries once the instance stops).
+/// [`STOP_GRACE`] of retries once the instance stops), or when the database refuses a group
+/// for a reason retrying does not change: then it stops the instance through `fail`.
 pub(crate) struct SinkDriver {
     thread: Option<JoinHandle<()>>,
 }
@@ -369,6 +380,7 @@ impl SinkDriver {
         metrics: Arc<Metrics>,
         health: Arc<SinkHealth>,
         stop: Arc<AtomicBool>,
+        fail: impl Fn(String) + Send + 'static,
     ) -> (SinkSender, SinkDriver) {
         let mailbox = Arc::new(Mailbox::default());
         metrics.sink_up.set(1);
@@ -393,22 +405,31 @@ impl SinkDriver {
                 });
                 let groups = first.into_iter().chain(std::iter::from_fn(|| mailbox.take()));
                 for group in groups {
-                    if !apply_with_retry(sink.as_mut(), &group, &metrics, &health, &stop) {
-                        if group.durable.failed() {
+                    let sequence = group.batches.first().map(|b| b.sequence);
+                    match apply_with_retry(sink.as_mut(), &group, &metrics, &health, &stop) {
+                        Outcome::Applied => {}
+                        Outcome::Left if group.durable.failed() => {
                             // The runtime stops too: what follows is not in the outbox either.
-                            error!(
-                                sequence = group.batches.last().map(|b| b.sequence),
-                                "the epoch commit of these batches failed: not applied"
-                            );
+                            error!(sequence, "the epoch commit of these batches failed: not applied");
                             mailbox.set(|s| s.gone = true);
                             return;
                         }
-                        warn!(
-                            sequence = group.batches.first().map(|b| b.sequence),
-                            "stopping with batches not applied: they stay in the outbox for the next start"
-                        );
-                        mailbox.set(|s| s.gone = true);
-                        return;
+                        Outcome::Left => {
+                            warn!(sequence, "stopping with batches not applied: they stay in the outbox for the next start");
+                            mailbox.set(|s| s.gone = true);
+                            return;
+                        }
+                        Outcome::Refused(e) => {
+                            let failure = format!(
+                                "the external database refuses batch {} ({} error): {e}; the batches stay in the outbox and are applied at the next start",
+                                sequence.unwrap_or_default(),
+                                e.class()
+                            );
+                            error!(sequence, error = %e, class = %e.class(), "the external database refuses a batch for a reason retrying does not change: stopping");
+                            fail(failure);
+                            mailbox.set(|s| s.gone = true);
+                            return;
+                        }
                     }
                     for batch in &group.batches {
                         if let Err(e) = store.remove_outbox(batch.sequence) {
@@ -435,15 +456,26 @@ impl SinkDriver {
     }
 }
 
-/// Applies `group`, retrying with exponential backoff (100 ms to 5 s) until it succeeds;
-/// false when the instance stops before it could, or when the commit of its batches failed.
+/// How [`apply_with_retry`] ended.
+#[derive(Debug)]
+enum Outcome {
+    /// The group is in the database.
+    Applied,
+    /// Not applied: the instance stops, or the commit of its batches failed.
+    Left,
+    /// Not applied: the database refuses it for a reason retrying does not change.
+    Refused(SinkError),
+}
+
+/// Applies `group`, retrying transient errors with exponential backoff (100 ms to 5 s) until
+/// it succeeds.
 fn apply_with_retry(
     sink: &mut dyn ExternalSink,
     group: &Group,
     metrics: &Metrics,
     health: &SinkHealth,
     stop: &AtomicBool,
-) -> bool {
+) -> Outcome {
     let mut delays = ExponentialBuilder::default()
         .with_min_delay(Duration::from_millis(100))
         .with_max_delay(Duration::from_secs(5))
@@ -461,7 +493,7 @@ fn apply_with_retry(
             .elapsed()
             .saturating_sub(group.durable.take_waited());
         match applied {
-            Ok(()) => {
+            Ok(applied) => {
                 metrics.sink_commit_seconds.observe(spent.as_secs_f64());
                 metrics.sink_batches.inc_by(batches.len() as u64);
                 for t in batches.iter().flat_map(|b| &b.tables) {
@@ -473,6 +505,12 @@ fn apply_with_retry(
                         .sink_rows
                         .with_label_values(&[&t.table, "delete"])
                         .inc_by(t.deletes.len() as u64);
+                }
+                for (table, n) in &applied.rejected {
+                    metrics
+                        .sink_rows
+                        .with_label_values(&[table, "rejected"])
+                        .inc_by(*n);
                 }
                 if metrics.sink_up.get() == 0 {
                     info!(sequence, "external database reachable again");
@@ -487,9 +525,10 @@ fn apply_with_retry(
                     snapshot = group.snapshot,
                     "batches applied"
                 );
-                return true;
+                return Outcome::Applied;
             }
-            Err(_) if group.durable.failed() => return false,
+            Err(_) if group.durable.failed() => return Outcome::Left,
+            Err(e) if e.class() != ErrorClass::Transient => return Outcome::Refused(e),
             Err(e) => {
                 metrics.sink_retries.inc();
                 metrics.sink_up.set(0);
@@ -500,7 +539,7 @@ fn apply_with_retry(
                     let deadline =
                         *stop_deadline.get_or_insert_with(|| Instant::now() + STOP_GRACE);
                     if Instant::now() >= deadline {
-                        return false;
+                        return Outcome::Left;
                     }
                 }
                 std::thread::sleep(delay);
@@ -535,10 +574,10 @@ mod tests {
             batches: &[SinkBatch],
             _snapshot: bool,
             durable: &Durable,
-        ) -> Result<(), SinkError> {
+        ) -> Result<Applied, SinkError> {
             durable.wait()?;
             self.0.lock().extend(batches.iter().map(|b| b.sequence));
-            Ok(())
+            Ok(Applied::default())
         }
     }
 
@@ -571,12 +610,9 @@ mod tests {
                 early
             })
         };
-        assert!(apply_with_retry(
-            &mut sink,
-            &group(1, &durable),
-            &metrics,
-            &health,
-            &stop
+        assert!(matches!(
+            apply_with_retry(&mut sink, &group(1, &durable), &metrics, &health, &stop),
+            Outcome::Applied
         ));
         assert_eq!(
             writer.join().unwrap(),
@@ -587,12 +623,9 @@ mod tests {
 
         let failed = Durable::pending();
         failed.set(false);
-        assert!(!apply_with_retry(
-            &mut sink,
-            &group(2, &failed),
-            &metrics,
-            &health,
-            &stop
+        assert!(matches!(
+            apply_with_retry(&mut sink, &group(2, &failed), &metrics, &health, &stop),
+            Outcome::Left
         ));
         assert_eq!(*committed.lock(), vec![1], "a failed epoch is not applied");
         assert_eq!(metrics.sink_retries.get(), 0, "and not retried");

@@ -177,7 +177,7 @@ impl Value {
             (J::Bool(b), ColumnType::Boolean) => Value::Bool(*b),
             (J::String(s), ColumnType::Timestamptz) => Value::Timestamp(parse_timestamp(s)?),
             (J::Number(n), ColumnType::Timestamptz) => {
-                Value::Timestamp(n.as_i64()?.checked_mul(1000)?)
+                Value::Timestamp(timestamp_from_millis(n.as_i64()?)?)
             }
             _ => return None,
         })
@@ -194,9 +194,18 @@ impl fmt::Display for Value {
     }
 }
 
-/// Parses an RFC 3339 timestamp into UTC microseconds.
+/// Epoch milliseconds as UTC microseconds, if they name a date miroir can write (years
+/// -262143 to 262142): a timestamp beyond is malformed input, not a value.
+pub fn timestamp_from_millis(ms: i64) -> Option<i64> {
+    ms.checked_mul(1000)
+        .filter(|us| chrono::DateTime::from_timestamp_micros(*us).is_some())
+}
+
+/// Parses an RFC 3339 timestamp into UTC microseconds; years outside 0000-9999 are read with
+/// their sign, as [`format_timestamp`] writes them.
 pub fn parse_timestamp(s: &str) -> Option<i64> {
     chrono::DateTime::parse_from_rfc3339(s)
+        .or_else(|_| s.parse::<chrono::DateTime<chrono::FixedOffset>>())
         .ok()
         .map(|d| d.timestamp_micros())
 }
@@ -423,6 +432,25 @@ impl Serialize for ValueJson<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_timestamp_miroir_reads_is_written_back_the_same() {
+        let day = 86_400_000;
+        for ms in [
+            0,
+            -377_705_116_800_000,   // 10,000 BC
+            253_402_300_800_000,    // 10000-01-01
+            8_210_266_876_799_999,  // the last millisecond of 262142
+            -8_334_601_228_800_000, // the first of -262143
+            day - 1,
+        ] {
+            let us = timestamp_from_millis(ms).expect("in range");
+            let text = format_timestamp(us);
+            assert_eq!(parse_timestamp(&text), Some(us), "{ms} ms written {text}");
+        }
+        assert_eq!(timestamp_from_millis(-9_223_372_036_854_775), None);
+        assert_eq!(timestamp_from_millis(i64::MAX), None);
+    }
 
     #[test]
     fn decodes_declared_types_and_rejects_mismatches() {

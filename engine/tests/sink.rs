@@ -11,7 +11,7 @@ use miroir_engine::ingest::{ErrorSink, Message, Record, Records};
 use miroir_engine::metrics::Metrics;
 use miroir_engine::reference::evaluate_table;
 use miroir_engine::runtime::{Runtime, RuntimeConfig};
-use miroir_engine::sink::{Durable, ExternalSink, SinkBatch, SinkError};
+use miroir_engine::sink::{Applied, Durable, ExternalSink, SinkBatch, SinkError};
 use miroir_engine::state::StateStore;
 use miroir_engine::topology::Topology;
 use miroir_engine::value::{key_text, Row};
@@ -46,6 +46,8 @@ struct Db {
     transactions: usize,
     /// Attempts left to fail before accepting.
     failures: usize,
+    /// Refuse every batch with an error of this class (retrying does not help).
+    refusal: Option<ErrorClass>,
     /// Every state a reader could have seen (after each transaction).
     snapshots: Vec<BTreeMap<String, Row>>,
 }
@@ -61,9 +63,15 @@ impl ExternalSink for FakeSink {
         batches: &[SinkBatch],
         snapshot: bool,
         durable: &Durable,
-    ) -> Result<(), SinkError> {
+    ) -> Result<Applied, SinkError> {
         durable.wait()?;
         let mut db = self.db.lock().unwrap();
+        if let Some(class) = db.refusal {
+            return Err(SinkError::Database {
+                class,
+                source: "permission denied for table per_dept".into(),
+            });
+        }
         if db.failures > 0 {
             db.failures -= 1;
             return Err(SinkError::Database {
@@ -100,7 +108,7 @@ impl ExternalSink for FakeSink {
         db.transactions += 1;
         let snapshot = db.rows.clone();
         db.snapshots.push(snapshot);
-        Ok(())
+        Ok(Applied::default())
     }
 }
 
@@ -350,4 +358,47 @@ fn a_batch_left_in_the_outbox_is_applied_at_the_next_start() {
     };
     again.apply(&[replay], false, &Durable::done()).unwrap();
     assert_eq!(up.lock().unwrap().rows, expected(&t, &applied));
+}
+
+#[test]
+fn a_batch_the_database_refuses_for_good_stops_the_runtime_and_stays_in_the_outbox() {
+    let t = topology();
+    let dir = tempfile::tempdir().unwrap();
+    let fed = &events()[..30];
+    for class in [ErrorClass::Fatal, ErrorClass::Definite] {
+        let refusing = Arc::new(Mutex::new(Db {
+            refusal: Some(class),
+            ..Db::default()
+        }));
+        let runtime = start(&t, dir.path(), &refusing);
+        assign(&runtime);
+        feed(&runtime, fed, 0);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !runtime.stopped() {
+            assert!(
+                Instant::now() < deadline,
+                "{class}: the runtime keeps going"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let failure = runtime.failure().expect("the runtime says why it stopped");
+        assert!(
+            failure.contains("refuses batch") && failure.contains("permission denied"),
+            "{failure}"
+        );
+        runtime.shutdown();
+        assert_eq!(refusing.lock().unwrap().transactions, 0);
+    }
+    let store = StateStore::open(dir.path(), &[]).unwrap();
+    assert!(!store.outbox().unwrap().is_empty(), "the batches are kept");
+    drop(store);
+
+    // Once the database accepts them, the next start applies them, and the records after
+    // them, read again.
+    let up = Arc::new(Mutex::new(Db::default()));
+    let runtime = start(&t, dir.path(), &up);
+    assign(&runtime);
+    feed(&runtime, fed, 0);
+    wait_for(&up, &expected(&t, fed));
+    runtime.shutdown();
 }

@@ -107,8 +107,8 @@ pub fn pg() -> postgres::Client {
     postgres::Client::connect(&database_url(), postgres::NoTls).expect("connect to PostgreSQL")
 }
 
-/// The rows of an external table, as key -> JSON row (the same JSON as the engine serves:
-/// the test topologies' external tables have text and bigint columns only).
+/// The rows of an external table, as key -> JSON row, in the JSON the engine serves (each
+/// value of a column of `table` read back through its type: timestamps in UTC).
 pub fn pg_table(
     client: &mut postgres::Client,
     t: &Topology,
@@ -122,7 +122,14 @@ pub fn pg_table(
     );
     let mut out = BTreeMap::new();
     for row in client.query(&sql, &[])? {
-        let json: serde_json::Value = serde_json::from_str(row.get::<_, &str>(0)).unwrap();
+        let mut json: serde_json::Value = serde_json::from_str(row.get::<_, &str>(0)).unwrap();
+        for c in &plan.columns {
+            if let Some(v) = json.get_mut(&c.name) {
+                *v = Value::from_json(v, c.ty)
+                    .expect("a value of the column's type")
+                    .to_json();
+            }
+        }
         out.insert(json_key(&json, plan), json);
     }
     Ok(out)
@@ -340,6 +347,34 @@ pub fn publish(t: &TestTopology, events: &[Event]) {
             .unwrap();
     }
     publisher.flush().unwrap();
+}
+
+/// Publishes `events` on `topic` (which exists), in order.
+pub fn publish_to(topic: &str, events: &[Event]) {
+    let publisher = Publisher::new(&KafkaConfig::new(brokers())).unwrap();
+    for e in events {
+        let payload = e.payload.as_deref().map(str::as_bytes);
+        publisher.send(topic, e.key.as_bytes(), payload).unwrap();
+    }
+    publisher.flush().unwrap();
+}
+
+/// The rows of `engine`'s table `name` as key -> JSON row: read from PostgreSQL for an
+/// external table (empty while it does not exist), from the engine for an internal one.
+pub fn table_rows(
+    engine: &miroir::Engine,
+    db: &mut postgres::Client,
+    name: &str,
+) -> BTreeMap<String, serde_json::Value> {
+    let t = engine.topology();
+    let plan = t.table(name).expect("a table of the topology");
+    if plan.postgres().is_some() {
+        return pg_table(db, t, name).unwrap_or_default();
+    }
+    let rows = engine.scan(name, "", 10_000).unwrap();
+    rows.into_iter()
+        .map(|row| (json_key(&row, plan), row))
+        .collect()
 }
 
 /// The simulated state of one source key: its row and, per operation, the last applied order.

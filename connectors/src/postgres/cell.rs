@@ -3,11 +3,52 @@
 use std::error::Error;
 
 use bytes::{BufMut, BytesMut};
-use miroir_engine::value::{ColumnType, Value};
+use miroir_engine::value::{format_timestamp, ColumnType, Value};
 use tokio_postgres::types::{to_sql_checked, IsNull, ToSql, Type};
 
 /// Microseconds from the Unix epoch to PostgreSQL's (2000-01-01).
 const PG_EPOCH_MICROS: i64 = 946_684_800_000_000;
+
+/// The earliest timestamp PostgreSQL holds (4714-11-24 BC), in microseconds from its epoch.
+const PG_MIN_TIMESTAMP: i64 = -211_813_488_000_000_000;
+
+/// The first timestamp past PostgreSQL's range (294277-01-01), from its epoch.
+const PG_END_TIMESTAMP: i64 = 9_223_371_331_200_000_000;
+
+/// A value PostgreSQL cannot hold in its column: the row is at fault (set it aside), retrying
+/// changes nothing.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct Unwritable(pub String);
+
+/// Whether PostgreSQL can hold `value` in a column of type `ty`: texts cannot hold a NUL
+/// character, timestamps must fall in 4714 BC to 294276 AD.
+pub fn check(value: &Value, ty: &Type) -> Result<(), Unwritable> {
+    match (value, ty) {
+        (Value::Null, _)
+        | (Value::Int(_), &Type::INT8 | &Type::FLOAT8)
+        | (Value::Float(_), &Type::FLOAT8)
+        | (Value::Bool(_), &Type::BOOL) => Ok(()),
+        (Value::Text(s), &Type::TEXT) if s.contains('\0') => Err(Unwritable(
+            "a text with a NUL character (PostgreSQL texts cannot hold one)".into(),
+        )),
+        (Value::Text(_), &Type::TEXT) => Ok(()),
+        (Value::Timestamp(us), &Type::TIMESTAMPTZ) => match pg_micros(*us) {
+            Some(_) => Ok(()),
+            None => Err(Unwritable(format!(
+                "timestamp {} is outside PostgreSQL's range (4714 BC to 294276 AD)",
+                format_timestamp(*us)
+            ))),
+        },
+        (value, ty) => Err(Unwritable(format!("cannot write {value:?} as {ty}"))),
+    }
+}
+
+/// `us` (from the Unix epoch) as microseconds from PostgreSQL's epoch, if in its range.
+fn pg_micros(us: i64) -> Option<i64> {
+    us.checked_sub(PG_EPOCH_MICROS)
+        .filter(|t| (PG_MIN_TIMESTAMP..PG_END_TIMESTAMP).contains(t))
+}
 
 /// The PostgreSQL type of a column type.
 pub fn pg_type(ty: ColumnType) -> Type {
@@ -30,15 +71,15 @@ impl ToSql for Cell<'_> {
         ty: &Type,
         out: &mut BytesMut,
     ) -> Result<IsNull, Box<dyn Error + Sync + Send>> {
-        match (self.0, ty) {
-            (Value::Null, _) => return Ok(IsNull::Yes),
-            (Value::Text(s), &Type::TEXT) => out.put_slice(s.as_bytes()),
-            (Value::Int(i), &Type::INT8) => out.put_i64(*i),
-            (Value::Int(i), &Type::FLOAT8) => out.put_f64(*i as f64),
-            (Value::Float(f), &Type::FLOAT8) => out.put_f64(f.0),
-            (Value::Bool(b), &Type::BOOL) => out.put_u8(u8::from(*b)),
-            (Value::Timestamp(us), &Type::TIMESTAMPTZ) => out.put_i64(us - PG_EPOCH_MICROS),
-            (value, ty) => return Err(format!("cannot write {value:?} as {ty}").into()),
+        check(self.0, ty)?;
+        match self.0 {
+            Value::Null => return Ok(IsNull::Yes),
+            Value::Text(s) => out.put_slice(s.as_bytes()),
+            Value::Int(i) if *ty == Type::FLOAT8 => out.put_f64(*i as f64),
+            Value::Int(i) => out.put_i64(*i),
+            Value::Float(f) => out.put_f64(f.0),
+            Value::Bool(b) => out.put_u8(u8::from(*b)),
+            Value::Timestamp(us) => out.put_i64(pg_micros(*us).unwrap_or_default()),
         }
         Ok(IsNull::No)
     }
@@ -98,10 +139,31 @@ mod tests {
     }
 
     #[test]
-    fn a_value_of_another_type_is_an_error() {
-        let mut out = BytesMut::new();
-        assert!(Cell(&Value::Text("x".into()))
-            .to_sql(&Type::INT8, &mut out)
-            .is_err());
+    fn a_value_postgres_cannot_hold_is_unwritable_not_a_panic() {
+        for (value, ty) in [
+            (Value::Text("x".into()), Type::INT8),
+            (Value::Text("a\0b".into()), Type::TEXT),
+            (Value::Timestamp(i64::MIN), Type::TIMESTAMPTZ),
+            (
+                Value::Timestamp(-9_000_000_000_000_000_000),
+                Type::TIMESTAMPTZ,
+            ),
+        ] {
+            let mut out = BytesMut::new();
+            let Err(err) = Cell(&value).to_sql(&ty, &mut out) else {
+                panic!("{value:?} written as {ty}");
+            };
+            assert!(
+                err.downcast_ref::<Unwritable>().is_some(),
+                "{value:?}: {err}"
+            );
+        }
+        // The edges of PostgreSQL's range are held.
+        let first = PG_MIN_TIMESTAMP + PG_EPOCH_MICROS;
+        assert_eq!(
+            encode(&Value::Timestamp(first), Type::TIMESTAMPTZ),
+            Some(PG_MIN_TIMESTAMP.to_be_bytes().to_vec())
+        );
+        assert!(check(&Value::Timestamp(first - 1), &Type::TIMESTAMPTZ).is_err());
     }
 }

@@ -6,9 +6,12 @@
 //! - [`sink`]: [`sink::PostgresSink`], the engine's [`miroir_engine::sink::ExternalSink`]:
 //!   one transaction per batch (binary `COPY` into staging tables, then one merge per table),
 //!   with the instance's sequence and offsets.
+//! - [`rejects`]: rows PostgreSQL cannot hold, set aside in `miroir.rejects` instead of
+//!   stopping the sink.
 //! - [`cell`]: engine values in PostgreSQL's binary format.
 
 pub mod cell;
+mod rejects;
 pub mod schema;
 pub mod sink;
 
@@ -30,16 +33,25 @@ pub enum PostgresError {
 
 impl PostgresError {
     /// What to do next, from the SQLSTATE of the database's error (see [`sqlstate_class`]);
-    /// an error without one (the connection broke) is transient, a configuration error fatal.
+    /// a value PostgreSQL cannot hold ([`cell::Unwritable`]) is definite, another error without
+    /// a SQLSTATE (the connection broke) transient, a configuration error fatal.
     pub fn class(&self) -> ErrorClass {
         match self {
-            PostgresError::Db(e) => e
-                .code()
-                .map_or(ErrorClass::Transient, |s| sqlstate_class(s.code())),
+            PostgresError::Db(e) => match e.code() {
+                Some(state) => sqlstate_class(state.code()),
+                // A value refused before it was sent: the row is at fault.
+                None if unwritable(e) => ErrorClass::Definite,
+                None => ErrorClass::Transient,
+            },
             PostgresError::Config(_) => ErrorClass::Fatal,
             PostgresError::NotDurable(e) => e.class(),
         }
     }
+}
+
+/// Whether `e` is a value that [`cell::check`] refused.
+fn unwritable(e: &tokio_postgres::Error) -> bool {
+    std::error::Error::source(e).is_some_and(|s| s.is::<cell::Unwritable>())
 }
 
 /// The class of a SQLSTATE, by its first two characters: connection failures (08), rolled-back

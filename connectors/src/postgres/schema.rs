@@ -9,8 +9,9 @@
 //! - a row in `miroir.tables`: the definition it was built from and the state directory
 //!   (instance) that built it.
 //!
-//! And per topology: `miroir.progress` (the last batch sequence each instance applied) and
-//! `miroir.offsets` (each task's last applied offset).
+//! And per topology: `miroir.progress` (the last batch sequence each instance applied),
+//! `miroir.offsets` (each task's last applied offset) and `miroir.rejects` (rows PostgreSQL
+//! cannot hold, set aside: see [`super::rejects`]).
 //!
 //! A table is kept when its stored definition and builder match; otherwise it is built anew
 //! in a shadow table `t__miroir_new` while `t` keeps serving, and swapped in, in one
@@ -53,6 +54,20 @@ CREATE TABLE IF NOT EXISTS miroir.offsets (
     sequence bigint NOT NULL,
     updated_at timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (topology, topic, partition)
+);
+CREATE TABLE IF NOT EXISTS miroir.rejects (
+    topology text NOT NULL,
+    schema_name text NOT NULL,
+    table_name text NOT NULL,
+    key text NOT NULL,
+    row_data text NOT NULL,
+    column_name text,
+    sqlstate text,
+    message text NOT NULL,
+    sequence bigint NOT NULL,
+    instance text NOT NULL,
+    rejected_at timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (topology, schema_name, table_name, key)
 );
 "#;
 

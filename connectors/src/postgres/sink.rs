@@ -20,7 +20,8 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
-use miroir_engine::sink::{Durable, ExternalSink, SinkBatch, SinkError, TableChanges};
+use miroir_engine::error::ErrorClass;
+use miroir_engine::sink::{Applied, Durable, ExternalSink, SinkBatch, SinkError, TableChanges};
 use miroir_engine::topology::Topology;
 use miroir_engine::value::Value;
 use tokio_postgres::binary_copy::BinaryCopyInWriter;
@@ -29,6 +30,7 @@ use tokio_postgres::{Client, Transaction};
 use tracing::{info, warn};
 
 use super::cell::{pg_type, Cell};
+use super::rejects::{self, Rejection};
 use super::schema::{prepare, swap, Target};
 use super::{connect, ident, PostgresError};
 
@@ -43,6 +45,8 @@ pub struct PostgresSink {
     staged: HashSet<usize>,
     /// Set once the schema objects are prepared (on the first connection).
     targets: Option<Vec<Target>>,
+    /// Per target, the keys set aside in `miroir.rejects` (as committed).
+    set_aside: Vec<HashSet<String>>,
 }
 
 impl PostgresSink {
@@ -67,6 +71,7 @@ impl PostgresSink {
             client: None,
             staged: HashSet::new(),
             targets: None,
+            set_aside: Vec::new(),
         })
     }
 
@@ -78,17 +83,30 @@ impl PostgresSink {
         }
         if self.targets.is_none() {
             let client = self.client.as_mut().expect("connected above");
-            self.targets = Some(prepare(client, &self.topology, &self.instance).await?);
+            let targets = prepare(client, &self.topology, &self.instance).await?;
+            let mut set_aside = rejects::outstanding(client, &self.topology.name).await?;
+            self.set_aside = targets
+                .iter()
+                .map(|t| {
+                    let table = (t.pg.schema.clone(), t.pg.table.clone());
+                    set_aside.remove(&table).unwrap_or_default()
+                })
+                .collect();
+            self.targets = Some(targets);
         }
         Ok(())
     }
 
+    /// Applies `batches` in one transaction (see the module's doc). With `one_by_one`, rows
+    /// are staged one at a time, each in a savepoint, so that those the database refuses are
+    /// set aside ([`rejects`]).
     async fn try_apply(
         &mut self,
         batches: &[SinkBatch],
         snapshot: bool,
         durable: &Durable,
-    ) -> Result<(), PostgresError> {
+        one_by_one: bool,
+    ) -> Result<Applied, PostgresError> {
         self.ready().await?;
         let client = self.client.as_mut().expect("connected by ready");
         let targets = self.targets.as_mut().expect("prepared by ready");
@@ -108,10 +126,18 @@ impl PostgresSink {
             info!(sequence = ?batches.last().map(|b| b.sequence), "batches already applied (replay): skipped");
             durable.wait()?;
             tx.commit().await?;
-            return Ok(());
+            return Ok(Applied::default());
         };
+        let sequence = last.sequence as i64;
         // A snapshot replaces the tables only if none of its batches was applied before.
         let replace = snapshot && fresh.len() == batches.len();
+        let mut applied = Applied::default();
+        let mut settled = Vec::new();
+        let at = rejects::Where {
+            topology: &self.topology.name,
+            instance: &self.instance,
+            sequence,
+        };
         for (k, target) in targets.iter().enumerate() {
             let (upserts, deletes) = final_changes(target, &fresh);
             if upserts.is_empty() && deletes.is_empty() && !replace {
@@ -121,7 +147,26 @@ impl PostgresSink {
                 create_staging(&tx, target, k).await?;
                 self.staged.insert(k);
             }
-            write_changes(&tx, target, k, upserts, deletes, replace).await?;
+            let set_aside = &self.set_aside[k];
+            let written = if set_aside.is_empty() || replace {
+                Vec::new()
+            } else {
+                written_keys(target, &upserts, &deletes)
+            };
+            let changes = Changes {
+                upserts,
+                deletes,
+                replace,
+                one_by_one,
+            };
+            let rejected = write_changes(&tx, target, k, changes).await?;
+            let change =
+                rejects::settle(&tx, &at, target, set_aside, written, replace, &rejected).await?;
+            settled.push((k, change));
+            if !rejected.is_empty() {
+                let table = target.plan.name.clone();
+                applied.rejected.push((table, rejected.len() as u64));
+            }
         }
         let mut offsets: HashMap<(&str, u32), i64> = HashMap::new();
         for o in fresh.iter().flat_map(|b| &b.offsets) {
@@ -130,7 +175,6 @@ impl PostgresSink {
         let topics: Vec<&str> = offsets.keys().map(|(t, _)| *t).collect();
         let partitions: Vec<i32> = offsets.keys().map(|(_, p)| *p as i32).collect();
         let offsets: Vec<i64> = offsets.values().copied().collect();
-        let sequence = last.sequence as i64;
         tx.execute(
             "INSERT INTO miroir.offsets (topology, topic, partition, \"offset\", instance, sequence, updated_at)
              SELECT $1, t, p, o, $5, $6, now() FROM unnest($2::text[], $3::int[], $4::bigint[]) AS u(t, p, o)
@@ -155,11 +199,14 @@ impl PostgresSink {
         // The database never leads RocksDB: the commit waits for the epoch's to be durable.
         durable.wait()?;
         tx.commit().await?;
+        for (k, change) in settled {
+            change.apply(&mut self.set_aside[k]);
+        }
         for k in swapped {
             targets[k].building = false;
             info!(table = %targets[k].pg.qualified(), "rebuilt table swapped in");
         }
-        Ok(())
+        Ok(applied)
     }
 }
 
@@ -232,14 +279,21 @@ impl ExternalSink for PostgresSink {
         batches: &[SinkBatch],
         snapshot: bool,
         durable: &Durable,
-    ) -> Result<(), SinkError> {
+    ) -> Result<Applied, SinkError> {
         let rt = self.rt.clone();
-        rt.block_on(self.try_apply(batches, snapshot, durable))
-            .map_err(|e| {
-                // A failed transaction may leave the connection unusable: start afresh.
+        let mut result = rt.block_on(self.try_apply(batches, snapshot, durable, false));
+        if let Err(e) = &result {
+            if e.class() == ErrorClass::Definite {
+                warn!(error = %e, "the database refuses a row of these batches: applying them again a row at a time, to set the refused rows aside");
                 self.client = None;
-                database_error(e)
-            })
+                result = rt.block_on(self.try_apply(batches, snapshot, durable, true));
+            }
+        }
+        result.map_err(|e| {
+            // A failed transaction may leave the connection unusable: start afresh.
+            self.client = None;
+            database_error(e)
+        })
     }
 }
 
@@ -333,87 +387,172 @@ fn same_key(key_names: &[String], a: &str, b: &str, nulls: bool) -> String {
         .join(" AND ")
 }
 
+/// The keys (as `miroir.rejects` names them) of rows written or deleted.
+fn written_keys(target: &Target, upserts: &[&[Value]], deletes: &[&[Value]]) -> Vec<String> {
+    let key = &target.plan.key;
+    let written = upserts
+        .iter()
+        .map(|row| rejects::key_json(key.iter().map(|i| row[*i].clone())));
+    let deleted = deletes.iter().map(|k| rejects::key_json(k.iter().cloned()));
+    written.chain(deleted).collect()
+}
+
+/// One table's net changes in a group of batches, and how to write them.
+struct Changes<'a> {
+    /// The last row written of each key.
+    upserts: Vec<&'a [Value]>,
+    /// The keys whose last change is a delete.
+    deletes: Vec<&'a [Value]>,
+    /// The upserts are the whole table: other rows go.
+    replace: bool,
+    /// Stage rows one at a time, setting aside those the database refuses.
+    one_by_one: bool,
+}
+
 /// Stages a table's changes and merges them into the table it is written to (or copies them
-/// straight in when it is empty).
-async fn write_changes(
+/// straight in when it is empty); returns the rows set aside, whose keys' rows are deleted.
+async fn write_changes<'a>(
     tx: &Transaction<'_>,
     target: &Target,
     k: usize,
-    upserts: Vec<&[Value]>,
-    deletes: Vec<&[Value]>,
-    replace: bool,
-) -> Result<(), PostgresError> {
+    changes: Changes<'a>,
+) -> Result<Vec<Rejection<'a>>, PostgresError> {
+    let Changes {
+        upserts,
+        deletes,
+        replace,
+        one_by_one,
+    } = changes;
+    let (upserts, mut rejected) = rejects::split(target, upserts);
     let plan = &target.plan;
     let (up, del) = staging(k);
+    let (up, del) = (ident(&up), ident(&del));
     let table = target.written();
-    let key_names: Vec<String> = plan
-        .key
-        .iter()
-        .map(|i| ident(&plan.columns[*i].name))
-        .collect();
-    let names: Vec<String> = plan.columns.iter().map(|c| ident(&c.name)).collect();
     let types: Vec<Type> = plan.columns.iter().map(|c| pg_type(c.ty)).collect();
-    if !upserts.is_empty() && is_empty(tx, &table).await? {
+    if !upserts.is_empty() && !one_by_one && is_empty(tx, &table).await? {
         // A first load or a rebuild into a new (shadow) table: the rows (one per key) go
         // straight in, at the speed of a plain COPY; there is nothing to merge or delete.
         copy_rows(tx, &table, &types, upserts.into_iter()).await?;
-        return Ok(());
+        return Ok(rejected);
     }
-    if !upserts.is_empty() {
-        copy_rows(tx, &ident(&up), &types, upserts.into_iter()).await?;
-        let others: Vec<&String> = names
-            .iter()
-            .enumerate()
-            .filter(|(i, _)| !plan.key.contains(i))
-            .map(|(_, n)| n)
-            .collect();
-        let on_conflict = if others.is_empty() {
-            "DO NOTHING".to_string()
-        } else {
-            let set: Vec<String> = others
-                .iter()
-                .map(|n| format!("{n} = EXCLUDED.{n}"))
-                .collect();
-            let old: Vec<String> = others.iter().map(|n| format!("t.{n}")).collect();
-            let new: Vec<String> = others.iter().map(|n| format!("EXCLUDED.{n}")).collect();
-            format!(
-                "DO UPDATE SET {} WHERE ({}) IS DISTINCT FROM ({})",
-                set.join(", "),
-                old.join(", "),
-                new.join(", ")
-            )
-        };
-        tx.batch_execute(&format!(
-            "INSERT INTO {table} AS t ({cols}) SELECT {cols} FROM {up} ON CONFLICT ({key}) {on_conflict}",
-            cols = names.join(", "),
-            up = ident(&up),
-            key = key_names.join(", "),
-        ))
-        .await?;
+    if one_by_one && !upserts.is_empty() {
+        let statement = upsert_statement(target, &values(types.len()));
+        let (kept, refused) = rejects::one_by_one(tx, &statement, &types, upserts).await?;
+        rejected.extend(refused);
+        if replace {
+            copy_rows(tx, &up, &types, kept.into_iter()).await?;
+        }
+    } else if !upserts.is_empty() {
+        copy_rows(tx, &up, &types, upserts.into_iter()).await?;
+        let names: Vec<String> = plan.columns.iter().map(|c| ident(&c.name)).collect();
+        let staged = format!("SELECT {} FROM {up}", names.join(", "));
+        tx.batch_execute(&upsert_statement(target, &staged)).await?;
     }
     if replace {
         // The staged rows are the whole table: the others go.
         tx.batch_execute(&format!(
-            "DELETE FROM {table} AS t WHERE NOT EXISTS (SELECT 1 FROM {} AS s WHERE {})",
-            ident(&up),
-            same_key(&key_names, "s", "t", target.nullable_key)
+            "DELETE FROM {table} AS t WHERE NOT EXISTS (SELECT 1 FROM {up} AS s WHERE {})",
+            same_key(&key_names(target), "s", "t", target.nullable_key)
         ))
         .await?;
     }
-    if !deletes.is_empty() {
-        let types: Vec<Type> = plan
-            .key
+    // A refused row's key loses its earlier row.
+    let refused_keys: Vec<Vec<Value>> = rejected
+        .iter()
+        .map(|r| plan.key.iter().map(|i| r.row[*i].clone()).collect())
+        .collect();
+    let deletes = deletes
+        .into_iter()
+        .chain(refused_keys.iter().map(Vec::as_slice))
+        .collect();
+    delete_keys(tx, target, &del, deletes, one_by_one).await?;
+    Ok(rejected)
+}
+
+/// The quoted names of `target`'s key columns, in key order.
+fn key_names(target: &Target) -> Vec<String> {
+    let plan = &target.plan;
+    plan.key
+        .iter()
+        .map(|i| ident(&plan.columns[*i].name))
+        .collect()
+}
+
+/// `VALUES ($1, ..., $n)`.
+fn values(n: usize) -> String {
+    let placeholders: Vec<String> = (1..=n).map(|i| format!("${i}")).collect();
+    format!("VALUES ({})", placeholders.join(", "))
+}
+
+/// The statement that writes the rows `source` (a query of all columns, in order) into
+/// `target`, a row whose key exists replacing it when it differs.
+fn upsert_statement(target: &Target, source: &str) -> String {
+    let plan = &target.plan;
+    let names: Vec<String> = plan.columns.iter().map(|c| ident(&c.name)).collect();
+    let others: Vec<&String> = names
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| !plan.key.contains(i))
+        .map(|(_, n)| n)
+        .collect();
+    let on_conflict = if others.is_empty() {
+        "DO NOTHING".to_string()
+    } else {
+        let set: Vec<String> = others
             .iter()
-            .map(|i| pg_type(plan.columns[*i].ty))
+            .map(|n| format!("{n} = EXCLUDED.{n}"))
             .collect();
-        let nulls = target.nullable_key && deletes.iter().any(|k| k.iter().any(Value::is_null));
-        copy_rows(tx, &ident(&del), &types, deletes.into_iter()).await?;
-        tx.batch_execute(&format!(
-            "DELETE FROM {table} AS t USING {} AS d WHERE {}",
-            ident(&del),
-            same_key(&key_names, "t", "d", nulls)
-        ))
-        .await?;
+        let old: Vec<String> = others.iter().map(|n| format!("t.{n}")).collect();
+        let new: Vec<String> = others.iter().map(|n| format!("EXCLUDED.{n}")).collect();
+        format!(
+            "DO UPDATE SET {} WHERE ({}) IS DISTINCT FROM ({})",
+            set.join(", "),
+            old.join(", "),
+            new.join(", ")
+        )
+    };
+    format!(
+        "INSERT INTO {table} AS t ({cols}) {source} ON CONFLICT ({key}) {on_conflict}",
+        table = target.written(),
+        cols = names.join(", "),
+        key = key_names(target).join(", "),
+    )
+}
+
+/// Deletes the rows of `keys` (key columns in key order) from `target`, through the staging
+/// table `del` (quoted). A key PostgreSQL cannot hold was never written: it is skipped.
+async fn delete_keys(
+    tx: &Transaction<'_>,
+    target: &Target,
+    del: &str,
+    keys: Vec<&[Value]>,
+    one_by_one: bool,
+) -> Result<(), PostgresError> {
+    let keys: Vec<&[Value]> = keys
+        .into_iter()
+        .filter(|key| rejects::key_writable(target, key))
+        .collect();
+    if keys.is_empty() {
+        return Ok(());
     }
+    let plan = &target.plan;
+    let types: Vec<Type> = plan
+        .key
+        .iter()
+        .map(|i| pg_type(plan.columns[*i].ty))
+        .collect();
+    let nulls = target.nullable_key && keys.iter().any(|k| k.iter().any(Value::is_null));
+    if one_by_one {
+        let insert = format!("INSERT INTO {del} {}", values(types.len()));
+        rejects::one_by_one(tx, &insert, &types, keys).await?;
+    } else {
+        copy_rows(tx, del, &types, keys.into_iter()).await?;
+    }
+    tx.batch_execute(&format!(
+        "DELETE FROM {} AS t USING {del} AS d WHERE {}",
+        target.written(),
+        same_key(&key_names(target), "t", "d", nulls)
+    ))
+    .await?;
     Ok(())
 }

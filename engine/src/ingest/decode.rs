@@ -5,7 +5,7 @@
 //! makes the whole event malformed: it is never half-applied.
 
 use crate::topology::Source;
-use crate::value::{parse_timestamp, ColumnType, Row, Value, F64};
+use crate::value::{parse_timestamp, timestamp_from_millis, ColumnType, Row, Value, F64};
 
 /// Why an event could not be decoded.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -146,8 +146,7 @@ impl<'de> serde::de::Visitor<'de> for CellSeed {
         Ok(match self.ty {
             ColumnType::Bigint => Ok(Value::Int(n)),
             ColumnType::Double => Ok(Value::Float(F64(n as f64))),
-            ColumnType::Timestamptz => n
-                .checked_mul(1000)
+            ColumnType::Timestamptz => timestamp_from_millis(n)
                 .map(Value::Timestamp)
                 .ok_or_else(|| n.to_string()),
             _ => Err(n.to_string()),
@@ -340,6 +339,11 @@ mod tests {
         assert_eq!(
             wrong(s, r#"{"id":"a","at":"yesterday"}"#),
             ("at".into(), "\"yesterday\"".into())
+        );
+        // A timestamp no calendar of miroir's names is malformed, not a value to overflow on.
+        assert_eq!(
+            wrong(s, r#"{"id":"a","at":-9223372036854775}"#),
+            ("at".into(), "-9223372036854775".into())
         );
         // A wrong type inside an ignored field is not the event's problem.
         assert!(decode(s, br#"{"id":"a","other":[true,{"z":null}]}"#).is_ok());

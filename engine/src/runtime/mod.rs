@@ -99,6 +99,7 @@ impl Runtime {
                     metrics.clone(),
                     status.sink.clone(),
                     shutdown.clone(),
+                    stop_on_failure(status.clone(), shutdown.clone()),
                 );
                 (Some(sender), Some(driver))
             }
@@ -236,6 +237,14 @@ impl Runtime {
 impl Drop for Runtime {
     fn drop(&mut self) {
         self.shutdown.store(true, Ordering::SeqCst);
+    }
+}
+
+/// What a component calls when it fails for good: the runtime records why and stops.
+fn stop_on_failure(status: Arc<Status>, shutdown: Arc<AtomicBool>) -> impl Fn(String) + Send {
+    move |failure| {
+        status.set_failed(failure);
+        shutdown.store(true, Ordering::SeqCst);
     }
 }
 
