@@ -1217,3 +1217,62 @@ fn single_use_command_ids_are_remembered_past_their_deadline_chosen_ones_for_a_w
     client.shutdown();
     master.shutdown();
 }
+
+#[test]
+fn copies_of_a_command_read_in_one_batch_are_applied_once() {
+    let run = Run::new("cmd-copies");
+    let m = user_referential(&run);
+    seed_users(&m.user_topic, 3);
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("master");
+    let master = start_master(&m, &state, None);
+    master.shutdown();
+
+    // With the processor stopped, the same command three times (a producer retrying, a
+    // client sending again under the same id), then another command and a copy of it.
+    let spec = m.topology.command("update_email").unwrap();
+    let producer: rdkafka::producer::BaseProducer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .create()
+        .unwrap();
+    for (id, user, email, copies) in [
+        ("first", "u-0", "one@example.org", 3),
+        ("second", "u-1", "two@example.org", 2),
+    ] {
+        let headers = miroir_connectors::commands::wire::CommandHeaders {
+            command_id: Some(format!("{id}-{run}")),
+            command_type: Some(spec.operation.clone()),
+            principal: Some("alice".into()),
+            roles: Some("user-admin".into()),
+            ..Default::default()
+        };
+        let payload = json!({ "id": user, "email": email }).to_string();
+        for _ in 0..copies {
+            let record = rdkafka::producer::BaseRecord::to(&spec.topic)
+                .key(user)
+                .payload(&payload)
+                .headers(headers.to_owned_headers());
+            producer.send(record).map_err(|(e, _)| e).unwrap();
+        }
+    }
+    rdkafka::producer::Producer::flush(&producer, Duration::from_secs(10)).unwrap();
+
+    let master = start_master(&m, &state, None);
+    let outcomes = |outcome: &str| {
+        counter(
+            &master.metrics(),
+            "miroir_commands_total",
+            &format!("outcome=\"{outcome}\""),
+        )
+    };
+    wait_until("every copy is answered", Duration::from_secs(30), || {
+        outcomes("accepted") + outcomes("duplicate") >= 5
+    });
+    assert_eq!(outcomes("accepted"), 2, "one per command id");
+    assert_eq!(outcomes("duplicate"), 3, "the copies");
+    let events = command_events(&m.user_topic);
+    assert_applied_once(&events, 2);
+    assert_eq!(master_row(&master, "u-0")["version"], 2);
+    assert_eq!(master_row(&master, "u-1")["version"], 2);
+    master.shutdown();
+}

@@ -34,6 +34,9 @@ enum Step {
     Answer { reply: Reply, remember: bool },
     /// Publish the new entity row.
     Apply { key: String, row: Row, version: i64 },
+    /// A re-delivery of the command at this index of the same transaction: it gets that
+    /// command's answer, and has no effect of its own.
+    Again { first: usize },
     /// A dependency kept failing: park the command.
     Park(Parking),
 }
@@ -73,6 +76,9 @@ pub(super) struct Lane {
 struct Committing {
     /// The entity rows it wrote: the next transaction builds on them.
     written: Arc<HashMap<String, Row>>,
+    /// The answers it gives, by command id: the next transaction answers a re-delivery with
+    /// them.
+    answers: Arc<HashMap<String, Reply>>,
     thread: JoinHandle<Result<(), KafkaError>>,
 }
 
@@ -185,12 +191,36 @@ impl Lane {
         self.open = true;
         // Entity rows written in this transaction (commands later in the batch see them).
         let mut written: HashMap<String, Row> = HashMap::new();
+        // The command ids answered in this transaction: a re-delivery in the same batch gets
+        // the first one's answer.
+        let mut firsts: HashMap<&str, usize> = HashMap::new();
         let mut steps = Vec::with_capacity(batch.len());
         let mut deliveries = Vec::new();
         // Computed once: the entity event, the answered-id record and the view carry the same.
         let untils: Vec<i64> = batch.iter().map(|i| i.answer_until()).collect();
-        for (incoming, until) in batch.iter().zip(&untils) {
-            let step = shared.step(incoming, &self.unsaved(&written), stop);
+        for (index, (incoming, until)) in batch.iter().zip(&untils).enumerate() {
+            let id = incoming.headers.command_id.as_deref();
+            let step = match id.and_then(|id| firsts.get(id)) {
+                Some(&first) => {
+                    let m = &incoming.message;
+                    info!(topic = m.topic(), partition = m.partition(), offset = m.offset(), key = ?incoming.key,
+                          command_id = ?id, "command delivered twice in one transaction: the copy gets the first answer");
+                    Step::Again { first }
+                }
+                None => shared.step(incoming, &self.unsaved(&written), stop),
+            };
+            if let (Some(id), false) = (
+                id,
+                matches!(
+                    step,
+                    Step::Answer {
+                        remember: false,
+                        ..
+                    } | Step::Again { .. }
+                ),
+            ) {
+                firsts.insert(id, index);
+            }
             match &step {
                 Step::Apply { key, row, .. } => {
                     let payload = row_to_json_bytes(&shared.entity.columns, row);
@@ -217,7 +247,7 @@ impl Lane {
                     }
                     deliveries.push(Some(self.send(record)?));
                 }
-                Step::Answer { .. } => deliveries.push(None),
+                Step::Answer { .. } | Step::Again { .. } => deliveries.push(None),
             }
             steps.push(step);
         }
@@ -266,7 +296,7 @@ impl Lane {
         // The replies carry where the entity event or the dead letter landed; each goes out as
         // soon as its command's record has landed, so the reply topic joins the transaction
         // while the other partitions' records are still being written.
-        let mut answered = Vec::with_capacity(batch.len());
+        let mut answered: Vec<Answered> = Vec::with_capacity(batch.len());
         for ((((incoming, step), delivery), exists), until_ms) in batch
             .iter()
             .zip(steps)
@@ -281,6 +311,7 @@ impl Lane {
             let (partition, offset) = landed.unwrap_or((-1, -1));
             let (reply, remember) = match step {
                 Step::Answer { reply, remember } => (reply, remember),
+                Step::Again { first } => (answered[first].reply.clone(), false),
                 Step::Apply { version, .. } => (
                     Reply::Accepted {
                         version,
@@ -349,6 +380,12 @@ impl Lane {
         // This transaction built on what the previous one wrote: it commits after it.
         self.settle(true)?;
         let written = Arc::new(written);
+        let answers: HashMap<String, Reply> = answered
+            .iter()
+            .filter(|a| a.remember)
+            .filter_map(|a| Some((a.command_id.clone()?, a.reply.clone())))
+            .collect();
+        let answers = Arc::new(answers);
         let thread = std::thread::Builder::new()
             .name("miroir-commit".into())
             .spawn({
@@ -369,18 +406,23 @@ impl Lane {
                 name: "commit",
                 source,
             })?;
-        self.committing = Some(Committing { written, thread });
+        self.committing = Some(Committing {
+            written,
+            answers,
+            thread,
+        });
         self.open = false;
         self.turn = (self.turn + 1) % self.producers.len();
         Ok(())
     }
 
-    /// The rows of an uncommitted transaction, newest first: this one's, then the previous
-    /// one's while it commits.
+    /// What uncommitted transactions did: the rows this one wrote, then the previous one's
+    /// rows and answers while it commits.
     fn unsaved<'a>(&'a self, written: &'a HashMap<String, Row>) -> Unsaved<'a> {
         Unsaved {
             this: written,
             previous: self.committing.as_ref().map(|c| &*c.written),
+            previous_answers: self.committing.as_ref().map(|c| &*c.answers),
         }
     }
 
@@ -452,7 +494,7 @@ impl Shared {
     /// retried here (the batch's transaction stays open) and then parked.
     fn step(&self, incoming: &Incoming, written: &Unsaved<'_>, stop: &AtomicBool) -> Step {
         let m = &incoming.message;
-        if let Some(previous) = self.previous_answer(incoming) {
+        if let Some(previous) = self.previous_answer(incoming, written) {
             info!(topic = m.topic(), partition = m.partition(), offset = m.offset(), key = ?incoming.key,
                   command_id = ?incoming.headers.command_id, "command already answered: sending the same answer");
             return Step::Answer {
@@ -513,11 +555,13 @@ impl Shared {
         }
     }
 
-    /// The answer already given to the command's id, unless it is a replay taking up a
-    /// parked command: a re-delivery gets it again and has no second effect.
-    fn previous_answer(&self, incoming: &Incoming) -> Option<Reply> {
+    /// The answer already given to the command's id (by a committed transaction, or by the
+    /// one committing), unless it is a replay taking up a parked command: a re-delivery gets
+    /// it again and has no second effect.
+    fn previous_answer(&self, incoming: &Incoming, unsaved: &Unsaved<'_>) -> Option<Reply> {
         let id = incoming.headers.command_id.as_ref()?;
-        let previous = self.answered.lock().get(id).cloned()?;
+        let committing = unsaved.previous_answers.and_then(|a| a.get(id).cloned());
+        let previous = committing.or_else(|| self.answered.lock().get(id).cloned())?;
         let taken_up = incoming.replayed() && matches!(previous, Reply::Deferred { .. });
         (!taken_up).then_some(previous)
     }
@@ -584,10 +628,11 @@ impl Shared {
     }
 }
 
-/// Rows written by transactions not committed yet.
+/// Rows written, and answers given, by transactions not committed yet.
 struct Unsaved<'a> {
     this: &'a HashMap<String, Row>,
     previous: Option<&'a HashMap<String, Row>>,
+    previous_answers: Option<&'a HashMap<String, Reply>>,
 }
 
 impl Unsaved<'_> {
