@@ -12,7 +12,7 @@ use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
 use rdkafka::message::{BorrowedMessage, Message};
 use rdkafka::ClientContext;
 use rdkafka::{Offset, TopicPartitionList};
-use tracing::warn;
+use tracing::{info, warn};
 
 use super::admin::topics;
 use super::{KafkaConfig, KafkaError, FETCH_QUEUE_BACKOFF_MS};
@@ -42,6 +42,9 @@ pub struct Tail {
     consumer: BaseConsumer<TailContext>,
     topic: String,
     partitions: i32,
+    /// The partitions that reported their end in a catch-up cut short by its limit, which
+    /// the next one goes on with.
+    unfinished: Option<HashSet<i32>>,
 }
 
 impl Tail {
@@ -89,6 +92,7 @@ impl Tail {
             consumer,
             topic: topic.to_string(),
             partitions,
+            unfinished: None,
         })
     }
 
@@ -99,6 +103,8 @@ impl Tail {
 
     /// Hands every record available now to `each`, without waiting.
     pub fn drain(&mut self, mut each: impl FnMut(&BorrowedMessage<'_>)) {
+        // It may take end reports an unfinished catch-up waits for: the next one starts over.
+        self.unfinished = None;
         while let Some(result) = self.consumer.poll(Duration::ZERO) {
             match result {
                 Ok(m) => each(&m),
@@ -109,33 +115,31 @@ impl Tail {
     }
 
     /// Reads until every partition reported its end (at most `limit`); false when the limit
-    /// passed first.
+    /// passed first. A call after one that returned false goes on from where it stopped.
     pub fn catch_up(
         &mut self,
         limit: Duration,
         mut each: impl FnMut(&BorrowedMessage<'_>),
     ) -> Result<bool, KafkaError> {
-        // Re-assigning at the current positions restarts the end-of-partition reports.
-        let mut tpl = TopicPartitionList::new();
-        let positions = self.consumer.position()?;
-        for p in 0..self.partitions {
-            let offset = positions
-                .find_partition(&self.topic, p)
-                .map(|e| e.offset())
-                .filter(|o| matches!(o, Offset::Offset(_)))
-                .unwrap_or(Offset::Beginning);
-            tpl.add_partition_offset(&self.topic, p, offset)?;
-        }
-        self.consumer.assign(&tpl)?;
-        let mut at_end = HashSet::new();
+        let mut at_end = match self.unfinished.take() {
+            Some(at_end) => at_end,
+            None => {
+                self.restart_end_reports()?;
+                HashSet::new()
+            }
+        };
         let deadline = Instant::now() + limit;
         while at_end.len() < self.partitions as usize {
             if Instant::now() > deadline {
-                warn!(topic = %self.topic, ended = at_end.len(), partitions = self.partitions,
-                      "not every partition reached its end in {limit:?}; going on");
+                info!(topic = %self.topic, ended = at_end.len(), partitions = self.partitions,
+                      "not every partition reached its end in {limit:?}: not caught up yet");
+                self.unfinished = Some(at_end);
                 return Ok(false);
             }
-            match self.consumer.poll(Duration::from_millis(100)) {
+            let wait = deadline
+                .saturating_duration_since(Instant::now())
+                .min(Duration::from_millis(100));
+            match self.consumer.poll(wait) {
                 Some(Ok(m)) => {
                     at_end.remove(&m.partition());
                     each(&m);
@@ -148,5 +152,22 @@ impl Tail {
             }
         }
         Ok(true)
+    }
+
+    /// Re-assigns every partition at its current position, which restarts the
+    /// end-of-partition reports.
+    fn restart_end_reports(&mut self) -> Result<(), KafkaError> {
+        let mut tpl = TopicPartitionList::new();
+        let positions = self.consumer.position()?;
+        for p in 0..self.partitions {
+            let offset = positions
+                .find_partition(&self.topic, p)
+                .map(|e| e.offset())
+                .filter(|o| matches!(o, Offset::Offset(_)))
+                .unwrap_or(Offset::Beginning);
+            tpl.add_partition_offset(&self.topic, p, offset)?;
+        }
+        self.consumer.assign(&tpl)?;
+        Ok(())
     }
 }
