@@ -141,15 +141,23 @@ pub(crate) fn key_may_be_null(topology: &Topology, plan: &TablePlan) -> bool {
     !plan.key_never_null(&sources)
 }
 
-/// The definition the catalog (`miroir.tables`) records for a table: the plan's, and the kind
-/// of key constraint, so a table built with another kind is rebuilt.
-fn catalog_definition(plan: &TablePlan, nullable_key: bool) -> String {
-    let definition = plan.definition();
-    if nullable_key {
-        format!("{definition}\nkey: unique, nulls not distinct")
-    } else {
-        definition
+/// The definition the catalog (`miroir.tables`) records for a table: the plan's, the kind
+/// of key constraint, and the layout of each source it reads. A table built with another kind
+/// of key is rebuilt, and so is one whose source changed: the instance then reads that source
+/// again from its beginning, and the table is built anew in a shadow table meanwhile.
+fn catalog_definition(topology: &Topology, plan: &TablePlan) -> String {
+    let mut definition = plan.definition();
+    if key_may_be_null(topology, plan) {
+        definition.push_str("\nkey: unique, nulls not distinct");
     }
+    let mut sources = Vec::new();
+    plan.plan.sources(&mut sources);
+    sources.sort_unstable();
+    sources.dedup();
+    for s in sources {
+        definition.push_str(&format!("\nsource: {}", topology.sources[s].layout()));
+    }
+    definition
 }
 
 /// The name of a table's key constraint (and of its index).
@@ -248,10 +256,10 @@ pub async fn decide(
                 ),
             },
             (true, Some((definition, ..)))
-                if definition != catalog_definition(plan, key_may_be_null(topology, plan)) =>
+                if definition != catalog_definition(topology, plan) =>
             {
                 Action::Rebuild {
-                    reason: "its definition changed".into(),
+                    reason: "its definition, or a source it reads, changed".into(),
                 }
             }
             (true, Some((_, builder, ..))) if builder != instance => Action::Rebuild {
@@ -527,7 +535,7 @@ pub(crate) async fn swap(
          ON CONFLICT (schema_name, table_name) DO UPDATE SET topology = EXCLUDED.topology,
            definition = EXCLUDED.definition, instance = EXCLUDED.instance, indexes = EXCLUDED.indexes,
            readers = EXCLUDED.readers, built_at = EXCLUDED.built_at",
-        &[&pg.schema, &pg.table, &topology.name, &catalog_definition(&target.plan, nullable), &instance, &indexes_text(pg), &readers_text(pg)],
+        &[&pg.schema, &pg.table, &topology.name, &catalog_definition(topology, &target.plan), &instance, &indexes_text(pg), &readers_text(pg)],
     )
     .await?;
     Ok(())

@@ -46,7 +46,7 @@ use crate::ingest::{ErrorSink, Message};
 use crate::metrics::Metrics;
 use crate::partition::worker_for_partition;
 use crate::sink::{ExternalSink, Sequence, SinkDriver};
-use crate::state::{StateStore, StoreError};
+use crate::state::{offsets_prefix, source_prefix, StateStore, StoreError};
 use crate::topology::Topology;
 use backlog::Backlog;
 pub use config::RuntimeConfig;
@@ -82,6 +82,7 @@ impl Runtime {
         sink: Option<Box<dyn ExternalSink>>,
         config: RuntimeConfig,
     ) -> Result<Runtime, RuntimeError> {
+        rebuild_changed_sources(&topology, &store)?;
         let workers = config.workers.max(1);
         let (senders, receivers): (Vec<_>, Vec<_>) = (0..workers)
             .map(|_| crossbeam_channel::bounded(CHANNEL_BATCHES))
@@ -192,6 +193,12 @@ impl Runtime {
         self.status.failure()
     }
 
+    /// Stops the runtime with `failure`: what a component that cannot go on (the connector
+    /// feeding it, say) calls. The failure is reported like the runtime's own.
+    pub fn fail(&self, failure: String) {
+        stop_on_failure(self.status.clone(), self.shutdown.clone())(failure);
+    }
+
     /// The last committed offset of every partition committed since the start.
     pub fn committed_offsets(&self) -> HashMap<TopicPartition, i64> {
         self.status.committed()
@@ -246,6 +253,21 @@ fn stop_on_failure(status: Arc<Status>, shutdown: Arc<AtomicBool>) -> impl Fn(St
         status.set_failed(failure);
         shutdown.store(true, Ordering::SeqCst);
     }
+}
+
+/// Drops the state of each source whose layout ([`crate::topology::Source::layout`]) is not
+/// the one its state was written with: the source is read again from its topic's beginning
+/// instead of misread.
+fn rebuild_changed_sources(topology: &Topology, store: &StateStore) -> Result<(), StoreError> {
+    for (i, source) in topology.sources.iter().enumerate() {
+        let layout = source.layout();
+        let prefixes = [source_prefix(i), offsets_prefix(&source.topic)];
+        if let Some(old) = store.keep_layout(&format!("source/{i}"), &layout, &prefixes)? {
+            warn!(source = %source.name, topic = %source.topic, old, new = layout,
+                  "the source changed since the state directory was written: its state is dropped and its topic read again from the beginning");
+        }
+    }
+    Ok(())
 }
 
 /// Drops the outbox left by a run whose topology had external tables: this one has none.

@@ -4,8 +4,9 @@
 //! - `state`: per source partition, the upsert [`Entry`] of each key
 //!   (`u/{source}/{partition}/{key}`, key and entry in bincode) and the last applied offset
 //!   (`o/{topic}/{partition}`); the instance's id (`m/instance`) and last commit sequence
-//!   (`m/sequence`); and the *outbox* of external-table changes not yet confirmed by their
-//!   database (`x/{sequence}`);
+//!   (`m/sequence`); the layout each part of the state was written with (`m/layout/{what}`,
+//!   see [`StateStore::keep_layout`]); and the *outbox* of external-table changes not yet
+//!   confirmed by their database (`x/{sequence}`);
 //! - `table.{name}`: the rows of internal table `name`, keyed by the binary encoding of their
 //!   primary key ([`key`]), as JSON objects ready to serve.
 //!
@@ -170,6 +171,34 @@ pub enum AnswerTime {
 
 fn offset_key(topic: &str, partition: u32) -> Vec<u8> {
     format!("o/{topic}/{partition:08x}").into_bytes()
+}
+
+/// The prefix of every key of a source: its upsert entries.
+pub fn source_prefix(source: usize) -> Vec<u8> {
+    format!("u/{source}/").into_bytes()
+}
+
+/// The prefix of the offsets of `topic`'s partitions.
+pub fn offsets_prefix(topic: &str) -> Vec<u8> {
+    format!("o/{topic}/").into_bytes()
+}
+
+/// The prefix of every key of a command processor's view `command`.
+pub fn command_prefix(command: &str) -> Vec<u8> {
+    format!("c/{command}/").into_bytes()
+}
+
+fn layout_key(what: &str) -> Vec<u8> {
+    format!("m/layout/{what}").into_bytes()
+}
+
+/// The first key after every key that starts with `prefix` (which ends with `/`).
+fn prefix_end(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    if let Some(last) = end.last_mut() {
+        *last += 1;
+    }
+    end
 }
 
 impl StateStore {
@@ -443,6 +472,37 @@ impl StateStore {
             out.push((key, entry));
         }
         Ok(out)
+    }
+
+    /// Records that the state under `prefixes` (named `what`) is written with `layout` (what
+    /// the stored values' positions depend on: a source's columns, say). When another layout
+    /// was recorded, that state is deleted first, to be rebuilt from its topic rather than
+    /// misread; returns the layout it had then. A store from before layouts were recorded is
+    /// taken to have the current one.
+    pub fn keep_layout(
+        &self,
+        what: &str,
+        layout: &str,
+        prefixes: &[Vec<u8>],
+    ) -> Result<Option<String>, StoreError> {
+        let key = layout_key(what);
+        let recorded = self.get_state(&key)?;
+        if recorded.as_deref() == Some(layout.as_bytes()) {
+            return Ok(None);
+        }
+        let mut batch = WriteBatch::default();
+        let cf = self.state_cf();
+        let changed = recorded.map(|r| String::from_utf8_lossy(&r).into_owned());
+        if changed.is_some() {
+            for prefix in prefixes {
+                batch.delete_range_cf(cf, prefix.as_slice(), prefix_end(prefix).as_slice());
+            }
+        }
+        batch.put_cf(cf, key, layout.as_bytes());
+        let mut opts = WriteOptions::default();
+        opts.set_sync(true);
+        self.db.write_opt(batch, &opts).map_err(|e| self.rocks(e))?;
+        Ok(changed)
     }
 
     /// Writes `commit` atomically and durably.

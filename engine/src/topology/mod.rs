@@ -70,6 +70,27 @@ impl Source {
     pub fn key_name(&self) -> &str {
         &self.columns[self.key].name
     }
+
+    /// What the state kept for the source depends on: its topic, key, columns (names and
+    /// types, in order) and late policy. A state directory written with another layout is
+    /// not read: the source's state is rebuilt from its topic.
+    pub fn layout(&self) -> String {
+        let columns: Vec<String> = self
+            .columns
+            .iter()
+            .map(|c| format!("{} {}", c.name, c.ty.name()))
+            .collect();
+        let late = self
+            .late
+            .as_ref()
+            .map_or_else(|| "by offset".to_string(), |l| l.describe(&self.columns));
+        format!(
+            "topic {}; key {}; columns {}; late {late}",
+            self.topic,
+            self.key_name(),
+            columns.join(", ")
+        )
+    }
 }
 
 #[derive(Deserialize)]
