@@ -2,7 +2,7 @@
 //!
 //! | route | answer |
 //! |---|---|
-//! | `GET /health` | 200 while the process runs |
+//! | `GET /health` | 200 while every component runs; 503 with the failure once one stopped for good (the runtime, the Kafka source, a command processor) |
 //! | `GET /ready` | 200 once every assigned partition is applied the external database (if any) accepts writes and the command processors (if any) consume, 503 otherwise (JSON body says why) |
 //! | `GET /metrics` | Prometheus text |
 //! | `GET /v1/topology` | sources, tables, their columns and keys, and the operator graph |
@@ -93,7 +93,7 @@ impl Server {
 
 fn router(inner: Arc<Inner>) -> Router {
     Router::new()
-        .route("/health", get(|| async { "ok" }))
+        .route("/health", get(health))
         .route("/ready", get(ready))
         .route("/metrics", get(metrics))
         .route("/v1/topology", get(topology))
@@ -116,6 +116,17 @@ fn query_error(e: QueryError) -> Response {
             warn!(error = %e, "query failed");
             error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
         }
+    }
+}
+
+async fn health(State(inner): State<Arc<Inner>>) -> Response {
+    match inner.failure() {
+        None => "ok".into_response(),
+        Some(failure) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({ "healthy": false, "failure": failure })),
+        )
+            .into_response(),
     }
 }
 

@@ -427,6 +427,16 @@ impl Inner {
             .collect())
     }
 
+    /// The failure that stopped the runtime or a command processor, if any: the instance
+    /// is not healthy.
+    fn failure(&self) -> Option<String> {
+        self.runtime.failure().or_else(|| {
+            self.processors
+                .iter()
+                .find_map(|(name, p)| Some(format!("command `{name}`: {}", p.failure()?)))
+        })
+    }
+
     fn ready(&self) -> bool {
         let status = self.runtime.status();
         status.failure.is_none()
@@ -528,12 +538,7 @@ impl Engine {
 
     /// The failure that stopped the engine or one of its command processors, if any.
     pub fn failure(&self) -> Option<String> {
-        self.inner.runtime.failure().or_else(|| {
-            self.inner
-                .processors
-                .iter()
-                .find_map(|(name, p)| Some(format!("command `{name}`: {}", p.failure()?)))
-        })
+        self.inner.failure()
     }
 
     /// Commits, leaves the consumer group and stops (the HTTP server too).

@@ -35,7 +35,11 @@ fn a_catch_up_cut_short_goes_on_where_it_stopped() {
     let mut calls = 0;
     loop {
         calls += 1;
-        assert!(calls < 10_000, "never caught up: {} records read", seen.len());
+        assert!(
+            calls < 10_000,
+            "never caught up: {} records read",
+            seen.len()
+        );
         let done = tail
             .catch_up(Duration::from_millis(20), |m| {
                 *seen.entry((m.partition(), m.offset())).or_default() += 1;

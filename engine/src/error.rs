@@ -5,6 +5,31 @@
 //! failures, PostgreSQL's SQLSTATE classes), configuration and state-directory errors as
 //! fatal.
 
+use std::time::Duration;
+
+use backon::{BackoffBuilder, ExponentialBuilder};
+
+/// The waits before each new attempt at a [`ErrorClass::Transient`] failure: from `min`,
+/// doubling up to `max`, with jitter (so that instances that failed together do not retry
+/// together), without end.
+pub fn retry_delays(min: Duration, max: Duration) -> impl Iterator<Item = Duration> {
+    ExponentialBuilder::default()
+        .with_min_delay(min)
+        .with_max_delay(max)
+        .with_jitter()
+        .without_max_times()
+        .build()
+}
+
+/// The text of a panic's payload (what `panic!` was given), for the failure it causes.
+pub fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "(no message)".into())
+}
+
 /// What the caller of a failed operation does next.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum ErrorClass {

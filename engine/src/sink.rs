@@ -39,11 +39,10 @@ use parking_lot::{Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use backon::{BackoffBuilder, ExponentialBuilder};
 use serde::{Deserialize, Serialize};
 use tracing::{debug, error, info, warn};
 
-use crate::error::ErrorClass;
+use crate::error::{retry_delays, ErrorClass};
 use crate::metrics::Metrics;
 use crate::state::StateStore;
 use crate::value::{Row, Value};
@@ -476,12 +475,7 @@ fn apply_with_retry(
     health: &SinkHealth,
     stop: &AtomicBool,
 ) -> Outcome {
-    let mut delays = ExponentialBuilder::default()
-        .with_min_delay(Duration::from_millis(100))
-        .with_max_delay(Duration::from_secs(5))
-        .with_jitter()
-        .without_max_times()
-        .build();
+    let mut delays = retry_delays(Duration::from_millis(100), Duration::from_secs(5));
     let mut stop_deadline: Option<Instant> = None;
     loop {
         let started = Instant::now();

@@ -107,6 +107,9 @@ type Waiting = Arc<Mutex<HashMap<String, Sender<Reply>>>>;
 pub struct CommandClient {
     config: KafkaConfig,
     producer: FutureProducer,
+    /// Times the wait for a command's delivery (the broker may be down: librdkafka would
+    /// keep the record for its own 300 s).
+    timer: tokio::runtime::Runtime,
     reply_topic: String,
     waiting: Waiting,
     stop: Arc<AtomicBool>,
@@ -172,9 +175,17 @@ impl CommandClient {
                 name: "reply",
                 source,
             })?;
+        let timer = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .map_err(|source| KafkaError::Thread {
+                name: "command timer",
+                source,
+            })?;
         let mut client = CommandClient {
             config: config.clone(),
             producer,
+            timer,
             reply_topic,
             waiting,
             stop,
@@ -228,17 +239,30 @@ impl CommandClient {
             .payload(command.payload.as_slice())
             .headers(headers);
         let sent = match self.producer.send_result(record) {
-            Ok(delivery) => match futures_executor::block_on(delivery) {
-                Ok(Ok(_)) => Ok(()),
-                Ok(Err((e, _))) => Err(SendError::Kafka(e.into())),
-                Err(_) => Err(SendError::Kafka(KafkaError::Unavailable(
-                    "the producer dropped the command".into(),
-                ))),
-            },
+            Ok(delivery) => {
+                // The delivery counts against the timeout: with the broker down, the caller
+                // hears of it when the command's deadline passes (the record may still be
+                // written later, and is then answered `expired`).
+                let left = timeout.saturating_sub(started.elapsed());
+                let delivered = async move { tokio::time::timeout(left, delivery).await };
+                match self.timer.block_on(delivered) {
+                    Ok(Ok(Ok(_))) => Ok(()),
+                    Ok(Ok(Err((e, _)))) => Err(SendError::Kafka(e.into())),
+                    Ok(Err(_)) => Err(SendError::Kafka(KafkaError::Unavailable(
+                        "the producer dropped the command".into(),
+                    ))),
+                    Err(_) => Err(SendError::Timeout(timeout)),
+                }
+            }
             Err((e, _)) => Err(SendError::Kafka(e.into())),
         };
         if let Err(e) = sent {
             self.waiting.lock().remove(&correlation);
+            if let SendError::Timeout(_) = e {
+                let label = [command.command_type.as_str()];
+                self.metrics.timeouts.with_label_values(&label).inc();
+                warn!(topic = %command.topic, key = %command.key, command_id, "the command was not delivered within {timeout:?}");
+            }
             return Err(e);
         }
         let remaining = timeout.saturating_sub(started.elapsed());

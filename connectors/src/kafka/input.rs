@@ -15,6 +15,7 @@ use parking_lot::Mutex;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use miroir_engine::error::panic_message;
 use miroir_engine::ingest::{Message, Records};
 use miroir_engine::metrics::Metrics;
 use miroir_engine::runtime::Runtime;
@@ -246,7 +247,17 @@ impl KafkaSource {
             .name("miroir-kafka-source".into())
             .spawn({
                 let stop = stop.clone();
-                move || poll_loop(consumer, runtime, topics, stop)
+                move || {
+                    let feeding = runtime.clone();
+                    let polled = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        poll_loop(consumer, feeding, topics, stop)
+                    }));
+                    if let Err(panic) = polled {
+                        let message = panic_message(panic.as_ref());
+                        error!(error = %message, "the Kafka source panicked: stopping");
+                        runtime.fail(format!("the Kafka source panicked: {message}"));
+                    }
+                }
             })
             .map_err(|source| KafkaError::Thread {
                 name: "consumer",

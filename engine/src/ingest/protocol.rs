@@ -118,4 +118,12 @@ pub enum Message {
 pub trait ErrorSink: Send + Sync {
     /// Reports a record that could not be decoded.
     fn malformed(&self, topic: &str, partition: u32, record: &Record, error: &str);
+
+    /// Waits, at most `timeout`, until every report so far is safely kept (sending again
+    /// those that failed); whether they all are. The epoch that read the records commits
+    /// only then: a report is never lost with its record's offset committed.
+    fn settle(&self, timeout: std::time::Duration) -> bool {
+        let _ = timeout;
+        true
+    }
 }

@@ -55,8 +55,17 @@ pub(super) fn finish(shared: &Shared, epoch: Epoch) -> bool {
     shared.stop_after_epoch.load(Ordering::SeqCst)
 }
 
+/// Longest wait for the malformed records' reports once the instance stops: then the epoch
+/// is not committed, and its records are read again at the next start.
+const REPORTS_GRACE: Duration = Duration::from_secs(10);
+
 /// The leader's part: hands the epoch's external-table changes over and writes the commit.
 fn write_epoch(shared: &Shared, epoch: Epoch) {
+    if !reports_kept(shared) {
+        warn!(epoch, "stopping before the malformed records' reports were kept: the epoch is not committed, its records are read again at the next start");
+        shared.commit.lock().take();
+        return;
+    }
     let mut commit = shared.commit.lock().take();
     let batch = shared
         .sink
@@ -74,6 +83,24 @@ fn write_epoch(shared: &Shared, epoch: Epoch) {
     };
     durable.set(committed);
     shared.status.epoch_committed(epoch);
+}
+
+/// Waits until the epoch's malformed-record reports are kept (the errors topic may be down:
+/// the epoch waits, and so does consumption); false when the instance stops first.
+fn reports_kept(shared: &Shared) -> bool {
+    let mut stopping_since = None;
+    loop {
+        if shared.errors.settle(Duration::from_secs(1)) {
+            return true;
+        }
+        if shared.shutdown.load(Ordering::SeqCst) {
+            let since = *stopping_since.get_or_insert_with(std::time::Instant::now);
+            if since.elapsed() >= REPORTS_GRACE {
+                return false;
+            }
+        }
+        warn!("the malformed records' reports are not acknowledged yet: the epoch waits");
+    }
 }
 
 /// Writes the epoch's commit; on a failure the runtime stops (returns false).

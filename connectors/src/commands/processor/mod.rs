@@ -22,9 +22,9 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use miroir_engine::command::Reply;
-use miroir_engine::error::ErrorClass;
+use miroir_engine::error::{panic_message, retry_delays, ErrorClass};
 use miroir_engine::metrics::CommandMetrics;
-use miroir_engine::state::{AnswerTime, StateStore};
+use miroir_engine::state::{command_prefix, AnswerTime, StateStore};
 use miroir_engine::topology::Topology;
 use parking_lot::Mutex;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance};
@@ -65,6 +65,7 @@ pub struct CommandProcessor {
 pub struct ProcessorStatus {
     ready: AtomicBool,
     failure: Mutex<Option<String>>,
+    restarts: AtomicU64,
 }
 
 impl ProcessorStatus {
@@ -76,6 +77,17 @@ impl ProcessorStatus {
     /// The error that stopped the processor, if any.
     pub fn failure(&self) -> Option<String> {
         self.failure.lock().clone()
+    }
+
+    /// How many times the processor started again after losing Kafka.
+    pub fn restarts(&self) -> u64 {
+        self.restarts.load(Ordering::Acquire)
+    }
+
+    fn fail(&self, command: &str, failure: String) {
+        error!(command, error = %failure, "the command processor stopped");
+        *self.failure.lock() = Some(failure);
+        self.ready.store(false, Ordering::Release);
     }
 }
 
@@ -101,15 +113,27 @@ impl CommandProcessor {
             .ok_or_else(|| KafkaError::Config(format!("no command `{name}` in the topology")))?;
         let stop = Arc::new(AtomicBool::new(false));
         let status = Arc::new(ProcessorStatus::default());
-        let worker = Worker::new(
-            config, topology, index, instance, metrics, dependency, store,
-        )?;
+        let config = config.clone();
+        let instance = instance.to_string();
+        let build = move || {
+            Worker::new(
+                &config,
+                topology.clone(),
+                index,
+                &instance,
+                metrics.clone(),
+                dependency.clone(),
+                store.clone(),
+            )
+        };
+        // The first worker is built here: a configuration error fails the start.
+        let worker = build()?;
         let thread = std::thread::Builder::new()
             .name(format!("miroir-cmd-{name}"))
             .spawn({
                 let stop = stop.clone();
                 let status = status.clone();
-                move || worker.run(&stop, &status)
+                move || supervise(worker, build, &stop, &status)
             })
             .map_err(|source| KafkaError::Thread {
                 name: "command processor",
@@ -144,6 +168,95 @@ impl Drop for CommandProcessor {
     fn drop(&mut self) {
         self.halt();
     }
+}
+
+/// Runs `worker`, and after a transient failure (the broker unreachable, say) a new one made
+/// by `build`, with a backoff of 0.5 s to 10 s, until the processor stops: an outage of any
+/// length ends with the processor consuming again. A failure of another class, or a panic,
+/// ends the processor with the failure in `status`.
+fn supervise(
+    first: Worker,
+    build: impl Fn() -> Result<Worker, KafkaError>,
+    stop: &AtomicBool,
+    status: &ProcessorStatus,
+) {
+    let name = first.shared.spec.name.clone();
+    let mut delays = restart_delays();
+    let mut next = Some(first);
+    loop {
+        let mut worker = match next.take() {
+            Some(worker) => worker,
+            None => match build() {
+                Ok(worker) => {
+                    status.restarts.fetch_add(1, Ordering::AcqRel);
+                    worker
+                }
+                Err(e) if e.class() == ErrorClass::Transient => {
+                    if !wait_to_restart(&name, &e, &mut delays, stop) {
+                        return;
+                    }
+                    continue;
+                }
+                Err(e) => return status.fail(&name, e.to_string()),
+            },
+        };
+        let started = Instant::now();
+        let ran =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| worker.run(stop, status)));
+        // Its consumer and producers go before another worker takes their place.
+        drop(worker);
+        let error = match ran {
+            Ok(Ok(())) => return,
+            Ok(Err(e)) if e.class() == ErrorClass::Transient => e,
+            Ok(Err(e)) => return status.fail(&name, e.to_string()),
+            Err(panic) => {
+                let message = panic_message(panic.as_ref());
+                return status.fail(&name, format!("panicked: {message}"));
+            }
+        };
+        if started.elapsed() > RESTART_RESET {
+            delays = restart_delays();
+        }
+        if !wait_to_restart(&name, &error, &mut delays, stop) {
+            return;
+        }
+    }
+}
+
+/// Logs why the processor starts again and waits the next delay; false when it stops
+/// meanwhile.
+fn wait_to_restart(
+    command: &str,
+    error: &KafkaError,
+    delays: &mut impl Iterator<Item = Duration>,
+    stop: &AtomicBool,
+) -> bool {
+    let delay = delays.next().unwrap_or(MAX_RESTART_DELAY);
+    warn!(command, error = %error, retry_in_ms = delay.as_millis() as u64,
+          "the command processor cannot reach Kafka; starting it again");
+    sleep_unless_stopped(delay, stop)
+}
+
+/// The longest wait between two attempts to start a processor again.
+const MAX_RESTART_DELAY: Duration = Duration::from_secs(10);
+
+/// A processor that ran this long before failing starts again with the shortest delay.
+const RESTART_RESET: Duration = Duration::from_secs(60);
+
+fn restart_delays() -> impl Iterator<Item = Duration> {
+    retry_delays(Duration::from_millis(500), MAX_RESTART_DELAY)
+}
+
+/// Sleeps for `delay`, waking early when `stop` is set; false when it was.
+fn sleep_unless_stopped(delay: Duration, stop: &AtomicBool) -> bool {
+    let until = Instant::now() + delay;
+    while Instant::now() < until {
+        if stop.load(Ordering::Acquire) {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(50).min(until - Instant::now()));
+    }
+    !stop.load(Ordering::Acquire)
 }
 
 /// Longest wait for the views to catch up after an assignment.
@@ -231,16 +344,14 @@ impl Worker {
         })
     }
 
-    fn run(mut self, stop: &AtomicBool, status: &ProcessorStatus) {
+    /// Serves until `stop`, or until an error.
+    fn run(&mut self, stop: &AtomicBool, status: &ProcessorStatus) -> Result<(), KafkaError> {
         let served = self.serve(stop, status);
+        status.ready.store(false, Ordering::Release);
         // The last transactions finish committing (their commands are read again otherwise).
         let settled = self.settle(true);
-        if let Err(e) = served.and(settled) {
-            error!(command = %self.shared.spec.name, error = %e, "the command processor stopped");
-            *status.failure.lock() = Some(e.to_string());
-        }
-        status.ready.store(false, Ordering::Release);
         self.consumer.unsubscribe();
+        served.and(settled).map(|_| ())
     }
 
     fn serve(&mut self, stop: &AtomicBool, status: &ProcessorStatus) -> Result<(), KafkaError> {
@@ -278,14 +389,12 @@ impl Worker {
                     self.rewind()?;
                 }
                 // Partitions moved: what their previous owner committed must be in the views
-                // before their next command.
+                // before their next command. Until they are, no command is decided: the
+                // next turn reads its commands again and goes on catching up.
                 status.ready.store(false, Ordering::Release);
-                let mut view = ViewChanges::default();
-                entities.catch_up(CATCH_UP_LIMIT, |m| {
-                    view.note(m, self.shared.entity_event(m))
-                })?;
-                self.save_view(view)?;
-                answered.catch_up(CATCH_UP_LIMIT, |m| self.shared.answer_record(m))?;
+                if !self.catch_up(&mut entities, &mut answered)? {
+                    continue;
+                }
                 let partitions = self.consumer.assignment()?.count();
                 info!(command = %self.shared.spec.name, partitions, "assignment ready");
                 seen = rebalances;
@@ -302,6 +411,23 @@ impl Worker {
             self.process(batch, stop)?;
         }
         Ok(())
+    }
+
+    /// Reads the entity topic and the answered ids up to their ends, for at most
+    /// [`CATCH_UP_LIMIT`] each; whether both got there (a call after one that did not goes
+    /// on from where it stopped).
+    fn catch_up(&self, entities: &mut Tail, answered: &mut Tail) -> Result<bool, KafkaError> {
+        let mut view = ViewChanges::default();
+        let complete = entities.catch_up(CATCH_UP_LIMIT, |m| {
+            view.note(m, self.shared.entity_event(m))
+        })?;
+        self.save_view(view)?;
+        let complete =
+            complete && answered.catch_up(CATCH_UP_LIMIT, |m| self.shared.answer_record(m))?;
+        if !complete {
+            warn!(command = %self.shared.spec.name, "the views are not caught up yet: no command is decided until they are");
+        }
+        Ok(complete)
     }
 
     /// Forgets the answers whose time has passed, in memory and in the state directory, as a
@@ -341,6 +467,12 @@ impl Worker {
             return Ok(Vec::new());
         };
         let command = &self.view_name();
+        let layout = self.shared.entity.layout();
+        let prefixes = [command_prefix(command)];
+        if let Some(old) = store.keep_layout(&format!("command/{command}"), &layout, &prefixes)? {
+            warn!(command = %self.shared.spec.name, old, new = layout,
+                  "the entity source changed since the view was stored: the view is read again from the entity topic");
+        }
         let view = store.command_view(command)?;
         let now = now_ms();
         let mut forget = store.commit();

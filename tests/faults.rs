@@ -1,0 +1,187 @@
+//! Outages of the real services while events and commands flow: the broker stopped for 30 s,
+//! then for 90 s. The sources, the external-table sink and the command processor resume by
+//! themselves (no component fails for good, no restart of the instance), the tables equal the
+//! reference evaluator, and every command is answered once and applied at most once.
+//!
+//! The tests here stop and start the shared services (`scripts/services`): they run one at a
+//! time, and only when the services were started by that script.
+
+mod support;
+
+use std::collections::HashMap;
+use std::process::Command as Process;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use miroir::commands::{Client, Command, Principal, Reply};
+use miroir::miroir_engine::metrics::Metrics;
+use miroir::Engine;
+use miroir_connectors::commands::wire::{header, text_header};
+use miroir_connectors::kafka::tail::Tail;
+use miroir_connectors::kafka::KafkaConfig;
+use rdkafka::message::Message;
+use serde_json::json;
+use support::*;
+
+/// One fault at a time: the services are shared.
+static SERVICES: Mutex<()> = Mutex::new(());
+
+/// Runs `scripts/services` with `args`; panics when it fails.
+fn services(args: &[&str]) {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/services");
+    let out = Process::new(script).args(args).output().unwrap();
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "scripts/services {args:?}: {said}");
+    assert!(
+        !said.contains("not started by this script"),
+        "the tests can only stop services that scripts/services started: {said}"
+    );
+}
+
+fn start(text: &str, state: &std::path::Path) -> Engine {
+    Engine::builder()
+        .topology_str(text)
+        .brokers(brokers())
+        .state_dir(state)
+        .workers(2)
+        .epoch_interval(Duration::from_millis(50))
+        .start()
+        .unwrap()
+}
+
+/// Sends email changes to the active users `u-0`, `u-1`, `u-3`, `u-4` until `stop`, each
+/// with a 5 s timeout; returns the replies.
+fn send_until(client: &Client, m: &MasterTopology, stop: &AtomicBool) -> Vec<Reply> {
+    let spec = m.topology.command("update_email").unwrap();
+    let admin = Principal {
+        id: "alice".into(),
+        roles: vec!["user-admin".into()],
+    };
+    let mut replies = Vec::new();
+    for i in 0.. {
+        if stop.load(Ordering::SeqCst) {
+            break;
+        }
+        let user = ["u-0", "u-1", "u-3", "u-4"][i % 4];
+        let payload = json!({ "id": user, "email": format!("e{i}@example.org") });
+        let command = Command::new(spec, &payload, admin.clone()).unwrap();
+        if let Ok(reply) = client.send(&command, Duration::from_secs(5)) {
+            replies.push(reply);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    replies
+}
+
+/// The command ids of the committed entity events on `topic`, with how many events each.
+fn applied_ids(topic: &str) -> HashMap<String, usize> {
+    let mut tail = Tail::open(&KafkaConfig::new(brokers()), topic).unwrap();
+    let mut ids: HashMap<String, usize> = HashMap::new();
+    let complete = tail
+        .catch_up(Duration::from_secs(60), |m| {
+            if let Some(id) = text_header(m, header::COMMAND_ID) {
+                *ids.entry(id).or_default() += 1;
+            }
+        })
+        .unwrap();
+    assert!(complete, "the entity topic was read to its end");
+    ids
+}
+
+/// The records on the command topic.
+fn commands_sent(topic: &str) -> usize {
+    let mut tail = Tail::open(&KafkaConfig::new(brokers()), topic).unwrap();
+    let mut n = 0;
+    let complete = tail
+        .catch_up(Duration::from_secs(60), |m| {
+            n += usize::from(m.payload().is_some())
+        })
+        .unwrap();
+    assert!(complete, "the command topic was read to its end");
+    n
+}
+
+fn answered(master: &Engine) -> u64 {
+    counter(&master.metrics(), "miroir_commands_total", "")
+}
+
+#[test]
+fn a_broker_outage_of_30_then_90_seconds_stops_nothing_for_good() {
+    let _one = SERVICES.lock().unwrap_or_else(|e| e.into_inner());
+    let run = Run::new("fault-kafka");
+    let m = user_referential(&run);
+    seed_users(&m.user_topic, 6);
+    let app = user_directory(&format!("{run}-app"));
+    let (events, _) = generate(41, 60, 900);
+    let thirds: Vec<&[Event]> = events.chunks(events.len() / 3 + 1).collect();
+    publish(&app, thirds[0]);
+    let dir = tempfile::tempdir().unwrap();
+    let master = start(&m.text, &dir.path().join("master"));
+    let directory = start(&app.text, &dir.path().join("app"));
+    assert!(master.wait_ready(Duration::from_secs(60)), "master ready");
+    let config = KafkaConfig::new(brokers());
+    let client =
+        Arc::new(Client::start(&config, "fault-test", Metrics::new().commands.clone()).unwrap());
+    let stop = Arc::new(AtomicBool::new(false));
+    let sender = {
+        let (client, stop) = (client.clone(), stop.clone());
+        let m = user_referential(&run);
+        std::thread::spawn(move || send_until(&client, &m, &stop))
+    };
+    let mut db = pg();
+    let mut published = thirds[0].len();
+    for (outage, next) in [(30, thirds[1]), (90, thirds[2])] {
+        wait_until("commands are answered", Duration::from_secs(60), || {
+            answered(&master) > 0
+        });
+        services(&["down", "kafka"]);
+        std::thread::sleep(Duration::from_secs(outage));
+        for engine in [&master, &directory] {
+            assert_eq!(
+                engine.failure(),
+                None,
+                "no component gave up after {outage} s"
+            );
+        }
+        services(&["up"]);
+        publish(&app, next);
+        published += next.len();
+        let expected = expected_tables(&app.topology, &events[..published]);
+        wait_for_tables(&expected, Duration::from_secs(120), |name| {
+            table_rows(&directory, &mut db, name)
+        });
+        let before = answered(&master);
+        wait_until(
+            &format!("commands are answered again after a {outage} s outage"),
+            Duration::from_secs(120),
+            || answered(&master) > before,
+        );
+    }
+    stop.store(true, Ordering::SeqCst);
+    let replies = sender.join().unwrap();
+    assert!(
+        replies.iter().any(|r| matches!(r, Reply::Accepted { .. })),
+        "{replies:?}"
+    );
+    let sent = commands_sent(&m.command_topic);
+    wait_until(
+        "every command record is answered",
+        Duration::from_secs(60),
+        || answered(&master) as usize >= sent,
+    );
+    assert_eq!(
+        answered(&master) as usize,
+        sent,
+        "each command answered once"
+    );
+    let ids = applied_ids(&m.user_topic);
+    let twice: Vec<_> = ids.iter().filter(|(_, n)| **n > 1).collect();
+    assert!(twice.is_empty(), "commands applied twice: {twice:?}");
+    for engine in [&master, &directory] {
+        assert_eq!(engine.failure(), None);
+    }
+    Arc::try_unwrap(client).ok().unwrap().shutdown();
+    directory.shutdown();
+    master.shutdown();
+}
