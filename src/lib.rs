@@ -130,6 +130,7 @@ pub struct EngineBuilder {
     workers: Option<usize>,
     epoch_interval: Option<Duration>,
     max_epoch_interval: Option<Duration>,
+    inbox_bytes: Option<usize>,
     kafka_extra: Vec<(String, String)>,
     database_url: Option<String>,
     dependency: Option<Arc<dyn commands::Dependency>>,
@@ -184,6 +185,13 @@ impl EngineBuilder {
     /// a key changed several times in one epoch is written once, and commits are fewer.
     pub fn max_epoch_interval(mut self, interval: Duration) -> Self {
         self.max_epoch_interval = Some(interval);
+        self
+    }
+
+    /// Most bytes of records waiting for each worker (default 64 MiB): past it, the consumer
+    /// pauses (and keeps polling, staying in its group) until the worker takes some.
+    pub fn inbox_bytes(mut self, bytes: usize) -> Self {
+        self.inbox_bytes = Some(bytes);
         self
     }
 
@@ -253,6 +261,9 @@ impl EngineBuilder {
         }
         if let Some(e) = self.epoch_interval {
             config.epoch_interval = e;
+        }
+        if let Some(b) = self.inbox_bytes {
+            config.inbox_bytes = b;
         }
         if let Some(e) = self.max_epoch_interval {
             config.max_epoch_interval = e;

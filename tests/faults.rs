@@ -1,7 +1,11 @@
-//! Outages of the real services while events and commands flow: the broker stopped for 30 s,
-//! then for 90 s. The sources, the external-table sink and the command processor resume by
-//! themselves (no component fails for good, no restart of the instance), the tables equal the
-//! reference evaluator, and every command is answered once and applied at most once.
+//! Outages of the real services while events and commands flow.
+//! - The broker stopped for 30 s, then for 90 s: the sources, the external-table sink and the
+//!   command processor resume by themselves (no component fails for good, no restart of the
+//!   instance), the tables equal the reference evaluator, and every command is answered once
+//!   and applied at most once.
+//! - PostgreSQL stopped for 90 s (longer than `max.poll.interval.ms`) while events keep
+//!   coming: consumption pauses, the instance stays in its consumer group (its internal tables
+//!   keep their rows and serve), and once the database is back the tables catch up.
 //!
 //! The tests here stop and start the shared services (`scripts/services`): they run one at a
 //! time, and only when the services were started by that script.
@@ -102,6 +106,21 @@ fn commands_sent(topic: &str) -> usize {
     n
 }
 
+/// The members of consumer group `group`.
+fn group_members(group: &str) -> usize {
+    let consumer: rdkafka::consumer::BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .create()
+        .unwrap();
+    let groups = rdkafka::consumer::Consumer::fetch_group_list(
+        &consumer,
+        Some(group),
+        Duration::from_secs(10),
+    )
+    .unwrap();
+    groups.groups().iter().map(|g| g.members().len()).sum()
+}
+
 fn answered(master: &Engine) -> u64 {
     counter(&master.metrics(), "miroir_commands_total", "")
 }
@@ -184,4 +203,74 @@ fn a_broker_outage_of_30_then_90_seconds_stops_nothing_for_good() {
     Arc::try_unwrap(client).ok().unwrap().shutdown();
     directory.shutdown();
     master.shutdown();
+}
+
+#[test]
+fn a_postgres_outage_of_90_seconds_pauses_consumption_and_keeps_the_group() {
+    let _one = SERVICES.lock().unwrap_or_else(|e| e.into_inner());
+    let run = Run::new("fault-pg");
+    let app = user_directory(&run);
+    let (events, _) = generate(43, 300, 20_000);
+    let (first, _) = events.split_at(2000);
+    publish(&app, first);
+    let dir = tempfile::tempdir().unwrap();
+    // Small inboxes and short epochs: they fill within the outage, as large ones would with
+    // more traffic.
+    let engine = Engine::builder()
+        .topology_str(app.text.clone())
+        .brokers(brokers())
+        .state_dir(dir.path())
+        .workers(2)
+        .epoch_interval(Duration::from_millis(50))
+        .max_epoch_interval(Duration::from_millis(100))
+        .inbox_bytes(16 * 1024)
+        .start()
+        .unwrap();
+    let mut db = pg();
+    let before = expected_tables(&app.topology, first);
+    wait_for_tables(&before, Duration::from_secs(90), |name| {
+        table_rows(&engine, &mut db, name)
+    });
+    drop(db);
+
+    services(&["down", "postgres"]);
+    let outage = std::time::Instant::now();
+    // Events keep coming throughout the outage.
+    let paused = || counter(&engine.metrics(), "miroir_source_paused", "") == 1;
+    let mut published = first.len();
+    let mut was_paused = false;
+    while outage.elapsed() < Duration::from_secs(90) {
+        let next = (published + 200).min(events.len());
+        publish(&app, &events[published..next]);
+        published = next;
+        was_paused |= paused();
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(was_paused, "consumption paused while the database was down");
+    // Still in the group (a member that stops polling for max.poll.interval.ms leaves it,
+    // and the revocation empties its tables): the internal table keeps its rows and serves.
+    assert_eq!(
+        group_members(&app.topology.name),
+        1,
+        "the instance left its group"
+    );
+    let internal = internal_rows(&engine, "user_contacts");
+    assert!(
+        internal.len() >= before["user_contacts"].len() / 2,
+        "{} rows",
+        internal.len()
+    );
+    assert_eq!(engine.failure(), None);
+    assert!(paused(), "still paused while the database is down");
+    publish(&app, &events[published..]);
+    assert_eq!(engine.failure(), None);
+
+    services(&["up"]);
+    let mut db = pg();
+    let after = expected_tables(&app.topology, &events);
+    wait_for_tables(&after, Duration::from_secs(120), |name| {
+        table_rows(&engine, &mut db, name)
+    });
+    wait_until("consumption resumes", Duration::from_secs(30), || !paused());
+    engine.shutdown();
 }

@@ -21,6 +21,8 @@ pub struct Metrics {
     pub epoch_commit_seconds: Histogram,
     /// Consumer lag (high watermark minus next offset to read), by topic and partition.
     pub consumer_lag: IntGaugeVec,
+    /// 1 while the source consumer is paused: the engine takes no more records for now.
+    pub source_paused: IntGauge,
     /// Row changes in the batches applied to external tables, by table and operation
     /// (`upsert` or `delete`).
     pub sink_rows: IntCounterVec,
@@ -245,6 +247,10 @@ impl Metrics {
             "miroir_sink_retries_total",
             "Failed attempts to apply a batch to the external database (retried)",
         );
+        let source_paused = gauge(
+            "miroir_source_paused",
+            "1 while consumption is paused because the engine is behind (the external database is slow or down, say); the instance stays in its consumer group",
+        );
         let sink_up = gauge(
             "miroir_sink_up",
             "1 while the external database accepts writes, 0 while retrying",
@@ -282,6 +288,7 @@ impl Metrics {
             malformed_records,
             epoch_commit_seconds,
             consumer_lag,
+            source_paused,
         }
     }
 

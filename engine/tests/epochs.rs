@@ -49,6 +49,7 @@ fn start(dir: &std::path::Path) -> (Runtime, StateStore) {
             epoch_interval: Duration::from_millis(10),
             max_epoch_interval: LONG,
             max_records_per_epoch: 1_000_000,
+            ..RuntimeConfig::default()
         },
     )
     .unwrap();

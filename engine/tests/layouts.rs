@@ -113,6 +113,7 @@ fn start(text: &str, dir: &std::path::Path) -> (Arc<Topology>, Runtime, StateSto
             epoch_interval: Duration::from_millis(10),
             max_epoch_interval: Duration::from_millis(10),
             max_records_per_epoch: 1000,
+            ..RuntimeConfig::default()
         },
     )
     .unwrap();

@@ -181,6 +181,7 @@ fn start(t: &Arc<Topology>, dir: &std::path::Path, db: &Arc<Mutex<Db>>) -> Runti
             epoch_interval: Duration::from_millis(20),
             max_epoch_interval: Duration::from_millis(20),
             max_records_per_epoch: 10,
+            ..RuntimeConfig::default()
         },
     )
     .unwrap();

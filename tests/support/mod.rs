@@ -371,6 +371,15 @@ pub fn table_rows(
     if plan.postgres().is_some() {
         return pg_table(db, t, name).unwrap_or_default();
     }
+    internal_rows(engine, name)
+}
+
+/// The rows of `engine`'s internal table `name` as key -> JSON row.
+pub fn internal_rows(engine: &miroir::Engine, name: &str) -> BTreeMap<String, serde_json::Value> {
+    let plan = engine
+        .topology()
+        .table(name)
+        .expect("a table of the topology");
     let rows = engine.scan(name, "", 10_000).unwrap();
     rows.into_iter()
         .map(|row| (json_key(&row, plan), row))

@@ -6,7 +6,7 @@
 //! and state can never disagree), and becomes a task. On revocation, the runtime commits and
 //! drops the tasks before the consumer lets the partitions go.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::ffi::{CStr, CString};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -48,6 +48,9 @@ struct SourceContext {
     stop: Arc<AtomicBool>,
     /// The last offset handed to the runtime, by topic and partition.
     delivered: Mutex<HashMap<(String, u32), i64>>,
+    /// Batches read and not taken by the runtime yet (its inboxes were full), in the order
+    /// read: while there are any, consumption is paused.
+    waiting: Mutex<VecDeque<(u32, Message)>>,
 }
 
 impl ClientContext for SourceContext {
@@ -107,6 +110,32 @@ fn end_offset(partition: &rdkafka::statistics::Partition, handed: i64) -> i64 {
 }
 
 impl SourceContext {
+    /// Hands the waiting batches to the runtime, in the order read, while its inboxes take
+    /// them; whether they took all.
+    fn hand_over(&self) -> bool {
+        let mut waiting = self.waiting.lock();
+        while let Some((partition, message)) = waiting.pop_front() {
+            if let Err(message) = self.runtime.try_send(partition, message) {
+                waiting.push_front((partition, message));
+                return false;
+            }
+        }
+        true
+    }
+
+    /// Forgets the waiting batches of revoked partitions: whoever owns them next reads them
+    /// again from the offset committed with their state.
+    fn forget_waiting(&self, source: usize, partitions: &[u32]) {
+        self.waiting.lock().retain(|(_, m)| match m {
+            Message::Records {
+                source: s,
+                partition,
+                ..
+            } => *s != source || !partitions.contains(partition),
+            _ => true,
+        });
+    }
+
     fn by_source(&self, tpl: &TopicPartitionList) -> HashMap<usize, Vec<u32>> {
         let mut out: HashMap<usize, Vec<u32>> = HashMap::new();
         for e in tpl.elements() {
@@ -125,6 +154,7 @@ impl ConsumerContext for SourceContext {
             let mut expected = 0;
             for (source, partitions) in self.by_source(tpl) {
                 info!(topic = ?tpl.elements().first().map(|e| e.topic().to_string()), ?partitions, "partitions revoked");
+                self.forget_waiting(source, &partitions);
                 let leaving = self.stop.load(Ordering::SeqCst) || self.runtime.stopped();
                 self.runtime.broadcast(|| Message::Revoke {
                     source,
@@ -178,6 +208,12 @@ impl ConsumerContext for SourceContext {
                 }
                 if let Err(e) = consumer.assign(tpl) {
                     error!(error = %e, "cannot assign partitions");
+                }
+                // While the runtime takes nothing, new partitions wait too.
+                if !self.waiting.lock().is_empty() {
+                    if let Err(e) = consumer.pause(tpl) {
+                        warn!(error = %e, "cannot pause the assigned partitions");
+                    }
                 }
             }
             RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
@@ -239,6 +275,7 @@ impl KafkaSource {
             metrics,
             stop: stop.clone(),
             delivered: Mutex::default(),
+            waiting: Mutex::default(),
         })?;
         let names: Vec<&str> = topics.keys().map(String::as_str).collect();
         record_partition_counts(&consumer, &runtime, Duration::from_secs(10));
@@ -320,17 +357,20 @@ fn poll_loop(
                 .get(&source)
                 .and_then(|t| cached_high_watermark(&consumer, t, partition))
                 .is_some_and(|high| high - (last + 1) > CATCHING_UP);
-            runtime.send(
+            let message = Message::Records {
+                source,
                 partition,
-                Message::Records {
-                    source,
-                    partition,
-                    records,
-                    catching_up,
-                },
-            );
+                records,
+                catching_up,
+            };
+            consumer
+                .context()
+                .waiting
+                .lock()
+                .push_back((partition, message));
         }
     };
+    let mut paused = false;
     while !stop.load(Ordering::SeqCst) && !runtime.stopped() {
         // In whole milliseconds, rounded down: rdkafka hands librdkafka whole milliseconds and
         // polls again until the full wait has passed, so the fraction of a millisecond left
@@ -363,8 +403,14 @@ fn poll_loop(
                 oldest = None;
             }
         }
+        let taken = consumer.context().hand_over();
+        if taken == paused {
+            paused = pause(&consumer, !taken);
+        }
     }
     flush(&mut batches);
+    // What the runtime does not take now is not committed: it is read again next time.
+    consumer.context().hand_over();
     // Leaving the group revokes every partition: the runtime commits them first. Unsubscribe
     // before dropping, or librdkafka's close can hang (see DESIGN, known traps).
     consumer.unsubscribe();
@@ -378,6 +424,47 @@ fn poll_loop(
         let _ = consumer.poll(Duration::from_millis(50));
     }
     info!("kafka source stopped");
+}
+
+/// Pauses (`on`) or resumes every assigned partition; returns whether consumption is paused.
+/// While the runtime takes no records (its inboxes are full: the external database is slow,
+/// say), the consumer stays paused and goes on polling, so it stays in its group (a consumer
+/// that does not poll within `max.poll.interval.ms` leaves it, and its tables with it).
+fn pause(consumer: &BaseConsumer<SourceContext>, on: bool) -> bool {
+    let assignment = match consumer.assignment() {
+        Ok(a) => a,
+        Err(e) => {
+            warn!(error = %e, "cannot read the assignment to pause or resume it");
+            return !on;
+        }
+    };
+    let done = if on {
+        consumer.pause(&assignment)
+    } else {
+        consumer.resume(&assignment)
+    };
+    match done {
+        Ok(()) => {
+            let partitions = assignment.count();
+            if on {
+                info!(
+                    partitions,
+                    "the engine is behind: consumption paused, still polling"
+                );
+            } else {
+                info!(
+                    partitions,
+                    "the engine takes records again: consumption resumed"
+                );
+            }
+            consumer.context().metrics.source_paused.set(i64::from(on));
+            on
+        }
+        Err(e) => {
+            warn!(error = %e, paused = on, "cannot pause or resume consumption");
+            !on
+        }
+    }
 }
 
 /// The high watermark librdkafka last saw for a partition, from its fetch responses (no

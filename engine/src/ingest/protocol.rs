@@ -32,6 +32,11 @@ struct Span {
 }
 
 impl Records {
+    /// The memory the records take: their bytes and where each one is.
+    pub fn size(&self) -> usize {
+        self.bytes.len() + self.spans.len() * std::mem::size_of::<Span>()
+    }
+
     /// Adds a record after the others.
     pub fn push(&mut self, offset: i64, key: Option<&[u8]>, payload: Option<&[u8]>) {
         let mut copy = |part: Option<&[u8]>| {
@@ -112,6 +117,16 @@ pub enum Message {
         /// Acknowledgements, one per worker.
         done: Sender<()>,
     },
+}
+
+impl Message {
+    /// The memory of the records it carries (none for an assignment change).
+    pub fn size(&self) -> usize {
+        match self {
+            Message::Records { records, .. } => records.size(),
+            _ => 0,
+        }
+    }
 }
 
 /// Where malformed records are reported (a dead-letter topic, in production).

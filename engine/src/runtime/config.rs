@@ -13,6 +13,9 @@ pub struct RuntimeConfig {
     pub max_epoch_interval: Duration,
     /// Most records a worker applies in one epoch.
     pub max_records_per_epoch: usize,
+    /// Most bytes of records waiting in a worker's inbox: then the connector stops handing
+    /// records over (and pauses its consumer) until the worker takes some.
+    pub inbox_bytes: usize,
 }
 
 impl RuntimeConfig {
@@ -28,6 +31,9 @@ impl RuntimeConfig {
     pub const DEFAULT_MAX_EPOCH_INTERVAL: Duration = Duration::from_secs(5);
     /// Most records a worker applies in one epoch by default.
     pub const DEFAULT_MAX_RECORDS_PER_EPOCH: usize = 1_000_000;
+    /// 64 MiB per worker: enough for the connector to keep reading while the workers compute
+    /// and commit an epoch (about 250,000 records of the demo's size).
+    pub const DEFAULT_INBOX_BYTES: usize = 64 << 20;
 }
 
 impl Default for RuntimeConfig {
@@ -37,6 +43,7 @@ impl Default for RuntimeConfig {
             epoch_interval: Self::DEFAULT_EPOCH_INTERVAL,
             max_epoch_interval: Self::DEFAULT_MAX_EPOCH_INTERVAL,
             max_records_per_epoch: Self::DEFAULT_MAX_RECORDS_PER_EPOCH,
+            inbox_bytes: Self::DEFAULT_INBOX_BYTES,
         }
     }
 }

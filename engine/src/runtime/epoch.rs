@@ -9,13 +9,13 @@
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, RecvTimeoutError};
+use crossbeam_channel::RecvTimeoutError;
 use differential_dataflow::input::InputSession;
 
+use super::inbox::InboxReceiver;
 use super::shared::Shared;
 use super::tasks::Tasks;
 use crate::dataflow::Epoch;
-use crate::ingest::Message;
 use crate::value::Row;
 
 /// Longest pause between two batches of a growing (catching-up) epoch before it ends anyway.
@@ -68,7 +68,7 @@ impl Length {
 /// records applied.
 pub(super) fn gather(
     shared: &Shared,
-    inbox: &Receiver<Message>,
+    inbox: &InboxReceiver,
     tasks: &mut Tasks,
     inputs: &mut [InputSession<Epoch, Row, isize>],
 ) -> usize {

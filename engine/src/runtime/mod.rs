@@ -27,6 +27,7 @@ mod commit;
 mod config;
 mod epoch;
 mod error;
+mod inbox;
 mod shared;
 mod status;
 mod tasks;
@@ -39,7 +40,6 @@ use std::sync::{Arc, Barrier};
 use parking_lot::Mutex;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, Sender};
 use tracing::warn;
 
 use crate::ingest::{ErrorSink, Message};
@@ -51,18 +51,14 @@ use crate::topology::Topology;
 use backlog::Backlog;
 pub use config::RuntimeConfig;
 pub use error::RuntimeError;
+use inbox::{inbox, InboxReceiver, InboxSender, Refused};
 use shared::Shared;
 use status::Status;
 pub use status::{StatusSnapshot, TopicPartition};
 
-/// Batches (of up to 512 records) a worker's inbox holds before the connector blocks:
-/// consumption pauses when workers fall behind, instead of buffering without bound. Enough for
-/// the connector to keep reading while the workers compute and commit an epoch.
-const CHANNEL_BATCHES: usize = 512;
-
 /// A running instance of a topology's dataflow.
 pub struct Runtime {
-    senders: Vec<Sender<Message>>,
+    senders: Vec<InboxSender>,
     shutdown: Arc<AtomicBool>,
     guards: Mutex<Option<timely::communication::initialize::WorkerGuards<()>>>,
     sink: Mutex<Option<SinkDriver>>,
@@ -84,10 +80,9 @@ impl Runtime {
     ) -> Result<Runtime, RuntimeError> {
         rebuild_changed_sources(&topology, &store)?;
         let workers = config.workers.max(1);
-        let (senders, receivers): (Vec<_>, Vec<_>) = (0..workers)
-            .map(|_| crossbeam_channel::bounded(CHANNEL_BATCHES))
-            .unzip();
-        let receivers: Arc<Vec<Receiver<Message>>> = Arc::new(receivers);
+        let (senders, receivers): (Vec<_>, Vec<_>) =
+            (0..workers).map(|_| inbox(config.inbox_bytes)).unzip();
+        let receivers: Arc<Vec<InboxReceiver>> = Arc::new(receivers);
         let shutdown = Arc::new(AtomicBool::new(false));
         let status = Arc::new(Status::default());
         let (sink_sender, sink_driver) = match sink {
@@ -152,16 +147,27 @@ impl Runtime {
         self.deliver(w, message);
     }
 
+    /// Hands `message` to the worker that owns `partition` if its inbox has room, or gives
+    /// it back: the caller keeps it, and keeps polling its source meanwhile. A stopped
+    /// runtime takes (and drops) everything.
+    pub fn try_send(&self, partition: u32, message: Message) -> Result<(), Message> {
+        let w = worker_for_partition(partition, self.senders.len());
+        match self.senders[w].try_send(message) {
+            Err(Refused::Full(m)) if !self.stopped() => Err(m),
+            _ => Ok(()),
+        }
+    }
+
     /// Blocks while the worker's inbox is full (backpressure), unless the runtime stops.
     fn deliver(&self, worker: usize, mut message: Message) {
         loop {
-            match self.senders[worker].send_timeout(message, Duration::from_millis(100)) {
-                Ok(()) => return,
-                Err(crossbeam_channel::SendTimeoutError::Timeout(m)) if !self.stopped() => {
-                    message = m
+            match self.senders[worker].try_send(message) {
+                Err(Refused::Full(m)) if !self.stopped() => {
+                    message = m;
+                    std::thread::sleep(Duration::from_millis(1));
                 }
-                // Stopped or disconnected: the failure, if any, is in `status`.
-                Err(_) => return,
+                // Taken, or stopped: the failure, if any, is in `status`.
+                _ => return,
             }
         }
     }

@@ -5,18 +5,17 @@ use std::hash::{Hash, Hasher};
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::Receiver;
 use differential_dataflow::input::{Input, InputSession};
 use timely::dataflow::operators::{Exchange, Inspect, Probe};
 use timely::dataflow::ProbeHandle;
 use tracing::{debug, info};
 
 use super::changes::{table_changes, write_rows};
+use super::inbox::InboxReceiver;
 use super::shared::Shared;
 use super::tasks::Tasks;
 use super::{commit, epoch};
 use crate::dataflow::{Epoch, Renderer};
-use crate::ingest::Message;
 use crate::state::Commit;
 use crate::topology::Topology;
 use crate::value::{Row, Value};
@@ -36,7 +35,7 @@ struct Dataflow {
 }
 
 /// Runs the worker until the runtime stops.
-pub(super) fn run(worker: &mut timely::worker::Worker, shared: &Shared, inbox: Receiver<Message>) {
+pub(super) fn run(worker: &mut timely::worker::Worker, shared: &Shared, inbox: InboxReceiver) {
     let index = worker.index();
     let mut dataflow = build(worker, &shared.topology);
     let mut tasks = Tasks::new(index);
