@@ -332,11 +332,19 @@ impl CommandSpec {
                 });
             }
         }
+        let Some(version) = current_version.unwrap_or(0).checked_add(1) else {
+            return Decision::Answer(rejected(
+                "version_exhausted",
+                format!(
+                    "the {}'s version is the largest there is: it cannot change any more",
+                    entity.name
+                ),
+            ));
+        };
         let mut next = current.to_vec();
         for a in &self.set {
             next[a.column] = cast(a.expr.eval(&scope), entity.columns[a.column].ty);
         }
-        let version = current_version.unwrap_or(0) + 1;
         next[self.stamp.version] = Value::Int(version);
         if let Some(i) = self.stamp.operation {
             next[i] = Value::Text(self.operation.as_str().into());
