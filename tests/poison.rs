@@ -4,6 +4,11 @@
 //! earlier row), while the internal table keeps them and everything else goes on. A later
 //! good version of a key comes back; a restart keeps it all. A timestamp no calendar names
 //! (it once overflowed the conversion) is a malformed record.
+//!
+//! Poison records on a source (lone surrogates, bytes that are not UTF-8, numbers and
+//! timestamps out of range, a 10 MB payload, records without a key) are counted and copied to
+//! the errors topic, a copy too large for it without its payload; the other records, a valid
+//! 10 MB one and one with an ignored field nested 5,000 deep included, are applied.
 
 mod support;
 
@@ -11,7 +16,10 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use miroir::Engine;
-use miroir_connectors::kafka::admin::create_topic;
+use miroir_connectors::commands::wire::text_header;
+use miroir_connectors::kafka::admin::{create_topic, create_topic_with};
+use miroir_connectors::kafka::output::{header as error_header, ERRORS_SUFFIX};
+use miroir_connectors::kafka::tail::Tail;
 use miroir_connectors::kafka::KafkaConfig;
 use serde_json::json;
 use support::*;
@@ -173,6 +181,172 @@ fn rows_postgres_cannot_hold_are_set_aside_and_the_rest_goes_on() {
         engine.status()
     );
     assert_eq!(rejects(&mut db, &schema), expected);
+    engine.shutdown();
+    db.batch_execute(&format!(
+        "DROP SCHEMA {schema} CASCADE; DELETE FROM miroir.rejects WHERE schema_name = '{schema}'"
+    ))
+    .unwrap();
+}
+
+/// `n` bytes of text for a payload.
+fn filler(n: usize) -> String {
+    "x".repeat(n)
+}
+
+#[test]
+fn poison_records_are_counted_and_set_aside_and_the_rest_goes_on() {
+    let run = Run::new("poison-in");
+    let schema = format!("it_{}", run.replace('-', "_"));
+    let text = topology(&run, &schema);
+    let topic = format!("users-{run}");
+    let config = KafkaConfig::new(brokers());
+    let big = ("max.message.bytes", "12582912");
+    create_topic_with(&config, &topic, 2, &[big]).unwrap();
+    let state = tempfile::tempdir().unwrap();
+
+    let good = |id: &str, version: i64| user(id, version, &format!("User {id}"), BORN);
+    let raw = |key: Option<&str>, payload: Vec<u8>| (key.map(str::to_string), Some(payload));
+    let nested = format!(
+        "{{\"id\":\"p9\",\"deep\":{}1{},\"version\":1}}",
+        "[".repeat(5000),
+        "]".repeat(5000)
+    );
+    // (Kafka key, payload), and whether the record is malformed.
+    let records: Vec<((Option<String>, Option<Vec<u8>>), bool)> = vec![
+        (
+            raw(Some("g1"), good("g1", 1).payload.unwrap().into_bytes()),
+            false,
+        ),
+        (
+            raw(
+                Some("p1"),
+                br#"{"id":"p1","name":"\ud800","version":1}"#.to_vec(),
+            ),
+            true,
+        ),
+        (
+            raw(
+                Some("p2"),
+                b"{\"id\":\"p2\",\"name\":\"\xff\xfe\",\"version\":1}".to_vec(),
+            ),
+            true,
+        ),
+        (
+            raw(Some("p3"), br#"{"id":"p3","version":1e400}"#.to_vec()),
+            true,
+        ),
+        (
+            raw(
+                Some("p4"),
+                br#"{"id":"p4","version":18446744073709551616}"#.to_vec(),
+            ),
+            true,
+        ),
+        (
+            raw(
+                Some("p5"),
+                br#"{"id":"p5","born":"+275760-09-13T00:00:00Z","version":1}"#.to_vec(),
+            ),
+            true,
+        ),
+        (
+            raw(
+                Some("p6"),
+                format!("{{\"id\":\"p6\",\"name\":\"{}", filler(10 << 20)).into_bytes(),
+            ),
+            true,
+        ),
+        (
+            raw(
+                Some("p7"),
+                format!(
+                    "{{\"id\":\"p7\",\"name\":\"{}\",\"version\":1}}",
+                    filler(10 << 20)
+                )
+                .into_bytes(),
+            ),
+            false,
+        ),
+        (
+            raw(None, good("p8", 1).payload.unwrap().into_bytes()),
+            false,
+        ),
+        ((None, None), true),
+        // An ignored field is skipped whatever its depth.
+        (raw(Some("p9"), nested.into_bytes()), false),
+        (
+            raw(Some("g2"), good("g2", 1).payload.unwrap().into_bytes()),
+            false,
+        ),
+    ];
+    let producer: rdkafka::producer::BaseProducer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .set("message.max.bytes", "12582912")
+        .create()
+        .unwrap();
+    for ((key, payload), _) in &records {
+        let mut record = rdkafka::producer::BaseRecord::<str, [u8]>::to(&topic).partition(0);
+        if let Some(k) = key {
+            record = record.key(k.as_str());
+        }
+        if let Some(p) = payload {
+            record = record.payload(p.as_slice());
+        }
+        producer.send(record).map_err(|(e, _)| e).unwrap();
+        rdkafka::producer::Producer::flush(&producer, Duration::from_secs(30)).unwrap();
+    }
+
+    // The reference reads the same records (a record without a key stands for its
+    // payload's).
+    let events: Vec<Event> = records
+        .iter()
+        .filter_map(|((key, payload), _)| {
+            let payload = String::from_utf8(payload.clone()?).ok()?;
+            let id = serde_json::from_str::<serde_json::Value>(&payload)
+                .ok()
+                .and_then(|v| v["id"].as_str().map(str::to_string));
+            Some(Event {
+                source: 0,
+                key: key.clone().or(id)?,
+                payload: Some(payload),
+            })
+        })
+        .collect();
+    let engine = start_engine(&text, state.path());
+    let mut db = pg();
+    wait_for_reference(&engine, &mut db, &events, &[]);
+    assert!(
+        engine.wait_ready(Duration::from_secs(60)),
+        "{:?}",
+        engine.status()
+    );
+    for key in ["g1", "g2", "p7", "p8", "p9"] {
+        assert!(engine.get("people", key).unwrap().is_some(), "{key}");
+    }
+    let malformed = records.iter().filter(|(_, bad)| *bad).count() as u64;
+    let counted = counter(&engine.metrics(), "miroir_malformed_records_total", "");
+    assert_eq!(counted, malformed);
+
+    // Every malformed record is in the errors topic (the one too large for it without its
+    // payload, saying so).
+    let mut copies = Tail::open(&config, &format!("{topic}{ERRORS_SUFFIX}")).unwrap();
+    let mut seen = Vec::new();
+    assert!(copies
+        .catch_up(Duration::from_secs(30), |m| {
+            let offset = text_header(m, error_header::SOURCE_OFFSET).unwrap();
+            let trimmed = text_header(m, error_header::COPY).is_some();
+            seen.push((offset.parse::<i64>().unwrap(), trimmed));
+        })
+        .unwrap());
+    seen.sort();
+    let expected: Vec<(i64, bool)> = records
+        .iter()
+        .enumerate()
+        .filter(|(_, (_, bad))| *bad)
+        .map(|(i, _)| (i as i64, i == 6))
+        .collect();
+    assert_eq!(seen, expected, "(offset, sent without its payload)");
+    assert_eq!(engine.failure(), None);
     engine.shutdown();
     db.batch_execute(&format!(
         "DROP SCHEMA {schema} CASCADE; DELETE FROM miroir.rejects WHERE schema_name = '{schema}'"
