@@ -188,6 +188,9 @@ fn rows_postgres_cannot_hold_are_set_aside_and_the_rest_goes_on() {
     .unwrap();
 }
 
+/// A record as published: its Kafka key and payload.
+type Raw = (Option<String>, Option<Vec<u8>>);
+
 /// `n` bytes of text for a payload.
 fn filler(n: usize) -> String {
     "x".repeat(n)
@@ -212,7 +215,7 @@ fn poison_records_are_counted_and_set_aside_and_the_rest_goes_on() {
         "]".repeat(5000)
     );
     // (Kafka key, payload), and whether the record is malformed.
-    let records: Vec<((Option<String>, Option<Vec<u8>>), bool)> = vec![
+    let records: Vec<(Raw, bool)> = vec![
         (
             raw(Some("g1"), good("g1", 1).payload.unwrap().into_bytes()),
             false,
