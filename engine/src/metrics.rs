@@ -23,6 +23,8 @@ pub struct Metrics {
     pub consumer_lag: IntGaugeVec,
     /// 1 while the source consumer is paused: the engine takes no more records for now.
     pub source_paused: IntGauge,
+    /// Records deleted by a topic's retention before they were read, by topic and partition.
+    pub records_lost: IntCounterVec,
     /// Row changes in the batches applied to external tables, by table and operation
     /// (`upsert` or `delete`).
     pub sink_rows: IntCounterVec,
@@ -247,6 +249,11 @@ impl Metrics {
             "miroir_sink_retries_total",
             "Failed attempts to apply a batch to the external database (retried)",
         );
+        let records_lost = counter(
+            "miroir_records_lost_total",
+            "Records deleted by a topic's retention before they were read (the tables miss them), by topic and partition",
+            &["topic", "partition"],
+        );
         let source_paused = gauge(
             "miroir_source_paused",
             "1 while consumption is paused because the engine is behind (the external database is slow or down, say); the instance stays in its consumer group",
@@ -289,6 +296,7 @@ impl Metrics {
             epoch_commit_seconds,
             consumer_lag,
             source_paused,
+            records_lost,
         }
     }
 

@@ -123,6 +123,27 @@ impl SourceContext {
         true
     }
 
+    /// Counts and logs the records of `topic`/`partition` deleted by retention before they
+    /// were read: those from `next` (where reading resumes) to the partition's first offset.
+    /// Reading then starts at the first record there is (`auto.offset.reset=earliest`).
+    fn report_lost(&self, consumer: &BaseConsumer<Self>, topic: &str, partition: i32, next: i64) {
+        match consumer.fetch_watermarks(topic, partition, Duration::from_secs(5)) {
+            Ok((low, _)) if low > next => {
+                let lost = low - next;
+                error!(topic, partition, from = next, to = low - 1, lost,
+                       "records deleted by the topic's retention before they were read: the tables miss them");
+                self.metrics
+                    .records_lost
+                    .with_label_values(&[topic, &partition.to_string()])
+                    .inc_by(lost as u64);
+            }
+            Ok(_) => {}
+            Err(e) => {
+                warn!(topic, partition, error = %e, "cannot check for records deleted by retention")
+            }
+        }
+    }
+
     /// Forgets the waiting batches of revoked partitions: whoever owns them next reads them
     /// again from the offset committed with their state.
     fn forget_waiting(&self, source: usize, partitions: &[u32]) {
@@ -190,7 +211,10 @@ impl ConsumerContext for SourceContext {
                     .collect();
                 for (topic, partition) in &elements {
                     let offset = match self.runtime.stored_offset(topic, *partition as u32) {
-                        Ok(Some(o)) => Offset::Offset(o + 1),
+                        Ok(Some(o)) => {
+                            self.report_lost(consumer, topic, *partition, o + 1);
+                            Offset::Offset(o + 1)
+                        }
                         Ok(None) => Offset::Beginning,
                         Err(e) => {
                             error!(topic, partition, error = %e, "cannot read committed offset; starting from the beginning");
