@@ -11,6 +11,7 @@ use clap::{Parser, Subcommand};
 use miroir::commands::{self, Principal, Replayed, Reply};
 use miroir::miroir_engine::metrics::Metrics;
 use miroir::miroir_engine::runtime::RuntimeConfig;
+use miroir::miroir_engine::state::StateStore;
 use miroir::miroir_engine::topology::Topology;
 use miroir_connectors::kafka::admin::create_topic;
 use miroir_connectors::kafka::output::Publisher;
@@ -99,6 +100,27 @@ enum Action {
         /// PostgreSQL database of external tables (unless their sink names a `url`).
         #[arg(long, env = "DATABASE_URL")]
         database_url: Option<String>,
+    },
+    /// Forgets one key of a source in a stopped instance's state directory: its row and the
+    /// order values of its last events. The repair of a key frozen by an event whose order
+    /// value is far too large (every later event is dropped as late): publish the corrected
+    /// event after it, stop the instance, forget the key, start it again.
+    ///
+    /// EXAMPLES:
+    ///     miroir forget-key topologies/user-directory.toml --state-dir /var/lib/miroir \
+    ///         --source users --key u-1
+    ForgetKey {
+        /// The topology file.
+        file: PathBuf,
+        /// The state directory (its instance must be stopped).
+        #[arg(long, env = "MIROIR_STATE_DIR")]
+        state_dir: PathBuf,
+        /// The source.
+        #[arg(long)]
+        source: String,
+        /// The key, in its URL form.
+        #[arg(long)]
+        key: String,
     },
     /// Sends commands to a master and reads its replies.
     #[command(subcommand)]
@@ -448,6 +470,12 @@ fn run(command: Action) -> anyhow::Result<ExitCode> {
             state_dir,
             database_url,
         } => print_plan(&file, &state_dir, database_url.as_deref()),
+        Action::ForgetKey {
+            file,
+            state_dir,
+            source,
+            key,
+        } => forget_key(&file, &state_dir, &source, &key),
         Action::Run {
             file,
             brokers,
@@ -525,6 +553,33 @@ fn run(command: Action) -> anyhow::Result<ExitCode> {
 }
 
 /// Blocks until SIGINT or SIGTERM.
+/// Removes `key` of `source` from the state in `state_dir` (see `Action::ForgetKey`).
+fn forget_key(
+    file: &std::path::Path,
+    state_dir: &std::path::Path,
+    source: &str,
+    key: &str,
+) -> anyhow::Result<ExitCode> {
+    let topology = Topology::load(file)?;
+    let index = topology
+        .sources
+        .iter()
+        .position(|s| s.name == source)
+        .with_context(|| format!("no source `{source}` in {}", file.display()))?;
+    let ty = topology.sources[index].columns[topology.sources[index].key].ty;
+    let value = miroir::miroir_engine::value::Value::parse_key_text(key, ty)
+        .with_context(|| format!("`{key}` is not a key of `{source}` ({})", ty.name()))?;
+    let store = StateStore::open(state_dir, &[])
+        .context("opening the state directory (is its instance stopped?)")?;
+    let forgotten = store.forget_key(index, &value)?;
+    eprintln!(
+        "{forgotten} entr{} of key `{key}` forgotten in {}: the next start applies its next event whatever its order value",
+        if forgotten == 1 { "y" } else { "ies" },
+        state_dir.display()
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
 /// Waits for Ctrl-C or SIGTERM, or for a component of `engine` to fail for good (then the
 /// process exits with an error, for its supervisor to see).
 fn wait_for_signal_or_failure(engine: &miroir::Engine) -> anyhow::Result<()> {

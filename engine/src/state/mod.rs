@@ -474,6 +474,35 @@ impl StateStore {
         Ok(out)
     }
 
+    /// Forgets everything the store knows of `key` in `source` (its row and the order values
+    /// of its last events, in whichever partition), so the next event of the key applies
+    /// whatever its order value: the repair of a key frozen by an event with an order value
+    /// far too large. Returns the entries removed. The instance must be stopped; its next
+    /// start re-derives the tables without the key.
+    pub fn forget_key(&self, source: usize, key: &Value) -> Result<usize, StoreError> {
+        let prefix = source_prefix(source);
+        // `u/{source}/` then the partition (8 hex digits) and `/`.
+        let key_at = prefix.len() + 9;
+        let mut forgotten = Vec::new();
+        for item in self.db.prefix_iterator_cf(self.state_cf(), &prefix) {
+            let (k, _) = item.map_err(|e| self.rocks(e))?;
+            if !k.starts_with(&prefix) {
+                break;
+            }
+            if k.len() > key_at && decode::<Value>(&k[key_at..]).ok().as_ref() == Some(key) {
+                forgotten.push(k.to_vec());
+            }
+        }
+        let mut batch = WriteBatch::default();
+        for k in &forgotten {
+            batch.delete_cf(self.state_cf(), k);
+        }
+        let mut opts = WriteOptions::default();
+        opts.set_sync(true);
+        self.db.write_opt(batch, &opts).map_err(|e| self.rocks(e))?;
+        Ok(forgotten.len())
+    }
+
     /// Records that the state under `prefixes` (named `what`) is written with `layout` (what
     /// the stored values' positions depend on: a source's columns, say). When another layout
     /// was recorded, that state is deleted first, to be rebuilt from its topic rather than
@@ -738,6 +767,23 @@ mod tests {
             "{err}"
         );
         assert!(err.to_string().contains("remove the directory"), "{err}");
+    }
+
+    #[test]
+    fn a_forgotten_key_leaves_every_partition_and_nothing_else() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = StateStore::open(dir.path(), &[]).unwrap();
+        let (a, b) = (Value::Text("a".into()), Value::Text("b".into()));
+        let mut c = store.commit();
+        c.put_entry(0, 0, &a, &1u8);
+        c.put_entry(0, 1, &a, &2u8);
+        c.put_entry(0, 1, &b, &3u8);
+        c.put_entry(1, 0, &a, &4u8);
+        store.write(c).unwrap();
+        assert_eq!(store.forget_key(0, &a).unwrap(), 2);
+        assert!(store.upsert_entries::<u8>(0, 0).unwrap().is_empty());
+        assert_eq!(store.upsert_entries::<u8>(0, 1).unwrap(), vec![(b, 3)]);
+        assert_eq!(store.upsert_entries::<u8>(1, 0).unwrap(), vec![(a, 4)]);
     }
 
     #[test]
