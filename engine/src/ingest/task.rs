@@ -24,6 +24,8 @@ pub(crate) struct Task {
     offset: Option<i64>,
     /// Whether `offset` moved since the last flush.
     offset_dirty: bool,
+    /// When deleted keys past their retention were last forgotten (ms since the epoch).
+    forgot_at_ms: i64,
 }
 
 /// Where a task's records come from and where what goes wrong with them is told.
@@ -54,6 +56,7 @@ impl Task {
             state,
             offset,
             offset_dirty: false,
+            forgot_at_ms: now_ms(),
         }
     }
 
@@ -125,15 +128,29 @@ impl Task {
     /// Feeds `input` the task's changes since its last flush (one retraction and one
     /// insertion per changed key, see [`crate::ingest::upsert`]) and adds them to `commit`
     /// (upsert entries, offset): the entries and the tables they produce commit together.
+    /// Every tenth of the source's tombstone retention (at most every hour), it also forgets
+    /// the keys deleted longer ago than the retention.
     pub(crate) fn flush(
         &mut self,
-        source: usize,
+        (source, src): (usize, &Source),
         partition: u32,
-        topic: &str,
         input: &mut InputSession<Epoch, Row, isize>,
         commit: &mut Commit,
     ) {
-        self.state.drain_changes(|key, entry, before| {
+        let now = now_ms();
+        let retention = src.tombstone_retention.as_millis() as i64;
+        if now - self.forgot_at_ms >= (retention / 10).min(FORGET_EVERY_MS) {
+            self.forgot_at_ms = now;
+            let forgotten = self.state.forget_deleted(now, retention);
+            if !forgotten.is_empty() {
+                debug!(topic = %src.topic, partition, keys = forgotten.len(), "deleted keys past their retention forgotten");
+            }
+            for key in &forgotten {
+                commit.delete_entry(source, partition, key);
+            }
+        }
+        let topic = &src.topic;
+        self.state.drain_changes(now, |key, entry, before| {
             if before != entry.row {
                 if let Some(old) = before {
                     input.update(old, -1);
@@ -156,6 +173,15 @@ impl Task {
             input.update(row.clone(), -1);
         }
     }
+}
+
+/// The longest time between two passes forgetting deleted keys past their retention.
+const FORGET_EVERY_MS: i64 = 3_600_000;
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
 }
 
 /// The entity event a record carries, or why it is malformed.

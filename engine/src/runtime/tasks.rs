@@ -159,7 +159,7 @@ impl Tasks {
             if task.has_changes() {
                 let mut pending = shared.commit.lock();
                 let commit = pending.get_or_insert_with(|| shared.store.commit());
-                task.flush(source, *p, &src.topic, &mut inputs[source], commit);
+                task.flush((source, src), *p, &mut inputs[source], commit);
             }
             if retract {
                 task.retract(&mut inputs[source]);
@@ -189,8 +189,8 @@ impl Tasks {
             }
         }
         for ((source, partition), task) in self.tasks.iter_mut() {
-            let topic = &topology.sources[*source].topic;
-            task.flush(*source, *partition, topic, &mut inputs[*source], commit);
+            let src = (*source, &topology.sources[*source]);
+            task.flush(src, *partition, &mut inputs[*source], commit);
         }
     }
 
@@ -215,7 +215,11 @@ fn restore(
     partition: u32,
     input: &mut InputSession<Epoch, Row, isize>,
 ) -> Result<Task, StoreError> {
-    let entries = shared.store.upsert_entries(source, partition)?;
+    let entries = shared.store.upsert_entries(
+        source,
+        partition,
+        crate::ingest::upsert::Entry::decode_stored,
+    )?;
     let offset = shared
         .store
         .offset(&shared.topology.sources[source].topic, partition)?;

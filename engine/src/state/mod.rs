@@ -445,11 +445,12 @@ impl StateStore {
     }
 
     /// The persisted upsert entries of `source`/`partition` (see
-    /// [`crate::ingest::upsert::Entry`]).
-    pub fn upsert_entries<E: serde::de::DeserializeOwned>(
+    /// [`crate::ingest::upsert::Entry`]), each decoded by `decode_entry`.
+    pub fn upsert_entries<E>(
         &self,
         source: usize,
         partition: u32,
+        decode_entry: impl Fn(&[u8]) -> Result<E, bincode::Error>,
     ) -> Result<Vec<(Value, E)>, StoreError> {
         let cf = self
             .db
@@ -468,7 +469,7 @@ impl StateStore {
                 message,
             };
             let key: Value = decode(&k[prefix.len()..]).map_err(|e| corrupt(e.to_string()))?;
-            let entry: E = decode(&v).map_err(|e| corrupt(e.to_string()))?;
+            let entry = decode_entry(&v).map_err(|e| corrupt(e.to_string()))?;
             out.push((key, entry));
         }
         Ok(out)
@@ -647,6 +648,13 @@ impl Commit {
         self.push(Family::State, k, Some(value));
     }
 
+    /// Deletes the upsert entry of `key` in `source`/`partition`.
+    pub fn delete_entry(&mut self, source: usize, partition: u32, key: &Value) {
+        let mut k = upsert_prefix(source, partition);
+        bincode::Options::serialize_into(codec(), &mut k, key).expect("values serialize");
+        self.push(Family::State, k, None);
+    }
+
     /// Records the last applied offset of a partition.
     pub fn put_offset(&mut self, topic: &str, partition: u32, offset: i64) {
         self.push(
@@ -781,9 +789,18 @@ mod tests {
         c.put_entry(1, 0, &a, &4u8);
         store.write(c).unwrap();
         assert_eq!(store.forget_key(0, &a).unwrap(), 2);
-        assert!(store.upsert_entries::<u8>(0, 0).unwrap().is_empty());
-        assert_eq!(store.upsert_entries::<u8>(0, 1).unwrap(), vec![(b, 3)]);
-        assert_eq!(store.upsert_entries::<u8>(1, 0).unwrap(), vec![(a, 4)]);
+        assert!(store
+            .upsert_entries(0, 0, |b| decode::<u8>(b))
+            .unwrap()
+            .is_empty());
+        assert_eq!(
+            store.upsert_entries(0, 1, |b| decode::<u8>(b)).unwrap(),
+            vec![(b, 3)]
+        );
+        assert_eq!(
+            store.upsert_entries(1, 0, |b| decode::<u8>(b)).unwrap(),
+            vec![(a, 4)]
+        );
     }
 
     #[test]

@@ -365,6 +365,7 @@ pub(super) fn validate_command(
             columns,
             key: key?,
             late: None,
+            tombstone_retention: Source::DEFAULT_TOMBSTONE_RETENTION,
         },
         authorize,
         validate,

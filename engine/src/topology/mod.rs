@@ -24,8 +24,10 @@ pub mod diagnostic;
 pub mod late;
 
 use std::collections::BTreeMap;
+use std::time::Duration;
 
 use indexmap::IndexMap;
+
 use serde::Deserialize;
 use toml::Spanned;
 
@@ -63,9 +65,17 @@ pub struct Source {
     pub key: usize,
     /// Late-event policy; without one, events are ordered by their offset.
     pub late: Option<LatePolicy>,
+    /// How long the state of a deleted key (the order values that keep a late event from
+    /// bringing it back) is kept after its delete (`late.tombstone_retention`, default 7
+    /// days).
+    pub tombstone_retention: Duration,
 }
 
 impl Source {
+    /// 7 days: a late event older than a delete arrives within days (a producer retried, a
+    /// backlog replayed), not weeks; past it, the deleted key's state goes.
+    pub const DEFAULT_TOMBSTONE_RETENTION: Duration = Duration::from_secs(7 * 24 * 3600);
+
     /// The key column's name.
     pub fn key_name(&self) -> &str {
         &self.columns[self.key].name
@@ -125,6 +135,8 @@ struct RawLate {
     per: Option<Spanned<String>>,
     #[serde(default)]
     action: Option<Spanned<String>>,
+    #[serde(default)]
+    tombstone_retention: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -630,6 +642,24 @@ fn validate_source(r: &mut Reporter<'_>, name: &str, raw: &Spanned<RawSource>) -
             action,
         })
     });
+    let tombstone_retention = s
+        .late
+        .as_ref()
+        .and_then(|l| l.get_ref().tombstone_retention.as_ref())
+        .map_or(
+            Source::DEFAULT_TOMBSTONE_RETENTION,
+            |d| match humantime::parse_duration(d.get_ref()) {
+                Ok(v) if !v.is_zero() => v,
+                Ok(_) | Err(_) => {
+                    r.at(
+                        d.span().start,
+                        format!("bad late.tombstone_retention `{}`", d.get_ref()),
+                        Some("a duration above zero, like \"7d\", \"12h\" or \"30m\"".into()),
+                    );
+                    Source::DEFAULT_TOMBSTONE_RETENTION
+                }
+            },
+        );
     if r.diagnostics.len() > before {
         return None;
     }
@@ -639,6 +669,7 @@ fn validate_source(r: &mut Reporter<'_>, name: &str, raw: &Spanned<RawSource>) -
         columns,
         key: key?,
         late,
+        tombstone_retention,
     })
 }
 

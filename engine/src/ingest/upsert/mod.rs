@@ -94,6 +94,7 @@ impl UpsertState {
         };
         if row.is_some() {
             entry.record_version(operation, order);
+            entry.deleted_ms = None;
         }
         let first_change = entry.before.is_none();
         if first_change {
@@ -112,15 +113,43 @@ impl UpsertState {
     }
 
     /// Hands every key changed since the last call to `change`, once per key, with its entry
-    /// now and the row it had before the first of those changes.
-    pub fn drain_changes(&mut self, mut change: impl FnMut(&Value, &Entry, Option<Row>)) {
+    /// now and the row it had before the first of those changes. A key deleted meanwhile is
+    /// recorded as deleted at `now_ms`.
+    pub fn drain_changes(
+        &mut self,
+        now_ms: i64,
+        mut change: impl FnMut(&Value, &Entry, Option<Row>),
+    ) {
         for key in self.changed.drain(..) {
             if let Some(entry) = self.entries.get_mut(&key) {
                 if let Some(before) = entry.before.take() {
+                    if entry.row.is_none() && entry.deleted_ms.is_none() {
+                        entry.deleted_ms = Some(now_ms);
+                    }
                     change(&key, entry, before);
                 }
             }
         }
+    }
+
+    /// Forgets the keys deleted at least `retention_ms` before `now_ms` (a late event older
+    /// than their delete then applies again: the retention is the trade-off between memory
+    /// and that protection); returns them. A deleted key without a deletion time (stored by
+    /// an earlier version) is taken as deleted now.
+    pub fn forget_deleted(&mut self, now_ms: i64, retention_ms: i64) -> Vec<Value> {
+        let mut forgotten = Vec::new();
+        self.entries.retain(|key, entry| {
+            if entry.row.is_some() || entry.before.is_some() {
+                return true;
+            }
+            let deleted = *entry.deleted_ms.get_or_insert(now_ms);
+            let keep = now_ms.saturating_sub(deleted) < retention_ms;
+            if !keep {
+                forgotten.push(key.clone());
+            }
+            keep
+        });
+        forgotten
     }
 
     /// Whether some key changed since the last [`UpsertState::drain_changes`].
@@ -169,9 +198,39 @@ mod tests {
 
     fn drain(s: &mut UpsertState) -> Vec<Change> {
         let mut changes = Vec::new();
-        s.drain_changes(|k, e, before| changes.push((k.clone(), before, e.row.clone())));
+        s.drain_changes(0, |k, e, before| {
+            changes.push((k.clone(), before, e.row.clone()))
+        });
         changes.sort();
         changes
+    }
+
+    #[test]
+    fn a_deleted_key_is_forgotten_once_its_retention_passed_and_not_before() {
+        let p = policy(false);
+        let mut s = UpsertState::default();
+        s.apply(Some(&p), 0, Event::Row(row("a", 5, "x")), 0);
+        s.apply(Some(&p), 0, Event::Row(row("b", 1, "x")), 1);
+        s.apply(Some(&p), 0, Event::Tombstone(key("a")), 2);
+        // Drained at 0: `a` is recorded deleted then.
+        drain(&mut s);
+        assert_eq!(s.forget_deleted(99, 100), Vec::<Value>::new());
+        assert_eq!(
+            s.apply(Some(&p), 0, Event::Row(row("a", 3, "x")), 3),
+            Outcome::Late,
+            "within the retention, the delete's versions hold"
+        );
+        assert_eq!(s.forget_deleted(100, 100), vec![key("a")]);
+        assert_eq!(
+            s.forget_deleted(10_000, 100),
+            Vec::<Value>::new(),
+            "b has a row"
+        );
+        assert_eq!(
+            s.apply(Some(&p), 0, Event::Row(row("a", 3, "x")), 4),
+            Outcome::Changed { late: false },
+            "past it, an event older than the delete applies again"
+        );
     }
 
     #[test]

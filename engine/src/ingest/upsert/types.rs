@@ -13,6 +13,10 @@ pub struct Entry {
     pub versions: Vec<(Value, Value)>,
     /// Offset of the last applied event.
     pub offset: i64,
+    /// When the key was deleted (ms since the epoch, as of the end of the epoch that deleted
+    /// it); `None` while it has a row. The entry is forgotten once the source's
+    /// `tombstone_retention` has passed.
+    pub deleted_ms: Option<i64>,
     /// The row before the first change since the last drain (see
     /// [`crate::ingest::upsert::UpsertState::drain_changes`]); `None` when unchanged since. Not
     /// persisted.
@@ -20,7 +24,30 @@ pub struct Entry {
     pub(crate) before: Option<Option<Row>>,
 }
 
+/// An entry as stored before entries recorded when their key was deleted.
+#[derive(Deserialize)]
+struct EntryWithoutDeletion {
+    row: Option<Row>,
+    versions: Vec<(Value, Value)>,
+    offset: i64,
+}
+
 impl Entry {
+    /// Decodes a stored entry, one written before entries recorded their deletion time too
+    /// (a deleted key's clock then starts now).
+    pub fn decode_stored(bytes: &[u8]) -> Result<Entry, bincode::Error> {
+        crate::state::decode::<Entry>(bytes).or_else(|e| {
+            let old: EntryWithoutDeletion = crate::state::decode(bytes).map_err(|_| e)?;
+            Ok(Entry {
+                row: old.row,
+                versions: old.versions,
+                offset: old.offset,
+                deleted_ms: None,
+                before: None,
+            })
+        })
+    }
+
     /// The order value last applied for `operation`.
     pub fn version_of(&self, operation: &Value) -> Option<&Value> {
         self.versions
@@ -64,4 +91,37 @@ pub enum Outcome {
     Duplicate,
     /// Older than the applied version and dropped.
     Late,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_entry_stored_before_deletion_times_reads_back() {
+        #[derive(Serialize)]
+        struct Old {
+            row: Option<Row>,
+            versions: Vec<(Value, Value)>,
+            offset: i64,
+        }
+        let old = Old {
+            row: None,
+            versions: vec![(Value::Null, Value::Int(7))],
+            offset: 42,
+        };
+        let entry = Entry::decode_stored(&crate::state::encode(&old)).unwrap();
+        assert_eq!(entry.row, None);
+        assert_eq!(entry.versions, old.versions);
+        assert_eq!(entry.offset, 42);
+        assert_eq!(entry.deleted_ms, None);
+        let new = Entry {
+            deleted_ms: Some(5),
+            ..entry.clone()
+        };
+        assert_eq!(
+            Entry::decode_stored(&crate::state::encode(&new)).unwrap(),
+            new
+        );
+    }
 }
