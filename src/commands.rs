@@ -26,6 +26,8 @@
 //! ```
 
 pub use miroir_connectors::commands::client::{Command, CommandClient as Client, SendError};
-pub use miroir_connectors::commands::dlq::{list as dead_letters, replay, Parked, Replayed};
+pub use miroir_connectors::commands::dlq::{
+    each as each_dead_letter, list as dead_letters, replay, Parked, Replayed,
+};
 pub use miroir_connectors::commands::processor::dependency::{Dependency, DependencyError};
 pub use miroir_engine::command::{Principal, Reply};

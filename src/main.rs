@@ -183,16 +183,20 @@ enum CommandAction {
 #[derive(Subcommand)]
 enum DlqAction {
     /// Lists the commands parked in TOPIC's dead-letter topic (TOPIC is the command topic or
-    /// its `.dlq`), oldest first.
+    /// its `.dlq`) as it reads them: each entity's in the order they failed. It holds one at
+    /// a time, however long the topic.
     ///
     /// EXAMPLES:
-    ///     miroir dlq list user.cmd.update-email
+    ///     miroir dlq list user.cmd.update-email --limit 20
     List {
         /// The command topic (or its dead-letter topic).
         topic: String,
         /// One JSON object per line instead of a table.
         #[arg(long)]
         json: bool,
+        /// Print at most this many (the count at the end is of all of them).
+        #[arg(long)]
+        limit: Option<usize>,
         /// Kafka bootstrap servers.
         #[arg(long, env = "MIROIR_BROKERS")]
         brokers: String,
@@ -283,39 +287,50 @@ fn send_command(action: CommandAction) -> anyhow::Result<ExitCode> {
 }
 
 /// Lists or replays dead letters.
+/// Prints one parked command: a line of fields, or a JSON object.
+fn print_parked(p: &commands::Parked, json: bool) -> anyhow::Result<()> {
+    if json {
+        println!("{}", serde_json::to_string(p)?);
+        return Ok(());
+    }
+    println!(
+        "{}/{} id={} key={} type={} by={} attempts={} first={} last={} error={} [{}] origin={} entity_version={}",
+        p.partition,
+        p.offset,
+        p.command_id.as_deref().unwrap_or("-"),
+        p.key.as_deref().unwrap_or("-"),
+        p.command_type.as_deref().unwrap_or("-"),
+        p.principal.as_deref().unwrap_or("-"),
+        p.attempts.map_or("-".into(), |a| a.to_string()),
+        p.first_failure.as_deref().unwrap_or("-"),
+        p.last_failure.as_deref().unwrap_or("-"),
+        p.error.as_deref().unwrap_or("-"),
+        p.error_class.as_deref().unwrap_or("-"),
+        p.origin.as_deref().unwrap_or("-"),
+        p.entity_version.map_or("-".into(), |v| v.to_string()),
+    );
+    Ok(())
+}
+
 fn dead_letters(action: DlqAction) -> anyhow::Result<ExitCode> {
     match action {
         DlqAction::List {
             topic,
             json,
+            limit,
             brokers,
         } => {
-            let parked = commands::dead_letters(&KafkaConfig::new(brokers), &topic)?;
-            for p in &parked {
-                if json {
-                    println!("{}", serde_json::to_string(p)?);
-                } else {
-                    println!(
-                        "{}/{} id={} key={} type={} by={} attempts={} first={} last={} error={} [{}] origin={} entity_version={}",
-                        p.partition,
-                        p.offset,
-                        p.command_id.as_deref().unwrap_or("-"),
-                        p.key.as_deref().unwrap_or("-"),
-                        p.command_type.as_deref().unwrap_or("-"),
-                        p.principal.as_deref().unwrap_or("-"),
-                        p.attempts.map_or("-".into(), |a| a.to_string()),
-                        p.first_failure.as_deref().unwrap_or("-"),
-                        p.last_failure.as_deref().unwrap_or("-"),
-                        p.error.as_deref().unwrap_or("-"),
-                        p.error_class.as_deref().unwrap_or("-"),
-                        p.origin.as_deref().unwrap_or("-"),
-                        p.entity_version.map_or("-".into(), |v| v.to_string()),
-                    );
+            let mut count = 0usize;
+            let mut printed = Ok(());
+            commands::each_dead_letter(&KafkaConfig::new(brokers), &topic, |p| {
+                count += 1;
+                if printed.is_ok() && limit.is_none_or(|l| count <= l) {
+                    printed = print_parked(&p, json);
                 }
-            }
+            })?;
+            printed?;
             eprintln!(
-                "{} parked command(s) in {}",
-                parked.len(),
+                "{count} parked command(s) in {}",
                 miroir_connectors::commands::wire::dlq_topic(&topic)
             );
             Ok(ExitCode::SUCCESS)

@@ -448,6 +448,21 @@ fn failing_dependency_retries_then_parks_and_replay_keeps_order_skipping_the_sta
         assert!(p.origin.as_deref().unwrap().starts_with(&m.command_topic));
         assert!(p.first_failure <= p.last_failure);
     }
+    // The CLI lists them as it reads them, up to --limit, and counts them all.
+    let listed = std::process::Command::new(env!("CARGO_BIN_EXE_miroir"))
+        .args(["dlq", "list", &m.command_topic, "--json", "--limit", "1"])
+        .env("MIROIR_BROKERS", brokers())
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap();
+    assert!(listed.status.success(), "{listed:?}");
+    let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&listed.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    assert!(["u-0", "u-1"].contains(&lines[0]["key"].as_str().unwrap()));
+    assert!(String::from_utf8_lossy(&listed.stderr).contains("2 parked command(s)"));
     // A parked command re-delivered as such (not as a replay) stays parked.
     let mut again = update(spec, "u-0", "a@example.org", admin());
     again.command_id = parked[0].command_id.clone();

@@ -74,55 +74,71 @@ impl Parked {
     }
 }
 
-/// Every command parked in the dead-letter topic of `topic`, in their original order (by
-/// first failure; commands of one entity failed in the order they were sent).
-pub fn list(config: &KafkaConfig, topic: &str) -> Result<Vec<Parked>, KafkaError> {
+/// Hands every command parked in the dead-letter topic of `topic` to `each`, as it reads
+/// them: each partition in order (so each entity's commands in the order they failed), the
+/// partitions interleaved. Holds one at a time.
+pub fn each(
+    config: &KafkaConfig,
+    topic: &str,
+    mut each: impl FnMut(Parked),
+) -> Result<(), KafkaError> {
     let dlq = dlq_topic(topic);
     let mut tail = Tail::open(config, &dlq)?;
-    let mut parked = Vec::new();
-    let complete = tail.catch_up(Duration::from_secs(30), |m| {
-        let h = |name: &str| text_header(m, name);
-        let headers = m
-            .headers()
-            .map(|hs| {
-                hs.iter()
-                    .filter_map(|x| {
-                        Some((
-                            x.key.to_string(),
-                            std::str::from_utf8(x.value?).ok()?.to_string(),
-                        ))
-                    })
-                    .collect()
-            })
-            .unwrap_or_default();
-        parked.push(Parked {
-            topic: dlq.clone(),
-            partition: m.partition(),
-            offset: m.offset(),
-            command_id: h(header::COMMAND_ID),
-            command_type: h(header::COMMAND_TYPE),
-            key: m.key().map(|k| String::from_utf8_lossy(k).into_owned()),
-            principal: h(header::PRINCIPAL),
-            error_class: h(header::ERROR_CLASS),
-            error: h(header::ERROR_MESSAGE),
-            attempts: h(header::ATTEMPTS).and_then(|a| a.parse().ok()),
-            first_failure: h(header::FIRST_FAILURE),
-            last_failure: h(header::LAST_FAILURE),
-            origin: h(header::ORIGIN),
-            entity_version: h(header::ENTITY_VERSION).and_then(|v| v.parse().ok()),
-            payload: m.payload().map(|p| String::from_utf8_lossy(p).into_owned()),
-            headers,
-        });
-    })?;
+    let complete = tail.catch_up(Duration::from_secs(30), |m| each(parked(&dlq, m)))?;
     if !complete {
         return Err(KafkaError::Unavailable(format!(
             "could not read {dlq} to its end"
         )));
     }
+    Ok(())
+}
+
+/// Every command parked in the dead-letter topic of `topic`, in their original order (by
+/// first failure; commands of one entity failed in the order they were sent): what a replay
+/// goes through.
+pub fn list(config: &KafkaConfig, topic: &str) -> Result<Vec<Parked>, KafkaError> {
+    let mut parked = Vec::new();
+    each(config, topic, |p| parked.push(p))?;
     parked.sort_by(|a, b| {
         (&a.first_failure, a.origin_position()).cmp(&(&b.first_failure, b.origin_position()))
     });
     Ok(parked)
+}
+
+/// The parked command of dead letter `m` (read from `dlq`).
+fn parked(dlq: &str, m: &impl Message) -> Parked {
+    let h = |name: &str| text_header(m, name);
+    let headers = m
+        .headers()
+        .map(|hs| {
+            hs.iter()
+                .filter_map(|x| {
+                    Some((
+                        x.key.to_string(),
+                        std::str::from_utf8(x.value?).ok()?.to_string(),
+                    ))
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    Parked {
+        topic: dlq.to_string(),
+        partition: m.partition(),
+        offset: m.offset(),
+        command_id: h(header::COMMAND_ID),
+        command_type: h(header::COMMAND_TYPE),
+        key: m.key().map(|k| String::from_utf8_lossy(k).into_owned()),
+        principal: h(header::PRINCIPAL),
+        error_class: h(header::ERROR_CLASS),
+        error: h(header::ERROR_MESSAGE),
+        attempts: h(header::ATTEMPTS).and_then(|a| a.parse().ok()),
+        first_failure: h(header::FIRST_FAILURE),
+        last_failure: h(header::LAST_FAILURE),
+        origin: h(header::ORIGIN),
+        entity_version: h(header::ENTITY_VERSION).and_then(|v| v.parse().ok()),
+        payload: m.payload().map(|p| String::from_utf8_lossy(p).into_owned()),
+        headers,
+    }
 }
 
 /// What a replay did with one parked command.
