@@ -62,6 +62,8 @@ pub struct CommandMetrics {
     /// Transactions aborted after a failure, by command: their commands are read again (with
     /// those of the transaction prepared after one, which built on it).
     pub aborted_transactions: IntCounterVec,
+    /// Times a processor started again after losing Kafka, by command.
+    pub restarts: IntCounterVec,
     /// Command ids whose answers the processor remembers, by command (a re-delivery gets its
     /// first answer again); updated as transactions commit and old answers are forgotten.
     pub answers_kept: IntGaugeVec,
@@ -137,6 +139,11 @@ impl CommandMetrics {
             aborted_transactions: counter(
                 "miroir_command_aborted_transactions_total",
                 "Command transactions aborted after a failure; their commands are read again",
+                &["command"],
+            ),
+            restarts: counter(
+                "miroir_command_processor_restarts_total",
+                "Times the command processor started again after losing Kafka (the broker down, say)",
                 &["command"],
             ),
             answers_kept: {

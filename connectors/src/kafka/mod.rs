@@ -86,16 +86,13 @@ impl From<rdkafka::error::KafkaError> for KafkaError {
     }
 }
 
-/// The class of an rdkafka error: a fatal transaction error (a fenced producer), a failed
-/// authorization or an invalid configuration is fatal; a message the broker refuses for what it
-/// is (too large, invalid) is definite; anything else (timeouts, a broker down, a coordinator
-/// moving) is transient.
+/// The class of an rdkafka error: a fenced producer, a failed authorization or an invalid
+/// configuration is fatal; a message the broker refuses for what it is (too large, invalid) is
+/// definite; anything else (timeouts, a broker down, a coordinator moving) is transient. A
+/// transaction error librdkafka calls fatal for another reason (an operation in an invalid
+/// state after the broker went away) leaves that producer unusable, not the next one: it is
+/// transient for a caller that makes a new producer.
 pub fn client_class(e: &rdkafka::error::KafkaError) -> ErrorClass {
-    if let rdkafka::error::KafkaError::Transaction(t) = e {
-        if t.is_fatal() {
-            return ErrorClass::Fatal;
-        }
-    }
     if matches!(e, rdkafka::error::KafkaError::ClientConfig(..)) {
         return ErrorClass::Fatal;
     }

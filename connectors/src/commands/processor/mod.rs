@@ -65,7 +65,6 @@ pub struct CommandProcessor {
 pub struct ProcessorStatus {
     ready: AtomicBool,
     failure: Mutex<Option<String>>,
-    restarts: AtomicU64,
 }
 
 impl ProcessorStatus {
@@ -77,11 +76,6 @@ impl ProcessorStatus {
     /// The error that stopped the processor, if any.
     pub fn failure(&self) -> Option<String> {
         self.failure.lock().clone()
-    }
-
-    /// How many times the processor started again after losing Kafka.
-    pub fn restarts(&self) -> u64 {
-        self.restarts.load(Ordering::Acquire)
     }
 
     fn fail(&self, command: &str, failure: String) {
@@ -188,7 +182,8 @@ fn supervise(
             Some(worker) => worker,
             None => match build() {
                 Ok(worker) => {
-                    status.restarts.fetch_add(1, Ordering::AcqRel);
+                    let metrics = &worker.shared.metrics;
+                    metrics.restarts.with_label_values(&[&name]).inc();
                     worker
                 }
                 Err(e) if e.class() == ErrorClass::Transient => {
@@ -325,6 +320,10 @@ impl Worker {
             .set("enable.auto.commit", "false")
             .set("auto.offset.reset", "earliest")
             .set("isolation.level", "read_committed")
+            // As the source's: a member lost without leaving (a crash, a processor started
+            // again after an outage) holds its partitions for 10 s, not librdkafka's 45 s.
+            .set("session.timeout.ms", "10000")
+            .set("heartbeat.interval.ms", "3000")
             .create_with_context(Rebalances::default())?;
         Ok(Worker {
             shared: Arc::new(Shared {
