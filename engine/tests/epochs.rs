@@ -2,15 +2,18 @@
 //! `max_epoch_interval` while it reports records waiting (catching up) and records keep
 //! coming, and end at once when a revocation waits for their commit.
 
+mod support;
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use miroir_engine::ingest::{ErrorSink, Message, Record, Records};
+use miroir_engine::ingest::{Message, Records};
 use miroir_engine::metrics::Metrics;
 use miroir_engine::runtime::{Runtime, RuntimeConfig};
 use miroir_engine::state::{StateStore, TableReader};
 use miroir_engine::topology::Topology;
 use miroir_engine::value::Value;
+use support::NoErrors;
 
 const TOPOLOGY: &str = r#"
 name = "epochs-test"
@@ -27,13 +30,6 @@ store = "internal"
 
 /// Far longer than any test waits: an epoch that ends did not end by reaching it.
 const LONG: Duration = Duration::from_secs(600);
-
-struct NoErrors;
-impl ErrorSink for NoErrors {
-    fn malformed(&self, _: &str, _: u32, _: &Record, error: &str) {
-        panic!("unexpected malformed record: {error}");
-    }
-}
 
 fn start(dir: &std::path::Path) -> (Runtime, StateStore) {
     let topology = Arc::new(Topology::parse("t.toml", TOPOLOGY).unwrap());

@@ -2,18 +2,21 @@
 //! (composite keys with `|` inside a part, a NULL group and an empty-text group), each is
 //! found by its URL form, and rows stored by an earlier key encoding do not survive a start.
 
+mod support;
+
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use miroir_engine::ingest::decode::decode;
-use miroir_engine::ingest::{ErrorSink, Message, Record, Records};
+use miroir_engine::ingest::{Message, Records};
 use miroir_engine::metrics::Metrics;
 use miroir_engine::reference::evaluate_table;
 use miroir_engine::runtime::{Runtime, RuntimeConfig};
 use miroir_engine::state::{StateStore, TableReader};
 use miroir_engine::topology::Topology;
 use miroir_engine::value::{key_text, parse_key_prefix, parse_key_text, ColumnType, Row};
+use support::NoErrors;
 
 const TOPOLOGY: &str = r#"
 name = "keys-test"
@@ -37,13 +40,6 @@ const USERS: &[(&str, Option<&str>, &str)] = &[
     ("u5", Some(""), "x"),
     ("u6", Some("a\\"), "|c"),
 ];
-
-struct NoErrors;
-impl ErrorSink for NoErrors {
-    fn malformed(&self, _: &str, _: u32, _: &Record, error: &str) {
-        panic!("unexpected malformed record: {error}");
-    }
-}
 
 fn payload(id: &str, a: Option<&str>, b: &str) -> String {
     serde_json::json!({ "id": id, "a": a, "b": b }).to_string()

@@ -4,18 +4,21 @@
 //! from the beginning), and the tables rebuilt from the records read again equal the
 //! reference. An unchanged source keeps its state.
 
+mod support;
+
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use miroir_engine::ingest::decode::decode;
-use miroir_engine::ingest::{ErrorSink, Message, Record, Records};
+use miroir_engine::ingest::{Message, Records};
 use miroir_engine::metrics::Metrics;
 use miroir_engine::reference::evaluate_table;
 use miroir_engine::runtime::{Runtime, RuntimeConfig};
 use miroir_engine::state::{StateStore, TableReader};
 use miroir_engine::topology::Topology;
 use miroir_engine::value::{key_text, Row};
+use support::NoErrors;
 
 const V1: &str = r#"
 name = "layouts-test"
@@ -69,13 +72,6 @@ late = { order_by = "version" }
 query = "SELECT u.id, u.name, t.title FROM users u LEFT JOIN teams t ON u.id = t.id"
 store = "internal"
 "#;
-
-struct NoErrors;
-impl ErrorSink for NoErrors {
-    fn malformed(&self, _: &str, _: u32, _: &Record, error: &str) {
-        panic!("unexpected malformed record: {error}");
-    }
-}
 
 /// Records per topic, in offset order (partition 0).
 fn records() -> BTreeMap<&'static str, Vec<(String, String)>> {

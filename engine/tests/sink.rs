@@ -2,12 +2,14 @@
 //! trait: batches reach the database in order, once, through failures, restarts and replays,
 //! and the database's table equals the reference evaluator.
 
+mod support;
+
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use miroir_engine::error::ErrorClass;
-use miroir_engine::ingest::{ErrorSink, Message, Record, Records};
+use miroir_engine::ingest::{Message, Records};
 use miroir_engine::metrics::Metrics;
 use miroir_engine::reference::evaluate_table;
 use miroir_engine::runtime::{Runtime, RuntimeConfig};
@@ -15,6 +17,7 @@ use miroir_engine::sink::{Applied, Durable, ExternalSink, SinkBatch, SinkError};
 use miroir_engine::state::StateStore;
 use miroir_engine::topology::Topology;
 use miroir_engine::value::{key_text, Row};
+use support::NoErrors;
 
 const TOPOLOGY: &str = r#"
 name = "sink-test"
@@ -109,13 +112,6 @@ impl ExternalSink for FakeSink {
         let snapshot = db.rows.clone();
         db.snapshots.push(snapshot);
         Ok(Applied::default())
-    }
-}
-
-struct NoErrors;
-impl ErrorSink for NoErrors {
-    fn malformed(&self, _: &str, _: u32, _: &Record, error: &str) {
-        panic!("unexpected malformed record: {error}");
     }
 }
 

@@ -2,16 +2,19 @@
 //! kept for the source's `late.tombstone_retention`, then forgotten, in memory and in the
 //! state directory: memory does not grow with every key ever deleted.
 
+mod support;
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use miroir_engine::ingest::upsert::Entry;
-use miroir_engine::ingest::{ErrorSink, Message, Record, Records};
+use miroir_engine::ingest::{Message, Records};
 use miroir_engine::metrics::Metrics;
 use miroir_engine::runtime::{Runtime, RuntimeConfig};
 use miroir_engine::state::{StateStore, TableReader};
 use miroir_engine::topology::Topology;
 use miroir_engine::value::Value;
+use support::NoErrors;
 
 const TOPOLOGY: &str = r#"
 name = "tombstones-test"
@@ -25,13 +28,6 @@ late = { order_by = "version", tombstone_retention = "1s" }
 query = "SELECT id, name FROM users"
 store = "internal"
 "#;
-
-struct NoErrors;
-impl ErrorSink for NoErrors {
-    fn malformed(&self, _: &str, _: u32, _: &Record, error: &str) {
-        panic!("unexpected malformed record: {error}");
-    }
-}
 
 fn send(runtime: &Runtime, offset: i64, version: Option<i64>) {
     let mut records = Records::default();
