@@ -88,6 +88,7 @@ fn command_events(topic: &str) -> BTreeMap<(i32, i64), (String, String, serde_js
                     (key, id, serde_json::from_slice(payload).unwrap()),
                 );
             }
+            Ok(())
         })
         .unwrap());
     out
@@ -1058,8 +1059,21 @@ fn a_restarted_processor_keeps_its_view_of_the_entities_in_the_state_directory()
         matches!(first, Reply::Accepted { version: 2, .. }),
         "{first:?}"
     );
-    // Read back by the entity topic's tail (its fetches wait up to 100 ms), so in the store.
-    std::thread::sleep(Duration::from_millis(500));
+    // Read back by the entity topic's tail (its fetches wait up to 100 ms), so in the store,
+    // and no longer held in memory.
+    let rows_in_memory = |master: &Engine| {
+        let metrics = master.metrics();
+        let name = "miroir_command_entity_rows_in_memory";
+        let label = "command=\"update_email\"";
+        metrics
+            .contains(&format!("{name}{{{label}}}"))
+            .then(|| counter(&metrics, name, label))
+    };
+    wait_until(
+        "the entity rows are only in the state directory",
+        Duration::from_secs(30),
+        || rows_in_memory(&master) == Some(0),
+    );
     master.shutdown();
     // Delete every record of the entity topic: only the stored view still knows the users
     // and the accepted command.
@@ -1105,6 +1119,11 @@ fn a_restarted_processor_keeps_its_view_of_the_entities_in_the_state_directory()
         vec!["u-0"],
         "only the new command wrote an entity event: {events:?}"
     );
+    wait_until(
+        "the written row, read back, leaves memory",
+        Duration::from_secs(30),
+        || rows_in_memory(&master) == Some(0),
+    );
     client.shutdown();
     master.shutdown();
 }
@@ -1122,6 +1141,7 @@ fn answer_untils(topic: &str) -> HashMap<String, i64> {
                     until.expect("an entity event without its answer's time"),
                 );
             }
+            Ok(())
         })
         .unwrap());
     out
@@ -1191,6 +1211,7 @@ fn single_use_command_ids_are_remembered_past_their_deadline_chosen_ones_for_a_w
             if m.key() == Some(b"u-0".as_slice()) {
                 original = Some(m.detach());
             }
+            Ok(())
         })
         .unwrap());
     let original = original.expect("the command record");

@@ -87,6 +87,7 @@ fn applied_ids(topic: &str) -> HashMap<String, usize> {
             if let Some(id) = text_header(m, header::COMMAND_ID) {
                 *ids.entry(id).or_default() += 1;
             }
+            Ok(())
         })
         .unwrap();
     assert!(complete, "the entity topic was read to its end");
@@ -99,7 +100,8 @@ fn commands_sent(topic: &str) -> usize {
     let mut n = 0;
     let complete = tail
         .catch_up(Duration::from_secs(60), |m| {
-            n += usize::from(m.payload().is_some())
+            n += usize::from(m.payload().is_some());
+            Ok(())
         })
         .unwrap();
     assert!(complete, "the command topic was read to its end");

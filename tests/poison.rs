@@ -339,6 +339,7 @@ fn poison_records_are_counted_and_set_aside_and_the_rest_goes_on() {
             let offset = text_header(m, error_header::SOURCE_OFFSET).unwrap();
             let trimmed = text_header(m, error_header::COPY).is_some();
             seen.push((offset.parse::<i64>().unwrap(), trimmed));
+            Ok(())
         })
         .unwrap());
     seen.sort();

@@ -43,6 +43,7 @@ fn a_catch_up_cut_short_goes_on_where_it_stopped() {
         let done = tail
             .catch_up(Duration::from_millis(20), |m| {
                 *seen.entry((m.partition(), m.offset())).or_default() += 1;
+                Ok(())
             })
             .unwrap();
         if done {

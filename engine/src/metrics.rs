@@ -67,6 +67,9 @@ pub struct CommandMetrics {
     /// Command ids whose answers the processor remembers, by command (a re-delivery gets its
     /// first answer again); updated as transactions commit and old answers are forgotten.
     pub answers_kept: IntGaugeVec,
+    /// Entity rows the processor holds in memory, by command: with a state directory, the
+    /// rows not saved there yet (the others are read from it); without one, every row.
+    pub entity_rows_in_memory: IntGaugeVec,
     /// Client: seconds from send to reply, by command type.
     pub round_trip_seconds: HistogramVec,
     /// Client: sends that timed out, by command type.
@@ -97,6 +100,13 @@ impl CommandMetrics {
                 .register(Box::new(h.clone()))
                 .expect("unique metric");
             h
+        };
+        let gauge = |name: &str, help: &str| {
+            let g = IntGaugeVec::new(Opts::new(name, help), &["command"]).expect("valid metric");
+            registry
+                .register(Box::new(g.clone()))
+                .expect("unique metric");
+            g
         };
         let late_replies = IntCounter::new(
             "miroir_command_late_replies_total",
@@ -146,20 +156,14 @@ impl CommandMetrics {
                 "Times the command processor started again after losing Kafka (the broker down, say)",
                 &["command"],
             ),
-            answers_kept: {
-                let g = IntGaugeVec::new(
-                    Opts::new(
-                        "miroir_command_answers_kept",
-                        "Command ids whose answers the processor remembers",
-                    ),
-                    &["command"],
-                )
-                .expect("valid metric");
-                registry
-                    .register(Box::new(g.clone()))
-                    .expect("unique metric");
-                g
-            },
+            answers_kept: gauge(
+                "miroir_command_answers_kept",
+                "Command ids whose answers the processor remembers",
+            ),
+            entity_rows_in_memory: gauge(
+                "miroir_command_entity_rows_in_memory",
+                "Entity rows the command processor holds in memory (the others are in the state directory)",
+            ),
             round_trip_seconds: histogram(
                 "miroir_command_round_trip_seconds",
                 "Client: time from sending a command to its reply",

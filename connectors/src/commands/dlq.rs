@@ -84,7 +84,10 @@ pub fn each(
 ) -> Result<(), KafkaError> {
     let dlq = dlq_topic(topic);
     let mut tail = Tail::open(config, &dlq)?;
-    let complete = tail.catch_up(Duration::from_secs(30), |m| each(parked(&dlq, m)))?;
+    let complete = tail.catch_up(Duration::from_secs(30), |m| {
+        each(parked(&dlq, m));
+        Ok(())
+    })?;
     if !complete {
         return Err(KafkaError::Unavailable(format!(
             "could not read {dlq} to its end"

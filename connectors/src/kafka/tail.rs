@@ -101,25 +101,30 @@ impl Tail {
         self.partitions
     }
 
-    /// Hands every record available now to `each`, without waiting.
-    pub fn drain(&mut self, mut each: impl FnMut(&BorrowedMessage<'_>)) {
+    /// Hands every record available now to `each`, without waiting; stops at its first error.
+    pub fn drain(
+        &mut self,
+        mut each: impl FnMut(&BorrowedMessage<'_>) -> Result<(), KafkaError>,
+    ) -> Result<(), KafkaError> {
         // It may take end reports an unfinished catch-up waits for: the next one starts over.
         self.unfinished = None;
         while let Some(result) = self.consumer.poll(Duration::ZERO) {
             match result {
-                Ok(m) => each(&m),
+                Ok(m) => each(&m)?,
                 Err(rdkafka::error::KafkaError::PartitionEOF(_)) => {}
                 Err(e) => warn!(topic = %self.topic, error = %e, "reading"),
             }
         }
+        Ok(())
     }
 
     /// Reads until every partition reported its end (at most `limit`); false when the limit
     /// passed first. A call after one that returned false goes on from where it stopped.
+    /// Stops at the first error of `each`, after which the next call starts over.
     pub fn catch_up(
         &mut self,
         limit: Duration,
-        mut each: impl FnMut(&BorrowedMessage<'_>),
+        mut each: impl FnMut(&BorrowedMessage<'_>) -> Result<(), KafkaError>,
     ) -> Result<bool, KafkaError> {
         let mut at_end = match self.unfinished.take() {
             Some(at_end) => at_end,
@@ -142,7 +147,7 @@ impl Tail {
             match self.consumer.poll(wait) {
                 Some(Ok(m)) => {
                     at_end.remove(&m.partition());
-                    each(&m);
+                    each(&m)?;
                 }
                 Some(Err(rdkafka::error::KafkaError::PartitionEOF(p))) => {
                     at_end.insert(p);

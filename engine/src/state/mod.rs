@@ -140,8 +140,6 @@ fn command_key(command: &str, kind: char, rest: &str) -> Vec<u8> {
 /// A command processor's view as stored (see [`StateStore::command_view`]).
 #[derive(Debug, Default)]
 pub struct CommandView {
-    /// The entity rows, by key.
-    pub rows: Vec<(String, Vec<Value>)>,
     /// The next offset of the entity topic to read, by partition.
     pub offsets: Vec<(i32, i64)>,
     /// The answers of the commands read back from their entity events.
@@ -353,15 +351,11 @@ impl StateStore {
         }
     }
 
-    /// A command processor's persisted view: the entity rows by key, the next offset of the
-    /// entity topic to read by partition, and the answers of the commands read back.
+    /// A command processor's persisted view, without its entity rows (read one by one with
+    /// [`StateStore::command_row`]): the next offset of the entity topic to read by partition,
+    /// and the answers of the commands read back.
     pub fn command_view(&self, command: &str) -> Result<CommandView, StoreError> {
         let mut view = CommandView::default();
-        self.each_command_item(command, 'e', |key, v| {
-            let row = decode(v).map_err(|e| e.to_string())?;
-            view.rows.push((key.to_string(), row));
-            Ok(())
-        })?;
         self.each_command_item(command, 'o', |partition, v| {
             let partition = partition.parse().ok();
             let next = <[u8; 8]>::try_from(v).ok().map(i64::from_be_bytes);
@@ -388,6 +382,19 @@ impl StateStore {
             })?;
         }
         Ok(view)
+    }
+
+    /// The entity row of `key` in command processor `command`'s view, if it has one.
+    pub fn command_row(&self, command: &str, key: &str) -> Result<Option<Vec<Value>>, StoreError> {
+        let item = command_key(command, 'e', key);
+        let Some(bytes) = self.get_state(&item)? else {
+            return Ok(None);
+        };
+        decode(&bytes).map(Some).map_err(|e| StoreError::Corrupt {
+            path: self.path.clone(),
+            key: String::from_utf8_lossy(&item).into_owned(),
+            message: e.to_string(),
+        })
     }
 
     /// Hands each item of kind `kind` of command `command`'s view to `each` (the rest of its
@@ -821,7 +828,11 @@ mod tests {
         store.write_unsynced(c).unwrap();
         let mut view = store.command_view("update_email").unwrap();
         view.offsets.sort();
-        assert_eq!(view.rows, vec![("u-1".to_string(), row)]);
+        assert_eq!(
+            store.command_row("update_email", "u-1").unwrap(),
+            Some(row.clone())
+        );
+        assert_eq!(store.command_row("update_email", "u-2").unwrap(), None);
         assert_eq!(view.offsets, vec![(0, 42), (11, 7)]);
         let answer = StoredAnswer {
             id: "cmd-1".into(),
@@ -830,16 +841,19 @@ mod tests {
         };
         assert_eq!(view.answers, vec![answer.clone()]);
         let other = store.command_view("update_name").unwrap();
+        assert_eq!((other.offsets.len(), other.answers.len()), (0, 0));
         assert_eq!(
-            (other.rows.len(), other.offsets.len(), other.answers.len()),
-            (1, 0, 0)
+            store.command_row("update_name", "u-1").unwrap(),
+            Some(row.clone())
         );
         drop(store);
-        let reopened = StateStore::open(dir.path(), &[])
-            .unwrap()
-            .command_view("update_email");
-        let reopened = reopened.unwrap();
-        assert_eq!((reopened.rows.len(), reopened.answers), (1, vec![answer]));
+        let reopened = StateStore::open(dir.path(), &[]).unwrap();
+        let view = reopened.command_view("update_email").unwrap();
+        assert_eq!(view.answers, vec![answer]);
+        assert_eq!(
+            reopened.command_row("update_email", "u-1").unwrap(),
+            Some(row)
+        );
     }
 
     #[test]

@@ -207,7 +207,7 @@ impl Lane {
                           command_id = ?id, "command delivered twice in one transaction: the copy gets the first answer");
                     Step::Again { first }
                 }
-                None => shared.step(incoming, &self.unsaved(&written), stop),
+                None => shared.step(incoming, &self.unsaved(&written), stop)?,
             };
             if let (Some(id), false) = (
                 id,
@@ -492,15 +492,20 @@ impl Lane {
 impl Shared {
     /// Decides one command: duplicates get their first answer, dependency failures are
     /// retried here (the batch's transaction stays open) and then parked.
-    fn step(&self, incoming: &Incoming, written: &Unsaved<'_>, stop: &AtomicBool) -> Step {
+    fn step(
+        &self,
+        incoming: &Incoming,
+        written: &Unsaved<'_>,
+        stop: &AtomicBool,
+    ) -> Result<Step, KafkaError> {
         let m = &incoming.message;
         if let Some(previous) = self.previous_answer(incoming, written) {
             info!(topic = m.topic(), partition = m.partition(), offset = m.offset(), key = ?incoming.key,
                   command_id = ?incoming.headers.command_id, "command already answered: sending the same answer");
-            return Step::Answer {
+            return Ok(Step::Answer {
                 reply: previous,
                 remember: false,
-            };
+            });
         }
         let envelope = incoming
             .headers
@@ -510,23 +515,23 @@ impl Shared {
             Err(reply) => {
                 warn!(topic = m.topic(), partition = m.partition(), offset = m.offset(), key = ?incoming.key,
                       outcome = reply.outcome(), ?reply, "command not read");
-                return Step::Answer {
+                return Ok(Step::Answer {
                     reply,
                     remember: true,
-                };
+                });
             }
         };
-        let current: Option<Row> = written
-            .get(&command.key)
-            .cloned()
-            .or_else(|| self.entities.lock().get(&command.key).cloned());
+        let current: Option<Row> = match written.get(&command.key) {
+            Some(row) => Some(row.clone()),
+            None => self.entities.lock().get(&command.key)?,
+        };
         let decision = self.spec.decide(
             &self.entity,
             &command.request(),
             current.as_deref(),
             now_micros(),
         );
-        match decision {
+        Ok(match decision {
             Decision::Answer(reply) => {
                 info!(
                     topic = m.topic(),
@@ -552,7 +557,7 @@ impl Shared {
                     Err(parking) => Step::Park(parking),
                 }
             }
-        }
+        })
     }
 
     /// The answer already given to the command's id (by a committed transaction, or by the
@@ -698,10 +703,7 @@ fn commit(
     debug!(command = %shared.spec.name, commands = timing.commands, offsets_sent = ?timing.offsets_sent,
            written = ?timing.written, replied = ?replied, committed = ?timing.started.elapsed(), "transaction committed");
     // Committed: the views take what the transaction wrote.
-    shared
-        .entities
-        .lock()
-        .extend(written.iter().map(|(k, r)| (k.clone(), r.clone())));
+    shared.entities.lock().written(written);
     for a in answered {
         // Only re-deliveries' answers are not remembered again.
         let outcome = if a.remember {

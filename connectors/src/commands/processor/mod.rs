@@ -40,18 +40,28 @@ use crate::kafka::{KafkaConfig, KafkaError};
 
 mod answered;
 pub mod dependency;
+mod entities;
 mod incoming;
 mod lane;
 mod view;
 
 use answered::{keep_until, ANSWER_RETENTION};
 use dependency::Dependency;
+use entities::EntityView;
 use incoming::Incoming;
 use lane::Lane;
 use view::{write_view, Shared, ViewChanges};
 
 /// How often a running processor forgets the answers whose time has passed.
 const FORGET_EVERY: Duration = Duration::from_secs(60);
+/// How many changed entity rows a read of the entity topic gathers before it saves them.
+const SAVE_EVERY: usize = 10_000;
+
+/// The name of command `command`'s stored view of entity topic `topic` (a topology that
+/// points the command at another topic starts a new view).
+fn view_name(command: &str, topic: &str) -> String {
+    format!("{command}@{topic}")
+}
 
 /// A running command processor.
 pub struct CommandProcessor {
@@ -314,6 +324,8 @@ impl Worker {
         )?;
         create_topic(config, &entity.topic, partitions)?;
         let group = format!("{}.{}", topology.name, spec.name);
+        let view = view_name(&spec.name, &entity.topic);
+        let entities = EntityView::new(store.clone().map(|s| (s, view)));
         let consumer: BaseConsumer<Rebalances> = config
             .client("command")
             .set("group.id", &group)
@@ -331,7 +343,7 @@ impl Worker {
                 entity,
                 metrics,
                 dependency,
-                entities: Mutex::default(),
+                entities: Mutex::new(entities),
                 answered: Mutex::default(),
                 reply_topics: Mutex::default(),
             }),
@@ -400,9 +412,12 @@ impl Worker {
                 status.ready.store(true, Ordering::Release);
             } else {
                 let mut view = ViewChanges::default();
-                entities.drain(|m| view.note(m, self.shared.entity_event(m)));
+                entities.drain(|m| self.read_entity(m, &mut view))?;
                 self.save_view(view)?;
-                answered.drain(|m| self.shared.answer_record(m));
+                answered.drain(|m| {
+                    self.shared.answer_record(m);
+                    Ok(())
+                })?;
             }
             if batch.is_empty() {
                 continue;
@@ -417,12 +432,13 @@ impl Worker {
     /// on from where it stopped).
     fn catch_up(&self, entities: &mut Tail, answered: &mut Tail) -> Result<bool, KafkaError> {
         let mut view = ViewChanges::default();
-        let complete = entities.catch_up(CATCH_UP_LIMIT, |m| {
-            view.note(m, self.shared.entity_event(m))
-        })?;
+        let complete = entities.catch_up(CATCH_UP_LIMIT, |m| self.read_entity(m, &mut view))?;
         self.save_view(view)?;
-        let complete =
-            complete && answered.catch_up(CATCH_UP_LIMIT, |m| self.shared.answer_record(m))?;
+        let complete = complete
+            && answered.catch_up(CATCH_UP_LIMIT, |m| {
+                self.shared.answer_record(m);
+                Ok(())
+            })?;
         if !complete {
             warn!(command = %self.shared.spec.name, "the views are not caught up yet: no command is decided until they are");
         }
@@ -453,10 +469,9 @@ impl Worker {
         write_view(store, forget)
     }
 
-    /// The stored view's name: the command and its entity topic (a topology that points the
-    /// command at another topic starts a new view).
+    /// The stored view's name.
     fn view_name(&self) -> String {
-        format!("{}@{}", self.shared.spec.name, self.shared.entity.topic)
+        view_name(&self.shared.spec.name, &self.shared.entity.topic)
     }
 
     /// Loads the stored view of the entities and of the accepted commands (forgetting those
@@ -499,9 +514,8 @@ impl Worker {
         let forgotten = forget.len();
         write_view(store, forget)?;
         self.shared.report_answers_kept(answers);
-        info!(command = %self.shared.spec.name, entities = view.rows.len(), answers, forgotten,
-              "entity view loaded from the state directory");
-        self.shared.entities.lock().extend(view.rows);
+        info!(command = %self.shared.spec.name, answers, forgotten,
+              "entity view opened in the state directory");
         Ok(view.offsets)
     }
 
@@ -528,7 +542,32 @@ impl Worker {
         for (partition, next) in &view.next {
             commit.put_command_offset(command, *partition, *next);
         }
-        write_view(store, commit)
+        write_view(store, commit)?;
+        let in_memory = {
+            let mut entities = self.shared.entities.lock();
+            entities.saved(&view.rows);
+            entities.in_memory()
+        };
+        self.shared
+            .metrics
+            .entity_rows_in_memory
+            .with_label_values(&[&self.shared.spec.name])
+            .set(in_memory as i64);
+        Ok(())
+    }
+
+    /// Takes one entity event into `view`, which is saved every [`SAVE_EVERY`] rows: reading
+    /// a whole entity topic does not gather it in memory.
+    fn read_entity(
+        &self,
+        m: &rdkafka::message::BorrowedMessage<'_>,
+        view: &mut ViewChanges,
+    ) -> Result<(), KafkaError> {
+        view.note(m, self.shared.entity_event(m)?);
+        if view.rows.len() >= SAVE_EVERY {
+            self.save_view(std::mem::take(view))?;
+        }
+        Ok(())
     }
 
     fn poll_batch(&mut self) -> Vec<Incoming> {

@@ -19,6 +19,7 @@ use tracing::{debug, warn};
 
 use super::answered::{keep_until, AnsweredIds};
 use super::dependency::Dependency;
+use super::entities::EntityView;
 use crate::commands::wire::{self, header, now_ms, text_header};
 use crate::kafka::KafkaError;
 
@@ -29,7 +30,7 @@ pub(super) struct Shared {
     pub(super) metrics: CommandMetrics,
     pub(super) dependency: Option<Arc<dyn Dependency>>,
     /// Current entity rows by key, as committed on the entity topic.
-    pub(super) entities: Mutex<HashMap<String, Row>>,
+    pub(super) entities: Mutex<EntityView>,
     /// Answers of commands already processed, by command id.
     pub(super) answered: Mutex<AnsweredIds>,
     /// Reply topics known to exist.
@@ -82,22 +83,26 @@ impl ReplyTopics {
 impl Shared {
     /// Applies a committed entity event to the view (newest version wins), and remembers the
     /// command that wrote it (its `miroir-command-id` header) as accepted; returns what changed.
-    pub(super) fn entity_event(&self, m: &rdkafka::message::BorrowedMessage<'_>) -> EntityChange {
+    pub(super) fn entity_event(
+        &self,
+        m: &rdkafka::message::BorrowedMessage<'_>,
+    ) -> Result<EntityChange, KafkaError> {
         let mut change = EntityChange::default();
         let Some(key) = m.key().map(|k| String::from_utf8_lossy(k).into_owned()) else {
-            return change;
+            return Ok(change);
         };
         let Some(payload) = m.payload() else {
-            self.entities.lock().remove(&key);
-            change.row = Some((key, None));
-            return change;
+            if self.entities.lock().read(&self.spec, &key, None)? {
+                change.row = Some((key, None));
+            }
+            return Ok(change);
         };
         let row = match decode(&self.entity, payload) {
             Ok(row) => row,
             Err(e) => {
                 debug!(topic = %self.entity.topic, partition = m.partition(), offset = m.offset(), key, error = %e,
                              "entity event not understood; the view keeps the previous one");
-                return change;
+                return Ok(change);
             }
         };
         if let (Some(id), Some(version)) = (
@@ -116,15 +121,14 @@ impl Shared {
                 change.answer = Some((id, until_ms, reply));
             }
         }
-        let mut entities = self.entities.lock();
-        if entities
-            .get(&key)
-            .is_none_or(|old| self.spec.version_of(&row) > self.spec.version_of(old))
+        if self
+            .entities
+            .lock()
+            .read(&self.spec, &key, Some(row.clone()))?
         {
-            entities.insert(key.clone(), row.clone());
             change.row = Some((key, Some(row)));
         }
-        change
+        Ok(change)
     }
 
     /// Sets the gauge of the command ids remembered.
