@@ -15,6 +15,8 @@ pub struct Metrics {
     pub late_events: IntCounterVec,
     /// Duplicate events (re-deliveries, replays), by source.
     pub duplicate_events: IntCounterVec,
+    /// Order values of business operations a key forgot at `late.max_operations`, by source.
+    pub operations_forgotten: IntCounterVec,
     /// Malformed records, by source.
     pub malformed_records: IntCounterVec,
     /// Seconds to write an epoch commit.
@@ -199,6 +201,11 @@ impl Metrics {
             "Late events, by action",
             &["source", "action"],
         );
+        let operations_forgotten = counter(
+            "miroir_late_operations_forgotten_total",
+            "Business operations whose order value a key forgot at late.max_operations",
+            &["source"],
+        );
         let duplicate_events = counter(
             "miroir_duplicate_events_total",
             "Events already applied (re-delivery or replay)",
@@ -302,6 +309,7 @@ impl Metrics {
             sink_commit_seconds,
             records_in,
             late_events,
+            operations_forgotten,
             duplicate_events,
             malformed_records,
             epoch_commit_seconds,

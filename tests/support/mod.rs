@@ -182,6 +182,15 @@ pub fn user_directory(run: &str) -> TestTopology {
     }
 }
 
+/// `t` with the users' `late.max_operations` set to `n`.
+pub fn with_max_operations(mut t: TestTopology, n: usize) -> TestTopology {
+    let per = r#"per = "event_type", action = "drop""#;
+    assert!(t.text.contains(per), "the users' late policy moved");
+    t.text = t.text.replace(per, &format!("{per}, max_operations = {n}"));
+    t.topology = Topology::parse("user-directory.toml", &t.text).unwrap();
+    t
+}
+
 /// One message to publish: topic index (0 users, 1 departments), key, payload (None: tombstone).
 #[derive(Clone, Debug)]
 pub struct Event {
@@ -386,16 +395,19 @@ pub fn internal_rows(engine: &miroir::Engine, name: &str) -> BTreeMap<String, se
         .collect()
 }
 
-/// The simulated state of one source key: its row and, per operation, the last applied order.
+/// The simulated state of one source key: its row and, per operation, the last applied order
+/// and when (the how-manieth event of the key) it was applied.
 #[derive(Default)]
 struct SimEntry {
     row: Option<Vec<Value>>,
-    versions: HashMap<Value, Value>,
+    versions: HashMap<Value, (Value, u64)>,
+    applied: u64,
 }
 
 /// Replays `events` with the documented semantics, written independently of the engine's
 /// upsert code: per key in order, a malformed event is skipped, a tombstone deletes, an event
-/// not newer than the last applied one of its operation is dropped.
+/// not newer than the last applied one of its operation is dropped; a key that reaches
+/// `late.max_operations` forgets the operation applied longest ago.
 pub fn simulate(t: &Topology, events: &[Event]) -> Vec<Vec<Vec<Value>>> {
     let mut state: Vec<BTreeMap<String, SimEntry>> =
         t.sources.iter().map(|_| BTreeMap::new()).collect();
@@ -421,11 +433,22 @@ pub fn simulate(t: &Topology, events: &[Event]) -> Vec<Vec<Vec<Value>>> {
         if entry
             .versions
             .get(&op)
-            .is_some_and(|applied| order <= *applied)
+            .is_some_and(|(applied, _)| order <= *applied)
         {
             continue;
         }
-        entry.versions.insert(op, order);
+        if !entry.versions.contains_key(&op) && entry.versions.len() >= late.max_operations {
+            let oldest = entry
+                .versions
+                .iter()
+                .min_by_key(|(_, (_, at))| *at)
+                .map(|(op, _)| op.clone());
+            entry
+                .versions
+                .remove(&oldest.expect("a key at its limit has operations"));
+        }
+        entry.applied += 1;
+        entry.versions.insert(op, (order, entry.applied));
         entry.row = Some(row);
     }
     state

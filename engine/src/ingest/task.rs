@@ -109,10 +109,16 @@ impl Task {
             metric.with_label_values(labels).inc();
         };
         match outcome {
-            Outcome::Changed { late: false } => {}
-            Outcome::Changed { late: true } => {
-                count(&origin.metrics.late_events, &[&src.name, "kept"]);
-                info!(%topic, partition, offset, key = %key_text, "late event kept");
+            Outcome::Changed { late, forgotten } => {
+                if late {
+                    count(&origin.metrics.late_events, &[&src.name, "kept"]);
+                    info!(%topic, partition, offset, key = %key_text, "late event kept");
+                }
+                if let Some(operation) = forgotten {
+                    count(&origin.metrics.operations_forgotten, &[&src.name]);
+                    warn!(%topic, partition, offset, key = %key_text, operation = %operation,
+                          "the key reached late.max_operations: it forgot this operation's order value, so a late event of it would apply");
+                }
             }
             Outcome::Duplicate => {
                 count(&origin.metrics.duplicate_events, &[&src.name]);

@@ -24,9 +24,16 @@ pub struct LatePolicy {
     pub per: Option<usize>,
     /// What to do with late events.
     pub action: LateAction,
+    /// How many business operations a key keeps an order value for (`late.max_operations`);
+    /// past it, the one applied longest ago is forgotten.
+    pub max_operations: usize,
 }
 
 impl LatePolicy {
+    /// 64: business operations are a short list (`EmailUpdated`, `NameChanged`, ...); more
+    /// distinct values of `per` for one key means the column is not one.
+    pub const DEFAULT_MAX_OPERATIONS: usize = 64;
+
     /// Describes the policy with column names, for `explain`.
     pub fn describe(&self, columns: &[Column]) -> String {
         format!(

@@ -137,6 +137,8 @@ struct RawLate {
     action: Option<Spanned<String>>,
     #[serde(default)]
     tombstone_retention: Option<Spanned<String>>,
+    #[serde(default)]
+    max_operations: Option<Spanned<i64>>,
 }
 
 #[derive(Deserialize)]
@@ -429,6 +431,10 @@ impl Topology {
 /// PostgreSQL's limit on identifier length (longer names are truncated silently).
 const PG_MAX_IDENTIFIER: usize = 63;
 
+/// The most business operations `late.max_operations` lets a key keep: every event of the
+/// key looks its operation up among them.
+const MAX_OPERATIONS_LIMIT: usize = 1024;
+
 /// Checks a PostgreSQL sink's settings. Names are quoted in every statement, so this only
 /// rejects what PostgreSQL would truncate or what cannot be a name at all.
 fn validate_postgres(r: &mut Reporter<'_>, raw: &RawPostgres) -> Option<PostgresTable> {
@@ -636,10 +642,33 @@ fn validate_source(r: &mut Reporter<'_>, name: &str, raw: &Spanned<RawSource>) -
                 LateAction::Drop
             }
         };
+        let max_operations = match &l.max_operations {
+            None => LatePolicy::DEFAULT_MAX_OPERATIONS,
+            Some(m) if l.per.is_none() => {
+                r.at(
+                    m.span().start,
+                    "late.max_operations needs late.per".to_string(),
+                    Some("without `per`, a key has one order value".into()),
+                );
+                LatePolicy::DEFAULT_MAX_OPERATIONS
+            }
+            Some(m) => match usize::try_from(*m.get_ref()) {
+                Ok(n @ 1..=MAX_OPERATIONS_LIMIT) => n,
+                _ => {
+                    r.at(
+                        m.span().start,
+                        format!("bad late.max_operations `{}`", m.get_ref()),
+                        Some(format!("a number from 1 to {MAX_OPERATIONS_LIMIT}")),
+                    );
+                    LatePolicy::DEFAULT_MAX_OPERATIONS
+                }
+            },
+        };
         Some(LatePolicy {
             order_by: order_by?,
             per,
             action,
+            max_operations,
         })
     });
     let tombstone_retention = s
@@ -830,6 +859,39 @@ GROUP BY d.name"""
             e[1].contains("key `ident` is not a declared column"),
             "{e:?}"
         );
+    }
+
+    #[test]
+    fn reads_and_checks_late_max_operations() {
+        let late = |spec: &str| {
+            GOOD.replace(
+                "late = { order_by = \"version\", per = \"event_type\" }",
+                &format!("late = {{ order_by = \"version\"{spec} }}"),
+            )
+        };
+        let t = Topology::parse("good.toml", GOOD).unwrap();
+        let max = |t: &Topology| t.sources[0].late.as_ref().unwrap().max_operations;
+        assert_eq!(max(&t), LatePolicy::DEFAULT_MAX_OPERATIONS);
+        let t = Topology::parse(
+            "good.toml",
+            &late(", per = \"event_type\", max_operations = 3"),
+        )
+        .unwrap();
+        assert_eq!(max(&t), 3);
+        for (spec, message) in [
+            (
+                ", per = \"event_type\", max_operations = 0",
+                "bad late.max_operations `0`",
+            ),
+            (
+                ", per = \"event_type\", max_operations = 5000",
+                "a number from 1 to 1024",
+            ),
+            (", max_operations = 3", "late.max_operations needs late.per"),
+        ] {
+            let e = errors(&late(spec));
+            assert!(e.len() == 1 && e[0].contains(message), "{spec}: {e:?}");
+        }
     }
 
     #[test]

@@ -92,8 +92,10 @@ impl UpsertState {
             Some(entry) => entry,
             None => self.entries.entry(key.clone()).or_default(),
         };
+        let mut forgotten = None;
         if row.is_some() {
-            entry.record_version(operation, order);
+            let max = policy.map_or(1, |p| p.max_operations);
+            forgotten = entry.record_version(operation, order, max);
             entry.deleted_ms = None;
         }
         let first_change = entry.before.is_none();
@@ -109,7 +111,7 @@ impl UpsertState {
         if first_change {
             entry.before = Some(before);
         }
-        Outcome::Changed { late }
+        Outcome::Changed { late, forgotten }
     }
 
     /// Hands every key changed since the last call to `change`, once per key, with its entry
@@ -177,11 +179,18 @@ impl UpsertState {
 mod tests {
     use super::*;
 
+    /// An event applied without anything forgotten.
+    const APPLIED: Outcome = Outcome::Changed {
+        late: false,
+        forgotten: None,
+    };
+
     fn policy(per: bool) -> LatePolicy {
         LatePolicy {
             order_by: 1,
             per: per.then_some(2),
             action: LateAction::Drop,
+            max_operations: LatePolicy::DEFAULT_MAX_OPERATIONS,
         }
     }
 
@@ -228,7 +237,7 @@ mod tests {
         );
         assert_eq!(
             s.apply(Some(&p), 0, Event::Row(row("a", 3, "x")), 4),
-            Outcome::Changed { late: false },
+            APPLIED,
             "past it, an event older than the delete applies again"
         );
     }
@@ -239,7 +248,7 @@ mod tests {
         let mut s = UpsertState::default();
         assert_eq!(
             s.apply(Some(&p), 0, Event::Row(row("a", 2, "x")), 0),
-            Outcome::Changed { late: false }
+            APPLIED
         );
         assert_eq!(
             drain(&mut s),
@@ -290,6 +299,44 @@ mod tests {
     }
 
     #[test]
+    fn a_key_forgets_the_operation_applied_longest_ago_past_max_operations() {
+        let p = LatePolicy {
+            max_operations: 2,
+            ..policy(true)
+        };
+        let mut s = UpsertState::default();
+        s.apply(Some(&p), 0, Event::Row(row("a", 5, "email")), 0);
+        s.apply(Some(&p), 0, Event::Row(row("a", 6, "name")), 1);
+        // "email" applied again: now "name" is the one applied longest ago.
+        assert_eq!(
+            s.apply(Some(&p), 0, Event::Row(row("a", 7, "email")), 2),
+            APPLIED
+        );
+        assert_eq!(
+            s.apply(Some(&p), 0, Event::Row(row("a", 8, "phone")), 3),
+            Outcome::Changed {
+                late: false,
+                forgotten: Some(Value::Text("name".into()))
+            }
+        );
+        assert_eq!(
+            s.apply(Some(&p), 0, Event::Row(row("a", 6, "email")), 4),
+            Outcome::Late,
+            "the operations kept still drop their late events"
+        );
+        assert_eq!(
+            s.apply(Some(&p), 0, Event::Row(row("a", 2, "name")), 5),
+            Outcome::Changed {
+                late: false,
+                forgotten: Some(Value::Text("email".into()))
+            },
+            "a forgotten operation's late event is no longer recognized"
+        );
+        let versions = &s.entries[&key("a")].versions;
+        assert_eq!(versions.len(), 2, "{versions:?}");
+    }
+
+    #[test]
     fn versions_are_per_business_operation() {
         let p = policy(true);
         let mut s = UpsertState::default();
@@ -297,7 +344,7 @@ mod tests {
         // An older version of another operation is not late.
         assert_eq!(
             s.apply(Some(&p), 0, Event::Row(row("a", 3, "name")), 1),
-            Outcome::Changed { late: false }
+            APPLIED
         );
         assert_eq!(
             s.apply(Some(&p), 0, Event::Row(row("a", 4, "email")), 2),
@@ -311,10 +358,7 @@ mod tests {
         let mut s = UpsertState::default();
         s.apply(Some(&p), 0, Event::Row(row("a", 2, "x")), 0);
         drain(&mut s);
-        assert_eq!(
-            s.apply(Some(&p), 0, Event::Tombstone(key("a")), 1),
-            Outcome::Changed { late: false }
-        );
+        assert_eq!(s.apply(Some(&p), 0, Event::Tombstone(key("a")), 1), APPLIED);
         assert_eq!(
             drain(&mut s),
             vec![(key("a"), Some(row("a", 2, "x")), None)]
@@ -341,7 +385,10 @@ mod tests {
         drain(&mut s);
         assert_eq!(
             s.apply(Some(&p), 0, Event::Row(row("a", 1, "x")), 1),
-            Outcome::Changed { late: true }
+            Outcome::Changed {
+                late: true,
+                forgotten: None
+            }
         );
         assert_eq!(
             drain(&mut s),
@@ -357,10 +404,7 @@ mod tests {
             s.apply(None, 0, Event::Row(row("a", 1, "x")), 5),
             Outcome::Duplicate
         );
-        assert_eq!(
-            s.apply(None, 0, Event::Row(row("a", 1, "x")), 6),
-            Outcome::Changed { late: false }
-        );
+        assert_eq!(s.apply(None, 0, Event::Row(row("a", 1, "x")), 6), APPLIED);
         assert_eq!(
             drain(&mut s),
             vec![(key("a"), None, Some(row("a", 1, "x")))],

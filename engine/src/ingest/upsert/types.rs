@@ -56,15 +56,30 @@ impl Entry {
             .map(|(_, v)| v)
     }
 
-    /// Records `order` as the newest applied for `operation` (kept as the maximum).
-    pub fn record_version(&mut self, operation: &Value, order: &Value) {
-        match self.versions.iter_mut().find(|(op, _)| op == operation) {
-            Some((_, v)) => {
-                if order > v {
-                    *v = order.clone();
+    /// Records `order` as the newest applied for `operation` (kept as the maximum). The
+    /// operations are kept in the order they were last applied; a new one beyond
+    /// `max_operations` makes the key forget the one applied longest ago, which is returned.
+    pub fn record_version(
+        &mut self,
+        operation: &Value,
+        order: &Value,
+        max_operations: usize,
+    ) -> Option<Value> {
+        match self.versions.iter().position(|(op, _)| op == operation) {
+            Some(at) => {
+                let (op, mut v) = self.versions.remove(at);
+                if order > &v {
+                    v = order.clone();
                 }
+                self.versions.push((op, v));
+                None
             }
-            None => self.versions.push((operation.clone(), order.clone())),
+            None => {
+                let forgotten = (self.versions.len() >= max_operations.max(1))
+                    .then(|| self.versions.remove(0).0);
+                self.versions.push((operation.clone(), order.clone()));
+                forgotten
+            }
         }
     }
 }
@@ -79,13 +94,16 @@ pub enum Event {
 }
 
 /// The effect of applying one event.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Outcome {
     /// The key's row changed (see [`crate::ingest::upsert::UpsertState::drain_changes`]); `late` when a
     /// late event was kept.
     Changed {
         /// Whether this was a late event applied by `action = "keep"`.
         late: bool,
+        /// The business operation whose order value the key forgot to make room for this
+        /// one's (see [`Entry::record_version`]): a late event of it is no longer recognized.
+        forgotten: Option<Value>,
     },
     /// Already applied (same version, a replay or a re-delivery): no effect.
     Duplicate,
