@@ -1059,21 +1059,7 @@ fn a_restarted_processor_keeps_its_view_of_the_entities_in_the_state_directory()
         matches!(first, Reply::Accepted { version: 2, .. }),
         "{first:?}"
     );
-    // Read back by the entity topic's tail (its fetches wait up to 100 ms), so in the store,
-    // and no longer held in memory.
-    let rows_in_memory = |master: &Engine| {
-        let metrics = master.metrics();
-        let name = "miroir_command_entity_rows_in_memory";
-        let label = "command=\"update_email\"";
-        metrics
-            .contains(&format!("{name}{{{label}}}"))
-            .then(|| counter(&metrics, name, label))
-    };
-    wait_until(
-        "the entity rows are only in the state directory",
-        Duration::from_secs(30),
-        || rows_in_memory(&master) == Some(0),
-    );
+    // A graceful stop reads its own last write back and saves it with the view.
     master.shutdown();
     // Delete every record of the entity topic: only the stored view still knows the users
     // and the accepted command.
@@ -1119,6 +1105,14 @@ fn a_restarted_processor_keeps_its_view_of_the_entities_in_the_state_directory()
         vec!["u-0"],
         "only the new command wrote an entity event: {events:?}"
     );
+    let rows_in_memory = |master: &Engine| {
+        let metrics = master.metrics();
+        let name = "miroir_command_entity_rows_in_memory";
+        let label = "command=\"update_email\"";
+        metrics
+            .contains(&format!("{name}{{{label}}}"))
+            .then(|| counter(&metrics, name, label))
+    };
     wait_until(
         "the written row, read back, leaves memory",
         Duration::from_secs(30),
@@ -1310,5 +1304,154 @@ fn copies_of_a_command_read_in_one_batch_are_applied_once() {
     assert_applied_once(&events, 2);
     assert_eq!(master_row(&master, "u-0")["version"], 2);
     assert_eq!(master_row(&master, "u-1")["version"], 2);
+    master.shutdown();
+}
+
+/// A dependency that says when it is first asked, then takes 300 ms: the copy of the command
+/// it holds is produced meanwhile, and read in the next batch, while the first batch's
+/// transaction commits.
+struct Holds {
+    asked: std::sync::Mutex<Option<std::sync::mpsc::Sender<()>>>,
+}
+
+impl Dependency for Holds {
+    fn check(
+        &self,
+        _: &CommandSpec,
+        _: &str,
+        _: &serde_json::Value,
+    ) -> Result<(), DependencyError> {
+        if let Some(asked) = self.asked.lock().unwrap().take() {
+            let _ = asked.send(());
+        }
+        std::thread::sleep(Duration::from_millis(300));
+        Ok(())
+    }
+}
+
+#[test]
+fn a_copy_read_while_the_first_transaction_commits_is_applied_once() {
+    let run = Run::new("cmd-overlap");
+    let m = user_referential(&run);
+    seed_users(&m.user_topic, 2);
+    let dir = tempfile::tempdir().unwrap();
+    let (asked, first_asked) = std::sync::mpsc::channel();
+    let holds = Holds {
+        asked: std::sync::Mutex::new(Some(asked)),
+    };
+    let master = start_master(&m, &dir.path().join("master"), Some(Arc::new(holds)));
+    let spec = m.topology.command("update_email").unwrap();
+    let producer: rdkafka::producer::BaseProducer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .create()
+        .unwrap();
+    let headers = miroir_connectors::commands::wire::CommandHeaders {
+        command_id: Some(format!("overlap-{run}")),
+        command_type: Some(spec.operation.clone()),
+        principal: Some("alice".into()),
+        roles: Some("user-admin".into()),
+        ..Default::default()
+    };
+    let payload = json!({ "id": "u-1", "email": "one@example.org" }).to_string();
+    let send = || {
+        let record = rdkafka::producer::BaseRecord::to(&spec.topic)
+            .key("u-1")
+            .payload(&payload)
+            .headers(headers.to_owned_headers());
+        producer.send(record).map_err(|(e, _)| e).unwrap();
+        rdkafka::producer::Producer::flush(&producer, Duration::from_secs(10)).unwrap();
+    };
+    send();
+    first_asked
+        .recv_timeout(Duration::from_secs(60))
+        .expect("the processor takes the command up");
+    send();
+    let outcomes = |outcome: &str| {
+        counter(
+            &master.metrics(),
+            "miroir_commands_total",
+            &format!("outcome=\"{outcome}\""),
+        )
+    };
+    wait_until("both copies are answered", Duration::from_secs(30), || {
+        outcomes("accepted") + outcomes("duplicate") >= 2
+    });
+    assert_eq!(
+        (outcomes("accepted"), outcomes("duplicate")),
+        (1, 1),
+        "(accepted, duplicate)"
+    );
+    assert_applied_once(&command_events(&m.user_topic), 1);
+    assert_eq!(master_row(&master, "u-1")["version"], 2);
+    master.shutdown();
+}
+
+/// A dependency with a bug: it panics.
+struct Panics;
+
+impl Dependency for Panics {
+    fn check(
+        &self,
+        _: &CommandSpec,
+        _: &str,
+        _: &serde_json::Value,
+    ) -> Result<(), DependencyError> {
+        panic!("dependency bug");
+    }
+}
+
+#[test]
+fn a_panic_in_the_processor_fails_the_instance_with_its_message() {
+    let run = Run::new("cmd-panic");
+    let m = user_referential(&run);
+    seed_users(&m.user_topic, 2);
+    let dir = tempfile::tempdir().unwrap();
+    let master = Engine::builder()
+        .topology_str(m.text.clone())
+        .brokers(brokers())
+        .state_dir(dir.path().join("master"))
+        .listen("127.0.0.1:0".parse().unwrap())
+        .dependency(Arc::new(Panics))
+        .start()
+        .unwrap();
+    assert!(master.wait_ready(Duration::from_secs(60)), "master ready");
+    let health = || {
+        let url = format!("http://{}/health", master.http_addr().unwrap());
+        let response = reqwest::blocking::get(url).unwrap();
+        (response.status().as_u16(), response.text().unwrap())
+    };
+    assert_eq!(health().0, 200);
+    let config = KafkaConfig::new(brokers());
+    let client = Client::start(&config, "panic-test", Metrics::new().commands.clone()).unwrap();
+    let spec = m.topology.command("update_email").unwrap();
+    let reply = client.send(
+        &update(spec, "u-1", "new@example.org", admin()),
+        Duration::from_secs(5),
+    );
+    assert!(
+        matches!(reply, Err(SendError::Timeout(_))),
+        "a processor that panicked does not answer: {reply:?}"
+    );
+    wait_until(
+        "the instance reports the failure",
+        Duration::from_secs(30),
+        || master.failure().is_some(),
+    );
+    let failure = master.failure().unwrap();
+    assert!(
+        failure.contains("update_email") && failure.contains("panicked: dependency bug"),
+        "{failure}"
+    );
+    let (status, body) = health();
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("dependency bug"), "{body}");
+    assert!(!master.ready(), "a failed instance is not ready");
+    assert!(
+        command_events(&m.user_topic)
+            .values()
+            .all(|(k, _, _)| k != "u-1"),
+        "nothing applied"
+    );
+    client.shutdown();
     master.shutdown();
 }

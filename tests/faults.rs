@@ -2,7 +2,8 @@
 //! - The broker stopped for 30 s, then for 90 s: the sources, the external-table sink and the
 //!   command processor resume by themselves (no component fails for good, no restart of the
 //!   instance), the tables equal the reference evaluator, and every command is answered once
-//!   and applied at most once.
+//!   and applied at most once. A slow dependency keeps a command transaction open when the
+//!   broker stops: the processor loses it, and starts again.
 //! - PostgreSQL stopped for 90 s (longer than `max.poll.interval.ms`) while events keep
 //!   coming: consumption pauses, the instance stays in its consumer group (its internal tables
 //!   keep their rows and serve), and once the database is back the tables catch up.
@@ -18,8 +19,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use miroir::commands::{Client, Command, Principal, Reply};
+use miroir::commands::{Client, Command, Dependency, DependencyError, Principal, Reply};
 use miroir::miroir_engine::metrics::Metrics;
+use miroir::miroir_engine::topology::command::CommandSpec;
 use miroir::Engine;
 use miroir_connectors::commands::wire::{header, text_header};
 use miroir_connectors::kafka::tail::Tail;
@@ -52,6 +54,22 @@ fn start(text: &str, state: &std::path::Path) -> Engine {
         .epoch_interval(Duration::from_millis(50))
         .start()
         .unwrap()
+}
+
+/// A dependency that takes 500 ms per command: a transaction is always open when the broker
+/// stops, so the outage makes it fail (and its abort, and the rewind after it).
+struct Slow;
+
+impl Dependency for Slow {
+    fn check(
+        &self,
+        _: &CommandSpec,
+        _: &str,
+        _: &serde_json::Value,
+    ) -> Result<(), DependencyError> {
+        std::thread::sleep(Duration::from_millis(500));
+        Ok(())
+    }
 }
 
 /// Sends email changes to the active users `u-0`, `u-1`, `u-3`, `u-4` until `stop`, each
@@ -145,7 +163,14 @@ fn a_broker_outage_of_30_then_90_seconds_stops_nothing_for_good() {
     let thirds: Vec<&[Event]> = events.chunks(events.len() / 3 + 1).collect();
     publish(&app, thirds[0]);
     let dir = tempfile::tempdir().unwrap();
-    let master = start(&m.text, &dir.path().join("master"));
+    let master = Engine::builder()
+        .topology_str(m.text.clone())
+        .brokers(brokers())
+        .state_dir(dir.path().join("master"))
+        .epoch_interval(Duration::from_millis(50))
+        .dependency(Arc::new(Slow))
+        .start()
+        .unwrap();
     let directory = start(&app.text, &dir.path().join("app"));
     assert!(master.wait_ready(Duration::from_secs(60)), "master ready");
     let config = KafkaConfig::new(brokers());
@@ -209,6 +234,15 @@ fn a_broker_outage_of_30_then_90_seconds_stops_nothing_for_good() {
     for engine in [&master, &directory] {
         assert_eq!(engine.failure(), None);
     }
+    let restarts = counter(
+        &master.metrics(),
+        "miroir_command_processor_restarts_total",
+        "",
+    );
+    assert!(
+        restarts >= 1,
+        "the processor lost Kafka and started again: {restarts}"
+    );
     Arc::try_unwrap(client).ok().unwrap().shutdown();
     directory.shutdown();
     master.shutdown();

@@ -68,6 +68,19 @@ impl KafkaError {
         }
     }
 
+    /// Whether the producer that returned this error can take no further transaction:
+    /// librdkafka declared it fatal (an operation in an invalid state once the broker came
+    /// back, say). Only a new producer goes on.
+    pub fn producer_unusable(&self) -> bool {
+        matches!(
+            self,
+            KafkaError::Client {
+                source: rdkafka::error::KafkaError::Transaction(t),
+                ..
+            } if t.is_fatal()
+        )
+    }
+
     /// `source`, fatal whatever its code says (the caller cannot go on after it).
     pub fn fatal(source: rdkafka::error::KafkaError) -> KafkaError {
         KafkaError::Client {

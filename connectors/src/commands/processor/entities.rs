@@ -11,6 +11,7 @@ use std::collections::HashMap;
 use miroir_engine::state::StateStore;
 use miroir_engine::topology::command::CommandSpec;
 use miroir_engine::value::Row;
+use prometheus::IntGauge;
 
 use crate::kafka::KafkaError;
 
@@ -20,14 +21,19 @@ pub(super) struct EntityView {
     stored: Option<(StateStore, String)>,
     /// Rows newer than the stored ones (`None`: deleted); every row without a store.
     recent: HashMap<String, Option<Row>>,
+    /// Set to the number of rows in `recent` as it changes.
+    in_memory: IntGauge,
 }
 
 impl EntityView {
-    /// A view kept in `stored` (a store and the view's name in it), or in memory.
-    pub(super) fn new(stored: Option<(StateStore, String)>) -> EntityView {
+    /// A view kept in `stored` (a store and the view's name in it), or in memory; `in_memory`
+    /// follows how many rows memory holds.
+    pub(super) fn new(stored: Option<(StateStore, String)>, in_memory: IntGauge) -> EntityView {
+        in_memory.set(0);
         EntityView {
             stored,
             recent: HashMap::new(),
+            in_memory,
         }
     }
 
@@ -58,6 +64,7 @@ impl EntityView {
             }
         }
         self.recent.insert(key.to_string(), row);
+        self.count();
         Ok(true)
     }
 
@@ -65,6 +72,7 @@ impl EntityView {
     pub(super) fn written<'a>(&mut self, rows: impl IntoIterator<Item = (&'a String, &'a Row)>) {
         self.recent
             .extend(rows.into_iter().map(|(k, r)| (k.clone(), Some(r.clone()))));
+        self.count();
     }
 
     /// Forgets from memory the rows now stored as they are held (a row written again since
@@ -78,11 +86,11 @@ impl EntityView {
                 self.recent.remove(key);
             }
         }
+        self.count();
     }
 
-    /// How many rows are held in memory.
-    pub(super) fn in_memory(&self) -> usize {
-        self.recent.len()
+    fn count(&self) {
+        self.in_memory.set(self.recent.len() as i64);
     }
 }
 
@@ -145,11 +153,18 @@ set = { email = "command.email" }
         let dir = tempfile::tempdir().unwrap();
         let store = StateStore::open(dir.path(), &[]).unwrap();
         let spec = spec();
-        let mut view = EntityView::new(Some((store, "update_email@users".into())));
+        let mut view = EntityView::new(
+            Some((store, "update_email@users".into())),
+            IntGauge::new("rows", "rows").unwrap(),
+        );
         assert!(view.read(&spec, "u-1", Some(row(2))).unwrap());
         let changed = HashMap::from([("u-1".to_string(), Some(row(2)))]);
         store_and_forget(&mut view, &changed);
-        assert_eq!(view.in_memory(), 0, "a stored row is not kept in memory");
+        assert_eq!(
+            view.in_memory.get(),
+            0,
+            "a stored row is not kept in memory"
+        );
         assert_eq!(
             view.get("u-1").unwrap(),
             Some(row(2)),
@@ -186,7 +201,7 @@ set = { email = "command.email" }
         );
         let changed = HashMap::from([("u-1".to_string(), None)]);
         store_and_forget(&mut view, &changed);
-        assert_eq!((view.get("u-1").unwrap(), view.in_memory()), (None, 0));
+        assert_eq!((view.get("u-1").unwrap(), view.in_memory.get()), (None, 0));
     }
 
     fn store_and_forget(view: &mut EntityView, changed: &HashMap<String, Option<Row>>) {
@@ -197,10 +212,10 @@ set = { email = "command.email" }
     #[test]
     fn without_a_store_every_row_stays_in_memory() {
         let spec = spec();
-        let mut view = EntityView::new(None);
+        let mut view = EntityView::new(None, IntGauge::new("rows", "rows").unwrap());
         assert!(view.read(&spec, "u-1", Some(row(1))).unwrap());
         view.saved(&HashMap::from([("u-1".to_string(), Some(row(1)))]));
         assert_eq!(view.get("u-1").unwrap(), Some(row(1)));
-        assert_eq!(view.in_memory(), 1);
+        assert_eq!(view.in_memory.get(), 1);
     }
 }

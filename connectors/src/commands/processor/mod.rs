@@ -54,6 +54,10 @@ use view::{write_view, Shared, ViewChanges};
 
 /// How often a running processor forgets the answers whose time has passed.
 const FORGET_EVERY: Duration = Duration::from_secs(60);
+/// Failed transactions in a row after which a lane's producers are replaced (the processor
+/// starts again): a producer librdkafka still calls usable may never commit again after an
+/// outage.
+const LANE_FAILURES: u32 = 5;
 /// How many changed entity rows a read of the entity topic gathers before it saves them.
 const SAVE_EVERY: usize = 10_000;
 
@@ -238,7 +242,7 @@ fn wait_to_restart(
 ) -> bool {
     let delay = delays.next().unwrap_or(MAX_RESTART_DELAY);
     warn!(command, error = %error, retry_in_ms = delay.as_millis() as u64,
-          "the command processor cannot reach Kafka; starting it again");
+          "the command processor stopped on a transient error (Kafka unreachable, or a producer left unusable by an outage); starting it again");
     sleep_unless_stopped(delay, stop)
 }
 
@@ -266,6 +270,8 @@ fn sleep_unless_stopped(delay: Duration, stop: &AtomicBool) -> bool {
 
 /// Longest wait for the views to catch up after an assignment.
 const CATCH_UP_LIMIT: Duration = Duration::from_secs(30);
+/// Longest read of the entity topic when the processor stops.
+const STOP_CATCH_UP_LIMIT: Duration = Duration::from_secs(5);
 /// Commands handled in one transaction at most.
 const BATCH: usize = 256;
 
@@ -325,7 +331,10 @@ impl Worker {
         create_topic(config, &entity.topic, partitions)?;
         let group = format!("{}.{}", topology.name, spec.name);
         let view = view_name(&spec.name, &entity.topic);
-        let entities = EntityView::new(store.clone().map(|s| (s, view)));
+        let in_memory = metrics
+            .entity_rows_in_memory
+            .with_label_values(&[&spec.name]);
+        let entities = EntityView::new(store.clone().map(|s| (s, view)), in_memory);
         let consumer: BaseConsumer<Rebalances> = config
             .client("command")
             .set("group.id", &group)
@@ -423,6 +432,24 @@ impl Worker {
                 continue;
             }
             self.process(batch, stop)?;
+        }
+        self.save_on_stop(&mut entities)
+    }
+
+    /// On a graceful stop, once the last transactions committed, saves the view up to the
+    /// entity topic's end (for at most [`STOP_CATCH_UP_LIMIT`]): what this processor wrote
+    /// last is in the state directory, and the next start reads on from there.
+    fn save_on_stop(&mut self, entities: &mut Tail) -> Result<(), KafkaError> {
+        if self.store.is_none() {
+            return Ok(());
+        }
+        self.settle(true)?;
+        let mut view = ViewChanges::default();
+        let complete =
+            entities.catch_up(STOP_CATCH_UP_LIMIT, |m| self.read_entity(m, &mut view))?;
+        self.save_view(view)?;
+        if !complete {
+            info!(command = %self.shared.spec.name, "stopping before the entity topic was read to its end: the next start reads on from where this stopped");
         }
         Ok(())
     }
@@ -543,16 +570,7 @@ impl Worker {
             commit.put_command_offset(command, *partition, *next);
         }
         write_view(store, commit)?;
-        let in_memory = {
-            let mut entities = self.shared.entities.lock();
-            entities.saved(&view.rows);
-            entities.in_memory()
-        };
-        self.shared
-            .metrics
-            .entity_rows_in_memory
-            .with_label_values(&[&self.shared.spec.name])
-            .set(in_memory as i64);
+        self.shared.entities.lock().saved(&view.rows);
         Ok(())
     }
 
@@ -667,6 +685,12 @@ impl Worker {
             match result {
                 Ok(()) => {}
                 Err(e) if e.class() == ErrorClass::Fatal => return Err(e),
+                // Its producers start over: the processor is made again (see `supervise`).
+                Err(e) if e.producer_unusable() || lane.failures + 1 >= LANE_FAILURES => {
+                    warn!(command = %self.shared.spec.name, lane = i, error = %e, failures = lane.failures + 1,
+                          "command transaction failed; the processor starts again with new producers");
+                    return Err(e);
+                }
                 Err(e) => {
                     lane.failures += 1;
                     let delay = self.shared.spec.retry.delay(lane.failures);
