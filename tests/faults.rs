@@ -3,7 +3,8 @@
 //!   command processor resume by themselves (no component fails for good, no restart of the
 //!   instance), the tables equal the reference evaluator, and every command is answered once
 //!   and applied at most once. A slow dependency keeps a command transaction open when the
-//!   broker stops: the processor loses it, and starts again.
+//!   broker stops: the processor loses it, and starts again. Every malformed record has its
+//!   copy in the errors topic (a copy lost in the outage holds its epoch back).
 //! - PostgreSQL stopped for 90 s (longer than `max.poll.interval.ms`) while events keep
 //!   coming: consumption pauses, the instance stays in its consumer group (its internal tables
 //!   keep their rows and serve), and once the database is back the tables catch up.
@@ -13,7 +14,7 @@
 
 mod support;
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::process::Command as Process;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -24,6 +25,7 @@ use miroir::miroir_engine::metrics::Metrics;
 use miroir::miroir_engine::topology::command::CommandSpec;
 use miroir::Engine;
 use miroir_connectors::commands::wire::{header, text_header};
+use miroir_connectors::kafka::output::{header as error_header, ERRORS_SUFFIX};
 use miroir_connectors::kafka::tail::Tail;
 use miroir_connectors::kafka::KafkaConfig;
 use rdkafka::message::Message;
@@ -110,6 +112,49 @@ fn applied_ids(topic: &str) -> HashMap<String, usize> {
         .unwrap();
     assert!(complete, "the entity topic was read to its end");
     ids
+}
+
+/// The (partition, offset) of every record of `t`'s user topic that does not decode, or whose
+/// key is not its key column.
+fn malformed_records(t: &TestTopology) -> BTreeSet<(i32, i64)> {
+    let source = &t.topology.sources[0];
+    let mut tail = Tail::open(&KafkaConfig::new(brokers()), &t.user_topic).unwrap();
+    let mut out = BTreeSet::new();
+    let complete = tail
+        .catch_up(Duration::from_secs(60), |m| {
+            let (Some(payload), Some(key)) = (m.payload(), m.key()) else {
+                return Ok(());
+            };
+            let key = String::from_utf8_lossy(key);
+            let bad = match miroir::miroir_engine::ingest::decode::decode(source, payload) {
+                Ok(row) => row[source.key].to_key_text() != key,
+                Err(_) => true,
+            };
+            if bad {
+                out.insert((m.partition(), m.offset()));
+            }
+            Ok(())
+        })
+        .unwrap();
+    assert!(complete, "the user topic was read to its end");
+    out
+}
+
+/// The (partition, offset) of the source records copied to `t`'s users' errors topic.
+fn copied_records(t: &TestTopology) -> BTreeSet<(i32, i64)> {
+    let topic = format!("{}{ERRORS_SUFFIX}", t.user_topic);
+    let mut tail = Tail::open(&KafkaConfig::new(brokers()), &topic).unwrap();
+    let mut out = BTreeSet::new();
+    let complete = tail
+        .catch_up(Duration::from_secs(60), |m| {
+            let at = |name| text_header(m, name).and_then(|v| v.parse().ok());
+            let partition = at(error_header::SOURCE_PARTITION).expect("a partition header");
+            out.insert((partition as i32, at(error_header::SOURCE_OFFSET).unwrap()));
+            Ok(())
+        })
+        .unwrap();
+    assert!(complete, "the errors topic was read to its end");
+    out
 }
 
 /// The records on the command topic.
@@ -234,6 +279,17 @@ fn a_broker_outage_of_30_then_90_seconds_stops_nothing_for_good() {
     for engine in [&master, &directory] {
         assert_eq!(engine.failure(), None);
     }
+    let malformed = malformed_records(&app);
+    assert!(
+        !malformed.is_empty(),
+        "the generator makes malformed events"
+    );
+    let copied = copied_records(&app);
+    let lost: Vec<_> = malformed.difference(&copied).collect();
+    assert!(
+        lost.is_empty(),
+        "malformed records without a copy: {lost:?}"
+    );
     let restarts = counter(
         &master.metrics(),
         "miroir_command_processor_restarts_total",
