@@ -6,7 +6,8 @@
 //! | `GET /ready` | 200 once every assigned partition is applied the external database (if any) accepts writes and the command processors (if any) consume, 503 otherwise (JSON body says why) |
 //! | `GET /metrics` | Prometheus text |
 //! | `GET /v1/topology` | sources, tables, their columns and keys, and the operator graph |
-//! | `GET /v1/tables/{table}/rows/{key}` | the row with its partition and freshness; 404 when absent, 400 when `key` is not a key of the table |
+//! | `GET /v1/cluster` | this instance, and every live instance of the topology with its address and the partitions it owns |
+//! | `GET /v1/tables/{table}/rows/{key}` | the row with its partition, the instance that served it and its freshness; 404 when absent, 400 when `key` is not a key of the table. Asked of an instance that does not own the key's partition, forwarded to the one that does; 503 with `Retry-After` while the partition has no owner. `?local=true` answers from this instance's state alone |
 //! | `GET /v1/tables/{table}/rows?prefix=&limit=` | rows whose key starts with `prefix` (limit ≤ 10000, default 100) |
 //!
 //! A key is written in its URL form ([`miroir_engine::value::key_text`]): the parts of a
@@ -14,11 +15,12 @@
 //! written `\N`. A scan's prefix is that form cut short: whole parts, then the beginning of a
 //! text part.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::extract::{Path, Query, State};
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
@@ -26,10 +28,44 @@ use serde::Deserialize;
 use serde_json::json;
 use tracing::{info, warn};
 
-use crate::{EngineError, Inner, QueryError};
+use crate::{EngineError, Inner, QueryError, Route};
+use miroir_connectors::kafka::membership::Member;
 
 /// Most rows one scan returns.
 const MAX_SCAN: usize = 10_000;
+
+/// Header of a query forwarded by another instance (its id): it is answered here or refused,
+/// never forwarded again.
+const FORWARDED_BY: &str = "x-miroir-forwarded-by";
+
+/// How long a forwarded query may take.
+const FORWARD_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Binds the HTTP API's address (port 0 picks a free one); returns the listener and the
+/// address bound.
+pub(crate) fn bind(addr: SocketAddr) -> Result<(std::net::TcpListener, SocketAddr), EngineError> {
+    let listener =
+        std::net::TcpListener::bind(addr).map_err(|source| EngineError::Listen { addr, source })?;
+    listener
+        .set_nonblocking(true)
+        .map_err(|source| EngineError::Listen { addr, source })?;
+    let bound = listener
+        .local_addr()
+        .map_err(|source| EngineError::Listen { addr, source })?;
+    Ok((listener, bound))
+}
+
+/// The address other instances reach a server bound to `bound` at, unless told otherwise:
+/// `bound` itself, with `127.0.0.1` for an unspecified IP (set `--advertise` when the
+/// instances run on several hosts).
+pub(crate) fn advertised(bound: SocketAddr) -> SocketAddr {
+    if bound.ip().is_unspecified() {
+        warn!(addr = %bound, "listening on every interface: other instances are told 127.0.0.1; set --advertise when they run on other hosts");
+        SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), bound.port())
+    } else {
+        bound
+    }
+}
 
 /// A running HTTP server on its own small tokio runtime.
 pub(crate) struct Server {
@@ -39,15 +75,11 @@ pub(crate) struct Server {
 }
 
 impl Server {
-    pub(crate) fn start(inner: Arc<Inner>, addr: SocketAddr) -> Result<Server, EngineError> {
-        let listener = std::net::TcpListener::bind(addr)
-            .map_err(|source| EngineError::Listen { addr, source })?;
-        listener
-            .set_nonblocking(true)
-            .map_err(|source| EngineError::Listen { addr, source })?;
-        let bound = listener
-            .local_addr()
-            .map_err(|source| EngineError::Listen { addr, source })?;
+    pub(crate) fn start(
+        inner: Arc<Inner>,
+        (listener, bound): (std::net::TcpListener, SocketAddr),
+    ) -> Result<Server, EngineError> {
+        let addr = bound;
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let thread = std::thread::Builder::new()
             .name("miroir-http".into())
@@ -97,6 +129,7 @@ fn router(inner: Arc<Inner>) -> Router {
         .route("/ready", get(ready))
         .route("/metrics", get(metrics))
         .route("/v1/topology", get(topology))
+        .route("/v1/cluster", get(cluster))
         .route("/v1/tables/{table}/rows", get(scan))
         .route("/v1/tables/{table}/rows/{key}", get(row))
         .with_state(inner)
@@ -186,10 +219,36 @@ async fn topology(State(inner): State<Arc<Inner>>) -> Response {
     .into_response()
 }
 
+/// Options of a row query.
+#[derive(Deserialize)]
+struct RowParams {
+    /// Answer from this instance's state alone.
+    #[serde(default)]
+    local: bool,
+}
+
 async fn row(
     State(inner): State<Arc<Inner>>,
     Path((table, key)): Path<(String, String)>,
+    Query(p): Query<RowParams>,
+    headers: HeaderMap,
 ) -> Response {
+    if !p.local {
+        let forwarded = headers.contains_key(FORWARDED_BY);
+        match inner.route(&table, &key) {
+            Ok(Route::Here) => {}
+            Ok(Route::At(owner)) if !forwarded => {
+                return inner
+                    .forwarder
+                    .row(inner.membership.me(), &owner, &table, &key)
+                    .await
+            }
+            Ok(Route::At(_)) | Ok(Route::Moving) => {
+                return moving(&table, &key);
+            }
+            Err(e) => return query_error(e),
+        }
+    }
     match inner.get(&table, &key) {
         Ok(Some(answer)) => Json(answer).into_response(),
         Ok(None) => error(
@@ -197,6 +256,117 @@ async fn row(
             format!("no row with key `{key}` in `{table}`"),
         ),
         Err(e) => query_error(e),
+    }
+}
+
+/// The answer while the partition of `key` has no owner that can answer (a rebalance is
+/// moving it): 503, to be asked again.
+fn moving(table: &str, key: &str) -> Response {
+    let mut response = error(
+        StatusCode::SERVICE_UNAVAILABLE,
+        format!(
+            "the partition of key `{key}` of `{table}` is moving to another instance; ask again"
+        ),
+    );
+    response
+        .headers_mut()
+        .insert("retry-after", axum::http::HeaderValue::from_static("1"));
+    response
+}
+
+async fn cluster(State(inner): State<Arc<Inner>>) -> Response {
+    Json(json!({
+        "instance": inner.membership.me(),
+        "instances": inner.membership.live(),
+    }))
+    .into_response()
+}
+
+/// Sends queries on to the instance that owns their key, over pooled connections.
+pub(crate) struct Forwarder {
+    client: reqwest::Client,
+    /// Queries forwarded, by outcome (`answered`: the owner answered, whatever its answer;
+    /// `unreachable`: it did not, and the caller got a 503).
+    forwards: prometheus::IntCounterVec,
+    /// Seconds from forwarding a query to its owner's answer.
+    seconds: prometheus::Histogram,
+}
+
+impl Forwarder {
+    /// A forwarder whose metrics are in `registry`.
+    pub(crate) fn new(registry: &prometheus::Registry) -> Forwarder {
+        let forwards = prometheus::IntCounterVec::new(
+            prometheus::Opts::new(
+                "miroir_query_forwards_total",
+                "Row queries forwarded to the instance owning their key, by outcome",
+            ),
+            &["outcome"],
+        )
+        .expect("valid metric");
+        let seconds = prometheus::Histogram::with_opts(
+            prometheus::HistogramOpts::new(
+                "miroir_query_forward_seconds",
+                "Seconds from forwarding a row query to its owner's answer",
+            )
+            .buckets(vec![
+                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1.0, 5.0,
+            ]),
+        )
+        .expect("valid metric");
+        for metric in [
+            Box::new(forwards.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(seconds.clone()),
+        ] {
+            registry.register(metric).expect("unique metric");
+        }
+        Forwarder {
+            client: reqwest::Client::builder()
+                .timeout(FORWARD_TIMEOUT)
+                .build()
+                .expect("an HTTP client without TLS builds"),
+            forwards,
+            seconds,
+        }
+    }
+
+    /// Asks `owner` for the row of `key` in `table`, on behalf of instance `me`; its answer is
+    /// the answer.
+    async fn row(&self, me: &str, owner: &Member, table: &str, key: &str) -> Response {
+        let timer = self.seconds.start_timer();
+        let asked = self.ask(me, owner, table, key).await;
+        timer.observe_duration();
+        let outcome = if asked.is_ok() {
+            "answered"
+        } else {
+            "unreachable"
+        };
+        self.forwards.with_label_values(&[outcome]).inc();
+        asked.unwrap_or_else(|()| moving(table, key))
+    }
+
+    /// The owner's answer, whatever its status; `Err` when it gave none (logged).
+    async fn ask(&self, me: &str, owner: &Member, table: &str, key: &str) -> Result<Response, ()> {
+        let addr = owner.advertise.as_deref().ok_or(())?;
+        let mut url = reqwest::Url::parse(&format!("http://{addr}/")).map_err(|e| {
+            warn!(instance = %owner.instance, addr, error = %e, "the owner's address is not a host:port");
+        })?;
+        url.path_segments_mut()
+            .expect("an http URL has a path")
+            .extend(["v1", "tables", table, "rows", key]);
+        let answer = self
+            .client
+            .get(url)
+            .header(FORWARDED_BY, me)
+            .send()
+            .await
+            .map_err(|e| {
+                warn!(instance = %owner.instance, addr, table, key, error = %e, "the owner of the key did not answer");
+            })?;
+        let status = answer.status();
+        let body = answer.bytes().await.map_err(|e| {
+            warn!(instance = %owner.instance, addr, table, key, error = %e, "the owner's answer was cut short");
+        })?;
+        Ok((status, [("content-type", "application/json")], body).into_response())
     }
 }
 

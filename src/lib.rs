@@ -41,6 +41,7 @@ use std::time::Duration;
 
 use miroir_connectors::commands::processor::{CommandProcessor, ProcessorStatus};
 use miroir_connectors::kafka::input::KafkaSource;
+use miroir_connectors::kafka::membership::{Member, Membership};
 use miroir_connectors::kafka::output::KafkaErrorSink;
 use miroir_connectors::kafka::{KafkaConfig, KafkaError};
 use miroir_connectors::postgres::sink::PostgresSink;
@@ -135,6 +136,8 @@ pub struct EngineBuilder {
     database_url: Option<String>,
     dependency: Option<Arc<dyn commands::Dependency>>,
     command_client: bool,
+    instance_id: Option<String>,
+    advertise: Option<String>,
 }
 
 impl EngineBuilder {
@@ -216,6 +219,20 @@ impl EngineBuilder {
         self
     }
 
+    /// This instance's id among the instances of the topology (default: the id its state
+    /// directory was given when it was created, so a restart on the same directory keeps it).
+    pub fn instance_id(mut self, id: impl Into<String>) -> Self {
+        self.instance_id = Some(id.into());
+        self
+    }
+
+    /// The `host:port` other instances reach this one's HTTP API at, to forward queries for the
+    /// keys it owns (default: the address it listens on; `127.0.0.1` for an unspecified one).
+    pub fn advertise(mut self, addr: impl Into<String>) -> Self {
+        self.advertise = Some(addr.into());
+        self
+    }
+
     /// An extra librdkafka property for the consumer and producers.
     pub fn kafka_property(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
         self.kafka_extra.push((key.into(), value.into()));
@@ -277,6 +294,20 @@ impl EngineBuilder {
             config,
         )?);
         let source = KafkaSource::start(&kafka, &topology, runtime.clone(), metrics.clone())?;
+        let listener = self.listen.map(http::bind).transpose()?;
+        let advertise = self.advertise.or_else(|| {
+            listener
+                .as_ref()
+                .map(|(_, addr)| http::advertised(*addr).to_string())
+        });
+        let instance = match self.instance_id {
+            Some(id) => id,
+            None => store.instance_id()?,
+        };
+        let membership = Membership::start(&kafka, &topology.name, &instance, advertise, {
+            let runtime = runtime.clone();
+            move || runtime.owned_partitions()
+        })?;
         let mut processors = Vec::new();
         for command in &topology.commands {
             processors.push(CommandProcessor::start(
@@ -298,6 +329,7 @@ impl EngineBuilder {
         } else {
             None
         };
+        let forwarder = http::Forwarder::new(&metrics.registry);
         let inner = Arc::new(Inner {
             processors: processors
                 .iter()
@@ -309,9 +341,11 @@ impl EngineBuilder {
             runtime,
             metrics,
             state_dir,
+            membership,
+            forwarder,
         });
-        let server = match self.listen {
-            Some(addr) => Some(http::Server::start(inner.clone(), addr)?),
+        let server = match listener {
+            Some(listener) => Some(http::Server::start(inner.clone(), listener)?),
             None => None,
         };
         Ok(Engine {
@@ -332,6 +366,21 @@ pub(crate) struct Inner {
     state_dir: PathBuf,
     /// The command processors' status, by command.
     processors: Vec<(String, Arc<ProcessorStatus>)>,
+    /// The instances of the topology, and who owns which partition.
+    membership: Membership,
+    /// Sends queries on to the instance that owns their key.
+    forwarder: http::Forwarder,
+}
+
+/// Where the row of a key is served.
+pub(crate) enum Route {
+    /// By this instance: it owns the key's partition, or the table is not partitioned by a
+    /// source key (each instance answers from its own part).
+    Here,
+    /// By another instance.
+    At(Member),
+    /// By no instance now: its partition is moving.
+    Moving,
 }
 
 /// A row as served: the row and where and how fresh it is.
@@ -345,6 +394,8 @@ pub struct RowAnswer {
     pub row: serde_json::Value,
     /// The source partition the key belongs to, when the table is keyed by a source key.
     pub partition: Option<u32>,
+    /// The instance that answered.
+    pub served_by: String,
     /// How fresh the answer is.
     pub freshness: Freshness,
 }
@@ -401,21 +452,53 @@ impl Inner {
             return Ok(None);
         };
         let row = serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null);
-        let partition = plan
-            .partitioned_by(|s| self.topology.sources[s].key)
-            .and_then(|s| {
-                let topic = &self.topology.sources[s].topic;
-                self.runtime
-                    .partition_count(topic)
-                    .map(|n| partition_for_key(values[0].to_key_text().as_bytes(), n))
-            });
+        let partition = self.partition_of(plan, &values).map(|(_, p)| p);
         Ok(Some(RowAnswer {
             table: table.to_string(),
             key: key.to_string(),
             row,
             partition,
+            served_by: self.membership.me().to_string(),
             freshness: self.freshness(),
         }))
+    }
+
+    /// The source topic and partition of `key` in `plan`, when the table is keyed by a source
+    /// key and the topic's partition count is known.
+    fn partition_of<'a>(
+        &'a self,
+        plan: &miroir_engine::plan::TablePlan,
+        key: &[miroir_engine::value::Value],
+    ) -> Option<(&'a str, u32)> {
+        let source = plan.partitioned_by(|s| self.topology.sources[s].key)?;
+        let topic = &self.topology.sources[source].topic;
+        let partitions = self.runtime.partition_count(topic)?;
+        Some((
+            topic,
+            partition_for_key(key[0].to_key_text().as_bytes(), partitions),
+        ))
+    }
+
+    /// Where the row of `key` in `table` is served.
+    fn route(&self, table: &str, key: &str) -> Result<Route, QueryError> {
+        let plan = self.internal(table)?;
+        let values =
+            parse_key_text(key, &key_types(plan)).map_err(|source| QueryError::BadKey {
+                table: table.to_string(),
+                source,
+            })?;
+        let Some((topic, partition)) = self.partition_of(plan, &values) else {
+            return Ok(Route::Here);
+        };
+        if self.runtime.owns(topic, partition) {
+            return Ok(Route::Here);
+        }
+        Ok(match self.membership.owner(topic, partition) {
+            Some(owner) if owner.instance != self.membership.me() && owner.advertise.is_some() => {
+                Route::At(owner)
+            }
+            _ => Route::Moving,
+        })
     }
 
     fn scan(
@@ -567,6 +650,7 @@ impl Engine {
         if let Some(source) = self.source.take() {
             source.stop(); // revokes partitions: the workers commit them
         }
+        self.inner.membership.leave();
         self.inner.runtime.shutdown();
         if let Some(server) = self.server.take() {
             server.stop();

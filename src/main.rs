@@ -85,6 +85,14 @@ enum Action {
         /// Print what the start would create, rebuild or keep in PostgreSQL, and exit.
         #[arg(long)]
         plan: bool,
+        /// This instance's id among the instances of the topology (default: the id of its
+        /// state directory, kept across restarts).
+        #[arg(long, env = "MIROIR_INSTANCE_ID")]
+        instance_id: Option<String>,
+        /// The host:port other instances reach this one's HTTP API at, to forward queries for
+        /// the keys it owns (default: the --listen address; 127.0.0.1 for 0.0.0.0).
+        #[arg(long, env = "MIROIR_ADVERTISE")]
+        advertise: Option<String>,
     },
     /// Prints what `miroir run` would do to each external (PostgreSQL) table: create it,
     /// rebuild it in a shadow table (and why), or keep it. Changes nothing.
@@ -501,6 +509,8 @@ fn run(command: Action) -> anyhow::Result<ExitCode> {
             max_epoch_ms,
             database_url,
             plan,
+            instance_id,
+            advertise,
         } => {
             if plan {
                 return print_plan(&file, &state_dir, database_url.as_deref());
@@ -508,6 +518,12 @@ fn run(command: Action) -> anyhow::Result<ExitCode> {
             let mut builder = miroir::Engine::builder();
             if let Some(url) = database_url {
                 builder = builder.database_url(url);
+            }
+            if let Some(id) = instance_id {
+                builder = builder.instance_id(id);
+            }
+            if let Some(addr) = advertise {
+                builder = builder.advertise(addr);
             }
             let engine = builder
                 .topology_file(&file)

@@ -182,6 +182,17 @@ pub fn user_directory(run: &str) -> TestTopology {
     }
 }
 
+/// `t` with its internal table alone (`user_contacts`): no PostgreSQL.
+pub fn with_internal_table_only(mut t: TestTopology) -> TestTopology {
+    let end = t
+        .text
+        .find("\n# Left join with the departments")
+        .expect("the external tables' comment in user-directory.toml");
+    t.text.truncate(end);
+    t.topology = Topology::parse("user-directory.toml", &t.text).unwrap();
+    t
+}
+
 /// `t` with the users' `late.max_operations` set to `n`.
 pub fn with_max_operations(mut t: TestTopology, n: usize) -> TestTopology {
     let per = r#"per = "event_type", action = "drop""#;

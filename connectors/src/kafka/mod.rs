@@ -2,6 +2,7 @@
 
 pub mod admin;
 pub mod input;
+pub mod membership;
 pub mod output;
 pub mod tail;
 

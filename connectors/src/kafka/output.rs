@@ -226,6 +226,11 @@ impl Publisher {
 
     /// Waits until every queued message is acknowledged.
     pub fn flush(&self) -> Result<(), KafkaError> {
-        Ok(self.producer.flush(Duration::from_secs(60))?)
+        self.flush_within(Duration::from_secs(60))
+    }
+
+    /// Waits until every queued message is acknowledged, at most `wait`.
+    pub fn flush_within(&self, wait: Duration) -> Result<(), KafkaError> {
+        Ok(self.producer.flush(wait)?)
     }
 }

@@ -224,6 +224,16 @@ impl Runtime {
         self.status.partition_count(topic)
     }
 
+    /// Whether this instance owns (has a task for) `partition` of `topic`.
+    pub fn owns(&self, topic: &str, partition: u32) -> bool {
+        self.status.owns(topic, partition)
+    }
+
+    /// The source partitions this instance owns (has a task for), by topic, in order.
+    pub fn owned_partitions(&self) -> std::collections::BTreeMap<String, Vec<u32>> {
+        self.status.owned()
+    }
+
     /// Reports the high watermark of each assigned partition (negative while unknown): the
     /// lag, and so readiness, follow from them.
     pub fn report_watermarks(&self, watermarks: HashMap<TopicPartition, i64>) {

@@ -136,6 +136,21 @@ impl Status {
         self.tasks.lock().remove(&(topic.to_string(), partition));
     }
 
+    /// Whether `partition` of `topic` has a task on this instance.
+    pub(crate) fn owns(&self, topic: &str, partition: u32) -> bool {
+        self.tasks.lock().contains(&(topic.to_string(), partition))
+    }
+
+    /// The partitions with a task on this instance, by topic, in order.
+    pub(crate) fn owned(&self) -> std::collections::BTreeMap<String, Vec<u32>> {
+        let mut owned = std::collections::BTreeMap::<String, Vec<u32>>::new();
+        for (topic, partition) in self.tasks.lock().iter() {
+            owned.entry(topic.clone()).or_default().push(*partition);
+        }
+        owned.values_mut().for_each(|ps| ps.sort_unstable());
+        owned
+    }
+
     /// Whether every partition of every topic in `topics` has its task on this instance.
     pub(crate) fn all_restored(&self, topics: &[&str]) -> bool {
         let restored = self.tasks.lock();

@@ -1,0 +1,171 @@
+//! Several `miroir run` processes on one topology act as one table service: the source
+//! partitions spread over them, each instance publishes what it owns, and any instance answers
+//! any key, forwarding the query to the owner of the key's partition.
+
+mod support;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::{Duration, Instant};
+
+use support::*;
+
+/// One running instance: its process and its HTTP port.
+struct Instance {
+    child: std::process::Child,
+    port: u16,
+}
+
+impl Drop for Instance {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn get(client: &reqwest::blocking::Client, port: u16, path: &str) -> (u16, serde_json::Value) {
+    match client.get(format!("http://127.0.0.1:{port}{path}")).send() {
+        Ok(r) => (r.status().as_u16(), r.json().unwrap_or_default()),
+        Err(_) => (0, serde_json::Value::Null),
+    }
+}
+
+/// The keys of `expected` whose row an instance does not answer as expected (wrong row, or
+/// absent), and the instances that served the others.
+fn mismatches(
+    client: &reqwest::blocking::Client,
+    port: u16,
+    expected: &BTreeMap<String, serde_json::Value>,
+    keys: &BTreeSet<String>,
+) -> (Vec<String>, BTreeSet<String>) {
+    let mut wrong = Vec::new();
+    let mut served_by = BTreeSet::new();
+    for key in keys {
+        let (status, answer) = get(
+            client,
+            port,
+            &format!("/v1/tables/user_contacts/rows/{key}"),
+        );
+        match (expected.get(key), status) {
+            (Some(row), 200) if &answer["row"] == row => {
+                served_by.insert(answer["served_by"].as_str().unwrap_or_default().to_string());
+            }
+            (None, 404) => {}
+            _ => wrong.push(format!("{key}: {status} {answer}")),
+        }
+    }
+    (wrong, served_by)
+}
+
+/// Whether every view in `views` (each instance's `/v1/cluster`) lists the same three
+/// instances, each owning at least one partition of `topic`, and all four partitions owned
+/// once.
+fn settled(views: &[serde_json::Value], topic: &str) -> bool {
+    let owned = |view: &serde_json::Value| -> Option<Vec<Vec<u64>>> {
+        let live = view["instances"].as_array()?;
+        live.iter()
+            .map(|m| {
+                let ps = m["partitions"][topic].as_array()?;
+                Some(ps.iter().filter_map(|p| p.as_u64()).collect())
+            })
+            .collect()
+    };
+    let Some(first) = views.first().and_then(owned) else {
+        return false;
+    };
+    let mut all: Vec<u64> = first.iter().flatten().copied().collect();
+    all.sort_unstable();
+    views.len() == 3
+        && first.len() == 3
+        && first.iter().all(|ps| !ps.is_empty())
+        && all == [0, 1, 2, 3]
+        && views.iter().all(|v| owned(v).as_ref() == Some(&first))
+}
+
+#[test]
+fn three_instances_answer_every_key_on_every_instance() {
+    let run = Run::new("cluster");
+    let t = with_internal_table_only(user_directory(&run));
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("topology.toml");
+    std::fs::write(&file, &t.text).unwrap();
+    let (events, _) = generate(5, 200, 3000);
+    publish(&t, &events);
+    let instances: Vec<Instance> = (0..3)
+        .map(|i| {
+            let port = free_port();
+            let state = dir.path().join(format!("state-{i}"));
+            let log = dir.path().join(format!("instance-{i}.log"));
+            Instance {
+                child: spawn(&file, &state, port, &log),
+                port,
+            }
+        })
+        .collect();
+    let expected = expected_tables(&t.topology, &events)
+        .remove("user_contacts")
+        .unwrap();
+    // Every user key, with a row or not, and a key that never existed.
+    let mut keys: BTreeSet<String> = events
+        .iter()
+        .filter(|e| e.source == 0)
+        .map(|e| e.key.clone())
+        .collect();
+    keys.insert("u-never".into());
+    let client = reqwest::blocking::Client::new();
+    // The group settles: each instance owns a part of the users' four partitions, and each
+    // one's view of the instances says so.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let mut views = Vec::new();
+    while !settled(&views, &t.user_topic) {
+        assert!(Instant::now() < deadline, "never settled: {views:?}");
+        std::thread::sleep(Duration::from_millis(500));
+        views = instances
+            .iter()
+            .map(|i| get(&client, i.port, "/v1/cluster").1)
+            .collect();
+    }
+    let mut served_by = BTreeSet::new();
+    for instance in &instances {
+        loop {
+            let (wrong, served) = mismatches(&client, instance.port, &expected, &keys);
+            if wrong.is_empty() {
+                served_by.extend(served);
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "instance on port {}: {} keys answered wrong, first: {:?}",
+                instance.port,
+                wrong.len(),
+                &wrong[..wrong.len().min(3)]
+            );
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    }
+    assert_eq!(
+        served_by.len(),
+        3,
+        "each instance served the keys of its partitions: {served_by:?}"
+    );
+
+    // `local=true` answers from the instance's own state: a key another instance owns is
+    // not there.
+    let (key, _) = expected.iter().next().unwrap();
+    let answers: Vec<u16> = instances
+        .iter()
+        .map(|i| {
+            get(
+                &client,
+                i.port,
+                &format!("/v1/tables/user_contacts/rows/{key}?local=true"),
+            )
+            .0
+        })
+        .collect();
+    assert_eq!(
+        answers.iter().filter(|s| **s == 200).count(),
+        1,
+        "one instance holds the key: {answers:?}"
+    );
+    assert_eq!(answers.iter().filter(|s| **s == 404).count(), 2);
+}
