@@ -8,7 +8,7 @@
 //! | `GET /v1/topology` | sources, tables, their columns and keys, and the operator graph |
 //! | `GET /v1/cluster` | this instance, and every live instance of the topology with its address and the partitions it owns |
 //! | `GET /v1/tables/{table}/rows/{key}` | the row with its partition, the instance that served it and its freshness; 404 when absent, 400 when `key` is not a key of the table. Asked of an instance that does not own the key's partition, forwarded to the one that does; 503 with `Retry-After` while the partition has no owner. `?local=true` answers from this instance's state alone |
-//! | `GET /v1/tables/{table}/rows?prefix=&limit=` | rows whose key starts with `prefix` (limit ≤ 10000, default 100) |
+//! | `GET /v1/tables/{table}/rows?prefix=&limit=&after=` | rows whose key starts with `prefix`, in key order, from every instance (limit ≤ 10000, default 100), and the cursor `next` to pass as `after` for the next page (`null` after the last); `?local=true` scans this instance alone |
 //!
 //! A key is written in its URL form ([`miroir_engine::value::key_text`]): the parts of a
 //! composite key joined with `|`, with `\` and `|` inside a part escaped by `\`, and NULL
@@ -144,7 +144,9 @@ fn query_error(e: QueryError) -> Response {
         QueryError::UnknownTable(_) | QueryError::External { .. } => {
             error(StatusCode::NOT_FOUND, e.to_string())
         }
-        QueryError::BadKey { .. } => error(StatusCode::BAD_REQUEST, e.to_string()),
+        QueryError::BadKey { .. } | QueryError::BadCursor(_) => {
+            error(StatusCode::BAD_REQUEST, e.to_string())
+        }
         QueryError::Store(_) => {
             warn!(error = %e, "query failed");
             error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
@@ -262,16 +264,26 @@ async fn row(
 /// The answer while the partition of `key` has no owner that can answer (a rebalance is
 /// moving it): 503, to be asked again.
 fn moving(table: &str, key: &str) -> Response {
-    let mut response = error(
-        StatusCode::SERVICE_UNAVAILABLE,
-        format!(
-            "the partition of key `{key}` of `{table}` is moving to another instance; ask again"
-        ),
-    );
+    unavailable(format!(
+        "the partition of key `{key}` of `{table}` is moving to another instance; ask again"
+    ))
+}
+
+/// 503 with `message`, to be asked again in a second.
+fn unavailable(message: String) -> Response {
+    let mut response = error(StatusCode::SERVICE_UNAVAILABLE, message);
     response
         .headers_mut()
         .insert("retry-after", axum::http::HeaderValue::from_static("1"));
     response
+}
+
+/// One page of a scan, as asked of each instance.
+struct Scan<'a> {
+    table: &'a str,
+    prefix: &'a str,
+    after: Option<&'a str>,
+    limit: usize,
 }
 
 async fn cluster(State(inner): State<Arc<Inner>>) -> Response {
@@ -344,6 +356,51 @@ impl Forwarder {
         asked.unwrap_or_else(|()| moving(table, key))
     }
 
+    /// `owner`'s rows of `scan`, with their cursors; `Err` when it did not give them (logged).
+    async fn scan(
+        &self,
+        me: &str,
+        owner: &Member,
+        scan: &Scan<'_>,
+    ) -> Result<Vec<(String, serde_json::Value)>, ()> {
+        let addr = owner.advertise.as_deref().ok_or(())?;
+        let failed = |e: &dyn std::fmt::Display| {
+            warn!(instance = %owner.instance, addr, table = scan.table, error = %e, "an instance did not answer a scan");
+        };
+        let mut url = reqwest::Url::parse(&format!("http://{addr}/")).map_err(|e| failed(&e))?;
+        url.path_segments_mut()
+            .expect("an http URL has a path")
+            .extend(["v1", "tables", scan.table, "rows"]);
+        let mut query = vec![
+            ("prefix", scan.prefix.to_string()),
+            ("limit", scan.limit.to_string()),
+            ("local", "true".to_string()),
+        ];
+        if let Some(after) = scan.after {
+            query.push(("after", after.to_string()));
+        }
+        let answer = self
+            .client
+            .get(url)
+            .query(&query)
+            .header(FORWARDED_BY, me)
+            .send()
+            .await
+            .and_then(|a| a.error_for_status())
+            .map_err(|e| failed(&e))?;
+        let page: serde_json::Value = answer.json().await.map_err(|e| failed(&e))?;
+        let (Some(rows), Some(cursors)) = (page["rows"].as_array(), page["cursors"].as_array())
+        else {
+            failed(&"no rows or cursors in the answer");
+            return Err(());
+        };
+        Ok(cursors
+            .iter()
+            .filter_map(|c| c.as_str().map(String::from))
+            .zip(rows.iter().cloned())
+            .collect())
+    }
+
     /// The owner's answer, whatever its status; `Err` when it gave none (logged).
     async fn ask(&self, me: &str, owner: &Member, table: &str, key: &str) -> Result<Response, ()> {
         let addr = owner.advertise.as_deref().ok_or(())?;
@@ -375,12 +432,18 @@ struct ScanParams {
     #[serde(default)]
     prefix: String,
     limit: Option<String>,
+    /// Go on after this cursor (the `next` of the page before).
+    after: Option<String>,
+    /// Scan this instance's state alone.
+    #[serde(default)]
+    local: bool,
 }
 
 async fn scan(
     State(inner): State<Arc<Inner>>,
     Path(table): Path<String>,
     Query(p): Query<ScanParams>,
+    headers: HeaderMap,
 ) -> Response {
     let limit = match p.limit.as_deref().map(str::parse::<usize>) {
         None => 100,
@@ -392,9 +455,49 @@ async fn scan(
             )
         }
     };
-    match inner.scan(&table, &p.prefix, limit) {
-        Ok(rows) => Json(json!({ "table": table, "rows": rows, "freshness": inner.freshness() }))
-            .into_response(),
-        Err(e) => query_error(e),
+    let forwarded = headers.contains_key(FORWARDED_BY);
+    let mut rows = match inner.scan(&table, &p.prefix, p.after.as_deref(), limit) {
+        Ok(rows) => rows,
+        Err(e) => return query_error(e),
+    };
+    let mut full = rows.len() >= limit;
+    if !p.local && !forwarded && inner.scatters(&table) {
+        let me = inner.membership.me();
+        let scan = Scan {
+            table: &table,
+            prefix: &p.prefix,
+            after: p.after.as_deref(),
+            limit,
+        };
+        for owner in inner.membership.live().iter().filter(|m| m.instance != me) {
+            match inner.forwarder.scan(me, owner, &scan).await {
+                Ok(page) => {
+                    full |= page.len() >= limit;
+                    rows.extend(page);
+                }
+                Err(()) => {
+                    return unavailable(format!(
+                        "instance {} did not answer the scan of `{table}`; ask again",
+                        owner.instance
+                    ))
+                }
+            }
+        }
+        rows.sort_by(|a, b| a.0.cmp(&b.0));
+        rows.dedup_by(|a, b| a.0 == b.0);
     }
+    let more = full || rows.len() > limit;
+    rows.truncate(limit);
+    let next = if more {
+        rows.last().map(|(c, _)| c.clone())
+    } else {
+        None
+    };
+    let (cursors, rows): (Vec<String>, Vec<serde_json::Value>) = rows.into_iter().unzip();
+    let mut body =
+        json!({ "table": table, "rows": rows, "next": next, "freshness": inner.freshness() });
+    if forwarded {
+        body["cursors"] = json!(cursors);
+    }
+    Json(body).into_response()
 }

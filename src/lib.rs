@@ -111,9 +111,28 @@ pub enum QueryError {
         /// What is wrong.
         source: KeyTextError,
     },
+    /// The scan cursor (`after`) is not one a scan gave.
+    #[error("bad cursor `{0}`: pass the `next` of the page before")]
+    BadCursor(String),
     /// The state store failed.
     #[error(transparent)]
     Store(#[from] StoreError),
+}
+
+/// A scan cursor: the encoded key of a row, in hexadecimal (which keeps the keys' byte order).
+fn cursor(key: &[u8]) -> String {
+    key.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The encoded key of `cursor`; `None` when it is not one.
+fn cursor_key(cursor: &str) -> Option<Vec<u8>> {
+    if !cursor.len().is_multiple_of(2) {
+        return None;
+    }
+    (0..cursor.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(cursor.get(i..i + 2)?, 16).ok())
+        .collect()
 }
 
 enum TopologySource {
@@ -501,24 +520,44 @@ impl Inner {
         })
     }
 
+    /// Up to `limit` rows of `table` on this instance whose key starts with `prefix` and comes
+    /// after `after` (a cursor), in key order, each with its cursor.
     fn scan(
         &self,
         table: &str,
         prefix: &str,
+        after: Option<&str>,
         limit: usize,
-    ) -> Result<Vec<serde_json::Value>, QueryError> {
+    ) -> Result<Vec<(String, serde_json::Value)>, QueryError> {
         let plan = self.internal(table)?;
         let prefix =
             parse_key_prefix(prefix, &key_types(plan)).map_err(|source| QueryError::BadKey {
                 table: table.to_string(),
                 source,
             })?;
+        let after = after
+            .map(|c| cursor_key(c).ok_or_else(|| QueryError::BadCursor(c.to_string())))
+            .transpose()?;
         Ok(self
             .tables
-            .rows(table, &prefix, limit)?
+            .rows(table, &prefix, after.as_deref(), limit)?
             .into_iter()
-            .map(|v| serde_json::from_slice(&v).unwrap_or(serde_json::Value::Null))
+            .map(|r| {
+                let row = serde_json::from_slice(&r.row).unwrap_or(serde_json::Value::Null);
+                (cursor(&r.key), row)
+            })
             .collect())
+    }
+
+    /// Whether a scan of `table` gathers the rows of every instance: those of a table keyed
+    /// by a source key live with their partitions, one instance each.
+    fn scatters(&self, table: &str) -> bool {
+        self.topology.table(table).is_some_and(|plan| {
+            plan.postgres().is_none()
+                && plan
+                    .partitioned_by(|s| self.topology.sources[s].key)
+                    .is_some()
+        })
     }
 
     /// The failure that stopped the runtime or a command processor, if any: the instance
@@ -579,7 +618,12 @@ impl Engine {
         prefix: &str,
         limit: usize,
     ) -> Result<Vec<serde_json::Value>, QueryError> {
-        self.inner.scan(table, prefix, limit)
+        Ok(self
+            .inner
+            .scan(table, prefix, None, limit)?
+            .into_iter()
+            .map(|(_, row)| row)
+            .collect())
     }
 
     /// Whether every assigned partition is applied up to its high watermark (and the

@@ -99,11 +99,11 @@ fn wait_committed(runtime: &Runtime, offset: i64) {
 /// Every row of `pairs`, by the URL form of its key, read back from the store.
 fn stored(store: &StateStore, plan: &miroir_engine::plan::TablePlan) -> BTreeMap<String, Row> {
     store
-        .rows("pairs", &Default::default(), 100)
+        .rows("pairs", &Default::default(), None, 100)
         .unwrap()
         .into_iter()
-        .map(|bytes| {
-            let json: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+        .map(|scanned| {
+            let json: serde_json::Value = serde_json::from_slice(&scanned.row).unwrap();
             let row: Row = plan
                 .columns
                 .iter()
@@ -149,9 +149,25 @@ fn keys_that_read_alike_are_distinct_rows_found_by_their_url_form() {
     }
     // A scan by prefix: the groups whose `a` starts with `a` (not the NULL or empty ones).
     let prefix = parse_key_prefix("a", &types).unwrap();
-    assert_eq!(store.rows("pairs", &prefix, 100).unwrap().len(), 3);
+    assert_eq!(store.rows("pairs", &prefix, None, 100).unwrap().len(), 3);
     let prefix = parse_key_prefix("a|", &types).unwrap();
-    assert_eq!(store.rows("pairs", &prefix, 100).unwrap().len(), 1);
+    assert_eq!(store.rows("pairs", &prefix, None, 100).unwrap().len(), 1);
+    // Page by page, each going on after the last key of the one before: every row once.
+    let prefix = parse_key_prefix("a", &types).unwrap();
+    let whole = store.rows("pairs", &prefix, None, 100).unwrap();
+    let mut paged = Vec::new();
+    let mut after: Option<Vec<u8>> = None;
+    loop {
+        let page = store.rows("pairs", &prefix, after.as_deref(), 2).unwrap();
+        let Some(last) = page.last() else { break };
+        after = Some(last.key.clone());
+        paged.extend(page);
+    }
+    assert_eq!(paged, whole);
+    assert!(
+        whole.windows(2).all(|w| w[0].key < w[1].key),
+        "in key order"
+    );
 }
 
 #[test]
@@ -178,7 +194,7 @@ fn rows_stored_under_the_url_form_of_their_key_are_gone_after_a_start() {
     let store = StateStore::open(dir.path(), &["pairs".to_string()]).unwrap();
     assert!(
         store
-            .rows("pairs", &Default::default(), 10)
+            .rows("pairs", &Default::default(), None, 10)
             .unwrap()
             .is_empty(),
         "rows are derived: an open clears them"
@@ -197,7 +213,10 @@ fn rows_stored_under_the_url_form_of_their_key_are_gone_after_a_start() {
     let json: serde_json::Value = serde_json::from_slice(&row).unwrap();
     assert_eq!(json["n"], 1, "restored from the upsert state: {json}");
     assert_eq!(
-        store.rows("pairs", &Default::default(), 10).unwrap().len(),
+        store
+            .rows("pairs", &Default::default(), None, 10)
+            .unwrap()
+            .len(),
         1
     );
 }

@@ -172,11 +172,11 @@ fn expected(t: &Topology) -> BTreeMap<String, serde_json::Value> {
 fn rows(store: &StateStore, t: &Topology) -> BTreeMap<String, serde_json::Value> {
     let table = t.table("names").unwrap();
     store
-        .rows("names", &Default::default(), 1000)
+        .rows("names", &Default::default(), None, 1000)
         .unwrap()
         .into_iter()
-        .map(|bytes| {
-            let json: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+        .map(|scanned| {
+            let json: serde_json::Value = serde_json::from_slice(&scanned.row).unwrap();
             let row: Row = table
                 .columns
                 .iter()

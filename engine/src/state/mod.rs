@@ -29,7 +29,7 @@ use crate::value::Value;
 pub mod key;
 mod reader;
 
-pub use reader::TableReader;
+pub use reader::{ScanRow, TableReader};
 
 const STATE_CF: &str = "state";
 
