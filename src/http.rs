@@ -248,6 +248,11 @@ async fn row(
             Ok(Route::At(_)) | Ok(Route::Moving) => {
                 return moving(&table, &key);
             }
+            Ok(Route::Restoring) => {
+                return unavailable(format!(
+                    "this instance is reading the partition of key `{key}` of `{table}`; ask again"
+                ))
+            }
             Err(e) => return query_error(e),
         }
     }

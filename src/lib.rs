@@ -400,6 +400,9 @@ pub(crate) enum Route {
     At(Member),
     /// By no instance now: its partition is moving.
     Moving,
+    /// By this instance once it has read its partition up to where it was when the partition
+    /// came (until then, a row that exists may be missing).
+    Restoring,
 }
 
 /// A row as served: the row and where and how fresh it is.
@@ -510,7 +513,11 @@ impl Inner {
             return Ok(Route::Here);
         };
         if self.runtime.owns(topic, partition) {
-            return Ok(Route::Here);
+            return Ok(if self.runtime.restored(topic, partition) {
+                Route::Here
+            } else {
+                Route::Restoring
+            });
         }
         Ok(match self.membership.owner(topic, partition) {
             Some(owner) if owner.instance != self.membership.me() && owner.advertise.is_some() => {

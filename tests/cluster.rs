@@ -56,8 +56,8 @@ fn mismatches(
     (wrong, served_by)
 }
 
-/// Whether every view in `views` (each instance's `/v1/cluster`) lists the same three
-/// instances, each owning at least one partition of `topic`, and all four partitions owned
+/// Whether every view in `views` (each instance's `/v1/cluster`) lists the same instances, one
+/// per view, each owning at least one partition of `topic`, and all four partitions owned
 /// once.
 fn settled(views: &[serde_json::Value], topic: &str) -> bool {
     let owned = |view: &serde_json::Value| -> Option<Vec<Vec<u64>>> {
@@ -74,60 +74,36 @@ fn settled(views: &[serde_json::Value], topic: &str) -> bool {
     };
     let mut all: Vec<u64> = first.iter().flatten().copied().collect();
     all.sort_unstable();
-    views.len() == 3
-        && first.len() == 3
+    !views.is_empty()
+        && first.len() == views.len()
         && first.iter().all(|ps| !ps.is_empty())
         && all == [0, 1, 2, 3]
         && views.iter().all(|v| owned(v).as_ref() == Some(&first))
 }
 
-#[test]
-fn three_instances_answer_every_key_on_every_instance() {
-    let run = Run::new("cluster");
-    let t = with_internal_table_only(user_directory(&run));
-    let dir = tempfile::tempdir().unwrap();
-    let file = dir.path().join("topology.toml");
-    std::fs::write(&file, &t.text).unwrap();
-    let (events, _) = generate(5, 200, 3000);
-    publish(&t, &events);
-    let instances: Vec<Instance> = (0..3)
-        .map(|i| {
-            let port = free_port();
-            let state = dir.path().join(format!("state-{i}"));
-            let log = dir.path().join(format!("instance-{i}.log"));
-            Instance {
-                child: spawn(&file, &state, port, &log),
-                port,
-            }
-        })
-        .collect();
-    let expected = expected_tables(&t.topology, &events)
-        .remove("user_contacts")
-        .unwrap();
-    // Every user key, with a row or not, and a key that never existed.
-    let mut keys: BTreeSet<String> = events
-        .iter()
-        .filter(|e| e.source == 0)
-        .map(|e| e.key.clone())
-        .collect();
-    keys.insert("u-never".into());
-    let client = reqwest::blocking::Client::new();
-    // The group settles: each instance owns a part of the users' four partitions, and each
-    // one's view of the instances says so.
+/// Waits until the instances' group settled (see [`settled`]) and each instance answers every
+/// key in `keys` as `expected` says; returns the instances that served the rows.
+fn wait_for_every_key(
+    client: &reqwest::blocking::Client,
+    instances: &[&Instance],
+    topic: &str,
+    expected: &BTreeMap<String, serde_json::Value>,
+    keys: &BTreeSet<String>,
+) -> BTreeSet<String> {
     let deadline = Instant::now() + Duration::from_secs(120);
     let mut views = Vec::new();
-    while !settled(&views, &t.user_topic) {
+    while !settled(&views, topic) {
         assert!(Instant::now() < deadline, "never settled: {views:?}");
         std::thread::sleep(Duration::from_millis(500));
         views = instances
             .iter()
-            .map(|i| get(&client, i.port, "/v1/cluster").1)
+            .map(|i| get(client, i.port, "/v1/cluster").1)
             .collect();
     }
     let mut served_by = BTreeSet::new();
-    for instance in &instances {
+    for instance in instances {
         loop {
-            let (wrong, served) = mismatches(&client, instance.port, &expected, &keys);
+            let (wrong, served) = mismatches(client, instance.port, expected, keys);
             if wrong.is_empty() {
                 served_by.extend(served);
                 break;
@@ -142,6 +118,45 @@ fn three_instances_answer_every_key_on_every_instance() {
             std::thread::sleep(Duration::from_millis(500));
         }
     }
+    served_by
+}
+
+/// Starts `miroir run` on `file` with state directory `state` (under `dir`).
+fn start(dir: &std::path::Path, file: &std::path::Path, name: &str) -> Instance {
+    let port = free_port();
+    let state = dir.join(format!("state-{name}"));
+    let log = dir.join(format!("instance-{name}.log"));
+    Instance {
+        child: spawn(file, &state, port, &log),
+        port,
+    }
+}
+
+#[test]
+fn three_instances_answer_every_key_on_every_instance() {
+    let run = Run::new("cluster");
+    let t = with_internal_table_only(user_directory(&run));
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("topology.toml");
+    std::fs::write(&file, &t.text).unwrap();
+    let (events, _) = generate(5, 200, 3000);
+    publish(&t, &events);
+    let instances: Vec<Instance> = (0..3)
+        .map(|i| start(dir.path(), &file, &i.to_string()))
+        .collect();
+    let expected = expected_tables(&t.topology, &events)
+        .remove("user_contacts")
+        .unwrap();
+    // Every user key, with a row or not, and a key that never existed.
+    let mut keys: BTreeSet<String> = events
+        .iter()
+        .filter(|e| e.source == 0)
+        .map(|e| e.key.clone())
+        .collect();
+    keys.insert("u-never".into());
+    let client = reqwest::blocking::Client::new();
+    let all: Vec<&Instance> = instances.iter().collect();
+    let served_by = wait_for_every_key(&client, &all, &t.user_topic, &expected, &keys);
     assert_eq!(
         served_by.len(),
         3,
@@ -200,4 +215,69 @@ fn three_instances_answer_every_key_on_every_instance() {
         "one instance holds the key: {answers:?}"
     );
     assert_eq!(answers.iter().filter(|s| **s == 404).count(), 2);
+}
+
+#[test]
+fn an_instance_killed_and_replaced_by_a_fresh_one_never_answers_a_wrong_row() {
+    let run = Run::new("cluster-kill");
+    let t = with_internal_table_only(user_directory(&run));
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("topology.toml");
+    std::fs::write(&file, &t.text).unwrap();
+    let (events, _) = generate(7, 200, 3000);
+    publish(&t, &events);
+    let expected = expected_tables(&t.topology, &events)
+        .remove("user_contacts")
+        .unwrap();
+    let keys: BTreeSet<String> = events
+        .iter()
+        .filter(|e| e.source == 0)
+        .map(|e| e.key.clone())
+        .collect();
+    let client = reqwest::blocking::Client::new();
+    let a = start(dir.path(), &file, "a");
+    let mut b = start(dir.path(), &file, "b");
+    wait_for_every_key(&client, &[&a, &b], &t.user_topic, &expected, &keys);
+
+    // A client asks the surviving instance for every key, over and over, during the whole
+    // episode: an answer is the right row, the right 404, or a 503 to ask again.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let asking = std::thread::spawn({
+        let (stop, expected, keys, port) = (stop.clone(), expected.clone(), keys.clone(), a.port);
+        move || {
+            let client = reqwest::blocking::Client::new();
+            let (mut right, mut unavailable, mut wrong) = (0, 0, Vec::new());
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                for key in &keys {
+                    let path = format!("/v1/tables/user_contacts/rows/{key}");
+                    let (status, answer) = get(&client, port, &path);
+                    match (expected.get(key), status) {
+                        (Some(row), 200) if &answer["row"] == row => right += 1,
+                        (None, 404) => right += 1,
+                        (_, 503) => unavailable += 1,
+                        _ => wrong.push(format!("{key}: {status} {answer}")),
+                    }
+                }
+            }
+            (right, unavailable, wrong)
+        }
+    });
+    std::thread::sleep(Duration::from_secs(1));
+    b.child.kill().unwrap(); // SIGKILL
+    b.child.wait().unwrap();
+    let c = start(dir.path(), &file, "c");
+    wait_for_every_key(&client, &[&a, &c], &t.user_topic, &expected, &keys);
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let (right, unavailable, wrong) = asking.join().unwrap();
+    assert!(
+        wrong.is_empty(),
+        "{} wrong answers ({right} right, {unavailable} unavailable), first: {:?}",
+        wrong.len(),
+        &wrong[..wrong.len().min(3)]
+    );
+    assert!(right > keys.len(), "answers came: {right}");
+    assert!(
+        unavailable > 0,
+        "the killed instance's partitions were unavailable for a while"
+    );
 }

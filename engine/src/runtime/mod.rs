@@ -224,6 +224,12 @@ impl Runtime {
         self.status.partition_count(topic)
     }
 
+    /// Whether this instance owns `partition` of `topic` and its task has caught up with the
+    /// partition's end as it was when the task opened: its rows are all in the tables.
+    pub fn restored(&self, topic: &str, partition: u32) -> bool {
+        self.status.restored(topic, partition)
+    }
+
     /// Whether this instance owns (has a task for) `partition` of `topic`.
     pub fn owns(&self, topic: &str, partition: u32) -> bool {
         self.status.owns(topic, partition)

@@ -32,6 +32,10 @@ pub(crate) struct Status {
     partitions: Mutex<HashMap<String, u32>>,
     /// The (topic, partition) of every task on this instance.
     tasks: Mutex<HashSet<TopicPartition>>,
+    /// The tasks not yet caught up with their partition since they opened, with the offset
+    /// they must reach (the partition's end when the first watermark after their opening
+    /// came; `None` until then).
+    restoring: Mutex<HashMap<TopicPartition, Option<i64>>>,
     /// Whether the external database accepts batches.
     pub(crate) sink: Arc<SinkHealth>,
 }
@@ -121,6 +125,11 @@ impl Status {
     }
 
     pub(crate) fn set_watermarks(&self, watermarks: HashMap<TopicPartition, i64>) {
+        for (tp, target) in self.restoring.lock().iter_mut() {
+            if target.is_none() {
+                *target = watermarks.get(tp).copied().filter(|high| *high >= 0);
+            }
+        }
         *self.watermarks.lock() = watermarks;
     }
 
@@ -129,11 +138,35 @@ impl Status {
     }
 
     pub(crate) fn task_opened(&self, topic: &str, partition: u32) {
-        self.tasks.lock().insert((topic.to_string(), partition));
+        let tp = (topic.to_string(), partition);
+        self.restoring.lock().insert(tp.clone(), None);
+        self.tasks.lock().insert(tp);
     }
 
     pub(crate) fn task_dropped(&self, topic: &str, partition: u32) {
-        self.tasks.lock().remove(&(topic.to_string(), partition));
+        let tp = (topic.to_string(), partition);
+        self.tasks.lock().remove(&tp);
+        self.restoring.lock().remove(&tp);
+    }
+
+    /// Whether the task of `partition` of `topic` has caught up with the partition's end as
+    /// it was when the task opened (its rows are then all in the tables); false while it
+    /// restores, and for a partition without a task here.
+    pub(crate) fn restored(&self, topic: &str, partition: u32) -> bool {
+        let tp = (topic.to_string(), partition);
+        if !self.tasks.lock().contains(&tp) {
+            return false;
+        }
+        let mut restoring = self.restoring.lock();
+        let Some(target) = restoring.get(&tp) else {
+            return true;
+        };
+        let committed = self.committed.lock().get(&tp).map_or(0, |o| o + 1);
+        let done = target.is_some_and(|end| committed >= end);
+        if done {
+            restoring.remove(&tp);
+        }
+        done
     }
 
     /// Whether `partition` of `topic` has a task on this instance.
