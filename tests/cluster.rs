@@ -121,15 +121,45 @@ fn wait_for_every_key(
     served_by
 }
 
-/// Starts `miroir run` on `file` with state directory `state` (under `dir`).
+/// Starts `miroir run` on `file` with state directory `state-<name>` (under `dir`).
 fn start(dir: &std::path::Path, file: &std::path::Path, name: &str) -> Instance {
-    let port = free_port();
+    start_on(dir, file, name, free_port(), &[])
+}
+
+/// [`start`] on `port`, with more arguments.
+fn start_on(
+    dir: &std::path::Path,
+    file: &std::path::Path,
+    name: &str,
+    port: u16,
+    more: &[&str],
+) -> Instance {
     let state = dir.join(format!("state-{name}"));
     let log = dir.join(format!("instance-{name}.log"));
     Instance {
-        child: spawn(file, &state, port, &log),
+        child: spawn_with(file, &state, port, &log, more),
         port,
     }
+}
+
+/// The partitions of `topic` the instance on `port` says it owns, if it answers.
+fn owned(client: &reqwest::blocking::Client, port: u16, topic: &str) -> Option<Vec<u64>> {
+    let (status, view) = get(client, port, "/v1/cluster");
+    if status != 200 {
+        return None;
+    }
+    let me = view["instance"].as_str()?;
+    let mine = view["instances"]
+        .as_array()?
+        .iter()
+        .find(|m| m["instance"] == me)?;
+    Some(
+        mine["partitions"][topic]
+            .as_array()?
+            .iter()
+            .filter_map(|p| p.as_u64())
+            .collect(),
+    )
 }
 
 #[test]
@@ -280,4 +310,55 @@ fn an_instance_killed_and_replaced_by_a_fresh_one_never_answers_a_wrong_row() {
         unavailable > 0,
         "the killed instance's partitions were unavailable for a while"
     );
+}
+
+#[test]
+fn an_instance_restarted_with_its_instance_id_gets_its_partitions_back_without_a_rebalance() {
+    let run = Run::new("cluster-static");
+    let t = with_internal_table_only(user_directory(&run));
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("topology.toml");
+    std::fs::write(&file, &t.text).unwrap();
+    let (events, _) = generate(9, 100, 1000);
+    publish(&t, &events);
+    let expected = expected_tables(&t.topology, &events)
+        .remove("user_contacts")
+        .unwrap();
+    let keys: BTreeSet<String> = expected.keys().cloned().collect();
+    let client = reqwest::blocking::Client::new();
+    // The first member of the group leads it; a restarted leader makes Kafka's group
+    // coordinator run one assignment again, which an instance that does not lead is spared.
+    let a = start_on(dir.path(), &file, "a", free_port(), &["--instance-id", "a"]);
+    wait_for_every_key(&client, &[&a], &t.user_topic, &expected, &keys);
+    let b_port = free_port();
+    let mut b = start_on(dir.path(), &file, "b", b_port, &["--instance-id", "b"]);
+    wait_for_every_key(&client, &[&a, &b], &t.user_topic, &expected, &keys);
+    let a_owns = owned(&client, a.port, &t.user_topic).unwrap();
+    let b_owns = owned(&client, b.port, &t.user_topic).unwrap();
+
+    // A clean stop and a start on the same state directory and id, within the session
+    // timeout: the other instance keeps its partitions all along.
+    let stopped = std::process::Command::new("kill")
+        .args(["-TERM", &b.child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(stopped.success());
+    assert!(b.child.wait().unwrap().success(), "a clean stop exits 0");
+    drop(b);
+    let b = start_on(dir.path(), &file, "b", b_port, &["--instance-id", "b"]);
+    let back = Instant::now() + Duration::from_secs(60);
+    while owned(&client, b.port, &t.user_topic).as_ref() != Some(&b_owns) {
+        assert_eq!(
+            owned(&client, a.port, &t.user_topic).as_ref(),
+            Some(&a_owns),
+            "the other instance's partitions moved"
+        );
+        assert!(
+            Instant::now() < back,
+            "the restarted instance never got its partitions back"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(owned(&client, a.port, &t.user_topic), Some(a_owns));
+    wait_for_every_key(&client, &[&a, &b], &t.user_topic, &expected, &keys);
 }

@@ -650,6 +650,17 @@ pub fn spawn(
     port: u16,
     log: &std::path::Path,
 ) -> std::process::Child {
+    spawn_with(topology, state, port, log, &[])
+}
+
+/// [`spawn`] with more arguments for `miroir run`.
+pub fn spawn_with(
+    topology: &std::path::Path,
+    state: &std::path::Path,
+    port: u16,
+    log: &std::path::Path,
+    more: &[&str],
+) -> std::process::Child {
     let level = std::env::var("MIROIR_TEST_LOG").unwrap_or_else(|_| "info,librdkafka=warn".into());
     std::process::Command::new(env!("CARGO_BIN_EXE_miroir"))
         .args([
@@ -668,6 +679,7 @@ pub fn spawn(
             "--listen",
             &format!("127.0.0.1:{port}"),
         ])
+        .args(more)
         .env("RUST_LOG", level)
         .stdout(std::process::Stdio::null())
         .stderr(std::fs::File::create(log).unwrap())

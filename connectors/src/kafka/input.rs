@@ -263,12 +263,16 @@ pub struct KafkaSource {
 }
 
 impl KafkaSource {
-    /// Subscribes to the topology's topics and starts feeding `runtime`.
+    /// Subscribes to the topology's topics and starts feeding `runtime`. With `static_member`
+    /// (an instance id), the consumer is a static member of its group: restarted within the
+    /// session timeout, it gets its partitions back without a rebalance (and a clean stop
+    /// keeps them that long too).
     pub fn start(
         config: &KafkaConfig,
         topology: &Topology,
         runtime: Arc<Runtime>,
         metrics: Arc<Metrics>,
+        static_member: Option<&str>,
     ) -> Result<KafkaSource, KafkaError> {
         let topics: HashMap<String, usize> = topology
             .sources
@@ -292,6 +296,9 @@ impl KafkaSource {
             .set("max.poll.interval.ms", "60000")
             .set("statistics.interval.ms", "1000")
             .set("fetch.queue.backoff.ms", FETCH_QUEUE_BACKOFF_MS);
+        if let Some(id) = static_member {
+            client.set("group.instance.id", id);
+        }
         let stop = Arc::new(AtomicBool::new(false));
         let consumer: BaseConsumer<SourceContext> = client.create_with_context(SourceContext {
             runtime: runtime.clone(),
