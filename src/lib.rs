@@ -41,7 +41,7 @@ use std::time::Duration;
 
 use miroir_connectors::commands::processor::{CommandProcessor, ProcessorStatus};
 use miroir_connectors::kafka::input::KafkaSource;
-use miroir_connectors::kafka::membership::{Member, Membership};
+use miroir_connectors::kafka::membership::{Member, Membership, Ownership};
 use miroir_connectors::kafka::output::KafkaErrorSink;
 use miroir_connectors::kafka::{KafkaConfig, KafkaError};
 use miroir_connectors::postgres::sink::PostgresSink;
@@ -336,7 +336,11 @@ impl EngineBuilder {
         });
         let membership = Membership::start(&kafka, &topology.name, &instance, advertise, {
             let runtime = runtime.clone();
-            move || runtime.owned_partitions()
+            move || Ownership {
+                partitions: runtime.owned_partitions(),
+                restoring: runtime.restoring_partitions(),
+                lag: runtime.status().lag,
+            }
         })?;
         let mut processors = Vec::new();
         for command in &topology.commands {

@@ -57,8 +57,8 @@ fn mismatches(
 }
 
 /// Whether every view in `views` (each instance's `/v1/cluster`) lists the same instances, one
-/// per view, each owning at least one partition of `topic`, and all four partitions owned
-/// once.
+/// per view, each owning at least one partition of `topic`, all four partitions owned once,
+/// and none restoring.
 fn settled(views: &[serde_json::Value], topic: &str) -> bool {
     let owned = |view: &serde_json::Value| -> Option<Vec<Vec<u64>>> {
         let live = view["instances"].as_array()?;
@@ -79,6 +79,12 @@ fn settled(views: &[serde_json::Value], topic: &str) -> bool {
         && first.iter().all(|ps| !ps.is_empty())
         && all == [0, 1, 2, 3]
         && views.iter().all(|v| owned(v).as_ref() == Some(&first))
+        && views.iter().all(|v| {
+            v["instances"].as_array().is_some_and(|live| {
+                live.iter()
+                    .all(|m| m["restoring"] == serde_json::json!({}) && m["lag"].is_i64())
+            })
+        })
 }
 
 /// Waits until the instances' group settled (see [`settled`]) and each instance answers every

@@ -46,8 +46,33 @@ pub struct Member {
     pub advertise: Option<String>,
     /// The source partitions it owns, by topic.
     pub partitions: BTreeMap<String, Vec<u32>>,
+    /// Of those, the ones it is still reading up to where they ended when they came to it.
+    #[serde(default)]
+    pub restoring: BTreeMap<String, Vec<u32>>,
+    /// Records not yet applied across its partitions, when known.
+    #[serde(default)]
+    pub lag: Option<i64>,
     /// When it wrote the record (ms since the epoch).
     pub at_ms: i64,
+}
+
+/// What an instance reports of its partitions.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Ownership {
+    /// The source partitions it owns, by topic.
+    pub partitions: BTreeMap<String, Vec<u32>>,
+    /// Of those, the ones still restoring.
+    pub restoring: BTreeMap<String, Vec<u32>>,
+    /// Records not yet applied across its partitions, when known.
+    pub lag: Option<i64>,
+}
+
+impl Ownership {
+    /// Whether `other` says something else of the partitions (the lag aside, which the
+    /// heartbeat carries).
+    fn moved(&self, other: &Ownership) -> bool {
+        self.partitions != other.partitions || self.restoring != other.restoring
+    }
 }
 
 impl Member {
@@ -77,7 +102,7 @@ impl Membership {
         topology: &str,
         instance: &str,
         advertise: Option<String>,
-        owned: impl Fn() -> BTreeMap<String, Vec<u32>> + Send + 'static,
+        owned: impl Fn() -> Ownership + Send + 'static,
     ) -> Result<Membership, KafkaError> {
         let topic = membership_topic(topology);
         create_topic_with(config, &topic, 1, &[("cleanup.policy", "compact")])?;
@@ -162,22 +187,22 @@ struct Keeper {
     tail: Tail,
     publisher: Publisher,
     members: Arc<RwLock<Members>>,
-    /// The partitions last written, and when.
-    written: Option<(BTreeMap<String, Vec<u32>>, Instant)>,
+    /// What was last written, and when.
+    written: Option<(Ownership, Instant)>,
 }
 
 impl Keeper {
-    fn run(&mut self, stop: &AtomicBool, owned: impl Fn() -> BTreeMap<String, Vec<u32>>) {
+    fn run(&mut self, stop: &AtomicBool, owned: impl Fn() -> Ownership) {
         info!(topic = %self.topic, instance = %self.me, advertise = ?self.advertise, "joined the instances of the topology");
         while !stop.load(Ordering::Acquire) {
             self.read();
-            let partitions = owned();
+            let now = owned();
             let due = self
                 .written
                 .as_ref()
-                .is_none_or(|(last, at)| *last != partitions || at.elapsed() >= HEARTBEAT);
+                .is_none_or(|(last, at)| last.moved(&now) || at.elapsed() >= HEARTBEAT);
             if due {
-                self.write(partitions);
+                self.write(now);
             }
             std::thread::sleep(TICK);
         }
@@ -213,11 +238,13 @@ impl Keeper {
         });
     }
 
-    fn write(&mut self, partitions: BTreeMap<String, Vec<u32>>) {
+    fn write(&mut self, ownership: Ownership) {
         let member = Member {
             instance: self.me.clone(),
             advertise: self.advertise.clone(),
-            partitions: partitions.clone(),
+            partitions: ownership.partitions.clone(),
+            restoring: ownership.restoring.clone(),
+            lag: ownership.lag,
             at_ms: now_ms(),
         };
         let record = serde_json::to_vec(&member).expect("records serialize");
@@ -226,8 +253,8 @@ impl Keeper {
             .send(&self.topic, self.me.as_bytes(), Some(&record))
         {
             Ok(()) => {
-                debug!(topic = %self.topic, instance = %self.me, ?partitions, "instance record written");
-                self.written = Some((partitions, Instant::now()));
+                debug!(topic = %self.topic, instance = %self.me, partitions = ?ownership.partitions, "instance record written");
+                self.written = Some((ownership, Instant::now()));
             }
             Err(e) => {
                 warn!(topic = %self.topic, instance = %self.me, error = %e, "cannot write this instance's record")
@@ -246,6 +273,8 @@ mod tests {
             instance: "a".into(),
             advertise: Some("127.0.0.1:8080".into()),
             partitions: BTreeMap::from([("user".to_string(), vec![0, 2])]),
+            restoring: BTreeMap::from([("user".to_string(), vec![2])]),
+            lag: Some(3),
             at_ms: 1,
         };
         assert!(m.owns("user", 2));

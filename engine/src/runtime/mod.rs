@@ -230,6 +230,11 @@ impl Runtime {
         self.status.restored(topic, partition)
     }
 
+    /// The partitions this instance owns whose task has not caught up yet, by topic, in order.
+    pub fn restoring_partitions(&self) -> std::collections::BTreeMap<String, Vec<u32>> {
+        self.status.restoring()
+    }
+
     /// Whether this instance owns (has a task for) `partition` of `topic`.
     pub fn owns(&self, topic: &str, partition: u32) -> bool {
         self.status.owns(topic, partition)

@@ -149,6 +149,22 @@ impl Status {
         self.restoring.lock().remove(&tp);
     }
 
+    /// The partitions whose task has not caught up yet (see [`Status::restored`]), by topic,
+    /// in order.
+    pub(crate) fn restoring(&self) -> std::collections::BTreeMap<String, Vec<u32>> {
+        let mut restoring = std::collections::BTreeMap::<String, Vec<u32>>::new();
+        for (topic, partitions) in self.owned() {
+            let waiting: Vec<u32> = partitions
+                .into_iter()
+                .filter(|p| !self.restored(&topic, *p))
+                .collect();
+            if !waiting.is_empty() {
+                restoring.insert(topic, waiting);
+            }
+        }
+        restoring
+    }
+
     /// Whether the task of `partition` of `topic` has caught up with the partition's end as
     /// it was when the task opened (its rows are then all in the tables); false while it
     /// restores, and for a partition without a task here.
