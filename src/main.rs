@@ -94,6 +94,20 @@ enum Action {
         #[arg(long, env = "MIROIR_ADVERTISE")]
         advertise: Option<String>,
     },
+    /// Prints the instances of a running topology, as one of them sees them: their addresses,
+    /// the partitions each owns and restores, their lag.
+    ///
+    /// EXAMPLES:
+    ///     miroir status --url http://127.0.0.1:8080
+    ///     miroir status --url http://app-1.internal:8080 --json
+    Status {
+        /// The HTTP API of one instance.
+        #[arg(long, env = "MIROIR_URL", default_value = "http://127.0.0.1:8080")]
+        url: String,
+        /// Print the answer of `GET /v1/cluster` as it is.
+        #[arg(long)]
+        json: bool,
+    },
     /// Prints what `miroir run` would do to each external (PostgreSQL) table: create it,
     /// rebuild it in a shadow table (and why), or keep it. Changes nothing.
     ///
@@ -292,6 +306,61 @@ fn send_command(action: CommandAction) -> anyhow::Result<ExitCode> {
         }
         Err(e) => Err(e.into()),
     }
+}
+
+/// Prints the instances `url`'s instance knows of.
+fn print_status(url: &str, json: bool) -> anyhow::Result<ExitCode> {
+    let cluster: serde_json::Value = reqwest::blocking::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()?
+        .get(format!("{}/v1/cluster", url.trim_end_matches('/')))
+        .send()
+        .and_then(|r| r.error_for_status())
+        .with_context(|| format!("asking {url} for its instances"))?
+        .json()?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&cluster)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    let me = cluster["instance"].as_str().unwrap_or_default();
+    let partitions = |v: &serde_json::Value| -> String {
+        let Some(topics) = v.as_object().filter(|t| !t.is_empty()) else {
+            return "-".into();
+        };
+        topics
+            .iter()
+            .map(|(topic, ps)| {
+                let ps: Vec<String> = ps
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .map(|p| p.to_string())
+                    .collect();
+                format!("{topic}: {}", ps.join(","))
+            })
+            .collect::<Vec<_>>()
+            .join("; ")
+    };
+    println!(
+        "{:<28} {:<22} {:>6}  {:<36} restoring",
+        "instance", "address", "lag", "partitions"
+    );
+    for m in cluster["instances"].as_array().into_iter().flatten() {
+        let id = m["instance"].as_str().unwrap_or_default();
+        let name = if id == me {
+            format!("{id} (asked)")
+        } else {
+            id.to_string()
+        };
+        let lag = m["lag"].as_i64().map_or("-".into(), |l| l.to_string());
+        println!(
+            "{name:<28} {:<22} {lag:>6}  {:<36} {}",
+            m["advertise"].as_str().unwrap_or("-"),
+            partitions(&m["partitions"]),
+            partitions(&m["restoring"]),
+        );
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 /// Lists or replays dead letters.
@@ -544,6 +613,7 @@ fn run(command: Action) -> anyhow::Result<ExitCode> {
                 None => Ok(ExitCode::SUCCESS),
             }
         }
+        Action::Status { url, json } => print_status(&url, json),
         Action::Command(action) => send_command(action),
         Action::Dlq(action) => dead_letters(action),
         Action::Publish {

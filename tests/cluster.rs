@@ -199,6 +199,28 @@ fn three_instances_answer_every_key_on_every_instance() {
         "each instance served the keys of its partitions: {served_by:?}"
     );
 
+    // `miroir status` prints the three, the one asked marked.
+    let status = std::process::Command::new(env!("CARGO_BIN_EXE_miroir"))
+        .args([
+            "status",
+            "--url",
+            &format!("http://127.0.0.1:{}", instances[0].port),
+        ])
+        .output()
+        .unwrap();
+    assert!(status.status.success());
+    let printed = String::from_utf8_lossy(&status.stdout);
+    assert_eq!(
+        printed.lines().count(),
+        4,
+        "a heading and three instances:\n{printed}"
+    );
+    assert_eq!(printed.matches("(asked)").count(), 1, "{printed}");
+    assert!(
+        printed.contains(&format!("{}: ", t.user_topic)),
+        "{printed}"
+    );
+
     // A scan from any instance, page by page, is the whole table in key order.
     for instance in &instances {
         let mut scanned = Vec::new();
