@@ -147,6 +147,7 @@ fn query_error(e: QueryError) -> Response {
         QueryError::BadKey { .. } | QueryError::BadCursor(_) => {
             error(StatusCode::BAD_REQUEST, e.to_string())
         }
+        QueryError::Unavailable(message) => unavailable(message),
         QueryError::Store(_) => {
             warn!(error = %e, "query failed");
             error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
@@ -283,6 +284,46 @@ fn unavailable(message: String) -> Response {
     response
 }
 
+/// A one-thread tokio runtime, stopped when dropped.
+struct RuntimeOwner {
+    handle: tokio::runtime::Handle,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl RuntimeOwner {
+    fn start() -> Result<RuntimeOwner, EngineError> {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(EngineError::Forwarder)?;
+        let handle = runtime.handle().clone();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let thread = std::thread::Builder::new()
+            .name("miroir-forward".into())
+            .spawn(move || {
+                let _ = runtime.block_on(stopped);
+            })
+            .map_err(EngineError::Forwarder)?;
+        Ok(RuntimeOwner {
+            handle,
+            stop: Some(stop),
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for RuntimeOwner {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
 /// One page of a scan, as asked of each instance.
 struct Scan<'a> {
     table: &'a str,
@@ -300,8 +341,14 @@ async fn cluster(State(inner): State<Arc<Inner>>) -> Response {
 }
 
 /// Sends queries on to the instance that owns their key, over pooled connections.
+#[derive(Clone)]
 pub(crate) struct Forwarder {
     client: reqwest::Client,
+    /// Where the embedding API's forwards run (its callers may be in no runtime, or in one
+    /// of their own).
+    runtime: tokio::runtime::Handle,
+    /// Keeps that runtime's thread.
+    _owner: Arc<RuntimeOwner>,
     /// Queries forwarded, by outcome (`answered`: the owner answered, whatever its answer;
     /// `unreachable`: it did not, and the caller got a 503).
     forwards: prometheus::IntCounterVec,
@@ -311,7 +358,7 @@ pub(crate) struct Forwarder {
 
 impl Forwarder {
     /// A forwarder whose metrics are in `registry`.
-    pub(crate) fn new(registry: &prometheus::Registry) -> Forwarder {
+    pub(crate) fn new(registry: &prometheus::Registry) -> Result<Forwarder, EngineError> {
         let forwards = prometheus::IntCounterVec::new(
             prometheus::Opts::new(
                 "miroir_query_forwards_total",
@@ -336,14 +383,17 @@ impl Forwarder {
         ] {
             registry.register(metric).expect("unique metric");
         }
-        Forwarder {
+        let owner = RuntimeOwner::start()?;
+        Ok(Forwarder {
             client: reqwest::Client::builder()
                 .timeout(FORWARD_TIMEOUT)
                 .build()
                 .expect("an HTTP client without TLS builds"),
+            runtime: owner.handle.clone(),
+            _owner: Arc::new(owner),
             forwards,
             seconds,
-        }
+        })
     }
 
     /// Asks `owner` for the row of `key` in `table`, on behalf of instance `me`; its answer is
@@ -408,6 +458,41 @@ impl Forwarder {
 
     /// The owner's answer, whatever its status; `Err` when it gave none (logged).
     async fn ask(&self, me: &str, owner: &Member, table: &str, key: &str) -> Result<Response, ()> {
+        let (status, body) = self.fetch(me, owner, table, key).await?;
+        Ok((status, [("content-type", "application/json")], body).into_response())
+    }
+
+    /// For a caller outside any async runtime (the embedding API): the owner's status and
+    /// body, fetched on the forwarder's own runtime; `Err` when it gave none (logged).
+    pub(crate) fn fetch_blocking(
+        &self,
+        me: &str,
+        owner: &Member,
+        table: &str,
+        key: &str,
+    ) -> Result<(StatusCode, bytes::Bytes), ()> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let (me, owner, table, key) = (
+            me.to_string(),
+            owner.clone(),
+            table.to_string(),
+            key.to_string(),
+        );
+        let this = self.clone();
+        self.runtime.spawn(async move {
+            let _ = tx.send(this.fetch(&me, &owner, &table, &key).await);
+        });
+        rx.recv().unwrap_or(Err(()))
+    }
+
+    /// The owner's status and body for the row of `key`; `Err` when it gave none (logged).
+    async fn fetch(
+        &self,
+        me: &str,
+        owner: &Member,
+        table: &str,
+        key: &str,
+    ) -> Result<(StatusCode, bytes::Bytes), ()> {
         let addr = owner.advertise.as_deref().ok_or(())?;
         let mut url = reqwest::Url::parse(&format!("http://{addr}/")).map_err(|e| {
             warn!(instance = %owner.instance, addr, error = %e, "the owner's address is not a host:port");
@@ -428,7 +513,7 @@ impl Forwarder {
         let body = answer.bytes().await.map_err(|e| {
             warn!(instance = %owner.instance, addr, table, key, error = %e, "the owner's answer was cut short");
         })?;
-        Ok((status, [("content-type", "application/json")], body).into_response())
+        Ok((status, body))
     }
 }
 

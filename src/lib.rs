@@ -54,7 +54,7 @@ use miroir_engine::topology::{Topology, TopologyError};
 use miroir_engine::value::{
     format_timestamp, parse_key_prefix, parse_key_text, ColumnType, KeyTextError,
 };
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 pub use miroir_engine;
 
@@ -79,6 +79,9 @@ pub enum EngineError {
     /// The PostgreSQL settings are wrong.
     #[error(transparent)]
     Postgres(#[from] PostgresError),
+    /// The query forwarder's thread could not start.
+    #[error("cannot start the query forwarder: {0}")]
+    Forwarder(std::io::Error),
     /// The HTTP listener could not start.
     #[error("cannot listen on {addr}: {source}")]
     Listen {
@@ -111,6 +114,10 @@ pub enum QueryError {
         /// What is wrong.
         source: KeyTextError,
     },
+    /// The instance that owns the key's partition cannot answer now (it is moving, restoring,
+    /// or did not answer): ask again.
+    #[error("{0}")]
+    Unavailable(String),
     /// The scan cursor (`after`) is not one a scan gave.
     #[error("bad cursor `{0}`: pass the `next` of the page before")]
     BadCursor(String),
@@ -363,7 +370,7 @@ impl EngineBuilder {
         } else {
             None
         };
-        let forwarder = http::Forwarder::new(&metrics.registry);
+        let forwarder = http::Forwarder::new(&metrics.registry)?;
         let inner = Arc::new(Inner {
             processors: processors
                 .iter()
@@ -421,7 +428,7 @@ pub(crate) enum Route {
 }
 
 /// A row as served: the row and where and how fresh it is.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct RowAnswer {
     /// The table.
     pub table: String,
@@ -438,7 +445,7 @@ pub struct RowAnswer {
 }
 
 /// How fresh the state behind an answer is.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Freshness {
     /// Last committed epoch.
     pub epoch: u64,
@@ -514,6 +521,44 @@ impl Inner {
             topic,
             partition_for_key(key[0].to_key_text().as_bytes(), partitions),
         ))
+    }
+
+    /// The row of `key` in `table`, from the instance that owns the key's partition.
+    fn get_routed(&self, table: &str, key: &str) -> Result<Option<RowAnswer>, QueryError> {
+        let owner = match self.route(table, key)? {
+            Route::Here => return self.get(table, key),
+            Route::At(owner) => owner,
+            Route::Moving => {
+                return Err(QueryError::Unavailable(format!(
+                    "the partition of key `{key}` of `{table}` is moving to another instance; ask again"
+                )))
+            }
+            Route::Restoring => {
+                return Err(QueryError::Unavailable(format!(
+                    "this instance is reading the partition of key `{key}` of `{table}`; ask again"
+                )))
+            }
+        };
+        let unavailable = |why: String| {
+            QueryError::Unavailable(format!(
+                "instance {} (owner of key `{key}` of `{table}`) {why}; ask again",
+                owner.instance
+            ))
+        };
+        let (status, body) = self
+            .forwarder
+            .fetch_blocking(self.membership.me(), &owner, table, key)
+            .map_err(|()| unavailable("did not answer".into()))?;
+        match status.as_u16() {
+            200 => serde_json::from_slice(&body)
+                .map(Some)
+                .map_err(|e| unavailable(format!("answered what is not a row ({e})"))),
+            404 => Ok(None),
+            _ => Err(unavailable(format!(
+                "answered {status}: {}",
+                String::from_utf8_lossy(&body)
+            ))),
+        }
     }
 
     /// Where the row of `key` in `table` is served.
@@ -626,9 +671,11 @@ impl Engine {
 
     /// The row of `table` with key `key`, in its URL form ([`miroir_engine::value::key_text`]:
     /// composite keys join their parts with `|`, a `|` or `\` inside a part is escaped with a
-    /// `\`, and NULL is `\N`).
+    /// `\`, and NULL is `\N`). Asked of an instance that does not own the key's partition, it
+    /// asks the owner, as the HTTP API does; [`QueryError::Unavailable`] while the partition
+    /// has no owner that can answer.
     pub fn get(&self, table: &str, key: &str) -> Result<Option<RowAnswer>, QueryError> {
-        self.inner.get(table, key)
+        self.inner.get_routed(table, key)
     }
 
     /// Up to `limit` rows of `table` whose key starts with `prefix`, in key order. The prefix is

@@ -390,3 +390,55 @@ fn an_instance_restarted_with_its_instance_id_gets_its_partitions_back_without_a
     assert_eq!(owned(&client, a.port, &t.user_topic), Some(a_owns));
     wait_for_every_key(&client, &[&a, &b], &t.user_topic, &expected, &keys);
 }
+
+#[test]
+fn the_embedded_engine_asks_the_owner_of_a_key_it_does_not_own() {
+    let run = Run::new("cluster-embedded");
+    let t = with_internal_table_only(user_directory(&run));
+    let (events, _) = generate(11, 100, 1000);
+    publish(&t, &events);
+    let expected = expected_tables(&t.topology, &events)
+        .remove("user_contacts")
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let engines: Vec<miroir::Engine> = ["a", "b"]
+        .iter()
+        .map(|name| {
+            miroir::Engine::builder()
+                .topology_str(t.text.clone())
+                .brokers(brokers())
+                .state_dir(dir.path().join(name))
+                .listen("127.0.0.1:0".parse().unwrap())
+                .epoch_interval(Duration::from_millis(50))
+                .start()
+                .unwrap()
+        })
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    for engine in &engines {
+        loop {
+            let answers: Vec<_> = expected
+                .iter()
+                .map(|(key, row)| (engine.get("user_contacts", key), row))
+                .collect();
+            let right = answers
+                .iter()
+                .filter(|(a, row)| matches!(a, Ok(Some(a)) if &a.row == *row))
+                .count();
+            let served: BTreeSet<String> = answers
+                .iter()
+                .filter_map(|(a, _)| a.as_ref().ok()?.as_ref().map(|a| a.served_by.clone()))
+                .collect();
+            if right == expected.len() && served.len() == 2 {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{right} of {} keys right, served by {served:?}",
+                expected.len()
+            );
+            std::thread::sleep(Duration::from_millis(300));
+        }
+        assert!(engine.get("user_contacts", "u-never").unwrap().is_none());
+    }
+}

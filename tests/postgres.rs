@@ -337,8 +337,14 @@ fn an_unreachable_database_makes_the_instance_not_ready() {
         counter(&metrics, "miroir_sink_retries_total", "") > 0,
         "{metrics}"
     );
-    // Internal tables keep being served.
+    // Internal tables keep being served, once the instance has read its partitions.
     let expected = expected_tables(&t.topology, &events);
+    let (first, _) = expected["user_contacts"].iter().next().unwrap();
+    wait_until(
+        "the instance read its partitions",
+        Duration::from_secs(30),
+        || engine.get("user_contacts", first).is_ok(),
+    );
     let mut contacts = BTreeMap::new();
     for (key, row) in &expected["user_contacts"] {
         if engine.get("user_contacts", key).unwrap().is_some() {
