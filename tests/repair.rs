@@ -20,11 +20,17 @@ fn user(id: &str, name: &str, version: i64) -> Event {
     }
 }
 
+/// The name of `id`, once the engine answers (it says to ask again while it reads its
+/// partitions after a start).
 fn name_of(engine: &miroir::Engine, id: &str) -> Option<String> {
-    engine
-        .get("names", id)
-        .unwrap()
-        .map(|a| a.row["name"].as_str().unwrap().to_string())
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        match engine.get("names", id) {
+            Ok(answer) => return answer.map(|a| a.row["name"].as_str().unwrap().to_string()),
+            Err(e) => assert!(std::time::Instant::now() < deadline, "{e}"),
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 #[test]
