@@ -7,7 +7,7 @@
 //! | `GET /metrics` | Prometheus text |
 //! | `GET /v1/topology` | sources, tables, their columns and keys, and the operator graph |
 //! | `GET /v1/cluster` | this instance, and every live instance of the topology with its address and the partitions it owns |
-//! | `GET /v1/tables/{table}/rows/{key}` | the row with its partition, the instance that served it and its freshness; 404 when absent, 400 when `key` is not a key of the table. Asked of an instance that does not own the key's partition, forwarded to the one that does; 503 with `Retry-After` while the partition has no owner. `?local=true` answers from this instance's state alone |
+//! | `GET /v1/tables/{table}/rows/{key}` | the row with its partition, the instance that served it and its freshness; 404 when absent, 400 when `key` is not a key of the table. Asked of an instance that does not own the key's partition, forwarded to the one that does; 503 with `Retry-After` while the partition has no owner. `?local=true` answers from this instance's state alone; `?min_offset=P:O&wait=5s` waits until that record of the source topic is applied |
 //! | `GET /v1/tables/{table}/rows?prefix=&limit=&after=` | rows whose key starts with `prefix`, in key order, from every instance (limit ≤ 10000, default 100), and the cursor `next` to pass as `after` for the next page (`null` after the last); `?local=true` scans this instance alone |
 //!
 //! A key is written in its URL form ([`miroir_engine::value::key_text`]): the parts of a
@@ -19,7 +19,7 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, Query, RawQuery, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -228,23 +228,97 @@ struct RowParams {
     /// Answer from this instance's state alone.
     #[serde(default)]
     local: bool,
+    /// `P:O`: answer once the record at offset `O` of partition `P` of the table's source
+    /// topic is applied (read your writes: a command's reply gives both).
+    min_offset: Option<String>,
+    /// How long to wait for `min_offset` (a duration; default 5 s, at most 30 s).
+    wait: Option<String>,
+}
+
+/// The longest `wait` of a row query.
+const MAX_WAIT: Duration = Duration::from_secs(30);
+
+impl RowParams {
+    /// The partition and offset to wait for, and how long; an error message when malformed.
+    fn min_offset(&self) -> Result<Option<(u32, i64, Duration)>, String> {
+        let Some(spec) = &self.min_offset else {
+            return Ok(None);
+        };
+        let at = spec
+            .split_once(':')
+            .and_then(|(p, o)| Some((p.parse().ok()?, o.parse().ok()?)))
+            .ok_or_else(|| format!("min_offset `{spec}` is not PARTITION:OFFSET"))?;
+        let wait = match &self.wait {
+            None => Duration::from_secs(5),
+            Some(w) => humantime::parse_duration(w)
+                .ok()
+                .filter(|d| *d <= MAX_WAIT)
+                .ok_or_else(|| format!("wait `{w}` is not a duration up to 30s"))?,
+        };
+        Ok(Some((at.0, at.1, wait)))
+    }
+}
+
+/// Waits until the record at `offset` of `partition` of `table`'s source topic is applied
+/// here, for at most `wait`; the answer to give instead when it is not.
+async fn wait_for_offset(
+    inner: &Inner,
+    table: &str,
+    (partition, offset, wait): (u32, i64, Duration),
+) -> Result<(), Response> {
+    let topic = inner
+        .source_topic(table)
+        .map_err(|e| error(StatusCode::BAD_REQUEST, e))?;
+    let deadline = tokio::time::Instant::now() + wait;
+    loop {
+        let applied = inner.runtime.committed_offset(&topic, partition);
+        if applied.is_some_and(|a| a >= offset) {
+            return Ok(());
+        }
+        if tokio::time::Instant::now() >= deadline {
+            let mut response = (
+                StatusCode::SERVICE_UNAVAILABLE,
+                Json(json!({
+                    "error": format!("offset {offset} of partition {partition} of {topic} is not applied after {wait:?}; ask again"),
+                    "applied_up_to": applied,
+                })),
+            )
+                .into_response();
+            response
+                .headers_mut()
+                .insert("retry-after", axum::http::HeaderValue::from_static("1"));
+            return Err(response);
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 }
 
 async fn row(
     State(inner): State<Arc<Inner>>,
     Path((table, key)): Path<(String, String)>,
     Query(p): Query<RowParams>,
+    RawQuery(query): RawQuery,
     headers: HeaderMap,
 ) -> Response {
+    let min_offset = match p.min_offset() {
+        Ok(m) => m,
+        Err(message) => return error(StatusCode::BAD_REQUEST, message),
+    };
     if !p.local {
         let forwarded = headers.contains_key(FORWARDED_BY);
         match inner.route(&table, &key) {
             Ok(Route::Here) => {}
             Ok(Route::At(owner)) if !forwarded => {
+                let ask = Ask {
+                    table: &table,
+                    key: &key,
+                    query: query.as_deref(),
+                    wait: min_offset.map_or(Duration::ZERO, |(_, _, w)| w),
+                };
                 return inner
                     .forwarder
-                    .row(inner.membership.me(), &owner, &table, &key)
-                    .await
+                    .row(inner.membership.me(), &owner, &ask)
+                    .await;
             }
             Ok(Route::At(_)) | Ok(Route::Moving) => {
                 return moving(&table, &key);
@@ -255,6 +329,11 @@ async fn row(
                 ))
             }
             Err(e) => return query_error(e),
+        }
+    }
+    if let Some(at) = min_offset {
+        if let Err(response) = wait_for_offset(&inner, &table, at).await {
+            return response;
         }
     }
     match inner.get(&table, &key) {
@@ -322,6 +401,16 @@ impl Drop for RuntimeOwner {
             let _ = thread.join();
         }
     }
+}
+
+/// A row query, as forwarded to the owner of its key.
+struct Ask<'a> {
+    table: &'a str,
+    key: &'a str,
+    /// The query's options, passed on as they came.
+    query: Option<&'a str>,
+    /// How long the owner may wait before it answers (`min_offset`).
+    wait: Duration,
 }
 
 /// One page of a scan, as asked of each instance.
@@ -398,9 +487,9 @@ impl Forwarder {
 
     /// Asks `owner` for the row of `key` in `table`, on behalf of instance `me`; its answer is
     /// the answer.
-    async fn row(&self, me: &str, owner: &Member, table: &str, key: &str) -> Response {
+    async fn row(&self, me: &str, owner: &Member, ask: &Ask<'_>) -> Response {
         let timer = self.seconds.start_timer();
-        let asked = self.ask(me, owner, table, key).await;
+        let asked = self.ask(me, owner, ask).await;
         timer.observe_duration();
         let outcome = if asked.is_ok() {
             "answered"
@@ -408,7 +497,7 @@ impl Forwarder {
             "unreachable"
         };
         self.forwards.with_label_values(&[outcome]).inc();
-        asked.unwrap_or_else(|()| moving(table, key))
+        asked.unwrap_or_else(|()| moving(ask.table, ask.key))
     }
 
     /// `owner`'s rows of `scan`, with their cursors; `Err` when it did not give them (logged).
@@ -457,8 +546,8 @@ impl Forwarder {
     }
 
     /// The owner's answer, whatever its status; `Err` when it gave none (logged).
-    async fn ask(&self, me: &str, owner: &Member, table: &str, key: &str) -> Result<Response, ()> {
-        let (status, body) = self.fetch(me, owner, table, key).await?;
+    async fn ask(&self, me: &str, owner: &Member, ask: &Ask<'_>) -> Result<Response, ()> {
+        let (status, body) = self.fetch(me, owner, ask).await?;
         Ok((status, [("content-type", "application/json")], body).into_response())
     }
 
@@ -480,7 +569,13 @@ impl Forwarder {
         );
         let this = self.clone();
         self.runtime.spawn(async move {
-            let _ = tx.send(this.fetch(&me, &owner, &table, &key).await);
+            let ask = Ask {
+                table: &table,
+                key: &key,
+                query: None,
+                wait: Duration::ZERO,
+            };
+            let _ = tx.send(this.fetch(&me, &owner, &ask).await);
         });
         rx.recv().unwrap_or(Err(()))
     }
@@ -490,9 +585,9 @@ impl Forwarder {
         &self,
         me: &str,
         owner: &Member,
-        table: &str,
-        key: &str,
+        ask: &Ask<'_>,
     ) -> Result<(StatusCode, bytes::Bytes), ()> {
+        let (table, key) = (ask.table, ask.key);
         let addr = owner.advertise.as_deref().ok_or(())?;
         let mut url = reqwest::Url::parse(&format!("http://{addr}/")).map_err(|e| {
             warn!(instance = %owner.instance, addr, error = %e, "the owner's address is not a host:port");
@@ -500,9 +595,11 @@ impl Forwarder {
         url.path_segments_mut()
             .expect("an http URL has a path")
             .extend(["v1", "tables", table, "rows", key]);
+        url.set_query(ask.query);
         let answer = self
             .client
             .get(url)
+            .timeout(FORWARD_TIMEOUT + ask.wait)
             .header(FORWARDED_BY, me)
             .send()
             .await

@@ -561,6 +561,17 @@ impl Inner {
         }
     }
 
+    /// The source topic whose partitions `table`'s rows live with; why not, for a table that
+    /// is not keyed by a source key.
+    fn source_topic(&self, table: &str) -> Result<String, String> {
+        let plan = self.internal(table).map_err(|e| e.to_string())?;
+        plan.partitioned_by(|s| self.topology.sources[s].key)
+            .map(|s| self.topology.sources[s].topic.clone())
+            .ok_or_else(|| {
+                format!("table `{table}` is not keyed by a source key: min_offset does not apply")
+            })
+    }
+
     /// Where the row of `key` in `table` is served.
     fn route(&self, table: &str, key: &str) -> Result<Route, QueryError> {
         let plan = self.internal(table)?;

@@ -442,3 +442,79 @@ fn the_embedded_engine_asks_the_owner_of_a_key_it_does_not_own() {
         assert!(engine.get("user_contacts", "u-never").unwrap().is_none());
     }
 }
+
+#[test]
+fn a_query_with_min_offset_waits_until_that_record_is_applied() {
+    let run = Run::new("cluster-min-offset");
+    let t = with_internal_table_only(user_directory(&run));
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("topology.toml");
+    std::fs::write(&file, &t.text).unwrap();
+    let (events, _) = generate(13, 50, 300);
+    publish(&t, &events);
+    let expected = expected_tables(&t.topology, &events)
+        .remove("user_contacts")
+        .unwrap();
+    let keys: BTreeSet<String> = expected.keys().cloned().collect();
+    let client = reqwest::blocking::Client::new();
+    let a = start(dir.path(), &file, "a");
+    let b = start(dir.path(), &file, "b");
+    wait_for_every_key(&client, &[&a, &b], &t.user_topic, &expected, &keys);
+
+    // A write, and at once a read of it on each instance (one of them forwards it): no
+    // polling, the answer waits for the record.
+    let producer: rdkafka::producer::FutureProducer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .set("partitioner", "murmur2_random")
+        .create()
+        .unwrap();
+    let payload = r#"{"id":"u-new","email":"New@Example.org","name":"New","department_id":"d-1","active":true,"version":1,"event_type":"created","updated_at":"2026-01-01T00:00:00Z"}"#;
+    let delivered = block_on(
+        producer.send(
+            rdkafka::producer::FutureRecord::to(&t.user_topic)
+                .key("u-new")
+                .payload(payload),
+            Duration::from_secs(10),
+        ),
+    );
+    let (partition, offset) = delivered
+        .map(|d| (d.partition, d.offset))
+        .map_err(|(e, _)| e)
+        .unwrap();
+    for instance in [&a, &b] {
+        let (status, answer) = get(
+            &client,
+            instance.port,
+            &format!(
+                "/v1/tables/user_contacts/rows/u-new?min_offset={partition}:{offset}&wait=10s"
+            ),
+        );
+        assert_eq!(status, 200, "{answer}");
+        assert_eq!(answer["row"]["email"], "new@example.org");
+    }
+    let (status, answer) = get(
+        &client,
+        a.port,
+        &format!(
+            "/v1/tables/user_contacts/rows/u-new?min_offset={partition}:{}&wait=200ms",
+            offset + 1000
+        ),
+    );
+    assert_eq!(status, 503, "a record not there yet: {answer}");
+    assert!(answer["applied_up_to"].is_i64(), "how far it got: {answer}");
+    let (status, _) = get(
+        &client,
+        a.port,
+        "/v1/tables/user_contacts/rows/u-new?min_offset=x",
+    );
+    assert_eq!(status, 400);
+}
+
+/// Runs `future` to its end on this thread.
+fn block_on<F: std::future::Future>(future: F) -> F::Output {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(future)
+}

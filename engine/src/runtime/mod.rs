@@ -235,6 +235,11 @@ impl Runtime {
         self.status.restoring()
     }
 
+    /// The last offset of `partition` of `topic` applied and committed here, if any.
+    pub fn committed_offset(&self, topic: &str, partition: u32) -> Option<i64> {
+        self.status.committed_offset(topic, partition)
+    }
+
     /// Whether this instance owns (has a task for) `partition` of `topic`.
     pub fn owns(&self, topic: &str, partition: u32) -> bool {
         self.status.owns(topic, partition)

@@ -180,12 +180,24 @@ impl Status {
         let committed = self.committed.lock().get(&tp).map_or(0, |o| o + 1);
         // The end as known now may be below the target: the target can count a transaction
         // marker after the last record, which the connector's later reports leave out.
-        let now = self.watermarks.lock().get(&tp).copied();
-        let done = target.is_some_and(|end| committed >= now.map_or(end, |n| end.min(n)));
+        let now = self.watermarks.lock().get(&tp).copied().filter(|n| *n >= 0);
+        let end = match (*target, now) {
+            (Some(first), Some(now)) => Some(first.min(now)),
+            (first, now) => first.or(now),
+        };
+        let done = end.is_some_and(|end| committed >= end);
         if done {
             restoring.remove(&tp);
         }
         done
+    }
+
+    /// The last offset of `partition` of `topic` committed here, if any.
+    pub(crate) fn committed_offset(&self, topic: &str, partition: u32) -> Option<i64> {
+        self.committed
+            .lock()
+            .get(&(topic.to_string(), partition))
+            .copied()
     }
 
     /// Whether `partition` of `topic` has a task on this instance.
@@ -218,5 +230,52 @@ impl Status {
     /// is read up to its high watermark (as of the last commit).
     pub(crate) fn caught_up(&self, topics: &[&str]) -> bool {
         self.lag() == Some(0) && self.all_restored(topics)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tp(p: u32) -> TopicPartition {
+        ("t".to_string(), p)
+    }
+
+    #[test]
+    fn a_partition_is_restored_once_committed_up_to_its_end_at_its_coming() {
+        let s = Status::default();
+        assert!(!s.restored("t", 0), "not owned");
+        s.task_opened("t", 0);
+        assert!(!s.restored("t", 0), "no end known yet");
+        s.set_watermarks(HashMap::from([(tp(0), 10)]));
+        s.offsets_committed([(tp(0), 5)]);
+        assert!(!s.restored("t", 0));
+        assert_eq!(
+            s.restoring(),
+            std::collections::BTreeMap::from([("t".to_string(), vec![0])])
+        );
+        s.set_watermarks(HashMap::from([(tp(0), 20)]));
+        s.offsets_committed([(tp(0), 9)]);
+        assert!(s.restored("t", 0), "the end when it came is reached");
+        s.set_watermarks(HashMap::from([(tp(0), 30)]));
+        assert!(
+            s.restored("t", 0),
+            "and stays restored as the partition grows"
+        );
+        s.task_dropped("t", 0);
+        assert!(!s.restored("t", 0), "gone");
+    }
+
+    #[test]
+    fn an_end_counting_a_transaction_marker_does_not_hold_a_restore_back() {
+        let s = Status::default();
+        s.task_opened("t", 1);
+        // The first end counts the marker after the last record (offset 8).
+        s.set_watermarks(HashMap::from([(tp(1), 10)]));
+        s.offsets_committed([(tp(1), 8)]);
+        assert!(!s.restored("t", 1));
+        // Later reports know the last record handed over.
+        s.set_watermarks(HashMap::from([(tp(1), 9)]));
+        assert!(s.restored("t", 1));
     }
 }
