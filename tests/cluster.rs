@@ -199,6 +199,19 @@ fn three_instances_answer_every_key_on_every_instance() {
         "each instance served the keys of its partitions: {served_by:?}"
     );
 
+    // Each counts the partitions its group assigned to it.
+    for instance in &instances {
+        let metrics = client
+            .get(format!("http://127.0.0.1:{}/metrics", instance.port))
+            .send()
+            .and_then(|r| r.text())
+            .unwrap();
+        assert!(
+            counter(&metrics, "miroir_source_partitions_assigned_total", "") > 0,
+            "{metrics}"
+        );
+    }
+
     // `miroir status` prints the three, the one asked marked.
     let status = std::process::Command::new(env!("CARGO_BIN_EXE_miroir"))
         .args([

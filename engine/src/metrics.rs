@@ -25,6 +25,10 @@ pub struct Metrics {
     pub consumer_lag: IntGaugeVec,
     /// 1 while the source consumer is paused: the engine takes no more records for now.
     pub source_paused: IntGauge,
+    /// Source partitions assigned to this instance (each time one is).
+    pub partitions_assigned: IntCounter,
+    /// Source partitions revoked from this instance (each time one is).
+    pub partitions_revoked: IntCounter,
     /// Records deleted by a topic's retention before they were read, by topic and partition.
     pub records_lost: IntCounterVec,
     /// Row changes in the batches applied to external tables, by table and operation
@@ -263,6 +267,14 @@ impl Metrics {
             "miroir_sink_batches_total",
             "Epoch batches applied to the external database",
         );
+        let partitions_assigned = simple_counter(
+            "miroir_source_partitions_assigned_total",
+            "Source partitions assigned to this instance by its consumer group",
+        );
+        let partitions_revoked = simple_counter(
+            "miroir_source_partitions_revoked_total",
+            "Source partitions revoked from this instance by its consumer group",
+        );
         let sink_retries = simple_counter(
             "miroir_sink_retries_total",
             "Failed attempts to apply a batch to the external database (retried)",
@@ -315,6 +327,8 @@ impl Metrics {
             epoch_commit_seconds,
             consumer_lag,
             source_paused,
+            partitions_assigned,
+            partitions_revoked,
             records_lost,
         }
     }

@@ -175,6 +175,9 @@ impl ConsumerContext for SourceContext {
             let mut expected = 0;
             for (source, partitions) in self.by_source(tpl) {
                 info!(topic = ?tpl.elements().first().map(|e| e.topic().to_string()), ?partitions, "partitions revoked");
+                self.metrics
+                    .partitions_revoked
+                    .inc_by(partitions.len() as u64);
                 self.forget_waiting(source, &partitions);
                 let leaving = self.stop.load(Ordering::SeqCst) || self.runtime.stopped();
                 self.runtime.broadcast(|| Message::Revoke {
@@ -225,6 +228,9 @@ impl ConsumerContext for SourceContext {
                 }
                 for (source, partitions) in self.by_source(tpl) {
                     info!(source, ?partitions, "partitions assigned");
+                    self.metrics
+                        .partitions_assigned
+                        .inc_by(partitions.len() as u64);
                     self.runtime.broadcast(|| Message::Assign {
                         source,
                         partitions: partitions.clone(),
@@ -286,6 +292,10 @@ impl KafkaSource {
             .set("enable.auto.commit", "false")
             .set("auto.offset.reset", "earliest")
             .set("enable.partition.eof", "false")
+            // Range assignment gives partition i of every source topic to the same member:
+            // joins and the tables they feed stay partition-local. Cooperative-sticky would
+            // move fewer partitions per rebalance but balances partitions over all topics
+            // together (one member got every user partition, the other every department one).
             .set("partition.assignment.strategy", "range")
             // A member that dies without leaving keeps its partitions until the coordinator
             // expires it: 10 s (librdkafka's default is 45 s) bounds that outage. The poll
