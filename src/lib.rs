@@ -248,7 +248,7 @@ impl EngineBuilder {
     /// This instance's id among the instances of the topology (default: the id its state
     /// directory was given when it was created, so a restart on the same directory keeps it).
     /// Given explicitly, it also makes the instance a static member of its consumer group
-    /// (`group.instance.id`): restarted within the session timeout (10 s), it gets its
+    /// (`group.instance.id`): restarted within `session.timeout.ms` (10 s), it gets its
     /// partitions back without a rebalance, and a clean stop leaves them assigned that long.
     pub fn instance_id(mut self, id: impl Into<String>) -> Self {
         self.instance_id = Some(id.into());

@@ -168,29 +168,69 @@ fn owned(client: &reqwest::blocking::Client, port: u16, topic: &str) -> Option<V
     )
 }
 
+/// What each test starts from: a run of the app topology with its internal table alone, its
+/// file, events published, and the rows they make.
+struct Setup {
+    /// Deletes the run's topics when dropped.
+    run: Run,
+    t: TestTopology,
+    dir: tempfile::TempDir,
+    /// The topology file.
+    file: std::path::PathBuf,
+    /// `user_contacts` as the reference evaluates it, by key.
+    expected: BTreeMap<String, serde_json::Value>,
+    /// Every user key of the events, with a row or not.
+    keys: BTreeSet<String>,
+    client: reqwest::blocking::Client,
+}
+
+impl Setup {
+    /// Publishes `n` events over `users` users, generated from `seed`, for a run named
+    /// after `name`.
+    fn new(name: &str, seed: u64, users: u64, n: usize) -> Setup {
+        let run = Run::new(name);
+        let t = with_internal_table_only(user_directory(&run));
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("topology.toml");
+        std::fs::write(&file, &t.text).unwrap();
+        let (events, _) = generate(seed, users, n);
+        publish(&t, &events);
+        let expected = expected_tables(&t.topology, &events)
+            .remove("user_contacts")
+            .unwrap();
+        let keys = events
+            .iter()
+            .filter(|e| e.source == 0)
+            .map(|e| e.key.clone())
+            .collect();
+        Setup {
+            run,
+            t,
+            dir,
+            file,
+            expected,
+            keys,
+            client: reqwest::blocking::Client::new(),
+        }
+    }
+}
+
 #[test]
 fn three_instances_answer_every_key_on_every_instance() {
-    let run = Run::new("cluster");
-    let t = with_internal_table_only(user_directory(&run));
-    let dir = tempfile::tempdir().unwrap();
-    let file = dir.path().join("topology.toml");
-    std::fs::write(&file, &t.text).unwrap();
-    let (events, _) = generate(5, 200, 3000);
-    publish(&t, &events);
+    let Setup {
+        run: _run,
+        t,
+        dir,
+        file,
+        expected,
+        mut keys,
+        client,
+    } = Setup::new("cluster", 5, 200, 3000);
     let instances: Vec<Instance> = (0..3)
         .map(|i| start(dir.path(), &file, &i.to_string()))
         .collect();
-    let expected = expected_tables(&t.topology, &events)
-        .remove("user_contacts")
-        .unwrap();
-    // Every user key, with a row or not, and a key that never existed.
-    let mut keys: BTreeSet<String> = events
-        .iter()
-        .filter(|e| e.source == 0)
-        .map(|e| e.key.clone())
-        .collect();
+    // And a key that never existed.
     keys.insert("u-never".into());
-    let client = reqwest::blocking::Client::new();
     let all: Vec<&Instance> = instances.iter().collect();
     let served_by = wait_for_every_key(&client, &all, &t.user_topic, &expected, &keys);
     assert_eq!(
@@ -290,22 +330,15 @@ fn three_instances_answer_every_key_on_every_instance() {
 
 #[test]
 fn an_instance_killed_and_replaced_by_a_fresh_one_never_answers_a_wrong_row() {
-    let run = Run::new("cluster-kill");
-    let t = with_internal_table_only(user_directory(&run));
-    let dir = tempfile::tempdir().unwrap();
-    let file = dir.path().join("topology.toml");
-    std::fs::write(&file, &t.text).unwrap();
-    let (events, _) = generate(7, 200, 3000);
-    publish(&t, &events);
-    let expected = expected_tables(&t.topology, &events)
-        .remove("user_contacts")
-        .unwrap();
-    let keys: BTreeSet<String> = events
-        .iter()
-        .filter(|e| e.source == 0)
-        .map(|e| e.key.clone())
-        .collect();
-    let client = reqwest::blocking::Client::new();
+    let Setup {
+        run: _run,
+        t,
+        dir,
+        file,
+        expected,
+        keys,
+        client,
+    } = Setup::new("cluster-kill", 7, 200, 3000);
     let a = start(dir.path(), &file, "a");
     let mut b = start(dir.path(), &file, "b");
     wait_for_every_key(&client, &[&a, &b], &t.user_topic, &expected, &keys);
@@ -355,18 +388,15 @@ fn an_instance_killed_and_replaced_by_a_fresh_one_never_answers_a_wrong_row() {
 
 #[test]
 fn an_instance_restarted_with_its_instance_id_gets_its_partitions_back_without_a_rebalance() {
-    let run = Run::new("cluster-static");
-    let t = with_internal_table_only(user_directory(&run));
-    let dir = tempfile::tempdir().unwrap();
-    let file = dir.path().join("topology.toml");
-    std::fs::write(&file, &t.text).unwrap();
-    let (events, _) = generate(9, 100, 1000);
-    publish(&t, &events);
-    let expected = expected_tables(&t.topology, &events)
-        .remove("user_contacts")
-        .unwrap();
-    let keys: BTreeSet<String> = expected.keys().cloned().collect();
-    let client = reqwest::blocking::Client::new();
+    let Setup {
+        run: _run,
+        t,
+        dir,
+        file,
+        expected,
+        keys,
+        client,
+    } = Setup::new("cluster-static", 9, 100, 1000);
     // The first member of the group leads it; a restarted leader makes Kafka's group
     // coordinator run one assignment again, which an instance that does not lead is spared.
     let a = start_on(dir.path(), &file, "a", free_port(), &["--instance-id", "a"]);
@@ -377,8 +407,8 @@ fn an_instance_restarted_with_its_instance_id_gets_its_partitions_back_without_a
     let a_owns = owned(&client, a.port, &t.user_topic).unwrap();
     let b_owns = owned(&client, b.port, &t.user_topic).unwrap();
 
-    // A clean stop and a start on the same state directory and id, within the session
-    // timeout: the other instance keeps its partitions all along.
+    // A clean stop and a start on the same state directory and id, within
+    // `session.timeout.ms`: the other instance keeps its partitions all along.
     let stopped = std::process::Command::new("kill")
         .args(["-TERM", &b.child.id().to_string()])
         .status()
@@ -406,14 +436,13 @@ fn an_instance_restarted_with_its_instance_id_gets_its_partitions_back_without_a
 
 #[test]
 fn the_embedded_engine_asks_the_owner_of_a_key_it_does_not_own() {
-    let run = Run::new("cluster-embedded");
-    let t = with_internal_table_only(user_directory(&run));
-    let (events, _) = generate(11, 100, 1000);
-    publish(&t, &events);
-    let expected = expected_tables(&t.topology, &events)
-        .remove("user_contacts")
-        .unwrap();
-    let dir = tempfile::tempdir().unwrap();
+    let Setup {
+        run: _run,
+        t,
+        dir,
+        expected,
+        ..
+    } = Setup::new("cluster-embedded", 11, 100, 1000);
     let engines: Vec<miroir::Engine> = ["a", "b"]
         .iter()
         .map(|name| {
@@ -458,18 +487,15 @@ fn the_embedded_engine_asks_the_owner_of_a_key_it_does_not_own() {
 
 #[test]
 fn a_query_with_min_offset_waits_until_that_record_is_applied() {
-    let run = Run::new("cluster-min-offset");
-    let t = with_internal_table_only(user_directory(&run));
-    let dir = tempfile::tempdir().unwrap();
-    let file = dir.path().join("topology.toml");
-    std::fs::write(&file, &t.text).unwrap();
-    let (events, _) = generate(13, 50, 300);
-    publish(&t, &events);
-    let expected = expected_tables(&t.topology, &events)
-        .remove("user_contacts")
-        .unwrap();
-    let keys: BTreeSet<String> = expected.keys().cloned().collect();
-    let client = reqwest::blocking::Client::new();
+    let Setup {
+        run: _run,
+        t,
+        dir,
+        file,
+        expected,
+        keys,
+        client,
+    } = Setup::new("cluster-min-offset", 13, 50, 300);
     let a = start(dir.path(), &file, "a");
     let b = start(dir.path(), &file, "b");
     wait_for_every_key(&client, &[&a, &b], &t.user_topic, &expected, &keys);
