@@ -54,10 +54,6 @@ use view::{write_view, Shared, ViewChanges};
 
 /// How often a running processor forgets the answers whose time has passed.
 const FORGET_EVERY: Duration = Duration::from_secs(60);
-/// Failed transactions in a row after which a lane's producers are replaced (the processor
-/// starts again): a producer librdkafka still calls usable may never commit again after an
-/// outage.
-const LANE_FAILURES: u32 = 5;
 /// How many changed entity rows a read of the entity topic gathers before it saves them.
 const SAVE_EVERY: usize = 10_000;
 
@@ -686,7 +682,7 @@ impl Worker {
                 Ok(()) => {}
                 Err(e) if e.class() == ErrorClass::Fatal => return Err(e),
                 // Its producers start over: the processor is made again (see `supervise`).
-                Err(e) if e.producer_unusable() || lane.failures + 1 >= LANE_FAILURES => {
+                Err(e) if e.producer_unusable() => {
                     warn!(command = %self.shared.spec.name, lane = i, error = %e, failures = lane.failures + 1,
                           "command transaction failed; the processor starts again with new producers");
                     return Err(e);
