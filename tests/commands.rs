@@ -1271,32 +1271,14 @@ fn copies_of_a_command_read_in_one_batch_are_applied_once() {
         ("first", "u-0", "one@example.org", 3),
         ("second", "u-1", "two@example.org", 2),
     ] {
-        let headers = miroir_connectors::commands::wire::CommandHeaders {
-            command_id: Some(format!("{id}-{run}")),
-            command_type: Some(spec.operation.clone()),
-            principal: Some("alice".into()),
-            roles: Some("user-admin".into()),
-            ..Default::default()
-        };
-        let payload = json!({ "id": user, "email": email }).to_string();
         for _ in 0..copies {
-            let record = rdkafka::producer::BaseRecord::to(&spec.topic)
-                .key(user)
-                .payload(&payload)
-                .headers(headers.to_owned_headers());
-            producer.send(record).map_err(|(e, _)| e).unwrap();
+            send_raw(&producer, spec, &format!("{id}-{run}"), user, email);
         }
     }
     rdkafka::producer::Producer::flush(&producer, Duration::from_secs(10)).unwrap();
 
     let master = start_master(&m, &state, None);
-    let outcomes = |outcome: &str| {
-        counter(
-            &master.metrics(),
-            "miroir_commands_total",
-            &format!("outcome=\"{outcome}\""),
-        )
-    };
+    let outcomes = |outcome: &str| outcomes(&master, outcome);
     wait_until("every copy is answered", Duration::from_secs(30), || {
         outcomes("accepted") + outcomes("duplicate") >= 5
     });
@@ -1307,6 +1289,39 @@ fn copies_of_a_command_read_in_one_batch_are_applied_once() {
     assert_eq!(master_row(&master, "u-0")["version"], 2);
     assert_eq!(master_row(&master, "u-1")["version"], 2);
     master.shutdown();
+}
+
+/// Produces an email change of `user` by an admin under command id `id`, as a client would,
+/// without waiting for an answer (copies of one command, for instance).
+fn send_raw(
+    producer: &rdkafka::producer::BaseProducer,
+    spec: &CommandSpec,
+    id: &str,
+    user: &str,
+    email: &str,
+) {
+    let headers = miroir_connectors::commands::wire::CommandHeaders {
+        command_id: Some(id.to_string()),
+        command_type: Some(spec.operation.clone()),
+        principal: Some("alice".into()),
+        roles: Some("user-admin".into()),
+        ..Default::default()
+    };
+    let payload = json!({ "id": user, "email": email }).to_string();
+    let record = rdkafka::producer::BaseRecord::to(&spec.topic)
+        .key(user)
+        .payload(&payload)
+        .headers(headers.to_owned_headers());
+    producer.send(record).map_err(|(e, _)| e).unwrap();
+}
+
+/// The commands `master` answered with `outcome`.
+fn outcomes(master: &Engine, outcome: &str) -> u64 {
+    counter(
+        &master.metrics(),
+        "miroir_commands_total",
+        &format!("outcome=\"{outcome}\""),
+    )
 }
 
 /// A dependency that says when it is first asked, then takes 300 ms: the copy of the command
@@ -1347,20 +1362,9 @@ fn a_copy_read_while_the_first_transaction_commits_is_applied_once() {
         .set("bootstrap.servers", brokers())
         .create()
         .unwrap();
-    let headers = miroir_connectors::commands::wire::CommandHeaders {
-        command_id: Some(format!("overlap-{run}")),
-        command_type: Some(spec.operation.clone()),
-        principal: Some("alice".into()),
-        roles: Some("user-admin".into()),
-        ..Default::default()
-    };
-    let payload = json!({ "id": "u-1", "email": "one@example.org" }).to_string();
+    let id = format!("overlap-{run}");
     let send = || {
-        let record = rdkafka::producer::BaseRecord::to(&spec.topic)
-            .key("u-1")
-            .payload(&payload)
-            .headers(headers.to_owned_headers());
-        producer.send(record).map_err(|(e, _)| e).unwrap();
+        send_raw(&producer, spec, &id, "u-1", "one@example.org");
         rdkafka::producer::Producer::flush(&producer, Duration::from_secs(10)).unwrap();
     };
     send();
@@ -1368,13 +1372,7 @@ fn a_copy_read_while_the_first_transaction_commits_is_applied_once() {
         .recv_timeout(Duration::from_secs(60))
         .expect("the processor takes the command up");
     send();
-    let outcomes = |outcome: &str| {
-        counter(
-            &master.metrics(),
-            "miroir_commands_total",
-            &format!("outcome=\"{outcome}\""),
-        )
-    };
+    let outcomes = |outcome: &str| outcomes(&master, outcome);
     wait_until("both copies are answered", Duration::from_secs(30), || {
         outcomes("accepted") + outcomes("duplicate") >= 2
     });
