@@ -40,12 +40,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use miroir_connectors::commands::processor::{CommandProcessor, ProcessorStatus};
+use miroir_connectors::kafka::changelog::{self, KafkaChangelog};
 use miroir_connectors::kafka::input::KafkaSource;
 use miroir_connectors::kafka::membership::{Member, Membership, Ownership};
 use miroir_connectors::kafka::output::KafkaErrorSink;
 use miroir_connectors::kafka::{KafkaConfig, KafkaError};
 use miroir_connectors::postgres::sink::PostgresSink;
 use miroir_connectors::postgres::{database_url, PostgresError};
+use miroir_engine::changelog::ChangelogWriter;
 use miroir_engine::metrics::Metrics;
 use miroir_engine::partition::partition_for_key;
 use miroir_engine::runtime::{Runtime, RuntimeConfig, RuntimeError, StatusSnapshot};
@@ -164,6 +166,8 @@ pub struct EngineBuilder {
     command_client: bool,
     instance_id: Option<String>,
     advertise: Option<String>,
+    /// Set by [`EngineBuilder::changelog`]`(false)`.
+    no_changelog: bool,
 }
 
 impl EngineBuilder {
@@ -262,6 +266,16 @@ impl EngineBuilder {
         self
     }
 
+    /// Whether each task's state is logged to its source's compacted changelog topic (default:
+    /// yes), so that an instance taking a partition over restores its state from there and
+    /// goes on where the previous owner stopped. Without it, a partition that reaches an
+    /// instance without its state is read again from the beginning of its topic, which is
+    /// wrong once the topic is compacted (compaction may keep a late event a task dropped).
+    pub fn changelog(mut self, on: bool) -> Self {
+        self.no_changelog = !on;
+        self
+    }
+
     /// An extra librdkafka property for the consumer and producers.
     pub fn kafka_property(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
         self.kafka_extra.push((key.into(), value.into()));
@@ -314,26 +328,36 @@ impl EngineBuilder {
         if let Some(e) = self.max_epoch_interval {
             config.max_epoch_interval = e;
         }
-        let runtime = Arc::new(Runtime::start(
-            topology.clone(),
-            store.clone(),
-            metrics.clone(),
-            errors,
-            sink,
-            config,
-        )?);
         // An id given explicitly makes the instance a static member of its consumer group.
         let static_member = self.instance_id.clone();
         let instance = match self.instance_id {
             Some(id) => id,
             None => store.instance_id()?,
         };
+        let changelog: Option<Arc<dyn ChangelogWriter>> = if self.no_changelog {
+            None
+        } else {
+            changelog::create_topics(&kafka, &topology)?;
+            let id = format!("miroir.{}.{instance}.changelog", topology.name);
+            Some(Arc::new(KafkaChangelog::new(&kafka, &topology, &id)?))
+        };
+        let logged = changelog.is_some();
+        let runtime = Arc::new(Runtime::start(
+            topology.clone(),
+            store.clone(),
+            metrics.clone(),
+            errors,
+            sink,
+            changelog,
+            config,
+        )?);
         let source = KafkaSource::start(
             &kafka,
             &topology,
             runtime.clone(),
             metrics.clone(),
             static_member.as_deref(),
+            logged,
         )?;
         let listener = self.listen.map(http::bind).transpose()?;
         let advertise = self.advertise.or_else(|| {

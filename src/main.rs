@@ -93,6 +93,11 @@ enum Action {
         /// the keys it owns (default: the --listen address; 127.0.0.1 for 0.0.0.0).
         #[arg(long, env = "MIROIR_ADVERTISE")]
         advertise: Option<String>,
+        /// Do not log the tasks' state to changelog topics. A partition that reaches an
+        /// instance without its state is then read again from the beginning of its topic:
+        /// wrong once the topic is compacted. For one instance on uncompacted topics only.
+        #[arg(long)]
+        no_changelog: bool,
     },
     /// Prints the instances of a running topology, as one of them sees them: their addresses,
     /// the partitions each owns and restores, their lag.
@@ -580,6 +585,7 @@ fn run(command: Action) -> anyhow::Result<ExitCode> {
             plan,
             instance_id,
             advertise,
+            no_changelog,
         } => {
             if plan {
                 return print_plan(&file, &state_dir, database_url.as_deref());
@@ -594,6 +600,7 @@ fn run(command: Action) -> anyhow::Result<ExitCode> {
             if let Some(addr) = advertise {
                 builder = builder.advertise(addr);
             }
+            builder = builder.changelog(!no_changelog);
             let engine = builder
                 .topology_file(&file)
                 .brokers(brokers)

@@ -549,6 +549,91 @@ fn a_query_with_min_offset_waits_until_that_record_is_applied() {
     assert_eq!(status, 400);
 }
 
+#[test]
+fn a_fresh_instance_restores_its_partitions_from_their_changelogs_not_their_topics() {
+    let Setup {
+        run: _run,
+        t,
+        dir,
+        file,
+        expected,
+        keys,
+        client,
+    } = Setup::new("cluster-changelog", 11, 150, 3000);
+    let mut a = start(dir.path(), &file, "a");
+    wait_for_every_key(&client, &[&a], &t.user_topic, &expected, &keys);
+    a.child.kill().unwrap(); // SIGKILL
+    a.child.wait().unwrap();
+    // Nothing is left to read in the source topics: only the changelogs hold the state,
+    // including the order values that make the late events below late.
+    delete_every_record(&[&t.user_topic, &t.department_topic]);
+
+    let b = start(dir.path(), &file, "b");
+    wait_for_every_key(&client, &[&b], &t.user_topic, &expected, &keys);
+    let metrics = client
+        .get(format!("http://127.0.0.1:{}/metrics", b.port))
+        .send()
+        .unwrap()
+        .text()
+        .unwrap();
+    assert!(
+        counter(&metrics, "miroir_changelog_restored_records_total", "") > 0,
+        "restored from the changelogs"
+    );
+
+    // More events on the same keys, many older than what the changelog holds: the tables
+    // go on as the reference evaluates every event, the deleted ones included.
+    let (first, _) = generate(11, 150, 3000);
+    let (more, _) = generate(12, 150, 1500);
+    publish(&t, &more);
+    let all: Vec<Event> = first.into_iter().chain(more).collect();
+    let expected = expected_tables(&t.topology, &all)
+        .remove("user_contacts")
+        .unwrap();
+    let keys = all
+        .iter()
+        .filter(|e| e.source == 0)
+        .map(|e| e.key.clone())
+        .collect();
+    wait_for_every_key(&client, &[&b], &t.user_topic, &expected, &keys);
+}
+
+/// Deletes every record of every partition of `topics` (their start moves to their end).
+fn delete_every_record(topics: &[&str]) {
+    use rdkafka::admin::{AdminClient, AdminOptions};
+    let admin: AdminClient<rdkafka::client::DefaultClientContext> = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .create()
+        .unwrap();
+    let consumer: rdkafka::consumer::BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .create()
+        .unwrap();
+    let mut tpl = rdkafka::TopicPartitionList::new();
+    for topic in topics {
+        let metadata = rdkafka::consumer::Consumer::fetch_metadata(
+            &consumer,
+            Some(topic),
+            Duration::from_secs(10),
+        )
+        .unwrap();
+        for p in metadata.topics()[0].partitions() {
+            tpl.add_partition_offset(topic, p.id(), rdkafka::Offset::End)
+                .unwrap();
+        }
+    }
+    let done = block_on(admin.delete_records(&tpl, &AdminOptions::new())).unwrap();
+    for e in done.elements() {
+        assert!(
+            e.error().is_ok(),
+            "{}/{}: {:?}",
+            e.topic(),
+            e.partition(),
+            e.error()
+        );
+    }
+}
+
 /// Runs `future` to its end on this thread.
 fn block_on<F: std::future::Future>(future: F) -> F::Output {
     tokio::runtime::Builder::new_current_thread()

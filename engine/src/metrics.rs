@@ -47,6 +47,80 @@ pub struct Metrics {
     pub sink_commit_seconds: Histogram,
     /// Commands processed and sent.
     pub commands: CommandMetrics,
+    /// Changelogs written and restored.
+    pub changelog: ChangelogMetrics,
+}
+
+/// Metrics of the tasks' changelogs (see [`crate::changelog`]).
+#[derive(Clone)]
+pub struct ChangelogMetrics {
+    /// Seconds to write an epoch's changelog records (one transaction).
+    pub write_seconds: Histogram,
+    /// Failed attempts to write an epoch's changelog records, by error class (retried).
+    pub write_failures: IntCounterVec,
+    /// Changelog records read back into the state directory, by source topic.
+    pub restored_records: IntCounterVec,
+    /// Changelog records still to read before a partition's task is restored, by source topic
+    /// and partition (0 once restored).
+    pub restore_remaining: IntGaugeVec,
+    /// Records of a changelog topic that are not changelog records (skipped), by source topic.
+    pub malformed_records: IntCounterVec,
+}
+
+impl ChangelogMetrics {
+    /// Creates the metrics and registers them in `registry`.
+    pub fn register(registry: &Registry) -> ChangelogMetrics {
+        let counter = |name: &str, help: &str, labels: &[&str]| {
+            let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
+            registry
+                .register(Box::new(c.clone()))
+                .expect("unique metric");
+            c
+        };
+        let write_seconds = Histogram::with_opts(
+            HistogramOpts::new(
+                "miroir_changelog_write_seconds",
+                "Time to write an epoch's changelog records (one Kafka transaction)",
+            )
+            .buckets(vec![
+                0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0,
+            ]),
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(write_seconds.clone()))
+            .expect("unique metric");
+        let restore_remaining = IntGaugeVec::new(
+            Opts::new(
+                "miroir_changelog_restore_remaining_records",
+                "Changelog records still to read before a partition's task is restored",
+            ),
+            &["topic", "partition"],
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(restore_remaining.clone()))
+            .expect("unique metric");
+        ChangelogMetrics {
+            write_seconds,
+            write_failures: counter(
+                "miroir_changelog_write_failures_total",
+                "Failed attempts to write an epoch's changelog records (retried), by error class",
+                &["class"],
+            ),
+            restored_records: counter(
+                "miroir_changelog_restored_records_total",
+                "Changelog records read back into the state directory",
+                &["topic"],
+            ),
+            restore_remaining,
+            malformed_records: counter(
+                "miroir_changelog_malformed_records_total",
+                "Records of a changelog topic that are not changelog records (skipped)",
+                &["topic"],
+            ),
+        }
+    }
 }
 
 /// Metrics of commands: the processor's (master side) and the client's (app side).
@@ -310,8 +384,10 @@ impl Metrics {
             .register(Box::new(sink_commit_seconds.clone()))
             .expect("unique metric");
         let commands = CommandMetrics::register(&registry);
+        let changelog = ChangelogMetrics::register(&registry);
         Metrics {
             commands,
+            changelog,
             registry,
             sink_rows,
             sink_batches,

@@ -40,6 +40,7 @@ fn start(dir: &std::path::Path) -> (Runtime, StateStore) {
         Arc::new(Metrics::new()),
         Arc::new(NoErrors),
         None,
+        None,
         RuntimeConfig {
             workers: 2,
             epoch_interval: Duration::from_millis(10),

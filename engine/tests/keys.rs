@@ -52,6 +52,7 @@ fn start(topology: &Arc<Topology>, store: &StateStore) -> Runtime {
         Arc::new(Metrics::new()),
         Arc::new(NoErrors),
         None,
+        None,
         RuntimeConfig {
             workers: 2,
             epoch_interval: Duration::from_millis(10),

@@ -104,6 +104,7 @@ fn start(text: &str, dir: &std::path::Path) -> (Arc<Topology>, Runtime, StateSto
         Arc::new(Metrics::new()),
         Arc::new(NoErrors),
         None,
+        None,
         RuntimeConfig {
             workers: 2,
             epoch_interval: Duration::from_millis(10),

@@ -172,6 +172,7 @@ fn start(t: &Arc<Topology>, dir: &std::path::Path, db: &Arc<Mutex<Db>>) -> Runti
         Arc::new(Metrics::new()),
         Arc::new(NoErrors),
         Some(Box::new(sink)),
+        None,
         RuntimeConfig {
             workers: 2,
             epoch_interval: Duration::from_millis(20),

@@ -67,6 +67,7 @@ fn a_deleted_key_is_forgotten_after_its_retention() {
         Arc::new(Metrics::new()),
         Arc::new(NoErrors),
         None,
+        None,
         RuntimeConfig {
             workers: 1,
             epoch_interval: Duration::from_millis(10),

@@ -643,7 +643,8 @@ pub fn free_port() -> u16 {
         .port()
 }
 
-/// Starts `miroir run`; its log (level `MIROIR_TEST_LOG`, default `info`) goes to `log`.
+/// Starts `miroir run`; its log (level `MIROIR_TEST_LOG`, default `info`) goes to `log`
+/// (after what earlier runs wrote there).
 pub fn spawn(
     topology: &std::path::Path,
     state: &std::path::Path,
@@ -682,7 +683,13 @@ pub fn spawn_with(
         .args(more)
         .env("RUST_LOG", level)
         .stdout(std::process::Stdio::null())
-        .stderr(std::fs::File::create(log).unwrap())
+        .stderr(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(log)
+                .unwrap(),
+        )
         .spawn()
         .unwrap()
 }

@@ -28,7 +28,7 @@ use rdkafka::topic_partition_list::TopicPartitionList;
 use rdkafka::{ClientContext, Offset};
 use tracing::{error, info, warn};
 
-use super::{KafkaConfig, KafkaError, FETCH_QUEUE_BACKOFF_MS};
+use super::{changelog, KafkaConfig, KafkaError, FETCH_QUEUE_BACKOFF_MS};
 
 /// How many records are handed to a worker at once.
 const BATCH: usize = 512;
@@ -51,6 +51,8 @@ struct SourceContext {
     /// Batches read and not taken by the runtime yet (its inboxes were full), in the order
     /// read: while there are any, consumption is paused.
     waiting: Mutex<VecDeque<(u32, Message)>>,
+    /// With changelogs: what restores an assigned partition's task state, and the topology.
+    changelog: Option<(changelog::Restorer, Topology)>,
 }
 
 impl ClientContext for SourceContext {
@@ -157,6 +159,32 @@ impl SourceContext {
         });
     }
 
+    /// Restores the state of every assigned partition from its changelog, as far as the
+    /// changelog goes beyond the state directory; false (the runtime then stops) when one
+    /// cannot be restored.
+    fn restore(&self, tpl: &TopicPartitionList) -> bool {
+        let (Some((restorer, topology)), Some(store)) =
+            (&self.changelog, self.runtime.state_store())
+        else {
+            return true;
+        };
+        for (source, partitions) in self.by_source(tpl) {
+            for partition in partitions {
+                let restored =
+                    restorer.restore(topology, &store, &self.metrics, (source, partition));
+                if let Err(e) = restored {
+                    let topic = &topology.sources[source].topic;
+                    error!(topic, partition, error = %e, "cannot restore the partition's state from its changelog; stopping");
+                    self.runtime.fail(format!(
+                        "cannot restore partition {partition} of {topic} from its changelog: {e}"
+                    ));
+                    return false;
+                }
+            }
+        }
+        true
+    }
+
     fn by_source(&self, tpl: &TopicPartitionList) -> HashMap<usize, Vec<u32>> {
         let mut out: HashMap<usize, Vec<u32>> = HashMap::new();
         for e in tpl.elements() {
@@ -206,6 +234,9 @@ impl ConsumerContext for SourceContext {
         use rdkafka::types::RDKafkaRespErr::*;
         match err {
             RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
+                if !self.restore(tpl) {
+                    return;
+                }
                 // Resume each partition right after the offset committed with its state.
                 let elements: Vec<(String, i32)> = tpl
                     .elements()
@@ -279,6 +310,7 @@ impl KafkaSource {
         runtime: Arc<Runtime>,
         metrics: Arc<Metrics>,
         static_member: Option<&str>,
+        changelog: bool,
     ) -> Result<KafkaSource, KafkaError> {
         let topics: HashMap<String, usize> = topology
             .sources
@@ -317,8 +349,13 @@ impl KafkaSource {
             stop: stop.clone(),
             delivered: Mutex::default(),
             waiting: Mutex::default(),
+            changelog: match changelog {
+                true => Some((changelog::Restorer::new(config)?, topology.clone())),
+                false => None,
+            },
         })?;
         let names: Vec<&str> = topics.keys().map(String::as_str).collect();
+        let static_member = static_member.is_some();
         record_partition_counts(&consumer, &runtime, Duration::from_secs(10));
         consumer.subscribe(&names)?;
         let thread = std::thread::Builder::new()
@@ -328,7 +365,7 @@ impl KafkaSource {
                 move || {
                     let feeding = runtime.clone();
                     let polled = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                        poll_loop(consumer, feeding, topics, stop)
+                        poll_loop(consumer, feeding, topics, (stop, static_member));
                     }));
                     if let Err(panic) = polled {
                         let message = panic_message(panic.as_ref());
@@ -370,7 +407,7 @@ fn poll_loop(
     consumer: BaseConsumer<SourceContext>,
     runtime: Arc<Runtime>,
     topics: HashMap<String, usize>,
-    stop: Arc<AtomicBool>,
+    (stop, static_member): (Arc<AtomicBool>, bool),
 ) {
     let mut batches: HashMap<(usize, u32), Records> = HashMap::new();
     let mut pending = 0usize;
@@ -452,6 +489,22 @@ fn poll_loop(
     flush(&mut batches);
     // What the runtime does not take now is not committed: it is read again next time.
     consumer.context().hand_over();
+    if static_member {
+        // A static member keeps its place in the group for `session.timeout.ms`, so that a
+        // restart moves no partition. librdkafka sends LeaveGroup on `unsubscribe` (only a
+        // consumer already closing skips it): the partitions are revoked (and committed) here
+        // instead, and the consumer closes with nothing assigned.
+        if let Ok(assignment) = consumer.assignment() {
+            consumer
+                .context()
+                .pre_rebalance(&consumer, &Rebalance::Revoke(&assignment));
+        }
+        if let Err(e) = consumer.unassign() {
+            warn!(error = %e, "cannot unassign partitions");
+        }
+        info!("kafka source stopped");
+        return;
+    }
     // Leaving the group revokes every partition: the runtime commits them first. Unsubscribe
     // before dropping, or librdkafka's close can hang (see DESIGN, known traps).
     consumer.unsubscribe();

@@ -1,6 +1,7 @@
 //! Kafka connectors (rdkafka).
 
 pub mod admin;
+pub mod changelog;
 pub mod input;
 pub mod membership;
 pub mod output;

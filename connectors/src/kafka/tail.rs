@@ -23,7 +23,7 @@ const TAIL_FETCH_MIN_BYTES: &str = "1048576";
 const TAIL_FETCH_WAIT_MS: &str = "100";
 
 /// Logs librdkafka's errors, except the end-of-partition reports the tail asks for.
-struct TailContext;
+pub(crate) struct TailContext;
 
 impl ClientContext for TailContext {
     fn error(&self, error: rdkafka::error::KafkaError, reason: &str) {

@@ -60,6 +60,13 @@ impl Task {
         }
     }
 
+    /// Makes the next flush write the task's whole state (every entry and its offset), for a
+    /// changelog that lacks it.
+    pub(crate) fn log_whole_state(&mut self) {
+        self.state.mark_all_changed();
+        self.offset_dirty = self.offset.is_some();
+    }
+
     /// Rows of the task's keys.
     pub(crate) fn len(&self) -> usize {
         self.state.len()
@@ -168,7 +175,7 @@ impl Task {
             commit.put_entry(source, partition, key, entry);
         });
         if let Some(offset) = self.unflushed_offset() {
-            commit.put_offset(topic, partition, offset);
+            commit.put_task_offset((source, topic), partition, offset);
             self.offset_dirty = false;
         }
     }

@@ -11,6 +11,7 @@ use tracing::{debug, error, warn};
 use super::error::RuntimeError;
 use super::shared::Shared;
 use crate::dataflow::Epoch;
+use crate::error::{retry_delays, ErrorClass};
 use crate::sink::{Durable, Offset, SinkBatch, SinkSender, TableChanges};
 use crate::state::{decode, encode, Commit, StateStore};
 
@@ -67,6 +68,10 @@ fn write_epoch(shared: &Shared, epoch: Epoch) {
         return;
     }
     let mut commit = shared.commit.lock().take();
+    if !changelog_written(shared, epoch, commit.as_mut()) {
+        warn!(epoch, "stopping before the epoch's changelog was written: the epoch is not committed, its records are read again at the next start");
+        return;
+    }
     let batch = shared
         .sink
         .as_ref()
@@ -100,6 +105,56 @@ fn reports_kept(shared: &Shared) -> bool {
             }
         }
         warn!("the malformed records' reports are not acknowledged yet: the epoch waits");
+    }
+}
+
+/// Writes the epoch's changelog records, if any, and adds the positions they reach to
+/// `commit`. While the changelog cannot be written, the epoch waits (and so does consumption),
+/// retrying; false when the instance stops first, or on a fatal error (it then stops).
+fn changelog_written(shared: &Shared, epoch: Epoch, commit: Option<&mut Commit>) -> bool {
+    let (Some(writer), Some(commit)) = (&shared.changelog, commit) else {
+        return true;
+    };
+    let records = commit.take_changelog();
+    if records.is_empty() {
+        return true;
+    }
+    let mut delays = retry_delays(Duration::from_millis(100), Duration::from_secs(5));
+    let mut stopping_since = None;
+    loop {
+        let timer = shared.metrics.changelog.write_seconds.start_timer();
+        match writer.write(&records) {
+            Ok(positions) => {
+                timer.observe_duration();
+                for p in positions {
+                    commit.put_changelog_position(p.source, p.partition, p.next);
+                }
+                return true;
+            }
+            // A record the changelog refuses for what it is would be refused forever.
+            Err(e) if e.class != ErrorClass::Transient => {
+                error!(epoch, error = %e, "the changelog cannot be written; stopping");
+                shared.status.set_failed(e.to_string());
+                shared.shutdown.store(true, Ordering::SeqCst);
+                return false;
+            }
+            Err(e) => {
+                shared
+                    .metrics
+                    .changelog
+                    .write_failures
+                    .with_label_values(&[e.class.name()])
+                    .inc();
+                warn!(epoch, error = %e, class = %e.class, "the changelog cannot be written: the epoch waits");
+            }
+        }
+        if shared.shutdown.load(Ordering::SeqCst) {
+            let since = *stopping_since.get_or_insert_with(std::time::Instant::now);
+            if since.elapsed() >= REPORTS_GRACE {
+                return false;
+            }
+        }
+        std::thread::sleep(delays.next().unwrap_or(Duration::from_secs(5)));
     }
 }
 

@@ -42,11 +42,12 @@ use std::time::{Duration, Instant};
 
 use tracing::warn;
 
+use crate::changelog::ChangelogWriter;
 use crate::ingest::{ErrorSink, Message};
 use crate::metrics::Metrics;
 use crate::partition::worker_for_partition;
 use crate::sink::{ExternalSink, Sequence, SinkDriver};
-use crate::state::{offsets_prefix, source_prefix, StateStore, StoreError};
+use crate::state::{offsets_prefix, positions_prefix, source_prefix, StateStore, StoreError};
 use crate::topology::Topology;
 use backlog::Backlog;
 pub use config::RuntimeConfig;
@@ -69,16 +70,19 @@ pub struct Runtime {
 
 impl Runtime {
     /// Starts `config.workers` workers running `topology` over `store`; the changes of
-    /// external tables go to `sink` (required when the topology has any).
+    /// external tables go to `sink` (required when the topology has any); with `changelog`,
+    /// every epoch's changes of the tasks' state are logged there before they commit.
     pub fn start(
         topology: Arc<Topology>,
         store: StateStore,
         metrics: Arc<Metrics>,
         errors: Arc<dyn ErrorSink>,
         sink: Option<Box<dyn ExternalSink>>,
+        changelog: Option<Arc<dyn ChangelogWriter>>,
         config: RuntimeConfig,
     ) -> Result<Runtime, RuntimeError> {
         rebuild_changed_sources(&topology, &store)?;
+        let store = store.logging(changelog.is_some());
         let workers = config.workers.max(1);
         let (senders, receivers): (Vec<_>, Vec<_>) =
             (0..workers).map(|_| inbox(config.inbox_bytes)).unzip();
@@ -114,6 +118,7 @@ impl Runtime {
             held: Mutex::new(Vec::new()),
             started: Instant::now(),
             handed_over: AtomicBool::new(false),
+            changelog,
             topology,
             store: store.clone(),
             metrics,
@@ -219,6 +224,12 @@ impl Runtime {
         }
     }
 
+    /// The state store, until shutdown: where a task's changelog is restored into
+    /// ([`crate::changelog::Restore`]) before its partition is assigned.
+    pub fn state_store(&self) -> Option<StateStore> {
+        self.store.lock().clone()
+    }
+
     /// The partition count of a source topic, once the connector has seen it.
     pub fn partition_count(&self, topic: &str) -> Option<u32> {
         self.status.partition_count(topic)
@@ -293,7 +304,11 @@ fn stop_on_failure(status: Arc<Status>, shutdown: Arc<AtomicBool>) -> impl Fn(St
 fn rebuild_changed_sources(topology: &Topology, store: &StateStore) -> Result<(), StoreError> {
     for (i, source) in topology.sources.iter().enumerate() {
         let layout = source.layout();
-        let prefixes = [source_prefix(i), offsets_prefix(&source.topic)];
+        let prefixes = [
+            source_prefix(i),
+            offsets_prefix(&source.topic),
+            positions_prefix(i),
+        ];
         if let Some(old) = store.keep_layout(&format!("source/{i}"), &layout, &prefixes)? {
             warn!(source = %source.name, topic = %source.topic, old, new = layout,
                   "the source changed since the state directory was written: its state is dropped and its topic read again from the beginning");

@@ -11,6 +11,7 @@ use parking_lot::Mutex;
 use super::backlog::Backlog;
 use super::config::RuntimeConfig;
 use super::status::{Status, TopicPartition};
+use crate::changelog::ChangelogWriter;
 use crate::ingest::ErrorSink;
 use crate::metrics::Metrics;
 use crate::sink::{Sequence, SinkBatch, SinkSender, TableChanges};
@@ -48,6 +49,8 @@ pub(super) struct Shared {
     pub(super) held: Mutex<Vec<SinkBatch>>,
     /// When the runtime started (holding batches back has a limit).
     pub(super) started: Instant,
+    /// Where each epoch's changelog records go first, when state is logged.
+    pub(super) changelog: Option<Arc<dyn ChangelogWriter>>,
     /// Whether a group of batches went to the sink since the start (the first one is the
     /// snapshot, when every task is restored by then).
     pub(super) handed_over: AtomicBool,

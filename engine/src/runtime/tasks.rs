@@ -223,5 +223,14 @@ fn restore(
     let offset = shared
         .store
         .offset(&shared.topology.sources[source].topic, partition)?;
-    Ok(Task::restore(entries, offset, input))
+    let mut task = Task::restore(entries, offset, input);
+    if shared.changelog.is_some()
+        && shared
+            .store
+            .changelog_position(source, partition)?
+            .is_none()
+    {
+        task.log_whole_state();
+    }
+    Ok(task)
 }

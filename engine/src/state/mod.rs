@@ -3,7 +3,8 @@
 //! Column families:
 //! - `state`: per source partition, the upsert [`Entry`] of each key
 //!   (`u/{source}/{partition}/{key}`, key and entry in bincode) and the last applied offset
-//!   (`o/{topic}/{partition}`); the instance's id (`m/instance`) and last commit sequence
+//!   (`o/{topic}/{partition}`) and, with changelogs, the changelog offset the task's state is
+//!   at (`l/{source}/{partition}`, see [`crate::changelog`]); the instance's id (`m/instance`) and last commit sequence
 //!   (`m/sequence`); the layout each part of the state was written with (`m/layout/{what}`,
 //!   see [`StateStore::keep_layout`]); and the *outbox* of external-table changes not yet
 //!   confirmed by their database (`x/{sequence}`);
@@ -24,6 +25,7 @@ use std::sync::Arc;
 
 use rocksdb::{ColumnFamilyDescriptor, Options, WriteBatch, WriteOptions, DB};
 
+use crate::changelog::ChangelogRecord;
 use crate::value::Value;
 
 pub mod key;
@@ -87,6 +89,8 @@ pub struct StateStore {
     path: PathBuf,
     /// The internal tables, each in column family `table.{name}`.
     tables: Arc<[String]>,
+    /// Whether commits also gather the tasks' changelog records ([`StateStore::logging`]).
+    logged: bool,
 }
 
 /// How stored values are encoded: bincode with variable-length integers (a row of short
@@ -171,6 +175,15 @@ fn offset_key(topic: &str, partition: u32) -> Vec<u8> {
     format!("o/{topic}/{partition:08x}").into_bytes()
 }
 
+fn position_key(source: usize, partition: u32) -> Vec<u8> {
+    format!("l/{source}/{partition:08x}").into_bytes()
+}
+
+/// The prefix of the changelog positions of a source's partitions.
+pub fn positions_prefix(source: usize) -> Vec<u8> {
+    format!("l/{source}/").into_bytes()
+}
+
 /// The prefix of every key of a source: its upsert entries.
 pub fn source_prefix(source: usize) -> Vec<u8> {
     format!("u/{source}/").into_bytes()
@@ -235,6 +248,7 @@ impl StateStore {
             db: Arc::new(db),
             path: dir.to_path_buf(),
             tables: tables.into(),
+            logged: false,
         };
         if store.get_state(INSTANCE_KEY)?.is_none() {
             let id = new_instance_id();
@@ -429,26 +443,10 @@ impl StateStore {
 
     /// The last committed offset of `topic`/`partition`.
     pub fn offset(&self, topic: &str, partition: u32) -> Result<Option<i64>, StoreError> {
-        let cf = self
-            .db
-            .cf_handle(STATE_CF)
-            .expect("state column family exists");
         let key = offset_key(topic, partition);
-        match self.db.get_cf(&cf, &key).map_err(|e| self.rocks(e))? {
-            None => Ok(None),
-            Some(bytes) => {
-                let arr: [u8; 8] =
-                    bytes
-                        .as_slice()
-                        .try_into()
-                        .map_err(|_| StoreError::Corrupt {
-                            path: self.path.clone(),
-                            key: String::from_utf8_lossy(&key).into_owned(),
-                            message: "offset is not 8 bytes".into(),
-                        })?;
-                Ok(Some(i64::from_be_bytes(arr)))
-            }
-        }
+        self.get_state(&key)?
+            .map(|bytes| self.read_i64(&key, &bytes))
+            .transpose()
     }
 
     /// The persisted upsert entries of `source`/`partition` (see
@@ -557,7 +555,73 @@ impl StateStore {
             tables: self.tables.clone(),
             writes: Vec::new(),
             bytes: 0,
+            changelog: self.logged.then(Vec::new),
         }
+    }
+
+    /// This store, whose commits also gather the changelog records of the tasks' changes
+    /// ([`Commit::take_changelog`]) when `on`.
+    pub fn logging(mut self, on: bool) -> StateStore {
+        self.logged = on;
+        self
+    }
+
+    /// The changelog offset the state of `source`/`partition` is at, if it was ever logged.
+    pub fn changelog_position(
+        &self,
+        source: usize,
+        partition: u32,
+    ) -> Result<Option<i64>, StoreError> {
+        let key = position_key(source, partition);
+        self.get_state(&key)?
+            .map(|bytes| self.read_i64(&key, &bytes))
+            .transpose()
+    }
+
+    /// Whether the state directory holds upsert entries of `source`/`partition`.
+    pub fn has_entries(&self, source: usize, partition: u32) -> Result<bool, StoreError> {
+        let prefix = upsert_prefix(source, partition);
+        match self.db.prefix_iterator_cf(self.state_cf(), &prefix).next() {
+            Some(item) => Ok(item.map_err(|e| self.rocks(e))?.0.starts_with(&prefix)),
+            None => Ok(false),
+        }
+    }
+
+    /// Drops the state of the task of `source`/`partition` (read from `topic`): its upsert
+    /// entries, offset and changelog position, durably.
+    pub fn drop_task(&self, source: usize, partition: u32, topic: &str) -> Result<(), StoreError> {
+        let prefix = upsert_prefix(source, partition);
+        let mut batch = WriteBatch::default();
+        let cf = self.state_cf();
+        batch.delete_range_cf(cf, prefix.as_slice(), prefix_end(&prefix).as_slice());
+        batch.delete_cf(cf, offset_key(topic, partition));
+        batch.delete_cf(cf, position_key(source, partition));
+        let mut opts = WriteOptions::default();
+        opts.set_sync(true);
+        self.db.write_opt(batch, &opts).map_err(|e| self.rocks(e))
+    }
+
+    /// Forgets the changelog position of `source`/`partition`: its task logs its whole state
+    /// with the next epoch.
+    pub fn forget_changelog_position(
+        &self,
+        source: usize,
+        partition: u32,
+    ) -> Result<(), StoreError> {
+        let mut opts = WriteOptions::default();
+        opts.set_sync(true);
+        self.db
+            .delete_cf_opt(self.state_cf(), position_key(source, partition), &opts)
+            .map_err(|e| self.rocks(e))
+    }
+
+    fn read_i64(&self, key: &[u8], bytes: &[u8]) -> Result<i64, StoreError> {
+        let arr: [u8; 8] = bytes.try_into().map_err(|_| StoreError::Corrupt {
+            path: self.path.clone(),
+            key: String::from_utf8_lossy(key).into_owned(),
+            message: "not 8 bytes".into(),
+        })?;
+        Ok(i64::from_be_bytes(arr))
     }
 
     /// The write batch of `commit`, sized once for all its writes.
@@ -612,6 +676,8 @@ pub struct Commit {
     writes: Vec<Write>,
     /// Bytes of keys and values, to size the batch.
     bytes: usize,
+    /// The changelog records of the tasks' changes, when the store logs them.
+    changelog: Option<Vec<ChangelogRecord>>,
 }
 
 impl Commit {
@@ -650,16 +716,43 @@ impl Commit {
         entry: &E,
     ) {
         let mut k = upsert_prefix(source, partition);
+        let at = k.len();
         bincode::Options::serialize_into(codec(), &mut k, key).expect("values serialize");
         let value = encode(entry);
+        if let Some(log) = self.changelog.as_mut() {
+            log.push(ChangelogRecord::entry(
+                source,
+                partition,
+                &k[at..],
+                Some(value.clone()),
+            ));
+        }
         self.push(Family::State, k, Some(value));
     }
 
     /// Deletes the upsert entry of `key` in `source`/`partition`.
     pub fn delete_entry(&mut self, source: usize, partition: u32, key: &Value) {
         let mut k = upsert_prefix(source, partition);
+        let at = k.len();
         bincode::Options::serialize_into(codec(), &mut k, key).expect("values serialize");
+        if let Some(log) = self.changelog.as_mut() {
+            log.push(ChangelogRecord::entry(source, partition, &k[at..], None));
+        }
         self.push(Family::State, k, None);
+    }
+
+    /// Puts an upsert entry as a changelog holds it (`key` and `entry` encoded as stored;
+    /// `None` deletes it). Not logged: it comes from the changelog.
+    pub fn put_stored_entry(
+        &mut self,
+        source: usize,
+        partition: u32,
+        key: &[u8],
+        entry: Option<&[u8]>,
+    ) {
+        let mut k = upsert_prefix(source, partition);
+        k.extend_from_slice(key);
+        self.push(Family::State, k, entry.map(<[u8]>::to_vec));
     }
 
     /// Records the last applied offset of a partition.
@@ -669,6 +762,32 @@ impl Commit {
             offset_key(topic, partition),
             Some(offset.to_be_bytes().to_vec()),
         );
+    }
+
+    /// Records the last applied offset of `source`'s partition (of `topic`), and logs it
+    /// after the partition's entries.
+    pub fn put_task_offset(&mut self, (source, topic): (usize, &str), partition: u32, offset: i64) {
+        if let Some(log) = self.changelog.as_mut() {
+            log.push(ChangelogRecord::offset(source, partition, offset));
+        }
+        self.put_offset(topic, partition, offset);
+    }
+
+    /// Records the changelog offset the state of `source`/`partition` is at.
+    pub fn put_changelog_position(&mut self, source: usize, partition: u32, next: i64) {
+        self.push(
+            Family::State,
+            position_key(source, partition),
+            Some(next.to_be_bytes().to_vec()),
+        );
+    }
+
+    /// The changelog records gathered so far (in the order of the changes), leaving none.
+    pub fn take_changelog(&mut self) -> Vec<ChangelogRecord> {
+        self.changelog
+            .as_mut()
+            .map(std::mem::take)
+            .unwrap_or_default()
     }
 
     /// Puts an entity row of command `command`'s view.
@@ -730,6 +849,9 @@ impl Commit {
     pub fn append(&mut self, mut other: Commit) {
         self.bytes += other.bytes;
         self.writes.append(&mut other.writes);
+        if let (Some(log), Some(other)) = (self.changelog.as_mut(), other.changelog.as_mut()) {
+            log.append(other);
+        }
     }
 
     /// Bytes of keys and values in the commit.

@@ -154,6 +154,17 @@ impl UpsertState {
         forgotten
     }
 
+    /// Marks every key changed, without changing its row: the next
+    /// [`UpsertState::drain_changes`] hands all of them over (to be logged whole).
+    pub fn mark_all_changed(&mut self) {
+        for (key, entry) in self.entries.iter_mut() {
+            if entry.before.is_none() {
+                entry.before = Some(entry.row.clone());
+                self.changed.push(key.clone());
+            }
+        }
+    }
+
     /// Whether some key changed since the last [`UpsertState::drain_changes`].
     pub fn has_changes(&self) -> bool {
         !self.changed.is_empty()

@@ -1,0 +1,357 @@
+//! Changelog topics: the Kafka side of [`miroir_engine::changelog`].
+//!
+//! Each source has one compacted changelog topic, `<topology>.<source>.<layout>.miroir-changelog`
+//! with as many partitions as the source topic. `<layout>` is a hash of the source's layout
+//! (its columns and late policy, [`miroir_engine::topology::Source::layout`]): a source that
+//! changes gets a new changelog, never entries written for other columns.
+//!
+//! [`KafkaChangelog`] writes each epoch's records in one transaction (its transactional id is
+//! the instance's: a restarted instance fences its previous incarnation). [`restore`] reads a
+//! task's changelog into the state directory when its partition is assigned, before the task
+//! opens.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use miroir_engine::changelog::{
+    plan_restore, ChangelogError, ChangelogRecord, ChangelogWriter, Position, Restore,
+    RestoreError, RestorePlan,
+};
+use miroir_engine::error::ErrorClass;
+use miroir_engine::metrics::Metrics;
+use miroir_engine::partition::murmur2;
+use miroir_engine::state::StateStore;
+use miroir_engine::topology::Topology;
+use parking_lot::Mutex;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::Message;
+use rdkafka::producer::{BaseProducer, BaseRecord, DeliveryResult, Producer, ProducerContext};
+use rdkafka::{ClientContext, Offset, TopicPartitionList};
+use tracing::{info, warn};
+
+use super::admin::{create_topic_with, partition_count};
+use super::tail::TailContext;
+use super::{KafkaConfig, KafkaError};
+
+/// Suffix of the changelog topics.
+pub const CHANGELOG_SUFFIX: &str = ".miroir-changelog";
+
+/// Longest wait for a transaction to commit or abort.
+const TX_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Longest a restore goes without reading anything before it gives up.
+const RESTORE_STALL: Duration = Duration::from_secs(60);
+
+/// The largest changelog record: an entity event of up to a megabyte plus its versions.
+const MAX_RECORD_BYTES: &str = "16777216";
+
+/// The changelog topic of the topology's source `source`.
+pub fn topic(topology: &Topology, source: usize) -> String {
+    let src = &topology.sources[source];
+    let layout = murmur2(src.layout().as_bytes()) as u32;
+    format!(
+        "{}.{}.{layout:08x}{CHANGELOG_SUFFIX}",
+        topology.name, src.name
+    )
+}
+
+/// Creates the changelog topic of every source that does not have one yet, compacted, with
+/// the source topic's partition count.
+pub fn create_topics(config: &KafkaConfig, topology: &Topology) -> Result<(), KafkaError> {
+    for (i, src) in topology.sources.iter().enumerate() {
+        let partitions = partition_count(config, &src.topic)?.ok_or_else(|| {
+            KafkaError::Config(format!(
+                "source topic {} does not exist: its changelog cannot be created",
+                src.topic
+            ))
+        })?;
+        create_topic_with(
+            config,
+            &topic(topology, i),
+            partitions,
+            &[
+                ("cleanup.policy", "compact"),
+                ("max.message.bytes", MAX_RECORD_BYTES),
+            ],
+        )?;
+    }
+    Ok(())
+}
+
+/// Collects the offset of each record delivered, by topic and partition.
+#[derive(Default)]
+struct Deliveries {
+    last: Mutex<HashMap<(String, i32), i64>>,
+}
+
+impl ClientContext for Deliveries {}
+
+impl ProducerContext for Deliveries {
+    type DeliveryOpaque = ();
+
+    fn delivery(&self, result: &DeliveryResult<'_>, _: ()) {
+        if let Ok(m) = result {
+            let mut last = self.last.lock();
+            let at = last
+                .entry((m.topic().to_string(), m.partition()))
+                .or_insert(m.offset());
+            *at = (*at).max(m.offset());
+        }
+    }
+}
+
+/// Writes the tasks' changelogs, one transaction per epoch.
+pub struct KafkaChangelog {
+    config: KafkaConfig,
+    transactional_id: String,
+    /// The changelog topic of each source, by the source's position.
+    topics: Vec<String>,
+    producer: Mutex<BaseProducer<Deliveries>>,
+}
+
+impl KafkaChangelog {
+    /// A writer for `topology`'s changelogs with transactional id `transactional_id`; fences
+    /// and aborts what an earlier holder of the id left open.
+    pub fn new(
+        config: &KafkaConfig,
+        topology: &Topology,
+        transactional_id: &str,
+    ) -> Result<KafkaChangelog, KafkaError> {
+        Ok(KafkaChangelog {
+            config: config.clone(),
+            transactional_id: transactional_id.to_string(),
+            topics: (0..topology.sources.len())
+                .map(|i| topic(topology, i))
+                .collect(),
+            producer: Mutex::new(transactional(config, transactional_id)?),
+        })
+    }
+
+    fn transaction(
+        &self,
+        producer: &BaseProducer<Deliveries>,
+        records: &[ChangelogRecord],
+    ) -> Result<(), KafkaError> {
+        producer.context().last.lock().clear();
+        producer.begin_transaction()?;
+        for r in records {
+            let mut record = BaseRecord::to(&self.topics[r.source])
+                .partition(r.partition as i32)
+                .key(r.key.as_slice());
+            if let Some(value) = &r.value {
+                record = record.payload(value.as_slice());
+            }
+            send(producer, record)?;
+        }
+        producer.commit_transaction(TX_TIMEOUT)?;
+        Ok(())
+    }
+
+    fn positions(&self, producer: &BaseProducer<Deliveries>) -> Vec<Position> {
+        let last = producer.context().last.lock();
+        last.iter()
+            .filter_map(|((topic, partition), offset)| {
+                let source = self.topics.iter().position(|t| t == topic)?;
+                Some(Position {
+                    source,
+                    partition: *partition as u32,
+                    next: offset + 1,
+                })
+            })
+            .collect()
+    }
+}
+
+/// Sends `record`, waiting while the producer's queue is full.
+fn send(
+    producer: &BaseProducer<Deliveries>,
+    mut record: BaseRecord<'_, [u8], [u8]>,
+) -> Result<(), KafkaError> {
+    loop {
+        match producer.send(record) {
+            Ok(()) => return Ok(()),
+            Err((
+                rdkafka::error::KafkaError::MessageProduction(
+                    rdkafka::types::RDKafkaErrorCode::QueueFull,
+                ),
+                r,
+            )) => {
+                record = r;
+                producer.poll(Duration::from_millis(10));
+            }
+            Err((e, _)) => return Err(e.into()),
+        }
+    }
+}
+
+impl ChangelogWriter for KafkaChangelog {
+    fn write(&self, records: &[ChangelogRecord]) -> Result<Vec<Position>, ChangelogError> {
+        let mut producer = self.producer.lock();
+        match self.transaction(&producer, records) {
+            Ok(()) => Ok(self.positions(&producer)),
+            Err(e) => {
+                let _ = producer.abort_transaction(TX_TIMEOUT);
+                let class = e.class();
+                if e.producer_unusable() && class != ErrorClass::Fatal {
+                    // Only a new producer goes on; it aborts what this one left open.
+                    match transactional(&self.config, &self.transactional_id) {
+                        Ok(fresh) => *producer = fresh,
+                        Err(e) => warn!(error = %e, "cannot start a new changelog producer"),
+                    }
+                }
+                Err(ChangelogError {
+                    class,
+                    message: e.to_string(),
+                })
+            }
+        }
+    }
+}
+
+fn transactional(
+    config: &KafkaConfig,
+    transactional_id: &str,
+) -> Result<BaseProducer<Deliveries>, KafkaError> {
+    let producer: BaseProducer<Deliveries> = config
+        .client("changelog")
+        .set("transactional.id", transactional_id)
+        .set("linger.ms", "1")
+        .set("message.max.bytes", MAX_RECORD_BYTES)
+        // A transaction left open by a killed instance holds back every read_committed reader
+        // of its partitions (a restore, a standby) until it times out: epochs commit in
+        // milliseconds, so 10 s is ample.
+        .set("transaction.timeout.ms", "10000")
+        .create_with_context(Deliveries::default())?;
+    producer.init_transactions(TX_TIMEOUT)?;
+    Ok(producer)
+}
+
+/// A consumer that reads changelog partitions into the state directory, outside any group.
+pub struct Restorer {
+    consumer: BaseConsumer<TailContext>,
+}
+
+impl Restorer {
+    /// A restorer on `config`'s brokers.
+    pub fn new(config: &KafkaConfig) -> Result<Restorer, KafkaError> {
+        let consumer = config
+            .client("restore")
+            .set("group.id", "miroir-restore") // required by librdkafka; nothing is committed
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false")
+            .set("enable.partition.eof", "true")
+            .set("isolation.level", "read_committed")
+            // A partition with nothing new to restore (only the marker of its last
+            // transaction) ends at the first fetch: the broker must not hold it for 500 ms.
+            .set("fetch.wait.max.ms", "10")
+            .create_with_context(TailContext)?;
+        Ok(Restorer { consumer })
+    }
+
+    /// Restores the state of `source`/`partition` from its changelog into `store`, as far as
+    /// the changelog goes beyond the state directory's position (see [`plan_restore`]);
+    /// returns the number of records read.
+    pub fn restore(
+        &self,
+        topology: &Topology,
+        store: &StateStore,
+        metrics: &Metrics,
+        task: (usize, u32),
+    ) -> Result<u64, KafkaError> {
+        let restored = restore(&self.consumer, topology, store, metrics, task);
+        self.consumer.unassign()?;
+        restored
+    }
+}
+
+fn restore(
+    consumer: &BaseConsumer<TailContext>,
+    topology: &Topology,
+    store: &StateStore,
+    metrics: &Metrics,
+    (source, partition): (usize, u32),
+) -> Result<u64, KafkaError> {
+    let changelog = topic(topology, source);
+    let src_topic = &topology.sources[source].topic;
+    let (low, high) = consumer.fetch_watermarks(&changelog, partition as i32, TX_TIMEOUT)?;
+    let position = store.changelog_position(source, partition)?;
+    let local =
+        store.has_entries(source, partition)? || store.offset(src_topic, partition)?.is_some();
+    let start = match plan_restore(position, local, low, high) {
+        RestorePlan::LogLocal => {
+            info!(topic = %changelog, partition, "the changelog lacks this state: the task logs all of it with its first epoch");
+            store.forget_changelog_position(source, partition)?;
+            return Ok(0);
+        }
+        RestorePlan::From(p) if p >= high => return Ok(0),
+        RestorePlan::From(p) => Offset::Offset(p),
+        RestorePlan::Whole => Offset::Beginning,
+    };
+    let whole = start == Offset::Beginning;
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset(&changelog, partition as i32, start)?;
+    consumer.assign(&tpl)?;
+    let mut restore = Restore::start(store, source, partition, src_topic, whole)?;
+    let remaining = metrics
+        .changelog
+        .restore_remaining
+        .with_label_values(&[src_topic.as_str(), &partition.to_string()]);
+    let restored = metrics
+        .changelog
+        .restored_records
+        .with_label_values(&[src_topic.as_str()]);
+    let started = Instant::now();
+    info!(topic = %changelog, partition, from = ?start, to = high, "restoring a task's state from its changelog");
+    let mut next = match start {
+        Offset::Offset(p) => p,
+        _ => low,
+    };
+    let (mut last_read, mut last_log) = (Instant::now(), Instant::now());
+    loop {
+        match consumer.poll(Duration::from_millis(100)) {
+            Some(Ok(m)) => {
+                last_read = Instant::now();
+                next = m.offset() + 1;
+                match restore.apply(m.key(), m.payload()) {
+                    Ok(()) => {}
+                    Err(RestoreError::Malformed(e)) => {
+                        metrics
+                            .changelog
+                            .malformed_records
+                            .with_label_values(&[src_topic.as_str()])
+                            .inc();
+                        warn!(topic = %changelog, partition, offset = m.offset(), error = %e, "not a changelog record: skipped");
+                    }
+                    Err(RestoreError::Store(e)) => return Err(e.into()),
+                }
+                restored.inc();
+                remaining.set((high - next).max(0));
+            }
+            Some(Err(rdkafka::error::KafkaError::PartitionEOF(_))) => break,
+            Some(Err(e)) => warn!(topic = %changelog, partition, error = %e, "reading the changelog"),
+            None if last_read.elapsed() > RESTORE_STALL => {
+                return Err(KafkaError::Unavailable(format!(
+                    "the changelog {changelog} partition {partition} gave nothing for {RESTORE_STALL:?}"
+                )))
+            }
+            None => {}
+        }
+        if last_log.elapsed() >= Duration::from_secs(5) {
+            last_log = Instant::now();
+            info!(topic = %changelog, partition, read = restore.records(), remaining = (high - next).max(0), "restoring");
+        }
+    }
+    if let Ok(positions) = consumer.position() {
+        if let Some(Offset::Offset(p)) = positions
+            .find_partition(&changelog, partition as i32)
+            .map(|e| e.offset())
+        {
+            next = next.max(p);
+        }
+    }
+    let records = restore.records();
+    let offset = restore.finish(next)?;
+    remaining.set(0);
+    info!(topic = %changelog, partition, records, offset = ?offset, seconds = started.elapsed().as_secs_f64(), "task state restored from its changelog");
+    Ok(records)
+}

@@ -1,0 +1,315 @@
+//! Changelogs: every task's state, written at the end of each epoch to a compacted topic
+//! before the state directory commits it, so that an instance taking a partition over restores
+//! the task's state from there and goes on at exactly the source offset that state is at.
+//!
+//! Rebuilding a partition's state from its source topic alone is wrong once the topic is
+//! compacted: compaction keeps each key's newest *offset*, which may be a late event the task
+//! dropped. The changelog keeps what the task decided instead.
+//!
+//! A changelog partition belongs to the source partition of the same number. It holds, per key,
+//! the record `0x01 ++ key` (the key's bincode, as in the state directory) whose value is the
+//! key's upsert entry as stored (no value: the entry was forgotten), and the record `0x00`
+//! whose value is the offset of the last source record applied (8 bytes, big endian). An epoch
+//! writes each partition's changed entries, then its `0x00` record, in one transaction; the
+//! state directory keeps, with the task's state, the changelog offset it is at (its
+//! *position*), so a later restore reads only what was written after it.
+
+use crate::error::ErrorClass;
+use crate::state::{Commit, StateStore, StoreError};
+
+/// The key of a changelog partition's offset record.
+pub const OFFSET_KEY: &[u8] = &[0];
+/// The first byte of an entry record's key.
+const ENTRY_TAG: u8 = 1;
+
+/// One record for a task's changelog.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ChangelogRecord {
+    /// The task's source, by its position in the topology.
+    pub source: usize,
+    /// The task's partition (the changelog partition of the same number).
+    pub partition: u32,
+    /// The record's key: [`OFFSET_KEY`] or `0x01 ++ key`.
+    pub key: Vec<u8>,
+    /// The record's value; `None` deletes the key from the compacted topic.
+    pub value: Option<Vec<u8>>,
+}
+
+impl ChangelogRecord {
+    /// The record of an upsert entry (`key`: the key's stored bincode; `entry`: the stored
+    /// entry, `None` when forgotten).
+    pub fn entry(source: usize, partition: u32, key: &[u8], entry: Option<Vec<u8>>) -> Self {
+        let mut k = Vec::with_capacity(key.len() + 1);
+        k.push(ENTRY_TAG);
+        k.extend_from_slice(key);
+        ChangelogRecord {
+            source,
+            partition,
+            key: k,
+            value: entry,
+        }
+    }
+
+    /// The record of the last source offset applied.
+    pub fn offset(source: usize, partition: u32, offset: i64) -> Self {
+        ChangelogRecord {
+            source,
+            partition,
+            key: OFFSET_KEY.to_vec(),
+            value: Some(offset.to_be_bytes().to_vec()),
+        }
+    }
+}
+
+/// A changelog record read back.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Logged<'a> {
+    /// The last source offset applied as of this record.
+    Offset(i64),
+    /// A key's upsert entry (`None`: forgotten).
+    Entry {
+        /// The key's stored bincode.
+        key: &'a [u8],
+        /// The stored entry.
+        entry: Option<&'a [u8]>,
+    },
+}
+
+/// Reads a changelog record's key and value.
+pub fn read_record<'a>(
+    key: Option<&'a [u8]>,
+    value: Option<&'a [u8]>,
+) -> Result<Logged<'a>, ChangelogError> {
+    match key {
+        Some(k) if k == OFFSET_KEY => {
+            let bytes: [u8; 8] = value
+                .and_then(|v| v.try_into().ok())
+                .ok_or_else(|| ChangelogError::malformed("an offset record is not 8 bytes"))?;
+            Ok(Logged::Offset(i64::from_be_bytes(bytes)))
+        }
+        Some([ENTRY_TAG, rest @ ..]) if !rest.is_empty() => Ok(Logged::Entry {
+            key: rest,
+            entry: value,
+        }),
+        _ => Err(ChangelogError::malformed(
+            "the key is neither an offset record's nor an entry's",
+        )),
+    }
+}
+
+/// Where a task's changelog stands after a write: the changelog offset after the last record
+/// written for it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Position {
+    /// The task's source.
+    pub source: usize,
+    /// The task's partition.
+    pub partition: u32,
+    /// The changelog offset after the task's last record.
+    pub next: i64,
+}
+
+/// Writes the tasks' changelogs (the Kafka connector implements it).
+pub trait ChangelogWriter: Send + Sync {
+    /// Writes `records` (each partition's in order) atomically and durably; returns the
+    /// position of every partition written to. Called once per epoch, before the state
+    /// directory commits it: an epoch whose changelog is not written is not committed.
+    fn write(&self, records: &[ChangelogRecord]) -> Result<Vec<Position>, ChangelogError>;
+}
+
+/// A changelog that could not be written or read.
+#[derive(Debug, thiserror::Error)]
+#[error("changelog: {message}")]
+pub struct ChangelogError {
+    /// What to do next.
+    pub class: ErrorClass,
+    /// What happened.
+    pub message: String,
+}
+
+impl ChangelogError {
+    /// A record that is not a changelog record: definite (skip it).
+    pub fn malformed(message: &str) -> Self {
+        ChangelogError {
+            class: ErrorClass::Definite,
+            message: message.to_string(),
+        }
+    }
+}
+
+/// What an assignment does with a task's changelog, from the task's position in the state
+/// directory and the changelog partition's first and next offsets.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RestorePlan {
+    /// Read the changelog from this offset (the local position) to its end, over the local
+    /// state.
+    From(i64),
+    /// Drop the local state and read the whole changelog.
+    Whole,
+    /// The changelog has nothing: keep the local state, and log all of it with the next
+    /// epoch (a state directory written before changelogs, or a changelog recreated).
+    LogLocal,
+}
+
+/// Decides how to restore a task whose state directory is at `position` (none: never logged)
+/// and holds state or not (`local_state`), given its changelog partition's `low` and `high`
+/// watermarks.
+pub fn plan_restore(position: Option<i64>, local_state: bool, low: i64, high: i64) -> RestorePlan {
+    let empty = high <= low;
+    match position {
+        _ if empty && local_state => RestorePlan::LogLocal,
+        Some(p) if p >= low && p <= high => RestorePlan::From(p),
+        // Behind the changelog's start, or past its end (the topic was recreated).
+        Some(p) if p > high && local_state => RestorePlan::LogLocal,
+        _ => RestorePlan::Whole,
+    }
+}
+
+/// Most records restored before they are written to the state directory (unsynced: only the
+/// final write, with the offset and position, makes the restored state count).
+const RESTORE_CHUNK: usize = 10_000;
+
+/// A task's state being restored from its changelog into the state directory.
+pub struct Restore {
+    store: StateStore,
+    source: usize,
+    partition: u32,
+    topic: String,
+    commit: Commit,
+    offset: Option<i64>,
+    records: u64,
+}
+
+impl Restore {
+    /// Starts restoring `source`/`partition` (read from `topic`); with `whole`, the local state
+    /// of the task is dropped first.
+    pub fn start(
+        store: &StateStore,
+        source: usize,
+        partition: u32,
+        topic: &str,
+        whole: bool,
+    ) -> Result<Restore, StoreError> {
+        if whole {
+            store.drop_task(source, partition, topic)?;
+        }
+        Ok(Restore {
+            store: store.clone(),
+            source,
+            partition,
+            topic: topic.to_string(),
+            commit: store.commit(),
+            offset: None,
+            records: 0,
+        })
+    }
+
+    /// Applies one changelog record; a malformed one is refused (the caller logs and skips it).
+    pub fn apply(&mut self, key: Option<&[u8]>, value: Option<&[u8]>) -> Result<(), RestoreError> {
+        match read_record(key, value)? {
+            Logged::Offset(offset) => self.offset = Some(offset),
+            Logged::Entry { key, entry } => {
+                self.commit
+                    .put_stored_entry(self.source, self.partition, key, entry);
+            }
+        }
+        self.records += 1;
+        if self.commit.len() >= RESTORE_CHUNK {
+            let chunk = std::mem::replace(&mut self.commit, self.store.commit());
+            self.store.write_unsynced(chunk)?;
+        }
+        Ok(())
+    }
+
+    /// Records read so far.
+    pub fn records(&self) -> u64 {
+        self.records
+    }
+
+    /// Ends the restore at changelog offset `next`: writes what is left, the source offset
+    /// and the position, durably. Returns the source offset the task is at.
+    pub fn finish(mut self, next: i64) -> Result<Option<i64>, StoreError> {
+        if let Some(offset) = self.offset {
+            self.commit.put_offset(&self.topic, self.partition, offset);
+        }
+        self.commit
+            .put_changelog_position(self.source, self.partition, next);
+        self.store.write(self.commit)?;
+        self.store.offset(&self.topic, self.partition)
+    }
+}
+
+/// A restore that failed.
+#[derive(Debug, thiserror::Error)]
+pub enum RestoreError {
+    /// A record is not a changelog record (skip it).
+    #[error(transparent)]
+    Malformed(#[from] ChangelogError),
+    /// The state directory failed: fatal.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records_read_back() {
+        let offset = ChangelogRecord::offset(0, 3, 41);
+        assert_eq!(
+            read_record(Some(&offset.key), offset.value.as_deref()).unwrap(),
+            Logged::Offset(41)
+        );
+        let entry = ChangelogRecord::entry(0, 3, b"k", Some(b"e".to_vec()));
+        assert_eq!(
+            read_record(Some(&entry.key), entry.value.as_deref()).unwrap(),
+            Logged::Entry {
+                key: b"k",
+                entry: Some(b"e")
+            }
+        );
+        let forgotten = ChangelogRecord::entry(0, 3, b"k", None);
+        assert_eq!(
+            read_record(Some(&forgotten.key), None).unwrap(),
+            Logged::Entry {
+                key: b"k",
+                entry: None
+            }
+        );
+    }
+
+    #[test]
+    fn foreign_records_are_malformed() {
+        for (key, value) in [
+            (None, Some(&b"x"[..])),
+            (Some(&b"\x02k"[..]), Some(&b"x"[..])),
+            (Some(&b"\x01"[..]), Some(&b"x"[..])),
+            (Some(OFFSET_KEY), Some(&b"123"[..])),
+            (Some(OFFSET_KEY), None),
+        ] {
+            let err = read_record(key, value).unwrap_err();
+            assert_eq!(err.class, ErrorClass::Definite);
+        }
+    }
+
+    #[test]
+    fn restore_plans() {
+        use RestorePlan::*;
+        // Never logged, nothing local: the whole changelog.
+        assert_eq!(plan_restore(None, false, 0, 0), Whole);
+        assert_eq!(plan_restore(None, false, 0, 10), Whole);
+        // Local state from before changelogs, changelog empty: log it.
+        assert_eq!(plan_restore(None, true, 0, 0), LogLocal);
+        // Local state at a position: from there.
+        assert_eq!(plan_restore(Some(7), true, 0, 10), From(7));
+        assert_eq!(plan_restore(Some(10), true, 0, 10), From(10));
+        // Behind the changelog's start: the whole changelog.
+        assert_eq!(plan_restore(Some(2), true, 5, 10), Whole);
+        // Past its end: the topic was recreated; the local state is logged again.
+        assert_eq!(plan_restore(Some(20), true, 0, 10), LogLocal);
+        assert_eq!(plan_restore(Some(20), true, 0, 0), LogLocal);
+        // Another writer's state and no local state: the whole changelog.
+        assert_eq!(plan_restore(None, true, 0, 10), Whole);
+    }
+}
