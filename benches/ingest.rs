@@ -72,6 +72,8 @@ fn main() {
         Ok("copy") => copy_phase(),
         Ok("sink") => sink_phase(false),
         Ok("sink-load") => sink_phase(true),
+        Ok("restore") => restore_phase(),
+        Ok("changelog-consume") => changelog_consume_phase(),
         _ => orchestrate(),
     }
 }
@@ -91,20 +93,19 @@ fn topology_text(run: &str, tables: Tables) -> String {
         "/topologies/user-directory.toml"
     ))
     .unwrap();
-    let text = match tables {
-        Tables::All => text.as_str(),
-        Tables::Internal => internal_tables_only(&text),
+    let (text, name) = match tables {
+        Tables::All => (text.as_str(), format!("bench-{run}-all")),
+        Tables::Internal => (internal_tables_only(&text), format!("bench-{run}-internal")),
     };
-    text.replace(
-        "name = \"user-directory\"",
-        &format!("name = \"bench-{run}\""),
-    )
-    .replace("topic = \"user\"", &format!("topic = \"user-{run}\""))
-    .replace("table = \"app.", &format!("table = \"bench_{run}."))
-    .replace(
-        "topic = \"department\"",
-        &format!("topic = \"department-{run}\""),
-    )
+    // One topology name per run: each starts from nothing (its own consumer group and
+    // changelogs, which the other run would otherwise restore its state from).
+    text.replace("name = \"user-directory\"", &format!("name = \"{name}\""))
+        .replace("topic = \"user\"", &format!("topic = \"user-{run}\""))
+        .replace("table = \"app.", &format!("table = \"bench_{run}."))
+        .replace(
+            "topic = \"department\"",
+            &format!("topic = \"department-{run}\""),
+        )
 }
 
 fn orchestrate() {
@@ -162,6 +163,10 @@ fn orchestrate() {
     };
     let raw_first = child("consume");
     let internal = child("engine-internal");
+    // The internal run's changelog, restored into an empty state directory, and read by a
+    // raw consumer.
+    let restore = child("restore");
+    let changelog_raw = child("changelog-consume");
     let engine = child("engine");
     // The raw consumer is measured before and after the engine runs, and the faster run is
     // the baseline: the machine's noise then cannot flatter miroir's share.
@@ -267,13 +272,129 @@ fn orchestrate() {
     let current = std::fs::read_to_string(path).unwrap_or_else(|_| "# Benchmarks\n\n".into());
     let updated = replace_section(&current, "ingest", &report);
     let updated = replace_section(&updated, "postgres", &postgres);
+    let updated = replace_section(
+        &updated,
+        "restore",
+        &restore_report(&restore, &changelog_raw),
+    );
     std::fs::write(path, updated).unwrap();
     eprintln!("bench: wrote {path}");
     // A run leaves about 200 MB in the broker otherwise.
-    let department = format!("department-{run}");
-    if let Err(e) = delete_topics(&config, &[topic.as_str(), department.as_str()]) {
+    let listed = topic_names(&config);
+    let mine: Vec<&str> = listed
+        .iter()
+        .map(String::as_str)
+        .filter(|t| t.contains(run.as_str()))
+        .collect();
+    if let Err(e) = delete_topics(&config, &mine) {
         eprintln!("bench: could not delete the run's topics: {e}");
     }
+}
+
+/// The names of the broker's topics.
+fn topic_names(config: &KafkaConfig) -> Vec<String> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &config.brokers)
+        .create()
+        .unwrap();
+    miroir_connectors::kafka::admin::topics(consumer.client())
+        .unwrap()
+        .into_iter()
+        .map(|(t, _)| t)
+        .collect()
+}
+
+/// The restore section: `restore` is [secs, records], `raw` is [secs, records].
+fn restore_report(restore: &[f64], raw: &[f64]) -> String {
+    let restore_rate = restore[1] / restore[0];
+    let raw_rate = raw[1] / raw[0];
+    format!(
+        "<!-- restore:begin -->\n\
+         ## Restoring a partition's state from its changelog\n\n\
+         Same command and run as the ingest benchmark: the changelog the internal-table run \
+         wrote (`users`, {PARTITIONS} partitions, compacted, one transaction per epoch) is \
+         restored into an empty state directory, partition after partition, as an instance \
+         taking the partitions over does; the baseline reads the same changelog with a raw \
+         `read_committed` consumer.\n\n\
+         | reader | records | seconds | records/s | of the raw consumer |\n|---|---|---|---|---|\n\
+         | raw rdkafka `BaseConsumer`, `read_committed` (baseline) | {} | {:.3} | {:.0} | 100% |\n\
+         | miroir's restore (entries into RocksDB, then the offset and position, synced) | {} | {:.3} | {:.0} | **{:.0}%** |\n\n\
+         Target: at least 50% of the raw consumer's rate.\n\
+         <!-- restore:end -->\n",
+        raw[1] as u64,
+        raw[0],
+        raw_rate,
+        restore[1] as u64,
+        restore[0],
+        restore_rate,
+        restore_rate / raw_rate * 100.0,
+    )
+}
+
+/// Restores the internal run's `users` changelog into an empty state directory.
+fn restore_phase() {
+    use miroir::miroir_engine::metrics::Metrics;
+    use miroir::miroir_engine::state::StateStore;
+    use miroir::miroir_engine::topology::Topology;
+    use miroir_connectors::kafka::changelog::Restorer;
+    let run = std::env::var("MIROIR_BENCH_RUN").unwrap();
+    let topology = Topology::parse("bench", &topology_text(&run, Tables::Internal)).unwrap();
+    let state = tempfile::tempdir().unwrap();
+    let store = StateStore::open(state.path(), &[]).unwrap();
+    let restorer = Restorer::new(&KafkaConfig::new(brokers())).unwrap();
+    let metrics = Metrics::new();
+    let started = Instant::now();
+    let mut records = 0;
+    for p in 0..PARTITIONS as u32 {
+        records += restorer
+            .restore(&topology, (&store, &metrics), (0, p), &|_| {})
+            .unwrap();
+    }
+    let secs = started.elapsed().as_secs_f64();
+    println!("RESULT {secs} {records}");
+}
+
+/// Reads the internal run's `users` changelog with a raw `read_committed` consumer.
+fn changelog_consume_phase() {
+    use miroir::miroir_engine::topology::Topology;
+    let run = std::env::var("MIROIR_BENCH_RUN").unwrap();
+    let topology = Topology::parse("bench", &topology_text(&run, Tables::Internal)).unwrap();
+    let topic = miroir_connectors::kafka::changelog::topic(&topology, 0);
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .set("group.id", format!("bench-raw-changelog-{run}"))
+        .set("enable.auto.commit", "false")
+        .set("enable.partition.eof", "true")
+        .set("isolation.level", "read_committed")
+        .set("fetch.wait.max.ms", "10")
+        .create()
+        .unwrap();
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..PARTITIONS {
+        tpl.add_partition_offset(&topic, p, Offset::Beginning)
+            .unwrap();
+    }
+    consumer.assign(&tpl).unwrap();
+    let started = Instant::now();
+    let (mut records, mut ended) = (0u64, 0);
+    let mut bytes = 0usize;
+    while ended < PARTITIONS {
+        match consumer.poll(Duration::from_millis(100)) {
+            Some(Ok(m)) => {
+                bytes += rdkafka::Message::payload(&m).map_or(0, <[u8]>::len);
+                records += 1;
+            }
+            Some(Err(rdkafka::error::KafkaError::PartitionEOF(_))) => ended += 1,
+            _ => {}
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(600),
+            "stalled at {records}"
+        );
+    }
+    let secs = started.elapsed().as_secs_f64();
+    eprintln!("raw changelog: {records} records, {bytes} bytes");
+    println!("RESULT {secs} {records}");
 }
 
 /// Reads `value` of a Prometheus sample line `name ... value` (summed over label sets).

@@ -171,6 +171,7 @@ async fn ready(State(inner): State<Arc<Inner>>) -> Response {
     let body = json!({
         "ready": inner.ready(),
         "lag": status.lag,
+        "restore_remaining": status.restore_remaining,
         "failure": status.failure,
         "sink_failure": status.sink_failure,
         "commands": inner.processors.iter().map(|(name, p)| json!({

@@ -371,6 +371,7 @@ impl EngineBuilder {
                 partitions: runtime.owned_partitions(),
                 restoring: runtime.restoring_partitions(),
                 lag: runtime.status().lag,
+                restore_remaining: runtime.status().restore_remaining,
             }
         })?;
         let mut processors = Vec::new();

@@ -250,15 +250,16 @@ impl Restorer {
 
     /// Restores the state of `source`/`partition` from its changelog into `store`, as far as
     /// the changelog goes beyond the state directory's position (see [`plan_restore`]);
-    /// returns the number of records read.
+    /// returns the number of records read. `progress` hears the records still to read, now
+    /// and then.
     pub fn restore(
         &self,
         topology: &Topology,
-        store: &StateStore,
-        metrics: &Metrics,
+        (store, metrics): (&StateStore, &Metrics),
         task: (usize, u32),
+        progress: &dyn Fn(i64),
     ) -> Result<u64, KafkaError> {
-        let restored = restore(&self.consumer, topology, store, metrics, task);
+        let restored = restore(&self.consumer, topology, (store, metrics), task, progress);
         self.consumer.unassign()?;
         restored
     }
@@ -267,9 +268,9 @@ impl Restorer {
 fn restore(
     consumer: &BaseConsumer<TailContext>,
     topology: &Topology,
-    store: &StateStore,
-    metrics: &Metrics,
+    (store, metrics): (&StateStore, &Metrics),
     (source, partition): (usize, u32),
+    progress: &dyn Fn(i64),
 ) -> Result<u64, KafkaError> {
     let changelog = topic(topology, source);
     let src_topic = &topology.sources[source].topic;
@@ -306,6 +307,7 @@ fn restore(
         Offset::Offset(p) => p,
         _ => low,
     };
+    progress((high - next).max(0));
     let (mut last_read, mut last_log) = (Instant::now(), Instant::now());
     loop {
         match consumer.poll(Duration::from_millis(100)) {
@@ -326,6 +328,9 @@ fn restore(
                 }
                 restored.inc();
                 remaining.set((high - next).max(0));
+                if restore.records() % 1000 == 0 {
+                    progress((high - next).max(0));
+                }
             }
             Some(Err(rdkafka::error::KafkaError::PartitionEOF(_))) => break,
             Some(Err(e)) => warn!(topic = %changelog, partition, error = %e, "reading the changelog"),

@@ -170,10 +170,16 @@ impl SourceContext {
         };
         for (source, partitions) in self.by_source(tpl) {
             for partition in partitions {
-                let restored =
-                    restorer.restore(topology, &store, &self.metrics, (source, partition));
+                let topic = &topology.sources[source].topic;
+                let progress = |left| self.runtime.report_restore(topic, partition, Some(left));
+                let restored = restorer.restore(
+                    topology,
+                    (&store, &self.metrics),
+                    (source, partition),
+                    &progress,
+                );
+                self.runtime.report_restore(topic, partition, None);
                 if let Err(e) = restored {
-                    let topic = &topology.sources[source].topic;
                     error!(topic, partition, error = %e, "cannot restore the partition's state from its changelog; stopping");
                     self.runtime.fail(format!(
                         "cannot restore partition {partition} of {topic} from its changelog: {e}"

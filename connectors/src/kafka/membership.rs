@@ -52,6 +52,10 @@ pub struct Member {
     /// Records not yet applied across its partitions, when known.
     #[serde(default)]
     pub lag: Option<i64>,
+    /// Changelog records it still reads before partitions it restores from their changelogs
+    /// open; `None` while it restores none.
+    #[serde(default)]
+    pub restore_remaining: Option<i64>,
     /// When it wrote the record (ms since the epoch).
     pub at_ms: i64,
 }
@@ -65,11 +69,13 @@ pub struct Ownership {
     pub restoring: BTreeMap<String, Vec<u32>>,
     /// Records not yet applied across its partitions, when known.
     pub lag: Option<i64>,
+    /// Changelog records still to read by its restores, while there are any.
+    pub restore_remaining: Option<i64>,
 }
 
 impl Ownership {
-    /// Whether `other` says something else of the partitions (the lag aside, which the
-    /// heartbeat carries).
+    /// Whether `other` says something else of the partitions (the lag and the restore's
+    /// progress aside, which the heartbeat carries).
     fn moved(&self, other: &Ownership) -> bool {
         self.partitions != other.partitions || self.restoring != other.restoring
     }
@@ -245,6 +251,7 @@ impl Keeper {
             partitions: ownership.partitions.clone(),
             restoring: ownership.restoring.clone(),
             lag: ownership.lag,
+            restore_remaining: ownership.restore_remaining,
             at_ms: now_ms(),
         };
         let record = serde_json::to_vec(&member).expect("records serialize");
@@ -275,6 +282,7 @@ mod tests {
             partitions: BTreeMap::from([("user".to_string(), vec![0, 2])]),
             restoring: BTreeMap::from([("user".to_string(), vec![2])]),
             lag: Some(3),
+            restore_remaining: Some(10),
             at_ms: 1,
         };
         assert!(m.owns("user", 2));

@@ -230,6 +230,13 @@ impl Runtime {
         self.store.lock().clone()
     }
 
+    /// Reports that `partition` of `topic` has `remaining` records of its changelog to read
+    /// before its task opens (`None`: its restore ended); such a partition counts as
+    /// restoring.
+    pub fn report_restore(&self, topic: &str, partition: u32, remaining: Option<i64>) {
+        self.status.changelog_restore(topic, partition, remaining);
+    }
+
     /// The partition count of a source topic, once the connector has seen it.
     pub fn partition_count(&self, topic: &str) -> Option<u32> {
         self.status.partition_count(topic)

@@ -36,6 +36,9 @@ pub(crate) struct Status {
     /// they must reach (the partition's end when the first watermark after their opening
     /// came; `None` until then).
     restoring: Mutex<HashMap<TopicPartition, Option<i64>>>,
+    /// The partitions whose state is being read from their changelog before their task opens,
+    /// with the changelog records still to read.
+    changelog: Mutex<std::collections::BTreeMap<TopicPartition, i64>>,
     /// Whether the external database accepts batches.
     pub(crate) sink: Arc<SinkHealth>,
 }
@@ -56,6 +59,9 @@ pub struct StatusSnapshot {
     pub failure: Option<String>,
     /// Why the external database is not up to date, while it is not.
     pub sink_failure: Option<String>,
+    /// Changelog records still to read before the partitions being restored from their
+    /// changelogs open; `None` while none is.
+    pub restore_remaining: Option<i64>,
 }
 
 impl Status {
@@ -72,7 +78,25 @@ impl Status {
             lag: self.lag(),
             failure,
             sink_failure: self.sink.failure(),
+            restore_remaining: self.restore_remaining(),
         }
+    }
+
+    /// Records that `partition` of `topic` has `remaining` changelog records to read before
+    /// its task opens; `None`: its restore ended.
+    pub(crate) fn changelog_restore(&self, topic: &str, partition: u32, remaining: Option<i64>) {
+        let tp = (topic.to_string(), partition);
+        let mut changelog = self.changelog.lock();
+        match remaining {
+            Some(r) => changelog.insert(tp, r),
+            None => changelog.remove(&tp),
+        };
+    }
+
+    /// Changelog records still to read across the partitions being restored.
+    fn restore_remaining(&self) -> Option<i64> {
+        let changelog = self.changelog.lock();
+        (!changelog.is_empty()).then(|| changelog.values().sum())
     }
 
     /// Records not yet applied across the assigned partitions (see [`StatusSnapshot::lag`]).
@@ -153,14 +177,21 @@ impl Status {
     /// in order.
     pub(crate) fn restoring(&self) -> std::collections::BTreeMap<String, Vec<u32>> {
         let mut restoring = std::collections::BTreeMap::<String, Vec<u32>>::new();
+        for (topic, partition) in self.changelog.lock().keys() {
+            restoring.entry(topic.clone()).or_default().push(*partition);
+        }
         for (topic, partitions) in self.owned() {
             let waiting: Vec<u32> = partitions
                 .into_iter()
                 .filter(|p| !self.restored(&topic, *p))
                 .collect();
             if !waiting.is_empty() {
-                restoring.insert(topic, waiting);
+                restoring.entry(topic).or_default().extend(waiting);
             }
+        }
+        for partitions in restoring.values_mut() {
+            partitions.sort_unstable();
+            partitions.dedup();
         }
         restoring
     }
