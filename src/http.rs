@@ -7,7 +7,7 @@
 //! | `GET /metrics` | Prometheus text |
 //! | `GET /v1/topology` | sources, tables, their columns and keys, and the operator graph |
 //! | `GET /v1/cluster` | this instance, and every live instance of the topology with its address and the partitions it owns |
-//! | `GET /v1/tables/{table}/rows/{key}` | the row with its partition, the instance that served it and its freshness; 404 when absent, 400 when `key` is not a key of the table. Asked of an instance that does not own the key's partition, forwarded to the one that does; 503 with `Retry-After` while the partition has no owner. `?local=true` answers from this instance's state alone; `?min_offset=P:O&wait=5s` waits until that record of the source topic is applied |
+//! | `GET /v1/tables/{table}/rows/{key}` | the row with its partition, the instance that served it and its freshness; 404 when absent, 400 when `key` is not a key of the table. Asked of an instance that does not own the key's partition, forwarded to the one that does; 503 with `Retry-After` while the partition has no owner. `?local=true` answers from this instance's state alone; `?min_offset=P:O&wait=5s` waits until that record of the source topic is applied, `?min_version=V&wait=5s` until an event of the key's entity with at least that version (the source's `late.order_by`) is |
 //! | `GET /v1/tables/{table}/rows?prefix=&limit=&after=` | rows whose key starts with `prefix`, in key order, from every instance (limit ≤ 10000, default 100), and the cursor `next` to pass as `after` for the next page (`null` after the last); `?local=true` scans this instance alone |
 //!
 //! A key is written in its URL form ([`miroir_engine::value::key_text`]): the parts of a
@@ -232,23 +232,39 @@ struct RowParams {
     /// `P:O`: answer once the record at offset `O` of partition `P` of the table's source
     /// topic is applied (read your writes: a command's reply gives both).
     min_offset: Option<String>,
-    /// How long to wait for `min_offset` (a duration; default 5 s, at most 30 s).
+    /// `V`: answer once an event of the key's entity with at least version `V` (the source's
+    /// `late.order_by`) is applied (a command's reply gives it).
+    min_version: Option<String>,
+    /// How long to wait for `min_offset` or `min_version` (a duration; default 5 s, at most
+    /// 30 s).
     wait: Option<String>,
+}
+
+/// What a row query waits for before it answers.
+enum Awaited {
+    /// The record at this offset of this partition of the table's source topic.
+    Offset(u32, i64),
+    /// An event of the key's entity with at least this version (as the query gave it).
+    Version(String),
 }
 
 /// The longest `wait` of a row query.
 const MAX_WAIT: Duration = Duration::from_secs(30);
 
 impl RowParams {
-    /// The partition and offset to wait for, and how long; an error message when malformed.
-    fn min_offset(&self) -> Result<Option<(u32, i64, Duration)>, String> {
-        let Some(spec) = &self.min_offset else {
-            return Ok(None);
+    /// What to wait for, and how long; an error message when malformed.
+    fn awaited(&self) -> Result<Option<(Awaited, Duration)>, String> {
+        let awaited = match (&self.min_offset, &self.min_version) {
+            (None, None) => return Ok(None),
+            (Some(_), Some(_)) => {
+                return Err("min_offset and min_version exclude each other".into())
+            }
+            (Some(spec), None) => spec
+                .split_once(':')
+                .and_then(|(p, o)| Some(Awaited::Offset(p.parse().ok()?, o.parse().ok()?)))
+                .ok_or_else(|| format!("min_offset `{spec}` is not PARTITION:OFFSET"))?,
+            (None, Some(version)) => Awaited::Version(version.clone()),
         };
-        let at = spec
-            .split_once(':')
-            .and_then(|(p, o)| Some((p.parse().ok()?, o.parse().ok()?)))
-            .ok_or_else(|| format!("min_offset `{spec}` is not PARTITION:OFFSET"))?;
         let wait = match &self.wait {
             None => Duration::from_secs(5),
             Some(w) => humantime::parse_duration(w)
@@ -256,31 +272,48 @@ impl RowParams {
                 .filter(|d| *d <= MAX_WAIT)
                 .ok_or_else(|| format!("wait `{w}` is not a duration up to 30s"))?,
         };
-        Ok(Some((at.0, at.1, wait)))
+        Ok(Some((awaited, wait)))
     }
 }
 
-/// Waits until the record at `offset` of `partition` of `table`'s source topic is applied
-/// here, for at most `wait`; the answer to give instead when it is not.
-async fn wait_for_offset(
+/// Waits until what the query awaits for `key` of `table` is applied here, for at most
+/// `wait`; the answer to give instead when it is not.
+async fn wait_until_applied(
     inner: &Inner,
-    table: &str,
-    (partition, offset, wait): (u32, i64, Duration),
+    (table, key): (&str, &str),
+    (awaited, wait): (Awaited, Duration),
 ) -> Result<(), Response> {
-    let topic = inner
-        .source_topic(table)
-        .map_err(|e| error(StatusCode::BAD_REQUEST, e))?;
     let deadline = tokio::time::Instant::now() + wait;
     loop {
-        let applied = inner.runtime.committed_offset(&topic, partition);
-        if applied.is_some_and(|a| a >= offset) {
+        let (done, applied, what) = match &awaited {
+            Awaited::Offset(partition, offset) => {
+                let (_, source) = inner
+                    .source_of(table, "min_offset")
+                    .map_err(|e| error(StatusCode::BAD_REQUEST, e))?;
+                let applied = inner.runtime.committed_offset(&source.topic, *partition);
+                let what = format!(
+                    "offset {offset} of partition {partition} of {}",
+                    source.topic
+                );
+                (applied.is_some_and(|a| a >= *offset), json!(applied), what)
+            }
+            Awaited::Version(version) => {
+                let (applied, wanted) = inner
+                    .applied_version(table, key, version)
+                    .map_err(|e| error(StatusCode::BAD_REQUEST, e))?;
+                let what = format!("version {version} of key `{key}`");
+                let done = applied.as_ref().is_some_and(|a| *a >= wanted);
+                (done, json!(applied.map(|v| v.to_key_text())), what)
+            }
+        };
+        if done {
             return Ok(());
         }
         if tokio::time::Instant::now() >= deadline {
             let mut response = (
                 StatusCode::SERVICE_UNAVAILABLE,
                 Json(json!({
-                    "error": format!("offset {offset} of partition {partition} of {topic} is not applied after {wait:?}; ask again"),
+                    "error": format!("{what} is not applied after {wait:?}; ask again"),
                     "applied_up_to": applied,
                 })),
             )
@@ -301,8 +334,8 @@ async fn row(
     RawQuery(query): RawQuery,
     headers: HeaderMap,
 ) -> Response {
-    let min_offset = match p.min_offset() {
-        Ok(m) => m,
+    let awaited = match p.awaited() {
+        Ok(a) => a,
         Err(message) => return error(StatusCode::BAD_REQUEST, message),
     };
     if !p.local {
@@ -314,7 +347,7 @@ async fn row(
                     table: &table,
                     key: &key,
                     query: query.as_deref(),
-                    wait: min_offset.map_or(Duration::ZERO, |(_, _, w)| w),
+                    wait: awaited.as_ref().map_or(Duration::ZERO, |(_, w)| *w),
                 };
                 return inner
                     .forwarder
@@ -332,8 +365,8 @@ async fn row(
             Err(e) => return query_error(e),
         }
     }
-    if let Some(at) = min_offset {
-        if let Err(response) = wait_for_offset(&inner, &table, at).await {
+    if let Some(awaited) = awaited {
+        if let Err(response) = wait_until_applied(&inner, (&table, &key), awaited).await {
             return response;
         }
     }

@@ -48,13 +48,14 @@ use miroir_connectors::kafka::{KafkaConfig, KafkaError};
 use miroir_connectors::postgres::sink::PostgresSink;
 use miroir_connectors::postgres::{database_url, PostgresError};
 use miroir_engine::changelog::ChangelogWriter;
+use miroir_engine::ingest::upsert::Entry;
 use miroir_engine::metrics::Metrics;
 use miroir_engine::partition::partition_for_key;
 use miroir_engine::runtime::{Runtime, RuntimeConfig, RuntimeError, StatusSnapshot};
 use miroir_engine::state::{StateStore, StoreError, TableReader};
-use miroir_engine::topology::{Topology, TopologyError};
+use miroir_engine::topology::{Source, Topology, TopologyError};
 use miroir_engine::value::{
-    format_timestamp, parse_key_prefix, parse_key_text, ColumnType, KeyTextError,
+    format_timestamp, parse_key_prefix, parse_key_text, ColumnType, KeyTextError, Value,
 };
 use serde::{Deserialize, Serialize};
 
@@ -586,15 +587,54 @@ impl Inner {
         }
     }
 
-    /// The source topic whose partitions `table`'s rows live with; why not, for a table that
-    /// is not keyed by a source key.
-    fn source_topic(&self, table: &str) -> Result<String, String> {
+    /// The source whose partitions `table`'s rows live with; why not, for a table that is not
+    /// keyed by a source key (`what` names what then does not apply).
+    fn source_of(&self, table: &str, what: &str) -> Result<(usize, &Source), String> {
         let plan = self.internal(table).map_err(|e| e.to_string())?;
         plan.partitioned_by(|s| self.topology.sources[s].key)
-            .map(|s| self.topology.sources[s].topic.clone())
+            .map(|s| (s, &self.topology.sources[s]))
             .ok_or_else(|| {
-                format!("table `{table}` is not keyed by a source key: min_offset does not apply")
+                format!("table `{table}` is not keyed by a source key: {what} does not apply")
             })
+    }
+
+    /// The version (the source's `late.order_by` value) of the last event applied to the
+    /// entity of `key` in `table` and committed here, and the version `wanted` parsed as one;
+    /// why not, for a table or a text this does not apply to.
+    fn applied_version(
+        &self,
+        table: &str,
+        key: &str,
+        wanted: &str,
+    ) -> Result<(Option<Value>, Value), String> {
+        let (index, source) = self.source_of(table, "min_version")?;
+        let late = source.late.as_ref().ok_or_else(|| {
+            format!(
+                "source `{}` has no late.order_by: min_version does not apply",
+                source.name
+            )
+        })?;
+        let ty = source.columns[late.order_by].ty;
+        let wanted = Value::parse_key_text(wanted, ty)
+            .ok_or_else(|| format!("min_version `{wanted}` is not a {}", ty.name()))?;
+        let plan = self.internal(table).map_err(|e| e.to_string())?;
+        let values = parse_key_text(key, &key_types(plan)).map_err(|e| e.to_string())?;
+        let Some((_, partition)) = self.partition_of(plan, &values) else {
+            return Ok((None, wanted));
+        };
+        let stored = self
+            .runtime
+            .state_store()
+            .map(|store| store.upsert_entry(index, partition, &values[0]))
+            .transpose()
+            .map_err(|e| e.to_string())?
+            .flatten();
+        let entry = stored
+            .map(|bytes| Entry::decode_stored(&bytes))
+            .transpose()
+            .map_err(|e| e.to_string())?;
+        let applied = entry.and_then(|e| e.versions.into_iter().map(|(_, v)| v).max());
+        Ok((applied, wanted))
     }
 
     /// Where the row of `key` in `table` is served.

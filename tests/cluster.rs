@@ -486,7 +486,7 @@ fn the_embedded_engine_asks_the_owner_of_a_key_it_does_not_own() {
 }
 
 #[test]
-fn a_query_with_min_offset_waits_until_that_record_is_applied() {
+fn a_query_with_min_offset_or_min_version_waits_until_that_write_is_applied() {
     let Setup {
         run: _run,
         t,
@@ -547,6 +547,40 @@ fn a_query_with_min_offset_waits_until_that_record_is_applied() {
         "/v1/tables/user_contacts/rows/u-new?min_offset=x",
     );
     assert_eq!(status, 400);
+
+    // The same by the entity's version (the source's late.order_by), as a command's reply
+    // gives it.
+    let payload = payload
+        .replace(r#""version":1"#, r#""version":2"#)
+        .replace("New@Example.org", "second@example.org");
+    block_on(
+        producer.send(
+            rdkafka::producer::FutureRecord::to(&t.user_topic)
+                .key("u-new")
+                .payload(&payload),
+            Duration::from_secs(10),
+        ),
+    )
+    .map_err(|(e, _)| e)
+    .unwrap();
+    for instance in [&a, &b] {
+        let path = "/v1/tables/user_contacts/rows/u-new?min_version=2&wait=10s";
+        let (status, answer) = get(&client, instance.port, path);
+        assert_eq!(status, 200, "{answer}");
+        assert_eq!(answer["row"]["email"], "second@example.org");
+    }
+    let path = "/v1/tables/user_contacts/rows/u-new?min_version=3&wait=200ms";
+    let (status, answer) = get(&client, b.port, path);
+    assert_eq!(status, 503, "a version not there yet: {answer}");
+    assert_eq!(answer["applied_up_to"], "2", "how far it got: {answer}");
+    for bad in ["min_version=two", "min_version=2&min_offset=0:1"] {
+        let (status, answer) = get(
+            &client,
+            b.port,
+            &format!("/v1/tables/user_contacts/rows/u-new?{bad}"),
+        );
+        assert_eq!(status, 400, "{bad}: {answer}");
+    }
 }
 
 #[test]

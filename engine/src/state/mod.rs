@@ -449,6 +449,19 @@ impl StateStore {
             .transpose()
     }
 
+    /// The persisted upsert entry of `key` in `source`/`partition`, as stored (see
+    /// [`crate::ingest::upsert::Entry::decode_stored`]).
+    pub fn upsert_entry(
+        &self,
+        source: usize,
+        partition: u32,
+        key: &Value,
+    ) -> Result<Option<Vec<u8>>, StoreError> {
+        let mut k = upsert_prefix(source, partition);
+        bincode::Options::serialize_into(codec(), &mut k, key).expect("values serialize");
+        self.get_state(&k)
+    }
+
     /// The persisted upsert entries of `source`/`partition` (see
     /// [`crate::ingest::upsert::Entry`]), each decoded by `decode_entry`.
     pub fn upsert_entries<E>(
