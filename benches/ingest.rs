@@ -69,6 +69,7 @@ fn main() {
         Ok("consume") => consume_phase(),
         Ok("engine") => engine_phase(Tables::All),
         Ok("engine-internal") => engine_phase(Tables::Internal),
+        Ok("engine-unlogged") => engine_phase(Tables::Unlogged),
         Ok("copy") => copy_phase(),
         Ok("sink") => sink_phase(false),
         Ok("sink-load") => sink_phase(true),
@@ -85,6 +86,8 @@ enum Tables {
     Internal,
     /// Every table, the two external ones in PostgreSQL included.
     All,
+    /// The internal table alone, without changelogs: what they cost.
+    Unlogged,
 }
 
 fn topology_text(run: &str, tables: Tables) -> String {
@@ -96,6 +99,7 @@ fn topology_text(run: &str, tables: Tables) -> String {
     let (text, name) = match tables {
         Tables::All => (text.as_str(), format!("bench-{run}-all")),
         Tables::Internal => (internal_tables_only(&text), format!("bench-{run}-internal")),
+        Tables::Unlogged => (internal_tables_only(&text), format!("bench-{run}-unlogged")),
     };
     // One topology name per run: each starts from nothing (its own consumer group and
     // changelogs, which the other run would otherwise restore its state from).
@@ -163,6 +167,7 @@ fn orchestrate() {
     };
     let raw_first = child("consume");
     let internal = child("engine-internal");
+    let unlogged = child("engine-unlogged");
     // The internal run's changelog, restored into an empty state directory, and read by a
     // raw consumer.
     let restore = child("restore");
@@ -198,6 +203,7 @@ fn orchestrate() {
          | run | time (s) | events/s | of the raw consumer | peak RSS (MiB) |\n|---|---|---|---|---|\n\
          | raw rdkafka `BaseConsumer` (baseline) | {:.2} | {:.0} | 100% | {:.0} |\n\
          | miroir, the internal table alone (`user_contacts`: late policy, filter, map) | {:.2} | {:.0} | **{:.0}%** | {:.0} |\n\
+         | miroir, the internal table alone, without changelogs (`--no-changelog`) | {:.2} | {:.0} | {:.0}% | {:.0} |\n\
          | miroir, all 3 tables (the internal one; a left join, and a join + group by, in PostgreSQL) | {:.2} | {:.0} | {:.0}% | {:.0} |\n\n\
          Target: at least 50% of the raw consumer rate for the internal table. A miroir time \
          runs from `Engine::start` (group join included) until every offset is committed with its \
@@ -212,6 +218,10 @@ fn orchestrate() {
         internal_rate,
         internal_rate / raw_rate * 100.0,
         internal[1],
+        unlogged[0],
+        events as f64 / unlogged[0],
+        events as f64 / unlogged[0] / raw_rate * 100.0,
+        unlogged[1],
         engine[0],
         engine_rate,
         engine_rate / raw_rate * 100.0,
@@ -619,6 +629,7 @@ fn engine_phase(tables: Tables) {
         .brokers(brokers())
         .state_dir(state.path())
         .workers(2)
+        .changelog(!matches!(tables, Tables::Unlogged))
         .start()
         .unwrap();
     let topic = format!("user-{run}");

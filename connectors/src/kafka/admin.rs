@@ -25,13 +25,31 @@ pub fn create_topic_with(
     partitions: i32,
     settings: &[(&str, &str)],
 ) -> Result<(), KafkaError> {
-    let admin: AdminClient<DefaultClientContext> = config.client("admin").create()?;
-    let mut new = NewTopic::new(topic, partitions, TopicReplication::Fixed(1));
-    for (k, v) in settings {
-        new = new.set(k, v);
+    create_topics_with(config, &[(topic, partitions)], settings)
+}
+
+/// Creates each of `topics` (name, partitions) that does not exist, with topic-level
+/// `settings`, in one request.
+pub fn create_topics_with(
+    config: &KafkaConfig,
+    topics: &[(&str, i32)],
+    settings: &[(&str, &str)],
+) -> Result<(), KafkaError> {
+    if topics.is_empty() {
+        return Ok(());
     }
+    let admin: AdminClient<DefaultClientContext> = config.client("admin").create()?;
+    let new: Vec<NewTopic> = topics
+        .iter()
+        .map(|(topic, partitions)| {
+            settings.iter().fold(
+                NewTopic::new(topic, *partitions, TopicReplication::Fixed(1)),
+                |new, (k, v)| new.set(k, v),
+            )
+        })
+        .collect();
     let options = AdminOptions::new().operation_timeout(Some(ADMIN_TIMEOUT));
-    let results = block_on(admin.create_topics(&[new], &options))?;
+    let results = block_on(admin.create_topics(&new, &options))?;
     for r in results {
         match r {
             Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}

@@ -11,6 +11,7 @@
 //! opens.
 
 use std::collections::HashMap;
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use miroir_engine::changelog::{
@@ -29,7 +30,7 @@ use rdkafka::producer::{BaseProducer, BaseRecord, DeliveryResult, Producer, Prod
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use tracing::{info, warn};
 
-use super::admin::{create_topic_with, partition_count};
+use super::admin::{create_topics_with, topics};
 use super::tail::TailContext;
 use super::{KafkaConfig, KafkaError};
 
@@ -58,24 +59,30 @@ pub fn topic(topology: &Topology, source: usize) -> String {
 /// Creates the changelog topic of every source that does not have one yet, compacted, with
 /// the source topic's partition count.
 pub fn create_topics(config: &KafkaConfig, topology: &Topology) -> Result<(), KafkaError> {
+    let consumer: BaseConsumer = config.client("admin").create()?;
+    let existing: HashMap<String, i32> = topics(consumer.client())?.into_iter().collect();
+    let mut missing = Vec::new();
     for (i, src) in topology.sources.iter().enumerate() {
-        let partitions = partition_count(config, &src.topic)?.ok_or_else(|| {
+        let partitions = existing.get(&src.topic).ok_or_else(|| {
             KafkaError::Config(format!(
                 "source topic {} does not exist: its changelog cannot be created",
                 src.topic
             ))
         })?;
-        create_topic_with(
-            config,
-            &topic(topology, i),
-            partitions,
-            &[
-                ("cleanup.policy", "compact"),
-                ("max.message.bytes", MAX_RECORD_BYTES),
-            ],
-        )?;
+        let changelog = topic(topology, i);
+        if !existing.contains_key(&changelog) {
+            missing.push((changelog, *partitions));
+        }
     }
-    Ok(())
+    let missing: Vec<(&str, i32)> = missing.iter().map(|(t, p)| (t.as_str(), *p)).collect();
+    create_topics_with(
+        config,
+        &missing,
+        &[
+            ("cleanup.policy", "compact"),
+            ("max.message.bytes", MAX_RECORD_BYTES),
+        ],
+    )
 }
 
 /// Collects the offset of each record delivered, by topic and partition.
@@ -100,31 +107,60 @@ impl ProducerContext for Deliveries {
     }
 }
 
+/// A changelog producer being made.
+type Starting = JoinHandle<Result<BaseProducer<Deliveries>, KafkaError>>;
+
 /// Writes the tasks' changelogs, one transaction per epoch.
 pub struct KafkaChangelog {
     config: KafkaConfig,
     transactional_id: String,
     /// The changelog topic of each source, by the source's position.
     topics: Vec<String>,
-    producer: Mutex<BaseProducer<Deliveries>>,
+    /// The producer, once made; `None` after a failure to make one (the next write tries).
+    producer: Mutex<Option<BaseProducer<Deliveries>>>,
+    /// The producer being made at start (its transactions take half a second to initialize,
+    /// which the instance spends joining its group and reading meanwhile).
+    starting: Mutex<Option<Starting>>,
 }
 
 impl KafkaChangelog {
-    /// A writer for `topology`'s changelogs with transactional id `transactional_id`; fences
-    /// and aborts what an earlier holder of the id left open.
+    /// A writer for `topology`'s changelogs with transactional id `transactional_id`; its
+    /// producer starts in the background and, before the first write, fences and aborts what
+    /// an earlier holder of the id left open.
     pub fn new(
         config: &KafkaConfig,
         topology: &Topology,
         transactional_id: &str,
     ) -> Result<KafkaChangelog, KafkaError> {
+        let starting = std::thread::Builder::new()
+            .name("miroir-changelog-start".into())
+            .spawn({
+                let (config, id) = (config.clone(), transactional_id.to_string());
+                move || transactional(&config, &id)
+            })
+            .map_err(|source| KafkaError::Thread {
+                name: "changelog-start",
+                source,
+            })?;
         Ok(KafkaChangelog {
             config: config.clone(),
             transactional_id: transactional_id.to_string(),
             topics: (0..topology.sources.len())
                 .map(|i| topic(topology, i))
                 .collect(),
-            producer: Mutex::new(transactional(config, transactional_id)?),
+            producer: Mutex::new(None),
+            starting: Mutex::new(Some(starting)),
         })
+    }
+
+    /// The producer made at start, or a new one when there is none.
+    fn make_producer(&self) -> Result<BaseProducer<Deliveries>, KafkaError> {
+        match self.starting.lock().take() {
+            Some(starting) => starting
+                .join()
+                .map_err(|_| KafkaError::Panicked("changelog-start"))?,
+            None => transactional(&self.config, &self.transactional_id),
+        }
     }
 
     fn transaction(
@@ -186,23 +222,25 @@ fn send(
 
 impl ChangelogWriter for KafkaChangelog {
     fn write(&self, records: &[ChangelogRecord]) -> Result<Vec<Position>, ChangelogError> {
-        let mut producer = self.producer.lock();
-        match self.transaction(&producer, records) {
-            Ok(()) => Ok(self.positions(&producer)),
+        let failed = |e: KafkaError| ChangelogError {
+            class: e.class(),
+            message: e.to_string(),
+        };
+        let mut slot = self.producer.lock();
+        if slot.is_none() {
+            *slot = Some(self.make_producer().map_err(failed)?);
+        }
+        let producer = slot.as_ref().expect("made above");
+        match self.transaction(producer, records) {
+            Ok(()) => Ok(self.positions(producer)),
             Err(e) => {
                 let _ = producer.abort_transaction(TX_TIMEOUT);
-                let class = e.class();
-                if e.producer_unusable() && class != ErrorClass::Fatal {
-                    // Only a new producer goes on; it aborts what this one left open.
-                    match transactional(&self.config, &self.transactional_id) {
-                        Ok(fresh) => *producer = fresh,
-                        Err(e) => warn!(error = %e, "cannot start a new changelog producer"),
-                    }
+                if e.producer_unusable() && e.class() != ErrorClass::Fatal {
+                    // Only a new producer goes on (made at the next write); it aborts what
+                    // this one left open.
+                    *slot = None;
                 }
-                Err(ChangelogError {
-                    class,
-                    message: e.to_string(),
-                })
+                Err(failed(e))
             }
         }
     }
@@ -279,6 +317,11 @@ fn restore(
     let local =
         store.has_entries(source, partition)? || store.offset(src_topic, partition)?.is_some();
     let start = match plan_restore(position, local, low, high) {
+        RestorePlan::Whole if high <= low => {
+            // Nothing logged yet: the task starts from nothing.
+            store.drop_task(source, partition, src_topic)?;
+            return Ok(0);
+        }
         RestorePlan::LogLocal => {
             info!(topic = %changelog, partition, "the changelog lacks this state: the task logs all of it with its first epoch");
             store.forget_changelog_position(source, partition)?;
