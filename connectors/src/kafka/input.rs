@@ -222,10 +222,18 @@ impl ConsumerContext for SourceContext {
                 });
                 expected += self.runtime.workers();
             }
-            for _ in 0..expected {
-                if rx.recv_timeout(Duration::from_secs(20)).is_err() {
-                    warn!("workers did not confirm revocation within 20 s");
-                    break;
+            // A stopped runtime's workers confirm nothing: what they did not commit is read
+            // again by the partitions' next owner.
+            let deadline = Instant::now() + Duration::from_secs(20);
+            let mut confirmed = 0;
+            while confirmed < expected && !self.runtime.stopped() {
+                match rx.recv_timeout(Duration::from_millis(100)) {
+                    Ok(()) => confirmed += 1,
+                    Err(_) if Instant::now() >= deadline => {
+                        warn!("workers did not confirm revocation within 20 s");
+                        break;
+                    }
+                    Err(_) => {}
                 }
             }
         }
