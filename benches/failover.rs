@@ -1,0 +1,210 @@
+//! Failover without a standby: two `miroir run` processes share a topology; one is killed with
+//! SIGKILL, and the other is asked for the dead one's keys until every one answers its row
+//! again. The baseline is the consumer group's `session.timeout.ms` (10 s), the time Kafka
+//! takes to notice a member that died without leaving: what follows it (the rebalance, the
+//! restore from the changelog, reading up to the partitions' ends) is miroir's part.
+//!
+//! ```sh
+//! eval "$(scripts/services up)"
+//! cargo bench --bench failover
+//! MIROIR_BENCH_USERS=100000 cargo bench --bench failover   # more state to restore
+//! ```
+
+mod support;
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use miroir::miroir_engine::partition::partition_for_key;
+use miroir_connectors::kafka::admin::{create_topic, delete_topics};
+use miroir_connectors::kafka::output::Publisher;
+use miroir_connectors::kafka::KafkaConfig;
+
+use support::{env_or, internal_tables_only, replace_section, run_id};
+
+const PARTITIONS: u32 = 4;
+/// The source consumer's `session.timeout.ms` (see `connectors/src/kafka/input.rs`).
+const SESSION_TIMEOUT: Duration = Duration::from_secs(10);
+
+fn brokers() -> String {
+    std::env::var("MIROIR_BROKERS")
+        .expect("MIROIR_BROKERS: run `eval \"$(scripts/services up)\"` first")
+}
+
+/// A `miroir run` process, killed when dropped.
+struct Instance {
+    child: Child,
+    base: String,
+}
+
+impl Drop for Instance {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start(file: &std::path::Path, state: &std::path::Path) -> Instance {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let child = Command::new(env!("CARGO_BIN_EXE_miroir"))
+        .args(["run", file.to_str().unwrap(), "--brokers", &brokers()])
+        .args(["--state-dir", state.to_str().unwrap()])
+        .args(["--listen", &format!("127.0.0.1:{port}")])
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    Instance {
+        child,
+        base: format!("http://127.0.0.1:{port}"),
+    }
+}
+
+fn owned(client: &reqwest::blocking::Client, base: &str, topic: &str) -> Vec<u32> {
+    let view: serde_json::Value = client
+        .get(format!("{base}/v1/cluster"))
+        .send()
+        .and_then(|r| r.json())
+        .unwrap_or_default();
+    let me = view["instance"].clone();
+    view["instances"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|m| m["instance"] == me)
+        .and_then(|m| m["partitions"][topic].as_array().cloned())
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|p| p.as_u64().map(|p| p as u32))
+        .collect()
+}
+
+fn publish(config: &KafkaConfig, topic: &str, users: usize) {
+    let publisher = Publisher::new(config).unwrap();
+    for i in 0..users {
+        let payload = format!(
+            r#"{{"id":"u-{i}","email":"user{i}@example.org","name":"User {i}","department_id":"d-1","active":true,"version":1,"event_type":"created","updated_at":"2026-01-01T00:00:00Z"}}"#
+        );
+        publisher
+            .send(topic, format!("u-{i}").as_bytes(), Some(payload.as_bytes()))
+            .unwrap();
+    }
+    publisher.flush().unwrap();
+}
+
+/// Whether every row path in `paths` answers 200 on `client`.
+fn all_answer(client: &reqwest::blocking::Client, paths: &[String]) -> bool {
+    paths
+        .iter()
+        .all(|p| client.get(p).send().is_ok_and(|r| r.status() == 200))
+}
+
+fn main() {
+    let users = env_or("MIROIR_BENCH_USERS", 10_000) as usize;
+    let run = run_id();
+    let topic = format!("user-failover-{run}");
+    let config = KafkaConfig::new(brokers());
+    create_topic(&config, &topic, PARTITIONS as i32).unwrap();
+    create_topic(&config, &format!("{topic}-d"), PARTITIONS as i32).unwrap();
+    publish(&config, &topic, users);
+    let text = std::fs::read_to_string("topologies/user-directory.toml").unwrap();
+    let text = internal_tables_only(&text)
+        .replace(
+            "name = \"user-directory\"",
+            &format!("name = \"failover-{run}\""),
+        )
+        .replace("topic = \"user\"", &format!("topic = \"{topic}\""))
+        .replace("topic = \"department\"", &format!("topic = \"{topic}-d\""));
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("topology.toml");
+    std::fs::write(&file, text).unwrap();
+    let a = start(&file, &dir.path().join("a"));
+    let mut b = start(&file, &dir.path().join("b"));
+    let client = reqwest::blocking::Client::builder()
+        .timeout(Duration::from_secs(5))
+        .build()
+        .unwrap();
+
+    // Settled: each owns partitions, and every tenth key of the other's answers on the first.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let theirs = loop {
+        assert!(Instant::now() < deadline, "the two instances never settled");
+        std::thread::sleep(Duration::from_millis(500));
+        let (mine, other) = (
+            owned(&client, &a.base, &topic),
+            owned(&client, &b.base, &topic),
+        );
+        if mine.is_empty() || other.is_empty() || mine.len() + other.len() != PARTITIONS as usize {
+            continue;
+        }
+        let theirs: Vec<String> = (0..users)
+            .map(|i| format!("u-{i}"))
+            .filter(|k| other.contains(&partition_for_key(k.as_bytes(), PARTITIONS)))
+            .step_by(10)
+            .map(|k| format!("{}/v1/tables/user_contacts/rows/{k}", a.base))
+            .collect();
+        if all_answer(&client, &theirs) {
+            break theirs;
+        }
+    };
+
+    b.child.kill().unwrap(); // SIGKILL
+    let killed = Instant::now();
+    b.child.wait().unwrap();
+    // Answered again: every asked key of the dead instance's partitions answers its row.
+    let mut answered = None;
+    while killed.elapsed() < Duration::from_secs(120) {
+        if all_answer(&client, &theirs) {
+            answered = Some(killed.elapsed());
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let answered = answered.expect("the dead instance's keys never answered again");
+    drop(a);
+    let secs = answered.as_secs_f64();
+    let baseline = SESSION_TIMEOUT.as_secs_f64();
+    let report = format!(
+        "<!-- failover:begin -->\n\
+         ## Failover without a standby\n\n\
+         Command: `eval \"$(scripts/services up)\" && cargo bench --bench failover` (two `miroir \
+         run` processes, release build, {users} users over {PARTITIONS} partitions, internal \
+         table alone; one killed with SIGKILL, the other asked for {} of its keys until each \
+         answers its row).\n\n\
+         | | seconds | of the session timeout |\n|---|---|---|\n\
+         | `session.timeout.ms`: Kafka notices the dead member (baseline) | {baseline:.1} | 100% |\n\
+         | from SIGKILL to every asked key answered again | {secs:.1} | **{:.0}%** |\n\n\
+         Until then a query for those keys answers 503 with `Retry-After` (never a 404 or a \
+         wrong row: `tests/cluster.rs`). Past the session timeout the rest is the rebalance, \
+         the changelog restore of the partitions and reading up to their ends. A standby \
+         replica (not built) would take the session timeout out of this; a shorter \
+         `session.timeout.ms` shortens it for every instance.\n\
+         <!-- failover:end -->\n",
+        theirs.len(),
+        secs / baseline * 100.0,
+    );
+    println!("{report}");
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/docs/benchmarks.md");
+    let current = std::fs::read_to_string(path).unwrap();
+    std::fs::write(path, replace_section(&current, "failover", &report)).unwrap();
+    let consumer: rdkafka::consumer::BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .create()
+        .unwrap();
+    let listed =
+        miroir_connectors::kafka::admin::topics(rdkafka::consumer::Consumer::client(&consumer))
+            .unwrap_or_default();
+    let mine: Vec<&str> = listed
+        .iter()
+        .map(|(t, _)| t.as_str())
+        .filter(|t| t.contains(run.as_str()))
+        .collect();
+    if let Err(e) = delete_topics(&config, &mine) {
+        eprintln!("bench: could not delete the run's topics: {e}");
+    }
+}
