@@ -10,6 +10,8 @@
 //! MIROIR_BENCH_USERS=100000 cargo bench --bench failover   # more state to restore
 //! ```
 
+#[path = "support/cluster.rs"]
+mod cluster;
 mod support;
 
 use std::process::{Child, Command, Stdio};
@@ -20,6 +22,7 @@ use miroir_connectors::kafka::admin::{create_topic, delete_topics};
 use miroir_connectors::kafka::output::Publisher;
 use miroir_connectors::kafka::KafkaConfig;
 
+use cluster::owned;
 use support::{env_or, internal_tables_only, replace_section, run_id};
 
 const PARTITIONS: u32 = 4;
@@ -63,25 +66,6 @@ fn start(file: &std::path::Path, state: &std::path::Path) -> Instance {
         child,
         base: format!("http://127.0.0.1:{port}"),
     }
-}
-
-fn owned(client: &reqwest::blocking::Client, base: &str, topic: &str) -> Vec<u32> {
-    let view: serde_json::Value = client
-        .get(format!("{base}/v1/cluster"))
-        .send()
-        .and_then(|r| r.json())
-        .unwrap_or_default();
-    let me = view["instance"].clone();
-    view["instances"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .find(|m| m["instance"] == me)
-        .and_then(|m| m["partitions"][topic].as_array().cloned())
-        .unwrap_or_default()
-        .iter()
-        .filter_map(|p| p.as_u64().map(|p| p as u32))
-        .collect()
 }
 
 fn publish(config: &KafkaConfig, topic: &str, users: usize) {
@@ -176,7 +160,7 @@ fn main() {
          run` processes, release build, {users} users over {PARTITIONS} partitions, internal \
          table alone; one killed with SIGKILL, the other asked for {} of its keys until each \
          answers its row).\n\n\
-         | | seconds | of the session timeout |\n|---|---|---|\n\
+         | | seconds | of `session.timeout.ms` |\n|---|---|---|\n\
          | `session.timeout.ms`: Kafka notices the dead member (baseline) | {baseline:.1} | 100% |\n\
          | from SIGKILL to every asked key answered again | {secs:.1} | **{:.0}%** |\n\n\
          Until then a query for those keys answers 503 with `Retry-After` (never a 404 or a \

@@ -16,6 +16,8 @@
 //!    keys it owns, keys the other owns; in turns, twice, each phase timed from send to answer;
 //! 4. rewrites the `lookups` section of `docs/benchmarks.md`.
 
+#[path = "support/cluster.rs"]
+mod cluster;
 mod support;
 
 use std::time::{Duration, Instant};
@@ -26,6 +28,7 @@ use miroir_connectors::kafka::admin::{create_topic, delete_topics};
 use miroir_connectors::kafka::output::Publisher;
 use miroir_connectors::kafka::KafkaConfig;
 
+use cluster::owned;
 use support::{env_or, internal_tables_only, replace_section, run_id};
 
 const PARTITIONS: u32 = 4;
@@ -83,25 +86,6 @@ fn phase(
 }
 
 /// The partitions of `topic` the instance at `base` owns.
-fn owned(client: &reqwest::blocking::Client, base: &str, topic: &str) -> Vec<u32> {
-    let view: serde_json::Value = client
-        .get(format!("{base}/v1/cluster"))
-        .send()
-        .and_then(|r| r.json())
-        .unwrap_or_default();
-    let me = view["instance"].clone();
-    view["instances"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .find(|m| m["instance"] == me)
-        .and_then(|m| m["partitions"][topic].as_array().cloned())
-        .unwrap_or_default()
-        .iter()
-        .filter_map(|p| p.as_u64().map(|p| p as u32))
-        .collect()
-}
-
 fn main() {
     let seconds = env_or("MIROIR_BENCH_SECONDS", 10);
     let rate = env_or("MIROIR_BENCH_RATE", 500);
