@@ -51,6 +51,15 @@ pub struct Metrics {
     pub changelog: ChangelogMetrics,
 }
 
+/// Creates a counter family and registers it in `registry`.
+fn register_counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
+    registry
+        .register(Box::new(c.clone()))
+        .expect("unique metric");
+    c
+}
+
 /// Metrics of the tasks' changelogs (see [`crate::changelog`]).
 #[derive(Clone)]
 pub struct ChangelogMetrics {
@@ -71,11 +80,7 @@ impl ChangelogMetrics {
     /// Creates the metrics and registers them in `registry`.
     pub fn register(registry: &Registry) -> ChangelogMetrics {
         let counter = |name: &str, help: &str, labels: &[&str]| {
-            let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
-            registry
-                .register(Box::new(c.clone()))
-                .expect("unique metric");
-            c
+            register_counter(registry, name, help, labels)
         };
         let write_seconds = Histogram::with_opts(
             HistogramOpts::new(
@@ -162,11 +167,7 @@ impl CommandMetrics {
     /// Creates the metrics and registers them in `registry`.
     pub fn register(registry: &Registry) -> CommandMetrics {
         let counter = |name: &str, help: &str, labels: &[&str]| {
-            let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
-            registry
-                .register(Box::new(c.clone()))
-                .expect("unique metric");
-            c
+            register_counter(registry, name, help, labels)
         };
         let histogram = |name: &str, help: &str| {
             let h = HistogramVec::new(
@@ -263,11 +264,7 @@ impl Metrics {
     pub fn new() -> Metrics {
         let registry = Registry::new();
         let counter = |name: &str, help: &str, labels: &[&str]| {
-            let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
-            registry
-                .register(Box::new(c.clone()))
-                .expect("unique metric");
-            c
+            register_counter(&registry, name, help, labels)
         };
         let records_in = counter(
             "miroir_records_in_total",
