@@ -1,10 +1,12 @@
 //! The Kafka source: one consumer-group member per instance, feeding the engine's runtime.
 //!
 //! The consumer subscribes to every source topic of the topology with the topology's name as
-//! group id. On assignment, each partition is positioned right after the offset committed in
-//! RocksDB with the partition's state (Kafka's own committed offsets are not used, so offsets
-//! and state can never disagree), and becomes a task. On revocation, the runtime commits and
-//! drops the tasks before the consumer lets the partitions go.
+//! group id. On assignment, each partition's state is first brought up to date from its
+//! changelog (see [`super::changelog`]), then the partition is positioned right after the
+//! offset committed in RocksDB with that state (Kafka's own committed offsets are not used, so
+//! offsets and state can never disagree), and becomes a task. On revocation, the runtime
+//! commits and drops the tasks before the consumer lets the partitions go. A static member
+//! that stops revokes its partitions itself, without leaving the group.
 
 use std::collections::{HashMap, VecDeque};
 use std::ffi::{CStr, CString};
