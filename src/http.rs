@@ -28,7 +28,7 @@ use serde::Deserialize;
 use serde_json::json;
 use tracing::{info, warn};
 
-use crate::{EngineError, Inner, QueryError, Route};
+use crate::{EngineError, Inner, QueryError, Route, VersionTarget};
 use miroir_connectors::kafka::membership::Member;
 
 /// Most rows one scan returns.
@@ -276,6 +276,14 @@ impl RowParams {
     }
 }
 
+/// What a waiting row query reads again until it is applied.
+enum Probe {
+    /// The last offset applied of this partition of this source topic, against this one.
+    Offset(String, u32, i64),
+    /// The version of this entity.
+    Version(VersionTarget),
+}
+
 /// Waits until what the query awaits for `key` of `table` is applied here, for at most
 /// `wait`; the answer to give instead when it is not.
 async fn wait_until_applied(
@@ -283,27 +291,37 @@ async fn wait_until_applied(
     (table, key): (&str, &str),
     (awaited, wait): (Awaited, Duration),
 ) -> Result<(), Response> {
+    let bad = |e: String| error(StatusCode::BAD_REQUEST, e);
+    // What the query awaits is resolved once; only how far the instance got is read again.
+    let (probe, what) = match awaited {
+        Awaited::Offset(partition, offset) => {
+            let (_, source) = inner.source_of(table, "min_offset").map_err(bad)?;
+            let what = format!(
+                "offset {offset} of partition {partition} of {}",
+                source.topic
+            );
+            let topic = source.topic.clone();
+            (Probe::Offset(topic, partition, offset), what)
+        }
+        Awaited::Version(version) => {
+            let target = inner.version_target(table, key, &version).map_err(bad)?;
+            (
+                Probe::Version(target),
+                format!("version {version} of key `{key}`"),
+            )
+        }
+    };
     let deadline = tokio::time::Instant::now() + wait;
     loop {
-        let (done, applied, what) = match &awaited {
-            Awaited::Offset(partition, offset) => {
-                let (_, source) = inner
-                    .source_of(table, "min_offset")
-                    .map_err(|e| error(StatusCode::BAD_REQUEST, e))?;
-                let applied = inner.runtime.committed_offset(&source.topic, *partition);
-                let what = format!(
-                    "offset {offset} of partition {partition} of {}",
-                    source.topic
-                );
-                (applied.is_some_and(|a| a >= *offset), json!(applied), what)
+        let (done, applied) = match &probe {
+            Probe::Offset(topic, partition, offset) => {
+                let applied = inner.runtime.committed_offset(topic, *partition);
+                (applied.is_some_and(|a| a >= *offset), json!(applied))
             }
-            Awaited::Version(version) => {
-                let (applied, wanted) = inner
-                    .applied_version(table, key, version)
-                    .map_err(|e| error(StatusCode::BAD_REQUEST, e))?;
-                let what = format!("version {version} of key `{key}`");
-                let done = applied.as_ref().is_some_and(|a| *a >= wanted);
-                (done, json!(applied.map(|v| v.to_key_text())), what)
+            Probe::Version(target) => {
+                let applied = inner.applied_version(target).map_err(bad)?;
+                let done = applied.as_ref().is_some_and(|a| *a >= target.wanted);
+                (done, json!(applied.map(|v| v.to_key_text())))
             }
         };
         if done {

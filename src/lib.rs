@@ -439,6 +439,18 @@ pub(crate) struct Inner {
     forwarder: http::Forwarder,
 }
 
+/// An entity whose version a query waits for (see [`Inner::version_target`]).
+pub(crate) struct VersionTarget {
+    /// Its source, by position.
+    source: usize,
+    /// Its key's partition, once the source's partition count is known.
+    partition: Option<u32>,
+    /// Its key in the source.
+    key: Value,
+    /// The version awaited.
+    pub(crate) wanted: Value,
+}
+
 /// Where the row of a key is served.
 pub(crate) enum Route {
     /// By this instance: it owns the key's partition, or the table is not partitioned by a
@@ -598,43 +610,49 @@ impl Inner {
             })
     }
 
-    /// The version (the source's `late.order_by` value) of the last event applied to the
-    /// entity of `key` in `table` and committed here, and the version `wanted` parsed as one;
-    /// why not, for a table or a text this does not apply to.
-    fn applied_version(
+    /// Where the version of the entity of `key` in `table` is kept, and the version `wanted`
+    /// parsed as one; why not, for a table or a text this does not apply to.
+    fn version_target(
         &self,
         table: &str,
         key: &str,
         wanted: &str,
-    ) -> Result<(Option<Value>, Value), String> {
-        let (index, source) = self.source_of(table, "min_version")?;
-        let late = source.late.as_ref().ok_or_else(|| {
+    ) -> Result<VersionTarget, String> {
+        let (source, src) = self.source_of(table, "min_version")?;
+        let late = src.late.as_ref().ok_or_else(|| {
             format!(
                 "source `{}` has no late.order_by: min_version does not apply",
-                source.name
+                src.name
             )
         })?;
-        let ty = source.columns[late.order_by].ty;
+        let ty = src.columns[late.order_by].ty;
         let wanted = Value::parse_key_text(wanted, ty)
             .ok_or_else(|| format!("min_version `{wanted}` is not a {}", ty.name()))?;
         let plan = self.internal(table).map_err(|e| e.to_string())?;
-        let values = parse_key_text(key, &key_types(plan)).map_err(|e| e.to_string())?;
-        let Some((_, partition)) = self.partition_of(plan, &values) else {
-            return Ok((None, wanted));
+        let mut values = parse_key_text(key, &key_types(plan)).map_err(|e| e.to_string())?;
+        let partition = self.partition_of(plan, &values).map(|(_, p)| p);
+        Ok(VersionTarget {
+            source,
+            partition,
+            key: values.swap_remove(0),
+            wanted,
+        })
+    }
+
+    /// The version (the source's `late.order_by` value) of the last event applied to
+    /// `target`'s entity and committed here.
+    fn applied_version(&self, target: &VersionTarget) -> Result<Option<Value>, String> {
+        let (Some(partition), Some(store)) = (target.partition, self.runtime.state_store()) else {
+            return Ok(None);
         };
-        let stored = self
-            .runtime
-            .state_store()
-            .map(|store| store.upsert_entry(index, partition, &values[0]))
-            .transpose()
-            .map_err(|e| e.to_string())?
-            .flatten();
+        let stored = store
+            .upsert_entry(target.source, partition, &target.key)
+            .map_err(|e| e.to_string())?;
         let entry = stored
             .map(|bytes| Entry::decode_stored(&bytes))
             .transpose()
             .map_err(|e| e.to_string())?;
-        let applied = entry.and_then(|e| e.versions.into_iter().map(|(_, v)| v).max());
-        Ok((applied, wanted))
+        Ok(entry.and_then(|e| e.versions.into_iter().map(|(_, v)| v).max()))
     }
 
     /// Where the row of `key` in `table` is served.

@@ -168,6 +168,23 @@ fn owned(client: &reqwest::blocking::Client, port: u16, topic: &str) -> Option<V
     )
 }
 
+/// `user_contacts` as the reference evaluates `events`, by key, and every user key of the
+/// events, with a row or not.
+fn contacts(
+    t: &TestTopology,
+    events: &[Event],
+) -> (BTreeMap<String, serde_json::Value>, BTreeSet<String>) {
+    let expected = expected_tables(&t.topology, events)
+        .remove("user_contacts")
+        .unwrap();
+    let keys = events
+        .iter()
+        .filter(|e| e.source == 0)
+        .map(|e| e.key.clone())
+        .collect();
+    (expected, keys)
+}
+
 /// What each test starts from: a run of the app topology with its internal table alone, its
 /// file, events published, and the rows they make.
 struct Setup {
@@ -195,14 +212,7 @@ impl Setup {
         std::fs::write(&file, &t.text).unwrap();
         let (events, _) = generate(seed, users, n);
         publish(&t, &events);
-        let expected = expected_tables(&t.topology, &events)
-            .remove("user_contacts")
-            .unwrap();
-        let keys = events
-            .iter()
-            .filter(|e| e.source == 0)
-            .map(|e| e.key.clone())
-            .collect();
+        let (expected, keys) = contacts(&t, &events);
         Setup {
             run,
             t,
@@ -621,14 +631,7 @@ fn a_fresh_instance_restores_its_partitions_from_their_changelogs_not_their_topi
     let (more, _) = generate(12, 150, 1500);
     publish(&t, &more);
     let all: Vec<Event> = first.into_iter().chain(more).collect();
-    let expected = expected_tables(&t.topology, &all)
-        .remove("user_contacts")
-        .unwrap();
-    let keys = all
-        .iter()
-        .filter(|e| e.source == 0)
-        .map(|e| e.key.clone())
-        .collect();
+    let (expected, keys) = contacts(&t, &all);
     wait_for_every_key(&client, &[&b], &t.user_topic, &expected, &keys);
 }
 
