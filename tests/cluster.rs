@@ -13,6 +13,17 @@ use support::*;
 struct Instance {
     child: std::process::Child,
     port: u16,
+    /// Where the process logs.
+    log: std::path::PathBuf,
+}
+
+impl Instance {
+    /// The last lines of the instance's log, for a failure message.
+    fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(20)..].join("\n")
+    }
 }
 
 impl Drop for Instance {
@@ -99,7 +110,10 @@ fn wait_for_every_key(
     let deadline = Instant::now() + Duration::from_secs(120);
     let mut views = Vec::new();
     while !settled(&views, topic) {
-        assert!(Instant::now() < deadline, "never settled: {views:?}");
+        if Instant::now() >= deadline {
+            let logs: Vec<String> = instances.iter().map(|i| i.log_tail()).collect();
+            panic!("never settled: {views:?}\nlogs:\n{}", logs.join("\n---\n"));
+        }
         std::thread::sleep(Duration::from_millis(500));
         views = instances
             .iter()
@@ -145,6 +159,7 @@ fn start_on(
     Instance {
         child: spawn_with(file, &state, port, &log, more),
         port,
+        log,
     }
 }
 

@@ -635,12 +635,21 @@ pub fn seed_users(topic: &str, n: usize) {
     publisher.flush().unwrap();
 }
 
+/// A port for an instance to listen on, free when asked. It is taken below Linux's ephemeral
+/// range (32768 and up), so no outgoing connection (a Kafka client's, say) can take it before
+/// the instance binds it; each call of one test process gets a different port.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    use std::sync::atomic::{AtomicU32, Ordering};
+    const FIRST: u32 = 20_000;
+    const COUNT: u32 = 12_000;
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let start = std::process::id().wrapping_mul(7919) % COUNT;
+    loop {
+        let port = (FIRST + (start + NEXT.fetch_add(1, Ordering::Relaxed)) % COUNT) as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
 }
 
 /// Starts `miroir run`; its log (level `MIROIR_TEST_LOG`, default `info`) goes to `log`
