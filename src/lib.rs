@@ -41,9 +41,10 @@ use std::time::Duration;
 
 use miroir_connectors::commands::processor::{CommandProcessor, ProcessorStatus};
 use miroir_connectors::kafka::changelog::{self, KafkaChangelog};
-use miroir_connectors::kafka::input::KafkaSource;
+use miroir_connectors::kafka::input::{GroupMember, Handover, KafkaSource};
 use miroir_connectors::kafka::membership::{Member, Membership, Ownership};
 use miroir_connectors::kafka::output::KafkaErrorSink;
+use miroir_connectors::kafka::standby::{StandbyRunner, Standbys};
 use miroir_connectors::kafka::{KafkaConfig, KafkaError};
 use miroir_connectors::postgres::sink::PostgresSink;
 use miroir_connectors::postgres::{database_url, PostgresError};
@@ -70,6 +71,9 @@ pub enum EngineError {
     /// A required setting is missing.
     #[error("missing setting: {0}")]
     Config(&'static str),
+    /// Settings that cannot go together.
+    #[error("conflicting settings: {0}")]
+    Conflict(&'static str),
     /// The state store failed.
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -169,6 +173,7 @@ pub struct EngineBuilder {
     advertise: Option<String>,
     /// Set by [`EngineBuilder::changelog`]`(false)`.
     no_changelog: bool,
+    standby_replicas: usize,
 }
 
 impl EngineBuilder {
@@ -277,6 +282,15 @@ impl EngineBuilder {
         self
     }
 
+    /// How many other instances keep a warm copy of each partition's state (default 0), fed
+    /// from its changelog: each stands by where range assignment would move the partition if
+    /// its owner left, so that a partition taken over restores only what its standby had not
+    /// read yet. Needs changelogs.
+    pub fn standby_replicas(mut self, replicas: usize) -> Self {
+        self.standby_replicas = replicas;
+        self
+    }
+
     /// An extra librdkafka property for the consumer and producers.
     pub fn kafka_property(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
         self.kafka_extra.push((key.into(), value.into()));
@@ -329,8 +343,13 @@ impl EngineBuilder {
         if let Some(e) = self.max_epoch_interval {
             config.max_epoch_interval = e;
         }
+        if self.no_changelog && self.standby_replicas > 0 {
+            return Err(EngineError::Conflict(
+                "standby replicas are fed from changelogs: they need changelogs on",
+            ));
+        }
         // An id given explicitly makes the instance a static member of its consumer group.
-        let static_member = self.instance_id.clone();
+        let fixed = self.instance_id.is_some();
         let instance = match self.instance_id {
             Some(id) => id,
             None => store.instance_id()?,
@@ -342,7 +361,19 @@ impl EngineBuilder {
             let id = format!("miroir.{}.{instance}.changelog", topology.name);
             Some(Arc::new(KafkaChangelog::new(&kafka, &topology, &id)?))
         };
-        let logged = changelog.is_some();
+        let handover = Handover {
+            changelog: changelog.is_some(),
+            standbys: match self.standby_replicas {
+                0 => None,
+                _ => Some(Standbys::new(
+                    &kafka,
+                    &topology,
+                    store.clone(),
+                    metrics.clone(),
+                )?),
+            },
+        };
+        let standbys = handover.standbys.clone();
         let runtime = Arc::new(Runtime::start(
             topology.clone(),
             store.clone(),
@@ -357,8 +388,11 @@ impl EngineBuilder {
             &topology,
             runtime.clone(),
             metrics.clone(),
-            static_member.as_deref(),
-            logged,
+            GroupMember {
+                instance: &instance,
+                fixed,
+            },
+            handover,
         )?;
         let listener = self.listen.map(http::bind).transpose()?;
         let advertise = self.advertise.or_else(|| {
@@ -366,15 +400,33 @@ impl EngineBuilder {
                 .as_ref()
                 .map(|(_, addr)| http::advertised(*addr).to_string())
         });
-        let membership = Membership::start(&kafka, &topology.name, &instance, advertise, {
-            let runtime = runtime.clone();
-            move || Ownership {
-                partitions: runtime.owned_partitions(),
-                restoring: runtime.restoring_partitions(),
-                lag: runtime.status().lag,
-                restore_remaining: runtime.status().restore_remaining,
-            }
-        })?;
+        let membership = Arc::new(Membership::start(
+            &kafka,
+            &topology.name,
+            &instance,
+            advertise,
+            {
+                let (runtime, standbys) = (runtime.clone(), standbys.clone());
+                move || {
+                    let standby = standbys.as_ref().map(|s| s.summary()).unwrap_or_default();
+                    Ownership {
+                        partitions: runtime.owned_partitions(),
+                        restoring: runtime.restoring_partitions(),
+                        lag: runtime.status().lag,
+                        restore_remaining: runtime.status().restore_remaining,
+                        standby: standby.partitions,
+                        standby_lag: standby.lag,
+                    }
+                }
+            },
+        )?);
+        let standby = match &standbys {
+            Some(s) => Some(s.start(&instance, self.standby_replicas, {
+                let membership = membership.clone();
+                move || membership.live()
+            })?),
+            None => None,
+        };
         let mut processors = Vec::new();
         for command in &topology.commands {
             processors.push(CommandProcessor::start(
@@ -418,6 +470,7 @@ impl EngineBuilder {
         Ok(Engine {
             inner,
             source: Some(source),
+            standby,
             processors,
             client,
             server,
@@ -434,7 +487,7 @@ pub(crate) struct Inner {
     /// The command processors' status, by command.
     processors: Vec<(String, Arc<ProcessorStatus>)>,
     /// The instances of the topology, and who owns which partition.
-    membership: Membership,
+    membership: Arc<Membership>,
     /// Sends queries on to the instance that owns their key.
     forwarder: http::Forwarder,
 }
@@ -752,6 +805,8 @@ fn key_types(plan: &miroir_engine::plan::TablePlan) -> Vec<ColumnType> {
 pub struct Engine {
     inner: Arc<Inner>,
     source: Option<KafkaSource>,
+    /// The standby replicas being fed, if the instance keeps any.
+    standby: Option<StandbyRunner>,
     processors: Vec<CommandProcessor>,
     client: Option<commands::Client>,
     server: Option<http::Server>,
@@ -854,6 +909,7 @@ impl Engine {
         for p in self.processors.drain(..) {
             p.stop();
         }
+        drop(self.standby.take());
         if let Some(source) = self.source.take() {
             source.stop(); // revokes partitions: the workers commit them
         }

@@ -98,6 +98,16 @@ enum Action {
         /// wrong once the topic is compacted. For one instance on uncompacted topics only.
         #[arg(long)]
         no_changelog: bool,
+        /// How many other instances keep a warm copy of each partition's state, fed from its
+        /// changelog, so that a partition whose owner dies is taken over without reading its
+        /// whole changelog. Give every instance of the topology the same number.
+        #[arg(
+            long,
+            env = "MIROIR_STANDBY_REPLICAS",
+            default_value_t = 0,
+            conflicts_with = "no_changelog"
+        )]
+        standby_replicas: usize,
     },
     /// Prints the instances of a running topology, as one of them sees them: their addresses,
     /// the partitions each owns and restores, their lag.
@@ -586,6 +596,7 @@ fn run(command: Action) -> anyhow::Result<ExitCode> {
             instance_id,
             advertise,
             no_changelog,
+            standby_replicas,
         } => {
             if plan {
                 return print_plan(&file, &state_dir, database_url.as_deref());
@@ -600,7 +611,9 @@ fn run(command: Action) -> anyhow::Result<ExitCode> {
             if let Some(addr) = advertise {
                 builder = builder.advertise(addr);
             }
-            builder = builder.changelog(!no_changelog);
+            builder = builder
+                .changelog(!no_changelog)
+                .standby_replicas(standby_replicas);
             let engine = builder
                 .topology_file(&file)
                 .brokers(brokers)

@@ -74,6 +74,14 @@ pub struct ChangelogMetrics {
     pub restore_remaining: IntGaugeVec,
     /// Records of a changelog topic that are not changelog records (skipped), by source topic.
     pub malformed_records: IntCounterVec,
+    /// Changelog records a standby replica has not applied yet, by source topic and partition
+    /// (removed when it stops standing by).
+    pub standby_lag: IntGaugeVec,
+    /// Changelog records applied to standby replicas, by source topic.
+    pub standby_records: IntCounterVec,
+    /// Partitions assigned to this instance while it stood by for them: their restore started
+    /// from the warm copy.
+    pub promotions: IntCounter,
 }
 
 impl ChangelogMetrics {
@@ -106,6 +114,25 @@ impl ChangelogMetrics {
         registry
             .register(Box::new(restore_remaining.clone()))
             .expect("unique metric");
+        let standby_lag = IntGaugeVec::new(
+            Opts::new(
+                "miroir_standby_lag_records",
+                "Changelog records a standby replica has not applied yet",
+            ),
+            &["topic", "partition"],
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(standby_lag.clone()))
+            .expect("unique metric");
+        let promotions = IntCounter::new(
+            "miroir_standby_promotions_total",
+            "Partitions assigned to this instance while it stood by for them",
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(promotions.clone()))
+            .expect("unique metric");
         ChangelogMetrics {
             write_seconds,
             write_failures: counter(
@@ -124,6 +151,13 @@ impl ChangelogMetrics {
                 "Records of a changelog topic that are not changelog records (skipped)",
                 &["topic"],
             ),
+            standby_lag,
+            standby_records: counter(
+                "miroir_standby_records_total",
+                "Changelog records applied to standby replicas",
+                &["topic"],
+            ),
+            promotions,
         }
     }
 }

@@ -264,6 +264,41 @@ fn transactional(
     Ok(producer)
 }
 
+/// A consumer of changelog partitions (assigned, outside any group), committed records only,
+/// that reports the end of each partition it reaches.
+pub(crate) fn reader(
+    config: &KafkaConfig,
+    role: &str,
+) -> Result<BaseConsumer<TailContext>, KafkaError> {
+    Ok(config
+        .client(role)
+        .set("group.id", "miroir-restore") // required by librdkafka; nothing is committed
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("enable.partition.eof", "true")
+        .set("isolation.level", "read_committed")
+        // A partition with nothing new to restore (only the marker of its last
+        // transaction) ends at the first fetch: the broker must not hold it for 500 ms.
+        .set("fetch.wait.max.ms", "10")
+        .create_with_context(TailContext)?)
+}
+
+/// Counts and logs a record of a changelog that is not a changelog record.
+pub(crate) fn skip_malformed(
+    metrics: &Metrics,
+    (changelog, source_topic): (&str, &str),
+    partition: u32,
+    offset: i64,
+    error: &ChangelogError,
+) {
+    metrics
+        .changelog
+        .malformed_records
+        .with_label_values(&[source_topic])
+        .inc();
+    warn!(topic = %changelog, partition, offset, error = %error, "not a changelog record: skipped");
+}
+
 /// A consumer that reads changelog partitions into the state directory, outside any group.
 pub struct Restorer {
     consumer: BaseConsumer<TailContext>,
@@ -272,18 +307,9 @@ pub struct Restorer {
 impl Restorer {
     /// A restorer on `config`'s brokers.
     pub fn new(config: &KafkaConfig) -> Result<Restorer, KafkaError> {
-        let consumer = config
-            .client("restore")
-            .set("group.id", "miroir-restore") // required by librdkafka; nothing is committed
-            .set("enable.auto.commit", "false")
-            .set("enable.auto.offset.store", "false")
-            .set("enable.partition.eof", "true")
-            .set("isolation.level", "read_committed")
-            // A partition with nothing new to restore (only the marker of its last
-            // transaction) ends at the first fetch: the broker must not hold it for 500 ms.
-            .set("fetch.wait.max.ms", "10")
-            .create_with_context(TailContext)?;
-        Ok(Restorer { consumer })
+        Ok(Restorer {
+            consumer: reader(config, "restore")?,
+        })
     }
 
     /// Restores the state of `source`/`partition` from its changelog into `store`, as far as
@@ -359,14 +385,13 @@ fn restore(
                 next = m.offset() + 1;
                 match restore.apply(m.key(), m.payload()) {
                     Ok(()) => {}
-                    Err(RestoreError::Malformed(e)) => {
-                        metrics
-                            .changelog
-                            .malformed_records
-                            .with_label_values(&[src_topic.as_str()])
-                            .inc();
-                        warn!(topic = %changelog, partition, offset = m.offset(), error = %e, "not a changelog record: skipped");
-                    }
+                    Err(RestoreError::Malformed(e)) => skip_malformed(
+                        metrics,
+                        (&changelog, src_topic),
+                        partition,
+                        m.offset(),
+                        &e,
+                    ),
                     Err(RestoreError::Store(e)) => return Err(e.into()),
                 }
                 restored.inc();

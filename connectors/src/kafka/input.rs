@@ -30,6 +30,7 @@ use rdkafka::topic_partition_list::TopicPartitionList;
 use rdkafka::{ClientContext, Offset};
 use tracing::{error, info, warn};
 
+use super::standby::Standbys;
 use super::{changelog, KafkaConfig, KafkaError, FETCH_QUEUE_BACKOFF_MS};
 
 /// How many records are handed to a worker at once.
@@ -55,6 +56,28 @@ struct SourceContext {
     waiting: Mutex<VecDeque<(u32, Message)>>,
     /// With changelogs: what restores an assigned partition's task state, and the topology.
     changelog: Option<(changelog::Restorer, Topology)>,
+    /// The instance's standby replicas, which give up the partitions assigned to it.
+    standbys: Option<Arc<Standbys>>,
+}
+
+/// Who the source's consumer is in its consumer group.
+pub struct GroupMember<'a> {
+    /// The instance's id. The consumer's `client.id` ends with it, so that the group, which
+    /// sorts its members by id, sorts them by instance id (see [`super::standby`]).
+    pub instance: &'a str,
+    /// Whether the consumer is a static member (`group.instance.id` is the instance id):
+    /// restarted within `session.timeout.ms`, it gets its partitions back without a rebalance
+    /// (and a clean stop keeps them that long too).
+    pub fixed: bool,
+}
+
+/// How an assigned partition's state catches up before its task opens.
+pub struct Handover {
+    /// From the partition's changelog.
+    pub changelog: bool,
+    /// The instance's standby replicas, if it keeps any: one of an assigned partition stops,
+    /// and its restore starts where it got to.
+    pub standbys: Option<Arc<Standbys>>,
 }
 
 impl ClientContext for SourceContext {
@@ -209,12 +232,14 @@ impl ConsumerContext for SourceContext {
         if let Rebalance::Revoke(tpl) = rebalance {
             let (tx, rx) = crossbeam_channel::unbounded();
             let mut expected = 0;
+            let mut revoked = Vec::new();
             for (source, partitions) in self.by_source(tpl) {
                 info!(topic = ?tpl.elements().first().map(|e| e.topic().to_string()), ?partitions, "partitions revoked");
                 self.metrics
                     .partitions_revoked
                     .inc_by(partitions.len() as u64);
                 self.forget_waiting(source, &partitions);
+                revoked.extend(partitions.iter().map(|p| (source, *p)));
                 let leaving = self.stop.load(Ordering::SeqCst) || self.runtime.stopped();
                 self.runtime.broadcast(|| Message::Revoke {
                     source,
@@ -238,6 +263,9 @@ impl ConsumerContext for SourceContext {
                     Err(_) => {}
                 }
             }
+            if let Some(standbys) = &self.standbys {
+                standbys.release(&revoked);
+            }
         }
     }
 
@@ -250,6 +278,14 @@ impl ConsumerContext for SourceContext {
         use rdkafka::types::RDKafkaRespErr::*;
         match err {
             RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
+                if let Some(standbys) = &self.standbys {
+                    let assigned: Vec<(usize, u32)> = self
+                        .by_source(tpl)
+                        .into_iter()
+                        .flat_map(|(s, ps)| ps.into_iter().map(move |p| (s, p)))
+                        .collect();
+                    standbys.claim(&assigned);
+                }
                 if !self.restore(tpl) {
                     return;
                 }
@@ -316,17 +352,15 @@ pub struct KafkaSource {
 }
 
 impl KafkaSource {
-    /// Subscribes to the topology's topics and starts feeding `runtime`. With `static_member`
-    /// (an instance id), the consumer is a static member of its group: restarted within the
-    /// session timeout, it gets its partitions back without a rebalance (and a clean stop
-    /// keeps them that long too).
+    /// Subscribes to the topology's topics as `member` of the topology's consumer group and
+    /// starts feeding `runtime`; assigned partitions catch up as `handover` says.
     pub fn start(
         config: &KafkaConfig,
         topology: &Topology,
         runtime: Arc<Runtime>,
         metrics: Arc<Metrics>,
-        static_member: Option<&str>,
-        changelog: bool,
+        member: GroupMember<'_>,
+        handover: Handover,
     ) -> Result<KafkaSource, KafkaError> {
         let topics: HashMap<String, usize> = topology
             .sources
@@ -336,6 +370,7 @@ impl KafkaSource {
             .collect();
         let mut client = config.client("source");
         client
+            .set("client.id", format!("miroir-source-{}", member.instance))
             .set("group.id", &topology.name)
             .set("enable.auto.commit", "false")
             .set("auto.offset.reset", "earliest")
@@ -354,8 +389,8 @@ impl KafkaSource {
             .set("max.poll.interval.ms", "60000")
             .set("statistics.interval.ms", "1000")
             .set("fetch.queue.backoff.ms", FETCH_QUEUE_BACKOFF_MS);
-        if let Some(id) = static_member {
-            client.set("group.instance.id", id);
+        if member.fixed {
+            client.set("group.instance.id", member.instance);
         }
         let stop = Arc::new(AtomicBool::new(false));
         let consumer: BaseConsumer<SourceContext> = client.create_with_context(SourceContext {
@@ -365,13 +400,14 @@ impl KafkaSource {
             stop: stop.clone(),
             delivered: Mutex::default(),
             waiting: Mutex::default(),
-            changelog: match changelog {
+            changelog: match handover.changelog {
                 true => Some((changelog::Restorer::new(config)?, topology.clone())),
                 false => None,
             },
+            standbys: handover.standbys,
         })?;
         let names: Vec<&str> = topics.keys().map(String::as_str).collect();
-        let static_member = static_member.is_some();
+        let static_member = member.fixed;
         record_partition_counts(&consumer, &runtime, Duration::from_secs(10));
         consumer.subscribe(&names)?;
         let thread = std::thread::Builder::new()

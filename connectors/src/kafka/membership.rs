@@ -56,6 +56,12 @@ pub struct Member {
     /// open; `None` while it restores none.
     #[serde(default)]
     pub restore_remaining: Option<i64>,
+    /// The source partitions it keeps a standby replica of, by topic.
+    #[serde(default)]
+    pub standby: BTreeMap<String, Vec<u32>>,
+    /// Changelog records its standby replicas have not applied yet, when it has any.
+    #[serde(default)]
+    pub standby_lag: Option<i64>,
     /// When it wrote the record (ms since the epoch).
     pub at_ms: i64,
 }
@@ -71,13 +77,19 @@ pub struct Ownership {
     pub lag: Option<i64>,
     /// Changelog records still to read by its restores, while there are any.
     pub restore_remaining: Option<i64>,
+    /// The source partitions it keeps a standby replica of, by topic.
+    pub standby: BTreeMap<String, Vec<u32>>,
+    /// Changelog records its standby replicas have not applied yet, when it has any.
+    pub standby_lag: Option<i64>,
 }
 
 impl Ownership {
-    /// Whether `other` says something else of the partitions (the lag and the restore's
+    /// Whether `other` says something else of the partitions (the lags and the restore's
     /// progress aside, which the heartbeat carries).
     fn moved(&self, other: &Ownership) -> bool {
-        self.partitions != other.partitions || self.restoring != other.restoring
+        self.partitions != other.partitions
+            || self.restoring != other.restoring
+            || self.standby != other.standby
     }
 }
 
@@ -252,6 +264,8 @@ impl Keeper {
             restoring: ownership.restoring.clone(),
             lag: ownership.lag,
             restore_remaining: ownership.restore_remaining,
+            standby: ownership.standby.clone(),
+            standby_lag: ownership.standby_lag,
             at_ms: now_ms(),
         };
         let record = serde_json::to_vec(&member).expect("records serialize");
@@ -283,6 +297,8 @@ mod tests {
             restoring: BTreeMap::from([("user".to_string(), vec![2])]),
             lag: Some(3),
             restore_remaining: Some(10),
+            standby: BTreeMap::from([("user".to_string(), vec![1])]),
+            standby_lag: Some(0),
             at_ms: 1,
         };
         assert!(m.owns("user", 2));

@@ -5,6 +5,7 @@ pub mod changelog;
 pub mod input;
 pub mod membership;
 pub mod output;
+pub mod standby;
 pub mod tail;
 
 use miroir_engine::error::ErrorClass;
