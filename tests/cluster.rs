@@ -650,6 +650,77 @@ fn a_fresh_instance_restores_its_partitions_from_their_changelogs_not_their_topi
     wait_for_every_key(&client, &[&b], &t.user_topic, &expected, &keys);
 }
 
+#[test]
+fn a_standby_promoted_when_its_owner_dies_equals_the_reference() {
+    let Setup {
+        run: _run,
+        t,
+        dir,
+        file,
+        expected,
+        keys,
+        client,
+    } = Setup::new("cluster-standby", 13, 150, 3000);
+    let with = |id| ["--instance-id", id, "--standby-replicas", "1"];
+    let a = start_on(dir.path(), &file, "a", free_port(), &with("a"));
+    let mut b = start_on(dir.path(), &file, "b", free_port(), &with("b"));
+    wait_for_every_key(&client, &[&a, &b], &t.user_topic, &expected, &keys);
+
+    // More events while both run: the standby follows changelogs that move.
+    let (first, _) = generate(13, 150, 3000);
+    let (second, _) = generate(14, 150, 1500);
+    publish(&t, &second);
+    let all: Vec<Event> = first.into_iter().chain(second).collect();
+    let (expected, keys) = contacts(&t, &all);
+    wait_for_every_key(&client, &[&a, &b], &t.user_topic, &expected, &keys);
+    wait_until(
+        "a stands by for b's partitions, caught up",
+        Duration::from_secs(60),
+        || {
+            let view = get(&client, a.port, "/v1/cluster").1;
+            let record = |id: &str| {
+                view["instances"]
+                    .as_array()
+                    .and_then(|l| l.iter().find(|m| m["instance"] == id).cloned())
+                    .unwrap_or_default()
+            };
+            let (of_a, of_b) = (record("a"), record("b"));
+            of_b["partitions"][&t.user_topic].as_array().is_some()
+                && of_a["standby"][&t.user_topic] == of_b["partitions"][&t.user_topic]
+                && of_a["standby_lag"] == 0
+        },
+    );
+
+    b.child.kill().unwrap(); // SIGKILL
+    b.child.wait().unwrap();
+    wait_for_every_key(&client, &[&a], &t.user_topic, &expected, &keys);
+    let metrics = client
+        .get(format!("http://127.0.0.1:{}/metrics", a.port))
+        .send()
+        .unwrap()
+        .text()
+        .unwrap();
+    let promotions = counter(&metrics, "miroir_standby_promotions_total", "");
+    let followed = counter(&metrics, "miroir_standby_records_total", "");
+    let restored = counter(&metrics, "miroir_changelog_restored_records_total", "");
+    assert!(
+        promotions >= 2,
+        "b's partitions came to their standby: {promotions}\n{}",
+        a.log_tail()
+    );
+    assert!(
+        restored * 10 <= followed,
+        "the takeover read what the standby had not: {restored} restored, {followed} followed"
+    );
+
+    // Late and new events on the same keys: the promoted state goes on as the reference.
+    let (third, _) = generate(15, 150, 1500);
+    publish(&t, &third);
+    let all: Vec<Event> = all.into_iter().chain(third).collect();
+    let (expected, keys) = contacts(&t, &all);
+    wait_for_every_key(&client, &[&a], &t.user_topic, &expected, &keys);
+}
+
 /// Deletes every record of every partition of `topics` (their start moves to their end).
 fn delete_every_record(topics: &[&str]) {
     use rdkafka::admin::{AdminClient, AdminOptions};

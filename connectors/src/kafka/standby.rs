@@ -232,8 +232,17 @@ impl Standbys {
         while !stop.load(Ordering::Acquire) {
             if planned.is_none_or(|at| at.elapsed() >= PLAN_EVERY) {
                 planned = Some(Instant::now());
-                let wanted = standby_for(&live(), me, replicas, &self.counts);
-                self.follow(&wanted);
+                let live = live();
+                let wanted = standby_for(&live, me, replicas, &self.counts);
+                let claimed: HashSet<(String, u32)> = live
+                    .iter()
+                    .flat_map(|m| {
+                        m.partitions
+                            .iter()
+                            .flat_map(|(t, ps)| ps.iter().map(|p| (t.clone(), *p)))
+                    })
+                    .collect();
+                self.follow(&wanted, &claimed);
             }
             let busy = self.read();
             if !busy {
@@ -248,20 +257,20 @@ impl Standbys {
     }
 
     /// Starts standing by for the tasks of `wanted` not stood by for yet, and stops for those
-    /// no longer in it.
-    fn follow(&self, wanted: &BTreeSet<(String, u32)>) {
-        let wanted: HashSet<Task> = wanted
-            .iter()
-            .filter_map(|(t, p)| {
-                let source = self.topology.sources.iter().position(|s| &s.topic == t)?;
-                Some((source, *p))
-            })
-            .collect();
+    /// no longer in it that a live instance owns (`claimed`, by topic and partition). A task
+    /// whose owner is gone is stood by for until it is assigned: it is likely to come here.
+    fn follow(&self, wanted: &BTreeSet<(String, u32)>, claimed: &HashSet<(String, u32)>) {
+        let task = |(t, p): &(String, u32)| {
+            let source = self.topology.sources.iter().position(|s| &s.topic == t)?;
+            Some((source, *p))
+        };
+        let wanted: HashSet<Task> = wanted.iter().filter_map(task).collect();
+        let claimed: HashSet<Task> = claimed.iter().filter_map(task).collect();
         let mut tailer = self.tailer.lock();
         let stale: Vec<Task> = tailer
             .tasks
             .keys()
-            .filter(|t| !wanted.contains(t))
+            .filter(|t| !wanted.contains(t) && claimed.contains(t))
             .copied()
             .collect();
         let new: Vec<Task> = wanted
