@@ -1,8 +1,9 @@
-//! Failover without a standby: two `miroir run` processes share a topology; one is killed with
-//! SIGKILL, and the other is asked for the dead one's keys until every one answers its row
-//! again. The baseline is the consumer group's `session.timeout.ms` (10 s), the time Kafka
-//! takes to notice a member that died without leaving: what follows it (the rebalance, the
-//! restore from the changelog, reading up to the partitions' ends) is miroir's part.
+//! Failover, with and without a standby: two `miroir run` processes share a topology; one is
+//! killed with SIGKILL, and the other is asked for the dead one's keys until every one answers
+//! its row again. Then the same with `--standby-replicas 1`. The baseline is the consumer
+//! group's `session.timeout.ms` (10 s), the time Kafka takes to notice a member that died
+//! without leaving: what follows it (the rebalance, the restore from the changelog, reading up
+//! to the partitions' ends) is miroir's part.
 //!
 //! ```sh
 //! eval "$(scripts/services up)"
@@ -47,7 +48,7 @@ impl Drop for Instance {
     }
 }
 
-fn start(file: &std::path::Path, state: &std::path::Path) -> Instance {
+fn start(file: &std::path::Path, state: &std::path::Path, more: &[&str]) -> Instance {
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -57,6 +58,7 @@ fn start(file: &std::path::Path, state: &std::path::Path) -> Instance {
         .args(["run", file.to_str().unwrap(), "--brokers", &brokers()])
         .args(["--state-dir", state.to_str().unwrap()])
         .args(["--listen", &format!("127.0.0.1:{port}")])
+        .args(more)
         .env("RUST_LOG", "warn")
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -98,79 +100,39 @@ fn main() {
     publish(&config, &topic, users);
     let text = std::fs::read_to_string("topologies/user-directory.toml").unwrap();
     let text = internal_tables_only(&text)
-        .replace(
-            "name = \"user-directory\"",
-            &format!("name = \"failover-{run}\""),
-        )
         .replace("topic = \"user\"", &format!("topic = \"{topic}\""))
         .replace("topic = \"department\"", &format!("topic = \"{topic}-d\""));
-    let dir = tempfile::tempdir().unwrap();
-    let file = dir.path().join("topology.toml");
-    std::fs::write(&file, text).unwrap();
-    let a = start(&file, &dir.path().join("a"));
-    let mut b = start(&file, &dir.path().join("b"));
-    let client = reqwest::blocking::Client::builder()
-        .timeout(Duration::from_secs(5))
-        .build()
-        .unwrap();
-
-    // Settled: each owns partitions, and every tenth key of the other's answers on the first.
-    let deadline = Instant::now() + Duration::from_secs(120);
-    let theirs = loop {
-        assert!(Instant::now() < deadline, "the two instances never settled");
-        std::thread::sleep(Duration::from_millis(500));
-        let (mine, other) = (
-            owned(&client, &a.base, &topic),
-            owned(&client, &b.base, &topic),
-        );
-        if mine.is_empty() || other.is_empty() || mine.len() + other.len() != PARTITIONS as usize {
-            continue;
-        }
-        let theirs: Vec<String> = (0..users)
-            .map(|i| format!("u-{i}"))
-            .filter(|k| other.contains(&partition_for_key(k.as_bytes(), PARTITIONS)))
-            .step_by(10)
-            .map(|k| format!("{}/v1/tables/user_contacts/rows/{k}", a.base))
-            .collect();
-        if all_answer(&client, &theirs) {
-            break theirs;
-        }
-    };
-
-    b.child.kill().unwrap(); // SIGKILL
-    let killed = Instant::now();
-    b.child.wait().unwrap();
-    // Answered again: every asked key of the dead instance's partitions answers its row.
-    let mut answered = None;
-    while killed.elapsed() < Duration::from_secs(120) {
-        if all_answer(&client, &theirs) {
-            answered = Some(killed.elapsed());
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let answered = answered.expect("the dead instance's keys never answered again");
-    drop(a);
-    let secs = answered.as_secs_f64();
+    let (cold, asked) = failover(&text, &format!("failover-{run}"), &topic, users, &[]);
+    let standby = ["--standby-replicas", "1"];
+    let (warm, _) = failover(&text, &format!("failover-{run}-s"), &topic, users, &standby);
     let baseline = SESSION_TIMEOUT.as_secs_f64();
+    let row = |what: &str, t: Duration| {
+        let secs = t.as_secs_f64();
+        format!(
+            "| {what} | {secs:.1} | **{:.0}%** | {:.1} |\n",
+            secs / baseline * 100.0,
+            secs - baseline
+        )
+    };
     let report = format!(
         "<!-- failover:begin -->\n\
-         ## Failover without a standby\n\n\
+         ## Failover, with and without a standby\n\n\
          Command: `eval \"$(scripts/services up)\" && cargo bench --bench failover` (two `miroir \
          run` processes, release build, {users} users over {PARTITIONS} partitions, internal \
-         table alone; one killed with SIGKILL, the other asked for {} of its keys until each \
-         answers its row).\n\n\
-         | | seconds | of `session.timeout.ms` |\n|---|---|---|\n\
-         | `session.timeout.ms`: Kafka notices the dead member (baseline) | {baseline:.1} | 100% |\n\
-         | from SIGKILL to every asked key answered again | {secs:.1} | **{:.0}%** |\n\n\
+         table alone; one killed with SIGKILL, the other asked for {asked} of its keys until each \
+         answers its row; then the same with `--standby-replicas 1` on both, on a topology of \
+         its own).\n\n\
+         | | seconds | of `session.timeout.ms` | past it |\n|---|---|---|---|\n\
+         | `session.timeout.ms`: Kafka notices the dead member (baseline) | {baseline:.1} | 100% | 0 |\n\
+         {}{}\n\
          Until then a query for those keys answers 503 with `Retry-After` (never a 404 or a \
          wrong row: `tests/cluster.rs`). Past the session timeout the rest is the rebalance, \
-         the changelog restore of the partitions and reading up to their ends. A standby \
-         replica (not built) would take the session timeout out of this; a shorter \
-         `session.timeout.ms` shortens it for every instance.\n\
+         the changelog restore of the partitions and reading up to their ends; a standby \
+         takes the restore out (it has read the changelogs already) but not the session \
+         timeout, which only a shorter `session.timeout.ms` shortens.\n\
          <!-- failover:end -->\n",
-        theirs.len(),
-        secs / baseline * 100.0,
+        row("from SIGKILL to every asked key answered again, no standby", cold),
+        row("the same, with a standby", warm),
     );
     println!("{report}");
     let path = concat!(env!("CARGO_MANIFEST_DIR"), "/docs/benchmarks.md");
@@ -191,4 +153,87 @@ fn main() {
     if let Err(e) = delete_topics(&config, &mine) {
         eprintln!("bench: could not delete the run's topics: {e}");
     }
+}
+
+/// Runs two instances of the topology `text`, named `name`, with `more` arguments; kills one
+/// once they settled, and times until every tenth key of its partitions answers on the other.
+/// Returns that time and the number of keys asked.
+fn failover(text: &str, name: &str, topic: &str, users: usize, more: &[&str]) -> (Duration, usize) {
+    let text = text.replace("name = \"user-directory\"", &format!("name = \"{name}\""));
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("topology.toml");
+    std::fs::write(&file, text).unwrap();
+    let a = start(&file, &dir.path().join("a"), more);
+    let mut b = start(&file, &dir.path().join("b"), more);
+    let client = reqwest::blocking::Client::builder()
+        .timeout(Duration::from_secs(5))
+        .build()
+        .unwrap();
+
+    // Settled: each owns partitions, and every tenth key of the other's answers on the first.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let theirs = loop {
+        assert!(Instant::now() < deadline, "the two instances never settled");
+        std::thread::sleep(Duration::from_millis(500));
+        let (mine, other) = (
+            owned(&client, &a.base, topic),
+            owned(&client, &b.base, topic),
+        );
+        if mine.is_empty() || other.is_empty() || mine.len() + other.len() != PARTITIONS as usize {
+            continue;
+        }
+        let theirs: Vec<String> = (0..users)
+            .map(|i| format!("u-{i}"))
+            .filter(|k| other.contains(&partition_for_key(k.as_bytes(), PARTITIONS)))
+            .step_by(10)
+            .map(|k| format!("{}/v1/tables/user_contacts/rows/{k}", a.base))
+            .collect();
+        if all_answer(&client, &theirs) && standing_by(&client, &a.base, topic, &other, more) {
+            break theirs;
+        }
+    };
+
+    b.child.kill().unwrap(); // SIGKILL
+    let killed = Instant::now();
+    b.child.wait().unwrap();
+    // Answered again: every asked key of the dead instance's partitions answers its row.
+    while killed.elapsed() < Duration::from_secs(120) {
+        if all_answer(&client, &theirs) {
+            return (killed.elapsed(), theirs.len());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    panic!("the dead instance's keys never answered again");
+}
+
+/// Whether, when `more` asks for standbys, the instance at `base` stands by for the
+/// partitions `other` of `topic`, caught up.
+fn standing_by(
+    client: &reqwest::blocking::Client,
+    base: &str,
+    topic: &str,
+    other: &[u32],
+    more: &[&str],
+) -> bool {
+    if !more.contains(&"--standby-replicas") {
+        return true;
+    }
+    let Some(view) = client
+        .get(format!("{base}/v1/cluster"))
+        .send()
+        .ok()
+        .and_then(|r| r.json::<serde_json::Value>().ok())
+    else {
+        return false;
+    };
+    let me = &view["instance"];
+    view["instances"].as_array().is_some_and(|live| {
+        live.iter().any(|m| {
+            &m["instance"] == me
+                && m["standby_lag"] == 0
+                && m["standby"][topic]
+                    .as_array()
+                    .is_some_and(|ps| ps.len() == other.len())
+        })
+    })
 }

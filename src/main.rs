@@ -110,7 +110,7 @@ enum Action {
         standby_replicas: usize,
     },
     /// Prints the instances of a running topology, as one of them sees them: their addresses,
-    /// the partitions each owns and restores, their lag.
+    /// the partitions each owns, restores and stands by for, their lag.
     ///
     /// EXAMPLES:
     ///     miroir status --url http://127.0.0.1:8080
@@ -357,8 +357,8 @@ fn print_status(url: &str, json: bool) -> anyhow::Result<ExitCode> {
             .join("; ")
     };
     println!(
-        "{:<28} {:<22} {:>6}  {:<36} restoring",
-        "instance", "address", "lag", "partitions"
+        "{:<28} {:<22} {:>6}  {:<36} {:<24} standby (lag)",
+        "instance", "address", "lag", "partitions", "restoring"
     );
     for m in cluster["instances"].as_array().into_iter().flatten() {
         let id = m["instance"].as_str().unwrap_or_default();
@@ -368,11 +368,15 @@ fn print_status(url: &str, json: bool) -> anyhow::Result<ExitCode> {
             id.to_string()
         };
         let lag = m["lag"].as_i64().map_or("-".into(), |l| l.to_string());
+        let standby_lag = m["standby_lag"]
+            .as_i64()
+            .map_or(String::new(), |l| format!(" ({l})"));
         println!(
-            "{name:<28} {:<22} {lag:>6}  {:<36} {}",
+            "{name:<28} {:<22} {lag:>6}  {:<36} {:<24} {}{standby_lag}",
             m["advertise"].as_str().unwrap_or("-"),
             partitions(&m["partitions"]),
             partitions(&m["restoring"]),
+            partitions(&m["standby"]),
         );
     }
     Ok(ExitCode::SUCCESS)
