@@ -41,6 +41,7 @@ use std::time::Duration;
 
 use miroir_connectors::commands::processor::{CommandProcessor, ProcessorStatus};
 use miroir_connectors::kafka::changelog::{self, KafkaChangelog};
+pub use miroir_connectors::kafka::input::GroupProtocol;
 use miroir_connectors::kafka::input::{GroupMember, Handover, KafkaSource};
 use miroir_connectors::kafka::membership::{Member, Membership, Ownership};
 use miroir_connectors::kafka::output::KafkaErrorSink;
@@ -174,6 +175,7 @@ pub struct EngineBuilder {
     /// Set by [`EngineBuilder::changelog`]`(false)`.
     no_changelog: bool,
     standby_replicas: usize,
+    group_protocol: GroupProtocol,
 }
 
 impl EngineBuilder {
@@ -291,6 +293,13 @@ impl EngineBuilder {
         self
     }
 
+    /// The source consumer's group protocol (default: classic; see [`GroupProtocol`]). Give
+    /// every instance of a topology the same one.
+    pub fn group_protocol(mut self, protocol: GroupProtocol) -> Self {
+        self.group_protocol = protocol;
+        self
+    }
+
     /// An extra librdkafka property for the consumer and producers.
     pub fn kafka_property(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
         self.kafka_extra.push((key.into(), value.into()));
@@ -391,6 +400,7 @@ impl EngineBuilder {
             GroupMember {
                 instance: &instance,
                 fixed,
+                protocol: self.group_protocol,
             },
             handover,
         )?;

@@ -108,6 +108,12 @@ enum Action {
             conflicts_with = "no_changelog"
         )]
         standby_replicas: usize,
+        /// The consumer group protocol: `classic` (range assignment; every rebalance moves
+        /// every partition; 10 s session timeout) or `consumer` (KIP-848, Kafka 4.0 or later:
+        /// a rebalance moves only the partitions that must move; the broker's session timeout,
+        /// `group.consumer.session.timeout.ms`). Give every instance the same one.
+        #[arg(long, env = "MIROIR_GROUP_PROTOCOL", default_value = "classic", value_parser = ["classic", "consumer"])]
+        group_protocol: String,
     },
     /// Prints the instances of a running topology, as one of them sees them: their addresses,
     /// the partitions each owns, restores and stands by for, their lag.
@@ -601,6 +607,7 @@ fn run(command: Action) -> anyhow::Result<ExitCode> {
             advertise,
             no_changelog,
             standby_replicas,
+            group_protocol,
         } => {
             if plan {
                 return print_plan(&file, &state_dir, database_url.as_deref());
@@ -617,7 +624,11 @@ fn run(command: Action) -> anyhow::Result<ExitCode> {
             }
             builder = builder
                 .changelog(!no_changelog)
-                .standby_replicas(standby_replicas);
+                .standby_replicas(standby_replicas)
+                .group_protocol(match group_protocol.as_str() {
+                    "consumer" => miroir::GroupProtocol::Consumer,
+                    _ => miroir::GroupProtocol::Classic,
+                });
             let engine = builder
                 .topology_file(&file)
                 .brokers(brokers)

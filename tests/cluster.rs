@@ -413,6 +413,18 @@ fn an_instance_killed_and_replaced_by_a_fresh_one_never_answers_a_wrong_row() {
 
 #[test]
 fn an_instance_restarted_with_its_instance_id_gets_its_partitions_back_without_a_rebalance() {
+    restart_keeps_partitions("classic");
+}
+
+#[test]
+fn with_the_consumer_protocol_a_restart_with_the_same_instance_id_moves_no_partition() {
+    restart_keeps_partitions("consumer");
+}
+
+/// Two static members with group protocol `protocol`; one stops cleanly and starts again on
+/// its state directory and id, and gets its partitions back while the other keeps its own.
+fn restart_keeps_partitions(protocol: &str) {
+    let with = |id| ["--instance-id", id, "--group-protocol", protocol];
     let Setup {
         run: _run,
         t,
@@ -421,13 +433,13 @@ fn an_instance_restarted_with_its_instance_id_gets_its_partitions_back_without_a
         expected,
         keys,
         client,
-    } = Setup::new("cluster-static", 9, 100, 1000);
+    } = Setup::new(&format!("cluster-static-{protocol}"), 9, 100, 1000);
     // The first member of the group leads it; a restarted leader makes Kafka's group
     // coordinator run one assignment again, which an instance that does not lead is spared.
-    let a = start_on(dir.path(), &file, "a", free_port(), &["--instance-id", "a"]);
+    let a = start_on(dir.path(), &file, "a", free_port(), &with("a"));
     wait_for_every_key(&client, &[&a], &t.user_topic, &expected, &keys);
     let b_port = free_port();
-    let mut b = start_on(dir.path(), &file, "b", b_port, &["--instance-id", "b"]);
+    let mut b = start_on(dir.path(), &file, "b", b_port, &with("b"));
     wait_for_every_key(&client, &[&a, &b], &t.user_topic, &expected, &keys);
     let a_owns = owned(&client, a.port, &t.user_topic).unwrap();
     let b_owns = owned(&client, b.port, &t.user_topic).unwrap();
@@ -441,7 +453,7 @@ fn an_instance_restarted_with_its_instance_id_gets_its_partitions_back_without_a
     assert!(stopped.success());
     assert!(b.child.wait().unwrap().success(), "a clean stop exits 0");
     drop(b);
-    let b = start_on(dir.path(), &file, "b", b_port, &["--instance-id", "b"]);
+    let b = start_on(dir.path(), &file, "b", b_port, &with("b"));
     let back = Instant::now() + Duration::from_secs(60);
     while owned(&client, b.port, &t.user_topic).as_ref() != Some(&b_owns) {
         assert_eq!(
@@ -719,6 +731,51 @@ fn a_standby_promoted_when_its_owner_dies_equals_the_reference() {
     let all: Vec<Event> = all.into_iter().chain(third).collect();
     let (expected, keys) = contacts(&t, &all);
     wait_for_every_key(&client, &[&a], &t.user_topic, &expected, &keys);
+}
+
+#[test]
+fn with_the_consumer_protocol_a_joining_instance_moves_only_the_partitions_it_takes() {
+    let Setup {
+        run: _run,
+        t,
+        dir,
+        file,
+        expected,
+        keys,
+        client,
+    } = Setup::new("cluster-coop", 17, 200, 3000);
+    let protocol = ["--group-protocol", "consumer"];
+    let a = start_on(dir.path(), &file, "a", free_port(), &protocol);
+    wait_for_every_key(&client, &[&a], &t.user_topic, &expected, &keys);
+    let b = start_on(dir.path(), &file, "b", free_port(), &protocol);
+    wait_for_every_key(&client, &[&a, &b], &t.user_topic, &expected, &keys);
+
+    let topics = [&t.user_topic, &t.department_topic];
+    let owns = |i: &Instance, topic: &str| owned(&client, i.port, topic).unwrap_or_default();
+    for i in [&a, &b] {
+        assert_eq!(
+            owns(i, topics[0]),
+            owns(i, topics[1]),
+            "partition i of both sources on one instance"
+        );
+    }
+    let metrics = client
+        .get(format!("http://127.0.0.1:{}/metrics", a.port))
+        .send()
+        .unwrap()
+        .text()
+        .unwrap();
+    let taken: usize = topics.iter().map(|t| owns(&b, t).len()).sum();
+    assert_eq!(
+        counter(&metrics, "miroir_source_partitions_revoked_total", ""),
+        taken as u64,
+        "a gave up what b took, and kept the rest without a revocation"
+    );
+    assert_eq!(
+        counter(&metrics, "miroir_source_partitions_assigned_total", ""),
+        8,
+        "a was assigned its partitions once"
+    );
 }
 
 /// Deletes every record of every partition of `topics` (their start moves to their end).

@@ -22,7 +22,7 @@ use miroir_engine::ingest::{Message, Records};
 use miroir_engine::metrics::Metrics;
 use miroir_engine::runtime::Runtime;
 use miroir_engine::topology::Topology;
-use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance};
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance, RebalanceProtocol};
 use rdkafka::error::KafkaResult;
 use rdkafka::message::Message as _;
 use rdkafka::statistics::Statistics;
@@ -69,6 +69,22 @@ pub struct GroupMember<'a> {
     /// restarted within `session.timeout.ms`, it gets its partitions back without a rebalance
     /// (and a clean stop keeps them that long too).
     pub fixed: bool,
+    /// The consumer group protocol.
+    pub protocol: GroupProtocol,
+}
+
+/// The consumer group protocol of the source's consumer.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum GroupProtocol {
+    /// The classic protocol with range assignment: every rebalance revokes every partition
+    /// and assigns them again (eager); the session timeout is the client's (10 s).
+    #[default]
+    Classic,
+    /// KIP-848's protocol (`group.protocol=consumer`, Kafka 4.0 or later) with the broker's
+    /// range assignor: sticky and incremental, so a rebalance moves only the partitions that
+    /// must move; the session timeout is the broker's (`group.consumer.session.timeout.ms`,
+    /// 45 s by default).
+    Consumer,
 }
 
 /// How an assigned partition's state catches up before its task opens.
@@ -319,7 +335,11 @@ impl ConsumerContext for SourceContext {
                         partitions: partitions.clone(),
                     });
                 }
-                if let Err(e) = consumer.assign(tpl) {
+                if let Err(e) = if incremental(consumer) {
+                    consumer.incremental_assign(tpl)
+                } else {
+                    consumer.assign(tpl)
+                } {
                     error!(error = %e, "cannot assign partitions");
                 }
                 // While the runtime takes nothing, new partitions wait too.
@@ -331,13 +351,13 @@ impl ConsumerContext for SourceContext {
             }
             RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
                 self.pre_rebalance(consumer, &Rebalance::Revoke(tpl));
-                if let Err(e) = consumer.unassign() {
+                if let Err(e) = unassign(consumer, tpl) {
                     error!(error = %e, "cannot unassign partitions");
                 }
             }
             other => {
                 error!(error = ?other, "rebalance error");
-                let _ = consumer.unassign();
+                let _ = unassign(consumer, tpl);
             }
         }
     }
@@ -375,20 +395,28 @@ impl KafkaSource {
             .set("enable.auto.commit", "false")
             .set("auto.offset.reset", "earliest")
             .set("enable.partition.eof", "false")
+            // The poll loop never stalls for long (bounded channels, revocations wait at most
+            // 20 s), so 60 s between polls is ample.
+            .set("max.poll.interval.ms", "60000")
+            .set("statistics.interval.ms", "1000")
+            .set("fetch.queue.backoff.ms", FETCH_QUEUE_BACKOFF_MS);
+        match member.protocol {
             // Range assignment gives partition i of every source topic to the same member:
             // joins and the tables they feed stay partition-local. Cooperative-sticky would
             // move fewer partitions per rebalance but balances partitions over all topics
             // together (one member got every user partition, the other every department one).
-            .set("partition.assignment.strategy", "range")
             // A member that dies without leaving keeps its partitions until the coordinator
-            // expires it: 10 s (librdkafka's default is 45 s) bounds that outage. The poll
-            // loop never stalls for long (bounded channels, revocations wait at most 20 s), so
-            // 60 s between polls is ample.
-            .set("session.timeout.ms", "10000")
-            .set("heartbeat.interval.ms", "3000")
-            .set("max.poll.interval.ms", "60000")
-            .set("statistics.interval.ms", "1000")
-            .set("fetch.queue.backoff.ms", FETCH_QUEUE_BACKOFF_MS);
+            // expires it: 10 s (librdkafka's default is 45 s) bounds that outage.
+            GroupProtocol::Classic => client
+                .set("partition.assignment.strategy", "range")
+                .set("session.timeout.ms", "10000")
+                .set("heartbeat.interval.ms", "3000"),
+            // The broker's range assignor keeps co-partitioned topics together too, and is
+            // sticky; session and heartbeat are the broker's settings.
+            GroupProtocol::Consumer => client
+                .set("group.protocol", "consumer")
+                .set("group.remote.assignor", "range"),
+        };
         if member.fixed {
             client.set("group.instance.id", member.instance);
         }
@@ -550,9 +578,9 @@ fn poll_loop(
             consumer
                 .context()
                 .pre_rebalance(&consumer, &Rebalance::Revoke(&assignment));
-        }
-        if let Err(e) = consumer.unassign() {
-            warn!(error = %e, "cannot unassign partitions");
+            if let Err(e) = unassign(&consumer, &assignment) {
+                warn!(error = %e, "cannot unassign partitions");
+            }
         }
         info!("kafka source stopped");
         return;
@@ -570,6 +598,27 @@ fn poll_loop(
         let _ = consumer.poll(Duration::from_millis(50));
     }
     info!("kafka source stopped");
+}
+
+/// Whether the group's rebalances are incremental (KIP-848's protocol): assignments then add
+/// and remove partitions instead of replacing the whole assignment.
+fn incremental(consumer: &BaseConsumer<SourceContext>) -> bool {
+    matches!(
+        consumer.rebalance_protocol(),
+        RebalanceProtocol::Cooperative
+    )
+}
+
+/// Takes `partitions` (all of the assignment, with an eager protocol) away from the consumer.
+fn unassign(
+    consumer: &BaseConsumer<SourceContext>,
+    partitions: &TopicPartitionList,
+) -> KafkaResult<()> {
+    if incremental(consumer) {
+        consumer.incremental_unassign(partitions)
+    } else {
+        consumer.unassign()
+    }
 }
 
 /// Pauses (`on`) or resumes every assigned partition; returns whether consumption is paused.
