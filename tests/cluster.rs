@@ -822,3 +822,42 @@ fn block_on<F: std::future::Future>(future: F) -> F::Output {
         .unwrap()
         .block_on(future)
 }
+
+#[test]
+fn with_the_consumer_protocol_a_static_member_restarted_after_kill_9_stops_with_a_clear_error() {
+    let Setup {
+        run: _run,
+        t,
+        dir,
+        file,
+        expected,
+        keys,
+        client,
+    } = Setup::new("cluster-unreleased", 9, 100, 1000);
+    let with = ["--instance-id", "a", "--group-protocol", "consumer"];
+    let mut a = start_on(dir.path(), &file, "a", free_port(), &with);
+    wait_for_every_key(&client, &[&a], &t.user_topic, &expected, &keys);
+    a.child.kill().unwrap(); // SIGKILL: the broker keeps the member until its session expires
+    a.child.wait().unwrap();
+    let mut again = start_on(dir.path(), &file, "a", free_port(), &with);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(status) = again.child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "still running:\n{}",
+            again.log_tail()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert_eq!(status.code(), Some(1), "{}", again.log_tail());
+    assert!(
+        again
+            .log_tail()
+            .contains("still has a member with this --instance-id"),
+        "{}",
+        again.log_tail()
+    );
+}

@@ -554,6 +554,12 @@ fn poll_loop(
                     oldest = None;
                 }
             }
+            Some(Err(rdkafka::error::KafkaError::MessageConsumptionFatal(code))) => {
+                let message = fatal_consumer_error(code);
+                error!(error = %message, "the Kafka source cannot go on: stopping");
+                runtime.fail(message);
+                break;
+            }
             Some(Err(e)) => warn!(error = %e, "kafka consumer error"),
             None => {
                 flush(&mut batches);
@@ -598,6 +604,19 @@ fn poll_loop(
         let _ = consumer.poll(Duration::from_millis(50));
     }
     info!("kafka source stopped");
+}
+
+/// What a fatal error of the source's consumer means for whoever runs the instance.
+fn fatal_consumer_error(code: rdkafka::types::RDKafkaErrorCode) -> String {
+    use rdkafka::types::RDKafkaErrorCode::UnreleasedInstanceId;
+    match code {
+        UnreleasedInstanceId => format!(
+            "the consumer group still has a member with this --instance-id ({code}): a process \
+             killed without leaving holds it until the broker's session timeout expires; start \
+             again after it"
+        ),
+        _ => format!("the source's Kafka consumer failed: {code}"),
+    }
 }
 
 /// Whether the group's rebalances are incremental (KIP-848's protocol): assignments then add
