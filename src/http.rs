@@ -238,6 +238,9 @@ struct RowParams {
     /// How long to wait for `min_offset` or `min_version` (a duration; default 5 s, at most
     /// 30 s).
     wait: Option<String>,
+    /// Answer from this instance's standby replica of the key's partition (stale).
+    #[serde(default)]
+    standby: bool,
 }
 
 /// What a row query waits for before it answers.
@@ -356,8 +359,29 @@ async fn row(
         Ok(a) => a,
         Err(message) => return error(StatusCode::BAD_REQUEST, message),
     };
+    if p.standby {
+        return match inner.get_standby(&table, &key) {
+            Ok(answer) => Json(answer).into_response(),
+            Err(e) => query_error(e),
+        };
+    }
     if !p.local {
         let forwarded = headers.contains_key(FORWARDED_BY);
+        // A standby answers for a partition whose owner cannot, unless the query awaits a
+        // write (only the owner knows it).
+        let standby = |owner: Option<String>| {
+            let inner = inner.clone();
+            let (table, key) = (table.clone(), key.clone());
+            let waits = awaited.is_some();
+            async move {
+                match waits {
+                    true => None,
+                    false => {
+                        from_standby(&inner, (&table, &key), owner.as_deref(), forwarded).await
+                    }
+                }
+            }
+        };
         match inner.route(&table, &key) {
             Ok(Route::Here) => {}
             Ok(Route::At(owner)) if !forwarded => {
@@ -367,13 +391,29 @@ async fn row(
                     query: query.as_deref(),
                     wait: awaited.as_ref().map_or(Duration::ZERO, |(_, w)| *w),
                 };
-                return inner
+                let answered = inner
                     .forwarder
                     .row(inner.membership.me(), &owner, &ask)
                     .await;
+                return match answered {
+                    Ok(answer) if answer.status() != StatusCode::SERVICE_UNAVAILABLE => answer,
+                    failed => match standby(Some(owner.instance.clone())).await {
+                        Some(answer) => answer,
+                        None => failed.unwrap_or_else(|()| moving(&table, &key)),
+                    },
+                };
             }
-            Ok(Route::At(_)) | Ok(Route::Moving) => {
-                return moving(&table, &key);
+            Ok(Route::At(owner)) => {
+                return match standby(Some(owner.instance)).await {
+                    Some(answer) => answer,
+                    None => moving(&table, &key),
+                };
+            }
+            Ok(Route::Moving) => {
+                return match standby(None).await {
+                    Some(answer) => answer,
+                    None => moving(&table, &key),
+                };
             }
             Ok(Route::Restoring) => {
                 return unavailable(format!(
@@ -395,6 +435,41 @@ async fn row(
             format!("no row with key `{key}` in `{table}`"),
         ),
         Err(e) => query_error(e),
+    }
+}
+
+/// The answer of a standby replica of the partition of `key` in `table` (this instance's, or,
+/// unless the query was `forwarded` already, another's), other than owner `owner`'s; `None`
+/// when none answers with a row.
+async fn from_standby(
+    inner: &Inner,
+    (table, key): (&str, &str),
+    owner: Option<&str>,
+    forwarded: bool,
+) -> Option<Response> {
+    let standby = inner.standby_of(table, key, owner)?;
+    if standby.instance == inner.membership.me() {
+        return inner
+            .get_standby(table, key)
+            .ok()
+            .map(|answer| Json(answer).into_response());
+    }
+    if forwarded {
+        return None;
+    }
+    let ask = Ask {
+        table,
+        key,
+        query: Some("standby=true"),
+        wait: Duration::ZERO,
+    };
+    match inner
+        .forwarder
+        .row(inner.membership.me(), &standby, &ask)
+        .await
+    {
+        Ok(answer) if answer.status() == StatusCode::OK => Some(answer),
+        _ => None,
     }
 }
 
@@ -537,9 +612,9 @@ impl Forwarder {
         })
     }
 
-    /// Asks `owner` for the row of `key` in `table`, on behalf of instance `me`; its answer is
-    /// the answer.
-    async fn row(&self, me: &str, owner: &Member, ask: &Ask<'_>) -> Response {
+    /// Asks `owner` for the row of `key` in `table`, on behalf of instance `me`: its answer,
+    /// whatever its status; `Err` when it gave none.
+    async fn row(&self, me: &str, owner: &Member, ask: &Ask<'_>) -> Result<Response, ()> {
         let timer = self.seconds.start_timer();
         let asked = self.ask(me, owner, ask).await;
         timer.observe_duration();
@@ -549,7 +624,7 @@ impl Forwarder {
             "unreachable"
         };
         self.forwards.with_label_values(&[outcome]).inc();
-        asked.unwrap_or_else(|()| moving(ask.table, ask.key))
+        asked
     }
 
     /// `owner`'s rows of `scan`, with their cursors; `Err` when it did not give them (logged).
@@ -609,8 +684,8 @@ impl Forwarder {
         &self,
         me: &str,
         owner: &Member,
-        table: &str,
-        key: &str,
+        (table, key): (&str, &str),
+        query: Option<&str>,
     ) -> Result<(StatusCode, bytes::Bytes), ()> {
         let (tx, rx) = std::sync::mpsc::channel();
         let (me, owner, table, key) = (
@@ -619,12 +694,13 @@ impl Forwarder {
             table.to_string(),
             key.to_string(),
         );
+        let query = query.map(str::to_string);
         let this = self.clone();
         self.runtime.spawn(async move {
             let ask = Ask {
                 table: &table,
                 key: &key,
-                query: None,
+                query: query.as_deref(),
                 wait: Duration::ZERO,
             };
             let _ = tx.send(this.fetch(&me, &owner, &ask).await);

@@ -54,6 +54,7 @@ use miroir_engine::ingest::upsert::Entry;
 use miroir_engine::metrics::Metrics;
 use miroir_engine::partition::partition_for_key;
 use miroir_engine::runtime::{Runtime, RuntimeConfig, RuntimeError, StatusSnapshot};
+use miroir_engine::state::key::encode_key;
 use miroir_engine::state::{StateStore, StoreError, TableReader};
 use miroir_engine::topology::{Source, Topology, TopologyError};
 use miroir_engine::value::{
@@ -352,6 +353,8 @@ impl EngineBuilder {
         if let Some(e) = self.max_epoch_interval {
             config.max_epoch_interval = e;
         }
+        // Standbys answer for the rows their owners log.
+        config.log_rows = self.standby_replicas > 0;
         if self.no_changelog && self.standby_replicas > 0 {
             return Err(EngineError::Conflict(
                 "standby replicas are fed from changelogs: they need changelogs on",
@@ -471,6 +474,7 @@ impl EngineBuilder {
             metrics,
             state_dir,
             membership,
+            standbys,
             forwarder,
         });
         let server = match listener {
@@ -498,6 +502,8 @@ pub(crate) struct Inner {
     processors: Vec<(String, Arc<ProcessorStatus>)>,
     /// The instances of the topology, and who owns which partition.
     membership: Arc<Membership>,
+    /// The standby replicas this instance keeps, if any.
+    standbys: Option<Arc<Standbys>>,
     /// Sends queries on to the instance that owns their key.
     forwarder: http::Forwarder,
 }
@@ -624,15 +630,107 @@ impl Inner {
         ))
     }
 
-    /// The row of `key` in `table`, from the instance that owns the key's partition.
+    /// The row of `key` in `table` as this instance's standby replica of the key's partition
+    /// holds it, marked stale with the standby's lag; unavailable when it does not stand by
+    /// for the partition or has no row for the key (a standby cannot tell a key without a row
+    /// from a row its owner did not log).
+    pub(crate) fn get_standby(&self, table: &str, key: &str) -> Result<RowAnswer, QueryError> {
+        let plan = self.internal(table)?;
+        let values =
+            parse_key_text(key, &key_types(plan)).map_err(|source| QueryError::BadKey {
+                table: table.to_string(),
+                source,
+            })?;
+        let unavailable = |why: &str| {
+            QueryError::Unavailable(format!(
+                "instance {} {why} key `{key}` of `{table}`; ask again",
+                self.membership.me()
+            ))
+        };
+        let placed = plan
+            .partitioned_by(|s| self.topology.sources[s].key)
+            .zip(self.partition_of(plan, &values));
+        let (Some((source, (topic, partition))), Some(standbys), Some(store)) =
+            (placed, &self.standbys, self.runtime.state_store())
+        else {
+            return Err(unavailable("keeps no standby replica for"));
+        };
+        let lag = standbys
+            .lag(topic, partition)
+            .ok_or_else(|| unavailable("keeps no standby replica for"))?;
+        let bytes = store
+            .standby_row((source, partition), table, &encode_key(&values))?
+            .ok_or_else(|| unavailable("has no standby row for"))?;
+        Ok(RowAnswer {
+            table: table.to_string(),
+            key: key.to_string(),
+            row: serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null),
+            partition: Some(partition),
+            served_by: self.membership.me().to_string(),
+            freshness: Freshness {
+                epoch: self.runtime.status().epoch,
+                committed_at: None,
+                lag: Some(lag),
+                stale: true,
+            },
+        })
+    }
+
+    /// A live instance (this one first) that keeps a standby replica of the partition of
+    /// `key` in `table`, other than its owner `but`.
+    pub(crate) fn standby_of(&self, table: &str, key: &str, but: Option<&str>) -> Option<Member> {
+        let plan = self.internal(table).ok()?;
+        let values = parse_key_text(key, &key_types(plan)).ok()?;
+        let (topic, partition) = self.partition_of(plan, &values)?;
+        let mut standbys: Vec<Member> = self
+            .membership
+            .live()
+            .into_iter()
+            .filter(|m| Some(m.instance.as_str()) != but && m.advertise.is_some())
+            .filter(|m| {
+                m.standby
+                    .get(topic)
+                    .is_some_and(|ps| ps.contains(&partition))
+            })
+            .collect();
+        standbys.sort_by_key(|m| m.instance != self.membership.me());
+        standbys.into_iter().next()
+    }
+
+    /// The row of `key` in `table` from a standby replica of its partition, when the
+    /// partition's owner cannot answer; `None` when no standby can either.
+    fn get_from_standby(&self, table: &str, key: &str, owner: Option<&str>) -> Option<RowAnswer> {
+        let standby = self.standby_of(table, key, owner)?;
+        if standby.instance == self.membership.me() {
+            return self.get_standby(table, key).ok();
+        }
+        let (status, body) = self
+            .forwarder
+            .fetch_blocking(
+                self.membership.me(),
+                &standby,
+                (table, key),
+                Some("standby=true"),
+            )
+            .ok()?;
+        (status.as_u16() == 200)
+            .then(|| serde_json::from_slice(&body).ok())
+            .flatten()
+    }
+
+    /// The row of `key` in `table`, from the instance that owns the key's partition (or,
+    /// while it cannot answer, from a standby replica of the partition).
     fn get_routed(&self, table: &str, key: &str) -> Result<Option<RowAnswer>, QueryError> {
         let owner = match self.route(table, key)? {
             Route::Here => return self.get(table, key),
             Route::At(owner) => owner,
             Route::Moving => {
+                if let Some(answer) = self.get_from_standby(table, key, None) {
+                    return Ok(Some(answer));
+                }
                 return Err(QueryError::Unavailable(format!(
                     "the partition of key `{key}` of `{table}` is moving to another instance; ask again"
-                )))
+                )));
             }
             Route::Restoring => {
                 return Err(QueryError::Unavailable(format!(
@@ -646,10 +744,15 @@ impl Inner {
                 owner.instance
             ))
         };
-        let (status, body) = self
-            .forwarder
-            .fetch_blocking(self.membership.me(), &owner, table, key)
-            .map_err(|()| unavailable("did not answer".into()))?;
+        let Ok((status, body)) =
+            self.forwarder
+                .fetch_blocking(self.membership.me(), &owner, (table, key), None)
+        else {
+            return match self.get_from_standby(table, key, Some(&owner.instance)) {
+                Some(answer) => Ok(Some(answer)),
+                None => Err(unavailable("did not answer".into())),
+            };
+        };
         match status.as_u16() {
             200 => serde_json::from_slice(&body)
                 .map(Some)

@@ -370,45 +370,88 @@ fn an_instance_killed_and_replaced_by_a_fresh_one_never_answers_a_wrong_row() {
 
     // A client asks the surviving instance for every key, over and over, during the whole
     // episode: an answer is the right row, the right 404, or a 503 to ask again.
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let asking = std::thread::spawn({
-        let (stop, expected, keys, port) = (stop.clone(), expected.clone(), keys.clone(), a.port);
-        move || {
-            let client = reqwest::blocking::Client::new();
-            let (mut right, mut unavailable, mut wrong) = (0, 0, Vec::new());
-            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
-                for key in &keys {
-                    let path = format!("/v1/tables/user_contacts/rows/{key}");
-                    let (status, answer) = get(&client, port, &path);
-                    match (expected.get(key), status) {
-                        (Some(row), 200) if &answer["row"] == row => right += 1,
-                        (None, 404) => right += 1,
-                        (_, 503) => unavailable += 1,
-                        _ => wrong.push(format!("{key}: {status} {answer}")),
-                    }
-                }
-            }
-            (right, unavailable, wrong)
-        }
-    });
+    let asking = Asking::start(a.port, &expected, &keys);
     std::thread::sleep(Duration::from_secs(1));
     b.child.kill().unwrap(); // SIGKILL
     b.child.wait().unwrap();
     let c = start(dir.path(), &file, "c");
     wait_for_every_key(&client, &[&a, &c], &t.user_topic, &expected, &keys);
-    stop.store(true, std::sync::atomic::Ordering::SeqCst);
-    let (right, unavailable, wrong) = asking.join().unwrap();
+    let answers = asking.stop();
+    assert!(answers.right > keys.len(), "answers came: {answers:?}");
     assert!(
-        wrong.is_empty(),
-        "{} wrong answers ({right} right, {unavailable} unavailable), first: {:?}",
-        wrong.len(),
-        &wrong[..wrong.len().min(3)]
-    );
-    assert!(right > keys.len(), "answers came: {right}");
-    assert!(
-        unavailable > 0,
+        answers.unavailable > 0,
         "the killed instance's partitions were unavailable for a while"
     );
+    assert_eq!(answers.stale, 0, "no standby, no stale answer");
+}
+
+/// How the answers of a client asking for every key over and over went.
+#[derive(Debug, Default)]
+struct Answers {
+    /// The right row (or the right 404).
+    right: usize,
+    /// Of those, rows marked stale (a standby's).
+    stale: usize,
+    /// 503: ask again.
+    unavailable: usize,
+}
+
+/// A client asking one instance for every key, over and over, on its own thread.
+struct Asking {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<(Answers, Vec<String>)>,
+}
+
+impl Asking {
+    /// Starts asking the instance on `port` for each of `keys`, whose rows are `expected`.
+    fn start(
+        port: u16,
+        expected: &BTreeMap<String, serde_json::Value>,
+        keys: &BTreeSet<String>,
+    ) -> Asking {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let thread = std::thread::spawn({
+            let (stop, expected, keys) = (stop.clone(), expected.clone(), keys.clone());
+            move || {
+                let client = reqwest::blocking::Client::new();
+                let (mut answers, mut wrong) = (Answers::default(), Vec::new());
+                while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                    for key in &keys {
+                        let path = format!("/v1/tables/user_contacts/rows/{key}");
+                        let (status, answer) = get(&client, port, &path);
+                        match (expected.get(key), status) {
+                            (Some(row), 200) if &answer["row"] == row => {
+                                answers.right += 1;
+                                if answer["freshness"]["stale"] == true
+                                    && answer["freshness"]["committed_at"].is_null()
+                                {
+                                    answers.stale += 1;
+                                }
+                            }
+                            (None, 404) => answers.right += 1,
+                            (_, 503) => answers.unavailable += 1,
+                            _ => wrong.push(format!("{key}: {status} {answer}")),
+                        }
+                    }
+                }
+                (answers, wrong)
+            }
+        });
+        Asking { stop, thread }
+    }
+
+    /// Stops asking; fails on any wrong answer.
+    fn stop(self) -> Answers {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        let (answers, wrong) = self.thread.join().unwrap();
+        assert!(
+            wrong.is_empty(),
+            "{} wrong answers ({answers:?}), first: {:?}",
+            wrong.len(),
+            &wrong[..wrong.len().min(3)]
+        );
+        answers
+    }
 }
 
 #[test]
@@ -703,9 +746,15 @@ fn a_standby_promoted_when_its_owner_dies_equals_the_reference() {
         },
     );
 
+    // A client asks the survivor for every key during the episode: until it owns b's
+    // partitions, their rows come from its standby replica, marked stale.
+    let asking = Asking::start(a.port, &expected, &keys);
+    std::thread::sleep(Duration::from_secs(1));
     b.child.kill().unwrap(); // SIGKILL
     b.child.wait().unwrap();
     wait_for_every_key(&client, &[&a], &t.user_topic, &expected, &keys);
+    let answers = asking.stop();
+    assert!(answers.stale > 0, "the standby answered: {answers:?}");
     let metrics = client
         .get(format!("http://127.0.0.1:{}/metrics", a.port))
         .send()

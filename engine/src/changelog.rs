@@ -13,6 +13,13 @@
 //! writes each partition's changed entries, then its `0x00` record, in one transaction; the
 //! state directory keeps, with the task's state, the changelog offset it is at (its
 //! *position*), so a later restore reads only what was written after it.
+//!
+//! With rows logged (for standby replicas that answer queries, see
+//! [`crate::runtime::RuntimeConfig::log_rows`]), an epoch also writes each changed row of the
+//! internal tables keyed by a source key to that source's changelog, in the partition of the
+//! row's key: `0x02 ++ table ++ 0x00 ++ key` (the row key's binary encoding) whose value is
+//! the row as served (no value: the row went). A task's restore skips them: an owner derives
+//! its rows from its state.
 
 use crate::error::ErrorClass;
 use crate::state::{Commit, StateStore, StoreError};
@@ -21,6 +28,8 @@ use crate::state::{Commit, StateStore, StoreError};
 pub const OFFSET_KEY: &[u8] = &[0];
 /// The first byte of an entry record's key.
 const ENTRY_TAG: u8 = 1;
+/// The first byte of a row record's key.
+const ROW_TAG: u8 = 2;
 
 /// One record for a task's changelog.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -50,6 +59,27 @@ impl ChangelogRecord {
         }
     }
 
+    /// The record of a row of internal table `table` (`key`: the row key's binary encoding;
+    /// `row`: the row as served, `None` when it went).
+    pub fn row(
+        (source, partition): (usize, u32),
+        table: &str,
+        key: &[u8],
+        row: Option<Vec<u8>>,
+    ) -> Self {
+        let mut k = Vec::with_capacity(table.len() + key.len() + 2);
+        k.push(ROW_TAG);
+        k.extend_from_slice(table.as_bytes());
+        k.push(0);
+        k.extend_from_slice(key);
+        ChangelogRecord {
+            source,
+            partition,
+            key: k,
+            value: row,
+        }
+    }
+
     /// The record of the last source offset applied.
     pub fn offset(source: usize, partition: u32, offset: i64) -> Self {
         ChangelogRecord {
@@ -73,6 +103,15 @@ pub enum Logged<'a> {
         /// The stored entry.
         entry: Option<&'a [u8]>,
     },
+    /// A row of an internal table (`None`: it went).
+    Row {
+        /// The table's name.
+        table: &'a str,
+        /// The row key's binary encoding.
+        key: &'a [u8],
+        /// The row as served.
+        row: Option<&'a [u8]>,
+    },
 }
 
 /// Reads a changelog record's key and value.
@@ -91,8 +130,21 @@ pub fn read_record<'a>(
             key: rest,
             entry: value,
         }),
+        Some([ROW_TAG, rest @ ..]) => {
+            let at = rest
+                .iter()
+                .position(|b| *b == 0)
+                .ok_or_else(|| ChangelogError::malformed("a row record's key has no table"))?;
+            let table = std::str::from_utf8(&rest[..at])
+                .map_err(|_| ChangelogError::malformed("a row record's table is not UTF-8"))?;
+            Ok(Logged::Row {
+                table,
+                key: &rest[at + 1..],
+                row: value,
+            })
+        }
         _ => Err(ChangelogError::malformed(
-            "the key is neither an offset record's nor an entry's",
+            "the key is not an offset record's, an entry's or a row's",
         )),
     }
 }
@@ -178,6 +230,8 @@ pub struct Restore {
     commit: Commit,
     offset: Option<i64>,
     records: u64,
+    /// Whether the rows logged are kept too, as a standby's (see [`Restore::standby`]).
+    rows: bool,
 }
 
 impl Restore {
@@ -201,7 +255,26 @@ impl Restore {
             commit: store.commit(),
             offset: None,
             records: 0,
+            rows: false,
         })
+    }
+
+    /// Like [`Restore::start`], for a standby replica: the rows logged are kept as the
+    /// partition's standby rows ([`StateStore::standby_row`]); with `whole`, the standby rows
+    /// kept before are dropped too. Its [`Restore::finish`] marks them complete up to where it
+    /// got.
+    pub fn standby(
+        store: &StateStore,
+        (source, partition): (usize, u32),
+        topic: &str,
+        whole: bool,
+    ) -> Result<Restore, StoreError> {
+        if whole {
+            store.drop_standby_rows(source, partition)?;
+        }
+        let mut restore = Restore::start(store, source, partition, topic, whole)?;
+        restore.rows = true;
+        Ok(restore)
     }
 
     /// Applies one changelog record; a malformed one is refused (the caller logs and skips it).
@@ -212,6 +285,11 @@ impl Restore {
                 self.commit
                     .put_stored_entry(self.source, self.partition, key, entry);
             }
+            Logged::Row { table, key, row } if self.rows => {
+                self.commit
+                    .put_standby_row((self.source, self.partition), table, key, row);
+            }
+            Logged::Row { .. } => {}
         }
         self.records += 1;
         if self.commit.len() >= RESTORE_CHUNK {
@@ -234,6 +312,10 @@ impl Restore {
         }
         self.commit
             .put_changelog_position(self.source, self.partition, next);
+        if self.rows {
+            self.commit
+                .mark_standby_rows(self.source, self.partition, next);
+        }
         self.store.write(self.commit)?;
         self.store.offset(&self.topic, self.partition)
     }
@@ -269,6 +351,15 @@ mod tests {
                 entry: Some(b"e")
             }
         );
+        let row = ChangelogRecord::row((0, 3), "t", b"k", Some(b"{}".to_vec()));
+        assert_eq!(
+            read_record(Some(&row.key), row.value.as_deref()).unwrap(),
+            Logged::Row {
+                table: "t",
+                key: b"k",
+                row: Some(b"{}")
+            }
+        );
         let forgotten = ChangelogRecord::entry(0, 3, b"k", None);
         assert_eq!(
             read_record(Some(&forgotten.key), None).unwrap(),
@@ -283,6 +374,7 @@ mod tests {
     fn foreign_records_are_malformed() {
         for (key, value) in [
             (None, Some(&b"x"[..])),
+            (Some(&b"\x03k"[..]), Some(&b"x"[..])),
             (Some(&b"\x02k"[..]), Some(&b"x"[..])),
             (Some(&b"\x01"[..]), Some(&b"x"[..])),
             (Some(OFFSET_KEY), Some(&b"123"[..])),

@@ -9,6 +9,11 @@
 //! commit does. When the partition is assigned to it, the restore (see [`super::changelog`])
 //! starts from there: only what the standby had not read yet is read before the task opens.
 //!
+//! When the owner logs its rows (`--standby-replicas` on the owner: see
+//! [`miroir_engine::runtime::RuntimeConfig::log_rows`]), a standby keeps the rows of the
+//! partition's keys too, and answers queries for them while the partition has no owner that
+//! can, marked stale with its lag.
+//!
 //! The owner's task and the standby never touch the same task state: the source [`claim`]s a
 //! partition before it restores it, and [`release`]s it once revoked.
 //!
@@ -199,6 +204,24 @@ impl Standbys {
         self.summary.lock().clone()
     }
 
+    /// The changelog records the standby of `partition` of source topic `topic` has not read
+    /// yet, if this instance stands by for it.
+    pub fn lag(&self, topic: &str, partition: u32) -> Option<i64> {
+        let summary = self.summary.lock();
+        summary
+            .partitions
+            .get(topic)
+            .is_some_and(|ps| ps.contains(&partition))
+            .then(|| {
+                self.metrics
+                    .changelog
+                    .standby_lag
+                    .get_metric_with_label_values(&[topic, &partition.to_string()])
+                    .map(|g| g.get())
+                    .unwrap_or(0)
+            })
+    }
+
     /// The instance takes `tasks` (assigned to it): each one stood by for records how far its
     /// standby got and stops; none is stood by for until [`Standbys::release`]d.
     pub fn claim(&self, tasks: &[Task]) {
@@ -211,6 +234,10 @@ impl Standbys {
                 self.metrics.changelog.promotions.inc();
                 info!(topic = %self.changelogs[task.0], partition = task.1, at = tailing.next, "standby promoted: the partition's restore starts from its copy");
                 self.stop_tailing(*task, tailing);
+            }
+            // The owner's rows are its tables'; standby rows would only grow old.
+            if let Err(e) = self.store.drop_standby_rows(task.0, task.1) {
+                error!(topic = %self.changelogs[task.0], partition = task.1, error = %e, "cannot drop the standby rows of a partition assigned here");
             }
         }
         if promoted {
@@ -313,11 +340,14 @@ impl Standbys {
         let src_topic = &self.topology.sources[source].topic;
         let (low, high) =
             consumer.fetch_watermarks(changelog, partition as i32, Duration::from_secs(10))?;
+        // The rows kept must be complete up to the position: after this instance owned the
+        // partition (its commits moved the position, not the rows), it reads everything again.
+        let rows_at = self.store.standby_rows_at(source, partition)?;
         let (next, whole) = match self.store.changelog_position(source, partition)? {
-            Some(p) if p >= low && p <= high => (p, false),
+            Some(p) if p >= low && p <= high && rows_at == Some(p) => (p, false),
             _ => (low, true),
         };
-        let restore = Restore::start(&self.store, source, partition, src_topic, whole)?;
+        let restore = Restore::standby(&self.store, task, src_topic, whole)?;
         info!(topic = %changelog, partition, from = next, to = high, whole, "standing by for a partition");
         Ok(Tailing {
             restore,
@@ -455,7 +485,7 @@ impl Standbys {
             if tailing.restore.records() == 0 {
                 continue;
             }
-            let done = Restore::start(&self.store, task.0, task.1, src_topic, false)
+            let done = Restore::standby(&self.store, *task, src_topic, false)
                 .map(|fresh| std::mem::replace(&mut tailing.restore, fresh))
                 .and_then(|full| full.finish(tailing.next));
             if let Err(e) = done {

@@ -7,6 +7,7 @@ use std::collections::HashMap;
 use differential_dataflow::consolidation::consolidate;
 use tracing::warn;
 
+use crate::partition::partition_for_key;
 use crate::plan::TablePlan;
 use crate::sink::TableChanges;
 use crate::state::key::{encode_key, encode_row_key};
@@ -52,13 +53,48 @@ pub(crate) fn table_changes(table: &TablePlan, mut deltas: Vec<(Row, isize)>) ->
     changes
 }
 
-/// Adds an internal table's changes to `commit`, each row under its encoded key.
-pub(crate) fn write_rows(table: &TablePlan, changes: &TableChanges, commit: &mut Commit) {
+/// Where the rows of a table keyed by a source key are logged: the changelog of that source,
+/// in the partition of each row's key.
+pub(crate) struct RowPlacement {
+    /// The source, by position.
+    pub(crate) source: usize,
+    /// Its topic's partition count.
+    pub(crate) partitions: u32,
+}
+
+impl RowPlacement {
+    fn task(&self, key: &Value) -> (usize, u32) {
+        let partition = partition_for_key(key.to_key_text().as_bytes(), self.partitions);
+        (self.source, partition)
+    }
+}
+
+/// Adds an internal table's changes to `commit`, each row under its encoded key; with a
+/// `placement`, the changes are logged too.
+pub(crate) fn write_rows(
+    table: &TablePlan,
+    changes: &TableChanges,
+    commit: &mut Commit,
+    placement: Option<RowPlacement>,
+) {
     for row in &changes.upserts {
         let json = row_to_json_bytes(&table.columns, row);
-        commit.put_row(&table.name, encode_row_key(row, &table.key), json);
+        let key = encode_row_key(row, &table.key);
+        if let Some(place) = &placement {
+            commit.log_row(
+                place.task(&row[table.key[0]]),
+                &table.name,
+                &key,
+                Some(&json),
+            );
+        }
+        commit.put_row(&table.name, key, json);
     }
     for key in &changes.deletes {
-        commit.delete_row(&table.name, encode_key(key));
+        let encoded = encode_key(key);
+        if let Some(place) = &placement {
+            commit.log_row(place.task(&key[0]), &table.name, &encoded, None);
+        }
+        commit.delete_row(&table.name, encoded);
     }
 }

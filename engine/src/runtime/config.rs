@@ -16,6 +16,9 @@ pub struct RuntimeConfig {
     /// Most bytes of records waiting in a worker's inbox: then the connector stops handing
     /// records over (and pauses its consumer) until the worker takes some.
     pub inbox_bytes: usize,
+    /// With changelogs, also log each changed row of the internal tables keyed by a source key
+    /// (see [`crate::changelog`]), so that standby replicas can answer for them.
+    pub log_rows: bool,
 }
 
 impl RuntimeConfig {
@@ -44,6 +47,7 @@ impl Default for RuntimeConfig {
             max_epoch_interval: Self::DEFAULT_MAX_EPOCH_INTERVAL,
             max_records_per_epoch: Self::DEFAULT_MAX_RECORDS_PER_EPOCH,
             inbox_bytes: Self::DEFAULT_INBOX_BYTES,
+            log_rows: false,
         }
     }
 }

@@ -34,8 +34,9 @@ pub(crate) struct Status {
     tasks: Mutex<HashSet<TopicPartition>>,
     /// The tasks not yet caught up with their partition since they opened, with the offset
     /// they must reach (the partition's end when the first watermark after their opening
-    /// came; `None` until then).
-    restoring: Mutex<HashMap<TopicPartition, Option<i64>>>,
+    /// came; `None` until then) and the last epoch committed before they opened (their rows
+    /// are in the tables once a later epoch commits).
+    restoring: Mutex<HashMap<TopicPartition, (Option<i64>, u64)>>,
     /// The partitions whose state is being read from their changelog before their task opens,
     /// with the changelog records still to read.
     changelog: Mutex<std::collections::BTreeMap<TopicPartition, i64>>,
@@ -149,7 +150,7 @@ impl Status {
     }
 
     pub(crate) fn set_watermarks(&self, watermarks: HashMap<TopicPartition, i64>) {
-        for (tp, target) in self.restoring.lock().iter_mut() {
+        for (tp, (target, _)) in self.restoring.lock().iter_mut() {
             if target.is_none() {
                 *target = watermarks.get(tp).copied().filter(|high| *high >= 0);
             }
@@ -163,7 +164,8 @@ impl Status {
 
     pub(crate) fn task_opened(&self, topic: &str, partition: u32) {
         let tp = (topic.to_string(), partition);
-        self.restoring.lock().insert(tp.clone(), None);
+        let before = self.epoch.load(Ordering::SeqCst);
+        self.restoring.lock().insert(tp.clone(), (None, before));
         self.tasks.lock().insert(tp);
     }
 
@@ -205,14 +207,18 @@ impl Status {
             return false;
         }
         let mut restoring = self.restoring.lock();
-        let Some(target) = restoring.get(&tp) else {
+        let Some(&(target, opened_after)) = restoring.get(&tp) else {
             return true;
         };
+        // The task puts its rows back into the tables in the epoch it opened in.
+        if self.epoch.load(Ordering::SeqCst) <= opened_after {
+            return false;
+        }
         let committed = self.committed.lock().get(&tp).map_or(0, |o| o + 1);
         // The end as known now may be below the target: the target can count a transaction
         // marker after the last record, which the connector's later reports leave out.
         let now = self.watermarks.lock().get(&tp).copied().filter(|n| *n >= 0);
-        let end = match (*target, now) {
+        let end = match (target, now) {
             (Some(first), Some(now)) => Some(first.min(now)),
             (first, now) => first.or(now),
         };
@@ -287,6 +293,11 @@ mod tests {
         );
         s.set_watermarks(HashMap::from([(tp(0), 20)]));
         s.offsets_committed([(tp(0), 9)]);
+        assert!(
+            !s.restored("t", 0),
+            "the end is reached, but its rows are not committed yet"
+        );
+        s.epoch_committed(1);
         assert!(s.restored("t", 0), "the end when it came is reached");
         s.set_watermarks(HashMap::from([(tp(0), 30)]));
         assert!(
@@ -304,6 +315,7 @@ mod tests {
         // The first end counts the marker after the last record (offset 8).
         s.set_watermarks(HashMap::from([(tp(1), 10)]));
         s.offsets_committed([(tp(1), 8)]);
+        s.epoch_committed(1);
         assert!(!s.restored("t", 1));
         // Later reports know the last record handed over.
         s.set_watermarks(HashMap::from([(tp(1), 9)]));

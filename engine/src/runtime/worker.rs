@@ -10,7 +10,7 @@ use timely::dataflow::operators::{Exchange, Inspect, Probe};
 use timely::dataflow::ProbeHandle;
 use tracing::{debug, info};
 
-use super::changes::{table_changes, write_rows};
+use super::changes::{table_changes, write_rows, RowPlacement};
 use super::inbox::InboxReceiver;
 use super::shared::Shared;
 use super::tasks::Tasks;
@@ -134,6 +134,19 @@ fn key_hash(row: &[Value], key: &[usize]) -> u64 {
     h.finish()
 }
 
+/// Where the rows of internal table `table` are logged, when rows are: its key's source and
+/// that source's partition count (see [`RowPlacement`]).
+fn row_placement(shared: &Shared, table: &crate::plan::TablePlan) -> Option<RowPlacement> {
+    if !shared.config.log_rows {
+        return None;
+    }
+    let source = table.partitioned_by(|s| shared.topology.sources[s].key)?;
+    let partitions = shared
+        .status
+        .partition_count(&shared.topology.sources[source].topic)?;
+    Some(RowPlacement { source, partitions })
+}
+
 /// Turns the epoch's captured deltas into table changes: internal tables' rows go into
 /// `commit`, external tables' changes into the epoch's batch for the database.
 fn write_tables(shared: &Shared, captures: &[Capture], commit: &mut Commit) {
@@ -144,7 +157,7 @@ fn write_tables(shared: &Shared, captures: &[Capture], commit: &mut Commit) {
         }
         let changes = table_changes(table, deltas);
         if table.postgres().is_none() {
-            write_rows(table, &changes, commit);
+            write_rows(table, &changes, commit, row_placement(shared, table));
         } else if !changes.upserts.is_empty() || !changes.deletes.is_empty() {
             commit::add_sink_changes(shared, changes);
         }

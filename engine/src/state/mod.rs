@@ -4,7 +4,9 @@
 //! - `state`: per source partition, the upsert [`Entry`] of each key
 //!   (`u/{source}/{partition}/{key}`, key and entry in bincode) and the last applied offset
 //!   (`o/{topic}/{partition}`) and, with changelogs, the changelog offset the task's state is
-//!   at (`l/{source}/{partition}`, see [`crate::changelog`]); the instance's id (`m/instance`) and last commit sequence
+//!   at (`l/{source}/{partition}`, see [`crate::changelog`]); a standby replica's rows of
+//!   internal tables (`s/{source}/{partition}/{table}\0{key}`) and the changelog offset up to
+//!   which they are complete (`r/{source}/{partition}`); the instance's id (`m/instance`) and last commit sequence
 //!   (`m/sequence`); the layout each part of the state was written with (`m/layout/{what}`,
 //!   see [`StateStore::keep_layout`]); and the *outbox* of external-table changes not yet
 //!   confirmed by their database (`x/{sequence}`);
@@ -117,6 +119,24 @@ fn table_cf(table: &str) -> String {
 
 fn upsert_prefix(source: usize, partition: u32) -> Vec<u8> {
     format!("u/{source}/{partition:08x}/").into_bytes()
+}
+
+/// The prefix of the standby rows of `source`/`partition`.
+fn standby_prefix(source: usize, partition: u32) -> Vec<u8> {
+    format!("s/{source}/{partition:08x}/").into_bytes()
+}
+
+fn standby_row_key(source: usize, partition: u32, table: &str, key: &[u8]) -> Vec<u8> {
+    let mut k = standby_prefix(source, partition);
+    k.extend_from_slice(table.as_bytes());
+    k.push(0);
+    k.extend_from_slice(key);
+    k
+}
+
+/// The key of the changelog offset up to which the standby rows of a partition are complete.
+fn standby_mark_key(source: usize, partition: u32) -> Vec<u8> {
+    format!("r/{source}/{partition:08x}").into_bytes()
 }
 
 const INSTANCE_KEY: &[u8] = b"m/instance";
@@ -614,6 +634,42 @@ impl StateStore {
         self.db.write_opt(batch, &opts).map_err(|e| self.rocks(e))
     }
 
+    /// The row of `key` (its binary encoding) in internal table `table` as the standby replica
+    /// of `source`/`partition` holds it.
+    pub fn standby_row(
+        &self,
+        (source, partition): (usize, u32),
+        table: &str,
+        key: &[u8],
+    ) -> Result<Option<Vec<u8>>, StoreError> {
+        self.get_state(&standby_row_key(source, partition, table, key))
+    }
+
+    /// The changelog offset up to which the standby rows of `source`/`partition` are complete:
+    /// a standby kept them from the changelog's start to there.
+    pub fn standby_rows_at(
+        &self,
+        source: usize,
+        partition: u32,
+    ) -> Result<Option<i64>, StoreError> {
+        let key = standby_mark_key(source, partition);
+        self.get_state(&key)?
+            .map(|bytes| self.read_i64(&key, &bytes))
+            .transpose()
+    }
+
+    /// Drops the standby rows of `source`/`partition` and their mark, durably.
+    pub fn drop_standby_rows(&self, source: usize, partition: u32) -> Result<(), StoreError> {
+        let prefix = standby_prefix(source, partition);
+        let mut batch = WriteBatch::default();
+        let cf = self.state_cf();
+        batch.delete_range_cf(cf, prefix.as_slice(), prefix_end(&prefix).as_slice());
+        batch.delete_cf(cf, standby_mark_key(source, partition));
+        let mut opts = WriteOptions::default();
+        opts.set_sync(true);
+        self.db.write_opt(batch, &opts).map_err(|e| self.rocks(e))
+    }
+
     /// Forgets the changelog position of `source`/`partition`: its task logs its whole state
     /// with the next epoch.
     pub fn forget_changelog_position(
@@ -766,6 +822,43 @@ impl Commit {
         let mut k = upsert_prefix(source, partition);
         k.extend_from_slice(key);
         self.push(Family::State, k, entry.map(<[u8]>::to_vec));
+    }
+
+    /// Puts a row a standby replica read from the changelog of `source`/`partition` (`None`
+    /// deletes it).
+    pub fn put_standby_row(
+        &mut self,
+        (source, partition): (usize, u32),
+        table: &str,
+        key: &[u8],
+        row: Option<&[u8]>,
+    ) {
+        let k = standby_row_key(source, partition, table, key);
+        self.push(Family::State, k, row.map(<[u8]>::to_vec));
+    }
+
+    /// Records that the standby rows of `source`/`partition` are complete up to changelog
+    /// offset `next`.
+    pub fn mark_standby_rows(&mut self, source: usize, partition: u32, next: i64) {
+        self.push(
+            Family::State,
+            standby_mark_key(source, partition),
+            Some(next.to_be_bytes().to_vec()),
+        );
+    }
+
+    /// Logs a row change of internal table `table` to the changelog partition of the row's
+    /// key (`key`: the row key's encoding; `row`: the row as served, `None` when it went),
+    /// when the store logs.
+    pub fn log_row(&mut self, task: (usize, u32), table: &str, key: &[u8], row: Option<&[u8]>) {
+        if let Some(log) = self.changelog.as_mut() {
+            log.push(ChangelogRecord::row(
+                task,
+                table,
+                key,
+                row.map(<[u8]>::to_vec),
+            ));
+        }
     }
 
     /// Records the last applied offset of a partition.
