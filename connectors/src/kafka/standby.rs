@@ -348,6 +348,11 @@ impl Standbys {
             _ => (low, true),
         };
         let restore = Restore::standby(&self.store, task, src_topic, whole)?;
+        self.metrics
+            .changelog
+            .standby_lag
+            .with_label_values(&[src_topic.as_str(), &partition.to_string()])
+            .set((high - next).max(0));
         info!(topic = %changelog, partition, from = next, to = high, whole, "standing by for a partition");
         Ok(Tailing {
             restore,
