@@ -70,6 +70,7 @@ fn main() {
         Ok("engine") => engine_phase(Tables::All),
         Ok("engine-internal") => engine_phase(Tables::Internal),
         Ok("engine-unlogged") => engine_phase(Tables::Unlogged),
+        Ok("engine-rows") => engine_phase(Tables::Rows),
         Ok("copy") => copy_phase(),
         Ok("sink") => sink_phase(false),
         Ok("sink-load") => sink_phase(true),
@@ -88,6 +89,9 @@ enum Tables {
     All,
     /// The internal table alone, without changelogs: what they cost.
     Unlogged,
+    /// The internal table alone, its rows logged too (`--standby-replicas 1`): what standbys
+    /// that answer queries cost their owner.
+    Rows,
 }
 
 fn topology_text(run: &str, tables: Tables) -> String {
@@ -100,6 +104,7 @@ fn topology_text(run: &str, tables: Tables) -> String {
         Tables::All => (text.as_str(), format!("bench-{run}-all")),
         Tables::Internal => (internal_tables_only(&text), format!("bench-{run}-internal")),
         Tables::Unlogged => (internal_tables_only(&text), format!("bench-{run}-unlogged")),
+        Tables::Rows => (internal_tables_only(&text), format!("bench-{run}-rows")),
     };
     // One topology name per run: each starts from nothing (its own consumer group and
     // changelogs, which the other run would otherwise restore its state from).
@@ -168,6 +173,7 @@ fn orchestrate() {
     let raw_first = child("consume");
     let internal = child("engine-internal");
     let unlogged = child("engine-unlogged");
+    let rows = child("engine-rows");
     // The internal run's changelog, restored into an empty state directory, and read by a
     // raw consumer.
     let restore = child("restore");
@@ -204,6 +210,7 @@ fn orchestrate() {
          | raw rdkafka `BaseConsumer` (baseline) | {:.2} | {:.0} | 100% | {:.0} |\n\
          | miroir, the internal table alone (`user_contacts`: late policy, filter, map) | {:.2} | {:.0} | **{:.0}%** | {:.0} |\n\
          | miroir, the internal table alone, without changelogs (`--no-changelog`) | {:.2} | {:.0} | {:.0}% | {:.0} |\n\
+         | miroir, the internal table alone, its rows logged for standbys (`--standby-replicas 1`) | {:.2} | {:.0} | {:.0}% | {:.0} |\n\
          | miroir, all 3 tables (the internal one; a left join, and a join + group by, in PostgreSQL) | {:.2} | {:.0} | {:.0}% | {:.0} |\n\n\
          Target: at least 50% of the raw consumer rate for the internal table. A miroir time \
          runs from `Engine::start` (group join included) until every offset is committed with its \
@@ -222,6 +229,10 @@ fn orchestrate() {
         events as f64 / unlogged[0],
         events as f64 / unlogged[0] / raw_rate * 100.0,
         unlogged[1],
+        rows[0],
+        events as f64 / rows[0],
+        events as f64 / rows[0] / raw_rate * 100.0,
+        rows[1],
         engine[0],
         engine_rate,
         engine_rate / raw_rate * 100.0,
@@ -630,6 +641,7 @@ fn engine_phase(tables: Tables) {
         .state_dir(state.path())
         .workers(2)
         .changelog(!matches!(tables, Tables::Unlogged))
+        .standby_replicas(usize::from(matches!(tables, Tables::Rows)))
         .start()
         .unwrap();
     let topic = format!("user-{run}");
