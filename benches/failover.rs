@@ -94,7 +94,9 @@ enum Answered {
     ByOwner,
 }
 
-fn answered(client: &reqwest::blocking::Client, paths: &[String]) -> Answered {
+/// With `stop_at_stale`, the first answer from a standby ends the pass (what is measured
+/// then is when the owner answers them all).
+fn answered(client: &reqwest::blocking::Client, paths: &[String], stop_at_stale: bool) -> Answered {
     let mut from_standby = false;
     for path in paths {
         let Some(answer) = client
@@ -108,6 +110,9 @@ fn answered(client: &reqwest::blocking::Client, paths: &[String]) -> Answered {
         };
         // A standby's answer has no commit time of its own.
         from_standby |= answer["freshness"]["committed_at"].is_null();
+        if from_standby && stop_at_stale {
+            return Answered::ByStandby;
+        }
     }
     if from_standby {
         Answered::ByStandby
@@ -224,7 +229,7 @@ fn failover(
             .step_by(10)
             .map(|k| format!("{}/v1/tables/user_contacts/rows/{k}", a.base))
             .collect();
-        if answered(&client, &theirs) == Answered::ByOwner
+        if answered(&client, &theirs, true) == Answered::ByOwner
             && standing_by(&client, &a.base, topic, &other, more)
         {
             break theirs;
@@ -238,7 +243,7 @@ fn failover(
     // (a standby's, stale, or the new owner's); then every one from its new owner.
     let mut first = None;
     while killed.elapsed() < Duration::from_secs(120) {
-        match answered(&client, &theirs) {
+        match answered(&client, &theirs, first.is_some()) {
             Answered::No => {}
             Answered::ByStandby => {
                 first.get_or_insert(killed.elapsed());

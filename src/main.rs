@@ -1,5 +1,7 @@
 //! The `miroir` command line: validate, explain and run topologies; publish sample events.
 
+mod progress;
+
 use std::io::BufRead;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -540,7 +542,7 @@ fn main() -> ExitCode {
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,librdkafka=warn")),
         )
-        .with_writer(std::io::stderr)
+        .with_writer(progress::LogOutput)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let cli = Cli::parse();
@@ -639,7 +641,16 @@ fn run(command: Action) -> anyhow::Result<ExitCode> {
                 .max_epoch_interval(Duration::from_millis(max_epoch_ms))
                 .start()?;
             info!(topology = %engine.topology().name, http = ?engine.http_addr(), "running; Ctrl-C to stop");
-            wait_for_signal_or_failure(&engine)?;
+            let terminal = std::io::IsTerminal::is_terminal(&std::io::stderr());
+            let stop = std::sync::atomic::AtomicBool::new(false);
+            std::thread::scope(|scope| {
+                if terminal {
+                    scope.spawn(|| progress::follow(|| engine.status().restore_remaining, &stop));
+                }
+                let waited = wait_for_signal_or_failure(&engine);
+                stop.store(true, std::sync::atomic::Ordering::Release);
+                waited
+            })?;
             info!("stopping: committing and leaving the consumer group");
             let failure = engine.failure();
             engine.shutdown();
