@@ -49,6 +49,7 @@ use miroir_connectors::kafka::standby::{StandbyRunner, Standbys};
 use miroir_connectors::kafka::{KafkaConfig, KafkaError};
 use miroir_connectors::postgres::sink::PostgresSink;
 use miroir_connectors::postgres::{database_url, PostgresError};
+use miroir_engine::changelog::logged_table;
 use miroir_engine::changelog::ChangelogWriter;
 use miroir_engine::ingest::upsert::Entry;
 use miroir_engine::metrics::Metrics;
@@ -659,7 +660,11 @@ impl Inner {
             .lag(topic, partition)
             .ok_or_else(|| unavailable("keeps no standby replica for"))?;
         let bytes = store
-            .standby_row((source, partition), table, &encode_key(&values))?
+            .standby_row(
+                (source, partition),
+                &logged_table(plan),
+                &encode_key(&values),
+            )?
             .ok_or_else(|| unavailable("has no standby row for"))?;
         Ok(RowAnswer {
             table: table.to_string(),

@@ -15,14 +15,23 @@
 //! *position*), so a later restore reads only what was written after it.
 //!
 //! With rows logged (for standby replicas that answer queries, see
-//! [`crate::runtime::RuntimeConfig::log_rows`]), an epoch also writes each changed row of the
-//! internal tables keyed by a source key to that source's changelog, in the partition of the
-//! row's key: `0x02 ++ table ++ 0x00 ++ key` (the row key's binary encoding) whose value is
-//! the row as served (no value: the row went). A task's restore skips them: an owner derives
-//! its rows from its state.
+//! [`crate::runtime::RuntimeConfig::log_rows`]), an epoch also writes each row of the internal
+//! tables keyed by a source key whose key's entry changed to that source's changelog, in the
+//! partition of the row's key: `0x02 ++ table ++ 0x00 ++ key` (`table` is the table's name and
+//! a hash of its definition, [`logged_table`]; `key` the row key's binary encoding) whose
+//! value is the row as served (no value: the row went). Rows that only come back (a task
+//! opening) or go (a task revoked) without a change of their key's entry are not logged again
+//! ([`without_rederived_rows`]). A task's restore skips row records: an owner derives its rows
+//! from its state.
+
+use std::collections::HashSet;
 
 use crate::error::ErrorClass;
-use crate::state::{Commit, StateStore, StoreError};
+use crate::partition::murmur2;
+use crate::plan::TablePlan;
+use crate::state::key::encode_key;
+use crate::state::{decode, Commit, StateStore, StoreError};
+use crate::value::Value;
 
 /// The key of a changelog partition's offset record.
 pub const OFFSET_KEY: &[u8] = &[0];
@@ -89,6 +98,40 @@ impl ChangelogRecord {
             value: Some(offset.to_be_bytes().to_vec()),
         }
     }
+}
+
+/// The name `table`'s rows are logged under: its name and a hash of its definition, so that a
+/// standby never answers with a row an earlier definition made.
+pub fn logged_table(table: &TablePlan) -> String {
+    let hash = murmur2(table.definition().as_bytes()) as u32;
+    format!("{}#{hash:08x}", table.name)
+}
+
+/// `records` without the row records whose key's upsert entry did not change with them: a
+/// row of a table keyed by a source key changes only with its key's entry, so the others
+/// re-derive what the changelog holds already (a task opening puts its rows back into the
+/// tables, a revoked one takes them out).
+pub fn without_rederived_rows(records: Vec<ChangelogRecord>) -> Vec<ChangelogRecord> {
+    if !records.iter().any(|r| r.key.first() == Some(&ROW_TAG)) {
+        return records;
+    }
+    let changed: HashSet<(usize, u32, Vec<u8>)> = records
+        .iter()
+        .filter_map(|r| {
+            let [ENTRY_TAG, key @ ..] = r.key.as_slice() else {
+                return None;
+            };
+            let value: Value = decode(key).ok()?;
+            Some((r.source, r.partition, encode_key(&[value])))
+        })
+        .collect();
+    records
+        .into_iter()
+        .filter(|r| match read_record(Some(&r.key), r.value.as_deref()) {
+            Ok(Logged::Row { key, .. }) => changed.contains(&(r.source, r.partition, key.to_vec())),
+            _ => true,
+        })
+        .collect()
 }
 
 /// A changelog record read back.
@@ -367,6 +410,29 @@ mod tests {
                 key: b"k",
                 entry: None
             }
+        );
+    }
+
+    #[test]
+    fn rows_are_logged_with_a_change_of_their_key_only() {
+        let key = |k: &str| Value::Text(k.into());
+        let store_key = crate::state::encode(&key("u-1"));
+        let changed = ChangelogRecord::entry(0, 1, &store_key, Some(b"e".to_vec()));
+        let row = |k: &str, p: u32| {
+            ChangelogRecord::row((0, p), "t#0", &encode_key(&[key(k)]), Some(b"{}".to_vec()))
+        };
+        let records = vec![
+            changed.clone(),
+            row("u-1", 1),
+            // Re-derived: no entry changed with it.
+            row("u-2", 1),
+            // The same key in another partition is another task's.
+            row("u-1", 2),
+            ChangelogRecord::offset(0, 1, 9),
+        ];
+        assert_eq!(
+            without_rederived_rows(records),
+            vec![changed, row("u-1", 1), ChangelogRecord::offset(0, 1, 9)]
         );
     }
 

@@ -7,6 +7,7 @@ use std::collections::HashMap;
 use differential_dataflow::consolidation::consolidate;
 use tracing::warn;
 
+use crate::changelog::logged_table;
 use crate::partition::partition_for_key;
 use crate::plan::TablePlan;
 use crate::sink::TableChanges;
@@ -77,23 +78,19 @@ pub(crate) fn write_rows(
     commit: &mut Commit,
     placement: Option<RowPlacement>,
 ) {
+    let logged = placement.as_ref().map(|_| logged_table(table));
     for row in &changes.upserts {
         let json = row_to_json_bytes(&table.columns, row);
         let key = encode_row_key(row, &table.key);
-        if let Some(place) = &placement {
-            commit.log_row(
-                place.task(&row[table.key[0]]),
-                &table.name,
-                &key,
-                Some(&json),
-            );
+        if let (Some(place), Some(name)) = (&placement, &logged) {
+            commit.log_row(place.task(&row[table.key[0]]), name, &key, Some(&json));
         }
         commit.put_row(&table.name, key, json);
     }
     for key in &changes.deletes {
         let encoded = encode_key(key);
-        if let Some(place) = &placement {
-            commit.log_row(place.task(&key[0]), &table.name, &encoded, None);
+        if let (Some(place), Some(name)) = (&placement, &logged) {
+            commit.log_row(place.task(&key[0]), name, &encoded, None);
         }
         commit.delete_row(&table.name, encoded);
     }

@@ -10,6 +10,7 @@ use tracing::{debug, error, warn};
 
 use super::error::RuntimeError;
 use super::shared::Shared;
+use crate::changelog::without_rederived_rows;
 use crate::dataflow::Epoch;
 use crate::error::{retry_delays, ErrorClass};
 use crate::sink::{Durable, Offset, SinkBatch, SinkSender, TableChanges};
@@ -115,7 +116,7 @@ fn changelog_written(shared: &Shared, epoch: Epoch, commit: Option<&mut Commit>)
     let (Some(writer), Some(commit)) = (&shared.changelog, commit) else {
         return true;
     };
-    let records = commit.take_changelog();
+    let records = without_rederived_rows(commit.take_changelog());
     if records.is_empty() {
         return true;
     }
