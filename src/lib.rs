@@ -593,13 +593,23 @@ impl Inner {
         }
     }
 
-    fn get(&self, table: &str, key: &str) -> Result<Option<RowAnswer>, QueryError> {
+    /// The plan of internal table `table` and `key` (its URL form) parsed as its key.
+    fn internal_key(
+        &self,
+        table: &str,
+        key: &str,
+    ) -> Result<(&miroir_engine::plan::TablePlan, Vec<Value>), QueryError> {
         let plan = self.internal(table)?;
         let values =
             parse_key_text(key, &key_types(plan)).map_err(|source| QueryError::BadKey {
                 table: table.to_string(),
                 source,
             })?;
+        Ok((plan, values))
+    }
+
+    fn get(&self, table: &str, key: &str) -> Result<Option<RowAnswer>, QueryError> {
+        let (plan, values) = self.internal_key(table, key)?;
         let Some(bytes) = self.tables.row(table, &values)? else {
             return Ok(None);
         };
@@ -636,12 +646,7 @@ impl Inner {
     /// for the partition or has no row for the key (a standby cannot tell a key without a row
     /// from a row its owner did not log).
     pub(crate) fn get_standby(&self, table: &str, key: &str) -> Result<RowAnswer, QueryError> {
-        let plan = self.internal(table)?;
-        let values =
-            parse_key_text(key, &key_types(plan)).map_err(|source| QueryError::BadKey {
-                table: table.to_string(),
-                source,
-            })?;
+        let (plan, values) = self.internal_key(table, key)?;
         let unavailable = |why: &str| {
             QueryError::Unavailable(format!(
                 "instance {} {why} key `{key}` of `{table}`; ask again",
@@ -684,8 +689,7 @@ impl Inner {
     /// A live instance (this one first) that keeps a standby replica of the partition of
     /// `key` in `table`, other than its owner `but`.
     pub(crate) fn standby_of(&self, table: &str, key: &str, but: Option<&str>) -> Option<Member> {
-        let plan = self.internal(table).ok()?;
-        let values = parse_key_text(key, &key_types(plan)).ok()?;
+        let (plan, values) = self.internal_key(table, key).ok()?;
         let (topic, partition) = self.partition_of(plan, &values)?;
         let mut standbys: Vec<Member> = self
             .membership
@@ -828,12 +832,7 @@ impl Inner {
 
     /// Where the row of `key` in `table` is served.
     fn route(&self, table: &str, key: &str) -> Result<Route, QueryError> {
-        let plan = self.internal(table)?;
-        let values =
-            parse_key_text(key, &key_types(plan)).map_err(|source| QueryError::BadKey {
-                table: table.to_string(),
-                source,
-            })?;
+        let (plan, values) = self.internal_key(table, key)?;
         let Some((topic, partition)) = self.partition_of(plan, &values) else {
             return Ok(Route::Here);
         };

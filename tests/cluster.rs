@@ -40,6 +40,15 @@ fn get(client: &reqwest::blocking::Client, port: u16, path: &str) -> (u16, serde
     }
 }
 
+/// The metrics of the instance on `port`, as exposed.
+fn metrics(client: &reqwest::blocking::Client, port: u16) -> String {
+    client
+        .get(format!("http://127.0.0.1:{port}/metrics"))
+        .send()
+        .and_then(|r| r.text())
+        .unwrap()
+}
+
 /// The keys of `expected` whose row an instance does not answer as expected (wrong row, or
 /// absent), and the instances that served the others.
 fn mismatches(
@@ -266,11 +275,7 @@ fn three_instances_answer_every_key_on_every_instance() {
 
     // Each counts the partitions its group assigned to it.
     for instance in &instances {
-        let metrics = client
-            .get(format!("http://127.0.0.1:{}/metrics", instance.port))
-            .send()
-            .and_then(|r| r.text())
-            .unwrap();
+        let metrics = metrics(&client, instance.port);
         assert!(
             counter(&metrics, "miroir_source_partitions_assigned_total", "") > 0,
             "{metrics}"
@@ -684,12 +689,7 @@ fn a_fresh_instance_restores_its_partitions_from_their_changelogs_not_their_topi
 
     let b = start(dir.path(), &file, "b");
     wait_for_every_key(&client, &[&b], &t.user_topic, &expected, &keys);
-    let metrics = client
-        .get(format!("http://127.0.0.1:{}/metrics", b.port))
-        .send()
-        .unwrap()
-        .text()
-        .unwrap();
+    let metrics = metrics(&client, b.port);
     assert!(
         counter(&metrics, "miroir_changelog_restored_records_total", "") > 0,
         "restored from the changelogs"
@@ -755,12 +755,7 @@ fn a_standby_promoted_when_its_owner_dies_equals_the_reference() {
     wait_for_every_key(&client, &[&a], &t.user_topic, &expected, &keys);
     let answers = asking.stop();
     assert!(answers.stale > 0, "the standby answered: {answers:?}");
-    let metrics = client
-        .get(format!("http://127.0.0.1:{}/metrics", a.port))
-        .send()
-        .unwrap()
-        .text()
-        .unwrap();
+    let metrics = metrics(&client, a.port);
     let promotions = counter(&metrics, "miroir_standby_promotions_total", "");
     let followed = counter(&metrics, "miroir_standby_records_total", "");
     let restored = counter(&metrics, "miroir_changelog_restored_records_total", "");
@@ -808,12 +803,7 @@ fn with_the_consumer_protocol_a_joining_instance_moves_only_the_partitions_it_ta
             "partition i of both sources on one instance"
         );
     }
-    let metrics = client
-        .get(format!("http://127.0.0.1:{}/metrics", a.port))
-        .send()
-        .unwrap()
-        .text()
-        .unwrap();
+    let metrics = metrics(&client, a.port);
     let taken: usize = topics.iter().map(|t| owns(&b, t).len()).sum();
     assert_eq!(
         counter(&metrics, "miroir_source_partitions_revoked_total", ""),
