@@ -463,10 +463,7 @@ impl StateStore {
 
     /// The last committed offset of `topic`/`partition`.
     pub fn offset(&self, topic: &str, partition: u32) -> Result<Option<i64>, StoreError> {
-        let key = offset_key(topic, partition);
-        self.get_state(&key)?
-            .map(|bytes| self.read_i64(&key, &bytes))
-            .transpose()
+        self.get_i64(&offset_key(topic, partition))
     }
 
     /// The persisted upsert entry of `key` in `source`/`partition`, as stored (see
@@ -605,10 +602,7 @@ impl StateStore {
         source: usize,
         partition: u32,
     ) -> Result<Option<i64>, StoreError> {
-        let key = position_key(source, partition);
-        self.get_state(&key)?
-            .map(|bytes| self.read_i64(&key, &bytes))
-            .transpose()
+        self.get_i64(&position_key(source, partition))
     }
 
     /// Whether the state directory holds upsert entries of `source`/`partition`.
@@ -652,10 +646,7 @@ impl StateStore {
         source: usize,
         partition: u32,
     ) -> Result<Option<i64>, StoreError> {
-        let key = standby_mark_key(source, partition);
-        self.get_state(&key)?
-            .map(|bytes| self.read_i64(&key, &bytes))
-            .transpose()
+        self.get_i64(&standby_mark_key(source, partition))
     }
 
     /// Drops the standby rows of `source`/`partition` and their mark, durably.
@@ -682,6 +673,13 @@ impl StateStore {
         self.db
             .delete_cf_opt(self.state_cf(), position_key(source, partition), &opts)
             .map_err(|e| self.rocks(e))
+    }
+
+    /// The 8-byte big-endian number stored under `key` in the state, if any.
+    fn get_i64(&self, key: &[u8]) -> Result<Option<i64>, StoreError> {
+        self.get_state(key)?
+            .map(|bytes| self.read_i64(key, &bytes))
+            .transpose()
     }
 
     fn read_i64(&self, key: &[u8], bytes: &[u8]) -> Result<i64, StoreError> {
