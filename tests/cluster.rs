@@ -222,6 +222,8 @@ struct Setup {
     expected: BTreeMap<String, serde_json::Value>,
     /// Every user key of the events, with a row or not.
     keys: BTreeSet<String>,
+    /// The events published.
+    events: Vec<Event>,
     client: reqwest::blocking::Client,
 }
 
@@ -244,9 +246,29 @@ impl Setup {
             file,
             expected,
             keys,
+            events,
             client: reqwest::blocking::Client::new(),
         }
     }
+}
+
+/// Publishes `n` more events over `users` users, generated from `seed`, after `events`;
+/// returns every event so far, with `user_contacts` as the reference evaluates them and every
+/// user key (see [`contacts`]).
+fn publish_more(
+    t: &TestTopology,
+    events: Vec<Event>,
+    (seed, users, n): (u64, u64, usize),
+) -> (
+    Vec<Event>,
+    BTreeMap<String, serde_json::Value>,
+    BTreeSet<String>,
+) {
+    let (more, _) = generate(seed, users, n);
+    publish(t, &more);
+    let all: Vec<Event> = events.into_iter().chain(more).collect();
+    let (expected, keys) = contacts(t, &all);
+    (all, expected, keys)
 }
 
 #[test]
@@ -259,6 +281,7 @@ fn three_instances_answer_every_key_on_every_instance() {
         expected,
         mut keys,
         client,
+        ..
     } = Setup::new("cluster", 5, 200, 3000);
     let instances: Vec<Instance> = (0..3)
         .map(|i| start(dir.path(), &file, &i.to_string()))
@@ -368,6 +391,7 @@ fn an_instance_killed_and_replaced_by_a_fresh_one_never_answers_a_wrong_row() {
         expected,
         keys,
         client,
+        ..
     } = Setup::new("cluster-kill", 7, 200, 3000);
     let a = start(dir.path(), &file, "a");
     let mut b = start(dir.path(), &file, "b");
@@ -481,6 +505,7 @@ fn restart_keeps_partitions(protocol: &str) {
         expected,
         keys,
         client,
+        ..
     } = Setup::new(&format!("cluster-static-{protocol}"), 9, 100, 1000);
     // The first member of the group leads it; a restarted leader makes Kafka's group
     // coordinator run one assignment again, which an instance that does not lead is spared.
@@ -580,6 +605,7 @@ fn a_query_with_min_offset_or_min_version_waits_until_that_write_is_applied() {
         expected,
         keys,
         client,
+        ..
     } = Setup::new("cluster-min-offset", 13, 50, 300);
     let a = start(dir.path(), &file, "a");
     let b = start(dir.path(), &file, "b");
@@ -677,6 +703,7 @@ fn a_fresh_instance_restores_its_partitions_from_their_changelogs_not_their_topi
         file,
         expected,
         keys,
+        events,
         client,
     } = Setup::new("cluster-changelog", 11, 150, 3000);
     let mut a = start(dir.path(), &file, "a");
@@ -697,11 +724,7 @@ fn a_fresh_instance_restores_its_partitions_from_their_changelogs_not_their_topi
 
     // More events on the same keys, many older than what the changelog holds: the tables
     // go on as the reference evaluates every event, the deleted ones included.
-    let (first, _) = generate(11, 150, 3000);
-    let (more, _) = generate(12, 150, 1500);
-    publish(&t, &more);
-    let all: Vec<Event> = first.into_iter().chain(more).collect();
-    let (expected, keys) = contacts(&t, &all);
+    let (_, expected, keys) = publish_more(&t, events, (12, 150, 1500));
     wait_for_every_key(&client, &[&b], &t.user_topic, &expected, &keys);
 }
 
@@ -714,6 +737,7 @@ fn a_standby_promoted_when_its_owner_dies_equals_the_reference() {
         file,
         expected,
         keys,
+        events,
         client,
     } = Setup::new("cluster-standby", 13, 150, 3000);
     let with = |id| ["--instance-id", id, "--standby-replicas", "1"];
@@ -722,11 +746,7 @@ fn a_standby_promoted_when_its_owner_dies_equals_the_reference() {
     wait_for_every_key(&client, &[&a, &b], &t.user_topic, &expected, &keys);
 
     // More events while both run: the standby follows changelogs that move.
-    let (first, _) = generate(13, 150, 3000);
-    let (second, _) = generate(14, 150, 1500);
-    publish(&t, &second);
-    let all: Vec<Event> = first.into_iter().chain(second).collect();
-    let (expected, keys) = contacts(&t, &all);
+    let (all, expected, keys) = publish_more(&t, events, (14, 150, 1500));
     wait_for_every_key(&client, &[&a, &b], &t.user_topic, &expected, &keys);
     wait_until(
         "a stands by for b's partitions, caught up",
@@ -770,10 +790,7 @@ fn a_standby_promoted_when_its_owner_dies_equals_the_reference() {
     );
 
     // Late and new events on the same keys: the promoted state goes on as the reference.
-    let (third, _) = generate(15, 150, 1500);
-    publish(&t, &third);
-    let all: Vec<Event> = all.into_iter().chain(third).collect();
-    let (expected, keys) = contacts(&t, &all);
+    let (_, expected, keys) = publish_more(&t, all, (15, 150, 1500));
     wait_for_every_key(&client, &[&a], &t.user_topic, &expected, &keys);
 }
 
@@ -787,6 +804,7 @@ fn with_the_consumer_protocol_a_joining_instance_moves_only_the_partitions_it_ta
         expected,
         keys,
         client,
+        ..
     } = Setup::new("cluster-coop", 17, 200, 3000);
     let protocol = ["--group-protocol", "consumer"];
     let a = start_on(dir.path(), &file, "a", free_port(), &protocol);
@@ -872,6 +890,7 @@ fn with_the_consumer_protocol_a_static_member_restarted_after_kill_9_stops_with_
         expected,
         keys,
         client,
+        ..
     } = Setup::new("cluster-unreleased", 9, 100, 1000);
     let with = ["--instance-id", "a", "--group-protocol", "consumer"];
     let mut a = start_on(dir.path(), &file, "a", free_port(), &with);
