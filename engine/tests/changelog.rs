@@ -8,7 +8,7 @@ mod support;
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use miroir_engine::changelog::{
     ChangelogError, ChangelogRecord, ChangelogWriter, Position, Restore,
@@ -20,7 +20,7 @@ use miroir_engine::metrics::Metrics;
 use miroir_engine::runtime::{Runtime, RuntimeConfig};
 use miroir_engine::state::StateStore;
 use miroir_engine::topology::Topology;
-use support::NoErrors;
+use support::{wait, NoErrors};
 
 const TOPOLOGY: &str = r#"
 name = "changelog-test"
@@ -120,14 +120,6 @@ fn send(runtime: &Runtime, events: &[(i64, &str, i64)]) {
             catching_up: false,
         },
     );
-}
-
-fn wait(what: &str, mut done: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !done() {
-        assert!(Instant::now() < deadline, "{what}");
-        std::thread::sleep(Duration::from_millis(10));
-    }
 }
 
 fn committed(runtime: &Runtime) -> Option<i64> {

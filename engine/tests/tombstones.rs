@@ -5,7 +5,7 @@
 mod support;
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use miroir_engine::ingest::upsert::Entry;
 use miroir_engine::ingest::{Message, Records};
@@ -14,7 +14,7 @@ use miroir_engine::runtime::{Runtime, RuntimeConfig};
 use miroir_engine::state::{StateStore, TableReader};
 use miroir_engine::topology::Topology;
 use miroir_engine::value::Value;
-use support::NoErrors;
+use support::{wait, NoErrors};
 
 const TOPOLOGY: &str = r#"
 name = "tombstones-test"
@@ -42,14 +42,6 @@ fn send(runtime: &Runtime, offset: i64, version: Option<i64>) {
             catching_up: false,
         },
     );
-}
-
-fn wait(what: &str, mut done: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !done() {
-        assert!(Instant::now() < deadline, "{what}");
-        std::thread::sleep(Duration::from_millis(10));
-    }
 }
 
 #[test]
