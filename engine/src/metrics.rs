@@ -51,6 +51,15 @@ pub struct Metrics {
     pub changelog: ChangelogMetrics,
 }
 
+/// Creates a gauge family and registers it in `registry`.
+fn register_gauges(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
+    let g = IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric");
+    registry
+        .register(Box::new(g.clone()))
+        .expect("unique metric");
+    g
+}
+
 /// Creates a counter family and registers it in `registry`.
 fn register_counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
     let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
@@ -103,28 +112,18 @@ impl ChangelogMetrics {
         registry
             .register(Box::new(write_seconds.clone()))
             .expect("unique metric");
-        let restore_remaining = IntGaugeVec::new(
-            Opts::new(
-                "miroir_changelog_restore_remaining_records",
-                "Changelog records still to read before a partition's task is restored",
-            ),
+        let restore_remaining = register_gauges(
+            registry,
+            "miroir_changelog_restore_remaining_records",
+            "Changelog records still to read before a partition's task is restored",
             &["topic", "partition"],
-        )
-        .expect("valid metric");
-        registry
-            .register(Box::new(restore_remaining.clone()))
-            .expect("unique metric");
-        let standby_lag = IntGaugeVec::new(
-            Opts::new(
-                "miroir_standby_lag_records",
-                "Changelog records a standby replica has not applied yet",
-            ),
+        );
+        let standby_lag = register_gauges(
+            registry,
+            "miroir_standby_lag_records",
+            "Changelog records a standby replica has not applied yet",
             &["topic", "partition"],
-        )
-        .expect("valid metric");
-        registry
-            .register(Box::new(standby_lag.clone()))
-            .expect("unique metric");
+        );
         let promotions = IntCounter::new(
             "miroir_standby_promotions_total",
             "Partitions assigned to this instance while it stood by for them",
@@ -216,13 +215,7 @@ impl CommandMetrics {
                 .expect("unique metric");
             h
         };
-        let gauge = |name: &str, help: &str| {
-            let g = IntGaugeVec::new(Opts::new(name, help), &["command"]).expect("valid metric");
-            registry
-                .register(Box::new(g.clone()))
-                .expect("unique metric");
-            g
-        };
+        let gauge = |name: &str, help: &str| register_gauges(registry, name, help, &["command"]);
         let late_replies = IntCounter::new(
             "miroir_command_late_replies_total",
             "Replies received after their send timed out (ignored)",
@@ -338,17 +331,12 @@ impl Metrics {
         registry
             .register(Box::new(epoch_commit_seconds.clone()))
             .expect("unique metric");
-        let consumer_lag = IntGaugeVec::new(
-            Opts::new(
-                "miroir_consumer_lag",
-                "Records not yet applied, by partition",
-            ),
+        let consumer_lag = register_gauges(
+            &registry,
+            "miroir_consumer_lag",
+            "Records not yet applied, by partition",
             &["topic", "partition"],
-        )
-        .expect("valid metric");
-        registry
-            .register(Box::new(consumer_lag.clone()))
-            .expect("unique metric");
+        );
         let sink_rows = counter(
             "miroir_sink_rows_total",
             "Row changes in the batches applied to external tables, by operation: upsert, delete, rejected (a row the database cannot hold, set aside; a key changed in several batches of one transaction counts once per batch)",
