@@ -6,7 +6,7 @@
 //! | `GET /ready` | 200 once every assigned partition is applied the external database (if any) accepts writes and the command processors (if any) consume, 503 otherwise (JSON body says why) |
 //! | `GET /metrics` | Prometheus text |
 //! | `GET /v1/topology` | sources, tables, their columns and keys, and the operator graph |
-//! | `GET /v1/cluster` | this instance, and every live instance of the topology with its address and the partitions it owns |
+//! | `GET /v1/cluster` | this instance, and every live instance of the topology with its address, the partitions it owns, restores and stands by for, and its lags |
 //! | `GET /v1/tables/{table}/rows/{key}` | the row with its partition, the instance that served it and its freshness; 404 when absent, 400 when `key` is not a key of the table. Asked of an instance that does not own the key's partition, forwarded to the one that does; 503 with `Retry-After` while the partition has no owner. While the owner cannot answer (dead, restoring, moving), a standby replica of the partition answers with the row it holds, `freshness.stale` true and `freshness.lag` its changelog records not read yet (503 when it has no row). `?local=true` answers from this instance's state alone; `?standby=true` from its standby replica alone; `?min_offset=P:O&wait=5s` waits until that record of the source topic is applied, `?min_version=V&wait=5s` until an event of the key's entity with at least that version (the source's `late.order_by`) is |
 //! | `GET /v1/tables/{table}/rows?prefix=&limit=&after=` | rows whose key starts with `prefix`, in key order, from every instance (limit ≤ 10000, default 100), and the cursor `next` to pass as `after` for the next page (`null` after the last); `?local=true` scans this instance alone |
 //!
