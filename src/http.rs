@@ -420,6 +420,7 @@ async fn row(
                     "this instance is reading the partition of key `{key}` of `{table}`; ask again"
                 ))
             }
+            Ok(Route::Incomplete(why)) => return unavailable(why),
             Err(e) => return query_error(e),
         }
     }

@@ -54,6 +54,7 @@ use miroir_engine::changelog::ChangelogWriter;
 use miroir_engine::ingest::upsert::Entry;
 use miroir_engine::metrics::Metrics;
 use miroir_engine::partition::partition_for_key;
+use miroir_engine::plan::Distribution;
 use miroir_engine::runtime::{Runtime, RuntimeConfig, RuntimeError, StatusSnapshot};
 use miroir_engine::state::key::encode_key;
 use miroir_engine::state::{StateStore, StoreError, TableReader};
@@ -408,6 +409,13 @@ impl EngineBuilder {
             },
             handover,
         )?;
+        let global = KafkaSource::start_global(
+            &kafka,
+            &topology,
+            runtime.clone(),
+            metrics.clone(),
+            &instance,
+        )?;
         let listener = self.listen.map(http::bind).transpose()?;
         let advertise = self.advertise.or_else(|| {
             listener
@@ -421,10 +429,19 @@ impl EngineBuilder {
             advertise,
             {
                 let (runtime, standbys) = (runtime.clone(), standbys.clone());
+                let global: Vec<String> = topology
+                    .sources
+                    .iter()
+                    .filter(|s| s.global)
+                    .map(|s| s.topic.clone())
+                    .collect();
                 move || {
                     let standby = standbys.as_ref().map(|s| s.summary()).unwrap_or_default();
+                    // Every instance reads the global sources' partitions: nobody owns them.
+                    let mut partitions = runtime.owned_partitions();
+                    partitions.retain(|topic, _| !global.contains(topic));
                     Ownership {
-                        partitions: runtime.owned_partitions(),
+                        partitions,
                         restoring: runtime.restoring_partitions(),
                         lag: runtime.status().lag,
                         restore_remaining: runtime.status().restore_remaining,
@@ -485,6 +502,7 @@ impl EngineBuilder {
         Ok(Engine {
             inner,
             source: Some(source),
+            global,
             standby,
             processors,
             client,
@@ -523,9 +541,12 @@ pub(crate) struct VersionTarget {
 
 /// Where the row of a key is served.
 pub(crate) enum Route {
-    /// By this instance: it owns the key's partition, or the table is not partitioned by a
-    /// source key (each instance answers from its own part).
+    /// By this instance: it owns the key's partition, or the table's rows are on every
+    /// instance, or it holds every partition a partial table needs.
     Here,
+    /// By no instance now: the table is computed from the rows of several partitions and
+    /// this instance does not hold them all (why, in words).
+    Incomplete(String),
     /// By another instance.
     At(Member),
     /// By no instance now: its partition is moving.
@@ -632,12 +653,12 @@ impl Inner {
         plan: &miroir_engine::plan::TablePlan,
         key: &[miroir_engine::value::Value],
     ) -> Option<(&'a str, u32)> {
-        let source = plan.partitioned_by(|s| self.topology.sources[s].key)?;
+        let (source, part) = self.topology.partitioned_by(plan)?;
         let topic = &self.topology.sources[source].topic;
         let partitions = self.runtime.partition_count(topic)?;
         Some((
             topic,
-            partition_for_key(key[0].to_key_text().as_bytes(), partitions),
+            partition_for_key(key[part].to_key_text().as_bytes(), partitions),
         ))
     }
 
@@ -653,8 +674,10 @@ impl Inner {
                 self.membership.me()
             ))
         };
-        let placed = plan
-            .partitioned_by(|s| self.topology.sources[s].key)
+        let placed = self
+            .topology
+            .partitioned_by(plan)
+            .map(|(s, _)| s)
             .zip(self.partition_of(plan, &values));
         let (Some((source, (topic, partition))), Some(standbys), Some(store)) =
             (placed, &self.standbys, self.runtime.state_store())
@@ -746,6 +769,7 @@ impl Inner {
                     "this instance is reading the partition of key `{key}` of `{table}`; ask again"
                 )))
             }
+            Route::Incomplete(why) => return Err(QueryError::Unavailable(why)),
         };
         let unavailable = |why: String| {
             QueryError::Unavailable(format!(
@@ -778,8 +802,9 @@ impl Inner {
     /// keyed by a source key (`what` names what then does not apply).
     fn source_of(&self, table: &str, what: &str) -> Result<(usize, &Source), String> {
         let plan = self.internal(table).map_err(|e| e.to_string())?;
-        plan.partitioned_by(|s| self.topology.sources[s].key)
-            .map(|s| (s, &self.topology.sources[s]))
+        self.topology
+            .partitioned_by(plan)
+            .map(|(s, _)| (s, &self.topology.sources[s]))
             .ok_or_else(|| {
                 format!("table `{table}` is not keyed by a source key: {what} does not apply")
             })
@@ -806,10 +831,11 @@ impl Inner {
         let plan = self.internal(table).map_err(|e| e.to_string())?;
         let mut values = parse_key_text(key, &key_types(plan)).map_err(|e| e.to_string())?;
         let partition = self.partition_of(plan, &values).map(|(_, p)| p);
+        let part = self.topology.partitioned_by(plan).map_or(0, |(_, part)| part);
         Ok(VersionTarget {
             source,
             partition,
-            key: values.swap_remove(0),
+            key: values.swap_remove(part),
             wanted,
         })
     }
@@ -833,6 +859,9 @@ impl Inner {
     /// Where the row of `key` in `table` is served.
     fn route(&self, table: &str, key: &str) -> Result<Route, QueryError> {
         let (plan, values) = self.internal_key(table, key)?;
+        if let Some(why) = self.incomplete(plan) {
+            return Ok(Route::Incomplete(why));
+        }
         let Some((topic, partition)) = self.partition_of(plan, &values) else {
             return Ok(Route::Here);
         };
@@ -861,6 +890,9 @@ impl Inner {
         limit: usize,
     ) -> Result<Vec<(String, serde_json::Value)>, QueryError> {
         let plan = self.internal(table)?;
+        if let Some(why) = self.incomplete(plan) {
+            return Err(QueryError::Unavailable(why));
+        }
         let prefix =
             parse_key_prefix(prefix, &key_types(plan)).map_err(|source| QueryError::BadKey {
                 table: table.to_string(),
@@ -880,14 +912,45 @@ impl Inner {
             .collect())
     }
 
-    /// Whether a scan of `table` gathers the rows of every instance: those of a table keyed
-    /// by a source key live with their partitions, one instance each.
+    /// Whether a scan of `table` gathers the rows of every instance: those of a table
+    /// partitioned by a source key live with their partitions, one instance each.
     fn scatters(&self, table: &str) -> bool {
         self.topology.table(table).is_some_and(|plan| {
             plan.postgres().is_none()
-                && plan
-                    .partitioned_by(|s| self.topology.sources[s].key)
-                    .is_some()
+                && matches!(
+                    self.topology.distribution(plan),
+                    Distribution::Partitioned { .. }
+                )
+        })
+    }
+
+    /// Why this instance cannot answer for `plan` now, if it cannot: a table computed from
+    /// the rows of several partitions ([`Distribution::Partial`]) is right only on an
+    /// instance holding every partition of the partitioned sources it reads.
+    fn incomplete(&self, plan: &miroir_engine::plan::TablePlan) -> Option<String> {
+        if self.topology.distribution(plan) != Distribution::Partial {
+            return None;
+        }
+        let owned = self.runtime.owned_partitions();
+        let mut sources = Vec::new();
+        plan.plan.sources(&mut sources);
+        sources.iter().find_map(|s| {
+            let source = &self.topology.sources[*s];
+            let held = owned.get(&source.topic).map_or(0, Vec::len);
+            let count = self.runtime.partition_count(&source.topic);
+            let complete = source.global || count.is_some_and(|c| held >= c as usize);
+            let count = count.map_or_else(|| "?".to_string(), |c| c.to_string());
+            (!complete).then(|| {
+                format!(
+                    "table `{}` is computed from the rows of every partition of `{}` (a GROUP BY \
+                     or join on a column that is not its key), and instance {} holds {held} of \
+                     its {count}: with several instances, only one holding every partition \
+                     answers for such a table (repartitioning is not built yet)",
+                    plan.name,
+                    source.topic,
+                    self.membership.me()
+                )
+            })
         })
     }
 
@@ -922,6 +985,8 @@ fn key_types(plan: &miroir_engine::plan::TablePlan) -> Vec<ColumnType> {
 pub struct Engine {
     inner: Arc<Inner>,
     source: Option<KafkaSource>,
+    /// The reader of the global sources, if the topology has any.
+    global: Option<KafkaSource>,
     /// The standby replicas being fed, if the instance keeps any.
     standby: Option<StandbyRunner>,
     processors: Vec<CommandProcessor>,
@@ -1029,6 +1094,9 @@ impl Engine {
         drop(self.standby.take());
         if let Some(source) = self.source.take() {
             source.stop(); // revokes partitions: the workers commit them
+        }
+        if let Some(global) = self.global.take() {
+            global.stop();
         }
         self.inner.membership.leave();
         self.inner.runtime.shutdown();

@@ -26,6 +26,7 @@ use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance, Reba
 use rdkafka::error::KafkaResult;
 use rdkafka::message::Message as _;
 use rdkafka::statistics::Statistics;
+use rdkafka::types::RDKafkaRespErr;
 use rdkafka::topic_partition_list::TopicPartitionList;
 use rdkafka::{ClientContext, Offset};
 use tracing::{error, info, warn};
@@ -133,7 +134,8 @@ impl ClientContext for SourceContext {
                 watermarks.insert(tp, high);
             }
         }
-        self.runtime.report_watermarks(watermarks);
+        let topics: Vec<&str> = self.topics.keys().map(String::as_str).collect();
+        self.runtime.report_watermarks(&topics, watermarks);
         self.runtime.report_partition_counts(counts);
     }
 }
@@ -382,12 +384,7 @@ impl KafkaSource {
         member: GroupMember<'_>,
         handover: Handover,
     ) -> Result<KafkaSource, KafkaError> {
-        let topics: HashMap<String, usize> = topology
-            .sources
-            .iter()
-            .enumerate()
-            .map(|(i, s)| (s.topic.clone(), i))
-            .collect();
+        let topics = source_topics(topology, false);
         let mut client = config.client("source");
         client
             .set("client.id", format!("miroir-source-{}", member.instance))
@@ -435,17 +432,79 @@ impl KafkaSource {
             standbys: handover.standbys,
         })?;
         let names: Vec<&str> = topics.keys().map(String::as_str).collect();
-        let static_member = member.fixed;
         record_partition_counts(&consumer, &runtime, Duration::from_secs(10));
         consumer.subscribe(&names)?;
+        let mode = match member.fixed {
+            true => Leaving::Revoke,
+            false => Leaving::LeaveGroup,
+        };
+        KafkaSource::spawn(consumer, runtime, topics, (stop, mode), "miroir-kafka-source")
+    }
+
+    /// Reads every partition of the topology's global sources (`None` when it has none):
+    /// assigned, with no consumer group, each from the offset committed with its state, so
+    /// that every instance holds all their rows. Partitions added to such a topic later are
+    /// read from the next start.
+    pub fn start_global(
+        config: &KafkaConfig,
+        topology: &Topology,
+        runtime: Arc<Runtime>,
+        metrics: Arc<Metrics>,
+        instance: &str,
+    ) -> Result<Option<KafkaSource>, KafkaError> {
+        let topics = source_topics(topology, true);
+        if topics.is_empty() {
+            return Ok(None);
+        }
+        let mut client = config.client("source");
+        client
+            .set("client.id", format!("miroir-global-{instance}"))
+            .set("enable.auto.commit", "false")
+            .set("auto.offset.reset", "earliest")
+            .set("enable.partition.eof", "false")
+            .set("statistics.interval.ms", "1000")
+            .set("fetch.queue.backoff.ms", FETCH_QUEUE_BACKOFF_MS);
+        let stop = Arc::new(AtomicBool::new(false));
+        let consumer: BaseConsumer<SourceContext> = client.create_with_context(SourceContext {
+            runtime: runtime.clone(),
+            topics: topics.clone(),
+            metrics,
+            stop: stop.clone(),
+            delivered: Mutex::default(),
+            waiting: Mutex::default(),
+            changelog: None,
+            standbys: None,
+        })?;
+        let source = KafkaSource::spawn(
+            consumer,
+            runtime,
+            topics,
+            (stop, Leaving::AssignFirst),
+            "miroir-kafka-global",
+        )?;
+        Ok(Some(source))
+    }
+
+    /// Runs `consumer`'s poll loop on a thread named `name`; a panic fails the runtime.
+    fn spawn(
+        consumer: BaseConsumer<SourceContext>,
+        runtime: Arc<Runtime>,
+        topics: HashMap<String, usize>,
+        (stop, mode): (Arc<AtomicBool>, Leaving),
+        name: &str,
+    ) -> Result<KafkaSource, KafkaError> {
         let thread = std::thread::Builder::new()
-            .name("miroir-kafka-source".into())
+            .name(name.into())
             .spawn({
                 let stop = stop.clone();
                 move || {
                     let feeding = runtime.clone();
                     let polled = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                        poll_loop(consumer, feeding, topics, (stop, static_member));
+                        if mode == Leaving::AssignFirst && !assign_all(&consumer, &feeding, &stop)
+                        {
+                            return;
+                        }
+                        poll_loop(consumer, feeding, topics, (stop, mode));
                     }));
                     if let Err(panic) = polled {
                         let message = panic_message(panic.as_ref());
@@ -483,11 +542,68 @@ impl Drop for KafkaSource {
     }
 }
 
+/// The topics of the topology's sources that are global (`global`) or not, with each
+/// source's position.
+fn source_topics(topology: &Topology, global: bool) -> HashMap<String, usize> {
+    topology
+        .sources
+        .iter()
+        .enumerate()
+        .filter(|(_, s)| s.global == global)
+        .map(|(i, s)| (s.topic.clone(), i))
+        .collect()
+}
+
+/// How a source's consumer gets and gives back its partitions.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Leaving {
+    /// A dynamic member of the group: leaving it revokes its partitions.
+    LeaveGroup,
+    /// A static member: it revokes its partitions itself and stays in the group.
+    Revoke,
+    /// No group: it assigns itself every partition first, and revokes them at the end.
+    AssignFirst,
+}
+
+/// Assigns `consumer` every partition of its topics, each from the offset committed with its
+/// state, once they all exist (checked every 5 s, with a warning); false when the instance
+/// stopped first.
+fn assign_all(
+    consumer: &BaseConsumer<SourceContext>,
+    runtime: &Runtime,
+    stop: &AtomicBool,
+) -> bool {
+    let topics = &consumer.context().topics;
+    loop {
+        if stop.load(Ordering::SeqCst) || runtime.stopped() {
+            return false;
+        }
+        record_partition_counts(consumer, runtime, Duration::from_secs(5));
+        let counts: Vec<(&String, Option<u32>)> = topics
+            .keys()
+            .map(|t| (t, runtime.partition_count(t)))
+            .collect();
+        if counts.iter().all(|(_, n)| n.is_some()) {
+            let mut tpl = TopicPartitionList::new();
+            for (topic, n) in counts {
+                for p in 0..n.unwrap_or(0) {
+                    tpl.add_partition(topic, p as i32);
+                }
+            }
+            consumer
+                .context()
+                .rebalance(consumer, RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS, &mut tpl);
+            return true;
+        }
+        std::thread::sleep(Duration::from_secs(5));
+    }
+}
+
 fn poll_loop(
     consumer: BaseConsumer<SourceContext>,
     runtime: Arc<Runtime>,
     topics: HashMap<String, usize>,
-    (stop, static_member): (Arc<AtomicBool>, bool),
+    (stop, leaving): (Arc<AtomicBool>, Leaving),
 ) {
     let mut batches: HashMap<(usize, u32), Records> = HashMap::new();
     let mut pending = 0usize;
@@ -575,11 +691,12 @@ fn poll_loop(
     flush(&mut batches);
     // What the runtime does not take now is not committed: it is read again next time.
     consumer.context().hand_over();
-    if static_member {
+    if leaving != Leaving::LeaveGroup {
         // A static member keeps its place in the group for `session.timeout.ms`, so that a
         // restart moves no partition. librdkafka sends LeaveGroup on `unsubscribe` (only a
         // consumer already closing skips it): the partitions are revoked (and committed) here
-        // instead, and the consumer closes with nothing assigned.
+        // instead, and the consumer closes with nothing assigned. A consumer without a group
+        // gives back what it assigned itself the same way.
         if let Ok(assignment) = consumer.assignment() {
             consumer
                 .context()

@@ -288,7 +288,11 @@ impl Standbys {
     /// whose owner is gone is stood by for until it is assigned: it is likely to come here.
     fn follow(&self, wanted: &BTreeSet<(String, u32)>, claimed: &HashSet<(String, u32)>) {
         let task = |(t, p): &(String, u32)| {
-            let source = self.topology.sources.iter().position(|s| &s.topic == t)?;
+            let source = self
+                .topology
+                .sources
+                .iter()
+                .position(|s| &s.topic == t && !s.global)?;
             Some((source, *p))
         };
         let wanted: HashSet<Task> = wanted.iter().filter_map(task).collect();

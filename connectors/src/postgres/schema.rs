@@ -134,11 +134,7 @@ pub(crate) struct Target {
 /// (PostgreSQL 15 or later) instead of a primary key, so a NULL group is a row of its own,
 /// apart from the empty-text group.
 pub(crate) fn key_may_be_null(topology: &Topology, plan: &TablePlan) -> bool {
-    let sources = |s: usize| {
-        let source = &topology.sources[s];
-        (source.key, source.columns.len())
-    };
-    !plan.key_never_null(&sources)
+    !plan.key_never_null(&|s| topology.source_shape(s))
 }
 
 /// The definition the catalog (`miroir.tables`) records for a table: the plan's, the kind

@@ -13,6 +13,7 @@
 //! SELECT list. The planner ([`sql`]) builds plans from SQL; the dataflow
 //! ([`crate::dataflow`]) and the reference evaluator ([`crate::reference`]) both run them.
 
+pub mod distribution;
 pub mod expr;
 pub mod sql;
 
@@ -21,6 +22,7 @@ use std::fmt::Write as _;
 use serde::{Deserialize, Serialize};
 
 use crate::value::Column;
+pub use distribution::{Distribution, SourceShape};
 pub use expr::{BinaryOp, Expr, Func};
 
 /// Aggregate functions of a `GROUP BY`.
@@ -188,65 +190,21 @@ impl PostgresTable {
 }
 
 impl TablePlan {
-    /// The source whose partitioning the table's rows follow: when its key is the key of a
-    /// single source, passed through filters and projections, a row lives in the partition of
-    /// its key in that source's topic.
-    pub fn partitioned_by(&self, sources_key: impl Fn(usize) -> usize) -> Option<usize> {
-        let [key] = self.key.as_slice() else {
-            return None;
-        };
-        let mut column = *key;
-        let mut plan = &self.plan;
-        loop {
-            match plan {
-                Plan::Map { input, exprs, .. } => match exprs.get(column) {
-                    Some(Expr::Column(c)) => {
-                        column = *c;
-                        plan = input;
-                    }
-                    _ => return None,
-                },
-                Plan::Filter { input, .. } => plan = input,
-                Plan::Source { source, .. } => {
-                    return (sources_key(*source) == column).then_some(*source)
-                }
-                _ => return None,
-            }
-        }
-    }
-}
-
-impl TablePlan {
     /// Whether every key column is a source's key column, carried through filters,
     /// projections, the left side of joins, the right side of inner joins and groupings: such
-    /// a key never holds NULL. `sources` gives a source's key column and its number of columns.
-    pub fn key_never_null(&self, sources: &impl Fn(usize) -> (usize, usize)) -> bool {
+    /// a key never holds NULL. `sources` describes a source by index.
+    pub fn key_never_null(&self, sources: &impl Fn(usize) -> SourceShape) -> bool {
         self.key.iter().all(|k| self.plan.never_null(*k, sources))
     }
 }
 
 impl Plan {
-    /// The number of columns of the plan's rows; `sources` as in [`TablePlan::key_never_null`].
-    fn arity(&self, sources: &impl Fn(usize) -> (usize, usize)) -> usize {
-        match self {
-            Plan::Source { source, .. } => sources(*source).1,
-            Plan::Filter { input, .. } => input.arity(sources),
-            Plan::Map { exprs, .. } => exprs.len(),
-            Plan::Join {
-                left, right_arity, ..
-            } => left.arity(sources) + right_arity,
-            Plan::Reduce {
-                group, aggregates, ..
-            } => group.len() + aggregates.len(),
-        }
-    }
-
     /// Whether `column` of the plan's rows is a source's key column (see
     /// [`TablePlan::key_never_null`]).
-    fn never_null(&self, column: usize, sources: &impl Fn(usize) -> (usize, usize)) -> bool {
+    fn never_null(&self, column: usize, sources: &impl Fn(usize) -> SourceShape) -> bool {
         let passed = |input: &Plan, expr: Option<&Expr>| matches!(expr, Some(Expr::Column(c)) if input.never_null(*c, sources));
         match self {
-            Plan::Source { source, .. } => sources(*source).0 == column,
+            Plan::Source { source, .. } => sources(*source).key == column,
             Plan::Filter { input, .. } => input.never_null(column, sources),
             Plan::Map { input, exprs, .. } => passed(input, exprs.get(column)),
             Plan::Reduce { input, group, .. } => passed(input, group.get(column)),

@@ -54,19 +54,21 @@ pub(crate) fn table_changes(table: &TablePlan, mut deltas: Vec<(Row, isize)>) ->
     changes
 }
 
-/// Where the rows of a table keyed by a source key are logged: the changelog of that source,
-/// in the partition of each row's key.
+/// Where the rows of a table partitioned by a source key are logged: the changelog of that
+/// source, in the partition of that part of each row's key.
 pub(crate) struct RowPlacement {
     /// The source, by position.
     pub(crate) source: usize,
     /// Its topic's partition count.
     pub(crate) partitions: u32,
+    /// The part of the table's key holding the source's key.
+    pub(crate) key_part: usize,
 }
 
 impl RowPlacement {
-    fn task(&self, key: &Value) -> (usize, u32) {
-        let partition = partition_for_key(key.to_key_text().as_bytes(), self.partitions);
-        (self.source, partition)
+    fn task(&self, key: &[Value]) -> (usize, u32) {
+        let part = key[self.key_part].to_key_text();
+        (self.source, partition_for_key(part.as_bytes(), self.partitions))
     }
 }
 
@@ -83,14 +85,15 @@ pub(crate) fn write_rows(
         let json = row_to_json_bytes(&table.columns, row);
         let key = encode_row_key(row, &table.key);
         if let (Some(place), Some(name)) = (&placement, &logged) {
-            commit.log_row(place.task(&row[table.key[0]]), name, &key, Some(&json));
+            let values: Vec<Value> = table.key.iter().map(|k| row[*k].clone()).collect();
+            commit.log_row(place.task(&values), name, &key, Some(&json));
         }
         commit.put_row(&table.name, key, json);
     }
     for key in &changes.deletes {
         let encoded = encode_key(key);
         if let (Some(place), Some(name)) = (&placement, &logged) {
-            commit.log_row(place.task(&key[0]), name, &encoded, None);
+            commit.log_row(place.task(key), name, &encoded, None);
         }
         commit.delete_row(&table.name, encoded);
     }

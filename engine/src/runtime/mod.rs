@@ -82,7 +82,14 @@ impl Runtime {
         config: RuntimeConfig,
     ) -> Result<Runtime, RuntimeError> {
         rebuild_changed_sources(&topology, &store)?;
-        let store = store.logging(changelog.is_some());
+        // A global source's state comes from its topic, on every instance: it is not logged.
+        let store = store.logging(
+            topology
+                .sources
+                .iter()
+                .map(|s| changelog.is_some() && !s.global)
+                .collect(),
+        );
         let workers = config.workers.max(1);
         let (senders, receivers): (Vec<_>, Vec<_>) =
             (0..workers).map(|_| inbox(config.inbox_bytes)).unzip();
@@ -268,10 +275,10 @@ impl Runtime {
         self.status.owned()
     }
 
-    /// Reports the high watermark of each assigned partition (negative while unknown): the
-    /// lag, and so readiness, follow from them.
-    pub fn report_watermarks(&self, watermarks: HashMap<TopicPartition, i64>) {
-        self.status.set_watermarks(watermarks);
+    /// Reports the high watermark of each assigned partition of `topics` (negative while
+    /// unknown), replacing what was reported for them: the lag, and so readiness, follow.
+    pub fn report_watermarks(&self, topics: &[&str], watermarks: HashMap<TopicPartition, i64>) {
+        self.status.set_watermarks(topics, watermarks);
     }
 
     /// Reports the partition counts of source topics.

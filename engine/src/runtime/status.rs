@@ -149,13 +149,15 @@ impl Status {
         *self.failed.lock() = Some(failure);
     }
 
-    pub(crate) fn set_watermarks(&self, watermarks: HashMap<TopicPartition, i64>) {
+    pub(crate) fn set_watermarks(&self, topics: &[&str], watermarks: HashMap<TopicPartition, i64>) {
         for (tp, (target, _)) in self.restoring.lock().iter_mut() {
             if target.is_none() {
                 *target = watermarks.get(tp).copied().filter(|high| *high >= 0);
             }
         }
-        *self.watermarks.lock() = watermarks;
+        let mut known = self.watermarks.lock();
+        known.retain(|(topic, _), _| !topics.contains(&topic.as_str()));
+        known.extend(watermarks);
     }
 
     pub(crate) fn add_partition_counts(&self, counts: impl IntoIterator<Item = (String, u32)>) {
@@ -284,14 +286,14 @@ mod tests {
         assert!(!s.restored("t", 0), "not owned");
         s.task_opened("t", 0);
         assert!(!s.restored("t", 0), "no end known yet");
-        s.set_watermarks(HashMap::from([(tp(0), 10)]));
+        s.set_watermarks(&["t"], HashMap::from([(tp(0), 10)]));
         s.offsets_committed([(tp(0), 5)]);
         assert!(!s.restored("t", 0));
         assert_eq!(
             s.restoring(),
             std::collections::BTreeMap::from([("t".to_string(), vec![0])])
         );
-        s.set_watermarks(HashMap::from([(tp(0), 20)]));
+        s.set_watermarks(&["t"], HashMap::from([(tp(0), 20)]));
         s.offsets_committed([(tp(0), 9)]);
         assert!(
             !s.restored("t", 0),
@@ -299,7 +301,7 @@ mod tests {
         );
         s.epoch_committed(1);
         assert!(s.restored("t", 0), "the end when it came is reached");
-        s.set_watermarks(HashMap::from([(tp(0), 30)]));
+        s.set_watermarks(&["t"], HashMap::from([(tp(0), 30)]));
         assert!(
             s.restored("t", 0),
             "and stays restored as the partition grows"
@@ -313,12 +315,12 @@ mod tests {
         let s = Status::default();
         s.task_opened("t", 1);
         // The first end counts the marker after the last record (offset 8).
-        s.set_watermarks(HashMap::from([(tp(1), 10)]));
+        s.set_watermarks(&["t"], HashMap::from([(tp(1), 10)]));
         s.offsets_committed([(tp(1), 8)]);
         s.epoch_committed(1);
         assert!(!s.restored("t", 1));
         // Later reports know the last record handed over.
-        s.set_watermarks(HashMap::from([(tp(1), 9)]));
+        s.set_watermarks(&["t"], HashMap::from([(tp(1), 9)]));
         assert!(s.restored("t", 1));
     }
 }

@@ -225,6 +225,7 @@ fn restore(
         .offset(&shared.topology.sources[source].topic, partition)?;
     let mut task = Task::restore(entries, offset, input);
     if shared.changelog.is_some()
+        && !shared.topology.sources[source].global
         && shared
             .store
             .changelog_position(source, partition)?

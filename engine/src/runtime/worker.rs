@@ -140,11 +140,15 @@ fn row_placement(shared: &Shared, table: &crate::plan::TablePlan) -> Option<RowP
     if !shared.config.log_rows {
         return None;
     }
-    let source = table.partitioned_by(|s| shared.topology.sources[s].key)?;
+    let (source, key_part) = shared.topology.partitioned_by(table)?;
     let partitions = shared
         .status
         .partition_count(&shared.topology.sources[source].topic)?;
-    Some(RowPlacement { source, partitions })
+    Some(RowPlacement {
+        source,
+        partitions,
+        key_part,
+    })
 }
 
 /// Turns the epoch's captured deltas into table changes: internal tables' rows go into

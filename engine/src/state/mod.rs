@@ -91,8 +91,9 @@ pub struct StateStore {
     path: PathBuf,
     /// The internal tables, each in column family `table.{name}`.
     tables: Arc<[String]>,
-    /// Whether commits also gather the tasks' changelog records ([`StateStore::logging`]).
-    logged: bool,
+    /// Whether commits also gather the tasks' changelog records, by source
+    /// ([`StateStore::logging`]); empty when no source's are.
+    logged: Arc<[bool]>,
 }
 
 /// How stored values are encoded: bincode with variable-length integers (a row of short
@@ -268,7 +269,7 @@ impl StateStore {
             db: Arc::new(db),
             path: dir.to_path_buf(),
             tables: tables.into(),
-            logged: false,
+            logged: Arc::new([]),
         };
         if store.get_state(INSTANCE_KEY)?.is_none() {
             let id = new_instance_id();
@@ -585,14 +586,15 @@ impl StateStore {
             tables: self.tables.clone(),
             writes: Vec::new(),
             bytes: 0,
-            changelog: self.logged.then(Vec::new),
+            changelog: self.logged.contains(&true).then(Vec::new),
+            logged: self.logged.clone(),
         }
     }
 
-    /// This store, whose commits also gather the changelog records of the tasks' changes
-    /// ([`Commit::take_changelog`]) when `on`.
-    pub fn logging(mut self, on: bool) -> StateStore {
-        self.logged = on;
+    /// This store, whose commits also gather the changelog records of the changes of the
+    /// tasks of each source `logged` says (by source position; [`Commit::take_changelog`]).
+    pub fn logging(mut self, logged: Vec<bool>) -> StateStore {
+        self.logged = logged.into();
         self
     }
 
@@ -745,6 +747,8 @@ pub struct Commit {
     bytes: usize,
     /// The changelog records of the tasks' changes, when the store logs them.
     changelog: Option<Vec<ChangelogRecord>>,
+    /// Whether the tasks of each source are logged.
+    logged: Arc<[bool]>,
 }
 
 impl Commit {
@@ -760,6 +764,14 @@ impl Commit {
                 .position(|t| t == table)
                 .expect("table column family created at open"),
         )
+    }
+
+    /// Where the changes of `source`'s tasks are logged, if they are.
+    fn log_of(&mut self, source: usize) -> Option<&mut Vec<ChangelogRecord>> {
+        match self.logged.get(source) {
+            Some(true) => self.changelog.as_mut(),
+            _ => None,
+        }
     }
 
     /// Puts a table row under its encoded key ([`key::encode_row_key`]).
@@ -786,7 +798,7 @@ impl Commit {
         let at = k.len();
         bincode::Options::serialize_into(codec(), &mut k, key).expect("values serialize");
         let value = encode(entry);
-        if let Some(log) = self.changelog.as_mut() {
+        if let Some(log) = self.log_of(source) {
             log.push(ChangelogRecord::entry(
                 source,
                 partition,
@@ -802,7 +814,7 @@ impl Commit {
         let mut k = upsert_prefix(source, partition);
         let at = k.len();
         bincode::Options::serialize_into(codec(), &mut k, key).expect("values serialize");
-        if let Some(log) = self.changelog.as_mut() {
+        if let Some(log) = self.log_of(source) {
             log.push(ChangelogRecord::entry(source, partition, &k[at..], None));
         }
         self.push(Family::State, k, None);

@@ -366,6 +366,7 @@ pub(super) fn validate_command(
             key: key?,
             late: None,
             tombstone_retention: Source::DEFAULT_TOMBSTONE_RETENTION,
+            global: false,
         },
         authorize,
         validate,

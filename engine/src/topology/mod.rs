@@ -34,7 +34,7 @@ use toml::Spanned;
 pub use diagnostic::{Diagnostic, Position, TopologyError};
 
 use crate::plan::sql::{plan_query, SourceSchema};
-use crate::plan::{PostgresTable, TablePlan, TableStore};
+use crate::plan::{Distribution, PostgresTable, SourceShape, TablePlan, TableStore};
 use crate::value::{Column, ColumnType};
 use command::CommandSpec;
 use late::{LateAction, LatePolicy};
@@ -69,6 +69,10 @@ pub struct Source {
     /// bringing it back) is kept after its delete (`late.tombstone_retention`, default 7
     /// days).
     pub tombstone_retention: Duration,
+    /// Whether every instance reads every partition of the topic (`global = true`, Kafka
+    /// Streams' GlobalKTable): joins with the source need no partition of the other side to
+    /// match, and its state is rebuilt from the topic itself, with no changelog.
+    pub global: bool,
 }
 
 impl Source {
@@ -125,6 +129,8 @@ struct RawSource {
     columns: Spanned<IndexMap<String, Spanned<String>>>,
     #[serde(default)]
     late: Option<Spanned<RawLate>>,
+    #[serde(default)]
+    global: bool,
 }
 
 #[derive(Deserialize)]
@@ -368,6 +374,27 @@ impl Topology {
     /// The table named `name`.
     pub fn table(&self, name: &str) -> Option<&TablePlan> {
         self.tables.iter().find(|t| t.name == name)
+    }
+
+    /// What the plans' distribution and keys depend on about source `source`.
+    pub fn source_shape(&self, source: usize) -> SourceShape {
+        let s = &self.sources[source];
+        SourceShape {
+            key: s.key,
+            arity: s.columns.len(),
+            global: s.global,
+        }
+    }
+
+    /// Where `table`'s rows live across instances (see [`Distribution`]).
+    pub fn distribution(&self, table: &TablePlan) -> Distribution {
+        table.distribution(&|s| self.source_shape(s))
+    }
+
+    /// The source whose partitions `table`'s rows follow, and the part of its key that tells
+    /// the partition (see [`TablePlan::partitioned_by`]).
+    pub fn partitioned_by(&self, table: &TablePlan) -> Option<(usize, usize)> {
+        table.partitioned_by(&|s| self.source_shape(s))
     }
 
     /// The operator graph, as `miroir explain` prints it.
@@ -699,6 +726,7 @@ fn validate_source(r: &mut Reporter<'_>, name: &str, raw: &Spanned<RawSource>) -
         key: key?,
         late,
         tombstone_retention,
+        global: s.global,
     })
 }
 
@@ -803,14 +831,14 @@ GROUP BY d.name"""
     fn only_keys_carried_from_a_source_key_never_hold_null() {
         let text = include_str!("../../../topologies/user-directory.toml");
         let t = Topology::parse("user-directory.toml", text).expect("valid");
-        let sources = |s: usize| (t.sources[s].key, t.sources[s].columns.len());
+        let sources = |s: usize| t.source_shape(s);
         let never_null = |name: &str| t.table(name).unwrap().key_never_null(&sources);
         // The left side of a LEFT JOIN, keyed by the users' key.
         assert!(never_null("user_directory"));
         // A GROUP BY of a joined column groups NULLs together.
         assert!(!never_null("users_per_department"));
         let good = Topology::parse("good.toml", GOOD).expect("valid");
-        let sources = |s: usize| (good.sources[s].key, good.sources[s].columns.len());
+        let sources = |s: usize| good.source_shape(s);
         assert!(good.table("contacts").unwrap().key_never_null(&sources));
         assert!(!good.table("per_dept").unwrap().key_never_null(&sources));
     }

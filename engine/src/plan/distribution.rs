@@ -1,0 +1,244 @@
+//! Where a plan's rows are when several instances split the sources' partitions.
+//!
+//! Each instance computes every table over the partitions it owns (partition `i` of every
+//! partitioned source, by range assignment) and over every partition of the global sources.
+//! A row is right on such an instance when all the rows it comes from are there too: rows of
+//! one source key, a join whose other side is global, a join of two sources on both their
+//! keys (co-partitioned), a GROUP BY that includes the partitioning column. Anything else
+//! needs the rows of several instances and is [`Distribution::Partial`].
+
+use super::{Expr, JoinKind, Plan, TablePlan};
+
+/// What the distribution of a plan depends on about a source.
+#[derive(Clone, Copy, Debug)]
+pub struct SourceShape {
+    /// Position of its key column.
+    pub key: usize,
+    /// Its number of columns.
+    pub arity: usize,
+    /// Whether every instance reads all its partitions.
+    pub global: bool,
+}
+
+/// Where the rows of a plan live across instances.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Distribution {
+    /// On every instance: the plan reads global sources only.
+    Everywhere,
+    /// Each row on the instance owning one partition of `source`'s topic: that of the value of
+    /// `column` (which holds the source's key), when the plan's rows still carry it.
+    Partitioned {
+        /// The source whose partitions the rows follow.
+        source: usize,
+        /// The column of the rows holding that source's key.
+        column: Option<usize>,
+    },
+    /// Computed from the rows of several partitions that no single instance is sure to hold
+    /// (a GROUP BY or join on a column that is not the partitioning one): right only on an
+    /// instance holding every partition of the sources it reads.
+    Partial,
+}
+
+impl Plan {
+    /// Where the plan's rows live; `sources` describes a source by index.
+    pub fn distribution(&self, sources: &impl Fn(usize) -> SourceShape) -> Distribution {
+        use Distribution::*;
+        match self {
+            Plan::Source { source, .. } => {
+                let shape = sources(*source);
+                match shape.global {
+                    true => Everywhere,
+                    false => Partitioned {
+                        source: *source,
+                        column: Some(shape.key),
+                    },
+                }
+            }
+            Plan::Filter { input, .. } => input.distribution(sources),
+            Plan::Map { input, exprs, .. } => match input.distribution(sources) {
+                Partitioned { source, column } => Partitioned {
+                    source,
+                    column: column.and_then(|c| position(exprs, c)),
+                },
+                other => other,
+            },
+            Plan::Reduce { input, group, .. } => match input.distribution(sources) {
+                Everywhere => Everywhere,
+                Partitioned {
+                    source,
+                    column: Some(c),
+                } => match position(group, c) {
+                    Some(g) => Partitioned {
+                        source,
+                        column: Some(g),
+                    },
+                    None => Partial,
+                },
+                Partitioned { column: None, .. } | Partial => Partial,
+            },
+            Plan::Join {
+                left,
+                right,
+                left_keys,
+                right_keys,
+                kind,
+                ..
+            } => {
+                let left_arity = left.arity(sources);
+                let shifted = |d: Distribution| match d {
+                    Partitioned { source, column } => Partitioned {
+                        source,
+                        column: column.map(|c| c + left_arity),
+                    },
+                    other => other,
+                };
+                match (left.distribution(sources), right.distribution(sources)) {
+                    (Partial, _) | (_, Partial) => Partial,
+                    (l, Everywhere) => l,
+                    (Everywhere, r) if *kind == JoinKind::Inner => shifted(r),
+                    (Everywhere, _) => Partial,
+                    (
+                        Partitioned {
+                            source,
+                            column: Some(l),
+                        },
+                        Partitioned { column: Some(r), .. },
+                    ) if left_keys
+                        .iter()
+                        .zip(right_keys)
+                        .any(|(a, b)| *a == Expr::Column(l) && *b == Expr::Column(r)) =>
+                    {
+                        Partitioned {
+                            source,
+                            column: Some(l),
+                        }
+                    }
+                    _ => Partial,
+                }
+            }
+        }
+    }
+
+    /// The number of columns of the plan's rows.
+    pub(crate) fn arity(&self, sources: &impl Fn(usize) -> SourceShape) -> usize {
+        match self {
+            Plan::Source { source, .. } => sources(*source).arity,
+            Plan::Filter { input, .. } => input.arity(sources),
+            Plan::Map { exprs, .. } => exprs.len(),
+            Plan::Join {
+                left, right_arity, ..
+            } => left.arity(sources) + right_arity,
+            Plan::Reduce {
+                group, aggregates, ..
+            } => group.len() + aggregates.len(),
+        }
+    }
+}
+
+/// The position of the first expression that is column `column` of the input.
+fn position(exprs: &[Expr], column: usize) -> Option<usize> {
+    exprs.iter().position(|e| *e == Expr::Column(column))
+}
+
+impl TablePlan {
+    /// Where the table's rows live across instances.
+    pub fn distribution(&self, sources: &impl Fn(usize) -> SourceShape) -> Distribution {
+        self.plan.distribution(sources)
+    }
+
+    /// The source whose partitions the table's rows follow and the part of the table's key
+    /// that tells the partition: a row is served by the owner of that source's partition
+    /// of that key part. `None` for a table whose rows are everywhere, or partial.
+    pub fn partitioned_by(&self, sources: &impl Fn(usize) -> SourceShape) -> Option<(usize, usize)> {
+        match self.distribution(sources) {
+            Distribution::Partitioned {
+                source,
+                column: Some(c),
+            } => Some((source, self.key.iter().position(|k| *k == c)?)),
+            _ => None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::topology::Topology;
+
+    const SOURCES: &str = r#"
+name = "t"
+[sources.users]
+topic = "user"
+key = "id"
+columns = { id = "text", department_id = "text", name = "text" }
+[sources.departments]
+topic = "department"
+key = "id"
+columns = { id = "text", name = "text" }
+[sources.cities]
+topic = "city"
+key = "id"
+global = true
+columns = { id = "text", name = "text" }
+"#;
+
+    fn distributions(tables: &str) -> Vec<(Distribution, Option<(usize, usize)>)> {
+        let t = Topology::parse("t.toml", &format!("{SOURCES}{tables}")).unwrap();
+        let shapes = |s: usize| t.source_shape(s);
+        t.tables
+            .iter()
+            .map(|table| (table.distribution(&shapes), table.partitioned_by(&shapes)))
+            .collect()
+    }
+
+    #[test]
+    fn rows_follow_the_partitioning_column() {
+        use Distribution::*;
+        let got = distributions(
+            r#"
+[tables.a]
+query = "SELECT name, id FROM users WHERE name IS NOT NULL"
+[tables.b]
+query = "SELECT * FROM cities"
+[tables.c]
+query = "SELECT u.id, c.name FROM users u LEFT JOIN cities c ON u.name = c.id"
+[tables.d]
+query = "SELECT u.id, c.name FROM cities c JOIN users u ON u.name = c.id"
+[tables.e]
+query = "SELECT d.id, count(*) AS n FROM departments d JOIN users u ON u.id = d.id GROUP BY d.id"
+[tables.f]
+query = "SELECT name, count(*) AS n FROM cities GROUP BY name"
+"#,
+        );
+        let partitioned = |source, column| Partitioned {
+            source,
+            column: Some(column),
+        };
+        assert_eq!(got[0], (partitioned(0, 1), Some((0, 0))));
+        assert_eq!(got[1], (Everywhere, None));
+        assert_eq!(got[2], (partitioned(0, 0), Some((0, 0))));
+        assert_eq!(got[3], (partitioned(0, 0), Some((0, 0))));
+        assert_eq!(got[4], (partitioned(1, 0), Some((1, 0))));
+        assert_eq!(got[5], (Everywhere, None));
+    }
+
+    #[test]
+    fn rows_from_several_partitions_are_partial() {
+        let got = distributions(
+            r#"
+[tables.a]
+query = "SELECT department_id, count(*) AS n FROM users GROUP BY department_id"
+[tables.b]
+query = "SELECT u.id, d.name FROM users u LEFT JOIN departments d ON u.department_id = d.id"
+[tables.c]
+query = "SELECT c.id, u.id AS user_id FROM cities c LEFT JOIN users u ON u.name = c.id"
+[tables.d]
+query = "SELECT u.name, count(*) AS n FROM users u JOIN cities c ON u.name = c.id GROUP BY u.name"
+"#,
+        );
+        for (table, (distribution, partitioned_by)) in got.into_iter().enumerate() {
+            assert_eq!(distribution, Distribution::Partial, "table {table}");
+            assert_eq!(partitioned_by, None, "table {table}");
+        }
+    }
+}
