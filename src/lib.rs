@@ -831,7 +831,10 @@ impl Inner {
         let plan = self.internal(table).map_err(|e| e.to_string())?;
         let mut values = parse_key_text(key, &key_types(plan)).map_err(|e| e.to_string())?;
         let partition = self.partition_of(plan, &values).map(|(_, p)| p);
-        let part = self.topology.partitioned_by(plan).map_or(0, |(_, part)| part);
+        let part = self
+            .topology
+            .partitioned_by(plan)
+            .map_or(0, |(_, part)| part);
         Ok(VersionTarget {
             source,
             partition,
@@ -916,19 +919,18 @@ impl Inner {
     /// partitioned by a source key live with their partitions, one instance each.
     fn scatters(&self, table: &str) -> bool {
         self.topology.table(table).is_some_and(|plan| {
-            plan.postgres().is_none()
-                && matches!(
-                    self.topology.distribution(plan),
-                    Distribution::Partitioned { .. }
-                )
+            plan.postgres().is_none() && self.topology.partitioned_by(plan).is_some()
         })
     }
 
-    /// Why this instance cannot answer for `plan` now, if it cannot: a table computed from
-    /// the rows of several partitions ([`Distribution::Partial`]) is right only on an
-    /// instance holding every partition of the partitioned sources it reads.
+    /// Why this instance cannot answer for `plan` now, if it cannot: a table whose rows
+    /// are not placed by a part of their key (computed from the rows of several partitions,
+    /// see [`Distribution::Partial`]) is right and whole only on an instance holding every
+    /// partition of the partitioned sources it reads.
     fn incomplete(&self, plan: &miroir_engine::plan::TablePlan) -> Option<String> {
-        if self.topology.distribution(plan) != Distribution::Partial {
+        if self.topology.distribution(plan) == Distribution::Everywhere
+            || self.topology.partitioned_by(plan).is_some()
+        {
             return None;
         }
         let owned = self.runtime.owned_partitions();

@@ -4,6 +4,8 @@
 //! evaluator over the simulated source contents.
 #![allow(dead_code)] // each test file uses a different part
 
+pub mod cluster;
+
 use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
 
@@ -147,6 +149,7 @@ pub fn json_key(row: &serde_json::Value, plan: &miroir::miroir_engine::plan::Tab
 
 /// The user-directory topology with its topics and group renamed for this run, and its
 /// external tables in a schema of their own.
+#[derive(Clone)]
 pub struct TestTopology {
     pub text: String,
     pub topology: Topology,

@@ -63,7 +63,12 @@ pub fn create_topics(config: &KafkaConfig, topology: &Topology) -> Result<(), Ka
     let existing: HashMap<String, i32> = topics(consumer.client())?.into_iter().collect();
     let mut missing = Vec::new();
     // A global source's state is read from its topic on every instance: it has no changelog.
-    for (i, src) in topology.sources.iter().enumerate().filter(|(_, s)| !s.global) {
+    for (i, src) in topology
+        .sources
+        .iter()
+        .enumerate()
+        .filter(|(_, s)| !s.global)
+    {
         let partitions = existing.get(&src.topic).ok_or_else(|| {
             KafkaError::Config(format!(
                 "source topic {} does not exist: its changelog cannot be created",

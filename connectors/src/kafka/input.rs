@@ -26,8 +26,8 @@ use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance, Reba
 use rdkafka::error::KafkaResult;
 use rdkafka::message::Message as _;
 use rdkafka::statistics::Statistics;
-use rdkafka::types::RDKafkaRespErr;
 use rdkafka::topic_partition_list::TopicPartitionList;
+use rdkafka::types::RDKafkaRespErr;
 use rdkafka::{ClientContext, Offset};
 use tracing::{error, info, warn};
 
@@ -438,7 +438,13 @@ impl KafkaSource {
             true => Leaving::Revoke,
             false => Leaving::LeaveGroup,
         };
-        KafkaSource::spawn(consumer, runtime, topics, (stop, mode), "miroir-kafka-source")
+        KafkaSource::spawn(
+            consumer,
+            runtime,
+            topics,
+            (stop, mode),
+            "miroir-kafka-source",
+        )
     }
 
     /// Reads every partition of the topology's global sources (`None` when it has none):
@@ -459,6 +465,9 @@ impl KafkaSource {
         let mut client = config.client("source");
         client
             .set("client.id", format!("miroir-global-{instance}"))
+            // librdkafka assigns partitions only to a consumer with a group id; this one
+            // never joins its group nor commits to it (offsets are kept with the state).
+            .set("group.id", format!("{}.global.{instance}", topology.name))
             .set("enable.auto.commit", "false")
             .set("auto.offset.reset", "earliest")
             .set("enable.partition.eof", "false")
@@ -500,8 +509,7 @@ impl KafkaSource {
                 move || {
                     let feeding = runtime.clone();
                     let polled = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                        if mode == Leaving::AssignFirst && !assign_all(&consumer, &feeding, &stop)
-                        {
+                        if mode == Leaving::AssignFirst && !assign_all(&consumer, &feeding, &stop) {
                             return;
                         }
                         poll_loop(consumer, feeding, topics, (stop, mode));
@@ -590,9 +598,11 @@ fn assign_all(
                     tpl.add_partition(topic, p as i32);
                 }
             }
-            consumer
-                .context()
-                .rebalance(consumer, RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS, &mut tpl);
+            consumer.context().rebalance(
+                consumer,
+                RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS,
+                &mut tpl,
+            );
             return true;
         }
         std::thread::sleep(Duration::from_secs(5));

@@ -26,16 +26,17 @@ pub enum Distribution {
     /// On every instance: the plan reads global sources only.
     Everywhere,
     /// Each row on the instance owning one partition of `source`'s topic: that of the value of
-    /// `column` (which holds the source's key), when the plan's rows still carry it.
+    /// `column` (which holds the source's key).
     Partitioned {
         /// The source whose partitions the rows follow.
         source: usize,
         /// The column of the rows holding that source's key.
-        column: Option<usize>,
+        column: usize,
     },
     /// Computed from the rows of several partitions that no single instance is sure to hold
-    /// (a GROUP BY or join on a column that is not the partitioning one): right only on an
-    /// instance holding every partition of the sources it reads.
+    /// (a GROUP BY or join on a column that is not the partitioning one), or rows whose
+    /// partition no column tells any more: right, and found, only on an instance holding
+    /// every partition of the sources it reads.
     Partial,
 }
 
@@ -50,31 +51,25 @@ impl Plan {
                     true => Everywhere,
                     false => Partitioned {
                         source: *source,
-                        column: Some(shape.key),
+                        column: shape.key,
                     },
                 }
             }
             Plan::Filter { input, .. } => input.distribution(sources),
             Plan::Map { input, exprs, .. } => match input.distribution(sources) {
-                Partitioned { source, column } => Partitioned {
-                    source,
-                    column: column.and_then(|c| position(exprs, c)),
+                Partitioned { source, column } => match position(exprs, column) {
+                    Some(column) => Partitioned { source, column },
+                    None => Partial,
                 },
                 other => other,
             },
             Plan::Reduce { input, group, .. } => match input.distribution(sources) {
                 Everywhere => Everywhere,
-                Partitioned {
-                    source,
-                    column: Some(c),
-                } => match position(group, c) {
-                    Some(g) => Partitioned {
-                        source,
-                        column: Some(g),
-                    },
+                Partitioned { source, column } => match position(group, column) {
+                    Some(column) => Partitioned { source, column },
                     None => Partial,
                 },
-                Partitioned { column: None, .. } | Partial => Partial,
+                Partial => Partial,
             },
             Plan::Join {
                 left,
@@ -88,7 +83,7 @@ impl Plan {
                 let shifted = |d: Distribution| match d {
                     Partitioned { source, column } => Partitioned {
                         source,
-                        column: column.map(|c| c + left_arity),
+                        column: column + left_arity,
                     },
                     other => other,
                 };
@@ -97,21 +92,13 @@ impl Plan {
                     (l, Everywhere) => l,
                     (Everywhere, r) if *kind == JoinKind::Inner => shifted(r),
                     (Everywhere, _) => Partial,
-                    (
-                        Partitioned {
-                            source,
-                            column: Some(l),
-                        },
-                        Partitioned { column: Some(r), .. },
-                    ) if left_keys
-                        .iter()
-                        .zip(right_keys)
-                        .any(|(a, b)| *a == Expr::Column(l) && *b == Expr::Column(r)) =>
+                    (Partitioned { source, column: l }, Partitioned { column: r, .. })
+                        if left_keys
+                            .iter()
+                            .zip(right_keys)
+                            .any(|(a, b)| *a == Expr::Column(l) && *b == Expr::Column(r)) =>
                     {
-                        Partitioned {
-                            source,
-                            column: Some(l),
-                        }
+                        Partitioned { source, column: l }
                     }
                     _ => Partial,
                 }
@@ -149,12 +136,14 @@ impl TablePlan {
     /// The source whose partitions the table's rows follow and the part of the table's key
     /// that tells the partition: a row is served by the owner of that source's partition
     /// of that key part. `None` for a table whose rows are everywhere, or partial.
-    pub fn partitioned_by(&self, sources: &impl Fn(usize) -> SourceShape) -> Option<(usize, usize)> {
+    pub fn partitioned_by(
+        &self,
+        sources: &impl Fn(usize) -> SourceShape,
+    ) -> Option<(usize, usize)> {
         match self.distribution(sources) {
-            Distribution::Partitioned {
-                source,
-                column: Some(c),
-            } => Some((source, self.key.iter().position(|k| *k == c)?)),
+            Distribution::Partitioned { source, column } => {
+                Some((source, self.key.iter().position(|k| *k == column)?))
+            }
             _ => None,
         }
     }
@@ -210,10 +199,7 @@ query = "SELECT d.id, count(*) AS n FROM departments d JOIN users u ON u.id = d.
 query = "SELECT name, count(*) AS n FROM cities GROUP BY name"
 "#,
         );
-        let partitioned = |source, column| Partitioned {
-            source,
-            column: Some(column),
-        };
+        let partitioned = |source, column| Partitioned { source, column };
         assert_eq!(got[0], (partitioned(0, 1), Some((0, 0))));
         assert_eq!(got[1], (Everywhere, None));
         assert_eq!(got[2], (partitioned(0, 0), Some((0, 0))));

@@ -68,7 +68,10 @@ pub(crate) struct RowPlacement {
 impl RowPlacement {
     fn task(&self, key: &[Value]) -> (usize, u32) {
         let part = key[self.key_part].to_key_text();
-        (self.source, partition_for_key(part.as_bytes(), self.partitions))
+        (
+            self.source,
+            partition_for_key(part.as_bytes(), self.partitions),
+        )
     }
 }
 

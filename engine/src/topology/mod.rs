@@ -376,6 +376,20 @@ impl Topology {
         self.tables.iter().find(|t| t.name == name)
     }
 
+    /// Where `table`'s rows live across instances, in words (for `explain`).
+    fn placement(&self, table: &TablePlan) -> String {
+        match (self.distribution(table), self.partitioned_by(table)) {
+            (Distribution::Everywhere, _) => "on every instance (global sources only)".into(),
+            (_, Some((source, part))) => format!(
+                "each row with the partition of `{}` in topic {}",
+                table.columns[table.key[part]].name, self.sources[source].topic
+            ),
+            (Distribution::Partitioned { .. } | Distribution::Partial, _) => {
+                "partial: computed from the rows of every partition (or not placed by its key), so with several instances only one holding them all answers (repartitioning is not built yet)".into()
+            }
+        }
+    }
+
     /// What the plans' distribution and keys depend on about source `source`.
     pub fn source_shape(&self, source: usize) -> SourceShape {
         let s = &self.sources[source];
@@ -402,11 +416,12 @@ impl Topology {
         let mut out = format!("topology {}\n", self.name);
         for s in &self.sources {
             out.push_str(&format!(
-                "source {} <- topic {} (json, key {}, late: {})\n  exchange by partition (partition % workers)\n",
+                "source {} <- topic {} (json, key {}, late: {}{})\n  exchange by partition (partition % workers)\n",
                 s.name,
                 s.topic,
                 s.key_name(),
-                s.late.as_ref().map(|l| l.describe(&s.columns)).unwrap_or_else(|| "ordered by offset".into())
+                s.late.as_ref().map(|l| l.describe(&s.columns)).unwrap_or_else(|| "ordered by offset".into()),
+                if s.global { ", global: every partition on every instance" } else { "" }
             ));
         }
         for t in &self.tables {
@@ -420,6 +435,7 @@ impl Topology {
                 t.name,
                 key.join(", ")
             ));
+            out.push_str(&format!("  across instances: {}\n", self.placement(t)));
             out.push_str("  exchange by table key\n");
             t.plan.explain(&mut out, 1);
         }

@@ -1,0 +1,187 @@
+//! Tables whose rows do not all follow one source key, across several `miroir run` processes:
+//! joins with a global source (read whole by every instance) are right on every instance,
+//! also after one is killed mid-stream; a table computed from every partition (a GROUP BY on
+//! a non-key column) is never answered partially: an instance that does not hold every
+//! partition answers 503, and one that holds them all answers the reference's rows.
+
+mod support;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::{Duration, Instant};
+
+use support::cluster::*;
+use support::*;
+
+/// The app topology with the departments global and three internal tables over them.
+fn topology(run: &str) -> TestTopology {
+    let mut t = with_internal_table_only(user_directory(run));
+    let departments = "[sources.departments]\n";
+    assert!(t.text.contains(departments), "the departments source moved");
+    t.text = t
+        .text
+        .replace(departments, &format!("{departments}global = true\n"));
+    t.text.push_str(
+        r#"
+[tables.user_departments]
+query = """
+SELECT u.id, u.name, coalesce(d.name, 'unassigned') AS department
+FROM users u LEFT JOIN departments d ON u.department_id = d.id"""
+store = "internal"
+
+[tables.department_members]
+query = """
+SELECT u.id, d.id AS department_id, d.name AS department
+FROM departments d JOIN users u ON u.department_id = d.id"""
+store = "internal"
+
+[tables.users_per_department]
+query = """
+SELECT d.name AS department, count(*) AS users
+FROM users u JOIN departments d ON u.department_id = d.id
+GROUP BY d.name"""
+store = "internal"
+"#,
+    );
+    t.topology = miroir::miroir_engine::topology::Topology::parse("scale-out.toml", &t.text)
+        .expect("the test topology plans");
+    t
+}
+
+/// The tables joined with the global source, as the reference evaluates `events`.
+const JOINED: [&str; 2] = ["user_departments", "department_members"];
+
+/// Waits until every instance answers every key of the joined tables as the reference
+/// evaluates `events` (and 404 for a key that never existed).
+fn wait_for_joined_tables(
+    client: &reqwest::blocking::Client,
+    instances: &[&Instance],
+    t: &TestTopology,
+    events: &[Event],
+) {
+    let expected = expected_tables(&t.topology, events);
+    let mut keys: BTreeSet<String> = events
+        .iter()
+        .filter(|e| e.source == 0)
+        .map(|e| e.key.clone())
+        .collect();
+    keys.insert("u-never".into());
+    for table in JOINED {
+        wait_for_every_row(
+            client,
+            instances,
+            &t.user_topic,
+            (table, &expected[table]),
+            &keys,
+        );
+    }
+}
+
+#[test]
+fn joins_with_a_global_source_are_right_on_every_instance_and_partial_tables_are_never_served_partly(
+) {
+    let run = Run::new("scale-out");
+    let t = topology(&run);
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("topology.toml");
+    std::fs::write(&file, &t.text).unwrap();
+    let (mut events, _) = generate(11, 200, 3000);
+    publish(&t, &events);
+    let client = reqwest::blocking::Client::new();
+    let mut instances: Vec<Instance> = ["a", "b", "c"]
+        .iter()
+        .map(|name| start(dir.path(), &file, name))
+        .collect();
+    let all: Vec<&Instance> = instances.iter().collect();
+    wait_for_joined_tables(&client, &all, &t, &events);
+
+    // Every instance reads every department partition, and none owns them.
+    for instance in &instances {
+        let (_, view) = get(&client, instance.port, "/v1/cluster");
+        for member in view["instances"].as_array().unwrap() {
+            assert!(
+                member["partitions"][&t.department_topic].is_null(),
+                "a global source's partitions are nobody's: {view}"
+            );
+        }
+    }
+
+    // The GROUP BY on the department's name needs every partition of the users.
+    let expected = expected_tables(&t.topology, &events);
+    let (department, _) = expected["users_per_department"].iter().next().unwrap();
+    for instance in &instances {
+        let (status, answer) = get(
+            &client,
+            instance.port,
+            &format!("/v1/tables/users_per_department/rows/{department}"),
+        );
+        assert_eq!(status, 503, "{answer}");
+        assert!(
+            answer["error"]
+                .as_str()
+                .is_some_and(|e| e.contains("repartitioning")),
+            "{answer}"
+        );
+        let (status, _) = get(
+            &client,
+            instance.port,
+            "/v1/tables/users_per_department/rows",
+        );
+        assert_eq!(status, 503);
+    }
+
+    // `kill -9` of one instance while more events come: the two left are right.
+    let more = std::thread::spawn({
+        let t = t.clone();
+        move || {
+            let (more, _) = generate(12, 260, 2000);
+            for chunk in more.chunks(200) {
+                publish(&t, chunk);
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            more
+        }
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    let mut killed = instances.remove(1);
+    killed.child.kill().unwrap(); // SIGKILL
+    killed.child.wait().unwrap();
+    events.extend(more.join().unwrap());
+    let left: Vec<&Instance> = instances.iter().collect();
+    wait_for_joined_tables(&client, &left, &t, &events);
+
+    // Alone, an instance holds every partition: it answers the GROUP BY as the reference.
+    drop(instances.remove(1));
+    let alone = &instances[0];
+    let expected = expected_tables(&t.topology, &events);
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let (status, page) = get(
+            &client,
+            alone.port,
+            "/v1/tables/users_per_department/rows?limit=1000",
+        );
+        let rows: BTreeMap<String, serde_json::Value> = page["rows"]
+            .as_array()
+            .map(|rows| {
+                rows.iter()
+                    .map(|r| {
+                        (
+                            r["department"].as_str().unwrap_or("").to_string(),
+                            r.clone(),
+                        )
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        if status == 200 && rows == expected["users_per_department"] {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{status}: {}\n{}",
+            diff(&expected["users_per_department"], &rows),
+            alone.log_tail()
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
