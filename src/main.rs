@@ -1,5 +1,6 @@
 //! The `miroir` command line: validate, explain and run topologies; publish sample events.
 
+mod deploy;
 mod progress;
 
 use std::io::BufRead;
@@ -131,11 +132,14 @@ enum Action {
         #[arg(long)]
         json: bool,
     },
-    /// Prints what `miroir run` would do to each external (PostgreSQL) table: create it,
-    /// rebuild it in a shadow table (and why), or keep it. Changes nothing.
+    /// Prints what `miroir run` would make: the internal Kafka topics (changelogs, the
+    /// instances' topic), whether each exists, and what it would do to each external
+    /// (PostgreSQL) table: create it, rebuild it in a shadow table (and why), or keep it.
+    /// Changes nothing.
     ///
     /// EXAMPLES:
-    ///     miroir plan topologies/user-directory.toml --state-dir /var/lib/miroir
+    ///     miroir plan topologies/user-directory.toml --state-dir /var/lib/miroir \
+    ///         --brokers 127.0.0.1:19092
     Plan {
         /// The topology file.
         file: PathBuf,
@@ -145,6 +149,32 @@ enum Action {
         /// PostgreSQL database of external tables (unless their sink names a `url`).
         #[arg(long, env = "DATABASE_URL")]
         database_url: Option<String>,
+        /// Kafka bootstrap servers (without them, the internal topics are listed unchecked).
+        #[arg(long, env = "MIROIR_BROKERS")]
+        brokers: Option<String>,
+    },
+    /// Deletes what the topology's instances made for themselves, for a redeploy from the
+    /// sources alone: its internal topics (changelogs, the instances' topic), its consumer
+    /// group and, with --state-dir, that state directory. Every instance must be stopped.
+    /// Lists what it deletes and asks for the topology's name as confirmation (read from
+    /// stdin), unless --yes. Source topics, error topics, command topics and external tables
+    /// are not touched.
+    ///
+    /// EXAMPLES:
+    ///     miroir reset topologies/user-directory.toml --brokers 127.0.0.1:19092 \
+    ///         --state-dir /var/lib/miroir
+    Reset {
+        /// The topology file.
+        file: PathBuf,
+        /// Kafka bootstrap servers.
+        #[arg(long, env = "MIROIR_BROKERS")]
+        brokers: String,
+        /// A state directory of one of the topology's instances, to delete too.
+        #[arg(long, env = "MIROIR_STATE_DIR")]
+        state_dir: Option<PathBuf>,
+        /// Delete without asking.
+        #[arg(long)]
+        yes: bool,
     },
     /// Forgets one key of a source in a stopped instance's state directory: its row and the
     /// order values of its last events. The repair of a key frozen by an event whose order
@@ -510,32 +540,6 @@ fn dead_letters(action: DlqAction) -> anyhow::Result<ExitCode> {
 }
 
 /// Prints the start's effect on each external table.
-fn print_plan(
-    file: &std::path::Path,
-    state_dir: &std::path::Path,
-    database_url: Option<&str>,
-) -> anyhow::Result<ExitCode> {
-    let topology = match Topology::load(file) {
-        Ok(t) => t,
-        Err(e) => {
-            eprintln!("{e}");
-            return Ok(ExitCode::from(1));
-        }
-    };
-    if !topology.has_external_tables() {
-        println!("no external tables: nothing to do in PostgreSQL");
-        return Ok(ExitCode::SUCCESS);
-    }
-    let url = miroir_connectors::postgres::database_url(&topology, database_url)?;
-    let instance = miroir::miroir_engine::state::StateStore::peek_instance_id(state_dir)
-        .context("reading the state directory")?
-        .unwrap_or_default();
-    for decision in miroir_connectors::postgres::schema::plan(&url, &topology, &instance)? {
-        println!("{decision}");
-    }
-    Ok(ExitCode::SUCCESS)
-}
-
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -588,7 +592,19 @@ fn run(command: Action) -> anyhow::Result<ExitCode> {
             file,
             state_dir,
             database_url,
-        } => print_plan(&file, &state_dir, database_url.as_deref()),
+            brokers,
+        } => deploy::print_plan(
+            &file,
+            &state_dir,
+            database_url.as_deref(),
+            brokers.as_deref(),
+        ),
+        Action::Reset {
+            file,
+            brokers,
+            state_dir,
+            yes,
+        } => deploy::reset(&file, &brokers, state_dir.as_deref(), yes),
         Action::ForgetKey {
             file,
             state_dir,
@@ -612,7 +628,12 @@ fn run(command: Action) -> anyhow::Result<ExitCode> {
             group_protocol,
         } => {
             if plan {
-                return print_plan(&file, &state_dir, database_url.as_deref());
+                return deploy::print_plan(
+                    &file,
+                    &state_dir,
+                    database_url.as_deref(),
+                    Some(&brokers),
+                );
             }
             let mut builder = miroir::Engine::builder();
             if let Some(url) = database_url {

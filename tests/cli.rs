@@ -1,5 +1,5 @@
 //! The CLI's commands that do not run a topology: `validate`, `explain`, and `plan` (which reads
-//! PostgreSQL).
+//! PostgreSQL). `reset` is tested in `reset.rs`.
 
 use std::process::Command;
 
@@ -80,6 +80,8 @@ fn explain_prints_the_operator_graph() {
         "Reduce",
         "exchange",
         "sink internal",
+        "across instances: each row with the partition of `id` in topic user",
+        "across instances: partial",
     ] {
         assert!(stdout.contains(op), "missing {op} in:\n{stdout}");
     }
@@ -102,6 +104,7 @@ fn plan_says_what_a_start_does_in_postgres() {
         .args(["plan", TOPOLOGY, "--state-dir"])
         .arg(state.path().join("none"))
         .env("DATABASE_URL", url)
+        .env_remove("MIROIR_BROKERS")
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -109,6 +112,12 @@ fn plan_says_what_a_start_does_in_postgres() {
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("kafka topics of the instances (not checked: no --brokers):")
+            && stdout.contains("user-directory.miroir-instances")
+            && stdout.contains(".miroir-changelog (the state of source `users`"),
+        "the internal topics: {stdout}"
     );
     for table in ["app.user_directory", "app.users_per_department"] {
         assert!(

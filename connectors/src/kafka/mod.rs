@@ -3,6 +3,7 @@
 pub mod admin;
 pub mod changelog;
 pub mod input;
+pub mod internal;
 pub mod membership;
 pub mod output;
 pub mod standby;
