@@ -14,6 +14,9 @@ use super::{Expr, JoinKind, Plan, TablePlan};
 pub struct SourceShape {
     /// Position of its key column.
     pub key: usize,
+    /// Position of the column whose value tells a row's partition (the key, except in a
+    /// repartition topic).
+    pub partition: usize,
     /// Its number of columns.
     pub arity: usize,
     /// Whether every instance reads all its partitions.
@@ -51,7 +54,7 @@ impl Plan {
                     true => Everywhere,
                     false => Partitioned {
                         source: *source,
-                        column: shape.key,
+                        column: shape.partition,
                     },
                 }
             }
@@ -130,7 +133,7 @@ fn position(exprs: &[Expr], column: usize) -> Option<usize> {
 impl TablePlan {
     /// Where the table's rows live across instances.
     pub fn distribution(&self, sources: &impl Fn(usize) -> SourceShape) -> Distribution {
-        self.plan.distribution(sources)
+        self.computed().distribution(sources)
     }
 
     /// The source whose partitions the table's rows follow and the part of the table's key

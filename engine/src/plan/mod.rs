@@ -15,6 +15,7 @@
 
 pub mod distribution;
 pub mod expr;
+pub mod repartition;
 pub mod sql;
 
 use std::fmt::Write as _;
@@ -158,6 +159,93 @@ impl Plan {
     }
 }
 
+/// The key of a join's rows, from its inputs' keys (`left`, `right`) and its equalities
+/// (`on`: the left and right expressions): when the right key is fully bound by the
+/// equalities, each left row matches at most one right row, so the left key identifies output
+/// rows (and symmetrically for an inner join); otherwise both keys together do.
+pub fn join_key(
+    (left, right): (&[usize], &[usize]),
+    (left_on, right_on): (&[Expr], &[Expr]),
+    kind: JoinKind,
+    left_arity: usize,
+) -> Vec<usize> {
+    let bound = |on: &[Expr], key: &[usize]| key.iter().all(|k| on.contains(&Expr::Column(*k)));
+    if bound(right_on, right) {
+        left.to_vec()
+    } else if kind == JoinKind::Inner && bound(left_on, left) {
+        right.iter().map(|k| k + left_arity).collect()
+    } else {
+        left.iter()
+            .copied()
+            .chain(right.iter().map(|k| k + left_arity))
+            .collect()
+    }
+}
+
+impl Plan {
+    /// The key of the plan's rows when it reads sources, filters, joins and projects them on
+    /// columns that keep the key (`None` above a grouping or an expression computed over
+    /// them); `sources` describes a source by index.
+    pub fn key(&self, sources: &impl Fn(usize) -> SourceShape) -> Option<Vec<usize>> {
+        match self {
+            Plan::Source { source, .. } => Some(vec![sources(*source).key]),
+            Plan::Filter { input, .. } => input.key(sources),
+            Plan::Join {
+                left,
+                right,
+                left_keys,
+                right_keys,
+                kind,
+                ..
+            } => Some(join_key(
+                (&left.key(sources)?, &right.key(sources)?),
+                (left_keys, right_keys),
+                *kind,
+                left.arity(sources),
+            )),
+            Plan::Map { input, exprs, .. } => input
+                .key(sources)?
+                .iter()
+                .map(|k| exprs.iter().position(|e| *e == Expr::Column(*k)))
+                .collect(),
+            Plan::Reduce { .. } => None,
+        }
+    }
+
+    /// The columns of the plan's rows when it reads sources, filters, joins and projects them
+    /// on columns (`None` above a grouping or a computed column); `sources` gives a source's
+    /// columns by index.
+    pub fn columns(&self, sources: &impl Fn(usize) -> Vec<Column>) -> Option<Vec<Column>> {
+        match self {
+            Plan::Source { source, .. } => Some(sources(*source)),
+            Plan::Filter { input, .. } => input.columns(sources),
+            Plan::Join { left, right, .. } => {
+                let mut columns = left.columns(sources)?;
+                columns.extend(right.columns(sources)?);
+                Some(columns)
+            }
+            Plan::Map { input, exprs, .. } => {
+                let columns = input.columns(sources)?;
+                exprs
+                    .iter()
+                    .map(|e| match e {
+                        Expr::Column(c) => columns.get(*c).cloned(),
+                        _ => None,
+                    })
+                    .collect()
+            }
+            Plan::Reduce { .. } => None,
+        }
+    }
+
+    /// Whether the plan reads source `source`.
+    pub fn reads(&self, source: usize) -> bool {
+        let mut sources = Vec::new();
+        self.sources(&mut sources);
+        sources.contains(&source)
+    }
+}
+
 /// Where a table's rows go.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum TableStore {
@@ -201,7 +289,7 @@ impl TablePlan {
 impl Plan {
     /// Whether `column` of the plan's rows is a source's key column (see
     /// [`TablePlan::key_never_null`]).
-    fn never_null(&self, column: usize, sources: &impl Fn(usize) -> SourceShape) -> bool {
+    pub(crate) fn never_null(&self, column: usize, sources: &impl Fn(usize) -> SourceShape) -> bool {
         let passed = |input: &Plan, expr: Option<&Expr>| matches!(expr, Some(Expr::Column(c)) if input.never_null(*c, sources));
         match self {
             Plan::Source { source, .. } => sources(*source).key == column,
@@ -269,4 +357,15 @@ pub struct TablePlan {
     pub key: Vec<usize>,
     /// Where its rows are kept.
     pub store: TableStore,
+    /// The plan as instances compute it, reading repartition topics where `plan` needs the
+    /// rows of several partitions (see [`repartition`]); `None` when `plan` needs none.
+    #[serde(default)]
+    pub split: Option<Plan>,
+}
+
+impl TablePlan {
+    /// The plan instances compute: [`TablePlan::split`] if any, else [`TablePlan::plan`].
+    pub fn computed(&self) -> &Plan {
+        self.split.as_ref().unwrap_or(&self.plan)
+    }
 }

@@ -9,7 +9,7 @@ use sqlparser::ast;
 use sqlparser::dialect::PostgreSqlDialect;
 use sqlparser::parser::Parser;
 
-use super::{AggFunc, Aggregate, BinaryOp, Expr, Func, JoinKind, Plan};
+use super::{join_key, AggFunc, Aggregate, BinaryOp, Expr, Func, JoinKind, Plan};
 use crate::value::{Column, ColumnType, Value, F64};
 
 /// What the planner knows about a source: its name, columns and key column.
@@ -506,20 +506,12 @@ fn plan_join(left: Rel, join: &ast::Join, sources: &[SourceSchema<'_>]) -> Resul
         left_keys.push(lk);
         right_keys.push(rk);
     }
-    // The join's key: when the right key is fully bound by the equalities, each left row matches
-    // at most one right row, so the left key identifies output rows (and symmetrically).
-    let bound = |keys: &[Expr], key: &[usize]| key.iter().all(|k| keys.contains(&Expr::Column(*k)));
-    let key = if bound(&right_keys, &right.key) {
-        left.key.clone()
-    } else if kind == JoinKind::Inner && bound(&left_keys, &left.key) {
-        right.key.iter().map(|k| k + left_arity).collect()
-    } else {
-        left.key
-            .iter()
-            .copied()
-            .chain(right.key.iter().map(|k| k + left_arity))
-            .collect()
-    };
+    let key = join_key(
+        (&left.key, &right.key),
+        (&left_keys, &right_keys),
+        kind,
+        left_arity,
+    );
     let right_arity = right.scope.len();
     let mut scope = left.scope;
     scope.extend(right.scope);

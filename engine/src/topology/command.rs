@@ -364,6 +364,7 @@ pub(super) fn validate_command(
             topic: c.topic.get_ref().clone(),
             columns,
             key: key?,
+            partition_column: key?,
             late: None,
             tombstone_retention: Source::DEFAULT_TOMBSTONE_RETENTION,
             global: false,

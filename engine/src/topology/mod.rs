@@ -34,6 +34,7 @@ use toml::Spanned;
 pub use diagnostic::{Diagnostic, Position, TopologyError};
 
 use crate::plan::sql::{plan_query, SourceSchema};
+use crate::plan::repartition::{Repartition, Splitter};
 use crate::plan::{Distribution, PostgresTable, SourceShape, TablePlan, TableStore};
 use crate::value::{Column, ColumnType};
 use command::CommandSpec;
@@ -48,6 +49,9 @@ pub struct Topology {
     pub sources: Vec<Source>,
     /// Tables, in file order.
     pub tables: Vec<TablePlan>,
+    /// The stage boundaries of the tables that need the rows of several partitions, each read
+    /// back by a source of its own (after the declared ones).
+    pub repartitions: Vec<Repartition>,
     /// Commands this topology processes (the master side), in file order.
     pub commands: Vec<CommandSpec>,
 }
@@ -63,6 +67,9 @@ pub struct Source {
     pub columns: Vec<Column>,
     /// Position of the key column.
     pub key: usize,
+    /// Position of the column whose value tells a record's partition: the key, except in a
+    /// repartition topic (see [`crate::plan::repartition`]).
+    pub partition_column: usize,
     /// Late-event policy; without one, events are ordered by their offset.
     pub late: Option<LatePolicy>,
     /// How long the state of a deleted key (the order values that keep a late event from
@@ -79,6 +86,16 @@ impl Source {
     /// 7 days: a late event older than a delete arrives within days (a producer retried, a
     /// backlog replayed), not weeks; past it, the deleted key's state goes.
     pub const DEFAULT_TOMBSTONE_RETENTION: Duration = Duration::from_secs(7 * 24 * 3600);
+
+    /// What the plans' distribution and keys depend on about the source.
+    pub fn shape(&self) -> SourceShape {
+        SourceShape {
+            key: self.key,
+            partition: self.partition_column,
+            arity: self.columns.len(),
+            global: self.global,
+        }
+    }
 
     /// The key column's name.
     pub fn key_name(&self) -> &str {
@@ -317,6 +334,7 @@ impl Topology {
                     columns: planned.columns,
                     key: planned.key,
                     store,
+                    split: None,
                 }),
                 Err(e) => {
                     let at = position_in_string(text, query.span().start, e.line, e.col);
@@ -342,10 +360,13 @@ impl Topology {
             }
         }
         if r.diagnostics.is_empty() {
+            let mut sources = sources;
+            let repartitions = split_tables(&name, &mut sources, &mut tables);
             Ok(Topology {
                 name,
                 sources,
                 tables,
+                repartitions,
                 commands,
             })
         } else {
@@ -392,12 +413,7 @@ impl Topology {
 
     /// What the plans' distribution and keys depend on about source `source`.
     pub fn source_shape(&self, source: usize) -> SourceShape {
-        let s = &self.sources[source];
-        SourceShape {
-            key: s.key,
-            arity: s.columns.len(),
-            global: s.global,
-        }
+        self.sources[source].shape()
     }
 
     /// Where `table`'s rows live across instances (see [`Distribution`]).
@@ -437,7 +453,18 @@ impl Topology {
             ));
             out.push_str(&format!("  across instances: {}\n", self.placement(t)));
             out.push_str("  exchange by table key\n");
-            t.plan.explain(&mut out, 1);
+            t.computed().explain(&mut out, 1);
+        }
+        for r in &self.repartitions {
+            out.push_str(&format!(
+                "repartition {} -> topic {} (one record per {}, in the partition of {}; as many partitions as {})\n",
+                r.name,
+                self.sources[r.source].topic,
+                r.columns[r.key].name,
+                r.columns[r.by].name,
+                self.sources[r.partitions_like].topic
+            ));
+            r.input.explain(&mut out, 1);
         }
         for c in &self.commands {
             let entity = &self.sources[c.entity];
@@ -740,10 +767,37 @@ fn validate_source(r: &mut Reporter<'_>, name: &str, raw: &Spanned<RawSource>) -
         topic: s.topic.get_ref().clone(),
         columns,
         key: key?,
+        partition_column: key?,
         late,
         tombstone_retention,
         global: s.global,
     })
+}
+
+/// Splits the plans of `tables` that need the rows of several partitions with repartitions
+/// (see [`crate::plan::repartition`]), adding the sources that read them back to `sources`.
+/// A table that cannot be split keeps its plan (it stays partial).
+fn split_tables(name: &str, sources: &mut Vec<Source>, tables: &mut [TablePlan]) -> Vec<Repartition> {
+    let mut repartitions = Vec::new();
+    for table in tables.iter_mut() {
+        let mut splitter = Splitter::new((name, &table.name), sources);
+        let (plan, distribution) = splitter.split(&table.plan);
+        let routable = |d: Distribution| matches!(d, Distribution::Partitioned { column, .. } if table.key.contains(&column));
+        let (plan, distribution) = match routable(distribution) {
+            true => (plan, distribution),
+            false => splitter.place_by(plan, table.key[0]),
+        };
+        let routable = routable(distribution);
+        let made = std::mem::take(&mut splitter.made);
+        if routable && !made.is_empty() {
+            table.split = Some(plan);
+            for (repartition, reader) in made {
+                repartitions.push(repartition);
+                sources.push(reader);
+            }
+        }
+    }
+    repartitions
 }
 
 /// Declared columns (`name = "type"`); an unknown type is reported as `what` `name`.
