@@ -43,6 +43,7 @@ use miroir_connectors::commands::processor::{CommandProcessor, ProcessorStatus};
 use miroir_connectors::kafka::changelog::{self, KafkaChangelog};
 pub use miroir_connectors::kafka::input::GroupProtocol;
 use miroir_connectors::kafka::input::{GroupMember, Handover, KafkaSource};
+use miroir_connectors::kafka::internal;
 use miroir_connectors::kafka::membership::{Member, Membership, Ownership};
 use miroir_connectors::kafka::output::KafkaErrorSink;
 use miroir_connectors::kafka::standby::{StandbyRunner, Standbys};
@@ -315,7 +316,11 @@ impl EngineBuilder {
             TopologySource::File(path) => Topology::load(&path)?,
             TopologySource::Text(text) => Topology::parse("<string>", &text)?,
         };
-        let topology = Arc::new(topology);
+        // Repartition records are written with the changelogs, in their transactions.
+        let topology = match self.no_changelog {
+            true => Arc::new(topology.unsplit()),
+            false => Arc::new(topology),
+        };
         let state_dir = self.state_dir.ok_or(EngineError::Config("state_dir"))?;
         let mut kafka = KafkaConfig::new(self.brokers.ok_or(EngineError::Config("brokers"))?);
         kafka.extra = self.kafka_extra;
@@ -371,6 +376,7 @@ impl EngineBuilder {
         let changelog: Option<Arc<dyn ChangelogWriter>> = if self.no_changelog {
             None
         } else {
+            internal::create_repartition_topics(&kafka, &topology)?;
             changelog::create_topics(&kafka, &topology)?;
             let id = format!("miroir.{}.{instance}.changelog", topology.name);
             Some(Arc::new(KafkaChangelog::new(&kafka, &topology, &id)?))
@@ -935,7 +941,7 @@ impl Inner {
         }
         let owned = self.runtime.owned_partitions();
         let mut sources = Vec::new();
-        plan.plan.sources(&mut sources);
+        plan.computed().sources(&mut sources);
         sources.iter().find_map(|s| {
             let source = &self.topology.sources[*s];
             let held = owned.get(&source.topic).map_or(0, Vec::len);
@@ -947,7 +953,8 @@ impl Inner {
                     "table `{}` is computed from the rows of every partition of `{}` (a GROUP BY \
                      or join on a column that is not its key), and instance {} holds {held} of \
                      its {count}: with several instances, only one holding every partition \
-                     answers for such a table (repartitioning is not built yet)",
+                     answers for such a table (it cannot be split into stages: see `miroir \
+                     explain`)",
                     plan.name,
                     source.topic,
                     self.membership.me()

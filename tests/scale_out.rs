@@ -1,8 +1,9 @@
 //! Tables whose rows do not all follow one source key, across several `miroir run` processes:
-//! joins with a global source (read whole by every instance) are right on every instance,
-//! also after one is killed mid-stream; a table computed from every partition (a GROUP BY on
-//! a non-key column) is never answered partially: an instance that does not hold every
-//! partition answers 503, and one that holds them all answers the reference's rows.
+//! GROUP BYs on non-key columns and joins on foreign keys (split into stages joined by
+//! repartition topics) and joins with a global source (read whole by every instance) are
+//! right on every instance, also after one is killed mid-stream; a table that cannot be split
+//! is never answered partially: an instance that does not hold every partition answers 503,
+//! and one that holds them all answers the reference's rows.
 
 mod support;
 
@@ -47,33 +48,125 @@ store = "internal"
     t
 }
 
-/// The tables joined with the global source, as the reference evaluates `events`.
+/// The app topology with three internal tables that need the rows of several partitions:
+/// split into stages.
+fn repartitioned(run: &str) -> TestTopology {
+    let mut t = with_internal_table_only(user_directory(run));
+    t.text.push_str(
+        r#"
+[tables.users_per_department]
+query = """
+SELECT d.name AS department, count(*) AS users, max(u.version) AS max_version
+FROM users u JOIN departments d ON u.department_id = d.id
+GROUP BY d.name"""
+store = "internal"
+
+[tables.department_sizes]
+query = """
+SELECT d.id, count(u.id) AS users, min(u.name) AS first_name
+FROM departments d LEFT JOIN users u ON u.department_id = d.id
+GROUP BY d.id"""
+store = "internal"
+
+[tables.users_per_department_id]
+query = """
+SELECT department_id, count(*) AS users, sum(CASE WHEN active THEN 1 ELSE 0 END) AS active
+FROM users WHERE department_id IS NOT NULL
+GROUP BY department_id"""
+store = "internal"
+"#,
+    );
+    t.topology = miroir::miroir_engine::topology::Topology::parse("repartitioned.toml", &t.text)
+        .expect("the test topology plans");
+    for table in &t.topology.tables {
+        assert!(
+            t.topology.partitioned_by(table).is_some(),
+            "{} is split",
+            table.name
+        );
+    }
+    t
+}
+
+/// The tables joined with the global source.
 const JOINED: [&str; 2] = ["user_departments", "department_members"];
 
-/// Waits until every instance answers every key of the joined tables as the reference
-/// evaluates `events` (and 404 for a key that never existed).
-fn wait_for_joined_tables(
+/// The split tables.
+const SPLIT: [&str; 3] = [
+    "users_per_department",
+    "department_sizes",
+    "users_per_department_id",
+];
+
+/// Waits until every instance answers every key of `tables` as the reference evaluates
+/// `events` (and 404 for a key that never existed).
+fn wait_for_every_table(
     client: &reqwest::blocking::Client,
     instances: &[&Instance],
-    t: &TestTopology,
+    (t, tables): (&TestTopology, &[&str]),
     events: &[Event],
 ) {
     let expected = expected_tables(&t.topology, events);
-    let mut keys: BTreeSet<String> = events
-        .iter()
-        .filter(|e| e.source == 0)
-        .map(|e| e.key.clone())
-        .collect();
-    keys.insert("u-never".into());
-    for table in JOINED {
+    for table in tables {
+        let mut keys: BTreeSet<String> = expected[*table].keys().cloned().collect();
+        keys.insert("never".into());
         wait_for_every_row(
             client,
             instances,
             &t.user_topic,
-            (table, &expected[table]),
+            (table, &expected[*table]),
             &keys,
         );
     }
+}
+
+/// `kill -9` of `instances[1]` while more events (generated from `seed`) come; returns every
+/// event.
+fn kill_one_mid_stream(
+    t: &TestTopology,
+    instances: &mut Vec<Instance>,
+    mut events: Vec<Event>,
+    seed: u64,
+) -> Vec<Event> {
+    let more = std::thread::spawn({
+        let t = t.clone();
+        move || {
+            let (more, _) = generate(seed, 260, 2000);
+            for chunk in more.chunks(200) {
+                publish(&t, chunk);
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            more
+        }
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    let mut killed = instances.remove(1);
+    killed.child.kill().unwrap(); // SIGKILL
+    killed.child.wait().unwrap();
+    events.extend(more.join().unwrap());
+    events
+}
+
+#[test]
+fn groupings_and_joins_on_non_key_columns_are_right_on_every_instance() {
+    let run = Run::new("repartition");
+    let t = repartitioned(&run);
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("topology.toml");
+    std::fs::write(&file, &t.text).unwrap();
+    let (events, _) = generate(13, 200, 3000);
+    publish(&t, &events);
+    let client = reqwest::blocking::Client::new();
+    let mut instances: Vec<Instance> = ["a", "b", "c"]
+        .iter()
+        .map(|name| start(dir.path(), &file, name))
+        .collect();
+    let all: Vec<&Instance> = instances.iter().collect();
+    wait_for_every_table(&client, &all, (&t, &SPLIT), &events);
+
+    let events = kill_one_mid_stream(&t, &mut instances, events, 14);
+    let left: Vec<&Instance> = instances.iter().collect();
+    wait_for_every_table(&client, &left, (&t, &SPLIT), &events);
 }
 
 #[test]
@@ -84,7 +177,7 @@ fn joins_with_a_global_source_are_right_on_every_instance_and_partial_tables_are
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("topology.toml");
     std::fs::write(&file, &t.text).unwrap();
-    let (mut events, _) = generate(11, 200, 3000);
+    let (events, _) = generate(11, 200, 3000);
     publish(&t, &events);
     let client = reqwest::blocking::Client::new();
     let mut instances: Vec<Instance> = ["a", "b", "c"]
@@ -92,7 +185,7 @@ fn joins_with_a_global_source_are_right_on_every_instance_and_partial_tables_are
         .map(|name| start(dir.path(), &file, name))
         .collect();
     let all: Vec<&Instance> = instances.iter().collect();
-    wait_for_joined_tables(&client, &all, &t, &events);
+    wait_for_every_table(&client, &all, (&t, &JOINED), &events);
 
     // Every instance reads every department partition, and none owns them.
     for instance in &instances {
@@ -118,7 +211,7 @@ fn joins_with_a_global_source_are_right_on_every_instance_and_partial_tables_are
         assert!(
             answer["error"]
                 .as_str()
-                .is_some_and(|e| e.contains("repartitioning")),
+                .is_some_and(|e| e.contains("cannot be split")),
             "{answer}"
         );
         let (status, _) = get(
@@ -130,24 +223,9 @@ fn joins_with_a_global_source_are_right_on_every_instance_and_partial_tables_are
     }
 
     // `kill -9` of one instance while more events come: the two left are right.
-    let more = std::thread::spawn({
-        let t = t.clone();
-        move || {
-            let (more, _) = generate(12, 260, 2000);
-            for chunk in more.chunks(200) {
-                publish(&t, chunk);
-                std::thread::sleep(Duration::from_millis(100));
-            }
-            more
-        }
-    });
-    std::thread::sleep(Duration::from_millis(500));
-    let mut killed = instances.remove(1);
-    killed.child.kill().unwrap(); // SIGKILL
-    killed.child.wait().unwrap();
-    events.extend(more.join().unwrap());
+    let events = kill_one_mid_stream(&t, &mut instances, events, 12);
     let left: Vec<&Instance> = instances.iter().collect();
-    wait_for_joined_tables(&client, &left, &t, &events);
+    wait_for_every_table(&client, &left, (&t, &JOINED), &events);
 
     // Alone, an instance holds every partition: it answers the GROUP BY as the reference.
     drop(instances.remove(1));

@@ -51,6 +51,18 @@ pub struct ChangelogRecord {
     pub key: Vec<u8>,
     /// The record's value; `None` deletes the key from the compacted topic.
     pub value: Option<Vec<u8>>,
+    /// Which topic it goes to.
+    pub topic: RecordTopic,
+}
+
+/// The topic a record of an epoch's transaction goes to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RecordTopic {
+    /// The changelog of the record's source.
+    Changelog,
+    /// The record's source's own topic: a repartition topic, written by the stage before it
+    /// (see [`crate::plan::repartition`]).
+    Source,
 }
 
 impl ChangelogRecord {
@@ -65,6 +77,7 @@ impl ChangelogRecord {
             partition,
             key: k,
             value: entry,
+            topic: RecordTopic::Changelog,
         }
     }
 
@@ -86,6 +99,19 @@ impl ChangelogRecord {
             partition,
             key: k,
             value: row,
+            topic: RecordTopic::Changelog,
+        }
+    }
+
+    /// A record of repartition topic `source` (by the source reading it back), in
+    /// `partition`: `row` (encoded) upserted under `key`, or `None` to delete it.
+    pub fn repartitioned(source: usize, partition: u32, key: &str, row: Option<Vec<u8>>) -> Self {
+        ChangelogRecord {
+            source,
+            partition,
+            key: key.as_bytes().to_vec(),
+            value: row,
+            topic: RecordTopic::Source,
         }
     }
 
@@ -96,6 +122,7 @@ impl ChangelogRecord {
             partition,
             key: OFFSET_KEY.to_vec(),
             value: Some(offset.to_be_bytes().to_vec()),
+            topic: RecordTopic::Changelog,
         }
     }
 }
@@ -121,6 +148,9 @@ pub fn without_rederived_rows(records: Vec<ChangelogRecord>) -> Vec<ChangelogRec
             let [ENTRY_TAG, key @ ..] = r.key.as_slice() else {
                 return None;
             };
+            if r.topic == RecordTopic::Source {
+                return None;
+            }
             let value: Value = decode(key).ok()?;
             Some((r.source, r.partition, encode_key(&[value])))
         })
@@ -128,6 +158,7 @@ pub fn without_rederived_rows(records: Vec<ChangelogRecord>) -> Vec<ChangelogRec
     records
         .into_iter()
         .filter(|r| match read_record(Some(&r.key), r.value.as_deref()) {
+            _ if r.topic == RecordTopic::Source => true,
             Ok(Logged::Row { key, .. }) => changed.contains(&(r.source, r.partition, key.to_vec())),
             _ => true,
         })

@@ -15,7 +15,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use miroir_engine::changelog::{
-    plan_restore, ChangelogError, ChangelogRecord, ChangelogWriter, Position, Restore,
+    plan_restore, ChangelogError, ChangelogRecord, ChangelogWriter, Position, RecordTopic, Restore,
     RestoreError, RestorePlan,
 };
 use miroir_engine::error::ErrorClass;
@@ -44,7 +44,7 @@ const TX_TIMEOUT: Duration = Duration::from_secs(30);
 const RESTORE_STALL: Duration = Duration::from_secs(60);
 
 /// The largest changelog record: an entity event of up to a megabyte plus its versions.
-const MAX_RECORD_BYTES: &str = "16777216";
+pub(crate) const MAX_RECORD_BYTES: &str = "16777216";
 
 /// The changelog topic of the topology's source `source`.
 pub fn topic(topology: &Topology, source: usize) -> String {
@@ -122,6 +122,8 @@ pub struct KafkaChangelog {
     transactional_id: String,
     /// The changelog topic of each source, by the source's position.
     topics: Vec<String>,
+    /// Each source's own topic, for repartition records.
+    source_topics: Vec<String>,
     /// The producer, once made; `None` after a failure to make one (the next write tries).
     producer: Mutex<Option<BaseProducer<Deliveries>>>,
     /// The producer being made at start (its transactions take half a second to initialize,
@@ -154,6 +156,7 @@ impl KafkaChangelog {
             topics: (0..topology.sources.len())
                 .map(|i| topic(topology, i))
                 .collect(),
+            source_topics: topology.sources.iter().map(|s| s.topic.clone()).collect(),
             producer: Mutex::new(None),
             starting: Mutex::new(Some(starting)),
         })
@@ -177,7 +180,11 @@ impl KafkaChangelog {
         producer.context().last.lock().clear();
         producer.begin_transaction()?;
         for r in records {
-            let mut record = BaseRecord::to(&self.topics[r.source])
+            let topic = match r.topic {
+                RecordTopic::Changelog => &self.topics[r.source],
+                RecordTopic::Source => &self.source_topics[r.source],
+            };
+            let mut record = BaseRecord::to(topic)
                 .partition(r.partition as i32)
                 .key(r.key.as_slice());
             if let Some(value) = &r.value {

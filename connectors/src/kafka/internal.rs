@@ -1,6 +1,6 @@
 //! What a topology's instances make in Kafka for themselves: the changelog topic of each
-//! partitioned source, the instances' topic, and the consumer group named after the
-//! topology. `miroir plan` lists them; `miroir reset` deletes them, for a redeploy that starts
+//! partitioned source, the repartition topics, the instances' topic, and the consumer group
+//! named after the topology. `miroir plan` lists them; `miroir reset` deletes them, for a redeploy that starts
 //! from the sources alone (Kafka Streams' application reset tool).
 //!
 //! Not theirs, so never touched: the source topics, the `<topic>.miroir-errors` topics of
@@ -9,14 +9,15 @@
 
 use std::fmt;
 
+use miroir_engine::plan::repartition::TOPIC_SUFFIX;
 use miroir_engine::topology::Topology;
 use rdkafka::admin::{AdminClient, AdminOptions};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::Consumer;
 use rdkafka::types::RDKafkaErrorCode;
 
-use super::admin::{block_on, delete_topics, topics};
-use super::changelog::{self, CHANGELOG_SUFFIX};
+use super::admin::{block_on, create_topics_with, delete_topics, topics};
+use super::changelog::{self, CHANGELOG_SUFFIX, MAX_RECORD_BYTES};
 use super::membership::membership_topic;
 use super::{KafkaConfig, KafkaError};
 
@@ -62,6 +63,17 @@ pub fn internal_topics(topology: &Topology, existing: &[(String, i32)]) -> Vec<I
             }
         })
         .collect();
+    out.extend(topology.repartitions.iter().map(|r| {
+        let name = topology.sources[r.source].topic.clone();
+        InternalTopic {
+            partitions: count(&name),
+            holds: format!(
+                "the rows of {}, a stage of a table that needs several partitions' rows",
+                r.name
+            ),
+            name,
+        }
+    }));
     let members = membership_topic(&topology.name);
     out.push(InternalTopic {
         partitions: count(&members),
@@ -70,10 +82,13 @@ pub fn internal_topics(topology: &Topology, existing: &[(String, i32)]) -> Vec<I
     });
     let mut stale: Vec<InternalTopic> = existing
         .iter()
-        .filter(|(t, _)| is_changelog_of(&topology.name, t) && !out.iter().any(|o| &o.name == t))
+        .filter(|(t, _)| {
+            (is_changelog_of(&topology.name, t) || is_repartition_of(&topology.name, t))
+                && !out.iter().any(|o| &o.name == t)
+        })
         .map(|(t, n)| InternalTopic {
             name: t.clone(),
-            holds: "the state of a source as an earlier definition had it".into(),
+            holds: "a changelog or stage of an earlier definition".into(),
             partitions: Some(*n),
         })
         .collect();
@@ -92,15 +107,66 @@ fn is_changelog_of(name: &str, topic: &str) -> bool {
     else {
         return false;
     };
-    match middle.split_once('.') {
-        Some((source, hash)) => {
-            !source.is_empty()
-                && !source.contains('.')
-                && hash.len() == 8
-                && hash.chars().all(|c| c.is_ascii_hexdigit())
-        }
-        None => false,
+    let Some((source, hash)) = middle.rsplit_once('.') else {
+        return false;
+    };
+    // A declared source's name, or a repartition's (`<table>.r<n>`).
+    let name = |n: &str| !n.is_empty() && !n.contains('.');
+    let stage = |n: &str| {
+        n.split_once(".r").is_some_and(|(table, i)| {
+            name(table) && !i.is_empty() && i.chars().all(|c| c.is_ascii_digit())
+        })
+    };
+    (name(source) || stage(source))
+        && hash.len() == 8
+        && hash.chars().all(|c| c.is_ascii_hexdigit())
+}
+
+/// Whether `topic` is a repartition topic of topology `name`:
+/// `<name>.<table>.r<n>.<hash>.miroir-repartition`.
+fn is_repartition_of(name: &str, topic: &str) -> bool {
+    topic
+        .strip_prefix(name)
+        .and_then(|t| t.strip_prefix('.'))
+        .and_then(|t| t.strip_suffix(TOPIC_SUFFIX))
+        .is_some_and(|middle| middle.split('.').count() == 3)
+}
+
+/// Creates the repartition topics of `topology` that do not exist, compacted, each with as
+/// many partitions as the topic it is co-partitioned with (in order: a repartition may take
+/// an earlier one's count).
+pub fn create_repartition_topics(
+    config: &KafkaConfig,
+    topology: &Topology,
+) -> Result<(), KafkaError> {
+    if topology.repartitions.is_empty() {
+        return Ok(());
     }
+    let consumer: rdkafka::consumer::BaseConsumer = config.client("admin").create()?;
+    let mut counts: std::collections::HashMap<String, i32> =
+        topics(consumer.client())?.into_iter().collect();
+    for r in &topology.repartitions {
+        let like = &topology.sources[r.partitions_like].topic;
+        let partitions = *counts.get(like).ok_or_else(|| {
+            KafkaError::Config(format!(
+                "topic {like} does not exist: repartition {} takes its partition count",
+                r.name
+            ))
+        })?;
+        let topic = &topology.sources[r.source].topic;
+        if !counts.contains_key(topic) {
+            create_topics_with(
+                config,
+                &[(topic.as_str(), partitions)],
+                &[
+                    ("cleanup.policy", "compact"),
+                    ("max.message.bytes", MAX_RECORD_BYTES),
+                ],
+            )?;
+            counts.insert(topic.clone(), partitions);
+        }
+    }
+    Ok(())
 }
 
 /// The topics of `topology`'s instances as the cluster has them now (see

@@ -4,7 +4,7 @@
 //! missing ones are NULL. The key column must be present and non-NULL. A value of the wrong type
 //! makes the whole event malformed: it is never half-applied.
 
-use crate::topology::Source;
+use crate::topology::{Source, SourceFormat};
 use crate::value::{parse_timestamp, timestamp_from_millis, ColumnType, Row, Value, F64};
 
 /// Why an event could not be decoded.
@@ -16,6 +16,9 @@ pub enum DecodeError {
     /// The key column is missing or NULL.
     #[error("missing key column `{0}`")]
     MissingKey(String),
+    /// A repartition topic's payload is not a row of its columns.
+    #[error("not a row of this repartition topic: {0}")]
+    NotRow(String),
     /// A column holds a value of the wrong type.
     #[error("column `{column}`: expected {expected}, found {found}")]
     WrongType {
@@ -33,6 +36,9 @@ pub enum DecodeError {
 /// The JSON is read straight into the row (no intermediate document): each field is matched
 /// to its column and decoded as the column's type; unknown fields are skipped.
 pub fn decode(source: &Source, payload: &[u8]) -> Result<Row, DecodeError> {
+    if source.format == SourceFormat::Rows {
+        return decode_row(source, payload);
+    }
     let mismatch = std::cell::RefCell::new(None);
     let seed = RowSeed {
         source,
@@ -47,6 +53,23 @@ pub fn decode(source: &Source, payload: &[u8]) -> Result<Row, DecodeError> {
                 .take()
                 .unwrap_or_else(|| DecodeError::NotJson(e.to_string()))
         })?;
+    if row[source.key].is_null() {
+        return Err(DecodeError::MissingKey(source.key_name().to_string()));
+    }
+    Ok(row)
+}
+
+/// Decodes a repartition topic's payload: the row's values in the state directory's binary
+/// encoding, as many as `source` has columns, the key not NULL.
+fn decode_row(source: &Source, payload: &[u8]) -> Result<Row, DecodeError> {
+    let row: Row = crate::state::decode(payload).map_err(|e| DecodeError::NotRow(e.to_string()))?;
+    if row.len() != source.columns.len() {
+        return Err(DecodeError::NotRow(format!(
+            "{} values for {} columns",
+            row.len(),
+            source.columns.len()
+        )));
+    }
     if row[source.key].is_null() {
         return Err(DecodeError::MissingKey(source.key_name().to_string()));
     }

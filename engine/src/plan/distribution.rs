@@ -177,8 +177,13 @@ columns = { id = "text", name = "text" }
     fn distributions(tables: &str) -> Vec<(Distribution, Option<(usize, usize)>)> {
         let t = Topology::parse("t.toml", &format!("{SOURCES}{tables}")).unwrap();
         let shapes = |s: usize| t.source_shape(s);
+        // Where the written plans' rows are, before any split into stages.
         t.tables
             .iter()
+            .map(|table| TablePlan {
+                split: None,
+                ..table.clone()
+            })
             .map(|table| (table.distribution(&shapes), table.partitioned_by(&shapes)))
             .collect()
     }

@@ -211,39 +211,6 @@ impl Plan {
             Plan::Reduce { .. } => None,
         }
     }
-
-    /// The columns of the plan's rows when it reads sources, filters, joins and projects them
-    /// on columns (`None` above a grouping or a computed column); `sources` gives a source's
-    /// columns by index.
-    pub fn columns(&self, sources: &impl Fn(usize) -> Vec<Column>) -> Option<Vec<Column>> {
-        match self {
-            Plan::Source { source, .. } => Some(sources(*source)),
-            Plan::Filter { input, .. } => input.columns(sources),
-            Plan::Join { left, right, .. } => {
-                let mut columns = left.columns(sources)?;
-                columns.extend(right.columns(sources)?);
-                Some(columns)
-            }
-            Plan::Map { input, exprs, .. } => {
-                let columns = input.columns(sources)?;
-                exprs
-                    .iter()
-                    .map(|e| match e {
-                        Expr::Column(c) => columns.get(*c).cloned(),
-                        _ => None,
-                    })
-                    .collect()
-            }
-            Plan::Reduce { .. } => None,
-        }
-    }
-
-    /// Whether the plan reads source `source`.
-    pub fn reads(&self, source: usize) -> bool {
-        let mut sources = Vec::new();
-        self.sources(&mut sources);
-        sources.contains(&source)
-    }
 }
 
 /// Where a table's rows go.
@@ -289,7 +256,7 @@ impl TablePlan {
 impl Plan {
     /// Whether `column` of the plan's rows is a source's key column (see
     /// [`TablePlan::key_never_null`]).
-    pub(crate) fn never_null(&self, column: usize, sources: &impl Fn(usize) -> SourceShape) -> bool {
+    fn never_null(&self, column: usize, sources: &impl Fn(usize) -> SourceShape) -> bool {
         let passed = |input: &Plan, expr: Option<&Expr>| matches!(expr, Some(Expr::Column(c)) if input.never_null(*c, sources));
         match self {
             Plan::Source { source, .. } => sources(*source).key == column,

@@ -3,31 +3,41 @@
 //! so that every instance computes it right over the partitions it owns.
 //!
 //! ```text
-//!   users (by id) ──► Repartition by department_id ──► topic ─► users' (by department_id)
-//!                                                                  │ co-partitioned
-//!   departments (by id) ─────────────────────────────────────────► Join ──► ...
+//!   users (by id) ──► Repartition by department_id ──► topic ──► users (by department_id)
+//!                                                                   │ co-partitioned
+//!   departments (by id) ──────────────────────────────────────────► Join
+//!                                                                   │
+//!        Reduce GROUP BY d.name, department_id (partial aggregates) ◄┘
+//!                                                                   │
+//!        Repartition by d.name ──► topic ──► Reduce GROUP BY d.name (the partials combined)
 //! ```
 //!
 //! A [`Repartition`] computes its input where the input's partitions are, and writes each row
-//! to its topic keyed by the input's key and placed in the partition of its `by` column's
-//! value (a changed row whose `by` moved is deleted from the old partition). The topic is one
-//! more source of the topology, read as upserts by the instances that own its partitions, with
-//! its own tasks, changelog and standbys. Rows go in the epoch's changelog transaction, so a
-//! crash neither loses nor doubles them: the records of an epoch whose state is not committed
-//! are aborted, and applying the same upsert twice changes nothing. A partition's rows are
-//! written only by its owner: when a partition moves, its rows leave the old owner's dataflow
-//! without being deleted from the topic, and the new owner derives the same rows again from
-//! the same state (they change nothing downstream).
+//! to its topic as an upsert keyed by the input's key and placed in the partition of its `by`
+//! column's value (a changed row whose `by` moved is deleted from the old partition). The
+//! topic is one more source of the topology (its rows in the state directory's binary
+//! encoding), read by the instances that own its partitions, with its own tasks, changelog and
+//! standbys. A GROUP BY is computed in two phases: partial aggregates per group and
+//! partitioning value, where the rows are, then their combination per group (`count` and
+//! `sum` add up, `min` and `max` take the least and the greatest; `avg` is not split).
 //!
-//! That last point holds when the input depends on its partitions' state alone: an input that
-//! reads a global source could be derived differently by the next owner (the global source
-//! moved on meanwhile), leaving rows nobody deletes. Such tables, and groupings or joins on an
-//! expression rather than a column, are not split: they stay [`Distribution::Partial`].
+//! Records go in the epoch's changelog transaction, so a crash neither loses nor doubles
+//! them: the records of an epoch whose state is not committed are aborted, and applying the
+//! same upsert twice changes nothing. A key has one writer: its row's partition upstream is
+//! told by the key itself (so a row never moves between upstream partitions), and only that
+//! partition's owner writes it. When a partition moves, its rows leave the old owner's
+//! dataflow without being deleted from the topic, and the new owner derives the same rows
+//! again from the same state.
+//!
+//! That holds when the input depends on its partitions' state alone: an input that reads a
+//! global source could be derived differently by the next owner (the global source moved on
+//! meanwhile), leaving rows nobody deletes. Such tables, joins keyed by a column that is not
+//! the join's, and groupings with `avg` are not split: they stay [`Distribution::Partial`].
 
-use super::{Distribution, Expr, Plan, SourceShape};
+use super::{AggFunc, Aggregate, Distribution, Expr, Plan};
 use crate::partition::murmur2;
-use crate::topology::Source;
-use crate::value::Column;
+use crate::topology::{Source, SourceFormat};
+use crate::value::{Column, ColumnType};
 
 /// One stage boundary: `input`'s rows written to a topic and read back as source `source`.
 #[derive(Clone, Debug, PartialEq)]
@@ -36,20 +46,24 @@ pub struct Repartition {
     pub name: String,
     /// What it writes, computed where its sources' partitions are.
     pub input: Plan,
-    /// The columns of the input's rows.
-    pub columns: Vec<Column>,
-    /// The input's key column: one record per key.
-    pub key: usize,
+    /// The input's key columns: one record per key.
+    pub key: Vec<usize>,
     /// The column of the input whose value places a row.
     pub by: usize,
-    /// Where the input's rows are (the partition each row comes from).
+    /// Where the input's rows come from: the source and the column of the input whose value
+    /// tells the partition (a key column).
     pub from: (usize, usize),
-    /// The source (by position) reading the topic back.
+    /// The source (by position) reading the topic back: the input's columns, then
+    /// [`KEY_COLUMN`].
     pub source: usize,
     /// The source whose topic's partition count the topic gets (the other side of the join
     /// it feeds, or the input's own source).
     pub partitions_like: usize,
 }
+
+/// The last column of a repartition source: the record's key (the hexadecimal of the input
+/// key's encoding).
+pub const KEY_COLUMN: &str = "__key";
 
 /// Splits one table's plan at the exchanges that need rows of several partitions.
 pub(crate) struct Splitter<'a> {
@@ -80,68 +94,48 @@ impl<'a> Splitter<'a> {
         }
     }
 
-    fn shape(&self, s: usize) -> SourceShape {
-        self.source(s).shape()
+    /// Where `plan`'s rows are, the repartition sources made so far included.
+    pub(crate) fn distribution(&self, plan: &Plan) -> Distribution {
+        plan.distribution(&|s| self.source(s).shape())
     }
 
-    /// `plan` with repartitions where it needs them, and where its rows then are.
-    pub(crate) fn split(&mut self, plan: &Plan) -> (Plan, Distribution) {
+    /// `plan` with repartitions where it needs them.
+    pub(crate) fn split(&mut self, plan: &Plan) -> Plan {
         match plan {
-            Plan::Source { .. } => (plan.clone(), self.distribution(plan)),
+            Plan::Source { .. } => plan.clone(),
             Plan::Filter {
                 input,
                 predicate,
                 sql,
-            } => {
-                let (input, d) = self.split(input);
-                let plan = Plan::Filter {
-                    input: Box::new(input),
-                    predicate: predicate.clone(),
-                    sql: sql.clone(),
-                };
-                (plan, d)
-            }
-            Plan::Map { input, exprs, sql } => {
-                let (input, _) = self.split(input);
-                let plan = Plan::Map {
-                    input: Box::new(input),
-                    exprs: exprs.clone(),
-                    sql: sql.clone(),
-                };
-                let d = self.distribution(&plan);
-                (plan, d)
-            }
+            } => Plan::Filter {
+                input: Box::new(self.split(input)),
+                predicate: predicate.clone(),
+                sql: sql.clone(),
+            },
+            Plan::Map { input, exprs, sql } => Plan::Map {
+                input: Box::new(self.split(input)),
+                exprs: exprs.clone(),
+                sql: sql.clone(),
+            },
             Plan::Reduce {
                 input,
                 group,
                 aggregates,
                 sql,
             } => {
-                let (mut input, d) = self.split(input);
-                let aligned = match d {
-                    Distribution::Everywhere => true,
-                    Distribution::Partitioned { column, .. } => {
-                        group.contains(&Expr::Column(column))
-                    }
-                    Distribution::Partial => false,
-                };
-                if !aligned {
-                    let by = group.iter().find_map(|g| match g {
-                        Expr::Column(c) => Some(*c),
-                        _ => None,
-                    });
-                    if let (Some(by), Distribution::Partitioned { source, .. }) = (by, d) {
-                        input = self.repartition(input, by, source).unwrap_or_else(|i| i);
-                    }
-                }
+                let input = self.split(input);
                 let plan = Plan::Reduce {
-                    input: Box::new(input),
+                    input: Box::new(input.clone()),
                     group: group.clone(),
                     aggregates: aggregates.clone(),
                     sql: sql.clone(),
                 };
-                let d = self.distribution(&plan);
-                (plan, d)
+                match self.distribution(&plan) {
+                    Distribution::Partial => self
+                        .two_phases(input, group, aggregates, sql)
+                        .unwrap_or(plan),
+                    _ => plan,
+                }
             }
             Plan::Join {
                 left,
@@ -152,8 +146,7 @@ impl<'a> Splitter<'a> {
                 right_arity,
                 sql,
             } => {
-                let (mut left, dl) = self.split(left);
-                let (mut right, dr) = self.split(right);
+                let (mut left, mut right) = (self.split(left), self.split(right));
                 let join = |left: Plan, right: Plan| Plan::Join {
                     left: Box::new(left),
                     right: Box::new(right),
@@ -163,19 +156,25 @@ impl<'a> Splitter<'a> {
                     right_arity: *right_arity,
                     sql: sql.clone(),
                 };
-                let d = self.distribution(&join(left.clone(), right.clone()));
-                if d != Distribution::Partial {
-                    return (join(left, right), d);
-                }
+                let (dl, dr) = (self.distribution(&left), self.distribution(&right));
+                let partial = self.distribution(&join(left.clone(), right.clone()))
+                    == Distribution::Partial;
                 let on = left_keys.iter().zip(right_keys).find_map(|pair| match pair {
                     (Expr::Column(l), Expr::Column(r)) => Some((*l, *r)),
                     _ => None,
                 });
                 if let (
+                    true,
                     Some((l, r)),
-                    Distribution::Partitioned { source: ls, column: lc },
-                    Distribution::Partitioned { source: rs, column: rc },
-                ) = (on, dl, dr)
+                    Distribution::Partitioned {
+                        source: ls,
+                        column: lc,
+                    },
+                    Distribution::Partitioned {
+                        source: rs,
+                        column: rc,
+                    },
+                ) = (partial, on, dl, dr)
                 {
                     if rc != r {
                         let like = if lc == l { ls } else { rs };
@@ -185,115 +184,134 @@ impl<'a> Splitter<'a> {
                         left = self.repartition(left, l, rs).unwrap_or_else(|p| p);
                     }
                 }
-                let plan = join(left, right);
-                let d = self.distribution(&plan);
-                (plan, d)
+                join(left, right)
             }
         }
     }
 
-    /// `plan` (a table's, split) placed by its output column `key`: when its rows come one
-    /// from each partition but are placed by another column, the input of its SELECT list is
-    /// repartitioned by the column that becomes `key`. Where its rows then are.
-    pub(crate) fn place_by(&mut self, plan: Plan, key: usize) -> (Plan, Distribution) {
-        let d = self.distribution(&plan);
-        if matches!(d, Distribution::Partitioned { column, .. } if column == key) {
-            return (plan, d);
+    /// A GROUP BY whose input is partitioned by a column it does not group by, in two
+    /// phases: partial aggregates per group and partitioning value where the rows are, then,
+    /// repartitioned by the first group value, their combination per group. `None` when it
+    /// cannot be split (an `avg`, an input not partitioned, or the repartition refused).
+    fn two_phases(
+        &mut self,
+        input: Plan,
+        group: &[Expr],
+        aggregates: &[Aggregate],
+        sql: &str,
+    ) -> Option<Plan> {
+        let Distribution::Partitioned { source, column } = self.distribution(&input) else {
+            return None;
+        };
+        if aggregates.iter().any(|a| a.func == AggFunc::Avg) {
+            return None;
         }
-        let Plan::Map { input, exprs, sql } = plan else {
-            return (plan, d);
-        };
-        let (Some(Expr::Column(by)), Distribution::Partitioned { source, .. }) =
-            (exprs.get(key), self.distribution(&input))
-        else {
-            let plan = Plan::Map { input, exprs, sql };
-            return (plan, d);
-        };
-        let input = self.repartition(*input, *by, source).unwrap_or_else(|i| i);
-        let plan = Plan::Map {
+        let groups = group.len();
+        let mut partial_group = group.to_vec();
+        partial_group.push(Expr::Column(column));
+        let partial = Plan::Reduce {
             input: Box::new(input),
-            exprs,
-            sql,
+            group: partial_group,
+            aggregates: aggregates.to_vec(),
+            sql: format!("{sql}, per partition"),
         };
-        let d = self.distribution(&plan);
-        (plan, d)
+        let key: Vec<usize> = (0..=groups).collect();
+        let combined = self.make(partial, key, 0, source).ok()?;
+        let combine = |i: usize, a: &Aggregate| Aggregate {
+            func: match a.func {
+                AggFunc::CountStar | AggFunc::Count | AggFunc::Sum => AggFunc::Sum,
+                other => other,
+            },
+            arg: Expr::Column(groups + 1 + i),
+        };
+        Some(Plan::Reduce {
+            input: Box::new(combined),
+            group: (0..groups).map(Expr::Column).collect(),
+            aggregates: aggregates
+                .iter()
+                .enumerate()
+                .map(|(i, a)| combine(i, a))
+                .collect(),
+            sql: format!("{sql}, the partitions' partial aggregates combined"),
+        })
     }
 
     /// `input` repartitioned by its column `by` into a topic with as many partitions as
     /// source `like`'s; `Err(input)` when it cannot be (see the module's documentation).
     fn repartition(&mut self, input: Plan, by: usize, like: usize) -> Result<Plan, Plan> {
-        let columns = input.columns(&|s| self.source(s).columns.clone());
-        let key = input.key(&|s| self.shape(s));
-        let (Some(columns), Some(key)) = (columns, key) else {
+        let Some(key) = input.key(&|s| self.source(s).shape()) else {
             return Err(input);
         };
-        self.make(input, (columns, key), by, like)
+        let arity = input.arity(&|s| self.source(s).shape());
+        let read = self.make(input, key, by, like)?;
+        Ok(Plan::Map {
+            input: Box::new(read),
+            exprs: (0..arity).map(Expr::Column).collect(),
+            sql: format!("the {arity} columns of the repartitioned rows"),
+        })
     }
 
+    /// Makes the repartition of `input` (keyed by `key`, placed by column `by`, with as many
+    /// partitions as source `like`'s) and returns the plan reading it back (the input's
+    /// columns, then [`KEY_COLUMN`]); `Err(input)` when its rows may move between upstream
+    /// partitions or it reads a global source.
     fn make(
         &mut self,
         input: Plan,
-        (columns, key): (Vec<Column>, Vec<usize>),
+        key: Vec<usize>,
         by: usize,
         like: usize,
     ) -> Result<Plan, Plan> {
         let mut read = Vec::new();
         input.sources(&mut read);
-        let Distribution::Partitioned {
-            source: from,
-            column: from_column,
-        } = self.distribution(&input)
-        else {
-            return Err(input);
+        let from = match self.distribution(&input) {
+            Distribution::Partitioned { source, column } if key.contains(&column) => {
+                (source, column)
+            }
+            _ => return Err(input),
         };
         if read.iter().any(|s| self.source(*s).global) {
             return Err(input);
         }
-        // The topic's rows are upserts by the input's key: one column, never NULL.
-        let [row_key] = key.as_slice() else {
-            return Err(input);
-        };
-        if !input.never_null(*row_key, &|s| self.shape(s)) {
-            return Err(input);
-        }
         let (topology, table) = self.names;
-        let name = format!("{table}.r{}", self.made.len());
+        let n = self.made.len();
+        let name = format!("{table}.r{n}");
         let hash = murmur2(format!("{input:?} KEY {key:?} BY {by}").as_bytes()) as u32;
-        let source = self.sources.len() + self.made.len();
+        let source = self.sources.len() + n;
+        let arity = input.arity(&|s| self.source(s).shape());
+        let mut columns: Vec<Column> = (0..arity)
+            .map(|i| Column {
+                name: format!("c{i}"),
+                // Read back in binary: the values keep their types whatever is declared.
+                ty: ColumnType::Text,
+            })
+            .collect();
+        columns.push(Column {
+            name: KEY_COLUMN.into(),
+            ty: ColumnType::Text,
+        });
         let reader = Source {
             name: name.clone(),
-            topic: format!("{topology}.{table}.r{}.{hash:08x}{TOPIC_SUFFIX}", self.made.len()),
-            columns: columns
-                .iter()
-                .enumerate()
-                .map(|(i, c)| Column {
-                    name: format!("c{i}"),
-                    ty: c.ty,
-                })
-                .collect(),
-            key: *row_key,
+            topic: format!("{topology}.{table}.r{n}.{hash:08x}{TOPIC_SUFFIX}"),
+            columns,
+            key: arity,
             partition_column: by,
             late: None,
             tombstone_retention: Source::DEFAULT_TOMBSTONE_RETENTION,
             global: false,
+            format: SourceFormat::Rows,
         };
         let repartition = Repartition {
             name: name.clone(),
             input,
-            columns,
-            key: *row_key,
+            key,
             by,
-            from: (from, from_column),
+            from,
             source,
             partitions_like: like,
         };
         self.made.push((repartition, reader));
         Ok(Plan::Source { source, name })
-    }
-
-    /// Where `plan`'s rows are, the repartition sources made so far included.
-    fn distribution(&self, plan: &Plan) -> Distribution {
-        plan.distribution(&|s| self.shape(s))
     }
 }
 
@@ -306,13 +324,22 @@ mod tests {
     use crate::topology::Topology;
 
     #[test]
-    fn user_directory_is_split() {
+    fn a_group_by_after_a_join_on_a_foreign_key_is_split() {
         let text = include_str!("../../../topologies/user-directory.toml");
         let t = Topology::parse("user-directory.toml", text).unwrap();
-        for table in &t.tables {
-            eprintln!("{} {:?} {:?}", table.name, table.split.is_some(), t.distribution(table));
-        }
-        eprintln!("{}", t.explain());
-        assert!(t.tables.iter().all(|table| t.distribution(table) != Distribution::Partial));
+        let per_department = t.table("users_per_department").unwrap();
+        assert!(per_department.split.is_some());
+        assert_eq!(
+            t.partitioned_by(per_department),
+            Some((t.sources.len() - 1, 0)),
+            "placed by the department's name in the last repartition topic:\n{}",
+            t.explain()
+        );
+        let names: Vec<&str> = t.repartitions.iter().map(|r| r.name.as_str()).collect();
+        assert_eq!(names, ["users_per_department.r0", "users_per_department.r1"]);
+        // A LEFT JOIN keyed by the user, partitioned by the department: its rows would move.
+        let directory = t.table("user_directory").unwrap();
+        assert_eq!(directory.split, None);
+        assert_eq!(t.distribution(directory), Distribution::Partial);
     }
 }

@@ -1,5 +1,6 @@
 //! An epoch's deltas of a table as row changes: the upserts and deletes that both writers
-//! take, RocksDB for internal tables ([`write_rows`]) and the outbox for external ones.
+//! take, RocksDB for internal tables ([`write_rows`]) and the outbox for external ones; and
+//! the deltas of a repartition as the records of its topic ([`repartition_records`]).
 
 use std::collections::hash_map::Entry;
 use std::collections::HashMap;
@@ -7,12 +8,14 @@ use std::collections::HashMap;
 use differential_dataflow::consolidation::consolidate;
 use tracing::warn;
 
-use crate::changelog::logged_table;
+use super::shared::Shared;
+use crate::changelog::{logged_table, ChangelogRecord};
 use crate::partition::partition_for_key;
+use crate::plan::repartition::Repartition;
 use crate::plan::TablePlan;
 use crate::sink::TableChanges;
 use crate::state::key::{encode_key, encode_row_key};
-use crate::state::Commit;
+use crate::state::{encode, Commit};
 use crate::value::{key_text, row_to_json_bytes, Row, Value};
 
 /// Consolidates an epoch's `deltas` of `table` into its changes: at most one new row per key,
@@ -100,4 +103,81 @@ pub(crate) fn write_rows(
         }
         commit.delete_row(&table.name, encoded);
     }
+}
+
+/// The records of an epoch's `deltas` of `repartition` (see [`crate::plan::repartition`]):
+/// each changed key's row upserted in the partition of its `by` value, and deleted from the
+/// partition it was in when that changed or the row went. Rows of upstream partitions this
+/// instance does not own (any more) are left out: a revoked partition's rows stay in the
+/// topic for its next owner.
+pub(crate) fn repartition_records(
+    shared: &Shared,
+    repartition: &Repartition,
+    mut deltas: Vec<(Row, isize)>,
+) -> Vec<ChangelogRecord> {
+    consolidate(&mut deltas);
+    let sources = &shared.topology.sources;
+    let (from, from_column) = repartition.from;
+    let (from_topic, topic) = (&sources[from].topic, &sources[repartition.source].topic);
+    let (Some(from_count), Some(count)) = (
+        shared.status.partition_count(from_topic),
+        shared.status.partition_count(topic),
+    ) else {
+        warn!(repartition = %repartition.name, %topic, "partition counts unknown: the epoch's repartition records wait for none");
+        return Vec::new();
+    };
+    let partition =
+        |value: &Value, count: u32| partition_for_key(value.to_key_text().as_bytes(), count);
+    let mut changes: HashMap<Vec<Value>, (Option<Row>, Option<Row>)> = HashMap::new();
+    for (row, diff) in deltas {
+        let key: Vec<Value> = repartition.key.iter().map(|k| row[*k].clone()).collect();
+        let change = changes.entry(key).or_default();
+        match diff > 0 {
+            true => change.1 = Some(row),
+            false => change.0 = Some(row),
+        }
+    }
+    let mut records = Vec::with_capacity(changes.len());
+    for (key, (old, new)) in changes {
+        let Some(any) = new.as_ref().or(old.as_ref()) else {
+            continue;
+        };
+        if !shared
+            .status
+            .owns(from_topic, partition(&any[from_column], from_count))
+        {
+            continue;
+        }
+        let key = hex(&encode_key(&key));
+        let place = |row: &Row| partition(&row[repartition.by], count);
+        let moved = match (&old, &new) {
+            (Some(old), Some(new)) => place(old) != place(new),
+            (Some(_), None) => true,
+            _ => false,
+        };
+        if let (true, Some(old)) = (moved, &old) {
+            records.push(ChangelogRecord::repartitioned(
+                repartition.source,
+                place(old),
+                &key,
+                None,
+            ));
+        }
+        if let Some(mut row) = new {
+            let at = place(&row);
+            row.push(Value::Text(key.as_str().into()));
+            records.push(ChangelogRecord::repartitioned(
+                repartition.source,
+                at,
+                &key,
+                Some(encode(&row)),
+            ));
+        }
+    }
+    records
+}
+
+/// `bytes` in lower-case hexadecimal.
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }

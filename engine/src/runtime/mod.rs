@@ -71,7 +71,9 @@ pub struct Runtime {
 impl Runtime {
     /// Starts `config.workers` workers running `topology` over `store`; the changes of
     /// external tables go to `sink` (required when the topology has any); with `changelog`,
-    /// every epoch's changes of the tasks' state are logged there before they commit.
+    /// every epoch's changes of the tasks' state (and its repartition records) are written
+    /// there before they commit, and without, the tables are computed unsplit
+    /// ([`Topology::unsplit`]).
     pub fn start(
         topology: Arc<Topology>,
         store: StateStore,
@@ -81,6 +83,12 @@ impl Runtime {
         changelog: Option<Arc<dyn ChangelogWriter>>,
         config: RuntimeConfig,
     ) -> Result<Runtime, RuntimeError> {
+        // Repartition records are written with the changelogs, in their transactions: without
+        // a changelog, tables are computed unsplit (right with one instance).
+        let topology = match (&changelog, topology.repartitions.is_empty()) {
+            (None, false) => Arc::new(topology.unsplit()),
+            _ => topology,
+        };
         rebuild_changed_sources(&topology, &store)?;
         // A global source's state comes from its topic, on every instance: it is not logged.
         let store = store.logging(

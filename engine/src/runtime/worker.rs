@@ -10,12 +10,13 @@ use timely::dataflow::operators::{Exchange, Inspect, Probe};
 use timely::dataflow::ProbeHandle;
 use tracing::{debug, info};
 
-use super::changes::{table_changes, write_rows, RowPlacement};
+use super::changes::{repartition_records, table_changes, write_rows, RowPlacement};
 use super::inbox::InboxReceiver;
 use super::shared::Shared;
 use super::tasks::Tasks;
 use super::{commit, epoch};
 use crate::dataflow::{Epoch, Renderer};
+use crate::plan::Plan;
 use crate::state::Commit;
 use crate::topology::Topology;
 use crate::value::{Row, Value};
@@ -27,11 +28,12 @@ const PARK: Duration = Duration::from_millis(10);
 type Capture = Rc<RefCell<Vec<(Row, isize)>>>;
 
 /// The worker's dataflow: one input per source, the probe of every table, and what each
-/// table's deltas are captured into.
+/// table's and each repartition's deltas are captured into.
 struct Dataflow {
     inputs: Vec<InputSession<Epoch, Row, isize>>,
     probe: ProbeHandle<Epoch>,
     captures: Vec<Capture>,
+    repartitions: Vec<Capture>,
 }
 
 /// Runs the worker until the runtime stops.
@@ -59,6 +61,7 @@ pub(super) fn run(worker: &mut timely::worker::Worker, shared: &Shared, inbox: I
         worker.step_or_park_while(Some(PARK), || probe.less_than(&epoch));
         let t_dataflow = started.elapsed();
         write_tables(shared, &dataflow.captures, &mut commit);
+        write_repartitions(shared, &dataflow.repartitions, &mut commit);
         commit::contribute(shared, commit);
         let t_tables = started.elapsed();
         let stopping = commit::finish(shared, epoch);
@@ -97,14 +100,12 @@ fn build(worker: &mut timely::worker::Worker, topology: &Topology) -> Dataflow {
             collections.push(collection);
         }
         let probe = ProbeHandle::new();
-        let mut captures: Vec<Capture> = Vec::new();
         let mut renderer = Renderer::new(collections);
-        for table in &topology.tables {
-            let key = table.key.clone();
+        let mut capture = |plan: &Plan, name: &str, key: Vec<usize>| -> Capture {
             let capture: Capture = Rc::new(RefCell::new(Vec::new()));
             let sink = capture.clone();
             renderer
-                .render(&table.plan, &table.name)
+                .render(plan, name)
                 .inner
                 .exchange(move |(row, _, _): &(Row, Epoch, isize)| key_hash(row, &key))
                 .probe_with(&probe)
@@ -114,12 +115,23 @@ fn build(worker: &mut timely::worker::Worker, topology: &Topology) -> Dataflow {
                             .extend(data.iter().map(|(r, _, d)| (r.clone(), *d)));
                     }
                 });
-            captures.push(capture);
-        }
+            capture
+        };
+        let captures = topology
+            .tables
+            .iter()
+            .map(|t| capture(t.computed(), &t.name, t.key.clone()))
+            .collect();
+        let repartitions = topology
+            .repartitions
+            .iter()
+            .map(|r| capture(&r.input, &r.name, r.key.clone()))
+            .collect();
         Dataflow {
             inputs,
             probe,
             captures,
+            repartitions,
         }
     })
 }
@@ -149,6 +161,18 @@ fn row_placement(shared: &Shared, table: &crate::plan::TablePlan) -> Option<RowP
         partitions,
         key_part,
     })
+}
+
+/// Adds the epoch's repartition records (see [`repartition_records`]) to `commit`.
+fn write_repartitions(shared: &Shared, captures: &[Capture], commit: &mut Commit) {
+    for (repartition, capture) in shared.topology.repartitions.iter().zip(captures) {
+        let deltas = std::mem::take(&mut *capture.borrow_mut());
+        if !deltas.is_empty() {
+            for record in repartition_records(shared, repartition, deltas) {
+                commit.produce(record);
+            }
+        }
+    }
 }
 
 /// Turns the epoch's captured deltas into table changes: internal tables' rows go into

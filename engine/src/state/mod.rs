@@ -871,6 +871,14 @@ impl Commit {
         }
     }
 
+    /// Adds a record of a repartition topic to the epoch's transaction, when the store logs
+    /// (a topology with repartitions runs with changelogs).
+    pub fn produce(&mut self, record: ChangelogRecord) {
+        if let Some(log) = self.changelog.as_mut() {
+            log.push(record);
+        }
+    }
+
     /// Records the last applied offset of a partition.
     pub fn put_offset(&mut self, topic: &str, partition: u32, offset: i64) {
         self.push(

@@ -368,6 +368,7 @@ pub(super) fn validate_command(
             late: None,
             tombstone_retention: Source::DEFAULT_TOMBSTONE_RETENTION,
             global: false,
+            format: crate::topology::SourceFormat::Json,
         },
         authorize,
         validate,

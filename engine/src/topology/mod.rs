@@ -33,8 +33,8 @@ use toml::Spanned;
 
 pub use diagnostic::{Diagnostic, Position, TopologyError};
 
-use crate::plan::sql::{plan_query, SourceSchema};
 use crate::plan::repartition::{Repartition, Splitter};
+use crate::plan::sql::{plan_query, SourceSchema};
 use crate::plan::{Distribution, PostgresTable, SourceShape, TablePlan, TableStore};
 use crate::value::{Column, ColumnType};
 use command::CommandSpec;
@@ -76,10 +76,22 @@ pub struct Source {
     /// bringing it back) is kept after its delete (`late.tombstone_retention`, default 7
     /// days).
     pub tombstone_retention: Duration,
+    /// How its records' payloads are encoded.
+    pub format: SourceFormat,
     /// Whether every instance reads every partition of the topic (`global = true`, Kafka
     /// Streams' GlobalKTable): joins with the source need no partition of the other side to
     /// match, and its state is rebuilt from the topic itself, with no changelog.
     pub global: bool,
+}
+
+/// How a source's record payloads are encoded.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum SourceFormat {
+    /// A JSON object per record (the format of declared sources).
+    #[default]
+    Json,
+    /// The row's values in the state directory's binary encoding (repartition topics).
+    Rows,
 }
 
 impl Source {
@@ -377,6 +389,20 @@ impl Topology {
         }
     }
 
+    /// This topology computed without repartitions: every table's plan as written, over the
+    /// declared sources only (right with one instance; for instances without changelogs,
+    /// which repartition records are written with).
+    pub fn unsplit(&self) -> Topology {
+        let declared = self.sources.len() - self.repartitions.len();
+        let mut topology = self.clone();
+        topology.sources.truncate(declared);
+        topology.repartitions.clear();
+        for table in &mut topology.tables {
+            table.split = None;
+        }
+        topology
+    }
+
     /// Whether any table is kept outside the instance (in PostgreSQL).
     pub fn has_external_tables(&self) -> bool {
         self.tables.iter().any(|t| t.postgres().is_some())
@@ -406,7 +432,7 @@ impl Topology {
                 table.columns[table.key[part]].name, self.sources[source].topic
             ),
             (Distribution::Partitioned { .. } | Distribution::Partial, _) => {
-                "partial: computed from the rows of every partition (or not placed by its key), so with several instances only one holding them all answers (repartitioning is not built yet)".into()
+                "partial: computed from the rows of every partition, and not split into stages (a join keyed by another column than the join's, an avg, a stage that would read a global source), so with several instances only one holding every partition answers".into()
             }
         }
     }
@@ -456,12 +482,13 @@ impl Topology {
             t.computed().explain(&mut out, 1);
         }
         for r in &self.repartitions {
+            let key: Vec<String> = r.key.iter().map(|k| format!("c{k}")).collect();
             out.push_str(&format!(
-                "repartition {} -> topic {} (one record per {}, in the partition of {}; as many partitions as {})\n",
+                "repartition {} -> topic {} (one record per {}, in the partition of c{}; as many partitions as {})\n",
                 r.name,
                 self.sources[r.source].topic,
-                r.columns[r.key].name,
-                r.columns[r.by].name,
+                key.join(", "),
+                r.by,
                 self.sources[r.partitions_like].topic
             ));
             r.input.explain(&mut out, 1);
@@ -771,23 +798,24 @@ fn validate_source(r: &mut Reporter<'_>, name: &str, raw: &Spanned<RawSource>) -
         late,
         tombstone_retention,
         global: s.global,
+        format: SourceFormat::Json,
     })
 }
 
 /// Splits the plans of `tables` that need the rows of several partitions with repartitions
 /// (see [`crate::plan::repartition`]), adding the sources that read them back to `sources`.
 /// A table that cannot be split keeps its plan (it stays partial).
-fn split_tables(name: &str, sources: &mut Vec<Source>, tables: &mut [TablePlan]) -> Vec<Repartition> {
+fn split_tables(
+    name: &str,
+    sources: &mut Vec<Source>,
+    tables: &mut [TablePlan],
+) -> Vec<Repartition> {
     let mut repartitions = Vec::new();
     for table in tables.iter_mut() {
         let mut splitter = Splitter::new((name, &table.name), sources);
-        let (plan, distribution) = splitter.split(&table.plan);
-        let routable = |d: Distribution| matches!(d, Distribution::Partitioned { column, .. } if table.key.contains(&column));
-        let (plan, distribution) = match routable(distribution) {
-            true => (plan, distribution),
-            false => splitter.place_by(plan, table.key[0]),
-        };
-        let routable = routable(distribution);
+        let plan = splitter.split(&table.plan);
+        let routable = matches!(splitter.distribution(&plan),
+            Distribution::Partitioned { column, .. } if table.key.contains(&column));
         let made = std::mem::take(&mut splitter.made);
         if routable && !made.is_empty() {
             table.split = Some(plan);
@@ -881,7 +909,11 @@ GROUP BY d.name"""
     #[test]
     fn plans_a_good_topology() {
         let t = Topology::parse("good.toml", GOOD).expect("valid");
-        assert_eq!(t.sources.len(), 2);
+        assert_eq!(
+            t.sources.len() - t.repartitions.len(),
+            2,
+            "two declared sources, then the repartitions' readers"
+        );
         let contacts = t.table("contacts").unwrap();
         assert_eq!(contacts.key, vec![0]);
         let per = t.table("per_dept").unwrap();
