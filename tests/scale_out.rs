@@ -108,6 +108,7 @@ fn wait_for_every_table(
 ) {
     let expected = expected_tables(&t.topology, events);
     for table in tables {
+        assert!(!expected[*table].is_empty(), "{table} has rows");
         let mut keys: BTreeSet<String> = expected[*table].keys().cloned().collect();
         keys.insert("never".into());
         wait_for_every_row(
