@@ -178,6 +178,8 @@ pub struct EngineBuilder {
     advertise: Option<String>,
     /// Set by [`EngineBuilder::changelog`]`(false)`.
     no_changelog: bool,
+    /// Set by [`EngineBuilder::repartition`]`(false)`.
+    unsplit: bool,
     standby_replicas: usize,
     group_protocol: GroupProtocol,
 }
@@ -288,6 +290,16 @@ impl EngineBuilder {
         self
     }
 
+    /// Whether tables that need the rows of several partitions are split into stages joined
+    /// by repartition topics (default: yes, with changelogs), which makes them right with
+    /// several instances. Without, they are computed in one stage: right with one instance
+    /// only (an instance that does not hold every partition answers 503 for them), without the
+    /// repartition topics' hops.
+    pub fn repartition(mut self, on: bool) -> Self {
+        self.unsplit = !on;
+        self
+    }
+
     /// How many other instances keep a warm copy of each partition's state (default 0), fed
     /// from its changelog: each stands by where range assignment would move the partition if
     /// its owner left, so that a partition taken over restores only what its standby had not
@@ -317,7 +329,7 @@ impl EngineBuilder {
             TopologySource::Text(text) => Topology::parse("<string>", &text)?,
         };
         // Repartition records are written with the changelogs, in their transactions.
-        let topology = match self.no_changelog {
+        let topology = match self.no_changelog || self.unsplit {
             true => Arc::new(topology.unsplit()),
             false => Arc::new(topology),
         };

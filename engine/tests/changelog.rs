@@ -98,8 +98,7 @@ fn start(store: &StateStore, changelog: Option<Arc<MemoryChangelog>>) -> Runtime
     )
     .unwrap();
     runtime.broadcast(|| Message::Assign {
-        source: 0,
-        partitions: vec![0],
+        tasks: vec![(0, vec![0])],
     });
     runtime
 }

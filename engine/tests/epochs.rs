@@ -51,8 +51,7 @@ fn start(dir: &std::path::Path) -> (Runtime, StateStore) {
     )
     .unwrap();
     runtime.broadcast(|| Message::Assign {
-        source: 0,
-        partitions: vec![0],
+        tasks: vec![(0, vec![0])],
     });
     (runtime, store)
 }
@@ -206,8 +205,7 @@ fn a_revocation_is_not_held_by_a_growing_epoch() {
     });
     let (done, acks) = crossbeam_channel::unbounded();
     runtime.broadcast(|| Message::Revoke {
-        source: 0,
-        partitions: vec![0],
+        tasks: vec![(0, vec![0])],
         retract: true,
         done: done.clone(),
     });

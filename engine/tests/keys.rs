@@ -61,8 +61,7 @@ fn start(topology: &Arc<Topology>, store: &StateStore) -> Runtime {
     )
     .unwrap();
     runtime.broadcast(|| Message::Assign {
-        source: 0,
-        partitions: vec![0],
+        tasks: vec![(0, vec![0])],
     });
     runtime
 }

@@ -117,8 +117,7 @@ fn start(text: &str, dir: &std::path::Path) -> (Arc<Topology>, Runtime, StateSto
     runtime.report_partition_counts(topology.sources.iter().map(|s| (s.topic.clone(), 1)));
     for source in 0..topology.sources.len() {
         runtime.broadcast(|| Message::Assign {
-            source,
-            partitions: vec![0],
+            tasks: vec![(source, vec![0])],
         });
     }
     (topology, runtime, store)

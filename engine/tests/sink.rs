@@ -211,8 +211,7 @@ fn feed(runtime: &Runtime, events: &[(usize, u32, String, String)], first_offset
 fn assign(runtime: &Runtime) {
     for source in 0..2 {
         runtime.broadcast(|| Message::Assign {
-            source,
-            partitions: (0..PARTITIONS).collect(),
+            tasks: vec![(source, (0..PARTITIONS).collect())],
         });
     }
 }

@@ -68,8 +68,7 @@ fn a_deleted_key_is_forgotten_after_its_retention() {
     )
     .unwrap();
     runtime.broadcast(|| Message::Assign {
-        source: 0,
-        partitions: vec![0],
+        tasks: vec![(0, vec![0])],
     });
     let row = || store.row("names", &[Value::Text("k1".into())]).unwrap();
     let entries = || {

@@ -249,23 +249,25 @@ impl ConsumerContext for SourceContext {
     fn pre_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Rebalance::Revoke(tpl) = rebalance {
             let (tx, rx) = crossbeam_channel::unbounded();
-            let mut expected = 0;
             let mut revoked = Vec::new();
-            for (source, partitions) in self.by_source(tpl) {
-                info!(topic = ?tpl.elements().first().map(|e| e.topic().to_string()), ?partitions, "partitions revoked");
+            let tasks: Vec<(usize, Vec<u32>)> = self.by_source(tpl).into_iter().collect();
+            for (source, partitions) in &tasks {
+                info!(source, ?partitions, "partitions revoked");
                 self.metrics
                     .partitions_revoked
                     .inc_by(partitions.len() as u64);
-                self.forget_waiting(source, &partitions);
-                revoked.extend(partitions.iter().map(|p| (source, *p)));
+                self.forget_waiting(*source, partitions);
+                revoked.extend(partitions.iter().map(|p| (*source, *p)));
+            }
+            let mut expected = 0;
+            if !tasks.is_empty() {
                 let leaving = self.stop.load(Ordering::SeqCst) || self.runtime.stopped();
                 self.runtime.broadcast(|| Message::Revoke {
-                    source,
-                    partitions: partitions.clone(),
+                    tasks: tasks.clone(),
                     retract: !leaving,
                     done: tx.clone(),
                 });
-                expected += self.runtime.workers();
+                expected = self.runtime.workers();
             }
             // A stopped runtime's workers confirm nothing: what they did not commit is read
             // again by the partitions' next owner.
@@ -327,14 +329,16 @@ impl ConsumerContext for SourceContext {
                     };
                     let _ = tpl.set_partition_offset(topic, *partition, offset);
                 }
-                for (source, partitions) in self.by_source(tpl) {
+                let tasks: Vec<(usize, Vec<u32>)> = self.by_source(tpl).into_iter().collect();
+                for (source, partitions) in &tasks {
                     info!(source, ?partitions, "partitions assigned");
                     self.metrics
                         .partitions_assigned
                         .inc_by(partitions.len() as u64);
+                }
+                if !tasks.is_empty() {
                     self.runtime.broadcast(|| Message::Assign {
-                        source,
-                        partitions: partitions.clone(),
+                        tasks: tasks.clone(),
                     });
                 }
                 if let Err(e) = if incremental(consumer) {

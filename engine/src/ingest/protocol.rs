@@ -96,20 +96,18 @@ pub enum Message {
         /// [`crate::runtime::RuntimeConfig::max_epoch_interval`]).
         catching_up: bool,
     },
-    /// Partitions now owned by this instance: create their tasks.
+    /// Partitions now owned by this instance: create their tasks, all in one epoch (so the
+    /// tables derived from partition `i` of several sources, and the repartition records
+    /// written from them, come from their states as committed together).
     Assign {
-        /// Source index.
-        source: usize,
-        /// Partitions.
-        partitions: Vec<u32>,
+        /// The partitions, by source index.
+        tasks: Vec<(usize, Vec<u32>)>,
     },
-    /// Partitions taken away: commit and drop their tasks. Every worker answers on `done`
-    /// once the epoch that dropped them is committed.
+    /// Partitions taken away: commit and drop their tasks, all in one epoch. Every worker
+    /// answers on `done` once the epoch that dropped them is committed.
     Revoke {
-        /// Source index.
-        source: usize,
-        /// Partitions.
-        partitions: Vec<u32>,
+        /// The partitions, by source index.
+        tasks: Vec<(usize, Vec<u32>)>,
         /// Whether to retract their rows from the tables: yes when another instance takes
         /// them over, no when this instance stops (the rows stay, notably in external tables,
         /// for the next start).
@@ -120,6 +118,11 @@ pub enum Message {
 }
 
 impl Message {
+    /// Whether the message assigns or revokes partitions.
+    pub fn moves_partitions(&self) -> bool {
+        matches!(self, Message::Assign { .. } | Message::Revoke { .. })
+    }
+
     /// The memory of the records it carries (none for an assignment change).
     pub fn size(&self) -> usize {
         match self {

@@ -157,12 +157,15 @@ impl<'a> Splitter<'a> {
                     sql: sql.clone(),
                 };
                 let (dl, dr) = (self.distribution(&left), self.distribution(&right));
-                let partial = self.distribution(&join(left.clone(), right.clone()))
-                    == Distribution::Partial;
-                let on = left_keys.iter().zip(right_keys).find_map(|pair| match pair {
-                    (Expr::Column(l), Expr::Column(r)) => Some((*l, *r)),
-                    _ => None,
-                });
+                let partial =
+                    self.distribution(&join(left.clone(), right.clone())) == Distribution::Partial;
+                let on = left_keys
+                    .iter()
+                    .zip(right_keys)
+                    .find_map(|pair| match pair {
+                        (Expr::Column(l), Expr::Column(r)) => Some((*l, *r)),
+                        _ => None,
+                    });
                 if let (
                     true,
                     Some((l, r)),
@@ -255,13 +258,7 @@ impl<'a> Splitter<'a> {
     /// partitions as source `like`'s) and returns the plan reading it back (the input's
     /// columns, then [`KEY_COLUMN`]); `Err(input)` when its rows may move between upstream
     /// partitions or it reads a global source.
-    fn make(
-        &mut self,
-        input: Plan,
-        key: Vec<usize>,
-        by: usize,
-        like: usize,
-    ) -> Result<Plan, Plan> {
+    fn make(&mut self, input: Plan, key: Vec<usize>, by: usize, like: usize) -> Result<Plan, Plan> {
         let mut read = Vec::new();
         input.sources(&mut read);
         let from = match self.distribution(&input) {
@@ -336,7 +333,10 @@ mod tests {
             t.explain()
         );
         let names: Vec<&str> = t.repartitions.iter().map(|r| r.name.as_str()).collect();
-        assert_eq!(names, ["users_per_department.r0", "users_per_department.r1"]);
+        assert_eq!(
+            names,
+            ["users_per_department.r0", "users_per_department.r1"]
+        );
         // A LEFT JOIN keyed by the user, partitioned by the department: its rows would move.
         let directory = t.table("user_directory").unwrap();
         assert_eq!(directory.split, None);

@@ -3,8 +3,9 @@
 //! While the source keeps up, an epoch lasts `epoch_interval`. While it reports records
 //! waiting (catching up), the epoch grows up to `max_epoch_interval`, so more changes of a key
 //! coalesce and commits are fewer; once caught up, a grown epoch still takes in what arrives
-//! for another `epoch_interval`, and ends at the first pause. A revocation ends it at once:
-//! the partitions go only after their commit.
+//! for another `epoch_interval`, and ends at the first pause. An assignment or a revocation
+//! has an epoch to itself: one that applied records ends, and the next one opens or drops the
+//! tasks and ends at once (the partitions go only after their commit).
 
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -72,6 +73,12 @@ pub(super) fn gather(
     tasks: &mut Tasks,
     inputs: &mut [InputSession<Epoch, Row, isize>],
 ) -> usize {
+    // A change of partitions has an epoch to itself: what the tasks derive when they open
+    // or go is told apart from what their records change (see `Message::Assign`).
+    if let Some(message) = tasks.take_deferred() {
+        tasks.handle(shared, message, inputs);
+        return 0;
+    }
     let started = Instant::now();
     let mut length = Length::default();
     let mut applied = 0usize;
@@ -86,6 +93,15 @@ pub(super) fn gather(
         };
         let within_interval = elapsed < shared.config.epoch_interval;
         match inbox.recv_timeout(wait) {
+            Ok(message) if message.moves_partitions() => {
+                match applied {
+                    0 => {
+                        tasks.handle(shared, message, inputs);
+                    }
+                    _ => tasks.defer(message),
+                }
+                break;
+            }
             Ok(message) => applied += tasks.handle(shared, message, inputs),
             // The interval is over: the loop decides whether the epoch grows.
             Err(RecvTimeoutError::Timeout) if within_interval => {}

@@ -25,6 +25,8 @@ pub(super) struct Tasks {
     tasks: HashMap<(usize, u32), Task>,
     /// Revocations waiting for the epoch's commit, to acknowledge after it.
     acks: Vec<Sender<()>>,
+    /// An assignment or revocation for the next epoch (this one applied records).
+    deferred: Option<Message>,
 }
 
 impl Tasks {
@@ -33,7 +35,18 @@ impl Tasks {
             worker,
             tasks: HashMap::new(),
             acks: Vec::new(),
+            deferred: None,
         }
+    }
+
+    /// Keeps `message` (an assignment or a revocation) for the next epoch.
+    pub(super) fn defer(&mut self, message: Message) {
+        self.deferred = Some(message);
+    }
+
+    /// The message kept for this epoch, if any.
+    pub(super) fn take_deferred(&mut self) -> Option<Message> {
+        self.deferred.take()
     }
 
     /// Whether a revocation waits for the epoch's commit (the epoch ends at once).
@@ -49,23 +62,26 @@ impl Tasks {
         inputs: &mut [InputSession<Epoch, Row, isize>],
     ) -> usize {
         match message {
-            Message::Assign { source, partitions } => {
+            Message::Assign { tasks } => {
                 let (workers, worker) = (shared.config.workers.max(1), self.worker);
-                for p in partitions
-                    .into_iter()
-                    .filter(|p| worker_for_partition(*p, workers) == worker)
-                {
-                    self.open(shared, source, p, inputs);
+                for (source, partitions) in tasks {
+                    for p in partitions
+                        .into_iter()
+                        .filter(|p| worker_for_partition(*p, workers) == worker)
+                    {
+                        self.open(shared, source, p, inputs);
+                    }
                 }
                 0
             }
             Message::Revoke {
-                source,
-                partitions,
+                tasks,
                 retract,
                 done,
             } => {
-                self.revoke(shared, source, &partitions, retract, inputs);
+                for (source, partitions) in tasks {
+                    self.revoke(shared, source, &partitions, retract, inputs);
+                }
                 self.acks.push(done);
                 0
             }
