@@ -1,4 +1,5 @@
 //! Helpers shared by the benchmark harnesses.
+#![allow(dead_code)] // each harness uses a different part
 
 /// The environment variable `name` as a number, or `default`.
 pub fn env_or(name: &str, default: u64) -> u64 {
