@@ -5,8 +5,8 @@
 //!
 //! ```sh
 //! eval "$(scripts/services up)"
-//! cargo bench --bench repartition                  # 200,000 events over 50,000 users
-//! MIROIR_BENCH_EVENTS=50000 cargo bench --bench repartition
+//! cargo bench --bench repartition                  # 1,000,000 events over 100,000 users
+//! MIROIR_BENCH_EVENTS=200000 MIROIR_BENCH_USERS=50000 cargo bench --bench repartition
 //! ```
 //!
 //! 1. publishes 100 departments and the user events to fresh topics with 4 partitions;
@@ -143,8 +143,8 @@ fn phase(run: &str, name: &str, split: bool, expected: &BTreeMap<String, i64>) -
 }
 
 fn main() {
-    let events = env_or("MIROIR_BENCH_EVENTS", 200_000);
-    let users = env_or("MIROIR_BENCH_USERS", 50_000);
+    let events = env_or("MIROIR_BENCH_EVENTS", 1_000_000);
+    let users = env_or("MIROIR_BENCH_USERS", 100_000);
     let run = run_id();
     eprintln!("bench: publishing {events} events over {users} users");
     let expected = publish(&run, events, users);
