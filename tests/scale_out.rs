@@ -148,20 +148,27 @@ fn kill_one_mid_stream(
     events
 }
 
+/// Publishes events generated from `seed` and starts `t` on three instances (`a`, `b`, `c`),
+/// with their state directories under the returned one.
+fn three_instances(t: &TestTopology, seed: u64) -> (tempfile::TempDir, Vec<Instance>, Vec<Event>) {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("topology.toml");
+    std::fs::write(&file, &t.text).unwrap();
+    let (events, _) = generate(seed, 200, 3000);
+    publish(t, &events);
+    let instances = ["a", "b", "c"]
+        .iter()
+        .map(|name| start(dir.path(), &file, name))
+        .collect();
+    (dir, instances, events)
+}
+
 #[test]
 fn groupings_and_joins_on_non_key_columns_are_right_on_every_instance() {
     let run = Run::new("repartition");
     let t = repartitioned(&run);
-    let dir = tempfile::tempdir().unwrap();
-    let file = dir.path().join("topology.toml");
-    std::fs::write(&file, &t.text).unwrap();
-    let (events, _) = generate(13, 200, 3000);
-    publish(&t, &events);
+    let (_dir, mut instances, events) = three_instances(&t, 13);
     let client = reqwest::blocking::Client::new();
-    let mut instances: Vec<Instance> = ["a", "b", "c"]
-        .iter()
-        .map(|name| start(dir.path(), &file, name))
-        .collect();
     let all: Vec<&Instance> = instances.iter().collect();
     wait_for_every_table(&client, &all, (&t, &SPLIT), &events);
 
@@ -175,16 +182,8 @@ fn joins_with_a_global_source_are_right_on_every_instance_and_partial_tables_are
 ) {
     let run = Run::new("scale-out");
     let t = topology(&run);
-    let dir = tempfile::tempdir().unwrap();
-    let file = dir.path().join("topology.toml");
-    std::fs::write(&file, &t.text).unwrap();
-    let (events, _) = generate(11, 200, 3000);
-    publish(&t, &events);
+    let (_dir, mut instances, events) = three_instances(&t, 11);
     let client = reqwest::blocking::Client::new();
-    let mut instances: Vec<Instance> = ["a", "b", "c"]
-        .iter()
-        .map(|name| start(dir.path(), &file, name))
-        .collect();
     let all: Vec<&Instance> = instances.iter().collect();
     wait_for_every_table(&client, &all, (&t, &JOINED), &events);
 

@@ -85,76 +85,6 @@ fn multiset(rows: Vec<Row>) -> BTreeMap<Row, isize> {
     m
 }
 
-fn check(epochs: Vec<Vec<Change>>) -> Result<(), TestCaseError> {
-    let topology = Topology::parse("prop.toml", TOPOLOGY).expect("valid topology");
-    let failure = timely::execute_directly(move |worker| -> Option<String> {
-        let tables = topology.tables.clone();
-        let captured: Vec<Capture> = tables.iter().map(|_| Rc::default()).collect();
-        let probe = ProbeHandle::new();
-        let mut inputs = worker.dataflow::<u64, _, _>(|scope| {
-            let (sa, ca) = scope.new_collection::<Row, isize>();
-            let (sb, cb) = scope.new_collection::<Row, isize>();
-            let mut renderer = Renderer::new(vec![ca, cb]);
-            for (t, sink) in tables.iter().zip(&captured) {
-                let sink = sink.clone();
-                renderer
-                    .render(&t.plan, &t.name)
-                    .inner
-                    .probe_with(&probe)
-                    .inspect_core(move |e| {
-                        if let Ok((_, data)) = e {
-                            sink.borrow_mut()
-                                .extend(data.iter().map(|(r, _, d)| (r.clone(), *d)));
-                        }
-                    });
-            }
-            vec![sa, sb]
-        });
-        let mut contents: Vec<HashMap<u8, Row>> = vec![HashMap::new(), HashMap::new()];
-        let mut outputs: Vec<BTreeMap<Row, isize>> =
-            tables.iter().map(|_| BTreeMap::new()).collect();
-        for (epoch, changes) in epochs.iter().enumerate() {
-            for c in changes {
-                if let Some(old) = contents[c.source].remove(&c.key) {
-                    inputs[c.source].update(old, -1);
-                }
-                if let Some(new) = row_of(c) {
-                    contents[c.source].insert(c.key, new.clone());
-                    inputs[c.source].update(new, 1);
-                }
-            }
-            let next = epoch as u64 + 1;
-            for i in inputs.iter_mut() {
-                i.advance_to(next);
-                i.flush();
-            }
-            worker.step_while(|| probe.less_than(&next));
-            let sources: Vec<Vec<Row>> = contents
-                .iter()
-                .map(|m| m.values().cloned().collect())
-                .collect();
-            for ((t, cap), out) in tables.iter().zip(&captured).zip(outputs.iter_mut()) {
-                for (row, d) in cap.borrow_mut().drain(..) {
-                    *out.entry(row).or_insert(0) += d;
-                }
-                out.retain(|_, d| *d != 0);
-                let expected = multiset(evaluate(&t.plan, &sources));
-                if *out != expected {
-                    return Some(format!(
-                        "table {} after epoch {epoch}:\n dataflow  {out:?}\n reference {expected:?}",
-                        t.name
-                    ));
-                }
-            }
-        }
-        None
-    });
-    match failure {
-        Some(m) => Err(TestCaseError::fail(m)),
-        None => Ok(()),
-    }
-}
-
 proptest! {
     #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
 
@@ -162,7 +92,7 @@ proptest! {
     fn dataflow_equals_reference_after_every_epoch(
         epochs in proptest::collection::vec(proptest::collection::vec(change(), 0..12), 1..8)
     ) {
-        check(epochs)?;
+        check(TOPOLOGY, false, epochs)?;
     }
 }
 
@@ -187,13 +117,18 @@ query = "SELECT g, count(*) AS c, sum(n) AS s FROM a GROUP BY g"
 query = "SELECT b.id, count(a.id) AS c, max(a.n) AS mx FROM b LEFT JOIN a ON a.g = b.id GROUP BY b.id"
 "#;
 
-/// Like [`check`], for the split plans of [`SPLIT`]: each stage's deltas (a retraction and an
-/// insertion per changed key, as its topic's upserts make them) are fed back as the next
-/// stage's source, round after round until no stage changes; then every table equals the
-/// reference over the written plans.
-fn check_split(epochs: Vec<Vec<Change>>) -> Result<(), TestCaseError> {
-    let topology = Topology::parse("split.toml", SPLIT).expect("valid topology");
-    for t in &topology.tables {
+/// Runs the tables of topology `text` (`split` into stages, or not) through `epochs` of
+/// changes, and checks after each that every table equals the reference evaluator over the
+/// written plans. Each stage's deltas (a retraction and an insertion per changed key, as its
+/// topic's upserts make them) are fed back as the next stage's source, round after round
+/// until no stage changes.
+fn check(text: &str, split: bool, epochs: Vec<Vec<Change>>) -> Result<(), TestCaseError> {
+    let topology = Topology::parse("prop.toml", text).expect("valid topology");
+    let topology = match split {
+        true => topology,
+        false => topology.unsplit(),
+    };
+    for t in topology.tables.iter().filter(|_| split) {
         assert!(topology.partitioned_by(t).is_some(), "{} is split", t.name);
     }
     let failure = timely::execute_directly(move |worker| -> Option<String> {
@@ -277,7 +212,7 @@ fn check_split(epochs: Vec<Vec<Change>>) -> Result<(), TestCaseError> {
                 let expected = multiset(evaluate(&t.plan, &sources));
                 if *out != expected {
                     return Some(format!(
-                        "table {} after epoch {epoch}:\n split     {out:?}\n reference {expected:?}",
+                        "table {} after epoch {epoch}:\n dataflow  {out:?}\n reference {expected:?}",
                         t.name
                     ));
                 }
@@ -298,6 +233,6 @@ proptest! {
     fn split_plans_equal_the_reference_after_every_epoch(
         epochs in proptest::collection::vec(proptest::collection::vec(change(), 0..12), 1..8)
     ) {
-        check_split(epochs)?;
+        check(SPLIT, true, epochs)?;
     }
 }

@@ -342,6 +342,34 @@ impl Restorer {
     }
 }
 
+/// How long the watermarks of a changelog partition are asked for again while the broker
+/// answers with a transient error: a topic another instance just created has no leader for a
+/// moment.
+const WATERMARKS_RETRY: Duration = Duration::from_secs(30);
+
+/// The low and high watermarks of `partition` of `changelog`, asked again for
+/// [`WATERMARKS_RETRY`] after transient errors.
+fn watermarks(
+    consumer: &BaseConsumer<TailContext>,
+    changelog: &str,
+    partition: u32,
+) -> Result<(i64, i64), KafkaError> {
+    let deadline = Instant::now() + WATERMARKS_RETRY;
+    loop {
+        match consumer.fetch_watermarks(changelog, partition as i32, TX_TIMEOUT) {
+            Ok(marks) => return Ok(marks),
+            Err(e) => {
+                let e = KafkaError::from(e);
+                if e.class() != ErrorClass::Transient || Instant::now() >= deadline {
+                    return Err(e);
+                }
+                warn!(topic = %changelog, partition, error = %e, "cannot read the changelog's watermarks yet; asking again");
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        }
+    }
+}
+
 fn restore(
     consumer: &BaseConsumer<TailContext>,
     topology: &Topology,
@@ -351,7 +379,7 @@ fn restore(
 ) -> Result<u64, KafkaError> {
     let changelog = topic(topology, source);
     let src_topic = &topology.sources[source].topic;
-    let (low, high) = consumer.fetch_watermarks(&changelog, partition as i32, TX_TIMEOUT)?;
+    let (low, high) = watermarks(consumer, &changelog, partition)?;
     let position = store.changelog_position(source, partition)?;
     let local =
         store.has_entries(source, partition)? || store.offset(src_topic, partition)?.is_some();
