@@ -458,9 +458,13 @@ impl Topology {
         let mut out = format!("topology {}\n", self.name);
         for s in &self.sources {
             out.push_str(&format!(
-                "source {} <- topic {} (json, key {}, late: {}{})\n  exchange by partition (partition % workers)\n",
+                "source {} <- topic {} ({}, key {}, late: {}{})\n  exchange by partition (partition % workers)\n",
                 s.name,
                 s.topic,
+                match s.format {
+                    SourceFormat::Json => "json",
+                    SourceFormat::Rows => "binary rows of a stage",
+                },
                 s.key_name(),
                 s.late.as_ref().map(|l| l.describe(&s.columns)).unwrap_or_else(|| "ordered by offset".into()),
                 if s.global { ", global: every partition on every instance" } else { "" }
