@@ -57,7 +57,7 @@ use miroir_engine::metrics::Metrics;
 use miroir_engine::partition::partition_for_key;
 use miroir_engine::plan::Distribution;
 use miroir_engine::runtime::{Runtime, RuntimeConfig, RuntimeError, StatusSnapshot};
-use miroir_engine::state::key::encode_key;
+use miroir_engine::state::key::{encode_key, key_hex};
 use miroir_engine::state::{StateStore, StoreError, TableReader};
 use miroir_engine::topology::{Source, Topology, TopologyError};
 use miroir_engine::value::{
@@ -138,12 +138,8 @@ pub enum QueryError {
     Store(#[from] StoreError),
 }
 
-/// A scan cursor: the encoded key of a row, in hexadecimal (which keeps the keys' byte order).
-fn cursor(key: &[u8]) -> String {
-    key.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-/// The encoded key of `cursor`; `None` when it is not one.
+/// The encoded key of `cursor` (a scan cursor: the row's encoded key, [`key_hex`]); `None`
+/// when it is not one.
 fn cursor_key(cursor: &str) -> Option<Vec<u8>> {
     if !cursor.len().is_multiple_of(2) {
         return None;
@@ -928,7 +924,7 @@ impl Inner {
             .into_iter()
             .map(|r| {
                 let row = serde_json::from_slice(&r.row).unwrap_or(serde_json::Value::Null);
-                (cursor(&r.key), row)
+                (key_hex(&r.key), row)
             })
             .collect())
     }

@@ -28,7 +28,7 @@ use rdkafka::message::Message as _;
 use rdkafka::statistics::Statistics;
 use rdkafka::topic_partition_list::TopicPartitionList;
 use rdkafka::types::RDKafkaRespErr;
-use rdkafka::{ClientContext, Offset};
+use rdkafka::{ClientConfig, ClientContext, Offset};
 use tracing::{error, info, warn};
 
 use super::standby::Standbys;
@@ -155,6 +155,28 @@ fn end_offset(partition: &rdkafka::statistics::Partition, handed: i64) -> i64 {
 }
 
 impl SourceContext {
+    /// The context of a consumer of `topics` feeding `runtime`, with what restores an
+    /// assigned partition and the instance's standbys, if any.
+    fn new(
+        (runtime, metrics, stop): (Arc<Runtime>, Arc<Metrics>, Arc<AtomicBool>),
+        topics: HashMap<String, usize>,
+        (changelog, standbys): (
+            Option<(changelog::Restorer, Topology)>,
+            Option<Arc<Standbys>>,
+        ),
+    ) -> SourceContext {
+        SourceContext {
+            runtime,
+            topics,
+            metrics,
+            stop,
+            delivered: Mutex::default(),
+            waiting: Mutex::default(),
+            changelog,
+            standbys,
+        }
+    }
+
     /// Hands the waiting batches to the runtime, in the order read, while its inboxes take
     /// them; whether they took all.
     fn hand_over(&self) -> bool {
@@ -389,18 +411,11 @@ impl KafkaSource {
         handover: Handover,
     ) -> Result<KafkaSource, KafkaError> {
         let topics = source_topics(topology, false);
-        let mut client = config.client("source");
-        client
-            .set("client.id", format!("miroir-source-{}", member.instance))
-            .set("group.id", &topology.name)
-            .set("enable.auto.commit", "false")
-            .set("auto.offset.reset", "earliest")
-            .set("enable.partition.eof", "false")
-            // The poll loop never stalls for long (bounded channels, revocations wait at most
-            // 20 s), so 60 s between polls is ample.
-            .set("max.poll.interval.ms", "60000")
-            .set("statistics.interval.ms", "1000")
-            .set("fetch.queue.backoff.ms", FETCH_QUEUE_BACKOFF_MS);
+        let client_id = format!("miroir-source-{}", member.instance);
+        let mut client = source_client(config, &client_id, &topology.name);
+        // The poll loop never stalls for long (bounded channels, revocations wait at most
+        // 20 s), so 60 s between polls is ample.
+        client.set("max.poll.interval.ms", "60000");
         match member.protocol {
             // Range assignment gives partition i of every source topic to the same member:
             // joins and the tables they feed stay partition-local. Cooperative-sticky would
@@ -422,19 +437,16 @@ impl KafkaSource {
             client.set("group.instance.id", member.instance);
         }
         let stop = Arc::new(AtomicBool::new(false));
-        let consumer: BaseConsumer<SourceContext> = client.create_with_context(SourceContext {
-            runtime: runtime.clone(),
-            topics: topics.clone(),
-            metrics,
-            stop: stop.clone(),
-            delivered: Mutex::default(),
-            waiting: Mutex::default(),
-            changelog: match handover.changelog {
-                true => Some((changelog::Restorer::new(config)?, topology.clone())),
-                false => None,
-            },
-            standbys: handover.standbys,
-        })?;
+        let changelog = match handover.changelog {
+            true => Some((changelog::Restorer::new(config)?, topology.clone())),
+            false => None,
+        };
+        let context = SourceContext::new(
+            (runtime.clone(), metrics, stop.clone()),
+            topics.clone(),
+            (changelog, handover.standbys),
+        );
+        let consumer: BaseConsumer<SourceContext> = client.create_with_context(context)?;
         let names: Vec<&str> = topics.keys().map(String::as_str).collect();
         record_partition_counts(&consumer, &runtime, Duration::from_secs(10));
         consumer.subscribe(&names)?;
@@ -466,28 +478,17 @@ impl KafkaSource {
         if topics.is_empty() {
             return Ok(None);
         }
-        let mut client = config.client("source");
-        client
-            .set("client.id", format!("miroir-global-{instance}"))
-            // librdkafka assigns partitions only to a consumer with a group id; this one
-            // never joins its group nor commits to it (offsets are kept with the state).
-            .set("group.id", format!("{}.global.{instance}", topology.name))
-            .set("enable.auto.commit", "false")
-            .set("auto.offset.reset", "earliest")
-            .set("enable.partition.eof", "false")
-            .set("statistics.interval.ms", "1000")
-            .set("fetch.queue.backoff.ms", FETCH_QUEUE_BACKOFF_MS);
+        // librdkafka assigns partitions only to a consumer with a group id; this one never
+        // joins its group nor commits to it (offsets are kept with the state).
+        let group = format!("{}.global.{instance}", topology.name);
+        let client = source_client(config, &format!("miroir-global-{instance}"), &group);
         let stop = Arc::new(AtomicBool::new(false));
-        let consumer: BaseConsumer<SourceContext> = client.create_with_context(SourceContext {
-            runtime: runtime.clone(),
-            topics: topics.clone(),
-            metrics,
-            stop: stop.clone(),
-            delivered: Mutex::default(),
-            waiting: Mutex::default(),
-            changelog: None,
-            standbys: None,
-        })?;
+        let context = SourceContext::new(
+            (runtime.clone(), metrics, stop.clone()),
+            topics.clone(),
+            (None, None),
+        );
+        let consumer: BaseConsumer<SourceContext> = client.create_with_context(context)?;
         let source = KafkaSource::spawn(
             consumer,
             runtime,
@@ -552,6 +553,21 @@ impl Drop for KafkaSource {
     fn drop(&mut self) {
         self.halt();
     }
+}
+
+/// The settings both source consumers share: client id `client_id`, group `group`, no
+/// offsets committed to Kafka (they are kept with the state), statistics every second.
+fn source_client(config: &KafkaConfig, client_id: &str, group: &str) -> ClientConfig {
+    let mut client = config.client("source");
+    client
+        .set("client.id", client_id)
+        .set("group.id", group)
+        .set("enable.auto.commit", "false")
+        .set("auto.offset.reset", "earliest")
+        .set("enable.partition.eof", "false")
+        .set("statistics.interval.ms", "1000")
+        .set("fetch.queue.backoff.ms", FETCH_QUEUE_BACKOFF_MS);
+    client
 }
 
 /// The topics of the topology's sources that are global (`global`) or not, with each

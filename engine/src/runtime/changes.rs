@@ -14,7 +14,7 @@ use crate::partition::partition_for_key;
 use crate::plan::repartition::Repartition;
 use crate::plan::TablePlan;
 use crate::sink::TableChanges;
-use crate::state::key::{encode_key, encode_row_key};
+use crate::state::key::{encode_key, encode_row_key, key_hex};
 use crate::state::{encode, Commit};
 use crate::value::{key_text, row_to_json_bytes, Row, Value};
 
@@ -148,7 +148,7 @@ pub(crate) fn repartition_records(
         {
             continue;
         }
-        let key = hex(&encode_key(&key));
+        let key = key_hex(&encode_key(&key));
         let place = |row: &Row| partition(&row[repartition.by], count);
         let moved = match (&old, &new) {
             (Some(old), Some(new)) => place(old) != place(new),
@@ -175,9 +175,4 @@ pub(crate) fn repartition_records(
         }
     }
     records
-}
-
-/// `bytes` in lower-case hexadecimal.
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }

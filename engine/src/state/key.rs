@@ -45,6 +45,12 @@ pub fn encode_row_key(row: &[Value], key: &[usize]) -> Vec<u8> {
     out
 }
 
+/// An encoded key in lower-case hexadecimal, which keeps the keys' byte order (scan cursors,
+/// the keys of repartition records).
+pub fn key_hex(key: &[u8]) -> String {
+    key.iter().map(|b| format!("{b:02x}")).collect()
+}
+
 /// Encodes a key given as its values, in key order.
 pub fn encode_key(values: &[Value]) -> Vec<u8> {
     let mut out = Vec::with_capacity(16 * values.len());
