@@ -548,9 +548,10 @@ fn sink_phase(first_load: bool) {
             }],
             offsets: vec![],
             caught_up: false,
+            claims: vec![],
         };
         let started = Instant::now();
-        sink.apply(&[b], false, &Durable::done()).unwrap();
+        sink.apply(&[b], &Durable::done()).unwrap();
         secs += started.elapsed().as_secs_f64();
     };
     for (i, (k, v, late, _)) in generate(events, keys).enumerate() {

@@ -16,7 +16,6 @@ use miroir_connectors::kafka::KafkaConfig;
 /// with `brokers`) and what it would do to each external table.
 pub fn print_plan(
     file: &Path,
-    state_dir: &Path,
     database_url: Option<&str>,
     brokers: Option<&str>,
 ) -> anyhow::Result<ExitCode> {
@@ -47,10 +46,7 @@ pub fn print_plan(
         return Ok(ExitCode::SUCCESS);
     }
     let url = miroir_connectors::postgres::database_url(&topology, database_url)?;
-    let instance = StateStore::peek_instance_id(state_dir)
-        .context("reading the state directory")?
-        .unwrap_or_default();
-    for decision in miroir_connectors::postgres::schema::plan(&url, &topology, &instance)? {
+    for decision in miroir_connectors::postgres::schema::plan(&url, &topology)? {
         println!("{decision}");
     }
     Ok(ExitCode::SUCCESS)

@@ -138,14 +138,10 @@ enum Action {
     /// Changes nothing.
     ///
     /// EXAMPLES:
-    ///     miroir plan topologies/user-directory.toml --state-dir /var/lib/miroir \
-    ///         --brokers 127.0.0.1:19092
+    ///     miroir plan topologies/user-directory.toml --brokers 127.0.0.1:19092
     Plan {
         /// The topology file.
         file: PathBuf,
-        /// Directory of the RocksDB state the run would use.
-        #[arg(long, env = "MIROIR_STATE_DIR")]
-        state_dir: PathBuf,
         /// PostgreSQL database of external tables (unless their sink names a `url`).
         #[arg(long, env = "DATABASE_URL")]
         database_url: Option<String>,
@@ -590,15 +586,9 @@ fn run(command: Action) -> anyhow::Result<ExitCode> {
         },
         Action::Plan {
             file,
-            state_dir,
             database_url,
             brokers,
-        } => deploy::print_plan(
-            &file,
-            &state_dir,
-            database_url.as_deref(),
-            brokers.as_deref(),
-        ),
+        } => deploy::print_plan(&file, database_url.as_deref(), brokers.as_deref()),
         Action::Reset {
             file,
             brokers,
@@ -628,12 +618,7 @@ fn run(command: Action) -> anyhow::Result<ExitCode> {
             group_protocol,
         } => {
             if plan {
-                return deploy::print_plan(
-                    &file,
-                    &state_dir,
-                    database_url.as_deref(),
-                    Some(&brokers),
-                );
+                return deploy::print_plan(&file, database_url.as_deref(), Some(&brokers));
             }
             let mut builder = miroir::Engine::builder();
             if let Some(url) = database_url {

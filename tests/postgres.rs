@@ -81,7 +81,7 @@ fn readers_only_read_and_a_changed_table_is_swapped_in_whole() {
     let state = tempfile::tempdir().unwrap();
 
     // Nothing exists yet: everything is created.
-    let before = plan(&database_url(), &t.topology, "").unwrap();
+    let before = plan(&database_url(), &t.topology).unwrap();
     assert!(
         before.iter().all(|d| d.action == Action::Create),
         "{before:?}"
@@ -124,11 +124,8 @@ fn readers_only_read_and_a_changed_table_is_swapped_in_whole() {
     );
     engine.shutdown();
 
-    // Same topology, same state: nothing to rebuild.
-    let instance = miroir::miroir_engine::state::StateStore::peek_instance_id(state.path())
-        .unwrap()
-        .unwrap();
-    let same = plan(&database_url(), &t.topology, &instance).unwrap();
+    // Same topology: nothing to rebuild.
+    let same = plan(&database_url(), &t.topology).unwrap();
     assert!(same.iter().all(|d| d.action == Action::Keep), "{same:?}");
     // Another topology may not take these tables over.
     let intruder = miroir::miroir_engine::topology::Topology::parse(
@@ -137,7 +134,7 @@ fn readers_only_read_and_a_changed_table_is_swapped_in_whole() {
             .replace(&format!("name = \"it-{run}\""), "name = \"another-app\""),
     )
     .unwrap();
-    let refused = plan(&database_url(), &intruder, &instance).unwrap();
+    let refused = plan(&database_url(), &intruder).unwrap();
     assert!(
         refused
             .iter()
@@ -152,18 +149,10 @@ fn readers_only_read_and_a_changed_table_is_swapped_in_whole() {
         &t.text.replace(".users_per_department\"", ".not_ours\""),
     )
     .unwrap();
-    let refused = plan(&database_url(), &squatter, &instance).unwrap();
+    let refused = plan(&database_url(), &squatter).unwrap();
     assert!(
         refused.iter().any(|d| matches!(d.action, Action::Refuse { ref reason } if reason.contains("did not build"))),
         "{refused:?}"
-    );
-    // Another state directory did not build these tables.
-    let other = plan(&database_url(), &t.topology, "another").unwrap();
-    assert!(
-        other
-            .iter()
-            .all(|d| matches!(d.action, Action::Rebuild { .. })),
-        "{other:?}"
     );
 
     // A changed query: only that table is rebuilt, in a shadow table.
@@ -172,7 +161,7 @@ fn readers_only_read_and_a_changed_table_is_swapped_in_whole() {
         "max(u.version) AS max_version, min(u.version) AS min_version,",
     );
     let topology_v2 = miroir::miroir_engine::topology::Topology::parse("t.toml", &text_v2).unwrap();
-    let decisions = plan(&database_url(), &topology_v2, &instance).unwrap();
+    let decisions = plan(&database_url(), &topology_v2).unwrap();
     let action = |table: &str| {
         decisions
             .iter()
@@ -244,7 +233,7 @@ fn readers_only_read_and_a_changed_table_is_swapped_in_whole() {
         .get(0);
     assert_eq!(n as usize, expected_v2["users_per_department"].len());
     engine.shutdown();
-    let after = plan(&database_url(), &topology_v2, &instance).unwrap();
+    let after = plan(&database_url(), &topology_v2).unwrap();
     assert!(after.iter().all(|d| d.action == Action::Keep), "{after:?}");
 
     // New indexes and fewer readers are applied in place: no rebuild.
@@ -259,7 +248,7 @@ fn readers_only_read_and_a_changed_table_is_swapped_in_whole() {
         );
     assert_ne!(text_v3, text_v2);
     let topology_v3 = miroir::miroir_engine::topology::Topology::parse("t.toml", &text_v3).unwrap();
-    let decisions = plan(&database_url(), &topology_v3, &instance).unwrap();
+    let decisions = plan(&database_url(), &topology_v3).unwrap();
     assert!(
         decisions.iter().all(|d| d.action == Action::Keep),
         "{decisions:?}"

@@ -10,14 +10,18 @@
 //!                      remove outbox[seq]
 //! ```
 //!
-//! After a start, the dataflow re-derives the tables from the restored state, from empty: its
-//! changes are relative to an empty table, while the database holds the table as of the last
-//! applied batch. So batches are held (still written to the outbox) until every partition of
-//! every source has its task restored, and then go as one *snapshot* group: their net effect
-//! is the whole table, and the database deletes every row it does not name. This also keeps
-//! intermediate results of the first epochs (a join whose other side is not restored yet)
-//! from readers, and removes rows whose insertion and deletion fell in the same epoch (a key
-//! deleted right after the restart: the dataflow never emits it, yet the database has it).
+//! A partition's rows are written by the instance that owns the partition. When a task opens
+//! (at a start, or when a partition moves to this instance), the dataflow derives the
+//! partition's rows again from the restored state, from empty: its changes are relative to
+//! nothing, while the database holds the partition's rows as the last writer left them. So the
+//! epoch names the partition in its batch's [`Claim`]s: the rows of a claimed partition that
+//! the batches from the claim on do not name are deleted, and the database records this
+//! instance as the partition's writer, so that a former owner's late batches leave it alone.
+//! A table whose rows do not follow one source's partitions is replaced whole once a group
+//! of batches claims every partition of its sources. Until the global sources' partitions
+//! (and, for such a table, every partition) are restored, batches are held (still written to
+//! the outbox), so that readers never see intermediate results (a join whose other side is not
+//! restored yet).
 //!
 //! The database only ever lags RocksDB, never leads it: a batch's transaction commits only
 //! once the RocksDB commit that produced it is durable ([`Durable`]), and a batch left in the
@@ -32,6 +36,7 @@
 //! While the database is down, that group fills, the leader waits, the workers wait at their
 //! barrier and the connector's bounded inboxes fill: consumption pauses instead of buffering.
 
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -76,6 +81,61 @@ pub struct Offset {
     pub offset: i64,
 }
 
+/// A source partition whose task opened in a batch's epoch: its rows in the external tables
+/// are those the batch and the later ones name.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Claim {
+    /// Topic.
+    pub topic: String,
+    /// Partition.
+    pub partition: u32,
+    /// The topic's partition count.
+    pub partitions: u32,
+}
+
+/// The partitions a group of batches claims (see [`Claim`]).
+#[derive(Clone, Debug, Default)]
+pub struct Claims(HashMap<String, (u32, HashSet<u32>)>);
+
+impl Claims {
+    /// The claims of `batches`.
+    pub fn of<'a>(batches: impl IntoIterator<Item = &'a SinkBatch>) -> Claims {
+        let mut claims = Claims::default();
+        for claim in batches.into_iter().flat_map(|b| &b.claims) {
+            let (count, partitions) = claims
+                .0
+                .entry(claim.topic.clone())
+                .or_insert_with(|| (claim.partitions, HashSet::new()));
+            *count = claim.partitions;
+            partitions.insert(claim.partition);
+        }
+        claims
+    }
+
+    /// Whether nothing is claimed.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// The claimed partitions of `topic`, and its partition count.
+    pub fn of_topic(&self, topic: &str) -> Option<(u32, &HashSet<u32>)> {
+        self.0.get(topic).map(|(count, ps)| (*count, ps))
+    }
+
+    /// Whether every partition of `topic` is claimed.
+    pub fn covers(&self, topic: &str) -> bool {
+        self.of_topic(topic)
+            .is_some_and(|(count, ps)| (0..count).all(|p| ps.contains(&p)))
+    }
+
+    /// Every claim, as (topic, partition, partition count).
+    pub fn iter(&self) -> impl Iterator<Item = (&str, u32, u32)> {
+        self.0.iter().flat_map(|(topic, (count, ps))| {
+            ps.iter().map(move |p| (topic.as_str(), *p, *count))
+        })
+    }
+}
+
 /// Everything one epoch changed in external tables, applied in one database transaction.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct SinkBatch {
@@ -85,9 +145,12 @@ pub struct SinkBatch {
     pub tables: Vec<TableChanges>,
     /// Offsets of this instance's tasks as of this batch (bookkeeping).
     pub offsets: Vec<Offset>,
-    /// Whether every partition of every source was assigned and read up to its high
-    /// watermark: tables being rebuilt are complete and may replace the tables they rebuild.
+    /// Whether every task of this instance, and every partition of the global sources, was
+    /// read up to its high watermark: a table being rebuilt is complete in this instance's
+    /// partitions.
     pub caught_up: bool,
+    /// Partitions whose task opened in the batch's epoch.
+    pub claims: Vec<Claim>,
 }
 
 impl SinkBatch {
@@ -224,18 +287,12 @@ impl Durable {
 /// A database that keeps external tables.
 pub trait ExternalSink: Send {
     /// Applies `batches` (in sequence order) in one transaction, recording the last
-    /// sequence; a batch whose sequence was already applied changes nothing. With
-    /// `snapshot`, the batches' net effect is the whole content of every external table: rows
-    /// it does not name are deleted. A row the database cannot hold is set aside (reported in
-    /// [`Applied`]), not an error. The transaction commits only after `durable.wait()`
+    /// sequence; a batch whose sequence was already applied changes nothing. The rows of a
+    /// partition the batches claim ([`Claim`]) that they do not name are deleted. A row the
+    /// database cannot hold is set aside (reported in [`Applied`]), not an error. The transaction commits only after `durable.wait()`
     /// returned `Ok`; on an error it is rolled back: a transient error is retried, another
     /// stops the instance.
-    fn apply(
-        &mut self,
-        batches: &[SinkBatch],
-        snapshot: bool,
-        durable: &Durable,
-    ) -> Result<Applied, SinkError>;
+    fn apply(&mut self, batches: &[SinkBatch], durable: &Durable) -> Result<Applied, SinkError>;
 
     /// Gets ready to write (connects, checks the tables) before the first batch arrives, so
     /// the first epoch's changes do not wait for it. A failure is only logged: `apply` tries
@@ -252,7 +309,6 @@ const MAX_WAITING: usize = 16;
 /// Batches applied in one transaction.
 struct Group {
     batches: Vec<SinkBatch>,
-    snapshot: bool,
     /// The commit of the last batch (commits are written in order: the earlier ones are
     /// durable when it is).
     durable: Durable,
@@ -312,13 +368,7 @@ impl SinkSender {
     /// Hands `batches` over: they join the waiting group, or wait while it is full. The
     /// first `counted` were counted as pending when held; `durable` tells when the last one's
     /// commit is written.
-    pub(crate) fn submit(
-        &self,
-        batches: Vec<SinkBatch>,
-        counted: usize,
-        snapshot: bool,
-        durable: Durable,
-    ) {
+    pub(crate) fn submit(&self, batches: Vec<SinkBatch>, counted: usize, durable: Durable) {
         self.metrics
             .sink_pending
             .add((batches.len() - counted) as i64);
@@ -329,15 +379,9 @@ impl SinkSender {
             }
             match &mut state.waiting {
                 None => {
-                    state.waiting = Some(Group {
-                        batches,
-                        snapshot,
-                        durable,
-                    });
+                    state.waiting = Some(Group { batches, durable });
                     break;
                 }
-                // A snapshot group stays one: its batches from the start are the whole table,
-                // and so are they with later ones added.
                 Some(waiting) if waiting.batches.len() + batches.len() <= MAX_WAITING => {
                     waiting.batches.extend(batches);
                     waiting.durable = durable;
@@ -399,7 +443,6 @@ impl SinkDriver {
                 }
                 let first = (!recovered.is_empty()).then_some(Group {
                     batches: recovered,
-                    snapshot: false,
                     durable: Durable::done(),
                 });
                 let groups = first.into_iter().chain(std::iter::from_fn(|| mailbox.take()));
@@ -481,7 +524,7 @@ fn apply_with_retry(
         let started = Instant::now();
         let batches = &group.batches;
         let sequence = batches.last().map(|b| b.sequence).unwrap_or_default();
-        let applied = sink.apply(batches, group.snapshot, &group.durable);
+        let applied = sink.apply(batches, &group.durable);
         // The database's time: waiting for the RocksDB commit is not.
         let spent = started
             .elapsed()
@@ -516,7 +559,6 @@ fn apply_with_retry(
                     sequence,
                     batches = batches.len(),
                     rows,
-                    snapshot = group.snapshot,
                     "batches applied"
                 );
                 return Outcome::Applied;
@@ -566,7 +608,6 @@ mod tests {
         fn apply(
             &mut self,
             batches: &[SinkBatch],
-            _snapshot: bool,
             durable: &Durable,
         ) -> Result<Applied, SinkError> {
             durable.wait()?;
@@ -581,7 +622,6 @@ mod tests {
                 sequence,
                 ..SinkBatch::default()
             }],
-            snapshot: false,
             durable: durable.clone(),
         }
     }

@@ -3,8 +3,8 @@
 use std::error::Error;
 
 use bytes::{BufMut, BytesMut};
-use miroir_engine::value::{format_timestamp, ColumnType, Value};
-use tokio_postgres::types::{to_sql_checked, IsNull, ToSql, Type};
+use miroir_engine::value::{format_timestamp, ColumnType, Value, F64};
+use tokio_postgres::types::{to_sql_checked, FromSql, IsNull, ToSql, Type};
 
 /// Microseconds from the Unix epoch to PostgreSQL's (2000-01-01).
 const PG_EPOCH_MICROS: i64 = 946_684_800_000_000;
@@ -98,10 +98,37 @@ impl ToSql for Cell<'_> {
     to_sql_checked!();
 }
 
+/// One value read back from PostgreSQL's binary format (the types [`pg_type`] writes).
+#[derive(Debug, PartialEq)]
+pub struct ReadCell(pub Value);
+
+impl<'a> FromSql<'a> for ReadCell {
+    fn from_sql(ty: &Type, raw: &'a [u8]) -> Result<Self, Box<dyn Error + Sync + Send>> {
+        let eight = || -> Result<[u8; 8], Box<dyn Error + Sync + Send>> {
+            Ok(raw.try_into().map_err(|_| format!("{ty} of {} bytes", raw.len()))?)
+        };
+        Ok(ReadCell(match *ty {
+            Type::TEXT => Value::Text(std::str::from_utf8(raw)?.into()),
+            Type::INT8 => Value::Int(i64::from_be_bytes(eight()?)),
+            Type::FLOAT8 => Value::Float(F64(f64::from_be_bytes(eight()?))),
+            Type::BOOL => Value::Bool(raw.first().is_some_and(|b| *b != 0)),
+            Type::TIMESTAMPTZ => Value::Timestamp(i64::from_be_bytes(eight()?) + PG_EPOCH_MICROS),
+            _ => return Err(format!("cannot read a {ty}").into()),
+        }))
+    }
+
+    fn from_sql_null(_: &Type) -> Result<Self, Box<dyn Error + Sync + Send>> {
+        Ok(ReadCell(Value::Null))
+    }
+
+    fn accepts(ty: &Type) -> bool {
+        <Cell as ToSql>::accepts(ty)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use miroir_engine::value::F64;
 
     fn encode(v: &Value, ty: Type) -> Option<Vec<u8>> {
         let mut out = BytesMut::new();
@@ -136,6 +163,25 @@ mod tests {
             encode(&Value::Timestamp(PG_EPOCH_MICROS), Type::TIMESTAMPTZ),
             Some(vec![0; 8])
         );
+    }
+
+    #[test]
+    fn values_read_back_as_written() {
+        for (value, ty) in [
+            (Value::Int(-7), Type::INT8),
+            (Value::Float(F64(0.25)), Type::FLOAT8),
+            (Value::Bool(true), Type::BOOL),
+            (Value::Text("é".into()), Type::TEXT),
+            (Value::Timestamp(1_700_000_000_123_456), Type::TIMESTAMPTZ),
+        ] {
+            let raw = encode(&value, ty.clone()).expect("not null");
+            assert_eq!(ReadCell::from_sql(&ty, &raw).unwrap(), ReadCell(value));
+        }
+        assert_eq!(
+            ReadCell::from_sql_null(&Type::TEXT).unwrap(),
+            ReadCell(Value::Null)
+        );
+        assert!(ReadCell::from_sql(&Type::INT8, &[1, 2]).is_err());
     }
 
     #[test]

@@ -6,11 +6,14 @@
 //! - [`sink`]: [`sink::PostgresSink`], the engine's [`miroir_engine::sink::ExternalSink`]:
 //!   one transaction per batch (binary `COPY` into staging tables, then one merge per table),
 //!   with the instance's sequence and offsets.
+//! - [`ownership`]: which instance writes which partition's rows, and when a rebuilt table is
+//!   complete.
 //! - [`rejects`]: rows PostgreSQL cannot hold, set aside in `miroir.rejects` instead of
 //!   stopping the sink.
 //! - [`cell`]: engine values in PostgreSQL's binary format.
 
 pub mod cell;
+mod ownership;
 mod rejects;
 pub mod schema;
 pub mod sink;

@@ -6,16 +6,19 @@
 //!   `t_key`, when a key column may hold NULL) and the declared indexes (`t_idx0`, ...),
 //!   with `fillfactor = 80` (room for updates in place);
 //! - `SELECT` for each reader role (created `NOLOGIN` when missing), nothing for `PUBLIC`;
-//! - a row in `miroir.tables`: the definition it was built from and the state directory
-//!   (instance) that built it.
+//! - a row in `miroir.tables`: the definition it was built from and the instance that
+//!   swapped it in.
 //!
 //! And per topology: `miroir.progress` (the last batch sequence each instance applied),
-//! `miroir.offsets` (each task's last applied offset) and `miroir.rejects` (rows PostgreSQL
-//! cannot hold, set aside: see [`super::rejects`]).
+//! `miroir.offsets` (each source partition's writer and last applied offset: see
+//! [`super::ownership`]) and `miroir.rejects` (rows PostgreSQL cannot hold, set aside: see
+//! [`super::rejects`]).
 //!
-//! A table is kept when its stored definition and builder match; otherwise it is built anew
-//! in a shadow table `t__miroir_new` while `t` keeps serving, and swapped in, in one
-//! transaction, once the instance has caught up with every partition.
+//! A table is kept when its stored definition matches; otherwise it is built anew in a shadow
+//! table `t__miroir_new` (recorded in `miroir.shadows`) while `t` keeps serving. Every instance
+//! that starts with the same definition writes its partitions into the same shadow table; it
+//! is swapped in, in one transaction, once every partition was written there by its owner
+//! and caught up (`miroir.shadow_partitions`).
 
 use miroir_engine::plan::{PostgresTable, TablePlan};
 use miroir_engine::topology::Topology;
@@ -69,6 +72,23 @@ CREATE TABLE IF NOT EXISTS miroir.rejects (
     rejected_at timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (topology, schema_name, table_name, key)
 );
+ALTER TABLE miroir.offsets ADD COLUMN IF NOT EXISTS partitions integer;
+CREATE TABLE IF NOT EXISTS miroir.shadows (
+    schema_name text NOT NULL,
+    table_name text NOT NULL,
+    definition text NOT NULL,
+    created_at timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (schema_name, table_name)
+);
+CREATE TABLE IF NOT EXISTS miroir.shadow_partitions (
+    schema_name text NOT NULL,
+    table_name text NOT NULL,
+    topic text NOT NULL,
+    partition integer NOT NULL,
+    instance text NOT NULL,
+    ready_at timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (schema_name, table_name, topic, partition)
+);
 "#;
 
 /// What a start does to one external table.
@@ -121,7 +141,15 @@ impl std::fmt::Display for Decision {
 pub(crate) struct Target {
     pub(crate) plan: TablePlan,
     pub(crate) pg: PostgresTable,
+    /// The plan's definition, as batches name it.
     pub(crate) definition: String,
+    /// The definition `miroir.tables` and `miroir.shadows` record (see [`catalog_definition`]).
+    pub(crate) catalog: String,
+    /// The topic whose partitions the rows follow and the part of the key that tells the
+    /// partition, for a table whose rows follow one source's partitions.
+    pub(crate) placement: Option<(String, usize)>,
+    /// The topics of the sources it is computed from, global ones left out.
+    pub(crate) topics: Vec<String>,
     /// Whether a key column may hold NULL (see [`key_may_be_null`]).
     pub(crate) nullable_key: bool,
     /// Where rows go now: the table itself, or its shadow while it is built.
@@ -201,12 +229,11 @@ fn readers_text(pg: &PostgresTable) -> String {
     serde_json::to_string(&pg.readers).unwrap_or_default()
 }
 
-/// Decides, without changing anything, what a start of `topology` by the state directory
-/// `instance` does to each external table.
+/// Decides, without changing anything, what a start of `topology` does to each external
+/// table.
 pub async fn decide(
     client: &impl GenericClient,
     topology: &Topology,
-    instance: &str,
 ) -> Result<Vec<Decision>, PostgresError> {
     let has_catalog: bool = client
         .query_one("SELECT to_regclass('miroir.tables') IS NOT NULL", &[])
@@ -258,9 +285,6 @@ pub async fn decide(
                     reason: "its definition, or a source it reads, changed".into(),
                 }
             }
-            (true, Some((_, builder, ..))) if builder != instance => Action::Rebuild {
-                reason: "it was built from another state directory".into(),
-            },
             (true, Some((_, _, indexes, readers, _))) => {
                 if indexes != indexes_text(pg) {
                     notes.push(format!(
@@ -292,7 +316,6 @@ pub async fn decide(
 pub(crate) async fn prepare(
     client: &mut Client,
     topology: &Topology,
-    instance: &str,
 ) -> Result<Vec<Target>, PostgresError> {
     let tx = client.transaction().await?;
     // One instance prepares at a time (CREATE ... IF NOT EXISTS races otherwise).
@@ -302,7 +325,7 @@ pub(crate) async fn prepare(
     )
     .await?;
     tx.batch_execute(CATALOG).await?;
-    let decisions = decide(&tx, topology, instance).await?;
+    let decisions = decide(&tx, topology).await?;
     if let Some(refused) = decisions
         .iter()
         .find(|d| matches!(d.action, Action::Refuse { .. }))
@@ -326,28 +349,76 @@ pub(crate) async fn prepare(
             .await?;
         }
         let building = decision.action != Action::Keep;
+        let catalog = catalog_definition(topology, plan);
         if building {
-            let shadow = shadow_name(&pg.table);
-            tx.batch_execute(&format!(
-                "DROP TABLE IF EXISTS {}",
-                qualified(&pg.schema, &shadow)
-            ))
-            .await?;
-            create_table(&tx, plan, pg, &shadow, key_may_be_null(topology, plan)).await?;
-            tracing::info!(table = %pg.qualified(), action = ?decision.action, "building the table in a shadow table");
+            prepare_shadow(&tx, topology, plan, pg, &catalog).await?;
         } else {
             refresh_in_place(&tx, topology, pg).await?;
         }
+        let placement = topology
+            .partitioned_by(plan)
+            .map(|(source, part)| (topology.sources[source].topic.clone(), part));
+        let topics = topology
+            .table_topics(plan)
+            .into_iter()
+            .filter(|t| !topology.global_topics().contains(t))
+            .map(str::to_string)
+            .collect();
         targets.push(Target {
             plan: plan.clone(),
             pg: pg.clone(),
             definition: plan.definition(),
+            catalog,
+            placement,
+            topics,
             nullable_key: key_may_be_null(topology, plan),
             building,
         });
     }
     tx.commit().await?;
     Ok(targets)
+}
+
+/// Makes the shadow table a rebuild writes into: the one other instances already build with
+/// the same definition, or a new one (then no partition is written there yet).
+async fn prepare_shadow(
+    tx: &impl GenericClient,
+    topology: &Topology,
+    plan: &TablePlan,
+    pg: &PostgresTable,
+    catalog: &str,
+) -> Result<(), PostgresError> {
+    let shadow = shadow_name(&pg.table);
+    let building: Option<String> = tx
+        .query_opt(
+            "SELECT s.definition FROM miroir.shadows s WHERE s.schema_name = $1 AND s.table_name = $2 AND to_regclass($3) IS NOT NULL",
+            &[&pg.schema, &pg.table, &qualified(&pg.schema, &shadow)],
+        )
+        .await?
+        .map(|r| r.get(0));
+    if building.as_deref() == Some(catalog) {
+        tracing::info!(table = %pg.qualified(), "writing into the shadow table being built with the same definition");
+        return Ok(());
+    }
+    tx.batch_execute(&format!(
+        "DROP TABLE IF EXISTS {}",
+        qualified(&pg.schema, &shadow)
+    ))
+    .await?;
+    create_table(tx, plan, pg, &shadow, key_may_be_null(topology, plan)).await?;
+    tx.execute(
+        "DELETE FROM miroir.shadow_partitions WHERE schema_name = $1 AND table_name = $2",
+        &[&pg.schema, &pg.table],
+    )
+    .await?;
+    tx.execute(
+        "INSERT INTO miroir.shadows (schema_name, table_name, definition) VALUES ($1, $2, $3)
+         ON CONFLICT (schema_name, table_name) DO UPDATE SET definition = EXCLUDED.definition, created_at = now()",
+        &[&pg.schema, &pg.table, &catalog],
+    )
+    .await?;
+    tracing::info!(table = %pg.qualified(), "building the table in a new shadow table");
+    Ok(())
 }
 
 async fn ensure_role(tx: &impl GenericClient, role: &str) -> Result<(), PostgresError> {
@@ -531,25 +602,30 @@ pub(crate) async fn swap(
          ON CONFLICT (schema_name, table_name) DO UPDATE SET topology = EXCLUDED.topology,
            definition = EXCLUDED.definition, instance = EXCLUDED.instance, indexes = EXCLUDED.indexes,
            readers = EXCLUDED.readers, built_at = EXCLUDED.built_at",
-        &[&pg.schema, &pg.table, &topology.name, &catalog_definition(topology, &target.plan), &instance, &indexes_text(pg), &readers_text(pg)],
+        &[&pg.schema, &pg.table, &topology.name, &target.catalog, &instance, &indexes_text(pg), &readers_text(pg)],
+    )
+    .await?;
+    tx.execute(
+        "DELETE FROM miroir.shadows WHERE schema_name = $1 AND table_name = $2",
+        &[&pg.schema, &pg.table],
+    )
+    .await?;
+    tx.execute(
+        "DELETE FROM miroir.shadow_partitions WHERE schema_name = $1 AND table_name = $2",
+        &[&pg.schema, &pg.table],
     )
     .await?;
     Ok(())
 }
 
-/// What a start of `topology` (with the state directory whose id is `instance`) will do to
-/// each external table, without changing anything.
-pub fn plan(
-    url: &str,
-    topology: &Topology,
-    instance: &str,
-) -> Result<Vec<Decision>, PostgresError> {
+/// What a start of `topology` will do to each external table, without changing anything.
+pub fn plan(url: &str, topology: &Topology) -> Result<Vec<Decision>, PostgresError> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .map_err(|e| PostgresError::Config(format!("cannot start a runtime: {e}")))?;
     rt.block_on(async {
         let client = super::connect(url).await?;
-        decide(&client, topology, instance).await
+        decide(&client, topology).await
     })
 }

@@ -5,31 +5,42 @@
 //!
 //! ```sql
 //! BEGIN;
+//! SELECT pg_advisory_xact_lock_shared(...);         -- writers share; a swap excludes them
 //! SELECT sequence FROM miroir.progress WHERE topology = t AND instance = i FOR UPDATE;
 //! -- already >= n: a replay, nothing to do (COMMIT)
-//! COPY pg_temp.miroir_up_k FROM STDIN BINARY;      -- per table: new rows
+//! -- the catalog's definitions: a rebuilt table swapped in elsewhere is written in place
+//! upsert miroir.offsets SET instance = i            -- the partitions the group claims
+//! SELECT ... FROM miroir.offsets WHERE instance = i FOR UPDATE;  -- the partitions i writes
+//! -- per table: the changes of rows in those partitions
+//! COPY pg_temp.miroir_up_k FROM STDIN BINARY;      -- new rows
 //! INSERT INTO s.t SELECT * FROM miroir_up_k ON CONFLICT (key) DO UPDATE ... WHERE changed;
-//! -- snapshot (the first group of a run): DELETE FROM s.t WHERE key not in miroir_up_k;
-//! COPY pg_temp.miroir_del_k FROM STDIN BINARY;     -- per table: deleted keys
+//! -- claimed partitions: their rows the group does not write are deleted
+//! COPY pg_temp.miroir_del_k FROM STDIN BINARY;     -- deleted keys
 //! DELETE FROM s.t USING miroir_del_k WHERE key matches;
-//! upsert miroir.offsets, miroir.progress (sequence = n);
-//! -- caught up: swap complete shadow tables in
+//! update miroir.offsets, miroir.progress (sequence = n);
+//! -- caught up: the partitions claimed into shadow tables are complete there
 //! COMMIT;
+//! -- caught up: complete shadow tables are swapped in (exclusive lock, a transaction each)
 //! ```
+//!
+//! See [`super::ownership`] for who writes which rows.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use miroir_engine::error::ErrorClass;
-use miroir_engine::sink::{Applied, Durable, ExternalSink, SinkBatch, SinkError, TableChanges};
+use miroir_engine::sink::{
+    Applied, Claims, Durable, ExternalSink, SinkBatch, SinkError, TableChanges,
+};
 use miroir_engine::topology::Topology;
 use miroir_engine::value::Value;
 use tokio_postgres::binary_copy::BinaryCopyInWriter;
 use tokio_postgres::types::Type;
 use tokio_postgres::{Client, Transaction};
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
-use super::cell::{pg_type, Cell};
+use super::cell::{pg_type, Cell, ReadCell};
+use super::ownership;
 use super::rejects::{self, Rejection};
 use super::schema::{prepare, swap, Target};
 use super::{connect, ident, PostgresError};
@@ -47,6 +58,9 @@ pub struct PostgresSink {
     targets: Option<Vec<Target>>,
     /// Per target, the keys set aside in `miroir.rejects` (as committed).
     set_aside: Vec<HashSet<String>>,
+    /// The partitions claimed since the start and still written here (as committed): their
+    /// rows in a shadow table are this instance's.
+    claimed: HashSet<(String, u32)>,
 }
 
 impl PostgresSink {
@@ -72,6 +86,7 @@ impl PostgresSink {
             staged: HashSet::new(),
             targets: None,
             set_aside: Vec::new(),
+            claimed: HashSet::new(),
         })
     }
 
@@ -83,7 +98,7 @@ impl PostgresSink {
         }
         if self.targets.is_none() {
             let client = self.client.as_mut().expect("connected above");
-            let targets = prepare(client, &self.topology, &self.instance).await?;
+            let targets = prepare(client, &self.topology).await?;
             let mut set_aside = rejects::outstanding(client, &self.topology.name).await?;
             self.set_aside = targets
                 .iter()
@@ -103,18 +118,19 @@ impl PostgresSink {
     async fn try_apply(
         &mut self,
         batches: &[SinkBatch],
-        snapshot: bool,
         durable: &Durable,
         one_by_one: bool,
     ) -> Result<Applied, PostgresError> {
         self.ready().await?;
         let client = self.client.as_mut().expect("connected by ready");
         let targets = self.targets.as_mut().expect("prepared by ready");
+        let topology = &self.topology.name;
         let tx = client.transaction().await?;
+        ownership::lock_writers(&tx, topology, false).await?;
         let applied: Option<i64> = tx
             .query_opt(
                 "SELECT sequence FROM miroir.progress WHERE topology = $1 AND instance = $2 FOR UPDATE",
-                &[&self.topology.name, &self.instance],
+                &[topology, &self.instance],
             )
             .await?
             .map(|r| r.get(0));
@@ -129,17 +145,26 @@ impl PostgresSink {
             return Ok(Applied::default());
         };
         let sequence = last.sequence as i64;
-        // A snapshot replaces the tables only if none of its batches was applied before.
-        let replace = snapshot && fresh.len() == batches.len();
+        ownership::check_definitions(&tx, targets).await?;
+        let claims = Claims::of(fresh.iter().copied());
+        let global = self.topology.global_topics();
+        ownership::claim(&tx, topology, &self.instance, &claims, &global).await?;
+        let owned = ownership::owned(&tx, topology, &self.instance).await?;
         let mut applied = Applied::default();
         let mut settled = Vec::new();
         let at = rejects::Where {
-            topology: &self.topology.name,
+            topology,
             instance: &self.instance,
             sequence,
         };
         for (k, target) in targets.iter().enumerate() {
-            let (upserts, deletes) = final_changes(target, &fresh);
+            let (mut upserts, mut deletes) = final_changes(target, &fresh);
+            let fenced = owned.keep(target, &mut upserts, &mut deletes);
+            if fenced > 0 {
+                warn!(table = %target.plan.name, rows = fenced, "changes of partitions another instance writes now: left to it");
+            }
+            let (replace, gone) = replacement(&tx, target, &claims, &upserts).await?;
+            deletes.extend(gone.iter().map(Vec::as_slice));
             if upserts.is_empty() && deletes.is_empty() && !replace {
                 continue;
             }
@@ -168,46 +193,163 @@ impl PostgresSink {
                 applied.rejected.push((table, rejected.len() as u64));
             }
         }
-        let mut offsets: HashMap<(&str, u32), i64> = HashMap::new();
-        for o in fresh.iter().flat_map(|b| &b.offsets) {
-            offsets.insert((o.topic.as_str(), o.partition), o.offset);
-        }
-        let topics: Vec<&str> = offsets.keys().map(|(t, _)| *t).collect();
-        let partitions: Vec<i32> = offsets.keys().map(|(_, p)| *p as i32).collect();
-        let offsets: Vec<i64> = offsets.values().copied().collect();
-        tx.execute(
-            "INSERT INTO miroir.offsets (topology, topic, partition, \"offset\", instance, sequence, updated_at)
-             SELECT $1, t, p, o, $5, $6, now() FROM unnest($2::text[], $3::int[], $4::bigint[]) AS u(t, p, o)
-             ON CONFLICT (topology, topic, partition) DO UPDATE SET \"offset\" = EXCLUDED.\"offset\",
-               instance = EXCLUDED.instance, sequence = EXCLUDED.sequence, updated_at = EXCLUDED.updated_at",
-            &[&self.topology.name, &topics, &partitions, &offsets, &self.instance, &sequence],
-        )
-        .await?;
-        tx.execute(
-            "INSERT INTO miroir.progress (topology, instance, sequence, updated_at) VALUES ($1, $2, $3, now())
-             ON CONFLICT (topology, instance) DO UPDATE SET sequence = EXCLUDED.sequence, updated_at = EXCLUDED.updated_at",
-            &[&self.topology.name, &self.instance, &sequence],
-        )
-        .await?;
-        let mut swapped = Vec::new();
-        if fresh.iter().any(|b| b.caught_up) {
-            for (k, target) in targets.iter().enumerate().filter(|(_, t)| t.building) {
-                swap(&tx, &self.topology, target, &self.instance).await?;
-                swapped.push(k);
+        record_offsets(&tx, (topology, &self.instance), &fresh, &owned, sequence).await?;
+        let caught_up = fresh.iter().any(|b| b.caught_up);
+        let mut claimed = self.claimed.clone();
+        claimed.extend(claims.iter().map(|(t, p, _)| (t.to_string(), p)));
+        claimed.retain(|(t, p)| owned.contains(t, *p));
+        if caught_up {
+            for target in targets.iter().filter(|t| t.building) {
+                let ready: Vec<u32> = match &target.placement {
+                    Some((topic, _)) => owned
+                        .partitions(topic)
+                        .filter(|p| claimed.contains(&(topic.clone(), *p)))
+                        .collect(),
+                    None => Vec::new(),
+                };
+                ownership::mark_ready(&tx, target, &ready, &self.instance).await?;
             }
         }
         // The database never leads RocksDB: the commit waits for the epoch's to be durable.
         durable.wait()?;
         tx.commit().await?;
+        self.claimed = claimed;
         for (k, change) in settled {
             change.apply(&mut self.set_aside[k]);
         }
-        for k in swapped {
-            targets[k].building = false;
-            info!(table = %targets[k].pg.qualified(), "rebuilt table swapped in");
+        if caught_up {
+            self.swap_complete().await;
         }
         Ok(applied)
     }
+
+    /// Swaps in each table being rebuilt whose shadow table is complete (see
+    /// [`ownership::shadow_complete`]). A failure is logged: the next caught-up batch tries
+    /// again.
+    async fn swap_complete(&mut self) {
+        let building = self.targets.iter().flatten().filter(|t| t.building).count();
+        for _ in 0..building {
+            match self.try_swap().await {
+                Ok(true) => continue,
+                Ok(false) => return,
+                Err(e) => {
+                    warn!(error = %e, "cannot swap a rebuilt table in yet: the next caught-up batch tries again");
+                    self.client = None;
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Swaps in the first table being rebuilt whose shadow table is complete, in a
+    /// transaction of its own that waits for every writer; false when there is none.
+    async fn try_swap(&mut self) -> Result<bool, PostgresError> {
+        let client = self.client.as_mut().expect("connected by ready");
+        let targets = self.targets.as_mut().expect("prepared by ready");
+        let tx = client.transaction().await?;
+        ownership::lock_writers(&tx, &self.topology.name, true).await?;
+        ownership::check_definitions(&tx, targets).await?;
+        let global = self.topology.global_topics();
+        for target in targets.iter_mut().filter(|t| t.building) {
+            let complete = ownership::shadow_complete(
+                &tx,
+                &self.topology.name,
+                target,
+                &self.instance,
+                &global,
+            )
+            .await?;
+            if !complete {
+                debug!(table = %target.pg.qualified(), "the rebuilt table waits for partitions other instances write");
+                continue;
+            }
+            swap(&tx, &self.topology, target, &self.instance).await?;
+            tx.commit().await?;
+            target.building = false;
+            info!(table = %target.pg.qualified(), "rebuilt table swapped in");
+            return Ok(true);
+        }
+        Ok(false)
+    }
+}
+
+/// Records the last applied offsets of `fresh`'s partitions that `instance` writes, with the
+/// sequence of the last batch, and `instance`'s progress.
+async fn record_offsets(
+    tx: &Transaction<'_>,
+    (topology, instance): (&str, &str),
+    fresh: &[&SinkBatch],
+    owned: &ownership::Owned,
+    sequence: i64,
+) -> Result<(), PostgresError> {
+    let mut offsets: HashMap<(&str, u32), i64> = HashMap::new();
+    for o in fresh.iter().flat_map(|b| &b.offsets) {
+        if owned.contains(&o.topic, o.partition) {
+            offsets.insert((o.topic.as_str(), o.partition), o.offset);
+        }
+    }
+    let topics: Vec<&str> = offsets.keys().map(|(t, _)| *t).collect();
+    let partitions: Vec<i32> = offsets.keys().map(|(_, p)| *p as i32).collect();
+    let offsets: Vec<i64> = offsets.values().copied().collect();
+    tx.execute(
+        "UPDATE miroir.offsets o SET \"offset\" = u.o, sequence = $6, updated_at = now()
+         FROM unnest($2::text[], $3::int[], $4::bigint[]) AS u(t, p, o)
+         WHERE o.topology = $1 AND o.topic = u.t AND o.partition = u.p AND o.instance = $5",
+        &[&topology, &topics, &partitions, &offsets, &instance, &sequence],
+    )
+    .await?;
+    tx.execute(
+        "INSERT INTO miroir.progress (topology, instance, sequence, updated_at) VALUES ($1, $2, $3, now())
+         ON CONFLICT (topology, instance) DO UPDATE SET sequence = EXCLUDED.sequence, updated_at = EXCLUDED.updated_at",
+        &[&topology, &instance, &sequence],
+    )
+    .await?;
+    Ok(())
+}
+
+/// How the claims of a group replace `target`'s rows: whole (every partition of its source
+/// claimed: the upserts are the table), or the keys to delete of the claimed partitions'
+/// rows the group does not write (read from the table, whose rows of those partitions this
+/// instance alone writes now).
+async fn replacement(
+    tx: &Transaction<'_>,
+    target: &Target,
+    claims: &Claims,
+    upserts: &[&[Value]],
+) -> Result<(bool, Vec<Vec<Value>>), PostgresError> {
+    let Some((topic, part)) = &target.placement else {
+        let whole = !target.topics.is_empty() && target.topics.iter().all(|t| claims.covers(t));
+        return Ok((whole, Vec::new()));
+    };
+    let Some((count, claimed)) = claims.of_topic(topic) else {
+        return Ok((false, Vec::new()));
+    };
+    if claims.covers(topic) {
+        return Ok((true, Vec::new()));
+    }
+    let key = &target.plan.key;
+    let written: HashSet<Vec<&Value>> = upserts
+        .iter()
+        .map(|row| key.iter().map(|i| &row[*i]).collect())
+        .collect();
+    let rows = tx
+        .query(
+            &format!("SELECT {} FROM {}", key_names(target).join(", "), target.written()),
+            &[],
+        )
+        .await?;
+    let mut gone = Vec::new();
+    for row in rows {
+        let values: Vec<Value> = (0..key.len())
+            .map(|i| row.try_get::<_, ReadCell>(i).map(|c| c.0))
+            .collect::<Result<_, _>>()?;
+        let mine = claimed.contains(&ownership::partition_of(&values[*part], count));
+        if mine && !written.contains(&values.iter().collect::<Vec<_>>()) {
+            gone.push(values);
+        }
+    }
+    debug!(table = %target.plan.name, deleted = gone.len(), "claimed partitions' rows not derived again");
+    Ok((false, gone))
 }
 
 /// The net effect of `batches` (in order) on `target`: the last row of each key written, and
@@ -241,6 +383,7 @@ fn final_changes<'a>(
     }
     let mut last: HashMap<Vec<&'a Value>, Result<&'a [Value], &'a [Value]>> = HashMap::new();
     for batch in batches {
+        forget_claimed(target, batch, &mut last);
         for changes in mine(batch) {
             if !current(batch, changes) {
                 continue;
@@ -265,6 +408,28 @@ fn final_changes<'a>(
     (upserts, deletes)
 }
 
+/// Forgets the changes of `last` (by key) in the partitions `batch` claims: the rows of a
+/// claimed partition are those from the claim on (earlier ones are from a former ownership).
+fn forget_claimed<T>(target: &Target, batch: &SinkBatch, last: &mut HashMap<Vec<&Value>, T>) {
+    let Some((topic, part)) = &target.placement else {
+        return;
+    };
+    let claimed: HashSet<(u32, u32)> = batch
+        .claims
+        .iter()
+        .filter(|c| c.topic == *topic)
+        .map(|c| (c.partition, c.partitions))
+        .collect();
+    if claimed.is_empty() || last.is_empty() {
+        return;
+    }
+    last.retain(|key, _| {
+        !claimed
+            .iter()
+            .any(|(p, count)| ownership::partition_of(key[*part], *count) == *p)
+    });
+}
+
 impl ExternalSink for PostgresSink {
     fn connect(&mut self) -> Result<(), SinkError> {
         let rt = self.rt.clone();
@@ -274,19 +439,14 @@ impl ExternalSink for PostgresSink {
         })
     }
 
-    fn apply(
-        &mut self,
-        batches: &[SinkBatch],
-        snapshot: bool,
-        durable: &Durable,
-    ) -> Result<Applied, SinkError> {
+    fn apply(&mut self, batches: &[SinkBatch], durable: &Durable) -> Result<Applied, SinkError> {
         let rt = self.rt.clone();
-        let mut result = rt.block_on(self.try_apply(batches, snapshot, durable, false));
+        let mut result = rt.block_on(self.try_apply(batches, durable, false));
         if let Err(e) = &result {
             if e.class() == ErrorClass::Definite {
                 warn!(error = %e, "the database refuses a row of these batches: applying them again a row at a time, to set the refused rows aside");
                 self.client = None;
-                result = rt.block_on(self.try_apply(batches, snapshot, durable, true));
+                result = rt.block_on(self.try_apply(batches, durable, true));
             }
         }
         result.map_err(|e| {

@@ -12,7 +12,7 @@ use super::shared::Shared;
 use crate::changelog::{logged_table, ChangelogRecord};
 use crate::partition::partition_for_key;
 use crate::plan::repartition::Repartition;
-use crate::plan::TablePlan;
+use crate::plan::{Distribution, TablePlan};
 use crate::sink::TableChanges;
 use crate::state::key::{encode_key, encode_row_key, key_hex};
 use crate::state::{encode, Commit};
@@ -103,6 +103,48 @@ pub(crate) fn write_rows(
         }
         commit.delete_row(&table.name, encoded);
     }
+}
+
+/// The changes of external table `table` this instance writes: those of rows in partitions
+/// it owns (a revoked partition's rows leave the dataflow, not the database: its next owner
+/// writes them); for a table computed from every partition, all of them when this instance
+/// holds every partition, none otherwise (said once).
+pub(crate) fn owned_changes(
+    shared: &Shared,
+    table: &TablePlan,
+    mut changes: TableChanges,
+) -> TableChanges {
+    let topology = &shared.topology;
+    let status = &shared.status;
+    if let Some((source, key_part)) = topology.partitioned_by(table) {
+        let topic = &topology.sources[source].topic;
+        let Some(partitions) = status.partition_count(topic) else {
+            return changes;
+        };
+        let place = RowPlacement {
+            source,
+            partitions,
+            key_part,
+        };
+        let owned = |key: &[Value]| status.owns(topic, place.task(key).1);
+        changes.upserts.retain(|row| {
+            let key: Vec<Value> = table.key.iter().map(|k| row[*k].clone()).collect();
+            owned(&key)
+        });
+        changes.deletes.retain(|key| owned(key));
+        return changes;
+    }
+    if topology.distribution(table) == Distribution::Everywhere
+        || status.all_restored(&topology.table_topics(table))
+    {
+        return changes;
+    }
+    if shared.partial_skipped.lock().insert(table.name.clone()) {
+        warn!(table = %table.name, "this instance does not hold every partition the table is computed from, and the table cannot be split into stages (see `miroir explain`): its changes are not written here");
+    }
+    changes.upserts.clear();
+    changes.deletes.clear();
+    changes
 }
 
 /// The records of an epoch's `deltas` of `repartition` (see [`crate::plan::repartition`]):

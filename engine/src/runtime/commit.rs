@@ -183,10 +183,10 @@ fn write_commit(shared: &Shared, epoch: Epoch, commit: Commit) -> bool {
 /// `None` when there is nothing to tell the database.
 fn sink_batch(shared: &Shared, commit: &mut Option<Commit>) -> Option<SinkBatch> {
     let tables = std::mem::take(&mut *shared.sink_changes.lock());
-    let topics = shared.topology.topics();
-    let caught_up = shared.status.caught_up(&topics);
+    let claims = std::mem::take(&mut *shared.sink_claims.lock());
+    let caught_up = shared.status.caught_up_here(&shared.topology.global_topics());
     let announce = caught_up && !shared.announced_caught_up.load(Ordering::SeqCst);
-    if tables.is_empty() && !announce {
+    if tables.is_empty() && claims.is_empty() && !announce {
         // Offsets alone are bookkeeping: they travel with the next batch that has changes.
         return None;
     }
@@ -207,6 +207,7 @@ fn sink_batch(shared: &Shared, commit: &mut Option<Commit>) -> Option<SinkBatch>
         tables,
         offsets,
         caught_up,
+        claims,
     };
     let encoded = encode(&batch);
     commit
@@ -215,28 +216,41 @@ fn sink_batch(shared: &Shared, commit: &mut Option<Commit>) -> Option<SinkBatch>
     Some(batch)
 }
 
-/// Hands `batch` to the sink thread, with the batches held before it, once every task is
-/// restored (or after [`HOLD_LIMIT`]); holds it otherwise. The first group of a run, when
-/// every task is restored, is the tables' snapshot (see [`crate::sink`]). Blocks while the
-/// database still applies the previous group: backpressure.
+/// Hands `batch` to the sink thread, with the batches held before it, once the partitions
+/// the external tables wait for are restored (see [`restored_for_sink`]) or after
+/// [`HOLD_LIMIT`]; holds it otherwise. Blocks while the database still applies the previous
+/// group: backpressure.
 fn hand_over(shared: &Shared, sink: &SinkSender, batch: SinkBatch, durable: Durable) {
-    let topics = shared.topology.topics();
     let mut held = shared.held.lock();
-    let restored = shared.status.all_restored(&topics);
+    let restored = restored_for_sink(shared);
     if !restored && shared.started.elapsed() < HOLD_LIMIT {
         sink.held(1);
         held.push(batch);
         return;
     }
     if !restored && !held.is_empty() {
-        warn!("not every source partition is assigned to this instance: external tables are written from the assigned ones");
+        warn!("the global sources are not restored yet: external tables are written without them meanwhile");
     }
-    let first = !shared.handed_over.swap(true, Ordering::SeqCst);
-    let snapshot = restored && first;
     let mut group = std::mem::take(&mut *held);
     let counted = group.len();
     group.push(batch);
-    sink.submit(group, counted, snapshot, durable);
+    sink.submit(group, counted, durable);
+}
+
+/// Whether every partition of the global sources has its task here, and, when an external
+/// table cannot be split across instances ([`crate::plan::Distribution::Partial`]), every
+/// partition of every source too: until then, a join with a source not restored yet would
+/// show readers an intermediate table.
+fn restored_for_sink(shared: &Shared) -> bool {
+    let topology = &shared.topology;
+    let partial = topology.tables.iter().any(|t| {
+        t.postgres().is_some() && topology.distribution(t) == crate::plan::Distribution::Partial
+    });
+    let topics = match partial {
+        true => topology.topics(),
+        false => topology.global_topics(),
+    };
+    shared.status.all_restored(&topics)
 }
 
 /// Batches left in the outbox by the previous run, in sequence order. Their `caught_up`

@@ -33,7 +33,7 @@ mod status;
 mod tasks;
 mod worker;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Barrier};
 
@@ -130,9 +130,10 @@ impl Runtime {
             sink_changes: Mutex::new(Vec::new()),
             sink_offsets: Mutex::new(HashMap::new()),
             announced_caught_up: AtomicBool::new(false),
+            sink_claims: Mutex::new(Vec::new()),
             held: Mutex::new(Vec::new()),
             started: Instant::now(),
-            handed_over: AtomicBool::new(false),
+            partial_skipped: Mutex::new(HashSet::new()),
             changelog,
             topology,
             store: store.clone(),

@@ -1,7 +1,7 @@
 //! What the workers of a runtime share: the topology, the store, the epoch's commit in the
 //! making, the barrier, and the external tables' batches on their way.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Barrier};
 use std::time::Instant;
@@ -14,7 +14,7 @@ use super::status::{Status, TopicPartition};
 use crate::changelog::ChangelogWriter;
 use crate::ingest::ErrorSink;
 use crate::metrics::Metrics;
-use crate::sink::{Sequence, SinkBatch, SinkSender, TableChanges};
+use crate::sink::{Claim, Sequence, SinkBatch, SinkSender, TableChanges};
 use crate::state::{Commit, StateStore};
 use crate::topology::Topology;
 
@@ -43,6 +43,8 @@ pub(super) struct Shared {
     /// The last applied offset of each task since the last batch, contributed by every
     /// worker (bookkeeping).
     pub(super) sink_offsets: Mutex<HashMap<TopicPartition, i64>>,
+    /// The partitions whose task opened in the epoch (see [`Claim`]).
+    pub(super) sink_claims: Mutex<Vec<Claim>>,
     /// Whether a batch said `caught_up` since the start.
     pub(super) announced_caught_up: AtomicBool,
     /// Batches committed (in the outbox) but held back until every task is restored.
@@ -51,7 +53,7 @@ pub(super) struct Shared {
     pub(super) started: Instant,
     /// Where each epoch's changelog records go first, when state is logged.
     pub(super) changelog: Option<Arc<dyn ChangelogWriter>>,
-    /// Whether a group of batches went to the sink since the start (the first one is the
-    /// snapshot, when every task is restored by then).
-    pub(super) handed_over: AtomicBool,
+    /// The external tables whose changes were left out because this instance does not hold
+    /// every partition they are computed from (said once per table).
+    pub(super) partial_skipped: Mutex<HashSet<String>>,
 }

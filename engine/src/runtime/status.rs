@@ -265,10 +265,10 @@ impl Status {
         })
     }
 
-    /// Whether every partition of every topic in `topics` has its task on this instance and
-    /// is read up to its high watermark (as of the last commit).
-    pub(crate) fn caught_up(&self, topics: &[&str]) -> bool {
-        self.lag() == Some(0) && self.all_restored(topics)
+    /// Whether every task on this instance is read up to its high watermark (as of the last
+    /// commit), and every partition of every topic in `everywhere` has its task here.
+    pub(crate) fn caught_up_here(&self, everywhere: &[&str]) -> bool {
+        self.lag() == Some(0) && self.all_restored(everywhere)
     }
 }
 

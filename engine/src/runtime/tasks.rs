@@ -7,7 +7,7 @@ use std::collections::HashMap;
 
 use crossbeam_channel::Sender;
 use differential_dataflow::input::InputSession;
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
 use super::shared::Shared;
 use super::status::TopicPartition;
@@ -15,6 +15,7 @@ use crate::dataflow::Epoch;
 use crate::ingest::task::{Origin, Task};
 use crate::ingest::{Message, Records};
 use crate::partition::worker_for_partition;
+use crate::sink::Claim;
 use crate::state::{Commit, StoreError};
 use crate::value::Row;
 
@@ -140,6 +141,7 @@ impl Tasks {
                 Ok(task) => {
                     info!(source = %src.name, topic = %src.topic, partition, rows = task.len(), offset = ?task.offset(), "task created");
                     shared.status.task_opened(&src.topic, partition);
+                    claim(shared, &src.topic, partition);
                     Some(slot.insert(task))
                 }
                 Err(e) => {
@@ -220,6 +222,24 @@ impl Tasks {
         shared.status.offsets_committed(offsets);
         for ack in self.acks.drain(..) {
             let _ = ack.send(());
+        }
+    }
+}
+
+/// Names a partition whose task opened in the epoch's batch of external-table changes: its
+/// rows there are derived again from the restored state (see [`crate::sink::Claim`]).
+fn claim(shared: &Shared, topic: &str, partition: u32) {
+    if shared.sink.is_none() {
+        return;
+    }
+    match shared.status.partition_count(topic) {
+        Some(partitions) => shared.sink_claims.lock().push(Claim {
+            topic: topic.to_string(),
+            partition,
+            partitions,
+        }),
+        None => {
+            warn!(%topic, partition, "partition count unknown: the external tables keep the partition's former rows")
         }
     }
 }

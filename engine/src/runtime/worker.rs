@@ -10,7 +10,7 @@ use timely::dataflow::operators::{Exchange, Inspect, Probe};
 use timely::dataflow::ProbeHandle;
 use tracing::{debug, info};
 
-use super::changes::{repartition_records, table_changes, write_rows, RowPlacement};
+use super::changes::{owned_changes, repartition_records, table_changes, write_rows, RowPlacement};
 use super::inbox::InboxReceiver;
 use super::shared::Shared;
 use super::tasks::Tasks;
@@ -186,7 +186,10 @@ fn write_tables(shared: &Shared, captures: &[Capture], commit: &mut Commit) {
         let changes = table_changes(table, deltas);
         if table.postgres().is_none() {
             write_rows(table, &changes, commit, row_placement(shared, table));
-        } else if !changes.upserts.is_empty() || !changes.deletes.is_empty() {
+            continue;
+        }
+        let changes = owned_changes(shared, table, changes);
+        if !changes.upserts.is_empty() || !changes.deletes.is_empty() {
             commit::add_sink_changes(shared, changes);
         }
     }

@@ -413,6 +413,27 @@ impl Topology {
         self.sources.iter().map(|s| s.topic.as_str()).collect()
     }
 
+    /// The topics of the global sources.
+    pub fn global_topics(&self) -> Vec<&str> {
+        self.sources
+            .iter()
+            .filter(|s| s.global)
+            .map(|s| s.topic.as_str())
+            .collect()
+    }
+
+    /// The topics of the sources `table` is computed from (stages' included), once each.
+    pub fn table_topics(&self, table: &TablePlan) -> Vec<&str> {
+        let mut sources = Vec::new();
+        table.computed().sources(&mut sources);
+        sources.sort_unstable();
+        sources.dedup();
+        sources
+            .into_iter()
+            .map(|s| self.sources[s].topic.as_str())
+            .collect()
+    }
+
     /// The source named `name`.
     pub fn source(&self, name: &str) -> Option<&Source> {
         self.sources.iter().find(|s| s.name == name)
