@@ -115,6 +115,10 @@ FROM a JOIN b ON a.g = b.id GROUP BY b.name HAVING count(*) > 1"""
 query = "SELECT g, count(*) AS c, sum(n) AS s FROM a GROUP BY g"
 [tables.b_sizes]
 query = "SELECT b.id, count(a.id) AS c, max(a.n) AS mx FROM b LEFT JOIN a ON a.g = b.id GROUP BY b.id"
+[tables.directory]
+query = "SELECT a.id, a.n, coalesce(b.name, 'none') AS name FROM a LEFT JOIN b ON a.g = b.id WHERE a.n IS NULL OR a.n > 0"
+[tables.named]
+query = "SELECT a.id, b.name FROM a JOIN b ON a.g = b.id"
 "#;
 
 /// Runs the tables of topology `text` (`split` into stages, or not) through `epochs` of

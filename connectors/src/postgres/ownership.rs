@@ -13,8 +13,9 @@
 //! Every transaction that writes rows takes a shared advisory lock of the topology, a swap an
 //! exclusive one ([`lock_writers`]): a shadow table is never swapped while rows are written
 //! into it, and every transaction sees the definitions as they are ([`check_definitions`]).
-//! A rebuilt table is complete when each partition of its source was claimed into the shadow
-//! table by its current writer and caught up there ([`mark_ready`], [`shadow_complete`]).
+//! A rebuilt table is complete when each partition of every topic it is computed from was
+//! claimed into the shadow table by its current writer and caught up there ([`mark_ready`],
+//! [`shadow_complete`]).
 
 use std::collections::{HashMap, HashSet};
 
@@ -147,13 +148,6 @@ impl Owned {
         self.0.get(topic).is_some_and(|(_, ps)| ps.contains(&partition))
     }
 
-    /// Whether every partition of `topic` is written here.
-    pub(crate) fn covers(&self, topic: &str) -> bool {
-        self.0.get(topic).is_some_and(|(count, ps)| {
-            count.is_some_and(|n| (0..n).all(|p| ps.contains(&p)))
-        })
-    }
-
     /// The partitions of `topic` written here.
     pub(crate) fn partitions(&self, topic: &str) -> impl Iterator<Item = u32> + '_ {
         self.0.get(topic).into_iter().flat_map(|(_, ps)| ps.iter().copied())
@@ -196,57 +190,54 @@ pub(crate) fn partition_of(key_part: &Value, count: u32) -> u32 {
     partition_for_key(key_part.to_key_text().as_bytes(), count)
 }
 
-/// Records that the partitions of `target`'s source in `ready` (claimed into its shadow table
+/// Records that the partitions in `ready` (per topic: claimed into `target`'s shadow table
 /// since this instance started, and caught up) are complete there, written by `instance`.
 pub(crate) async fn mark_ready(
     tx: &impl GenericClient,
     target: &Target,
-    ready: &[u32],
+    ready: &[(&str, u32)],
     instance: &str,
 ) -> Result<(), PostgresError> {
-    let Some((topic, _)) = &target.placement else {
+    if ready.is_empty() {
         return Ok(());
-    };
-    let partitions: Vec<i32> = ready.iter().map(|p| *p as i32).collect();
+    }
+    let topics: Vec<&str> = ready.iter().map(|r| r.0).collect();
+    let partitions: Vec<i32> = ready.iter().map(|r| r.1 as i32).collect();
     tx.execute(
         "INSERT INTO miroir.shadow_partitions (schema_name, table_name, topic, partition, instance, ready_at)
-         SELECT $1, $2, $3, p, $4, now() FROM unnest($5::int[]) AS u(p)
+         SELECT $1, $2, t, p, $3, now() FROM unnest($4::text[], $5::int[]) AS u(t, p)
          ON CONFLICT (schema_name, table_name, topic, partition) DO UPDATE SET instance = EXCLUDED.instance,
            ready_at = EXCLUDED.ready_at",
-        &[&target.pg.schema, &target.pg.table, topic, &instance, &partitions],
+        &[&target.pg.schema, &target.pg.table, &instance, &topics, &partitions],
     )
     .await?;
     Ok(())
 }
 
-/// Whether `target`'s shadow table holds every partition of its source, each claimed into
-/// it and caught up by the partition's current writer (a partition that moved since was
-/// written somewhere else meanwhile); for a table not following one source's partitions,
-/// whether `instance` writes every partition it is computed from.
+/// Whether `target`'s shadow table is complete: every partition of every topic it is
+/// computed from (through its stages; global ones left out) was claimed into it and caught
+/// up by the partition's current writer. A partition that moved since was written somewhere
+/// else meanwhile; one read by an instance that runs another definition (a topology changed
+/// while some instances still run the former one) feeds the former table, not this one.
 pub(crate) async fn shadow_complete(
     tx: &impl GenericClient,
     topology: &str,
     target: &Target,
-    instance: &str,
-    global: &[&str],
 ) -> Result<bool, PostgresError> {
-    let Some((topic, _)) = &target.placement else {
-        let owned = owned(tx, topology, instance).await?;
-        return Ok(target
-            .topics
-            .iter()
-            .filter(|t| !global.contains(&t.as_str()))
-            .all(|t| owned.covers(t)));
-    };
-    let row = tx
-        .query_one(
-            "SELECT (SELECT max(partitions) FROM miroir.offsets WHERE topology = $1 AND topic = $2),
-                    (SELECT count(*) FROM miroir.shadow_partitions r JOIN miroir.offsets o
-                       ON o.topology = $1 AND o.topic = r.topic AND o.partition = r.partition AND o.instance = r.instance
-                     WHERE r.schema_name = $3 AND r.table_name = $4 AND r.topic = $2)",
-            &[&topology, topic, &target.pg.schema, &target.pg.table],
-        )
-        .await?;
-    let (count, ready): (Option<i32>, i64) = (row.get(0), row.get(1));
-    Ok(count.is_some_and(|n| ready >= i64::from(n)))
+    for (topic, _) in target.topics.iter().filter(|(_, global)| !global) {
+        let row = tx
+            .query_one(
+                "SELECT (SELECT max(partitions) FROM miroir.offsets WHERE topology = $1 AND topic = $2),
+                        (SELECT count(*) FROM miroir.shadow_partitions r JOIN miroir.offsets o
+                           ON o.topology = $1 AND o.topic = r.topic AND o.partition = r.partition AND o.instance = r.instance
+                         WHERE r.schema_name = $3 AND r.table_name = $4 AND r.topic = $2)",
+                &[&topology, topic, &target.pg.schema, &target.pg.table],
+            )
+            .await?;
+        let (count, ready): (Option<i32>, i64) = (row.get(0), row.get(1));
+        if !count.is_some_and(|n| ready >= i64::from(n)) {
+            return Ok(false);
+        }
+    }
+    Ok(true)
 }

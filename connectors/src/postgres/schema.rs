@@ -148,8 +148,9 @@ pub(crate) struct Target {
     /// The topic whose partitions the rows follow and the part of the key that tells the
     /// partition, for a table whose rows follow one source's partitions.
     pub(crate) placement: Option<(String, usize)>,
-    /// The topics of the sources it is computed from, global ones left out.
-    pub(crate) topics: Vec<String>,
+    /// The topics of the sources it is computed from, through its stages, each with whether
+    /// it is a global source's.
+    pub(crate) topics: Vec<(String, bool)>,
     /// Whether a key column may hold NULL (see [`key_may_be_null`]).
     pub(crate) nullable_key: bool,
     /// Where rows go now: the table itself, or its shadow while it is built.
@@ -361,8 +362,7 @@ pub(crate) async fn prepare(
         let topics = topology
             .table_topics(plan)
             .into_iter()
-            .filter(|t| !topology.global_topics().contains(t))
-            .map(str::to_string)
+            .map(|t| (t.to_string(), topology.global_topics().contains(&t)))
             .collect();
         targets.push(Target {
             plan: plan.clone(),

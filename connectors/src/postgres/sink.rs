@@ -200,13 +200,12 @@ impl PostgresSink {
         claimed.retain(|(t, p)| owned.contains(t, *p));
         if caught_up {
             for target in targets.iter().filter(|t| t.building) {
-                let ready: Vec<u32> = match &target.placement {
-                    Some((topic, _)) => owned
-                        .partitions(topic)
-                        .filter(|p| claimed.contains(&(topic.clone(), *p)))
-                        .collect(),
-                    None => Vec::new(),
-                };
+                let ready: Vec<(&str, u32)> = target
+                    .topics
+                    .iter()
+                    .flat_map(|(topic, _)| owned.partitions(topic).map(|p| (topic.as_str(), p)))
+                    .filter(|(topic, p)| claimed.contains(&(topic.to_string(), *p)))
+                    .collect();
                 ownership::mark_ready(&tx, target, &ready, &self.instance).await?;
             }
         }
@@ -249,16 +248,8 @@ impl PostgresSink {
         let tx = client.transaction().await?;
         ownership::lock_writers(&tx, &self.topology.name, true).await?;
         ownership::check_definitions(&tx, targets).await?;
-        let global = self.topology.global_topics();
         for target in targets.iter_mut().filter(|t| t.building) {
-            let complete = ownership::shadow_complete(
-                &tx,
-                &self.topology.name,
-                target,
-                &self.instance,
-                &global,
-            )
-            .await?;
+            let complete = ownership::shadow_complete(&tx, &self.topology.name, target).await?;
             if !complete {
                 debug!(table = %target.pg.qualified(), "the rebuilt table waits for partitions other instances write");
                 continue;
@@ -318,7 +309,8 @@ async fn replacement(
     upserts: &[&[Value]],
 ) -> Result<(bool, Vec<Vec<Value>>), PostgresError> {
     let Some((topic, part)) = &target.placement else {
-        let whole = !target.topics.is_empty() && target.topics.iter().all(|t| claims.covers(t));
+        let whole =
+            !target.topics.is_empty() && target.topics.iter().all(|(t, _)| claims.covers(t));
         return Ok((whole, Vec::new()));
     };
     let Some((count, claimed)) = claims.of_topic(topic) else {

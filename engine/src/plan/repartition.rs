@@ -34,7 +34,8 @@
 //! meanwhile), leaving rows nobody deletes. Such tables, joins keyed by a column that is not
 //! the join's, and groupings with `avg` are not split: they stay [`Distribution::Partial`].
 
-use super::{AggFunc, Aggregate, Distribution, Expr, Plan};
+use super::expr::BinaryOp;
+use super::{AggFunc, Aggregate, Distribution, Expr, JoinKind, Plan};
 use crate::partition::murmur2;
 use crate::topology::{Source, SourceFormat};
 use crate::value::{Column, ColumnType};
@@ -74,6 +75,9 @@ pub(crate) struct Splitter<'a> {
     /// The repartitions made, each with the source reading it back (at positions
     /// `sources.len()` and on).
     pub(crate) made: Vec<(Repartition, Source)>,
+    /// Whether a join whose left side is repartitioned by its join column is brought back to
+    /// the partitions of the left side's key (see [`Splitter::back_to_left`]).
+    keyed_back: bool,
 }
 
 impl<'a> Splitter<'a> {
@@ -83,7 +87,15 @@ impl<'a> Splitter<'a> {
             names: (topology, table),
             sources,
             made: Vec::new(),
+            keyed_back: false,
         }
+    }
+
+    /// A splitter that brings joins on a foreign key back to the partitions of their left
+    /// side's key, for a table keyed by that key (see [`Splitter::back_to_left`]).
+    pub(crate) fn keyed_back(mut self) -> Self {
+        self.keyed_back = true;
+        self
     }
 
     /// The source at position `s`, repartition sources made so far included.
@@ -146,6 +158,7 @@ impl<'a> Splitter<'a> {
                 right_arity,
                 sql,
             } => {
+                let original_left = left.as_ref().clone();
                 let (mut left, mut right) = (self.split(left), self.split(right));
                 let join = |left: Plan, right: Plan| Plan::Join {
                     left: Box::new(left),
@@ -185,11 +198,70 @@ impl<'a> Splitter<'a> {
                     }
                     if lc != l {
                         left = self.repartition(left, l, rs).unwrap_or_else(|p| p);
+                        if self.keyed_back && rc == r {
+                            let foreign = ForeignKey {
+                                left: original_left,
+                                left_key: (ls, lc),
+                                column: l,
+                            };
+                            return self
+                                .back_to_left(join(left, right.clone()), foreign)
+                                .unwrap_or_else(|p| p);
+                        }
                     }
                 }
                 join(left, right)
             }
         }
+    }
+
+    /// A join on a foreign key (`foreign.column` of the left side, the right side's key),
+    /// computed where the right side's rows are (`joined`), brought back to the partitions of
+    /// the left side's key: its rows are repartitioned keyed by the left key and the foreign
+    /// key (a left row whose foreign key changed is written by the owner of each value's
+    /// partition, under two keys, so each key keeps one writer), placed by the left key, and
+    /// joined there with the left side as it is now, keeping the row of its current foreign
+    /// key only. The other one, until its writer deletes it, is hidden. `Err(joined)` when
+    /// it cannot be.
+    fn back_to_left(&mut self, joined: Plan, foreign: ForeignKey) -> Result<Plan, Plan> {
+        let ForeignKey {
+            left,
+            left_key: (source, key),
+            column,
+        } = foreign;
+        let shape = |s| self.source(s).shape();
+        let (arity, left_arity) = (joined.arity(&shape), left.arity(&shape));
+        let read = self.make(joined, vec![key, column], key, source)?;
+        let now = arity + 1 + column;
+        let same = |a: Expr, b: Expr| Expr::Binary(BinaryOp::Eq, Box::new(a), Box::new(b));
+        let both_null = Expr::Binary(
+            BinaryOp::And,
+            Box::new(Expr::IsNull(Box::new(Expr::Column(column)), false)),
+            Box::new(Expr::IsNull(Box::new(Expr::Column(now)), false)),
+        );
+        let current = Expr::Binary(
+            BinaryOp::Or,
+            Box::new(same(Expr::Column(column), Expr::Column(now))),
+            Box::new(both_null),
+        );
+        let back = Plan::Join {
+            left: Box::new(read),
+            right: Box::new(left),
+            left_keys: vec![Expr::Column(key)],
+            right_keys: vec![Expr::Column(key)],
+            kind: JoinKind::Inner,
+            right_arity: left_arity,
+            sql: "the joined rows with their left row as it is now".into(),
+        };
+        Ok(Plan::Map {
+            input: Box::new(Plan::Filter {
+                input: Box::new(back),
+                predicate: current,
+                sql: "the row of the left row's current foreign key".into(),
+            }),
+            exprs: (0..arity).map(Expr::Column).collect(),
+            sql: format!("the {arity} columns of the joined rows"),
+        })
     }
 
     /// A GROUP BY whose input is partitioned by a column it does not group by, in two
@@ -312,6 +384,14 @@ impl<'a> Splitter<'a> {
     }
 }
 
+/// A join's left side when the join is on a foreign key: the plan, its source and key
+/// column, and the column holding the foreign key.
+struct ForeignKey {
+    left: Plan,
+    left_key: (usize, usize),
+    column: usize,
+}
+
 /// The suffix of repartition topics' names.
 pub const TOPIC_SUFFIX: &str = ".miroir-repartition";
 
@@ -335,11 +415,33 @@ mod tests {
         let names: Vec<&str> = t.repartitions.iter().map(|r| r.name.as_str()).collect();
         assert_eq!(
             names,
-            ["users_per_department.r0", "users_per_department.r1"]
+            [
+                "user_directory.r0",
+                "user_directory.r1",
+                "users_per_department.r0",
+                "users_per_department.r1"
+            ]
         );
-        // A LEFT JOIN keyed by the user, partitioned by the department: its rows would move.
+        // A LEFT JOIN keyed by the user, joined where the departments are: brought back to
+        // the user's partitions, keyed by the user.
         let directory = t.table("user_directory").unwrap();
-        assert_eq!(directory.split, None);
-        assert_eq!(t.distribution(directory), Distribution::Partial);
+        assert!(directory.split.is_some());
+        let back = t.source("user_directory.r1").unwrap();
+        assert_eq!(
+            t.partitioned_by(directory),
+            Some((t.sources.iter().position(|s| s.name == back.name).unwrap(), 0)),
+            "{}",
+            t.explain()
+        );
+        let r1 = &t.repartitions[1];
+        assert_eq!(
+            t.sources[r1.partitions_like].name, "users",
+            "as many partitions as the users' topic"
+        );
+        // The GROUP BY above the same join needs no way back.
+        assert!(t.repartitions[2..]
+            .iter()
+            .all(|r| t.sources[r.partitions_like].name != "users"));
+        assert_ne!(t.distribution(directory), Distribution::Partial);
     }
 }

@@ -422,10 +422,19 @@ impl Topology {
             .collect()
     }
 
-    /// The topics of the sources `table` is computed from (stages' included), once each.
+    /// The topics of the sources `table` is computed from, through its stages: the
+    /// repartition topics it reads and the sources that feed them, once each.
     pub fn table_topics(&self, table: &TablePlan) -> Vec<&str> {
         let mut sources = Vec::new();
         table.computed().sources(&mut sources);
+        let mut read = 0;
+        while read < sources.len() {
+            let s = sources[read];
+            if let Some(r) = self.repartitions.iter().find(|r| r.source == s) {
+                r.input.sources(&mut sources);
+            }
+            read += 1;
+        }
         sources.sort_unstable();
         sources.dedup();
         sources
@@ -837,11 +846,22 @@ fn split_tables(
 ) -> Vec<Repartition> {
     let mut repartitions = Vec::new();
     for table in tables.iter_mut() {
-        let mut splitter = Splitter::new((name, &table.name), sources);
-        let plan = splitter.split(&table.plan);
-        let routable = matches!(splitter.distribution(&plan),
-            Distribution::Partitioned { column, .. } if table.key.contains(&column));
-        let made = std::mem::take(&mut splitter.made);
+        // Joins on a foreign key go back to their left key's partitions only when the table
+        // needs it: a GROUP BY above one does not.
+        let attempt = |keyed_back: bool| {
+            let mut splitter = Splitter::new((name, &table.name), sources);
+            if keyed_back {
+                splitter = splitter.keyed_back();
+            }
+            let plan = splitter.split(&table.plan);
+            let routable = matches!(splitter.distribution(&plan),
+                Distribution::Partitioned { column, .. } if table.key.contains(&column));
+            (plan, routable, std::mem::take(&mut splitter.made))
+        };
+        let (mut plan, mut routable, mut made) = attempt(false);
+        if !routable {
+            (plan, routable, made) = attempt(true);
+        }
         if routable && !made.is_empty() {
             table.split = Some(plan);
             for (repartition, reader) in made {
