@@ -17,14 +17,6 @@ use support::*;
 const READER: &str = "miroir_it_reader";
 const OUTSIDER: &str = "miroir_it_outsider";
 
-fn external_tables<'a>(
-    db: &'a mut postgres::Client,
-    t: &miroir::miroir_engine::topology::Topology,
-) -> impl FnMut(&str) -> BTreeMap<String, serde_json::Value> + 'a {
-    let t = t.clone();
-    move |name| pg_table(db, &t, name).unwrap_or_default()
-}
-
 fn login_role(db: &mut postgres::Client, role: &str) {
     db.batch_execute(&format!(
         "DO $$ BEGIN
@@ -52,16 +44,6 @@ fn cannot_read(role: &str, table: &str, why: &str) {
         Some(&postgres::error::SqlState::INSUFFICIENT_PRIVILEGE),
         "{why}: {err}"
     );
-}
-
-fn only_external(
-    expected: BTreeMap<String, BTreeMap<String, serde_json::Value>>,
-    t: &miroir::miroir_engine::topology::Topology,
-) -> BTreeMap<String, BTreeMap<String, serde_json::Value>> {
-    expected
-        .into_iter()
-        .filter(|(name, _)| t.table(name).unwrap().postgres().is_some())
-        .collect()
 }
 
 #[test]

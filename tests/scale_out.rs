@@ -121,33 +121,6 @@ fn wait_for_every_table(
     }
 }
 
-/// `kill -9` of `instances[1]` while more events (generated from `seed`) come; returns every
-/// event.
-fn kill_one_mid_stream(
-    t: &TestTopology,
-    instances: &mut Vec<Instance>,
-    mut events: Vec<Event>,
-    seed: u64,
-) -> Vec<Event> {
-    let more = std::thread::spawn({
-        let t = t.clone();
-        move || {
-            let (more, _) = generate(seed, 260, 2000);
-            for chunk in more.chunks(200) {
-                publish(&t, chunk);
-                std::thread::sleep(Duration::from_millis(100));
-            }
-            more
-        }
-    });
-    std::thread::sleep(Duration::from_millis(500));
-    let mut killed = instances.remove(1);
-    killed.child.kill().unwrap(); // SIGKILL
-    killed.child.wait().unwrap();
-    events.extend(more.join().unwrap());
-    events
-}
-
 /// Publishes events generated from `seed` and starts `t` on three instances (`a`, `b`, `c`),
 /// with their state directories under the returned one.
 fn three_instances(t: &TestTopology, seed: u64) -> (tempfile::TempDir, Vec<Instance>, Vec<Event>) {

@@ -130,9 +130,9 @@ impl Claims {
 
     /// Every claim, as (topic, partition, partition count).
     pub fn iter(&self) -> impl Iterator<Item = (&str, u32, u32)> {
-        self.0.iter().flat_map(|(topic, (count, ps))| {
-            ps.iter().map(move |p| (topic.as_str(), *p, *count))
-        })
+        self.0
+            .iter()
+            .flat_map(|(topic, (count, ps))| ps.iter().map(move |p| (topic.as_str(), *p, *count)))
     }
 }
 
@@ -555,12 +555,7 @@ fn apply_with_retry(
                 metrics.sink_up.set(1);
                 health.set(None);
                 let rows: usize = batches.iter().map(SinkBatch::rows).sum();
-                debug!(
-                    sequence,
-                    batches = batches.len(),
-                    rows,
-                    "batches applied"
-                );
+                debug!(sequence, batches = batches.len(), rows, "batches applied");
                 return Outcome::Applied;
             }
             Err(_) if group.durable.failed() => return Outcome::Left,

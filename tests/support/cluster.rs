@@ -4,7 +4,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
-use super::{free_port, spawn_with};
+use super::{free_port, generate, publish, spawn_with, Event, TestTopology};
 
 /// One running instance: its process and its HTTP port.
 pub struct Instance {
@@ -176,4 +176,31 @@ pub fn start_on(
         port,
         log,
     }
+}
+
+/// `kill -9` of `instances[1]` while more events (generated from `seed`) come; returns every
+/// event.
+pub fn kill_one_mid_stream(
+    t: &TestTopology,
+    instances: &mut Vec<Instance>,
+    mut events: Vec<Event>,
+    seed: u64,
+) -> Vec<Event> {
+    let more = std::thread::spawn({
+        let t = t.clone();
+        move || {
+            let (more, _) = generate(seed, 260, 2000);
+            for chunk in more.chunks(200) {
+                publish(&t, chunk);
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            more
+        }
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    let mut killed = instances.remove(1);
+    killed.child.kill().unwrap(); // SIGKILL
+    killed.child.wait().unwrap();
+    events.extend(more.join().unwrap());
+    events
 }

@@ -137,6 +137,26 @@ pub fn pg_table(
     Ok(out)
 }
 
+/// Reads external table `name` of `t` (empty while it cannot be read).
+pub fn external_tables<'a>(
+    db: &'a mut postgres::Client,
+    t: &miroir::miroir_engine::topology::Topology,
+) -> impl FnMut(&str) -> BTreeMap<String, serde_json::Value> + 'a {
+    let t = t.clone();
+    move |name| pg_table(db, &t, name).unwrap_or_default()
+}
+
+/// The tables of `expected` that are external tables of `t`.
+pub fn only_external(
+    expected: BTreeMap<String, BTreeMap<String, serde_json::Value>>,
+    t: &miroir::miroir_engine::topology::Topology,
+) -> BTreeMap<String, BTreeMap<String, serde_json::Value>> {
+    expected
+        .into_iter()
+        .filter(|(name, _)| t.table(name).unwrap().postgres().is_some())
+        .collect()
+}
+
 /// The key of a JSON row in its URL form, as the reference evaluator names rows.
 pub fn json_key(row: &serde_json::Value, plan: &miroir::miroir_engine::plan::TablePlan) -> String {
     let values: Vec<Value> = plan

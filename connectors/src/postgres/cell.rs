@@ -105,7 +105,9 @@ pub struct ReadCell(pub Value);
 impl<'a> FromSql<'a> for ReadCell {
     fn from_sql(ty: &Type, raw: &'a [u8]) -> Result<Self, Box<dyn Error + Sync + Send>> {
         let eight = || -> Result<[u8; 8], Box<dyn Error + Sync + Send>> {
-            Ok(raw.try_into().map_err(|_| format!("{ty} of {} bytes", raw.len()))?)
+            Ok(raw
+                .try_into()
+                .map_err(|_| format!("{ty} of {} bytes", raw.len()))?)
         };
         Ok(ReadCell(match *ty {
             Type::TEXT => Value::Text(std::str::from_utf8(raw)?.into()),

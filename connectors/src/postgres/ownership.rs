@@ -69,7 +69,9 @@ pub(crate) async fn check_definitions(
         if target.building && table.as_ref() == mine {
             info!(table = %pg.qualified(), "the rebuilt table was swapped in by another instance: writing it in place");
             target.building = false;
-        } else if target.building && shadow.as_ref() != mine || !target.building && table.as_ref() != mine {
+        } else if target.building && shadow.as_ref() != mine
+            || !target.building && table.as_ref() != mine
+        {
             return Err(PostgresError::Config(format!(
                 "table {} is built from another definition by a later start of this topology: this instance runs an outdated one and stops writing it; restart it with the current topology file",
                 pg.qualified()
@@ -108,7 +110,10 @@ pub(crate) async fn claim(
         &[&topology, &instance, &topics, &partitions, &counts],
     )
     .await?;
-    info!(partitions = claimed.len(), "claimed partitions of the external tables");
+    info!(
+        partitions = claimed.len(),
+        "claimed partitions of the external tables"
+    );
     Ok(())
 }
 
@@ -145,12 +150,17 @@ pub(crate) async fn owned(
 impl Owned {
     /// Whether `partition` of `topic` is written here.
     pub(crate) fn contains(&self, topic: &str, partition: u32) -> bool {
-        self.0.get(topic).is_some_and(|(_, ps)| ps.contains(&partition))
+        self.0
+            .get(topic)
+            .is_some_and(|(_, ps)| ps.contains(&partition))
     }
 
     /// The partitions of `topic` written here.
     pub(crate) fn partitions(&self, topic: &str) -> impl Iterator<Item = u32> + '_ {
-        self.0.get(topic).into_iter().flat_map(|(_, ps)| ps.iter().copied())
+        self.0
+            .get(topic)
+            .into_iter()
+            .flat_map(|(_, ps)| ps.iter().copied())
     }
 
     /// Keeps the changes of `target` in the partitions written here; returns how many it

@@ -286,7 +286,14 @@ async fn record_offsets(
         "UPDATE miroir.offsets o SET \"offset\" = u.o, sequence = $6, updated_at = now()
          FROM unnest($2::text[], $3::int[], $4::bigint[]) AS u(t, p, o)
          WHERE o.topology = $1 AND o.topic = u.t AND o.partition = u.p AND o.instance = $5",
-        &[&topology, &topics, &partitions, &offsets, &instance, &sequence],
+        &[
+            &topology,
+            &topics,
+            &partitions,
+            &offsets,
+            &instance,
+            &sequence,
+        ],
     )
     .await?;
     tx.execute(
@@ -326,7 +333,11 @@ async fn replacement(
         .collect();
     let rows = tx
         .query(
-            &format!("SELECT {} FROM {}", key_names(target).join(", "), target.written()),
+            &format!(
+                "SELECT {} FROM {}",
+                key_names(target).join(", "),
+                target.written()
+            ),
             &[],
         )
         .await?;

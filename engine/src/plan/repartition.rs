@@ -75,8 +75,8 @@ pub(crate) struct Splitter<'a> {
     /// The repartitions made, each with the source reading it back (at positions
     /// `sources.len()` and on).
     pub(crate) made: Vec<(Repartition, Source)>,
-    /// Whether a join whose left side is repartitioned by its join column is brought back to
-    /// the partitions of the left side's key (see [`Splitter::back_to_left`]).
+    /// Whether a join on a foreign key is brought back to the partitions of the key of the
+    /// side holding it (see [`Splitter::back_to_side`]).
     keyed_back: bool,
 }
 
@@ -91,8 +91,8 @@ impl<'a> Splitter<'a> {
         }
     }
 
-    /// A splitter that brings joins on a foreign key back to the partitions of their left
-    /// side's key, for a table keyed by that key (see [`Splitter::back_to_left`]).
+    /// A splitter that brings joins on a foreign key back to the partitions of the key of the
+    /// side holding it, for a table keyed by that key (see [`Splitter::back_to_side`]).
     pub(crate) fn keyed_back(mut self) -> Self {
         self.keyed_back = true;
         self
@@ -158,7 +158,7 @@ impl<'a> Splitter<'a> {
                 right_arity,
                 sql,
             } => {
-                let original_left = left.as_ref().clone();
+                let original = (left.as_ref().clone(), right.as_ref().clone());
                 let (mut left, mut right) = (self.split(left), self.split(right));
                 let join = |left: Plan, right: Plan| Plan::Join {
                     left: Box::new(left),
@@ -192,22 +192,35 @@ impl<'a> Splitter<'a> {
                     },
                 ) = (partial, on, dl, dr)
                 {
+                    let left_arity = left.arity(&|s| self.source(s).shape());
+                    // A join on a foreign key: one side joined on its key, the other's rows
+                    // (and the joined rows) go where the first one's are.
+                    let foreign = match (lc == l, rc == r) {
+                        (false, true) => Some(ForeignKey {
+                            side: original.0,
+                            offset: 0,
+                            key: (ls, lc),
+                            column: l,
+                        }),
+                        (true, false) if *kind == JoinKind::Inner => Some(ForeignKey {
+                            side: original.1,
+                            offset: left_arity,
+                            key: (rs, rc),
+                            column: r,
+                        }),
+                        _ => None,
+                    };
                     if rc != r {
                         let like = if lc == l { ls } else { rs };
                         right = self.repartition(right, r, like).unwrap_or_else(|p| p);
                     }
                     if lc != l {
                         left = self.repartition(left, l, rs).unwrap_or_else(|p| p);
-                        if self.keyed_back && rc == r {
-                            let foreign = ForeignKey {
-                                left: original_left,
-                                left_key: (ls, lc),
-                                column: l,
-                            };
-                            return self
-                                .back_to_left(join(left, right.clone()), foreign)
-                                .unwrap_or_else(|p| p);
-                        }
+                    }
+                    if let (true, Some(foreign)) = (self.keyed_back, foreign) {
+                        return self
+                            .back_to_side(join(left, right), foreign)
+                            .unwrap_or_else(|p| p);
                     }
                 }
                 join(left, right)
@@ -215,24 +228,30 @@ impl<'a> Splitter<'a> {
         }
     }
 
-    /// A join on a foreign key (`foreign.column` of the left side, the right side's key),
-    /// computed where the right side's rows are (`joined`), brought back to the partitions of
-    /// the left side's key: its rows are repartitioned keyed by the left key and the foreign
-    /// key (a left row whose foreign key changed is written by the owner of each value's
-    /// partition, under two keys, so each key keeps one writer), placed by the left key, and
-    /// joined there with the left side as it is now, keeping the row of its current foreign
-    /// key only. The other one, until its writer deletes it, is hidden. `Err(joined)` when
-    /// it cannot be.
-    fn back_to_left(&mut self, joined: Plan, foreign: ForeignKey) -> Result<Plan, Plan> {
+    /// A join on a foreign key (`foreign.column` of one side, the other side's key), computed
+    /// where the other side's rows are (`joined`), brought back to the partitions of the
+    /// first side's key: its rows are repartitioned keyed by that key and the foreign key (a
+    /// row whose foreign key changed is written by the owner of each value's partition, under
+    /// two keys, so each key keeps one writer), placed by that key, and joined there with the
+    /// side as it is now, keeping the row of its current foreign key only. The other one,
+    /// until its writer deletes it, is hidden. `Err(joined)` when it cannot be.
+    fn back_to_side(&mut self, joined: Plan, foreign: ForeignKey) -> Result<Plan, Plan> {
         let ForeignKey {
-            left,
-            left_key: (source, key),
+            side,
+            offset,
+            key: (source, key),
             column,
         } = foreign;
         let shape = |s| self.source(s).shape();
-        let (arity, left_arity) = (joined.arity(&shape), left.arity(&shape));
-        let read = self.make(joined, vec![key, column], key, source)?;
-        let now = arity + 1 + column;
+        let (arity, side_arity) = (joined.arity(&shape), side.arity(&shape));
+        let (key_out, column_out) = (offset + key, offset + column);
+        // Where the joined rows are: the foreign key's partition, told by the foreign key or,
+        // in an inner join, by the other side's key equal to it.
+        let Distribution::Partitioned { column: placed, .. } = self.distribution(&joined) else {
+            return Err(joined);
+        };
+        let read = self.make(joined, vec![key_out, placed], key_out, source)?;
+        let (column, now) = (column_out, arity + 1 + column);
         let same = |a: Expr, b: Expr| Expr::Binary(BinaryOp::Eq, Box::new(a), Box::new(b));
         let both_null = Expr::Binary(
             BinaryOp::And,
@@ -246,18 +265,18 @@ impl<'a> Splitter<'a> {
         );
         let back = Plan::Join {
             left: Box::new(read),
-            right: Box::new(left),
-            left_keys: vec![Expr::Column(key)],
+            right: Box::new(side),
+            left_keys: vec![Expr::Column(key_out)],
             right_keys: vec![Expr::Column(key)],
             kind: JoinKind::Inner,
-            right_arity: left_arity,
-            sql: "the joined rows with their left row as it is now".into(),
+            right_arity: side_arity,
+            sql: "the joined rows with their row as it is now".into(),
         };
         Ok(Plan::Map {
             input: Box::new(Plan::Filter {
                 input: Box::new(back),
                 predicate: current,
-                sql: "the row of the left row's current foreign key".into(),
+                sql: "the row of its current foreign key".into(),
             }),
             exprs: (0..arity).map(Expr::Column).collect(),
             sql: format!("the {arity} columns of the joined rows"),
@@ -384,11 +403,12 @@ impl<'a> Splitter<'a> {
     }
 }
 
-/// A join's left side when the join is on a foreign key: the plan, its source and key
-/// column, and the column holding the foreign key.
+/// The side of a join on a foreign key that holds it: its plan, where its columns start in
+/// the joined rows, its source and key column, and the column holding the foreign key.
 struct ForeignKey {
-    left: Plan,
-    left_key: (usize, usize),
+    side: Plan,
+    offset: usize,
+    key: (usize, usize),
     column: usize,
 }
 
@@ -429,7 +449,10 @@ mod tests {
         let back = t.source("user_directory.r1").unwrap();
         assert_eq!(
             t.partitioned_by(directory),
-            Some((t.sources.iter().position(|s| s.name == back.name).unwrap(), 0)),
+            Some((
+                t.sources.iter().position(|s| s.name == back.name).unwrap(),
+                0
+            )),
             "{}",
             t.explain()
         );

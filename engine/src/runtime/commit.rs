@@ -184,7 +184,9 @@ fn write_commit(shared: &Shared, epoch: Epoch, commit: Commit) -> bool {
 fn sink_batch(shared: &Shared, commit: &mut Option<Commit>) -> Option<SinkBatch> {
     let tables = std::mem::take(&mut *shared.sink_changes.lock());
     let claims = std::mem::take(&mut *shared.sink_claims.lock());
-    let caught_up = shared.status.caught_up_here(&shared.topology.global_topics());
+    let caught_up = shared
+        .status
+        .caught_up_here(&shared.topology.global_topics());
     let announce = caught_up && !shared.announced_caught_up.load(Ordering::SeqCst);
     if tables.is_empty() && claims.is_empty() && !announce {
         // Offsets alone are bookkeeping: they travel with the next batch that has changes.
