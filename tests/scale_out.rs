@@ -48,7 +48,7 @@ store = "internal"
     t
 }
 
-/// The app topology with three internal tables that need the rows of several partitions:
+/// The app topology with five internal tables that need the rows of several partitions:
 /// split into stages.
 fn repartitioned(run: &str) -> TestTopology {
     let mut t = with_internal_table_only(user_directory(run));
@@ -74,6 +74,18 @@ SELECT department_id, count(*) AS users, sum(CASE WHEN active THEN 1 ELSE 0 END)
 FROM users WHERE department_id IS NOT NULL
 GROUP BY department_id"""
 store = "internal"
+
+[tables.user_departments]
+query = """
+SELECT u.id, u.name, coalesce(d.name, 'unassigned') AS department
+FROM users u LEFT JOIN departments d ON u.department_id = d.id"""
+store = "internal"
+
+[tables.department_members]
+query = """
+SELECT u.id, d.id AS department_id, d.name AS department
+FROM departments d JOIN users u ON u.department_id = d.id"""
+store = "internal"
 "#,
     );
     t.topology = miroir::miroir_engine::topology::Topology::parse("repartitioned.toml", &t.text)
@@ -91,11 +103,14 @@ store = "internal"
 /// The tables joined with the global source.
 const JOINED: [&str; 2] = ["user_departments", "department_members"];
 
-/// The split tables.
-const SPLIT: [&str; 3] = [
+/// The split tables: GROUP BYs on non-key columns, a LEFT JOIN and an inner join on a foreign
+/// key.
+const SPLIT: [&str; 5] = [
     "users_per_department",
     "department_sizes",
     "users_per_department_id",
+    "user_departments",
+    "department_members",
 ];
 
 /// Waits until every instance answers every key of `tables` as the reference evaluates

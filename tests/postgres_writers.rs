@@ -1,0 +1,191 @@
+//! The external tables of `topologies/user-directory.toml` written by two `miroir run`
+//! processes (the deployment `docker/compose.yaml` describes): each writes the rows of the
+//! partitions it owns; the PostgreSQL tables equal the reference evaluator after both wrote,
+//! after a `kill -9` of one writer mid-stream, and after a redeploy of both with a changed
+//! query, whose table is rebuilt in one shadow table by both and swapped in once, while a
+//! reader sees the old table or the new one, whole, and nothing else.
+
+mod support;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use support::cluster::*;
+use support::*;
+
+/// The instances named as writers of the topology's partitions in `miroir.offsets`.
+fn writers(db: &mut postgres::Client, topology: &str) -> BTreeSet<String> {
+    db.query(
+        "SELECT DISTINCT instance FROM miroir.offsets WHERE topology = $1",
+        &[&topology],
+    )
+    .unwrap()
+    .iter()
+    .map(|r| r.get(0))
+    .collect()
+}
+
+/// Stops `instance` with SIGTERM and waits for a clean exit.
+fn stop(mut instance: Instance) {
+    let stopped = std::process::Command::new("kill")
+        .args(["-TERM", &instance.child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(stopped.success());
+    let exit = instance.child.wait().unwrap();
+    assert!(
+        exit.success(),
+        "a clean stop exits 0: {}",
+        instance.log_tail()
+    );
+}
+
+/// Lines of the instances' logs under `dir` saying a rebuilt `table` was swapped in.
+fn swaps(dir: &std::path::Path, table: &str) -> usize {
+    let mut n = 0;
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "log") {
+            let text = std::fs::read_to_string(&path).unwrap_or_default();
+            n += text
+                .lines()
+                .filter(|l| l.contains("rebuilt table swapped in") && l.contains(table))
+                .count();
+        }
+    }
+    n
+}
+
+/// Polls `table` of `topology` until `stop`; panics on a state that is neither `old` nor
+/// `new`; returns how many times it saw each.
+fn watch(
+    topology: miroir::miroir_engine::topology::Topology,
+    table: &'static str,
+    (old, new): (
+        BTreeMap<String, serde_json::Value>,
+        BTreeMap<String, serde_json::Value>,
+    ),
+    stop: Arc<AtomicBool>,
+) -> std::thread::JoinHandle<(usize, usize)> {
+    std::thread::spawn(move || {
+        let mut db = pg();
+        let (mut seen_old, mut seen_new) = (0, 0);
+        while !stop.load(Ordering::SeqCst) {
+            let rows = pg_table(&mut db, &topology, table).expect("the table is always there");
+            if rows == old {
+                seen_old += 1;
+            } else if rows == new {
+                seen_new += 1;
+            } else {
+                panic!(
+                    "a reader saw a table that is neither the old one nor the new one, whole: {}",
+                    diff(&new, &rows)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        (seen_old, seen_new)
+    })
+}
+
+#[test]
+fn two_writers_keep_the_external_tables_right_through_a_kill_and_a_redeploy() {
+    let run = Run::new("writers");
+    let t = user_directory(&run);
+    let name = format!("it-{run}");
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("topology.toml");
+    std::fs::write(&file, &t.text).unwrap();
+    let (events, _) = generate(31, 200, 3000);
+    publish(&t, &events);
+    let mut instances = vec![start(dir.path(), &file, "a"), start(dir.path(), &file, "b")];
+    let mut db = pg();
+
+    // Both write, each its own partitions.
+    let expected = only_external(expected_tables(&t.topology, &events), &t.topology);
+    wait_for_tables(
+        &expected,
+        Duration::from_secs(120),
+        external_tables(&mut db, &t.topology),
+    );
+    wait_until("both instances write", Duration::from_secs(60), || {
+        writers(&mut db, &name).len() == 2
+    });
+    wait_for_tables(
+        &expected,
+        Duration::from_secs(60),
+        external_tables(&mut db, &t.topology),
+    );
+
+    // `kill -9` of one writer mid-stream: the other takes its partitions over, replaces
+    // their rows from the state it restores, and writes on.
+    let events = kill_one_mid_stream(&t, &mut instances, events, 32);
+    let expected = only_external(expected_tables(&t.topology, &events), &t.topology);
+    if let Err(e) = try_wait_for_tables(
+        &expected,
+        Duration::from_secs(120),
+        external_tables(&mut db, &t.topology),
+    ) {
+        panic!("{e}\nsurvivor's log:\n{}", instances[0].log_tail());
+    }
+    assert_eq!(writers(&mut db, &name).len(), 1, "the survivor writes all");
+
+    // A redeploy of both with a changed query: rebuilt by both in one shadow table, swapped
+    // in once, while a reader polls it.
+    let text_v2 = t.text.replace(
+        "max(u.version) AS max_version,",
+        "max(u.version) AS max_version, min(u.version) AS min_version,",
+    );
+    assert_ne!(text_v2, t.text);
+    let topology_v2 = miroir::miroir_engine::topology::Topology::parse("t.toml", &text_v2).unwrap();
+    let expected_v2 = only_external(expected_tables(&topology_v2, &events), &topology_v2);
+    let table = "users_per_department";
+    let stop_watching = Arc::new(AtomicBool::new(false));
+    let watcher = watch(
+        topology_v2.clone(),
+        table,
+        (expected[table].clone(), expected_v2[table].clone()),
+        stop_watching.clone(),
+    );
+    std::thread::sleep(Duration::from_millis(200));
+    let swapped_before = swaps(dir.path(), table);
+    for instance in instances.drain(..) {
+        stop(instance);
+    }
+    std::fs::write(&file, &text_v2).unwrap();
+    let instances = [start(dir.path(), &file, "a"), start(dir.path(), &file, "b")];
+    if let Err(e) = try_wait_for_tables(
+        &expected_v2,
+        Duration::from_secs(120),
+        external_tables(&mut db, &topology_v2),
+    ) {
+        let logs: Vec<String> = instances.iter().map(Instance::log_tail).collect();
+        panic!("{e}\nlogs:\n{}", logs.join("\n---\n"));
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    stop_watching.store(true, Ordering::SeqCst);
+    let (old, new) = watcher.join().expect("the reader saw only whole tables");
+    assert!(
+        old > 0 && new > 0,
+        "the reader saw the old table {old} times, the new one {new} times"
+    );
+    assert_eq!(
+        swaps(dir.path(), table) - swapped_before,
+        1,
+        "the rebuilt table is swapped in once"
+    );
+    // Both write again once the group settled.
+    wait_until("both instances write", Duration::from_secs(60), || {
+        writers(&mut db, &name).len() == 2
+    });
+    wait_for_tables(
+        &expected_v2,
+        Duration::from_secs(60),
+        external_tables(&mut db, &topology_v2),
+    );
+    for instance in instances {
+        stop(instance);
+    }
+}
