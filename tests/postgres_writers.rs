@@ -27,6 +27,22 @@ fn writers(db: &mut postgres::Client, topology: &str) -> BTreeSet<String> {
     .collect()
 }
 
+/// The last lines of each instance's log, and how it sees the group.
+fn logs(instances: &[Instance]) -> String {
+    let client = reqwest::blocking::Client::new();
+    let tails: Vec<String> = instances
+        .iter()
+        .map(|i| {
+            format!(
+                "{}\n{}",
+                i.log_tail(),
+                get(&client, i.port, "/v1/cluster").1
+            )
+        })
+        .collect();
+    tails.join("\n---\n")
+}
+
 /// Stops `instance` with SIGTERM and waits for a clean exit.
 fn stop(mut instance: Instance) {
     let stopped = std::process::Command::new("kill")
@@ -105,11 +121,13 @@ fn two_writers_keep_the_external_tables_right_through_a_kill_and_a_redeploy() {
 
     // Both write, each its own partitions.
     let expected = only_external(expected_tables(&t.topology, &events), &t.topology);
-    wait_for_tables(
+    if let Err(e) = try_wait_for_tables(
         &expected,
         Duration::from_secs(120),
         external_tables(&mut db, &t.topology),
-    );
+    ) {
+        panic!("{e}\nlogs:\n{}", logs(&instances));
+    }
     wait_until("both instances write", Duration::from_secs(60), || {
         writers(&mut db, &name).len() == 2
     });
@@ -128,7 +146,7 @@ fn two_writers_keep_the_external_tables_right_through_a_kill_and_a_redeploy() {
         Duration::from_secs(120),
         external_tables(&mut db, &t.topology),
     ) {
-        panic!("{e}\nsurvivor's log:\n{}", instances[0].log_tail());
+        panic!("{e}\nsurvivor's log:\n{}", logs(&instances));
     }
     assert_eq!(writers(&mut db, &name).len(), 1, "the survivor writes all");
 
@@ -161,8 +179,7 @@ fn two_writers_keep_the_external_tables_right_through_a_kill_and_a_redeploy() {
         Duration::from_secs(120),
         external_tables(&mut db, &topology_v2),
     ) {
-        let logs: Vec<String> = instances.iter().map(Instance::log_tail).collect();
-        panic!("{e}\nlogs:\n{}", logs.join("\n---\n"));
+        panic!("{e}\nlogs:\n{}", logs(&instances));
     }
     std::thread::sleep(Duration::from_millis(200));
     stop_watching.store(true, Ordering::SeqCst);

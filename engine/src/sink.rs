@@ -555,7 +555,16 @@ fn apply_with_retry(
                 metrics.sink_up.set(1);
                 health.set(None);
                 let rows: usize = batches.iter().map(SinkBatch::rows).sum();
-                debug!(sequence, batches = batches.len(), rows, "batches applied");
+                let claims = batches.iter().map(|b| b.claims.len()).sum::<usize>();
+                let caught_up = batches.iter().any(|b| b.caught_up);
+                debug!(
+                    sequence,
+                    batches = batches.len(),
+                    rows,
+                    claims,
+                    caught_up,
+                    "batches applied"
+                );
                 return Outcome::Applied;
             }
             Err(_) if group.durable.failed() => return Outcome::Left,

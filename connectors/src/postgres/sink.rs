@@ -73,7 +73,12 @@ impl PostgresSink {
         instance: &str,
     ) -> Result<PostgresSink, PostgresError> {
         url.parse::<tokio_postgres::Config>()?;
-        let rt = tokio::runtime::Builder::new_current_thread()
+        // The connection runs on a thread of its own: a connection given up after an error
+        // closes at once, ending its transaction (and releasing its locks, which other
+        // writers wait for) without waiting for the next batch to drive the runtime.
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("miroir-postgres")
             .enable_all()
             .build()
             .map_err(|e| PostgresError::Config(format!("cannot start a runtime: {e}")))?;
@@ -260,6 +265,9 @@ impl PostgresSink {
             info!(table = %target.pg.qualified(), "rebuilt table swapped in");
             return Ok(true);
         }
+        // Explicitly: a dropped transaction rolls back only when the connection is next
+        // used, and its lock would keep every writer waiting meanwhile.
+        tx.rollback().await?;
         Ok(false)
     }
 }

@@ -192,9 +192,12 @@ fn sink_batch(shared: &Shared, commit: &mut Option<Commit>) -> Option<SinkBatch>
         // Offsets alone are bookkeeping: they travel with the next batch that has changes.
         return None;
     }
+    // A batch that claims partitions is followed by one saying when they caught up (a table
+    // being rebuilt waits for that), even when no change comes.
+    let announced = caught_up && claims.is_empty();
     shared
         .announced_caught_up
-        .fetch_or(caught_up, Ordering::SeqCst);
+        .store(announced, Ordering::SeqCst);
     let mut offsets: Vec<Offset> = std::mem::take(&mut *shared.sink_offsets.lock())
         .into_iter()
         .map(|((topic, partition), offset)| Offset {

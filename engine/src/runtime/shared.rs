@@ -45,7 +45,7 @@ pub(super) struct Shared {
     pub(super) sink_offsets: Mutex<HashMap<TopicPartition, i64>>,
     /// The partitions whose task opened in the epoch (see [`Claim`]).
     pub(super) sink_claims: Mutex<Vec<Claim>>,
-    /// Whether a batch said `caught_up` since the start.
+    /// Whether the last batch said `caught_up`, claiming no partition.
     pub(super) announced_caught_up: AtomicBool,
     /// Batches committed (in the outbox) but held back until every task is restored.
     pub(super) held: Mutex<Vec<SinkBatch>>,
