@@ -81,7 +81,9 @@ fn explain_prints_the_operator_graph() {
         "exchange",
         "sink internal",
         "across instances: each row with the partition of `id` in topic user",
-        "across instances: partial",
+        "across instances: each row with the partition of `id` in topic user-directory.user_directory.r1.",
+        "repartition user_directory.r1 -> topic user-directory.user_directory.r1.",
+        "Filter the row of its current foreign key",
     ] {
         assert!(stdout.contains(op), "missing {op} in:\n{stdout}");
     }
