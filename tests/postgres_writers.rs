@@ -106,6 +106,24 @@ fn watch(
     })
 }
 
+/// The flags `docker/compose.yaml` gives the app instances, after the topology file.
+fn compose_flags() -> Vec<String> {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/docker/compose.yaml");
+    let compose = std::fs::read_to_string(path).unwrap();
+    let line = compose
+        .lines()
+        .find(|l| l.trim_start().starts_with("command:") && l.contains("user-directory.toml"))
+        .expect("the app instances' command in docker/compose.yaml");
+    let args: Vec<String> = serde_json::from_str(line.split_once(':').unwrap().1.trim()).unwrap();
+    args[2..].to_vec()
+}
+
+#[test]
+fn the_test_runs_the_app_instances_of_the_compose_file() {
+    // `support::spawn` starts each `miroir run` with these flags (and the test's addresses).
+    assert_eq!(compose_flags(), ["--workers", "2", "--epoch-ms", "50"]);
+}
+
 #[test]
 fn two_writers_keep_the_external_tables_right_through_a_kill_and_a_redeploy() {
     let run = Run::new("writers");
