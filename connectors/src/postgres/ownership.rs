@@ -245,7 +245,7 @@ pub(crate) async fn shadow_complete(
             )
             .await?;
         let (count, ready): (Option<i32>, i64) = (row.get(0), row.get(1));
-        if !count.is_some_and(|n| ready >= i64::from(n)) {
+        if count.is_none_or(|n| ready < i64::from(n)) {
             return Ok(false);
         }
     }
