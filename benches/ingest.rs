@@ -498,7 +498,7 @@ fn generate(events: u64, keys: u64) -> impl Iterator<Item = (usize, i64, bool, S
 /// (late events left out), or all in one batch (`first_load`), applied by `PostgresSink` into
 /// a fresh table (a rebuild's shadow table).
 fn sink_phase(first_load: bool) {
-    use miroir::miroir_engine::sink::{Durable, ExternalSink, SinkBatch, TableChanges};
+    use miroir::miroir_engine::sink::{Claim, Durable, ExternalSink, SinkBatch, TableChanges};
     use miroir::miroir_engine::value::Value;
 
     let run = std::env::var("MIROIR_BENCH_RUN").unwrap();
@@ -534,6 +534,18 @@ fn sink_phase(first_load: bool) {
     let mut batch = std::collections::HashMap::new();
     let mut sequence = 0;
     let (mut rows, mut secs) = (0usize, 0.0f64);
+    // The first batch claims every partition the table's rows follow, as a single
+    // instance's first epoch does: the sink writes only the rows of partitions it claimed.
+    let (source, _) = topology
+        .partitioned_by(&plan)
+        .expect("user_directory is split");
+    let claims: Vec<Claim> = (0..PARTITIONS as u32)
+        .map(|partition| Claim {
+            topic: topology.sources[source].topic.clone(),
+            partition,
+            partitions: PARTITIONS as u32,
+        })
+        .collect();
     let mut flush = |batch: &mut std::collections::HashMap<usize, Vec<Value>>| {
         sequence += 1;
         let upserts: Vec<Vec<Value>> = batch.drain().map(|(_, row)| row).collect();
@@ -548,7 +560,11 @@ fn sink_phase(first_load: bool) {
             }],
             offsets: vec![],
             caught_up: false,
-            claims: vec![],
+            claims: if sequence == 1 {
+                claims.clone()
+            } else {
+                vec![]
+            },
         };
         let started = Instant::now();
         sink.apply(&[b], &Durable::done()).unwrap();

@@ -3,7 +3,9 @@
 //! partitions it owns; the PostgreSQL tables equal the reference evaluator after both wrote,
 //! after a `kill -9` of one writer mid-stream, and after a redeploy of both with a changed
 //! query, whose table is rebuilt in one shadow table by both and swapped in once, while a
-//! reader sees the old table or the new one, whole, and nothing else.
+//! reader sees the old table or the new one, whole, and nothing else. And, with two sinks
+//! alone: a claimed partition's rows are replaced, and its former writer's late batches leave
+//! it alone.
 
 mod support;
 
@@ -12,6 +14,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use miroir::miroir_engine::partition::partition_for_key;
+use miroir::miroir_engine::sink::{Claim, Durable, ExternalSink, SinkBatch, TableChanges};
+use miroir::miroir_engine::value::Value;
+use miroir_connectors::postgres::sink::PostgresSink;
 use support::cluster::*;
 use support::*;
 
@@ -223,4 +229,136 @@ fn two_writers_keep_the_external_tables_right_through_a_kill_and_a_redeploy() {
     for instance in instances {
         stop(instance);
     }
+}
+
+/// A topology whose one external table follows the partitions of its source's key, in a
+/// schema of its own.
+fn names_topology(run: &str) -> (Arc<miroir::miroir_engine::topology::Topology>, String) {
+    let schema = format!("it_{}", run.replace('-', "_"));
+    let text = format!(
+        r#"
+name = "it-{run}"
+[sources.users]
+topic = "users-{run}"
+key = "id"
+columns = {{ id = "text", name = "text" }}
+[tables.names]
+query = "SELECT id, name FROM users"
+sink = {{ postgres = {{ table = "{schema}.names" }} }}
+"#
+    );
+    let topology = miroir::miroir_engine::topology::Topology::parse("t.toml", &text).unwrap();
+    (Arc::new(topology), schema)
+}
+
+/// A batch of `names` rows: `(key, name)` upserts, claiming `claims` of the 4 partitions.
+fn names_batch(
+    topology: &miroir::miroir_engine::topology::Topology,
+    sequence: u64,
+    claims: &[u32],
+    rows: &[(String, &str)],
+) -> SinkBatch {
+    let plan = topology.table("names").unwrap();
+    let topic = &topology.sources[0].topic;
+    SinkBatch {
+        sequence,
+        tables: vec![TableChanges {
+            table: plan.name.clone(),
+            definition: plan.definition(),
+            upserts: rows
+                .iter()
+                .map(|(k, n)| vec![Value::Text(k.as_str().into()), Value::Text((*n).into())])
+                .collect(),
+            deletes: vec![],
+        }],
+        offsets: vec![],
+        caught_up: true,
+        claims: claims
+            .iter()
+            .map(|p| Claim {
+                topic: topic.clone(),
+                partition: *p,
+                partitions: 4,
+            })
+            .collect(),
+    }
+}
+
+#[test]
+fn a_claimed_partition_is_replaced_and_its_former_writer_fenced() {
+    let run = Run::new("fence");
+    let (topology, schema) = names_topology(&run);
+    let keys: Vec<String> = (0..40).map(|i| format!("k{i}")).collect();
+    let partition = |k: &String| partition_for_key(k.as_bytes(), 4);
+    let named = |name: &'static str, keep: &dyn Fn(u32) -> bool| -> Vec<(String, &str)> {
+        keys.iter()
+            .filter(|k| keep(partition(k)))
+            .map(|k| (k.clone(), name))
+            .collect()
+    };
+    let mut a = PostgresSink::new(&database_url(), topology.clone(), "a").unwrap();
+    let mut b = PostgresSink::new(&database_url(), topology.clone(), "b").unwrap();
+    let done = Durable::done();
+
+    // `a` claims every partition: its rows are the table (swapped in, complete).
+    a.apply(
+        &[names_batch(
+            &topology,
+            1,
+            &[0, 1, 2, 3],
+            &named("a1", &|_| true),
+        )],
+        &done,
+    )
+    .unwrap();
+    // `b` claims partitions 2 and 3; a key of them was deleted while they moved (`b` does not
+    // derive it again).
+    let gone = keys.iter().find(|k| partition(k) == 3).unwrap().clone();
+    let mut moved = named("b1", &|p| p >= 2);
+    moved.retain(|(k, _)| *k != gone);
+    b.apply(&[names_batch(&topology, 1, &[2, 3], &moved)], &done)
+        .unwrap();
+    // A late batch of `a` (made before the partitions moved) writes only its own partitions.
+    a.apply(
+        &[names_batch(&topology, 2, &[], &named("a2", &|_| true))],
+        &done,
+    )
+    .unwrap();
+
+    let mut db = pg();
+    let rows: BTreeMap<String, String> = db
+        .query(&format!("SELECT id, name FROM \"{schema}\".names"), &[])
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    let expected: BTreeMap<String, String> = keys
+        .iter()
+        .filter(|k| **k != gone)
+        .map(|k| {
+            (
+                k.clone(),
+                if partition(k) >= 2 { "b1" } else { "a2" }.to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(rows, expected);
+    let writers: BTreeMap<i32, String> = db
+        .query(
+            "SELECT partition, instance FROM miroir.offsets WHERE topology = $1",
+            &[&topology.name],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert_eq!(
+        writers,
+        BTreeMap::from([
+            (0, "a".to_string()),
+            (1, "a".to_string()),
+            (2, "b".to_string()),
+            (3, "b".to_string())
+        ])
+    );
 }
