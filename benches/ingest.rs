@@ -510,12 +510,19 @@ fn sink_phase(first_load: bool) {
         ALONE_BATCH_EVENTS as usize
     };
     let url = std::env::var("DATABASE_URL").expect("DATABASE_URL");
-    let topology = std::sync::Arc::new(
-        miroir::miroir_engine::topology::Topology::parse(
-            "bench.toml",
-            &topology_text(&run, Tables::All),
+    // Tables of its own, fresh: the engine run's are full, and so are the other phase's.
+    let phase = if first_load { "load" } else { "alone" };
+    let text = topology_text(&run, Tables::All)
+        .replace(
+            &format!("name = \"bench-{run}-all\""),
+            &format!("name = \"bench-{run}-sink-{phase}\""),
         )
-        .unwrap(),
+        .replace(
+            &format!("table = \"bench_{run}."),
+            &format!("table = \"bench_{run}_{phase}."),
+        );
+    let topology = std::sync::Arc::new(
+        miroir::miroir_engine::topology::Topology::parse("bench.toml", &text).unwrap(),
     );
     let plan = topology.table("user_directory").unwrap().clone();
     let mut sink = miroir_connectors::postgres::sink::PostgresSink::new(

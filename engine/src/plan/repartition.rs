@@ -19,7 +19,8 @@
 //! encoding), read by the instances that own its partitions, with its own tasks, changelog and
 //! standbys. A GROUP BY is computed in two phases: partial aggregates per group and
 //! partitioning value, where the rows are, then their combination per group (`count` and
-//! `sum` add up, `min` and `max` take the least and the greatest; `avg` is not split).
+//! `sum` add up, `min` and `max` take the least and the greatest; an `avg` is a sum and a
+//! count, divided once combined).
 //!
 //! Records go in the epoch's changelog transaction, so a crash neither loses nor doubles
 //! them: the records of an epoch whose state is not committed are aborted, and applying the
@@ -31,8 +32,8 @@
 //!
 //! That holds when the input depends on its partitions' state alone: an input that reads a
 //! global source could be derived differently by the next owner (the global source moved on
-//! meanwhile), leaving rows nobody deletes. Such tables, joins keyed by a column that is not
-//! the join's, and groupings with `avg` are not split: they stay [`Distribution::Partial`].
+//! meanwhile), leaving rows nobody deletes. Such tables are not split: they stay
+//! [`Distribution::Partial`].
 
 use super::expr::BinaryOp;
 use super::{AggFunc, Aggregate, Distribution, Expr, JoinKind, Plan};
@@ -285,8 +286,9 @@ impl<'a> Splitter<'a> {
 
     /// A GROUP BY whose input is partitioned by a column it does not group by, in two
     /// phases: partial aggregates per group and partitioning value where the rows are, then,
-    /// repartitioned by the first group value, their combination per group. `None` when it
-    /// cannot be split (an `avg`, an input not partitioned, or the repartition refused).
+    /// repartitioned by the first group value, their combination per group (an `avg` goes
+    /// through as a sum and a count, divided at the end). `None` when it cannot be split (an
+    /// input not partitioned, or the repartition refused).
     fn two_phases(
         &mut self,
         input: Plan,
@@ -297,36 +299,74 @@ impl<'a> Splitter<'a> {
         let Distribution::Partitioned { source, column } = self.distribution(&input) else {
             return None;
         };
-        if aggregates.iter().any(|a| a.func == AggFunc::Avg) {
-            return None;
-        }
         let groups = group.len();
         let mut partial_group = group.to_vec();
         partial_group.push(Expr::Column(column));
-        let partial = Plan::Reduce {
-            input: Box::new(input),
-            group: partial_group,
-            aggregates: aggregates.to_vec(),
-            sql: format!("{sql}, per partition"),
-        };
-        let key: Vec<usize> = (0..=groups).collect();
-        let combined = self.make(partial, key, 0, source).ok()?;
-        let combine = |i: usize, a: &Aggregate| Aggregate {
-            func: match a.func {
-                AggFunc::CountStar | AggFunc::Count | AggFunc::Sum => AggFunc::Sum,
-                other => other,
-            },
-            arg: Expr::Column(groups + 1 + i),
-        };
-        Some(Plan::Reduce {
-            input: Box::new(combined),
+        // Each aggregate's partial ones: itself, or an avg's sum and count.
+        let mut partials = Vec::new();
+        let mut slots = Vec::new();
+        for a in aggregates {
+            slots.push(partials.len());
+            match a.func {
+                AggFunc::Avg => {
+                    partials.extend([AggFunc::Sum, AggFunc::Count].map(|func| Aggregate {
+                        func,
+                        arg: a.arg.clone(),
+                    }))
+                }
+                _ => partials.push(a.clone()),
+            }
+        }
+        let combined = Plan::Reduce {
+            input: Box::new(
+                self.make(
+                    Plan::Reduce {
+                        input: Box::new(input),
+                        group: partial_group,
+                        aggregates: partials.clone(),
+                        sql: format!("{sql}, per partition"),
+                    },
+                    (0..=groups).collect(),
+                    0,
+                    source,
+                )
+                .ok()?,
+            ),
             group: (0..groups).map(Expr::Column).collect(),
-            aggregates: aggregates
+            aggregates: partials
                 .iter()
                 .enumerate()
-                .map(|(i, a)| combine(i, a))
+                .map(|(i, a)| Aggregate {
+                    func: match a.func {
+                        AggFunc::CountStar | AggFunc::Count | AggFunc::Sum => AggFunc::Sum,
+                        other => other,
+                    },
+                    arg: Expr::Column(groups + 1 + i),
+                })
                 .collect(),
             sql: format!("{sql}, the partitions' partial aggregates combined"),
+        };
+        if partials.len() == aggregates.len() {
+            return Some(combined);
+        }
+        let value = |(a, slot): (&Aggregate, usize)| match a.func {
+            AggFunc::Avg => Expr::Binary(
+                BinaryOp::Div,
+                Box::new(Expr::Cast(
+                    Box::new(Expr::Column(groups + slot)),
+                    ColumnType::Double,
+                )),
+                Box::new(Expr::Column(groups + slot + 1)),
+            ),
+            _ => Expr::Column(groups + slot),
+        };
+        Some(Plan::Map {
+            input: Box::new(combined),
+            exprs: (0..groups)
+                .map(Expr::Column)
+                .chain(aggregates.iter().zip(slots).map(value))
+                .collect(),
+            sql: "each avg, the sum over the count".into(),
         })
     }
 

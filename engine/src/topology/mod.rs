@@ -462,7 +462,7 @@ impl Topology {
                 table.columns[table.key[part]].name, self.sources[source].topic
             ),
             (Distribution::Partitioned { .. } | Distribution::Partial, _) => {
-                "partial: computed from the rows of every partition, and not split into stages (a join keyed by another column than the join's, an avg, a stage that would read a global source), so with several instances only one holding every partition answers".into()
+                "partial: computed from the rows of every partition, and not split into stages (a stage that would read a global source, or a join keyed by neither side's key), so with several instances only one holding every partition answers".into()
             }
         }
     }
