@@ -18,6 +18,7 @@ pub mod expr;
 pub mod repartition;
 pub mod sql;
 
+use std::collections::HashMap;
 use std::fmt::Write as _;
 
 use serde::{Deserialize, Serialize};
@@ -120,6 +121,24 @@ pub enum Plan {
 }
 
 impl Plan {
+    /// Reads, instead of each source `moved` names, the one it names (index and name).
+    pub(crate) fn move_sources(&mut self, moved: &HashMap<usize, (usize, String)>) {
+        match self {
+            Plan::Source { source, name } => {
+                if let Some((to, to_name)) = moved.get(source) {
+                    (*source, *name) = (*to, to_name.clone());
+                }
+            }
+            Plan::Filter { input, .. } | Plan::Map { input, .. } | Plan::Reduce { input, .. } => {
+                input.move_sources(moved)
+            }
+            Plan::Join { left, right, .. } => {
+                left.move_sources(moved);
+                right.move_sources(moved);
+            }
+        }
+    }
+
     /// Indices of the sources this plan reads.
     pub fn sources(&self, out: &mut Vec<usize>) {
         match self {

@@ -478,7 +478,6 @@ mod tests {
             [
                 "user_directory.r0",
                 "user_directory.r1",
-                "users_per_department.r0",
                 "users_per_department.r1"
             ]
         );
@@ -501,7 +500,12 @@ mod tests {
             t.sources[r1.partitions_like].name, "users",
             "as many partitions as the users' topic"
         );
-        // The GROUP BY above the same join needs no way back.
+        // The GROUP BY above the same join needs no way back, and shares the users'
+        // repartition by department.
+        let per_department_reads = t.repartitions[2].input.clone();
+        let mut read = Vec::new();
+        per_department_reads.sources(&mut read);
+        assert!(read.contains(&t.repartitions[0].source), "{}", t.explain());
         assert!(t.repartitions[2..]
             .iter()
             .all(|r| t.sources[r.partitions_like].name != "users"));

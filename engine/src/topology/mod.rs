@@ -23,7 +23,7 @@ pub mod command;
 pub mod diagnostic;
 pub mod late;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
 use indexmap::IndexMap;
@@ -35,7 +35,7 @@ pub use diagnostic::{Diagnostic, Position, TopologyError};
 
 use crate::plan::repartition::{Repartition, Splitter};
 use crate::plan::sql::{plan_query, SourceSchema};
-use crate::plan::{Distribution, PostgresTable, SourceShape, TablePlan, TableStore};
+use crate::plan::{Distribution, Plan, PostgresTable, SourceShape, TablePlan, TableStore};
 use crate::value::{Column, ColumnType};
 use command::CommandSpec;
 use late::{LateAction, LatePolicy};
@@ -846,8 +846,8 @@ fn split_tables(
 ) -> Vec<Repartition> {
     let mut repartitions = Vec::new();
     for table in tables.iter_mut() {
-        // Joins on a foreign key go back to their left key's partitions only when the table
-        // needs it: a GROUP BY above one does not.
+        // Joins on a foreign key go back to the partitions of the key of the side holding it
+        // only when the table needs it: a GROUP BY above one does not.
         let attempt = |keyed_back: bool| {
             let mut splitter = Splitter::new((name, &table.name), sources);
             if keyed_back {
@@ -863,14 +863,56 @@ fn split_tables(
             (plan, routable, made) = attempt(true);
         }
         if routable && !made.is_empty() {
-            table.split = Some(plan);
-            for (repartition, reader) in made {
-                repartitions.push(repartition);
-                sources.push(reader);
-            }
+            table.split = Some(share_stages(plan, made, sources, &mut repartitions));
         }
     }
     repartitions
+}
+
+/// Adds the stages `made` for one table's `plan` (read back from `sources.len()` on, in
+/// order), sharing those an earlier table has (the same rows, keyed and placed alike: one
+/// topic written once); returns the plan reading the shared ones.
+fn share_stages(
+    mut plan: Plan,
+    made: Vec<(Repartition, Source)>,
+    sources: &mut Vec<Source>,
+    repartitions: &mut Vec<Repartition>,
+) -> Plan {
+    let first = sources.len();
+    let mut moved: HashMap<usize, (usize, String)> = HashMap::new();
+    let follow = |s: &mut usize, moved: &HashMap<usize, (usize, String)>| {
+        if let Some((to, _)) = moved.get(s) {
+            *s = *to;
+        }
+    };
+    for (i, (mut repartition, reader)) in made.into_iter().enumerate() {
+        repartition.input.move_sources(&moved);
+        follow(&mut repartition.from.0, &moved);
+        follow(&mut repartition.partitions_like, &moved);
+        let same = repartitions.iter().find(|r| {
+            (&r.input, &r.key, r.by, r.from, r.partitions_like)
+                == (
+                    &repartition.input,
+                    &repartition.key,
+                    repartition.by,
+                    repartition.from,
+                    repartition.partitions_like,
+                )
+        });
+        let to = match same {
+            Some(shared) => (shared.source, shared.name.clone()),
+            None => {
+                repartition.source = sources.len();
+                let to = (repartition.source, repartition.name.clone());
+                repartitions.push(repartition);
+                sources.push(reader);
+                to
+            }
+        };
+        moved.insert(first + i, to);
+    }
+    plan.move_sources(&moved);
+    plan
 }
 
 /// Declared columns (`name = "type"`); an unknown type is reported as `what` `name`.
