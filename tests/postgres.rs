@@ -71,11 +71,29 @@ fn readers_only_read_and_a_changed_table_is_swapped_in_whole() {
 
     let engine = start_engine(&t.text, state.path());
     let expected_v1 = only_external(expected_tables(&t.topology, &events), &t.topology);
-    wait_for_tables(
-        &expected_v1,
-        Duration::from_secs(90),
-        external_tables(&mut db, &t.topology),
-    );
+    // Every event was published before the start: each table appears complete (its rows
+    // went through the stages before it was swapped in).
+    for table in expected_v1.keys() {
+        let pg = t
+            .topology
+            .table(table)
+            .unwrap()
+            .postgres()
+            .unwrap()
+            .qualified();
+        wait_until(&format!("{pg} appears"), Duration::from_secs(90), || {
+            db.query_one("SELECT to_regclass($1) IS NOT NULL", &[&pg])
+                .unwrap()
+                .get(0)
+        });
+        let rows = pg_table(&mut db, &t.topology, table).unwrap();
+        assert_eq!(
+            rows,
+            expected_v1[table],
+            "{table} appeared incomplete: {}",
+            diff(&expected_v1[table], &rows)
+        );
+    }
 
     // The reader role reads and cannot write; a role that is not a reader cannot even read.
     let table = format!("\"{}\".\"user_directory\"", t.schema);
@@ -343,4 +361,40 @@ fn a_database_url_that_is_not_postgres_is_refused() {
         .state_dir(state.path());
     let err = builder.start().err().expect("a bad url is refused");
     assert!(err.to_string().contains("postgres://"), "{err}");
+}
+
+#[test]
+fn a_new_table_appears_complete() {
+    let run = Run::new("pg-appears");
+    let t = user_directory(&run);
+    let mut db = pg();
+    // A few events, all published before the start: the first epochs hold all of them, and
+    // the tables must not be swapped in before their rows went through every stage.
+    let (events, _) = generate(29, 12, 40);
+    publish(&t, &events);
+    let state = tempfile::tempdir().unwrap();
+    let engine = start_engine(&t.text, state.path());
+    let expected = only_external(expected_tables(&t.topology, &events), &t.topology);
+    for table in expected.keys() {
+        let pg = t
+            .topology
+            .table(table)
+            .unwrap()
+            .postgres()
+            .unwrap()
+            .qualified();
+        wait_until(&format!("{pg} appears"), Duration::from_secs(90), || {
+            db.query_one("SELECT to_regclass($1) IS NOT NULL", &[&pg])
+                .unwrap()
+                .get(0)
+        });
+        let rows = pg_table(&mut db, &t.topology, table).unwrap();
+        assert_eq!(
+            rows,
+            expected[table],
+            "{table} appeared incomplete: {}",
+            diff(&expected[table], &rows)
+        );
+    }
+    engine.shutdown();
 }

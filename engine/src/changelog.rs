@@ -227,11 +227,14 @@ pub fn read_record<'a>(
 /// written for it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Position {
+    /// Where the records went: the source's changelog, or the source's own topic (a stage's
+    /// repartition topic).
+    pub topic: RecordTopic,
     /// The task's source.
     pub source: usize,
     /// The task's partition.
     pub partition: u32,
-    /// The changelog offset after the task's last record.
+    /// The offset after the task's last record there.
     pub next: i64,
 }
 

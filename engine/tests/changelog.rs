@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use miroir_engine::changelog::{
-    ChangelogError, ChangelogRecord, ChangelogWriter, Position, Restore,
+    ChangelogError, ChangelogRecord, ChangelogWriter, Position, RecordTopic, Restore,
 };
 use miroir_engine::error::ErrorClass;
 use miroir_engine::ingest::upsert::Entry;
@@ -62,6 +62,7 @@ impl ChangelogWriter for MemoryChangelog {
         Ok(partitions
             .iter()
             .map(|(p, log)| Position {
+                topic: RecordTopic::Changelog,
                 source: 0,
                 partition: *p,
                 next: log.len() as i64,

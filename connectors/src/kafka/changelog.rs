@@ -200,8 +200,15 @@ impl KafkaChangelog {
         let last = producer.context().last.lock();
         last.iter()
             .filter_map(|((topic, partition), offset)| {
-                let source = self.topics.iter().position(|t| t == topic)?;
+                let (kind, source) = match self.topics.iter().position(|t| t == topic) {
+                    Some(source) => (RecordTopic::Changelog, source),
+                    None => (
+                        RecordTopic::Source,
+                        self.source_topics.iter().position(|t| t == topic)?,
+                    ),
+                };
                 Some(Position {
+                    topic: kind,
                     source,
                     partition: *partition as u32,
                     next: offset + 1,

@@ -10,7 +10,7 @@ use tracing::{debug, error, warn};
 
 use super::error::RuntimeError;
 use super::shared::Shared;
-use crate::changelog::without_rederived_rows;
+use crate::changelog::{without_rederived_rows, RecordTopic};
 use crate::dataflow::Epoch;
 use crate::error::{retry_delays, ErrorClass};
 use crate::sink::{Durable, Offset, SinkBatch, SinkSender, TableChanges};
@@ -128,7 +128,16 @@ fn changelog_written(shared: &Shared, epoch: Epoch, commit: Option<&mut Commit>)
             Ok(positions) => {
                 timer.observe_duration();
                 for p in positions {
-                    commit.put_changelog_position(p.source, p.partition, p.next);
+                    match p.topic {
+                        RecordTopic::Changelog => {
+                            commit.put_changelog_position(p.source, p.partition, p.next)
+                        }
+                        RecordTopic::Source => shared.status.stage_written(
+                            &shared.topology.sources[p.source].topic,
+                            p.partition,
+                            p.next,
+                        ),
+                    }
                 }
                 return true;
             }

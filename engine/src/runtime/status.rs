@@ -40,6 +40,8 @@ pub(crate) struct Status {
     /// The partitions whose state is being read from their changelog before their task opens,
     /// with the changelog records still to read.
     changelog: Mutex<std::collections::BTreeMap<TopicPartition, i64>>,
+    /// Per stage partition this instance wrote to, the offset after its last record there.
+    stage_written: Mutex<HashMap<TopicPartition, i64>>,
     /// Whether the external database accepts batches.
     pub(crate) sink: Arc<SinkHealth>,
 }
@@ -265,10 +267,40 @@ impl Status {
         })
     }
 
+    /// Records that this instance wrote a stage's records to `partition` of `topic` up to
+    /// `next` (the offset after the last one).
+    pub(crate) fn stage_written(&self, topic: &str, partition: u32, next: i64) {
+        let mut written = self.stage_written.lock();
+        let end = written
+            .entry((topic.to_string(), partition))
+            .or_insert(next);
+        *end = (*end).max(next);
+    }
+
     /// Whether every task on this instance is read up to its high watermark (as of the last
-    /// commit), and every partition of every topic in `everywhere` has its task here.
+    /// commit; a task whose watermark is not known yet is not), every partition of every
+    /// topic in `everywhere` has its task here, and every stage record this instance wrote
+    /// to a partition it reads was read back (the high watermarks, reported every second,
+    /// may not count them yet).
     pub(crate) fn caught_up_here(&self, everywhere: &[&str]) -> bool {
-        self.lag() == Some(0) && self.all_restored(everywhere)
+        let tasks = self.tasks.lock().clone();
+        let known = {
+            let watermarks = self.watermarks.lock();
+            tasks
+                .iter()
+                .all(|tp| watermarks.get(tp).is_some_and(|h| *h >= 0))
+        };
+        if !known {
+            return false;
+        }
+        let written = self.stage_written.lock().clone();
+        let read_back = written.iter().all(|((topic, partition), next)| {
+            !self.owns(topic, *partition)
+                || self
+                    .committed_offset(topic, *partition)
+                    .is_some_and(|c| c + 1 >= *next)
+        });
+        read_back && self.lag() == Some(0) && self.all_restored(everywhere)
     }
 }
 
@@ -278,6 +310,26 @@ mod tests {
 
     fn tp(p: u32) -> TopicPartition {
         ("t".to_string(), p)
+    }
+
+    #[test]
+    fn stage_records_written_here_are_caught_up_once_read_back() {
+        let s = Status::default();
+        s.task_opened("t", 0);
+        s.task_opened("u", 0);
+        s.set_watermarks(&["t"], HashMap::from([(tp(0), 5)]));
+        s.offsets_committed([(tp(0), 4)]);
+        assert!(!s.caught_up_here(&[]), "the end of `u` is not known yet");
+        s.task_dropped("u", 0);
+        assert!(s.caught_up_here(&[]));
+        // Written up to offset 7 (the watermarks do not say so yet).
+        s.stage_written("t", 0, 8);
+        assert!(!s.caught_up_here(&[]), "its own records are not read yet");
+        s.offsets_committed([(tp(0), 7)]);
+        assert!(s.caught_up_here(&[]));
+        // A partition read by another instance does not hold this one back.
+        s.stage_written("t", 1, 3);
+        assert!(s.caught_up_here(&[]));
     }
 
     #[test]
