@@ -46,6 +46,30 @@ fn cannot_read(role: &str, table: &str, why: &str) {
     );
 }
 
+/// Waits until each table of `expected` exists, and checks it holds `expected`'s rows as soon
+/// as it does: a table is swapped in once its rows went through every stage.
+fn appears_complete(
+    db: &mut postgres::Client,
+    t: &miroir::miroir_engine::topology::Topology,
+    expected: &BTreeMap<String, BTreeMap<String, serde_json::Value>>,
+) {
+    for (table, want) in expected {
+        let pg = t.table(table).unwrap().postgres().unwrap().qualified();
+        wait_until(&format!("{pg} appears"), Duration::from_secs(90), || {
+            db.query_one("SELECT to_regclass($1) IS NOT NULL", &[&pg])
+                .unwrap()
+                .get(0)
+        });
+        let rows = pg_table(db, t, table).unwrap();
+        assert_eq!(
+            rows,
+            *want,
+            "{table} appeared incomplete: {}",
+            diff(want, &rows)
+        );
+    }
+}
+
 #[test]
 fn readers_only_read_and_a_changed_table_is_swapped_in_whole() {
     let run = Run::new("pg");
@@ -71,29 +95,8 @@ fn readers_only_read_and_a_changed_table_is_swapped_in_whole() {
 
     let engine = start_engine(&t.text, state.path());
     let expected_v1 = only_external(expected_tables(&t.topology, &events), &t.topology);
-    // Every event was published before the start: each table appears complete (its rows
-    // went through the stages before it was swapped in).
-    for table in expected_v1.keys() {
-        let pg = t
-            .topology
-            .table(table)
-            .unwrap()
-            .postgres()
-            .unwrap()
-            .qualified();
-        wait_until(&format!("{pg} appears"), Duration::from_secs(90), || {
-            db.query_one("SELECT to_regclass($1) IS NOT NULL", &[&pg])
-                .unwrap()
-                .get(0)
-        });
-        let rows = pg_table(&mut db, &t.topology, table).unwrap();
-        assert_eq!(
-            rows,
-            expected_v1[table],
-            "{table} appeared incomplete: {}",
-            diff(&expected_v1[table], &rows)
-        );
-    }
+    // Every event was published before the start: each table appears complete.
+    appears_complete(&mut db, &t.topology, &expected_v1);
 
     // The reader role reads and cannot write; a role that is not a reader cannot even read.
     let table = format!("\"{}\".\"user_directory\"", t.schema);
@@ -375,26 +378,6 @@ fn a_new_table_appears_complete() {
     let state = tempfile::tempdir().unwrap();
     let engine = start_engine(&t.text, state.path());
     let expected = only_external(expected_tables(&t.topology, &events), &t.topology);
-    for table in expected.keys() {
-        let pg = t
-            .topology
-            .table(table)
-            .unwrap()
-            .postgres()
-            .unwrap()
-            .qualified();
-        wait_until(&format!("{pg} appears"), Duration::from_secs(90), || {
-            db.query_one("SELECT to_regclass($1) IS NOT NULL", &[&pg])
-                .unwrap()
-                .get(0)
-        });
-        let rows = pg_table(&mut db, &t.topology, table).unwrap();
-        assert_eq!(
-            rows,
-            expected[table],
-            "{table} appeared incomplete: {}",
-            diff(&expected[table], &rows)
-        );
-    }
+    appears_complete(&mut db, &t.topology, &expected);
     engine.shutdown();
 }
