@@ -54,7 +54,7 @@ use miroir_engine::changelog::logged_table;
 use miroir_engine::changelog::ChangelogWriter;
 use miroir_engine::ingest::upsert::Entry;
 use miroir_engine::metrics::Metrics;
-use miroir_engine::partition::partition_for_key;
+use miroir_engine::partition::partition_of_value;
 use miroir_engine::plan::Distribution;
 use miroir_engine::runtime::{Runtime, RuntimeConfig, RuntimeError, StatusSnapshot};
 use miroir_engine::state::key::{encode_key, key_hex};
@@ -670,10 +670,7 @@ impl Inner {
         let (source, part) = self.topology.partitioned_by(plan)?;
         let topic = &self.topology.sources[source].topic;
         let partitions = self.runtime.partition_count(topic)?;
-        Some((
-            topic,
-            partition_for_key(key[part].to_key_text().as_bytes(), partitions),
-        ))
+        Some((topic, partition_of_value(&key[part], partitions)))
     }
 
     /// The row of `key` in `table` as this instance's standby replica of the key's partition

@@ -13,16 +13,9 @@ use std::time::{Duration, Instant};
 use support::cluster::*;
 use support::*;
 
-/// The app topology with the departments global and three internal tables over them.
-fn topology(run: &str) -> TestTopology {
-    let mut t = with_internal_table_only(user_directory(run));
-    let departments = "[sources.departments]\n";
-    assert!(t.text.contains(departments), "the departments source moved");
-    t.text = t
-        .text
-        .replace(departments, &format!("{departments}global = true\n"));
-    t.text.push_str(
-        r#"
+/// Two internal tables joining the users with their department, keyed by the user: a LEFT
+/// JOIN, and an inner join with the departments on the left.
+const JOINED_TABLES: &str = r#"
 [tables.user_departments]
 query = """
 SELECT u.id, u.name, coalesce(d.name, 'unassigned') AS department
@@ -34,7 +27,19 @@ query = """
 SELECT u.id, d.id AS department_id, d.name AS department
 FROM departments d JOIN users u ON u.department_id = d.id"""
 store = "internal"
+"#;
 
+/// The app topology with the departments global and three internal tables over them.
+fn topology(run: &str) -> TestTopology {
+    let mut t = with_internal_table_only(user_directory(run));
+    let departments = "[sources.departments]\n";
+    assert!(t.text.contains(departments), "the departments source moved");
+    t.text = t
+        .text
+        .replace(departments, &format!("{departments}global = true\n"));
+    t.text.push_str(JOINED_TABLES);
+    t.text.push_str(
+        r#"
 [tables.users_per_department]
 query = """
 SELECT d.name AS department, count(*) AS users
@@ -74,20 +79,9 @@ SELECT department_id, count(*) AS users, sum(CASE WHEN active THEN 1 ELSE 0 END)
 FROM users WHERE department_id IS NOT NULL
 GROUP BY department_id"""
 store = "internal"
-
-[tables.user_departments]
-query = """
-SELECT u.id, u.name, coalesce(d.name, 'unassigned') AS department
-FROM users u LEFT JOIN departments d ON u.department_id = d.id"""
-store = "internal"
-
-[tables.department_members]
-query = """
-SELECT u.id, d.id AS department_id, d.name AS department
-FROM departments d JOIN users u ON u.department_id = d.id"""
-store = "internal"
 "#,
     );
+    t.text.push_str(JOINED_TABLES);
     t.topology = miroir::miroir_engine::topology::Topology::parse("repartitioned.toml", &t.text)
         .expect("the test topology plans");
     for table in &t.topology.tables {

@@ -5,6 +5,8 @@
 //! route a query for a key to the instance that owns its partition; producers must use the same
 //! partitioner (librdkafka: `partitioner=murmur2_random`).
 
+use crate::value::Value;
+
 /// Kafka's murmur2 hash of `data` (`org.apache.kafka.common.utils.Utils.murmur2`).
 pub fn murmur2(data: &[u8]) -> i32 {
     const SEED: u32 = 0x9747_b28c;
@@ -50,6 +52,12 @@ pub fn murmur2(data: &[u8]) -> i32 {
 pub fn partition_for_key(key: &[u8], partitions: u32) -> u32 {
     assert!(partitions > 0, "a topic has at least one partition");
     ((murmur2(key) & 0x7fff_ffff) as u32) % partitions
+}
+
+/// The partition among `partitions` of a row whose key (or the part of it that places the
+/// row) is `value`: that of a Kafka message keyed by the value's key text.
+pub fn partition_of_value(value: &Value, partitions: u32) -> u32 {
+    partition_for_key(value.to_key_text().as_bytes(), partitions)
 }
 
 /// The worker (of `workers`) that runs the task of `partition`.

@@ -112,11 +112,6 @@ impl Claims {
         claims
     }
 
-    /// Whether nothing is claimed.
-    pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
-    }
-
     /// The claimed partitions of `topic`, and its partition count.
     pub fn of_topic(&self, topic: &str) -> Option<(u32, &HashSet<u32>)> {
         self.0.get(topic).map(|(count, ps)| (*count, ps))

@@ -19,7 +19,7 @@
 
 use std::collections::{HashMap, HashSet};
 
-use miroir_engine::partition::partition_for_key;
+use miroir_engine::partition::partition_of_value;
 use miroir_engine::sink::Claims;
 use miroir_engine::value::Value;
 use tokio_postgres::GenericClient;
@@ -185,7 +185,7 @@ impl Owned {
             // partitions alone then.
             Some((None, _)) => {}
             Some((Some(count), ps)) => {
-                let mine = |key_part: &Value| ps.contains(&partition_of(key_part, *count));
+                let mine = |key_part: &Value| ps.contains(&partition_of_value(key_part, *count));
                 let key = &target.plan.key;
                 upserts.retain(|row| mine(&row[key[*part]]));
                 deletes.retain(|k| mine(&k[*part]));
@@ -193,11 +193,6 @@ impl Owned {
         }
         before - upserts.len() - deletes.len()
     }
-}
-
-/// The partition of a key whose part telling the partition is `key_part`, among `count`.
-pub(crate) fn partition_of(key_part: &Value, count: u32) -> u32 {
-    partition_for_key(key_part.to_key_text().as_bytes(), count)
 }
 
 /// Records that the partitions in `ready` (per topic: claimed into `target`'s shadow table

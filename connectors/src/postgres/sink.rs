@@ -29,6 +29,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use miroir_engine::error::ErrorClass;
+use miroir_engine::partition::partition_of_value;
 use miroir_engine::sink::{
     Applied, Claims, Durable, ExternalSink, SinkBatch, SinkError, TableChanges,
 };
@@ -354,7 +355,7 @@ async fn replacement(
         let values: Vec<Value> = (0..key.len())
             .map(|i| row.try_get::<_, ReadCell>(i).map(|c| c.0))
             .collect::<Result<_, _>>()?;
-        let mine = claimed.contains(&ownership::partition_of(&values[*part], count));
+        let mine = claimed.contains(&partition_of_value(&values[*part], count));
         if mine && !written.contains(&values.iter().collect::<Vec<_>>()) {
             gone.push(values);
         }
@@ -425,20 +426,11 @@ fn forget_claimed<T>(target: &Target, batch: &SinkBatch, last: &mut HashMap<Vec<
     let Some((topic, part)) = &target.placement else {
         return;
     };
-    let claimed: HashSet<(u32, u32)> = batch
-        .claims
-        .iter()
-        .filter(|c| c.topic == *topic)
-        .map(|c| (c.partition, c.partitions))
-        .collect();
-    if claimed.is_empty() || last.is_empty() {
+    let claims = Claims::of([batch]);
+    let Some((count, claimed)) = claims.of_topic(topic) else {
         return;
-    }
-    last.retain(|key, _| {
-        !claimed
-            .iter()
-            .any(|(p, count)| ownership::partition_of(key[*part], *count) == *p)
-    });
+    };
+    last.retain(|key, _| !claimed.contains(&partition_of_value(key[*part], count)));
 }
 
 impl ExternalSink for PostgresSink {

@@ -10,7 +10,7 @@ use tracing::warn;
 
 use super::shared::Shared;
 use crate::changelog::{logged_table, ChangelogRecord};
-use crate::partition::partition_for_key;
+use crate::partition::partition_of_value;
 use crate::plan::repartition::Repartition;
 use crate::plan::{Distribution, TablePlan};
 use crate::sink::TableChanges;
@@ -69,11 +69,24 @@ pub(crate) struct RowPlacement {
 }
 
 impl RowPlacement {
+    /// Where `table`'s rows are, when they follow a source's partitions and that source's
+    /// partition count is known.
+    pub(crate) fn of(shared: &Shared, table: &TablePlan) -> Option<RowPlacement> {
+        let (source, key_part) = shared.topology.partitioned_by(table)?;
+        let partitions = shared
+            .status
+            .partition_count(&shared.topology.sources[source].topic)?;
+        Some(RowPlacement {
+            source,
+            partitions,
+            key_part,
+        })
+    }
+
     fn task(&self, key: &[Value]) -> (usize, u32) {
-        let part = key[self.key_part].to_key_text();
         (
             self.source,
-            partition_for_key(part.as_bytes(), self.partitions),
+            partition_of_value(&key[self.key_part], self.partitions),
         )
     }
 }
@@ -116,16 +129,11 @@ pub(crate) fn owned_changes(
 ) -> TableChanges {
     let topology = &shared.topology;
     let status = &shared.status;
-    if let Some((source, key_part)) = topology.partitioned_by(table) {
-        let topic = &topology.sources[source].topic;
-        let Some(partitions) = status.partition_count(topic) else {
+    if topology.partitioned_by(table).is_some() {
+        let Some(place) = RowPlacement::of(shared, table) else {
             return changes;
         };
-        let place = RowPlacement {
-            source,
-            partitions,
-            key_part,
-        };
+        let topic = &topology.sources[place.source].topic;
         let owned = |key: &[Value]| status.owns(topic, place.task(key).1);
         changes.upserts.retain(|row| {
             let key: Vec<Value> = table.key.iter().map(|k| row[*k].clone()).collect();
@@ -168,8 +176,6 @@ pub(crate) fn repartition_records(
         warn!(repartition = %repartition.name, %topic, "partition counts unknown: the epoch's repartition records wait for none");
         return Vec::new();
     };
-    let partition =
-        |value: &Value, count: u32| partition_for_key(value.to_key_text().as_bytes(), count);
     let mut changes: HashMap<Vec<Value>, (Option<Row>, Option<Row>)> = HashMap::new();
     for (row, diff) in deltas {
         let key: Vec<Value> = repartition.key.iter().map(|k| row[*k].clone()).collect();
@@ -184,14 +190,14 @@ pub(crate) fn repartition_records(
         let Some(any) = new.as_ref().or(old.as_ref()) else {
             continue;
         };
-        if !shared
-            .status
-            .owns(from_topic, partition(&any[from_column], from_count))
-        {
+        if !shared.status.owns(
+            from_topic,
+            partition_of_value(&any[from_column], from_count),
+        ) {
             continue;
         }
         let key = key_hex(&encode_key(&key));
-        let place = |row: &Row| partition(&row[repartition.by], count);
+        let place = |row: &Row| partition_of_value(&row[repartition.by], count);
         let moved = match (&old, &new) {
             (Some(old), Some(new)) => place(old) != place(new),
             (Some(_), None) => true,

@@ -149,18 +149,11 @@ fn key_hash(row: &[Value], key: &[usize]) -> u64 {
 /// Where the rows of internal table `table` are logged, when rows are: its key's source and
 /// that source's partition count (see [`RowPlacement`]).
 fn row_placement(shared: &Shared, table: &crate::plan::TablePlan) -> Option<RowPlacement> {
-    if !shared.config.log_rows {
-        return None;
-    }
-    let (source, key_part) = shared.topology.partitioned_by(table)?;
-    let partitions = shared
-        .status
-        .partition_count(&shared.topology.sources[source].topic)?;
-    Some(RowPlacement {
-        source,
-        partitions,
-        key_part,
-    })
+    shared
+        .config
+        .log_rows
+        .then(|| RowPlacement::of(shared, table))
+        .flatten()
 }
 
 /// Adds the epoch's repartition records (see [`repartition_records`]) to `commit`.
