@@ -23,6 +23,12 @@
 //! opening) or go (a task revoked) without a change of their key's entry are not logged again
 //! ([`without_rederived_rows`]). A task's restore skips row records: an owner derives its rows
 //! from its state.
+//!
+//! A stage reading a global source also logs where it placed each key derived from the
+//! partition's rows: `0x03 ++ stage ++ 0x00 ++ key` (`stage` is the stage's topic, `key` the
+//! key's values in bincode) whose value is the partition of the stage's topic the key's record
+//! is in (4 bytes, big endian; no value: it has none). A restore keeps them with the task's
+//! state (see `runtime::placements`).
 
 use std::collections::HashSet;
 
@@ -39,6 +45,8 @@ pub const OFFSET_KEY: &[u8] = &[0];
 const ENTRY_TAG: u8 = 1;
 /// The first byte of a row record's key.
 const ROW_TAG: u8 = 2;
+/// The first byte of a placement record's key.
+const PLACEMENT_TAG: u8 = 3;
 
 /// One record for a task's changelog.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -99,6 +107,28 @@ impl ChangelogRecord {
             partition,
             key: k,
             value: row,
+            topic: RecordTopic::Changelog,
+        }
+    }
+
+    /// The record of where stage `stage` placed `key` (its values in bincode), derived from
+    /// `task`'s rows: `partition` of its topic, `None` when it has no record.
+    pub fn placement(
+        (source, partition): (usize, u32),
+        stage: &str,
+        key: &[u8],
+        placed: Option<u32>,
+    ) -> Self {
+        let mut k = Vec::with_capacity(stage.len() + key.len() + 2);
+        k.push(PLACEMENT_TAG);
+        k.extend_from_slice(stage.as_bytes());
+        k.push(0);
+        k.extend_from_slice(key);
+        ChangelogRecord {
+            source,
+            partition,
+            key: k,
+            value: placed.map(|p| p.to_be_bytes().to_vec()),
             topic: RecordTopic::Changelog,
         }
     }
@@ -186,6 +216,15 @@ pub enum Logged<'a> {
         /// The row as served.
         row: Option<&'a [u8]>,
     },
+    /// Where a stage reading a global source placed a key (`None`: it has no record).
+    Placement {
+        /// The stage's topic.
+        stage: &'a str,
+        /// The key's values in bincode.
+        key: &'a [u8],
+        /// The partition of the stage's topic its record is in.
+        partition: Option<u32>,
+    },
 }
 
 /// Reads a changelog record's key and value.
@@ -205,22 +244,43 @@ pub fn read_record<'a>(
             entry: value,
         }),
         Some([ROW_TAG, rest @ ..]) => {
-            let at = rest
-                .iter()
-                .position(|b| *b == 0)
-                .ok_or_else(|| ChangelogError::malformed("a row record's key has no table"))?;
-            let table = std::str::from_utf8(&rest[..at])
-                .map_err(|_| ChangelogError::malformed("a row record's table is not UTF-8"))?;
+            let (table, key) = named(rest, "a row record's table")?;
             Ok(Logged::Row {
                 table,
-                key: &rest[at + 1..],
+                key,
                 row: value,
             })
         }
+        Some([PLACEMENT_TAG, rest @ ..]) => {
+            let (stage, key) = named(rest, "a placement record's stage")?;
+            let partition = value
+                .map(|v| {
+                    v.try_into().map(u32::from_be_bytes).map_err(|_| {
+                        ChangelogError::malformed("a placement record's value is not 4 bytes")
+                    })
+                })
+                .transpose()?;
+            Ok(Logged::Placement {
+                stage,
+                key,
+                partition,
+            })
+        }
         _ => Err(ChangelogError::malformed(
-            "the key is not an offset record's, an entry's or a row's",
+            "the key is not an offset record's, an entry's, a row's or a placement's",
         )),
     }
+}
+
+/// A record key's `name ++ 0x00 ++ key` split in two (`what` names the name in errors).
+fn named<'a>(rest: &'a [u8], what: &str) -> Result<(&'a str, &'a [u8]), ChangelogError> {
+    let at = rest
+        .iter()
+        .position(|b| *b == 0)
+        .ok_or_else(|| ChangelogError::malformed(&format!("{what} is missing")))?;
+    let name = std::str::from_utf8(&rest[..at])
+        .map_err(|_| ChangelogError::malformed(&format!("{what} is not UTF-8")))?;
+    Ok((name, &rest[at + 1..]))
 }
 
 /// Where a task's changelog stands after a write: the changelog offset after the last record
@@ -367,6 +427,18 @@ impl Restore {
                     .put_standby_row((self.source, self.partition), table, key, row);
             }
             Logged::Row { .. } => {}
+            Logged::Placement {
+                stage,
+                key,
+                partition,
+            } => {
+                self.commit.put_stored_placement(
+                    (self.source, self.partition),
+                    stage,
+                    key,
+                    partition,
+                );
+            }
         }
         self.records += 1;
         if self.commit.len() >= RESTORE_CHUNK {
@@ -445,6 +517,60 @@ mod tests {
                 entry: None
             }
         );
+    }
+
+    #[test]
+    fn placements_are_kept_logged_restored_and_dropped_with_their_task() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = StateStore::open(dir.path(), &[])
+            .unwrap()
+            .logging(vec![true]);
+        let mut c = store.commit();
+        c.put_placement((0, 3), "stage", b"k1", Some(7));
+        c.put_placement((0, 3), "stage", b"k2", Some(1));
+        c.put_placement((0, 3), "other", b"k1", Some(2));
+        c.put_placement((0, 4), "stage", b"k3", Some(5));
+        let logged = c.take_changelog();
+        store.write(c).unwrap();
+        assert_eq!(store.placement((0, 3), "stage", b"k1").unwrap(), Some(7));
+        assert_eq!(store.placement((0, 3), "stage", b"k3").unwrap(), None);
+        assert_eq!(
+            store.placements((0, 3), "stage").unwrap(),
+            [(b"k1".to_vec(), 7), (b"k2".to_vec(), 1)]
+        );
+
+        // Another instance restores them from the changelog, a deletion included.
+        let gone = ChangelogRecord::placement((0, 3), "stage", b"k2", None);
+        assert_eq!(
+            read_record(Some(&gone.key), None).unwrap(),
+            Logged::Placement {
+                stage: "stage",
+                key: b"k2",
+                partition: None
+            }
+        );
+        let other = tempfile::tempdir().unwrap();
+        let restored = StateStore::open(other.path(), &[]).unwrap();
+        let mut restore = Restore::start(&restored, 0, 3, "users", false).unwrap();
+        for r in logged.iter().chain([&gone]).filter(|r| r.partition == 3) {
+            restore.apply(Some(&r.key), r.value.as_deref()).unwrap();
+        }
+        restore.finish(9).unwrap();
+        assert_eq!(
+            restored.placements((0, 3), "stage").unwrap(),
+            [(b"k1".to_vec(), 7)]
+        );
+        assert_eq!(restored.placement((0, 3), "other", b"k1").unwrap(), Some(2));
+        assert_eq!(restored.placements((0, 4), "stage").unwrap(), []);
+
+        // A malformed value is refused, not stored.
+        let mut restore = Restore::start(&restored, 0, 3, "users", false).unwrap();
+        assert!(restore.apply(Some(&gone.key), Some(b"xyz")).is_err());
+
+        store.drop_task(0, 3, "users").unwrap();
+        assert_eq!(store.placements((0, 3), "stage").unwrap(), []);
+        assert_eq!(store.placement((0, 3), "other", b"k1").unwrap(), None);
+        assert_eq!(store.placement((0, 4), "stage", b"k3").unwrap(), Some(5));
     }
 
     #[test]

@@ -30,10 +30,12 @@
 //! dataflow without being deleted from the topic, and the new owner derives the same rows
 //! again from the same state.
 //!
-//! That holds when the input depends on its partitions' state alone: an input that reads a
-//! global source could be derived differently by the next owner (the global source moved on
-//! meanwhile), leaving rows nobody deletes. Such tables are not split: they stay
-//! [`Distribution::Partial`].
+//! That holds when the input depends on its partitions' state alone. An input that reads a
+//! global source can be derived differently by the next owner (the global source moved on
+//! meanwhile): a key may then go to another partition of the topic, or not be derived at all.
+//! Such a stage ([`Repartition::reads_global`]) keeps where it placed each key with the
+//! upstream partition's state (see `runtime::placements`), so that the next owner deletes
+//! the records its own derivation does not write again.
 
 use super::expr::BinaryOp;
 use super::{AggFunc, Aggregate, Distribution, Expr, JoinKind, Plan};
@@ -61,6 +63,9 @@ pub struct Repartition {
     /// The source whose topic's partition count the topic gets (the other side of the join
     /// it feeds, or the input's own source).
     pub partitions_like: usize,
+    /// Whether the input reads a global source: its rows may differ from one owner of an
+    /// upstream partition to the next, so where each key was placed is kept.
+    pub reads_global: bool,
 }
 
 /// The last column of a repartition source: the record's key (the hexadecimal of the input
@@ -388,7 +393,7 @@ impl<'a> Splitter<'a> {
     /// Makes the repartition of `input` (keyed by `key`, placed by column `by`, with as many
     /// partitions as source `like`'s) and returns the plan reading it back (the input's
     /// columns, then [`KEY_COLUMN`]); `Err(input)` when its rows may move between upstream
-    /// partitions or it reads a global source.
+    /// partitions.
     fn make(&mut self, input: Plan, key: Vec<usize>, by: usize, like: usize) -> Result<Plan, Plan> {
         let mut read = Vec::new();
         input.sources(&mut read);
@@ -398,9 +403,7 @@ impl<'a> Splitter<'a> {
             }
             _ => return Err(input),
         };
-        if read.iter().any(|s| self.source(*s).global) {
-            return Err(input);
-        }
+        let reads_global = read.iter().any(|s| self.source(*s).global);
         let (topology, table) = self.names;
         let n = self.made.len();
         let name = format!("{table}.r{n}");
@@ -437,6 +440,7 @@ impl<'a> Splitter<'a> {
             from,
             source,
             partitions_like: like,
+            reads_global,
         };
         self.made.push((repartition, reader));
         Ok(Plan::Source { source, name })

@@ -155,26 +155,40 @@ pub(crate) fn owned_changes(
     changes
 }
 
-/// The records of an epoch's `deltas` of `repartition` (see [`crate::plan::repartition`]):
-/// each changed key's row upserted in the partition of its `by` value, and deleted from the
-/// partition it was in when that changed or the row went. Rows of upstream partitions this
-/// instance does not own (any more) are left out: a revoked partition's rows stay in the
-/// topic for its next owner.
-pub(crate) fn repartition_records(
+/// One key's change in a stage's epoch: its upstream partition, its row before (if any)
+/// and after (if any).
+pub(crate) struct KeyChange {
+    pub(crate) key: Vec<Value>,
+    pub(crate) upstream: u32,
+    pub(crate) new: Option<Row>,
+    pub(crate) old: Option<Row>,
+}
+
+/// An epoch's changes of a stage's keys derived from upstream partitions this instance owns,
+/// with its topic's partition count.
+pub(crate) struct StageChanges {
+    pub(crate) partitions: u32,
+    pub(crate) keys: Vec<KeyChange>,
+}
+
+/// Groups an epoch's `deltas` of `repartition` by key, leaving out the rows of upstream
+/// partitions this instance does not own (any more): a revoked partition's rows stay in the
+/// topic for its next owner. `None` while a partition count is unknown (logged).
+pub(crate) fn stage_changes(
     shared: &Shared,
     repartition: &Repartition,
     mut deltas: Vec<(Row, isize)>,
-) -> Vec<ChangelogRecord> {
+) -> Option<StageChanges> {
     consolidate(&mut deltas);
     let sources = &shared.topology.sources;
     let (from, from_column) = repartition.from;
     let (from_topic, topic) = (&sources[from].topic, &sources[repartition.source].topic);
-    let (Some(from_count), Some(count)) = (
+    let (Some(from_count), Some(partitions)) = (
         shared.status.partition_count(from_topic),
         shared.status.partition_count(topic),
     ) else {
         warn!(repartition = %repartition.name, %topic, "partition counts unknown: the epoch's repartition records wait for none");
-        return Vec::new();
+        return None;
     };
     let mut changes: HashMap<Vec<Value>, (Option<Row>, Option<Row>)> = HashMap::new();
     for (row, diff) in deltas {
@@ -185,42 +199,84 @@ pub(crate) fn repartition_records(
             false => change.0 = Some(row),
         }
     }
-    let mut records = Vec::with_capacity(changes.len());
-    for (key, (old, new)) in changes {
-        let Some(any) = new.as_ref().or(old.as_ref()) else {
-            continue;
-        };
-        if !shared.status.owns(
-            from_topic,
-            partition_of_value(&any[from_column], from_count),
-        ) {
-            continue;
-        }
-        let key = key_hex(&encode_key(&key));
-        let place = |row: &Row| partition_of_value(&row[repartition.by], count);
-        let moved = match (&old, &new) {
-            (Some(old), Some(new)) => place(old) != place(new),
-            (Some(_), None) => true,
-            _ => false,
-        };
-        if let (true, Some(old)) = (moved, &old) {
-            records.push(ChangelogRecord::repartitioned(
-                repartition.source,
-                place(old),
-                &key,
-                None,
-            ));
-        }
-        if let Some(mut row) = new {
-            let at = place(&row);
-            row.push(Value::Text(key.as_str().into()));
-            records.push(ChangelogRecord::repartitioned(
-                repartition.source,
-                at,
-                &key,
-                Some(encode(&row)),
-            ));
-        }
+    let keys = changes
+        .into_iter()
+        .filter_map(|(key, (old, new))| {
+            let any = new.as_ref().or(old.as_ref())?;
+            let upstream = partition_of_value(&any[from_column], from_count);
+            shared
+                .status
+                .owns(from_topic, upstream)
+                .then_some(KeyChange {
+                    key,
+                    upstream,
+                    new,
+                    old,
+                })
+        })
+        .collect();
+    Some(StageChanges { partitions, keys })
+}
+
+/// The partition of `repartition`'s topic (of `partitions`) `row` goes to.
+pub(crate) fn placed(repartition: &Repartition, partitions: u32, row: &Row) -> u32 {
+    partition_of_value(&row[repartition.by], partitions)
+}
+
+/// Adds to `records` what a key's change writes to `repartition`'s topic: a delete from the
+/// partition its record was in (`before`) when it moved or went, and its new row (`new`).
+pub(crate) fn stage_records(
+    repartition: &Repartition,
+    (partitions, key): (u32, &[Value]),
+    before: Option<u32>,
+    new: Option<Row>,
+    records: &mut Vec<ChangelogRecord>,
+) {
+    let key = key_hex(&encode_key(key));
+    let now = new.as_ref().map(|row| placed(repartition, partitions, row));
+    if let Some(before) = before.filter(|b| Some(*b) != now) {
+        records.push(ChangelogRecord::repartitioned(
+            repartition.source,
+            before,
+            &key,
+            None,
+        ));
+    }
+    if let (Some(mut row), Some(at)) = (new, now) {
+        row.push(Value::Text(key.as_str().into()));
+        records.push(ChangelogRecord::repartitioned(
+            repartition.source,
+            at,
+            &key,
+            Some(encode(&row)),
+        ));
+    }
+}
+
+/// The records of an epoch's `deltas` of `repartition` (see [`crate::plan::repartition`]):
+/// each changed key's row upserted in the partition of its `by` value, and deleted from the
+/// partition it was in when that changed or the row went.
+pub(crate) fn repartition_records(
+    shared: &Shared,
+    repartition: &Repartition,
+    deltas: Vec<(Row, isize)>,
+) -> Vec<ChangelogRecord> {
+    let Some(stage) = stage_changes(shared, repartition, deltas) else {
+        return Vec::new();
+    };
+    let mut records = Vec::with_capacity(stage.keys.len());
+    for change in stage.keys {
+        let before = change
+            .old
+            .as_ref()
+            .map(|row| placed(repartition, stage.partitions, row));
+        stage_records(
+            repartition,
+            (stage.partitions, &change.key),
+            before,
+            change.new,
+            &mut records,
+        );
     }
     records
 }

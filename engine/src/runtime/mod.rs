@@ -28,6 +28,7 @@ mod config;
 mod epoch;
 mod error;
 mod inbox;
+mod placements;
 mod shared;
 mod status;
 mod tasks;

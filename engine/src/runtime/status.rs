@@ -267,6 +267,13 @@ impl Status {
         })
     }
 
+    /// Whether every partition of `topic` has its task here, caught up with the partition's
+    /// end as it was when the task opened (see [`Status::restored`]).
+    pub(crate) fn restored_whole(&self, topic: &str) -> bool {
+        let count = self.partition_count(topic);
+        count.is_some_and(|n| (0..n).all(|p| self.restored(topic, p)))
+    }
+
     /// Records that this instance wrote a stage's records to `partition` of `topic` up to
     /// `next` (the offset after the last one).
     pub(crate) fn stage_written(&self, topic: &str, partition: u32, next: i64) {

@@ -12,6 +12,7 @@ use tracing::{debug, info};
 
 use super::changes::{owned_changes, repartition_records, table_changes, write_rows, RowPlacement};
 use super::inbox::InboxReceiver;
+use super::placements::Placements;
 use super::shared::Shared;
 use super::tasks::Tasks;
 use super::{commit, epoch};
@@ -34,6 +35,8 @@ struct Dataflow {
     probe: ProbeHandle<Epoch>,
     captures: Vec<Capture>,
     repartitions: Vec<Capture>,
+    /// Where the stages reading a global source placed the keys routed here.
+    placements: Placements,
 }
 
 /// Runs the worker until the runtime stops.
@@ -61,7 +64,8 @@ pub(super) fn run(worker: &mut timely::worker::Worker, shared: &Shared, inbox: I
         worker.step_or_park_while(Some(PARK), || probe.less_than(&epoch));
         let t_dataflow = started.elapsed();
         write_tables(shared, &dataflow.captures, &mut commit);
-        write_repartitions(shared, &dataflow.repartitions, &mut commit);
+        let worker_of = (index, worker.peers());
+        write_repartitions(shared, &mut dataflow, worker_of, &mut commit);
         commit::contribute(shared, commit);
         let t_tables = started.elapsed();
         let stopping = commit::finish(shared, epoch);
@@ -132,6 +136,7 @@ fn build(worker: &mut timely::worker::Worker, topology: &Topology) -> Dataflow {
             probe,
             captures,
             repartitions,
+            placements: Placements::default(),
         }
     })
 }
@@ -146,6 +151,13 @@ fn key_hash(row: &[Value], key: &[usize]) -> u64 {
     h.finish()
 }
 
+/// The worker (of `workers`) a row whose key is `key` (its values, in order) is routed to,
+/// as timely's exchange routes it.
+pub(super) fn routed_to(key: &[Value], workers: usize) -> usize {
+    let all: Vec<usize> = (0..key.len()).collect();
+    (key_hash(key, &all) % workers.max(1) as u64) as usize
+}
+
 /// Where the rows of internal table `table` are logged, when rows are: its key's source and
 /// that source's partition count (see [`RowPlacement`]).
 fn row_placement(shared: &Shared, table: &crate::plan::TablePlan) -> Option<RowPlacement> {
@@ -156,11 +168,22 @@ fn row_placement(shared: &Shared, table: &crate::plan::TablePlan) -> Option<RowP
         .flatten()
 }
 
-/// Adds the epoch's repartition records (see [`repartition_records`]) to `commit`.
-fn write_repartitions(shared: &Shared, captures: &[Capture], commit: &mut Commit) {
-    for (repartition, capture) in shared.topology.repartitions.iter().zip(captures) {
+/// Adds the epoch's repartition records (see [`repartition_records`]) to `commit`; those of
+/// the stages reading a global source with where they put each key (see [`Placements`]).
+/// `worker` is this worker's index and the number of workers.
+fn write_repartitions(
+    shared: &Shared,
+    dataflow: &mut Dataflow,
+    worker: (usize, usize),
+    commit: &mut Commit,
+) {
+    let repartitions = shared.topology.repartitions.iter();
+    for (index, (repartition, capture)) in repartitions.zip(&dataflow.repartitions).enumerate() {
         let deltas = std::mem::take(&mut *capture.borrow_mut());
-        if !deltas.is_empty() {
+        if repartition.reads_global {
+            let placements = &mut dataflow.placements;
+            placements.write(shared, (index, worker), deltas, commit);
+        } else if !deltas.is_empty() {
             for record in repartition_records(shared, repartition, deltas) {
                 commit.produce(record);
             }

@@ -6,7 +6,10 @@
 //!   (`o/{topic}/{partition}`) and, with changelogs, the changelog offset the task's state is
 //!   at (`l/{source}/{partition}`, see [`crate::changelog`]); a standby replica's rows of
 //!   internal tables (`s/{source}/{partition}/{table}\0{key}`) and the changelog offset up to
-//!   which they are complete (`r/{source}/{partition}`); the instance's id (`m/instance`) and last commit sequence
+//!   which they are complete (`r/{source}/{partition}`); where a stage reading a global
+//!   source placed each key of the partition (`g/{source}/{partition}/{stage}\0{key}`, the
+//!   key's values in bincode, the partition of the stage's topic as 4 bytes big endian; see
+//!   [`StateStore::placements`]); the instance's id (`m/instance`) and last commit sequence
 //!   (`m/sequence`); the layout each part of the state was written with (`m/layout/{what}`,
 //!   see [`StateStore::keep_layout`]); and the *outbox* of external-table changes not yet
 //!   confirmed by their database (`x/{sequence}`);
@@ -132,6 +135,20 @@ fn standby_row_key(source: usize, partition: u32, table: &str, key: &[u8]) -> Ve
     k.extend_from_slice(table.as_bytes());
     k.push(0);
     k.extend_from_slice(key);
+    k
+}
+
+/// The prefix of where the stages reading a global source placed the keys of
+/// `source`/`partition`.
+fn placements_prefix(source: usize, partition: u32) -> Vec<u8> {
+    format!("g/{source}/{partition:08x}/").into_bytes()
+}
+
+/// The prefix of where stage `stage` placed the keys of `source`/`partition`.
+fn stage_placements_prefix((source, partition): (usize, u32), stage: &str) -> Vec<u8> {
+    let mut k = placements_prefix(source, partition);
+    k.extend_from_slice(stage.as_bytes());
+    k.push(0);
     k
 }
 
@@ -511,6 +528,48 @@ impl StateStore {
         Ok(out)
     }
 
+    /// The partition of stage `stage`'s topic the record of `key` (its values in bincode),
+    /// derived from `task`'s rows, was last written to; `None` when it has none.
+    pub fn placement(
+        &self,
+        task: (usize, u32),
+        stage: &str,
+        key: &[u8],
+    ) -> Result<Option<u32>, StoreError> {
+        let mut k = stage_placements_prefix(task, stage);
+        k.extend_from_slice(key);
+        self.get_state(&k)?
+            .map(|bytes| self.read_placement(&k, &bytes))
+            .transpose()
+    }
+
+    /// Every key stage `stage` placed from `task`'s rows, with the partition of its record.
+    pub fn placements(
+        &self,
+        task: (usize, u32),
+        stage: &str,
+    ) -> Result<Vec<(Vec<u8>, u32)>, StoreError> {
+        let prefix = stage_placements_prefix(task, stage);
+        let mut out = Vec::new();
+        for item in self.db.prefix_iterator_cf(self.state_cf(), &prefix) {
+            let (k, v) = item.map_err(|e| self.rocks(e))?;
+            if !k.starts_with(&prefix) {
+                break;
+            }
+            out.push((k[prefix.len()..].to_vec(), self.read_placement(&k, &v)?));
+        }
+        Ok(out)
+    }
+
+    fn read_placement(&self, key: &[u8], bytes: &[u8]) -> Result<u32, StoreError> {
+        let arr: [u8; 4] = bytes.try_into().map_err(|_| StoreError::Corrupt {
+            path: self.path.clone(),
+            key: String::from_utf8_lossy(key).into_owned(),
+            message: "a placement is not 4 bytes".into(),
+        })?;
+        Ok(u32::from_be_bytes(arr))
+    }
+
     /// Forgets everything the store knows of `key` in `source` (its row and the order values
     /// of its last events, in whichever partition), so the next event of the key applies
     /// whatever its order value: the repair of a key frozen by an event with an order value
@@ -617,12 +676,16 @@ impl StateStore {
     }
 
     /// Drops the state of the task of `source`/`partition` (read from `topic`): its upsert
-    /// entries, offset and changelog position, durably.
+    /// entries, the placements of its stages' keys, offset and changelog position, durably.
     pub fn drop_task(&self, source: usize, partition: u32, topic: &str) -> Result<(), StoreError> {
-        let prefix = upsert_prefix(source, partition);
         let mut batch = WriteBatch::default();
         let cf = self.state_cf();
-        batch.delete_range_cf(cf, prefix.as_slice(), prefix_end(&prefix).as_slice());
+        for prefix in [
+            upsert_prefix(source, partition),
+            placements_prefix(source, partition),
+        ] {
+            batch.delete_range_cf(cf, prefix.as_slice(), prefix_end(&prefix).as_slice());
+        }
         batch.delete_cf(cf, offset_key(topic, partition));
         batch.delete_cf(cf, position_key(source, partition));
         let mut opts = WriteOptions::default();
@@ -832,6 +895,40 @@ impl Commit {
         let mut k = upsert_prefix(source, partition);
         k.extend_from_slice(key);
         self.push(Family::State, k, entry.map(<[u8]>::to_vec));
+    }
+
+    /// Records that stage `stage`'s record of `key` (its values in bincode), derived from
+    /// `task`'s rows, is in `partition` of its topic now (`None`: it has none), and logs it
+    /// to the task's changelog when the store logs.
+    pub fn put_placement(
+        &mut self,
+        task: (usize, u32),
+        stage: &str,
+        key: &[u8],
+        partition: Option<u32>,
+    ) {
+        if let Some(log) = self.changelog.as_mut() {
+            log.push(ChangelogRecord::placement(task, stage, key, partition));
+        }
+        self.put_stored_placement(task, stage, key, partition);
+    }
+
+    /// Puts a placement as a changelog holds it (see [`Commit::put_placement`]). Not logged:
+    /// it comes from the changelog.
+    pub fn put_stored_placement(
+        &mut self,
+        task: (usize, u32),
+        stage: &str,
+        key: &[u8],
+        partition: Option<u32>,
+    ) {
+        let mut k = stage_placements_prefix(task, stage);
+        k.extend_from_slice(key);
+        self.push(
+            Family::State,
+            k,
+            partition.map(|p| p.to_be_bytes().to_vec()),
+        );
     }
 
     /// Puts a row a standby replica read from the changelog of `source`/`partition` (`None`
