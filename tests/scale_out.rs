@@ -29,7 +29,9 @@ FROM departments d JOIN users u ON u.department_id = d.id"""
 store = "internal"
 "#;
 
-/// The app topology with the departments global and three internal tables over them.
+/// The app topology with the departments global and four internal tables over them: two
+/// joins, a GROUP BY over a join (split into stages reading the global source), and a LEFT
+/// JOIN keeping every department grouped by department, which cannot be split.
 fn topology(run: &str) -> TestTopology {
     let mut t = with_internal_table_only(user_directory(run));
     let departments = "[sources.departments]\n";
@@ -45,6 +47,13 @@ query = """
 SELECT d.name AS department, count(*) AS users
 FROM users u JOIN departments d ON u.department_id = d.id
 GROUP BY d.name"""
+store = "internal"
+
+[tables.department_sizes]
+query = """
+SELECT d.id, count(u.id) AS users
+FROM departments d LEFT JOIN users u ON u.department_id = d.id
+GROUP BY d.id"""
 store = "internal"
 "#,
     );
@@ -94,8 +103,12 @@ store = "internal"
     t
 }
 
-/// The tables joined with the global source.
-const JOINED: [&str; 2] = ["user_departments", "department_members"];
+/// The tables computed with the global source and right on every instance.
+const JOINED: [&str; 3] = [
+    "user_departments",
+    "department_members",
+    "users_per_department",
+];
 
 /// The split tables: GROUP BYs on non-key columns, a LEFT JOIN and an inner join on a foreign
 /// key.
@@ -108,7 +121,8 @@ const SPLIT: [&str; 5] = [
 ];
 
 /// Waits until every instance answers every key of `tables` as the reference evaluates
-/// `events` (and 404 for a key that never existed).
+/// `events` (and 404 for a key that never existed), and a scan of each table from every
+/// instance gives the reference's rows: no row the reference does not have.
 fn wait_for_every_table(
     client: &reqwest::blocking::Client,
     instances: &[&Instance],
@@ -127,6 +141,43 @@ fn wait_for_every_table(
             (table, &expected[*table]),
             &keys,
         );
+        let rows: BTreeSet<String> = expected[*table].values().map(|r| r.to_string()).collect();
+        for instance in instances {
+            wait_for_scan(client, instance, table, &rows);
+        }
+    }
+}
+
+/// Waits until a scan of `table` from `instance` gives `expected` (each row's JSON text).
+fn wait_for_scan(
+    client: &reqwest::blocking::Client,
+    instance: &Instance,
+    table: &str,
+    expected: &BTreeSet<String>,
+) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (status, page) = get(
+            client,
+            instance.port,
+            &format!("/v1/tables/{table}/rows?limit=10000"),
+        );
+        let rows: BTreeSet<String> = page["rows"]
+            .as_array()
+            .map(|rows| rows.iter().map(|r| r.to_string()).collect())
+            .unwrap_or_default();
+        if status == 200 && rows == *expected {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "a scan of {table} from port {}: {status}\n extra: {:?}\n missing: {:?}\n{}",
+            instance.port,
+            rows.difference(expected).take(3).collect::<Vec<_>>(),
+            expected.difference(&rows).take(3).collect::<Vec<_>>(),
+            instance.log_tail()
+        );
+        std::thread::sleep(Duration::from_millis(500));
     }
 }
 
@@ -180,14 +231,14 @@ fn joins_with_a_global_source_are_right_on_every_instance_and_partial_tables_are
         }
     }
 
-    // The GROUP BY on the department's name needs every partition of the users.
+    // Every department with its users counted needs every partition of the users.
     let expected = expected_tables(&t.topology, &events);
-    let (department, _) = expected["users_per_department"].iter().next().unwrap();
+    let (department, _) = expected["department_sizes"].iter().next().unwrap();
     for instance in &instances {
         let (status, answer) = get(
             &client,
             instance.port,
-            &format!("/v1/tables/users_per_department/rows/{department}"),
+            &format!("/v1/tables/department_sizes/rows/{department}"),
         );
         assert_eq!(status, 503, "{answer}");
         assert!(
@@ -196,11 +247,7 @@ fn joins_with_a_global_source_are_right_on_every_instance_and_partial_tables_are
                 .is_some_and(|e| e.contains("cannot be split")),
             "{answer}"
         );
-        let (status, _) = get(
-            &client,
-            instance.port,
-            "/v1/tables/users_per_department/rows",
-        );
+        let (status, _) = get(&client, instance.port, "/v1/tables/department_sizes/rows");
         assert_eq!(status, 503);
     }
 
@@ -209,7 +256,8 @@ fn joins_with_a_global_source_are_right_on_every_instance_and_partial_tables_are
     let left: Vec<&Instance> = instances.iter().collect();
     wait_for_every_table(&client, &left, (&t, &JOINED), &events);
 
-    // Alone, an instance holds every partition: it answers the GROUP BY as the reference.
+    // Alone, an instance holds every partition: it answers the partial table as the
+    // reference.
     drop(instances.remove(1));
     let alone = &instances[0];
     let expected = expected_tables(&t.topology, &events);
@@ -218,30 +266,64 @@ fn joins_with_a_global_source_are_right_on_every_instance_and_partial_tables_are
         let (status, page) = get(
             &client,
             alone.port,
-            "/v1/tables/users_per_department/rows?limit=1000",
+            "/v1/tables/department_sizes/rows?limit=1000",
         );
         let rows: BTreeMap<String, serde_json::Value> = page["rows"]
             .as_array()
             .map(|rows| {
                 rows.iter()
-                    .map(|r| {
-                        (
-                            r["department"].as_str().unwrap_or("").to_string(),
-                            r.clone(),
-                        )
-                    })
+                    .map(|r| (r["id"].as_str().unwrap_or("").to_string(), r.clone()))
                     .collect()
             })
             .unwrap_or_default();
-        if status == 200 && rows == expected["users_per_department"] {
+        if status == 200 && rows == expected["department_sizes"] {
             break;
         }
         assert!(
             Instant::now() < deadline,
             "{status}: {}\n{}",
-            diff(&expected["users_per_department"], &rows),
+            diff(&expected["department_sizes"], &rows),
             alone.log_tail()
         );
         std::thread::sleep(Duration::from_millis(500));
     }
+}
+
+#[test]
+fn a_stage_reading_a_global_source_leaves_no_record_behind_when_its_partitions_move() {
+    let run = Run::new("global-stage");
+    let t = topology(&run);
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("topology.toml");
+    std::fs::write(&file, &t.text).unwrap();
+    let (mut events, _) = generate(15, 200, 3000);
+    publish(&t, &events);
+    let mut instances: Vec<Instance> = ["a", "b"]
+        .iter()
+        .map(|name| start(dir.path(), &file, name))
+        .collect();
+    let client = reqwest::blocking::Client::new();
+    let table = ["users_per_department"];
+    let all: Vec<&Instance> = instances.iter().collect();
+    wait_for_every_table(&client, &all, (&t, &table), &events);
+
+    // `kill -9` of one, then every department renamed before its partitions move: their
+    // next owner derives other groups than the ones the dead instance wrote, which it must
+    // delete.
+    let mut killed = instances.remove(1);
+    killed.child.kill().unwrap(); // SIGKILL
+    killed.child.wait().unwrap();
+    let renames: Vec<Event> = (0..6)
+        .map(|d| department(d, 1_000_000, &format!("Renamed {d}")))
+        .collect();
+    publish(&t, &renames);
+    events.extend(renames);
+    let left: Vec<&Instance> = instances.iter().collect();
+    wait_for_every_table(&client, &left, (&t, &table), &events);
+    assert!(
+        std::fs::read_to_string(&left[0].log)
+            .unwrap()
+            .contains("the stage records its rows no longer derive are deleted"),
+        "the moved partitions were swept"
+    );
 }

@@ -359,7 +359,8 @@ pub fn generate(seed: u64, users: u64, n: usize) -> (Vec<Event>, Counts) {
     (events, counts)
 }
 
-fn department(d: u64, version: i64, name: &str) -> Event {
+/// The event of department `d-{d}` named `name` at `version`.
+pub fn department(d: u64, version: i64, name: &str) -> Event {
     Event {
         source: 1,
         key: format!("d-{d}"),

@@ -134,7 +134,14 @@ impl Placements {
             .collect();
         for p in ready {
             let derived = sweeps.opened.remove(&p).unwrap_or_default();
-            sweep(shared, (repartition, p), (&derived, &changed), worker, commit, &mut records);
+            sweep(
+                shared,
+                (repartition, p),
+                (&derived, &changed),
+                worker,
+                commit,
+                &mut records,
+            );
         }
         for record in records {
             commit.produce(record);
