@@ -327,3 +327,74 @@ fn a_stage_reading_a_global_source_leaves_no_record_behind_when_its_partitions_m
         "the moved partitions were swept"
     );
 }
+
+#[test]
+fn a_paused_instance_whose_partitions_moved_writes_nothing_when_it_resumes() {
+    let run = Run::new("zombie");
+    let t = repartitioned(&run);
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("topology.toml");
+    std::fs::write(&file, &t.text).unwrap();
+    let (mut events, _) = generate(21, 200, 3000);
+    publish(&t, &events);
+    let mut instances: Vec<Instance> = ["a", "b"]
+        .iter()
+        .map(|name| start(dir.path(), &file, name))
+        .collect();
+    let client = reqwest::blocking::Client::new();
+    let tables = ["users_per_department_id", "users_per_department"];
+    let all: Vec<&Instance> = instances.iter().collect();
+    wait_for_every_table(&client, &all, (&t, &tables), &events);
+
+    // `b` is paused in the middle of a stream of changes, with an epoch under way.
+    let burst = std::thread::spawn({
+        let t = t.clone();
+        move || {
+            let burst = later(generate(22, 200, 3000).0, 1_000_000);
+            publish_paced(&t, &burst, Duration::from_millis(10));
+            burst
+        }
+    });
+    std::thread::sleep(Duration::from_millis(1200));
+    let b = instances[1].child.id().to_string();
+    let signal = |name: &str| {
+        let status = std::process::Command::new("kill")
+            .args([name, &b])
+            .status()
+            .unwrap();
+        assert!(status.success(), "kill {name} {b}");
+    };
+    signal("-STOP");
+    events.extend(burst.join().unwrap());
+
+    // `a` takes every partition over, and the same users change again: what `b` applied
+    // before its pause is older than what `a` writes now.
+    let a = [&instances[0]];
+    wait_for_every_table(&client, &a, (&t, &tables), &events);
+    let more = later(generate(23, 200, 1500).0, 2_000_000);
+    publish(&t, &more);
+    events.extend(more);
+    wait_for_every_table(&client, &a, (&t, &tables), &events);
+
+    // Resumed, `b` commits nothing for the partitions it lost: its epoch is refused (by the
+    // group, or by the broker that aborted its transaction meanwhile), and it stops, saying
+    // why. It is killed a few seconds on, before it could rejoin and write its partitions
+    // again: whatever it wrote for them in between would stay.
+    signal("-CONT");
+    std::thread::sleep(Duration::from_secs(5));
+    let mut b = instances.remove(1);
+    let exited = b.child.try_wait().unwrap();
+    let log = std::fs::read_to_string(&b.log).unwrap();
+    let refused = [
+        "no longer a member of its consumer group",
+        "producer was fenced",
+    ]
+    .iter()
+    .any(|why| log.contains(why));
+    if let Some(status) = exited {
+        assert!(!status.success() && refused, "{}", b.log_tail());
+    }
+    drop(b);
+    let live: Vec<&Instance> = instances.iter().collect();
+    wait_for_every_table(&client, &live, (&t, &tables), &events);
+}

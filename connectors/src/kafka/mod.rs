@@ -32,6 +32,10 @@ pub enum KafkaError {
     /// Kafka did not answer in time, or a delivery was lost on the way: transient.
     #[error("kafka: {0}")]
     Unavailable(String),
+    /// The consumer group moved this instance's partitions to others (it was paused, or cut
+    /// off): fatal, what it did since must not be written.
+    #[error("kafka: {0}")]
+    Fenced(String),
     /// Creating or deleting a topic failed.
     #[error("kafka: cannot {action} topic {topic}: {code}")]
     Topic {
@@ -66,6 +70,7 @@ impl KafkaError {
             KafkaError::Unavailable(_) => ErrorClass::Transient,
             KafkaError::Topic { code, .. } => code_class(*code),
             KafkaError::Config(_)
+            | KafkaError::Fenced(_)
             | KafkaError::Store(_)
             | KafkaError::Thread { .. }
             | KafkaError::Panicked(_) => ErrorClass::Fatal,
