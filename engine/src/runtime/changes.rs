@@ -158,16 +158,22 @@ pub(crate) fn owned_changes(
 /// One key's change in a stage's epoch: its upstream partition, its row before (if any)
 /// and after (if any).
 pub(crate) struct KeyChange {
+    /// The stage's key.
     pub(crate) key: Vec<Value>,
+    /// The upstream partition the key's rows come from.
     pub(crate) upstream: u32,
+    /// Its row now, if any.
     pub(crate) new: Option<Row>,
+    /// Its row before the epoch, if any.
     pub(crate) old: Option<Row>,
 }
 
 /// An epoch's changes of a stage's keys derived from upstream partitions this instance owns,
 /// with its topic's partition count.
 pub(crate) struct StageChanges {
+    /// The partition count of the stage's topic.
     pub(crate) partitions: u32,
+    /// The changed keys.
     pub(crate) keys: Vec<KeyChange>,
 }
 

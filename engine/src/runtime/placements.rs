@@ -17,7 +17,7 @@ use std::collections::{HashMap, HashSet};
 
 use tracing::{error, info, warn};
 
-use super::changes::{placed, stage_changes, stage_records};
+use super::changes::{placed, stage_changes, stage_records, StageChanges};
 use super::shared::Shared;
 use super::worker::routed_to;
 use crate::changelog::ChangelogRecord;
@@ -94,38 +94,15 @@ impl Placements {
         };
         let sweeps = self.stages.entry(index).or_default();
         sweeps.follow(count, |p| shared.status.owns(from_topic, p));
-        let stage = &shared.topology.sources[repartition.source].topic;
         let mut records = Vec::new();
-        let mut changed = HashSet::new();
         let changes = match deltas.is_empty() {
             true => None,
             false => stage_changes(shared, repartition, deltas),
         };
-        if let Some(changes) = changes {
-            let partitions = changes.partitions;
-            for change in changes.keys {
-                let key = encode(&change.key);
-                let task = (from, change.upstream);
-                let kept = shared.store.placement(task, stage, &key).unwrap_or_else(|e| {
-                    error!(%stage, partition = change.upstream, error = %e, "cannot read where a stage record is: the record derived before stays");
-                    None
-                });
-                let place = |row: &Row| placed(repartition, partitions, row);
-                let before = kept.or_else(|| change.old.as_ref().map(place));
-                let now = change.new.as_ref().map(place);
-                if now != kept {
-                    commit.put_placement(task, stage, &key, now);
-                }
-                if let (Some(derived), Some(_)) =
-                    (sweeps.opened.get_mut(&change.upstream), &change.new)
-                {
-                    derived.insert(key.clone());
-                }
-                let key_values = (partitions, change.key.as_slice());
-                stage_records(repartition, key_values, before, change.new, &mut records);
-                changed.insert(key);
-            }
-        }
+        let changed = changes.map_or_else(HashSet::new, |changes| {
+            let out = (&mut *commit, &mut records);
+            write_changes(shared, (repartition, changes), sweeps, out)
+        });
         let ready: Vec<u32> = sweeps
             .opened
             .keys()
@@ -147,6 +124,42 @@ impl Placements {
             commit.produce(record);
         }
     }
+}
+
+/// Adds the records of an epoch's `changes` of `repartition` to `records`, each key deleted
+/// from the partition kept for it when it moved or went, and keeps where each key is now in
+/// `commit`; notes the keys derived from partitions not swept yet. Returns the keys changed
+/// (their values in bincode).
+fn write_changes(
+    shared: &Shared,
+    (repartition, changes): (&Repartition, StageChanges),
+    sweeps: &mut Sweeps,
+    (commit, records): (&mut Commit, &mut Vec<ChangelogRecord>),
+) -> HashSet<Vec<u8>> {
+    let stage = &shared.topology.sources[repartition.source].topic;
+    let partitions = changes.partitions;
+    let place = |row: &Row| placed(repartition, partitions, row);
+    let mut changed = HashSet::with_capacity(changes.keys.len());
+    for change in changes.keys {
+        let key = encode(&change.key);
+        let task = (repartition.from.0, change.upstream);
+        let kept = shared.store.placement(task, stage, &key).unwrap_or_else(|e| {
+            error!(%stage, partition = change.upstream, error = %e, "cannot read where a stage record is: the record derived before stays");
+            None
+        });
+        let before = kept.or_else(|| change.old.as_ref().map(place));
+        let now = change.new.as_ref().map(place);
+        if now != kept {
+            commit.put_placement(task, stage, &key, now);
+        }
+        if let (Some(derived), Some(_)) = (sweeps.opened.get_mut(&change.upstream), &change.new) {
+            derived.insert(key.clone());
+        }
+        let key_values = (partitions, change.key.as_slice());
+        stage_records(repartition, key_values, before, change.new, records);
+        changed.insert(key);
+    }
+    changed
 }
 
 /// Deletes the records of upstream partition `p`'s keys kept as placed but neither derived
