@@ -40,7 +40,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use miroir_connectors::commands::processor::{CommandProcessor, ProcessorStatus};
-use miroir_connectors::kafka::changelog::{self, GroupGeneration, KafkaChangelog};
+use miroir_connectors::kafka::changelog::{self, KafkaChangelog};
 pub use miroir_connectors::kafka::input::GroupProtocol;
 use miroir_connectors::kafka::input::{GroupMember, Handover, KafkaSource};
 use miroir_connectors::kafka::internal;
@@ -381,17 +381,13 @@ impl EngineBuilder {
             Some(id) => id,
             None => store.instance_id()?,
         };
-        // The changelog's transactions commit their offsets as the source consumer's member
-        // of the group: an instance whose partitions went elsewhere meanwhile is refused.
-        let generation = Arc::new(GroupGeneration::default());
         let changelog: Option<Arc<dyn ChangelogWriter>> = if self.no_changelog {
             None
         } else {
             internal::create_repartition_topics(&kafka, &topology)?;
             changelog::create_topics(&kafka, &topology)?;
             let id = format!("miroir.{}.{instance}.changelog", topology.name);
-            let writer = KafkaChangelog::new(&kafka, &topology, &id, generation.clone())?;
-            Some(Arc::new(writer))
+            Some(Arc::new(KafkaChangelog::new(&kafka, &topology, &id)?))
         };
         let handover = Handover {
             changelog: changelog.is_some(),
@@ -424,7 +420,6 @@ impl EngineBuilder {
                 instance: &instance,
                 fixed,
                 protocol: self.group_protocol,
-                generation: Some(generation),
             },
             handover,
         )?;

@@ -6,21 +6,17 @@
 //! changes gets a new changelog, never entries written for other columns.
 //!
 //! [`KafkaChangelog`] writes each epoch's records in one transaction (its transactional id is
-//! the instance's: a restarted instance fences its previous incarnation). The transaction also
-//! commits the epoch's source offsets to the consumer group, as the member and generation the
-//! source's consumer holds ([`GroupGeneration`], Kafka's KIP-447): the group coordinator
-//! refuses it from an instance that lost its partitions meanwhile (paused, or cut off, while
-//! the group gave them to another), so such a *zombie* never writes a changelog or a stage
-//! record for a partition it does not own. [`restore`] reads a task's changelog into the state
-//! directory when its partition is assigned, before the task opens.
+//! the instance's: a restarted instance fences its previous incarnation). [`restore`] reads a
+//! task's changelog into the state directory when its partition is assigned, before the task
+//! opens.
 
 use std::collections::HashMap;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use miroir_engine::changelog::{
-    plan_restore, read_record, ChangelogError, ChangelogRecord, ChangelogWriter, Logged, Position,
-    RecordTopic, Restore, RestoreError, RestorePlan,
+    plan_restore, ChangelogError, ChangelogRecord, ChangelogWriter, Position, RecordTopic, Restore,
+    RestoreError, RestorePlan,
 };
 use miroir_engine::error::ErrorClass;
 use miroir_engine::metrics::Metrics;
@@ -28,7 +24,7 @@ use miroir_engine::partition::murmur2;
 use miroir_engine::state::StateStore;
 use miroir_engine::topology::Topology;
 use parking_lot::Mutex;
-use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerGroupMetadata};
+use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;
 use rdkafka::producer::{BaseProducer, BaseRecord, DeliveryResult, Producer, ProducerContext};
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
@@ -120,24 +116,10 @@ impl ProducerContext for Deliveries {
 /// A changelog producer being made.
 type Starting = JoinHandle<Result<BaseProducer<Deliveries>, KafkaError>>;
 
-/// The source consumer's membership of its group (member id and generation), kept current
-/// by the consumer; each changelog transaction commits its offsets as that member.
-#[derive(Default)]
-pub struct GroupGeneration(Mutex<Option<ConsumerGroupMetadata>>);
-
-impl GroupGeneration {
-    /// Records the consumer's membership as it is now (`None`: it has none).
-    pub fn set(&self, membership: Option<ConsumerGroupMetadata>) {
-        *self.0.lock() = membership;
-    }
-}
-
 /// Writes the tasks' changelogs, one transaction per epoch.
 pub struct KafkaChangelog {
     config: KafkaConfig,
     transactional_id: String,
-    /// The membership the transactions commit their source offsets as.
-    generation: std::sync::Arc<GroupGeneration>,
     /// The changelog topic of each source, by the source's position.
     topics: Vec<String>,
     /// Each source's own topic, for repartition records.
@@ -150,15 +132,13 @@ pub struct KafkaChangelog {
 }
 
 impl KafkaChangelog {
-    /// A writer for `topology`'s changelogs with transactional id `transactional_id`, whose
-    /// transactions commit their source offsets as the member `generation` holds; its
+    /// A writer for `topology`'s changelogs with transactional id `transactional_id`; its
     /// producer starts in the background and, before the first write, fences and aborts what
     /// an earlier holder of the id left open.
     pub fn new(
         config: &KafkaConfig,
         topology: &Topology,
         transactional_id: &str,
-        generation: std::sync::Arc<GroupGeneration>,
     ) -> Result<KafkaChangelog, KafkaError> {
         let starting = std::thread::Builder::new()
             .name("miroir-changelog-start".into())
@@ -173,7 +153,6 @@ impl KafkaChangelog {
         Ok(KafkaChangelog {
             config: config.clone(),
             transactional_id: transactional_id.to_string(),
-            generation,
             topics: (0..topology.sources.len())
                 .map(|i| topic(topology, i))
                 .collect(),
@@ -213,36 +192,8 @@ impl KafkaChangelog {
             }
             send(producer, record)?;
         }
-        let offsets = self.source_offsets(records)?;
-        if offsets.count() > 0 {
-            if let Some(member) = self.generation.0.lock().as_ref() {
-                producer
-                    .send_offsets_to_transaction(&offsets, member, TX_TIMEOUT)
-                    .map_err(fenced_by_group)?;
-            }
-        }
         producer.commit_transaction(TX_TIMEOUT)?;
         Ok(())
-    }
-
-    /// The next source offset of each partition whose offset record `records` hold.
-    fn source_offsets(
-        &self,
-        records: &[ChangelogRecord],
-    ) -> Result<TopicPartitionList, KafkaError> {
-        let mut offsets = TopicPartitionList::new();
-        for r in records {
-            if let (RecordTopic::Changelog, Ok(Logged::Offset(offset))) =
-                (r.topic, read_record(Some(&r.key), r.value.as_deref()))
-            {
-                offsets.add_partition_offset(
-                    &self.source_topics[r.source],
-                    r.partition as i32,
-                    Offset::Offset(offset + 1),
-                )?;
-            }
-        }
-        Ok(offsets)
     }
 
     fn positions(&self, producer: &BaseProducer<Deliveries>) -> Vec<Position> {
@@ -333,26 +284,6 @@ fn fenced_producer(e: KafkaError) -> KafkaError {
             ))
         }
         _ => e,
-    }
-}
-
-/// An error committing the offsets as a group member: fatal when the group says the member
-/// is not in its generation any more (its partitions went to others while it was paused or
-/// cut off), which no retry may undo.
-fn fenced_by_group(e: rdkafka::error::KafkaError) -> KafkaError {
-    use rdkafka::types::RDKafkaErrorCode as Code;
-    match e.rdkafka_error_code() {
-        Some(
-            Code::IllegalGeneration
-            | Code::UnknownMemberId
-            | Code::FencedInstanceId
-            | Code::FencedMemberEpoch,
-        ) => KafkaError::Fenced(format!(
-            "this instance is no longer a member of its consumer group ({e}): its partitions \
-             went to other instances while it was paused or cut off, so its epoch is refused \
-             and it stops; restart it to rejoin"
-        )),
-        _ => e.into(),
     }
 }
 

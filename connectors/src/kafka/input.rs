@@ -3,10 +3,8 @@
 //! The consumer subscribes to every source topic of the topology with the topology's name as
 //! group id. On assignment, each partition's state is first brought up to date from its
 //! changelog (see [`super::changelog`]), then the partition is positioned right after the
-//! offset committed in RocksDB with that state (Kafka's own committed offsets are not read, so
-//! offsets and state can never disagree; the changelog's transactions commit them to the group
-//! as this member, which fences an instance that lost its partitions, see
-//! [`super::changelog::GroupGeneration`]), and becomes a task. On revocation, the runtime
+//! offset committed in RocksDB with that state (Kafka's own committed offsets are not used, so
+//! offsets and state can never disagree), and becomes a task. On revocation, the runtime
 //! commits and drops the tasks before the consumer lets the partitions go. A static member
 //! that stops revokes its partitions itself, without leaving the group.
 
@@ -33,7 +31,6 @@ use rdkafka::types::RDKafkaRespErr;
 use rdkafka::{ClientConfig, ClientContext, Offset};
 use tracing::{error, info, warn};
 
-use super::changelog::GroupGeneration;
 use super::standby::Standbys;
 use super::{changelog, KafkaConfig, KafkaError, FETCH_QUEUE_BACKOFF_MS};
 
@@ -62,8 +59,6 @@ struct SourceContext {
     changelog: Option<(changelog::Restorer, Topology)>,
     /// The instance's standby replicas, which give up the partitions assigned to it.
     standbys: Option<Arc<Standbys>>,
-    /// Where the consumer's group membership is kept for the changelog's transactions.
-    generation: Option<Arc<GroupGeneration>>,
 }
 
 /// Who the source's consumer is in its consumer group.
@@ -77,10 +72,6 @@ pub struct GroupMember<'a> {
     pub fixed: bool,
     /// The consumer group protocol.
     pub protocol: GroupProtocol,
-    /// Where the consumer keeps its membership (member id and generation) current, for the
-    /// changelog's transactions to commit their offsets as that member (see
-    /// [`GroupGeneration`]).
-    pub generation: Option<Arc<GroupGeneration>>,
 }
 
 /// The consumer group protocol of the source's consumer.
@@ -183,20 +174,6 @@ impl SourceContext {
             waiting: Mutex::default(),
             changelog,
             standbys,
-            generation: None,
-        }
-    }
-
-    /// Keeps the consumer's group membership current for the changelog's transactions, while
-    /// it holds partitions it did not lose: a consumer rejoining after it lost them has no
-    /// generation, and offsets committed without one would let a zombie's epoch through.
-    fn keep_generation(&self, consumer: &BaseConsumer<Self>) {
-        let Some(generation) = &self.generation else {
-            return;
-        };
-        let holding = consumer.assignment().is_ok_and(|a| a.count() > 0);
-        if holding && !consumer.assignment_lost() {
-            generation.set(consumer.group_metadata());
         }
     }
 
@@ -354,9 +331,6 @@ impl ConsumerContext for SourceContext {
                 if !self.restore(tpl) {
                     return;
                 }
-                if let Some(generation) = &self.generation {
-                    generation.set(consumer.group_metadata());
-                }
                 // Resume each partition right after the offset committed with its state.
                 let elements: Vec<(String, i32)> = tpl
                     .elements()
@@ -467,12 +441,11 @@ impl KafkaSource {
             true => Some((changelog::Restorer::new(config)?, topology.clone())),
             false => None,
         };
-        let mut context = SourceContext::new(
+        let context = SourceContext::new(
             (runtime.clone(), metrics, stop.clone()),
             topics.clone(),
             (changelog, handover.standbys),
         );
-        context.generation = member.generation;
         let consumer: BaseConsumer<SourceContext> = client.create_with_context(context)?;
         let names: Vec<&str> = topics.keys().map(String::as_str).collect();
         record_partition_counts(&consumer, &runtime, Duration::from_secs(10));
@@ -583,7 +556,7 @@ impl Drop for KafkaSource {
 }
 
 /// The settings both source consumers share: client id `client_id`, group `group`, no
-/// offsets committed by the consumer (they are kept with the state), statistics every second.
+/// offsets committed to Kafka (they are kept with the state), statistics every second.
 fn source_client(config: &KafkaConfig, client_id: &str, group: &str) -> ClientConfig {
     let mut client = config.client("source");
     client
@@ -674,7 +647,6 @@ fn poll_loop(
         .filter_map(|(t, s)| Some((*s, CString::new(t.as_str()).ok()?)))
         .collect();
     let flush = |batches: &mut HashMap<(usize, u32), Records>| {
-        consumer.context().keep_generation(&consumer);
         for ((source, partition), records) in batches.drain() {
             let topic = &source_topics[&source];
             let Some(last) = records.last_offset() else {

@@ -32,8 +32,8 @@ pub enum KafkaError {
     /// Kafka did not answer in time, or a delivery was lost on the way: transient.
     #[error("kafka: {0}")]
     Unavailable(String),
-    /// The consumer group moved this instance's partitions to others (it was paused, or cut
-    /// off): fatal, what it did since must not be written.
+    /// Another process took this instance's place, or this one was paused or cut off for
+    /// too long: fatal, what it did since must not be written.
     #[error("kafka: {0}")]
     Fenced(String),
     /// Creating or deleting a topic failed.
