@@ -37,6 +37,10 @@ impl ClientContext for TailContext {
 
 impl ConsumerContext for TailContext {}
 
+/// How long opening a tail waits for its topic to show in the metadata: a topic created just
+/// before (the instances' records at a start on a fresh broker) can take a moment.
+const TOPIC_APPEARS: Duration = Duration::from_secs(5);
+
 /// A consumer assigned to every partition of one topic, outside any consumer group.
 pub struct Tail {
     consumer: BaseConsumer<TailContext>,
@@ -74,11 +78,19 @@ impl Tail {
             .set("fetch.min.bytes", TAIL_FETCH_MIN_BYTES)
             .set("fetch.wait.max.ms", TAIL_FETCH_WAIT_MS)
             .create_with_context(TailContext)?;
-        let partitions = topics(consumer.client())?
-            .into_iter()
-            .find(|(t, _)| t == topic)
-            .map(|(_, n)| n)
-            .ok_or_else(|| KafkaError::Config(format!("topic {topic} does not exist")))?;
+        // A topic created just before may take a moment to show in a broker's metadata.
+        let deadline = Instant::now() + TOPIC_APPEARS;
+        let partitions = loop {
+            let found = topics(consumer.client())?
+                .into_iter()
+                .find(|(t, _)| t == topic)
+                .map(|(_, n)| n);
+            match found {
+                Some(n) => break n,
+                None if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(100)),
+                None => return Err(KafkaError::Config(format!("topic {topic} does not exist"))),
+            }
+        };
         let mut tpl = TopicPartitionList::new();
         for p in 0..partitions {
             let start = starts
