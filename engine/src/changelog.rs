@@ -97,15 +97,10 @@ impl ChangelogRecord {
         key: &[u8],
         row: Option<Vec<u8>>,
     ) -> Self {
-        let mut k = Vec::with_capacity(table.len() + key.len() + 2);
-        k.push(ROW_TAG);
-        k.extend_from_slice(table.as_bytes());
-        k.push(0);
-        k.extend_from_slice(key);
         ChangelogRecord {
             source,
             partition,
-            key: k,
+            key: named_key(ROW_TAG, table, key),
             value: row,
             topic: RecordTopic::Changelog,
         }
@@ -119,15 +114,10 @@ impl ChangelogRecord {
         key: &[u8],
         placed: Option<u32>,
     ) -> Self {
-        let mut k = Vec::with_capacity(stage.len() + key.len() + 2);
-        k.push(PLACEMENT_TAG);
-        k.extend_from_slice(stage.as_bytes());
-        k.push(0);
-        k.extend_from_slice(key);
         ChangelogRecord {
             source,
             partition,
-            key: k,
+            key: named_key(PLACEMENT_TAG, stage, key),
             value: placed.map(|p| p.to_be_bytes().to_vec()),
             topic: RecordTopic::Changelog,
         }
@@ -270,6 +260,16 @@ pub fn read_record<'a>(
             "the key is not an offset record's, an entry's, a row's or a placement's",
         )),
     }
+}
+
+/// The record key `tag ++ name ++ 0x00 ++ key` (read back by [`named`]).
+fn named_key(tag: u8, name: &str, key: &[u8]) -> Vec<u8> {
+    let mut k = Vec::with_capacity(name.len() + key.len() + 2);
+    k.push(tag);
+    k.extend_from_slice(name.as_bytes());
+    k.push(0);
+    k.extend_from_slice(key);
+    k
 }
 
 /// A record key's `name ++ 0x00 ++ key` split in two (`what` names the name in errors).

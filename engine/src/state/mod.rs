@@ -562,12 +562,7 @@ impl StateStore {
     }
 
     fn read_placement(&self, key: &[u8], bytes: &[u8]) -> Result<u32, StoreError> {
-        let arr: [u8; 4] = bytes.try_into().map_err(|_| StoreError::Corrupt {
-            path: self.path.clone(),
-            key: String::from_utf8_lossy(key).into_owned(),
-            message: "a placement is not 4 bytes".into(),
-        })?;
-        Ok(u32::from_be_bytes(arr))
+        self.read_bytes(key, bytes).map(u32::from_be_bytes)
     }
 
     /// Forgets everything the store knows of `key` in `source` (its row and the order values
@@ -748,12 +743,16 @@ impl StateStore {
     }
 
     fn read_i64(&self, key: &[u8], bytes: &[u8]) -> Result<i64, StoreError> {
-        let arr: [u8; 8] = bytes.try_into().map_err(|_| StoreError::Corrupt {
+        self.read_bytes(key, bytes).map(i64::from_be_bytes)
+    }
+
+    /// The `N` bytes stored under `key`; corrupt when there are not exactly `N`.
+    fn read_bytes<const N: usize>(&self, key: &[u8], bytes: &[u8]) -> Result<[u8; N], StoreError> {
+        bytes.try_into().map_err(|_| StoreError::Corrupt {
             path: self.path.clone(),
             key: String::from_utf8_lossy(key).into_owned(),
-            message: "not 8 bytes".into(),
-        })?;
-        Ok(i64::from_be_bytes(arr))
+            message: format!("not {N} bytes"),
+        })
     }
 
     /// The write batch of `commit`, sized once for all its writes.
