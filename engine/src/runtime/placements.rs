@@ -62,16 +62,17 @@ impl Sweeps {
     }
 }
 
-/// The kept placements (`(key, partition)`) a sweep deletes: those of keys neither derived
-/// since the partition opened nor changed in this epoch, that are this worker's (`mine`).
-fn swept(
-    kept: Vec<(Vec<u8>, u32)>,
+/// The kept placements (`(key, its values, partition)`) a sweep deletes: those of keys
+/// neither derived since the partition opened nor changed in this epoch, that are this
+/// worker's (`mine`).
+fn swept<T>(
+    kept: Vec<(Vec<u8>, T, u32)>,
     derived: &HashSet<Vec<u8>>,
     changed: &HashSet<Vec<u8>>,
-    mine: impl Fn(&[u8]) -> bool,
-) -> Vec<(Vec<u8>, u32)> {
+    mine: impl Fn(&T) -> bool,
+) -> Vec<(Vec<u8>, T, u32)> {
     kept.into_iter()
-        .filter(|(key, _)| !derived.contains(key) && !changed.contains(key) && mine(key))
+        .filter(|(key, values, _)| !derived.contains(key) && !changed.contains(key) && mine(values))
         .collect()
 }
 
@@ -181,18 +182,20 @@ fn sweep(
             return;
         }
     };
-    let values = |key: &[u8]| decode::<Vec<Value>>(key).ok();
-    let mine = |key: &[u8]| match values(key) {
-        Some(values) => routed_to(&values, workers) == index,
-        None => {
-            warn!(%stage, partition = p, "a kept placement's key cannot be read: skipped");
-            false
-        }
-    };
+    let kept = kept
+        .into_iter()
+        .filter_map(|(key, at)| match decode::<Vec<Value>>(&key) {
+            Ok(values) => Some((key, values, at)),
+            Err(e) => {
+                warn!(%stage, partition = p, error = %e, "a kept placement's key cannot be read: skipped");
+                None
+            }
+        })
+        .collect();
+    let mine = |values: &Vec<Value>| routed_to(values, workers) == index;
     let gone = swept(kept, derived, changed, mine);
-    for (key, at) in &gone {
-        let Some(values) = values(key) else { continue };
-        let hex = key_hex(&encode_key(&values));
+    for (key, values, at) in &gone {
+        let hex = key_hex(&encode_key(values));
         records.push(ChangelogRecord::repartitioned(
             repartition.source,
             *at,
@@ -245,10 +248,10 @@ mod tests {
 
     #[test]
     fn a_sweep_deletes_the_keys_no_longer_derived_of_this_worker_only() {
-        let kept = |keys: &[&str]| -> Vec<(Vec<u8>, u32)> {
+        let kept = |keys: &[&'static str]| -> Vec<(Vec<u8>, &'static str, u32)> {
             keys.iter()
                 .enumerate()
-                .map(|(i, k)| (k.as_bytes().to_vec(), i as u32))
+                .map(|(i, k)| (k.as_bytes().to_vec(), *k, i as u32))
                 .collect()
         };
         let set = |keys: &[&str]| -> HashSet<Vec<u8>> {
@@ -258,8 +261,8 @@ mod tests {
             kept(&["derived", "changed", "gone", "other worker's"]),
             &set(&["derived"]),
             &set(&["changed"]),
-            |k| k != b"other worker's",
+            |k| *k != "other worker's",
         );
-        assert_eq!(gone, [(b"gone".to_vec(), 2)]);
+        assert_eq!(gone, [(b"gone".to_vec(), "gone", 2)]);
     }
 }
