@@ -958,8 +958,8 @@ impl Inner {
                     "table `{}` is computed from the rows of every partition of `{}` (a GROUP BY \
                      or join on a column that is not its key), and instance {} holds {held} of \
                      its {count}: with several instances, only one holding every partition \
-                     answers for such a table (it cannot be split into stages: see `miroir \
-                     explain`)",
+                     answers for such a table (with `--no-changelog`, tables are computed \
+                     without stages: see `miroir explain`)",
                     plan.name,
                     source.topic,
                     self.membership.me()

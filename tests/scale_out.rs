@@ -1,13 +1,13 @@
 //! Tables whose rows do not all follow one source key, across several `miroir run` processes:
 //! GROUP BYs on non-key columns and joins on foreign keys (split into stages joined by
 //! repartition topics) and joins with a global source (read whole by every instance) are
-//! right on every instance, also after one is killed mid-stream; a table that cannot be split
-//! is never answered partially: an instance that does not hold every partition answers 503,
-//! and one that holds them all answers the reference's rows.
+//! right on every instance, also after one is killed mid-stream. A table computed without stages (`--no-changelog`) is
+//! never answered partially: an instance that does not hold every partition answers 503, and
+//! one that holds them all answers the reference's rows.
 
 mod support;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
 use support::cluster::*;
@@ -29,9 +29,8 @@ FROM departments d JOIN users u ON u.department_id = d.id"""
 store = "internal"
 "#;
 
-/// The app topology with the departments global and four internal tables over them: two
-/// joins, a GROUP BY over a join (split into stages reading the global source), and a LEFT
-/// JOIN keeping every department grouped by department, which cannot be split.
+/// The app topology with the departments global and three internal tables over them: two
+/// joins, and a GROUP BY over a join (split into stages reading the global source).
 fn topology(run: &str) -> TestTopology {
     let mut t = with_internal_table_only(user_directory(run));
     let departments = "[sources.departments]\n";
@@ -48,13 +47,6 @@ SELECT d.name AS department, count(*) AS users
 FROM users u JOIN departments d ON u.department_id = d.id
 GROUP BY d.name"""
 store = "internal"
-
-[tables.department_sizes]
-query = """
-SELECT d.id, count(u.id) AS users
-FROM departments d LEFT JOIN users u ON u.department_id = d.id
-GROUP BY d.id"""
-store = "internal"
 "#,
     );
     t.topology = miroir::miroir_engine::topology::Topology::parse("scale-out.toml", &t.text)
@@ -62,7 +54,7 @@ store = "internal"
     t
 }
 
-/// The app topology with five internal tables that need the rows of several partitions:
+/// The app topology with six internal tables that need the rows of several partitions:
 /// split into stages.
 fn repartitioned(run: &str) -> TestTopology {
     let mut t = with_internal_table_only(user_directory(run));
@@ -88,6 +80,12 @@ SELECT department_id, count(*) AS users, sum(CASE WHEN active THEN 1 ELSE 0 END)
 FROM users WHERE department_id IS NOT NULL
 GROUP BY department_id"""
 store = "internal"
+
+[tables.same_version]
+query = """
+SELECT u.id, d.id AS department_id, u.version
+FROM users u LEFT JOIN departments d ON u.version = d.version"""
+store = "internal"
 "#,
     );
     t.text.push_str(JOINED_TABLES);
@@ -111,11 +109,12 @@ const JOINED: [&str; 3] = [
 ];
 
 /// The split tables: GROUP BYs on non-key columns, a LEFT JOIN and an inner join on a foreign
-/// key.
-const SPLIT: [&str; 5] = [
+/// key, and a LEFT JOIN keyed by neither side's key.
+const SPLIT: [&str; 6] = [
     "users_per_department",
     "department_sizes",
     "users_per_department_id",
+    "same_version",
     "user_departments",
     "department_members",
 ];
@@ -133,7 +132,8 @@ fn wait_for_every_table(
     for table in tables {
         assert!(!expected[*table].is_empty(), "{table} has rows");
         let mut keys: BTreeSet<String> = expected[*table].keys().cloned().collect();
-        keys.insert("never".into());
+        let parts = t.topology.table(table).map_or(1, |t| t.key.len());
+        keys.insert(vec!["never"; parts].join("|"));
         wait_for_every_row(
             client,
             instances,
@@ -211,8 +211,7 @@ fn groupings_and_joins_on_non_key_columns_are_right_on_every_instance() {
 }
 
 #[test]
-fn joins_with_a_global_source_are_right_on_every_instance_and_partial_tables_are_never_served_partly(
-) {
+fn joins_with_a_global_source_are_right_on_every_instance() {
     let run = Run::new("scale-out");
     let t = topology(&run);
     let (_dir, mut instances, events) = three_instances(&t, 11);
@@ -231,62 +230,58 @@ fn joins_with_a_global_source_are_right_on_every_instance_and_partial_tables_are
         }
     }
 
-    // Every department with its users counted needs every partition of the users.
-    let expected = expected_tables(&t.topology, &events);
-    let (department, _) = expected["department_sizes"].iter().next().unwrap();
-    for instance in &instances {
-        let (status, answer) = get(
-            &client,
-            instance.port,
-            &format!("/v1/tables/department_sizes/rows/{department}"),
-        );
-        assert_eq!(status, 503, "{answer}");
-        assert!(
-            answer["error"]
-                .as_str()
-                .is_some_and(|e| e.contains("cannot be split")),
-            "{answer}"
-        );
-        let (status, _) = get(&client, instance.port, "/v1/tables/department_sizes/rows");
-        assert_eq!(status, 503);
-    }
-
     // `kill -9` of one instance while more events come: the two left are right.
     let events = kill_one_mid_stream(&t, &mut instances, events, 12);
     let left: Vec<&Instance> = instances.iter().collect();
     wait_for_every_table(&client, &left, (&t, &JOINED), &events);
+}
 
-    // Alone, an instance holds every partition: it answers the partial table as the
-    // reference.
-    drop(instances.remove(1));
-    let alone = &instances[0];
+#[test]
+fn tables_computed_without_stages_are_never_served_partly() {
+    let run = Run::new("unsplit");
+    let t = repartitioned(&run);
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("topology.toml");
+    std::fs::write(&file, &t.text).unwrap();
+    let (events, _) = generate(15, 200, 3000);
+    publish(&t, &events);
+    let table = "users_per_department_id";
+    let mut instances: Vec<Instance> = ["a", "b"]
+        .iter()
+        .map(|name| start_on(dir.path(), &file, name, free_port(), &["--no-changelog"]))
+        .collect();
+    let client = reqwest::blocking::Client::new();
     let expected = expected_tables(&t.topology, &events);
+    let (department, _) = expected[table].iter().next().unwrap();
+
+    // A GROUP BY on a non-key column needs the rows of every partition: while two instances
+    // share them, neither answers.
+    let views = || -> Vec<serde_json::Value> {
+        let view = |i: &Instance| get(&client, i.port, "/v1/cluster").1;
+        instances.iter().map(view).collect()
+    };
     let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        let (status, page) = get(
-            &client,
-            alone.port,
-            "/v1/tables/department_sizes/rows?limit=1000",
-        );
-        let rows: BTreeMap<String, serde_json::Value> = page["rows"]
-            .as_array()
-            .map(|rows| {
-                rows.iter()
-                    .map(|r| (r["id"].as_str().unwrap_or("").to_string(), r.clone()))
-                    .collect()
-            })
-            .unwrap_or_default();
-        if status == 200 && rows == expected["department_sizes"] {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{status}: {}\n{}",
-            diff(&expected["department_sizes"], &rows),
-            alone.log_tail()
-        );
+    while !settled(&views(), &t.user_topic) {
+        assert!(Instant::now() < deadline, "never settled: {:?}", views());
         std::thread::sleep(Duration::from_millis(500));
     }
+    for instance in &instances {
+        let (status, answer) = get(&client, instance.port, &row_path(table, department));
+        assert_eq!(status, 503, "{answer}");
+        assert!(
+            answer["error"]
+                .as_str()
+                .is_some_and(|e| e.contains("computed without stages")),
+            "{answer}"
+        );
+        let (status, _) = get(&client, instance.port, &format!("/v1/tables/{table}/rows"));
+        assert_eq!(status, 503);
+    }
+
+    // Alone, an instance holds every partition: it answers the table as the reference.
+    drop(instances.remove(1));
+    let rows: BTreeSet<String> = expected[table].values().map(|r| r.to_string()).collect();
+    wait_for_scan(&client, &instances[0], table, &rows);
 }
 
 #[test]

@@ -66,10 +66,11 @@ fn row_of(c: &Change) -> Option<Row> {
                 .unwrap_or(Value::Null),
             n.map(|n| Value::Int(n as i64)).unwrap_or(Value::Null),
         ],
-        // Department names collide on purpose, so groups merge and split.
+        // Department names collide on purpose, so groups merge and split; they are also
+        // values of `a.g`, for joins keyed by neither side's key.
         _ => vec![
             Value::Text(format!("b{}", c.key).into()),
-            Value::Text(format!("name{}", g.unwrap_or(0) % 2).into()),
+            Value::Text(format!("b{}", g.unwrap_or(0) % 2).into()),
         ],
     })
 }
@@ -314,7 +315,7 @@ proptest! {
         epochs in proptest::collection::vec(proptest::collection::vec(change(), 0..12), 1..6)
     ) {
         // With `b` global, its joins need no stage, and the GROUP BYs over them read it. A
-        // LEFT JOIN keeping every row of the global `b` is not split (it stays partial): an
+        // LEFT JOIN keeping every row of the global `b` is refused: an
         // inner join grouped alike stands for it.
         let mut text = match global {
             true => SOURCES.replace("[sources.b]\n", "[sources.b]\nglobal = true\n"),
@@ -333,7 +334,8 @@ proptest! {
 
 /// A random query of the supported SQL over sources `a` and `b`: a filter and map, a GROUP BY
 /// on a column that is not the key, joins on a foreign key (inner or left, from either side)
-/// keyed by the key of the side holding it, and GROUP BYs over those joins.
+/// keyed by the key of the side holding it, joins keyed by neither side's key, and GROUP BYs
+/// over those joins.
 fn table() -> impl Strategy<Value = String> {
     let aggregates = proptest::sample::subsequence(
         vec![
@@ -353,7 +355,7 @@ fn table() -> impl Strategy<Value = String> {
     ];
     let having = prop_oneof![Just(""), Just(" HAVING count(*) > 1")];
     let join = prop_oneof![Just("JOIN"), Just("LEFT JOIN")];
-    (0..6u8, aggregates, filter, having, join).prop_map(
+    (0..9u8, aggregates, filter, having, join).prop_map(
         |(shape, aggregates, filter, having, join)| {
             let aggregates = aggregates.join(", ");
             match shape {
@@ -362,7 +364,10 @@ fn table() -> impl Strategy<Value = String> {
                 2 => format!("SELECT a.id, a.n, b.name FROM a {join} b ON a.g = b.id{filter}"),
                 3 => format!("SELECT a.id, b.id AS b_id, b.name FROM b JOIN a ON a.g = b.id{filter}"),
                 4 => format!("SELECT b.name, {aggregates} FROM a JOIN b ON a.g = b.id{filter} GROUP BY b.name{having}"),
-                _ => format!("SELECT b.id, {aggregates} FROM b LEFT JOIN a ON a.g = b.id GROUP BY b.id{having}"),
+                5 => format!("SELECT b.id, {aggregates} FROM b LEFT JOIN a ON a.g = b.id GROUP BY b.id{having}"),
+                6 => format!("SELECT a.id, b.id AS b_id, a.n, b.name FROM a {join} b ON a.g = b.name{filter}"),
+                7 => format!("SELECT b.id AS b_id, a.id, a.n FROM b {join} a ON b.name = a.g{filter}"),
+                _ => format!("SELECT b.name, {aggregates} FROM a JOIN b ON a.g = b.name{filter} GROUP BY b.name{having}"),
             }
         },
     )

@@ -57,7 +57,7 @@ fn mismatches(
     let mut wrong = Vec::new();
     let mut served_by = BTreeSet::new();
     for key in keys {
-        let (status, answer) = get(client, port, &format!("/v1/tables/{table}/rows/{key}"));
+        let (status, answer) = get(client, port, &row_path(table, key));
         match (expected.get(key), status) {
             (Some(row), 200) if &answer["row"] == row => {
                 served_by.insert(answer["served_by"].as_str().unwrap_or_default().to_string());
@@ -67,6 +67,13 @@ fn mismatches(
         }
     }
     (wrong, served_by)
+}
+
+/// The path of `table`'s row of `key` (its URL form, with `%` and `\` escaped: a URL takes a
+/// bare `\` for a `/`).
+pub fn row_path(table: &str, key: &str) -> String {
+    let key = key.replace('%', "%25").replace('\\', "%5C");
+    format!("/v1/tables/{table}/rows/{key}")
 }
 
 /// Whether every view in `views` (each instance's `/v1/cluster`) lists the same instances, one

@@ -125,6 +125,32 @@ impl Plan {
     }
 }
 
+impl Plan {
+    /// The global source whose every row a LEFT JOIN of the plan keeps while the other side
+    /// is partitioned: such a join needs the rows of every partition (see
+    /// [`Distribution::Partial`]).
+    pub fn global_rows_kept(&self, sources: &impl Fn(usize) -> SourceShape) -> Option<usize> {
+        match self {
+            Plan::Source { .. } => None,
+            Plan::Filter { input, .. } | Plan::Map { input, .. } | Plan::Reduce { input, .. } => {
+                input.global_rows_kept(sources)
+            }
+            Plan::Join {
+                left, right, kind, ..
+            } => {
+                let everywhere = |p: &Plan| p.distribution(sources) == Distribution::Everywhere;
+                if *kind == JoinKind::Left && everywhere(left) && !everywhere(right) {
+                    let mut read = Vec::new();
+                    left.sources(&mut read);
+                    return read.first().copied();
+                }
+                left.global_rows_kept(sources)
+                    .or_else(|| right.global_rows_kept(sources))
+            }
+        }
+    }
+}
+
 /// The position of the first expression that is column `column` of the input.
 fn position(exprs: &[Expr], column: usize) -> Option<usize> {
     exprs.iter().position(|e| *e == Expr::Column(column))
@@ -225,8 +251,6 @@ query = "SELECT department_id, count(*) AS n FROM users GROUP BY department_id"
 [tables.b]
 query = "SELECT u.id, d.name FROM users u LEFT JOIN departments d ON u.department_id = d.id"
 [tables.c]
-query = "SELECT c.id, u.id AS user_id FROM cities c LEFT JOIN users u ON u.name = c.id"
-[tables.d]
 query = "SELECT u.name, count(*) AS n FROM users u JOIN cities c ON u.name = c.id GROUP BY u.name"
 "#,
         );
@@ -234,5 +258,30 @@ query = "SELECT u.name, count(*) AS n FROM users u JOIN cities c ON u.name = c.i
             assert_eq!(distribution, Distribution::Partial, "table {table}");
             assert_eq!(partitioned_by, None, "table {table}");
         }
+    }
+
+    #[test]
+    fn a_left_join_keeping_every_row_of_a_global_source_is_refused() {
+        let text = format!(
+            "{SOURCES}{}",
+            r#"
+[tables.kept]
+query = "SELECT c.id, count(u.id) AS n FROM cities c LEFT JOIN users u ON u.name = c.id GROUP BY c.id"
+[tables.inner]
+query = "SELECT c.id, count(u.id) AS n FROM cities c JOIN users u ON u.name = c.id GROUP BY c.id"
+"#
+        );
+        let error = Topology::parse("t.toml", &text)
+            .expect_err("refused")
+            .to_string();
+        assert!(
+            error.starts_with("t.toml:18:9: table `kept`: this LEFT JOIN keeps every row of the global source `cities`")
+                && error.contains("hint: declare `cities` without `global = true`")
+                && !error.contains("`inner`"),
+            "{error}"
+        );
+        // Not global, the cities are split into stages.
+        let text = text.replace("global = true\n", "");
+        assert!(Topology::parse("t.toml", &text).is_ok());
     }
 }

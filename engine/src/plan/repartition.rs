@@ -199,21 +199,29 @@ impl<'a> Splitter<'a> {
                 ) = (partial, on, dl, dr)
                 {
                     let left_arity = left.arity(&|s| self.source(s).shape());
+                    let row_key = join(original.0.clone(), original.1.clone())
+                        .key(&|s| self.source(s).shape());
                     // A join on a foreign key: one side joined on its key, the other's rows
-                    // (and the joined rows) go where the first one's are.
-                    let foreign = match (lc == l, rc == r) {
-                        (false, true) => Some(ForeignKey {
+                    // (and the joined rows) go where the first one's are. A join keyed by
+                    // neither side's key: both sides go where the join value's are, and the
+                    // joined rows come back to the left side's.
+                    let foreign = match (lc == l, rc == r, row_key) {
+                        (false, _, Some(row_key)) => Some(ForeignKey {
                             side: original.0,
                             offset: 0,
                             key: (ls, lc),
                             column: l,
+                            row_key,
                         }),
-                        (true, false) if *kind == JoinKind::Inner => Some(ForeignKey {
-                            side: original.1,
-                            offset: left_arity,
-                            key: (rs, rc),
-                            column: r,
-                        }),
+                        (true, false, Some(row_key)) if *kind == JoinKind::Inner => {
+                            Some(ForeignKey {
+                                side: original.1,
+                                offset: left_arity,
+                                key: (rs, rc),
+                                column: r,
+                                row_key,
+                            })
+                        }
                         _ => None,
                     };
                     if rc != r {
@@ -234,19 +242,21 @@ impl<'a> Splitter<'a> {
         }
     }
 
-    /// A join on a foreign key (`foreign.column` of one side, the other side's key), computed
-    /// where the other side's rows are (`joined`), brought back to the partitions of the
-    /// first side's key: its rows are repartitioned keyed by that key and the foreign key (a
-    /// row whose foreign key changed is written by the owner of each value's partition, under
-    /// two keys, so each key keeps one writer), placed by that key, and joined there with the
-    /// side as it is now, keeping the row of its current foreign key only. The other one,
-    /// until its writer deletes it, is hidden. `Err(joined)` when it cannot be.
+    /// A join on a foreign key (`foreign.column` of one side, the other side's key, or a
+    /// column of each side), computed where the join value's rows are (`joined`), brought
+    /// back to the partitions of the first side's key: its rows are repartitioned keyed by
+    /// their key and the join value (a row whose join value changed is written by the owner
+    /// of each value's partition, under two keys, so each key keeps one writer), placed by
+    /// that side's key, and joined there with the side as it is now, keeping the row of its
+    /// current join value only. The other one, until its writer deletes it, is hidden.
+    /// `Err(joined)` when it cannot be.
     fn back_to_side(&mut self, joined: Plan, foreign: ForeignKey) -> Result<Plan, Plan> {
         let ForeignKey {
             side,
             offset,
             key: (source, key),
             column,
+            mut row_key,
         } = foreign;
         let shape = |s| self.source(s).shape();
         let (arity, side_arity) = (joined.arity(&shape), side.arity(&shape));
@@ -256,7 +266,10 @@ impl<'a> Splitter<'a> {
         let Distribution::Partitioned { column: placed, .. } = self.distribution(&joined) else {
             return Err(joined);
         };
-        let read = self.make(joined, vec![key_out, placed], key_out, source)?;
+        if !row_key.contains(&placed) {
+            row_key.push(placed);
+        }
+        let read = self.make(joined, row_key, key_out, source)?;
         let (column, now) = (column_out, arity + 1 + column);
         let same = |a: Expr, b: Expr| Expr::Binary(BinaryOp::Eq, Box::new(a), Box::new(b));
         let both_null = Expr::Binary(
@@ -282,7 +295,7 @@ impl<'a> Splitter<'a> {
             input: Box::new(Plan::Filter {
                 input: Box::new(back),
                 predicate: current,
-                sql: "the row of its current foreign key".into(),
+                sql: "the row of its current join value".into(),
             }),
             exprs: (0..arity).map(Expr::Column).collect(),
             sql: format!("the {arity} columns of the joined rows"),
@@ -447,13 +460,15 @@ impl<'a> Splitter<'a> {
     }
 }
 
-/// The side of a join on a foreign key that holds it: its plan, where its columns start in
-/// the joined rows, its source and key column, and the column holding the foreign key.
+/// The side of a join on a foreign key that holds it (or, in a join keyed by neither side's
+/// key, the left side): its plan, where its columns start in the joined rows, its source and
+/// key column, the column it joins on, and the key of the joined rows.
 struct ForeignKey {
     side: Plan,
     offset: usize,
     key: (usize, usize),
     column: usize,
+    row_key: Vec<usize>,
 }
 
 /// The suffix of repartition topics' names.

@@ -148,7 +148,7 @@ pub(crate) fn owned_changes(
         return changes;
     }
     if shared.partial_skipped.lock().insert(table.name.clone()) {
-        warn!(table = %table.name, "this instance does not hold every partition the table is computed from, and the table cannot be split into stages (see `miroir explain`): its changes are not written here");
+        warn!(table = %table.name, "this instance does not hold every partition the table is computed from, and the table is computed without stages (`--no-changelog`; see `miroir explain`): its changes are not written here");
     }
     changes.upserts.clear();
     changes.deletes.clear();

@@ -252,7 +252,7 @@ fn hand_over(shared: &Shared, sink: &SinkSender, batch: SinkBatch, durable: Dura
 }
 
 /// Whether every partition of the global sources has its task here, and, when an external
-/// table cannot be split across instances ([`crate::plan::Distribution::Partial`]), every
+/// table is computed without stages ([`crate::plan::Distribution::Partial`]), every
 /// partition of every source too: until then, a join with a source not restored yet would
 /// show readers an intermediate table.
 fn restored_for_sink(shared: &Shared) -> bool {

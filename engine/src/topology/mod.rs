@@ -299,6 +299,7 @@ impl Topology {
             .collect();
         let mut tables = Vec::new();
         let mut table_names = BTreeMap::new();
+        let mut query_at = BTreeMap::new();
         for (table_name, raw_table) in &raw.tables {
             check_name(&mut r, table_name, raw_table.span().start, "table");
             table_names.insert(table_name.clone(), ());
@@ -339,15 +340,18 @@ impl Topology {
             match plan_query(query.get_ref(), &schemas) {
                 Ok(planned)
                     if !indexes_known(&mut r, &store, &planned.columns, sink_at(raw_table)) => {}
-                Ok(planned) => tables.push(TablePlan {
-                    name: table_name.clone(),
-                    sql: query.get_ref().clone(),
-                    plan: planned.plan,
-                    columns: planned.columns,
-                    key: planned.key,
-                    store,
-                    split: None,
-                }),
+                Ok(planned) => {
+                    query_at.insert(table_name.clone(), query.span().start);
+                    tables.push(TablePlan {
+                        name: table_name.clone(),
+                        sql: query.get_ref().clone(),
+                        plan: planned.plan,
+                        columns: planned.columns,
+                        key: planned.key,
+                        store,
+                        split: None,
+                    })
+                }
                 Err(e) => {
                     let at = position_in_string(text, query.span().start, e.line, e.col);
                     r.push(at, format!("table `{table_name}`: {}", e.message), e.hint);
@@ -371,9 +375,17 @@ impl Topology {
                 }
             }
         }
+        let mut repartitions = Vec::new();
         if r.diagnostics.is_empty() {
-            let mut sources = sources;
-            let repartitions = split_tables(&name, &mut sources, &mut tables);
+            let unsplit;
+            (repartitions, unsplit) = split_tables(&name, &mut sources, &mut tables);
+            for table in tables.iter().filter(|t| unsplit.contains(&t.name)) {
+                let global = table.plan.global_rows_kept(&|s| sources[s].shape());
+                let (message, hint) = unsplit_error(table, global.map(|s| &sources[s].name));
+                r.at(query_at[&table.name], message, Some(hint));
+            }
+        }
+        if r.diagnostics.is_empty() {
             Ok(Topology {
                 name,
                 sources,
@@ -462,7 +474,7 @@ impl Topology {
                 table.columns[table.key[part]].name, self.sources[source].topic
             ),
             (Distribution::Partitioned { .. } | Distribution::Partial, _) => {
-                "partial: computed from the rows of every partition, and not split into stages (a stage that would read a global source, or a join keyed by neither side's key), so with several instances only one holding every partition answers".into()
+                "partial: computed from the rows of every partition without stages (`--no-changelog`), so with several instances only one holding every partition answers".into()
             }
         }
     }
@@ -838,13 +850,14 @@ fn validate_source(r: &mut Reporter<'_>, name: &str, raw: &Spanned<RawSource>) -
 
 /// Splits the plans of `tables` that need the rows of several partitions with repartitions
 /// (see [`crate::plan::repartition`]), adding the sources that read them back to `sources`.
-/// A table that cannot be split keeps its plan (it stays partial).
+/// Also returns the tables that cannot be split (their rows would need every partition).
 fn split_tables(
     name: &str,
     sources: &mut Vec<Source>,
     tables: &mut [TablePlan],
-) -> Vec<Repartition> {
+) -> (Vec<Repartition>, Vec<String>) {
     let mut repartitions = Vec::new();
+    let mut unsplit = Vec::new();
     for table in tables.iter_mut() {
         // Joins on a foreign key go back to the partitions of the key of the side holding it
         // only when the table needs it: a GROUP BY above one does not.
@@ -865,8 +878,41 @@ fn split_tables(
         if routable && !made.is_empty() {
             table.split = Some(share_stages(plan, made, sources, &mut repartitions));
         }
+        let everywhere =
+            table.plan.distribution(&|s| sources[s].shape()) == Distribution::Everywhere;
+        if !routable && !everywhere {
+            unsplit.push(table.name.clone());
+        }
     }
-    repartitions
+    (repartitions, unsplit)
+}
+
+/// What is wrong with `table`, which cannot be split into stages, and how to fix it; `global`
+/// names the global source whose every row a LEFT JOIN keeps, when that is why.
+fn unsplit_error(table: &TablePlan, global: Option<&String>) -> (String, String) {
+    let name = &table.name;
+    match global {
+        Some(global) => (
+            format!(
+                "table `{name}`: this LEFT JOIN keeps every row of the global source `{global}`, \
+                 so each of its rows needs the rows of every partition of the other side: \
+                 several instances cannot compute it"
+            ),
+            format!(
+                "declare `{global}` without `global = true` (the join is then split into \
+                 stages), or put `{global}` on the right of the LEFT JOIN"
+            ),
+        ),
+        None => (
+            format!(
+                "table `{name}` needs the rows of every partition of its sources and cannot be \
+                 split into stages, so several instances cannot compute it"
+            ),
+            "keep the source's key, or the column the rows are grouped or joined by, among \
+             the table's key columns"
+                .into(),
+        ),
+    }
 }
 
 /// Adds the stages `made` for one table's `plan` (read back from `sources.len()` on, in
