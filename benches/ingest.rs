@@ -572,6 +572,7 @@ fn sink_phase(first_load: bool) {
             } else {
                 vec![]
             },
+            written: vec![],
         };
         let started = Instant::now();
         sink.apply(&[b], &Durable::done()).unwrap();

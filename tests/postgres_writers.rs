@@ -5,7 +5,8 @@
 //! query, whose table is rebuilt in one shadow table by both and swapped in once, while a
 //! reader sees the old table or the new one, whole, and nothing else. And, with two sinks
 //! alone: a claimed partition's rows are replaced, and its former writer's late batches leave
-//! it alone.
+//! it alone; a table built through a stage is swapped in only once the stage's records another
+//! instance wrote are read.
 
 mod support;
 
@@ -15,7 +16,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use miroir::miroir_engine::partition::partition_for_key;
-use miroir::miroir_engine::sink::{Claim, Durable, ExternalSink, SinkBatch, TableChanges};
+use miroir::miroir_engine::sink::{Claim, Durable, ExternalSink, Offset, SinkBatch, TableChanges};
 use miroir::miroir_engine::value::Value;
 use miroir_connectors::postgres::sink::PostgresSink;
 use support::cluster::*;
@@ -281,6 +282,7 @@ fn names_batch(
                 partitions: 4,
             })
             .collect(),
+        written: vec![],
     }
 }
 
@@ -361,4 +363,88 @@ fn a_claimed_partition_is_replaced_and_its_former_writer_fenced() {
             (3, "b".to_string())
         ])
     );
+}
+
+/// A batch of no rows that says it caught up, with its claims (each topic's partitions, 4 of
+/// each), its offsets (`(topic, partition, last offset)`) and the stage records it wrote
+/// (`(topic, partition, end)`).
+fn caught_up_batch(
+    sequence: u64,
+    claims: &[&str],
+    offsets: &[(&str, u32, i64)],
+    written: &[(&str, u32, i64)],
+) -> SinkBatch {
+    let offset = |(topic, partition, offset): &(&str, u32, i64)| Offset {
+        topic: topic.to_string(),
+        partition: *partition,
+        offset: *offset,
+    };
+    SinkBatch {
+        sequence,
+        tables: vec![],
+        offsets: offsets.iter().map(offset).collect(),
+        caught_up: true,
+        claims: claims
+            .iter()
+            .flat_map(|topic| {
+                (0..4).map(|partition| Claim {
+                    topic: topic.to_string(),
+                    partition,
+                    partitions: 4,
+                })
+            })
+            .collect(),
+        written: written.iter().map(offset).collect(),
+    }
+}
+
+#[test]
+fn a_table_built_through_a_stage_waits_for_the_stage_records_another_instance_wrote() {
+    let run = Run::new("stage-writes");
+    let schema = format!("it_{}", run.replace('-', "_"));
+    let text = format!(
+        r#"
+name = "it-{run}"
+[sources.users]
+topic = "users-{run}"
+key = "id"
+columns = {{ id = "text", name = "text" }}
+[tables.per_name]
+query = "SELECT name, count(*) AS n FROM users GROUP BY name"
+sink = {{ postgres = {{ table = "{schema}.per_name" }} }}
+"#
+    );
+    let topology =
+        Arc::new(miroir::miroir_engine::topology::Topology::parse("t.toml", &text).unwrap());
+    let users = topology.sources[0].topic.as_str();
+    let stage = topology.sources[topology.repartitions[0].source]
+        .topic
+        .as_str();
+    let mut a = PostgresSink::new(&database_url(), topology.clone(), "a").unwrap();
+    let mut b = PostgresSink::new(&database_url(), topology.clone(), "b").unwrap();
+    let done = Durable::done();
+    let mut db = pg();
+    let mut swapped = || -> bool {
+        let table = format!("{schema}.per_name");
+        db.query_one("SELECT to_regclass($1) IS NOT NULL", &[&table])
+            .unwrap()
+            .get(0)
+    };
+
+    // `b` caught up after writing stage records up to offset 20 of partition 0.
+    b.apply(&[caught_up_batch(1, &[], &[], &[(stage, 0, 20)])], &done)
+        .unwrap();
+    // `a` writes every partition and caught up, but read partition 0 of the stage up to 9
+    // only: the table is not complete.
+    let read_to = |last| [(users, 0, 5), (stage, 0, last)];
+    a.apply(
+        &[caught_up_batch(1, &[users, stage], &read_to(9), &[])],
+        &done,
+    )
+    .unwrap();
+    assert!(!swapped(), "swapped before the stage records were read");
+    // Once `a` read them, it is.
+    a.apply(&[caught_up_batch(2, &[], &read_to(19), &[])], &done)
+        .unwrap();
+    assert!(swapped(), "the table was not swapped in");
 }

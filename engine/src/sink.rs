@@ -146,6 +146,13 @@ pub struct SinkBatch {
     pub caught_up: bool,
     /// Partitions whose task opened in the batch's epoch.
     pub claims: Vec<Claim>,
+    /// When the batch is the first to say `caught_up` since a claim: the end (offset after
+    /// the last record) of the stage records this instance wrote to each partition of a
+    /// stage topic. A table being rebuilt is not complete before each partition's writer
+    /// read them. Not kept in the outbox: a batch recovered at start does not say
+    /// `caught_up`.
+    #[serde(skip)]
+    pub written: Vec<Offset>,
 }
 
 impl SinkBatch {

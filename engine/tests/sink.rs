@@ -351,6 +351,7 @@ fn a_batch_left_in_the_outbox_is_applied_at_the_next_start() {
         offsets: vec![],
         caught_up: false,
         claims: vec![],
+        written: vec![],
     };
     again.apply(&[replay], &Durable::done()).unwrap();
     assert_eq!(up.lock().unwrap().rows, expected(&t, &applied));

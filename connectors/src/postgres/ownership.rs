@@ -20,7 +20,7 @@
 use std::collections::{HashMap, HashSet};
 
 use miroir_engine::partition::partition_of_value;
-use miroir_engine::sink::Claims;
+use miroir_engine::sink::{Claims, Offset};
 use miroir_engine::value::Value;
 use tokio_postgres::GenericClient;
 use tracing::info;
@@ -219,11 +219,44 @@ pub(crate) async fn mark_ready(
     Ok(())
 }
 
+/// Records the ends of the stage records `instance` wrote (`written`: topic, partition and
+/// the offset after its last record, as it caught up) to the partitions of the stage topics
+/// `target` is computed from: its shadow table is not complete before each partition's
+/// writer read them (see [`shadow_complete`]).
+pub(crate) async fn record_stage_writes(
+    tx: &impl GenericClient,
+    target: &Target,
+    written: &[&Offset],
+    instance: &str,
+) -> Result<(), PostgresError> {
+    let written: Vec<&&Offset> = written
+        .iter()
+        .filter(|w| target.topics.iter().any(|(topic, _)| *topic == w.topic))
+        .collect();
+    if written.is_empty() {
+        return Ok(());
+    }
+    let topics: Vec<&str> = written.iter().map(|w| w.topic.as_str()).collect();
+    let partitions: Vec<i32> = written.iter().map(|w| w.partition as i32).collect();
+    let next: Vec<i64> = written.iter().map(|w| w.offset).collect();
+    tx.execute(
+        "INSERT INTO miroir.shadow_stage_writes (schema_name, table_name, topic, partition, instance, next)
+         SELECT $1, $2, t, p, $3, n FROM unnest($4::text[], $5::int[], $6::bigint[]) AS u(t, p, n)
+         ON CONFLICT (schema_name, table_name, topic, partition, instance)
+           DO UPDATE SET next = GREATEST(miroir.shadow_stage_writes.next, EXCLUDED.next)",
+        &[&target.pg.schema, &target.pg.table, &instance, &topics, &partitions, &next],
+    )
+    .await?;
+    Ok(())
+}
+
 /// Whether `target`'s shadow table is complete: every partition of every topic it is
 /// computed from (through its stages; global ones left out) was claimed into it and caught
-/// up by the partition's current writer. A partition that moved since was written somewhere
-/// else meanwhile; one read by an instance that runs another definition (a topology changed
-/// while some instances still run the former one) feeds the former table, not this one.
+/// up by the partition's current writer, who read every stage record the instances wrote
+/// there before they caught up (see [`record_stage_writes`]). A partition that moved since
+/// was written somewhere else meanwhile; one read by an instance that runs another
+/// definition (a topology changed while some instances still run the former one) feeds the
+/// former table, not this one.
 pub(crate) async fn shadow_complete(
     tx: &impl GenericClient,
     topology: &str,
@@ -241,6 +274,21 @@ pub(crate) async fn shadow_complete(
             .await?;
         let (count, ready): (Option<i32>, i64) = (row.get(0), row.get(1));
         if count.is_none_or(|n| ready < i64::from(n)) {
+            return Ok(false);
+        }
+        let unread: i64 = tx
+            .query_one(
+                "SELECT count(*) FROM miroir.shadow_stage_writes w
+                   JOIN miroir.shadow_partitions r ON r.schema_name = w.schema_name
+                     AND r.table_name = w.table_name AND r.topic = w.topic AND r.partition = w.partition
+                   JOIN miroir.offsets o ON o.topology = $1 AND o.topic = w.topic
+                     AND o.partition = w.partition AND o.instance = r.instance
+                 WHERE w.schema_name = $3 AND w.table_name = $4 AND w.topic = $2 AND o.\"offset\" + 1 < w.next",
+                &[&topology, topic, &target.pg.schema, &target.pg.table],
+            )
+            .await?
+            .get(0);
+        if unread > 0 {
             return Ok(false);
         }
     }

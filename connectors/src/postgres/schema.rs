@@ -18,7 +18,8 @@
 //! table `t__miroir_new` (recorded in `miroir.shadows`) while `t` keeps serving. Every instance
 //! that starts with the same definition writes its partitions into the same shadow table; it
 //! is swapped in, in one transaction, once every partition was written there by its owner
-//! and caught up (`miroir.shadow_partitions`).
+//! and caught up (`miroir.shadow_partitions`), and every stage record another instance wrote
+//! before it caught up was read by the stage partition's owner (`miroir.shadow_stage_writes`).
 
 use miroir_engine::plan::{PostgresTable, TablePlan};
 use miroir_engine::topology::Topology;
@@ -88,6 +89,15 @@ CREATE TABLE IF NOT EXISTS miroir.shadow_partitions (
     instance text NOT NULL,
     ready_at timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (schema_name, table_name, topic, partition)
+);
+CREATE TABLE IF NOT EXISTS miroir.shadow_stage_writes (
+    schema_name text NOT NULL,
+    table_name text NOT NULL,
+    topic text NOT NULL,
+    partition integer NOT NULL,
+    instance text NOT NULL,
+    next bigint NOT NULL,
+    PRIMARY KEY (schema_name, table_name, topic, partition, instance)
 );
 "#;
 
@@ -406,11 +416,7 @@ async fn prepare_shadow(
     ))
     .await?;
     create_table(tx, plan, pg, &shadow, key_may_be_null(topology, plan)).await?;
-    tx.execute(
-        "DELETE FROM miroir.shadow_partitions WHERE schema_name = $1 AND table_name = $2",
-        &[&pg.schema, &pg.table],
-    )
-    .await?;
+    forget_shadow_progress(tx, pg).await?;
     tx.execute(
         "INSERT INTO miroir.shadows (schema_name, table_name, definition) VALUES ($1, $2, $3)
          ON CONFLICT (schema_name, table_name) DO UPDATE SET definition = EXCLUDED.definition, created_at = now()",
@@ -610,11 +616,22 @@ pub(crate) async fn swap(
         &[&pg.schema, &pg.table],
     )
     .await?;
-    tx.execute(
-        "DELETE FROM miroir.shadow_partitions WHERE schema_name = $1 AND table_name = $2",
-        &[&pg.schema, &pg.table],
-    )
-    .await?;
+    forget_shadow_progress(tx, pg).await
+}
+
+/// Forgets which partitions of `pg`'s shadow table are complete, and the stage records they
+/// wait for: the shadow table starts over, or was swapped in.
+async fn forget_shadow_progress(
+    tx: &impl GenericClient,
+    pg: &PostgresTable,
+) -> Result<(), PostgresError> {
+    for table in ["miroir.shadow_partitions", "miroir.shadow_stage_writes"] {
+        tx.execute(
+            &format!("DELETE FROM {table} WHERE schema_name = $1 AND table_name = $2"),
+            &[&pg.schema, &pg.table],
+        )
+        .await?;
+    }
     Ok(())
 }
 

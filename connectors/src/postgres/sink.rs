@@ -31,7 +31,7 @@ use std::sync::Arc;
 use miroir_engine::error::ErrorClass;
 use miroir_engine::partition::partition_of_value;
 use miroir_engine::sink::{
-    Applied, Claims, Durable, ExternalSink, SinkBatch, SinkError, TableChanges,
+    Applied, Claims, Durable, ExternalSink, Offset, SinkBatch, SinkError, TableChanges,
 };
 use miroir_engine::topology::Topology;
 use miroir_engine::value::Value;
@@ -205,6 +205,7 @@ impl PostgresSink {
         claimed.extend(claims.iter().map(|(t, p, _)| (t.to_string(), p)));
         claimed.retain(|(t, p)| owned.contains(t, *p));
         if caught_up {
+            let written: Vec<&Offset> = fresh.iter().flat_map(|b| &b.written).collect();
             for target in targets.iter().filter(|t| t.building) {
                 let ready: Vec<(&str, u32)> = target
                     .topics
@@ -213,6 +214,7 @@ impl PostgresSink {
                     .filter(|(topic, p)| claimed.contains(&(topic.to_string(), *p)))
                     .collect();
                 ownership::mark_ready(&tx, target, &ready, &self.instance).await?;
+                ownership::record_stage_writes(&tx, target, &written, &self.instance).await?;
             }
         }
         // The database never leads RocksDB: the commit waits for the epoch's to be durable.

@@ -474,6 +474,11 @@ struct ForeignKey {
 /// The suffix of repartition topics' names.
 pub const TOPIC_SUFFIX: &str = ".miroir-repartition";
 
+/// Whether `topic` is a repartition topic (a stage's).
+pub fn is_stage_topic(topic: &str) -> bool {
+    topic.ends_with(TOPIC_SUFFIX)
+}
+
 #[cfg(test)]
 mod tests {
     use crate::plan::Distribution;

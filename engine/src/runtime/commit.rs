@@ -13,6 +13,7 @@ use super::shared::Shared;
 use crate::changelog::{without_rederived_rows, RecordTopic};
 use crate::dataflow::Epoch;
 use crate::error::{retry_delays, ErrorClass};
+use crate::plan::repartition::is_stage_topic;
 use crate::sink::{Durable, Offset, SinkBatch, SinkSender, TableChanges};
 use crate::state::{decode, encode, Commit, StateStore};
 
@@ -197,8 +198,15 @@ fn sink_batch(shared: &Shared, commit: &mut Option<Commit>) -> Option<SinkBatch>
         .status
         .caught_up_here(&shared.topology.global_topics());
     let announce = caught_up && !shared.announced_caught_up.load(Ordering::SeqCst);
-    if tables.is_empty() && claims.is_empty() && !announce {
-        // Offsets alone are bookkeeping: they travel with the next batch that has changes.
+    // Offsets alone are bookkeeping: they travel with the next batch that has changes. But a
+    // table being rebuilt waits for the stage partitions' writers to read what other
+    // instances wrote there, which may change no row.
+    let stages_read = shared
+        .sink_offsets
+        .lock()
+        .keys()
+        .any(|(topic, _)| is_stage_topic(topic));
+    if tables.is_empty() && claims.is_empty() && !announce && !stages_read {
         return None;
     }
     // A batch that claims partitions is followed by one saying when they caught up (a table
@@ -216,12 +224,24 @@ fn sink_batch(shared: &Shared, commit: &mut Option<Commit>) -> Option<SinkBatch>
         })
         .collect();
     offsets.sort_by(|a, b| (&a.topic, a.partition).cmp(&(&b.topic, b.partition)));
+    let written = match announce {
+        true => shared.status.stage_writes(),
+        false => Vec::new(),
+    };
     let batch = SinkBatch {
         sequence: shared.sequence.next(),
         tables,
         offsets,
         caught_up,
         claims,
+        written: written
+            .into_iter()
+            .map(|(topic, partition, offset)| Offset {
+                topic,
+                partition,
+                offset,
+            })
+            .collect(),
     };
     let encoded = encode(&batch);
     commit

@@ -284,6 +284,19 @@ impl Status {
         *end = (*end).max(next);
     }
 
+    /// The end (offset after the last record) of the stage records this instance wrote to
+    /// each partition, in order.
+    pub(crate) fn stage_writes(&self) -> Vec<(String, u32, i64)> {
+        let mut written: Vec<(String, u32, i64)> = self
+            .stage_written
+            .lock()
+            .iter()
+            .map(|((topic, partition), next)| (topic.clone(), *partition, *next))
+            .collect();
+        written.sort_unstable();
+        written
+    }
+
     /// Whether every task on this instance is read up to its high watermark (as of the last
     /// commit; a task whose watermark is not known yet is not), every partition of every
     /// topic in `everywhere` has its task here, and every stage record this instance wrote
