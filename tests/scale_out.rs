@@ -1,9 +1,11 @@
 //! Tables whose rows do not all follow one source key, across several `miroir run` processes:
 //! GROUP BYs on non-key columns and joins on foreign keys (split into stages joined by
 //! repartition topics) and joins with a global source (read whole by every instance) are
-//! right on every instance, also after one is killed mid-stream. A table computed without stages (`--no-changelog`) is
-//! never answered partially: an instance that does not hold every partition answers 503, and
-//! one that holds them all answers the reference's rows.
+//! right on every instance, also after one is killed mid-stream, and after one paused long
+//! enough to lose its partitions resumes (it stops instead of writing). A table computed
+//! without stages (`--no-changelog`) is never answered partially: an instance that does not
+//! hold every partition answers 503, and one that holds them all answers the reference's
+//! rows.
 
 mod support;
 
@@ -321,4 +323,85 @@ fn a_stage_reading_a_global_source_leaves_no_record_behind_when_its_partitions_m
             .contains("the stage records its rows no longer derive are deleted"),
         "the moved partitions were swept"
     );
+}
+
+#[test]
+fn a_paused_instance_whose_partitions_moved_writes_nothing_when_it_resumes() {
+    let run = Run::new("zombie");
+    let t = repartitioned(&run);
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("topology.toml");
+    std::fs::write(&file, &t.text).unwrap();
+    let (mut events, _) = generate(21, 200, 3000);
+    publish(&t, &events);
+    let mut instances: Vec<Instance> = ["a", "b"]
+        .iter()
+        .map(|name| start(dir.path(), &file, name))
+        .collect();
+    let client = reqwest::blocking::Client::new();
+    let tables = ["users_per_department_id", "users_per_department"];
+    let all: Vec<&Instance> = instances.iter().collect();
+    wait_for_every_table(&client, &all, (&t, &tables), &events);
+
+    // `b` is paused in the middle of a stream of changes, with an epoch under way (its
+    // transaction open or not, as it falls).
+    let burst = std::thread::spawn({
+        let t = t.clone();
+        move || {
+            let burst = later(generate(22, 200, 3000).0, 1_000_000);
+            publish_paced(&t, &burst, Duration::from_millis(10));
+            burst
+        }
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    let b = instances[1].child.id().to_string();
+    let signal = |name: &str| {
+        let status = std::process::Command::new("kill")
+            .args([name, &b])
+            .status()
+            .unwrap();
+        assert!(status.success(), "kill {name} {b}");
+    };
+    signal("-STOP");
+    events.extend(burst.join().unwrap());
+
+    // `a` takes every partition over, and the same users change again: what `b` applied
+    // before its pause is older than what `a` writes now.
+    let a = [&instances[0]];
+    wait_for_every_table(&client, &a, (&t, &tables), &events);
+    let more = later(generate(23, 200, 1500).0, 2_000_000);
+    publish(&t, &more);
+    events.extend(more);
+    wait_for_every_table(&client, &a, (&t, &tables), &events);
+
+    // Resumed, `b` commits nothing, and stops, saying why: it notices it did not run long
+    // enough to lose its place in the group, or the broker aborted the transaction the pause
+    // caught open.
+    signal("-CONT");
+    let mut b = instances.remove(1);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = b.child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "b goes on: {}", b.log_tail());
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let log = std::fs::read_to_string(&b.log).unwrap();
+    let refused = ["the process did not run for", "producer was fenced"]
+        .iter()
+        .any(|why| log.contains(why));
+    assert!(!status.success() && refused, "{}", b.log_tail());
+    let paused_log = b.log_tail();
+    drop(b);
+    let live: Vec<&Instance> = instances.iter().collect();
+    let right = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        wait_for_every_table(&client, &live, (&t, &tables), &events)
+    }));
+    if right.is_err() {
+        panic!(
+            "wrong after the paused instance stopped\nits log:\n{paused_log}\nthe survivor's:\n{}",
+            instances[0].log_tail()
+        );
+    }
 }

@@ -359,6 +359,28 @@ pub fn generate(seed: u64, users: u64, n: usize) -> (Vec<Event>, Counts) {
     (events, counts)
 }
 
+/// `events` with the version of each event raised by `by`: a later stream of the same keys,
+/// none of it late against the events before.
+pub fn later(mut events: Vec<Event>, by: i64) -> Vec<Event> {
+    const FIELD: &str = "\"version\":";
+    for e in &mut events {
+        let Some(payload) = e.payload.as_mut() else {
+            continue;
+        };
+        let Some(at) = payload.find(FIELD).map(|i| i + FIELD.len()) else {
+            continue;
+        };
+        let digits = payload[at..]
+            .chars()
+            .take_while(char::is_ascii_digit)
+            .count();
+        if let Ok(version) = payload[at..at + digits].parse::<i64>() {
+            payload.replace_range(at..at + digits, &(version + by).to_string());
+        }
+    }
+    events
+}
+
 /// The event of department `d-{d}` named `name` at `version`.
 pub fn department(d: u64, version: i64, name: &str) -> Event {
     Event {
@@ -391,6 +413,24 @@ pub fn publish(t: &TestTopology, events: &[Event]) {
             .unwrap();
     }
     publisher.flush().unwrap();
+}
+
+/// Publishes `events` (whose topics exist) in order with one producer, 20 at a time with a
+/// `pause` after each: a steady stream.
+pub fn publish_paced(t: &TestTopology, events: &[Event], pause: std::time::Duration) {
+    let publisher = Publisher::new(&KafkaConfig::new(brokers())).unwrap();
+    for chunk in events.chunks(20) {
+        for e in chunk {
+            let topic = match e.source {
+                0 => &t.user_topic,
+                _ => &t.department_topic,
+            };
+            let payload = e.payload.as_deref().map(str::as_bytes);
+            publisher.send(topic, e.key.as_bytes(), payload).unwrap();
+        }
+        publisher.flush().unwrap();
+        std::thread::sleep(pause);
+    }
 }
 
 /// Publishes `events` on `topic` (which exists), in order.

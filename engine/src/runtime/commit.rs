@@ -10,6 +10,7 @@ use tracing::{debug, error, warn};
 
 use super::error::RuntimeError;
 use super::shared::Shared;
+use super::stall::STALL_LIMIT;
 use crate::changelog::{without_rederived_rows, RecordTopic};
 use crate::dataflow::Epoch;
 use crate::error::{retry_delays, ErrorClass};
@@ -70,6 +71,9 @@ fn write_epoch(shared: &Shared, epoch: Epoch) {
         return;
     }
     let mut commit = shared.commit.lock().take();
+    if stalled(shared, epoch) {
+        return;
+    }
     if !changelog_written(shared, epoch, commit.as_mut()) {
         warn!(epoch, "stopping before the epoch's changelog was written: the epoch is not committed, its records are read again at the next start");
         return;
@@ -90,6 +94,29 @@ fn write_epoch(shared: &Shared, epoch: Epoch) {
     };
     durable.set(committed);
     shared.status.epoch_committed(epoch);
+}
+
+/// Whether the process did not run for longer than [`STALL_LIMIT`] since the last epoch (see
+/// [`super::stall`]): its partitions may have moved meanwhile, so the epoch is not committed
+/// and the instance stops.
+fn stalled(shared: &Shared, epoch: Epoch) -> bool {
+    let Some(stalls) = &shared.stalls else {
+        return false;
+    };
+    let longest = stalls.take_longest();
+    if longest < STALL_LIMIT {
+        return false;
+    }
+    let message = format!(
+        "the process did not run for {:.1} s (stopped or starved), long enough to lose its \
+         place in the consumer group: its partitions may belong to another instance now, so \
+         the epoch is not committed and the instance stops; start it again to rejoin",
+        longest.as_secs_f64()
+    );
+    error!(epoch, stalled_seconds = longest.as_secs_f64(), "{message}");
+    shared.status.set_failed(message);
+    shared.shutdown.store(true, Ordering::SeqCst);
+    true
 }
 
 /// Waits until the epoch's malformed-record reports are kept (the errors topic may be down:

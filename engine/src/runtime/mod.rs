@@ -30,6 +30,7 @@ mod error;
 mod inbox;
 mod placements;
 mod shared;
+mod stall;
 mod status;
 mod tasks;
 mod worker;
@@ -135,6 +136,9 @@ impl Runtime {
             held: Mutex::new(Vec::new()),
             started: Instant::now(),
             partial_skipped: Mutex::new(HashSet::new()),
+            stalls: changelog
+                .as_ref()
+                .map(|_| stall::Stalls::watch(shutdown.clone())),
             changelog,
             topology,
             store: store.clone(),

@@ -10,6 +10,7 @@ use parking_lot::Mutex;
 
 use super::backlog::Backlog;
 use super::config::RuntimeConfig;
+use super::stall::Stalls;
 use super::status::{Status, TopicPartition};
 use crate::changelog::ChangelogWriter;
 use crate::ingest::ErrorSink;
@@ -53,6 +54,9 @@ pub(super) struct Shared {
     pub(super) started: Instant,
     /// Where each epoch's changelog records go first, when state is logged.
     pub(super) changelog: Option<Arc<dyn ChangelogWriter>>,
+    /// The stalls of the process, watched when state is logged (several instances share the
+    /// partitions then).
+    pub(super) stalls: Option<Arc<Stalls>>,
     /// The external tables whose changes were left out because this instance does not hold
     /// every partition they are computed from (said once per table).
     pub(super) partial_skipped: Mutex<HashSet<String>>,
