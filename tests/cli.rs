@@ -83,7 +83,7 @@ fn explain_prints_the_operator_graph() {
         "across instances: each row with the partition of `id` in topic user",
         "across instances: each row with the partition of `id` in topic user-directory.user_directory.r1.",
         "repartition user_directory.r1 -> topic user-directory.user_directory.r1.",
-        "Filter the row of its current foreign key",
+        "Filter the row of its current join value",
     ] {
         assert!(stdout.contains(op), "missing {op} in:\n{stdout}");
     }
