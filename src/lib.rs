@@ -50,6 +50,8 @@ use miroir_connectors::kafka::standby::{StandbyRunner, Standbys};
 use miroir_connectors::kafka::{KafkaConfig, KafkaError};
 use miroir_connectors::postgres::sink::PostgresSink;
 use miroir_connectors::postgres::{database_url, PostgresError};
+pub use miroir_engine::auth::AuthConfig;
+use miroir_engine::auth::{AuthError, Authenticator};
 use miroir_engine::changelog::logged_table;
 use miroir_engine::changelog::ChangelogWriter;
 use miroir_engine::ingest::upsert::Entry;
@@ -94,6 +96,9 @@ pub enum EngineError {
     /// The query forwarder's thread could not start.
     #[error("cannot start the query forwarder: {0}")]
     Forwarder(std::io::Error),
+    /// The token keys cannot be used.
+    #[error(transparent)]
+    Auth(#[from] AuthError),
     /// The HTTP listener could not start.
     #[error("cannot listen on {addr}: {source}")]
     Listen {
@@ -150,6 +155,18 @@ fn cursor_key(cursor: &str) -> Option<Vec<u8>> {
         .collect()
 }
 
+/// Says at start how the commands' principals are established, when that is not by tokens.
+fn warn_of_trust(auth: &Authenticator, topology: &Topology) {
+    if topology.commands.is_empty() {
+        return;
+    }
+    if auth.trusts_principal_headers() {
+        tracing::warn!("commands without a token are believed on the principal they claim (--trust-principal-headers): anyone who can write a command topic can act as anyone; for development only");
+    } else if !auth.verifies_tokens() {
+        tracing::warn!("no key verifies bearer tokens (--auth-keys, or MIROIR_AUTH_HS256_SECRET): every command is answered `unauthenticated`");
+    }
+}
+
 enum TopologySource {
     File(PathBuf),
     Text(String),
@@ -178,6 +195,7 @@ pub struct EngineBuilder {
     unsplit: bool,
     standby_replicas: usize,
     group_protocol: GroupProtocol,
+    auth: AuthConfig,
 }
 
 impl EngineBuilder {
@@ -309,6 +327,13 @@ impl EngineBuilder {
     /// every instance of a topology the same one.
     pub fn group_protocol(mut self, protocol: GroupProtocol) -> Self {
         self.group_protocol = protocol;
+        self
+    }
+
+    /// How the bearer tokens of commands are verified (default: none is, so every command is
+    /// answered `unauthenticated`; see [`AuthConfig`]).
+    pub fn auth(mut self, auth: AuthConfig) -> Self {
+        self.auth = auth;
         self
     }
 
@@ -472,6 +497,8 @@ impl EngineBuilder {
             })?),
             None => None,
         };
+        let auth = Arc::new(Authenticator::new(self.auth)?);
+        warn_of_trust(&auth, &topology);
         let mut processors = Vec::new();
         for command in &topology.commands {
             processors.push(CommandProcessor::start(
@@ -480,7 +507,7 @@ impl EngineBuilder {
                 &command.name,
                 &store.instance_id()?,
                 metrics.commands.clone(),
-                self.dependency.clone(),
+                (self.dependency.clone(), auth.clone()),
                 Some(store.clone()),
             )?);
         }

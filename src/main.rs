@@ -2,6 +2,7 @@
 
 mod deploy;
 mod progress;
+mod token;
 
 use std::io::BufRead;
 use std::net::SocketAddr;
@@ -117,6 +118,8 @@ enum Action {
         /// `group.consumer.session.timeout.ms`). Give every instance the same one.
         #[arg(long, env = "MIROIR_GROUP_PROTOCOL", default_value = "classic", value_parser = ["classic", "consumer"])]
         group_protocol: String,
+        #[command(flatten)]
+        auth: token::AuthArgs,
     },
     /// Prints the instances of a running topology, as one of them sees them: their addresses,
     /// the partitions each owns, restores and stands by for, their lag.
@@ -199,6 +202,9 @@ enum Action {
     /// Lists and replays commands parked in a dead-letter topic.
     #[command(subcommand)]
     Dlq(DlqAction),
+    /// Mints bearer tokens for development.
+    #[command(subcommand)]
+    Token(token::TokenAction),
     /// Publishes keyed messages to a topic, one per line of FILE (`-` for stdin):
     /// `KEY<TAB>PAYLOAD`, or `KEY<TAB>` alone for a tombstone. Creates the topic if missing.
     ///
@@ -227,7 +233,7 @@ enum CommandAction {
     ///
     /// EXAMPLES:
     ///     miroir command send topologies/user-referential.toml update_email \
-    ///         --json '{"id":"u-1","email":"ada@example.org"}' --principal alice --roles user-admin
+    ///         --json '{"id":"u-1","email":"ada@example.org"}' --token "$(miroir token issue --sub alice --roles user-admin)"
     Send {
         /// The master's topology file.
         topology: PathBuf,
@@ -239,10 +245,14 @@ enum CommandAction {
         /// How long to wait for the reply.
         #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
         timeout: Duration,
-        /// The user the command acts for (default: the login name, `USER`).
+        /// The caller's bearer token (a JWT), which proves who sends the command.
+        #[arg(long, env = "MIROIR_TOKEN", hide_env_values = true)]
+        token: Option<String>,
+        /// Without a token: the user the command claims to act for, believed only by a
+        /// processor started with --trust-principal-headers (development).
         #[arg(long, env = "MIROIR_PRINCIPAL")]
         principal: Option<String>,
-        /// The user's roles, comma-separated.
+        /// Without a token: the roles claimed, comma-separated.
         #[arg(long, default_value = "")]
         roles: String,
         /// Kafka bootstrap servers.
@@ -293,6 +303,11 @@ enum DlqAction {
         /// How long to wait for each reply.
         #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
         timeout: Duration,
+        /// The replayer's bearer token: the processor replays for principals with the
+        /// `miroir-operator` role, on behalf of each command's sender as verified when it was
+        /// parked.
+        #[arg(long, env = "MIROIR_TOKEN", hide_env_values = true)]
+        token: Option<String>,
         /// Kafka bootstrap servers.
         #[arg(long, env = "MIROIR_BROKERS")]
         brokers: String,
@@ -306,6 +321,7 @@ fn send_command(action: CommandAction) -> anyhow::Result<ExitCode> {
         command,
         json,
         timeout,
+        token,
         principal,
         roles,
         brokers,
@@ -331,11 +347,16 @@ fn send_command(action: CommandAction) -> anyhow::Result<ExitCode> {
     };
     let payload: serde_json::Value =
         serde_json::from_str(&json).context("--json is not valid JSON")?;
-    let Some(principal) = principal.or_else(|| std::env::var("USER").ok()) else {
-        anyhow::bail!("no principal: pass --principal (or set MIROIR_PRINCIPAL)");
-    };
-    let principal = Principal::new(principal, &roles);
-    let command = commands::Command::new(spec, &payload, principal)?;
+    if token.is_none() && principal.is_none() {
+        anyhow::bail!(
+            "no token: pass --token (or set MIROIR_TOKEN); `miroir token issue` mints one for development"
+        );
+    }
+    let principal = Principal::new(principal.unwrap_or_default(), &roles);
+    let mut command = commands::Command::new(spec, &payload, principal)?;
+    if let Some(token) = token {
+        command = command.with_token(token);
+    }
     let metrics = Metrics::new();
     let client =
         commands::Client::start(&KafkaConfig::new(brokers), "cli", metrics.commands.clone())?;
@@ -471,6 +492,7 @@ fn dead_letters(action: DlqAction) -> anyhow::Result<ExitCode> {
             all: _,
             dry_run,
             timeout,
+            token,
             brokers,
         } => {
             let config = KafkaConfig::new(brokers);
@@ -500,21 +522,24 @@ fn dead_letters(action: DlqAction) -> anyhow::Result<ExitCode> {
             }
             let metrics = Metrics::new();
             let client = commands::Client::start(&config, "dlq-replay", metrics.commands.clone())?;
-            let results = commands::replay(&client, &parked, timeout, |p, r| {
-                let id = p.command_id.as_deref().unwrap_or("-");
-                let key = p.key.as_deref().unwrap_or("-");
-                let json = |reply| serde_json::to_string(reply).unwrap_or_default();
-                match r {
-                    Replayed::Applied(reply) => println!("applied {id} key={key}: {}", json(reply)),
-                    Replayed::Skipped(why) => println!("skipped {id} key={key}: {why}"),
-                    Replayed::Answered(reply) => {
-                        println!("answered {id} key={key}: {}", json(reply))
+            let results =
+                commands::replay(&client, &parked, (timeout, token.as_deref()), |p, r| {
+                    let id = p.command_id.as_deref().unwrap_or("-");
+                    let key = p.key.as_deref().unwrap_or("-");
+                    let json = |reply| serde_json::to_string(reply).unwrap_or_default();
+                    match r {
+                        Replayed::Applied(reply) => {
+                            println!("applied {id} key={key}: {}", json(reply))
+                        }
+                        Replayed::Skipped(why) => println!("skipped {id} key={key}: {why}"),
+                        Replayed::Answered(reply) => {
+                            println!("answered {id} key={key}: {}", json(reply))
+                        }
+                        Replayed::Failed(e) => {
+                            println!("failed {id} key={key}: {e}; stopping here to keep the order")
+                        }
                     }
-                    Replayed::Failed(e) => {
-                        println!("failed {id} key={key}: {e}; stopping here to keep the order")
-                    }
-                }
-            });
+                });
             client.shutdown();
             let count = |kind: fn(&Replayed) -> bool| results.iter().filter(|r| kind(r)).count();
             let failed = count(|r| matches!(r, Replayed::Failed(_)));
@@ -616,6 +641,7 @@ fn run(command: Action) -> anyhow::Result<ExitCode> {
             no_changelog,
             standby_replicas,
             group_protocol,
+            auth,
         } => {
             if plan {
                 return deploy::print_plan(&file, database_url.as_deref(), Some(&brokers));
@@ -631,6 +657,7 @@ fn run(command: Action) -> anyhow::Result<ExitCode> {
                 builder = builder.advertise(addr);
             }
             builder = builder
+                .auth(auth.config())
                 .changelog(!no_changelog)
                 .standby_replicas(standby_replicas)
                 .group_protocol(match group_protocol.as_str() {
@@ -667,6 +694,7 @@ fn run(command: Action) -> anyhow::Result<ExitCode> {
         }
         Action::Status { url, json } => print_status(&url, json),
         Action::Command(action) => send_command(action),
+        Action::Token(action) => token::run(action).map(|()| ExitCode::SUCCESS),
         Action::Dlq(action) => dead_letters(action),
         Action::Publish {
             file,

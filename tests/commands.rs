@@ -1,7 +1,8 @@
 //! Commands and replies against the real broker: every outcome, duplicate delivery, a failing
 //! dependency (retries, dead letters, replay in order), concurrent clients, a client timing
 //! out while the processor is stopped, a processor killed with SIGKILL mid-stream, and a failed
-//! transaction taking the one prepared after it down with it.
+//! transaction taking the one prepared after it down with it; commands are sent with bearer
+//! tokens, and claimed principals count for nothing.
 
 mod support;
 
@@ -41,8 +42,20 @@ fn user(id: &str) -> Principal {
     }
 }
 
+/// A command updating `id`'s email, with the bearer token of `who`.
 fn update(spec: &CommandSpec, id: &str, email: &str, who: Principal) -> Command {
-    Command::new(spec, &json!({ "id": id, "email": email }), who).unwrap()
+    let token = token_for(&who);
+    Command::new(spec, &json!({ "id": id, "email": email }), who)
+        .unwrap()
+        .with_token(token)
+}
+
+/// The operator who replays parked commands.
+fn operator() -> Principal {
+    Principal {
+        id: "ops".into(),
+        roles: vec!["miroir-operator".into()],
+    }
 }
 
 fn start_master(
@@ -54,6 +67,7 @@ fn start_master(
         .topology_str(m.text.clone())
         .brokers(brokers())
         .state_dir(state)
+        .auth(test_auth())
         .epoch_interval(Duration::from_millis(50));
     if let Some(d) = dependency {
         builder = builder.dependency(d);
@@ -274,7 +288,10 @@ fn every_outcome_is_answered_and_the_app_reads_its_write() {
             },
             "rejected:malformed",
         ),
-        (update(spec, "u-1", "x@example.org", user("")), "forbidden"),
+        (
+            update(spec, "u-1", "x@example.org", user("")),
+            "unauthenticated",
+        ),
     ];
     for (command, expected) in cases {
         let reply = client.send(&command, REPLY_TIMEOUT).unwrap();
@@ -333,7 +350,15 @@ fn every_outcome_is_answered_and_the_app_reads_its_write() {
     );
     assert_eq!(
         counter(&metrics, "miroir_commands_total", "outcome=\"forbidden\""),
-        2
+        1
+    );
+    assert_eq!(
+        counter(
+            &metrics,
+            "miroir_commands_total",
+            "outcome=\"unauthenticated\""
+        ),
+        1
     );
     assert_eq!(
         counter(
@@ -485,7 +510,17 @@ fn failing_dependency_retries_then_parks_and_replay_keeps_order_skipping_the_sta
     assert!(matches!(c, Reply::Accepted { version: 2, .. }), "{c:?}");
 
     let mut seen = Vec::new();
-    let results = commands::replay(&client, &parked, REPLY_TIMEOUT, |p, r| {
+    // Replaying takes the operator role: without it, each is refused, and stays parked.
+    let token = token_for(&user("u-0"));
+    let refused = commands::replay(&client, &parked, (REPLY_TIMEOUT, Some(&token)), |_, _| {});
+    assert!(
+        refused
+            .iter()
+            .all(|r| matches!(r, Replayed::Answered(Reply::Forbidden { .. }))),
+        "{refused:?}"
+    );
+    let token = token_for(&operator());
+    let results = commands::replay(&client, &parked, (REPLY_TIMEOUT, Some(&token)), |p, r| {
         seen.push((p.key.clone().unwrap(), format!("{r:?}")));
     });
     assert_eq!(seen.len(), 2);
@@ -509,9 +544,10 @@ fn failing_dependency_retries_then_parks_and_replay_keeps_order_skipping_the_sta
                 && master_row(&master, "u-0")["email"] == "c@example.org"
         },
     );
+    // Re-submitted four times: twice refused, twice taken up.
     assert_eq!(
         counter(&master.metrics(), "miroir_command_replayed_total", ""),
-        2
+        4
     );
     client.shutdown();
     master.shutdown();
@@ -933,6 +969,7 @@ fn commands_stay_exactly_once_while_processors_join_and_leave() {
             .topology_str(m.text.clone())
             .brokers(brokers())
             .state_dir(dir.path().join("b"))
+            .auth(test_auth())
             .start()
             .unwrap();
         assert!(second.wait_ready(Duration::from_secs(60)));
@@ -984,6 +1021,7 @@ fn the_cli_sends_commands_and_lists_dead_letters() {
             .output()
             .unwrap()
     };
+    let token = token_for(&user("u-0"));
     let send = |command: &str, json: &str, extra: &[&str]| {
         let mut args = vec![
             "command",
@@ -999,7 +1037,7 @@ fn the_cli_sends_commands_and_lists_dead_letters() {
     let accepted = send(
         "update_email",
         r#"{"id":"u-0","email":"cli@example.org"}"#,
-        &["--principal", "u-0"],
+        &["--token", &token],
     );
     assert_eq!(accepted.status.code(), Some(0), "{accepted:?}");
     let reply: serde_json::Value = serde_json::from_slice(&accepted.stdout).unwrap();
@@ -1009,7 +1047,7 @@ fn the_cli_sends_commands_and_lists_dead_letters() {
     let rejected = send(
         "UpdateUserEmail",
         r#"{"id":"u-0","email":"nope"}"#,
-        &["--principal", "u-0"],
+        &["--token", &token],
     );
     assert_eq!(rejected.status.code(), Some(2), "{rejected:?}");
     assert!(String::from_utf8_lossy(&rejected.stdout).contains("invalid_email"));
@@ -1023,7 +1061,7 @@ fn the_cli_sends_commands_and_lists_dead_letters() {
     let no_key = send(
         "update_email",
         r#"{"email":"x@example.org"}"#,
-        &["--principal", "u-0"],
+        &["--token", &token],
     );
     assert_eq!(no_key.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&no_key.stderr).contains("key field `id`"));
@@ -1303,8 +1341,7 @@ fn send_raw(
     let headers = miroir_connectors::commands::wire::CommandHeaders {
         command_id: Some(id.to_string()),
         command_type: Some(spec.operation.clone()),
-        principal: Some("alice".into()),
-        roles: Some("user-admin".into()),
+        token: Some(token_for(&admin())),
         ..Default::default()
     };
     let payload = json!({ "id": user, "email": email }).to_string();
@@ -1410,6 +1447,7 @@ fn a_panic_in_the_processor_fails_the_instance_with_its_message() {
         .topology_str(m.text.clone())
         .brokers(brokers())
         .state_dir(dir.path().join("master"))
+        .auth(test_auth())
         .listen("127.0.0.1:0".parse().unwrap())
         .dependency(Arc::new(Panics))
         .start()
@@ -1454,4 +1492,81 @@ fn a_panic_in_the_processor_fails_the_instance_with_its_message() {
     );
     client.shutdown();
     master.shutdown();
+}
+
+#[test]
+fn commands_carry_a_token_not_a_claim() {
+    use miroir::miroir_engine::auth::{issue, SigningKey, TokenClaims};
+    let run = Run::new("cmd-tokens");
+    let m = user_referential(&run);
+    seed_users(&m.user_topic, 3);
+    let dir = tempfile::tempdir().unwrap();
+    let master = Engine::builder()
+        .topology_str(m.text.clone())
+        .brokers(brokers())
+        .state_dir(dir.path().join("master"))
+        .auth(miroir::AuthConfig {
+            audience: Some("referential".into()),
+            ..test_auth()
+        })
+        .epoch_interval(Duration::from_millis(50))
+        .start()
+        .unwrap();
+    assert!(master.wait_ready(Duration::from_secs(60)));
+    let metrics = Metrics::new();
+    let client = Client::start(
+        &KafkaConfig::new(brokers()),
+        "tokens",
+        metrics.commands.clone(),
+    )
+    .unwrap();
+    let spec = m.topology.command("update_email").unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let signed = |who: &Principal, (secret, audience, at): (&str, &str, u64)| {
+        let claims = TokenClaims {
+            subject: who.id.clone(),
+            roles: who.roles.clone(),
+            valid_for: 3600,
+            issuer: None,
+            audience: Some(audience.into()),
+        };
+        issue(&SigningKey::Secret(secret.into()), &claims, at).unwrap()
+    };
+    let valid = (TEST_SECRET, "referential", now);
+    // Each command claims the admin in its headers: only the token counts.
+    let send = |token: Option<String>| {
+        let mut command = update(spec, "u-1", "t@example.org", admin());
+        command.token = token;
+        client.send(&command, REPLY_TIMEOUT).unwrap()
+    };
+    let unauthenticated = |reply: Reply, why: &str| match reply {
+        Reply::Unauthenticated { message } => assert!(message.contains(why), "{message}"),
+        other => panic!("{why}: {other:?}"),
+    };
+    unauthenticated(send(None), "no bearer token");
+    let expired = (TEST_SECRET, "referential", now - 7200);
+    unauthenticated(send(Some(signed(&admin(), expired))), "Expired");
+    let forged = ("someone else's secret", "referential", now);
+    unauthenticated(send(Some(signed(&admin(), forged))), "InvalidSignature");
+    let elsewhere = (TEST_SECRET, "elsewhere", now);
+    unauthenticated(send(Some(signed(&admin(), elsewhere))), "InvalidAudience");
+    // A valid token of a user without the role, for another user: forbidden.
+    let reply = send(Some(signed(&user("u-2"), valid)));
+    assert!(matches!(reply, Reply::Forbidden { .. }), "{reply:?}");
+    // With the role: accepted, and the entity says who did it, as the token says.
+    let carol = Principal {
+        id: "carol".into(),
+        roles: vec!["user-admin".into()],
+    };
+    let reply = send(Some(signed(&carol, valid)));
+    assert!(matches!(reply, Reply::Accepted { .. }), "{reply:?}");
+    wait_until(
+        "the master's table has the change",
+        Duration::from_secs(30),
+        || master_row(&master, "u-1")["changed_by"] == "carol",
+    );
+    client.shutdown();
 }

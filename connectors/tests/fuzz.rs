@@ -9,6 +9,7 @@
 //! ```
 
 use miroir_connectors::commands::wire::{answer_until, header, CommandHeaders};
+use miroir_engine::auth::{AuthConfig, Authenticator, KeySource};
 use miroir_engine::topology::Topology;
 use miroir_engine::value::Value;
 use proptest::prelude::*;
@@ -30,6 +31,7 @@ const NAMES: &[&str] = &[
     header::DEADLINE,
     header::PRINCIPAL,
     header::ROLES,
+    header::TOKEN,
     header::COMMAND_TYPE,
     header::SCHEMA_VERSION,
     header::PARKED_VERSION,
@@ -165,6 +167,14 @@ fn command_headers_never_panic() {
         failure_persistence: None,
         ..Config::default()
     };
+    // Tokens are verified (any token header is garbage here), and a claimed principal is
+    // believed, so that commands reach the decision.
+    let auth = Authenticator::new(AuthConfig {
+        keys: Some(KeySource::Secret(b"fuzz".to_vec())),
+        trust_principal_headers: true,
+        ..AuthConfig::default()
+    })
+    .unwrap();
     let started = std::time::Instant::now();
     let accepted = std::sync::atomic::AtomicUsize::new(0);
     TestRunner::new(config)
@@ -173,12 +183,12 @@ fn command_headers_never_panic() {
             let headers = CommandHeaders::read(&m);
             let _ = headers.deadline_ms();
             let _ = headers.to_owned_headers();
-            let _ = headers.entity_event(i64::MAX);
             let key = rdkafka::Message::key(&m).and_then(|k| std::str::from_utf8(k).ok());
             let envelope = headers.envelope(key, rdkafka::Message::payload(&m));
-            match spec.read(&envelope) {
+            match spec.read(&envelope, &auth) {
                 Ok(command) => {
                     accepted.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    let _ = headers.entity_event(i64::MAX, &command);
                     for row in [None, Some(current.as_slice())] {
                         let _ = spec.decide(entity, &command.request(), row, i64::MAX);
                         let _ = spec.decide(entity, &command.request(), row, i64::MIN);

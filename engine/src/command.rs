@@ -8,7 +8,7 @@
 //! ```text
 //!  Envelope (headers and payload as they arrived)
 //!    ── CommandSpec::read ──► Command     or a Reply: unknown type, newer schema,
-//!                                            no principal, malformed payload, wrong key
+//!                                            unauthenticated, malformed payload, wrong key
 //!    ── CommandSpec::decide(current entity, now) ──► Decision::Apply(new entity, version)
 //!                                            or a Reply: expired, stale replay, forbidden,
 //!                                            not found, a validation rule
@@ -23,6 +23,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::auth::{Authenticator, Unauthenticated};
 use crate::ingest::decode::decode;
 use crate::plan::expr::cast;
 use crate::topology::command::CommandSpec;
@@ -60,9 +61,12 @@ pub struct Envelope<'a> {
     pub command_type: Option<&'a str>,
     /// The payload's schema version header (1 when absent).
     pub schema_version: Option<&'a str>,
-    /// The principal header: the authenticated user's id.
+    /// The bearer token header: proves who sends the command (see [`crate::auth`]).
+    pub token: Option<&'a str>,
+    /// The principal header: the user's id as claimed (taken as it is only by a development
+    /// setting), or, on a replayed command, as verified when it was parked.
     pub principal: Option<&'a str>,
-    /// The roles header: comma-separated.
+    /// The roles header: comma-separated, like the principal header.
     pub roles: Option<&'a str>,
     /// The deadline header: ms since the epoch.
     pub deadline: Option<&'a str>,
@@ -87,6 +91,8 @@ pub struct Command {
     pub deadline_ms: Option<i64>,
     /// Set by a dead-letter replay: the entity version when the command was parked.
     pub parked_at_version: Option<i64>,
+    /// Set by a dead-letter replay: who replayed it.
+    pub replayed_by: Option<String>,
 }
 
 impl Command {
@@ -138,6 +144,12 @@ pub enum Reply {
         /// Human-readable message.
         message: String,
     },
+    /// The command carries no bearer token, or one that does not hold (a wrong signature,
+    /// expired, another issuer or audience).
+    Unauthenticated {
+        /// Why.
+        message: String,
+    },
     /// The principal may not send this command.
     Forbidden {
         /// Why.
@@ -169,6 +181,7 @@ impl Reply {
         match self {
             Reply::Accepted { .. } => "accepted",
             Reply::Rejected { .. } => "rejected",
+            Reply::Unauthenticated { .. } => "unauthenticated",
             Reply::Forbidden { .. } => "forbidden",
             Reply::Deferred { .. } => "deferred",
             Reply::Expired { .. } => "expired",
@@ -190,6 +203,48 @@ pub enum Decision {
     Answer(Reply),
 }
 
+/// The role that lets a principal replay parked commands (on behalf of their senders).
+pub const OPERATOR_ROLE: &str = "miroir-operator";
+
+/// Who a command acts for, and, on a replay, who replayed it. A command is sent by the
+/// principal its token proves. A replayed one acts for the principal verified when it was
+/// parked (its principal headers, which only the processor writes into the dead-letter
+/// topic), and its token is the replayer's, who must hold [`OPERATOR_ROLE`]. Without a token,
+/// the development setting takes the headers as they are.
+fn principal_of(
+    envelope: &Envelope<'_>,
+    auth: &Authenticator,
+) -> Result<(Principal, Option<String>), Reply> {
+    let unauthenticated = |e: Unauthenticated| Reply::Unauthenticated { message: e.0 };
+    let claimed = envelope
+        .principal
+        .filter(|p| !p.is_empty())
+        .map(|p| (p, envelope.roles.unwrap_or_default()));
+    let token = envelope.token.filter(|t| !t.is_empty());
+    if envelope.parked_at_version.is_none() || (token.is_none() && auth.trusts_principal_headers())
+    {
+        return auth
+            .principal(token, claimed)
+            .map(|p| (p, None))
+            .map_err(unauthenticated);
+    }
+    let replayer = auth.principal(token, None).map_err(unauthenticated)?;
+    if !replayer.roles.iter().any(|r| r == OPERATOR_ROLE) {
+        return Err(Reply::Forbidden {
+            message: format!(
+                "replaying a parked command takes the `{OPERATOR_ROLE}` role, which `{}` lacks",
+                replayer.id
+            ),
+        });
+    }
+    let Some((id, roles)) = claimed else {
+        return Err(unauthenticated(Unauthenticated(
+            "the replayed command names no principal".into(),
+        )));
+    };
+    Ok((Principal::new(id, roles), Some(replayer.id)))
+}
+
 /// A rejection with no field at fault.
 fn rejected(code: &str, message: String) -> Reply {
     Reply::Rejected {
@@ -200,9 +255,10 @@ fn rejected(code: &str, message: String) -> Reply {
 }
 
 impl CommandSpec {
-    /// Reads a command's envelope. In order: its type, schema version, principal, payload and
-    /// entity key; the first that does not hold is the answer (and the command changes nothing).
-    pub fn read(&self, envelope: &Envelope<'_>) -> Result<Command, Reply> {
+    /// Reads a command's envelope. In order: its type, schema version, principal (proven by
+    /// `auth`), payload and entity key; the first that does not hold is the answer (and the
+    /// command changes nothing).
+    pub fn read(&self, envelope: &Envelope<'_>, auth: &Authenticator) -> Result<Command, Reply> {
         if envelope.command_type != Some(self.operation.as_str()) {
             return Err(rejected(
                 "unknown_command",
@@ -227,12 +283,7 @@ impl CommandSpec {
                 ),
             ));
         }
-        let Some(principal) = envelope.principal.filter(|p| !p.is_empty()) else {
-            return Err(Reply::Forbidden {
-                message: "the command carries no principal".into(),
-            });
-        };
-        let principal = Principal::new(principal, envelope.roles.unwrap_or_default());
+        let (principal, replayed_by) = principal_of(envelope, auth)?;
         let payload = match envelope.payload.map(|p| decode(&self.payload, p)) {
             Some(Ok(row)) => row,
             Some(Err(e)) => return Err(rejected("malformed", e.to_string())),
@@ -245,6 +296,7 @@ impl CommandSpec {
             principal,
             deadline_ms: envelope.deadline.and_then(|d| d.parse().ok()),
             parked_at_version: envelope.parked_at_version,
+            replayed_by,
         })
     }
 

@@ -36,6 +36,7 @@
 //! under a late policy, its offset otherwise); an event that is not newer than the applied one
 //! changes nothing. So a replay after a crash, or a re-delivery, has no second effect.
 
+pub mod auth;
 pub mod changelog;
 pub mod command;
 pub mod dataflow;

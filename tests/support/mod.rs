@@ -716,6 +716,36 @@ pub fn free_port() -> u16 {
     }
 }
 
+/// The HS256 secret the tests' instances verify bearer tokens with.
+pub const TEST_SECRET: &str = "miroir integration tests: a development secret";
+
+/// How the tests' engines verify bearer tokens: with [`TEST_SECRET`].
+pub fn test_auth() -> miroir::AuthConfig {
+    miroir::AuthConfig {
+        keys: Some(miroir::miroir_engine::auth::KeySource::Secret(
+            TEST_SECRET.into(),
+        )),
+        ..Default::default()
+    }
+}
+
+/// A bearer token for `principal`, valid for an hour, signed with [`TEST_SECRET`].
+pub fn token_for(principal: &miroir::commands::Principal) -> String {
+    use miroir::miroir_engine::auth::{issue, SigningKey, TokenClaims};
+    let claims = TokenClaims {
+        subject: principal.id.clone(),
+        roles: principal.roles.clone(),
+        valid_for: 3600,
+        issuer: None,
+        audience: None,
+    };
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    issue(&SigningKey::Secret(TEST_SECRET.into()), &claims, now).unwrap()
+}
+
 /// Starts `miroir run`; its log (level `MIROIR_TEST_LOG`, default `info`) goes to `log`
 /// (after what earlier runs wrote there).
 pub fn spawn(
@@ -755,6 +785,7 @@ pub fn spawn_with(
         ])
         .args(more)
         .env("RUST_LOG", level)
+        .env("MIROIR_AUTH_HS256_SECRET", TEST_SECRET)
         .stdout(std::process::Stdio::null())
         .stderr(
             std::fs::OpenOptions::new()

@@ -63,7 +63,11 @@ pub struct Command {
     pub key: String,
     /// The JSON payload.
     pub payload: Vec<u8>,
-    /// Who sends it.
+    /// The caller's bearer token (a JWT), which proves who sends it.
+    pub token: Option<String>,
+    /// Who sends it, as claimed: believed only by a processor in the development setting
+    /// that trusts principal headers. On a replay, the principal verified when the command
+    /// was parked.
     pub principal: Principal,
     /// The command's id; a new one is drawn when `None`.
     pub command_id: Option<String>,
@@ -94,10 +98,17 @@ impl Command {
             schema_version: spec.schema_version,
             key,
             payload: serde_json::to_vec(payload).expect("JSON serializes"),
+            token: None,
             principal,
             command_id: None,
             parked_version: None,
         })
+    }
+
+    /// The command with the caller's bearer token.
+    pub fn with_token(mut self, token: impl Into<String>) -> Command {
+        self.token = Some(token.into());
+        self
     }
 }
 
@@ -226,7 +237,8 @@ impl CommandClient {
             reply_to: Some(self.reply_topic.clone()),
             command_type: Some(command.command_type.clone()),
             schema_version: Some(command.schema_version.to_string()),
-            principal: Some(command.principal.id.clone()),
+            token: command.token.clone(),
+            principal: Some(command.principal.id.clone()).filter(|id| !id.is_empty()),
             roles: Some(command.principal.roles.join(",")),
             deadline: Some((now_ms() + timeout.as_millis() as i64).to_string()),
             parked_version: command.parked_version,

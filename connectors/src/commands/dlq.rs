@@ -1,10 +1,10 @@
 //! Dead letters: commands parked after their retries, listed and replayed in order.
 //!
 //! A replay re-submits each parked command through a [`CommandClient`] (same command id,
-//! principal and payload) with the entity version it was parked at, and waits for its reply
-//! before the next one, so the original order holds. The processor answers `Expired` when
-//! the entity moved on since; a command answered before (replayed already) gets its first
-//! answer again.
+//! principal as verified when it was parked, and payload; the replayer's token) with the
+//! entity version it was parked at, and waits for its reply before the next one, so the
+//! original order holds. The processor answers `Expired` when the entity moved on since; a
+//! command answered before (replayed already) gets its first answer again.
 
 use std::time::Duration;
 
@@ -158,12 +158,15 @@ pub enum Replayed {
     Failed(SendError),
 }
 
-/// Re-submits `parked` in order through `client`, waiting up to `timeout` for each reply.
-/// Stops at the first command that gets no reply. `report` sees each result as it comes.
+/// Re-submits `parked` in order through `client`, waiting up to `timeout` for each reply,
+/// with the replayer's bearer `token` (the processor takes replays from principals with the
+/// `miroir-operator` role, on behalf of the principal verified when each command was
+/// parked). Stops at the first command that gets no reply. `report` sees each result as it
+/// comes.
 pub fn replay(
     client: &CommandClient,
     parked: &[Parked],
-    timeout: Duration,
+    (timeout, token): (Duration, Option<&str>),
     mut report: impl FnMut(&Parked, &Replayed),
 ) -> Vec<Replayed> {
     let mut results = Vec::new();
@@ -176,6 +179,7 @@ pub fn replay(
                 .unwrap_or(1),
             key: p.key.clone().unwrap_or_default(),
             payload: p.payload.clone().unwrap_or_default().into_bytes(),
+            token: token.map(str::to_string),
             principal: Principal::new(
                 p.principal.clone().unwrap_or_default(),
                 header_value(p, header::ROLES).unwrap_or_default(),

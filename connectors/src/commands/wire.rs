@@ -3,15 +3,15 @@
 //!
 //! | record | topic | headers |
 //! | --- | --- | --- |
-//! | command | `<command topic>` | command id, correlation id, reply-to, deadline, principal, roles, command type, schema version (and parked version on a replay) |
-//! | entity event | the entity's topic | command id, answer-until, principal |
+//! | command | `<command topic>` | command id, correlation id, reply-to, deadline, token (and claimed principal, roles), command type, schema version (and parked version on a replay) |
+//! | entity event | the entity's topic | command id, answer-until, verified principal (and who replayed it) |
 //! | reply | the sender's reply topic (`miroir.reply.<app>.<ms>.<uuid>`) | correlation id, command id |
 //! | answered id | `<command topic>.miroir-done` | answer-until |
-//! | dead letter | `<command topic>.dlq` | the command's own, then error class and message, attempts, first and last failure, origin, entity version |
+//! | dead letter | `<command topic>.dlq` | the command's own (the token left out, the principal and roles as verified), then error class and message, attempts, first and last failure, origin, entity version |
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use miroir_engine::command::Envelope;
+use miroir_engine::command::{Command, Envelope, Principal};
 use rdkafka::message::{Header, Headers, Message, OwnedHeaders, OwnedMessage};
 
 /// Header names of commands, replies, entity events and dead letters.
@@ -24,10 +24,16 @@ pub mod header {
     pub const REPLY_TO: &str = "miroir-reply-to";
     /// When the caller stops waiting, in ms since the epoch.
     pub const DEADLINE: &str = "miroir-deadline";
-    /// The authenticated user's id.
+    /// The caller's bearer token (a JWT): proves who sends the command. Only on commands;
+    /// the processor never writes it anywhere.
+    pub const TOKEN: &str = "miroir-token";
+    /// The user's id: as claimed on a command (believed only by a development setting); as
+    /// verified by the processor on entity events and dead letters.
     pub const PRINCIPAL: &str = "miroir-principal";
-    /// The user's roles, comma-separated.
+    /// The user's roles, comma-separated, like the principal.
     pub const ROLES: &str = "miroir-roles";
+    /// Entity events of a replayed command: who replayed it.
+    pub const REPLAYED_BY: &str = "miroir-replayed-by";
     /// The command type (the business operation, `UpdateUserEmail`).
     pub const COMMAND_TYPE: &str = "miroir-command-type";
     /// The payload's schema version.
@@ -125,6 +131,8 @@ pub struct CommandHeaders {
     pub command_type: Option<String>,
     /// The payload's schema version, as written.
     pub schema_version: Option<String>,
+    /// The bearer token.
+    pub token: Option<String>,
     /// The principal's id.
     pub principal: Option<String>,
     /// The principal's roles, comma-separated.
@@ -144,6 +152,7 @@ impl CommandHeaders {
             reply_to: text_header(m, header::REPLY_TO),
             command_type: text_header(m, header::COMMAND_TYPE),
             schema_version: text_header(m, header::SCHEMA_VERSION),
+            token: text_header(m, header::TOKEN),
             principal: text_header(m, header::PRINCIPAL),
             roles: text_header(m, header::ROLES),
             deadline: text_header(m, header::DEADLINE),
@@ -161,6 +170,7 @@ impl CommandHeaders {
         Envelope {
             command_type: self.command_type.as_deref(),
             schema_version: self.schema_version.as_deref(),
+            token: self.token.as_deref(),
             principal: self.principal.as_deref(),
             roles: self.roles.as_deref(),
             deadline: self.deadline.as_deref(),
@@ -180,6 +190,7 @@ impl CommandHeaders {
                 (header::CORRELATION_ID, self.correlation_id.as_deref()),
                 (header::REPLY_TO, self.reply_to.as_deref()),
                 (header::DEADLINE, self.deadline.as_deref()),
+                (header::TOKEN, self.token.as_deref()),
                 (header::PRINCIPAL, self.principal.as_deref()),
                 (header::ROLES, self.roles.as_deref()),
                 (header::COMMAND_TYPE, self.command_type.as_deref()),
@@ -190,8 +201,9 @@ impl CommandHeaders {
     }
 
     /// The headers of the entity event an accepted command writes: its id, until when its
-    /// answer is remembered (`until`, ms since the epoch), and its principal.
-    pub fn entity_event(&self, until: i64) -> OwnedHeaders {
+    /// answer is remembered (`until`, ms since the epoch), its verified principal, and who
+    /// replayed it.
+    pub fn entity_event(&self, until: i64, command: &Command) -> OwnedHeaders {
         let until = until.to_string();
         let id = self.command_id.as_deref();
         with(
@@ -199,9 +211,21 @@ impl CommandHeaders {
             [
                 (header::COMMAND_ID, id),
                 (header::ANSWER_UNTIL, id.map(|_| until.as_str())),
-                (header::PRINCIPAL, self.principal.as_deref()),
+                (header::PRINCIPAL, Some(command.principal.id.as_str())),
+                (header::REPLAYED_BY, command.replayed_by.as_deref()),
             ],
         )
+    }
+
+    /// These headers with the principal as `principal` (verified) and no token: what a dead
+    /// letter keeps of a command.
+    pub fn verified(&self, principal: &Principal) -> CommandHeaders {
+        CommandHeaders {
+            token: None,
+            principal: Some(principal.id.clone()),
+            roles: Some(principal.roles.join(",")),
+            ..self.clone()
+        }
     }
 
     /// The headers of the reply to the command.
@@ -245,14 +269,19 @@ pub struct Parking {
     pub entity_version: Option<i64>,
 }
 
-/// The headers of the dead letter of command `m`: the command's own, then why it was parked.
-pub fn dead_letter_headers(m: &OwnedMessage, parking: &Parking) -> OwnedHeaders {
+/// The headers of the dead letter of command `m` (whose headers are `headers`, with the
+/// principal as verified and no token), then why it was parked.
+pub fn dead_letter_headers(
+    m: &OwnedMessage,
+    headers: &CommandHeaders,
+    parking: &Parking,
+) -> OwnedHeaders {
     let origin = format!("{}/{}/{}", m.topic(), m.partition(), m.offset());
     let attempts = parking.attempts.to_string();
     let (first, last) = (rfc3339(parking.first), rfc3339(parking.last));
     let version = parking.entity_version.map(|v| v.to_string());
     with(
-        m.headers().cloned().unwrap_or_default(),
+        headers.to_owned_headers(),
         [
             (header::ERROR_CLASS, Some("dependency")),
             (header::ERROR_MESSAGE, Some(parking.error.as_str())),
@@ -291,6 +320,7 @@ mod tests {
             reply_to: Some("miroir.reply.app.1.x".into()),
             command_type: Some("UpdateUserEmail".into()),
             schema_version: Some("1".into()),
+            token: Some("a.b.c".into()),
             principal: Some("alice".into()),
             roles: Some("admin,user".into()),
             deadline: Some("1700000000000".into()),
@@ -299,7 +329,16 @@ mod tests {
         let read = CommandHeaders::read(&message(sent.to_owned_headers()));
         assert_eq!(read, sent);
         assert_eq!(read.deadline_ms(), Some(1_700_000_000_000));
-        let event = message(read.entity_event(99));
+        // The entity event names the verified principal, not the claimed one.
+        let command = Command {
+            key: "u-1".into(),
+            payload: vec![],
+            principal: Principal::new("bob", ""),
+            deadline_ms: None,
+            parked_at_version: Some(3),
+            replayed_by: Some("ops".into()),
+        };
+        let event = message(read.entity_event(99, &command));
         assert_eq!(answer_until(&event), Some(99));
         assert_eq!(
             text_header(&event, header::COMMAND_ID).as_deref(),
@@ -307,19 +346,24 @@ mod tests {
         );
         assert_eq!(
             text_header(&event, header::PRINCIPAL).as_deref(),
-            Some("alice")
+            Some("bob")
         );
+        assert_eq!(
+            text_header(&event, header::REPLAYED_BY).as_deref(),
+            Some("ops")
+        );
+        assert_eq!(text_header(&event, header::TOKEN), None);
     }
 
     #[test]
     fn a_dead_letter_keeps_the_command_headers_and_says_why() {
-        let command = message(
-            CommandHeaders {
-                command_id: Some("c".into()),
-                ..CommandHeaders::default()
-            }
-            .to_owned_headers(),
-        );
+        let headers = CommandHeaders {
+            command_id: Some("c".into()),
+            token: Some("a.b.c".into()),
+            principal: Some("mallory".into()),
+            ..CommandHeaders::default()
+        };
+        let command = message(headers.to_owned_headers());
         let parking = Parking {
             error: "directory down".into(),
             attempts: 5,
@@ -327,7 +371,13 @@ mod tests {
             last: UNIX_EPOCH,
             entity_version: Some(4),
         };
-        let letter = message(dead_letter_headers(&command, &parking));
+        let verified = headers.verified(&Principal::new("alice", "user-admin"));
+        let letter = message(dead_letter_headers(&command, &verified, &parking));
+        // The principal as verified, and no token.
+        let kept = CommandHeaders::read(&letter);
+        assert_eq!(kept.principal.as_deref(), Some("alice"));
+        assert_eq!(kept.roles.as_deref(), Some("user-admin"));
+        assert_eq!(kept.token, None);
         assert_eq!(
             text_header(&letter, header::COMMAND_ID).as_deref(),
             Some("c")

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime};
 
-use miroir_engine::command::{Command, Decision, Reply};
+use miroir_engine::command::{Command, Decision, Principal, Reply};
 use miroir_engine::error::ErrorClass;
 use miroir_engine::value::{row_to_json, row_to_json_bytes, Row};
 use rdkafka::consumer::ConsumerGroupMetadata;
@@ -33,12 +33,16 @@ enum Step {
     /// (false for a re-delivery, which gets its first answer again).
     Answer { reply: Reply, remember: bool },
     /// Publish the new entity row.
-    Apply { key: String, row: Row, version: i64 },
+    Apply {
+        command: Command,
+        row: Row,
+        version: i64,
+    },
     /// A re-delivery of the command at this index of the same transaction: it gets that
     /// command's answer, and has no effect of its own.
     Again { first: usize },
-    /// A dependency kept failing: park the command.
-    Park(Parking),
+    /// A dependency kept failing: park the command, with the principal it acts for.
+    Park(Parking, Principal),
 }
 
 /// Three transactional producers taking turns, the transaction committing, and the lane's run
@@ -222,9 +226,10 @@ impl Lane {
                 firsts.insert(id, index);
             }
             match &step {
-                Step::Apply { key, row, .. } => {
+                Step::Apply { command, row, .. } => {
+                    let key = &command.key;
                     let payload = row_to_json_bytes(&shared.entity.columns, row);
-                    let headers = incoming.headers.entity_event(*until);
+                    let headers = incoming.headers.entity_event(*until, command);
                     let record = FutureRecord::to(&shared.entity.topic)
                         .key(key.as_bytes())
                         .payload(payload.as_slice())
@@ -232,9 +237,10 @@ impl Lane {
                     deliveries.push(Some(self.send(record)?));
                     written.insert(key.clone(), row.clone());
                 }
-                Step::Park(parking) => {
+                Step::Park(parking, principal) => {
                     let m = &incoming.message;
-                    let headers = dead_letter_headers(m, parking);
+                    let verified = incoming.headers.verified(principal);
+                    let headers = dead_letter_headers(m, &verified, parking);
                     let dlq = dlq_topic(&shared.spec.topic);
                     let mut record = FutureRecord::to(&dlq)
                         .headers(headers)
@@ -320,7 +326,7 @@ impl Lane {
                     },
                     true,
                 ),
-                Step::Park(parking) => (
+                Step::Park(parking, _) => (
                     Reply::Deferred {
                         topic: dlq_topic(&shared.spec.topic),
                         partition,
@@ -510,17 +516,34 @@ impl Shared {
         let envelope = incoming
             .headers
             .envelope(incoming.key.as_deref(), m.payload());
-        let command = match self.spec.read(&envelope) {
+        let command = match self.spec.read(&envelope, &self.auth) {
             Ok(command) => command,
             Err(reply) => {
                 warn!(topic = m.topic(), partition = m.partition(), offset = m.offset(), key = ?incoming.key,
                       outcome = reply.outcome(), ?reply, "command not read");
+                // Who sends it is not established (or may not replay it): the answer is not
+                // the command's, and a later send or replay of the same id is decided anew.
+                let sender_refused = matches!(
+                    reply,
+                    Reply::Unauthenticated { .. } | Reply::Forbidden { .. }
+                );
                 return Ok(Step::Answer {
                     reply,
-                    remember: true,
+                    remember: !sender_refused,
                 });
             }
         };
+        if let Some(replayer) = &command.replayed_by {
+            info!(
+                topic = m.topic(),
+                partition = m.partition(),
+                offset = m.offset(),
+                key = command.key,
+                principal = command.principal.id,
+                replayed_by = replayer,
+                "replaying a parked command"
+            );
+        }
         let current: Option<Row> = match written.get(&command.key) {
             Some(row) => Some(row.clone()),
             None => self.entities.lock().get(&command.key)?,
@@ -550,11 +573,11 @@ impl Shared {
                 let parked_at = current.as_ref().and_then(|r| self.spec.version_of(r));
                 match self.check_dependency(m, &command, parked_at, stop) {
                     Ok(()) => Step::Apply {
-                        key: command.key,
+                        command,
                         row: entity,
                         version,
                     },
-                    Err(parking) => Step::Park(parking),
+                    Err(parking) => Step::Park(parking, command.principal),
                 }
             }
         })

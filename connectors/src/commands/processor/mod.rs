@@ -50,6 +50,7 @@ use dependency::Dependency;
 use entities::EntityView;
 use incoming::Incoming;
 use lane::Lane;
+use miroir_engine::auth::Authenticator;
 use view::{write_view, Shared, ViewChanges};
 
 /// How often a running processor forgets the answers whose time has passed.
@@ -107,7 +108,7 @@ impl CommandProcessor {
         name: &str,
         instance: &str,
         metrics: CommandMetrics,
-        dependency: Option<Arc<dyn Dependency>>,
+        (dependency, auth): (Option<Arc<dyn Dependency>>, Arc<Authenticator>),
         store: Option<StateStore>,
     ) -> Result<CommandProcessor, KafkaError> {
         let index = topology
@@ -126,7 +127,7 @@ impl CommandProcessor {
                 index,
                 &instance,
                 metrics.clone(),
-                dependency.clone(),
+                (dependency.clone(), auth.clone()),
                 store.clone(),
             )
         };
@@ -306,7 +307,7 @@ impl Worker {
         index: usize,
         instance: &str,
         metrics: CommandMetrics,
-        dependency: Option<Arc<dyn Dependency>>,
+        (dependency, auth): (Option<Arc<dyn Dependency>>, Arc<Authenticator>),
         store: Option<StateStore>,
     ) -> Result<Worker, KafkaError> {
         let spec = topology.commands[index].clone();
@@ -348,6 +349,7 @@ impl Worker {
                 entity,
                 metrics,
                 dependency,
+                auth,
                 entities: Mutex::new(entities),
                 answered: Mutex::default(),
                 reply_topics: Mutex::default(),

@@ -6,6 +6,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use miroir_engine::auth::Authenticator;
 use miroir_engine::command::Reply;
 use miroir_engine::ingest::decode::decode;
 use miroir_engine::metrics::CommandMetrics;
@@ -29,6 +30,8 @@ pub(super) struct Shared {
     pub(super) entity: Source,
     pub(super) metrics: CommandMetrics,
     pub(super) dependency: Option<Arc<dyn Dependency>>,
+    /// Proves who sends each command.
+    pub(super) auth: Arc<Authenticator>,
     /// Current entity rows by key, as committed on the entity topic.
     pub(super) entities: Mutex<EntityView>,
     /// Answers of commands already processed, by command id.
