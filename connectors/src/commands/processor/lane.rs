@@ -28,10 +28,21 @@ use crate::kafka::{KafkaConfig, KafkaError};
 /// topic's metadata.
 const TX_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// Whether an answer is kept under its command's id.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kept {
+    /// The command's answer: remembered, so that a re-delivery gets it again.
+    Yes,
+    /// A re-delivery's: its first answer again, counted as a duplicate.
+    Again,
+    /// Who sends it is not established (or may not replay it): not the command's answer, so
+    /// a later send or replay of the id is decided anew.
+    No,
+}
+
 enum Step {
-    /// Answer without changing the entity; `remember` records the answer under the id
-    /// (false for a re-delivery, which gets its first answer again).
-    Answer { reply: Reply, remember: bool },
+    /// Answer without changing the entity.
+    Answer { reply: Reply, kept: Kept },
     /// Publish the new entity row.
     Apply {
         command: Command,
@@ -94,8 +105,7 @@ struct Answered {
     key: Option<String>,
     command_id: Option<String>,
     reply: Reply,
-    /// False for a re-delivery, which got its first answer again.
-    remember: bool,
+    kept: Kept,
     /// Until when the answer is remembered (ms since the epoch).
     until_ms: i64,
     received: Instant,
@@ -218,7 +228,7 @@ impl Lane {
                 matches!(
                     step,
                     Step::Answer {
-                        remember: false,
+                        kept: Kept::Again | Kept::No,
                         ..
                     } | Step::Again { .. }
                 ),
@@ -315,16 +325,16 @@ impl Lane {
                 None => None,
             };
             let (partition, offset) = landed.unwrap_or((-1, -1));
-            let (reply, remember) = match step {
-                Step::Answer { reply, remember } => (reply, remember),
-                Step::Again { first } => (answered[first].reply.clone(), false),
+            let (reply, kept) = match step {
+                Step::Answer { reply, kept } => (reply, kept),
+                Step::Again { first } => (answered[first].reply.clone(), Kept::Again),
                 Step::Apply { version, .. } => (
                     Reply::Accepted {
                         version,
                         partition,
                         offset,
                     },
-                    true,
+                    Kept::Yes,
                 ),
                 Step::Park(parking, _) => (
                     Reply::Deferred {
@@ -333,14 +343,14 @@ impl Lane {
                         offset,
                         message: parking.error,
                     },
-                    true,
+                    Kept::Yes,
                 ),
             };
             let body = serde_json::to_vec(&reply).expect("replies serialize");
             // An accepted command's id is in its entity event's headers, where every processor
             // reads it back: only the other answers need a record of their own.
             let accepted = matches!(reply, Reply::Accepted { .. });
-            if let (true, false, Some(id)) = (remember, accepted, &incoming.headers.command_id) {
+            if let (Kept::Yes, false, Some(id)) = (kept, accepted, &incoming.headers.command_id) {
                 let headers = answer_headers(until_ms);
                 let record = FutureRecord::to(&done_topic)
                     .key(id.as_bytes())
@@ -376,7 +386,7 @@ impl Lane {
                 key: incoming.key.clone(),
                 command_id: incoming.headers.command_id.clone(),
                 reply,
-                remember,
+                kept,
                 until_ms,
                 received: incoming.received,
                 replayed: incoming.replayed(),
@@ -388,7 +398,7 @@ impl Lane {
         let written = Arc::new(written);
         let answers: HashMap<String, Reply> = answered
             .iter()
-            .filter(|a| a.remember)
+            .filter(|a| a.kept == Kept::Yes)
             .filter_map(|a| Some((a.command_id.clone()?, a.reply.clone())))
             .collect();
         let answers = Arc::new(answers);
@@ -510,7 +520,7 @@ impl Shared {
                   command_id = ?incoming.headers.command_id, "command already answered: sending the same answer");
             return Ok(Step::Answer {
                 reply: previous,
-                remember: false,
+                kept: Kept::Again,
             });
         }
         let envelope = incoming
@@ -521,16 +531,12 @@ impl Shared {
             Err(reply) => {
                 warn!(topic = m.topic(), partition = m.partition(), offset = m.offset(), key = ?incoming.key,
                       outcome = reply.outcome(), ?reply, "command not read");
-                // Who sends it is not established (or may not replay it): the answer is not
-                // the command's, and a later send or replay of the same id is decided anew.
-                let sender_refused = matches!(
-                    reply,
-                    Reply::Unauthenticated { .. } | Reply::Forbidden { .. }
-                );
-                return Ok(Step::Answer {
-                    reply,
-                    remember: !sender_refused,
-                });
+                // Reading checks who sends it before anything else of the command's own.
+                let kept = match reply {
+                    Reply::Unauthenticated { .. } | Reply::Forbidden { .. } => Kept::No,
+                    _ => Kept::Yes,
+                };
+                return Ok(Step::Answer { reply, kept });
             }
         };
         if let Some(replayer) = &command.replayed_by {
@@ -566,7 +572,7 @@ impl Shared {
                 );
                 Step::Answer {
                     reply,
-                    remember: true,
+                    kept: Kept::Yes,
                 }
             }
             Decision::Apply { entity, version } => {
@@ -728,11 +734,9 @@ fn commit(
     // Committed: the views take what the transaction wrote.
     shared.entities.lock().written(written);
     for a in answered {
-        // Only re-deliveries' answers are not remembered again.
-        let outcome = if a.remember {
-            a.reply.outcome()
-        } else {
-            "duplicate"
+        let outcome = match a.kept {
+            Kept::Yes | Kept::No => a.reply.outcome(),
+            Kept::Again => "duplicate",
         };
         let name = shared.spec.name.as_str();
         let metrics = &shared.metrics;
@@ -749,7 +753,7 @@ fn commit(
         }
         debug!(topic = %shared.spec.topic, partition = a.partition, offset = a.offset, key = ?a.key,
                command_id = ?a.command_id, outcome, "command answered");
-        if let (true, Some(id)) = (a.remember, a.command_id) {
+        if let (Kept::Yes, Some(id)) = (a.kept, a.command_id) {
             shared.answered.lock().remember(id, a.until_ms, a.reply);
         }
     }
