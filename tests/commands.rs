@@ -1570,3 +1570,57 @@ fn commands_carry_a_token_not_a_claim() {
     );
     client.shutdown();
 }
+
+#[test]
+fn a_reply_to_naming_a_topic_that_is_not_a_reply_topic_gets_no_reply() {
+    let run = Run::new("cmd-reply-to");
+    let m = user_referential(&run);
+    seed_users(&m.user_topic, 2);
+    // A topic the sender may not write to, but the master could.
+    let foreign = format!("it-foreign-{run}");
+    let config = KafkaConfig::new(brokers());
+    create_topic(&config, &foreign, 1).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let master = start_master(&m, &dir.path().join("master"), None);
+    let spec = m.topology.command("update_email").unwrap();
+    let headers = miroir_connectors::commands::wire::CommandHeaders {
+        command_id: Some(format!("c-{run}")),
+        command_type: Some(spec.operation.clone()),
+        token: Some(token_for(&admin())),
+        reply_to: Some(foreign.clone()),
+        ..Default::default()
+    };
+    let producer: rdkafka::producer::BaseProducer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .create()
+        .unwrap();
+    let payload = json!({ "id": "u-0", "email": "r@example.org" }).to_string();
+    let record = rdkafka::producer::BaseRecord::to(&spec.topic)
+        .key("u-0")
+        .payload(&payload)
+        .headers(headers.to_owned_headers());
+    producer.send(record).map_err(|(e, _)| e).unwrap();
+    rdkafka::producer::Producer::flush(&producer, Duration::from_secs(10)).unwrap();
+
+    // The command is applied, its reply refused and counted, and the topic stays empty.
+    let refused = || {
+        counter(
+            &master.metrics(),
+            "miroir_command_replies_refused_total",
+            "",
+        )
+    };
+    wait_until("the reply is refused", Duration::from_secs(30), || {
+        refused() == 1
+    });
+    assert_eq!(outcomes(&master, "accepted"), 1);
+    let consumer: rdkafka::consumer::BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .create()
+        .unwrap();
+    let (low, high) = consumer
+        .fetch_watermarks(&foreign, 0, Duration::from_secs(10))
+        .unwrap();
+    assert_eq!((low, high), (0, 0), "nothing written to {foreign}");
+    master.shutdown();
+}

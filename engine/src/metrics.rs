@@ -177,6 +177,9 @@ pub struct CommandMetrics {
     pub replayed: IntCounterVec,
     /// Replies not sent because the reply topic is gone (its instance stopped), by command.
     pub replies_dropped: IntCounterVec,
+    /// Replies not sent because the command's reply-to names a topic that is not a reply
+    /// topic, by command.
+    pub replies_refused: IntCounterVec,
     /// Transactions aborted after a failure, by command: their commands are read again (with
     /// those of the transaction prepared after one, which built on it).
     pub aborted_transactions: IntCounterVec,
@@ -252,6 +255,11 @@ impl CommandMetrics {
             replies_dropped: counter(
                 "miroir_command_replies_dropped_total",
                 "Replies not sent because the reply topic no longer exists",
+                &["command"],
+            ),
+            replies_refused: counter(
+                "miroir_command_replies_refused_total",
+                "Replies not sent because the reply-to header names a topic that is not a reply topic",
                 &["command"],
             ),
             aborted_transactions: counter(

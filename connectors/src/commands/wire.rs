@@ -67,6 +67,13 @@ pub const DONE_SUFFIX: &str = ".miroir-done";
 /// Prefix of the clients' reply topics: `miroir.reply.<app>.<ms>.<uuid>`.
 pub const REPLY_PREFIX: &str = "miroir.reply.";
 
+/// Whether `topic` is a reply topic (`miroir.reply.<app>...`): the only topics a processor
+/// sends replies to, whatever a command's reply-to header names, so that a sender cannot
+/// make it write where the sender may not.
+pub fn is_reply_topic(topic: &str) -> bool {
+    topic.len() > REPLY_PREFIX.len() && topic.starts_with(REPLY_PREFIX)
+}
+
 /// The topic of a command topic's answered ids.
 pub fn done_topic(topic: &str) -> String {
     format!("{topic}{DONE_SUFFIX}")

@@ -20,7 +20,7 @@ use tracing::{debug, info, warn};
 use super::incoming::Incoming;
 use super::view::{ReplyTopics, Shared};
 use crate::commands::wire::{
-    answer_headers, dead_letter_headers, dlq_topic, done_topic, now_micros, Parking,
+    answer_headers, dead_letter_headers, dlq_topic, done_topic, is_reply_topic, now_micros, Parking,
 };
 use crate::kafka::{KafkaConfig, KafkaError};
 
@@ -284,7 +284,7 @@ impl Lane {
             let mut stale: Vec<&str> = batch
                 .iter()
                 .filter_map(|i| i.headers.reply_to.as_deref())
-                .filter(|t| known.stale(t))
+                .filter(|t| is_reply_topic(t) && known.stale(t))
                 .collect();
             stale.sort_unstable();
             stale.dedup();
@@ -360,6 +360,15 @@ impl Lane {
                 replies_sent.push(self.send(record)?);
             }
             match &incoming.headers.reply_to {
+                Some(topic) if !is_reply_topic(topic) => {
+                    warn!(topic = %shared.spec.topic, partition = incoming.message.partition(), offset = incoming.message.offset(),
+                          key = ?incoming.key, reply_to = %topic, "the reply-to header names a topic that is not a reply topic (miroir.reply.*): reply not sent");
+                    shared
+                        .metrics
+                        .replies_refused
+                        .with_label_values(&[&shared.spec.name])
+                        .inc();
+                }
                 Some(topic) if exists => {
                     let mut record = FutureRecord::to(topic)
                         .payload(body.as_slice())
