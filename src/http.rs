@@ -28,6 +28,7 @@ use serde::Deserialize;
 use serde_json::json;
 use tracing::{info, warn};
 
+use crate::access::{bearer, may_read};
 use crate::{EngineError, Inner, QueryError, Route, VersionTarget};
 use miroir_connectors::kafka::membership::Member;
 
@@ -196,7 +197,10 @@ async fn metrics(State(inner): State<Arc<Inner>>) -> Response {
         .into_response()
 }
 
-async fn topology(State(inner): State<Arc<Inner>>) -> Response {
+async fn topology(State(inner): State<Arc<Inner>>, headers: HeaderMap) -> Response {
+    if let Err(refused) = may_read(&inner.auth, ("the topology", &[]), &headers) {
+        return refused.into_response();
+    }
     let t = &inner.topology;
     let columns = |cols: &[miroir_engine::value::Column]| {
         cols.iter()
@@ -355,6 +359,9 @@ async fn row(
     RawQuery(query): RawQuery,
     headers: HeaderMap,
 ) -> Response {
+    if let Err(refused) = inner.may_read(&table, &headers) {
+        return refused.into_response();
+    }
     let awaited = match p.awaited() {
         Ok(a) => a,
         Err(message) => return error(StatusCode::BAD_REQUEST, message),
@@ -372,13 +379,13 @@ async fn row(
         let standby = |owner: Option<String>| {
             let inner = inner.clone();
             let (table, key) = (table.clone(), key.clone());
+            let token = bearer(&headers).map(str::to_string);
             let waits = awaited.is_some();
             async move {
+                let asked = (forwarded, token.as_deref());
                 match waits {
                     true => None,
-                    false => {
-                        from_standby(&inner, (&table, &key), owner.as_deref(), forwarded).await
-                    }
+                    false => from_standby(&inner, (&table, &key), owner.as_deref(), asked).await,
                 }
             }
         };
@@ -390,6 +397,7 @@ async fn row(
                     key: &key,
                     query: query.as_deref(),
                     wait: awaited.as_ref().map_or(Duration::ZERO, |(_, w)| *w),
+                    token: bearer(&headers),
                 };
                 let answered = inner
                     .forwarder
@@ -446,7 +454,7 @@ async fn from_standby(
     inner: &Inner,
     (table, key): (&str, &str),
     owner: Option<&str>,
-    forwarded: bool,
+    (forwarded, token): (bool, Option<&str>),
 ) -> Option<Response> {
     let standby = inner.standby_of(table, key, owner)?;
     if standby.instance == inner.membership.me() {
@@ -463,6 +471,7 @@ async fn from_standby(
         key,
         query: Some("standby=true"),
         wait: Duration::ZERO,
+        token,
     };
     match inner
         .forwarder
@@ -539,6 +548,8 @@ struct Ask<'a> {
     query: Option<&'a str>,
     /// How long the owner may wait before it answers (`min_offset`).
     wait: Duration,
+    /// The caller's bearer token, passed on: the owner checks it too.
+    token: Option<&'a str>,
 }
 
 /// One page of a scan, as asked of each instance.
@@ -547,6 +558,8 @@ struct Scan<'a> {
     prefix: &'a str,
     after: Option<&'a str>,
     limit: usize,
+    /// The caller's bearer token, passed on: each instance checks it too.
+    token: Option<&'a str>,
 }
 
 async fn cluster(State(inner): State<Arc<Inner>>) -> Response {
@@ -651,11 +664,11 @@ impl Forwarder {
         if let Some(after) = scan.after {
             query.push(("after", after.to_string()));
         }
-        let answer = self
-            .client
-            .get(url)
-            .query(&query)
-            .header(FORWARDED_BY, me)
+        let mut request = self.client.get(url).query(&query).header(FORWARDED_BY, me);
+        if let Some(token) = scan.token {
+            request = request.bearer_auth(token);
+        }
+        let answer = request
             .send()
             .await
             .and_then(|a| a.error_for_status())
@@ -703,6 +716,7 @@ impl Forwarder {
                 key: &key,
                 query: query.as_deref(),
                 wait: Duration::ZERO,
+                token: None,
             };
             let _ = tx.send(this.fetch(&me, &owner, &ask).await);
         });
@@ -725,11 +739,15 @@ impl Forwarder {
             .expect("an http URL has a path")
             .extend(["v1", "tables", table, "rows", key]);
         url.set_query(ask.query);
-        let answer = self
+        let mut request = self
             .client
             .get(url)
             .timeout(FORWARD_TIMEOUT + ask.wait)
-            .header(FORWARDED_BY, me)
+            .header(FORWARDED_BY, me);
+        if let Some(token) = ask.token {
+            request = request.bearer_auth(token);
+        }
+        let answer = request
             .send()
             .await
             .map_err(|e| {
@@ -761,6 +779,9 @@ async fn scan(
     Query(p): Query<ScanParams>,
     headers: HeaderMap,
 ) -> Response {
+    if let Err(refused) = inner.may_read(&table, &headers) {
+        return refused.into_response();
+    }
     let limit = match p.limit.as_deref().map(str::parse::<usize>) {
         None => 100,
         Some(Ok(n)) if (1..=MAX_SCAN).contains(&n) => n,
@@ -784,6 +805,7 @@ async fn scan(
             prefix: &p.prefix,
             after: p.after.as_deref(),
             limit,
+            token: bearer(&headers),
         };
         for owner in inner.membership.live().iter().filter(|m| m.instance != me) {
             match inner.forwarder.scan(me, owner, &scan).await {

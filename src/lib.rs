@@ -31,6 +31,7 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
+mod access;
 pub mod commands;
 pub mod http;
 
@@ -535,6 +536,7 @@ impl EngineBuilder {
             membership,
             standbys,
             forwarder,
+            auth,
         });
         let server = match listener {
             Some(listener) => Some(http::Server::start(inner.clone(), listener)?),
@@ -566,6 +568,8 @@ pub(crate) struct Inner {
     standbys: Option<Arc<Standbys>>,
     /// Sends queries on to the instance that owns their key.
     forwarder: http::Forwarder,
+    /// Proves who asks a query.
+    auth: Arc<Authenticator>,
 }
 
 /// An entity whose version a query waits for (see [`Inner::version_target`]).
@@ -951,6 +955,17 @@ impl Inner {
                 (key_hex(&r.key), row)
             })
             .collect())
+    }
+
+    /// Whether the caller of a request with `headers` may query `table` (see [`access`]);
+    /// `Err` is the answer when it may not. An unknown table is left to the query to answer.
+    fn may_read(
+        &self,
+        table: &str,
+        headers: &axum::http::HeaderMap,
+    ) -> Result<(), access::Refused> {
+        let readers = self.topology.table(table).map_or(&[][..], |t| t.readers());
+        access::may_read(&self.auth, (&format!("table `{table}`"), readers), headers)
     }
 
     /// Whether a scan of `table` gathers the rows of every instance: those of a table

@@ -686,7 +686,7 @@ fn processor_killed_mid_stream_answers_every_command_once() {
     let state = dir.path().join("state");
     let port = free_port();
     let first_log = dir.path().join("first.log");
-    let mut child = spawn(&file, &state, port, &first_log);
+    let mut child = spawn_master(&file, &state, port, &first_log);
     let ready = |port: u16| {
         reqwest::blocking::get(format!("http://127.0.0.1:{port}/ready"))
             .is_ok_and(|r| r.status().is_success())
@@ -724,7 +724,7 @@ fn processor_killed_mid_stream_answers_every_command_once() {
         child.wait().unwrap();
         *killed_at.lock().unwrap() = Some(Instant::now());
         let port = free_port();
-        child = spawn(&file, &state, port, &dir.path().join("second.log"));
+        child = spawn_master(&file, &state, port, &dir.path().join("second.log"));
         handles
             .into_iter()
             .flat_map(|h| h.join().unwrap())

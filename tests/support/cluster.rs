@@ -4,7 +4,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
-use super::{free_port, generate, publish, spawn_with, Event, TestTopology};
+use super::{free_port, generate, publish, spawn_with, spawn_with_env, Event, TestTopology};
 
 /// One running instance: its process and its HTTP port.
 pub struct Instance {
@@ -180,6 +180,21 @@ pub fn start_on(
     let log = dir.join(format!("instance-{name}.log"));
     Instance {
         child: spawn_with(file, &state, port, &log, more),
+        port,
+        log,
+    }
+}
+
+/// [`start`] of an instance verifying bearer tokens signed with [`super::TEST_SECRET`].
+pub fn start_verifying(dir: &std::path::Path, file: &std::path::Path, name: &str) -> Instance {
+    let (state, log) = (
+        dir.join(format!("state-{name}")),
+        dir.join(format!("instance-{name}.log")),
+    );
+    let port = free_port();
+    let secret = [("MIROIR_AUTH_HS256_SECRET", super::TEST_SECRET)];
+    Instance {
+        child: spawn_with_env(file, &state, port, &log, (&[], &secret)),
         port,
         log,
     }

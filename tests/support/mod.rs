@@ -765,6 +765,28 @@ pub fn spawn_with(
     log: &std::path::Path,
     more: &[&str],
 ) -> std::process::Child {
+    spawn_with_env(topology, state, port, log, (more, &[]))
+}
+
+/// [`spawn`] of a master verifying bearer tokens signed with [`TEST_SECRET`].
+pub fn spawn_master(
+    topology: &std::path::Path,
+    state: &std::path::Path,
+    port: u16,
+    log: &std::path::Path,
+) -> std::process::Child {
+    let secret = [("MIROIR_AUTH_HS256_SECRET", TEST_SECRET)];
+    spawn_with_env(topology, state, port, log, (&[], &secret))
+}
+
+/// [`spawn`] with more arguments and environment variables for `miroir run`.
+pub fn spawn_with_env(
+    topology: &std::path::Path,
+    state: &std::path::Path,
+    port: u16,
+    log: &std::path::Path,
+    (more, env): (&[&str], &[(&str, &str)]),
+) -> std::process::Child {
     let level = std::env::var("MIROIR_TEST_LOG").unwrap_or_else(|_| "info,librdkafka=warn".into());
     std::process::Command::new(env!("CARGO_BIN_EXE_miroir"))
         .args([
@@ -784,8 +806,8 @@ pub fn spawn_with(
             &format!("127.0.0.1:{port}"),
         ])
         .args(more)
+        .envs(env.iter().copied())
         .env("RUST_LOG", level)
-        .env("MIROIR_AUTH_HS256_SECRET", TEST_SECRET)
         .stdout(std::process::Stdio::null())
         .stderr(
             std::fs::OpenOptions::new()

@@ -236,7 +236,11 @@ impl Plan {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum TableStore {
     /// Partition-local RocksDB state, served over HTTP.
-    Internal,
+    Internal {
+        /// Roles whose bearer tokens may query it; empty: any authenticated caller (or
+        /// anyone, when the instance verifies no token).
+        readers: Vec<String>,
+    },
     /// A table in the app's PostgreSQL database, written once per epoch.
     Postgres(PostgresTable),
 }
@@ -297,11 +301,19 @@ impl Plan {
 }
 
 impl TablePlan {
+    /// The roles that may query the table over HTTP (empty: no role needed).
+    pub fn readers(&self) -> &[String] {
+        match &self.store {
+            TableStore::Internal { readers } => readers,
+            TableStore::Postgres(_) => &[],
+        }
+    }
+
     /// The table's PostgreSQL settings when it is external.
     pub fn postgres(&self) -> Option<&PostgresTable> {
         match &self.store {
             TableStore::Postgres(pg) => Some(pg),
-            TableStore::Internal => None,
+            TableStore::Internal { .. } => None,
         }
     }
 

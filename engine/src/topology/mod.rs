@@ -184,6 +184,9 @@ struct RawTable {
     store: Option<Spanned<String>>,
     #[serde(default)]
     sink: Option<Spanned<RawSink>>,
+    /// Roles whose bearer tokens may query an internal table over HTTP.
+    #[serde(default)]
+    readers: Option<Spanned<Vec<String>>>,
 }
 
 #[derive(Deserialize)]
@@ -303,6 +306,18 @@ impl Topology {
         for (table_name, raw_table) in &raw.tables {
             check_name(&mut r, table_name, raw_table.span().start, "table");
             table_names.insert(table_name.clone(), ());
+            let readers = raw_table.get_ref().readers.as_ref();
+            if let (Some(readers), Some(_)) = (readers, &raw_table.get_ref().sink) {
+                r.at(
+                    readers.span().start,
+                    "an external table's readers are PostgreSQL roles, given in its sink",
+                    Some("sink = { postgres = { table = \"...\", readers = [\"role\"] } }".into()),
+                );
+                continue;
+            }
+            let internal = || TableStore::Internal {
+                readers: readers.map(|r| r.get_ref().clone()).unwrap_or_default(),
+            };
             let store = match (&raw_table.get_ref().store, &raw_table.get_ref().sink) {
                 (Some(store), Some(_)) => {
                     r.at(
@@ -312,8 +327,8 @@ impl Topology {
                     );
                     continue;
                 }
-                (None, None) => TableStore::Internal,
-                (Some(store), None) if store.get_ref() == "internal" => TableStore::Internal,
+                (None, None) => internal(),
+                (Some(store), None) if store.get_ref() == "internal" => internal(),
                 (Some(store), None) => {
                     r.at(
                         store.span().start,
@@ -515,7 +530,12 @@ impl Topology {
         for t in &self.tables {
             let key: Vec<&str> = t.key.iter().map(|k| t.columns[*k].name.as_str()).collect();
             let sink = match &t.store {
-                TableStore::Internal => "internal RocksDB".to_string(),
+                TableStore::Internal { readers } if readers.is_empty() => {
+                    "internal RocksDB".to_string()
+                }
+                TableStore::Internal { readers } => {
+                    format!("internal RocksDB, read by {}", readers.join(", "))
+                }
                 TableStore::Postgres(pg) => format!("PostgreSQL {}", pg.qualified()),
             };
             out.push_str(&format!(

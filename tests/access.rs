@@ -1,0 +1,126 @@
+//! Queries over HTTP with bearer tokens, across two `miroir run` processes verifying them:
+//! without a valid token a query is refused (401), a table with `readers` needs one of its
+//! roles (403 otherwise), and a query forwarded to the key's owner carries the caller's token,
+//! which the owner checks too.
+
+mod support;
+
+use std::collections::BTreeSet;
+
+use miroir::commands::Principal;
+use support::cluster::*;
+use support::*;
+
+/// `user_contacts` (any authenticated caller) and a copy that only `support` may read.
+fn topology(run: &str) -> TestTopology {
+    let mut t = with_internal_table_only(user_directory(run));
+    t.text.push_str(
+        r#"
+[tables.contacts_for_support]
+query = "SELECT id, email FROM users WHERE email IS NOT NULL"
+store = "internal"
+readers = ["support"]
+"#,
+    );
+    t.topology = miroir::miroir_engine::topology::Topology::parse("access.toml", &t.text)
+        .expect("the test topology plans");
+    t
+}
+
+/// The status of `path` on `port`, asked with `token` if any.
+fn status(client: &reqwest::blocking::Client, port: u16, path: &str, token: Option<&str>) -> u16 {
+    let mut request = client.get(format!("http://127.0.0.1:{port}{path}"));
+    if let Some(token) = token {
+        request = request.bearer_auth(token);
+    }
+    request.send().map_or(0, |r| r.status().as_u16())
+}
+
+#[test]
+fn queries_need_a_token_and_a_reader_role_also_when_forwarded() {
+    let run = Run::new("access");
+    let t = topology(&run);
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("topology.toml");
+    std::fs::write(&file, &t.text).unwrap();
+    let (events, _) = generate(31, 40, 400);
+    publish(&t, &events);
+    let instances: Vec<Instance> = ["a", "b"]
+        .iter()
+        .map(|name| start_verifying(dir.path(), &file, name))
+        .collect();
+    let client = reqwest::blocking::Client::new();
+    let user = token_for(&Principal {
+        id: "ada".into(),
+        roles: vec![],
+    });
+    let support = token_for(&Principal {
+        id: "bob".into(),
+        roles: vec!["support".into()],
+    });
+
+    // Every key of both tables, asked of both instances: half of them are forwarded to the
+    // other instance, with the caller's token.
+    let expected = expected_tables(&t.topology, &events);
+    let keys: BTreeSet<String> = expected["user_contacts"].keys().cloned().collect();
+    assert!(!keys.is_empty());
+    let all: Vec<&Instance> = instances.iter().collect();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    let row = |table: &str, key: &str| format!("/v1/tables/{table}/rows/{key}");
+    let answers = |port: u16, table: &str, token: Option<&str>| -> BTreeSet<u16> {
+        keys.iter()
+            .map(|k| status(&client, port, &row(table, k), token))
+            .collect()
+    };
+    loop {
+        let served = all
+            .iter()
+            .all(|i| answers(i.port, "contacts_for_support", Some(&support)) == [200].into());
+        if served {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never served: {}",
+            instances[0].log_tail()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(500));
+    }
+    let garbage = "x.y.z";
+    for i in &all {
+        assert_eq!(answers(i.port, "user_contacts", Some(&user)), [200].into());
+        assert_eq!(answers(i.port, "user_contacts", None), [401].into());
+        assert_eq!(
+            answers(i.port, "user_contacts", Some(garbage)),
+            [401].into()
+        );
+        assert_eq!(
+            answers(i.port, "contacts_for_support", Some(&user)),
+            [403].into()
+        );
+        // Scans gather every instance's rows with the caller's token.
+        let scan = "/v1/tables/contacts_for_support/rows?limit=1000";
+        assert_eq!(status(&client, i.port, scan, Some(&support)), 200);
+        assert_eq!(status(&client, i.port, scan, Some(&user)), 403);
+        assert_eq!(status(&client, i.port, "/v1/topology", None), 401);
+        assert_eq!(status(&client, i.port, "/v1/topology", Some(&user)), 200);
+        // Health, readiness and metrics stay open.
+        assert_eq!(status(&client, i.port, "/health", None), 200);
+        assert_eq!(status(&client, i.port, "/metrics", None), 200);
+    }
+    // A query that says it was forwarded by another instance is not believed for it: without
+    // the caller's token, the owner refuses it too.
+    let key = keys.iter().next().unwrap();
+    for i in &all {
+        let forwarded = client
+            .get(format!(
+                "http://127.0.0.1:{}{}",
+                i.port,
+                row("user_contacts", key)
+            ))
+            .header("x-miroir-forwarded-by", "someone")
+            .send()
+            .map_or(0, |r| r.status().as_u16());
+        assert_eq!(forwarded, 401);
+    }
+}
