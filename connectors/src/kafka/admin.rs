@@ -12,7 +12,8 @@ use super::{KafkaConfig, KafkaError};
 
 const ADMIN_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// Creates `topic` with `partitions` partitions if it does not exist (replication factor 1).
+/// Creates `topic` with `partitions` partitions if it does not exist, with the cluster's
+/// default replication factor (see [`create_topics_with`]).
 pub fn create_topic(config: &KafkaConfig, topic: &str, partitions: i32) -> Result<(), KafkaError> {
     create_topic_with(config, topic, partitions, &[])
 }
@@ -29,7 +30,9 @@ pub fn create_topic_with(
 }
 
 /// Creates each of `topics` (name, partitions) that does not exist, with topic-level
-/// `settings`, in one request.
+/// `settings`, in one request. The replication factor is the cluster's
+/// (`default.replication.factor`, asked for with -1: Kafka 2.4 or later), so that internal
+/// topics are as durable as the cluster's own choice, not one copy whatever the cluster.
 pub fn create_topics_with(
     config: &KafkaConfig,
     topics: &[(&str, i32)],
@@ -43,7 +46,7 @@ pub fn create_topics_with(
         .iter()
         .map(|(topic, partitions)| {
             settings.iter().fold(
-                NewTopic::new(topic, *partitions, TopicReplication::Fixed(1)),
+                NewTopic::new(topic, *partitions, TopicReplication::Fixed(-1)),
                 |new, (k, v)| new.set(k, v),
             )
         })
