@@ -124,15 +124,35 @@ impl Server {
     }
 }
 
+/// Most queries served at once; more wait their turn (health, readiness and metrics do not).
+const MAX_CONCURRENT_QUERIES: usize = 64;
+
+/// Longest time a query is served: the longest wait a query may ask for, and a margin.
+const QUERY_TIMEOUT: Duration = Duration::from_secs(MAX_WAIT.as_secs() + 10);
+
+/// Largest request body taken (queries have none).
+const MAX_BODY_BYTES: usize = 16 * 1024;
+
 fn router(inner: Arc<Inner>) -> Router {
-    Router::new()
-        .route("/health", get(health))
-        .route("/ready", get(ready))
-        .route("/metrics", get(metrics))
+    // Queries are limited together, so that a few large scans cannot starve the probes.
+    let queries = Router::new()
         .route("/v1/topology", get(topology))
         .route("/v1/cluster", get(cluster))
         .route("/v1/tables/{table}/rows", get(scan))
         .route("/v1/tables/{table}/rows/{key}", get(row))
+        .layer(tower::limit::ConcurrencyLimitLayer::new(
+            MAX_CONCURRENT_QUERIES,
+        ))
+        .layer(tower_http::timeout::TimeoutLayer::with_status_code(
+            StatusCode::SERVICE_UNAVAILABLE,
+            QUERY_TIMEOUT,
+        ));
+    Router::new()
+        .route("/health", get(health))
+        .route("/ready", get(ready))
+        .route("/metrics", get(metrics))
+        .merge(queries)
+        .layer(tower_http::limit::RequestBodyLimitLayer::new(MAX_BODY_BYTES))
         .with_state(inner)
 }
 
