@@ -152,7 +152,9 @@ fn router(inner: Arc<Inner>) -> Router {
         .route("/ready", get(ready))
         .route("/metrics", get(metrics))
         .merge(queries)
-        .layer(tower_http::limit::RequestBodyLimitLayer::new(MAX_BODY_BYTES))
+        .layer(tower_http::limit::RequestBodyLimitLayer::new(
+            MAX_BODY_BYTES,
+        ))
         .with_state(inner)
 }
 

@@ -1,7 +1,7 @@
 //! Queries over HTTP with bearer tokens, across two `miroir run` processes verifying them:
 //! without a valid token a query is refused (401), a table with `readers` needs one of its
 //! roles (403 otherwise), and a query forwarded to the key's owner carries the caller's token,
-//! which the owner checks too.
+//! which the owner checks too; no token or secret reaches the logs.
 
 mod support;
 
@@ -122,5 +122,13 @@ fn queries_need_a_token_and_a_reader_role_also_when_forwarded() {
             .send()
             .map_or(0, |r| r.status().as_u16());
         assert_eq!(forwarded, 401);
+    }
+    // Refusals are logged with their reasons, never with a token or the secret.
+    for i in &instances {
+        let log = std::fs::read_to_string(&i.log).unwrap();
+        assert!(log.contains("query refused"), "{}", i.log_tail());
+        for secret in [user.as_str(), support.as_str(), TEST_SECRET] {
+            assert!(!log.contains(secret), "a secret in {}", i.log.display());
+        }
     }
 }

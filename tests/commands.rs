@@ -753,6 +753,14 @@ fn processor_killed_mid_stream_answers_every_command_once() {
     client.shutdown();
     let _ = child.kill();
     let _ = child.wait();
+    // The processors verified 120 tokens, and logged none of them, nor the secret.
+    let token = token_for(&admin());
+    let signature = token.rsplit('.').next().unwrap();
+    for log in [first_log, dir.path().join("second.log")] {
+        let text = std::fs::read_to_string(&log).unwrap();
+        assert!(!text.contains(TEST_SECRET) && !text.contains(signature));
+        assert!(!text.contains("eyJ"), "a JWT in {}", log.display());
+    }
 }
 
 /// A transaction that fails aborts the one prepared after it too (that one built on its rows

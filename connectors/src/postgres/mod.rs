@@ -95,8 +95,9 @@ pub fn database_url(
     let first = named.next();
     if let Some(other) = named.find(|u| Some(u) != first.as_ref()) {
         return Err(PostgresError::Config(format!(
-            "external tables name different databases ({} and {other}): one topology writes one database",
-            first.unwrap_or_default()
+            "external tables name different databases ({} and {}): one topology writes one database",
+            redacted(&first.unwrap_or_default()),
+            redacted(&other)
         )));
     }
     first
@@ -107,6 +108,20 @@ pub fn database_url(
                     .into(),
             )
         })
+}
+
+/// `url` with its password, if any, masked: how a connection URL may appear in a message.
+pub fn redacted(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_string();
+    };
+    let Some((credentials, host)) = rest.rsplit_once('@') else {
+        return url.to_string();
+    };
+    match credentials.split_once(':') {
+        Some((user, _)) => format!("{scheme}://{user}:***@{host}"),
+        None => url.to_string(),
+    }
 }
 
 /// Connects, running the connection on `rt`.
@@ -123,6 +138,16 @@ pub(crate) async fn connect(url: &str) -> Result<tokio_postgres::Client, Postgre
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_redacted_url_keeps_everything_but_the_password() {
+        assert_eq!(
+            redacted("postgres://app:s3cr:et@db.internal:5432/app?sslmode=require"),
+            "postgres://app:***@db.internal:5432/app?sslmode=require"
+        );
+        assert_eq!(redacted("postgres://app@db/app"), "postgres://app@db/app");
+        assert_eq!(redacted("postgres://db/app"), "postgres://db/app");
+    }
 
     #[test]
     fn identifiers_are_quoted_and_escaped() {
