@@ -31,6 +31,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use miroir::commands::{Client, Command, Principal, Reply};
+use miroir::miroir_engine::auth::{issue, KeySource, SigningKey, TokenClaims};
 use miroir::miroir_engine::topology::command::CommandSpec;
 use miroir::miroir_engine::topology::Topology;
 use miroir::Engine;
@@ -115,6 +116,10 @@ fn main() {
         .topology_str(master_text.clone())
         .brokers(&brokers)
         .state_dir(dir.path().join("master"))
+        .auth(miroir::AuthConfig {
+            keys: Some(KeySource::Secret(BENCH_SECRET.into())),
+            ..Default::default()
+        })
         .start()
         .unwrap();
     let app = Engine::builder()
@@ -253,17 +258,36 @@ fn main() {
     }
 }
 
+/// The HS256 secret the master verifies the commands' tokens with.
+const BENCH_SECRET: &str = "miroir commands benchmark";
+
+/// The bench user's token (an admin), minted once: the master verifies it on every command.
+fn token() -> &'static str {
+    static TOKEN: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    TOKEN.get_or_init(|| {
+        let claims = TokenClaims {
+            subject: "bench".into(),
+            roles: vec!["user-admin".into()],
+            valid_for: 24 * 3600,
+            issuer: None,
+            audience: None,
+        };
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        issue(&SigningKey::Secret(BENCH_SECRET.into()), &claims, now).unwrap()
+    })
+}
+
 fn command(spec: &CommandSpec, user: usize, n: usize) -> Command {
-    let principal = Principal {
-        id: "bench".into(),
-        roles: vec!["user-admin".into()],
-    };
     Command::new(
         spec,
         &serde_json::json!({ "id": format!("u-{user}"), "email": format!("b{n}-{user}@example.org") }),
-        principal,
+        Principal::default(),
     )
     .unwrap()
+    .with_token(token())
 }
 
 #[derive(Debug, Default)]

@@ -1,12 +1,14 @@
 //! Who may read over HTTP. Once the instance verifies bearer tokens (see
 //! [`miroir_engine::auth`]), a query of a table or of the topology needs a valid one in
 //! `Authorization: Bearer ...` (401 otherwise), and a table with `readers` needs one of those
-//! roles (403 otherwise). A table with `readers` is never served without a token. Health,
+//! roles (403 otherwise); a table's `row_filter` then decides which rows the caller is
+//! served. A table with `readers` or a row filter is never served without a token. Health,
 //! readiness and metrics stay open.
 
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use miroir_engine::auth::Authenticator;
+use miroir_engine::command::Principal;
 use serde_json::json;
 use tracing::info;
 
@@ -20,14 +22,16 @@ pub(crate) fn bearer(headers: &HeaderMap) -> Option<&str> {
 }
 
 /// Whether the caller of a request with `headers` may read what `readers` may (empty: any
-/// authenticated caller); `Err` is the answer when it may not. `what` names it in the log.
+/// authenticated caller), and who it is (`None` when nothing needs a token: no key verifies
+/// them, no reader role is named and no row is `filtered`); `Err` is the answer when it may
+/// not. `what` names it in the log.
 pub(crate) fn may_read(
     auth: &Authenticator,
-    (what, readers): (&str, &[String]),
+    (what, readers, filtered): (&str, &[String], bool),
     headers: &HeaderMap,
-) -> Result<(), Refused> {
-    if !auth.verifies_tokens() && readers.is_empty() {
-        return Ok(());
+) -> Result<Option<Principal>, Refused> {
+    if !auth.verifies_tokens() && readers.is_empty() && !filtered {
+        return Ok(None);
     }
     let principal = match auth.principal(bearer(headers), None) {
         Ok(p) => p,
@@ -40,7 +44,7 @@ pub(crate) fn may_read(
         }
     };
     if readers.is_empty() || principal.roles.iter().any(|r| readers.contains(r)) {
-        return Ok(());
+        return Ok(Some(principal));
     }
     info!(
         what,
@@ -113,8 +117,8 @@ mod tests {
         headers
     }
 
-    fn status(r: Result<(), Refused>) -> u16 {
-        r.map_or_else(|r| r.into_response().status().as_u16(), |()| 200)
+    fn status(r: Result<Option<Principal>, Refused>) -> u16 {
+        r.map_or_else(|r| r.into_response().status().as_u16(), |_| 200)
     }
 
     #[test]
@@ -122,18 +126,36 @@ mod tests {
         let none = HeaderMap::new();
         let support = vec!["support".to_string()];
         // No keys: open, except a table with readers.
-        assert_eq!(status(may_read(&auth(false), ("t", &[]), &none)), 200);
-        assert_eq!(status(may_read(&auth(false), ("t", &support), &none)), 401);
+        assert_eq!(
+            status(may_read(&auth(false), ("t", &[], false), &none)),
+            200
+        );
+        assert_eq!(status(may_read(&auth(false), ("t", &[], true), &none)), 401);
+        assert_eq!(
+            status(may_read(&auth(false), ("t", &support, false), &none)),
+            401
+        );
         // Keys: a valid token, and one of the roles where readers are named.
         let auth = auth(true);
-        assert_eq!(status(may_read(&auth, ("t", &[]), &none)), 401);
-        assert_eq!(status(may_read(&auth, ("t", &[]), &with_token(&[]))), 200);
+        assert_eq!(status(may_read(&auth, ("t", &[], false), &none)), 401);
         assert_eq!(
-            status(may_read(&auth, ("t", &support), &with_token(&["user"]))),
+            status(may_read(&auth, ("t", &[], false), &with_token(&[]))),
+            200
+        );
+        assert_eq!(
+            status(may_read(
+                &auth,
+                ("t", &support, false),
+                &with_token(&["user"])
+            )),
             403
         );
         assert_eq!(
-            status(may_read(&auth, ("t", &support), &with_token(&["support"]))),
+            status(may_read(
+                &auth,
+                ("t", &support, false),
+                &with_token(&["support"])
+            )),
             200
         );
         let mut garbage = HeaderMap::new();
@@ -141,6 +163,6 @@ mod tests {
             header::AUTHORIZATION,
             HeaderValue::from_static("Bearer x.y.z"),
         );
-        assert_eq!(status(may_read(&auth, ("t", &[]), &garbage)), 401);
+        assert_eq!(status(may_read(&auth, ("t", &[], false), &garbage)), 401);
     }
 }

@@ -31,6 +31,7 @@ use tracing::{info, warn};
 use crate::access::{bearer, may_read};
 use crate::{EngineError, Inner, QueryError, Route, VersionTarget};
 use miroir_connectors::kafka::membership::Member;
+use miroir_engine::command::Principal;
 
 /// Most rows one scan returns.
 const MAX_SCAN: usize = 10_000;
@@ -220,7 +221,7 @@ async fn metrics(State(inner): State<Arc<Inner>>) -> Response {
 }
 
 async fn topology(State(inner): State<Arc<Inner>>, headers: HeaderMap) -> Response {
-    if let Err(refused) = may_read(&inner.auth, ("the topology", &[]), &headers) {
+    if let Err(refused) = may_read(&inner.auth, ("the topology", &[], false), &headers) {
         return refused.into_response();
     }
     let t = &inner.topology;
@@ -381,15 +382,23 @@ async fn row(
     RawQuery(query): RawQuery,
     headers: HeaderMap,
 ) -> Response {
-    if let Err(refused) = inner.may_read(&table, &headers) {
-        return refused.into_response();
-    }
+    let caller = match inner.may_read(&table, &headers) {
+        Ok(caller) => caller,
+        Err(refused) => return refused.into_response(),
+    };
+    let absent = || {
+        error(
+            StatusCode::NOT_FOUND,
+            format!("no row with key `{key}` in `{table}`"),
+        )
+    };
     let awaited = match p.awaited() {
         Ok(a) => a,
         Err(message) => return error(StatusCode::BAD_REQUEST, message),
     };
     if p.standby {
         return match inner.get_standby(&table, &key) {
+            Ok(answer) if inner.hides(&table, &answer.row, caller.as_ref()) => absent(),
             Ok(answer) => Json(answer).into_response(),
             Err(e) => query_error(e),
         };
@@ -402,9 +411,10 @@ async fn row(
             let inner = inner.clone();
             let (table, key) = (table.clone(), key.clone());
             let token = bearer(&headers).map(str::to_string);
+            let caller = caller.clone();
             let waits = awaited.is_some();
             async move {
-                let asked = (forwarded, token.as_deref());
+                let asked = (forwarded, token.as_deref(), caller.as_ref());
                 match waits {
                     true => None,
                     false => from_standby(&inner, (&table, &key), owner.as_deref(), asked).await,
@@ -460,11 +470,10 @@ async fn row(
         }
     }
     match inner.get(&table, &key) {
-        Ok(Some(answer)) => Json(answer).into_response(),
-        Ok(None) => error(
-            StatusCode::NOT_FOUND,
-            format!("no row with key `{key}` in `{table}`"),
-        ),
+        Ok(Some(answer)) if !inner.hides(&table, &answer.row, caller.as_ref()) => {
+            Json(answer).into_response()
+        }
+        Ok(_) => absent(),
         Err(e) => query_error(e),
     }
 }
@@ -476,13 +485,14 @@ async fn from_standby(
     inner: &Inner,
     (table, key): (&str, &str),
     owner: Option<&str>,
-    (forwarded, token): (bool, Option<&str>),
+    (forwarded, token, caller): (bool, Option<&str>, Option<&Principal>),
 ) -> Option<Response> {
     let standby = inner.standby_of(table, key, owner)?;
     if standby.instance == inner.membership.me() {
         return inner
             .get_standby(table, key)
             .ok()
+            .filter(|answer| !inner.hides(table, &answer.row, caller))
             .map(|answer| Json(answer).into_response());
     }
     if forwarded {
@@ -801,9 +811,10 @@ async fn scan(
     Query(p): Query<ScanParams>,
     headers: HeaderMap,
 ) -> Response {
-    if let Err(refused) = inner.may_read(&table, &headers) {
-        return refused.into_response();
-    }
+    let caller = match inner.may_read(&table, &headers) {
+        Ok(caller) => caller,
+        Err(refused) => return refused.into_response(),
+    };
     let limit = match p.limit.as_deref().map(str::parse::<usize>) {
         None => 100,
         Some(Ok(n)) if (1..=MAX_SCAN).contains(&n) => n,
@@ -815,7 +826,8 @@ async fn scan(
         }
     };
     let forwarded = headers.contains_key(FORWARDED_BY);
-    let mut rows = match inner.scan(&table, &p.prefix, p.after.as_deref(), limit) {
+    let admit = |row: &serde_json::Value| !inner.hides(&table, row, caller.as_ref());
+    let mut rows = match inner.scan(&table, (&p.prefix, p.after.as_deref(), limit), &admit) {
         Ok(rows) => rows,
         Err(e) => return query_error(e),
     };

@@ -55,6 +55,7 @@ pub use miroir_engine::auth::AuthConfig;
 use miroir_engine::auth::{AuthError, Authenticator};
 use miroir_engine::changelog::logged_table;
 use miroir_engine::changelog::ChangelogWriter;
+use miroir_engine::command::Principal;
 use miroir_engine::ingest::upsert::Entry;
 use miroir_engine::metrics::Metrics;
 use miroir_engine::partition::partition_of_value;
@@ -927,12 +928,13 @@ impl Inner {
 
     /// Up to `limit` rows of `table` on this instance whose key starts with `prefix` and comes
     /// after `after` (a cursor), in key order, each with its cursor.
+    /// Up to `limit` rows of `table` whose key starts with `prefix`, after cursor `after`, that
+    /// `admit` takes (reading on past those it does not), with their cursors.
     fn scan(
         &self,
         table: &str,
-        prefix: &str,
-        after: Option<&str>,
-        limit: usize,
+        (prefix, after, limit): (&str, Option<&str>, usize),
+        admit: &dyn Fn(&serde_json::Value) -> bool,
     ) -> Result<Vec<(String, serde_json::Value)>, QueryError> {
         let plan = self.internal(table)?;
         if let Some(why) = self.incomplete(plan) {
@@ -943,18 +945,36 @@ impl Inner {
                 table: table.to_string(),
                 source,
             })?;
-        let after = after
+        let mut after = after
             .map(|c| cursor_key(c).ok_or_else(|| QueryError::BadCursor(c.to_string())))
             .transpose()?;
-        Ok(self
-            .tables
-            .rows(table, &prefix, after.as_deref(), limit)?
-            .into_iter()
-            .map(|r| {
+        let mut admitted = Vec::new();
+        loop {
+            let read = self.tables.rows(table, &prefix, after.as_deref(), limit)?;
+            let whole = read.len() >= limit;
+            after = read.last().map(|r| r.key.clone());
+            for r in read {
                 let row = serde_json::from_slice(&r.row).unwrap_or(serde_json::Value::Null);
-                (key_hex(&r.key), row)
-            })
-            .collect())
+                if admit(&row) {
+                    admitted.push((key_hex(&r.key), row));
+                }
+                if admitted.len() >= limit {
+                    return Ok(admitted);
+                }
+            }
+            if !whole {
+                return Ok(admitted);
+            }
+        }
+    }
+
+    /// Whether `table`'s row filter hides `row` from `caller` (an unauthenticated one is
+    /// shown no row of a filtered table).
+    fn hides(&self, table: &str, row: &serde_json::Value, caller: Option<&Principal>) -> bool {
+        self.topology
+            .table(table)
+            .and_then(|plan| Some((plan, plan.row_filter.as_ref()?)))
+            .is_some_and(|(plan, filter)| !filter.admits(&plan.columns, row, caller))
     }
 
     /// Whether the caller of a request with `headers` may query `table` (see [`access`]);
@@ -963,9 +983,12 @@ impl Inner {
         &self,
         table: &str,
         headers: &axum::http::HeaderMap,
-    ) -> Result<(), access::Refused> {
-        let readers = self.topology.table(table).map_or(&[][..], |t| t.readers());
-        access::may_read(&self.auth, (&format!("table `{table}`"), readers), headers)
+    ) -> Result<Option<Principal>, access::Refused> {
+        let plan = self.topology.table(table);
+        let readers = plan.map_or(&[][..], |t| t.readers());
+        let filtered = plan.is_some_and(|t| t.row_filter.is_some());
+        let what = format!("table `{table}`");
+        access::may_read(&self.auth, (&what, readers, filtered), headers)
     }
 
     /// Whether a scan of `table` gathers the rows of every instance: those of a table
@@ -1076,7 +1099,7 @@ impl Engine {
     ) -> Result<Vec<serde_json::Value>, QueryError> {
         Ok(self
             .inner
-            .scan(table, prefix, None, limit)?
+            .scan(table, (prefix, None, limit), &|_| true)?
             .into_iter()
             .map(|(_, row)| row)
             .collect())

@@ -1,7 +1,8 @@
 //! Queries over HTTP with bearer tokens, across two `miroir run` processes verifying them:
 //! without a valid token a query is refused (401), a table with `readers` needs one of its
 //! roles (403 otherwise), and a query forwarded to the key's owner carries the caller's token,
-//! which the owner checks too; no token or secret reaches the logs.
+//! which the owner checks too; a row filter serves each caller the rows it admits; no token
+//! or secret reaches the logs.
 
 mod support;
 
@@ -11,7 +12,8 @@ use miroir::commands::Principal;
 use support::cluster::*;
 use support::*;
 
-/// `user_contacts` (any authenticated caller) and a copy that only `support` may read.
+/// `user_contacts` (any authenticated caller), a copy that only `support` may read, and one
+/// whose rows each user sees their own of (`support` all).
 fn topology(run: &str) -> TestTopology {
     let mut t = with_internal_table_only(user_directory(run));
     t.text.push_str(
@@ -20,6 +22,11 @@ fn topology(run: &str) -> TestTopology {
 query = "SELECT id, email FROM users WHERE email IS NOT NULL"
 store = "internal"
 readers = ["support"]
+
+[tables.own_contact]
+query = "SELECT id, email FROM users WHERE email IS NOT NULL"
+store = "internal"
+row_filter = "id = principal.id OR has_role('support')"
 "#,
     );
     t.topology = miroir::miroir_engine::topology::Topology::parse("access.toml", &t.text)
@@ -108,6 +115,45 @@ fn queries_need_a_token_and_a_reader_role_also_when_forwarded() {
         assert_eq!(status(&client, i.port, "/health", None), 200);
         assert_eq!(status(&client, i.port, "/metrics", None), 200);
     }
+    // A row filter: a user is served their own row only, from either instance (forwarded or
+    // not), and a scan gathers only theirs; support is served every row.
+    let me = keys.iter().nth(keys.len() / 2).unwrap().clone();
+    let own = token_for(&Principal {
+        id: me.clone(),
+        roles: vec![],
+    });
+    for i in &all {
+        for key in &keys {
+            let expected = if *key == me { 200 } else { 404 };
+            let asked = status(&client, i.port, &row("own_contact", key), Some(&own));
+            assert_eq!(asked, expected, "{key} asked by {me}");
+            assert_eq!(
+                status(&client, i.port, &row("own_contact", key), Some(&support)),
+                200
+            );
+        }
+        assert_eq!(status(&client, i.port, &row("own_contact", &me), None), 401);
+        let scanned = |token: &str| -> Vec<String> {
+            let page: serde_json::Value = client
+                .get(format!(
+                    "http://127.0.0.1:{}/v1/tables/own_contact/rows?limit=3",
+                    i.port
+                ))
+                .bearer_auth(token)
+                .send()
+                .unwrap()
+                .json()
+                .unwrap();
+            let rows = page["rows"].as_array().cloned().unwrap_or_default();
+            rows.iter()
+                .map(|r| r["id"].as_str().unwrap_or("").to_string())
+                .collect()
+        };
+        // Read past the rows it may not see, even with a small limit.
+        assert_eq!(scanned(&own), vec![me.clone()]);
+        assert_eq!(scanned(&support).len(), 3);
+    }
+
     // A query that says it was forwarded by another instance is not believed for it: without
     // the caller's token, the owner refuses it too.
     let key = keys.iter().next().unwrap();

@@ -89,7 +89,9 @@ fn send_until(client: &Client, m: &MasterTopology, stop: &AtomicBool) -> Vec<Rep
         }
         let user = ["u-0", "u-1", "u-3", "u-4"][i % 4];
         let payload = json!({ "id": user, "email": format!("e{i}@example.org") });
-        let command = Command::new(spec, &payload, admin.clone()).unwrap();
+        let command = Command::new(spec, &payload, admin.clone())
+            .unwrap()
+            .with_token(token_for(&admin));
         if let Ok(reply) = client.send(&command, Duration::from_secs(5)) {
             replies.push(reply);
         }
@@ -212,6 +214,7 @@ fn a_broker_outage_of_30_then_90_seconds_stops_nothing_for_good() {
         .topology_str(m.text.clone())
         .brokers(brokers())
         .state_dir(dir.path().join("master"))
+        .auth(test_auth())
         .epoch_interval(Duration::from_millis(50))
         .dependency(Arc::new(Slow))
         .start()

@@ -23,7 +23,7 @@ use std::fmt::Write as _;
 
 use serde::{Deserialize, Serialize};
 
-use crate::value::Column;
+use crate::value::{Column, Value};
 pub use distribution::{Distribution, SourceShape};
 pub use expr::{BinaryOp, Expr, Func};
 
@@ -359,6 +359,42 @@ pub struct TablePlan {
     /// rows of several partitions (see [`repartition`]); `None` when `plan` needs none.
     #[serde(default)]
     pub split: Option<Plan>,
+    /// An internal table's rule on each row served over HTTP, if any.
+    #[serde(default)]
+    pub row_filter: Option<RowFilter>,
+}
+
+/// A rule an internal table's row must meet to be served to a caller, beyond the table's
+/// readers: a boolean expression over the row's columns and the caller (`principal.id`,
+/// `principal.roles`, `has_role('r')`), laid out as the table's columns then those two.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RowFilter {
+    /// The rule as written.
+    pub sql: String,
+    /// The rule, planned.
+    pub expr: Expr,
+}
+
+impl RowFilter {
+    /// Whether `row` (a served row, as JSON) of a table with `columns` is served to
+    /// `principal` (none: an unauthenticated caller, who is served no row).
+    pub fn admits(
+        &self,
+        columns: &[Column],
+        row: &serde_json::Value,
+        principal: Option<&crate::command::Principal>,
+    ) -> bool {
+        let Some(principal) = principal else {
+            return false;
+        };
+        let mut values: Vec<Value> = columns
+            .iter()
+            .map(|c| Value::from_json(&row[c.name.as_str()], c.ty).unwrap_or(Value::Null))
+            .collect();
+        values.push(Value::Text(principal.id.as_str().into()));
+        values.push(Value::Text(principal.roles.join(",").into()));
+        self.expr.holds(&values)
+    }
 }
 
 impl TablePlan {

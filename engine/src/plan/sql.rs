@@ -772,7 +772,11 @@ impl<'s> ExprPlanner<'s> {
             .scope
             .iter()
             .enumerate()
-            .filter(|(_, c)| c.name == name && qualifier.as_ref().is_none_or(|q| *q == c.qualifier))
+            // The principal's columns are reached qualified only: `id` is the row's.
+            .filter(|(_, c)| match &qualifier {
+                Some(q) => c.name == name && *q == c.qualifier,
+                None => c.name == name && c.qualifier != "principal",
+            })
             .map(|(i, _)| i)
             .collect();
         match matches.as_slice() {
@@ -924,7 +928,11 @@ impl<'s> ExprPlanner<'s> {
                     .iter()
                     .position(|c| c.qualifier == "principal" && c.name == "roles")
                     .ok_or_else(|| {
-                        err_span(e, "`has_role` is only available in command rules", None)
+                        err_span(
+                            e,
+                            "`has_role` is only available in command rules and row filters",
+                            None,
+                        )
                     })?;
                 let [(role, ty)] = <[Typed; 1]>::try_from(planned)
                     .map_err(|_| err_span(e, "`has_role` takes one argument: the role", None))?;

@@ -146,13 +146,7 @@ impl CommandSpec {
         };
         let mut scope: Vec<ExprColumn> = columns.iter().map(|c| column("command", c)).collect();
         scope.extend(entity.columns.iter().map(|c| column("entity", c)));
-        for name in ["id", "roles"] {
-            scope.push(ExprColumn {
-                qualifier: "principal".into(),
-                name: name.into(),
-                ty: ColumnType::Text,
-            });
-        }
+        scope.extend(principal_scope());
         scope
     }
 
@@ -520,7 +514,18 @@ fn rule(
     })
 }
 
-fn expression(
+/// The caller's columns a rule may name: `principal.id` and `principal.roles` (the roles,
+/// comma-separated), after the row's.
+pub(super) fn principal_scope() -> [ExprColumn; 2] {
+    ["id", "roles"].map(|name| ExprColumn {
+        qualifier: "principal".into(),
+        name: name.into(),
+        ty: ColumnType::Text,
+    })
+}
+
+/// Plans rule or assignment `sql` over `scope`, of type `expect` if given; reports why not.
+pub(super) fn expression(
     r: &mut Reporter<'_>,
     sql: &Spanned<String>,
     scope: &[ExprColumn],

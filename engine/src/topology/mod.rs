@@ -34,8 +34,10 @@ use toml::Spanned;
 pub use diagnostic::{Diagnostic, Position, TopologyError};
 
 use crate::plan::repartition::{Repartition, Splitter};
-use crate::plan::sql::{plan_query, SourceSchema};
-use crate::plan::{Distribution, Plan, PostgresTable, SourceShape, TablePlan, TableStore};
+use crate::plan::sql::{plan_query, ExprColumn, SourceSchema};
+use crate::plan::{
+    Distribution, Plan, PostgresTable, RowFilter, SourceShape, TablePlan, TableStore,
+};
 use crate::value::{Column, ColumnType};
 use command::CommandSpec;
 use late::{LateAction, LatePolicy};
@@ -187,6 +189,9 @@ struct RawTable {
     /// Roles whose bearer tokens may query an internal table over HTTP.
     #[serde(default)]
     readers: Option<Spanned<Vec<String>>>,
+    /// A rule each row of an internal table must meet to be served to a caller.
+    #[serde(default)]
+    row_filter: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -307,6 +312,15 @@ impl Topology {
             check_name(&mut r, table_name, raw_table.span().start, "table");
             table_names.insert(table_name.clone(), ());
             let readers = raw_table.get_ref().readers.as_ref();
+            let filter = raw_table.get_ref().row_filter.as_ref();
+            if let (Some(filter), Some(_)) = (filter, &raw_table.get_ref().sink) {
+                r.at(
+                    filter.span().start,
+                    "an external table is read in PostgreSQL: row filters are for internal tables",
+                    Some("use PostgreSQL's row level security on the table".into()),
+                );
+                continue;
+            }
             if let (Some(readers), Some(_)) = (readers, &raw_table.get_ref().sink) {
                 r.at(
                     readers.span().start,
@@ -356,6 +370,13 @@ impl Topology {
                 Ok(planned)
                     if !indexes_known(&mut r, &store, &planned.columns, sink_at(raw_table)) => {}
                 Ok(planned) => {
+                    let row_filter = match filter {
+                        Some(sql) => match row_filter(&mut r, sql, table_name, &planned.columns) {
+                            Some(f) => Some(f),
+                            None => continue,
+                        },
+                        None => None,
+                    };
                     query_at.insert(table_name.clone(), query.span().start);
                     tables.push(TablePlan {
                         name: table_name.clone(),
@@ -365,6 +386,7 @@ impl Topology {
                         key: planned.key,
                         store,
                         split: None,
+                        row_filter,
                     })
                 }
                 Err(e) => {
@@ -905,6 +927,29 @@ fn split_tables(
         }
     }
     (repartitions, unsplit)
+}
+
+/// Plans `table`'s row filter `sql` over its `columns` and the caller (see [`RowFilter`]).
+fn row_filter(
+    r: &mut Reporter<'_>,
+    sql: &Spanned<String>,
+    table: &str,
+    columns: &[Column],
+) -> Option<RowFilter> {
+    let mut scope: Vec<ExprColumn> = columns
+        .iter()
+        .map(|c| ExprColumn {
+            qualifier: table.into(),
+            name: c.name.clone(),
+            ty: c.ty,
+        })
+        .collect();
+    scope.extend(command::principal_scope());
+    let expr = command::expression(r, sql, &scope, Some(ColumnType::Boolean))?;
+    Some(RowFilter {
+        sql: sql.get_ref().clone(),
+        expr,
+    })
 }
 
 /// What is wrong with `table`, which cannot be split into stages, and how to fix it; `global`
