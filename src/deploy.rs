@@ -56,13 +56,12 @@ pub fn print_plan(
 /// once confirmed (`yes`, or the topology's name on stdin). Exit status 2 when not confirmed.
 pub fn reset(
     file: &Path,
-    brokers: &str,
+    config: &KafkaConfig,
     state_dir: Option<&Path>,
     yes: bool,
 ) -> anyhow::Result<ExitCode> {
     let topology = Topology::load(file)?;
-    let config = KafkaConfig::new(brokers);
-    let topics = internal::find(&config, &topology)?;
+    let topics = internal::find(config, &topology)?;
     let existing: Vec<&internal::InternalTopic> =
         topics.iter().filter(|t| t.partitions.is_some()).collect();
     eprintln!("miroir reset deletes, for topology `{}`:", topology.name);
@@ -77,7 +76,7 @@ pub fn reset(
         eprintln!("not confirmed: nothing deleted");
         return Ok(ExitCode::from(2));
     }
-    internal::delete(&config, &topology, &topics)?;
+    internal::delete(config, &topology, &topics)?;
     if let Some(dir) = state_dir.filter(|d| d.exists()) {
         StateStore::open(dir, &[]).context(
             "opening the state directory to check that no instance uses it (stop it first)",

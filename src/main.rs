@@ -1,6 +1,7 @@
 //! The `miroir` command line: validate, explain and run topologies; publish sample events.
 
 mod deploy;
+mod kafka_args;
 mod progress;
 mod token;
 
@@ -19,7 +20,6 @@ use miroir::miroir_engine::state::StateStore;
 use miroir::miroir_engine::topology::Topology;
 use miroir_connectors::kafka::admin::create_topic;
 use miroir_connectors::kafka::output::Publisher;
-use miroir_connectors::kafka::KafkaConfig;
 use tracing::info;
 
 /// mimalloc instead of the system allocator: the dataflow allocates and frees many small rows,
@@ -63,9 +63,8 @@ enum Action {
     Run {
         /// The topology file.
         file: PathBuf,
-        /// Kafka bootstrap servers.
-        #[arg(long, env = "MIROIR_BROKERS")]
-        brokers: String,
+        #[command(flatten)]
+        kafka: kafka_args::KafkaArgs,
         /// Directory of the RocksDB state.
         #[arg(long, env = "MIROIR_STATE_DIR")]
         state_dir: PathBuf,
@@ -165,9 +164,8 @@ enum Action {
     Reset {
         /// The topology file.
         file: PathBuf,
-        /// Kafka bootstrap servers.
-        #[arg(long, env = "MIROIR_BROKERS")]
-        brokers: String,
+        #[command(flatten)]
+        kafka: kafka_args::KafkaArgs,
         /// A state directory of one of the topology's instances, to delete too.
         #[arg(long, env = "MIROIR_STATE_DIR")]
         state_dir: Option<PathBuf>,
@@ -219,9 +217,8 @@ enum Action {
         /// Partitions when the topic must be created.
         #[arg(long, default_value_t = 4)]
         partitions: i32,
-        /// Kafka bootstrap servers.
-        #[arg(long, env = "MIROIR_BROKERS")]
-        brokers: String,
+        #[command(flatten)]
+        kafka: kafka_args::KafkaArgs,
     },
 }
 
@@ -255,9 +252,8 @@ enum CommandAction {
         /// Without a token: the roles claimed, comma-separated.
         #[arg(long, default_value = "")]
         roles: String,
-        /// Kafka bootstrap servers.
-        #[arg(long, env = "MIROIR_BROKERS")]
-        brokers: String,
+        #[command(flatten)]
+        kafka: kafka_args::KafkaArgs,
     },
 }
 
@@ -278,9 +274,8 @@ enum DlqAction {
         /// Print at most this many (the count at the end is of all of them).
         #[arg(long)]
         limit: Option<usize>,
-        /// Kafka bootstrap servers.
-        #[arg(long, env = "MIROIR_BROKERS")]
-        brokers: String,
+        #[command(flatten)]
+        kafka: kafka_args::KafkaArgs,
     },
     /// Re-submits parked commands in their original order, one at a time; a command whose
     /// entity changed since it was parked is skipped (and reported).
@@ -308,9 +303,8 @@ enum DlqAction {
         /// parked.
         #[arg(long, env = "MIROIR_TOKEN", hide_env_values = true)]
         token: Option<String>,
-        /// Kafka bootstrap servers.
-        #[arg(long, env = "MIROIR_BROKERS")]
-        brokers: String,
+        #[command(flatten)]
+        kafka: kafka_args::KafkaArgs,
     },
 }
 
@@ -324,7 +318,7 @@ fn send_command(action: CommandAction) -> anyhow::Result<ExitCode> {
         token,
         principal,
         roles,
-        brokers,
+        kafka,
     } = action;
     let topology = match Topology::load(&topology) {
         Ok(t) => t,
@@ -358,8 +352,7 @@ fn send_command(action: CommandAction) -> anyhow::Result<ExitCode> {
         command = command.with_token(token);
     }
     let metrics = Metrics::new();
-    let client =
-        commands::Client::start(&KafkaConfig::new(brokers), "cli", metrics.commands.clone())?;
+    let client = commands::Client::start(&kafka.config()?, "cli", metrics.commands.clone())?;
     let result = client.send(&command, timeout);
     client.shutdown();
     match result {
@@ -469,11 +462,11 @@ fn dead_letters(action: DlqAction) -> anyhow::Result<ExitCode> {
             topic,
             json,
             limit,
-            brokers,
+            kafka,
         } => {
             let mut count = 0usize;
             let mut printed = Ok(());
-            commands::each_dead_letter(&KafkaConfig::new(brokers), &topic, |p| {
+            commands::each_dead_letter(&kafka.config()?, &topic, |p| {
                 count += 1;
                 if printed.is_ok() && limit.is_none_or(|l| count <= l) {
                     printed = print_parked(&p, json);
@@ -493,9 +486,9 @@ fn dead_letters(action: DlqAction) -> anyhow::Result<ExitCode> {
             dry_run,
             timeout,
             token,
-            brokers,
+            kafka,
         } => {
-            let config = KafkaConfig::new(brokers);
+            let config = kafka.config()?;
             let mut parked = commands::dead_letters(&config, &topic)?;
             if let Some(id) = &id {
                 parked.retain(|p| p.command_id.as_deref() == Some(id.as_str()));
@@ -616,10 +609,10 @@ fn run(command: Action) -> anyhow::Result<ExitCode> {
         } => deploy::print_plan(&file, database_url.as_deref(), brokers.as_deref()),
         Action::Reset {
             file,
-            brokers,
+            kafka,
             state_dir,
             yes,
-        } => deploy::reset(&file, &brokers, state_dir.as_deref(), yes),
+        } => deploy::reset(&file, &kafka.config()?, state_dir.as_deref(), yes),
         Action::ForgetKey {
             file,
             state_dir,
@@ -628,7 +621,7 @@ fn run(command: Action) -> anyhow::Result<ExitCode> {
         } => forget_key(&file, &state_dir, &source, &key),
         Action::Run {
             file,
-            brokers,
+            kafka,
             state_dir,
             listen,
             workers,
@@ -644,7 +637,7 @@ fn run(command: Action) -> anyhow::Result<ExitCode> {
             auth,
         } => {
             if plan {
-                return deploy::print_plan(&file, database_url.as_deref(), Some(&brokers));
+                return deploy::print_plan(&file, database_url.as_deref(), Some(&kafka.brokers));
             }
             let mut builder = miroir::Engine::builder();
             if let Some(url) = database_url {
@@ -664,9 +657,12 @@ fn run(command: Action) -> anyhow::Result<ExitCode> {
                     "consumer" => miroir::GroupProtocol::Consumer,
                     _ => miroir::GroupProtocol::Classic,
                 });
+            for (key, value) in kafka.config()?.extra {
+                builder = builder.kafka_property(key, value);
+            }
             let engine = builder
                 .topology_file(&file)
-                .brokers(brokers)
+                .brokers(kafka.brokers)
                 .state_dir(&state_dir)
                 .listen(listen)
                 .workers(workers)
@@ -700,9 +696,9 @@ fn run(command: Action) -> anyhow::Result<ExitCode> {
             file,
             topic,
             partitions,
-            brokers,
+            kafka,
         } => {
-            let config = KafkaConfig::new(brokers);
+            let config = kafka.config()?;
             create_topic(&config, &topic, partitions).context("creating the topic")?;
             let publisher = Publisher::new(&config)?;
             let reader: Box<dyn BufRead> = if file.as_os_str() == "-" {

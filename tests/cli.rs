@@ -1,5 +1,5 @@
 //! The CLI's commands that do not run a topology: `validate`, `explain`, and `plan` (which reads
-//! PostgreSQL). `reset` is tested in `reset.rs`.
+//! PostgreSQL), and the Kafka properties every command takes. `reset` is tested in `reset.rs`.
 
 use std::process::Command;
 
@@ -138,4 +138,23 @@ fn plan_says_what_a_start_does_in_postgres() {
         .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("error"));
+}
+
+#[test]
+fn kafka_properties_reach_the_clients_and_a_wrong_one_is_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("kafka.properties");
+    std::fs::write(&file, "# tuning\nbogus.property = 1\n").unwrap();
+    let file = file.to_str().unwrap();
+    let publish = ["publish", "--topic", "t", "-", "--brokers", "127.0.0.1:1"];
+    // From the file, and from -X: librdkafka refuses the property, named.
+    for more in [&["--kafka-config", file][..], &["-X", "other.bogus=2"][..]] {
+        let args: Vec<&str> = publish.iter().chain(more).copied().collect();
+        let (ok, _, stderr) = miroir(&args);
+        assert!(!ok);
+        assert!(stderr.contains("bogus"), "{stderr}");
+    }
+    let (ok, _, stderr) = miroir(&["dlq", "list", "t", "--brokers", "b", "-X", "novalue"]);
+    assert!(!ok);
+    assert!(stderr.contains("KEY=VALUE"), "{stderr}");
 }

@@ -152,13 +152,29 @@ fn code_class(code: rdkafka::error::RDKafkaErrorCode) -> ErrorClass {
 /// same thresholds.
 pub const FETCH_QUEUE_BACKOFF_MS: &str = "10";
 
-/// Connection settings shared by consumers and producers.
-#[derive(Clone, Debug)]
+/// Connection settings shared by consumers and producers. Its `Debug` masks the values of
+/// secret properties (passwords, secrets, keys).
+#[derive(Clone)]
 pub struct KafkaConfig {
     /// `host:port` list of bootstrap brokers.
     pub brokers: String,
     /// Extra librdkafka properties (`key=value`), applied last.
     pub extra: Vec<(String, String)>,
+}
+
+impl std::fmt::Debug for KafkaConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let secret = |k: &str| ["password", "secret", "key"].iter().any(|s| k.contains(s));
+        let extra: Vec<(&str, &str)> = self
+            .extra
+            .iter()
+            .map(|(k, v)| (k.as_str(), if secret(k) { "***" } else { v.as_str() }))
+            .collect();
+        f.debug_struct("KafkaConfig")
+            .field("brokers", &self.brokers)
+            .field("extra", &extra)
+            .finish()
+    }
 }
 
 impl KafkaConfig {
@@ -180,5 +196,26 @@ impl KafkaConfig {
             c.set(k, v);
         }
         c
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_debug_form_masks_secret_properties() {
+        let mut config = KafkaConfig::new("b:9092");
+        config.extra = vec![
+            ("sasl.username".into(), "app".into()),
+            ("sasl.password".into(), "hunter2".into()),
+            ("ssl.key.pem".into(), "-----BEGIN".into()),
+        ];
+        let shown = format!("{config:?}");
+        assert!(shown.contains("app") && shown.contains("b:9092"), "{shown}");
+        assert!(
+            !shown.contains("hunter2") && !shown.contains("BEGIN"),
+            "{shown}"
+        );
     }
 }
