@@ -77,8 +77,9 @@ pub(crate) struct Server {
 }
 
 impl Server {
+    /// Serves `routes` on `listener` (bound to `bound`) on a thread of its own.
     pub(crate) fn start(
-        inner: Arc<Inner>,
+        routes: Router,
         (listener, bound): (std::net::TcpListener, SocketAddr),
     ) -> Result<Server, EngineError> {
         let addr = bound;
@@ -97,7 +98,7 @@ impl Server {
                         Err(e) => return warn!(error = %e, "cannot serve HTTP"),
                     };
                     info!(addr = %bound, "serving HTTP");
-                    let served = axum::serve(listener, router(inner))
+                    let served = axum::serve(listener, routes)
                         .with_graceful_shutdown(async move {
                             let _ = stop_rx.await;
                         })
@@ -134,7 +135,19 @@ const QUERY_TIMEOUT: Duration = Duration::from_secs(MAX_WAIT.as_secs() + 10);
 /// Largest request body taken (queries have none).
 const MAX_BODY_BYTES: usize = 16 * 1024;
 
-fn router(inner: Arc<Inner>) -> Router {
+/// Which routes a listener serves.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Routes {
+    /// Every route.
+    All,
+    /// The queries alone (the probes are on an address of their own).
+    Queries,
+    /// `/health`, `/ready` and `/metrics` alone.
+    Probes,
+}
+
+/// The routes `which` of the API, over `inner`.
+pub(crate) fn router(inner: Arc<Inner>, which: Routes) -> Router {
     // Queries are limited together, so that a few large scans cannot starve the probes.
     let queries = Router::new()
         .route("/v1/topology", get(topology))
@@ -148,11 +161,16 @@ fn router(inner: Arc<Inner>) -> Router {
             StatusCode::SERVICE_UNAVAILABLE,
             QUERY_TIMEOUT,
         ));
-    Router::new()
+    let probes = Router::new()
         .route("/health", get(health))
         .route("/ready", get(ready))
-        .route("/metrics", get(metrics))
-        .merge(queries)
+        .route("/metrics", get(metrics));
+    let routes = match which {
+        Routes::All => probes.merge(queries),
+        Routes::Queries => queries,
+        Routes::Probes => probes,
+    };
+    routes
         .layer(tower_http::limit::RequestBodyLimitLayer::new(
             MAX_BODY_BYTES,
         ))

@@ -181,6 +181,7 @@ pub struct EngineBuilder {
     brokers: Option<String>,
     state_dir: Option<PathBuf>,
     listen: Option<SocketAddr>,
+    admin_listen: Option<SocketAddr>,
     workers: Option<usize>,
     epoch_interval: Option<Duration>,
     max_epoch_interval: Option<Duration>,
@@ -222,6 +223,14 @@ impl EngineBuilder {
     /// Directory of the RocksDB state (created if missing).
     pub fn state_dir(mut self, dir: impl Into<PathBuf>) -> Self {
         self.state_dir = Some(dir.into());
+        self
+    }
+
+    /// Serve `/health`, `/ready` and `/metrics` on `addr` instead of on the API's address (port
+    /// 0 picks a free port; see [`Engine::admin_addr`]): probes and scrapes stay on a network
+    /// of their own, and the API's address serves queries only.
+    pub fn admin_listen(mut self, addr: SocketAddr) -> Self {
+        self.admin_listen = Some(addr);
         self
     }
 
@@ -458,6 +467,7 @@ impl EngineBuilder {
             &instance,
         )?;
         let listener = self.listen.map(http::bind).transpose()?;
+        let admin_listener = self.admin_listen.map(http::bind).transpose()?;
         let advertise = self.advertise.or_else(|| {
             listener
                 .as_ref()
@@ -539,8 +549,22 @@ impl EngineBuilder {
             forwarder,
             auth,
         });
+        let admin = match admin_listener {
+            Some(listener) => Some(http::Server::start(
+                http::router(inner.clone(), http::Routes::Probes),
+                listener,
+            )?),
+            None => None,
+        };
+        let routes = match admin {
+            Some(_) => http::Routes::Queries,
+            None => http::Routes::All,
+        };
         let server = match listener {
-            Some(listener) => Some(http::Server::start(inner.clone(), listener)?),
+            Some(listener) => Some(http::Server::start(
+                http::router(inner.clone(), routes),
+                listener,
+            )?),
             None => None,
         };
         Ok(Engine {
@@ -551,6 +575,7 @@ impl EngineBuilder {
             processors,
             client,
             server,
+            admin,
         })
     }
 }
@@ -1071,6 +1096,8 @@ pub struct Engine {
     processors: Vec<CommandProcessor>,
     client: Option<commands::Client>,
     server: Option<http::Server>,
+    /// The probes' and metrics' own server, if any.
+    admin: Option<http::Server>,
 }
 
 impl Engine {
@@ -1148,6 +1175,12 @@ impl Engine {
         self.server.as_ref().map(|s| s.addr)
     }
 
+    /// The address of the probes and metrics, when started with
+    /// [`EngineBuilder::admin_listen`].
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin.as_ref().map(|s| s.addr)
+    }
+
     /// A copy of the runtime's progress: committed epoch and offsets, lag, failures.
     pub fn status(&self) -> StatusSnapshot {
         self.inner.runtime.status()
@@ -1179,7 +1212,10 @@ impl Engine {
         }
         self.inner.membership.leave();
         self.inner.runtime.shutdown();
-        if let Some(server) = self.server.take() {
+        for server in [self.server.take(), self.admin.take()]
+            .into_iter()
+            .flatten()
+        {
             server.stop();
         }
     }

@@ -36,6 +36,8 @@ struct Cli {
     command: Action,
 }
 
+// Parsed once at start: the size of the largest variant costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum Action {
     /// Checks a topology file; prints every error as FILE:LINE:COL: message, with a hint.
@@ -71,6 +73,10 @@ enum Action {
         /// Address of the HTTP API.
         #[arg(long, env = "MIROIR_LISTEN", default_value = "127.0.0.1:8080")]
         listen: SocketAddr,
+        /// Serve /health, /ready and /metrics on this address instead, and queries alone on
+        /// --listen.
+        #[arg(long, env = "MIROIR_ADMIN_LISTEN")]
+        admin_listen: Option<SocketAddr>,
         /// Worker threads.
         #[arg(long, env = "MIROIR_WORKERS", default_value_t = RuntimeConfig::DEFAULT_WORKERS)]
         workers: usize,
@@ -624,6 +630,7 @@ fn run(command: Action) -> anyhow::Result<ExitCode> {
             kafka,
             state_dir,
             listen,
+            admin_listen,
             workers,
             epoch_ms,
             max_epoch_ms,
@@ -648,6 +655,9 @@ fn run(command: Action) -> anyhow::Result<ExitCode> {
             }
             if let Some(addr) = advertise {
                 builder = builder.advertise(addr);
+            }
+            if let Some(addr) = admin_listen {
+                builder = builder.admin_listen(addr);
             }
             builder = builder
                 .auth(auth.config())

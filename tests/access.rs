@@ -178,3 +178,35 @@ fn queries_need_a_token_and_a_reader_role_also_when_forwarded() {
         }
     }
 }
+
+#[test]
+fn probes_and_metrics_can_have_an_address_of_their_own() {
+    let run = Run::new("admin");
+    let t = topology(&run);
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("topology.toml");
+    std::fs::write(&file, &t.text).unwrap();
+    publish(&t, &generate(32, 5, 20).0);
+    let (port, admin) = (free_port(), free_port());
+    let admin_addr = format!("127.0.0.1:{admin}");
+    let mut child = spawn_with_env(
+        &file,
+        &dir.path().join("state"),
+        port,
+        &dir.path().join("instance.log"),
+        (&["--admin-listen", &admin_addr], &[]),
+    );
+    let client = reqwest::blocking::Client::new();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while status(&client, admin, "/health", None) != 200 {
+        assert!(std::time::Instant::now() < deadline, "never healthy");
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    assert_eq!(status(&client, admin, "/metrics", None), 200);
+    assert_eq!(status(&client, admin, "/v1/topology", None), 404);
+    assert_eq!(status(&client, port, "/health", None), 404);
+    assert_eq!(status(&client, port, "/metrics", None), 404);
+    assert_eq!(status(&client, port, "/v1/topology", None), 200);
+    let _ = child.kill();
+    let _ = child.wait();
+}
