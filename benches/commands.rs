@@ -31,7 +31,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use miroir::commands::{Client, Command, Principal, Reply};
-use miroir::miroir_engine::auth::{issue, KeySource, SigningKey, TokenClaims};
+use miroir::miroir_engine::auth::{issue_now, KeySource, SigningKey, TokenClaims};
 use miroir::miroir_engine::topology::command::CommandSpec;
 use miroir::miroir_engine::topology::Topology;
 use miroir::Engine;
@@ -265,18 +265,12 @@ const BENCH_SECRET: &str = "miroir commands benchmark";
 fn token() -> &'static str {
     static TOKEN: std::sync::OnceLock<String> = std::sync::OnceLock::new();
     TOKEN.get_or_init(|| {
-        let claims = TokenClaims {
-            subject: "bench".into(),
+        let bench = Principal {
+            id: "bench".into(),
             roles: vec!["user-admin".into()],
-            valid_for: 24 * 3600,
-            issuer: None,
-            audience: None,
         };
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_secs();
-        issue(&SigningKey::Secret(BENCH_SECRET.into()), &claims, now).unwrap()
+        let claims = TokenClaims::of(&bench, 24 * 3600);
+        issue_now(&SigningKey::Secret(BENCH_SECRET.into()), &claims).unwrap()
     })
 }
 

@@ -84,7 +84,7 @@ impl IntoResponse for Refused {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use miroir_engine::auth::{issue, AuthConfig, KeySource, SigningKey, TokenClaims};
+    use miroir_engine::auth::{issue_now, AuthConfig, KeySource, SigningKey, TokenClaims};
 
     const SECRET: &[u8] = b"access tests secret";
 
@@ -97,18 +97,9 @@ mod tests {
     }
 
     fn with_token(roles: &[&str]) -> HeaderMap {
-        let claims = TokenClaims {
-            subject: "ada".into(),
-            roles: roles.iter().map(|r| r.to_string()).collect(),
-            valid_for: 60,
-            issuer: None,
-            audience: None,
-        };
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_secs();
-        let token = issue(&SigningKey::Secret(SECRET.to_vec()), &claims, now).unwrap();
+        let ada = Principal::new("ada", &roles.join(","));
+        let claims = TokenClaims::of(&ada, 60);
+        let token = issue_now(&SigningKey::Secret(SECRET.to_vec()), &claims).unwrap();
         let mut headers = HeaderMap::new();
         headers.insert(
             header::AUTHORIZATION,

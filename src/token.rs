@@ -4,7 +4,8 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use miroir::miroir_engine::auth::{issue, AuthConfig, KeySource, SigningKey, TokenClaims};
+use miroir::miroir_engine::auth::{issue_now, AuthConfig, KeySource, SigningKey, TokenClaims};
+use miroir::miroir_engine::command::Principal;
 
 /// The environment variable holding an HS256 shared secret (development): never a flag, so
 /// that it shows in no process list.
@@ -113,21 +114,10 @@ pub fn run(action: TokenAction) -> anyhow::Result<()> {
         },
     };
     let claims = TokenClaims {
-        subject: sub,
-        roles: roles
-            .split(',')
-            .map(str::trim)
-            .filter(|r| !r.is_empty())
-            .map(str::to_string)
-            .collect(),
-        valid_for: valid_for.as_secs(),
         issuer,
         audience,
+        ..TokenClaims::of(&Principal::new(sub, &roles), valid_for.as_secs())
     };
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default()
-        .as_secs();
-    println!("{}", issue(&key, &claims, now)?);
+    println!("{}", issue_now(&key, &claims)?);
     Ok(())
 }

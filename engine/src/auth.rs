@@ -305,8 +305,32 @@ pub struct TokenClaims {
     pub audience: Option<String>,
 }
 
-/// Mints a token for `claims`, signed with an HS256 secret or a private key in PEM form
-/// (RS256, ES256 or EdDSA): development tokens for `miroir token issue`.
+impl TokenClaims {
+    /// Claims naming `principal` and its roles, valid for `valid_for` seconds, with no issuer
+    /// or audience.
+    pub fn of(principal: &Principal, valid_for: u64) -> TokenClaims {
+        TokenClaims {
+            subject: principal.id.clone(),
+            roles: principal.roles.clone(),
+            valid_for,
+            issuer: None,
+            audience: None,
+        }
+    }
+}
+
+/// Mints a token for `claims` issued now (see [`issue`]).
+pub fn issue_now(key: &SigningKey, claims: &TokenClaims) -> Result<String, AuthError> {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs();
+    issue(key, claims, now)
+}
+
+/// Mints a token for `claims`, issued at `now` (seconds since the epoch), signed with an
+/// HS256 secret or a private key in PEM form (RS256, ES256 or EdDSA): development tokens for
+/// `miroir token issue`.
 pub fn issue(key: &SigningKey, claims: &TokenClaims, now: u64) -> Result<String, AuthError> {
     let (alg, encoding) = match key {
         SigningKey::Secret(secret) => (Algorithm::HS256, EncodingKey::from_secret(secret)),

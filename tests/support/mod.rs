@@ -731,19 +731,9 @@ pub fn test_auth() -> miroir::AuthConfig {
 
 /// A bearer token for `principal`, valid for an hour, signed with [`TEST_SECRET`].
 pub fn token_for(principal: &miroir::commands::Principal) -> String {
-    use miroir::miroir_engine::auth::{issue, SigningKey, TokenClaims};
-    let claims = TokenClaims {
-        subject: principal.id.clone(),
-        roles: principal.roles.clone(),
-        valid_for: 3600,
-        issuer: None,
-        audience: None,
-    };
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs();
-    issue(&SigningKey::Secret(TEST_SECRET.into()), &claims, now).unwrap()
+    use miroir::miroir_engine::auth::{issue_now, SigningKey, TokenClaims};
+    let claims = TokenClaims::of(principal, 3600);
+    issue_now(&SigningKey::Secret(TEST_SECRET.into()), &claims).unwrap()
 }
 
 /// Starts `miroir run`; its log (level `MIROIR_TEST_LOG`, default `info`) goes to `log`
