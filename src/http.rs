@@ -416,7 +416,7 @@ async fn row(
     };
     if p.standby {
         return match inner.get_standby(&table, &key) {
-            Ok(answer) if inner.hides(&table, &answer.row, caller.as_ref()) => absent(),
+            Ok(answer) if !inner.admits(&table, caller.as_ref())(&answer.row) => absent(),
             Ok(answer) => Json(answer).into_response(),
             Err(e) => query_error(e),
         };
@@ -488,7 +488,7 @@ async fn row(
         }
     }
     match inner.get(&table, &key) {
-        Ok(Some(answer)) if !inner.hides(&table, &answer.row, caller.as_ref()) => {
+        Ok(Some(answer)) if inner.admits(&table, caller.as_ref())(&answer.row) => {
             Json(answer).into_response()
         }
         Ok(_) => absent(),
@@ -510,7 +510,7 @@ async fn from_standby(
         return inner
             .get_standby(table, key)
             .ok()
-            .filter(|answer| !inner.hides(table, &answer.row, caller))
+            .filter(|answer| inner.admits(table, caller)(&answer.row))
             .map(|answer| Json(answer).into_response());
     }
     if forwarded {
@@ -844,7 +844,7 @@ async fn scan(
         }
     };
     let forwarded = headers.contains_key(FORWARDED_BY);
-    let admit = |row: &serde_json::Value| !inner.hides(&table, row, caller.as_ref());
+    let admit = inner.admits(&table, caller.as_ref());
     let mut rows = match inner.scan(&table, (&p.prefix, p.after.as_deref(), limit), &admit) {
         Ok(rows) => rows,
         Err(e) => return query_error(e),

@@ -993,13 +993,19 @@ impl Inner {
         }
     }
 
-    /// Whether `table`'s row filter hides `row` from `caller` (an unauthenticated one is
-    /// shown no row of a filtered table).
-    fn hides(&self, table: &str, row: &serde_json::Value, caller: Option<&Principal>) -> bool {
-        self.topology
+    /// Which rows of `table` `caller` is served: those its row filter holds for (an
+    /// unauthenticated caller is served no row of a filtered table); every row of a table
+    /// without one. The table is looked up once, not per row.
+    fn admits<'a>(
+        &'a self,
+        table: &str,
+        caller: Option<&'a Principal>,
+    ) -> impl Fn(&serde_json::Value) -> bool + 'a {
+        let filtered = self
+            .topology
             .table(table)
-            .and_then(|plan| Some((plan, plan.row_filter.as_ref()?)))
-            .is_some_and(|(plan, filter)| !filter.admits(&plan.columns, row, caller))
+            .and_then(|plan| Some((&plan.columns, plan.row_filter.as_ref()?)));
+        move |row| filtered.is_none_or(|(columns, filter)| filter.admits(columns, row, caller))
     }
 
     /// Whether the caller of a request with `headers` may query `table` (see [`access`]);

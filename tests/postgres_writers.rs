@@ -235,6 +235,16 @@ fn two_writers_keep_the_external_tables_right_through_a_kill_and_a_redeploy() {
 /// A topology whose one external table follows the partitions of its source's key, in a
 /// schema of its own.
 fn names_topology(run: &str) -> (Arc<miroir::miroir_engine::topology::Topology>, String) {
+    one_table_topology(run, "names", "SELECT id, name FROM users")
+}
+
+/// A topology of source `users` (`id`, `name`) and one external table `table` computed by
+/// `query`, in a schema of its own (returned).
+fn one_table_topology(
+    run: &str,
+    table: &str,
+    query: &str,
+) -> (Arc<miroir::miroir_engine::topology::Topology>, String) {
     let schema = format!("it_{}", run.replace('-', "_"));
     let text = format!(
         r#"
@@ -243,9 +253,9 @@ name = "it-{run}"
 topic = "users-{run}"
 key = "id"
 columns = {{ id = "text", name = "text" }}
-[tables.names]
-query = "SELECT id, name FROM users"
-sink = {{ postgres = {{ table = "{schema}.names" }} }}
+[tables.{table}]
+query = "{query}"
+sink = {{ postgres = {{ table = "{schema}.{table}" }} }}
 "#
     );
     let topology = miroir::miroir_engine::topology::Topology::parse("t.toml", &text).unwrap();
@@ -401,21 +411,11 @@ fn caught_up_batch(
 #[test]
 fn a_table_built_through_a_stage_waits_for_the_stage_records_another_instance_wrote() {
     let run = Run::new("stage-writes");
-    let schema = format!("it_{}", run.replace('-', "_"));
-    let text = format!(
-        r#"
-name = "it-{run}"
-[sources.users]
-topic = "users-{run}"
-key = "id"
-columns = {{ id = "text", name = "text" }}
-[tables.per_name]
-query = "SELECT name, count(*) AS n FROM users GROUP BY name"
-sink = {{ postgres = {{ table = "{schema}.per_name" }} }}
-"#
+    let (topology, schema) = one_table_topology(
+        &run,
+        "per_name",
+        "SELECT name, count(*) AS n FROM users GROUP BY name",
     );
-    let topology =
-        Arc::new(miroir::miroir_engine::topology::Topology::parse("t.toml", &text).unwrap());
     let users = topology.sources[0].topic.as_str();
     let stage = topology.sources[topology.repartitions[0].source]
         .topic

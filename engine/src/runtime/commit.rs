@@ -261,14 +261,7 @@ fn sink_batch(shared: &Shared, commit: &mut Option<Commit>) -> Option<SinkBatch>
         offsets,
         caught_up,
         claims,
-        written: written
-            .into_iter()
-            .map(|(topic, partition, offset)| Offset {
-                topic,
-                partition,
-                offset,
-            })
-            .collect(),
+        written,
     };
     let encoded = encode(&batch);
     commit

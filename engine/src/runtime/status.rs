@@ -286,14 +286,18 @@ impl Status {
 
     /// The end (offset after the last record) of the stage records this instance wrote to
     /// each partition, in order.
-    pub(crate) fn stage_writes(&self) -> Vec<(String, u32, i64)> {
-        let mut written: Vec<(String, u32, i64)> = self
+    pub(crate) fn stage_writes(&self) -> Vec<crate::sink::Offset> {
+        let mut written: Vec<crate::sink::Offset> = self
             .stage_written
             .lock()
             .iter()
-            .map(|((topic, partition), next)| (topic.clone(), *partition, *next))
+            .map(|((topic, partition), next)| crate::sink::Offset {
+                topic: topic.clone(),
+                partition: *partition,
+                offset: *next,
+            })
             .collect();
-        written.sort_unstable();
+        written.sort_unstable_by(|a, b| (&a.topic, a.partition).cmp(&(&b.topic, b.partition)));
         written
     }
 
