@@ -61,6 +61,8 @@ pub fn reset(
     yes: bool,
 ) -> anyhow::Result<ExitCode> {
     let topology = Topology::load(file)?;
+    let config = &config.clone().with_defaults(&topology.kafka);
+    miroir_connectors::kafka::credentials::check(config)?;
     let topics = internal::find(config, &topology)?;
     let existing: Vec<&internal::InternalTopic> =
         topics.iter().filter(|t| t.partitions.is_some()).collect();

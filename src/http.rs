@@ -77,10 +77,12 @@ pub(crate) struct Server {
 }
 
 impl Server {
-    /// Serves `routes` on `listener` (bound to `bound`) on a thread of its own.
+    /// Serves `routes` on `listener` (bound to `bound`) on a thread of its own, over TLS
+    /// with `tls`.
     pub(crate) fn start(
         routes: Router,
         (listener, bound): (std::net::TcpListener, SocketAddr),
+        tls: Option<Arc<rustls::ServerConfig>>,
     ) -> Result<Server, EngineError> {
         let addr = bound;
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
@@ -92,21 +94,18 @@ impl Server {
                     .enable_all()
                     .build()
                     .expect("tokio runtime");
-                rt.block_on(async move {
-                    let listener = match tokio::net::TcpListener::from_std(listener) {
-                        Ok(l) => l,
-                        Err(e) => return warn!(error = %e, "cannot serve HTTP"),
+                let served = rt.block_on(async move {
+                    let stopped = async move {
+                        let _ = stop_rx.await;
                     };
-                    info!(addr = %bound, "serving HTTP");
-                    let served = axum::serve(listener, routes)
-                        .with_graceful_shutdown(async move {
-                            let _ = stop_rx.await;
-                        })
-                        .await;
-                    if let Err(e) = served {
-                        warn!(error = %e, "HTTP server stopped");
+                    match tls {
+                        None => serve_plain(listener, bound, routes, stopped).await,
+                        Some(tls) => serve_tls(listener, bound, routes, tls, stopped).await,
                     }
                 });
+                if let Err(e) = served {
+                    warn!(addr = %bound, error = %e, "HTTP server stopped");
+                }
             })
             .map_err(|source| EngineError::Listen { addr, source })?;
         Ok(Server {
@@ -124,6 +123,42 @@ impl Server {
             let _ = t.join();
         }
     }
+}
+
+/// Serves `routes` over plain HTTP until `stopped`.
+async fn serve_plain(
+    listener: std::net::TcpListener,
+    bound: SocketAddr,
+    routes: Router,
+    stopped: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let listener = tokio::net::TcpListener::from_std(listener)?;
+    info!(addr = %bound, "serving HTTP");
+    axum::serve(listener, routes)
+        .with_graceful_shutdown(stopped)
+        .await
+}
+
+/// Serves `routes` over TLS until `stopped`.
+async fn serve_tls(
+    listener: std::net::TcpListener,
+    bound: SocketAddr,
+    routes: Router,
+    tls: Arc<rustls::ServerConfig>,
+    stopped: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let handle = axum_server::Handle::new();
+    let shutdown = handle.clone();
+    tokio::spawn(async move {
+        stopped.await;
+        shutdown.graceful_shutdown(Some(Duration::from_secs(5)));
+    });
+    info!(addr = %bound, "serving HTTPS");
+    let config = axum_server::tls_rustls::RustlsConfig::from_config(tls);
+    axum_server::from_tcp_rustls(listener, config)?
+        .handle(handle)
+        .serve(routes.into_make_service())
+        .await
 }
 
 /// Most queries served at once; more wait their turn (health, readiness and metrics do not).
@@ -624,6 +659,8 @@ async fn cluster(State(inner): State<Arc<Inner>>) -> Response {
 #[derive(Clone)]
 pub(crate) struct Forwarder {
     client: reqwest::Client,
+    /// `https` when the instances serve TLS, else `http`.
+    scheme: &'static str,
     /// Where the embedding API's forwards run (its callers may be in no runtime, or in one
     /// of their own).
     runtime: tokio::runtime::Handle,
@@ -637,8 +674,12 @@ pub(crate) struct Forwarder {
 }
 
 impl Forwarder {
-    /// A forwarder whose metrics are in `registry`.
-    pub(crate) fn new(registry: &prometheus::Registry) -> Result<Forwarder, EngineError> {
+    /// A forwarder whose metrics are in `registry`; over TLS with `tls` (the other instances
+    /// serve it too).
+    pub(crate) fn new(
+        registry: &prometheus::Registry,
+        tls: Option<&crate::HttpTls>,
+    ) -> Result<Forwarder, EngineError> {
         let forwards = prometheus::IntCounterVec::new(
             prometheus::Opts::new(
                 "miroir_query_forwards_total",
@@ -664,11 +705,20 @@ impl Forwarder {
             registry.register(metric).expect("unique metric");
         }
         let owner = RuntimeOwner::start()?;
+        let mut client = reqwest::Client::builder().timeout(FORWARD_TIMEOUT);
+        for root in tls
+            .map(crate::HttpTls::peer_roots)
+            .transpose()?
+            .unwrap_or_default()
+        {
+            client = client.add_root_certificate(root);
+        }
+        let client = client.build().map_err(|e| {
+            EngineError::Forwarder(std::io::Error::other(format!("HTTP client: {e}")))
+        })?;
         Ok(Forwarder {
-            client: reqwest::Client::builder()
-                .timeout(FORWARD_TIMEOUT)
-                .build()
-                .expect("an HTTP client without TLS builds"),
+            client,
+            scheme: if tls.is_some() { "https" } else { "http" },
             runtime: owner.handle.clone(),
             _owner: Arc::new(owner),
             forwards,
@@ -702,7 +752,8 @@ impl Forwarder {
         let failed = |e: &dyn std::fmt::Display| {
             warn!(instance = %owner.instance, addr, table = scan.table, error = %e, "an instance did not answer a scan");
         };
-        let mut url = reqwest::Url::parse(&format!("http://{addr}/")).map_err(|e| failed(&e))?;
+        let mut url =
+            reqwest::Url::parse(&format!("{}://{addr}/", self.scheme)).map_err(|e| failed(&e))?;
         url.path_segments_mut()
             .expect("an http URL has a path")
             .extend(["v1", "tables", scan.table, "rows"]);
@@ -782,7 +833,7 @@ impl Forwarder {
     ) -> Result<(StatusCode, bytes::Bytes), ()> {
         let (table, key) = (ask.table, ask.key);
         let addr = owner.advertise.as_deref().ok_or(())?;
-        let mut url = reqwest::Url::parse(&format!("http://{addr}/")).map_err(|e| {
+        let mut url = reqwest::Url::parse(&format!("{}://{addr}/", self.scheme)).map_err(|e| {
             warn!(instance = %owner.instance, addr, error = %e, "the owner's address is not a host:port");
         })?;
         url.path_segments_mut()

@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 
 use anyhow::Context;
-use miroir_connectors::kafka::KafkaConfig;
+use miroir_connectors::kafka::{credentials, KafkaConfig};
 
 /// How to reach Kafka.
 #[derive(clap::Args, Debug)]
@@ -40,6 +40,16 @@ impl KafkaArgs {
             }
         }
         config.extra.extend(self.property.iter().cloned());
+        Ok(config)
+    }
+}
+
+impl KafkaArgs {
+    /// [`KafkaArgs::config`], once the brokers took its login and TLS settings (see
+    /// [`credentials::check`]).
+    pub fn checked(&self) -> anyhow::Result<KafkaConfig> {
+        let config = self.config()?;
+        credentials::check(&config)?;
         Ok(config)
     }
 }

@@ -34,6 +34,7 @@
 mod access;
 pub mod commands;
 pub mod http;
+mod tls;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -68,6 +69,7 @@ use miroir_engine::value::{
     format_timestamp, parse_key_prefix, parse_key_text, ColumnType, KeyTextError, Value,
 };
 use serde::{Deserialize, Serialize};
+pub use tls::{HttpTls, TlsError};
 
 pub use miroir_engine;
 
@@ -101,6 +103,9 @@ pub enum EngineError {
     /// The token keys cannot be used.
     #[error(transparent)]
     Auth(#[from] AuthError),
+    /// The HTTP endpoint's TLS material cannot be used.
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
     /// The HTTP listener could not start.
     #[error("cannot listen on {addr}: {source}")]
     Listen {
@@ -199,6 +204,7 @@ pub struct EngineBuilder {
     standby_replicas: usize,
     group_protocol: GroupProtocol,
     auth: AuthConfig,
+    tls: Option<HttpTls>,
 }
 
 impl EngineBuilder {
@@ -231,6 +237,13 @@ impl EngineBuilder {
     /// of their own, and the API's address serves queries only.
     pub fn admin_listen(mut self, addr: SocketAddr) -> Self {
         self.admin_listen = Some(addr);
+        self
+    }
+
+    /// Serve the HTTP API over TLS, and forward queries to the other instances over TLS (they
+    /// must serve it too); the admin address stays plain HTTP.
+    pub fn tls(mut self, tls: HttpTls) -> Self {
+        self.tls = Some(tls);
         self
     }
 
@@ -348,7 +361,8 @@ impl EngineBuilder {
         self
     }
 
-    /// An extra librdkafka property for the consumer and producers.
+    /// An extra librdkafka property for every Kafka client (applied after the topology's
+    /// `[kafka]` section).
     pub fn kafka_property(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
         self.kafka_extra.push((key.into(), value.into()));
         self
@@ -368,6 +382,8 @@ impl EngineBuilder {
         let state_dir = self.state_dir.ok_or(EngineError::Config("state_dir"))?;
         let mut kafka = KafkaConfig::new(self.brokers.ok_or(EngineError::Config("brokers"))?);
         kafka.extra = self.kafka_extra;
+        let kafka = kafka.with_defaults(&topology.kafka);
+        miroir_connectors::kafka::credentials::check(&kafka)?;
         let tables: Vec<String> = topology
             .tables
             .iter()
@@ -532,7 +548,8 @@ impl EngineBuilder {
         } else {
             None
         };
-        let forwarder = http::Forwarder::new(&metrics.registry)?;
+        let forwarder = http::Forwarder::new(&metrics.registry, self.tls.as_ref())?;
+        let server_tls = self.tls.as_ref().map(HttpTls::server_config).transpose()?;
         let inner = Arc::new(Inner {
             processors: processors
                 .iter()
@@ -553,6 +570,7 @@ impl EngineBuilder {
             Some(listener) => Some(http::Server::start(
                 http::router(inner.clone(), http::Routes::Probes),
                 listener,
+                None,
             )?),
             None => None,
         };
@@ -564,6 +582,7 @@ impl EngineBuilder {
             Some(listener) => Some(http::Server::start(
                 http::router(inner.clone(), routes),
                 listener,
+                server_tls,
             )?),
             None => None,
         };

@@ -125,6 +125,17 @@ enum Action {
         group_protocol: String,
         #[command(flatten)]
         auth: token::AuthArgs,
+        /// Serve the HTTP API over TLS with this certificate chain (PEM, leaf first); queries
+        /// are then forwarded over TLS, so give every instance of the topology one.
+        #[arg(long, env = "MIROIR_TLS_CERT", requires = "tls_key")]
+        tls_cert: Option<PathBuf>,
+        /// The private key of --tls-cert (PEM).
+        #[arg(long, env = "MIROIR_TLS_KEY", requires = "tls_cert")]
+        tls_key: Option<PathBuf>,
+        /// CA certificates (PEM) that signed the other instances' certificates, trusted
+        /// besides the system's when forwarding a query.
+        #[arg(long, env = "MIROIR_TLS_CA", requires = "tls_cert")]
+        tls_ca: Option<PathBuf>,
     },
     /// Prints the instances of a running topology, as one of them sees them: their addresses,
     /// the partitions each owns, restores and stands by for, their lag.
@@ -358,7 +369,9 @@ fn send_command(action: CommandAction) -> anyhow::Result<ExitCode> {
         command = command.with_token(token);
     }
     let metrics = Metrics::new();
-    let client = commands::Client::start(&kafka.config()?, "cli", metrics.commands.clone())?;
+    let config = kafka.config()?.with_defaults(&topology.kafka);
+    miroir_connectors::kafka::credentials::check(&config)?;
+    let client = commands::Client::start(&config, "cli", metrics.commands.clone())?;
     let result = client.send(&command, timeout);
     client.shutdown();
     match result {
@@ -472,7 +485,7 @@ fn dead_letters(action: DlqAction) -> anyhow::Result<ExitCode> {
         } => {
             let mut count = 0usize;
             let mut printed = Ok(());
-            commands::each_dead_letter(&kafka.config()?, &topic, |p| {
+            commands::each_dead_letter(&kafka.checked()?, &topic, |p| {
                 count += 1;
                 if printed.is_ok() && limit.is_none_or(|l| count <= l) {
                     printed = print_parked(&p, json);
@@ -494,7 +507,7 @@ fn dead_letters(action: DlqAction) -> anyhow::Result<ExitCode> {
             token,
             kafka,
         } => {
-            let config = kafka.config()?;
+            let config = kafka.checked()?;
             let mut parked = commands::dead_letters(&config, &topic)?;
             if let Some(id) = &id {
                 parked.retain(|p| p.command_id.as_deref() == Some(id.as_str()));
@@ -642,6 +655,9 @@ fn run(command: Action) -> anyhow::Result<ExitCode> {
             standby_replicas,
             group_protocol,
             auth,
+            tls_cert,
+            tls_key,
+            tls_ca,
         } => {
             if plan {
                 return deploy::print_plan(&file, database_url.as_deref(), Some(&kafka.brokers));
@@ -658,6 +674,13 @@ fn run(command: Action) -> anyhow::Result<ExitCode> {
             }
             if let Some(addr) = admin_listen {
                 builder = builder.admin_listen(addr);
+            }
+            if let (Some(cert), Some(key)) = (tls_cert, tls_key) {
+                builder = builder.tls(miroir::HttpTls {
+                    cert,
+                    key,
+                    ca: tls_ca,
+                });
             }
             builder = builder
                 .auth(auth.config())
@@ -708,7 +731,7 @@ fn run(command: Action) -> anyhow::Result<ExitCode> {
             partitions,
             kafka,
         } => {
-            let config = kafka.config()?;
+            let config = kafka.checked()?;
             create_topic(&config, &topic, partitions).context("creating the topic")?;
             let publisher = Publisher::new(&config)?;
             let reader: Box<dyn BufRead> = if file.as_os_str() == "-" {

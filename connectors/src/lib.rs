@@ -10,7 +10,9 @@
 //! - [`commands`]: commands and replies over Kafka: the wire protocol, the client (app side),
 //!   the processor (master side) and the dead letters.
 //! - [`postgres`]: external tables in the app's PostgreSQL database.
+//! - [`tls`]: the cryptography of every TLS connection.
 
 pub mod commands;
 pub mod kafka;
 pub mod postgres;
+pub mod tls;

@@ -769,7 +769,8 @@ pub fn spawn_master(
     spawn_with_env(topology, state, port, log, (&[], &secret))
 }
 
-/// [`spawn`] with more arguments and environment variables for `miroir run`.
+/// [`spawn`] with more arguments and environment variables for `miroir run`; `--brokers` in
+/// `more` replaces the local broker's plain listener.
 pub fn spawn_with_env(
     topology: &std::path::Path,
     state: &std::path::Path,
@@ -778,17 +779,14 @@ pub fn spawn_with_env(
     (more, env): (&[&str], &[(&str, &str)]),
 ) -> std::process::Child {
     let level = std::env::var("MIROIR_TEST_LOG").unwrap_or_else(|_| "info,librdkafka=warn".into());
+    let brokers = match more.contains(&"--brokers") {
+        true => vec![],
+        false => vec!["--brokers".to_string(), brokers()],
+    };
     std::process::Command::new(env!("CARGO_BIN_EXE_miroir"))
-        .args([
-            "run",
-            topology.to_str().unwrap(),
-            "--brokers",
-            &brokers(),
-            "--workers",
-            "2",
-            "--epoch-ms",
-            "50",
-        ])
+        .args(["run", topology.to_str().unwrap()])
+        .args(brokers)
+        .args(["--workers", "2", "--epoch-ms", "50"])
         .args([
             "--state-dir",
             state.to_str().unwrap(),

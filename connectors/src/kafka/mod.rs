@@ -2,6 +2,7 @@
 
 pub mod admin;
 pub mod changelog;
+pub mod credentials;
 pub mod input;
 pub mod internal;
 pub mod membership;
@@ -164,7 +165,7 @@ pub struct KafkaConfig {
 
 impl std::fmt::Debug for KafkaConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let secret = |k: &str| ["password", "secret", "key"].iter().any(|s| k.contains(s));
+        let secret = miroir_engine::topology::kafka::is_secret_property;
         let extra: Vec<(&str, &str)> = self
             .extra
             .iter()
@@ -184,6 +185,14 @@ impl KafkaConfig {
             brokers: brokers.into(),
             extra: Vec::new(),
         }
+    }
+
+    /// This config with `defaults` (a topology's `[kafka]` section) applied before its own
+    /// extra properties, which win.
+    pub fn with_defaults(mut self, defaults: &[(String, String)]) -> Self {
+        let own = std::mem::take(&mut self.extra);
+        self.extra = defaults.iter().cloned().chain(own).collect();
+        self
     }
 
     /// A client configuration named `miroir-<role>` (`client.id`: what the broker's request

@@ -11,12 +11,14 @@
 //! - [`rejects`]: rows PostgreSQL cannot hold, set aside in `miroir.rejects` instead of
 //!   stopping the sink.
 //! - [`cell`]: engine values in PostgreSQL's binary format.
+//! - `tls`: TLS of the connections, with libpq's `sslmode` and `sslrootcert`.
 
 pub mod cell;
 mod ownership;
 mod rejects;
 pub mod schema;
 pub mod sink;
+mod tls;
 
 use miroir_engine::error::ErrorClass;
 
@@ -24,7 +26,7 @@ use miroir_engine::error::ErrorClass;
 #[derive(Debug, thiserror::Error)]
 pub enum PostgresError {
     /// The database failed or refused a statement.
-    #[error("postgres: {0}")]
+    #[error("postgres: {}", described(.0))]
     Db(#[from] tokio_postgres::Error),
     /// The configuration is wrong; retrying will not help.
     #[error("postgres: {0}")]
@@ -44,6 +46,8 @@ impl PostgresError {
                 Some(state) => sqlstate_class(state.code()),
                 // A value refused before it was sent: the row is at fault.
                 None if unwritable(e) => ErrorClass::Definite,
+                // The server's certificate is not vouched for: retrying does not change it.
+                None if certificate_refused(e) => ErrorClass::Fatal,
                 None => ErrorClass::Transient,
             },
             PostgresError::Config(_) => ErrorClass::Fatal,
@@ -52,9 +56,41 @@ impl PostgresError {
     }
 }
 
+/// `e` with its cause: the server's severity, SQLSTATE and message, or what failed below the
+/// client (tokio-postgres says only "db error" or "error performing TLS handshake").
+fn described(e: &tokio_postgres::Error) -> String {
+    if let Some(db) = e.as_db_error() {
+        return format!("{} {}: {}", db.severity(), db.code().code(), db.message());
+    }
+    match std::error::Error::source(e) {
+        Some(cause) => format!("{e}: {cause}"),
+        None => e.to_string(),
+    }
+}
+
 /// Whether `e` is a value that [`cell::check`] refused.
 fn unwritable(e: &tokio_postgres::Error) -> bool {
     std::error::Error::source(e).is_some_and(|s| s.is::<cell::Unwritable>())
+}
+
+/// Whether `e` is a TLS handshake that refused the server's certificate.
+fn certificate_refused(e: &tokio_postgres::Error) -> bool {
+    let refused = |r: &rustls::Error| matches!(r, rustls::Error::InvalidCertificate(_));
+    let mut next = std::error::Error::source(e);
+    while let Some(cause) = next {
+        // An I/O error hides the error it wraps from `source`.
+        let wrapped = cause
+            .downcast_ref::<std::io::Error>()
+            .and_then(|io| io.get_ref())
+            .and_then(|inner| inner.downcast_ref::<rustls::Error>());
+        if cause.downcast_ref::<rustls::Error>().is_some_and(refused)
+            || wrapped.is_some_and(refused)
+        {
+            return true;
+        }
+        next = cause.source();
+    }
+    false
 }
 
 /// The class of a SQLSTATE, by its first two characters: connection failures (08), rolled-back
@@ -124,9 +160,11 @@ pub fn redacted(url: &str) -> String {
     }
 }
 
-/// Connects, running the connection on `rt`.
+/// Connects (over TLS as `url`'s `sslmode` asks), running the connection on the current
+/// runtime.
 pub(crate) async fn connect(url: &str) -> Result<tokio_postgres::Client, PostgresError> {
-    let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls).await?;
+    let tls::Connection { config, tls } = tls::connection(url)?;
+    let (client, connection) = config.connect(tls).await?;
     tokio::spawn(async move {
         if let Err(e) = connection.await {
             tracing::debug!(error = %e, "postgres connection closed");

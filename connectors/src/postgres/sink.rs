@@ -73,7 +73,8 @@ impl PostgresSink {
         topology: Arc<Topology>,
         instance: &str,
     ) -> Result<PostgresSink, PostgresError> {
-        url.parse::<tokio_postgres::Config>()?;
+        // The URL and its TLS settings are checked now (a CA file that cannot be read, say).
+        super::tls::connection(url)?;
         // The connection runs on a thread of its own: a connection given up after an error
         // closes at once, ending its transaction (and releasing its locks, which other
         // writers wait for) without waiting for the next batch to drive the runtime.

@@ -21,6 +21,7 @@
 
 pub mod command;
 pub mod diagnostic;
+pub mod kafka;
 pub mod late;
 
 use std::collections::{BTreeMap, HashMap};
@@ -56,6 +57,8 @@ pub struct Topology {
     pub repartitions: Vec<Repartition>,
     /// Commands this topology processes (the master side), in file order.
     pub commands: Vec<CommandSpec>,
+    /// librdkafka properties of the `[kafka]` section, in file order (see [`kafka`]).
+    pub kafka: Vec<(String, String)>,
 }
 
 /// An entity stream: a Kafka topic of full snapshots keyed by id.
@@ -148,6 +151,8 @@ struct RawTopology {
     tables: IndexMap<String, Spanned<RawTable>>,
     #[serde(default)]
     commands: IndexMap<String, Spanned<command::RawCommand>>,
+    #[serde(default)]
+    kafka: Option<Spanned<toml::Table>>,
 }
 
 #[derive(Deserialize)]
@@ -281,6 +286,11 @@ impl Topology {
                 Some("use letters, digits, '-', '_' or '.'".into()),
             );
         }
+        let kafka = raw
+            .kafka
+            .as_ref()
+            .map(|section| kafka::properties(&mut r, section))
+            .unwrap_or_default();
         let mut sources = Vec::new();
         for (source_name, raw_source) in &raw.sources {
             if let Some(source) = validate_source(&mut r, source_name, raw_source) {
@@ -429,6 +439,7 @@ impl Topology {
                 tables,
                 repartitions,
                 commands,
+                kafka,
             })
         } else {
             r.diagnostics.sort_by_key(|d| (d.at.line, d.at.col));
