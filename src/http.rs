@@ -225,6 +225,7 @@ fn query_error(e: QueryError) -> Response {
             error(StatusCode::BAD_REQUEST, e.to_string())
         }
         QueryError::Unavailable(message) => unavailable(message),
+        QueryError::Refused(_) => error(StatusCode::FORBIDDEN, e.to_string()),
         QueryError::Store(_) => {
             warn!(error = %e, "query failed");
             error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
@@ -794,13 +795,14 @@ impl Forwarder {
     }
 
     /// For a caller outside any async runtime (the embedding API): the owner's status and
-    /// body, fetched on the forwarder's own runtime; `Err` when it gave none (logged).
+    /// body, fetched on the forwarder's own runtime with the caller's `token`, if any; `Err`
+    /// when it gave none (logged).
     pub(crate) fn fetch_blocking(
         &self,
         me: &str,
         owner: &Member,
         (table, key): (&str, &str),
-        query: Option<&str>,
+        (query, token): (Option<&str>, Option<&str>),
     ) -> Result<(StatusCode, bytes::Bytes), ()> {
         let (tx, rx) = std::sync::mpsc::channel();
         let (me, owner, table, key) = (
@@ -810,6 +812,7 @@ impl Forwarder {
             key.to_string(),
         );
         let query = query.map(str::to_string);
+        let token = token.map(str::to_string);
         let this = self.clone();
         self.runtime.spawn(async move {
             let ask = Ask {
@@ -817,7 +820,7 @@ impl Forwarder {
                 key: &key,
                 query: query.as_deref(),
                 wait: Duration::ZERO,
-                token: None,
+                token: token.as_deref(),
             };
             let _ = tx.send(this.fetch(&me, &owner, &ask).await);
         });

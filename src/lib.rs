@@ -142,6 +142,9 @@ pub enum QueryError {
     /// or did not answer): ask again.
     #[error("{0}")]
     Unavailable(String),
+    /// The instance owning the key refused the caller's token (401) or its roles (403).
+    #[error("refused by the owner of the key: {0}")]
+    Refused(String),
     /// The scan cursor (`after`) is not one a scan gave.
     #[error("bad cursor `{0}`: pass the `next` of the page before")]
     BadCursor(String),
@@ -818,7 +821,12 @@ impl Inner {
 
     /// The row of `key` in `table` from a standby replica of its partition, when the
     /// partition's owner cannot answer; `None` when no standby can either.
-    fn get_from_standby(&self, table: &str, key: &str, owner: Option<&str>) -> Option<RowAnswer> {
+    fn get_from_standby(
+        &self,
+        (table, key): (&str, &str),
+        owner: Option<&str>,
+        token: Option<&str>,
+    ) -> Option<RowAnswer> {
         let standby = self.standby_of(table, key, owner)?;
         if standby.instance == self.membership.me() {
             return self.get_standby(table, key).ok();
@@ -829,7 +837,7 @@ impl Inner {
                 self.membership.me(),
                 &standby,
                 (table, key),
-                Some("standby=true"),
+                (Some("standby=true"), token),
             )
             .ok()?;
         (status.as_u16() == 200)
@@ -838,13 +846,19 @@ impl Inner {
     }
 
     /// The row of `key` in `table`, from the instance that owns the key's partition (or,
-    /// while it cannot answer, from a standby replica of the partition).
-    fn get_routed(&self, table: &str, key: &str) -> Result<Option<RowAnswer>, QueryError> {
+    /// while it cannot answer, from a standby replica of the partition), asked with the
+    /// caller's `token`, if any.
+    fn get_routed(
+        &self,
+        table: &str,
+        key: &str,
+        token: Option<&str>,
+    ) -> Result<Option<RowAnswer>, QueryError> {
         let owner = match self.route(table, key)? {
             Route::Here => return self.get(table, key),
             Route::At(owner) => owner,
             Route::Moving => {
-                if let Some(answer) = self.get_from_standby(table, key, None) {
+                if let Some(answer) = self.get_from_standby((table, key), None, token) {
                     return Ok(Some(answer));
                 }
                 return Err(QueryError::Unavailable(format!(
@@ -864,11 +878,13 @@ impl Inner {
                 owner.instance
             ))
         };
-        let Ok((status, body)) =
-            self.forwarder
-                .fetch_blocking(self.membership.me(), &owner, (table, key), None)
-        else {
-            return match self.get_from_standby(table, key, Some(&owner.instance)) {
+        let Ok((status, body)) = self.forwarder.fetch_blocking(
+            self.membership.me(),
+            &owner,
+            (table, key),
+            (None, token),
+        ) else {
+            return match self.get_from_standby((table, key), Some(&owner.instance), token) {
                 Some(answer) => Ok(Some(answer)),
                 None => Err(unavailable("did not answer".into())),
             };
@@ -878,6 +894,10 @@ impl Inner {
                 .map(Some)
                 .map_err(|e| unavailable(format!("answered what is not a row ({e})"))),
             404 => Ok(None),
+            401 | 403 => Err(QueryError::Refused(format!(
+                "{status}: {}",
+                String::from_utf8_lossy(&body)
+            ))),
             _ => Err(unavailable(format!(
                 "answered {status}: {}",
                 String::from_utf8_lossy(&body)
@@ -1135,9 +1155,22 @@ impl Engine {
     /// composite keys join their parts with `|`, a `|` or `\` inside a part is escaped with a
     /// `\`, and NULL is `\N`). Asked of an instance that does not own the key's partition, it
     /// asks the owner, as the HTTP API does; [`QueryError::Unavailable`] while the partition
-    /// has no owner that can answer.
+    /// has no owner that can answer. The owner is asked without a token: use
+    /// [`Engine::get_as`] when the instances verify bearer tokens.
     pub fn get(&self, table: &str, key: &str) -> Result<Option<RowAnswer>, QueryError> {
-        self.inner.get_routed(table, key)
+        self.inner.get_routed(table, key, None)
+    }
+
+    /// [`Engine::get`] for the caller whose bearer token is `token`: an owner that verifies
+    /// tokens answers the caller's query as it would over HTTP (a table's `readers` and
+    /// `row_filter` apply there; rows held here are the embedding app's own to read).
+    pub fn get_as(
+        &self,
+        table: &str,
+        key: &str,
+        token: &str,
+    ) -> Result<Option<RowAnswer>, QueryError> {
+        self.inner.get_routed(table, key, Some(token))
     }
 
     /// Up to `limit` rows of `table` whose key starts with `prefix`, in key order. The prefix is

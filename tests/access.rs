@@ -210,3 +210,68 @@ fn probes_and_metrics_can_have_an_address_of_their_own() {
     let _ = child.kill();
     let _ = child.wait();
 }
+
+#[test]
+fn an_embedded_engine_asks_other_instances_with_its_callers_token() {
+    let run = Run::new("access-embedded");
+    let t = topology(&run);
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("topology.toml");
+    std::fs::write(&file, &t.text).unwrap();
+    let (events, _) = generate(33, 40, 400);
+    publish(&t, &events);
+    let other = start_verifying(dir.path(), &file, "a");
+    let engine = miroir::Engine::builder()
+        .topology_str(t.text.clone())
+        .brokers(brokers())
+        .state_dir(dir.path().join("state-embedded"))
+        .workers(2)
+        .epoch_interval(std::time::Duration::from_millis(50))
+        .auth(test_auth())
+        .start()
+        .unwrap();
+    let token = token_for(&Principal {
+        id: "bob".into(),
+        roles: vec!["support".into()],
+    });
+    let expected = expected_tables(&t.topology, &events);
+    let want = &expected["contacts_for_support"];
+    // Every row, through the caller's token, wherever its partition is.
+    wait_until(
+        "every row through get_as",
+        std::time::Duration::from_secs(120),
+        || {
+            want.iter().all(|(key, row)| {
+                matches!(engine.get_as("contacts_for_support", key, &token),
+                         Ok(Some(answer)) if answer.row == *row)
+            })
+        },
+    );
+    // Without a token, the rows of the other instance's partitions are refused by it, once
+    // it owns some; the caller's token still reads every row.
+    let refused = || {
+        want.keys()
+            .filter(|key| {
+                matches!(
+                    engine.get("contacts_for_support", key),
+                    Err(miroir::QueryError::Refused(_))
+                )
+            })
+            .count()
+    };
+    wait_until(
+        "the other instance refuses queries without a token",
+        std::time::Duration::from_secs(120),
+        || refused() > 0,
+    );
+    assert!(
+        refused() < want.len(),
+        "every key refused: {}",
+        other.log_tail()
+    );
+    for (key, row) in want {
+        let answer = engine.get_as("contacts_for_support", key, &token).unwrap();
+        assert_eq!(answer.map(|a| a.row).as_ref(), Some(row), "{key}");
+    }
+    engine.shutdown();
+}
