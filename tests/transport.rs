@@ -114,13 +114,18 @@ fn the_demo_flow_runs_over_sasl_ssl_with_each_mechanism() {
     master_args.extend(master_x.iter().map(String::as_str));
     let master_port = free_port();
     let master_log = dir.path().join("master.log");
-    let mut master = spawn_with_env(
-        &master_file,
-        &dir.path().join("master-state"),
-        master_port,
-        &master_log,
-        (&master_args, &[("MIROIR_AUTH_HS256_SECRET", TEST_SECRET)]),
-    );
+    // Killed when dropped, also when the test fails.
+    let master = Instance {
+        child: spawn_with_env(
+            &master_file,
+            &dir.path().join("master-state"),
+            master_port,
+            &master_log,
+            (&master_args, &[("MIROIR_AUTH_HS256_SECRET", TEST_SECRET)]),
+        ),
+        port: master_port,
+        log: master_log.clone(),
+    };
 
     // The app: the connection in the topology's [kafka] section, SCRAM-SHA-256, the password
     // in a --kafka-config file.
@@ -139,18 +144,22 @@ fn the_demo_flow_runs_over_sasl_ssl_with_each_mechanism() {
     std::fs::write(&secrets, format!("sasl.password={SASL_PASSWORD}\n")).unwrap();
     let app_port = free_port();
     let app_log = dir.path().join("app.log");
-    let mut app_instance = spawn_with(
-        &app_file,
-        &dir.path().join("app-state"),
-        app_port,
-        &app_log,
-        &[
-            "--brokers",
-            &brokers,
-            "--kafka-config",
-            secrets.to_str().unwrap(),
-        ],
-    );
+    let app_instance = Instance {
+        child: spawn_with(
+            &app_file,
+            &dir.path().join("app-state"),
+            app_port,
+            &app_log,
+            &[
+                "--brokers",
+                &brokers,
+                "--kafka-config",
+                secrets.to_str().unwrap(),
+            ],
+        ),
+        port: app_port,
+        log: app_log.clone(),
+    };
 
     // The master verifies bearer tokens, of queries too.
     let token = token_for(&Principal {
@@ -215,10 +224,7 @@ fn the_demo_flow_runs_over_sasl_ssl_with_each_mechanism() {
         "alice"
     );
 
-    for child in [&mut master, &mut app_instance] {
-        let _ = child.kill();
-        let _ = child.wait();
-    }
+    drop((master, app_instance));
     for log in [&master_log, &app_log] {
         let text = std::fs::read_to_string(log).unwrap();
         for secret in [SASL_PASSWORD, token.as_str(), TEST_SECRET] {
@@ -245,13 +251,13 @@ fn a_wrong_kafka_password_stops_the_instance_with_a_clear_error() {
     let mut args: Vec<&str> = vec!["--brokers", &brokers];
     args.extend(x.iter().map(String::as_str));
     let log = dir.path().join("instance.log");
-    let mut child = spawn_with(&file, &dir.path().join("state"), free_port(), &log, &args);
+    let mut instance = Instance {
+        child: spawn_with(&file, &dir.path().join("state"), free_port(), &log, &args),
+        port: 0,
+        log: log.clone(),
+    };
     // Not a hang: the instance stops by itself (the bound only catches one that never does).
-    let status = exited(&mut child, Duration::from_secs(120));
-    if status.is_none() {
-        let _ = child.kill();
-        let _ = child.wait();
-    }
+    let status = exited(&mut instance.child, Duration::from_secs(120));
     let text = std::fs::read_to_string(&log).unwrap();
     let status = status.unwrap_or_else(|| panic!("still running with a wrong password:\n{text}"));
     assert!(!status.success());
