@@ -308,8 +308,8 @@ impl Metrics {
         );
         let late_events = counter(
             "miroir_late_events_total",
-            "Late events, by action",
-            &["source", "action"],
+            "Late events, by action and business operation (late.per's value)",
+            &["source", "action", "operation"],
         );
         let operations_forgotten = counter(
             "miroir_late_operations_forgotten_total",

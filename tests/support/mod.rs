@@ -479,13 +479,38 @@ struct SimEntry {
     applied: u64,
 }
 
+/// What [`replay`] found: each source's rows, and the late events it dropped.
+pub struct Replayed {
+    /// The rows of each source, in source order.
+    pub rows: Vec<Vec<Vec<Value>>>,
+    /// Late events dropped (older than the applied version of their operation, not equal to
+    /// it: that is a duplicate), by source name and operation label (empty without
+    /// `late.per`), as `miroir_late_events_total{action="dropped"}` counts them.
+    pub late: BTreeMap<(String, String), u64>,
+}
+
+/// The sources' rows after `events` (see [`replay`]).
+pub fn simulate(t: &Topology, events: &[Event]) -> Vec<Vec<Vec<Value>>> {
+    replay(t, events).rows
+}
+
+/// A business operation as the engine labels it in metrics.
+pub fn operation_label(operation: &Value) -> String {
+    match operation {
+        Value::Null => String::new(),
+        Value::Text(text) => text.to_string(),
+        other => other.to_key_text(),
+    }
+}
+
 /// Replays `events` with the documented semantics, written independently of the engine's
 /// upsert code: per key in order, a malformed event is skipped, a tombstone deletes, an event
 /// not newer than the last applied one of its operation is dropped; a key that reaches
 /// `late.max_operations` forgets the operation applied longest ago.
-pub fn simulate(t: &Topology, events: &[Event]) -> Vec<Vec<Vec<Value>>> {
+pub fn replay(t: &Topology, events: &[Event]) -> Replayed {
     let mut state: Vec<BTreeMap<String, SimEntry>> =
         t.sources.iter().map(|_| BTreeMap::new()).collect();
+    let mut dropped = BTreeMap::new();
     for e in events {
         let source = &t.sources[e.source];
         let entry = state[e.source].entry(e.key.clone()).or_default();
@@ -505,12 +530,15 @@ pub fn simulate(t: &Topology, events: &[Event]) -> Vec<Vec<Vec<Value>>> {
             .expect("test sources declare a late policy");
         let op = late.per.map(|p| row[p].clone()).unwrap_or(Value::Null);
         let order = row[late.order_by].clone();
-        if entry
-            .versions
-            .get(&op)
-            .is_some_and(|(applied, _)| order <= *applied)
-        {
-            continue;
+        if let Some((applied, _)) = entry.versions.get(&op) {
+            if order < *applied {
+                *dropped
+                    .entry((source.name.clone(), operation_label(&op)))
+                    .or_insert(0) += 1;
+            }
+            if order <= *applied {
+                continue;
+            }
         }
         if !entry.versions.contains_key(&op) && entry.versions.len() >= late.max_operations {
             let oldest = entry
@@ -526,10 +554,13 @@ pub fn simulate(t: &Topology, events: &[Event]) -> Vec<Vec<Vec<Value>>> {
         entry.versions.insert(op, (order, entry.applied));
         entry.row = Some(row);
     }
-    state
-        .into_iter()
-        .map(|s| s.into_values().filter_map(|e| e.row).collect())
-        .collect()
+    Replayed {
+        rows: state
+            .into_iter()
+            .map(|s| s.into_values().filter_map(|e| e.row).collect())
+            .collect(),
+        late: dropped,
+    }
 }
 
 /// The expected contents of every table, as key -> JSON row.

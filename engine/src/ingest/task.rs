@@ -117,9 +117,14 @@ impl Task {
         };
         match outcome {
             Outcome::Changed { late, forgotten } => {
-                if late {
-                    count(&origin.metrics.late_events, &[&src.name, "kept"]);
-                    info!(%topic, partition, offset, key = %key_text, "late event kept");
+                if let Some(late) = late {
+                    let operation = operation_label(&late.operation);
+                    count(
+                        &origin.metrics.late_events,
+                        &[&src.name, "kept", &operation],
+                    );
+                    info!(%topic, partition, offset, key = %key_text, operation, incoming = %late.incoming,
+                          applied = %late.applied, "late event kept");
                 }
                 if let Some(operation) = forgotten {
                     count(&origin.metrics.operations_forgotten, &[&src.name]);
@@ -131,9 +136,14 @@ impl Task {
                 count(&origin.metrics.duplicate_events, &[&src.name]);
                 debug!(%topic, partition, offset, key = %key_text, "duplicate event skipped");
             }
-            Outcome::Late => {
-                count(&origin.metrics.late_events, &[&src.name, "dropped"]);
-                info!(%topic, partition, offset, key = %key_text, "late event dropped");
+            Outcome::Late(late) => {
+                let operation = operation_label(&late.operation);
+                count(
+                    &origin.metrics.late_events,
+                    &[&src.name, "dropped", &operation],
+                );
+                info!(%topic, partition, offset, key = %key_text, operation, incoming = %late.incoming,
+                      applied = %late.applied, "late event dropped: older than the version applied for its operation");
             }
         }
     }
@@ -190,6 +200,15 @@ impl Task {
 
 /// The longest time between two passes forgetting deleted keys past their retention.
 const FORGET_EVERY_MS: i64 = 3_600_000;
+
+/// A business operation as a metric label: its text, empty without `late.per`.
+fn operation_label(operation: &Value) -> String {
+    match operation {
+        Value::Null => String::new(),
+        Value::Text(text) => text.to_string(),
+        other => other.to_key_text(),
+    }
+}
 
 fn now_ms() -> i64 {
     std::time::SystemTime::now()

@@ -21,7 +21,7 @@ use std::collections::HashMap;
 use super::late::{verdict, Verdict};
 use crate::topology::late::{LateAction, LatePolicy};
 use crate::value::{Row, Value};
-pub use types::{Entry, Event, Outcome};
+pub use types::{Entry, Event, LateEvent, Outcome};
 
 /// The upsert state of one partition of one source.
 ///
@@ -69,15 +69,21 @@ impl UpsertState {
                 return Outcome::Duplicate;
             }
         }
-        let mut late = false;
+        let mut late = None;
         if row.is_some() && policy.is_some() {
-            match verdict(entry.and_then(|e| e.version_of(operation)), order) {
+            let applied = entry.and_then(|e| e.version_of(operation));
+            let event = || LateEvent {
+                operation: operation.clone(),
+                incoming: order.clone(),
+                applied: applied.cloned().unwrap_or(Value::Null),
+            };
+            match verdict(applied, order) {
                 Verdict::Apply => {}
                 Verdict::Duplicate => return Outcome::Duplicate,
                 Verdict::Late if policy.is_some_and(|p| p.action == LateAction::Keep) => {
-                    late = true
+                    late = Some(event())
                 }
-                Verdict::Late => return Outcome::Late,
+                Verdict::Late => return Outcome::Late(event()),
             }
         } else if row.is_none() {
             match entry {
@@ -192,7 +198,7 @@ mod tests {
 
     /// An event applied without anything forgotten.
     const APPLIED: Outcome = Outcome::Changed {
-        late: false,
+        late: None,
         forgotten: None,
     };
 
@@ -235,9 +241,11 @@ mod tests {
         // Drained at 0: `a` is recorded deleted then.
         drain(&mut s);
         assert_eq!(s.forget_deleted(99, 100), Vec::<Value>::new());
-        assert_eq!(
-            s.apply(Some(&p), 0, Event::Row(row("a", 3, "x")), 3),
-            Outcome::Late,
+        assert!(
+            matches!(
+                s.apply(Some(&p), 0, Event::Row(row("a", 3, "x")), 3),
+                Outcome::Late(_)
+            ),
             "within the retention, the delete's versions hold"
         );
         assert_eq!(s.forget_deleted(100, 100), vec![key("a")]);
@@ -265,10 +273,10 @@ mod tests {
             drain(&mut s),
             vec![(key("a"), None, Some(row("a", 2, "x")))]
         );
-        assert_eq!(
+        assert!(matches!(
             s.apply(Some(&p), 0, Event::Row(row("a", 1, "x")), 1),
-            Outcome::Late
-        );
+            Outcome::Late(_)
+        ));
         assert_eq!(
             s.apply(Some(&p), 0, Event::Row(row("a", 2, "x")), 2),
             Outcome::Duplicate
@@ -326,19 +334,21 @@ mod tests {
         assert_eq!(
             s.apply(Some(&p), 0, Event::Row(row("a", 8, "phone")), 3),
             Outcome::Changed {
-                late: false,
+                late: None,
                 forgotten: Some(Value::Text("name".into()))
             }
         );
-        assert_eq!(
-            s.apply(Some(&p), 0, Event::Row(row("a", 6, "email")), 4),
-            Outcome::Late,
+        assert!(
+            matches!(
+                s.apply(Some(&p), 0, Event::Row(row("a", 6, "email")), 4),
+                Outcome::Late(_)
+            ),
             "the operations kept still drop their late events"
         );
         assert_eq!(
             s.apply(Some(&p), 0, Event::Row(row("a", 2, "name")), 5),
             Outcome::Changed {
-                late: false,
+                late: None,
                 forgotten: Some(Value::Text("email".into()))
             },
             "a forgotten operation's late event is no longer recognized"
@@ -359,7 +369,11 @@ mod tests {
         );
         assert_eq!(
             s.apply(Some(&p), 0, Event::Row(row("a", 4, "email")), 2),
-            Outcome::Late
+            Outcome::Late(LateEvent {
+                operation: Value::Text("email".into()),
+                incoming: Value::Int(4),
+                applied: Value::Int(5),
+            })
         );
     }
 
@@ -378,10 +392,10 @@ mod tests {
             s.apply(Some(&p), 0, Event::Tombstone(key("a")), 1),
             Outcome::Duplicate
         );
-        assert_eq!(
+        assert!(matches!(
             s.apply(Some(&p), 0, Event::Row(row("a", 1, "x")), 2),
-            Outcome::Late
-        );
+            Outcome::Late(_)
+        ));
         assert!(s.is_empty());
     }
 
@@ -397,7 +411,11 @@ mod tests {
         assert_eq!(
             s.apply(Some(&p), 0, Event::Row(row("a", 1, "x")), 1),
             Outcome::Changed {
-                late: true,
+                late: Some(LateEvent {
+                    operation: Value::Null,
+                    incoming: Value::Int(1),
+                    applied: Value::Int(2),
+                }),
                 forgotten: None
             }
         );

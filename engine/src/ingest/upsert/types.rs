@@ -99,16 +99,27 @@ pub enum Outcome {
     /// The key's row changed (see [`crate::ingest::upsert::UpsertState::drain_changes`]); `late` when a
     /// late event was kept.
     Changed {
-        /// Whether this was a late event applied by `action = "keep"`.
-        late: bool,
+        /// The late event applied by `action = "keep"`, if this was one.
+        late: Option<LateEvent>,
         /// The business operation whose order value the key forgot to make room for this
         /// one's (see [`Entry::record_version`]): a late event of it is no longer recognized.
         forgotten: Option<Value>,
     },
     /// Already applied (same version, a replay or a re-delivery): no effect.
     Duplicate,
-    /// Older than the applied version and dropped.
-    Late,
+    /// Older than the version applied for its business operation, and dropped.
+    Late(LateEvent),
+}
+
+/// An event older than the one applied last for the same key and business operation.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LateEvent {
+    /// The event's business operation (`late.per`'s column; NULL without one).
+    pub operation: Value,
+    /// The event's order value (`late.order_by`).
+    pub incoming: Value,
+    /// The order value applied last for that operation.
+    pub applied: Value,
 }
 
 #[cfg(test)]
