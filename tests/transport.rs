@@ -261,8 +261,10 @@ fn a_wrong_kafka_password_stops_the_instance_with_a_clear_error() {
     let text = std::fs::read_to_string(&log).unwrap();
     let status = status.unwrap_or_else(|| panic!("still running with a wrong password:\n{text}"));
     assert!(!status.success());
+    // The last line, what the process stopped with, says why.
+    let last = text.lines().last().unwrap_or_default().to_lowercase();
     assert!(
-        text.to_lowercase().contains("authentication failed"),
+        last.contains("cannot connect") && last.contains("authentication failed"),
         "no clear error:\n{text}"
     );
     assert!(!text.contains(wrong), "the password in the log");
@@ -292,6 +294,55 @@ fn a_wrong_kafka_password_stops_the_instance_with_a_clear_error() {
     assert!(
         stderr.to_lowercase().contains("authentication failed"),
         "{stderr}"
+    );
+}
+
+#[test]
+fn a_broker_certificate_from_an_unknown_ca_stops_the_instance_with_a_clear_error() {
+    let run = Run::new("sasl-ca");
+    let dir = tempfile::tempdir().unwrap();
+    // A CA that signed nothing the broker shows.
+    let other_ca = dir.path().join("other-ca.pem");
+    let made = std::process::Command::new("openssl")
+        .args([
+            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+        ])
+        .args(["-subj", "/CN=another CA", "-keyout"])
+        .arg(dir.path().join("other-ca.key"))
+        .arg("-out")
+        .arg(&other_ca)
+        .output()
+        .unwrap();
+    assert!(
+        made.status.success(),
+        "{}",
+        String::from_utf8_lossy(&made.stderr)
+    );
+    let app = with_internal_table_only(user_directory(&run));
+    let file = dir.path().join("app.toml");
+    std::fs::write(&file, &app.text).unwrap();
+    let mut properties = sasl("SCRAM-SHA-256");
+    properties.retain(|(k, _)| k != "ssl.ca.location");
+    properties.push(("ssl.ca.location".into(), other_ca.to_str().unwrap().into()));
+    properties.push(("sasl.password".into(), SASL_PASSWORD.into()));
+    let brokers = sasl_brokers();
+    let x = x_args(&properties);
+    let mut args: Vec<&str> = vec!["--brokers", &brokers];
+    args.extend(x.iter().map(String::as_str));
+    let log = dir.path().join("instance.log");
+    let mut instance = Instance {
+        child: spawn_with(&file, &dir.path().join("state"), free_port(), &log, &args),
+        port: 0,
+        log: log.clone(),
+    };
+    let status = exited(&mut instance.child, Duration::from_secs(120));
+    let text = std::fs::read_to_string(&log).unwrap();
+    let status = status.unwrap_or_else(|| panic!("still running with an unknown CA:\n{text}"));
+    assert!(!status.success());
+    let last = text.lines().last().unwrap_or_default().to_lowercase();
+    assert!(
+        last.contains("cannot connect") && last.contains("certificate verify failed"),
+        "no clear error:\n{text}"
     );
 }
 
