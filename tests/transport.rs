@@ -237,39 +237,18 @@ fn the_demo_flow_runs_over_sasl_ssl_with_each_mechanism() {
 fn a_wrong_kafka_password_stops_the_instance_with_a_clear_error() {
     let run = Run::new("sasl-wrong");
     let dir = tempfile::tempdir().unwrap();
-    let app = with_internal_table_only(user_directory(&run));
-    let file = dir.path().join("app.toml");
-    std::fs::write(&file, &app.text).unwrap();
     let wrong = "not-the-password";
     let properties = [
         sasl("SCRAM-SHA-256"),
         vec![("sasl.password".into(), wrong.into())],
     ]
     .concat();
-    let brokers = sasl_brokers();
-    let x = x_args(&properties);
-    let mut args: Vec<&str> = vec!["--brokers", &brokers];
-    args.extend(x.iter().map(String::as_str));
-    let log = dir.path().join("instance.log");
-    let mut instance = Instance {
-        child: spawn_with(&file, &dir.path().join("state"), free_port(), &log, &args),
-        port: 0,
-        log: log.clone(),
-    };
-    // Not a hang: the instance stops by itself (the bound only catches one that never does).
-    let status = exited(&mut instance.child, Duration::from_secs(120));
-    let text = std::fs::read_to_string(&log).unwrap();
-    let status = status.unwrap_or_else(|| panic!("still running with a wrong password:\n{text}"));
-    assert!(!status.success());
-    // The last line, what the process stopped with, says why.
-    let last = text.lines().last().unwrap_or_default().to_lowercase();
-    assert!(
-        last.contains("cannot connect") && last.contains("authentication failed"),
-        "no clear error:\n{text}"
-    );
+    let text = refused_start(&run, dir.path(), &properties, "authentication failed");
     assert!(!text.contains(wrong), "the password in the log");
 
     // The CLI too.
+    let brokers = sasl_brokers();
+    let x = x_args(&properties);
     let mut send = std::process::Command::new(env!("CARGO_BIN_EXE_miroir"));
     let m = user_referential(&run);
     let master_file = dir.path().join("master.toml");
@@ -318,32 +297,47 @@ fn a_broker_certificate_from_an_unknown_ca_stops_the_instance_with_a_clear_error
         "{}",
         String::from_utf8_lossy(&made.stderr)
     );
-    let app = with_internal_table_only(user_directory(&run));
-    let file = dir.path().join("app.toml");
-    std::fs::write(&file, &app.text).unwrap();
     let mut properties = sasl("SCRAM-SHA-256");
     properties.retain(|(k, _)| k != "ssl.ca.location");
     properties.push(("ssl.ca.location".into(), other_ca.to_str().unwrap().into()));
     properties.push(("sasl.password".into(), SASL_PASSWORD.into()));
+    refused_start(&run, dir.path(), &properties, "certificate verify failed");
+}
+
+/// Starts an app instance of `run` in `dir` with librdkafka `properties` that the broker
+/// refuses, and asserts it stops by itself, its last line saying `cannot connect` and `why`;
+/// returns its log.
+fn refused_start(
+    run: &str,
+    dir: &std::path::Path,
+    properties: &[(String, String)],
+    why: &str,
+) -> String {
+    let app = with_internal_table_only(user_directory(run));
+    let file = dir.join("app.toml");
+    std::fs::write(&file, &app.text).unwrap();
     let brokers = sasl_brokers();
-    let x = x_args(&properties);
+    let x = x_args(properties);
     let mut args: Vec<&str> = vec!["--brokers", &brokers];
     args.extend(x.iter().map(String::as_str));
-    let log = dir.path().join("instance.log");
+    let log = dir.join("instance.log");
     let mut instance = Instance {
-        child: spawn_with(&file, &dir.path().join("state"), free_port(), &log, &args),
+        child: spawn_with(&file, &dir.join("state"), free_port(), &log, &args),
         port: 0,
         log: log.clone(),
     };
+    // Not a hang: the instance stops by itself (the bound only catches one that never does).
     let status = exited(&mut instance.child, Duration::from_secs(120));
     let text = std::fs::read_to_string(&log).unwrap();
-    let status = status.unwrap_or_else(|| panic!("still running with an unknown CA:\n{text}"));
+    let status = status.unwrap_or_else(|| panic!("still running, refused ({why}):\n{text}"));
     assert!(!status.success());
+    // The last line, what the process stopped with, says why.
     let last = text.lines().last().unwrap_or_default().to_lowercase();
     assert!(
-        last.contains("cannot connect") && last.contains("certificate verify failed"),
+        last.contains("cannot connect") && last.contains(why),
         "no clear error:\n{text}"
     );
+    text
 }
 
 /// `database_url()` with `user:password` and `query` in place of its own.

@@ -259,7 +259,7 @@ impl ServerCertVerifier for Checked {
 }
 
 /// Any certificate is taken (`require` without `sslrootcert`); the handshake's signatures are
-/// still checked, so the session's keys belong to whoever holds the certificate's key.
+/// still checked, so the connection's keys belong to whoever holds the certificate's key.
 #[derive(Debug)]
 struct Unchecked(Arc<CryptoProvider>);
 
