@@ -450,3 +450,14 @@ impl Default for Metrics {
         Metrics::new()
     }
 }
+
+/// A business operation as the `operation` label of `miroir_late_events_total`: its text,
+/// empty without `late.per`.
+pub fn operation_label(operation: &crate::value::Value) -> String {
+    use crate::value::Value;
+    match operation {
+        Value::Null => String::new(),
+        Value::Text(text) => text.to_string(),
+        other => other.to_key_text(),
+    }
+}

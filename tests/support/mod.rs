@@ -494,15 +494,6 @@ pub fn simulate(t: &Topology, events: &[Event]) -> Vec<Vec<Vec<Value>>> {
     replay(t, events).rows
 }
 
-/// A business operation as the engine labels it in metrics.
-pub fn operation_label(operation: &Value) -> String {
-    match operation {
-        Value::Null => String::new(),
-        Value::Text(text) => text.to_string(),
-        other => other.to_key_text(),
-    }
-}
-
 /// Replays `events` with the documented semantics, written independently of the engine's
 /// upsert code: per key in order, a malformed event is skipped, a tombstone deletes, an event
 /// not newer than the last applied one of its operation is dropped; a key that reaches
@@ -533,7 +524,10 @@ pub fn replay(t: &Topology, events: &[Event]) -> Replayed {
         if let Some((applied, _)) = entry.versions.get(&op) {
             if order < *applied {
                 *dropped
-                    .entry((source.name.clone(), operation_label(&op)))
+                    .entry((
+                        source.name.clone(),
+                        miroir::miroir_engine::metrics::operation_label(&op),
+                    ))
                     .or_insert(0) += 1;
             }
             if order <= *applied {

@@ -12,7 +12,7 @@ use super::decode::decode;
 use super::protocol::{ErrorSink, Record, Records};
 use super::upsert::{Entry, Event, Outcome, UpsertState};
 use crate::dataflow::Epoch;
-use crate::metrics::Metrics;
+use crate::metrics::{operation_label, Metrics};
 use crate::state::Commit;
 use crate::topology::Source;
 use crate::value::{Row, Value};
@@ -200,15 +200,6 @@ impl Task {
 
 /// The longest time between two passes forgetting deleted keys past their retention.
 const FORGET_EVERY_MS: i64 = 3_600_000;
-
-/// A business operation as a metric label: its text, empty without `late.per`.
-fn operation_label(operation: &Value) -> String {
-    match operation {
-        Value::Null => String::new(),
-        Value::Text(text) => text.to_string(),
-        other => other.to_key_text(),
-    }
-}
 
 fn now_ms() -> i64 {
     std::time::SystemTime::now()
