@@ -377,6 +377,9 @@ impl EngineBuilder {
             TopologySource::File(path) => Topology::load(&path)?,
             TopologySource::Text(text) => Topology::parse("<string>", &text)?,
         };
+        for warning in &topology.warnings {
+            tracing::warn!(%warning, "topology warning");
+        }
         // Repartition records are written with the changelogs, in their transactions.
         let topology = match self.no_changelog || self.unsplit {
             true => Arc::new(topology.unsplit()),

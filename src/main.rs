@@ -596,6 +596,9 @@ fn run(command: Action) -> anyhow::Result<ExitCode> {
     match command {
         Action::Validate { file } => match Topology::load(&file) {
             Ok(t) => {
+                for warning in &t.warnings {
+                    eprintln!("warning: {warning}");
+                }
                 println!(
                     "{}: ok ({} sources, {} tables, {} commands)",
                     file.display(),

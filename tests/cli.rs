@@ -27,7 +27,27 @@ fn validate_accepts_every_shipped_topology() {
         let (ok, stdout, stderr) = miroir(&["validate", path.to_str().unwrap()]);
         assert!(ok, "{}: {stderr}", path.display());
         assert!(stdout.contains(": ok"), "{stdout}");
+        assert!(!stderr.contains("warning"), "{stderr}");
     }
+}
+
+#[test]
+fn validate_warns_of_operations_that_own_no_columns() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("snapshots.toml");
+    let text = std::fs::read_to_string(TOPOLOGY).unwrap();
+    let owns = text.find(", owns = {").expect("the users declare owns");
+    let end = owns + text[owns..].find(" }").unwrap() + 2;
+    std::fs::write(&path, format!("{}{}", &text[..owns], &text[end..])).unwrap();
+    let (ok, stdout, stderr) = miroir(&["validate", path.to_str().unwrap()]);
+    assert!(ok, "a warning is no error: {stderr}");
+    assert!(stdout.contains(": ok"), "{stdout}");
+    let file = path.to_str().unwrap();
+    assert!(
+        stderr.contains(&format!("warning: {file}:15:8: late.per without late.owns")),
+        "{stderr}"
+    );
+    assert!(stderr.contains("hint: declare which columns"), "{stderr}");
 }
 
 #[test]
@@ -63,7 +83,7 @@ fn validate_reports_every_error_with_position_and_hint() {
     std::fs::write(&bad, only_sql).unwrap();
     let (ok, _, stderr) = miroir(&["validate", bad.to_str().unwrap()]);
     assert!(!ok);
-    assert!(stderr.contains(&format!("{file}:23:32:")), "{stderr}");
+    assert!(stderr.contains(&format!("{file}:25:32:")), "{stderr}");
     assert!(stderr.contains("unknown column `emial`"), "{stderr}");
 }
 

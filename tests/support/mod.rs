@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use miroir::miroir_engine::ingest::decode::decode;
 use miroir::miroir_engine::reference::evaluate_table;
+use miroir::miroir_engine::topology::late::Ownership;
 use miroir::miroir_engine::topology::Topology;
 use miroir::miroir_engine::value::{key_text, row_to_json, Value};
 use miroir_connectors::kafka::admin::{create_topic, delete_topics, topics};
@@ -470,13 +471,47 @@ pub fn internal_rows(engine: &miroir::Engine, name: &str) -> BTreeMap<String, se
         .collect()
 }
 
-/// The simulated state of one source key: its row and, per operation, the last applied order
-/// and when (the how-manieth event of the key) it was applied.
+/// The simulated state of one source key: its row, the events applied since the row was
+/// created (order, operation, row), and per operation the last applied order and when (the
+/// how-manieth event of the key) it was applied.
 #[derive(Default)]
 struct SimEntry {
     row: Option<Vec<Value>>,
+    history: Vec<(Value, Value, Vec<Value>)>,
     versions: HashMap<Value, (Value, u64)>,
     applied: u64,
+}
+
+/// The row a key's applied `history` leaves: without `late.owns` its last event; with it,
+/// each column from the newest event (the first of equals) that may write the column. The
+/// event that created the row may write all; an operation listed in `owns` its own columns
+/// and those nobody owns; any other operation all.
+fn row_of(history: &[(Value, Value, Vec<Value>)], owns: Option<&Ownership>) -> Vec<Value> {
+    let (_, _, last) = history.last().expect("an applied event");
+    let Some(owns) = owns else {
+        return last.clone();
+    };
+    let owner_of = |c: usize| owns.operations.iter().find(|(_, cols)| cols.contains(&c));
+    let may_write = |i: usize, op: &Value, c: usize| {
+        i == 0
+            || owner_of(c).is_none()
+            || owns
+                .operations
+                .iter()
+                .find(|(o, _)| o == op)
+                .is_none_or(|(_, cols)| cols.contains(&c))
+    };
+    (0..last.len())
+        .map(|c| {
+            let mut newest: Option<&(Value, Value, Vec<Value>)> = None;
+            for (i, event) in history.iter().enumerate() {
+                if may_write(i, &event.1, c) && newest.is_none_or(|n| event.0 > n.0) {
+                    newest = Some(event);
+                }
+            }
+            newest.expect("the first event writes all").2[c].clone()
+        })
+        .collect()
 }
 
 /// What [`replay`] found: each source's rows, and the late events it dropped.
@@ -497,7 +532,8 @@ pub fn simulate(t: &Topology, events: &[Event]) -> Vec<Vec<Vec<Value>>> {
 /// Replays `events` with the documented semantics, written independently of the engine's
 /// upsert code: per key in order, a malformed event is skipped, a tombstone deletes, an event
 /// not newer than the last applied one of its operation is dropped; a key that reaches
-/// `late.max_operations` forgets the operation applied longest ago.
+/// `late.max_operations` forgets the operation applied longest ago; under `late.owns` the row
+/// is recomputed from every event applied since its creation (see [`row_of`]).
 pub fn replay(t: &Topology, events: &[Event]) -> Replayed {
     let mut state: Vec<BTreeMap<String, SimEntry>> =
         t.sources.iter().map(|_| BTreeMap::new()).collect();
@@ -507,6 +543,7 @@ pub fn replay(t: &Topology, events: &[Event]) -> Replayed {
         let entry = state[e.source].entry(e.key.clone()).or_default();
         let Some(payload) = &e.payload else {
             entry.row = None;
+            entry.history.clear();
             continue;
         };
         let Ok(row) = decode(source, payload.as_bytes()) else {
@@ -545,8 +582,11 @@ pub fn replay(t: &Topology, events: &[Event]) -> Replayed {
                 .remove(&oldest.expect("a key at its limit has operations"));
         }
         entry.applied += 1;
-        entry.versions.insert(op, (order, entry.applied));
-        entry.row = Some(row);
+        entry
+            .versions
+            .insert(op.clone(), (order.clone(), entry.applied));
+        entry.history.push((order, op, row));
+        entry.row = Some(row_of(&entry.history, late.owns.as_ref()));
     }
     Replayed {
         rows: state

@@ -41,7 +41,7 @@ use crate::plan::{
 };
 use crate::value::{Column, ColumnType};
 use command::CommandSpec;
-use late::{LateAction, LatePolicy};
+use late::LatePolicy;
 
 /// A validated topology: its sources and planned tables.
 #[derive(Clone, Debug)]
@@ -59,6 +59,8 @@ pub struct Topology {
     pub commands: Vec<CommandSpec>,
     /// librdkafka properties of the `[kafka]` section, in file order (see [`kafka`]).
     pub kafka: Vec<(String, String)>,
+    /// What works but probably not as meant (`miroir validate` prints it, a start logs it).
+    pub warnings: Vec<Diagnostic>,
 }
 
 /// An entity stream: a Kafka topic of full snapshots keyed by id.
@@ -164,23 +166,9 @@ struct RawSource {
     key: Spanned<String>,
     columns: Spanned<IndexMap<String, Spanned<String>>>,
     #[serde(default)]
-    late: Option<Spanned<RawLate>>,
+    late: Option<Spanned<late::RawLate>>,
     #[serde(default)]
     global: bool,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawLate {
-    order_by: Spanned<String>,
-    #[serde(default)]
-    per: Option<Spanned<String>>,
-    #[serde(default)]
-    action: Option<Spanned<String>>,
-    #[serde(default)]
-    tombstone_retention: Option<Spanned<String>>,
-    #[serde(default)]
-    max_operations: Option<Spanned<i64>>,
 }
 
 #[derive(Deserialize)]
@@ -221,11 +209,22 @@ struct Reporter<'a> {
     file: &'a str,
     text: &'a str,
     diagnostics: Vec<Diagnostic>,
+    warnings: Vec<Diagnostic>,
 }
 
 impl Reporter<'_> {
     fn at(&mut self, offset: usize, message: impl Into<String>, hint: Option<String>) {
         self.push(Position::of_offset(self.text, offset), message, hint);
+    }
+
+    /// Records something that works but probably not as meant.
+    fn warn_at(&mut self, offset: usize, message: impl Into<String>, hint: Option<String>) {
+        self.warnings.push(Diagnostic {
+            file: self.file.to_string(),
+            at: Position::of_offset(self.text, offset),
+            message: message.into(),
+            hint,
+        });
     }
 
     fn push(&mut self, at: Position, message: impl Into<String>, hint: Option<String>) {
@@ -259,6 +258,7 @@ impl Topology {
             file,
             text,
             diagnostics: Vec::new(),
+            warnings: Vec::new(),
         };
         let raw: RawTopology = match toml::from_str(text) {
             Ok(raw) => raw,
@@ -440,6 +440,7 @@ impl Topology {
                 repartitions,
                 commands,
                 kafka,
+                warnings: r.warnings,
             })
         } else {
             r.diagnostics.sort_by_key(|d| (d.at.line, d.at.col));
@@ -627,10 +628,6 @@ impl Topology {
 /// PostgreSQL's limit on identifier length (longer names are truncated silently).
 const PG_MAX_IDENTIFIER: usize = 63;
 
-/// The most business operations `late.max_operations` lets a key keep: every event of the
-/// key looks its operation up among them.
-const MAX_OPERATIONS_LIMIT: usize = 1024;
-
 /// Checks a PostgreSQL sink's settings. Names are quoted in every statement, so this only
 /// rejects what PostgreSQL would truncate or what cannot be a name at all.
 fn validate_postgres(r: &mut Reporter<'_>, raw: &RawPostgres) -> Option<PostgresTable> {
@@ -785,88 +782,11 @@ fn validate_source(r: &mut Reporter<'_>, name: &str, raw: &Spanned<RawSource>) -
         );
     }
     let columns_ok = r.diagnostics.len() == before;
-    let late = s.late.as_ref().filter(|_| columns_ok).and_then(|late| {
-        let l = late.get_ref();
-        let order_by = find(l.order_by.get_ref());
-        match order_by.map(|i| columns[i].ty) {
-            None => r.at(
-                l.order_by.span().start,
-                format!(
-                    "late.order_by `{}` is not a declared column",
-                    l.order_by.get_ref()
-                ),
-                None,
-            ),
-            Some(ColumnType::Bigint | ColumnType::Timestamptz | ColumnType::Double) => {}
-            Some(other) => r.at(
-                l.order_by.span().start,
-                format!(
-                    "late.order_by must be a bigint, double or timestamptz column, `{}` is {other}",
-                    l.order_by.get_ref()
-                ),
-                None,
-            ),
-        }
-        let per = match &l.per {
-            None => None,
-            Some(p) if p.get_ref() == "key" => None,
-            Some(p) => {
-                let i = find(p.get_ref());
-                if i.is_none() {
-                    r.at(
-                        p.span().start,
-                        format!("late.per `{}` is not a declared column", p.get_ref()),
-                        Some("per = \"key\" or the column naming the business operation".into()),
-                    );
-                }
-                i
-            }
-        };
-        let action = match l
-            .action
-            .as_ref()
-            .map(|a| (a.get_ref().as_str(), a.span().start))
-        {
-            None | Some(("drop", _)) => LateAction::Drop,
-            Some(("keep", _)) => LateAction::Keep,
-            Some((other, at)) => {
-                r.at(
-                    at,
-                    format!("unknown late.action `{other}`"),
-                    Some("drop (default) or keep".into()),
-                );
-                LateAction::Drop
-            }
-        };
-        let max_operations = match &l.max_operations {
-            None => LatePolicy::DEFAULT_MAX_OPERATIONS,
-            Some(m) if l.per.is_none() => {
-                r.at(
-                    m.span().start,
-                    "late.max_operations needs late.per".to_string(),
-                    Some("without `per`, a key has one order value".into()),
-                );
-                LatePolicy::DEFAULT_MAX_OPERATIONS
-            }
-            Some(m) => match usize::try_from(*m.get_ref()) {
-                Ok(n @ 1..=MAX_OPERATIONS_LIMIT) => n,
-                _ => {
-                    r.at(
-                        m.span().start,
-                        format!("bad late.max_operations `{}`", m.get_ref()),
-                        Some(format!("a number from 1 to {MAX_OPERATIONS_LIMIT}")),
-                    );
-                    LatePolicy::DEFAULT_MAX_OPERATIONS
-                }
-            },
-        };
-        Some(LatePolicy {
-            order_by: order_by?,
-            per,
-            action,
-            max_operations,
-        })
-    });
+    let late = s
+        .late
+        .as_ref()
+        .filter(|_| columns_ok)
+        .and_then(|l| late::validate(r, l, &columns));
     let tombstone_retention = s
         .late
         .as_ref()
@@ -1091,6 +1011,7 @@ fn position_in_string(text: &str, start: usize, line: usize, col: usize) -> Posi
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::value::Value;
 
     const GOOD: &str = r#"
 name = "t"
@@ -1227,6 +1148,64 @@ GROUP BY d.name"""
                 "a number from 1 to 1024",
             ),
             (", max_operations = 3", "late.max_operations needs late.per"),
+        ] {
+            let e = errors(&late(spec));
+            assert!(e.len() == 1 && e[0].contains(message), "{spec}: {e:?}");
+        }
+    }
+
+    #[test]
+    fn reads_and_checks_late_owns() {
+        let late = |spec: &str| {
+            GOOD.replace(
+                "late = { order_by = \"version\", per = \"event_type\" }",
+                &format!("late = {{ order_by = \"version\"{spec} }}"),
+            )
+        };
+        let t = Topology::parse("good.toml", GOOD).unwrap();
+        assert_eq!(t.warnings.len(), 1, "{:?}", t.warnings);
+        assert!(
+            t.warnings[0]
+                .to_string()
+                .starts_with("good.toml:7:8: late.per without late.owns"),
+            "{}",
+            t.warnings[0]
+        );
+        let owning = ", per = \"event_type\", owns = { EmailChanged = [\"email\"], Moved = [\"dept\", \"email\"] }";
+        let t = Topology::parse("good.toml", &late(owning)).unwrap();
+        assert!(t.warnings.is_empty(), "{:?}", t.warnings);
+        let owns = t.sources[0].late.as_ref().unwrap().owns.clone().unwrap();
+        let op = |name: &str| Value::Text(name.into());
+        assert_eq!(
+            owns.operations,
+            vec![(op("EmailChanged"), vec![1]), (op("Moved"), vec![2, 1])]
+        );
+        assert_eq!(owns.owned, vec![false, true, true, false, false]);
+        assert!(owns.writes(&op("Moved"), 2) && owns.writes(&op("Moved"), 3));
+        assert!(!owns.writes(&op("EmailChanged"), 2));
+        assert!(
+            owns.writes(&op("Imported"), 2),
+            "an unlisted operation writes all"
+        );
+        assert!(t.explain().contains("EmailChanged owns [email]"));
+        for (spec, message) in [
+            (", owns = { A = [\"email\"] }", "late.owns needs late.per"),
+            (
+                ", per = \"event_type\", owns = { A = [\"mail\"] }",
+                "late.owns: `mail` is not a declared column",
+            ),
+            (
+                ", per = \"event_type\", owns = { A = [\"version\"] }",
+                "every event carries `version`",
+            ),
+            (
+                ", per = \"version\", owns = { A = [\"email\"] }",
+                "late.owns needs a text `per` column",
+            ),
+            (
+                ", per = \"event_type\", action = \"keep\", owns = { A = [\"email\"] }",
+                "action = \"keep\" applies them whole",
+            ),
         ] {
             let e = errors(&late(spec));
             assert!(e.len() == 1 && e[0].contains(message), "{spec}: {e:?}");

@@ -5,6 +5,11 @@
 //! nothing (see [`crate::ingest::late`]); deletes (Kafka tombstones) keep the versions, so a late event
 //! cannot resurrect a deleted key.
 //!
+//! Without `late.owns` an applied event replaces the row whole. With it (see
+//! [`crate::topology::late::Ownership`]) the event writes only the columns its operation may
+//! write, each only when the event is newer than the one that wrote that column last: the
+//! state keeps that order value per column. A key without a row takes its first event whole.
+//!
 //! The changes of an epoch are coalesced per key: the dataflow gets, once per changed key and
 //! epoch, a retraction of the row the key had before the epoch and an insertion of the row it
 //! has after (see [`UpsertState::drain_changes`]). A key updated ten times in one epoch costs the
@@ -19,7 +24,7 @@ pub mod types;
 use std::collections::HashMap;
 
 use super::late::{verdict, Verdict};
-use crate::topology::late::{LateAction, LatePolicy};
+use crate::topology::late::{LateAction, LatePolicy, Ownership};
 use crate::value::{Row, Value};
 pub use types::{Entry, Event, LateEvent, Outcome};
 
@@ -93,6 +98,10 @@ impl UpsertState {
                 Some(_) => {}
             }
         }
+        // Under `late.owns` the event is merged into the row, by its operation and order.
+        let owned = policy
+            .and_then(|p| p.owns.as_ref())
+            .map(|owns| (owns, operation.clone(), order.clone()));
         // The key is copied only for a new entry, and once per epoch into `changed`.
         let entry = match slot.take() {
             Some(entry) => entry,
@@ -108,9 +117,12 @@ impl UpsertState {
         if first_change {
             self.changed.push(key.clone());
         }
-        let row = match event {
-            Event::Row(row) => Some(row),
-            Event::Tombstone(_) => None,
+        let row = match (event, owned) {
+            (Event::Row(row), None) => Some(row),
+            (Event::Row(row), Some((owns, operation, order))) => {
+                Some(merge(entry, owns, &operation, &order, row))
+            }
+            (Event::Tombstone(_), _) => None,
         };
         let before = std::mem::replace(&mut entry.row, row);
         entry.offset = entry.offset.max(offset);
@@ -192,6 +204,24 @@ impl UpsertState {
     }
 }
 
+/// The row `entry`'s key has after an event of `operation` at `order` carrying `event` (see
+/// the module's documentation); records the order of each column it writes.
+fn merge(entry: &mut Entry, owns: &Ownership, operation: &Value, order: &Value, event: Row) -> Row {
+    let Some(current) = entry.row.as_ref() else {
+        entry.columns = vec![order.clone(); event.len()];
+        return event;
+    };
+    let mut row = current.clone();
+    entry.columns.resize(row.len(), Value::Null);
+    for (c, value) in event.into_iter().enumerate() {
+        if owns.writes(operation, c) && order > &entry.columns[c] {
+            row[c] = value;
+            entry.columns[c] = order.clone();
+        }
+    }
+    row
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -208,6 +238,7 @@ mod tests {
             per: per.then_some(2),
             action: LateAction::Drop,
             max_operations: LatePolicy::DEFAULT_MAX_OPERATIONS,
+            owns: None,
         }
     }
 
@@ -397,6 +428,73 @@ mod tests {
             Outcome::Late(_)
         ));
         assert!(s.is_empty());
+    }
+
+    /// A user row under `late.owns`: id, version, operation, email, name.
+    fn user(version: i64, op: &str, email: &str, name: &str) -> Row {
+        vec![
+            Value::Text("a".into()),
+            Value::Int(version),
+            Value::Text(op.into()),
+            Value::Text(email.into()),
+            Value::Text(name.into()),
+        ]
+    }
+
+    fn owning() -> LatePolicy {
+        LatePolicy {
+            owns: Some(Ownership {
+                operations: vec![
+                    (Value::Text("email".into()), vec![3]),
+                    (Value::Text("name".into()), vec![4]),
+                ],
+                owned: vec![false, false, false, true, true],
+            }),
+            ..policy(true)
+        }
+    }
+
+    fn current(s: &UpsertState) -> Row {
+        s.rows().next().cloned().expect("a row")
+    }
+
+    #[test]
+    fn a_late_event_of_one_operation_does_not_revert_another_s_columns() {
+        let p = owning();
+        let mut s = UpsertState::default();
+        s.apply(Some(&p), 0, Event::Row(user(1, "created", "a@x", "A")), 0);
+        s.apply(Some(&p), 0, Event::Row(user(5, "email", "b@x", "A")), 1);
+        // The name change at version 4 was made before the email change: its snapshot holds
+        // the old email.
+        assert_eq!(
+            s.apply(Some(&p), 0, Event::Row(user(4, "name", "a@x", "Ann")), 2),
+            APPLIED
+        );
+        assert_eq!(
+            current(&s),
+            user(5, "email", "b@x", "Ann"),
+            "the name changes, the email and the unowned columns keep the newest event's"
+        );
+        // An operation that is not listed writes every column, each only when newer.
+        s.apply(Some(&p), 0, Event::Row(user(3, "created", "c@x", "C")), 3);
+        assert_eq!(current(&s), user(5, "email", "b@x", "Ann"));
+        s.apply(Some(&p), 0, Event::Row(user(6, "imported", "d@x", "D")), 4);
+        assert_eq!(current(&s), user(6, "imported", "d@x", "D"));
+    }
+
+    #[test]
+    fn a_key_takes_its_first_event_whole_and_its_columns_date_from_it() {
+        let p = owning();
+        let mut s = UpsertState::default();
+        s.apply(Some(&p), 0, Event::Row(user(5, "email", "b@x", "Bea")), 0);
+        assert_eq!(current(&s), user(5, "email", "b@x", "Bea"));
+        // The name at version 3 is older than the snapshot that brought "Bea".
+        s.apply(Some(&p), 0, Event::Row(user(3, "name", "a@x", "Ann")), 1);
+        assert_eq!(current(&s), user(5, "email", "b@x", "Bea"));
+        // After a delete, the next event re-creates the row whole.
+        s.apply(Some(&p), 0, Event::Tombstone(key("a")), 2);
+        s.apply(Some(&p), 0, Event::Row(user(7, "name", "e@x", "Eve")), 3);
+        assert_eq!(current(&s), user(7, "name", "e@x", "Eve"));
     }
 
     #[test]

@@ -17,11 +17,23 @@ pub struct Entry {
     /// it); `None` while it has a row. The entry is forgotten once the source's
     /// `tombstone_retention` has passed.
     pub deleted_ms: Option<i64>,
+    /// Under `late.owns`, per column, the order value of the event that wrote it last (see
+    /// [`crate::topology::late::Ownership`]); empty otherwise.
+    pub columns: Vec<Value>,
     /// The row before the first change since the last drain (see
     /// [`crate::ingest::upsert::UpsertState::drain_changes`]); `None` when unchanged since. Not
     /// persisted.
     #[serde(skip)]
     pub(crate) before: Option<Option<Row>>,
+}
+
+/// An entry as stored before entries recorded the versions of their columns.
+#[derive(Deserialize)]
+struct EntryWithoutColumns {
+    row: Option<Row>,
+    versions: Vec<(Value, Value)>,
+    offset: i64,
+    deleted_ms: Option<i64>,
 }
 
 /// An entry as stored before entries recorded when their key was deleted.
@@ -33,19 +45,27 @@ struct EntryWithoutDeletion {
 }
 
 impl Entry {
-    /// Decodes a stored entry, one written before entries recorded their deletion time too
+    /// Decodes a stored entry, also one written before entries recorded their columns'
+    /// versions (stored only under `late.owns`, which came with them) or their deletion time
     /// (a deleted key's clock then starts now).
     pub fn decode_stored(bytes: &[u8]) -> Result<Entry, bincode::Error> {
-        crate::state::decode::<Entry>(bytes).or_else(|e| {
-            let old: EntryWithoutDeletion = crate::state::decode(bytes).map_err(|_| e)?;
-            Ok(Entry {
-                row: old.row,
-                versions: old.versions,
-                offset: old.offset,
-                deleted_ms: None,
-                before: None,
+        let state = |row, versions, offset, deleted_ms| Entry {
+            row,
+            versions,
+            offset,
+            deleted_ms,
+            columns: Vec::new(),
+            before: None,
+        };
+        crate::state::decode::<Entry>(bytes)
+            .or_else(|e| {
+                let old: EntryWithoutColumns = crate::state::decode(bytes).map_err(|_| e)?;
+                Ok(state(old.row, old.versions, old.offset, old.deleted_ms))
             })
-        })
+            .or_else(|e: bincode::Error| {
+                let old: EntryWithoutDeletion = crate::state::decode(bytes).map_err(|_| e)?;
+                Ok(state(old.row, old.versions, old.offset, None))
+            })
     }
 
     /// The order value last applied for `operation`.
@@ -144,8 +164,26 @@ mod tests {
         assert_eq!(entry.versions, old.versions);
         assert_eq!(entry.offset, 42);
         assert_eq!(entry.deleted_ms, None);
+        #[derive(Serialize)]
+        struct WithoutColumns {
+            row: Option<Row>,
+            versions: Vec<(Value, Value)>,
+            offset: i64,
+            deleted_ms: Option<i64>,
+        }
+        let without_columns = WithoutColumns {
+            row: Some(vec![Value::Int(1)]),
+            versions: old.versions.clone(),
+            offset: 43,
+            deleted_ms: Some(5),
+        };
+        let entry = Entry::decode_stored(&crate::state::encode(&without_columns)).unwrap();
+        assert_eq!(entry.row, without_columns.row);
+        assert_eq!((entry.offset, entry.deleted_ms), (43, Some(5)));
+        assert!(entry.columns.is_empty());
         let new = Entry {
             deleted_ms: Some(5),
+            columns: vec![Value::Int(3)],
             ..entry.clone()
         };
         assert_eq!(
