@@ -189,6 +189,117 @@ fn send_stream(
         .collect()
 }
 
+/// The app side: user-directory on the master's entity stream, with a command client.
+fn start_app(run: &str, state: &std::path::Path) -> Engine {
+    let app_topology = user_directory(run);
+    create_topic(
+        &KafkaConfig::new(brokers()),
+        &app_topology.department_topic,
+        4,
+    )
+    .unwrap();
+    Engine::builder()
+        .topology_str(app_topology.text.clone())
+        .brokers(brokers())
+        .state_dir(state)
+        .command_client()
+        .start()
+        .unwrap()
+}
+
+/// The app's `user_contacts` row of `id` once it has `email`, or once it has none (`None`).
+fn wait_for_contact(app: &Engine, id: &str, email: Option<&str>) {
+    wait_until(
+        &format!("the app's {id} has email {email:?}"),
+        Duration::from_secs(30),
+        || match app.get("user_contacts", id) {
+            Ok(Some(a)) => email.is_some_and(|e| a.row["email"] == e),
+            Ok(None) => email.is_none(),
+            Err(_) => false,
+        },
+    );
+}
+
+#[test]
+fn a_user_is_created_updated_deleted_and_created_again_by_commands() {
+    let run = Run::new("cmd-life");
+    let m = user_referential(&run);
+    seed_users(&m.user_topic, 1);
+    let dir = tempfile::tempdir().unwrap();
+    let master = start_master(&m, &dir.path().join("master"), None);
+    let app = start_app(&run, &dir.path().join("app"));
+    let client = app.commands().expect("a command client");
+    let spec = |name: &str| m.topology.command(name).unwrap();
+    let send = |name: &str, payload: serde_json::Value| {
+        let command = Command::new(spec(name), &payload, admin())
+            .unwrap()
+            .with_token(token_for(&admin()));
+        client.send(&command, REPLY_TIMEOUT).unwrap()
+    };
+    let create = || {
+        send(
+            "create_user",
+            json!({"id": "u-new", "email": " New@X.org ", "name": "New"}),
+        )
+    };
+    let rejected = |reply: Reply| match reply {
+        Reply::Rejected { code, .. } => code,
+        other => panic!("not rejected: {other:?}"),
+    };
+
+    assert!(matches!(create(), Reply::Accepted { version: 1, .. }));
+    wait_for_contact(&app, "u-new", Some("new@x.org"));
+    assert_eq!(rejected(create()), "already_exists");
+    let reply = send(
+        "update_email",
+        json!({"id": "u-new", "email": "second@x.org"}),
+    );
+    assert!(
+        matches!(reply, Reply::Accepted { version: 2, .. }),
+        "{reply:?}"
+    );
+    wait_for_contact(&app, "u-new", Some("second@x.org"));
+
+    let reply = send("delete_user", json!({"id": "u-new"}));
+    assert!(
+        matches!(reply, Reply::Accepted { version: 3, .. }),
+        "{reply:?}"
+    );
+    wait_for_contact(&app, "u-new", None);
+    wait_until("the master's row is gone", Duration::from_secs(30), || {
+        master_row(&master, "u-new").is_null()
+    });
+    assert_eq!(
+        rejected(send("delete_user", json!({"id": "u-new"}))),
+        "not_found"
+    );
+    let update = send(
+        "update_email",
+        json!({"id": "u-new", "email": "third@x.org"}),
+    );
+    assert_eq!(rejected(update), "not_found");
+
+    // Created again, its versions continue past the delete: the app's late-event state,
+    // which keeps the deleted user's versions, takes it.
+    let reply = create();
+    assert!(
+        matches!(reply, Reply::Accepted { version: 4, .. }),
+        "{reply:?}"
+    );
+    wait_for_contact(&app, "u-new", Some("new@x.org"));
+    wait_until("the master has it again", Duration::from_secs(30), || {
+        master_row(&master, "u-new")["version"] == 4
+    });
+    let row = master_row(&master, "u-new");
+    assert_eq!(
+        (row["event_type"].as_str(), row["changed_by"].as_str()),
+        (Some("CreateUser"), Some("alice"))
+    );
+    assert_eq!(outcomes(&master, "accepted"), 4);
+    app.shutdown();
+    master.shutdown();
+}
+
 #[test]
 fn every_outcome_is_answered_and_the_app_reads_its_write() {
     let run = Run::new("cmd-outcomes");
@@ -196,21 +307,7 @@ fn every_outcome_is_answered_and_the_app_reads_its_write() {
     seed_users(&m.user_topic, 6);
     let dir = tempfile::tempdir().unwrap();
     let master = start_master(&m, &dir.path().join("master"), None);
-    // The app side: user-directory on the same entity stream, with a command client.
-    let app_topology = user_directory(&run);
-    create_topic(
-        &KafkaConfig::new(brokers()),
-        &app_topology.department_topic,
-        4,
-    )
-    .unwrap();
-    let app = Engine::builder()
-        .topology_str(app_topology.text.clone())
-        .brokers(brokers())
-        .state_dir(dir.path().join("app"))
-        .command_client()
-        .start()
-        .unwrap();
+    let app = start_app(&run, &dir.path().join("app"));
     let client = app.commands().expect("a command client");
     assert!(client
         .reply_topic()

@@ -188,7 +188,7 @@ fn command_headers_never_panic() {
             match spec.read(&envelope, &auth) {
                 Ok(command) => {
                     accepted.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    let _ = headers.entity_event(i64::MAX, &command);
+                    let _ = headers.entity_event(i64::MAX, &command, i64::MAX);
                     for row in [None, Some(current.as_slice())] {
                         let _ = spec.decide(entity, &command.request(), row, i64::MAX);
                         let _ = spec.decide(entity, &command.request(), row, i64::MIN);

@@ -26,7 +26,7 @@ use serde::{Deserialize, Serialize};
 use crate::auth::{Authenticator, Unauthenticated};
 use crate::ingest::decode::decode;
 use crate::plan::expr::cast;
-use crate::topology::command::CommandSpec;
+use crate::topology::command::{CommandKind, CommandSpec};
 use crate::topology::Source;
 use crate::value::{Row, Value};
 
@@ -192,7 +192,8 @@ impl Reply {
 /// What to do with a command.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Decision {
-    /// Publish `entity` (the whole new snapshot) at `version`.
+    /// Publish `entity` (the whole new snapshot) at `version`; a delete's `entity` is
+    /// [`CommandSpec::deleted`], published as a tombstone.
     Apply {
         /// The new entity row.
         entity: Row,
@@ -323,8 +324,9 @@ impl CommandSpec {
     }
 
     /// Decides what to do with `request`, given the current entity row (`None` when the
-    /// entity does not exist) and the time (µs since the epoch). In order: deadline, replay
-    /// staleness, authorization, existence, validation rules.
+    /// entity never existed, [`CommandSpec::deleted`] when it was deleted) and the time (µs
+    /// since the epoch). In order: deadline, replay staleness, authorization, existence (as
+    /// the command's kind wants it), validation rules.
     pub fn decide(
         &self,
         entity: &Source,
@@ -332,26 +334,13 @@ impl CommandSpec {
         current: Option<&[Value]>,
         now_micros: i64,
     ) -> Decision {
-        if let Some(deadline) = request.deadline_ms {
-            if now_micros / 1000 > deadline {
-                return Decision::Answer(Reply::Expired {
-                    message: "the deadline passed before the command was processed".into(),
-                });
-            }
-        }
         let current_version = current.and_then(|row| self.version_of(row));
-        if let Some(parked) = request.parked_at_version {
-            if current_version != Some(parked) {
-                return Decision::Answer(Reply::Expired {
-                    message: format!(
-                        "the entity changed since the command was parked (version {parked}, now {})",
-                        current_version.map_or("none".into(), |v| v.to_string())
-                    ),
-                });
-            }
+        if let Some(reply) = self.outdated(request, current_version, now_micros) {
+            return Decision::Answer(reply);
         }
+        let existing = current.filter(|row| !self.is_deleted(row));
         let mut scope: Row = request.payload.to_vec();
-        match current {
+        match existing {
             Some(row) => scope.extend_from_slice(row),
             None => scope.extend(std::iter::repeat_n(Value::Null, entity.columns.len())),
         }
@@ -364,17 +353,9 @@ impl CommandSpec {
                 });
             }
         }
-        let Some(current) = current else {
-            return Decision::Answer(Reply::Rejected {
-                code: "not_found".into(),
-                field: Some(self.payload.key_name().to_string()),
-                message: format!(
-                    "no {} with key {}",
-                    entity.name,
-                    self.entity_key(request.payload).unwrap_or_default()
-                ),
-            });
-        };
+        if let Some(reply) = self.existence(entity, request, existing.is_some()) {
+            return Decision::Answer(reply);
+        }
         for rule in &self.validate {
             if !rule.expr.holds(&scope) {
                 return Decision::Answer(Reply::Rejected {
@@ -393,24 +374,91 @@ impl CommandSpec {
                 ),
             ));
         };
-        let mut next = current.to_vec();
-        for a in &self.set {
-            next[a.column] = cast(a.expr.eval(&scope), entity.columns[a.column].ty);
-        }
-        next[self.stamp.version] = Value::Int(version);
-        if let Some(i) = self.stamp.operation {
-            next[i] = Value::Text(self.operation.as_str().into());
-        }
-        if let Some(i) = self.stamp.updated_at {
-            next[i] = cast(Value::Timestamp(now_micros), entity.columns[i].ty);
-        }
-        if let Some(i) = self.stamp.changed_by {
-            next[i] = Value::Text(request.principal.id.as_str().into());
-        }
+        let entity_row = match (self.kind, existing) {
+            (CommandKind::Delete, _) => self.deleted(entity.columns.len(), Some(version)),
+            (_, Some(row)) => {
+                self.changed(entity, row.to_vec(), &scope, version, request, now_micros)
+            }
+            (_, None) => {
+                let mut row = vec![Value::Null; entity.columns.len()];
+                row[entity.key] = request.payload[self.payload.key].clone();
+                self.changed(entity, row, &scope, version, request, now_micros)
+            }
+        };
         Decision::Apply {
-            entity: next,
+            entity: entity_row,
             version,
         }
+    }
+
+    /// Why `request` is not applied whatever the entity: its deadline passed, or, replayed,
+    /// the entity moved on since it was parked.
+    fn outdated(
+        &self,
+        request: &Request<'_>,
+        current_version: Option<i64>,
+        now_micros: i64,
+    ) -> Option<Reply> {
+        if let Some(deadline) = request.deadline_ms {
+            if now_micros / 1000 > deadline {
+                return Some(Reply::Expired {
+                    message: "the deadline passed before the command was processed".into(),
+                });
+            }
+        }
+        let parked = request.parked_at_version?;
+        (current_version != Some(parked)).then(|| Reply::Expired {
+            message: format!(
+                "the entity changed since the command was parked (version {parked}, now {})",
+                current_version.map_or("none".into(), |v| v.to_string())
+            ),
+        })
+    }
+
+    /// The rejection of a command whose entity's existence is not what its kind needs.
+    fn existence(&self, entity: &Source, request: &Request<'_>, exists: bool) -> Option<Reply> {
+        let key = self.entity_key(request.payload).unwrap_or_default();
+        let (code, message) = match (self.kind, exists) {
+            (CommandKind::Create, true) => (
+                "already_exists",
+                format!("{} {key} already exists", entity.name),
+            ),
+            (CommandKind::Update | CommandKind::Delete, false) => {
+                ("not_found", format!("no {} with key {key}", entity.name))
+            }
+            _ => return None,
+        };
+        Some(Reply::Rejected {
+            code: code.into(),
+            field: Some(self.payload.key_name().to_string()),
+            message,
+        })
+    }
+
+    /// `row` with the command's assignments (evaluated over `scope`) and stamps applied.
+    fn changed(
+        &self,
+        entity: &Source,
+        mut row: Row,
+        scope: &[Value],
+        version: i64,
+        request: &Request<'_>,
+        now_micros: i64,
+    ) -> Row {
+        for a in &self.set {
+            row[a.column] = cast(a.expr.eval(scope), entity.columns[a.column].ty);
+        }
+        row[self.stamp.version] = Value::Int(version);
+        if let Some(i) = self.stamp.operation {
+            row[i] = Value::Text(self.operation.as_str().into());
+        }
+        if let Some(i) = self.stamp.updated_at {
+            row[i] = cast(Value::Timestamp(now_micros), entity.columns[i].ty);
+        }
+        if let Some(i) = self.stamp.changed_by {
+            row[i] = Value::Text(request.principal.id.as_str().into());
+        }
+        row
     }
 }
 
@@ -478,6 +526,131 @@ set = { email = "lower(trim(command.email))" }
         Principal {
             id: id.into(),
             roles: roles.iter().map(|r| r.to_string()).collect(),
+        }
+    }
+
+    const LIFECYCLE: &str = r#"
+[commands.create_user]
+topic = "user.cmd.create"
+operation = "CreateUser"
+kind = "create"
+entity = "users"
+key = "id"
+columns = { id = "text", email = "text" }
+set = { email = "lower(command.email)" }
+
+[commands.delete_user]
+topic = "user.cmd.delete"
+operation = "DeleteUser"
+kind = "delete"
+entity = "users"
+key = "id"
+columns = { id = "text" }
+authorize = { rule = "has_role('user-admin')", message = "admins only" }
+"#;
+
+    fn decided(
+        spec: &CommandSpec,
+        t: &Topology,
+        payload: &[Value],
+        current: Option<&[Value]>,
+    ) -> Decision {
+        let admin = user("root", &["user-admin"]);
+        spec.decide(&t.sources[0], &request(payload, &admin), current, 7)
+    }
+
+    #[test]
+    fn create_and_delete_commands_follow_the_entity_through_its_life() {
+        let t = Topology::parse("master.toml", &format!("{MASTER}{LIFECYCLE}")).unwrap();
+        let (create, delete) = (&t.commands[1], &t.commands[2]);
+        let new = vec![Value::Text("u1".into()), Value::Text("A@X".into())];
+        let key = vec![Value::Text("u1".into())];
+        let Decision::Apply { entity, version } = decided(create, &t, &new, None) else {
+            panic!("a new entity is created");
+        };
+        assert_eq!(version, 1);
+        assert_eq!(
+            entity,
+            vec![
+                Value::Text("u1".into()),
+                Value::Text("a@x".into()),
+                Value::Int(1),
+                Value::Text("CreateUser".into()),
+                Value::Timestamp(7),
+                Value::Text("root".into()),
+            ]
+        );
+        let Decision::Answer(Reply::Rejected { code, .. }) =
+            decided(create, &t, &new, Some(&entity))
+        else {
+            panic!("an existing entity is not created again");
+        };
+        assert_eq!(code, "already_exists");
+        let Decision::Apply {
+            entity: gone,
+            version,
+        } = decided(delete, &t, &key, Some(&entity))
+        else {
+            panic!("an existing entity is deleted");
+        };
+        assert_eq!(version, 2);
+        assert!(delete.is_deleted(&gone));
+        assert_eq!(gone, delete.deleted(entity.len(), Some(2)));
+        for spec in [delete, &t.commands[0]] {
+            let payload = if spec.kind == CommandKind::Delete {
+                key.clone()
+            } else {
+                payload("b@x.org")
+            };
+            let Decision::Answer(Reply::Rejected { code, .. }) =
+                decided(spec, &t, &payload, Some(&gone))
+            else {
+                panic!("a deleted entity is neither deleted nor updated");
+            };
+            assert_eq!(code, "not_found");
+        }
+        let Decision::Apply { entity, version } = decided(create, &t, &new, Some(&gone)) else {
+            panic!("a deleted entity is created again");
+        };
+        assert_eq!(
+            (version, &entity[2]),
+            (3, &Value::Int(3)),
+            "versions continue past the delete"
+        );
+        let stranger = user("u1", &[]);
+        let d = delete.decide(&t.sources[0], &request(&key, &stranger), Some(&entity), 7);
+        assert!(
+            matches!(d, Decision::Answer(Reply::Forbidden { .. })),
+            "{d:?}"
+        );
+    }
+
+    #[test]
+    fn a_delete_sets_nothing_and_an_update_sets_something() {
+        let parse = |edit: (&str, &str)| {
+            let text = format!("{MASTER}{}", LIFECYCLE.replace(edit.0, edit.1));
+            Topology::parse("master.toml", &text)
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        };
+        assert_eq!(parse(("", "")), Ok(()));
+        let delete_columns = "columns = { id = \"text\" }\n";
+        for (edit, message) in [
+            (
+                (
+                    delete_columns,
+                    "columns = { id = \"text\" }\nset = { email = \"'x'\" }\n",
+                ),
+                "a delete sets no column",
+            ),
+            (
+                ("kind = \"delete\"", "kind = \"remove\""),
+                "unknown command kind `remove`",
+            ),
+            (("kind = \"delete\"\n", ""), "the command sets no column"),
+        ] {
+            let e = parse(edit).expect_err(message);
+            assert!(e.contains(message), "{e}");
         }
     }
 

@@ -720,7 +720,8 @@ pub fn user_referential(run: &str) -> MasterTopology {
         .replace(
             "topic = \"user.cmd.update-email\"",
             &format!("topic = \"{command_topic}\""),
-        );
+        )
+        .replace("topic = \"user.cmd.", &format!("topic = \"user-{run}.cmd."));
     let topology = Topology::parse("user-referential.toml", &text).unwrap();
     MasterTopology {
         text,

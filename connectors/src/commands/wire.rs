@@ -52,7 +52,8 @@ pub mod header {
     pub const LAST_FAILURE: &str = "miroir-last-failure";
     /// Dead letters: where the command was read (`topic/partition/offset`).
     pub const ORIGIN: &str = "miroir-origin";
-    /// Dead letters: the entity version when the command was parked.
+    /// Dead letters: the entity version when the command was parked; entity events written by
+    /// commands: the entity's version (a delete's tombstone has no other place for it).
     pub const ENTITY_VERSION: &str = "miroir-entity-version";
     /// Entity events and answered-id records: until when (ms since the epoch) processors
     /// remember the command's answer.
@@ -208,10 +209,11 @@ impl CommandHeaders {
     }
 
     /// The headers of the entity event an accepted command writes: its id, until when its
-    /// answer is remembered (`until`, ms since the epoch), its verified principal, and who
-    /// replayed it.
-    pub fn entity_event(&self, until: i64, command: &Command) -> OwnedHeaders {
+    /// answer is remembered (`until`, ms since the epoch), its verified principal, who
+    /// replayed it, and the entity's new `version`.
+    pub fn entity_event(&self, until: i64, command: &Command, version: i64) -> OwnedHeaders {
         let until = until.to_string();
+        let version = version.to_string();
         let id = self.command_id.as_deref();
         with(
             OwnedHeaders::new(),
@@ -220,6 +222,7 @@ impl CommandHeaders {
                 (header::ANSWER_UNTIL, id.map(|_| until.as_str())),
                 (header::PRINCIPAL, Some(command.principal.id.as_str())),
                 (header::REPLAYED_BY, command.replayed_by.as_deref()),
+                (header::ENTITY_VERSION, Some(version.as_str())),
             ],
         )
     }
@@ -345,8 +348,12 @@ mod tests {
             parked_at_version: Some(3),
             replayed_by: Some("ops".into()),
         };
-        let event = message(read.entity_event(99, &command));
+        let event = message(read.entity_event(99, &command, 4));
         assert_eq!(answer_until(&event), Some(99));
+        assert_eq!(
+            text_header(&event, header::ENTITY_VERSION).as_deref(),
+            Some("4")
+        );
         assert_eq!(
             text_header(&event, header::COMMAND_ID).as_deref(),
             Some("c")

@@ -1019,11 +1019,6 @@ impl Commit {
         );
     }
 
-    /// Deletes an entity row of command `command`'s view.
-    pub fn delete_command_row(&mut self, command: &str, key: &str) {
-        self.push(Family::State, command_key(command, 'e', key), None);
-    }
-
     /// Records the answer (`reply`, serialized by the caller) of command `id`, kept until
     /// `until_ms` (ms since the epoch), in command `command`'s view.
     pub fn put_command_answer(&mut self, command: &str, id: &str, until_ms: i64, reply: &[u8]) {
@@ -1159,11 +1154,9 @@ mod tests {
         let row = vec![Value::Text("u-1".into()), Value::Int(3)];
         let mut c = store.commit();
         c.put_command_row("update_email", "u-1", &row);
-        c.put_command_row("update_email", "u-2", &row);
         c.put_command_row("update_name", "u-1", &row);
         c.put_command_offset("update_email", 0, 42);
         c.put_command_offset("update_email", 11, 7);
-        c.delete_command_row("update_email", "u-2");
         c.put_command_answer("update_email", "cmd-1", 1_700_000_000_000, b"{\"ok\":1}");
         c.put_command_answer("update_email", "cmd-2", 5, b"");
         c.delete_command_answer("update_email", "cmd-2");

@@ -12,7 +12,7 @@ use toml::Spanned;
 use super::{check_name, parse_columns, position_in_string, Reporter, Source};
 use crate::plan::sql::{plan_expression, ExprColumn};
 use crate::plan::Expr;
-use crate::value::{Column, ColumnType, Value};
+use crate::value::{Column, ColumnType, Row, Value};
 
 /// One business operation the master accepts, as declared in the topology.
 #[derive(Clone, Debug)]
@@ -28,6 +28,10 @@ pub struct CommandSpec {
     pub schema_version: u32,
     /// Index of the entity source (in the topology's sources) the command updates.
     pub entity: usize,
+    /// Position of the key column in the entity's rows.
+    pub entity_key: usize,
+    /// Whether the command creates, updates or deletes its entity.
+    pub kind: CommandKind,
     /// The payload's schema, as a source for the decoder: its columns and the one holding
     /// the entity key (named after the section, on the command topic).
     pub payload: Source,
@@ -44,6 +48,20 @@ pub struct CommandSpec {
     /// Transactions run side by side, each for the partitions `p` with `p % lanes` equal to
     /// its number (commands of one entity stay in one partition, so in order).
     pub lanes: usize,
+}
+
+/// What a command does to its entity (`kind`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum CommandKind {
+    /// Creates the entity: rejected with `already_exists` when it exists. Its columns start
+    /// NULL, but for the key (the command's) and what the command sets and stamps.
+    Create,
+    /// Updates an existing entity: rejected with `not_found` otherwise (the default).
+    #[default]
+    Update,
+    /// Deletes an existing entity (a tombstone on the entity topic): rejected with
+    /// `not_found` otherwise.
+    Delete,
 }
 
 /// Suffix of a command topic's dead-letter topic.
@@ -150,6 +168,21 @@ impl CommandSpec {
         scope
     }
 
+    /// What the master's view holds for an entity it deleted at `version` (a tombstone
+    /// carries no version, and a re-creation continues from it): a row of `arity` NULLs but
+    /// for the version. An entity row never has a NULL key, so it cannot be taken for one.
+    pub fn deleted(&self, arity: usize, version: Option<i64>) -> Row {
+        let mut row = vec![Value::Null; arity];
+        row[self.stamp.version] = version.map_or(Value::Null, Value::Int);
+        row
+    }
+
+    /// Whether `row` is what the view holds for a deleted entity (see
+    /// [`CommandSpec::deleted`]).
+    pub fn is_deleted(&self, row: &[Value]) -> bool {
+        row[self.entity_key].is_null()
+    }
+
     /// The version of an entity row (`None` when NULL).
     pub fn version_of(&self, row: &[Value]) -> Option<i64> {
         match row[self.stamp.version] {
@@ -182,7 +215,10 @@ pub(super) struct RawCommand {
     authorize: Option<Spanned<RawRule>>,
     #[serde(default)]
     validate: Vec<Spanned<RawRule>>,
-    set: Spanned<IndexMap<String, Spanned<String>>>,
+    #[serde(default)]
+    kind: Option<Spanned<String>>,
+    #[serde(default)]
+    set: Option<Spanned<IndexMap<String, Spanned<String>>>>,
     #[serde(default)]
     stamp: Option<Spanned<RawStamp>>,
     #[serde(default)]
@@ -319,8 +355,10 @@ pub(super) fn validate_command(
         .iter()
         .filter_map(|v| rule(r, v, &scope, "invalid", "the command is not valid"))
         .collect();
+    let kind = kind(r, c);
     let mut set = Vec::new();
-    for (column, sql) in c.set.get_ref() {
+    let no_set = IndexMap::new();
+    for (column, sql) in c.set.as_ref().map_or(&no_set, |s| s.get_ref()) {
         let Some(i) = source.columns.iter().position(|x| &x.name == column) else {
             r.at(
                 sql.span().start,
@@ -341,9 +379,6 @@ pub(super) fn validate_command(
             set.push(Assignment { column: i, expr });
         }
     }
-    if c.set.get_ref().is_empty() {
-        r.at(c.set.span().start, "the command sets no column", None);
-    }
     if r.diagnostics.len() > before {
         return None;
     }
@@ -353,6 +388,8 @@ pub(super) fn validate_command(
         operation,
         schema_version,
         entity,
+        entity_key: source.key,
+        kind,
         payload: Source {
             name: name.to_string(),
             topic: c.topic.get_ref().clone(),
@@ -371,6 +408,45 @@ pub(super) fn validate_command(
         retry,
         lanes,
     })
+}
+
+/// The command's `kind`: an update unless it says otherwise. An update sets some column; a
+/// delete sets none.
+fn kind(r: &mut Reporter<'_>, c: &RawCommand) -> CommandKind {
+    let kind = match c
+        .kind
+        .as_ref()
+        .map(|k| (k.get_ref().as_str(), k.span().start))
+    {
+        None | Some(("update", _)) => CommandKind::Update,
+        Some(("create", _)) => CommandKind::Create,
+        Some(("delete", _)) => CommandKind::Delete,
+        Some((other, at)) => {
+            r.at(
+                at,
+                format!("unknown command kind `{other}`"),
+                Some("create, update (the default) or delete".into()),
+            );
+            CommandKind::Update
+        }
+    };
+    let set = c.set.as_ref().filter(|s| !s.get_ref().is_empty());
+    match (kind, set) {
+        (CommandKind::Update, None) => r.at(
+            c.set
+                .as_ref()
+                .map_or(c.topic.span().start, |s| s.span().start),
+            "the command sets no column",
+            Some("set = { column = \"expression\" }, or kind = \"delete\"".into()),
+        ),
+        (CommandKind::Delete, Some(s)) => r.at(
+            s.span().start,
+            "a delete sets no column: the entity is gone",
+            None,
+        ),
+        _ => {}
+    }
+    kind
 }
 
 /// The stamped columns: explicit, else the late policy's version and operation columns and

@@ -236,14 +236,22 @@ impl Lane {
                 firsts.insert(id, index);
             }
             match &step {
-                Step::Apply { command, row, .. } => {
+                Step::Apply {
+                    command,
+                    row,
+                    version,
+                } => {
                     let key = &command.key;
-                    let payload = row_to_json_bytes(&shared.entity.columns, row);
-                    let headers = incoming.headers.entity_event(*until, command);
-                    let record = FutureRecord::to(&shared.entity.topic)
+                    // A delete is a tombstone: no payload, its version in a header.
+                    let payload = (!shared.spec.is_deleted(row))
+                        .then(|| row_to_json_bytes(&shared.entity.columns, row));
+                    let headers = incoming.headers.entity_event(*until, command, *version);
+                    let mut record = FutureRecord::to(&shared.entity.topic)
                         .key(key.as_bytes())
-                        .payload(payload.as_slice())
                         .headers(headers);
+                    if let Some(payload) = &payload {
+                        record = record.payload(payload.as_slice());
+                    }
                     deliveries.push(Some(self.send(record)?));
                     written.insert(key.clone(), row.clone());
                 }

@@ -555,10 +555,7 @@ impl Worker {
         let command = &self.view_name();
         let mut commit = store.commit();
         for (key, row) in &view.rows {
-            match row {
-                Some(row) => commit.put_command_row(command, key, row),
-                None => commit.delete_command_row(command, key),
-            }
+            commit.put_command_row(command, key, row);
         }
         for (id, until_ms, reply) in &view.answers {
             let reply = serde_json::to_vec(reply).expect("replies serialize");

@@ -94,24 +94,21 @@ impl Shared {
         let Some(key) = m.key().map(|k| String::from_utf8_lossy(k).into_owned()) else {
             return Ok(change);
         };
-        let Some(payload) = m.payload() else {
-            if self.entities.lock().read(&self.spec, &key, None)? {
-                change.row = Some((key, None));
-            }
-            return Ok(change);
-        };
-        let row = match decode(&self.entity, payload) {
-            Ok(row) => row,
-            Err(e) => {
+        let row = match m.payload().map(|payload| decode(&self.entity, payload)) {
+            None => None,
+            Some(Ok(row)) => Some(row),
+            Some(Err(e)) => {
                 debug!(topic = %self.entity.topic, partition = m.partition(), offset = m.offset(), key, error = %e,
                              "entity event not understood; the view keeps the previous one");
                 return Ok(change);
             }
         };
-        if let (Some(id), Some(version)) = (
-            text_header(m, header::COMMAND_ID),
-            self.spec.version_of(&row),
-        ) {
+        // A delete's tombstone has its version in a header.
+        let version = match &row {
+            Some(row) => self.spec.version_of(row),
+            None => text_header(m, header::ENTITY_VERSION).and_then(|v| v.parse().ok()),
+        };
+        if let (Some(id), Some(version)) = (text_header(m, header::COMMAND_ID), version) {
             let reply = Reply::Accepted {
                 version,
                 partition: m.partition(),
@@ -124,13 +121,8 @@ impl Shared {
                 change.answer = Some((id, until_ms, reply));
             }
         }
-        if self
-            .entities
-            .lock()
-            .read(&self.spec, &key, Some(row.clone()))?
-        {
-            change.row = Some((key, Some(row)));
-        }
+        let taken = self.entities.lock().read(&self.spec, &key, row, version)?;
+        change.row = taken.map(|row| (key, row));
         Ok(change)
     }
 
@@ -184,8 +176,8 @@ pub(super) fn write_view(store: &StateStore, commit: Commit) -> Result<(), Kafka
 /// What one entity event changed.
 #[derive(Default)]
 pub(super) struct EntityChange {
-    /// The key and its new row (`None`: deleted), if the view changed.
-    row: Option<(String, Option<Row>)>,
+    /// The key and its new row, if the view changed.
+    row: Option<(String, Row)>,
     /// The id, time to forget (ms since the epoch) and answer of the command that wrote the
     /// event.
     answer: Option<(String, i64, Reply)>,
@@ -194,7 +186,7 @@ pub(super) struct EntityChange {
 /// What one read of the entity topic changed in the view.
 #[derive(Default)]
 pub(super) struct ViewChanges {
-    pub(super) rows: HashMap<String, Option<Row>>,
+    pub(super) rows: HashMap<String, Row>,
     pub(super) answers: Vec<(String, i64, Reply)>,
     /// Next offset to read, by partition.
     pub(super) next: HashMap<i32, i64>,
