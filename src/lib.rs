@@ -32,6 +32,7 @@
 //! ```
 
 mod access;
+mod checks;
 pub mod commands;
 pub mod http;
 mod tls;
@@ -290,8 +291,10 @@ impl EngineBuilder {
         self
     }
 
-    /// A service the command processors consult before applying a command; its errors are
-    /// retried with backoff, then the command is parked in the dead-letter topic.
+    /// A service the command processors consult before applying a command; its failures are
+    /// retried with backoff, then the command is parked in the dead-letter topic; its
+    /// rejections answer the command. Not with a topology whose commands declare HTTP checks
+    /// (`check = { url }`), which are the processors' dependency then.
     pub fn dependency(mut self, dependency: Arc<dyn commands::Dependency>) -> Self {
         self.dependency = Some(dependency);
         self
@@ -533,6 +536,16 @@ impl EngineBuilder {
         };
         let auth = Arc::new(Authenticator::new(self.auth)?);
         warn_of_trust(&auth, &topology);
+        let dependency = match (self.dependency, checks::HttpChecks::of(&topology)) {
+            (Some(_), Some(_)) => {
+                return Err(EngineError::Conflict(
+                    "the topology's commands declare HTTP checks and the app sets a dependency: keep one",
+                ))
+            }
+            (Some(app), None) => Some(app),
+            (None, Some(http)) => Some(Arc::new(http) as Arc<dyn commands::Dependency>),
+            (None, None) => None,
+        };
         let mut processors = Vec::new();
         for command in &topology.commands {
             processors.push(CommandProcessor::start(
@@ -541,7 +554,7 @@ impl EngineBuilder {
                 &command.name,
                 &store.instance_id()?,
                 metrics.commands.clone(),
-                (self.dependency.clone(), auth.clone()),
+                (dependency.clone(), auth.clone()),
                 Some(store.clone()),
             )?);
         }

@@ -485,7 +485,7 @@ fn dead_letters(action: DlqAction) -> anyhow::Result<ExitCode> {
         } => {
             let mut count = 0usize;
             let mut printed = Ok(());
-            commands::each_dead_letter(&kafka.checked()?, &topic, |p| {
+            let resolved = commands::each_dead_letter(&kafka.checked()?, &topic, |p| {
                 count += 1;
                 if printed.is_ok() && limit.is_none_or(|l| count <= l) {
                     printed = print_parked(&p, json);
@@ -493,7 +493,7 @@ fn dead_letters(action: DlqAction) -> anyhow::Result<ExitCode> {
             })?;
             printed?;
             eprintln!(
-                "{count} parked command(s) in {}",
+                "{count} parked command(s) in {} ({resolved} more resolved by replays)",
                 miroir_connectors::commands::wire::dlq_topic(&topic)
             );
             Ok(ExitCode::SUCCESS)

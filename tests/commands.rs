@@ -616,12 +616,24 @@ fn failing_dependency_retries_then_parks_and_replay_keeps_order_skipping_the_sta
             .all(|r| matches!(r, Replayed::Answered(Reply::Forbidden { .. }))),
         "{refused:?}"
     );
+    let pending = || counter(&master.metrics(), "miroir_command_dead_letters_pending", "");
+    wait_until(
+        "a refused replay leaves the commands pending",
+        Duration::from_secs(30),
+        || pending() == 2,
+    );
     let token = token_for(&operator());
     let results = commands::replay(&client, &parked, (REPLY_TIMEOUT, Some(&token)), |p, r| {
         seen.push((p.key.clone().unwrap(), format!("{r:?}")));
     });
     assert_eq!(seen.len(), 2);
     assert_eq!(seen[0].0, "u-0", "replayed in the original order");
+    wait_until("no command pending", Duration::from_secs(30), || {
+        pending() == 0
+    });
+    assert!(commands::dead_letters(&config, &m.command_topic)
+        .unwrap()
+        .is_empty());
     assert!(
         matches!(&results[0], Replayed::Skipped(why) if why.contains("changed")),
         "{results:?}"
@@ -1157,9 +1169,9 @@ fn the_cli_sends_commands_and_lists_dead_letters() {
     assert_eq!(rejected.status.code(), Some(2), "{rejected:?}");
     assert!(String::from_utf8_lossy(&rejected.stdout).contains("invalid_email"));
     // Bad input is a clear error, exit 1.
-    let unknown = send("delete_user", "{}", &[]);
+    let unknown = send("archive_user", "{}", &[]);
     assert_eq!(unknown.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&unknown.stderr).contains("no command `delete_user`"));
+    assert!(String::from_utf8_lossy(&unknown.stderr).contains("no command `archive_user`"));
     let not_json = send("update_email", "{id:", &[]);
     assert_eq!(not_json.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&not_json.stderr).contains("--json is not valid JSON"));

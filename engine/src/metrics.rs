@@ -191,6 +191,9 @@ pub struct CommandMetrics {
     /// Entity rows the processor holds in memory, by command: with a state directory, the
     /// rows not saved there yet (the others are read from it); without one, every row.
     pub entity_rows_in_memory: IntGaugeVec,
+    /// Commands parked in the dead-letter topic and not resolved by a replay yet, by command
+    /// (every instance processing the command reports the whole topic's count).
+    pub dead_letters_pending: IntGaugeVec,
     /// Client: seconds from send to reply, by command type.
     pub round_trip_seconds: HistogramVec,
     /// Client: sends that timed out, by command type.
@@ -279,6 +282,10 @@ impl CommandMetrics {
             entity_rows_in_memory: gauge(
                 "miroir_command_entity_rows_in_memory",
                 "Entity rows the command processor holds in memory (the others are in the state directory)",
+            ),
+            dead_letters_pending: gauge(
+                "miroir_command_dead_letters_pending",
+                "Commands parked in the dead-letter topic and not resolved by a replay yet",
             ),
             round_trip_seconds: histogram(
                 "miroir_command_round_trip_seconds",

@@ -73,6 +73,9 @@ pub struct Command {
     pub command_id: Option<String>,
     /// Set by a replay: the entity version when the command was parked (-1 when unknown).
     pub parked_version: Option<i64>,
+    /// Set by a replay: where the command was parked (`partition/offset` of the dead-letter
+    /// topic); the processor records that the replay resolved it.
+    pub parked_at: Option<String>,
 }
 
 impl Command {
@@ -102,6 +105,7 @@ impl Command {
             principal,
             command_id: None,
             parked_version: None,
+            parked_at: None,
         })
     }
 
@@ -242,6 +246,7 @@ impl CommandClient {
             roles: Some(command.principal.roles.join(",")),
             deadline: Some((now_ms() + timeout.as_millis() as i64).to_string()),
             parked_version: command.parked_version,
+            parked_at: command.parked_at.clone(),
         }
         .to_owned_headers();
         let (tx, rx) = bounded(1);

@@ -2,14 +2,21 @@
 //!
 //! A replay re-submits each parked command through a [`CommandClient`] (same command id,
 //! principal as verified when it was parked, and payload; the replayer's token) with the
-//! entity version it was parked at, and waits for its reply before the next one, so the
-//! original order holds. The processor answers `Expired` when the entity moved on since; a
-//! command answered before (replayed already) gets its first answer again.
+//! entity version it was parked at and where it was parked, and waits for its reply before
+//! the next one, so the original order holds. The processor answers `Expired` when the entity
+//! moved on since; a command answered before (replayed already) gets its first answer again.
+//!
+//! The processor that answers a replay (but for a replayer it does not believe) writes a
+//! *resolution record* in the dead-letter topic, in the transaction of its answer: no payload,
+//! a `miroir-resolves` header naming the parked command's `partition/offset`. A parked
+//! command is *pending* until a resolution record names it; listings show pending commands
+//! only, and the processors count them (`miroir_command_dead_letters_pending`).
 
+use std::collections::HashSet;
 use std::time::Duration;
 
 use miroir_engine::command::{Principal, Reply};
-use rdkafka::message::{Headers, Message};
+use rdkafka::message::{BorrowedMessage, Headers, Message};
 use serde::Serialize;
 
 use super::client::{Command, CommandClient, SendError};
@@ -74,18 +81,64 @@ impl Parked {
     }
 }
 
-/// Hands every command parked in the dead-letter topic of `topic` to `each`, as it reads
-/// them: each partition in order (so each entity's commands in the order they failed), the
-/// partitions interleaved. Holds one at a time.
+/// What one record of a dead-letter topic is.
+pub enum DeadLetter {
+    /// A parked command, at `partition/offset`.
+    Parked(String),
+    /// A resolution record: the parked command (`partition/offset`) a replay answered.
+    Resolves(String),
+}
+
+impl DeadLetter {
+    /// What dead-letter record `m` is.
+    pub fn of(m: &impl Message) -> DeadLetter {
+        match text_header(m, header::RESOLVES) {
+            Some(position) => DeadLetter::Resolves(position),
+            None => DeadLetter::Parked(position(m.partition(), m.offset())),
+        }
+    }
+}
+
+/// A dead letter's position as resolution records name it.
+pub fn position(partition: i32, offset: i64) -> String {
+    format!("{partition}/{offset}")
+}
+
+/// Hands every pending command (see the module's documentation) parked in the dead-letter
+/// topic of `topic` to `each`, as it reads them: each partition in order (so each entity's
+/// commands in the order they failed), the partitions interleaved. Holds one at a time; reads
+/// the topic twice, first for its resolution records. Returns how many were resolved.
 pub fn each(
     config: &KafkaConfig,
     topic: &str,
     mut each: impl FnMut(Parked),
-) -> Result<(), KafkaError> {
+) -> Result<usize, KafkaError> {
     let dlq = dlq_topic(topic);
-    let mut tail = Tail::open(config, &dlq)?;
+    let mut resolved = HashSet::new();
+    read(config, &dlq, |m| {
+        if let DeadLetter::Resolves(position) = DeadLetter::of(m) {
+            resolved.insert(position);
+        }
+    })?;
+    read(config, &dlq, |m| {
+        if let DeadLetter::Parked(position) = DeadLetter::of(m) {
+            if !resolved.contains(&position) {
+                each(parked(&dlq, m));
+            }
+        }
+    })?;
+    Ok(resolved.len())
+}
+
+/// Hands every record of `dlq` to `each`, to the topic's end.
+fn read(
+    config: &KafkaConfig,
+    dlq: &str,
+    mut each: impl FnMut(&BorrowedMessage<'_>),
+) -> Result<(), KafkaError> {
+    let mut tail = Tail::open(config, dlq)?;
     let complete = tail.catch_up(Duration::from_secs(30), |m| {
-        each(parked(&dlq, m));
+        each(m);
         Ok(())
     })?;
     if !complete {
@@ -96,9 +149,9 @@ pub fn each(
     Ok(())
 }
 
-/// Every command parked in the dead-letter topic of `topic`, in their original order (by
-/// first failure; commands of one entity failed in the order they were sent): what a replay
-/// goes through.
+/// Every pending command parked in the dead-letter topic of `topic`, in their original order
+/// (by first failure; commands of one entity failed in the order they were sent): what a
+/// replay goes through.
 pub fn list(config: &KafkaConfig, topic: &str) -> Result<Vec<Parked>, KafkaError> {
     let mut parked = Vec::new();
     each(config, topic, |p| parked.push(p))?;
@@ -186,6 +239,7 @@ pub fn replay(
             ),
             command_id: p.command_id.clone(),
             parked_version: Some(p.entity_version.unwrap_or(-1)),
+            parked_at: Some(position(p.partition, p.offset)),
         };
         let result = match client.send(&command, timeout) {
             Ok(reply @ Reply::Accepted { .. }) => Replayed::Applied(reply),

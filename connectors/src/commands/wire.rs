@@ -55,6 +55,11 @@ pub mod header {
     /// Dead letters: the entity version when the command was parked; entity events written by
     /// commands: the entity's version (a delete's tombstone has no other place for it).
     pub const ENTITY_VERSION: &str = "miroir-entity-version";
+    /// A replayed command: where it was parked (`partition/offset` of the dead-letter topic).
+    pub const PARKED_AT: &str = "miroir-parked-at";
+    /// A dead-letter topic's resolution record: the parked command it resolves
+    /// (`partition/offset`), answered by a replay.
+    pub const RESOLVES: &str = "miroir-resolves";
     /// Entity events and answered-id records: until when (ms since the epoch) processors
     /// remember the command's answer.
     pub const ANSWER_UNTIL: &str = "miroir-answer-until";
@@ -149,6 +154,8 @@ pub struct CommandHeaders {
     pub deadline: Option<String>,
     /// Set on a replay: the entity version when the command was parked.
     pub parked_version: Option<i64>,
+    /// Set on a replay: where the command was parked (`partition/offset`).
+    pub parked_at: Option<String>,
 }
 
 impl CommandHeaders {
@@ -165,6 +172,7 @@ impl CommandHeaders {
             roles: text_header(m, header::ROLES),
             deadline: text_header(m, header::DEADLINE),
             parked_version: text_header(m, header::PARKED_VERSION).and_then(|v| v.parse().ok()),
+            parked_at: text_header(m, header::PARKED_AT),
         }
     }
 
@@ -204,6 +212,7 @@ impl CommandHeaders {
                 (header::COMMAND_TYPE, self.command_type.as_deref()),
                 (header::SCHEMA_VERSION, self.schema_version.as_deref()),
                 (header::PARKED_VERSION, parked.as_deref()),
+                (header::PARKED_AT, self.parked_at.as_deref()),
             ],
         )
     }
@@ -304,6 +313,18 @@ pub fn dead_letter_headers(
     )
 }
 
+/// The headers of the resolution record of the parked command at `parked_at`
+/// (`partition/offset`), answered by a replay with `headers` (see [`crate::commands::dlq`]).
+pub fn resolution_headers(headers: &CommandHeaders, parked_at: &str) -> OwnedHeaders {
+    with(
+        OwnedHeaders::new(),
+        [
+            (header::RESOLVES, Some(parked_at)),
+            (header::COMMAND_ID, headers.command_id.as_deref()),
+        ],
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use rdkafka::Timestamp;
@@ -335,6 +356,7 @@ mod tests {
             roles: Some("admin,user".into()),
             deadline: Some("1700000000000".into()),
             parked_version: Some(7),
+            parked_at: Some("3/14".into()),
         };
         let read = CommandHeaders::read(&message(sent.to_owned_headers()));
         assert_eq!(read, sent);

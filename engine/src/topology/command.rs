@@ -43,6 +43,8 @@ pub struct CommandSpec {
     pub set: Vec<Assignment>,
     /// Entity columns stamped on every change.
     pub stamp: Stamp,
+    /// The HTTP service asked before the command is applied (`check`), if any.
+    pub check: Option<HttpCheck>,
     /// Retries of technical failures before the dead-letter topic.
     pub retry: RetryPolicy,
     /// Transactions run side by side, each for the partitions `p` with `p % lanes` equal to
@@ -111,6 +113,23 @@ pub struct Stamp {
     pub updated_at: Option<usize>,
     /// The principal who sent the command.
     pub changed_by: Option<usize>,
+}
+
+/// An HTTP service that checks each command before it is applied (`check = { url, timeout }`):
+/// it gets the command as JSON in a POST; a 2xx lets it through, a 4xx rejects it with the
+/// service's answer, anything else (a 5xx, a 408 or 429, no answer within `timeout`) is a
+/// technical failure, retried, then parked.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HttpCheck {
+    /// The service's URL (http or https).
+    pub url: String,
+    /// How long one attempt waits for the answer.
+    pub timeout: Duration,
+}
+
+impl HttpCheck {
+    /// 2 s: a check is on the command's path, whose caller waits.
+    pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(2);
 }
 
 /// Exponential backoff of technical failures.
@@ -224,7 +243,17 @@ pub(super) struct RawCommand {
     #[serde(default)]
     retry: Option<Spanned<RawRetry>>,
     #[serde(default)]
+    check: Option<Spanned<RawCheck>>,
+    #[serde(default)]
     lanes: Option<Spanned<i64>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCheck {
+    url: Spanned<String>,
+    #[serde(default)]
+    timeout: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -327,6 +356,7 @@ pub(super) fn validate_command(
         return None;
     }
     let retry = retry(r, c.retry.as_ref());
+    let check = c.check.as_ref().and_then(|raw| check(r, raw.get_ref()));
     let lanes = match &c.lanes {
         None => DEFAULT_LANES,
         Some(n) if (1..=64).contains(n.get_ref()) => *n.get_ref() as usize,
@@ -405,8 +435,40 @@ pub(super) fn validate_command(
         validate,
         set,
         stamp: stamp?,
+        check,
         retry,
         lanes,
+    })
+}
+
+/// The command's `check`: an http(s) URL and a timeout above zero.
+fn check(r: &mut Reporter<'_>, raw: &RawCheck) -> Option<HttpCheck> {
+    let url = raw.url.get_ref().trim();
+    let scheme_ok = ["http://", "https://"].iter().any(|s| url.starts_with(s)) && url.len() > 8;
+    if !scheme_ok {
+        r.at(
+            raw.url.span().start,
+            format!("check.url `{url}` is not an http or https URL"),
+            Some("check = { url = \"http://127.0.0.1:8089/check\", timeout = \"2s\" }".into()),
+        );
+    }
+    let timeout = match &raw.timeout {
+        None => HttpCheck::DEFAULT_TIMEOUT,
+        Some(t) => match humantime::parse_duration(t.get_ref()) {
+            Ok(d) if !d.is_zero() => d,
+            _ => {
+                r.at(
+                    t.span().start,
+                    format!("bad check.timeout `{}`", t.get_ref()),
+                    Some("a duration above zero, like \"2s\" or \"500ms\"".into()),
+                );
+                HttpCheck::DEFAULT_TIMEOUT
+            }
+        },
+    };
+    scheme_ok.then(|| HttpCheck {
+        url: url.to_string(),
+        timeout,
     })
 }
 

@@ -17,10 +17,12 @@ use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::{Offset, TopicPartitionList};
 use tracing::{debug, info, warn};
 
+use super::dependency::DependencyError;
 use super::incoming::Incoming;
 use super::view::{ReplyTopics, Shared};
 use crate::commands::wire::{
-    answer_headers, dead_letter_headers, dlq_topic, done_topic, is_reply_topic, now_micros, Parking,
+    answer_headers, dead_letter_headers, dlq_topic, done_topic, is_reply_topic, now_micros,
+    resolution_headers, Parking,
 };
 use crate::kafka::{KafkaConfig, KafkaError};
 
@@ -312,6 +314,7 @@ impl Lane {
         // Awaited by the commit: a commit left to flush them waits on rust-rdkafka's 100 ms poll.
         let mut replies_sent = Vec::new();
         let done_topic = done_topic(&shared.spec.topic);
+        let dlq = dlq_topic(&shared.spec.topic);
         // Every answered id of the transaction goes to one partition of the topic, the first
         // command's: each partition a transaction touches costs the broker a produce request,
         // a check that the partition joined the transaction, and a marker. Where an id lands
@@ -366,6 +369,11 @@ impl Lane {
                     .headers(headers)
                     .partition(done_partition);
                 replies_sent.push(self.send(record)?);
+            }
+            if kept != Kept::No {
+                if let Some(record) = resolution(&dlq, incoming) {
+                    replies_sent.push(self.send(record)?);
+                }
             }
             match &incoming.headers.reply_to {
                 Some(topic) if !is_reply_topic(topic) => {
@@ -600,7 +608,11 @@ impl Shared {
                         row: entity,
                         version,
                     },
-                    Err(parking) => Step::Park(parking, command.principal),
+                    Err(Refusal::Park(parking)) => Step::Park(parking, command.principal),
+                    Err(Refusal::Reject(reply)) => Step::Answer {
+                        reply,
+                        kept: Kept::Yes,
+                    },
                 }
             }
         })
@@ -617,15 +629,16 @@ impl Shared {
         (!taken_up).then_some(previous)
     }
 
-    /// Asks the dependency, if any, about `command`, retrying with the command's backoff;
-    /// why to park it when it kept failing (or the processor stops meanwhile).
+    /// Asks the dependency, if any, about `command`, retrying failures with the command's
+    /// backoff: the service's rejection, or why to park the command when it kept failing (or
+    /// the processor stops meanwhile).
     fn check_dependency(
         &self,
         m: &OwnedMessage,
         command: &Command,
         entity_version: Option<i64>,
         stop: &AtomicBool,
-    ) -> Result<(), Parking> {
+    ) -> Result<(), Refusal> {
         let Some(dependency) = self.dependency.as_ref() else {
             return Ok(());
         };
@@ -636,10 +649,30 @@ impl Shared {
         let mut attempts = 0;
         loop {
             attempts += 1;
-            let Err(error) = dependency.check(&self.spec, key, &json) else {
-                return Ok(());
+            let error = match dependency.check(&self.spec, key, &json) {
+                Ok(()) => return Ok(()),
+                Err(DependencyError::Rejected {
+                    code,
+                    field,
+                    message,
+                }) => {
+                    info!(
+                        topic = m.topic(),
+                        partition = m.partition(),
+                        offset = m.offset(),
+                        key,
+                        code,
+                        message,
+                        "the dependency rejected the command"
+                    );
+                    return Err(Refusal::Reject(Reply::Rejected {
+                        code,
+                        field,
+                        message,
+                    }));
+                }
+                Err(failed) => failed.to_string(),
             };
-            let error = error.to_string();
             let failed_at = SystemTime::now();
             let first = *first.get_or_insert(failed_at);
             if attempts >= self.spec.retry.attempts || stop.load(Ordering::Acquire) {
@@ -652,13 +685,13 @@ impl Shared {
                     error,
                     "dependency kept failing: the command goes to the dead-letter topic"
                 );
-                return Err(Parking {
+                return Err(Refusal::Park(Parking {
                     error,
                     attempts,
                     first,
                     last: failed_at,
                     entity_version,
-                });
+                }));
             }
             self.metrics
                 .retries
@@ -677,6 +710,39 @@ impl Shared {
             std::thread::sleep(wait);
         }
     }
+}
+
+/// The resolution record of a replayed command, written with its answer (see
+/// [`crate::commands::dlq`]). A command is parked in the partition of its dead-letter topic
+/// that has its command partition's number, and replayed by key into that partition: a
+/// `miroir-parked-at` naming another partition is not believed.
+fn resolution<'a>(dlq: &'a str, incoming: &'a Incoming) -> Option<FutureRecord<'a, [u8], [u8]>> {
+    let parked_at = incoming.headers.parked_at.as_deref()?;
+    let m = &incoming.message;
+    let partition = parked_at
+        .split('/')
+        .next()
+        .and_then(|p| p.parse::<i32>().ok());
+    if partition != Some(m.partition()) {
+        warn!(topic = m.topic(), partition = m.partition(), offset = m.offset(), key = ?incoming.key, parked_at,
+              "a replay names a parking place outside its partition: no resolution recorded");
+        return None;
+    }
+    let record = FutureRecord::to(dlq)
+        .partition(m.partition())
+        .headers(resolution_headers(&incoming.headers, parked_at));
+    Some(match &incoming.key {
+        Some(key) => record.key(key.as_bytes()),
+        None => record,
+    })
+}
+
+/// Why a dependency did not let a command through.
+enum Refusal {
+    /// It kept failing: park the command.
+    Park(Parking),
+    /// It rejected the command: answer so.
+    Reject(Reply),
 }
 
 /// Rows written, and answers given, by transactions not committed yet.

@@ -43,6 +43,7 @@ pub mod dependency;
 mod entities;
 mod incoming;
 mod lane;
+mod pending;
 mod view;
 
 use answered::{keep_until, ANSWER_RETENTION};
@@ -51,6 +52,7 @@ use entities::EntityView;
 use incoming::Incoming;
 use lane::Lane;
 use miroir_engine::auth::Authenticator;
+use pending::PendingDeadLetters;
 use view::{write_view, Shared, ViewChanges};
 
 /// How often a running processor forgets the answers whose time has passed.
@@ -383,6 +385,13 @@ impl Worker {
         let starts = self.load_view()?;
         let mut entities = Tail::open_at(&self.config, &self.shared.entity.topic, &starts)?;
         let mut answered = Tail::open(&self.config, &done_topic(&spec.topic))?;
+        let mut pending = PendingDeadLetters::new(
+            Tail::open(&self.config, &dlq_topic(&spec.topic))?,
+            self.shared
+                .metrics
+                .dead_letters_pending
+                .with_label_values(&[&spec.name]),
+        );
         self.consumer.subscribe(&[&spec.topic])?;
         let mut seen = u64::MAX;
         let mut forgot_at = Instant::now();
@@ -392,6 +401,7 @@ impl Worker {
                 self.forget_old_answers()?;
                 forgot_at = Instant::now();
             }
+            pending.update()?;
             let mut batch = self.poll_batch();
             let rebalances = self.consumer.context().count.load(Ordering::Acquire);
             // Commits that failed meanwhile rewind the consumer: the batch is read again.
