@@ -599,6 +599,11 @@ impl Topology {
                 "command {} ({} v{}) <- topic {} (key {}) -> entity {} on topic {}, reply to the sender, dead letters to {}\n",
                 c.name, c.operation, c.schema_version, c.topic, c.payload.key_name(), entity.name, entity.topic, command::dlq_topic(&c.topic)
             ));
+            match c.kind {
+                command::CommandKind::Create => out.push_str("  creates the entity\n"),
+                command::CommandKind::Delete => out.push_str("  deletes the entity\n"),
+                command::CommandKind::Update => {}
+            }
             if let Some(a) = &c.authorize {
                 out.push_str(&format!("  authorize {}\n", a.sql));
             }
@@ -610,11 +615,19 @@ impl Topology {
                 .iter()
                 .map(|a| entity.columns[a.column].name.as_str())
                 .collect();
-            out.push_str(&format!(
-                "  set {} and stamp {}\n",
-                set.join(", "),
-                entity.columns[c.stamp.version].name
-            ));
+            if c.kind != command::CommandKind::Delete {
+                out.push_str(&format!(
+                    "  set {} and stamp {}\n",
+                    set.join(", "),
+                    entity.columns[c.stamp.version].name
+                ));
+            }
+            if let Some(check) = &c.check {
+                out.push_str(&format!(
+                    "  check {} (timeout {:?}), retried {} times in all, then parked\n",
+                    check.url, check.timeout, c.retry.attempts
+                ));
+            }
         }
         out
     }
