@@ -168,7 +168,7 @@ mod tests {
     fn a_light_load_ends_the_epoch_at_the_first_pause_past_a_tenth_of_the_interval() {
         let mut l = length();
         assert_eq!(
-            l.wait(false, 0 * MS, 0),
+            l.wait(false, Duration::ZERO, 0),
             Some(100 * MS),
             "nothing applied: the interval"
         );
