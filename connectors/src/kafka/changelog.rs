@@ -192,6 +192,7 @@ impl KafkaChangelog {
             }
             send(producer, record)?;
         }
+        await_deliveries(producer);
         producer.commit_transaction(TX_TIMEOUT)?;
         Ok(())
     }
@@ -219,6 +220,17 @@ impl KafkaChangelog {
 }
 
 /// Sends `record`, waiting while the producer's queue is full.
+/// Serves the producer's delivery reports until its records are delivered (for at most
+/// [`TX_TIMEOUT`]; the commit then reports what is still in flight). rust-rdkafka's commit
+/// flushes with polls of up to 100 ms, which a small transaction would wait out whole: an
+/// epoch of a few records would become readable 100 ms later than it needs to.
+fn await_deliveries(producer: &BaseProducer<Deliveries>) {
+    let deadline = Instant::now() + TX_TIMEOUT;
+    while producer.in_flight_count() > 0 && Instant::now() < deadline {
+        producer.poll(Duration::from_millis(1));
+    }
+}
+
 fn send(
     producer: &BaseProducer<Deliveries>,
     mut record: BaseRecord<'_, [u8], [u8]>,

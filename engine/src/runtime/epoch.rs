@@ -3,7 +3,8 @@
 //! While the source keeps up, an epoch lasts at most `epoch_interval`: one that applied
 //! records ends at the first pause of [`TAIL_GAP`] once a tenth of the interval has passed (the
 //! input is drained: under a light load, waiting out the interval would only delay when the
-//! records are readable), and one that keeps receiving ends at the interval. While the source
+//! records are readable), and so do the workers that applied none (the epoch's dataflow and
+//! commit wait for every worker); one that keeps receiving ends at the interval. While the source
 //! reports records waiting (catching up), the epoch grows up to `max_epoch_interval`, so more
 //! changes of a key coalesce and commits are fewer; once caught up, a grown epoch still takes
 //! in what arrives for another `epoch_interval`, and ends at the first pause. An assignment or a revocation
@@ -61,9 +62,15 @@ impl Length {
     }
 
     /// How long to wait for the next message, `elapsed` after the epoch started, having
-    /// applied `applied` records, while the source is `behind` or not; `None` when the epoch is
-    /// over.
-    fn wait(&mut self, behind: bool, elapsed: Duration, applied: usize) -> Option<Duration> {
+    /// applied `applied` records, while the source is `behind` or not and another worker
+    /// ended the epoch as drained or not; `None` when the epoch is over.
+    fn wait(
+        &mut self,
+        behind: bool,
+        elapsed: Duration,
+        applied: usize,
+        others_drained: bool,
+    ) -> Option<Duration> {
         let interval = self.interval;
         self.grew |= behind && elapsed >= interval;
         let length = if behind {
@@ -75,7 +82,8 @@ impl Length {
             interval
         };
         let left = length.saturating_sub(elapsed);
-        if left.is_zero() {
+        let idle = applied == 0 && !behind && !self.grew;
+        if left.is_zero() || (idle && others_drained) {
             return None;
         }
         // Past `epoch_interval`, or once drained, the epoch goes on only while records keep
@@ -90,6 +98,9 @@ impl Length {
                 (interval / 10)
                     .saturating_sub(elapsed)
                     .max(Duration::from_millis(1))
+            } else if idle {
+                // In slices, to see another worker end the epoch as drained.
+                until_interval.min(TAIL_GAP)
             } else {
                 until_interval
             },
@@ -97,13 +108,13 @@ impl Length {
     }
 }
 
-/// Applies the messages of `inbox` to `tasks` until the epoch ends; returns the number of
+/// Applies the messages of `inbox` to `tasks` until epoch `epoch` ends; returns the number of
 /// records applied.
 pub(super) fn gather(
     shared: &Shared,
     inbox: &InboxReceiver,
     tasks: &mut Tasks,
-    inputs: &mut [InputSession<Epoch, Row, isize>],
+    (inputs, epoch): (&mut [InputSession<Epoch, Row, isize>], Epoch),
 ) -> usize {
     // A change of partitions has an epoch to itself: what the tasks derive when they open
     // or go is told apart from what their records change (see `Message::Assign`).
@@ -121,7 +132,8 @@ pub(super) fn gather(
     {
         let elapsed = started.elapsed();
         let behind = shared.backlog.any();
-        let Some(wait) = length.wait(behind, elapsed, applied) else {
+        let others_drained = shared.drained_epoch.load(Ordering::Acquire) >= epoch;
+        let Some(wait) = length.wait(behind, elapsed, applied, others_drained) else {
             break;
         };
         let within_interval = elapsed < shared.config.epoch_interval;
@@ -136,10 +148,16 @@ pub(super) fn gather(
                 break;
             }
             Ok(message) => applied += tasks.handle(shared, message, inputs),
-            // The interval is over, or the input drained: the loop decides whether the
-            // epoch grows or ends.
+            // The input drained: the epoch ends here, and at the other workers.
             Err(RecvTimeoutError::Timeout)
-                if within_interval && !length.drained(behind, started.elapsed(), applied) => {}
+                if within_interval && length.drained(behind, started.elapsed(), applied) =>
+            {
+                shared.drained_epoch.fetch_max(epoch, Ordering::AcqRel);
+                break;
+            }
+            // The interval is over, or a slice of it: the loop decides whether the epoch
+            // grows or ends.
+            Err(RecvTimeoutError::Timeout) if within_interval => {}
             Err(RecvTimeoutError::Timeout) => break,
             Err(RecvTimeoutError::Disconnected) => {
                 std::thread::sleep(wait);
@@ -168,42 +186,55 @@ mod tests {
     fn a_light_load_ends_the_epoch_at_the_first_pause_past_a_tenth_of_the_interval() {
         let mut l = length();
         assert_eq!(
-            l.wait(false, Duration::ZERO, 0),
-            Some(100 * MS),
-            "nothing applied: the interval"
+            l.wait(false, Duration::ZERO, 0, false),
+            Some(TAIL_GAP),
+            "nothing applied: the interval, in slices"
         );
         assert_eq!(
-            l.wait(false, 2 * MS, 1),
+            l.wait(false, 30 * MS, 0, true),
+            None,
+            "another worker drained it"
+        );
+        assert_eq!(
+            l.wait(false, 2 * MS, 1, false),
             Some(8 * MS),
             "applied: wait for the tenth"
         );
         assert!(!l.drained(false, 2 * MS, 1));
         assert_eq!(
-            l.wait(false, 10 * MS, 1),
+            l.wait(false, 10 * MS, 1, false),
             Some(TAIL_GAP),
             "then for a pause"
         );
         assert!(l.drained(false, 10 * MS, 1));
         assert_eq!(
-            l.wait(false, 95 * MS, 7),
+            l.wait(false, 95 * MS, 7, false),
             Some(5 * MS),
             "never past the interval"
         );
-        assert_eq!(l.wait(false, 100 * MS, 7), None);
+        assert_eq!(l.wait(false, 100 * MS, 7, false), None);
     }
 
     #[test]
     fn catching_up_grows_the_epoch_and_keeps_it_grown() {
         let mut l = length();
         assert!(!l.drained(true, 50 * MS, 10), "behind: not drained");
+        assert!(
+            l.wait(true, 30 * MS, 0, true).is_some(),
+            "behind, another worker draining does not end it"
+        );
         assert_eq!(
-            l.wait(true, 50 * MS, 10),
+            l.wait(true, 50 * MS, 10, false),
             Some(50 * MS),
             "to the interval first"
         );
-        assert_eq!(l.wait(true, 100 * MS, 10), Some(CATCHING_UP_GAP), "grew");
         assert_eq!(
-            l.wait(false, 300 * MS, 10),
+            l.wait(true, 100 * MS, 10, false),
+            Some(CATCHING_UP_GAP),
+            "grew"
+        );
+        assert_eq!(
+            l.wait(false, 300 * MS, 10, false),
             Some(TAIL_GAP),
             "caught up: a pause ends it"
         );
@@ -212,7 +243,7 @@ mod tests {
             "a grown epoch is not a light load"
         );
         assert_eq!(
-            l.wait(false, 400 * MS, 10),
+            l.wait(false, 400 * MS, 10, false),
             None,
             "an interval after catching up"
         );
