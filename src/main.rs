@@ -80,9 +80,8 @@ enum Action {
         /// Worker threads.
         #[arg(long, env = "MIROIR_WORKERS", default_value_t = RuntimeConfig::DEFAULT_WORKERS)]
         workers: usize,
-        /// Longest epoch in milliseconds when keeping up (how long an applied event may wait
-        /// to be visible; under a light load an epoch ends at the first 10 ms pause past a
-        /// tenth of it).
+        /// Epoch in milliseconds when keeping up (how long an applied event may wait to be
+        /// visible).
         #[arg(long, default_value_t = RuntimeConfig::DEFAULT_EPOCH_INTERVAL.as_millis() as u64)]
         epoch_ms: u64,
         /// Longest epoch in milliseconds while records are waiting (catching up): more changes

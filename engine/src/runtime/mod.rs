@@ -36,7 +36,7 @@ mod tasks;
 mod worker;
 
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Barrier};
 
 use parking_lot::Mutex;
@@ -132,7 +132,6 @@ impl Runtime {
             sink_changes: Mutex::new(Vec::new()),
             sink_offsets: Mutex::new(HashMap::new()),
             announced_caught_up: AtomicBool::new(false),
-            drained_epoch: AtomicU64::new(0),
             sink_claims: Mutex::new(Vec::new()),
             held: Mutex::new(Vec::new()),
             started: Instant::now(),

@@ -2,7 +2,7 @@
 //! making, the barrier, and the external tables' batches on their way.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicBool, AtomicU64};
+use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Barrier};
 use std::time::Instant;
 
@@ -46,9 +46,6 @@ pub(super) struct Shared {
     pub(super) sink_offsets: Mutex<HashMap<TopicPartition, i64>>,
     /// The partitions whose task opened in the epoch (see [`Claim`]).
     pub(super) sink_claims: Mutex<Vec<Claim>>,
-    /// The last epoch a worker ended because its input drained (see [`super::epoch`]): the
-    /// workers that applied nothing in it end it too.
-    pub(super) drained_epoch: AtomicU64,
     /// Whether the last batch said `caught_up`, claiming no partition.
     pub(super) announced_caught_up: AtomicBool,
     /// Batches committed (in the outbox) but held back until every task is restored.
