@@ -10,7 +10,7 @@ use tracing::{debug, info, warn};
 
 use super::decode::decode;
 use super::protocol::{ErrorSink, Record, Records};
-use super::upsert::{Entry, Event, Outcome, UpsertState};
+use super::upsert::{Entry, Event, LateEvent, Outcome, UpsertState};
 use crate::dataflow::Epoch;
 use crate::metrics::{operation_label, Metrics};
 use crate::state::Commit;
@@ -118,13 +118,7 @@ impl Task {
         match outcome {
             Outcome::Changed { late, forgotten } => {
                 if let Some(late) = late {
-                    let operation = operation_label(&late.operation);
-                    count(
-                        &origin.metrics.late_events,
-                        &[&src.name, "kept", &operation],
-                    );
-                    info!(%topic, partition, offset, key = %key_text, operation, incoming = %late.incoming,
-                          applied = %late.applied, "late event kept");
+                    late_event(origin, (record, &key_text), &late, "kept");
                 }
                 if let Some(operation) = forgotten {
                     count(&origin.metrics.operations_forgotten, &[&src.name]);
@@ -136,15 +130,7 @@ impl Task {
                 count(&origin.metrics.duplicate_events, &[&src.name]);
                 debug!(%topic, partition, offset, key = %key_text, "duplicate event skipped");
             }
-            Outcome::Late(late) => {
-                let operation = operation_label(&late.operation);
-                count(
-                    &origin.metrics.late_events,
-                    &[&src.name, "dropped", &operation],
-                );
-                info!(%topic, partition, offset, key = %key_text, operation, incoming = %late.incoming,
-                      applied = %late.applied, "late event dropped: older than the version applied for its operation");
-            }
+            Outcome::Late(late) => late_event(origin, (record, &key_text), &late, "dropped"),
         }
     }
 
@@ -228,6 +214,21 @@ fn event(src: &Source, record: &Record, key_text: &str) -> Result<Event, String>
         ));
     }
     Ok(Event::Row(row))
+}
+
+/// Counts and logs a late event, `kept` or `dropped`, with its operation and the incoming and
+/// applied order values.
+fn late_event(origin: &Origin<'_>, (record, key): (&Record, &str), late: &LateEvent, action: &str) {
+    let src = origin.source;
+    let operation = operation_label(&late.operation);
+    origin
+        .metrics
+        .late_events
+        .with_label_values(&[&src.name, action, &operation])
+        .inc();
+    info!(topic = %src.topic, partition = origin.partition, offset = record.offset, key, operation,
+          incoming = %late.incoming, applied = %late.applied, action,
+          "late event: older than the version applied for its operation");
 }
 
 /// Counts, logs and reports a record that cannot be applied.

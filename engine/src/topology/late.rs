@@ -73,12 +73,15 @@ pub struct Ownership {
 }
 
 impl Ownership {
-    /// Whether an event of `operation` may write `column`.
-    pub fn writes(&self, operation: &Value, column: usize) -> bool {
-        match self.operations.iter().find(|(op, _)| op == operation) {
-            Some((_, columns)) => !self.owned[column] || columns.contains(&column),
-            None => true,
-        }
+    /// Which columns an event of `operation` may write (the operation is looked up once, for
+    /// all of an event's columns).
+    pub fn writes(&self, operation: &Value) -> impl Fn(usize) -> bool + '_ {
+        let own = self
+            .operations
+            .iter()
+            .find(|(op, _)| op == operation)
+            .map(|(_, columns)| columns);
+        move |column| own.is_none_or(|own| !self.owned[column] || own.contains(&column))
     }
 
     /// Describes the ownership with column names, for `explain` and the state's layout.

@@ -1194,10 +1194,10 @@ GROUP BY d.name"""
             vec![(op("EmailChanged"), vec![1]), (op("Moved"), vec![2, 1])]
         );
         assert_eq!(owns.owned, vec![false, true, true, false, false]);
-        assert!(owns.writes(&op("Moved"), 2) && owns.writes(&op("Moved"), 3));
-        assert!(!owns.writes(&op("EmailChanged"), 2));
+        assert!(owns.writes(&op("Moved"))(2) && owns.writes(&op("Moved"))(3));
+        assert!(!owns.writes(&op("EmailChanged"))(2));
         assert!(
-            owns.writes(&op("Imported"), 2),
+            owns.writes(&op("Imported"))(2),
             "an unlisted operation writes all"
         );
         assert!(t.explain().contains("EmailChanged owns [email]"));

@@ -213,8 +213,9 @@ fn merge(entry: &mut Entry, owns: &Ownership, operation: &Value, order: &Value, 
     };
     let mut row = current.clone();
     entry.columns.resize(row.len(), Value::Null);
+    let writes = owns.writes(operation);
     for (c, value) in event.into_iter().enumerate() {
-        if owns.writes(operation, c) && order > &entry.columns[c] {
+        if writes(c) && order > &entry.columns[c] {
             row[c] = value;
             entry.columns[c] = order.clone();
         }
