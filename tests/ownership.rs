@@ -32,7 +32,7 @@ fn engine_rows(t: &TestTopology, events: &[Event]) -> Vec<Vec<Value>> {
             None => Change::Tombstone(Value::Text(e.key.as_str().into())),
             Some(payload) => Change::Row(decode(users, payload.as_bytes()).unwrap()),
         };
-        state.apply(users.late.as_ref(), users.key, change, offset as i64);
+        state.apply(users.late.as_ref(), &users.identity, change, offset as i64);
     }
     let mut rows: Vec<Vec<Value>> = state.rows().cloned().collect();
     rows.sort();

@@ -19,6 +19,9 @@ pub struct Metrics {
     pub operations_forgotten: IntCounterVec,
     /// Malformed records, by source.
     pub malformed_records: IntCounterVec,
+    /// Rows of stream sources past their retention (deleted, or dropped as they arrived), by
+    /// source.
+    pub rows_expired: IntCounterVec,
     /// Seconds to write an epoch commit.
     pub epoch_commit_seconds: Histogram,
     /// Consumer lag (high watermark minus next offset to read), by topic and partition.
@@ -333,6 +336,11 @@ impl Metrics {
             "Records that could not be decoded",
             &["source"],
         );
+        let rows_expired = counter(
+            "miroir_rows_expired_total",
+            "Rows of stream sources past their retention: deleted, or dropped as they arrived",
+            &["source"],
+        );
         let epoch_commit_seconds = Histogram::with_opts(
             HistogramOpts::new(
                 "miroir_epoch_commit_seconds",
@@ -434,6 +442,7 @@ impl Metrics {
             operations_forgotten,
             duplicate_events,
             malformed_records,
+            rows_expired,
             epoch_commit_seconds,
             consumer_lag,
             source_paused,

@@ -63,7 +63,7 @@ fn mismatches(
                 served_by.insert(answer["served_by"].as_str().unwrap_or_default().to_string());
             }
             (None, 404) => {}
-            _ => wrong.push(format!("{key}: {status} {answer}")),
+            (row, _) => wrong.push(format!("{key}: {status} {answer}, expected {row:?}")),
         }
     }
     (wrong, served_by)

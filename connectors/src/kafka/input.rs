@@ -46,7 +46,9 @@ const CATCHING_UP: i64 = BATCH as i64;
 
 struct SourceContext {
     runtime: Arc<Runtime>,
-    topics: HashMap<String, usize>,
+    /// The sources reading each topic, in topology order: the first gets the records (see
+    /// [`source_topics`]).
+    topics: HashMap<String, Vec<usize>>,
     metrics: Arc<Metrics>,
     /// Set when the instance stops: its revocations then keep the tables' rows.
     stop: Arc<AtomicBool>,
@@ -159,7 +161,7 @@ impl SourceContext {
     /// assigned partition and the instance's standbys, if any.
     fn new(
         (runtime, metrics, stop): (Arc<Runtime>, Arc<Metrics>, Arc<AtomicBool>),
-        topics: HashMap<String, usize>,
+        topics: HashMap<String, Vec<usize>>,
         (changelog, standbys): (
             Option<(changelog::Restorer, Topology)>,
             Option<Arc<Standbys>>,
@@ -259,7 +261,7 @@ impl SourceContext {
     fn by_source(&self, tpl: &TopicPartitionList) -> HashMap<usize, Vec<u32>> {
         let mut out: HashMap<usize, Vec<u32>> = HashMap::new();
         for e in tpl.elements() {
-            if let Some(s) = self.topics.get(e.topic()) {
+            for s in self.topics.get(e.topic()).into_iter().flatten() {
                 out.entry(*s).or_default().push(e.partition() as u32);
             }
         }
@@ -503,7 +505,7 @@ impl KafkaSource {
     fn spawn(
         consumer: BaseConsumer<SourceContext>,
         runtime: Arc<Runtime>,
-        topics: HashMap<String, usize>,
+        topics: HashMap<String, Vec<usize>>,
         (stop, mode): (Arc<AtomicBool>, Leaving),
         name: &str,
     ) -> Result<KafkaSource, KafkaError> {
@@ -570,16 +572,18 @@ fn source_client(config: &KafkaConfig, client_id: &str, group: &str) -> ClientCo
     client
 }
 
-/// The topics of the topology's sources that are global (`global`) or not, with each
-/// source's position.
-fn source_topics(topology: &Topology, global: bool) -> HashMap<String, usize> {
-    topology
-        .sources
-        .iter()
-        .enumerate()
-        .filter(|(_, s)| s.global == global)
-        .map(|(i, s)| (s.topic.clone(), i))
-        .collect()
+/// The topics of the topology's sources that are global (`global`) or not, with the
+/// positions of the sources reading each. A topic's records go to its first source's tasks,
+/// which hand them to the others (see [`Topology::readers_of`]); assignments, revocations and
+/// restores are each reader's.
+fn source_topics(topology: &Topology, global: bool) -> HashMap<String, Vec<usize>> {
+    let mut topics: HashMap<String, Vec<usize>> = HashMap::new();
+    for (i, s) in topology.sources.iter().enumerate() {
+        if s.global == global {
+            topics.entry(s.topic.clone()).or_default().push(i);
+        }
+    }
+    topics
 }
 
 /// How a source's consumer gets and gives back its partitions.
@@ -632,9 +636,10 @@ fn assign_all(
 fn poll_loop(
     consumer: BaseConsumer<SourceContext>,
     runtime: Arc<Runtime>,
-    topics: HashMap<String, usize>,
+    topics: HashMap<String, Vec<usize>>,
     (stop, leaving): (Arc<AtomicBool>, Leaving),
 ) {
+    let topics: HashMap<String, usize> = topics.into_iter().map(|(t, s)| (t, s[0])).collect();
     let mut batches: HashMap<(usize, u32), Records> = HashMap::new();
     let mut pending = 0usize;
     // When the oldest record of the pending batches was read.

@@ -53,8 +53,8 @@ pub fn decode(source: &Source, payload: &[u8]) -> Result<Row, DecodeError> {
                 .take()
                 .unwrap_or_else(|| DecodeError::NotJson(e.to_string()))
         })?;
-    if row[source.key].is_null() {
-        return Err(DecodeError::MissingKey(source.key_name().to_string()));
+    if let Some(k) = source.identity.iter().find(|k| row[**k].is_null()) {
+        return Err(DecodeError::MissingKey(source.columns[*k].name.clone()));
     }
     Ok(row)
 }

@@ -108,9 +108,24 @@ impl Task {
             Ok(event) => event,
             Err(error) => return malformed(origin, record, &key_text, &error),
         };
+        if let Some(stream) = &src.stream {
+            let retain = stream.retain.as_ref();
+            match &event {
+                Event::Tombstone(_) => {
+                    return debug!(topic = %src.topic, partition = origin.partition, offset = record.offset, key = %key_text,
+                                  "tombstone ignored: a stream source keeps its rows until their retention");
+                }
+                Event::Row(row) if retain.is_some_and(|r| r.expires(row, now_ms())) => {
+                    count_expired(origin, 1);
+                    return debug!(topic = %src.topic, partition = origin.partition, offset = record.offset, key = %key_text,
+                                  "event dropped: past the stream source's retention as it arrived");
+                }
+                Event::Row(_) => {}
+            }
+        }
         let outcome = self
             .state
-            .apply(src.late.as_ref(), src.key, event, record.offset);
+            .apply(src.late.as_ref(), &src.identity, event, record.offset);
         let (topic, partition, offset) = (&src.topic, origin.partition, record.offset);
         let count = |metric: &prometheus::IntCounterVec, labels: &[&str]| {
             metric.with_label_values(labels).inc();
@@ -141,11 +156,11 @@ impl Task {
     /// the keys deleted longer ago than the retention.
     pub(crate) fn flush(
         &mut self,
-        (source, src): (usize, &Source),
-        partition: u32,
+        (source, origin): (usize, &Origin<'_>),
         input: &mut InputSession<Epoch, Row, isize>,
         commit: &mut Commit,
     ) {
+        let (src, partition) = (origin.source, origin.partition);
         let now = now_ms();
         let retention = src.tombstone_retention.as_millis() as i64;
         if now - self.forgot_at_ms >= (retention / 10).min(FORGET_EVERY_MS) {
@@ -214,6 +229,19 @@ fn event(src: &Source, record: &Record, key_text: &str) -> Result<Event, String>
         ));
     }
     Ok(Event::Row(row))
+}
+
+/// Counts rows of a stream source past its retention.
+fn count_expired(origin: &Origin<'_>, rows: usize) {
+    if rows > 0 {
+        let source = &origin.source.name;
+        origin
+            .metrics
+            .rows_expired
+            .with_label_values(&[source])
+            .inc_by(rows as u64);
+        debug!(topic = %origin.source.topic, partition = origin.partition, rows, "rows past the stream source's retention deleted");
+    }
 }
 
 /// Counts and logs a late event, `kept` or `dropped`, with its operation and the incoming and

@@ -10,10 +10,11 @@
 use super::{Expr, JoinKind, Plan, TablePlan};
 
 /// What the distribution of a plan depends on about a source.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct SourceShape {
-    /// Position of its key column.
-    pub key: usize,
+    /// Positions of the columns that identify its rows (its key, or a stream source's
+    /// composite key).
+    pub key: Vec<usize>,
     /// Position of the column whose value tells a row's partition (the key, except in a
     /// repartition topic).
     pub partition: usize,

@@ -207,7 +207,7 @@ impl Plan {
     /// them); `sources` describes a source by index.
     pub fn key(&self, sources: &impl Fn(usize) -> SourceShape) -> Option<Vec<usize>> {
         match self {
-            Plan::Source { source, .. } => Some(vec![sources(*source).key]),
+            Plan::Source { source, .. } => Some(sources(*source).key),
             Plan::Filter { input, .. } => input.key(sources),
             Plan::Join {
                 left,
@@ -282,7 +282,7 @@ impl Plan {
     fn never_null(&self, column: usize, sources: &impl Fn(usize) -> SourceShape) -> bool {
         let passed = |input: &Plan, expr: Option<&Expr>| matches!(expr, Some(Expr::Column(c)) if input.never_null(*c, sources));
         match self {
-            Plan::Source { source, .. } => sources(*source).key == column,
+            Plan::Source { source, .. } => sources(*source).key.contains(&column),
             Plan::Filter { input, .. } => input.never_null(column, sources),
             Plan::Map { input, exprs, .. } => passed(input, exprs.get(column)),
             Plan::Reduce { input, group, .. } => passed(input, group.get(column)),

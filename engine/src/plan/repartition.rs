@@ -439,6 +439,8 @@ impl<'a> Splitter<'a> {
             topic: format!("{topology}.{table}.r{n}.{hash:08x}{TOPIC_SUFFIX}"),
             columns,
             key: arity,
+            identity: vec![arity],
+            stream: None,
             partition_column: by,
             late: None,
             tombstone_retention: Source::DEFAULT_TOMBSTONE_RETENTION,

@@ -19,8 +19,8 @@ pub struct SourceSchema<'a> {
     pub name: &'a str,
     /// Declared columns.
     pub columns: &'a [Column],
-    /// Position of the key column.
-    pub key: usize,
+    /// Positions of the columns that identify a row (one, or a stream source's several).
+    pub key: &'a [usize],
 }
 
 /// A planning error, positioned inside the query text (line and column are 1-based; 0 when the
@@ -439,7 +439,7 @@ fn table_factor(factor: &ast::TableFactor, sources: &[SourceSchema<'_>]) -> Resu
                 ty: c.ty,
             })
             .collect(),
-        key: vec![source.key],
+        key: source.key.to_vec(),
     })
 }
 

@@ -92,14 +92,18 @@ impl Tasks {
                 records,
                 catching_up,
             } => {
-                shared.backlog.update(|behind| {
-                    if catching_up {
-                        behind.insert((source, partition));
-                    } else {
-                        behind.remove(&(source, partition));
-                    }
-                });
-                self.apply(shared, source, partition, &records, inputs)
+                let mut applied = 0;
+                for reader in shared.topology.readers_of(source) {
+                    shared.backlog.update(|behind| {
+                        if catching_up {
+                            behind.insert((reader, partition));
+                        } else {
+                            behind.remove(&(reader, partition));
+                        }
+                    });
+                    applied = applied.max(self.apply(shared, reader, partition, &records, inputs));
+                }
+                applied
             }
         }
     }
@@ -115,13 +119,7 @@ impl Tasks {
         let Some(task) = self.open(shared, source, partition, inputs) else {
             return 0;
         };
-        let origin = Origin {
-            source: &shared.topology.sources[source],
-            partition,
-            metrics: &shared.metrics,
-            errors: shared.errors.as_ref(),
-        };
-        task.apply(&origin, records);
+        task.apply(&origin(shared, source, partition), records);
         records.len()
     }
 
@@ -177,7 +175,8 @@ impl Tasks {
             if task.has_changes() {
                 let mut pending = shared.commit.lock();
                 let commit = pending.get_or_insert_with(|| shared.store.commit());
-                task.flush((source, src), *p, &mut inputs[source], commit);
+                let origin = origin(shared, source, *p);
+                task.flush((source, &origin), &mut inputs[source], commit);
             }
             if retract {
                 task.retract(&mut inputs[source]);
@@ -207,8 +206,8 @@ impl Tasks {
             }
         }
         for ((source, partition), task) in self.tasks.iter_mut() {
-            let src = (*source, &topology.sources[*source]);
-            task.flush(src, *partition, &mut inputs[*source], commit);
+            let origin = origin(shared, *source, *partition);
+            task.flush((*source, &origin), &mut inputs[*source], commit);
         }
     }
 
@@ -270,4 +269,15 @@ fn restore(
         task.log_whole_state();
     }
     Ok(task)
+}
+
+/// Where the records of `source`'s `partition` come from, and where what goes wrong with them
+/// is told.
+fn origin(shared: &Shared, source: usize, partition: u32) -> Origin<'_> {
+    Origin {
+        source: &shared.topology.sources[source],
+        partition,
+        metrics: &shared.metrics,
+        errors: shared.errors.as_ref(),
+    }
 }

@@ -425,6 +425,8 @@ pub(super) fn validate_command(
             topic: c.topic.get_ref().clone(),
             columns,
             key: key?,
+            identity: vec![key?],
+            stream: None,
             partition_column: key?,
             late: None,
             tombstone_retention: Source::DEFAULT_TOMBSTONE_RETENTION,

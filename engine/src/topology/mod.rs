@@ -23,6 +23,7 @@ pub mod command;
 pub mod diagnostic;
 pub mod kafka;
 pub mod late;
+pub mod stream;
 
 use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
@@ -42,6 +43,7 @@ use crate::plan::{
 use crate::value::{Column, ColumnType};
 use command::CommandSpec;
 use late::LatePolicy;
+use stream::StreamPolicy;
 
 /// A validated topology: its sources and planned tables.
 #[derive(Clone, Debug)]
@@ -72,8 +74,14 @@ pub struct Source {
     pub topic: String,
     /// Declared columns, in declaration order.
     pub columns: Vec<Column>,
-    /// Position of the key column.
+    /// Position of the key column: the entity's key, which the topic's records are keyed by.
     pub key: usize,
+    /// The columns that identify a row: the key, or a stream source's composite key (the key
+    /// first).
+    pub identity: Vec<usize>,
+    /// For a stream source (`kind = "stream"`), whose every event is a row: how long rows are
+    /// kept. `None` for an upsert source.
+    pub stream: Option<StreamPolicy>,
     /// Position of the column whose value tells a record's partition: the key, except in a
     /// repartition topic (see [`crate::plan::repartition`]).
     pub partition_column: usize,
@@ -109,7 +117,7 @@ impl Source {
     /// What the plans' distribution and keys depend on about the source.
     pub fn shape(&self) -> SourceShape {
         SourceShape {
-            key: self.key,
+            key: self.identity.clone(),
             partition: self.partition_column,
             arity: self.columns.len(),
             global: self.global,
@@ -134,10 +142,26 @@ impl Source {
             .late
             .as_ref()
             .map_or_else(|| "by offset".to_string(), |l| l.describe(&self.columns));
+        let key: Vec<&str> = self
+            .identity
+            .iter()
+            .map(|k| self.columns[*k].name.as_str())
+            .collect();
+        let kind = match &self.stream {
+            None => String::new(),
+            Some(stream) => match stream.retain {
+                None => "; stream".to_string(),
+                Some(r) => format!(
+                    "; stream retained {} by {}",
+                    humantime::format_duration(r.age),
+                    self.columns[r.by].name
+                ),
+            },
+        };
         format!(
-            "topic {}; key {}; columns {}; late {late}",
+            "topic {}; key {}; columns {}; late {late}{kind}",
             self.topic,
-            self.key_name(),
+            key.join(", "),
             columns.join(", ")
         )
     }
@@ -163,12 +187,18 @@ struct RawSource {
     topic: Spanned<String>,
     #[serde(default)]
     format: Option<Spanned<String>>,
-    key: Spanned<String>,
+    #[serde(default)]
+    kind: Option<Spanned<String>>,
+    key: Spanned<stream::RawKey>,
     columns: Spanned<IndexMap<String, Spanned<String>>>,
     #[serde(default)]
     late: Option<Spanned<late::RawLate>>,
     #[serde(default)]
     global: bool,
+    #[serde(default)]
+    retain: Option<Spanned<String>>,
+    #[serde(default)]
+    retain_by: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -297,6 +327,7 @@ impl Topology {
                 sources.push(source);
             }
         }
+        same_topic_agree(&mut r, &raw, &sources);
         // Tables are planned only against a complete set of sources: a broken source would
         // otherwise show up again as an unknown source in every query.
         let sources_ok = sources.len() == raw.sources.len();
@@ -312,7 +343,7 @@ impl Topology {
             .map(|s| SourceSchema {
                 name: &s.name,
                 columns: &s.columns,
-                key: s.key,
+                key: &s.identity,
             })
             .collect();
         let mut tables = Vec::new();
@@ -502,6 +533,17 @@ impl Topology {
             .into_iter()
             .map(|s| self.sources[s].topic.as_str())
             .collect()
+    }
+
+    /// The sources reading `source`'s topic, `source`'s own position among them, in topology
+    /// order: an upsert and a stream source of one topic. The records of a topic's partition
+    /// are handed to its first reader's task, which applies them to every reader's task of the
+    /// partition in turn (one batch, so their offsets always agree).
+    pub fn readers_of(&self, source: usize) -> impl Iterator<Item = usize> + '_ {
+        let topic = &self.sources[source].topic;
+        let global = self.sources[source].global;
+        (0..self.sources.len())
+            .filter(move |s| self.sources[*s].topic == *topic && self.sources[*s].global == global)
     }
 
     /// The source named `name`.
@@ -785,15 +827,15 @@ fn validate_source(r: &mut Reporter<'_>, name: &str, raw: &Spanned<RawSource>) -
             None,
         );
     }
-    let find = |c: &str| columns.iter().position(|x| x.name == c.to_lowercase());
-    let key = find(s.key.get_ref());
-    if key.is_none() {
-        r.at(
-            s.key.span().start,
-            format!("key `{}` is not a declared column", s.key.get_ref()),
-            Some("declare it in `columns`".into()),
-        );
-    }
+    let kind = stream::RawKind {
+        kind: s.kind.as_ref(),
+        key: &s.key,
+        retain: s.retain.as_ref(),
+        retain_by: s.retain_by.as_ref(),
+        late_at: s.late.as_ref().map(|l| l.span().start),
+        global: s.global,
+    };
+    let identity = stream::validate(r, &kind, &columns);
     let columns_ok = r.diagnostics.len() == before;
     let late = s
         .late
@@ -821,17 +863,38 @@ fn validate_source(r: &mut Reporter<'_>, name: &str, raw: &Spanned<RawSource>) -
     if r.diagnostics.len() > before {
         return None;
     }
+    let (identity, stream) = identity?;
     Some(Source {
         name: name.to_string(),
         topic: s.topic.get_ref().clone(),
         columns,
-        key: key?,
-        partition_column: key?,
+        key: identity[0],
+        partition_column: identity[0],
+        identity,
+        stream,
         late,
         tombstone_retention,
         global: s.global,
         format: SourceFormat::Json,
     })
+}
+
+/// Reports sources of one topic that disagree on `global`: one consumer reads a topic, for
+/// every source reading it.
+fn same_topic_agree(r: &mut Reporter<'_>, raw: &RawTopology, sources: &[Source]) {
+    for (i, s) in sources.iter().enumerate() {
+        let other = sources[..i].iter().find(|o| o.topic == s.topic);
+        if let Some(other) = other.filter(|o| o.global != s.global) {
+            r.at(
+                raw.sources[&s.name].span().start,
+                format!(
+                    "sources `{}` and `{}` read topic `{}`, one of them global",
+                    other.name, s.name, s.topic
+                ),
+                Some("sources of one topic are all global or none".into()),
+            );
+        }
+    }
 }
 
 /// Splits the plans of `tables` that need the rows of several partitions with repartitions

@@ -21,11 +21,12 @@
 
 pub mod types;
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 
 use super::late::{verdict, Verdict};
 use crate::topology::late::{LateAction, LatePolicy, Ownership};
-use crate::value::{Row, Value};
+use crate::value::{key_text, Row, Value};
 pub use types::{Entry, Event, LateEvent, Outcome};
 
 /// The upsert state of one partition of one source.
@@ -49,18 +50,20 @@ impl UpsertState {
         }
     }
 
-    /// Applies `event` at source `offset`; an entity event's key is its column `key_column`.
+    /// Applies `event` at source `offset`; an entity event's key is its columns `identity`
+    /// (one column, or a stream source's several, see [`identity_key`]).
     pub fn apply(
         &mut self,
         policy: Option<&LatePolicy>,
-        key_column: usize,
+        identity: &[usize],
         event: Event,
         offset: i64,
     ) -> Outcome {
         let (key, row) = match &event {
-            Event::Row(row) => (&row[key_column], Some(row)),
-            Event::Tombstone(key) => (key, None),
+            Event::Row(row) => (identity_key(row, identity), Some(row)),
+            Event::Tombstone(key) => (Cow::Borrowed(key), None),
         };
+        let key = key.as_ref();
         let mut slot = self.entries.get_mut(key);
         let entry = slot.as_deref();
         // Without a policy (and for tombstones, which carry no version) the offset orders.
@@ -172,6 +175,25 @@ impl UpsertState {
         forgotten
     }
 
+    /// Deletes the rows `expired` says are past their retention (a stream source's, see
+    /// [`crate::topology::stream::Retention`]), each as a change of its key: the next
+    /// [`UpsertState::drain_changes`] retracts them, and their keys are then deleted keys
+    /// like any other. Returns how many rows went.
+    pub fn expire(&mut self, expired: impl Fn(&Row) -> bool) -> usize {
+        let mut gone = 0;
+        for (key, entry) in self.entries.iter_mut() {
+            if entry.row.as_ref().is_some_and(&expired) {
+                let row = entry.row.take();
+                if entry.before.is_none() {
+                    entry.before = Some(row);
+                    self.changed.push(key.clone());
+                }
+                gone += 1;
+            }
+        }
+        gone
+    }
+
     /// Marks every key changed, without changing its row: the next
     /// [`UpsertState::drain_changes`] hands all of them over (to be logged whole).
     pub fn mark_all_changed(&mut self) {
@@ -201,6 +223,15 @@ impl UpsertState {
     /// Whether no key has a current row.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+}
+
+/// The key of `row` under `identity`: the value of its one column, or for a stream source's
+/// composite key the URL form of its values (`u-1|5`), which tells every two keys apart.
+pub fn identity_key<'a>(row: &'a Row, identity: &[usize]) -> Cow<'a, Value> {
+    match identity {
+        [column] => Cow::Borrowed(&row[*column]),
+        columns => Cow::Owned(Value::Text(key_text(row, columns).into())),
     }
 }
 
