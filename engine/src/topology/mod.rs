@@ -152,8 +152,8 @@ impl Source {
             Some(stream) => match stream.retain {
                 None => "; stream".to_string(),
                 Some(r) => format!(
-                    "; stream retained {} by {}",
-                    humantime::format_duration(r.age),
+                    "; stream retained {}s by {}",
+                    r.age.as_secs(),
                     self.columns[r.by].name
                 ),
             },

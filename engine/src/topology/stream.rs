@@ -218,3 +218,118 @@ fn retention(r: &mut Reporter<'_>, raw: &RawKind<'_>, columns: &[Column]) -> Opt
         by: column.filter(|c| columns[*c].ty == ColumnType::Timestamptz)?,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::topology::{Distribution, Topology};
+
+    const HISTORY: &str = r#"
+name = "t"
+[sources.users]
+topic = "user"
+key = "id"
+columns = { id = "text", email = "text", version = "bigint", at = "timestamptz" }
+late = { order_by = "version" }
+
+[sources.email_changes]
+topic = "user"
+kind = "stream"
+key = ["id", "version"]
+columns = { id = "text", email = "text", version = "bigint", at = "timestamptz" }
+retain = "400d"
+retain_by = "at"
+
+[tables.email_history]
+query = "SELECT id, version, email, at FROM email_changes"
+"#;
+
+    fn errors(text: &str) -> Vec<String> {
+        Topology::parse("bad.toml", text)
+            .expect_err("invalid")
+            .diagnostics
+            .iter()
+            .map(|d| d.to_string())
+            .collect()
+    }
+
+    #[test]
+    fn a_table_over_a_stream_source_is_keyed_by_its_composite_key_and_follows_the_entity() {
+        let t = Topology::parse("h.toml", HISTORY).expect("valid");
+        let changes = t.source("email_changes").unwrap();
+        assert_eq!((changes.key, changes.identity.clone()), (0, vec![0, 2]));
+        let retain = changes.stream.as_ref().unwrap().retain.unwrap();
+        assert_eq!((retain.age.as_secs(), retain.by), (400 * 86_400, 3));
+        assert!(t.source("users").unwrap().stream.is_none());
+        let history = t.table("email_history").unwrap();
+        assert_eq!(history.key, vec![0, 1], "(id, version)");
+        assert_eq!(
+            t.distribution(history),
+            Distribution::Partitioned {
+                source: 1,
+                column: 0
+            }
+        );
+        assert_eq!(t.readers_of(0).collect::<Vec<_>>(), [0, 1]);
+        assert_eq!(t.readers_of(1).collect::<Vec<_>>(), [0, 1]);
+        assert!(changes.layout().contains("key id, version"));
+        assert!(changes.layout().contains("stream retained 34560000s by at"));
+    }
+
+    #[test]
+    fn a_row_goes_once_its_time_is_older_than_the_retention() {
+        use crate::value::Value;
+        let t = Topology::parse("h.toml", HISTORY).expect("valid");
+        let retain = t.source("email_changes").unwrap().stream.as_ref().unwrap().retain.unwrap();
+        let day_ms = 86_400_000;
+        let now_ms = 1_000 * day_ms;
+        let row = |day: i64| {
+            let at = Value::Timestamp(day * day_ms * 1000);
+            vec![Value::Null, Value::Null, Value::Int(1), at]
+        };
+        assert!(retain.expires(&row(599), now_ms));
+        assert!(!retain.expires(&row(600), now_ms));
+        assert!(!retain.expires(&row(999), now_ms));
+        let mut untimed = row(0);
+        untimed[3] = Value::Null;
+        assert!(!retain.expires(&untimed, now_ms), "a row without a time stays");
+    }
+
+    #[test]
+    fn reports_what_a_stream_source_cannot_be() {
+        let cases = [
+            (r#"retain_by = "at""#, r#"retain_by = "email""#, "retain_by `email` is not a timestamptz column"),
+            (r#"retain_by = "at""#, "", "`retain` needs `retain_by`"),
+            (r#"key = ["id", "version"]"#, r#"key = "id""#, "a stream source's key names the entity's key"),
+            (r#"key = ["id", "version"]"#, r#"key = ["id", "id"]"#, "key column `id` is named twice"),
+            (r#"key = ["id", "version"]"#, r#"key = ["id", "v"]"#, "key `v` is not a declared column"),
+            (r#"kind = "stream""#, r#"kind = "log""#, "unknown source kind `log`"),
+            (r#"retain = "400d""#, r#"retain = "0s""#, "bad retain `0s`"),
+            (
+                r#"retain_by = "at""#,
+                "retain_by = \"at\"\nlate = { order_by = \"version\" }",
+                "`late` has no meaning for it",
+            ),
+            (
+                r#"retain_by = "at""#,
+                "retain_by = \"at\"\nglobal = true",
+                "a stream source cannot be global",
+            ),
+        ];
+        for (from, to, expected) in cases {
+            let e = errors(&HISTORY.replace(from, to));
+            assert!(e.iter().any(|e| e.contains(expected)), "{to}: {e:?}");
+        }
+        let upsert = HISTORY.replace("kind = \"stream\"\nkey = [\"id\", \"version\"]", "key = \"id\"");
+        let e = errors(&upsert);
+        assert!(e.iter().any(|e| e.contains("`retain` is for stream sources")), "{e:?}");
+        let composite = HISTORY.replace("kind = \"stream\"\n", "");
+        let e = errors(&composite);
+        assert!(e.iter().any(|e| e.contains("an upsert source's key is one column")), "{e:?}");
+        let global = HISTORY.replace(
+            "key = \"id\"\ncolumns = { id = \"text\", email = \"text\", version = \"bigint\", at = \"timestamptz\" }\nlate",
+            "key = \"id\"\nglobal = true\ncolumns = { id = \"text\", email = \"text\", version = \"bigint\", at = \"timestamptz\" }\nlate",
+        );
+        let e = errors(&global);
+        assert!(e.iter().any(|e| e.contains("one of them global")), "{e:?}");
+    }
+}

@@ -298,15 +298,15 @@ mod tests {
     fn a_deleted_key_is_forgotten_once_its_retention_passed_and_not_before() {
         let p = policy(false);
         let mut s = UpsertState::default();
-        s.apply(Some(&p), 0, Event::Row(row("a", 5, "x")), 0);
-        s.apply(Some(&p), 0, Event::Row(row("b", 1, "x")), 1);
-        s.apply(Some(&p), 0, Event::Tombstone(key("a")), 2);
+        s.apply(Some(&p), &[0], Event::Row(row("a", 5, "x")), 0);
+        s.apply(Some(&p), &[0], Event::Row(row("b", 1, "x")), 1);
+        s.apply(Some(&p), &[0], Event::Tombstone(key("a")), 2);
         // Drained at 0: `a` is recorded deleted then.
         drain(&mut s);
         assert_eq!(s.forget_deleted(99, 100), Vec::<Value>::new());
         assert!(
             matches!(
-                s.apply(Some(&p), 0, Event::Row(row("a", 3, "x")), 3),
+                s.apply(Some(&p), &[0], Event::Row(row("a", 3, "x")), 3),
                 Outcome::Late(_)
             ),
             "within the retention, the delete's versions hold"
@@ -318,7 +318,7 @@ mod tests {
             "b has a row"
         );
         assert_eq!(
-            s.apply(Some(&p), 0, Event::Row(row("a", 3, "x")), 4),
+            s.apply(Some(&p), &[0], Event::Row(row("a", 3, "x")), 4),
             APPLIED,
             "past it, an event older than the delete applies again"
         );
@@ -329,7 +329,7 @@ mod tests {
         let p = policy(false);
         let mut s = UpsertState::default();
         assert_eq!(
-            s.apply(Some(&p), 0, Event::Row(row("a", 2, "x")), 0),
+            s.apply(Some(&p), &[0], Event::Row(row("a", 2, "x")), 0),
             APPLIED
         );
         assert_eq!(
@@ -337,18 +337,18 @@ mod tests {
             vec![(key("a"), None, Some(row("a", 2, "x")))]
         );
         assert!(matches!(
-            s.apply(Some(&p), 0, Event::Row(row("a", 1, "x")), 1),
+            s.apply(Some(&p), &[0], Event::Row(row("a", 1, "x")), 1),
             Outcome::Late(_)
         ));
         assert_eq!(
-            s.apply(Some(&p), 0, Event::Row(row("a", 2, "x")), 2),
+            s.apply(Some(&p), &[0], Event::Row(row("a", 2, "x")), 2),
             Outcome::Duplicate
         );
         assert!(
             !s.has_changes(),
             "late and duplicate events leave no change"
         );
-        s.apply(Some(&p), 0, Event::Row(row("a", 3, "x")), 3);
+        s.apply(Some(&p), &[0], Event::Row(row("a", 3, "x")), 3);
         assert_eq!(
             drain(&mut s),
             vec![(key("a"), Some(row("a", 2, "x")), Some(row("a", 3, "x")))]
@@ -356,17 +356,42 @@ mod tests {
     }
 
     #[test]
+    fn under_a_composite_key_every_event_is_a_row_and_a_copy_changes_nothing() {
+        let mut s = UpsertState::default();
+        let identity = [0, 1];
+        s.apply(None, &identity, Event::Row(row("a", 2, "x")), 0);
+        s.apply(None, &identity, Event::Row(row("a", 1, "x")), 1);
+        assert_eq!(
+            s.apply(None, &identity, Event::Row(row("a", 2, "x")), 0),
+            Outcome::Duplicate,
+            "read again from its offset"
+        );
+        let changes = drain(&mut s);
+        assert_eq!(changes.len(), 2, "{changes:?}");
+        assert_eq!(changes[0].0, Value::Text("a|1".into()));
+        assert_eq!(changes[1].0, Value::Text("a|2".into()));
+        assert_eq!(s.len(), 2, "the older event did not replace the newer");
+        assert_eq!(s.expire(|r| r[1] == Value::Int(1)), 1);
+        assert_eq!(
+            drain(&mut s),
+            vec![(Value::Text("a|1".into()), Some(row("a", 1, "x")), None)]
+        );
+        assert_eq!(s.len(), 1);
+        assert_eq!(s.expire(|r| r[1] == Value::Int(1)), 0, "gone already");
+    }
+
+    #[test]
     fn changes_of_a_key_coalesce_until_drained() {
         let p = policy(false);
         let mut s = UpsertState::default();
-        s.apply(Some(&p), 0, Event::Row(row("a", 1, "x")), 0);
-        s.apply(Some(&p), 0, Event::Row(row("b", 1, "x")), 1);
+        s.apply(Some(&p), &[0], Event::Row(row("a", 1, "x")), 0);
+        s.apply(Some(&p), &[0], Event::Row(row("b", 1, "x")), 1);
         drain(&mut s);
         for (offset, version) in [(2, 2), (3, 3), (4, 4)] {
-            s.apply(Some(&p), 0, Event::Row(row("a", version, "x")), offset);
+            s.apply(Some(&p), &[0], Event::Row(row("a", version, "x")), offset);
         }
-        s.apply(Some(&p), 0, Event::Tombstone(key("b")), 5);
-        s.apply(Some(&p), 0, Event::Row(row("c", 1, "x")), 6);
+        s.apply(Some(&p), &[0], Event::Tombstone(key("b")), 5);
+        s.apply(Some(&p), &[0], Event::Row(row("c", 1, "x")), 6);
         assert_eq!(
             drain(&mut s),
             vec![
@@ -387,15 +412,15 @@ mod tests {
             ..policy(true)
         };
         let mut s = UpsertState::default();
-        s.apply(Some(&p), 0, Event::Row(row("a", 5, "email")), 0);
-        s.apply(Some(&p), 0, Event::Row(row("a", 6, "name")), 1);
+        s.apply(Some(&p), &[0], Event::Row(row("a", 5, "email")), 0);
+        s.apply(Some(&p), &[0], Event::Row(row("a", 6, "name")), 1);
         // "email" applied again: now "name" is the one applied longest ago.
         assert_eq!(
-            s.apply(Some(&p), 0, Event::Row(row("a", 7, "email")), 2),
+            s.apply(Some(&p), &[0], Event::Row(row("a", 7, "email")), 2),
             APPLIED
         );
         assert_eq!(
-            s.apply(Some(&p), 0, Event::Row(row("a", 8, "phone")), 3),
+            s.apply(Some(&p), &[0], Event::Row(row("a", 8, "phone")), 3),
             Outcome::Changed {
                 late: None,
                 forgotten: Some(Value::Text("name".into()))
@@ -403,13 +428,13 @@ mod tests {
         );
         assert!(
             matches!(
-                s.apply(Some(&p), 0, Event::Row(row("a", 6, "email")), 4),
+                s.apply(Some(&p), &[0], Event::Row(row("a", 6, "email")), 4),
                 Outcome::Late(_)
             ),
             "the operations kept still drop their late events"
         );
         assert_eq!(
-            s.apply(Some(&p), 0, Event::Row(row("a", 2, "name")), 5),
+            s.apply(Some(&p), &[0], Event::Row(row("a", 2, "name")), 5),
             Outcome::Changed {
                 late: None,
                 forgotten: Some(Value::Text("email".into()))
@@ -424,14 +449,14 @@ mod tests {
     fn versions_are_per_business_operation() {
         let p = policy(true);
         let mut s = UpsertState::default();
-        s.apply(Some(&p), 0, Event::Row(row("a", 5, "email")), 0);
+        s.apply(Some(&p), &[0], Event::Row(row("a", 5, "email")), 0);
         // An older version of another operation is not late.
         assert_eq!(
-            s.apply(Some(&p), 0, Event::Row(row("a", 3, "name")), 1),
+            s.apply(Some(&p), &[0], Event::Row(row("a", 3, "name")), 1),
             APPLIED
         );
         assert_eq!(
-            s.apply(Some(&p), 0, Event::Row(row("a", 4, "email")), 2),
+            s.apply(Some(&p), &[0], Event::Row(row("a", 4, "email")), 2),
             Outcome::Late(LateEvent {
                 operation: Value::Text("email".into()),
                 incoming: Value::Int(4),
@@ -444,19 +469,19 @@ mod tests {
     fn tombstones_delete_and_keep_versions() {
         let p = policy(false);
         let mut s = UpsertState::default();
-        s.apply(Some(&p), 0, Event::Row(row("a", 2, "x")), 0);
+        s.apply(Some(&p), &[0], Event::Row(row("a", 2, "x")), 0);
         drain(&mut s);
-        assert_eq!(s.apply(Some(&p), 0, Event::Tombstone(key("a")), 1), APPLIED);
+        assert_eq!(s.apply(Some(&p), &[0], Event::Tombstone(key("a")), 1), APPLIED);
         assert_eq!(
             drain(&mut s),
             vec![(key("a"), Some(row("a", 2, "x")), None)]
         );
         assert_eq!(
-            s.apply(Some(&p), 0, Event::Tombstone(key("a")), 1),
+            s.apply(Some(&p), &[0], Event::Tombstone(key("a")), 1),
             Outcome::Duplicate
         );
         assert!(matches!(
-            s.apply(Some(&p), 0, Event::Row(row("a", 1, "x")), 2),
+            s.apply(Some(&p), &[0], Event::Row(row("a", 1, "x")), 2),
             Outcome::Late(_)
         ));
         assert!(s.is_empty());
@@ -494,12 +519,12 @@ mod tests {
     fn a_late_event_of_one_operation_does_not_revert_another_s_columns() {
         let p = owning();
         let mut s = UpsertState::default();
-        s.apply(Some(&p), 0, Event::Row(user(1, "created", "a@x", "A")), 0);
-        s.apply(Some(&p), 0, Event::Row(user(5, "email", "b@x", "A")), 1);
+        s.apply(Some(&p), &[0], Event::Row(user(1, "created", "a@x", "A")), 0);
+        s.apply(Some(&p), &[0], Event::Row(user(5, "email", "b@x", "A")), 1);
         // The name change at version 4 was made before the email change: its snapshot holds
         // the old email.
         assert_eq!(
-            s.apply(Some(&p), 0, Event::Row(user(4, "name", "a@x", "Ann")), 2),
+            s.apply(Some(&p), &[0], Event::Row(user(4, "name", "a@x", "Ann")), 2),
             APPLIED
         );
         assert_eq!(
@@ -508,9 +533,9 @@ mod tests {
             "the name changes, the email and the unowned columns keep the newest event's"
         );
         // An operation that is not listed writes every column, each only when newer.
-        s.apply(Some(&p), 0, Event::Row(user(3, "created", "c@x", "C")), 3);
+        s.apply(Some(&p), &[0], Event::Row(user(3, "created", "c@x", "C")), 3);
         assert_eq!(current(&s), user(5, "email", "b@x", "Ann"));
-        s.apply(Some(&p), 0, Event::Row(user(6, "imported", "d@x", "D")), 4);
+        s.apply(Some(&p), &[0], Event::Row(user(6, "imported", "d@x", "D")), 4);
         assert_eq!(current(&s), user(6, "imported", "d@x", "D"));
     }
 
@@ -518,14 +543,14 @@ mod tests {
     fn a_key_takes_its_first_event_whole_and_its_columns_date_from_it() {
         let p = owning();
         let mut s = UpsertState::default();
-        s.apply(Some(&p), 0, Event::Row(user(5, "email", "b@x", "Bea")), 0);
+        s.apply(Some(&p), &[0], Event::Row(user(5, "email", "b@x", "Bea")), 0);
         assert_eq!(current(&s), user(5, "email", "b@x", "Bea"));
         // The name at version 3 is older than the snapshot that brought "Bea".
-        s.apply(Some(&p), 0, Event::Row(user(3, "name", "a@x", "Ann")), 1);
+        s.apply(Some(&p), &[0], Event::Row(user(3, "name", "a@x", "Ann")), 1);
         assert_eq!(current(&s), user(5, "email", "b@x", "Bea"));
         // After a delete, the next event re-creates the row whole.
-        s.apply(Some(&p), 0, Event::Tombstone(key("a")), 2);
-        s.apply(Some(&p), 0, Event::Row(user(7, "name", "e@x", "Eve")), 3);
+        s.apply(Some(&p), &[0], Event::Tombstone(key("a")), 2);
+        s.apply(Some(&p), &[0], Event::Row(user(7, "name", "e@x", "Eve")), 3);
         assert_eq!(current(&s), user(7, "name", "e@x", "Eve"));
     }
 
@@ -536,10 +561,10 @@ mod tests {
             ..policy(false)
         };
         let mut s = UpsertState::default();
-        s.apply(Some(&p), 0, Event::Row(row("a", 2, "x")), 0);
+        s.apply(Some(&p), &[0], Event::Row(row("a", 2, "x")), 0);
         drain(&mut s);
         assert_eq!(
-            s.apply(Some(&p), 0, Event::Row(row("a", 1, "x")), 1),
+            s.apply(Some(&p), &[0], Event::Row(row("a", 1, "x")), 1),
             Outcome::Changed {
                 late: Some(LateEvent {
                     operation: Value::Null,
@@ -558,12 +583,12 @@ mod tests {
     #[test]
     fn without_policy_offsets_order_and_replays_are_duplicates() {
         let mut s = UpsertState::default();
-        s.apply(None, 0, Event::Row(row("a", 9, "x")), 5);
+        s.apply(None, &[0], Event::Row(row("a", 9, "x")), 5);
         assert_eq!(
-            s.apply(None, 0, Event::Row(row("a", 1, "x")), 5),
+            s.apply(None, &[0], Event::Row(row("a", 1, "x")), 5),
             Outcome::Duplicate
         );
-        assert_eq!(s.apply(None, 0, Event::Row(row("a", 1, "x")), 6), APPLIED);
+        assert_eq!(s.apply(None, &[0], Event::Row(row("a", 1, "x")), 6), APPLIED);
         assert_eq!(
             drain(&mut s),
             vec![(key("a"), None, Some(row("a", 1, "x")))],
