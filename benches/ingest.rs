@@ -37,7 +37,7 @@ use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 
 mod support;
 
-use support::{env_or, internal_tables_only, replace_section, run_id};
+use support::{env_or, internal_tables_only, replace_section, run_id, without_history};
 
 const PARTITIONS: i32 = 4;
 
@@ -101,7 +101,7 @@ fn topology_text(run: &str, tables: Tables) -> String {
     ))
     .unwrap();
     let (text, name) = match tables {
-        Tables::All => (text.as_str(), format!("bench-{run}-all")),
+        Tables::All => (without_history(&text), format!("bench-{run}-all")),
         Tables::Internal => (internal_tables_only(&text), format!("bench-{run}-internal")),
         Tables::Unlogged => (internal_tables_only(&text), format!("bench-{run}-unlogged")),
         Tables::Rows => (internal_tables_only(&text), format!("bench-{run}-rows")),

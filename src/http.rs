@@ -29,7 +29,7 @@ use serde_json::json;
 use tracing::{info, warn};
 
 use crate::access::{bearer, may_read};
-use crate::{EngineError, Inner, QueryError, Route, VersionTarget};
+use crate::{EngineError, Inner, QueryError, Route, ScanOrder, VersionTarget};
 use miroir_connectors::kafka::membership::Member;
 use miroir_engine::command::Principal;
 
@@ -643,6 +643,7 @@ struct Scan<'a> {
     table: &'a str,
     prefix: &'a str,
     after: Option<&'a str>,
+    order: ScanOrder,
     limit: usize,
     /// The caller's bearer token, passed on: each instance checks it too.
     token: Option<&'a str>,
@@ -763,6 +764,9 @@ impl Forwarder {
             ("limit", scan.limit.to_string()),
             ("local", "true".to_string()),
         ];
+        if scan.order == ScanOrder::Descending {
+            query.push(("order", "desc".to_string()));
+        }
         if let Some(after) = scan.after {
             query.push(("after", after.to_string()));
         }
@@ -872,6 +876,8 @@ struct ScanParams {
     limit: Option<String>,
     /// Go on after this cursor (the `next` of the page before).
     after: Option<String>,
+    /// `asc` (key order, the default) or `desc`.
+    order: Option<String>,
     /// Scan this instance's state alone.
     #[serde(default)]
     local: bool,
@@ -897,9 +903,20 @@ async fn scan(
             )
         }
     };
+    let order = match p.order.as_deref() {
+        None | Some("asc") => ScanOrder::Ascending,
+        Some("desc") => ScanOrder::Descending,
+        Some(other) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                format!("order must be `asc` or `desc`, not `{other}`"),
+            )
+        }
+    };
     let forwarded = headers.contains_key(FORWARDED_BY);
     let admit = inner.admits(&table, caller.as_ref());
-    let mut rows = match inner.scan(&table, (&p.prefix, p.after.as_deref(), limit), &admit) {
+    let from = (p.after.as_deref(), order);
+    let mut rows = match inner.scan(&table, (&p.prefix, from, limit), &admit) {
         Ok(rows) => rows,
         Err(e) => return query_error(e),
     };
@@ -910,6 +927,7 @@ async fn scan(
             table: &table,
             prefix: &p.prefix,
             after: p.after.as_deref(),
+            order,
             limit,
             token: bearer(&headers),
         };
@@ -927,7 +945,10 @@ async fn scan(
                 }
             }
         }
-        rows.sort_by(|a, b| a.0.cmp(&b.0));
+        match order {
+            ScanOrder::Ascending => rows.sort_by(|a, b| a.0.cmp(&b.0)),
+            ScanOrder::Descending => rows.sort_by(|a, b| b.0.cmp(&a.0)),
+        }
         rows.dedup_by(|a, b| a.0 == b.0);
     }
     let more = full || rows.len() > limit;

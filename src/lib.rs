@@ -65,6 +65,7 @@ use miroir_engine::plan::Distribution;
 use miroir_engine::runtime::{Runtime, RuntimeConfig, RuntimeError, StatusSnapshot};
 use miroir_engine::state::key::{encode_key, key_hex};
 use miroir_engine::state::{StateStore, StoreError, TableReader};
+pub use miroir_engine::state::ScanOrder;
 use miroir_engine::topology::{Source, Topology, TopologyError};
 use miroir_engine::value::{
     format_timestamp, parse_key_prefix, parse_key_text, ColumnType, KeyTextError, Value,
@@ -1007,13 +1008,12 @@ impl Inner {
     }
 
     /// Up to `limit` rows of `table` on this instance whose key starts with `prefix` and comes
-    /// after `after` (a cursor), in key order, each with its cursor.
-    /// Up to `limit` rows of `table` whose key starts with `prefix`, after cursor `after`, that
-    /// `admit` takes (reading on past those it does not), with their cursors.
+    /// after cursor `after` in `order`, in that order, that `admit` takes (reading on past
+    /// those it does not), each with its cursor.
     fn scan(
         &self,
         table: &str,
-        (prefix, after, limit): (&str, Option<&str>, usize),
+        (prefix, (after, order), limit): (&str, (Option<&str>, ScanOrder), usize),
         admit: &dyn Fn(&serde_json::Value) -> bool,
     ) -> Result<Vec<(String, serde_json::Value)>, QueryError> {
         let plan = self.internal(table)?;
@@ -1030,7 +1030,9 @@ impl Inner {
             .transpose()?;
         let mut admitted = Vec::new();
         loop {
-            let read = self.tables.rows(table, &prefix, after.as_deref(), limit)?;
+            let read = self
+                .tables
+                .rows(table, &prefix, (after.as_deref(), order), limit)?;
             let whole = read.len() >= limit;
             after = read.last().map(|r| r.key.clone());
             for r in read {
@@ -1191,16 +1193,28 @@ impl Engine {
 
     /// Up to `limit` rows of `table` whose key starts with `prefix`, in key order. The prefix is
     /// a key's URL form cut short: whole parts, then the beginning of a text part (a part of
-    /// another type is whole).
+    /// another type is whole); ending with `|`, whole parts only (`u-1|`: user `u-1`'s rows
+    /// of a table keyed by user and version).
     pub fn scan(
         &self,
         table: &str,
         prefix: &str,
         limit: usize,
     ) -> Result<Vec<serde_json::Value>, QueryError> {
+        self.scan_in(table, (prefix, ScanOrder::Ascending), limit)
+    }
+
+    /// [`Engine::scan`] in `order`: [`ScanOrder::Descending`] gives a history keyed by
+    /// (entity, version) newest first.
+    pub fn scan_in(
+        &self,
+        table: &str,
+        (prefix, order): (&str, ScanOrder),
+        limit: usize,
+    ) -> Result<Vec<serde_json::Value>, QueryError> {
         Ok(self
             .inner
-            .scan(table, (prefix, None, limit), &|_| true)?
+            .scan(table, (prefix, (None, order), limit), &|_| true)?
             .into_iter()
             .map(|(_, row)| row)
             .collect())

@@ -112,7 +112,7 @@ fn tables_match_the_reference_and_survive_a_graceful_restart() {
         "{metrics}"
     );
     assert_eq!(
-        counter(&metrics, "miroir_malformed_records_total", ""),
+        counter(&metrics, "miroir_malformed_records_total", "source=\"users\""),
         first_counts as u64,
         "{metrics}"
     );
@@ -217,7 +217,7 @@ fn check_http(engine: &Engine, expected: &BTreeMap<String, BTreeMap<String, serd
         "{metrics}"
     );
     let topology: serde_json::Value = get("/v1/topology").json().unwrap();
-    assert_eq!(topology["tables"].as_array().unwrap().len(), 3);
+    assert_eq!(topology["tables"].as_array().unwrap().len(), 5);
     assert_eq!(topology["tables"][0]["store"], "internal");
     assert!(topology["tables"][1]["store"]["postgres"]
         .as_str()

@@ -27,6 +27,15 @@ pub fn internal_tables_only(text: &str) -> &str {
     &text[..end]
 }
 
+/// `topologies/user-directory.toml` without its history (the stream source and its tables):
+/// the figures measured before it stay comparable.
+pub fn without_history(text: &str) -> &str {
+    let end = text
+        .find("\n# Every User event again")
+        .expect("the history's comment in user-directory.toml");
+    &text[..end]
+}
+
 /// `text` with its `<!-- name:begin -->` ... `<!-- name:end -->` section replaced by
 /// `section` (appended when missing).
 pub fn replace_section(text: &str, name: &str, section: &str) -> String {

@@ -301,7 +301,8 @@ pub fn parse_key_text(text: &str, types: &[ColumnType]) -> Result<Vec<Value>, Ke
 
 /// The start of a key in URL form, for a scan: the whole parts before the last `|`, and the
 /// last part, which is the beginning of a text when its column is text (and a whole value
-/// otherwise). An empty text is the start of every key.
+/// otherwise). A `|` at the end leaves no last part: `u-1|` is every key whose first part is
+/// `u-1` (where `u-1` alone is also `u-10`'s). An empty text is the start of every key.
 pub fn parse_key_prefix(text: &str, types: &[ColumnType]) -> Result<KeyPrefix, KeyTextError> {
     if text.is_empty() {
         return Ok(KeyPrefix::default());
@@ -320,6 +321,9 @@ pub fn parse_key_prefix(text: &str, types: &[ColumnType]) -> Result<KeyPrefix, K
         .enumerate()
         .map(|(n, (part, ty))| parse_part(n, part, *ty))
         .collect::<Result<Vec<_>, _>>()?;
+    if last.text.is_empty() && !parts.is_empty() {
+        return Ok(KeyPrefix { values, text: None });
+    }
     let n = values.len();
     let text = match types[n] {
         ColumnType::Text if last.text != NULL_PART => Some(last.unescaped),
@@ -450,6 +454,32 @@ mod tests {
         }
         assert_eq!(timestamp_from_millis(-9_223_372_036_854_775), None);
         assert_eq!(timestamp_from_millis(i64::MAX), None);
+    }
+
+    #[test]
+    fn a_key_prefix_ends_inside_a_text_part_or_after_whole_parts() {
+        let types = [ColumnType::Text, ColumnType::Bigint];
+        let prefix = |t: &str| parse_key_prefix(t, &types);
+        let text = |t: &str| Value::Text(t.into());
+        assert_eq!(
+            prefix("u-1").unwrap(),
+            KeyPrefix {
+                values: vec![],
+                text: Some("u-1".into())
+            },
+            "u-1, u-10, ..."
+        );
+        assert_eq!(
+            prefix("u-1|").unwrap(),
+            KeyPrefix {
+                values: vec![text("u-1")],
+                text: None
+            },
+            "u-1's keys only"
+        );
+        assert_eq!(prefix("u-1|5").unwrap().values, vec![text("u-1"), Value::Int(5)]);
+        assert!(prefix("u-1|x").is_err());
+        assert!(prefix("u-1|5|").is_err(), "three parts for two columns");
     }
 
     #[test]

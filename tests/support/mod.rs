@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use miroir::miroir_engine::ingest::decode::decode;
 use miroir::miroir_engine::reference::evaluate_table;
 use miroir::miroir_engine::topology::late::Ownership;
-use miroir::miroir_engine::topology::Topology;
+use miroir::miroir_engine::topology::{Source, Topology};
 use miroir::miroir_engine::value::{key_text, row_to_json, Value};
 use miroir_connectors::kafka::admin::{create_topic, delete_topics, topics};
 use miroir_connectors::kafka::output::Publisher;
@@ -534,59 +534,26 @@ pub fn simulate(t: &Topology, events: &[Event]) -> Vec<Vec<Vec<Value>>> {
 /// not newer than the last applied one of its operation is dropped; a key that reaches
 /// `late.max_operations` forgets the operation applied longest ago; under `late.owns` the row
 /// is recomputed from every event applied since its creation (see [`row_of`]).
+///
+/// An event of a topic goes to every source reading it. A stream source keeps each decoded
+/// event as a row of its own, by its whole key (a copy replaces it with itself), ignores
+/// tombstones, and keeps no row whose `retain_by` time is older than `retain`.
 pub fn replay(t: &Topology, events: &[Event]) -> Replayed {
     let mut state: Vec<BTreeMap<String, SimEntry>> =
         t.sources.iter().map(|_| BTreeMap::new()).collect();
     let mut dropped = BTreeMap::new();
     for e in events {
-        let source = &t.sources[e.source];
-        let entry = state[e.source].entry(e.key.clone()).or_default();
-        let Some(payload) = &e.payload else {
-            entry.row = None;
-            entry.history.clear();
-            continue;
-        };
-        let Ok(row) = decode(source, payload.as_bytes()) else {
-            continue;
-        };
-        if row[source.key].to_key_text() != e.key {
-            continue; // message key and key column disagree: malformed
-        }
-        let late = source
-            .late
-            .as_ref()
-            .expect("test sources declare a late policy");
-        let op = late.per.map(|p| row[p].clone()).unwrap_or(Value::Null);
-        let order = row[late.order_by].clone();
-        if let Some((applied, _)) = entry.versions.get(&op) {
-            if order < *applied {
-                *dropped
-                    .entry((
-                        source.name.clone(),
-                        miroir::miroir_engine::metrics::operation_label(&op),
-                    ))
-                    .or_insert(0) += 1;
-            }
-            if order <= *applied {
-                continue;
+        let topic = &t.sources[e.source].topic;
+        for s in (0..t.sources.len()).filter(|s| t.sources[*s].topic == *topic) {
+            let event = Event {
+                source: s,
+                ..e.clone()
+            };
+            match t.sources[s].stream {
+                Some(_) => stream_event(&t.sources[s], &mut state[s], &event),
+                None => upsert_event(&t.sources[s], &mut state[s], &event, &mut dropped),
             }
         }
-        if !entry.versions.contains_key(&op) && entry.versions.len() >= late.max_operations {
-            let oldest = entry
-                .versions
-                .iter()
-                .min_by_key(|(_, (_, at))| *at)
-                .map(|(op, _)| op.clone());
-            entry
-                .versions
-                .remove(&oldest.expect("a key at its limit has operations"));
-        }
-        entry.applied += 1;
-        entry
-            .versions
-            .insert(op.clone(), (order.clone(), entry.applied));
-        entry.history.push((order, op, row));
-        entry.row = Some(row_of(&entry.history, late.owns.as_ref()));
     }
     Replayed {
         rows: state
@@ -595,6 +562,90 @@ pub fn replay(t: &Topology, events: &[Event]) -> Replayed {
             .collect(),
         late: dropped,
     }
+}
+
+/// Applies `e` to the state of stream source `source` (see [`replay`]).
+fn stream_event(source: &Source, state: &mut BTreeMap<String, SimEntry>, e: &Event) {
+    let Some(row) = e
+        .payload
+        .as_ref()
+        .and_then(|p| decode(source, p.as_bytes()).ok())
+    else {
+        return;
+    };
+    if row[source.key].to_key_text() != e.key {
+        return;
+    }
+    let retain = source.stream.as_ref().and_then(|s| s.retain);
+    if let Some(retain) = retain {
+        let now_us = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("after 1970")
+            .as_micros() as i64;
+        let oldest_us = now_us - retain.age.as_micros() as i64;
+        if matches!(row[retain.by], Value::Timestamp(at) if at < oldest_us) {
+            return;
+        }
+    }
+    let key = key_text(&row, &source.identity);
+    state.entry(key).or_default().row = Some(row);
+}
+
+/// Applies `e` to the state of upsert source `source` (see [`replay`]); counts the late
+/// events it drops in `dropped`.
+fn upsert_event(
+    source: &Source,
+    state: &mut BTreeMap<String, SimEntry>,
+    e: &Event,
+    dropped: &mut BTreeMap<(String, String), u64>,
+) {
+    let entry = state.entry(e.key.clone()).or_default();
+    let Some(payload) = &e.payload else {
+        entry.row = None;
+        entry.history.clear();
+        return;
+    };
+    let Ok(row) = decode(source, payload.as_bytes()) else {
+        return;
+    };
+    if row[source.key].to_key_text() != e.key {
+        return; // message key and key column disagree: malformed
+    }
+    let late = source
+        .late
+        .as_ref()
+        .expect("test sources declare a late policy");
+    let op = late.per.map(|p| row[p].clone()).unwrap_or(Value::Null);
+    let order = row[late.order_by].clone();
+    if let Some((applied, _)) = entry.versions.get(&op) {
+        if order < *applied {
+            *dropped
+                .entry((
+                    source.name.clone(),
+                    miroir::miroir_engine::metrics::operation_label(&op),
+                ))
+                .or_insert(0) += 1;
+        }
+        if order <= *applied {
+            return;
+        }
+    }
+    if !entry.versions.contains_key(&op) && entry.versions.len() >= late.max_operations {
+        let oldest = entry
+            .versions
+            .iter()
+            .min_by_key(|(_, (_, at))| *at)
+            .map(|(op, _)| op.clone());
+        entry
+            .versions
+            .remove(&oldest.expect("a key at its limit has operations"));
+    }
+    entry.applied += 1;
+    entry
+        .versions
+        .insert(op.clone(), (order.clone(), entry.applied));
+    entry.history.push((order, op, row));
+    entry.row = Some(row_of(&entry.history, late.owns.as_ref()));
 }
 
 /// The expected contents of every table, as key -> JSON row.

@@ -36,8 +36,10 @@ pub(crate) struct Origin<'a> {
     pub partition: u32,
     /// Counters of records, late, duplicate and malformed events.
     pub metrics: &'a Metrics,
-    /// Where malformed records are copied.
-    pub errors: &'a dyn ErrorSink,
+    /// Where malformed records are copied: by the first source reading the topic only, so
+    /// that a record several sources cannot decode is copied once (each source counts and
+    /// logs it).
+    pub errors: Option<&'a dyn ErrorSink>,
 }
 
 impl Task {
@@ -268,7 +270,7 @@ fn malformed(origin: &Origin<'_>, record: &Record, key_text: &str, error: &str) 
         .with_label_values(&[&src.name])
         .inc();
     warn!(topic = %src.topic, partition = origin.partition, offset = record.offset, key = %key_text, %error, "malformed record skipped");
-    origin
-        .errors
-        .malformed(&src.topic, origin.partition, record, error);
+    if let Some(errors) = origin.errors {
+        errors.malformed(&src.topic, origin.partition, record, error);
+    }
 }

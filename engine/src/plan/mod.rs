@@ -153,11 +153,12 @@ impl Plan {
         }
     }
 
-    /// Writes the operator graph, one operator per line, inputs indented below.
-    pub fn explain(&self, out: &mut String, depth: usize) {
+    /// Writes the operator graph, one operator per line, inputs indented below; `reads` says
+    /// how a source (by index) is read.
+    pub fn explain(&self, out: &mut String, depth: usize, reads: &dyn Fn(usize) -> String) {
         let pad = "  ".repeat(depth);
         let _ = match self {
-            Plan::Source { name, .. } => writeln!(out, "{pad}Source {name} (upsert by key)"),
+            Plan::Source { name, source } => writeln!(out, "{pad}Source {name} ({})", reads(*source)),
             Plan::Filter { sql, .. } => writeln!(out, "{pad}Filter {sql}"),
             Plan::Map { sql, .. } => writeln!(out, "{pad}Map {sql}"),
             Plan::Join { kind, sql, .. } => {
@@ -168,11 +169,11 @@ impl Plan {
         match self {
             Plan::Source { .. } => {}
             Plan::Filter { input, .. } | Plan::Map { input, .. } | Plan::Reduce { input, .. } => {
-                input.explain(out, depth + 1)
+                input.explain(out, depth + 1, reads)
             }
             Plan::Join { left, right, .. } => {
-                left.explain(out, depth + 1);
-                right.explain(out, depth + 1);
+                left.explain(out, depth + 1, reads);
+                right.explain(out, depth + 1, reads);
             }
         }
     }

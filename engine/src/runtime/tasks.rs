@@ -278,6 +278,7 @@ fn origin(shared: &Shared, source: usize, partition: u32) -> Origin<'_> {
         source: &shared.topology.sources[source],
         partition,
         metrics: &shared.metrics,
-        errors: shared.errors.as_ref(),
+        errors: (shared.topology.readers_of(source).next() == Some(source))
+            .then_some(shared.errors.as_ref()),
     }
 }

@@ -36,7 +36,7 @@ use crate::value::Value;
 pub mod key;
 mod reader;
 
-pub use reader::{ScanRow, TableReader};
+pub use reader::{ScanOrder, ScanRow, TableReader};
 
 const STATE_CF: &str = "state";
 

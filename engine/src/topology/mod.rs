@@ -588,6 +588,18 @@ impl Topology {
 
     /// The operator graph, as `miroir explain` prints it.
     pub fn explain(&self) -> String {
+        let reads = |s: usize| {
+            let source = &self.sources[s];
+            let key: Vec<&str> = source
+                .identity
+                .iter()
+                .map(|k| source.columns[*k].name.as_str())
+                .collect();
+            match &source.stream {
+                None => "upsert by key".to_string(),
+                Some(_) => format!("stream: every event a row, by {}", key.join(", ")),
+            }
+        };
         let mut out = format!("topology {}\n", self.name);
         for s in &self.sources {
             out.push_str(&format!(
@@ -621,7 +633,7 @@ impl Topology {
             ));
             out.push_str(&format!("  across instances: {}\n", self.placement(t)));
             out.push_str("  exchange by table key\n");
-            t.computed().explain(&mut out, 1);
+            t.computed().explain(&mut out, 1, &reads);
         }
         for r in &self.repartitions {
             let key: Vec<String> = r.key.iter().map(|k| format!("c{k}")).collect();
@@ -633,7 +645,7 @@ impl Topology {
                 r.by,
                 self.sources[r.partitions_like].topic
             ));
-            r.input.explain(&mut out, 1);
+            r.input.explain(&mut out, 1, &reads);
         }
         for c in &self.commands {
             let entity = &self.sources[c.entity];
