@@ -64,8 +64,8 @@ use miroir_engine::partition::partition_of_value;
 use miroir_engine::plan::Distribution;
 use miroir_engine::runtime::{Runtime, RuntimeConfig, RuntimeError, StatusSnapshot};
 use miroir_engine::state::key::{encode_key, key_hex};
-use miroir_engine::state::{StateStore, StoreError, TableReader};
 pub use miroir_engine::state::ScanOrder;
+use miroir_engine::state::{StateStore, StoreError, TableReader};
 use miroir_engine::topology::{Source, Topology, TopologyError};
 use miroir_engine::value::{
     format_timestamp, parse_key_prefix, parse_key_text, ColumnType, KeyTextError, Value,

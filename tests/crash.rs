@@ -12,7 +12,6 @@ use support::*;
 
 fn http_table(port: u16, t: &TestTopology, table: &str) -> BTreeMap<String, serde_json::Value> {
     let plan = t.topology.table(table).unwrap();
-    let key = plan.columns[plan.key[0]].name.clone();
     let url = format!("http://127.0.0.1:{port}/v1/tables/{table}/rows?limit=10000");
     let Ok(resp) = reqwest::blocking::get(url) else {
         return BTreeMap::new();
@@ -24,15 +23,7 @@ fn http_table(port: u16, t: &TestTopology, table: &str) -> BTreeMap<String, serd
         .as_array()
         .map(|rows| {
             rows.iter()
-                .map(|r| {
-                    (
-                        r[&key]
-                            .as_str()
-                            .map(String::from)
-                            .unwrap_or_else(|| r[&key].to_string()),
-                        r.clone(),
-                    )
-                })
+                .map(|r| (json_key(r, plan), r.clone()))
                 .collect()
         })
         .unwrap_or_default()

@@ -112,7 +112,11 @@ fn tables_match_the_reference_and_survive_a_graceful_restart() {
         "{metrics}"
     );
     assert_eq!(
-        counter(&metrics, "miroir_malformed_records_total", "source=\"users\""),
+        counter(
+            &metrics,
+            "miroir_malformed_records_total",
+            "source=\"users\""
+        ),
         first_counts as u64,
         "{metrics}"
     );

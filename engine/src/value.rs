@@ -477,7 +477,10 @@ mod tests {
             },
             "u-1's keys only"
         );
-        assert_eq!(prefix("u-1|5").unwrap().values, vec![text("u-1"), Value::Int(5)]);
+        assert_eq!(
+            prefix("u-1|5").unwrap().values,
+            vec![text("u-1"), Value::Int(5)]
+        );
         assert!(prefix("u-1|x").is_err());
         assert!(prefix("u-1|5|").is_err(), "three parts for two columns");
     }

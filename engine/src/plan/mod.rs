@@ -158,7 +158,9 @@ impl Plan {
     pub fn explain(&self, out: &mut String, depth: usize, reads: &dyn Fn(usize) -> String) {
         let pad = "  ".repeat(depth);
         let _ = match self {
-            Plan::Source { name, source } => writeln!(out, "{pad}Source {name} ({})", reads(*source)),
+            Plan::Source { name, source } => {
+                writeln!(out, "{pad}Source {name} ({})", reads(*source))
+            }
             Plan::Filter { sql, .. } => writeln!(out, "{pad}Filter {sql}"),
             Plan::Map { sql, .. } => writeln!(out, "{pad}Map {sql}"),
             Plan::Join { kind, sql, .. } => {

@@ -113,14 +113,22 @@ pub(super) fn validate(
                 None,
             );
         }
-    } else if let Some(at) = raw.retain.map(|s| s.span().start).or(raw.retain_by.map(|s| s.span().start)) {
+    } else if let Some(at) = raw
+        .retain
+        .map(|s| s.span().start)
+        .or(raw.retain_by.map(|s| s.span().start))
+    {
         r.at(
             at,
             "`retain` is for stream sources: an upsert source keeps one row per key",
             Some("declare kind = \"stream\"".into()),
         );
     }
-    let retain = if stream { retention(r, raw, columns) } else { None };
+    let retain = if stream {
+        retention(r, raw, columns)
+    } else {
+        None
+    };
     if r.diagnostics.len() > before {
         return None;
     }
@@ -150,7 +158,10 @@ fn key_columns(
             r.at(
                 at,
                 "a stream source's key names the entity's key and what tells its events apart",
-                Some("key = [\"id\", \"version\"]: the first column is the topic's record key".into()),
+                Some(
+                    "key = [\"id\", \"version\"]: the first column is the topic's record key"
+                        .into(),
+                ),
             );
             return None;
         }
@@ -184,7 +195,11 @@ fn retention(r: &mut Reporter<'_>, raw: &RawKind<'_>, columns: &[Column]) -> Opt
             return None;
         }
         (None, Some(by)) => {
-            r.at(by.span().start, "`retain_by` without `retain`", Some("retain = \"400d\"".into()));
+            r.at(
+                by.span().start,
+                "`retain_by` without `retain`",
+                Some("retain = \"400d\"".into()),
+            );
             return None;
         }
     };
@@ -199,7 +214,9 @@ fn retention(r: &mut Reporter<'_>, raw: &RawKind<'_>, columns: &[Column]) -> Opt
             None
         }
     };
-    let column = columns.iter().position(|c| c.name == by.get_ref().to_lowercase());
+    let column = columns
+        .iter()
+        .position(|c| c.name == by.get_ref().to_lowercase());
     match column {
         Some(c) if columns[c].ty == ColumnType::Timestamptz => {}
         Some(_) => r.at(
@@ -279,7 +296,14 @@ query = "SELECT id, version, email, at FROM email_changes"
     fn a_row_goes_once_its_time_is_older_than_the_retention() {
         use crate::value::Value;
         let t = Topology::parse("h.toml", HISTORY).expect("valid");
-        let retain = t.source("email_changes").unwrap().stream.as_ref().unwrap().retain.unwrap();
+        let retain = t
+            .source("email_changes")
+            .unwrap()
+            .stream
+            .as_ref()
+            .unwrap()
+            .retain
+            .unwrap();
         let day_ms = 86_400_000;
         let now_ms = 1_000 * day_ms;
         let row = |day: i64| {
@@ -291,18 +315,41 @@ query = "SELECT id, version, email, at FROM email_changes"
         assert!(!retain.expires(&row(999), now_ms));
         let mut untimed = row(0);
         untimed[3] = Value::Null;
-        assert!(!retain.expires(&untimed, now_ms), "a row without a time stays");
+        assert!(
+            !retain.expires(&untimed, now_ms),
+            "a row without a time stays"
+        );
     }
 
     #[test]
     fn reports_what_a_stream_source_cannot_be() {
         let cases = [
-            (r#"retain_by = "at""#, r#"retain_by = "email""#, "retain_by `email` is not a timestamptz column"),
+            (
+                r#"retain_by = "at""#,
+                r#"retain_by = "email""#,
+                "retain_by `email` is not a timestamptz column",
+            ),
             (r#"retain_by = "at""#, "", "`retain` needs `retain_by`"),
-            (r#"key = ["id", "version"]"#, r#"key = "id""#, "a stream source's key names the entity's key"),
-            (r#"key = ["id", "version"]"#, r#"key = ["id", "id"]"#, "key column `id` is named twice"),
-            (r#"key = ["id", "version"]"#, r#"key = ["id", "v"]"#, "key `v` is not a declared column"),
-            (r#"kind = "stream""#, r#"kind = "log""#, "unknown source kind `log`"),
+            (
+                r#"key = ["id", "version"]"#,
+                r#"key = "id""#,
+                "a stream source's key names the entity's key",
+            ),
+            (
+                r#"key = ["id", "version"]"#,
+                r#"key = ["id", "id"]"#,
+                "key column `id` is named twice",
+            ),
+            (
+                r#"key = ["id", "version"]"#,
+                r#"key = ["id", "v"]"#,
+                "key `v` is not a declared column",
+            ),
+            (
+                r#"kind = "stream""#,
+                r#"kind = "log""#,
+                "unknown source kind `log`",
+            ),
             (r#"retain = "400d""#, r#"retain = "0s""#, "bad retain `0s`"),
             (
                 r#"retain_by = "at""#,
@@ -319,12 +366,23 @@ query = "SELECT id, version, email, at FROM email_changes"
             let e = errors(&HISTORY.replace(from, to));
             assert!(e.iter().any(|e| e.contains(expected)), "{to}: {e:?}");
         }
-        let upsert = HISTORY.replace("kind = \"stream\"\nkey = [\"id\", \"version\"]", "key = \"id\"");
+        let upsert = HISTORY.replace(
+            "kind = \"stream\"\nkey = [\"id\", \"version\"]",
+            "key = \"id\"",
+        );
         let e = errors(&upsert);
-        assert!(e.iter().any(|e| e.contains("`retain` is for stream sources")), "{e:?}");
+        assert!(
+            e.iter()
+                .any(|e| e.contains("`retain` is for stream sources")),
+            "{e:?}"
+        );
         let composite = HISTORY.replace("kind = \"stream\"\n", "");
         let e = errors(&composite);
-        assert!(e.iter().any(|e| e.contains("an upsert source's key is one column")), "{e:?}");
+        assert!(
+            e.iter()
+                .any(|e| e.contains("an upsert source's key is one column")),
+            "{e:?}"
+        );
         let global = HISTORY.replace(
             "key = \"id\"\ncolumns = { id = \"text\", email = \"text\", version = \"bigint\", at = \"timestamptz\" }\nlate",
             "key = \"id\"\nglobal = true\ncolumns = { id = \"text\", email = \"text\", version = \"bigint\", at = \"timestamptz\" }\nlate",

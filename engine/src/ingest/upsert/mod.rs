@@ -471,7 +471,10 @@ mod tests {
         let mut s = UpsertState::default();
         s.apply(Some(&p), &[0], Event::Row(row("a", 2, "x")), 0);
         drain(&mut s);
-        assert_eq!(s.apply(Some(&p), &[0], Event::Tombstone(key("a")), 1), APPLIED);
+        assert_eq!(
+            s.apply(Some(&p), &[0], Event::Tombstone(key("a")), 1),
+            APPLIED
+        );
         assert_eq!(
             drain(&mut s),
             vec![(key("a"), Some(row("a", 2, "x")), None)]
@@ -519,7 +522,12 @@ mod tests {
     fn a_late_event_of_one_operation_does_not_revert_another_s_columns() {
         let p = owning();
         let mut s = UpsertState::default();
-        s.apply(Some(&p), &[0], Event::Row(user(1, "created", "a@x", "A")), 0);
+        s.apply(
+            Some(&p),
+            &[0],
+            Event::Row(user(1, "created", "a@x", "A")),
+            0,
+        );
         s.apply(Some(&p), &[0], Event::Row(user(5, "email", "b@x", "A")), 1);
         // The name change at version 4 was made before the email change: its snapshot holds
         // the old email.
@@ -533,9 +541,19 @@ mod tests {
             "the name changes, the email and the unowned columns keep the newest event's"
         );
         // An operation that is not listed writes every column, each only when newer.
-        s.apply(Some(&p), &[0], Event::Row(user(3, "created", "c@x", "C")), 3);
+        s.apply(
+            Some(&p),
+            &[0],
+            Event::Row(user(3, "created", "c@x", "C")),
+            3,
+        );
         assert_eq!(current(&s), user(5, "email", "b@x", "Ann"));
-        s.apply(Some(&p), &[0], Event::Row(user(6, "imported", "d@x", "D")), 4);
+        s.apply(
+            Some(&p),
+            &[0],
+            Event::Row(user(6, "imported", "d@x", "D")),
+            4,
+        );
         assert_eq!(current(&s), user(6, "imported", "d@x", "D"));
     }
 
@@ -543,7 +561,12 @@ mod tests {
     fn a_key_takes_its_first_event_whole_and_its_columns_date_from_it() {
         let p = owning();
         let mut s = UpsertState::default();
-        s.apply(Some(&p), &[0], Event::Row(user(5, "email", "b@x", "Bea")), 0);
+        s.apply(
+            Some(&p),
+            &[0],
+            Event::Row(user(5, "email", "b@x", "Bea")),
+            0,
+        );
         assert_eq!(current(&s), user(5, "email", "b@x", "Bea"));
         // The name at version 3 is older than the snapshot that brought "Bea".
         s.apply(Some(&p), &[0], Event::Row(user(3, "name", "a@x", "Ann")), 1);
@@ -588,7 +611,10 @@ mod tests {
             s.apply(None, &[0], Event::Row(row("a", 1, "x")), 5),
             Outcome::Duplicate
         );
-        assert_eq!(s.apply(None, &[0], Event::Row(row("a", 1, "x")), 6), APPLIED);
+        assert_eq!(
+            s.apply(None, &[0], Event::Row(row("a", 1, "x")), 6),
+            APPLIED
+        );
         assert_eq!(
             drain(&mut s),
             vec![(key("a"), None, Some(row("a", 1, "x")))],
