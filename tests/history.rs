@@ -165,3 +165,44 @@ fn email_history_is_exact_over_http_and_in_postgresql() {
     assert_eq!(bad.status(), 400);
     engine.shutdown();
 }
+
+#[test]
+fn a_history_added_to_a_deployed_topology_holds_the_events_read_before() {
+    let run = Run::new("history-added");
+    let full = user_directory(&run);
+    let before = with_internal_table_only(full.clone());
+    let history = {
+        let from = full.text.find("\n# Every User event again").unwrap();
+        let to = full
+            .text
+            .find("\n# The same history in PostgreSQL")
+            .unwrap();
+        &full.text[from..to]
+    };
+    let after_text = format!("{}{history}", before.text);
+    let after = miroir::miroir_engine::topology::Topology::parse("t.toml", &after_text).unwrap();
+    assert!(
+        after.repartitions.is_empty(),
+        "the stream source is a source the state directory never had"
+    );
+    let (events, _) = generate(31, 50, 600);
+    let (first, second) = events.split_at(events.len() / 2);
+    publish(&before, first);
+    let state = tempfile::tempdir().unwrap();
+    let engine = start_engine(&before.text, state.path());
+    let expected = expected_tables(&before.topology, first);
+    wait_for_tables(&expected, Duration::from_secs(90), |name| {
+        internal_rows(&engine, name)
+    });
+    engine.shutdown();
+
+    // The history starts with the events read before it was declared.
+    publish(&before, second);
+    let engine = start_engine(&after_text, state.path());
+    let expected = expected_tables(&after, &events);
+    assert!(expected["email_history"].len() > 300);
+    wait_for_tables(&expected, Duration::from_secs(90), |name| {
+        internal_rows(&engine, name)
+    });
+    engine.shutdown();
+}

@@ -13,7 +13,7 @@ use miroir_engine::ingest::{Message, Records};
 use miroir_engine::metrics::Metrics;
 use miroir_engine::reference::evaluate_table;
 use miroir_engine::runtime::{Runtime, RuntimeConfig};
-use miroir_engine::state::{StateStore, TableReader};
+use miroir_engine::state::{ScanOrder, StateStore, TableReader};
 use miroir_engine::topology::Topology;
 use miroir_engine::value::{key_text, parse_key_prefix, parse_key_text, ColumnType, Row};
 use support::NoErrors;
@@ -99,7 +99,12 @@ fn wait_committed(runtime: &Runtime, offset: i64) {
 /// Every row of `pairs`, by the URL form of its key, read back from the store.
 fn stored(store: &StateStore, plan: &miroir_engine::plan::TablePlan) -> BTreeMap<String, Row> {
     store
-        .rows("pairs", &Default::default(), None, 100)
+        .rows(
+            "pairs",
+            &Default::default(),
+            (None, ScanOrder::Ascending),
+            100,
+        )
         .unwrap()
         .into_iter()
         .map(|scanned| {
@@ -149,16 +154,37 @@ fn keys_that_read_alike_are_distinct_rows_found_by_their_url_form() {
     }
     // A scan by prefix: the groups whose `a` starts with `a` (not the NULL or empty ones).
     let prefix = parse_key_prefix("a", &types).unwrap();
-    assert_eq!(store.rows("pairs", &prefix, None, 100).unwrap().len(), 3);
+    assert_eq!(
+        store
+            .rows("pairs", &prefix, (None, ScanOrder::Ascending), 100)
+            .unwrap()
+            .len(),
+        3
+    );
     let prefix = parse_key_prefix("a|", &types).unwrap();
-    assert_eq!(store.rows("pairs", &prefix, None, 100).unwrap().len(), 1);
+    assert_eq!(
+        store
+            .rows("pairs", &prefix, (None, ScanOrder::Ascending), 100)
+            .unwrap()
+            .len(),
+        1
+    );
     // Page by page, each going on after the last key of the one before: every row once.
     let prefix = parse_key_prefix("a", &types).unwrap();
-    let whole = store.rows("pairs", &prefix, None, 100).unwrap();
+    let whole = store
+        .rows("pairs", &prefix, (None, ScanOrder::Ascending), 100)
+        .unwrap();
     let mut paged = Vec::new();
     let mut after: Option<Vec<u8>> = None;
     loop {
-        let page = store.rows("pairs", &prefix, after.as_deref(), 2).unwrap();
+        let page = store
+            .rows(
+                "pairs",
+                &prefix,
+                (after.as_deref(), ScanOrder::Ascending),
+                2,
+            )
+            .unwrap();
         let Some(last) = page.last() else { break };
         after = Some(last.key.clone());
         paged.extend(page);
@@ -168,6 +194,23 @@ fn keys_that_read_alike_are_distinct_rows_found_by_their_url_form() {
         whole.windows(2).all(|w| w[0].key < w[1].key),
         "in key order"
     );
+    // Newest first, page by page: the same rows, in reverse key order.
+    let mut reversed = Vec::new();
+    let mut after: Option<Vec<u8>> = None;
+    loop {
+        let from = (after.as_deref(), ScanOrder::Descending);
+        let page = store.rows("pairs", &prefix, from, 2).unwrap();
+        let Some(last) = page.last() else { break };
+        after = Some(last.key.clone());
+        reversed.extend(page);
+    }
+    reversed.reverse();
+    assert_eq!(reversed, whole);
+    let all = (None, ScanOrder::Descending);
+    let every = store.rows("pairs", &Default::default(), all, 100).unwrap();
+    assert_eq!(every.len(), 5, "every row, from the last key on");
+    let prefix = parse_key_prefix("b|", &types).unwrap();
+    assert!(store.rows("pairs", &prefix, all, 100).unwrap().is_empty());
 }
 
 #[test]
@@ -194,7 +237,12 @@ fn rows_stored_under_the_url_form_of_their_key_are_gone_after_a_start() {
     let store = StateStore::open(dir.path(), &["pairs".to_string()]).unwrap();
     assert!(
         store
-            .rows("pairs", &Default::default(), None, 10)
+            .rows(
+                "pairs",
+                &Default::default(),
+                (None, ScanOrder::Ascending),
+                10
+            )
             .unwrap()
             .is_empty(),
         "rows are derived: an open clears them"
@@ -214,7 +262,12 @@ fn rows_stored_under_the_url_form_of_their_key_are_gone_after_a_start() {
     assert_eq!(json["n"], 1, "restored from the upsert state: {json}");
     assert_eq!(
         store
-            .rows("pairs", &Default::default(), None, 10)
+            .rows(
+                "pairs",
+                &Default::default(),
+                (None, ScanOrder::Ascending),
+                10
+            )
             .unwrap()
             .len(),
         1

@@ -15,7 +15,7 @@ use miroir_engine::ingest::{Message, Records};
 use miroir_engine::metrics::Metrics;
 use miroir_engine::reference::evaluate_table;
 use miroir_engine::runtime::{Runtime, RuntimeConfig};
-use miroir_engine::state::{StateStore, TableReader};
+use miroir_engine::state::{ScanOrder, StateStore, TableReader};
 use miroir_engine::topology::Topology;
 use miroir_engine::value::{key_text, Row};
 use support::NoErrors;
@@ -172,7 +172,12 @@ fn expected(t: &Topology) -> BTreeMap<String, serde_json::Value> {
 fn rows(store: &StateStore, t: &Topology) -> BTreeMap<String, serde_json::Value> {
     let table = t.table("names").unwrap();
     store
-        .rows("names", &Default::default(), None, 1000)
+        .rows(
+            "names",
+            &Default::default(),
+            (None, ScanOrder::Ascending),
+            1000,
+        )
         .unwrap()
         .into_iter()
         .map(|scanned| {

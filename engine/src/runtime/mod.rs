@@ -328,9 +328,16 @@ fn stop_on_failure(status: Arc<Status>, shutdown: Arc<AtomicBool>) -> impl Fn(St
 
 /// Drops the state of each source whose layout ([`crate::topology::Source::layout`]) is not
 /// the one its state was written with: the source is read again from its topic's beginning
-/// instead of misread.
+/// instead of misread. A source new on a topic other sources read already (a stream source
+/// added for a history) has that topic read again from its beginning too: the others take
+/// what they read again as duplicates.
 fn rebuild_changed_sources(topology: &Topology, store: &StateStore) -> Result<(), StoreError> {
     for (i, source) in topology.sources.iter().enumerate() {
+        if joins_a_read_topic(topology, store, i)? {
+            warn!(source = %source.name, topic = %source.topic,
+                  "the source is new on a topic this state directory read already: the topic is read again from its beginning");
+            store.delete_prefixes(&[offsets_prefix(&source.topic)])?;
+        }
         let layout = source.layout();
         let prefixes = [
             source_prefix(i),
@@ -343,6 +350,23 @@ fn rebuild_changed_sources(topology: &Topology, store: &StateStore) -> Result<()
         }
     }
     Ok(())
+}
+
+/// Whether `source` has no recorded layout while another source of its topic has one.
+fn joins_a_read_topic(
+    topology: &Topology,
+    store: &StateStore,
+    source: usize,
+) -> Result<bool, StoreError> {
+    if store.has_layout(&format!("source/{source}"))? {
+        return Ok(false);
+    }
+    for other in topology.readers_of(source).filter(|s| *s != source) {
+        if store.has_layout(&format!("source/{other}"))? {
+            return Ok(true);
+        }
+    }
+    Ok(false)
 }
 
 /// Drops the outbox left by a run whose topology had external tables: this one has none.

@@ -625,6 +625,23 @@ impl StateStore {
         Ok(changed)
     }
 
+    /// Whether a layout was recorded for `what` (see [`StateStore::keep_layout`]).
+    pub fn has_layout(&self, what: &str) -> Result<bool, StoreError> {
+        Ok(self.get_state(&layout_key(what))?.is_some())
+    }
+
+    /// Deletes every state key starting with one of `prefixes`, durably.
+    pub fn delete_prefixes(&self, prefixes: &[Vec<u8>]) -> Result<(), StoreError> {
+        let mut batch = WriteBatch::default();
+        for prefix in prefixes {
+            let end = prefix_end(prefix);
+            batch.delete_range_cf(self.state_cf(), prefix.as_slice(), end.as_slice());
+        }
+        let mut opts = WriteOptions::default();
+        opts.set_sync(true);
+        self.db.write_opt(batch, &opts).map_err(|e| self.rocks(e))
+    }
+
     /// Writes `commit` atomically and durably.
     pub fn write(&self, commit: Commit) -> Result<(), StoreError> {
         let mut opts = WriteOptions::default();
