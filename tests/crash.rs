@@ -10,23 +10,28 @@ use std::time::Duration;
 
 use support::*;
 
+/// Every row of `table` over HTTP, page by page (empty while the instance does not answer).
 fn http_table(port: u16, t: &TestTopology, table: &str) -> BTreeMap<String, serde_json::Value> {
     let plan = t.topology.table(table).unwrap();
-    let url = format!("http://127.0.0.1:{port}/v1/tables/{table}/rows?limit=10000");
-    let Ok(resp) = reqwest::blocking::get(url) else {
-        return BTreeMap::new();
-    };
-    let Ok(body) = resp.json::<serde_json::Value>() else {
-        return BTreeMap::new();
-    };
-    body["rows"]
-        .as_array()
-        .map(|rows| {
-            rows.iter()
-                .map(|r| (json_key(r, plan), r.clone()))
-                .collect()
-        })
-        .unwrap_or_default()
+    let client = reqwest::blocking::Client::new();
+    let url = format!("http://127.0.0.1:{port}/v1/tables/{table}/rows");
+    let mut rows = BTreeMap::new();
+    let mut after: Option<String> = None;
+    loop {
+        let mut query = vec![("limit", "10000".to_string())];
+        query.extend(after.map(|a| ("after", a)));
+        let page = client.get(&url).query(&query).send();
+        let Ok(body) = page.and_then(|p| p.json::<serde_json::Value>()) else {
+            return BTreeMap::new();
+        };
+        for r in body["rows"].as_array().into_iter().flatten() {
+            rows.insert(json_key(r, plan), r.clone());
+        }
+        match body["next"].as_str() {
+            Some(next) => after = Some(next.to_string()),
+            None => return rows,
+        }
+    }
 }
 
 #[test]

@@ -9,6 +9,7 @@ mod support;
 
 use std::time::Duration;
 
+use miroir::miroir_engine::topology::Topology;
 use miroir::miroir_engine::value::{format_timestamp, timestamp_from_millis};
 use miroir::Engine;
 use support::*;
@@ -171,16 +172,8 @@ fn a_history_added_to_a_deployed_topology_holds_the_events_read_before() {
     let run = Run::new("history-added");
     let full = user_directory(&run);
     let before = with_internal_table_only(full.clone());
-    let history = {
-        let from = full.text.find("\n# Every User event again").unwrap();
-        let to = full
-            .text
-            .find("\n# The same history in PostgreSQL")
-            .unwrap();
-        &full.text[from..to]
-    };
-    let after_text = format!("{}{history}", before.text);
-    let after = miroir::miroir_engine::topology::Topology::parse("t.toml", &after_text).unwrap();
+    let with_history = with_history_only(full);
+    let (after_text, after) = (with_history.text, with_history.topology);
     assert!(
         after.repartitions.is_empty(),
         "the stream source is a source the state directory never had"
@@ -205,4 +198,44 @@ fn a_history_added_to_a_deployed_topology_holds_the_events_read_before() {
         internal_rows(&engine, name)
     });
     engine.shutdown();
+}
+
+#[test]
+fn a_history_kept_to_a_number_of_rows_per_user_keeps_the_newest() {
+    let run = Run::new("history-rows");
+    let mut t = with_history_only(user_directory(&run));
+    let age = "retain = \"400d\"\nretain_by = \"updated_at\"";
+    assert!(t.text.contains(age), "the history's retention moved");
+    t.text = t.text.replace(age, "retain = 2");
+    t.topology = Topology::parse("t.toml", &t.text).unwrap();
+    let (events, _) = generate(41, 30, 800);
+    let events: Vec<Event> = history_events().into_iter().chain(events).collect();
+    publish(&t, &events);
+    let expected = expected_tables(&t.topology, &events);
+    let history = expected["email_history"].len();
+    assert!(history > 30 && history <= 2 * 33, "{history} rows");
+    let state = tempfile::tempdir().unwrap();
+    let engine = start_engine(&t.text, state.path());
+    wait_for_tables(&expected, Duration::from_secs(90), |name| {
+        internal_rows(&engine, name)
+    });
+    let metrics = engine.metrics();
+    let expired = counter(
+        &metrics,
+        "miroir_rows_expired_total",
+        "source=\"user_events\"",
+    );
+    assert!(expired > 100, "{metrics}");
+    engine.shutdown();
+}
+
+/// `t` with its internal tables only: `user_contacts` and the history `email_history`.
+fn with_history_only(t: TestTopology) -> TestTopology {
+    let from = t.text.find("\n# Every User event again").unwrap();
+    let to = t.text.find("\n# The same history in PostgreSQL").unwrap();
+    let history = t.text[from..to].to_string();
+    let mut t = with_internal_table_only(t);
+    t.text.push_str(&history);
+    t.topology = Topology::parse("t.toml", &t.text).unwrap();
+    t
 }

@@ -25,7 +25,7 @@ fn table_contents(
         return pg_table(db, engine.topology(), table).unwrap_or_default();
     }
     engine
-        .scan(table, "", 10_000)
+        .scan(table, "", 1_000_000)
         .unwrap()
         .into_iter()
         .map(|row| (json_key(&row, plan), row))

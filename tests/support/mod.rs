@@ -465,7 +465,7 @@ pub fn internal_rows(engine: &miroir::Engine, name: &str) -> BTreeMap<String, se
         .topology()
         .table(name)
         .expect("a table of the topology");
-    let rows = engine.scan(name, "", 10_000).unwrap();
+    let rows = engine.scan(name, "", 1_000_000).unwrap();
     rows.into_iter()
         .map(|row| (json_key(&row, plan), row))
         .collect()
@@ -555,13 +555,35 @@ pub fn replay(t: &Topology, events: &[Event]) -> Replayed {
             }
         }
     }
+    let rows = state
+        .into_iter()
+        .zip(&t.sources)
+        .map(|(s, source)| {
+            let rows = s.into_values().filter_map(|e| e.row).collect();
+            match source.stream.as_ref().and_then(|s| s.rows_per_entity) {
+                Some(n) => newest_per_entity(rows, &source.identity, n),
+                None => rows,
+            }
+        })
+        .collect();
     Replayed {
-        rows: state
-            .into_iter()
-            .map(|s| s.into_values().filter_map(|e| e.row).collect())
-            .collect(),
+        rows,
         late: dropped,
     }
+}
+
+/// The `n` rows of each entity (the first of `identity`'s columns) with the greatest key.
+fn newest_per_entity(mut rows: Vec<Vec<Value>>, identity: &[usize], n: usize) -> Vec<Vec<Value>> {
+    let key =
+        |row: &Vec<Value>| -> Vec<Value> { identity.iter().map(|c| row[*c].clone()).collect() };
+    rows.sort_by_key(|row| std::cmp::Reverse(key(row)));
+    let mut kept: HashMap<Value, usize> = HashMap::new();
+    rows.retain(|row| {
+        let count = kept.entry(row[identity[0]].clone()).or_default();
+        *count += 1;
+        *count <= n
+    });
+    rows
 }
 
 /// Applies `e` to the state of stream source `source` (see [`replay`]).

@@ -19,6 +19,7 @@
 pub mod decode;
 pub mod late;
 mod protocol;
+mod stream;
 pub(crate) mod task;
 pub mod upsert;
 

@@ -10,6 +10,7 @@ use tracing::{debug, info, warn};
 
 use super::decode::decode;
 use super::protocol::{ErrorSink, Record, Records};
+use super::stream::EntityRows;
 use super::upsert::{Entry, Event, LateEvent, Outcome, UpsertState};
 use crate::dataflow::Epoch;
 use crate::metrics::{operation_label, Metrics};
@@ -26,6 +27,9 @@ pub(crate) struct Task {
     offset_dirty: bool,
     /// When deleted keys past their retention were last forgotten (ms since the epoch).
     forgot_at_ms: i64,
+    /// For a stream source keeping a number of rows per entity: each entity's rows, made
+    /// from the state on the first record.
+    entities: Option<EntityRows>,
 }
 
 /// Where a task's records come from and where what goes wrong with them is told.
@@ -59,7 +63,23 @@ impl Task {
             offset,
             offset_dirty: false,
             forgot_at_ms: now_ms(),
+            entities: None,
         }
+    }
+
+    /// Deletes the rows of `row`'s entity past the `limit` newest (a stream source's
+    /// `retain = N`).
+    fn keep_rows_per_entity(&mut self, origin: &Origin<'_>, row: &Row, limit: usize) {
+        let identity = &origin.source.identity;
+        let state = &self.state;
+        let entities = self
+            .entities
+            .get_or_insert_with(|| EntityRows::new(limit, identity, state.rows()));
+        let mut gone = 0;
+        for key in entities.add(row, identity) {
+            gone += usize::from(self.state.delete(&key));
+        }
+        count_expired(origin, gone);
     }
 
     /// Makes the next flush write the task's whole state (every entry and its offset), for a
@@ -125,9 +145,16 @@ impl Task {
                 Event::Row(_) => {}
             }
         }
+        let kept = match (&event, src.stream.as_ref().and_then(|s| s.rows_per_entity)) {
+            (Event::Row(row), Some(limit)) => Some((row.clone(), limit)),
+            _ => None,
+        };
         let outcome = self
             .state
             .apply(src.late.as_ref(), &src.identity, event, record.offset);
+        if let (Some((row, limit)), Outcome::Changed { .. }) = (kept, &outcome) {
+            self.keep_rows_per_entity(origin, &row, limit);
+        }
         let (topic, partition, offset) = (&src.topic, origin.partition, record.offset);
         let count = |metric: &prometheus::IntCounterVec, labels: &[&str]| {
             metric.with_label_values(labels).inc();

@@ -149,14 +149,19 @@ impl Source {
             .collect();
         let kind = match &self.stream {
             None => String::new(),
-            Some(stream) => match stream.retain {
-                None => "; stream".to_string(),
-                Some(r) => format!(
-                    "; stream retained {}s by {}",
-                    r.age.as_secs(),
-                    self.columns[r.by].name
-                ),
-            },
+            Some(stream) => {
+                let age = stream.retain.map_or(String::new(), |r| {
+                    format!(
+                        " retained {}s by {}",
+                        r.age.as_secs(),
+                        self.columns[r.by].name
+                    )
+                });
+                let rows = stream
+                    .rows_per_entity
+                    .map_or(String::new(), |n| format!(" retained {n} rows per entity"));
+                format!("; stream{age}{rows}")
+            }
         };
         format!(
             "topic {}; key {}; columns {}; late {late}{kind}",
@@ -196,7 +201,7 @@ struct RawSource {
     #[serde(default)]
     global: bool,
     #[serde(default)]
-    retain: Option<Spanned<String>>,
+    retain: Option<Spanned<stream::RawRetain>>,
     #[serde(default)]
     retain_by: Option<Spanned<String>>,
 }

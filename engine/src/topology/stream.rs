@@ -5,9 +5,9 @@
 //! the entity's key, the one the topic's records are keyed and partitioned by; the whole key
 //! identifies a row, so a re-delivered event is a duplicate and changes nothing. A stream
 //! source may keep its rows for a declared time only (`retain = "400d"`, counted from the
-//! timestamp column `retain_by`). What the state does with one event is
-//! [`crate::ingest::upsert`]'s, as for any source: keyed by the whole key, no row is ever
-//! replaced by another event's.
+//! timestamp column `retain_by`), or a declared number of rows per entity (`retain = 20`).
+//! What the state does with one event is [`crate::ingest::upsert`]'s, as for any source:
+//! keyed by the whole key, no row is ever replaced by another event's.
 
 use std::time::Duration;
 
@@ -36,12 +36,26 @@ impl RawKey {
     }
 }
 
-/// What a stream source keeps: its rows, for `retain` after their `retain_by` time.
+/// What a stream source keeps: its rows, for `retain` after their `retain_by` time, or the
+/// newest `retain` rows of each entity.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct StreamPolicy {
-    /// How long a row is kept, and the timestamp column it is counted from; `None` keeps
-    /// every row.
+    /// How long a row is kept, and the timestamp column it is counted from (`retain =
+    /// "400d"`); `None`: no age limit.
     pub retain: Option<Retention>,
+    /// How many rows of each entity are kept, the greatest keys (`retain = 20`: an entity's
+    /// 20 newest versions); `None`: no limit.
+    pub rows_per_entity: Option<usize>,
+}
+
+/// A stream source's `retain` as written: an age or a number of rows per entity.
+#[derive(Deserialize)]
+#[serde(untagged)]
+pub(super) enum RawRetain {
+    /// `retain = "400d"`.
+    Age(String),
+    /// `retain = 20`.
+    Rows(i64),
 }
 
 /// How long a stream source keeps a row (`retain = "400d"`, `retain_by = "updated_at"`).
@@ -69,7 +83,7 @@ impl Retention {
 pub(super) struct RawKind<'a> {
     pub kind: Option<&'a Spanned<String>>,
     pub key: &'a Spanned<RawKey>,
-    pub retain: Option<&'a Spanned<String>>,
+    pub retain: Option<&'a Spanned<RawRetain>>,
     pub retain_by: Option<&'a Spanned<String>>,
     /// Where `late` is declared, if it is.
     pub late_at: Option<usize>,
@@ -124,15 +138,11 @@ pub(super) fn validate(
             Some("declare kind = \"stream\"".into()),
         );
     }
-    let retain = if stream {
-        retention(r, raw, columns)
-    } else {
-        None
-    };
+    let policy = stream.then(|| retention(r, raw, columns));
     if r.diagnostics.len() > before {
         return None;
     }
-    Some((key?, stream.then_some(StreamPolicy { retain })))
+    Some((key?, policy))
 }
 
 /// The key's columns: one for an upsert source, two or more for a stream source.
@@ -182,34 +192,60 @@ fn key_columns(
 }
 
 /// A stream source's `retain` and `retain_by`.
-fn retention(r: &mut Reporter<'_>, raw: &RawKind<'_>, columns: &[Column]) -> Option<Retention> {
-    let (retain, by) = match (raw.retain, raw.retain_by) {
-        (None, None) => return None,
-        (Some(retain), Some(by)) => (retain, by),
-        (Some(retain), None) => {
-            r.at(
-                retain.span().start,
-                "`retain` needs `retain_by`, the timestamp column a row's age is counted from",
-                Some("retain_by = \"updated_at\"".into()),
-            );
-            return None;
-        }
-        (None, Some(by)) => {
-            r.at(
-                by.span().start,
-                "`retain_by` without `retain`",
-                Some("retain = \"400d\"".into()),
-            );
-            return None;
-        }
+fn retention(r: &mut Reporter<'_>, raw: &RawKind<'_>, columns: &[Column]) -> StreamPolicy {
+    let mut policy = StreamPolicy {
+        retain: None,
+        rows_per_entity: None,
     };
-    let age = match humantime::parse_duration(retain.get_ref()) {
+    match (
+        raw.retain.map(|s| (s.get_ref(), s.span().start)),
+        raw.retain_by,
+    ) {
+        (None, None) => {}
+        (Some((RawRetain::Rows(n), at)), by) => match usize::try_from(*n) {
+            Ok(n) if n > 0 && by.is_none() => policy.rows_per_entity = Some(n),
+            Ok(n) if n > 0 => r.at(
+                at,
+                "`retain_by` is for a retention by age",
+                Some("retain = 20 keeps each entity's 20 newest rows by key".into()),
+            ),
+            _ => r.at(
+                at,
+                format!("bad retain `{n}`"),
+                Some("a number of rows above zero, or an age like \"400d\"".into()),
+            ),
+        },
+        (Some((RawRetain::Age(age), at)), Some(by)) => {
+            policy.retain = by_age(r, (age, at), by, columns)
+        }
+        (Some((RawRetain::Age(_), at)), None) => r.at(
+            at,
+            "`retain` needs `retain_by`, the timestamp column a row's age is counted from",
+            Some("retain_by = \"updated_at\"".into()),
+        ),
+        (None, Some(by)) => r.at(
+            by.span().start,
+            "`retain_by` without `retain`",
+            Some("retain = \"400d\"".into()),
+        ),
+    }
+    policy
+}
+
+/// A retention by age: `retain` (at `at`) counted from column `by`.
+fn by_age(
+    r: &mut Reporter<'_>,
+    (retain, at): (&str, usize),
+    by: &Spanned<String>,
+    columns: &[Column],
+) -> Option<Retention> {
+    let age = match humantime::parse_duration(retain) {
         Ok(age) if !age.is_zero() => Some(age),
         _ => {
             r.at(
-                retain.span().start,
-                format!("bad retain `{}`", retain.get_ref()),
-                Some("a duration above zero, like \"400d\" or \"12h\"".into()),
+                at,
+                format!("bad retain `{retain}`"),
+                Some("a duration above zero, like \"400d\" or \"12h\", or a number of rows".into()),
             );
             None
         }
@@ -366,6 +402,18 @@ query = "SELECT id, version, email, at FROM email_changes"
             let e = errors(&HISTORY.replace(from, to));
             assert!(e.iter().any(|e| e.contains(expected)), "{to}: {e:?}");
         }
+        let rows = HISTORY.replace("retain = \"400d\"\nretain_by = \"at\"", "retain = 20");
+        let t = Topology::parse("h.toml", &rows).expect("valid");
+        let policy = t.source("email_changes").unwrap().stream.clone().unwrap();
+        assert_eq!((policy.retain, policy.rows_per_entity), (None, Some(20)));
+        let e = errors(&HISTORY.replace("retain = \"400d\"", "retain = 0"));
+        assert!(e.iter().any(|e| e.contains("bad retain `0`")), "{e:?}");
+        let e = errors(&HISTORY.replace("retain = \"400d\"", "retain = 2"));
+        assert!(
+            e.iter()
+                .any(|e| e.contains("`retain_by` is for a retention by age")),
+            "{e:?}"
+        );
         let upsert = HISTORY.replace(
             "kind = \"stream\"\nkey = [\"id\", \"version\"]",
             "key = \"id\"",

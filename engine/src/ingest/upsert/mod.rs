@@ -183,15 +183,22 @@ impl UpsertState {
         let mut gone = 0;
         for (key, entry) in self.entries.iter_mut() {
             if entry.row.as_ref().is_some_and(&expired) {
-                let row = entry.row.take();
-                if entry.before.is_none() {
-                    entry.before = Some(row);
-                    self.changed.push(key.clone());
-                }
+                delete_row(&mut self.changed, key, entry);
                 gone += 1;
             }
         }
         gone
+    }
+
+    /// Deletes `key`'s row, as [`UpsertState::expire`] does; whether it had one.
+    pub fn delete(&mut self, key: &Value) -> bool {
+        match self.entries.get_mut(key) {
+            Some(entry) if entry.row.is_some() => {
+                delete_row(&mut self.changed, key, entry);
+                true
+            }
+            _ => false,
+        }
     }
 
     /// Marks every key changed, without changing its row: the next
@@ -223,6 +230,16 @@ impl UpsertState {
     /// Whether no key has a current row.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+}
+
+/// Deletes `entry`'s row, recording `key` in `changed` on its first change since the last
+/// drain.
+fn delete_row(changed: &mut Vec<Value>, key: &Value, entry: &mut Entry) {
+    let row = entry.row.take();
+    if entry.before.is_none() {
+        entry.before = Some(row);
+        changed.push(key.clone());
     }
 }
 
