@@ -13,9 +13,12 @@
 //!    process, the master (`topologies/user-referential.toml`) and the app
 //!    (`topologies/user-directory.toml`, its internal table `user_contacts` only) as embedded
 //!    engines, and a command client;
-//! 2. the baseline: an echo responder reading its own command topic and replying at once
-//!    (no transaction, no state): what the client and the broker cost by themselves;
-//! 3. for both, after 15 s of warm-up (not measured), closed loops of 1 and 16 senders, then
+//! 2. two floors: an echo responder reading its own command topic and replying at once (no
+//!    transaction, no state): what the client and the broker cost by themselves; and a
+//!    transactional responder replying in one Kafka transaction per batch with the consumed
+//!    offsets, as the processor does without its rules and state: what an exactly-once reply
+//!    costs on this broker;
+//! 3. for each, after 15 s of warm-up (not measured), closed loops of 1 and 16 senders, then
 //!    64 senders paced to 500 and 1,000 commands/s, taking turns (one command every 2 or 1 ms),
 //!    each command's time counted from when it was due;
 //!    round-trip p50/p99 and commands/s;
@@ -40,8 +43,9 @@ use miroir_connectors::kafka::admin::{create_topic, delete_topics};
 use miroir_connectors::kafka::output::Publisher;
 use miroir_connectors::kafka::KafkaConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::message::{Header, Message, OwnedHeaders};
 use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
+use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use rdkafka::ClientConfig;
 use support::{env_or, internal_tables_only, replace_section, run_id};
 
@@ -142,29 +146,36 @@ fn main() {
     let client = app.commands().unwrap();
 
     let echo_topic = format!("echo-bench-{run}");
+    let floor_topic = format!("floor-bench-{run}");
     create_topic(&config, &echo_topic, 4).unwrap();
-    let stop = Arc::new(AtomicBool::new(false));
-    let mut echo = Some(std::thread::spawn({
-        let (brokers, topic, stop) = (brokers.clone(), echo_topic.clone(), stop.clone());
-        move || echo_responder(&brokers, &topic, &stop)
-    }));
-    let echo_spec = CommandSpec {
-        topic: echo_topic.clone(),
+    create_topic(&config, &floor_topic, 4).unwrap();
+    let on = |topic: &str| CommandSpec {
+        topic: topic.to_string(),
         ..spec.clone()
     };
+    type Responder = fn(&str, &str, &AtomicBool);
+    let responders: [(&str, CommandSpec, Option<Responder>); 3] = [
+        (
+            "echo responder (pipe floor)",
+            on(&echo_topic),
+            Some(echo_responder),
+        ),
+        (
+            "transactional responder (exactly-once floor)",
+            on(&floor_topic),
+            Some(transactional_responder),
+        ),
+        ("miroir processor", spec.clone(), None),
+    ];
 
     let mut rows = Vec::new();
-    for (name, s) in [
-        ("echo responder (baseline)", &echo_spec),
-        ("miroir processor", &spec),
-    ] {
-        if s.topic != echo_spec.topic {
-            // The echo responder's consumer would go on polling the broker.
-            stop.store(true, Ordering::SeqCst);
-            if let Some(echo) = echo.take() {
-                echo.join().unwrap();
-            }
-        }
+    for (name, s, responder) in &responders {
+        // Each responder runs alone: one polling the broker meanwhile would cost the others.
+        let stop = Arc::new(AtomicBool::new(false));
+        let running = responder.map(|respond| {
+            let (brokers, topic, stop) = (brokers.clone(), s.topic.clone(), stop.clone());
+            std::thread::spawn(move || respond(&brokers, &topic, &stop))
+        });
         client
             .send(&command(s, 0, 0), Duration::from_secs(30))
             .unwrap();
@@ -183,7 +194,11 @@ fn main() {
                 "bench: {name}, {senders} sender(s), {}: {r:?}",
                 rate.map_or("closed loop".into(), |r| format!("paced {r}/s"))
             );
-            rows.push((name, senders, rate, r));
+            rows.push((*name, senders, rate, r));
+        }
+        stop.store(true, Ordering::SeqCst);
+        if let Some(running) = running {
+            running.join().unwrap();
         }
     }
     // The processor's 1,000/s phase of the table, then the same phase `repeats` times more.
@@ -210,6 +225,16 @@ fn main() {
         .collect();
     at_1000.extend(&repeated);
     let spread = spread(&at_1000);
+    let floor = rows
+        .iter()
+        .find(|(name, _, rate, _)| name.contains("exactly-once") && *rate == Some(1000.0))
+        .map(|(.., r)| r.p99)
+        .unwrap_or(f64::NAN);
+    let ratio = format!(
+        "Against the exactly-once floor at 1,000/s (p99 {floor:.1} ms), the processor's median \
+         p99 is {:.2}x it.\n\n",
+        median(at_1000.iter().map(|r| r.p99).collect()) / floor
+    );
     let visible = visibility(client, &app, &spec, 200);
     eprintln!("bench: send -> readable in user_contacts: {visible:?}");
 
@@ -235,6 +260,7 @@ fn main() {
          MIROIR_BENCH_LANES={lanes}, MIROIR_BENCH_WARMUP={warmup}, MIROIR_BENCH_REPEATS={repeats}), {USERS} users, 4 partitions, single local broker, 2 cores.\n\n\
          {table}\n\
          {spread}\
+         {ratio}\
          Send to readable in the app's `user_contacts` (internal table, epoch 100 ms): \
          p50 {:.1} ms, p99 {:.1} ms over {} commands.\n\
          <!-- commands:end -->\n",
@@ -256,6 +282,7 @@ fn main() {
         dlq.as_str(),
         done.as_str(),
         echo_topic.as_str(),
+        floor_topic.as_str(),
         department.as_str(),
     ];
     if let Err(e) = delete_topics(&config, &topics) {
@@ -351,14 +378,19 @@ fn summarize(mut ms: Vec<f64>, errors: usize, elapsed: Duration) -> Latencies {
 }
 
 /// One line on the p50 and p99 of the same phase run several times.
+/// The median of `v` (NaN when empty).
+fn median(mut v: Vec<f64>) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(f64::total_cmp);
+    (v[(v.len() - 1) / 2] + v[v.len() / 2]) / 2.0
+}
+
 fn spread(runs: &[&Latencies]) -> String {
     if runs.len() < 2 {
         return String::new();
     }
-    let median = |mut v: Vec<f64>| {
-        v.sort_by(f64::total_cmp);
-        (v[(v.len() - 1) / 2] + v[v.len() / 2]) / 2.0
-    };
     let p99: Vec<f64> = runs.iter().map(|r| r.p99).collect();
     let list: Vec<String> = p99.iter().map(|v| format!("{v:.1}")).collect();
     let worst = p99.iter().copied().fold(f64::MIN, f64::max);
@@ -473,6 +505,93 @@ fn visibility(client: &Client, app: &Engine, spec: &CommandSpec, count: usize) -
     summarize(ms, errors, started.elapsed())
 }
 
+/// Answers every command on `topic` with Accepted in one Kafka transaction per batch, as the
+/// processor does (a batch is what the consumer has, up to 256; the replies and the consumed
+/// offsets commit together; the producer's settings are the processor's lanes'), without the
+/// processor's rules, state or entity event: what an exactly-once reply costs on this broker.
+fn transactional_responder(brokers: &str, topic: &str, stop: &AtomicBool) {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", format!("{topic}-floor"))
+        .set("auto.offset.reset", "earliest")
+        .set("enable.auto.commit", "false")
+        .set("isolation.level", "read_committed")
+        .set("fetch.wait.max.ms", "10")
+        .create()
+        .unwrap();
+    consumer.subscribe(&[topic]).unwrap();
+    let producer: ThreadedProducer<DefaultProducerContext> = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("transactional.id", format!("{topic}-floor"))
+        .set("linger.ms", "0.5")
+        .set("retry.backoff.ms", "1")
+        .set("retry.backoff.max.ms", "2")
+        .create()
+        .unwrap();
+    let timeout = Duration::from_secs(30);
+    producer.init_transactions(timeout).unwrap();
+    let body = accepted_body();
+    while !stop.load(Ordering::SeqCst) {
+        let mut batch = Vec::new();
+        let mut wait = Duration::from_millis(50);
+        while batch.len() < 256 {
+            match consumer.poll(wait) {
+                Some(Ok(m)) => batch.push(m.detach()),
+                _ => break,
+            }
+            wait = Duration::ZERO;
+        }
+        if batch.is_empty() {
+            continue;
+        }
+        producer.begin_transaction().unwrap();
+        let mut offsets = TopicPartitionList::new();
+        for m in &batch {
+            if let Some((reply_to, headers)) = reply(m) {
+                let record: BaseRecord<'_, [u8], [u8]> = BaseRecord::to(&reply_to)
+                    .payload(body.as_slice())
+                    .headers(headers);
+                producer.send(record).map_err(|(e, _)| e).unwrap();
+            }
+            let next = Offset::Offset(m.offset() + 1);
+            offsets
+                .add_partition_offset(m.topic(), m.partition(), next)
+                .unwrap();
+        }
+        let group = consumer.group_metadata().unwrap();
+        producer
+            .send_offsets_to_transaction(&offsets, &group, timeout)
+            .unwrap();
+        producer.commit_transaction(timeout).unwrap();
+    }
+    consumer.unsubscribe();
+}
+
+/// The body of an Accepted reply.
+fn accepted_body() -> Vec<u8> {
+    serde_json::to_vec(&Reply::Accepted {
+        version: 0,
+        partition: 0,
+        offset: 0,
+    })
+    .unwrap()
+}
+
+/// Where the reply to command `m` goes and its headers (`None`: not a command).
+fn reply(m: &impl Message) -> Option<(String, OwnedHeaders)> {
+    let (Some(reply_to), Some(correlation)) = (
+        text_header(m, header::REPLY_TO),
+        text_header(m, header::CORRELATION_ID),
+    ) else {
+        return None;
+    };
+    let headers = OwnedHeaders::new().insert(Header {
+        key: header::CORRELATION_ID,
+        value: Some(correlation.as_str()),
+    });
+    Some((reply_to, headers))
+}
+
 /// Answers every command on `topic` with Accepted at once, without a transaction.
 fn echo_responder(brokers: &str, topic: &str, stop: &AtomicBool) {
     let consumer: BaseConsumer = ClientConfig::new()
@@ -488,26 +607,14 @@ fn echo_responder(brokers: &str, topic: &str, stop: &AtomicBool) {
         .set("linger.ms", "0")
         .create()
         .unwrap();
-    let body = serde_json::to_vec(&Reply::Accepted {
-        version: 0,
-        partition: 0,
-        offset: 0,
-    })
-    .unwrap();
+    let body = accepted_body();
     while !stop.load(Ordering::SeqCst) {
         let Some(Ok(m)) = consumer.poll(Duration::from_millis(50)) else {
             continue;
         };
-        let (Some(reply_to), Some(correlation)) = (
-            text_header(&m, header::REPLY_TO),
-            text_header(&m, header::CORRELATION_ID),
-        ) else {
+        let Some((reply_to, headers)) = reply(&m) else {
             continue;
         };
-        let headers = OwnedHeaders::new().insert(Header {
-            key: header::CORRELATION_ID,
-            value: Some(correlation.as_str()),
-        });
         let record: BaseRecord<'_, [u8], [u8]> = BaseRecord::to(&reply_to)
             .payload(body.as_slice())
             .headers(headers);
