@@ -44,7 +44,9 @@ use miroir_connectors::kafka::output::Publisher;
 use miroir_connectors::kafka::KafkaConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Header, Message, OwnedHeaders};
-use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
+use rdkafka::producer::{
+    BaseProducer, BaseRecord, DefaultProducerContext, Producer, ThreadedProducer,
+};
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use rdkafka::ClientConfig;
 use support::{env_or, internal_tables_only, replace_section, run_id};
@@ -520,7 +522,7 @@ fn transactional_responder(brokers: &str, topic: &str, stop: &AtomicBool) {
         .create()
         .unwrap();
     consumer.subscribe(&[topic]).unwrap();
-    let producer: ThreadedProducer<DefaultProducerContext> = ClientConfig::new()
+    let producer: BaseProducer = ClientConfig::new()
         .set("bootstrap.servers", brokers)
         .set("transactional.id", format!("{topic}-floor"))
         .set("linger.ms", "0.5")
@@ -562,6 +564,11 @@ fn transactional_responder(brokers: &str, topic: &str, stop: &AtomicBool) {
         producer
             .send_offsets_to_transaction(&offsets, &group, timeout)
             .unwrap();
+        // As the processor and the changelog writer do: the deliveries first, since
+        // rust-rdkafka's commit flushes with polls of up to 100 ms.
+        while producer.in_flight_count() > 0 {
+            producer.poll(Duration::from_millis(1));
+        }
         producer.commit_transaction(timeout).unwrap();
     }
     consumer.unsubscribe();

@@ -186,7 +186,7 @@ fn wait_for_scan(
 /// Publishes events generated from `seed` and starts `t` on three instances (`a`, `b`, `c`),
 /// with their state directories under the returned one.
 fn three_instances(t: &TestTopology, seed: u64) -> (tempfile::TempDir, Vec<Instance>, Vec<Event>) {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = instances_dir();
     let file = dir.path().join("topology.toml");
     std::fs::write(&file, &t.text).unwrap();
     let (events, _) = generate(seed, 200, 3000);
@@ -242,7 +242,7 @@ fn joins_with_a_global_source_are_right_on_every_instance() {
 fn tables_computed_without_stages_are_never_served_partly() {
     let run = Run::new("unsplit");
     let t = repartitioned(&run);
-    let dir = tempfile::tempdir().unwrap();
+    let dir = instances_dir();
     let file = dir.path().join("topology.toml");
     std::fs::write(&file, &t.text).unwrap();
     let (events, _) = generate(15, 200, 3000);
@@ -290,7 +290,7 @@ fn tables_computed_without_stages_are_never_served_partly() {
 fn a_stage_reading_a_global_source_leaves_no_record_behind_when_its_partitions_move() {
     let run = Run::new("global-stage");
     let t = topology(&run);
-    let dir = tempfile::tempdir().unwrap();
+    let dir = instances_dir();
     let file = dir.path().join("topology.toml");
     std::fs::write(&file, &t.text).unwrap();
     let (mut events, _) = generate(15, 200, 3000);
@@ -329,7 +329,7 @@ fn a_stage_reading_a_global_source_leaves_no_record_behind_when_its_partitions_m
 fn a_paused_instance_whose_partitions_moved_writes_nothing_when_it_resumes() {
     let run = Run::new("zombie");
     let t = repartitioned(&run);
-    let dir = tempfile::tempdir().unwrap();
+    let dir = instances_dir();
     let file = dir.path().join("topology.toml");
     std::fs::write(&file, &t.text).unwrap();
     let (mut events, _) = generate(21, 200, 3000);

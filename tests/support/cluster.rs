@@ -163,6 +163,21 @@ pub fn wait_for_every_row(
     served_by
 }
 
+/// A directory for instances' topology, state and logs, removed after the test; with
+/// `MIROIR_TEST_KEEP` set it is kept, and its path printed, to read the logs of a failure.
+pub fn instances_dir() -> tempfile::TempDir {
+    let keep = std::env::var_os("MIROIR_TEST_KEEP").is_some();
+    let dir = tempfile::Builder::new()
+        .prefix("miroir-instances-")
+        .disable_cleanup(keep)
+        .tempdir()
+        .unwrap();
+    if keep {
+        eprintln!("instances' directory kept: {}", dir.path().display());
+    }
+    dir
+}
+
 /// Starts `miroir run` on `file` with state directory `state-<name>` (under `dir`).
 pub fn start(dir: &std::path::Path, file: &std::path::Path, name: &str) -> Instance {
     start_on(dir, file, name, free_port(), &[])
