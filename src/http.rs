@@ -288,6 +288,8 @@ async fn topology(State(inner): State<Arc<Inner>>, headers: HeaderMap) -> Respon
         "name": t.name,
         "sources": t.sources.iter().map(|s| json!({
             "name": s.name, "topic": s.topic, "key": s.key_name(), "columns": columns(&s.columns),
+            "kind": if s.stream.is_some() { "stream" } else { "upsert" },
+            "row_key": s.identity.iter().map(|k| s.columns[*k].name.clone()).collect::<Vec<_>>(),
         })).collect::<Vec<_>>(),
         "tables": t.tables.iter().map(|tb| json!({
             "name": tb.name,

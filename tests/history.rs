@@ -159,6 +159,21 @@ fn email_history_is_exact_over_http_and_in_postgresql() {
     newest_first.sort();
     newest_first.reverse();
     assert_eq!(all, newest_first, "every row, in reverse key order");
+    let topology: serde_json::Value = client
+        .get(format!("{base}/v1/topology"))
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    let events = &topology["sources"][2];
+    assert_eq!(
+        (&events["name"], &events["kind"], &events["row_key"]),
+        (
+            &serde_json::json!("user_events"),
+            &serde_json::json!("stream"),
+            &serde_json::json!(["id", "version"])
+        )
+    );
     let bad = client
         .get(format!("{base}/v1/tables/email_history/rows?order=newest"))
         .send()
