@@ -217,3 +217,30 @@ fn a_revocation_is_not_held_by_a_growing_epoch() {
     assert_eq!(store.offset("users", 0).unwrap(), Some(last));
     runtime.shutdown();
 }
+
+#[test]
+fn records_that_arrive_after_their_partition_was_revoked_are_not_applied() {
+    let dir = tempfile::tempdir().unwrap();
+    let (runtime, store) = start(dir.path());
+    send(&runtime, 0, 1, false);
+    wait_committed(&runtime, 0);
+    let (done, acks) = crossbeam_channel::unbounded();
+    runtime.broadcast(|| Message::Revoke {
+        tasks: vec![(0, vec![0])],
+        retract: true,
+        done: done.clone(),
+    });
+    for _ in 0..runtime.workers() {
+        acks.recv_timeout(Duration::from_secs(30)).unwrap();
+    }
+    // A batch read before the revocation, handed over after it: the partition's next owner
+    // reads it again from the committed offset; this instance must not open the task again.
+    send(&runtime, 1, 2, false);
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(store.offset("users", 0).unwrap(), Some(0));
+    assert!(
+        !runtime.owns("users", 0),
+        "no task of a partition not assigned"
+    );
+    runtime.shutdown();
+}

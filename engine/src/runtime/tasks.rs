@@ -3,11 +3,11 @@
 //! partition is revoked.
 
 use std::collections::hash_map::Entry;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use crossbeam_channel::Sender;
 use differential_dataflow::input::InputSession;
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use super::shared::Shared;
 use super::status::TopicPartition;
@@ -24,6 +24,10 @@ pub(super) struct Tasks {
     /// The worker's index.
     worker: usize,
     tasks: HashMap<(usize, u32), Task>,
+    /// The (source, partition) pairs assigned to this worker: records of any other are not
+    /// applied (a batch read before its partition was revoked and handed over after it would
+    /// otherwise open the task again, on an instance that no longer owns the partition).
+    assigned: HashSet<(usize, u32)>,
     /// Revocations waiting for the epoch's commit, to acknowledge after it.
     acks: Vec<Sender<()>>,
     /// An assignment or revocation for the next epoch (this one applied records).
@@ -35,6 +39,7 @@ impl Tasks {
         Tasks {
             worker,
             tasks: HashMap::new(),
+            assigned: HashSet::new(),
             acks: Vec::new(),
             deferred: None,
         }
@@ -70,6 +75,7 @@ impl Tasks {
                         .into_iter()
                         .filter(|p| worker_for_partition(*p, workers) == worker)
                     {
+                        self.assigned.insert((source, p));
                         self.open(shared, source, p, inputs);
                     }
                 }
@@ -116,6 +122,12 @@ impl Tasks {
         records: &Records,
         inputs: &mut [InputSession<Epoch, Row, isize>],
     ) -> usize {
+        if !self.assigned.contains(&(source, partition)) {
+            let topic = &shared.topology.sources[source].topic;
+            debug!(%topic, partition, records = records.len(),
+                   "records of a partition not assigned (revoked meanwhile) dropped: its owner reads them from its committed offset");
+            return 0;
+        }
         let Some(task) = self.open(shared, source, partition, inputs) else {
             return 0;
         };
@@ -168,6 +180,7 @@ impl Tasks {
         });
         let src = &shared.topology.sources[source];
         for p in partitions {
+            self.assigned.remove(&(source, *p));
             let Some(mut task) = self.tasks.remove(&(source, *p)) else {
                 continue;
             };
