@@ -56,6 +56,21 @@ fn start(dir: &std::path::Path) -> (Runtime, StateStore) {
     (runtime, store)
 }
 
+/// Revokes partition 0 as the Kafka source does, and waits for every worker's
+/// acknowledgement (which follows the epoch's commit).
+fn revoke(runtime: &Runtime) {
+    let (done, acks) = crossbeam_channel::unbounded();
+    runtime.broadcast(|| Message::Revoke {
+        tasks: vec![(0, vec![0])],
+        retract: true,
+        done: done.clone(),
+    });
+    for _ in 0..runtime.workers() {
+        acks.recv_timeout(Duration::from_secs(30))
+            .expect("the revocation waited for the epoch's maximum length");
+    }
+}
+
 /// A batch of one record.
 fn one(offset: i64, key: &[u8], payload: &[u8]) -> Records {
     let mut records = Records::default();
@@ -203,16 +218,7 @@ fn a_revocation_is_not_held_by_a_growing_epoch() {
         feeding.store(false, std::sync::atomic::Ordering::SeqCst);
         feeder.join().unwrap()
     });
-    let (done, acks) = crossbeam_channel::unbounded();
-    runtime.broadcast(|| Message::Revoke {
-        tasks: vec![(0, vec![0])],
-        retract: true,
-        done: done.clone(),
-    });
-    for _ in 0..runtime.workers() {
-        acks.recv_timeout(Duration::from_secs(30))
-            .expect("the revocation waited for the epoch's maximum length");
-    }
+    revoke(&runtime);
     // The revoked partition's state and offset were committed before the acknowledgement.
     assert_eq!(store.offset("users", 0).unwrap(), Some(last));
     runtime.shutdown();
@@ -224,15 +230,7 @@ fn records_that_arrive_after_their_partition_was_revoked_are_not_applied() {
     let (runtime, store) = start(dir.path());
     send(&runtime, 0, 1, false);
     wait_committed(&runtime, 0);
-    let (done, acks) = crossbeam_channel::unbounded();
-    runtime.broadcast(|| Message::Revoke {
-        tasks: vec![(0, vec![0])],
-        retract: true,
-        done: done.clone(),
-    });
-    for _ in 0..runtime.workers() {
-        acks.recv_timeout(Duration::from_secs(30)).unwrap();
-    }
+    revoke(&runtime);
     // A batch read before the revocation, handed over after it: the partition's next owner
     // reads it again from the committed offset; this instance must not open the task again.
     send(&runtime, 1, 2, false);

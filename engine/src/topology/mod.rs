@@ -1168,7 +1168,8 @@ GROUP BY d.name"""
         assert!(!good.table("per_dept").unwrap().key_never_null(&sources));
     }
 
-    fn errors(text: &str) -> Vec<String> {
+    /// The diagnostics of an invalid topology `text`, as printed.
+    pub(crate) fn errors(text: &str) -> Vec<String> {
         Topology::parse("bad.toml", text)
             .expect_err("invalid")
             .diagnostics

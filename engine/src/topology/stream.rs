@@ -274,6 +274,7 @@ fn by_age(
 
 #[cfg(test)]
 mod tests {
+    use crate::topology::tests::errors;
     use crate::topology::{Distribution, Topology};
 
     const HISTORY: &str = r#"
@@ -295,15 +296,6 @@ retain_by = "at"
 [tables.email_history]
 query = "SELECT id, version, email, at FROM email_changes"
 "#;
-
-    fn errors(text: &str) -> Vec<String> {
-        Topology::parse("bad.toml", text)
-            .expect_err("invalid")
-            .diagnostics
-            .iter()
-            .map(|d| d.to_string())
-            .collect()
-    }
 
     #[test]
     fn a_table_over_a_stream_source_is_keyed_by_its_composite_key_and_follows_the_entity() {
