@@ -1,6 +1,7 @@
-//! Epoch length: epochs keep to `epoch_interval` while the source keeps up, grow up to
-//! `max_epoch_interval` while it reports records waiting (catching up) and records keep
-//! coming, and end at once when a revocation waits for their commit.
+//! Epoch length: epochs keep to `epoch_interval` while the source keeps up, end as soon as the
+//! inbox is drained under a light load, grow up to `max_epoch_interval` while it reports
+//! records waiting (catching up) and records keep coming, and end at once when a revocation
+//! waits for their commit.
 
 mod support;
 
@@ -32,6 +33,11 @@ store = "internal"
 const LONG: Duration = Duration::from_secs(600);
 
 fn start(dir: &std::path::Path) -> (Runtime, StateStore) {
+    start_with(dir, Duration::from_millis(10))
+}
+
+/// Starts 2 workers with epochs of `epoch_interval`, partition 0 assigned.
+fn start_with(dir: &std::path::Path, epoch_interval: Duration) -> (Runtime, StateStore) {
     let topology = Arc::new(Topology::parse("t.toml", TOPOLOGY).unwrap());
     let store = StateStore::open(dir, &["emails".to_string()]).unwrap();
     let runtime = Runtime::start(
@@ -43,7 +49,7 @@ fn start(dir: &std::path::Path) -> (Runtime, StateStore) {
         None,
         RuntimeConfig {
             workers: 2,
-            epoch_interval: Duration::from_millis(10),
+            epoch_interval,
             max_epoch_interval: LONG,
             max_records_per_epoch: 1_000_000,
             ..RuntimeConfig::default()
@@ -134,6 +140,37 @@ fn epochs_keep_to_the_interval_while_the_source_keeps_up() {
     // Not catching up: the epoch ends after 10 ms although the maximum is 10 minutes.
     wait_committed(&runtime, 0);
     assert_eq!(email(&store), "v1@example.org");
+    runtime.shutdown();
+}
+
+#[test]
+fn a_light_load_ends_its_epoch_once_the_inbox_is_drained() {
+    let dir = tempfile::tempdir().unwrap();
+    let (runtime, store) = start_with(dir.path(), LONG);
+    send(&runtime, 0, 1, false);
+    // One record, then nothing: readable long before the 10-minute interval.
+    wait_committed(&runtime, 0);
+    assert_eq!(email(&store), "v1@example.org");
+    // And again: every light epoch ends early, not only the first.
+    send(&runtime, 1, 2, false);
+    wait_committed(&runtime, 1);
+    assert_eq!(email(&store), "v2@example.org");
+    runtime.shutdown();
+}
+
+#[test]
+fn a_steady_load_keeps_its_epoch_to_the_interval() {
+    let dir = tempfile::tempdir().unwrap();
+    let (runtime, store) = start_with(dir.path(), Duration::from_secs(3));
+    // More records than a light epoch holds: the epoch does not end when they stop, but at
+    // the end of its interval.
+    for offset in 0..40 {
+        send(&runtime, offset, offset + 1, false);
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(committed(&runtime), None, "a loaded epoch ended early");
+    wait_committed(&runtime, 39);
+    assert_eq!(email(&store), "v40@example.org");
     runtime.shutdown();
 }
 

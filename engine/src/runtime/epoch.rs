@@ -3,11 +3,15 @@
 //! While the source keeps up, an epoch lasts `epoch_interval`. While it reports records
 //! waiting (catching up), the epoch grows up to `max_epoch_interval`, so more changes of a key
 //! coalesce and commits are fewer; once caught up, a grown epoch still takes in what arrives
-//! for another `epoch_interval`, and ends at the first pause. An assignment or a revocation
+//! for another `epoch_interval`, and ends at the first pause. Under a light load (no partition
+//! behind, and at most `LIGHT_EPOCH_RECORDS` records applied by the worker), an epoch ends as
+//! soon as a worker that applied records finds its inbox drained, for every worker: a change
+//! is readable a few milliseconds after it arrives, not at the end of the interval, while a
+//! steady load keeps its epochs (and their commits) as long as before. An assignment or a revocation
 //! has an epoch to itself: one that applied records ends, and the next one opens or drops the
 //! tasks and ends at once (the partitions go only after their commit).
 
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::RecvTimeoutError;
@@ -26,6 +30,29 @@ const CATCHING_UP_GAP: Duration = Duration::from_millis(50);
 /// source hands over a partial batch after 5 ms).
 const TAIL_GAP: Duration = Duration::from_millis(10);
 
+/// Records a worker may have applied in an epoch for the load to count as light: the epoch
+/// then ends once its inbox is drained (see the module's documentation).
+const LIGHT_EPOCH_RECORDS: usize = 16;
+
+/// How often a worker that applied nothing in a light epoch looks whether another worker
+/// ended it.
+const IDLE_POLL: Duration = Duration::from_millis(5);
+
+/// The last epoch a worker ended early, under a light load: every worker ends it then (the
+/// workers commit each epoch together, so one that went on would hold the others back).
+#[derive(Default)]
+pub(super) struct EarlyEnd(AtomicU64);
+
+impl EarlyEnd {
+    fn request(&self, epoch: Epoch) {
+        self.0.fetch_max(epoch, Ordering::AcqRel);
+    }
+
+    fn requested(&self, epoch: Epoch) -> bool {
+        self.0.load(Ordering::Acquire) >= epoch
+    }
+}
+
 /// The length of the epoch so far, as it decides when the epoch ends.
 #[derive(Default)]
 struct Length {
@@ -36,8 +63,9 @@ struct Length {
 }
 
 impl Length {
-    /// How long to wait for the next message; `None` when the epoch is over.
-    fn wait(&mut self, shared: &Shared, elapsed: Duration) -> Option<Duration> {
+    /// How long to wait for the next message, after `applied` records; `None` when the epoch
+    /// is over.
+    fn wait(&mut self, shared: &Shared, elapsed: Duration, applied: usize) -> Option<Duration> {
         let interval = shared.config.epoch_interval;
         let behind = shared.backlog.any();
         self.grew |= behind && elapsed >= interval;
@@ -59,15 +87,23 @@ impl Length {
         let gap = if behind { CATCHING_UP_GAP } else { TAIL_GAP };
         Some(if until_interval.is_zero() {
             left.min(gap)
+        } else if self.light(shared, applied) {
+            until_interval.min(if applied == 0 { IDLE_POLL } else { TAIL_GAP })
         } else {
             until_interval
         })
     }
+
+    /// Whether the epoch may end before `epoch_interval` once the inbox is drained.
+    fn light(&self, shared: &Shared, applied: usize) -> bool {
+        !self.grew && applied <= LIGHT_EPOCH_RECORDS && !shared.backlog.any()
+    }
 }
 
-/// Applies the messages of `inbox` to `tasks` until the epoch ends; returns the number of
+/// Applies the messages of `inbox` to `tasks` until epoch `epoch` ends; returns the number of
 /// records applied.
 pub(super) fn gather(
+    epoch: Epoch,
     shared: &Shared,
     inbox: &InboxReceiver,
     tasks: &mut Tasks,
@@ -88,9 +124,12 @@ pub(super) fn gather(
         && !tasks.revocations_waiting()
     {
         let elapsed = started.elapsed();
-        let Some(wait) = length.wait(shared, elapsed) else {
+        let Some(wait) = length.wait(shared, elapsed, applied) else {
             break;
         };
+        if shared.early_end.requested(epoch) {
+            break;
+        }
         let within_interval = elapsed < shared.config.epoch_interval;
         match inbox.recv_timeout(wait) {
             Ok(message) if message.moves_partitions() => {
@@ -103,6 +142,11 @@ pub(super) fn gather(
                 break;
             }
             Ok(message) => applied += tasks.handle(shared, message, inputs),
+            // Drained under a light load: the epoch ends now, for every worker.
+            Err(RecvTimeoutError::Timeout) if applied > 0 && length.light(shared, applied) => {
+                shared.early_end.request(epoch);
+                break;
+            }
             // The interval is over: the loop decides whether the epoch grows.
             Err(RecvTimeoutError::Timeout) if within_interval => {}
             Err(RecvTimeoutError::Timeout) => break,

@@ -151,6 +151,7 @@ impl Runtime {
             stop_after_epoch: AtomicBool::new(false),
             status: status.clone(),
             backlog: Backlog::default(),
+            early_end: Default::default(),
         });
         let guards = timely::execute(timely::Config::process(workers), move |worker| {
             let index = worker.index();

@@ -10,6 +10,7 @@ use parking_lot::Mutex;
 
 use super::backlog::Backlog;
 use super::config::RuntimeConfig;
+use super::epoch::EarlyEnd;
 use super::stall::Stalls;
 use super::status::{Status, TopicPartition};
 use crate::changelog::ChangelogWriter;
@@ -35,6 +36,8 @@ pub(super) struct Shared {
     pub(super) status: Arc<Status>,
     /// The partitions that were behind as of the last batch applied from them.
     pub(super) backlog: Backlog,
+    /// The last epoch a worker ended early, under a light load.
+    pub(super) early_end: EarlyEnd,
     /// Commit sequence numbers (persisted with each batch of external-table changes).
     pub(super) sequence: Sequence,
     /// Where batches of external-table changes go, when the topology has external tables.

@@ -47,7 +47,7 @@ pub(super) fn run(worker: &mut timely::worker::Worker, shared: &Shared, inbox: I
     let mut epoch: Epoch = 0;
     loop {
         let started = Instant::now();
-        let applied = epoch::gather(shared, &inbox, &mut tasks, &mut dataflow.inputs);
+        let applied = epoch::gather(epoch + 1, shared, &inbox, &mut tasks, &mut dataflow.inputs);
         let t_apply = started.elapsed();
         let mut commit = shared.store.commit();
         tasks.flush(shared, &mut dataflow.inputs, &mut commit);

@@ -1,0 +1,182 @@
+package miroir.peer;
+
+import java.io.IOException;
+import java.lang.management.GarbageCollectorMXBean;
+import java.lang.management.ManagementFactory;
+import java.nio.file.Files;
+import java.nio.file.Path;
+import java.util.HashMap;
+import java.util.Map;
+import java.util.Properties;
+import java.util.TreeMap;
+import org.apache.kafka.clients.admin.Admin;
+import org.apache.kafka.clients.admin.AdminClientConfig;
+import org.apache.kafka.streams.KafkaStreams;
+import org.apache.kafka.streams.KeyValue;
+import org.apache.kafka.streams.StoreQueryParameters;
+import org.apache.kafka.streams.StreamsConfig;
+import org.apache.kafka.streams.Topology;
+import org.apache.kafka.streams.state.KeyValueIterator;
+import org.apache.kafka.streams.state.QueryableStoreTypes;
+import org.apache.kafka.streams.state.ReadOnlyKeyValueStore;
+
+/**
+ * Runs the peer and reports what it cost, for benches/kafka_streams.rs.
+ *
+ * <pre>
+ * java -jar peer.jar tables brokers=HOST:PORT app=ID users=TOPIC departments=TOPIC \
+ *     [warm-users=TOPIC warm-departments=TOPIC]
+ * </pre>
+ *
+ * java -jar peer.jar commands brokers=HOST:PORT app=ID users=TOPIC commands=TOPIC secret=HS256-SECRET
+ * </pre>
+ *
+ * `tables` first runs the tables over the warm-up topics (JIT and caches warm, its own
+ * application id), then over the measured topics until every partition it reads is committed
+ * at its end, and prints `RESULT seconds cpu-seconds jit-seconds gc-seconds peak-rss-mib`, then
+ * each table's row count (`ROWS table n`) and each department's counts (`COUNT name users
+ * active`).
+ *
+ * `commands` runs the `UpdateUserEmail` processor with Kafka Streams' defaults but for
+ * exactly-once v2, prints `READY` once it runs, and stops when its standard input closes.
+ */
+public final class Main {
+    private Main() {}
+
+    public static void main(String[] args) throws Exception {
+        Map<String, String> options = new HashMap<>();
+        for (int i = 1; i < args.length; i++) {
+            String[] kv = args[i].split("=", 2);
+            options.put(kv[0], kv.length > 1 ? kv[1] : "");
+        }
+        String mode = args.length == 0 ? "" : args[0];
+        switch (mode) {
+            case "tables" -> tables(options);
+            case "commands" -> commands(options);
+            default -> {
+                System.err.println("usage: peer.jar tables|commands brokers=... app=... (see Main's documentation)");
+                System.exit(2);
+            }
+        }
+    }
+
+    private static void commands(Map<String, String> o) throws Exception {
+        Topology topology = EmailCommands.build(o.get("users"), o.get("commands"), o.get("secret"));
+        Properties config = config(o.get("brokers"), o.get("app"));
+        config.remove(StreamsConfig.NUM_STREAM_THREADS_CONFIG);
+        KafkaStreams streams = new KafkaStreams(topology, config);
+        streams.start();
+        while (streams.state() != KafkaStreams.State.RUNNING) {
+            if (streams.state() == KafkaStreams.State.ERROR) {
+                throw new IllegalStateException("the processor stopped");
+            }
+            Thread.sleep(50);
+        }
+        System.out.println("READY");
+        System.out.flush();
+        while (System.in.read() >= 0) {
+            // Runs until the benchmark closes its end.
+        }
+        streams.close();
+        streams.cleanUp();
+    }
+
+    private static void tables(Map<String, String> o) throws Exception {
+        String brokers = o.get("brokers");
+        if (o.containsKey("warm-users")) {
+            KafkaStreams warm = runUntilCaughtUp(brokers, o.get("app") + "-warm", o.get("warm-users"),
+                    o.get("warm-departments"));
+            warm.close();
+            warm.cleanUp();
+        }
+        Usage before = Usage.now();
+        long started = System.nanoTime();
+        KafkaStreams streams = runUntilCaughtUp(brokers, o.get("app"), o.get("users"), o.get("departments"));
+        double seconds = (System.nanoTime() - started) / 1e9;
+        Usage used = Usage.now().minus(before);
+        System.out.printf("RESULT %.3f %.3f %.3f %.3f %.1f%n", seconds, used.cpu, used.jit, used.gc, peakRssMib());
+        for (String table : new String[] {"user_contacts", "user_directory"}) {
+            System.out.printf("ROWS %s %d%n", table, rows(streams, table).size());
+        }
+        for (Map.Entry<String, Object> e : rows(streams, "users_per_department").entrySet()) {
+            DirectoryTables.Count c = (DirectoryTables.Count) e.getValue();
+            if (c.users() > 0) {
+                System.out.printf("COUNT %s %d %d%n", e.getKey().replace(' ', '_'), c.users(), c.activeUsers());
+            }
+        }
+        System.out.flush();
+        streams.close();
+        streams.cleanUp();
+    }
+
+    private static KafkaStreams runUntilCaughtUp(String brokers, String app, String users, String departments)
+            throws Exception {
+        Topology topology = DirectoryTables.build(users, departments);
+        KafkaStreams streams = new KafkaStreams(topology, config(brokers, app));
+        streams.start();
+        Properties adminConfig = new Properties();
+        adminConfig.put(AdminClientConfig.BOOTSTRAP_SERVERS_CONFIG, brokers);
+        try (Admin admin = Admin.create(adminConfig)) {
+            CaughtUp caughtUp = new CaughtUp(admin, app, topology);
+            long deadline = System.nanoTime() + 1_800_000_000_000L;
+            while (streams.state() != KafkaStreams.State.RUNNING || !caughtUp.check()) {
+                if (streams.state() == KafkaStreams.State.ERROR || System.nanoTime() > deadline) {
+                    throw new IllegalStateException(app + " stopped in state " + streams.state());
+                }
+                Thread.sleep(100);
+            }
+        }
+        return streams;
+    }
+
+    /** Kafka Streams' defaults, but for exactly-once v2 and two stream threads (miroir runs two workers). */
+    private static Properties config(String brokers, String app) throws IOException {
+        Properties p = new Properties();
+        p.put(StreamsConfig.APPLICATION_ID_CONFIG, app);
+        p.put(StreamsConfig.BOOTSTRAP_SERVERS_CONFIG, brokers);
+        p.put(StreamsConfig.PROCESSING_GUARANTEE_CONFIG, StreamsConfig.EXACTLY_ONCE_V2);
+        p.put(StreamsConfig.NUM_STREAM_THREADS_CONFIG, 2);
+        p.put(StreamsConfig.REPLICATION_FACTOR_CONFIG, 1);
+        p.put(StreamsConfig.STATE_DIR_CONFIG, Files.createTempDirectory("peer-state").toString());
+        return p;
+    }
+
+    private static Map<String, Object> rows(KafkaStreams streams, String table) {
+        ReadOnlyKeyValueStore<String, Object> store =
+                streams.store(StoreQueryParameters.fromNameAndType(table, QueryableStoreTypes.keyValueStore()));
+        Map<String, Object> rows = new TreeMap<>();
+        try (KeyValueIterator<String, Object> all = store.all()) {
+            while (all.hasNext()) {
+                KeyValue<String, Object> kv = all.next();
+                rows.put(kv.key, kv.value);
+            }
+        }
+        return rows;
+    }
+
+    private static double peakRssMib() throws IOException {
+        for (String line : Files.readAllLines(Path.of("/proc/self/status"))) {
+            if (line.startsWith("VmHWM:")) {
+                return Long.parseLong(line.replaceAll("[^0-9]", "")) / 1024.0;
+            }
+        }
+        return 0;
+    }
+
+    /** CPU, JIT compilation and garbage collection seconds of this process so far. */
+    private record Usage(double cpu, double jit, double gc) {
+        static Usage now() {
+            var os = (com.sun.management.OperatingSystemMXBean) ManagementFactory.getOperatingSystemMXBean();
+            long gcMs = 0;
+            for (GarbageCollectorMXBean gc : ManagementFactory.getGarbageCollectorMXBeans()) {
+                gcMs += Math.max(0, gc.getCollectionTime());
+            }
+            return new Usage(os.getProcessCpuTime() / 1e9,
+                    ManagementFactory.getCompilationMXBean().getTotalCompilationTime() / 1e3, gcMs / 1e3);
+        }
+
+        Usage minus(Usage o) {
+            return new Usage(cpu - o.cpu, jit - o.jit, gc - o.gc);
+        }
+    }
+}
