@@ -37,7 +37,7 @@ use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 
 mod support;
 
-use support::{env_or, internal_tables_only, replace_section, run_id, without_history};
+use support::{env_or, generate, internal_tables_only, replace_section, run_id, without_history};
 
 const PARTITIONS: i32 = 4;
 
@@ -466,31 +466,6 @@ fn copy_phase() {
     db.batch_execute(&format!("DROP SCHEMA \"{schema}\" CASCADE"))
         .unwrap();
     println!("RESULT {secs} {}", rows.len());
-}
-
-/// The benchmark's events, the same in every phase: (key number, version, late, payload).
-/// One event in a hundred is late (an older version).
-fn generate(events: u64, keys: u64) -> impl Iterator<Item = (usize, i64, bool, String)> {
-    let mut version = vec![0i64; keys as usize];
-    let mut rng = 0x9e37_79b9_7f4a_7c15u64;
-    (0..events).map(move |i| {
-        rng ^= rng << 13;
-        rng ^= rng >> 7;
-        rng ^= rng << 17;
-        let k = (rng % keys) as usize;
-        let late = i % 100 == 50 && version[k] > 1;
-        if !late {
-            version[k] += 1;
-        }
-        let v = if late { version[k] - 1 } else { version[k] };
-        let op = ["created", "email-changed", "renamed"][(rng >> 40) as usize % 3];
-        let payload = format!(
-            "{{\"id\":\"u-{k}\",\"email\":\"User{k}.V{v}@Example.com\",\"name\":\"User {k}\",\"department_id\":\"d-{}\",\"active\":{},\"version\":{v},\"event_type\":\"{op}\",\"updated_at\":\"2026-11-25T10:00:00Z\"}}",
-            k % 20,
-            !k.is_multiple_of(10)
-        );
-        (k, v, late, payload)
-    })
 }
 
 /// miroir's PostgreSQL sink alone, without the engine competing for the 2 cores: the

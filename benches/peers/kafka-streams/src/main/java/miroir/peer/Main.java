@@ -28,7 +28,8 @@ import org.apache.kafka.streams.state.ReadOnlyKeyValueStore;
  *     [warm-users=TOPIC warm-departments=TOPIC]
  * </pre>
  *
- * java -jar peer.jar commands brokers=HOST:PORT app=ID users=TOPIC commands=TOPIC secret=HS256-SECRET
+ * java -jar peer.jar commands brokers=HOST:PORT app=ID users=TOPIC commands=TOPIC secret=HS256-SECRET \
+ *     [commit-interval-ms=N poll-ms=N]
  * </pre>
  *
  * `tables` first runs the tables over the warm-up topics (JIT and caches warm, its own
@@ -38,7 +39,7 @@ import org.apache.kafka.streams.state.ReadOnlyKeyValueStore;
  * active`).
  *
  * `commands` runs the `UpdateUserEmail` processor with Kafka Streams' defaults but for
- * exactly-once v2, prints `READY` once it runs, and stops when its standard input closes.
+ * exactly-once v2 (and the commit interval and poll time, when given), prints `READY` once it runs, and stops when its standard input closes.
  */
 public final class Main {
     private Main() {}
@@ -64,6 +65,12 @@ public final class Main {
         Topology topology = EmailCommands.build(o.get("users"), o.get("commands"), o.get("secret"));
         Properties config = config(o.get("brokers"), o.get("app"));
         config.remove(StreamsConfig.NUM_STREAM_THREADS_CONFIG);
+        if (o.containsKey("commit-interval-ms")) {
+            config.put(StreamsConfig.COMMIT_INTERVAL_MS_CONFIG, Integer.parseInt(o.get("commit-interval-ms")));
+        }
+        if (o.containsKey("poll-ms")) {
+            config.put(StreamsConfig.POLL_MS_CONFIG, Integer.parseInt(o.get("poll-ms")));
+        }
         KafkaStreams streams = new KafkaStreams(topology, config);
         streams.start();
         while (streams.state() != KafkaStreams.State.RUNNING) {

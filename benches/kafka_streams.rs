@@ -1,0 +1,514 @@
+//! Ingest into the `user-directory` tables: miroir next to Kafka Streams, on the same broker,
+//! the same events, in the same run.
+//!
+//! ```sh
+//! eval "$(scripts/services up)"
+//! cargo bench --bench kafka_streams                 # 1,000,000 events over 100,000 keys, 3 turns
+//! MIROIR_BENCH_EVENTS=200000 MIROIR_BENCH_RUNS=5 cargo bench --bench kafka_streams
+//! ```
+//!
+//! 1. builds the peer (`benches/peers/kafka-streams`, Maven) unless its jar is there;
+//! 2. publishes 20 departments and N `User` events over K keys (the ingest benchmark's events:
+//!    1% late), and a tenth of that to warm-up topics;
+//! 3. for each turn, runs in a child process miroir (2 workers, changelogs on) and then the
+//!    peer's JVM (exactly-once v2, RocksDB stores, 2 stream threads, its record cache as
+//!    built), each first over the warm-up topics, then over the measured ones until done; both
+//!    keep the three tables in RocksDB (the topology's external tables become internal ones,
+//!    and `users_per_department` leaves out `max(u.version)`, which a KTable aggregation cannot
+//!    keep under retractions without keeping every value);
+//! 4. checks that both ended with the same tables (row counts, and each department's counts);
+//! 5. rewrites the `kafka-streams` section of `docs/benchmarks.md` with the medians, the spread
+//!    and the ratios.
+//!
+//! CPU seconds are each process's own (user and system), from the measured run's start to its
+//! end; the broker's are not counted on either side.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use miroir_connectors::kafka::admin::{create_topic, delete_topics, topics};
+use miroir_connectors::kafka::output::Publisher;
+use miroir_connectors::kafka::KafkaConfig;
+
+mod support;
+
+use support::{env_or, generate, replace_section, run_id, without_history};
+
+const PARTITIONS: i32 = 4;
+const DEPARTMENTS: usize = 20;
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+fn brokers() -> String {
+    std::env::var("MIROIR_BROKERS")
+        .expect("MIROIR_BROKERS: run `eval \"$(scripts/services up)\"` first")
+}
+
+fn main() {
+    match std::env::var("MIROIR_BENCH_PHASE").as_deref() {
+        Ok("miroir") => miroir_phase(),
+        _ => orchestrate(),
+    }
+}
+
+/// What a run ended with and what it cost.
+#[derive(Debug, Default)]
+struct Outcome {
+    seconds: f64,
+    cpu: f64,
+    /// JIT compilation and garbage collection seconds (the JVM's).
+    jit: f64,
+    gc: f64,
+    peak_rss_mib: f64,
+    /// The tables' contents, summed up: row counts, and each department's users and active users.
+    tables: Tables,
+}
+
+/// The tables a run ends with, summed up as both engines report them.
+#[derive(Debug, Default, PartialEq)]
+struct Tables {
+    rows: BTreeMap<String, usize>,
+    counts: BTreeMap<String, (i64, i64)>,
+}
+
+impl Tables {
+    /// The lines `ROWS table n` and `COUNT department users active` of a run's output.
+    fn parse(output: &str) -> Tables {
+        let mut tables = Tables::default();
+        for line in output.lines() {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            match fields.as_slice() {
+                ["ROWS", table, n] => {
+                    tables.rows.insert(table.to_string(), n.parse().unwrap());
+                }
+                ["COUNT", department, users, active] => {
+                    tables.counts.insert(
+                        department.replace('_', " "),
+                        (users.parse().unwrap(), active.parse().unwrap()),
+                    );
+                }
+                _ => {}
+            }
+        }
+        tables
+    }
+
+    fn print(&self) {
+        for (table, n) in &self.rows {
+            println!("ROWS {table} {n}");
+        }
+        for (department, (users, active)) in &self.counts {
+            println!("COUNT {} {users} {active}", department.replace(' ', "_"));
+        }
+    }
+}
+
+/// Publishes the departments and `events` user events over `keys` keys to `run`'s topics.
+fn publish(config: &KafkaConfig, run: &str, events: u64, keys: u64) {
+    let (users, departments) = (format!("user-{run}"), format!("department-{run}"));
+    create_topic(config, &users, PARTITIONS).unwrap();
+    create_topic(config, &departments, PARTITIONS).unwrap();
+    let publisher = Publisher::new(config).unwrap();
+    for d in 0..DEPARTMENTS {
+        let payload = format!("{{\"id\":\"d-{d}\",\"name\":\"Department {d}\",\"version\":1}}");
+        let key = format!("d-{d}");
+        publisher
+            .send(&departments, key.as_bytes(), Some(payload.as_bytes()))
+            .unwrap();
+    }
+    for (k, _, _, payload) in generate(events, keys) {
+        let key = format!("u-{k}");
+        publisher
+            .send(&users, key.as_bytes(), Some(payload.as_bytes()))
+            .unwrap();
+    }
+    publisher.flush().unwrap();
+}
+
+/// The tables `events` user events over `keys` keys end with.
+fn expected(events: u64, keys: u64) -> Tables {
+    let mut seen = vec![false; keys as usize];
+    for (k, _, _, _) in generate(events, keys) {
+        seen[k] = true;
+    }
+    // The generator gives user k the department d-(k % 20), active unless k is a multiple of 10.
+    let mut expected = Tables::default();
+    let users_seen: Vec<usize> = (0..keys as usize).filter(|&k| seen[k]).collect();
+    let active = |k: &&usize| !(*k).is_multiple_of(10);
+    expected.rows.insert(
+        "user_contacts".into(),
+        users_seen.iter().filter(active).count(),
+    );
+    expected
+        .rows
+        .insert("user_directory".into(), users_seen.len());
+    for k in &users_seen {
+        let count = expected
+            .counts
+            .entry(format!("Department {}", k % DEPARTMENTS))
+            .or_default();
+        count.0 += 1;
+        count.1 += i64::from(active(&k));
+    }
+    expected
+}
+
+/// The peer's jar, built with Maven when it is not there yet.
+fn peer_jar() -> PathBuf {
+    let project = Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/peers/kafka-streams");
+    let jar = project.join("target/peer.jar");
+    if !jar.exists() {
+        eprintln!("bench: building the Kafka Streams peer with Maven");
+        let status = Command::new("mvn")
+            .args(["-q", "-B", "package", "-DskipTests", "-f"])
+            .arg(project.join("pom.xml"))
+            .status()
+            .expect("mvn: install Maven and a JDK 17 to run the peer");
+        assert!(status.success(), "building the peer failed");
+    }
+    jar
+}
+
+fn orchestrate() {
+    let events = env_or("MIROIR_BENCH_EVENTS", 1_000_000);
+    let keys = env_or("MIROIR_BENCH_KEYS", 100_000);
+    let turns = env_or("MIROIR_BENCH_RUNS", 3) as usize;
+    let run = run_id();
+    let jar = peer_jar();
+    let config = KafkaConfig::new(brokers());
+    eprintln!("bench: publishing {events} events over {keys} keys, and a tenth to warm up");
+    let warm = format!("{run}-warm");
+    publish(&config, &warm, events / 10, keys / 10);
+    publish(&config, &run, events, keys);
+    let expected = expected(events, keys);
+    let (mut ours, mut theirs) = (Vec::new(), Vec::new());
+    for turn in 0..turns {
+        let m = miroir_child(&run, turn, (events, keys));
+        let k = peer_child(&jar, &run, turn);
+        eprintln!(
+            "bench: turn {turn}: miroir {:.2} s, {:.2} CPU-s; Kafka Streams {:.2} s, {:.2} CPU-s",
+            m.seconds, m.cpu, k.seconds, k.cpu
+        );
+        assert_eq!(
+            m.tables, expected,
+            "miroir's tables are not the expected ones"
+        );
+        assert_eq!(
+            k.tables, expected,
+            "the peer's tables are not the expected ones"
+        );
+        ours.push(m);
+        theirs.push(k);
+    }
+    let section = report(events, keys, &ours, &theirs);
+    println!("{section}");
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/docs/benchmarks.md");
+    let current = std::fs::read_to_string(path).unwrap_or_else(|_| "# Benchmarks\n\n".into());
+    std::fs::write(path, replace_section(&current, "kafka-streams", &section)).unwrap();
+    eprintln!("bench: wrote {path}");
+    let consumer: rdkafka::consumer::BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .create()
+        .unwrap();
+    let listed = topics(rdkafka::consumer::Consumer::client(&consumer)).unwrap();
+    let mine: Vec<&str> = listed
+        .iter()
+        .map(|(t, _)| t.as_str())
+        .filter(|t| t.contains(run.as_str()))
+        .collect();
+    if let Err(e) = delete_topics(&config, &mine) {
+        eprintln!("bench: could not delete the run's topics: {e}");
+    }
+}
+
+/// The median of `values`, and their smallest and largest.
+fn median_spread(mut values: Vec<f64>) -> (f64, f64, f64) {
+    values.sort_by(f64::total_cmp);
+    let n = values.len();
+    let median = if n % 2 == 1 {
+        values[n / 2]
+    } else {
+        (values[n / 2 - 1] + values[n / 2]) / 2.0
+    };
+    (median, values[0], values[n - 1])
+}
+
+fn report(events: u64, keys: u64, ours: &[Outcome], theirs: &[Outcome]) -> String {
+    let figure =
+        |runs: &[Outcome], f: &dyn Fn(&Outcome) -> f64| median_spread(runs.iter().map(f).collect());
+    let row = |name: &str, runs: &[Outcome], jvm: bool| {
+        let (s, s0, s1) = figure(runs, &|o| o.seconds);
+        let (c, c0, c1) = figure(runs, &|o| o.cpu);
+        let (r, r0, r1) = figure(runs, &|o| events as f64 / o.cpu);
+        let (m, m0, m1) = figure(runs, &|o| o.peak_rss_mib);
+        let jvm = if jvm {
+            let (j, _, _) = figure(runs, &|o| o.jit);
+            let (g, _, _) = figure(runs, &|o| o.gc);
+            let (w, _, _) = figure(runs, &|o| events as f64 / (o.cpu - o.jit));
+            format!("{j:.1} / {g:.1} | {w:.0}")
+        } else {
+            "- | -".into()
+        };
+        format!(
+            "| {name} | {s:.2} ({s0:.2}-{s1:.2}) | {c:.2} ({c0:.2}-{c1:.2}) | {r:.0} ({r0:.0}-{r1:.0}) | {jvm} | {m:.0} ({m0:.0}-{m1:.0}) |\n"
+        )
+    };
+    let per_cpu = |runs: &[Outcome]| figure(runs, &|o| events as f64 / o.cpu).0;
+    let rss = |runs: &[Outcome]| figure(runs, &|o| o.peak_rss_mib).0;
+    let java = Command::new("java")
+        .arg("-version")
+        .output()
+        .map(|o| {
+            String::from_utf8_lossy(&o.stderr)
+                .lines()
+                .next()
+                .unwrap_or("")
+                .to_string()
+        })
+        .unwrap_or_default();
+    format!(
+        "<!-- kafka-streams:begin -->\n\
+         ## Ingest next to Kafka Streams\n\n\
+         Command: `eval \"$(scripts/services up)\" && cargo bench --bench kafka_streams` \
+         ({events} events over {keys} keys, 1% late, 20 departments, {PARTITIONS} partitions; \
+         {} turns, each engine first warmed up on a tenth of the events; single local Kafka \
+         broker, 2 cores, 24 GiB; miroir release build with 2 workers and changelogs; Kafka \
+         Streams 4.1.2 on {java}, default JVM options, exactly-once v2, 2 stream threads, \
+         RocksDB stores, record cache as built).\n\n\
+         Both keep `user_contacts`, `user_directory` and `users_per_department` in RocksDB, \
+         with the late policy, and end with the same tables (checked). Medians, with the \
+         smallest and largest turn:\n\n\
+         | engine | time (s) | CPU (s) | events per CPU-second | JIT / GC (s) | events per CPU-second, JIT left out | peak RSS (MiB) |\n\
+         |---|---|---|---|---|---|---|\n\
+         {}{}\n\
+         miroir's events per CPU-second over Kafka Streams': **{:.1}x** (target: at least 10x). \
+         Peak memory, Kafka Streams' over miroir's: **{:.1}x** (target: above 1). CPU seconds \
+         count the whole process: for the JVM, its JIT compiler threads (their time, reported by \
+         the JVM, is left out in the second rate) and its garbage collector; time and memory \
+         include what each engine holds from its warm-up.\n\
+         <!-- kafka-streams:end -->\n",
+        ours.len(),
+        row("miroir", ours, false),
+        row("Kafka Streams (the peer)", theirs, true),
+        per_cpu(ours) / per_cpu(theirs),
+        rss(theirs) / rss(ours),
+    )
+}
+
+/// This process's CPU seconds so far (user and system).
+fn cpu_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap();
+    // The fields after the command name, which ends with the last ')': utime and stime are the
+    // 14th and 15th fields of the line.
+    let fields: Vec<&str> = stat[stat.rfind(')').unwrap() + 2..]
+        .split_whitespace()
+        .collect();
+    let ticks: f64 = fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap();
+    ticks / clock_ticks_per_second()
+}
+
+fn clock_ticks_per_second() -> f64 {
+    Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
+        .unwrap_or(100.0)
+}
+
+fn peak_rss_mib() -> f64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|kb| kb.parse::<f64>().ok())
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
+/// A run's outcome from its output: `RESULT seconds cpu jit gc rss` and the tables' lines.
+fn outcome(who: &str, output: std::process::Output) -> Outcome {
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let result = stdout
+        .lines()
+        .find(|l| l.starts_with("RESULT"))
+        .unwrap_or_else(|| {
+            panic!(
+                "{who} failed: {}\n{}",
+                output.status,
+                String::from_utf8_lossy(&output.stderr)
+            )
+        });
+    let f: Vec<f64> = result
+        .split_whitespace()
+        .skip(1)
+        .map(|x| x.parse().unwrap())
+        .collect();
+    Outcome {
+        seconds: f[0],
+        cpu: f[1],
+        jit: f[2],
+        gc: f[3],
+        peak_rss_mib: f[4],
+        tables: Tables::parse(&stdout),
+    }
+}
+
+fn miroir_child(run: &str, turn: usize, (events, keys): (u64, u64)) -> Outcome {
+    let output = Command::new(std::env::current_exe().unwrap())
+        .env("MIROIR_BENCH_PHASE", "miroir")
+        .env("MIROIR_BENCH_RUN", run)
+        .env("MIROIR_BENCH_TURN", turn.to_string())
+        .env("MIROIR_BENCH_EVENTS", events.to_string())
+        .env("MIROIR_BENCH_KEYS", keys.to_string())
+        .output()
+        .unwrap();
+    outcome("miroir", output)
+}
+
+fn peer_child(jar: &Path, run: &str, turn: usize) -> Outcome {
+    let output = Command::new("java")
+        .arg("-Dorg.slf4j.simpleLogger.defaultLogLevel=warn")
+        .arg("-jar")
+        .arg(jar)
+        .arg("tables")
+        .arg(format!("brokers={}", brokers()))
+        .arg(format!("app=bench-{run}-peer-{turn}"))
+        .arg(format!("users=user-{run}"))
+        .arg(format!("departments=department-{run}"))
+        .arg(format!("warm-users=user-{run}-warm"))
+        .arg(format!("warm-departments=department-{run}-warm"))
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .expect("java: install a JDK 17 to run the peer");
+    outcome("the peer", output)
+}
+
+/// The topology both engines run: every table internal, `users_per_department` without
+/// `max(u.version)`, over `run`'s topics, under a name of its own (its own consumer group and
+/// changelogs).
+fn topology(run: &str, name: &str) -> String {
+    let text = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/topologies/user-directory.toml"
+    ))
+    .unwrap();
+    let internal: Vec<&str> = without_history(&text)
+        .lines()
+        .map(|l| {
+            if l.starts_with("sink = ") {
+                "store = \"internal\""
+            } else {
+                l
+            }
+        })
+        .collect();
+    internal
+        .join("\n")
+        .replace(" max(u.version) AS max_version,", "")
+        .replace("name = \"user-directory\"", &format!("name = \"{name}\""))
+        .replace("topic = \"user\"", &format!("topic = \"user-{run}\""))
+        .replace(
+            "topic = \"department\"",
+            &format!("topic = \"department-{run}\""),
+        )
+}
+
+/// Runs `topology` until it holds the tables `done` accepts; the engine, still running.
+fn run_until(
+    topology: String,
+    state: &Path,
+    done: impl Fn(&miroir::Engine) -> bool,
+) -> miroir::Engine {
+    let engine = miroir::Engine::builder()
+        .topology_str(topology)
+        .brokers(brokers())
+        .state_dir(state)
+        .workers(2)
+        .start()
+        .unwrap();
+    let started = Instant::now();
+    while !done(&engine) {
+        assert!(engine.failure().is_none(), "{:?}", engine.failure());
+        assert!(started.elapsed() < Duration::from_secs(1800), "stalled");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    engine
+}
+
+/// The tables of a running engine, summed up.
+fn tables_of(engine: &miroir::Engine) -> Tables {
+    let mut tables = Tables::default();
+    for table in ["user_contacts", "user_directory"] {
+        let rows = engine.scan(table, "", 10_000_000).unwrap_or_default();
+        tables.rows.insert(table.into(), rows.len());
+    }
+    tables.counts = department_counts(engine);
+    tables
+}
+
+/// Each department's users and active users in a running engine's `users_per_department`.
+fn department_counts(engine: &miroir::Engine) -> BTreeMap<String, (i64, i64)> {
+    let rows = engine
+        .scan("users_per_department", "", 10_000)
+        .unwrap_or_default();
+    rows.iter()
+        .map(|row| {
+            let name = row["department"].as_str().unwrap_or_default().to_string();
+            let users = row["users"].as_i64().unwrap_or_default();
+            let active = row["active_users"].as_i64().unwrap_or_default();
+            (name, (users, active))
+        })
+        .collect()
+}
+
+/// Whether `engine` has applied and committed every event of `topic` (`events` of them).
+fn committed_all(engine: &miroir::Engine, topic: &str, events: i64) -> bool {
+    let status = engine.status();
+    let applied: i64 = status
+        .committed
+        .iter()
+        .filter(|((t, _), _)| t == topic)
+        .map(|(_, o)| o + 1)
+        .sum();
+    applied >= events && status.lag == Some(0)
+}
+
+/// One turn of miroir: warms up on the warm-up topics, then runs over the measured ones until
+/// it holds the expected tables, and prints what that cost.
+fn miroir_phase() {
+    let run = std::env::var("MIROIR_BENCH_RUN").unwrap();
+    let turn = std::env::var("MIROIR_BENCH_TURN").unwrap();
+    let events = env_or("MIROIR_BENCH_EVENTS", 0) as i64;
+    let warm = format!("{run}-warm");
+    let state = tempfile::tempdir().unwrap();
+    let warm_topic = format!("user-{warm}");
+    run_until(
+        topology(&warm, &format!("bench-{run}-warm-{turn}")),
+        &state.path().join("warm"),
+        |e| committed_all(e, &warm_topic, events / 10),
+    )
+    .shutdown();
+    let expected = expected(events as u64, env_or("MIROIR_BENCH_KEYS", 0));
+    let topic = format!("user-{run}");
+    let (cpu, started) = (cpu_seconds(), Instant::now());
+    // Done once every event is committed and the tables are the expected ones; the department
+    // counts, which come after both repartition hops, are checked first (20 rows).
+    let engine = run_until(
+        topology(&run, &format!("bench-{run}-miroir-{turn}")),
+        &state.path().join("run"),
+        |e| {
+            committed_all(e, &topic, events)
+                && department_counts(e) == expected.counts
+                && tables_of(e) == expected
+        },
+    );
+    let seconds = started.elapsed().as_secs_f64();
+    let cpu = cpu_seconds() - cpu;
+    println!("RESULT {seconds} {cpu} 0 0 {}", peak_rss_mib());
+    tables_of(&engine).print();
+    engine.shutdown();
+}
