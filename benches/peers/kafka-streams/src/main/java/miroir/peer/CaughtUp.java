@@ -61,17 +61,19 @@ final class CaughtUp {
         Map<TopicPartition, OffsetAndMetadata> committed =
                 admin.listConsumerGroupOffsets(applicationId).partitionsToOffsetAndMetadata().get();
         var offsets = admin.listOffsets(ends, new ListOffsetsOptions(IsolationLevel.READ_COMMITTED)).all().get();
-        StringBuilder behind = new StringBuilder();
+        int behind = 0;
+        long left = 0;
         for (var e : offsets.entrySet()) {
             OffsetAndMetadata c = committed.get(e.getKey());
             long at = c == null ? 0 : c.offset();
             if (at < e.getValue().offset()) {
-                behind.append(String.format(" %s at %d of %d", e.getKey(), at, e.getValue().offset()));
+                behind++;
+                left += e.getValue().offset() - at;
             }
         }
-        if (behind.length() > 0 && ++checks % 100 == 0) {
-            System.err.println("peer: behind:" + behind);
+        if (behind > 0 && ++checks % 100 == 0) {
+            System.err.printf("peer: %s: %d partitions behind, %d records to go%n", applicationId, behind, left);
         }
-        return behind.length() == 0;
+        return behind == 0;
     }
 }
