@@ -1,24 +1,29 @@
-//! Ingest into the `user-directory` tables: miroir next to Kafka Streams, on the same broker,
-//! the same events, in the same run.
+//! Ingest into the `user-directory` tables, and updates once loaded: miroir next to Kafka
+//! Streams, on the same broker, the same events, in the same run.
 //!
 //! ```sh
 //! eval "$(scripts/services up)"
 //! cargo bench --bench kafka_streams                 # 1,000,000 events over 100,000 keys, 3 turns
 //! MIROIR_BENCH_EVENTS=200000 MIROIR_BENCH_RUNS=5 cargo bench --bench kafka_streams
+//! MIROIR_BENCH_SCALE=10000,100000,1000000 cargo bench --bench kafka_streams   # cost against keys
+//! MIROIR_BENCH_UPDATES=20000 cargo bench --bench kafka_streams   # updates after the load (10,000)
 //! ```
 //!
 //! 1. builds the peer (`benches/peers/kafka-streams`, Maven) unless its jar is there;
-//! 2. publishes 20 departments and N `User` events over K keys (the ingest benchmark's events:
-//!    1% late), and a tenth of that to warm-up topics;
-//! 3. for each turn, runs in a child process miroir (2 workers, changelogs on) and then the
-//!    peer's JVM (exactly-once v2, RocksDB stores, 2 stream threads, its record cache as
-//!    built), each first over the warm-up topics, then over the measured ones until done; both
-//!    keep the three tables in RocksDB (the topology's external tables become internal ones,
-//!    and `users_per_department` leaves out `max(u.version)`, which a KTable aggregation cannot
-//!    keep under retractions without keeping every value);
+//! 2. publishes 100,000 events over 10,000 keys to warm-up topics;
+//! 3. for each turn, publishes 20 departments and N `User` events over K keys (the ingest
+//!    benchmark's events: 1% late) to topics of the turn's own, and runs in a child process
+//!    miroir (2 workers, changelogs on), then the peer's JVM (exactly-once v2, RocksDB stores,
+//!    2 stream threads, its record cache as built): each first over the warm-up topics, then
+//!    over the turn's until done, then over the updates (a newer email for existing users)
+//!    published once it said it was loaded. Both keep the three tables in RocksDB (the
+//!    topology's external tables become internal ones, and `users_per_department` leaves out
+//!    `max(u.version)`, which a KTable aggregation cannot keep under retractions without
+//!    keeping every value);
 //! 4. checks that both ended with the same tables (row counts, and each department's counts);
 //! 5. rewrites the `kafka-streams` section of `docs/benchmarks.md` with the medians, the spread
-//!    and the ratios.
+//!    and the ratios; with `MIROIR_BENCH_SCALE`, runs each number of keys (twice as many
+//!    events) instead and rewrites the `kafka-streams-scale` section.
 //!
 //! CPU seconds are each process's own (user and system), from the measured run's start to its
 //! end; the broker's are not counted on either side.
@@ -38,6 +43,8 @@ use support::{env_or, generate, replace_section, run_id, without_history};
 
 const PARTITIONS: i32 = 4;
 const DEPARTMENTS: usize = 20;
+/// Events of the warm-up topics (over a tenth as many keys).
+const WARM_EVENTS: u64 = 100_000;
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -65,6 +72,8 @@ struct Outcome {
     peak_rss_mib: f64,
     /// The tables' contents, summed up: row counts, and each department's users and active users.
     tables: Tables,
+    /// Seconds and CPU seconds the updates sent after the load took, when some were.
+    updates: Option<(f64, f64)>,
 }
 
 /// The tables a run ends with, summed up as both engines report them.
@@ -128,15 +137,20 @@ fn publish(config: &KafkaConfig, run: &str, events: u64, keys: u64) {
     publisher.flush().unwrap();
 }
 
-/// The tables `events` user events over `keys` keys end with.
-fn expected(events: u64, keys: u64) -> Tables {
+/// The users `events` user events over `keys` keys name, in order.
+fn seen_keys(events: u64, keys: u64) -> Vec<usize> {
     let mut seen = vec![false; keys as usize];
     for (k, _, _, _) in generate(events, keys) {
         seen[k] = true;
     }
+    (0..keys as usize).filter(|&k| seen[k]).collect()
+}
+
+/// The tables `events` user events over `keys` keys end with.
+fn expected(events: u64, keys: u64) -> Tables {
     // The generator gives user k the department d-(k % 20), active unless k is a multiple of 10.
     let mut expected = Tables::default();
-    let users_seen: Vec<usize> = (0..keys as usize).filter(|&k| seen[k]).collect();
+    let users_seen = seen_keys(events, keys);
     let active = |k: &&usize| !(*k).is_multiple_of(10);
     expected.rows.insert(
         "user_contacts".into(),
@@ -173,41 +187,62 @@ fn peer_jar() -> PathBuf {
 }
 
 fn orchestrate() {
-    let events = env_or("MIROIR_BENCH_EVENTS", 1_000_000);
-    let keys = env_or("MIROIR_BENCH_KEYS", 100_000);
     let turns = env_or("MIROIR_BENCH_RUNS", 3) as usize;
+    let count = env_or("MIROIR_BENCH_UPDATES", 10_000) as usize;
     let run = run_id();
     let jar = peer_jar();
     let config = KafkaConfig::new(brokers());
-    eprintln!("bench: publishing {events} events over {keys} keys, and a tenth to warm up");
     let warm = format!("{run}-warm");
-    publish(&config, &warm, events / 10, keys / 10);
-    publish(&config, &run, events, keys);
-    let expected = expected(events, keys);
-    let (mut ours, mut theirs) = (Vec::new(), Vec::new());
-    for turn in 0..turns {
-        let m = miroir_child(&run, turn, (events, keys));
-        let k = peer_child(&jar, &run, turn);
-        eprintln!(
-            "bench: turn {turn}: miroir {:.2} s, {:.2} CPU-s; Kafka Streams {:.2} s, {:.2} CPU-s",
-            m.seconds, m.cpu, k.seconds, k.cpu
-        );
-        assert_eq!(
-            m.tables, expected,
-            "miroir's tables are not the expected ones"
-        );
-        assert_eq!(
-            k.tables, expected,
-            "the peer's tables are not the expected ones"
-        );
-        ours.push(m);
-        theirs.push(k);
-    }
-    let section = report(events, keys, &ours, &theirs);
+    publish(&config, &warm, WARM_EVENTS, WARM_EVENTS / 10);
+    let compare = |name: &str, events: u64, keys: u64| {
+        let (mut ours, mut theirs) = (Vec::new(), Vec::new());
+        for turn in 0..turns {
+            // Topics of the turn's own: the updates of one turn are not in the next one's load.
+            let topics = format!("{name}-t{turn}");
+            eprintln!("bench: publishing {events} events over {keys} keys");
+            publish(&config, &topics, events, keys);
+            let updates = updates(&seen_keys(events, keys), count);
+            let m = miroir_child(&topics, &warm, (events, keys), &updates);
+            let k = peer_child(&jar, &topics, &warm, &updates);
+            eprintln!(
+                "bench: {keys} keys, turn {turn}: miroir {:.2} s, {:.2} CPU-s, updates {:?}; \
+                 Kafka Streams {:.2} s, {:.2} CPU-s, updates {:?}",
+                m.seconds, m.cpu, m.updates, k.seconds, k.cpu, k.updates
+            );
+            let expected = expected(events, keys);
+            assert_eq!(
+                m.tables, expected,
+                "miroir's tables are not the expected ones"
+            );
+            assert_eq!(
+                k.tables, expected,
+                "the peer's tables are not the expected ones"
+            );
+            ours.push(m);
+            theirs.push(k);
+        }
+        (ours, theirs)
+    };
+    let (name, section) = match std::env::var("MIROIR_BENCH_SCALE") {
+        Ok(sizes) => {
+            let mut rows = Vec::new();
+            for keys in sizes.split(',').map(|k| k.trim().parse::<u64>().unwrap()) {
+                let (ours, theirs) = compare(&format!("{run}-k{keys}"), 2 * keys, keys);
+                rows.push((keys, ours, theirs));
+            }
+            ("kafka-streams-scale", scale_report(turns, count, &rows))
+        }
+        Err(_) => {
+            let events = env_or("MIROIR_BENCH_EVENTS", 1_000_000);
+            let keys = env_or("MIROIR_BENCH_KEYS", 100_000);
+            let (ours, theirs) = compare(&run, events, keys);
+            ("kafka-streams", report(events, keys, count, &ours, &theirs))
+        }
+    };
     println!("{section}");
     let path = concat!(env!("CARGO_MANIFEST_DIR"), "/docs/benchmarks.md");
     let current = std::fs::read_to_string(path).unwrap_or_else(|_| "# Benchmarks\n\n".into());
-    std::fs::write(path, replace_section(&current, "kafka-streams", &section)).unwrap();
+    std::fs::write(path, replace_section(&current, name, &section)).unwrap();
     eprintln!("bench: wrote {path}");
     let consumer: rdkafka::consumer::BaseConsumer = rdkafka::ClientConfig::new()
         .set("bootstrap.servers", brokers())
@@ -224,6 +259,49 @@ fn orchestrate() {
     }
 }
 
+/// The scaling section: for each number of keys (twice as many events), each engine's events
+/// per CPU-second, peak memory and CPU per update after the load (medians of the turns).
+fn scale_report(turns: usize, count: usize, rows: &[(u64, Vec<Outcome>, Vec<Outcome>)]) -> String {
+    let median_of = |runs: &[Outcome], f: &dyn Fn(&Outcome) -> f64| {
+        median_spread(runs.iter().map(f).collect()).0
+    };
+    let per_update = |o: &Outcome| per_update(o, count);
+    let mut table = String::new();
+    for (keys, ours, theirs) in rows {
+        let events = (2 * keys) as f64;
+        let (r, k) = (
+            median_of(ours, &|o| events / o.cpu),
+            median_of(theirs, &|o| events / o.cpu),
+        );
+        let (ur, uk) = (median_of(ours, &per_update), median_of(theirs, &per_update));
+        table.push_str(&format!(
+            "| {keys} | {r:.0} | {k:.0} | **{:.1}x** | {:.0} | {:.0} | {ur:.0} | {uk:.0} | **{:.1}x** |\n",
+            r / k,
+            median_of(ours, &|o| o.peak_rss_mib),
+            median_of(theirs, &|o| o.peak_rss_mib),
+            uk / ur,
+        ));
+    }
+    format!(
+        "<!-- kafka-streams-scale:begin -->\n\
+         ## How cost grows with the keys, next to Kafka Streams\n\n\
+         Command: `eval \"$(scripts/services up)\" && MIROIR_BENCH_SCALE={} \
+         MIROIR_BENCH_RUNS={turns} cargo bench --bench kafka_streams` (for each number of keys, \
+         twice as many events; then {count} updates of an email, timed apart; medians of {turns} \
+         turn(s); the same engines, settings and machine as the section above).\n\n\
+         | keys | miroir events per CPU-second | Kafka Streams events per CPU-second | ratio | \
+         miroir peak RSS (MiB) | Kafka Streams peak RSS (MiB) | miroir CPU µs per update | \
+         Kafka Streams CPU µs per update | ratio |\n\
+         |---|---|---|---|---|---|---|---|---|\n\
+         {table}\
+         <!-- kafka-streams-scale:end -->\n",
+        rows.iter()
+            .map(|(k, ..)| k.to_string())
+            .collect::<Vec<_>>()
+            .join(","),
+    )
+}
+
 /// The median of `values`, and their smallest and largest.
 fn median_spread(mut values: Vec<f64>) -> (f64, f64, f64) {
     values.sort_by(f64::total_cmp);
@@ -236,7 +314,7 @@ fn median_spread(mut values: Vec<f64>) -> (f64, f64, f64) {
     (median, values[0], values[n - 1])
 }
 
-fn report(events: u64, keys: u64, ours: &[Outcome], theirs: &[Outcome]) -> String {
+fn report(events: u64, keys: u64, count: usize, ours: &[Outcome], theirs: &[Outcome]) -> String {
     let figure =
         |runs: &[Outcome], f: &dyn Fn(&Outcome) -> f64| median_spread(runs.iter().map(f).collect());
     let row = |name: &str, runs: &[Outcome], jvm: bool| {
@@ -244,6 +322,7 @@ fn report(events: u64, keys: u64, ours: &[Outcome], theirs: &[Outcome]) -> Strin
         let (c, c0, c1) = figure(runs, &|o| o.cpu);
         let (r, r0, r1) = figure(runs, &|o| events as f64 / o.cpu);
         let (m, m0, m1) = figure(runs, &|o| o.peak_rss_mib);
+        let (u, u0, u1) = figure(runs, &|o| per_update(o, count));
         let jvm = if jvm {
             let (j, _, _) = figure(runs, &|o| o.jit);
             let (g, _, _) = figure(runs, &|o| o.gc);
@@ -253,11 +332,12 @@ fn report(events: u64, keys: u64, ours: &[Outcome], theirs: &[Outcome]) -> Strin
             "- | -".into()
         };
         format!(
-            "| {name} | {s:.2} ({s0:.2}-{s1:.2}) | {c:.2} ({c0:.2}-{c1:.2}) | {r:.0} ({r0:.0}-{r1:.0}) | {jvm} | {m:.0} ({m0:.0}-{m1:.0}) |\n"
+            "| {name} | {s:.2} ({s0:.2}-{s1:.2}) | {c:.2} ({c0:.2}-{c1:.2}) | {r:.0} ({r0:.0}-{r1:.0}) | {jvm} | {m:.0} ({m0:.0}-{m1:.0}) | {u:.0} ({u0:.0}-{u1:.0}) |\n"
         )
     };
     let per_cpu = |runs: &[Outcome]| figure(runs, &|o| events as f64 / o.cpu).0;
     let rss = |runs: &[Outcome]| figure(runs, &|o| o.peak_rss_mib).0;
+    let update = |runs: &[Outcome]| figure(runs, &|o| per_update(o, count)).0;
     let java = Command::new("java")
         .arg("-version")
         .output()
@@ -274,18 +354,20 @@ fn report(events: u64, keys: u64, ours: &[Outcome], theirs: &[Outcome]) -> Strin
          ## Ingest next to Kafka Streams\n\n\
          Command: `eval \"$(scripts/services up)\" && cargo bench --bench kafka_streams` \
          ({events} events over {keys} keys, 1% late, 20 departments, {PARTITIONS} partitions; \
-         {} turns, each engine first warmed up on a tenth of the events; single local Kafka \
+         {} turns, each engine first warmed up on {WARM_EVENTS} events over a tenth as many keys, \
+         then sent {count} updates of an email once loaded; single local Kafka \
          broker, 2 cores, 24 GiB; miroir release build with 2 workers and changelogs; Kafka \
          Streams 4.1.2 on {java}, default JVM options, exactly-once v2, 2 stream threads, \
          RocksDB stores, record cache as built).\n\n\
          Both keep `user_contacts`, `user_directory` and `users_per_department` in RocksDB, \
          with the late policy, and end with the same tables (checked). Medians, with the \
          smallest and largest turn:\n\n\
-         | engine | time (s) | CPU (s) | events per CPU-second | JIT / GC (s) | events per CPU-second, JIT left out | peak RSS (MiB) |\n\
-         |---|---|---|---|---|---|---|\n\
+         | engine | time (s) | CPU (s) | events per CPU-second | JIT / GC (s) | events per CPU-second, JIT left out | peak RSS (MiB) | CPU µs per update, loaded |\n\
+         |---|---|---|---|---|---|---|---|\n\
          {}{}\n\
          miroir's events per CPU-second over Kafka Streams': **{:.1}x** (target: at least 10x). \
-         Peak memory, Kafka Streams' over miroir's: **{:.1}x** (target: above 1). CPU seconds \
+         Peak memory, Kafka Streams' over miroir's: **{:.1}x** (target: above 1). CPU per \
+         update, Kafka Streams' over miroir's: **{:.1}x**. CPU seconds \
          count the whole process: for the JVM, its JIT compiler threads (their time, reported by \
          the JVM, is left out in the second rate) and its garbage collector; time and memory \
          include what each engine holds from its warm-up.\n\
@@ -295,7 +377,14 @@ fn report(events: u64, keys: u64, ours: &[Outcome], theirs: &[Outcome]) -> Strin
         row("Kafka Streams (the peer)", theirs, true),
         per_cpu(ours) / per_cpu(theirs),
         rss(theirs) / rss(ours),
+        update(theirs) / update(ours),
     )
+}
+
+/// CPU microseconds per update of a turn that was sent `count` updates after its load.
+fn per_update(o: &Outcome, count: usize) -> f64 {
+    o.updates
+        .map_or(f64::NAN, |(_, cpu)| cpu * 1e6 / count as f64)
 }
 
 /// This process's CPU seconds so far (user and system).
@@ -329,18 +418,19 @@ fn peak_rss_mib() -> f64 {
         .map_or(0.0, |kb| kb / 1024.0)
 }
 
-/// A run's outcome from its output: `RESULT seconds cpu jit gc rss` and the tables' lines.
-fn outcome(who: &str, output: std::process::Output) -> Outcome {
-    let stdout = String::from_utf8_lossy(&output.stdout);
+/// A run's outcome from its output: `RESULT seconds cpu jit gc rss`, the tables' lines, and
+/// `UPDATED seconds cpu` when updates followed the load.
+fn outcome(who: &str, status: std::process::ExitStatus, stdout: &str) -> Outcome {
     let result = stdout
         .lines()
         .find(|l| l.starts_with("RESULT"))
-        .unwrap_or_else(|| {
-            panic!(
-                "{who} failed: {}\n{}",
-                output.status,
-                String::from_utf8_lossy(&output.stderr)
-            )
+        .unwrap_or_else(|| panic!("{who} failed: {status}"));
+    let updates = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("UPDATED "))
+        .map(|l| {
+            let f: Vec<f64> = l.split_whitespace().map(|x| x.parse().unwrap()).collect();
+            (f[0], f[1])
         });
     let f: Vec<f64> = result
         .split_whitespace()
@@ -353,38 +443,99 @@ fn outcome(who: &str, output: std::process::Output) -> Outcome {
         jit: f[2],
         gc: f[3],
         peak_rss_mib: f[4],
-        tables: Tables::parse(&stdout),
+        tables: Tables::parse(stdout),
+        updates,
     }
 }
 
-fn miroir_child(run: &str, turn: usize, (events, keys): (u64, u64)) -> Outcome {
-    let output = Command::new(std::env::current_exe().unwrap())
-        .env("MIROIR_BENCH_PHASE", "miroir")
-        .env("MIROIR_BENCH_RUN", run)
-        .env("MIROIR_BENCH_TURN", turn.to_string())
-        .env("MIROIR_BENCH_EVENTS", events.to_string())
-        .env("MIROIR_BENCH_KEYS", keys.to_string())
-        .output()
-        .unwrap();
-    outcome("miroir", output)
+/// Runs a turn's child process to its end; when it says `LOADED`, publishes `updates` (key,
+/// payload) to `topic` and tells it to go on.
+fn run_child(
+    who: &str,
+    mut command: Command,
+    updates: &[(String, String)],
+    topic: &str,
+) -> Outcome {
+    use std::io::{BufRead, BufReader, Write};
+    let mut child = command
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::inherit())
+        .spawn()
+        .unwrap_or_else(|e| panic!("{who}: {e}"));
+    let mut stdin = child.stdin.take().unwrap();
+    let mut stdout = String::new();
+    for line in BufReader::new(child.stdout.take().unwrap()).lines() {
+        let line = line.unwrap();
+        if line == "LOADED" {
+            let publisher = Publisher::new(&KafkaConfig::new(brokers())).unwrap();
+            for (key, payload) in updates {
+                publisher
+                    .send(topic, key.as_bytes(), Some(payload.as_bytes()))
+                    .unwrap();
+            }
+            publisher.flush().unwrap();
+            writeln!(stdin, "GO").unwrap();
+        }
+        stdout.push_str(&line);
+        stdout.push('\n');
+    }
+    let status = child.wait().unwrap();
+    outcome(who, status, &stdout)
 }
 
-fn peer_child(jar: &Path, run: &str, turn: usize) -> Outcome {
-    let output = Command::new("java")
+/// `count` updates of the users in `users`, in turns: a newer email for each, nothing else
+/// changed (so the tables' counts stay), as (key, payload).
+fn updates(users: &[usize], count: usize) -> Vec<(String, String)> {
+    (0..count)
+        .map(|i| {
+            let k = users[i % users.len()];
+            let payload = format!(
+                "{{\"id\":\"u-{k}\",\"email\":\"update{i}@example.org\",\"name\":\"User {k}\",\"department_id\":\"d-{}\",\"active\":{},\"version\":{},\"event_type\":\"email-changed\",\"updated_at\":\"2026-11-26T10:00:00Z\"}}",
+                k % DEPARTMENTS,
+                !k.is_multiple_of(10),
+                UPDATE_VERSIONS + i as i64
+            );
+            (format!("u-{k}"), payload)
+        })
+        .collect()
+}
+
+/// Versions of the updates start here, above any the generator gives.
+const UPDATE_VERSIONS: i64 = 1_000_000_000;
+
+/// One turn of miroir over `run`'s topics (`events` over `keys` keys), warmed up on `warm`'s,
+/// sent `updates` after the load.
+fn miroir_child(run: &str, warm: &str, sizes: (u64, u64), updates: &[(String, String)]) -> Outcome {
+    let (events, keys) = sizes;
+    let mut command = Command::new(std::env::current_exe().unwrap());
+    command
+        .env("MIROIR_BENCH_PHASE", "miroir")
+        .env("MIROIR_BENCH_RUN", run)
+        .env("MIROIR_BENCH_WARM", warm)
+        .env("MIROIR_BENCH_EVENTS", events.to_string())
+        .env("MIROIR_BENCH_KEYS", keys.to_string())
+        .env("MIROIR_BENCH_UPDATES", updates.len().to_string());
+    run_child("miroir", command, updates, &format!("user-{run}"))
+}
+
+/// One turn of the peer over `run`'s topics, warmed up on `warm`'s, sent `updates` after the
+/// load.
+fn peer_child(jar: &Path, run: &str, warm: &str, updates: &[(String, String)]) -> Outcome {
+    let mut command = Command::new("java");
+    command
         .arg("-Dorg.slf4j.simpleLogger.defaultLogLevel=warn")
         .arg("-jar")
         .arg(jar)
         .arg("tables")
         .arg(format!("brokers={}", brokers()))
-        .arg(format!("app=bench-{run}-peer-{turn}"))
+        .arg(format!("app=bench-{run}-peer"))
         .arg(format!("users=user-{run}"))
         .arg(format!("departments=department-{run}"))
-        .arg(format!("warm-users=user-{run}-warm"))
-        .arg(format!("warm-departments=department-{run}-warm"))
-        .stderr(std::process::Stdio::inherit())
-        .output()
-        .expect("java: install a JDK 17 to run the peer");
-    outcome("the peer", output)
+        .arg(format!("warm-users=user-{warm}"))
+        .arg(format!("warm-departments=department-{warm}"))
+        .arg(format!("updates={}", updates.len()));
+    run_child("the peer", command, updates, &format!("user-{run}"))
 }
 
 /// The topology both engines run: every table internal, `users_per_department` without
@@ -481,15 +632,14 @@ fn committed_all(engine: &miroir::Engine, topic: &str, events: i64) -> bool {
 /// it holds the expected tables, and prints what that cost.
 fn miroir_phase() {
     let run = std::env::var("MIROIR_BENCH_RUN").unwrap();
-    let turn = std::env::var("MIROIR_BENCH_TURN").unwrap();
     let events = env_or("MIROIR_BENCH_EVENTS", 0) as i64;
-    let warm = format!("{run}-warm");
+    let warm = std::env::var("MIROIR_BENCH_WARM").unwrap();
     let state = tempfile::tempdir().unwrap();
     let warm_topic = format!("user-{warm}");
     run_until(
-        topology(&warm, &format!("bench-{run}-warm-{turn}")),
+        topology(&warm, &format!("bench-{run}-warm")),
         &state.path().join("warm"),
-        |e| committed_all(e, &warm_topic, events / 10),
+        |e| committed_all(e, &warm_topic, WARM_EVENTS as i64),
     )
     .shutdown();
     let expected = expected(events as u64, env_or("MIROIR_BENCH_KEYS", 0));
@@ -498,7 +648,7 @@ fn miroir_phase() {
     // Done once every event is committed and the tables are the expected ones; the department
     // counts, which come after both repartition hops, are checked first (20 rows).
     let engine = run_until(
-        topology(&run, &format!("bench-{run}-miroir-{turn}")),
+        topology(&run, &format!("bench-{run}-miroir")),
         &state.path().join("run"),
         |e| {
             committed_all(e, &topic, events)
@@ -510,5 +660,42 @@ fn miroir_phase() {
     let cpu = cpu_seconds() - cpu;
     println!("RESULT {seconds} {cpu} 0 0 {}", peak_rss_mib());
     tables_of(&engine).print();
+    let count = env_or("MIROIR_BENCH_UPDATES", 0) as usize;
+    if count > 0 {
+        measure_updates(&engine, &topic, events, count);
+    }
     engine.shutdown();
+}
+
+/// Says `LOADED`, waits for the go (the updates are published), and prints `UPDATED seconds
+/// cpu` once the `count` updates that follow the `events` are committed and the last of them
+/// readable in `user_directory`, after its repartition hops.
+fn measure_updates(engine: &miroir::Engine, topic: &str, events: i64, count: usize) {
+    use std::io::BufRead;
+    println!("LOADED");
+    let mut go = String::new();
+    std::io::stdin().lock().read_line(&mut go).unwrap();
+    let (cpu, started) = (cpu_seconds(), Instant::now());
+    let sent = updates(
+        &seen_keys(events as u64, env_or("MIROIR_BENCH_KEYS", 0)),
+        count,
+    );
+    let last: Vec<(String, String)> = (count.saturating_sub(64)..count)
+        .map(|i| (sent[i].0.clone(), format!("update{i}@example.org")))
+        .collect();
+    let visible = |e: &miroir::Engine| {
+        last.iter().all(|(key, email)| {
+            e.get("user_directory", key)
+                .ok()
+                .flatten()
+                .is_some_and(|r| r.row["email"] == email.as_str())
+        })
+    };
+    let deadline = Instant::now() + Duration::from_secs(1800);
+    while !(committed_all(engine, topic, events + count as i64) && visible(engine)) {
+        assert!(Instant::now() < deadline, "updates stalled");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    println!("UPDATED {seconds} {}", cpu_seconds() - cpu);
 }

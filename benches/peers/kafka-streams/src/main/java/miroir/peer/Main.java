@@ -25,7 +25,7 @@ import org.apache.kafka.streams.state.ReadOnlyKeyValueStore;
  *
  * <pre>
  * java -jar peer.jar tables brokers=HOST:PORT app=ID users=TOPIC departments=TOPIC \
- *     [warm-users=TOPIC warm-departments=TOPIC]
+ *     [warm-users=TOPIC warm-departments=TOPIC] [updates=N]
  * </pre>
  *
  * java -jar peer.jar commands brokers=HOST:PORT app=ID users=TOPIC commands=TOPIC secret=HS256-SECRET \
@@ -36,7 +36,9 @@ import org.apache.kafka.streams.state.ReadOnlyKeyValueStore;
  * application id), then over the measured topics until every partition it reads is committed
  * at its end, and prints `RESULT seconds cpu-seconds jit-seconds gc-seconds peak-rss-mib`, then
  * each table's row count (`ROWS table n`) and each department's counts (`COUNT name users
- * active`).
+ * active`). With `updates`, it then prints `LOADED`, waits for a line on its standard input
+ * (the benchmark has published the updates), runs until caught up again and prints `UPDATED
+ * seconds cpu-seconds`.
  *
  * `commands` runs the `UpdateUserEmail` processor with Kafka Streams' defaults but for
  * exactly-once v2 (and the commit interval and poll time, when given), prints `READY` once it runs, and stops when its standard input closes.
@@ -98,7 +100,10 @@ public final class Main {
         }
         Usage before = Usage.now();
         long started = System.nanoTime();
-        KafkaStreams streams = runUntilCaughtUp(brokers, o.get("app"), o.get("users"), o.get("departments"));
+        Topology topology = DirectoryTables.build(o.get("users"), o.get("departments"));
+        KafkaStreams streams = new KafkaStreams(topology, config(brokers, o.get("app")));
+        streams.start();
+        waitCaughtUp(streams, brokers, o.get("app"), topology);
         double seconds = (System.nanoTime() - started) / 1e9;
         Usage used = Usage.now().minus(before);
         System.out.printf("RESULT %.3f %.3f %.3f %.3f %.1f%n", seconds, used.cpu, used.jit, used.gc, peakRssMib());
@@ -111,6 +116,17 @@ public final class Main {
                 System.out.printf("COUNT %s %d %d%n", e.getKey().replace(' ', '_'), c.users(), c.activeUsers());
             }
         }
+        if (Integer.parseInt(o.getOrDefault("updates", "0")) > 0) {
+            // The benchmark publishes the updates once told, and says when they are there.
+            System.out.println("LOADED");
+            System.out.flush();
+            new java.io.BufferedReader(new java.io.InputStreamReader(System.in)).readLine();
+            Usage atLoad = Usage.now();
+            long sent = System.nanoTime();
+            waitCaughtUp(streams, brokers, o.get("app"), topology);
+            System.out.printf("UPDATED %.3f %.3f%n", (System.nanoTime() - sent) / 1e9,
+                    Usage.now().minus(atLoad).cpu);
+        }
         System.out.flush();
         streams.close();
         streams.cleanUp();
@@ -121,6 +137,13 @@ public final class Main {
         Topology topology = DirectoryTables.build(users, departments);
         KafkaStreams streams = new KafkaStreams(topology, config(brokers, app));
         streams.start();
+        waitCaughtUp(streams, brokers, app, topology);
+        return streams;
+    }
+
+    /** Waits until `streams` has processed everything its topics hold. */
+    private static void waitCaughtUp(KafkaStreams streams, String brokers, String app, Topology topology)
+            throws Exception {
         Properties adminConfig = new Properties();
         adminConfig.put(AdminClientConfig.BOOTSTRAP_SERVERS_CONFIG, brokers);
         try (Admin admin = Admin.create(adminConfig)) {
@@ -133,7 +156,6 @@ public final class Main {
                 Thread.sleep(100);
             }
         }
-        return streams;
     }
 
     /** Kafka Streams' defaults, but for exactly-once v2 and two stream threads (miroir runs two workers). */
