@@ -19,21 +19,16 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use miroir::miroir_engine::partition::partition_for_key;
-use miroir_connectors::kafka::admin::{create_topic, delete_topics};
+use miroir_connectors::kafka::admin::create_topic;
 use miroir_connectors::kafka::output::Publisher;
 use miroir_connectors::kafka::KafkaConfig;
 
 use cluster::owned;
-use support::{env_or, internal_tables_only, replace_section, run_id};
+use support::{brokers, delete_run_topics, env_or, internal_tables_only, replace_section, run_id};
 
 const PARTITIONS: u32 = 4;
 /// The source consumer's `session.timeout.ms` (see `connectors/src/kafka/input.rs`).
 const SESSION_TIMEOUT: Duration = Duration::from_secs(10);
-
-fn brokers() -> String {
-    std::env::var("MIROIR_BROKERS")
-        .expect("MIROIR_BROKERS: run `eval \"$(scripts/services up)\"` first")
-}
 
 /// A `miroir run` process, killed when dropped.
 struct Instance {
@@ -172,21 +167,7 @@ fn main() {
     let path = concat!(env!("CARGO_MANIFEST_DIR"), "/docs/benchmarks.md");
     let current = std::fs::read_to_string(path).unwrap();
     std::fs::write(path, replace_section(&current, "failover", &report)).unwrap();
-    let consumer: rdkafka::consumer::BaseConsumer = rdkafka::ClientConfig::new()
-        .set("bootstrap.servers", brokers())
-        .create()
-        .unwrap();
-    let listed =
-        miroir_connectors::kafka::admin::topics(rdkafka::consumer::Consumer::client(&consumer))
-            .unwrap_or_default();
-    let mine: Vec<&str> = listed
-        .iter()
-        .map(|(t, _)| t.as_str())
-        .filter(|t| t.contains(run.as_str()))
-        .collect();
-    if let Err(e) = delete_topics(&config, &mine) {
-        eprintln!("bench: could not delete the run's topics: {e}");
-    }
+    delete_run_topics(&run);
 }
 
 /// Runs two instances of the topology `text`, named `name`, with `more` arguments; kills one

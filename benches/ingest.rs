@@ -29,7 +29,7 @@
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use miroir_connectors::kafka::admin::{create_topic, delete_topics};
+use miroir_connectors::kafka::admin::create_topic;
 use miroir_connectors::kafka::output::Publisher;
 use miroir_connectors::kafka::{KafkaConfig, FETCH_QUEUE_BACKOFF_MS};
 use rdkafka::consumer::{BaseConsumer, Consumer};
@@ -37,7 +37,10 @@ use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 
 mod support;
 
-use support::{env_or, generate, internal_tables_only, replace_section, run_id, without_history};
+use support::{
+    brokers, delete_run_topics, env_or, generate, internal_tables_only, peak_rss_mib,
+    replace_section, run_id, without_history,
+};
 
 const PARTITIONS: i32 = 4;
 
@@ -47,22 +50,6 @@ const ALONE_BATCH_EVENTS: u64 = 25_000;
 /// As in the `miroir` binary (src/main.rs): an embedding application should do the same.
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
-fn brokers() -> String {
-    std::env::var("MIROIR_BROKERS")
-        .expect("MIROIR_BROKERS: run `eval \"$(scripts/services up)\"` first")
-}
-
-fn peak_rss_mib() -> f64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    status
-        .lines()
-        .find(|l| l.starts_with("VmHWM:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|kb| kb.parse::<f64>().ok())
-        .map(|kb| kb / 1024.0)
-        .unwrap_or(0.0)
-}
 
 fn main() {
     match std::env::var("MIROIR_BENCH_PHASE").as_deref() {
@@ -300,29 +287,7 @@ fn orchestrate() {
     );
     std::fs::write(path, updated).unwrap();
     eprintln!("bench: wrote {path}");
-    // A run leaves about 200 MB in the broker otherwise.
-    let listed = topic_names(&config);
-    let mine: Vec<&str> = listed
-        .iter()
-        .map(String::as_str)
-        .filter(|t| t.contains(run.as_str()))
-        .collect();
-    if let Err(e) = delete_topics(&config, &mine) {
-        eprintln!("bench: could not delete the run's topics: {e}");
-    }
-}
-
-/// The names of the broker's topics.
-fn topic_names(config: &KafkaConfig) -> Vec<String> {
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", &config.brokers)
-        .create()
-        .unwrap();
-    miroir_connectors::kafka::admin::topics(consumer.client())
-        .unwrap()
-        .into_iter()
-        .map(|(t, _)| t)
-        .collect()
+    delete_run_topics(&run);
 }
 
 /// The restore section: `restore` is [secs, records], `raw` is [secs, records].

@@ -33,13 +33,16 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use miroir_connectors::kafka::admin::{create_topic, delete_topics, topics};
+use miroir_connectors::kafka::admin::create_topic;
 use miroir_connectors::kafka::output::Publisher;
 use miroir_connectors::kafka::KafkaConfig;
 
 mod support;
 
-use support::{env_or, generate, replace_section, run_id, without_history};
+use support::{
+    brokers, delete_run_topics, env_or, generate, peak_rss_mib, replace_section, run_id,
+    without_history,
+};
 
 const PARTITIONS: i32 = 4;
 const DEPARTMENTS: usize = 20;
@@ -48,11 +51,6 @@ const WARM_EVENTS: u64 = 100_000;
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
-fn brokers() -> String {
-    std::env::var("MIROIR_BROKERS")
-        .expect("MIROIR_BROKERS: run `eval \"$(scripts/services up)\"` first")
-}
 
 fn main() {
     match std::env::var("MIROIR_BENCH_PHASE").as_deref() {
@@ -244,19 +242,7 @@ fn orchestrate() {
     let current = std::fs::read_to_string(path).unwrap_or_else(|_| "# Benchmarks\n\n".into());
     std::fs::write(path, replace_section(&current, name, &section)).unwrap();
     eprintln!("bench: wrote {path}");
-    let consumer: rdkafka::consumer::BaseConsumer = rdkafka::ClientConfig::new()
-        .set("bootstrap.servers", brokers())
-        .create()
-        .unwrap();
-    let listed = topics(rdkafka::consumer::Consumer::client(&consumer)).unwrap();
-    let mine: Vec<&str> = listed
-        .iter()
-        .map(|(t, _)| t.as_str())
-        .filter(|t| t.contains(run.as_str()))
-        .collect();
-    if let Err(e) = delete_topics(&config, &mine) {
-        eprintln!("bench: could not delete the run's topics: {e}");
-    }
+    delete_run_topics(&run);
 }
 
 /// The scaling section: for each number of keys (twice as many events), each engine's events
@@ -406,16 +392,6 @@ fn clock_ticks_per_second() -> f64 {
         .ok()
         .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
         .unwrap_or(100.0)
-}
-
-fn peak_rss_mib() -> f64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    status
-        .lines()
-        .find(|l| l.starts_with("VmHWM:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|kb| kb.parse::<f64>().ok())
-        .map_or(0.0, |kb| kb / 1024.0)
 }
 
 /// A run's outcome from its output: `RESULT seconds cpu jit gc rss`, the tables' lines, and

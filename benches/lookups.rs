@@ -29,18 +29,13 @@ use miroir_connectors::kafka::output::Publisher;
 use miroir_connectors::kafka::KafkaConfig;
 
 use cluster::owned;
-use support::{env_or, internal_tables_only, replace_section, run_id};
+use support::{brokers, env_or, internal_tables_only, replace_section, run_id};
 
 const PARTITIONS: u32 = 4;
 const USERS: usize = 10_000;
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
-fn brokers() -> String {
-    std::env::var("MIROIR_BROKERS")
-        .expect("MIROIR_BROKERS: run `eval \"$(scripts/services up)\"` first")
-}
 
 /// The latencies of one phase, in milliseconds.
 struct Phase {

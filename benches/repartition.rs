@@ -21,22 +21,17 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use miroir::Engine;
-use miroir_connectors::kafka::admin::{create_topic, delete_topics, topics};
+use miroir_connectors::kafka::admin::create_topic;
 use miroir_connectors::kafka::output::Publisher;
 use miroir_connectors::kafka::KafkaConfig;
 
-use support::{env_or, replace_section, run_id};
+use support::{brokers, delete_run_topics, env_or, replace_section, run_id};
 
 const PARTITIONS: i32 = 4;
 const DEPARTMENTS: u64 = 100;
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
-fn brokers() -> String {
-    std::env::var("MIROIR_BROKERS")
-        .expect("MIROIR_BROKERS: run `eval \"$(scripts/services up)\"` first")
-}
 
 /// The topology of run `run`, named after `phase` (each phase its own consumer group).
 fn topology(run: &str, phase: &str) -> String {
@@ -186,18 +181,5 @@ fn main() {
     let current = std::fs::read_to_string(path).unwrap_or_else(|_| "# Benchmarks\n\n".into());
     std::fs::write(path, replace_section(&current, "repartition", &section)).unwrap();
     eprintln!("bench: wrote {path}");
-    // The sources, changelogs and repartition topics of the run.
-    let consumer: rdkafka::consumer::BaseConsumer = rdkafka::ClientConfig::new()
-        .set("bootstrap.servers", brokers())
-        .create()
-        .unwrap();
-    let listed = topics(rdkafka::consumer::Consumer::client(&consumer)).unwrap_or_default();
-    let mine: Vec<&str> = listed
-        .iter()
-        .map(|(t, _)| t.as_str())
-        .filter(|t| t.contains(run.as_str()))
-        .collect();
-    if let Err(e) = delete_topics(&KafkaConfig::new(brokers()), &mine) {
-        eprintln!("bench: could not delete the run's topics: {e}");
-    }
+    delete_run_topics(&run);
 }

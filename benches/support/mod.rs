@@ -1,6 +1,43 @@
 //! Helpers shared by the benchmark harnesses.
 #![allow(dead_code)] // each harness uses a different part
 
+/// The local broker's address, as `scripts/services up` exports it.
+pub fn brokers() -> String {
+    std::env::var("MIROIR_BROKERS")
+        .expect("MIROIR_BROKERS: run `eval \"$(scripts/services up)\"` first")
+}
+
+/// This process's peak resident memory (`VmHWM`), in MiB.
+pub fn peak_rss_mib() -> f64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|kb| kb.parse::<f64>().ok())
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
+/// Deletes the broker's topics whose names contain `run`: a run leaves hundreds of MB
+/// otherwise.
+pub fn delete_run_topics(run: &str) {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    let consumer: BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .create()
+        .unwrap();
+    let listed = miroir_connectors::kafka::admin::topics(consumer.client()).unwrap_or_default();
+    let mine: Vec<&str> = listed
+        .iter()
+        .map(|(t, _)| t.as_str())
+        .filter(|t| t.contains(run))
+        .collect();
+    let config = miroir_connectors::kafka::KafkaConfig::new(brokers());
+    if let Err(e) = miroir_connectors::kafka::admin::delete_topics(&config, &mine) {
+        eprintln!("bench: could not delete the run's topics: {e}");
+    }
+}
+
 /// The environment variable `name` as a number, or `default`.
 pub fn env_or(name: &str, default: u64) -> u64 {
     std::env::var(name)
