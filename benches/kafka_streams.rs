@@ -144,11 +144,10 @@ fn seen_keys(events: u64, keys: u64) -> Vec<usize> {
     (0..keys as usize).filter(|&k| seen[k]).collect()
 }
 
-/// The tables `events` user events over `keys` keys end with.
-fn expected(events: u64, keys: u64) -> Tables {
+/// The tables end with the users `users_seen` (see [`seen_keys`]).
+fn expected(users_seen: &[usize]) -> Tables {
     // The generator gives user k the department d-(k % 20), active unless k is a multiple of 10.
     let mut expected = Tables::default();
-    let users_seen = seen_keys(events, keys);
     let active = |k: &&usize| !(*k).is_multiple_of(10);
     expected.rows.insert(
         "user_contacts".into(),
@@ -157,7 +156,7 @@ fn expected(events: u64, keys: u64) -> Tables {
     expected
         .rows
         .insert("user_directory".into(), users_seen.len());
-    for k in &users_seen {
+    for k in users_seen {
         let count = expected
             .counts
             .entry(format!("Department {}", k % DEPARTMENTS))
@@ -199,7 +198,8 @@ fn orchestrate() {
             let topics = format!("{name}-t{turn}");
             eprintln!("bench: publishing {events} events over {keys} keys");
             publish(&config, &topics, events, keys);
-            let updates = updates(&seen_keys(events, keys), count);
+            let users = seen_keys(events, keys);
+            let updates = updates(&users, count);
             let m = miroir_child(&topics, &warm, (events, keys), &updates);
             let k = peer_child(&jar, &topics, &warm, &updates);
             eprintln!(
@@ -207,7 +207,7 @@ fn orchestrate() {
                  Kafka Streams {:.2} s, {:.2} CPU-s, updates {:?}",
                 m.seconds, m.cpu, m.updates, k.seconds, k.cpu, k.updates
             );
-            let expected = expected(events, keys);
+            let expected = expected(&users);
             assert_eq!(
                 m.tables, expected,
                 "miroir's tables are not the expected ones"
@@ -618,7 +618,10 @@ fn miroir_phase() {
         |e| committed_all(e, &warm_topic, WARM_EVENTS as i64),
     )
     .shutdown();
-    let expected = expected(events as u64, env_or("MIROIR_BENCH_KEYS", 0));
+    let users = seen_keys(events as u64, env_or("MIROIR_BENCH_KEYS", 0));
+    let expected = expected(&users);
+    // The updates the bench sends after the load, known before any clock runs.
+    let sent = updates(&users, env_or("MIROIR_BENCH_UPDATES", 0) as usize);
     let topic = format!("user-{run}");
     let (cpu, started) = (cpu_seconds(), Instant::now());
     // Timed until every event is committed with nothing left to read, and the department
@@ -637,29 +640,25 @@ fn miroir_phase() {
     }
     println!("RESULT {seconds} {cpu} 0 0 {rss}");
     tables_of(&engine).print();
-    let count = env_or("MIROIR_BENCH_UPDATES", 0) as usize;
-    if count > 0 {
-        measure_updates(&engine, &topic, events, count);
+    if !sent.is_empty() {
+        measure_updates(&engine, &topic, events, &sent);
     }
     engine.shutdown();
 }
 
-/// Says `LOADED`, waits for the go (the updates are published), and prints `UPDATED seconds
-/// cpu` once the `count` updates that follow the `events` are committed and the last of them
+/// Says `LOADED`, waits for the go (the updates `sent` are published), and prints `UPDATED
+/// seconds cpu` once they, which follow the `events`, are committed and the last of them
 /// readable in `user_directory`, after its repartition hops.
-fn measure_updates(engine: &miroir::Engine, topic: &str, events: i64, count: usize) {
+fn measure_updates(engine: &miroir::Engine, topic: &str, events: i64, sent: &[(String, String)]) {
     use std::io::BufRead;
+    let count = sent.len();
+    let last: Vec<(String, String)> = (count.saturating_sub(64)..count)
+        .map(|i| (sent[i].0.clone(), format!("update{i}@example.org")))
+        .collect();
     println!("LOADED");
     let mut go = String::new();
     std::io::stdin().lock().read_line(&mut go).unwrap();
     let (cpu, started) = (cpu_seconds(), Instant::now());
-    let sent = updates(
-        &seen_keys(events as u64, env_or("MIROIR_BENCH_KEYS", 0)),
-        count,
-    );
-    let last: Vec<(String, String)> = (count.saturating_sub(64)..count)
-        .map(|i| (sent[i].0.clone(), format!("update{i}@example.org")))
-        .collect();
     let visible = |e: &miroir::Engine| {
         last.iter().all(|(key, email)| {
             e.get("user_directory", key)
