@@ -54,7 +54,7 @@ use rdkafka::producer::{
 };
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use rdkafka::ClientConfig;
-use support::{env_or, internal_tables_only, replace_section, run_id};
+use support::{cpu_seconds, env_or, internal_tables_only, replace_section, run_id};
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -445,24 +445,6 @@ struct Latencies {
     cpu_ms: f64,
     /// CPU time of the broker per command.
     broker_cpu_ms: f64,
-}
-
-/// User + system CPU seconds of process `pid` (`self` for this one).
-fn cpu_seconds(pid: &str) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let fields: Vec<&str> = stat
-        .rsplit(')')
-        .next()
-        .unwrap_or("")
-        .split_whitespace()
-        .collect();
-    let ticks = |i: usize| {
-        fields
-            .get(i)
-            .and_then(|v| v.parse::<f64>().ok())
-            .unwrap_or(0.0)
-    };
-    (ticks(11) + ticks(12)) / 100.0 // utime, stime (fields 14, 15 of stat), at 100 Hz
 }
 
 /// The local broker's process id (started by scripts/services).

@@ -40,8 +40,8 @@ use miroir_connectors::kafka::KafkaConfig;
 mod support;
 
 use support::{
-    brokers, delete_run_topics, env_or, generate, peak_rss_mib, replace_section, run_id,
-    without_history,
+    brokers, cpu_seconds, delete_run_topics, env_or, generate, peak_rss_mib, replace_section,
+    run_id, without_history,
 };
 
 const PARTITIONS: i32 = 4;
@@ -373,27 +373,6 @@ fn per_update(o: &Outcome, count: usize) -> f64 {
         .map_or(f64::NAN, |(_, cpu)| cpu * 1e6 / count as f64)
 }
 
-/// This process's CPU seconds so far (user and system).
-fn cpu_seconds() -> f64 {
-    let stat = std::fs::read_to_string("/proc/self/stat").unwrap();
-    // The fields after the command name, which ends with the last ')': utime and stime are the
-    // 14th and 15th fields of the line.
-    let fields: Vec<&str> = stat[stat.rfind(')').unwrap() + 2..]
-        .split_whitespace()
-        .collect();
-    let ticks: f64 = fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap();
-    ticks / clock_ticks_per_second()
-}
-
-fn clock_ticks_per_second() -> f64 {
-    Command::new("getconf")
-        .arg("CLK_TCK")
-        .output()
-        .ok()
-        .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
-        .unwrap_or(100.0)
-}
-
 /// A run's outcome from its output: `RESULT seconds cpu jit gc rss`, the tables' lines, and
 /// `UPDATED seconds cpu` when updates followed the load.
 fn outcome(who: &str, status: std::process::ExitStatus, stdout: &str) -> Outcome {
@@ -623,7 +602,7 @@ fn miroir_phase() {
     // The updates the bench sends after the load, known before any clock runs.
     let sent = updates(&users, env_or("MIROIR_BENCH_UPDATES", 0) as usize);
     let topic = format!("user-{run}");
-    let (cpu, started) = (cpu_seconds(), Instant::now());
+    let (cpu, started) = (cpu_seconds("self"), Instant::now());
     // Timed until every event is committed with nothing left to read, and the department
     // counts (after both repartition hops, 20 rows) are right; the whole tables are checked
     // once the clock stopped, since reading a million rows costs more than an epoch.
@@ -633,7 +612,7 @@ fn miroir_phase() {
         |e| committed_all(e, &topic, events) && department_counts(e) == expected.counts,
     );
     let seconds = started.elapsed().as_secs_f64();
-    let (cpu, rss) = (cpu_seconds() - cpu, peak_rss_mib());
+    let (cpu, rss) = (cpu_seconds("self") - cpu, peak_rss_mib());
     let deadline = Instant::now() + Duration::from_secs(60);
     while tables_of(&engine) != expected && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(100));
@@ -658,7 +637,7 @@ fn measure_updates(engine: &miroir::Engine, topic: &str, events: i64, sent: &[(S
     println!("LOADED");
     let mut go = String::new();
     std::io::stdin().lock().read_line(&mut go).unwrap();
-    let (cpu, started) = (cpu_seconds(), Instant::now());
+    let (cpu, started) = (cpu_seconds("self"), Instant::now());
     let visible = |e: &miroir::Engine| {
         last.iter().all(|(key, email)| {
             e.get("user_directory", key)
@@ -673,5 +652,5 @@ fn measure_updates(engine: &miroir::Engine, topic: &str, events: i64, sent: &[(S
         std::thread::sleep(Duration::from_millis(100));
     }
     let seconds = started.elapsed().as_secs_f64();
-    println!("UPDATED {seconds} {}", cpu_seconds() - cpu);
+    println!("UPDATED {seconds} {}", cpu_seconds("self") - cpu);
 }
