@@ -145,10 +145,16 @@ impl<'scope> Renderer<'scope> {
                 aggregates,
                 ..
             } => {
+                // The reduce arranges its input by group: each row goes in as its aggregates'
+                // arguments only, so rows alike in those (the members of a group that count
+                // alike) are one entry with a multiplicity, not a row each.
                 let group = group.clone();
-                let aggregates = aggregates.clone();
+                let (arguments, aggregates) = arguments_of(aggregates);
                 self.render(input, name)
-                    .map(move |r| (group.iter().map(|e| e.eval(&r)).collect::<Row>(), r))
+                    .map(move |r| {
+                        let key: Row = group.iter().map(|e| e.eval(&r)).collect();
+                        (key, arguments.iter().map(|e| e.eval(&r)).collect::<Row>())
+                    })
                     .reduce_named(&format!("Reduce: {name}"), move |_key, rows, out| {
                         out.push((aggregate(&aggregates, rows), 1isize));
                     })
@@ -178,6 +184,26 @@ impl<'scope> Renderer<'scope> {
         self.arranged.insert(id, arranged.clone());
         arranged
     }
+}
+
+/// The expressions a reduce evaluates on each input row (one per aggregate, a NULL for
+/// `count(*)`, which reads none), and the aggregates over the rows of those values.
+fn arguments_of(aggregates: &[Aggregate]) -> (Vec<Expr>, Vec<Aggregate>) {
+    aggregates
+        .iter()
+        .enumerate()
+        .map(|(i, a)| {
+            let argument = match a.func {
+                AggFunc::CountStar => Expr::Literal(Value::Null),
+                _ => a.arg.clone(),
+            };
+            let over_argument = Aggregate {
+                func: a.func,
+                arg: Expr::Column(i),
+            };
+            (argument, over_argument)
+        })
+        .unzip()
 }
 
 /// How many rows each key of `arranged` gained or lost, one update per key and time of each
