@@ -41,7 +41,7 @@ mod support;
 
 use support::{
     brokers, cpu_seconds, delete_run_topics, env_or, generate, peak_rss_mib, replace_section,
-    run_id, without_history,
+    rss_mib, run_id, without_history,
 };
 
 const PARTITIONS: i32 = 4;
@@ -72,6 +72,9 @@ struct Outcome {
     tables: Tables,
     /// Seconds and CPU seconds the updates sent after the load took, when some were.
     updates: Option<(f64, f64)>,
+    /// Whether the run was stopped for going over the memory budget (its figures are then
+    /// not known).
+    over_budget: bool,
 }
 
 /// The tables a run ends with, summed up as both engines report them.
@@ -208,14 +211,12 @@ fn orchestrate() {
                 m.seconds, m.cpu, m.updates, k.seconds, k.cpu, k.updates
             );
             let expected = expected(&users);
-            assert_eq!(
-                m.tables, expected,
-                "miroir's tables are not the expected ones"
-            );
-            assert_eq!(
-                k.tables, expected,
-                "the peer's tables are not the expected ones"
-            );
+            for (who, o) in [("miroir", &m), ("the peer", &k)] {
+                assert!(
+                    o.over_budget || o.tables == expected,
+                    "{who}'s tables are not the expected ones"
+                );
+            }
             ours.push(m);
             theirs.push(k);
         }
@@ -253,19 +254,34 @@ fn scale_report(turns: usize, count: usize, rows: &[(u64, Vec<Outcome>, Vec<Outc
     };
     let per_update = |o: &Outcome| per_update(o, count);
     let mut table = String::new();
+    let budget = env_or("MIROIR_BENCH_MEMORY_MIB", memory_mib() as u64 * 3 / 4);
+    let over = format!("over {budget} MiB, stopped");
     for (keys, ours, theirs) in rows {
         let events = (2 * keys) as f64;
-        let (r, k) = (
-            median_of(ours, &|o| events / o.cpu),
-            median_of(theirs, &|o| events / o.cpu),
-        );
-        let (ur, uk) = (median_of(ours, &per_update), median_of(theirs, &per_update));
+        // A side with a turn over the memory budget has no figures: its cells say so.
+        let cell = |runs: &[Outcome], f: &dyn Fn(&Outcome) -> f64, digits: usize| {
+            match runs.iter().any(|o| o.over_budget) {
+                true => (f64::NAN, over.clone()),
+                false => {
+                    let m = median_of(runs, f);
+                    (m, format!("{m:.digits$}"))
+                }
+            }
+        };
+        let ratio = |x: f64| match x.is_nan() {
+            true => "-".to_string(),
+            false => format!("**{x:.1}x**"),
+        };
+        let (r, r_text) = cell(ours, &|o| events / o.cpu, 0);
+        let (k, k_text) = cell(theirs, &|o| events / o.cpu, 0);
+        let (_, mr) = cell(ours, &|o| o.peak_rss_mib, 0);
+        let (_, mk) = cell(theirs, &|o| o.peak_rss_mib, 0);
+        let (ur, ur_text) = cell(ours, &per_update, 0);
+        let (uk, uk_text) = cell(theirs, &per_update, 0);
         table.push_str(&format!(
-            "| {keys} | {r:.0} | {k:.0} | **{:.1}x** | {:.0} | {:.0} | {ur:.0} | {uk:.0} | **{:.1}x** |\n",
-            r / k,
-            median_of(ours, &|o| o.peak_rss_mib),
-            median_of(theirs, &|o| o.peak_rss_mib),
-            uk / ur,
+            "| {keys} | {r_text} | {k_text} | {} | {mr} | {mk} | {ur_text} | {uk_text} | {} |\n",
+            ratio(r / k),
+            ratio(uk / ur),
         ));
     }
     format!(
@@ -301,6 +317,10 @@ fn median_spread(mut values: Vec<f64>) -> (f64, f64, f64) {
 }
 
 fn report(events: u64, keys: u64, count: usize, ours: &[Outcome], theirs: &[Outcome]) -> String {
+    assert!(
+        ours.iter().chain(theirs).all(|o| !o.over_budget),
+        "a turn went over the memory budget (MIROIR_BENCH_MEMORY_MIB): no figures to report"
+    );
     let figure =
         |runs: &[Outcome], f: &dyn Fn(&Outcome) -> f64| median_spread(runs.iter().map(f).collect());
     let row = |name: &str, runs: &[Outcome], jvm: bool| {
@@ -400,6 +420,7 @@ fn outcome(who: &str, status: std::process::ExitStatus, stdout: &str) -> Outcome
         peak_rss_mib: f[4],
         tables: Tables::parse(stdout),
         updates,
+        over_budget: false,
     }
 }
 
@@ -418,6 +439,7 @@ fn run_child(
         .stderr(std::process::Stdio::inherit())
         .spawn()
         .unwrap_or_else(|e| panic!("{who}: {e}"));
+    let over_budget = watch_memory(who, child.id());
     let mut stdin = child.stdin.take().unwrap();
     let mut stdout = String::new();
     for line in BufReader::new(child.stdout.take().unwrap()).lines() {
@@ -436,7 +458,47 @@ fn run_child(
         stdout.push('\n');
     }
     let status = child.wait().unwrap();
+    if over_budget.load(std::sync::atomic::Ordering::SeqCst) {
+        return Outcome {
+            over_budget: true,
+            ..Outcome::default()
+        };
+    }
     outcome(who, status, &stdout)
+}
+
+/// Watches process `pid`'s resident memory, and kills it once over the budget
+/// (`MIROIR_BENCH_MEMORY_MIB`, three quarters of the machine's memory by default), which
+/// would otherwise push the broker and the system into swap. The flag tells whether it did.
+fn watch_memory(who: &str, pid: u32) -> std::sync::Arc<std::sync::atomic::AtomicBool> {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let budget = env_or("MIROIR_BENCH_MEMORY_MIB", memory_mib() as u64 * 3 / 4) as f64;
+    let over = std::sync::Arc::new(AtomicBool::new(false));
+    let (flag, who, pid) = (over.clone(), who.to_string(), pid.to_string());
+    std::thread::spawn(move || loop {
+        let rss = rss_mib(&pid);
+        if rss == 0.0 {
+            return;
+        }
+        if rss > budget {
+            eprintln!("bench: {who} over the memory budget ({rss:.0} > {budget:.0} MiB): stopped");
+            flag.store(true, Ordering::SeqCst);
+            let _ = Command::new("kill").args(["-9", &pid]).status();
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    });
+    over
+}
+
+/// The machine's memory (`MemTotal`), in MiB.
+fn memory_mib() -> f64 {
+    let info = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    info.lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|l| l.split_whitespace().next())
+        .and_then(|kb| kb.parse::<f64>().ok())
+        .map_or(16_384.0, |kb| kb / 1024.0)
 }
 
 /// `count` updates of the users in `users`, in turns: a newer email for each, nothing else

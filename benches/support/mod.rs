@@ -9,10 +9,20 @@ pub fn brokers() -> String {
 
 /// This process's peak resident memory (`VmHWM`), in MiB.
 pub fn peak_rss_mib() -> f64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status_mib("self", "VmHWM:")
+}
+
+/// Process `pid`'s resident memory now (`VmRSS`), in MiB; 0 once it is gone.
+pub fn rss_mib(pid: &str) -> f64 {
+    status_mib(pid, "VmRSS:")
+}
+
+/// A memory figure (`field`, in kB) of process `pid`'s status, in MiB.
+fn status_mib(pid: &str, field: &str) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     status
         .lines()
-        .find(|l| l.starts_with("VmHWM:"))
+        .find(|l| l.starts_with(field))
         .and_then(|l| l.split_whitespace().nth(1))
         .and_then(|kb| kb.parse::<f64>().ok())
         .map_or(0.0, |kb| kb / 1024.0)
