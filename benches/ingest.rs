@@ -4,13 +4,15 @@
 //! eval "$(scripts/services up)"                  # Kafka and PostgreSQL (DATABASE_URL)
 //! cargo bench --bench ingest                     # 1,000,000 events over 100,000 keys
 //! MIROIR_BENCH_EVENTS=200000 cargo bench --bench ingest
+//! MIROIR_BENCH_RUNS=5 cargo bench --bench ingest   # turns of the raw and engine phases (3)
 //! ```
 //!
 //! 1. publishes N `User` entity events (1% late, 1% duplicates) over K keys to a fresh topic
 //!    with 4 partitions;
 //! 2. in a child process, reads the whole topic with a plain rdkafka `BaseConsumer` (the
-//!    baseline: the rate no consumer-based engine can beat on this machine); again after the
-//!    engine runs, and the faster of the two is the baseline;
+//!    baseline: the rate no consumer-based engine can beat on this machine), once per turn
+//!    next to the engine's runs below, and its fastest turn is the baseline (each engine
+//!    figure is its median turn, with the fastest and slowest shown);
 //! 3. in another child process, runs `topologies/user-directory.toml` with an embedded engine
 //!    (2 workers) for its internal table alone, until every offset is committed (the measure
 //!    the foundation's target is set on); then, in a fresh process and state directory, for
@@ -87,21 +89,37 @@ fn topology_text(run: &str, tables: Tables) -> String {
         "/topologies/user-directory.toml"
     ))
     .unwrap();
+    let t = turn_suffix();
     let (text, name) = match tables {
-        Tables::All => (without_history(&text), format!("bench-{run}-all")),
-        Tables::Internal => (internal_tables_only(&text), format!("bench-{run}-internal")),
-        Tables::Unlogged => (internal_tables_only(&text), format!("bench-{run}-unlogged")),
-        Tables::Rows => (internal_tables_only(&text), format!("bench-{run}-rows")),
+        Tables::All => (without_history(&text), format!("bench-{run}-all{t}")),
+        Tables::Internal => (internal_tables_only(&text), format!("bench-{run}-internal{t}")),
+        Tables::Unlogged => (internal_tables_only(&text), format!("bench-{run}-unlogged{t}")),
+        Tables::Rows => (internal_tables_only(&text), format!("bench-{run}-rows{t}")),
     };
     // One topology name per run: each starts from nothing (its own consumer group and
     // changelogs, which the other run would otherwise restore its state from).
     text.replace("name = \"user-directory\"", &format!("name = \"{name}\""))
         .replace("topic = \"user\"", &format!("topic = \"user-{run}\""))
-        .replace("table = \"app.", &format!("table = \"bench_{run}."))
+        .replace("table = \"app.", &format!("table = \"{}.", schema(run)))
         .replace(
             "topic = \"department\"",
             &format!("topic = \"department-{run}\""),
         )
+}
+
+/// The suffix of a turn's names (topology, consumer group, PostgreSQL schema): none for the
+/// first turn (`MIROIR_BENCH_TURN`, 0 by default), so that phases that read what the first
+/// turn left (the restore, the sink alone) find it.
+fn turn_suffix() -> String {
+    match env_or("MIROIR_BENCH_TURN", 0) {
+        0 => String::new(),
+        t => format!("-t{t}"),
+    }
+}
+
+/// The PostgreSQL schema of a turn's external tables.
+fn schema(run: &str) -> String {
+    format!("bench_{run}{}", turn_suffix().replace('-', "_"))
 }
 
 fn orchestrate() {
@@ -134,9 +152,11 @@ fn orchestrate() {
         events as f64 / publish_secs
     );
 
-    let child = |phase: &str| -> Vec<f64> {
+    let turns = env_or("MIROIR_BENCH_RUNS", 3).max(1);
+    let child = |phase: &str, turn: u64| -> Vec<f64> {
         let out = Command::new(std::env::current_exe().unwrap())
             .env("MIROIR_BENCH_PHASE", phase)
+            .env("MIROIR_BENCH_TURN", turn.to_string())
             .env("MIROIR_BENCH_RUN", &run)
             .env("MIROIR_BENCH_EVENTS", events.to_string())
             .env("MIROIR_BENCH_KEYS", keys.to_string())
@@ -157,29 +177,40 @@ fn orchestrate() {
             .map(|x| x.parse().unwrap())
             .collect()
     };
-    let raw_first = child("consume");
-    let internal = child("engine-internal");
-    let unlogged = child("engine-unlogged");
-    let rows = child("engine-rows");
-    // The internal run's changelog, restored into an empty state directory, and read by a
-    // raw consumer.
-    let restore = child("restore");
-    let changelog_raw = child("changelog-consume");
-    let engine = child("engine");
-    // The raw consumer is measured before and after the engine runs, and the faster run is
-    // the baseline: the machine's noise then cannot flatter miroir's share.
-    let raw_last = child("consume");
-    let raw = if raw_last[0] < raw_first[0] {
-        raw_last
-    } else {
-        raw_first
-    };
+    // Turns interleave the phases, so a slower stretch of the machine's time falls on all of
+    // them alike.
+    let phases = ["consume", "engine-internal", "engine-unlogged", "engine-rows", "engine"];
+    let mut results: Vec<Vec<Vec<f64>>> = vec![Vec::new(); phases.len()];
+    for turn in 0..turns {
+        for (phase, runs) in phases.iter().zip(&mut results) {
+            runs.push(child(phase, turn));
+        }
+    }
+    // The raw consumer's fastest turn is the baseline: the machine's noise cannot flatter
+    // miroir's share. Each of miroir's runs is its median turn by time.
+    let [raw_runs, internal_runs, unlogged_runs, rows_runs, engine_runs] =
+        <[Vec<Vec<f64>>; 5]>::try_from(results).unwrap();
+    let raw = raw_runs
+        .iter()
+        .min_by(|a, b| a[0].total_cmp(&b[0]))
+        .unwrap()
+        .clone();
+    let (internal, unlogged, rows, engine) = (
+        median_turn(&internal_runs),
+        median_turn(&unlogged_runs),
+        median_turn(&rows_runs),
+        median_turn(&engine_runs),
+    );
+    // The first turn's internal run's changelog, restored into an empty state directory, and
+    // read by a raw consumer.
+    let restore = child("restore", 0);
+    let changelog_raw = child("changelog-consume", 0);
     // The sink alone gets incremental batches: what an instance that keeps up writes (100 ms
     // epochs at 250k events/s), through the staging table and the merge.
-    let alone = child("sink");
+    let alone = child("sink", 0);
     // The sink alone on the catch-up path: every final row in one batch, into an empty table.
-    let load = child("sink-load");
-    let copy = child("copy");
+    let load = child("sink-load", 0);
+    let copy = child("copy", 0);
     let raw_rate = events as f64 / raw[0];
     assert_eq!(
         internal[2], engine[2],
@@ -187,40 +218,47 @@ fn orchestrate() {
     );
     let internal_rate = events as f64 / internal[0];
     let engine_rate = events as f64 / engine[0];
+    // A time with the fastest and slowest of its turns.
+    let span = |runs: &[Vec<f64>], shown: f64| {
+        let (fastest, slowest) = runs.iter().fold((f64::MAX, 0f64), |(lo, hi), r| {
+            (lo.min(r[0]), hi.max(r[0]))
+        });
+        format!("{shown:.2} ({fastest:.2}-{slowest:.2})")
+    };
     let report = format!(
         "<!-- ingest:begin -->\n\
          ## Ingest: `topologies/user-directory.toml` into internal tables\n\n\
          Command: `eval \"$(scripts/services up)\" && cargo bench --bench ingest` \
          ({events} events over {keys} keys, {PARTITIONS} partitions, ~{} bytes per event, \
-         single local Kafka broker, 2 cores, 24 GiB; release build; miroir with 2 workers).\n\n\
-         | run | time (s) | events/s | of the raw consumer | peak RSS (MiB) |\n|---|---|---|---|---|\n\
-         | raw rdkafka `BaseConsumer` (baseline) | {:.2} | {:.0} | 100% | {:.0} |\n\
-         | miroir, the internal table alone (`user_contacts`: late policy, filter, map) | {:.2} | {:.0} | **{:.0}%** | {:.0} |\n\
-         | miroir, the internal table alone, without changelogs (`--no-changelog`) | {:.2} | {:.0} | {:.0}% | {:.0} |\n\
-         | miroir, the internal table alone, its rows logged for standbys (`--standby-replicas 1`) | {:.2} | {:.0} | {:.0}% | {:.0} |\n\
-         | miroir, all 3 tables (the internal one; a left join, and a join + group by, in PostgreSQL) | {:.2} | {:.0} | {:.0}% | {:.0} |\n\n\
+         single local Kafka broker, 2 cores, 24 GiB; release build; miroir with 2 workers; {turns} turns, the phases interleaved).\n\n\
+         | run | time (s), median (fastest-slowest) | events/s | of the raw consumer | peak RSS (MiB) |\n|---|---|---|---|---|\n\
+         | raw rdkafka `BaseConsumer` (baseline: its fastest turn) | {} | {:.0} | 100% | {:.0} |\n\
+         | miroir, the internal table alone (`user_contacts`: late policy, filter, map) | {} | {:.0} | **{:.0}%** | {:.0} |\n\
+         | miroir, the internal table alone, without changelogs (`--no-changelog`) | {} | {:.0} | {:.0}% | {:.0} |\n\
+         | miroir, the internal table alone, its rows logged for standbys (`--standby-replicas 1`) | {} | {:.0} | {:.0}% | {:.0} |\n\
+         | miroir, all 3 tables (the internal one; a left join, and a join + group by, in PostgreSQL) | {} | {:.0} | {:.0}% | {:.0} |\n\n\
          Target: at least 50% of the raw consumer rate for the internal table. A miroir time \
          runs from `Engine::start` (group join included) until every offset is committed with its \
          state (and, for all 3 tables, every batch is applied in PostgreSQL); the internal table \
          then holds {} rows.\n\
          <!-- ingest:end -->\n",
         bytes / events as usize,
-        raw[0],
+        span(&raw_runs, raw[0]),
         raw_rate,
         raw[1],
-        internal[0],
+        span(&internal_runs, internal[0]),
         internal_rate,
         internal_rate / raw_rate * 100.0,
         internal[1],
-        unlogged[0],
+        span(&unlogged_runs, unlogged[0]),
         events as f64 / unlogged[0],
         events as f64 / unlogged[0] / raw_rate * 100.0,
         unlogged[1],
-        rows[0],
+        span(&rows_runs, rows[0]),
         events as f64 / rows[0],
         events as f64 / rows[0] / raw_rate * 100.0,
         rows[1],
-        engine[0],
+        span(&engine_runs, engine[0]),
         engine_rate,
         engine_rate / raw_rate * 100.0,
         engine[1],
@@ -315,6 +353,13 @@ fn restore_report(restore: &[f64], raw: &[f64]) -> String {
         restore_rate,
         restore_rate / raw_rate * 100.0,
     )
+}
+
+/// The turn whose time is the median of `runs` (each `[seconds, ...]`).
+fn median_turn(runs: &[Vec<f64>]) -> Vec<f64> {
+    let mut sorted: Vec<&Vec<f64>> = runs.iter().collect();
+    sorted.sort_by(|a, b| a[0].total_cmp(&b[0]));
+    sorted[sorted.len() / 2].clone()
 }
 
 /// Restores the internal run's `users` changelog into an empty state directory.
@@ -580,8 +625,8 @@ fn tables_swapped_in(db: &mut postgres::Client, run: &str) -> bool {
         .query_one(
             "SELECT to_regclass($1) IS NOT NULL AND to_regclass($2) IS NOT NULL",
             &[
-                &format!("bench_{run}.user_directory"),
-                &format!("bench_{run}.users_per_department"),
+                &format!("{}.user_directory", schema(run)),
+                &format!("{}.users_per_department", schema(run)),
             ],
         )
         .unwrap();

@@ -102,16 +102,74 @@ pub fn without_history(text: &str) -> &str {
 }
 
 /// `text` with its `<!-- name:begin -->` ... `<!-- name:end -->` section replaced by
-/// `section` (appended when missing).
+/// `section` (appended when missing), stamped with what produced it (see [`setup`]).
 pub fn replace_section(text: &str, name: &str, section: &str) -> String {
     let (begin, end) = (
         format!("<!-- {name}:begin -->"),
         format!("<!-- {name}:end -->\n"),
     );
+    let section = match section.find(&end) {
+        Some(e) => format!("{}\nSetup: {}.\n{}", &section[..e], setup(), &section[e..]),
+        None => section.to_string(),
+    };
     match (text.find(&begin), text.find(&end)) {
         (Some(b), Some(e)) => format!("{}{}{}", &text[..b], section, &text[e + end.len()..]),
         _ => format!("{text}\n{section}"),
     }
+}
+
+/// What a figure was measured with: miroir's commit, the compiler, the broker, PostgreSQL,
+/// the JVM, and the machine's cores and memory.
+pub fn setup() -> String {
+    let first_line = |program: &str, args: &[&str]| {
+        std::process::Command::new(program)
+            .args(args)
+            .output()
+            .ok()
+            .and_then(|o| {
+                let text = [o.stdout, o.stderr].concat();
+                String::from_utf8_lossy(&text).lines().next().map(str::to_string)
+            })
+            .unwrap_or_else(|| format!("{program}: unknown"))
+    };
+    let root = env!("CARGO_MANIFEST_DIR");
+    let commit = first_line("git", &["-C", root, "rev-parse", "--short", "HEAD"]);
+    let changed = std::process::Command::new("git")
+        .args(["-C", root, "diff", "--quiet", "HEAD", "--", ".", ":!docs"])
+        .status()
+        .is_ok_and(|s| !s.success());
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let memory = std::fs::read_to_string("/proc/meminfo")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|l| l.split_whitespace().next()?.parse::<f64>().ok())
+        .map_or(0.0, |kb| kb / 1024.0 / 1024.0);
+    format!(
+        "miroir {commit}{}, {}; Kafka {} (one local broker); {}; {}; {cores} cores, {memory:.0} GiB",
+        if changed { " with local changes" } else { "" },
+        first_line("rustc", &["--version"]),
+        kafka_version(),
+        first_line("psql", &["--version"]),
+        first_line("java", &["-version"]),
+    )
+}
+
+/// The version of the broker `scripts/services` runs, from its jar's name.
+fn kafka_version() -> String {
+    let home = std::env::var("MIROIR_HOME").unwrap_or_else(|_| {
+        format!("{}/.cache/miroir", std::env::var("HOME").unwrap_or_default())
+    });
+    std::fs::read_dir(format!("{home}/kafka/libs"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .find_map(|e| {
+            let name = e.file_name().to_string_lossy().to_string();
+            let version = name.strip_prefix("kafka_2.13-")?.strip_suffix(".jar")?;
+            Some(version.to_string())
+        })
+        .unwrap_or_else(|| "unknown".into())
 }
 
 /// The benchmark's events, the same in every phase: (key number, version, late, payload).
