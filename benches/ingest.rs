@@ -92,8 +92,14 @@ fn topology_text(run: &str, tables: Tables) -> String {
     let t = turn_suffix();
     let (text, name) = match tables {
         Tables::All => (without_history(&text), format!("bench-{run}-all{t}")),
-        Tables::Internal => (internal_tables_only(&text), format!("bench-{run}-internal{t}")),
-        Tables::Unlogged => (internal_tables_only(&text), format!("bench-{run}-unlogged{t}")),
+        Tables::Internal => (
+            internal_tables_only(&text),
+            format!("bench-{run}-internal{t}"),
+        ),
+        Tables::Unlogged => (
+            internal_tables_only(&text),
+            format!("bench-{run}-unlogged{t}"),
+        ),
         Tables::Rows => (internal_tables_only(&text), format!("bench-{run}-rows{t}")),
     };
     // One topology name per run: each starts from nothing (its own consumer group and
@@ -179,7 +185,13 @@ fn orchestrate() {
     };
     // Turns interleave the phases, so a slower stretch of the machine's time falls on all of
     // them alike.
-    let phases = ["consume", "engine-internal", "engine-unlogged", "engine-rows", "engine"];
+    let phases = [
+        "consume",
+        "engine-internal",
+        "engine-unlogged",
+        "engine-rows",
+        "engine",
+    ];
     let mut results: Vec<Vec<Vec<f64>>> = vec![Vec::new(); phases.len()];
     for turn in 0..turns {
         for (phase, runs) in phases.iter().zip(&mut results) {
@@ -220,9 +232,9 @@ fn orchestrate() {
     let engine_rate = events as f64 / engine[0];
     // A time with the fastest and slowest of its turns.
     let span = |runs: &[Vec<f64>], shown: f64| {
-        let (fastest, slowest) = runs.iter().fold((f64::MAX, 0f64), |(lo, hi), r| {
-            (lo.min(r[0]), hi.max(r[0]))
-        });
+        let (fastest, slowest) = runs
+            .iter()
+            .fold((f64::MAX, 0f64), |(lo, hi), r| (lo.min(r[0]), hi.max(r[0])));
         format!("{shown:.2} ({fastest:.2}-{slowest:.2})")
     };
     let report = format!(

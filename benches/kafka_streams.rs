@@ -203,8 +203,12 @@ fn orchestrate() {
             publish(&config, &topics, events, keys);
             let users = seen_keys(events, keys);
             let updates = updates(&users, count);
+            // Each engine's topics (changelogs, stages) go once it is done, and the turn's
+            // own once both are: at 10^7 keys they all would not fit on the disk at once.
             let m = miroir_child(&topics, &warm, (events, keys), &updates);
+            delete_run_topics(&format!("bench-{topics}-miroir"));
             let k = peer_child(&jar, &topics, &warm, &updates);
+            delete_run_topics(&topics);
             eprintln!(
                 "bench: {keys} keys, turn {turn}: miroir {:.2} s, {:.2} CPU-s, updates {:?}; \
                  Kafka Streams {:.2} s, {:.2} CPU-s, updates {:?}",
@@ -259,13 +263,14 @@ fn scale_report(turns: usize, count: usize, rows: &[(u64, Vec<Outcome>, Vec<Outc
     for (keys, ours, theirs) in rows {
         let events = (2 * keys) as f64;
         // A side with a turn over the memory budget has no figures: its cells say so.
-        let cell = |runs: &[Outcome], f: &dyn Fn(&Outcome) -> f64, digits: usize| {
-            match runs.iter().any(|o| o.over_budget) {
-                true => (f64::NAN, over.clone()),
-                false => {
-                    let m = median_of(runs, f);
-                    (m, format!("{m:.digits$}"))
-                }
+        let cell = |runs: &[Outcome], f: &dyn Fn(&Outcome) -> f64, digits: usize| match runs
+            .iter()
+            .any(|o| o.over_budget)
+        {
+            true => (f64::NAN, over.clone()),
+            false => {
+                let m = median_of(runs, f);
+                (m, format!("{m:.digits$}"))
             }
         };
         let ratio = |x: f64| match x.is_nan() {
@@ -525,8 +530,12 @@ const UPDATE_VERSIONS: i64 = 1_000_000_000;
 /// sent `updates` after the load.
 fn miroir_child(run: &str, warm: &str, sizes: (u64, u64), updates: &[(String, String)]) -> Outcome {
     let (events, keys) = sizes;
+    // The state directory is the bench's, so that a child stopped for its memory leaves no
+    // state behind.
+    let state = tempfile::tempdir().unwrap();
     let mut command = Command::new(std::env::current_exe().unwrap());
     command
+        .env("MIROIR_BENCH_STATE", state.path())
         .env("MIROIR_BENCH_PHASE", "miroir")
         .env("MIROIR_BENCH_RUN", run)
         .env("MIROIR_BENCH_WARM", warm)
@@ -651,11 +660,11 @@ fn miroir_phase() {
     let run = std::env::var("MIROIR_BENCH_RUN").unwrap();
     let events = env_or("MIROIR_BENCH_EVENTS", 0) as i64;
     let warm = std::env::var("MIROIR_BENCH_WARM").unwrap();
-    let state = tempfile::tempdir().unwrap();
+    let state = PathBuf::from(std::env::var("MIROIR_BENCH_STATE").unwrap());
     let warm_topic = format!("user-{warm}");
     run_until(
         topology(&warm, &format!("bench-{run}-warm")),
-        &state.path().join("warm"),
+        &state.join("warm"),
         |e| committed_all(e, &warm_topic, WARM_EVENTS as i64),
     )
     .shutdown();
@@ -670,7 +679,7 @@ fn miroir_phase() {
     // once the clock stopped, since reading a million rows costs more than an epoch.
     let engine = run_until(
         topology(&run, &format!("bench-{run}-miroir")),
-        &state.path().join("run"),
+        &state.join("run"),
         |e| committed_all(e, &topic, events) && department_counts(e) == expected.counts,
     );
     let seconds = started.elapsed().as_secs_f64();

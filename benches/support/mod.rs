@@ -128,7 +128,10 @@ pub fn setup() -> String {
             .ok()
             .and_then(|o| {
                 let text = [o.stdout, o.stderr].concat();
-                String::from_utf8_lossy(&text).lines().next().map(str::to_string)
+                String::from_utf8_lossy(&text)
+                    .lines()
+                    .next()
+                    .map(str::to_string)
             })
             .unwrap_or_else(|| format!("{program}: unknown"))
     };
@@ -158,7 +161,10 @@ pub fn setup() -> String {
 /// The version of the broker `scripts/services` runs, from its jar's name.
 fn kafka_version() -> String {
     let home = std::env::var("MIROIR_HOME").unwrap_or_else(|_| {
-        format!("{}/.cache/miroir", std::env::var("HOME").unwrap_or_default())
+        format!(
+            "{}/.cache/miroir",
+            std::env::var("HOME").unwrap_or_default()
+        )
     });
     std::fs::read_dir(format!("{home}/kafka/libs"))
         .into_iter()
