@@ -7,6 +7,8 @@
 //! MIROIR_BENCH_SECONDS=5 cargo bench --bench commands
 //! MIROIR_BENCH_WARMUP=3 cargo bench --bench commands   # warm-up seconds (default 15)
 //! MIROIR_BENCH_REPEATS=0 cargo bench --bench commands  # extra 1,000/s phases (default 2)
+//! MIROIR_BENCH_TRANSACTION_VERSION=1 cargo bench --bench commands  # the broker's transaction
+//!     # protocol for the run (put back after it), in a section of its own
 //! ```
 //!
 //! 1. seeds 2,000 active users on a fresh `user` topic (4 partitions) and starts, in this
@@ -54,7 +56,7 @@ use rdkafka::producer::{
 };
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use rdkafka::ClientConfig;
-use support::{cpu_seconds, env_or, internal_tables_only, replace_section, run_id};
+use support::{cpu_seconds, env_or, internal_tables_only, peer_jar, replace_section, run_id};
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -78,6 +80,10 @@ fn main() {
     let warmup = env_or("MIROIR_BENCH_WARMUP", 15);
     let repeats = env_or("MIROIR_BENCH_REPEATS", 2);
     let run = run_id();
+    // Kept to the end of the run, which puts the broker's level back.
+    let transactions = std::env::var("MIROIR_BENCH_TRANSACTION_VERSION")
+        .ok()
+        .map(|v| TransactionVersion::set(&brokers, &v));
     let config = KafkaConfig::new(brokers.clone());
     let root = env!("CARGO_MANIFEST_DIR");
     let user_topic = format!("user-bench-{run}");
@@ -271,10 +277,19 @@ fn main() {
             r.broker_cpu_ms
         ));
     }
+    // A run on another transaction version has a section of its own.
+    let (name, heading, setting) = match &transactions {
+        Some(t) => (
+            format!("commands-transaction-version-{}", t.level),
+            format!(", the broker's `transaction.version` at {}", t.level),
+            format!("MIROIR_BENCH_TRANSACTION_VERSION={} ", t.level),
+        ),
+        None => ("commands".to_string(), String::new(), String::new()),
+    };
     let section = format!(
-        "<!-- commands:begin -->\n\
-         ## Commands: `UpdateUserEmail` round trips\n\n\
-         Run {run}: `cargo bench --bench commands` (MIROIR_BENCH_SECONDS={seconds}, \
+        "<!-- {name}:begin -->\n\
+         ## Commands: `UpdateUserEmail` round trips{heading}\n\n\
+         Run {run}: `{setting}cargo bench --bench commands` (MIROIR_BENCH_SECONDS={seconds}, \
          MIROIR_BENCH_LANES={lanes}, MIROIR_BENCH_WARMUP={warmup}, MIROIR_BENCH_REPEATS={repeats}), {USERS} users, 4 partitions, single local broker, 2 cores.\n\n\
          {table}\n\
          {spread}\n\
@@ -283,7 +298,7 @@ fn main() {
          a light load whose epochs end once drained): p50 {:.1} ms, p99 {:.1} ms over {} \
          commands, **{:.2}x** the processor's median round-trip p99 at 1,000/s (target: at \
          most 3x).\n\
-         <!-- commands:end -->\n",
+         <!-- {name}:end -->\n",
         visible.p50,
         visible.p99,
         visible.count,
@@ -291,7 +306,7 @@ fn main() {
     );
     let path = format!("{root}/docs/benchmarks.md");
     let text = std::fs::read_to_string(&path).unwrap_or_default();
-    std::fs::write(&path, replace_section(&text, "commands", &section)).unwrap();
+    std::fs::write(&path, replace_section(&text, &name, &section)).unwrap();
     eprintln!("bench: wrote {path}");
     app.shutdown();
     master.shutdown();
@@ -362,6 +377,60 @@ const TUNED: &str = ".commit-10ms";
 
 /// The process id of a responder running outside this process (the peer's JVM), 0 when none:
 /// its CPU time counts with this process's.
+/// The cluster's `transaction.version` feature, set for a run through the peer's jar (the
+/// Rust client cannot update features), and put back to its level before when dropped.
+struct TransactionVersion {
+    brokers: String,
+    level: String,
+    previous: String,
+}
+
+impl TransactionVersion {
+    fn set(brokers: &str, level: &str) -> TransactionVersion {
+        let previous = set_transaction_version(brokers, level);
+        eprintln!("bench: the broker's transaction.version set to {level} (was {previous})");
+        TransactionVersion {
+            brokers: brokers.to_string(),
+            level: level.to_string(),
+            previous,
+        }
+    }
+}
+
+impl Drop for TransactionVersion {
+    fn drop(&mut self) {
+        set_transaction_version(&self.brokers, &self.previous);
+        eprintln!(
+            "bench: the broker's transaction.version back to {}",
+            self.previous
+        );
+    }
+}
+
+/// Sets the cluster's `transaction.version` to `level`; returns the level it had.
+fn set_transaction_version(brokers: &str, level: &str) -> String {
+    let out = std::process::Command::new("java")
+        .arg("-Dorg.slf4j.simpleLogger.defaultLogLevel=warn")
+        .arg("-jar")
+        .arg(peer_jar())
+        .arg("transaction-version")
+        .arg(format!("brokers={brokers}"))
+        .arg(format!("version={level}"))
+        .output()
+        .expect("java: install a JDK 17 to set the transaction version");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("PREVIOUS "))
+        .unwrap_or_else(|| {
+            panic!(
+                "setting transaction.version failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        })
+        .to_string()
+}
+
 static RESPONDER_PID: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
 
 /// Runs the Kafka Streams peer's `UpdateUserEmail` processor (benches/peers/kafka-streams,
@@ -370,10 +439,7 @@ static RESPONDER_PID: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU3
 /// 10 ms (and polling for at most 10 ms) when `topic` ends with [`TUNED`].
 fn kafka_streams_processor(brokers: &str, topic: &str, stop: &AtomicBool) {
     use std::io::{BufRead, BufReader};
-    let jar = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/benches/peers/kafka-streams/target/peer.jar"
-    );
+    let jar = peer_jar();
     let (users, variant) = topic.split_once(PEER_COMMANDS).unwrap();
     let run = users.rsplit('-').next().unwrap();
     // Under exactly-once, Kafka Streams commits every 100 ms, and a stream thread without
@@ -381,7 +447,9 @@ fn kafka_streams_processor(brokers: &str, topic: &str, stop: &AtomicBool) {
     let ms = if variant == TUNED { 10 } else { 100 };
     let mut child = std::process::Command::new("java")
         .arg("-Dorg.slf4j.simpleLogger.defaultLogLevel=warn")
-        .args(["-jar", jar, "commands"])
+        .arg("-jar")
+        .arg(&jar)
+        .arg("commands")
         .arg(format!("brokers={brokers}"))
         .arg(format!("app=bench-peer-{run}{variant}"))
         .arg(format!("commit-interval-ms={ms}"))
@@ -392,7 +460,7 @@ fn kafka_streams_processor(brokers: &str, topic: &str, stop: &AtomicBool) {
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .spawn()
-        .unwrap_or_else(|e| panic!("java -jar {jar}: {e} (build the peer with scripts/bench)"));
+        .unwrap_or_else(|e| panic!("java -jar {}: {e}", jar.display()));
     let mut ready = String::new();
     BufReader::new(child.stdout.take().unwrap())
         .read_line(&mut ready)

@@ -40,8 +40,8 @@ use miroir_connectors::kafka::KafkaConfig;
 mod support;
 
 use support::{
-    brokers, cpu_seconds, delete_run_topics, env_or, generate, peak_rss_mib, replace_section,
-    rss_mib, run_id, without_history,
+    brokers, cpu_seconds, delete_run_topics, env_or, generate, peak_rss_mib, peer_jar,
+    replace_section, rss_mib, run_id, without_history,
 };
 
 const PARTITIONS: i32 = 4;
@@ -168,22 +168,6 @@ fn expected(users_seen: &[usize]) -> Tables {
         count.1 += i64::from(active(&k));
     }
     expected
-}
-
-/// The peer's jar, built with Maven when it is not there yet.
-fn peer_jar() -> PathBuf {
-    let project = Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/peers/kafka-streams");
-    let jar = project.join("target/peer.jar");
-    if !jar.exists() {
-        eprintln!("bench: building the Kafka Streams peer with Maven");
-        let status = Command::new("mvn")
-            .args(["-q", "-B", "package", "-DskipTests", "-f"])
-            .arg(project.join("pom.xml"))
-            .status()
-            .expect("mvn: install Maven and a JDK 17 to run the peer");
-        assert!(status.success(), "building the peer failed");
-    }
-    jar
 }
 
 fn orchestrate() {

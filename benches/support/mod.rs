@@ -7,6 +7,24 @@ pub fn brokers() -> String {
         .expect("MIROIR_BROKERS: run `eval \"$(scripts/services up)\"` first")
 }
 
+/// The Kafka Streams peer's jar (`benches/peers/kafka-streams`), built with Maven when
+/// missing.
+pub fn peer_jar() -> std::path::PathBuf {
+    let project =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/peers/kafka-streams");
+    let jar = project.join("target/peer.jar");
+    if !jar.exists() {
+        eprintln!("bench: building the Kafka Streams peer with Maven");
+        let status = std::process::Command::new("mvn")
+            .args(["-q", "-B", "package", "-DskipTests", "-f"])
+            .arg(project.join("pom.xml"))
+            .status()
+            .expect("mvn: install Maven and a JDK 17 to run the peer");
+        assert!(status.success(), "building the peer failed");
+    }
+    jar
+}
+
 /// This process's peak resident memory (`VmHWM`), in MiB.
 pub fn peak_rss_mib() -> f64 {
     status_mib("self", "VmHWM:")

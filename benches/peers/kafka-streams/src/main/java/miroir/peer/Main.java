@@ -11,6 +11,9 @@ import java.util.Properties;
 import java.util.TreeMap;
 import org.apache.kafka.clients.admin.Admin;
 import org.apache.kafka.clients.admin.AdminClientConfig;
+import org.apache.kafka.clients.admin.FeatureUpdate;
+import org.apache.kafka.clients.admin.FinalizedVersionRange;
+import org.apache.kafka.clients.admin.UpdateFeaturesOptions;
 import org.apache.kafka.streams.KafkaStreams;
 import org.apache.kafka.streams.KeyValue;
 import org.apache.kafka.streams.StoreQueryParameters;
@@ -42,6 +45,14 @@ import org.apache.kafka.streams.state.ReadOnlyKeyValueStore;
  *
  * `commands` runs the `UpdateUserEmail` processor with Kafka Streams' defaults but for
  * exactly-once v2 (and the commit interval and poll time, when given), prints `READY` once it runs, and stops when its standard input closes.
+ *
+ * <pre>
+ * java -jar peer.jar transaction-version brokers=HOST:PORT version=N
+ * </pre>
+ *
+ * `transaction-version` sets the cluster's `transaction.version` feature to N (1: the
+ * transaction protocol every client speaks; 2: KIP-890's, which the Java client of Kafka 4
+ * uses and librdkafka does not) and prints `PREVIOUS level`, the level it had.
  */
 public final class Main {
     private Main() {}
@@ -56,10 +67,30 @@ public final class Main {
         switch (mode) {
             case "tables" -> tables(options);
             case "commands" -> commands(options);
+            case "transaction-version" -> transactionVersion(options);
             default -> {
                 System.err.println("usage: peer.jar tables|commands brokers=... app=... (see Main's documentation)");
                 System.exit(2);
             }
+        }
+    }
+
+    private static void transactionVersion(Map<String, String> o) throws Exception {
+        short level = Short.parseShort(o.get("version"));
+        Properties config = new Properties();
+        config.put(AdminClientConfig.BOOTSTRAP_SERVERS_CONFIG, o.get("brokers"));
+        try (Admin admin = Admin.create(config)) {
+            FinalizedVersionRange finalized = admin.describeFeatures().featureMetadata().get()
+                    .finalizedFeatures().get("transaction.version");
+            short previous = finalized == null ? 0 : finalized.maxVersionLevel();
+            if (level != previous) {
+                FeatureUpdate.UpgradeType type = level < previous
+                        ? FeatureUpdate.UpgradeType.SAFE_DOWNGRADE
+                        : FeatureUpdate.UpgradeType.UPGRADE;
+                admin.updateFeatures(Map.of("transaction.version", new FeatureUpdate(level, type)),
+                        new UpdateFeaturesOptions()).all().get();
+            }
+            System.out.println("PREVIOUS " + previous);
         }
     }
 
