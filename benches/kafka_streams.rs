@@ -7,6 +7,7 @@
 //! MIROIR_BENCH_EVENTS=200000 MIROIR_BENCH_RUNS=5 cargo bench --bench kafka_streams
 //! MIROIR_BENCH_SCALE=10000,100000,1000000 cargo bench --bench kafka_streams   # cost against keys
 //! MIROIR_BENCH_UPDATES=20000 cargo bench --bench kafka_streams   # updates after the load (10,000)
+//! RUST_LOG=miroir_connectors=info cargo bench --bench kafka_streams   # miroir's logs on stderr
 //! ```
 //!
 //! 1. builds the peer (`benches/peers/kafka-streams`, Maven) unless its jar is there;
@@ -53,6 +54,12 @@ const WARM_EVENTS: u64 = 100_000;
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() {
+    if std::env::var_os("RUST_LOG").is_some() {
+        tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_writer(std::io::stderr)
+            .init();
+    }
     match std::env::var("MIROIR_BENCH_PHASE").as_deref() {
         Ok("miroir") => miroir_phase(),
         _ => orchestrate(),
