@@ -8,6 +8,8 @@
 //! MIROIR_BENCH_SCALE=10000,100000,1000000 cargo bench --bench kafka_streams   # cost against keys
 //! MIROIR_BENCH_UPDATES=20000 cargo bench --bench kafka_streams   # updates after the load (10,000)
 //! RUST_LOG=miroir_connectors=info cargo bench --bench kafka_streams   # miroir's logs on stderr
+//! MIROIR_BENCH_MEMORY_MIB=8192 cargo bench --bench kafka_streams   # a child over it is stopped
+//! MIROIR_BENCH_PEER_MINUTES=60 cargo bench --bench kafka_streams   # the peer's time to catch up (30)
 //! ```
 //!
 //! 1. builds the peer (`benches/peers/kafka-streams`, Maven) unless its jar is there;
@@ -79,9 +81,9 @@ struct Outcome {
     tables: Tables,
     /// Seconds and CPU seconds the updates sent after the load took, when some were.
     updates: Option<(f64, f64)>,
-    /// Whether the run was stopped for going over the memory budget (its figures are then
-    /// not known).
-    over_budget: bool,
+    /// Why the run stopped before its end, when it did (over the memory budget, or the peer
+    /// not caught up in its time): its figures are then not known.
+    stopped: Option<String>,
 }
 
 /// The tables a run ends with, summed up as both engines report them.
@@ -208,7 +210,7 @@ fn orchestrate() {
             let expected = expected(&users);
             for (who, o) in [("miroir", &m), ("the peer", &k)] {
                 assert!(
-                    o.over_budget || o.tables == expected,
+                    o.stopped.is_some() || o.tables == expected,
                     "{who}'s tables are not the expected ones"
                 );
             }
@@ -249,17 +251,15 @@ fn scale_report(turns: usize, count: usize, rows: &[(u64, Vec<Outcome>, Vec<Outc
     };
     let per_update = |o: &Outcome| per_update(o, count);
     let mut table = String::new();
-    let budget = env_or("MIROIR_BENCH_MEMORY_MIB", memory_mib() as u64 * 3 / 4);
-    let over = format!("over {budget} MiB, stopped");
     for (keys, ours, theirs) in rows {
         let events = (2 * keys) as f64;
-        // A side with a turn over the memory budget has no figures: its cells say so.
+        // A side with a turn stopped before its end has no figures: its cells say why.
         let cell = |runs: &[Outcome], f: &dyn Fn(&Outcome) -> f64, digits: usize| match runs
             .iter()
-            .any(|o| o.over_budget)
+            .find_map(|o| o.stopped.as_ref())
         {
-            true => (f64::NAN, over.clone()),
-            false => {
+            Some(why) => (f64::NAN, format!("stopped: {why}")),
+            None => {
                 let m = median_of(runs, f);
                 (m, format!("{m:.digits$}"))
             }
@@ -314,8 +314,8 @@ fn median_spread(mut values: Vec<f64>) -> (f64, f64, f64) {
 
 fn report(events: u64, keys: u64, count: usize, ours: &[Outcome], theirs: &[Outcome]) -> String {
     assert!(
-        ours.iter().chain(theirs).all(|o| !o.over_budget),
-        "a turn went over the memory budget (MIROIR_BENCH_MEMORY_MIB): no figures to report"
+        ours.iter().chain(theirs).all(|o| o.stopped.is_none()),
+        "a turn stopped before its end: no figures to report"
     );
     let figure =
         |runs: &[Outcome], f: &dyn Fn(&Outcome) -> f64| median_spread(runs.iter().map(f).collect());
@@ -392,10 +392,17 @@ fn per_update(o: &Outcome, count: usize) -> f64 {
 /// A run's outcome from its output: `RESULT seconds cpu jit gc rss`, the tables' lines, and
 /// `UPDATED seconds cpu` when updates followed the load.
 fn outcome(who: &str, status: std::process::ExitStatus, stdout: &str) -> Outcome {
-    let result = stdout
-        .lines()
-        .find(|l| l.starts_with("RESULT"))
-        .unwrap_or_else(|| panic!("{who} failed: {status}"));
+    let Some(result) = stdout.lines().find(|l| l.starts_with("RESULT")) else {
+        // The peer says why it stopped (not caught up in its time); anything else is a failure.
+        let why = stdout
+            .lines()
+            .find_map(|l| l.strip_prefix("STOPPED "))
+            .unwrap_or_else(|| panic!("{who} failed: {status}"));
+        return Outcome {
+            stopped: Some(why.to_string()),
+            ..Outcome::default()
+        };
+    };
     let updates = stdout
         .lines()
         .find_map(|l| l.strip_prefix("UPDATED "))
@@ -416,7 +423,7 @@ fn outcome(who: &str, status: std::process::ExitStatus, stdout: &str) -> Outcome
         peak_rss_mib: f[4],
         tables: Tables::parse(stdout),
         updates,
-        over_budget: false,
+        stopped: None,
     }
 }
 
@@ -435,7 +442,8 @@ fn run_child(
         .stderr(std::process::Stdio::inherit())
         .spawn()
         .unwrap_or_else(|e| panic!("{who}: {e}"));
-    let over_budget = watch_memory(who, child.id());
+    let budget = env_or("MIROIR_BENCH_MEMORY_MIB", memory_mib() as u64 * 3 / 4);
+    let over_budget = watch_memory(who, child.id(), budget as f64);
     let mut stdin = child.stdin.take().unwrap();
     let mut stdout = String::new();
     for line in BufReader::new(child.stdout.take().unwrap()).lines() {
@@ -456,19 +464,18 @@ fn run_child(
     let status = child.wait().unwrap();
     if over_budget.load(std::sync::atomic::Ordering::SeqCst) {
         return Outcome {
-            over_budget: true,
+            stopped: Some(format!("over {budget} MiB")),
             ..Outcome::default()
         };
     }
     outcome(who, status, &stdout)
 }
 
-/// Watches process `pid`'s resident memory, and kills it once over the budget
+/// Watches process `pid`'s resident memory, and kills it once over `budget` MiB
 /// (`MIROIR_BENCH_MEMORY_MIB`, three quarters of the machine's memory by default), which
 /// would otherwise push the broker and the system into swap. The flag tells whether it did.
-fn watch_memory(who: &str, pid: u32) -> std::sync::Arc<std::sync::atomic::AtomicBool> {
+fn watch_memory(who: &str, pid: u32, budget: f64) -> std::sync::Arc<std::sync::atomic::AtomicBool> {
     use std::sync::atomic::{AtomicBool, Ordering};
-    let budget = env_or("MIROIR_BENCH_MEMORY_MIB", memory_mib() as u64 * 3 / 4) as f64;
     let over = std::sync::Arc::new(AtomicBool::new(false));
     let (flag, who, pid) = (over.clone(), who.to_string(), pid.to_string());
     std::thread::spawn(move || loop {
@@ -551,7 +558,11 @@ fn peer_child(jar: &Path, run: &str, warm: &str, updates: &[(String, String)]) -
         .arg(format!("departments=department-{run}"))
         .arg(format!("warm-users=user-{warm}"))
         .arg(format!("warm-departments=department-{warm}"))
-        .arg(format!("updates={}", updates.len()));
+        .arg(format!("updates={}", updates.len()))
+        .arg(format!(
+            "deadline-minutes={}",
+            env_or("MIROIR_BENCH_PEER_MINUTES", 30)
+        ));
     run_child("the peer", command, updates, &format!("user-{run}"))
 }
 

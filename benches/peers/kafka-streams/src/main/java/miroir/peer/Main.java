@@ -28,7 +28,7 @@ import org.apache.kafka.streams.state.ReadOnlyKeyValueStore;
  *
  * <pre>
  * java -jar peer.jar tables brokers=HOST:PORT app=ID users=TOPIC departments=TOPIC \
- *     [warm-users=TOPIC warm-departments=TOPIC] [updates=N]
+ *     [warm-users=TOPIC warm-departments=TOPIC] [updates=N] [deadline-minutes=N]
  * </pre>
  *
  * java -jar peer.jar commands brokers=HOST:PORT app=ID users=TOPIC commands=TOPIC secret=HS256-SECRET \
@@ -41,7 +41,8 @@ import org.apache.kafka.streams.state.ReadOnlyKeyValueStore;
  * each table's row count (`ROWS table n`) and each department's counts (`COUNT name users
  * active`). With `updates`, it then prints `LOADED`, waits for a line on its standard input
  * (the benchmark has published the updates), runs until caught up again and prints `UPDATED
- * seconds cpu-seconds`.
+ * seconds cpu-seconds`. A run not caught up within `deadline-minutes` (30) prints `STOPPED
+ * reason` and exits with status 3.
  *
  * `commands` runs the `UpdateUserEmail` processor with Kafka Streams' defaults but for
  * exactly-once v2 (and the commit interval and poll time, when given), prints `READY` once it runs, and stops when its standard input closes.
@@ -64,14 +65,37 @@ public final class Main {
             options.put(kv[0], kv.length > 1 ? kv[1] : "");
         }
         String mode = args.length == 0 ? "" : args[0];
-        switch (mode) {
-            case "tables" -> tables(options);
-            case "commands" -> commands(options);
-            case "transaction-version" -> transactionVersion(options);
-            default -> {
-                System.err.println("usage: peer.jar tables|commands brokers=... app=... (see Main's documentation)");
-                System.exit(2);
+        deadlineNanos = Long.parseLong(options.getOrDefault("deadline-minutes", "30")) * 60_000_000_000L;
+        // The JVM exits here whatever happened: Kafka Streams' threads would otherwise keep it
+        // alive after a failure, and the benchmark waiting for its end.
+        try {
+            switch (mode) {
+                case "tables" -> tables(options);
+                case "commands" -> commands(options);
+                case "transaction-version" -> transactionVersion(options);
+                default -> {
+                    System.err.println("usage: peer.jar tables|commands brokers=... app=... (see Main's documentation)");
+                    System.exit(2);
+                }
             }
+        } catch (NotCaughtUp e) {
+            System.out.println("STOPPED " + e.getMessage());
+            System.out.flush();
+            System.exit(3);
+        } catch (Exception e) {
+            e.printStackTrace();
+            System.exit(1);
+        }
+        System.exit(0);
+    }
+
+    /** How long a run may take to catch up (`deadline-minutes`, 30 by default). */
+    private static long deadlineNanos;
+
+    /** A run that did not catch up in time, or whose streams failed. */
+    private static final class NotCaughtUp extends Exception {
+        NotCaughtUp(String message) {
+            super(message);
         }
     }
 
@@ -179,10 +203,13 @@ public final class Main {
         adminConfig.put(AdminClientConfig.BOOTSTRAP_SERVERS_CONFIG, brokers);
         try (Admin admin = Admin.create(adminConfig)) {
             CaughtUp caughtUp = new CaughtUp(admin, app, topology);
-            long deadline = System.nanoTime() + 1_800_000_000_000L;
+            long deadline = System.nanoTime() + deadlineNanos;
             while (streams.state() != KafkaStreams.State.RUNNING || !caughtUp.check()) {
-                if (streams.state() == KafkaStreams.State.ERROR || System.nanoTime() > deadline) {
-                    throw new IllegalStateException(app + " stopped in state " + streams.state());
+                if (streams.state() == KafkaStreams.State.ERROR) {
+                    throw new NotCaughtUp("its streams failed");
+                }
+                if (System.nanoTime() > deadline) {
+                    throw new NotCaughtUp("not caught up in " + deadlineNanos / 60_000_000_000L + " min");
                 }
                 Thread.sleep(100);
             }
