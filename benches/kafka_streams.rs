@@ -43,7 +43,7 @@ use miroir_connectors::kafka::KafkaConfig;
 mod support;
 
 use support::{
-    brokers, cpu_seconds, delete_run_topics, env_or, generate, peak_rss_mib, peer_jar,
+    brokers, cpu_seconds, delete_run_topics, env_or, generate, memory_mib, peak_rss_mib, peer_jar,
     replace_section, rss_mib, run_id, without_history,
 };
 
@@ -492,16 +492,6 @@ fn watch_memory(who: &str, pid: u32, budget: f64) -> std::sync::Arc<std::sync::a
         std::thread::sleep(Duration::from_millis(200));
     });
     over
-}
-
-/// The machine's memory (`MemTotal`), in MiB.
-fn memory_mib() -> f64 {
-    let info = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
-    info.lines()
-        .find_map(|l| l.strip_prefix("MemTotal:"))
-        .and_then(|l| l.split_whitespace().next())
-        .and_then(|kb| kb.parse::<f64>().ok())
-        .map_or(16_384.0, |kb| kb / 1024.0)
 }
 
 /// `count` updates of the users in `users`, in turns: a newer email for each, nothing else

@@ -160,12 +160,7 @@ pub fn setup() -> String {
         .status()
         .is_ok_and(|s| !s.success());
     let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
-    let memory = std::fs::read_to_string("/proc/meminfo")
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("MemTotal:"))
-        .and_then(|l| l.split_whitespace().next()?.parse::<f64>().ok())
-        .map_or(0.0, |kb| kb / 1024.0 / 1024.0);
+    let memory = memory_mib() / 1024.0;
     format!(
         "miroir {commit}{}, {}; Kafka {} (one local broker); {}; {}; {cores} cores, {memory:.0} GiB",
         if changed { " with local changes" } else { "" },
@@ -174,6 +169,16 @@ pub fn setup() -> String {
         first_line("psql", &["--version"]),
         first_line("java", &["-version"]),
     )
+}
+
+/// The machine's memory (`MemTotal`), in MiB.
+pub fn memory_mib() -> f64 {
+    let info = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    info.lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|l| l.split_whitespace().next())
+        .and_then(|kb| kb.parse::<f64>().ok())
+        .map_or(16_384.0, |kb| kb / 1024.0)
 }
 
 /// The version of the broker `scripts/services` runs, from its jar's name.
