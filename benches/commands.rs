@@ -56,7 +56,9 @@ use rdkafka::producer::{
 };
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use rdkafka::ClientConfig;
-use support::{cpu_seconds, env_or, internal_tables_only, peer_jar, replace_section, run_id};
+use support::{
+    cpu_seconds, env_or, internal_tables_only, peer_jar, replace_section, reported, run_id,
+};
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -418,17 +420,7 @@ fn set_transaction_version(brokers: &str, level: &str) -> String {
         .arg(format!("version={level}"))
         .output()
         .expect("java: install a JDK 17 to set the transaction version");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    stdout
-        .lines()
-        .find_map(|l| l.strip_prefix("PREVIOUS "))
-        .unwrap_or_else(|| {
-            panic!(
-                "setting transaction.version failed: {}",
-                String::from_utf8_lossy(&out.stderr)
-            )
-        })
-        .to_string()
+    reported(&out, "PREVIOUS ", "setting transaction.version")
 }
 
 static RESPONDER_PID: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);

@@ -41,7 +41,7 @@ mod support;
 
 use support::{
     brokers, delete_run_topics, env_or, generate, internal_tables_only, peak_rss_mib,
-    replace_section, run_id, without_history,
+    replace_section, reported, run_id, without_history,
 };
 
 const PARTITIONS: i32 = 4;
@@ -168,18 +168,8 @@ fn orchestrate() {
             .env("MIROIR_BENCH_KEYS", keys.to_string())
             .output()
             .unwrap();
-        let stdout = String::from_utf8_lossy(&out.stdout);
-        let line = stdout
-            .lines()
-            .find(|l| l.starts_with("RESULT"))
-            .unwrap_or_else(|| {
-                panic!(
-                    "phase {phase} failed: {}",
-                    String::from_utf8_lossy(&out.stderr)
-                )
-            });
-        line.split_whitespace()
-            .skip(1)
+        reported(&out, "RESULT", &format!("phase {phase}"))
+            .split_whitespace()
             .map(|x| x.parse().unwrap())
             .collect()
     };

@@ -137,8 +137,13 @@ pub fn replace_section(text: &str, name: &str, section: &str) -> String {
 }
 
 /// What a figure was measured with: miroir's commit, the compiler, the broker, PostgreSQL,
-/// the JVM, and the machine's cores and memory.
-pub fn setup() -> String {
+/// the JVM, and the machine's cores and memory (found once per process).
+pub fn setup() -> &'static str {
+    static SETUP: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    SETUP.get_or_init(find_setup)
+}
+
+fn find_setup() -> String {
     let first_line = |program: &str, args: &[&str]| {
         std::process::Command::new(program)
             .args(args)
@@ -169,6 +174,16 @@ pub fn setup() -> String {
         first_line("psql", &["--version"]),
         first_line("java", &["-version"]),
     )
+}
+
+/// The rest of the line of a child process's output that starts with `prefix`; panics with
+/// its standard error, naming it `what`, when it printed none.
+pub fn reported(out: &std::process::Output, prefix: &str, what: &str) -> String {
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    match stdout.lines().find_map(|l| l.strip_prefix(prefix)) {
+        Some(rest) => rest.to_string(),
+        None => panic!("{what} failed: {}", String::from_utf8_lossy(&out.stderr)),
+    }
 }
 
 /// The machine's memory (`MemTotal`), in MiB.
