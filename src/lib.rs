@@ -980,7 +980,7 @@ impl Inner {
             .map(|bytes| Entry::decode_stored(&bytes))
             .transpose()
             .map_err(|e| e.to_string())?;
-        Ok(entry.and_then(|e| e.versions.into_iter().map(|(_, v)| v).max()))
+        Ok(entry.and_then(|e| e.versions.into_vec().into_iter().map(|(_, v)| v).max()))
     }
 
     /// Where the row of `key` in `table` is served.

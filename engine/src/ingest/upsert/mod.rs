@@ -36,9 +36,10 @@ pub use types::{Entry, Event, LateEvent, Outcome};
 #[derive(Debug, Default)]
 pub struct UpsertState {
     entries: HashMap<Value, Entry, foldhash::quality::RandomState>,
-    /// Keys changed since the last [`UpsertState::drain_changes`], once each (their entries
-    /// hold the row they had before the first of those changes).
-    changed: Vec<Value>,
+    /// Keys changed since the last [`UpsertState::drain_changes`], once each, with the row each
+    /// had before the first of those changes (kept here rather than in every entry: only the
+    /// keys of one epoch need it).
+    changed: Vec<(Value, Option<Row>)>,
 }
 
 impl UpsertState {
@@ -105,21 +106,21 @@ impl UpsertState {
         let owned = policy
             .and_then(|p| p.owns.as_ref())
             .map(|owns| (owns, operation.clone(), order.clone()));
-        // The key is copied only for a new entry, and once per epoch into `changed`.
+        // The key is copied for a new entry.
         let entry = match slot.take() {
             Some(entry) => entry,
             None => self.entries.entry(key.clone()).or_default(),
         };
         let mut forgotten = None;
         if row.is_some() {
-            let max = policy.map_or(1, |p| p.max_operations);
-            forgotten = entry.record_version(operation, order, max);
+            // Without a policy the entry's offset orders, and no version is kept.
+            if let Some(p) = policy {
+                forgotten = entry.record_version(operation, order, p.max_operations);
+            }
             entry.deleted_ms = None;
         }
-        let first_change = entry.before.is_none();
-        if first_change {
-            self.changed.push(key.clone());
-        }
+        // The key is copied once per epoch, into `changed`.
+        let first_change = (!entry.changed).then(|| key.clone());
         let row = match (event, owned) {
             (Event::Row(row), None) => Some(row),
             (Event::Row(row), Some((owns, operation, order))) => {
@@ -129,8 +130,9 @@ impl UpsertState {
         };
         let before = std::mem::replace(&mut entry.row, row);
         entry.offset = entry.offset.max(offset);
-        if first_change {
-            entry.before = Some(before);
+        if let Some(key) = first_change {
+            entry.changed = true;
+            self.changed.push((key, before));
         }
         Outcome::Changed { late, forgotten }
     }
@@ -143,14 +145,13 @@ impl UpsertState {
         now_ms: i64,
         mut change: impl FnMut(&Value, &Entry, Option<Row>),
     ) {
-        for key in self.changed.drain(..) {
+        for (key, before) in self.changed.drain(..) {
             if let Some(entry) = self.entries.get_mut(&key) {
-                if let Some(before) = entry.before.take() {
-                    if entry.row.is_none() && entry.deleted_ms.is_none() {
-                        entry.deleted_ms = Some(now_ms);
-                    }
-                    change(&key, entry, before);
+                entry.changed = false;
+                if entry.row.is_none() && entry.deleted_ms.is_none() {
+                    entry.deleted_ms = Some(now_ms);
                 }
+                change(&key, entry, before);
             }
         }
     }
@@ -162,7 +163,7 @@ impl UpsertState {
     pub fn forget_deleted(&mut self, now_ms: i64, retention_ms: i64) -> Vec<Value> {
         let mut forgotten = Vec::new();
         self.entries.retain(|key, entry| {
-            if entry.row.is_some() || entry.before.is_some() {
+            if entry.row.is_some() || entry.changed {
                 return true;
             }
             let deleted = *entry.deleted_ms.get_or_insert(now_ms);
@@ -205,9 +206,9 @@ impl UpsertState {
     /// [`UpsertState::drain_changes`] hands all of them over (to be logged whole).
     pub fn mark_all_changed(&mut self) {
         for (key, entry) in self.entries.iter_mut() {
-            if entry.before.is_none() {
-                entry.before = Some(entry.row.clone());
-                self.changed.push(key.clone());
+            if !entry.changed {
+                entry.changed = true;
+                self.changed.push((key.clone(), entry.row.clone()));
             }
         }
     }
@@ -235,11 +236,11 @@ impl UpsertState {
 
 /// Deletes `entry`'s row, recording `key` in `changed` on its first change since the last
 /// drain.
-fn delete_row(changed: &mut Vec<Value>, key: &Value, entry: &mut Entry) {
+fn delete_row(changed: &mut Vec<(Value, Option<Row>)>, key: &Value, entry: &mut Entry) {
     let row = entry.row.take();
-    if entry.before.is_none() {
-        entry.before = Some(row);
-        changed.push(key.clone());
+    if !entry.changed {
+        entry.changed = true;
+        changed.push((key.clone(), row));
     }
 }
 
@@ -256,11 +257,15 @@ pub fn identity_key<'a>(row: &'a Row, identity: &[usize]) -> Cow<'a, Value> {
 /// the module's documentation); records the order of each column it writes.
 fn merge(entry: &mut Entry, owns: &Ownership, operation: &Value, order: &Value, event: Row) -> Row {
     let Some(current) = entry.row.as_ref() else {
-        entry.columns = vec![order.clone(); event.len()];
+        entry.columns = vec![order.clone(); event.len()].into();
         return event;
     };
     let mut row = current.clone();
-    entry.columns.resize(row.len(), Value::Null);
+    if entry.columns.len() != row.len() {
+        let mut columns = std::mem::take(&mut entry.columns).into_vec();
+        columns.resize(row.len(), Value::Null);
+        entry.columns = columns.into();
+    }
     let writes = owns.writes(operation);
     for (c, value) in event.into_iter().enumerate() {
         if writes(c) && order > &entry.columns[c] {
@@ -460,6 +465,16 @@ mod tests {
         );
         let versions = &s.entries[&key("a")].versions;
         assert_eq!(versions.len(), 2, "{versions:?}");
+    }
+
+    #[test]
+    fn without_policy_no_version_is_kept() {
+        let mut s = UpsertState::default();
+        s.apply(None, &[0], Event::Row(row("a", 5, "x")), 0);
+        s.apply(None, &[0], Event::Row(row("a", 6, "y")), 1);
+        let entry = &s.entries[&key("a")];
+        assert!(entry.versions.is_empty(), "{:?}", entry.versions);
+        assert_eq!(entry.offset, 1);
     }
 
     #[test]

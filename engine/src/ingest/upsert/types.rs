@@ -4,13 +4,16 @@ use serde::{Deserialize, Serialize};
 
 use crate::value::{Row, Value};
 
-/// What the state keeps per key.
+/// What the state keeps per key, for every key of a source: its lists are boxed slices (two
+/// words, not three), and the row before an epoch's first change is kept with the changed
+/// keys, not here.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Entry {
     /// The last applied row; `None` after a delete.
     pub row: Option<Row>,
-    /// Per business operation, the order value of the last applied event.
-    pub versions: Vec<(Value, Value)>,
+    /// Per business operation, the order value of the last applied event; empty without a
+    /// late policy (the offset orders then).
+    pub versions: Box<[(Value, Value)]>,
     /// Offset of the last applied event.
     pub offset: i64,
     /// When the key was deleted (ms since the epoch, as of the end of the epoch that deleted
@@ -19,19 +22,18 @@ pub struct Entry {
     pub deleted_ms: Option<i64>,
     /// Under `late.owns`, per column, the order value of the event that wrote it last (see
     /// [`crate::topology::late::Ownership`]); empty otherwise.
-    pub columns: Vec<Value>,
-    /// The row before the first change since the last drain (see
-    /// [`crate::ingest::upsert::UpsertState::drain_changes`]); `None` when unchanged since. Not
-    /// persisted.
+    pub columns: Box<[Value]>,
+    /// Whether the key changed since the last drain (see
+    /// [`crate::ingest::upsert::UpsertState::drain_changes`]). Not persisted.
     #[serde(skip)]
-    pub(crate) before: Option<Option<Row>>,
+    pub(crate) changed: bool,
 }
 
 /// An entry as stored before entries recorded the versions of their columns.
 #[derive(Deserialize)]
 struct EntryWithoutColumns {
     row: Option<Row>,
-    versions: Vec<(Value, Value)>,
+    versions: Box<[(Value, Value)]>,
     offset: i64,
     deleted_ms: Option<i64>,
 }
@@ -40,7 +42,7 @@ struct EntryWithoutColumns {
 #[derive(Deserialize)]
 struct EntryWithoutDeletion {
     row: Option<Row>,
-    versions: Vec<(Value, Value)>,
+    versions: Box<[(Value, Value)]>,
     offset: i64,
 }
 
@@ -54,8 +56,8 @@ impl Entry {
             versions,
             offset,
             deleted_ms,
-            columns: Vec::new(),
-            before: None,
+            columns: Box::default(),
+            changed: false,
         };
         crate::state::decode::<Entry>(bytes)
             .or_else(|e| {
@@ -87,17 +89,22 @@ impl Entry {
     ) -> Option<Value> {
         match self.versions.iter().position(|(op, _)| op == operation) {
             Some(at) => {
-                let (op, mut v) = self.versions.remove(at);
-                if order > &v {
-                    v = order.clone();
+                // Moved to the end, as the operation applied last.
+                self.versions[at..].rotate_left(1);
+                let (_, v) = self.versions.last_mut().expect("found above");
+                if order > v {
+                    *v = order.clone();
                 }
-                self.versions.push((op, v));
                 None
             }
             None => {
-                let forgotten = (self.versions.len() >= max_operations.max(1))
-                    .then(|| self.versions.remove(0).0);
-                self.versions.push((operation.clone(), order.clone()));
+                let mut versions = std::mem::take(&mut self.versions).into_vec();
+                let forgotten =
+                    (versions.len() >= max_operations.max(1)).then(|| versions.remove(0).0);
+                // Grown by one, not to four: most keys see one or two operations.
+                versions.reserve_exact(1);
+                versions.push((operation.clone(), order.clone()));
+                self.versions = versions.into_boxed_slice();
                 forgotten
             }
         }
@@ -161,7 +168,7 @@ mod tests {
         };
         let entry = Entry::decode_stored(&crate::state::encode(&old)).unwrap();
         assert_eq!(entry.row, None);
-        assert_eq!(entry.versions, old.versions);
+        assert_eq!(entry.versions, old.versions.clone().into());
         assert_eq!(entry.offset, 42);
         assert_eq!(entry.deleted_ms, None);
         #[derive(Serialize)]
@@ -183,7 +190,7 @@ mod tests {
         assert!(entry.columns.is_empty());
         let new = Entry {
             deleted_ms: Some(5),
-            columns: vec![Value::Int(3)],
+            columns: vec![Value::Int(3)].into(),
             ..entry.clone()
         };
         assert_eq!(
