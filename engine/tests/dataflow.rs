@@ -20,11 +20,11 @@ name = "prop"
 [sources.a]
 topic = "a"
 key = "id"
-columns = { id = "text", g = "text", n = "bigint" }
+columns = { id = "text", g = "text", n = "bigint", note = "text" }
 [sources.b]
 topic = "b"
 key = "id"
-columns = { id = "text", name = "text" }
+columns = { id = "text", name = "text", note = "text" }
 
 [tables.mapped]
 query = "SELECT id, upper(coalesce(g, 'none')) AS g, n * 2 AS n2, CASE WHEN n > 2 THEN 'big' ELSE 'small' END AS size FROM a WHERE n IS NULL OR n >= 0"
@@ -65,12 +65,14 @@ fn row_of(c: &Change) -> Option<Row> {
             g.map(|g| Value::Text(format!("b{g}").into()))
                 .unwrap_or(Value::Null),
             n.map(|n| Value::Int(n as i64)).unwrap_or(Value::Null),
+            Value::Text(format!("note{}", c.key).into()),
         ],
         // Department names collide on purpose, so groups merge and split; they are also
         // values of `a.g`, for joins keyed by neither side's key.
         _ => vec![
             Value::Text(format!("b{}", c.key).into()),
             Value::Text(format!("b{}", g.unwrap_or(0) % 2).into()),
+            Value::Text(format!("note{}", c.key).into()),
         ],
     })
 }
@@ -120,17 +122,18 @@ proptest! {
     }
 }
 
-/// The two sources of the tables split into stages.
+/// The two sources of the tables split into stages; no table reads `note`, which the stages
+/// leave out.
 const SOURCES: &str = r#"
 name = "prop"
 [sources.a]
 topic = "a"
 key = "id"
-columns = { id = "text", g = "text", n = "bigint" }
+columns = { id = "text", g = "text", n = "bigint", note = "text" }
 [sources.b]
 topic = "b"
 key = "id"
-columns = { id = "text", name = "text" }
+columns = { id = "text", name = "text", note = "text" }
 "#;
 
 /// Tables that need rows of several partitions, split into stages.

@@ -100,6 +100,42 @@ pub enum Expr {
 }
 
 impl Expr {
+    /// The input columns the expression reads, one reference per occurrence (to read them,
+    /// or to renumber them when its input changes shape).
+    pub(crate) fn columns_mut(&mut self) -> Vec<&mut usize> {
+        let mut out = Vec::new();
+        self.push_columns(&mut out);
+        out
+    }
+
+    fn push_columns<'a>(&'a mut self, out: &mut Vec<&'a mut usize>) {
+        match self {
+            Expr::Column(c) => out.push(c),
+            Expr::Literal(_) => {}
+            Expr::Binary(_, l, r) => {
+                l.push_columns(out);
+                r.push_columns(out);
+            }
+            Expr::Not(e) | Expr::Neg(e) | Expr::IsNull(e, _) | Expr::Cast(e, _) => {
+                e.push_columns(out)
+            }
+            Expr::Call(_, args) => args.iter_mut().for_each(|a| a.push_columns(out)),
+            Expr::Like { expr, pattern, .. } => {
+                expr.push_columns(out);
+                pattern.push_columns(out);
+            }
+            Expr::Case(arms, otherwise) => {
+                for (when, then) in arms {
+                    when.push_columns(out);
+                    then.push_columns(out);
+                }
+                if let Some(e) = otherwise {
+                    e.push_columns(out);
+                }
+            }
+        }
+    }
+
     /// Evaluates the expression against `row`.
     pub fn eval(&self, row: &[Value]) -> Value {
         match self {

@@ -15,6 +15,7 @@
 
 pub mod distribution;
 pub mod expr;
+mod prune;
 pub mod repartition;
 pub mod sql;
 
@@ -26,6 +27,7 @@ use serde::{Deserialize, Serialize};
 use crate::value::{Column, Value};
 pub use distribution::{Distribution, SourceShape};
 pub use expr::{BinaryOp, Expr, Func};
+pub(crate) use prune::pruned;
 
 /// Aggregate functions of a `GROUP BY`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]

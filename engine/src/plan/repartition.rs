@@ -259,7 +259,7 @@ impl<'a> Splitter<'a> {
             mut row_key,
         } = foreign;
         let shape = |s| self.source(s).shape();
-        let (arity, side_arity) = (joined.arity(&shape), side.arity(&shape));
+        let arity = joined.arity(&shape);
         let (key_out, column_out) = (offset + key, offset + column);
         // Where the joined rows are: the foreign key's partition, told by the foreign key or,
         // in an inner join, by the other side's key equal to it.
@@ -270,7 +270,20 @@ impl<'a> Splitter<'a> {
             row_key.push(placed);
         }
         let read = self.make(joined, row_key, key_out, source)?;
-        let (column, now) = (column_out, arity + 1 + column);
+        // Of the side as it is now, only its key and join value are read (computed from
+        // its input's columns when the side is itself a projection).
+        let (input, exprs) = match side {
+            Plan::Map { input, exprs, .. } => {
+                (*input, vec![exprs[key].clone(), exprs[column].clone()])
+            }
+            side => (side, vec![Expr::Column(key), Expr::Column(column)]),
+        };
+        let side = Plan::Map {
+            input: Box::new(input),
+            exprs,
+            sql: "its key and join value".into(),
+        };
+        let (column, now) = (column_out, arity + 2);
         let same = |a: Expr, b: Expr| Expr::Binary(BinaryOp::Eq, Box::new(a), Box::new(b));
         let both_null = Expr::Binary(
             BinaryOp::And,
@@ -286,9 +299,9 @@ impl<'a> Splitter<'a> {
             left: Box::new(read),
             right: Box::new(side),
             left_keys: vec![Expr::Column(key_out)],
-            right_keys: vec![Expr::Column(key)],
+            right_keys: vec![Expr::Column(0)],
             kind: JoinKind::Inner,
-            right_arity: side_arity,
+            right_arity: 2,
             sql: "the joined rows with their row as it is now".into(),
         };
         Ok(Plan::Map {

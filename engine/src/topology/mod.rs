@@ -924,7 +924,9 @@ fn split_tables(
 ) -> (Vec<Repartition>, Vec<String>) {
     let mut repartitions = Vec::new();
     let mut unsplit = Vec::new();
-    for table in tables.iter_mut() {
+    // Split as pruned: the stages carry the columns read above them only.
+    let pruned = crate::plan::pruned(tables.iter().map(|t| &t.plan), &|s| sources[s].shape());
+    for (table, pruned) in tables.iter_mut().zip(pruned) {
         // Joins on a foreign key go back to the partitions of the key of the side holding it
         // only when the table needs it: a GROUP BY above one does not.
         let attempt = |keyed_back: bool| {
@@ -932,7 +934,7 @@ fn split_tables(
             if keyed_back {
                 splitter = splitter.keyed_back();
             }
-            let plan = splitter.split(&table.plan);
+            let plan = splitter.split(&pruned);
             let routable = matches!(splitter.distribution(&plan),
                 Distribution::Partitioned { column, .. } if table.key.contains(&column));
             (plan, routable, std::mem::take(&mut splitter.made))
