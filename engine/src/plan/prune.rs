@@ -18,7 +18,7 @@
 
 use std::collections::HashMap;
 
-use super::{Aggregate, Expr, Plan, SourceShape};
+use super::{Expr, Plan, SourceShape};
 
 /// `plans` with the sources they read cut to the columns some plan reads (see the module's
 /// documentation); their outputs are the same.
@@ -91,10 +91,7 @@ impl<S: Fn(usize) -> SourceShape> Pruning<'_, S> {
                 mut exprs,
                 sql,
             } => {
-                let mut read_below = vec![false; input.arity(self.sources)];
-                exprs.iter_mut().for_each(|e| read(&mut read_below, e));
-                let (input, kept) = self.prune(*input, read_below);
-                exprs.iter_mut().for_each(|e| renumber(e, &kept));
+                let input = self.beneath(*input, exprs.iter_mut().collect());
                 let arity = exprs.len();
                 let plan = Plan::Map {
                     input: Box::new(input),
@@ -144,10 +141,12 @@ impl<S: Fn(usize) -> SourceShape> Pruning<'_, S> {
                 sql,
             } => {
                 let arity = group.len() + aggregates.len();
-                let mut read_below = vec![false; input.arity(self.sources)];
-                grouped(&mut group, &mut aggregates).for_each(|e| read(&mut read_below, e));
-                let (input, kept) = self.prune(*input, read_below);
-                grouped(&mut group, &mut aggregates).for_each(|e| renumber(e, &kept));
+                // What a GROUP BY evaluates on its input rows: its group values and its
+                // aggregates' arguments.
+                let evaluated = group
+                    .iter_mut()
+                    .chain(aggregates.iter_mut().map(|a| &mut a.arg));
+                let input = self.beneath(*input, evaluated.collect());
                 let plan = Plan::Reduce {
                     input: Box::new(input),
                     group,
@@ -158,17 +157,16 @@ impl<S: Fn(usize) -> SourceShape> Pruning<'_, S> {
             }
         }
     }
-}
 
-/// The expressions a GROUP BY evaluates on its input rows: its group values and its
-/// aggregates' arguments.
-fn grouped<'a>(
-    group: &'a mut [Expr],
-    aggregates: &'a mut [Aggregate],
-) -> impl Iterator<Item = &'a mut Expr> {
-    group
-        .iter_mut()
-        .chain(aggregates.iter_mut().map(|a| &mut a.arg))
+    /// `input` cut to the columns `exprs` read, which are renumbered to it: the input of an
+    /// operator whose output is its own expressions (a map, a GROUP BY).
+    fn beneath(&mut self, input: Plan, mut exprs: Vec<&mut Expr>) -> Plan {
+        let mut read_below = vec![false; input.arity(self.sources)];
+        exprs.iter_mut().for_each(|e| read(&mut read_below, e));
+        let (input, kept) = self.prune(input, read_below);
+        exprs.iter_mut().for_each(|e| renumber(e, &kept));
+        input
+    }
 }
 
 /// `plan` (a source) projected on its columns `needed` says, unless that is all of them.
